@@ -1,0 +1,290 @@
+"""Every message rheo sends, with its schema version: the wire contract.
+
+A message is a strict pydantic model (no coercion, no unknown fields) so that a peer speaking a different schema
+fails loudly at the edge instead of deep inside a service. ``Message.encode`` produces a frame (see
+``proto.codec``); ``decode`` turns any byte string back into a message or raises ``ProtocolError``.
+
+Changing a message's fields means bumping its ``SCHEMA_VERSION`` and regenerating ``proto/asyncapi.yaml``
+(``rheo proto asyncapi --write``); the drift test fails until both are done.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema
+
+from proto.codec import DEFAULT_LIMITS, DTYPE_NAMES, Limits, decode_frame, encode_frame, encode_parts
+from proto.errors import ProtocolError
+
+
+def _check_tensor(value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"expected a tensor, got {type(value).__name__}")
+    if value.dtype not in DTYPE_NAMES:
+        raise ValueError(f"tensor dtype {value.dtype} has no wire encoding")
+    return value
+
+
+Tensor = Annotated[
+    torch.Tensor,
+    PlainValidator(_check_tensor),
+    WithJsonSchema({"type": "object", "x-rheo-tensor": True,
+                    "description": "msgpack ext 1: [dtype, shape, offset, nbytes] + raw little-endian bytes"}),
+]
+"""A tensor field: carried as a zero-copy extension (see ``proto.codec``)."""
+
+StreamId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="stream id (a subject token)")]
+
+
+class Message(BaseModel):
+    """Base of every wire message."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", arbitrary_types_allowed=True)
+
+    SCHEMA_VERSION: ClassVar[int] = 1
+    """Bump on any change of fields or meaning."""
+
+    def body(self) -> dict[str, Any]:
+        return {"t": type(self).__name__, "v": self.SCHEMA_VERSION, "d": _fields(self)}
+
+    def encode(self) -> bytes:
+        return encode_frame(self.body())
+
+    def encode_parts(self) -> list[memoryview | bytes]:
+        """Frame parts for a scatter-gather send (the tensor link), no join copy."""
+        return encode_parts(self.body())
+
+
+def _fields(model: BaseModel) -> dict[str, Any]:
+    """Shallow field dict with nested models as dicts; tensors pass through untouched (no copies)."""
+    out: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        out[name] = _plain(getattr(model, name))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return _fields(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class NoiseParams(BaseModel):
+    """Motion-aware noise control (streamdiffusionv2.md §5)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    noise_scale: float = Field(0.8, gt=0, le=1, description="initial noise scale s_init")
+    motion_aware: bool = Field(True, description="adapt the noise scale to input motion")
+
+
+class SLO(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    target_fps: float = Field(16.0, gt=0, description="output frames per second the stream must sustain")
+    max_latency_ms: float = Field(1000.0, gt=0, description="glass-to-glass latency bound")
+
+
+class StreamSpec(Message):
+    """What a stream is: set at creation, updated by the control API."""
+
+    stream_id: StreamId
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    fps: float = Field(gt=0)
+    steps: int = Field(ge=1, le=8, description="denoising steps = stream-batch slots")
+    prompt: str
+    seed: int = Field(0, ge=0, lt=2**63, description="every random draw of the stream derives from it")
+    noise: NoiseParams = Field(default_factory=NoiseParams)
+    slo: SLO = Field(default_factory=SLO)
+    t2v: bool = Field(False, description="text-to-video: no input video")
+
+
+class LatentChunk(Message):
+    """One chunk's latents (ingest → first stage; last stage → decoder)."""
+
+    stream_id: StreamId
+    seq: int = Field(ge=0, description="chunk index c")
+    epoch: int = Field(ge=0, description="block-map epoch the chunk entered with")
+    latent_start: int = Field(ge=0, description="absolute latent-frame index of the chunk's first frame")
+    rope_start: int = Field(ge=0, description="RoPE start frame after refresh")
+    capture_time: float = Field(description="wall-clock capture time of the chunk's first frame (s)")
+    deadline: float = Field(description="wall-clock time after which the chunk is useless (s)")
+    prompt_version: int = Field(ge=0)
+    noise_scale: float = Field(ge=0, le=1)
+    timesteps: list[int] = Field(description="the denoising timesteps for this chunk, slot 0 first")
+    latent: Tensor = Field(description="[F, C, H, W] latent frames")
+
+
+class FrameChunk(Message):
+    """Raw frames of one chunk (inside ingest and decoder; never on the bus in production)."""
+
+    stream_id: StreamId
+    seq: int = Field(ge=0)
+    capture_time: float
+    deadline: float
+    fps: float = Field(gt=0)
+    frames: Tensor = Field(description="[F, H, W, 3] uint8 RGB")
+
+
+PromptMode = Literal["cut", "blend"]
+"""cut: reset caches and warm up again; blend: interpolate embeddings over N chunks, keep KV."""
+
+
+class PromptUpdate(Message):
+    """A new prompt for a stream, effective from the next chunk."""
+
+    stream_id: StreamId
+    version: int = Field(ge=0, description="monotonic per stream")
+    prompt: str
+    mode: PromptMode = "cut"
+    blend_chunks: int = Field(0, ge=0, description="chunks to interpolate over in blend mode")
+    embedding: Tensor | None = Field(None, description="[L, D] umT5 embedding, when already encoded")
+
+
+Role = Literal["ingest", "dit-stage", "decoder", "egress", "controller", "gateway"]
+
+
+class Heartbeat(Message):
+    """Liveness of one member; the controller declares it dead after a miss budget."""
+
+    member_id: str = Field(min_length=1, max_length=128)
+    role: Role
+    epoch: int = Field(ge=0, description="latest block-map epoch the member has applied")
+    sent_at: float
+    ready: bool
+    streams: list[str] = Field(default_factory=list)
+
+
+class StageStats(Message):
+    """What one DiT stage measured over its last reporting window."""
+
+    stage_id: str = Field(min_length=1, max_length=128)
+    epoch: int = Field(ge=0)
+    block_start: int = Field(ge=0)
+    block_end: int = Field(ge=0)
+    window_s: float = Field(gt=0)
+    micro_steps: int = Field(ge=0)
+    block_ms: list[float] = Field(description="mean compute time per owned block")
+    extra_ms: float = Field(0.0, description="patch-embed/head/VAE time on first/last stages")
+    queue_wait_ms: float = 0.0
+    link_send_ms: float = 0.0
+    link_recv_ms: float = 0.0
+    batch_items: float = Field(0.0, description="mean items per micro-step")
+    kv_bytes: dict[str, int] = Field(default_factory=dict, description="KV bytes held per stream")
+    free_memory_bytes: int = 0
+
+
+class StageAssignment(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    stage_id: str = Field(min_length=1, max_length=128)
+    block_start: int = Field(ge=0)
+    block_end: int = Field(ge=0)
+    endpoint: str = Field("", description="host:port of the stage's tensor link listener")
+
+
+class BlockMap(Message):
+    """Which stage runs which contiguous block range, under an epoch."""
+
+    epoch: int = Field(ge=0)
+    num_blocks: int = Field(ge=1)
+    stages: list[StageAssignment]
+    created_at: float = 0.0
+
+    def validate_cover(self) -> None:
+        """Raise unless the stages cover [0, num_blocks) contiguously, in order."""
+        pos = 0
+        for s in self.stages:
+            if s.block_start != pos or s.block_end <= s.block_start:
+                raise ProtocolError(f"block map epoch {self.epoch}: stage {s.stage_id} has "
+                                    f"[{s.block_start}, {s.block_end}), expected to start at {pos}")
+            pos = s.block_end
+        if pos != self.num_blocks:
+            raise ProtocolError(f"block map epoch {self.epoch} covers {pos} of {self.num_blocks} blocks")
+
+
+class Error(Message):
+    """A failure reported to whoever asked, or on a stream's event subject."""
+
+    code: str = Field(min_length=1, max_length=64)
+    message: str
+    stream_id: str | None = None
+
+
+class Ack(Message):
+    """A positive answer to a control request."""
+
+    ok: bool = True
+    ref: str = Field("", description="what is acknowledged (an id, a seq)")
+    detail: str = ""
+
+
+class Credit(Message):
+    """Flow control for bulk subjects: the consumer has taken ``consumed`` bytes in total from this publisher."""
+
+    consumed: int = Field(ge=0)
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.__name__: cls
+    for cls in (StreamSpec, LatentChunk, FrameChunk, PromptUpdate, Heartbeat, StageStats, BlockMap, Error, Ack,
+                Credit)
+}
+
+M = TypeVar("M", bound=Message)
+
+
+def decode(buf: bytes | bytearray | memoryview, expected: type[M] | None = None,
+           limits: Limits = DEFAULT_LIMITS) -> M:
+    """Decode a frame into its message; anything wrong raises ``ProtocolError`` (and nothing else)."""
+    body = decode_frame(buf, limits)
+    if not isinstance(body, dict) or set(body) != {"t", "v", "d"}:
+        raise ProtocolError("frame body is not a {t, v, d} message envelope")
+    name, version, fields = body["t"], body["v"], body["d"]
+    if not isinstance(name, str) or name not in MESSAGE_TYPES:
+        raise ProtocolError(f"unknown message type {name!r}")
+    cls = MESSAGE_TYPES[name]
+    if expected is not None and cls is not expected:
+        raise ProtocolError(f"expected {expected.__name__}, got {name}")
+    if not isinstance(version, int) or isinstance(version, bool) or version != cls.SCHEMA_VERSION:
+        raise ProtocolError(f"{name}: unknown schema version {version!r} (this build reads {cls.SCHEMA_VERSION})")
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"{name}: fields are not a map")
+    try:
+        return cls.model_validate(fields)  # type: ignore[return-value]
+    except ValidationError as e:
+        raise ProtocolError(f"{name}: {e.error_count()} invalid field(s): {_first_error(e)}") from e
+    except (ValueError, TypeError, RecursionError) as e:
+        raise ProtocolError(f"{name}: invalid fields: {e}") from e
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors(include_url=False, include_input=False)[0]
+    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "SLO",
+    "Ack",
+    "BlockMap",
+    "Credit",
+    "Error",
+    "FrameChunk",
+    "Heartbeat",
+    "LatentChunk",
+    "Message",
+    "NoiseParams",
+    "PromptMode",
+    "PromptUpdate",
+    "Role",
+    "StageAssignment",
+    "StageStats",
+    "StreamSpec",
+    "Tensor",
+    "decode",
+]

@@ -1,0 +1,152 @@
+"""The one place NATS subjects and JetStream bucket names are written.
+
+Every subject is declared once in ``CHANNELS`` with its message type and who publishes it; services build
+subjects only through ``Subjects`` (no other module writes a subject string). Stream ids and member ids are
+subject tokens, so they are checked: a dot or wildcard in an id would silently widen a subscription.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from proto.messages import (
+    Ack,
+    BlockMap,
+    Credit,
+    Error,
+    Heartbeat,
+    LatentChunk,
+    Message,
+    PromptUpdate,
+    StageStats,
+    StreamSpec,
+)
+
+PREFIX = "rheo"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class InvalidToken(ValueError):
+    """An id that cannot be a NATS subject token."""
+
+
+def token(value: str, what: str = "id") -> str:
+    if not isinstance(value, str) or not _TOKEN.match(value):
+        raise InvalidToken(f"{what} {value!r} is not a valid subject token ([A-Za-z0-9_-]{{1,64}})")
+    return value
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One subject pattern: its parameters, payload and meaning (rendered into asyncapi.yaml)."""
+
+    name: str
+    pattern: str  # with {param} placeholders
+    message: type[Message]
+    publishers: tuple[str, ...]
+    subscribers: tuple[str, ...]
+    description: str
+    bulk: bool = False
+    """Published through a credit window; the consumer replies with ``Credit`` messages."""
+    replies: tuple[type[Message], ...] = ()
+    """Messages a subscriber sends back on the request's reply inbox."""
+
+    @property
+    def params(self) -> list[str]:
+        return re.findall(r"{(\w+)}", self.pattern)
+
+    def subject(self, **params: str) -> str:
+        if set(params) != set(self.params):
+            raise TypeError(f"channel {self.name} takes {self.params}, got {sorted(params)}")
+        return self.pattern.format(**{k: token(v, k) for k, v in params.items()})
+
+    def wildcard(self) -> str:
+        """The subscription subject matching every instance of this channel."""
+        return re.sub(r"{\w+}", "*", self.pattern)
+
+
+CHANNELS: dict[str, Channel] = {
+    c.name: c
+    for c in (
+        Channel("stream_spec", PREFIX + ".stream.{stream_id}.spec", StreamSpec,
+                ("gateway", "controller"), ("ingest", "dit-stage", "decoder", "egress"),
+                "A stream's specification, on creation and on every parameter change."),
+        Channel("stream_latent", PREFIX + ".stream.{stream_id}.latent", LatentChunk,
+                ("ingest",), ("dit-stage",),
+                "Encoded latent chunks of a stream, ingest to the first DiT stage.", bulk=True, replies=(Credit,)),
+        Channel("stream_x0", PREFIX + ".stream.{stream_id}.x0", LatentChunk,
+                ("dit-stage",), ("decoder",),
+                "Finished (denoised) latent chunks, last DiT stage to the decoder.", bulk=True, replies=(Credit,)),
+        Channel("stream_prompt", PREFIX + ".stream.{stream_id}.prompt", PromptUpdate,
+                ("gateway", "ingest"), ("ingest", "dit-stage"),
+                "Prompt changes; ingest republishes them with the umT5 embedding attached."),
+        Channel("stream_error", PREFIX + ".stream.{stream_id}.error", Error,
+                ("ingest", "dit-stage", "decoder", "egress", "controller"), ("gateway", "controller"),
+                "Per-stream failures and refusals, for the API and the controller."),
+        Channel("ctl_blockmap", PREFIX + ".ctl.blockmap", BlockMap,
+                ("controller",), ("dit-stage", "ingest"),
+                "The current DiT block map and its epoch (also kept in the blockmap KV bucket)."),
+        Channel("ctl_heartbeat", PREFIX + ".ctl.heartbeat.{member_id}", Heartbeat,
+                ("ingest", "dit-stage", "decoder", "egress", "gateway"), ("controller",),
+                "Liveness of every member, on a fixed period."),
+        Channel("ctl_stats", PREFIX + ".ctl.stats.{stage_id}", StageStats,
+                ("dit-stage",), ("controller",),
+                "Per-stage timing and memory, input to rebalancing and admission."),
+        Channel("ctl_admission", PREFIX + ".ctl.admission", StreamSpec,
+                ("ingest", "gateway"), ("controller",),
+                "Request/reply: may this stream start? Answered with Ack or Error.", replies=(Ack, Error)),
+    )
+}
+
+
+class Subjects:
+    """Subject builders: the only way code names a subject."""
+
+    @staticmethod
+    def stream_spec(stream_id: str) -> str:
+        return CHANNELS["stream_spec"].subject(stream_id=stream_id)
+
+    @staticmethod
+    def stream_latent(stream_id: str) -> str:
+        return CHANNELS["stream_latent"].subject(stream_id=stream_id)
+
+    @staticmethod
+    def stream_x0(stream_id: str) -> str:
+        return CHANNELS["stream_x0"].subject(stream_id=stream_id)
+
+    @staticmethod
+    def stream_prompt(stream_id: str) -> str:
+        return CHANNELS["stream_prompt"].subject(stream_id=stream_id)
+
+    @staticmethod
+    def stream_error(stream_id: str) -> str:
+        return CHANNELS["stream_error"].subject(stream_id=stream_id)
+
+    @staticmethod
+    def blockmap() -> str:
+        return CHANNELS["ctl_blockmap"].subject()
+
+    @staticmethod
+    def heartbeat(member_id: str) -> str:
+        return CHANNELS["ctl_heartbeat"].subject(member_id=member_id)
+
+    @staticmethod
+    def stats(stage_id: str) -> str:
+        return CHANNELS["ctl_stats"].subject(stage_id=stage_id)
+
+    @staticmethod
+    def admission() -> str:
+        return CHANNELS["ctl_admission"].subject()
+
+
+class Buckets:
+    """JetStream KV bucket names (shared state)."""
+
+    STREAMS = "rheo-streams"
+    BLOCKMAP = "rheo-blockmap"
+    ENDPOINTS = "rheo-endpoints"
+    CONTROLLER = "rheo-controller"
+    PROMPTS = "rheo-prompts"
+
+    ALL = (STREAMS, BLOCKMAP, ENDPOINTS, CONTROLLER, PROMPTS)

@@ -1,0 +1,420 @@
+"""NATS for every rheo service: connect, publish/subscribe/request with trace context, credit windows, KV.
+
+What this adds over nats-py:
+- payload sizes are checked at start (this service's largest message against the server's ``max_payload``) and
+  at every publish, failing fast with ``PayloadTooLarge`` instead of a disconnect or a timeout;
+- every message is a ``proto`` message; a malformed one is counted, logged and dropped, and a handler that raises
+  loses only that message (one bad stream never disturbs another);
+- the OpenTelemetry context rides in message headers, so a chunk is one trace across services;
+- core NATS has no backpressure, so bulk subjects go through ``CreditWindow`` (consumer-returned byte credits);
+- JetStream KV buckets for shared state (stream table, block map, endpoints) behind ``KV``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+from opentelemetry.trace import SpanKind
+
+from proto import Credit, Limits, Message, ProtocolError, decode
+from services import telemetry
+from services.config import NatsSettings
+
+log = logging.getLogger("rheo.bus")
+
+M = TypeVar("M", bound=Message)
+Handler = Callable[[M, Msg], Awaitable[None]]
+
+CREDIT_EVERY_HEADER = "Rheo-Credit-Every"
+
+
+class BusError(RuntimeError):
+    """Base of the bus's own errors."""
+
+
+class PayloadTooLarge(BusError):
+    """A publish larger than the server accepts; raised before anything is sent."""
+
+
+class PayloadConfigError(BusError):
+    """This service is configured to send more than the server's ``max_payload``: refuse to start."""
+
+
+class CreditTimeout(BusError):
+    """A bulk publisher waited too long for its consumer to return credit."""
+
+
+@dataclass
+class BusStats:
+    published: int = 0
+    received: int = 0
+    malformed: int = 0
+    handler_errors: int = 0
+
+
+def _tls_context(s: NatsSettings) -> ssl.SSLContext | None:
+    if not (s.tls_ca_file or s.tls_cert_file or s.url.startswith("tls://")):
+        return None
+    ctx = ssl.create_default_context(cafile=str(s.tls_ca_file) if s.tls_ca_file else None)
+    if s.tls_cert_file:
+        ctx.load_cert_chain(str(s.tls_cert_file), str(s.tls_key_file) if s.tls_key_file else None)
+    return ctx
+
+
+def _backoff_handler(s: NatsSettings) -> Callable[[list[Any], dict[str, Any]], tuple[Any, float]]:
+    """Reconnect to the least-tried server after an exponential, jittered delay."""
+
+    def pick(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+        server = min(servers, key=lambda srv: srv.reconnects)
+        delay = min(s.reconnect_wait_max_s, s.reconnect_wait_s * (2 ** min(server.reconnects, 16)))
+        return server, delay * random.uniform(0.8, 1.2)
+
+    return pick
+
+
+class Bus:
+    """One NATS connection of one service."""
+
+    def __init__(self, nc: Client, limits: Limits, max_send_bytes: int) -> None:
+        self.nc = nc
+        self.limits = limits
+        self.max_send_bytes = max_send_bytes
+        self.stats = BusStats()
+        self._js = nc.jetstream()
+
+    @classmethod
+    async def connect(
+        cls,
+        settings: NatsSettings,
+        *,
+        name: str = "rheo",
+        limits: Limits | None = None,
+        max_send_bytes: int | None = None,
+    ) -> Bus:
+        """Connect (retrying the first connect with backoff) and check payload sizes against the server."""
+        max_send = max_send_bytes if max_send_bytes is not None else settings.max_send_bytes
+
+        async def on_error(e: Exception) -> None:
+            log.warning("nats %s: %s: %s", name, type(e).__name__, e)
+
+        async def on_disconnect() -> None:
+            if not (nc.is_closed or nc.is_draining or getattr(nc, "_rheo_closing", False)):
+                log.warning("nats %s: disconnected; reconnecting", name)
+
+        async def on_reconnect() -> None:
+            log.info("nats %s: reconnected", name)
+
+        options: dict[str, Any] = dict(
+            servers=[u.strip() for u in settings.url.split(",") if u.strip()],
+            name=settings.name or name,
+            connect_timeout=settings.connect_timeout_s,
+            reconnect_time_wait=settings.reconnect_wait_s,
+            # bounded for the first connect (nats-py would otherwise retry forever); set to the configured
+            # value once connected
+            max_reconnect_attempts=settings.initial_connect_attempts,
+            reconnect_to_server_handler=_backoff_handler(settings),
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            tls=_tls_context(settings),
+        )
+        if settings.user:
+            options["user"] = settings.user
+            options["password"] = settings.password.get_secret_value() if settings.password else ""
+        if settings.token:
+            options["token"] = settings.token.get_secret_value()
+        if settings.creds_file:
+            options["user_credentials"] = str(settings.creds_file)
+        elif settings.nkey_seed_file:
+            options["nkeys_seed"] = str(settings.nkey_seed_file)
+
+        nc = Client()
+        try:
+            await nc.connect(**options)
+        except (TimeoutError, nats.errors.NoServersError, OSError) as e:
+            raise BusError(f"cannot connect to NATS at {settings.url}: {type(e).__name__}: {e}") from e
+        nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
+        if nc.max_payload < max_send:
+            await nc.close()
+            raise PayloadConfigError(
+                f"{name} may publish messages of up to {max_send} bytes (nats.max_send_bytes), but the NATS server "
+                f"at {settings.url} accepts at most {nc.max_payload} (max_payload). Set max_payload to at least "
+                f"{max_send} in the server config (8MB recommended) or lower nats.max_send_bytes."
+            )
+        return cls(nc, limits or Limits(), max_send)
+
+    @property
+    def max_payload(self) -> int:
+        return self.nc.max_payload
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            self.nc._rheo_closing = True  # type: ignore[attr-defined]  # silences the disconnect log
+            await self.nc.close()
+
+    async def drain(self) -> None:
+        """Finish in-flight messages, then close (SIGTERM path)."""
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    # -- publish / subscribe / request ---------------------------------------------------------------------
+
+    def check_size(self, n: int, subject: str) -> None:
+        if n > self.nc.max_payload:
+            telemetry.BUS_OVERSIZE.inc()
+            raise PayloadTooLarge(f"{n}-byte message to {subject} exceeds the server's max_payload of "
+                                  f"{self.nc.max_payload} bytes")
+
+    async def publish(
+        self, subject: str, message: Message | bytes, *, headers: dict[str, str] | None = None, reply: str = ""
+    ) -> int:
+        """Publish a message (or an already encoded frame); returns its size in bytes."""
+        data = message if isinstance(message, bytes) else message.encode()
+        self.check_size(len(data), subject)
+        with telemetry.tracer().start_as_current_span(
+            "rheo.publish", kind=SpanKind.PRODUCER, attributes={"messaging.destination.name": subject}
+        ):
+            try:
+                await self.nc.publish(subject, data, reply=reply, headers=telemetry.inject(headers))
+            except nats.errors.MaxPayloadError as e:
+                telemetry.BUS_OVERSIZE.inc()
+                raise PayloadTooLarge(f"{len(data)}-byte message to {subject}: {e}") from e
+        self.stats.published += 1
+        return len(data)
+
+    async def subscribe(
+        self,
+        subject: str,
+        handler: Handler[M],
+        *,
+        expected: type[M] | None = None,
+        queue: str = "",
+        credit: bool = False,
+    ) -> Subscription:
+        """Deliver decoded messages to ``handler``; malformed ones are counted and dropped.
+
+        ``credit``: return byte credits to ``CreditWindow`` publishers (bulk subjects).
+        """
+        consumed: dict[str, int] = {}
+        unacked: dict[str, int] = {}
+
+        async def on_msg(msg: Msg) -> None:
+            self.stats.received += 1
+            ctx = telemetry.extract(msg.headers)
+            with telemetry.tracer().start_as_current_span(
+                "rheo.receive", context=ctx, kind=SpanKind.CONSUMER,
+                attributes={"messaging.destination.name": msg.subject},
+            ):
+                try:
+                    message = decode(msg.data, expected, self.limits)
+                except ProtocolError as e:
+                    self.stats.malformed += 1
+                    telemetry.BUS_MALFORMED.labels(subject=msg.subject).inc()
+                    log.warning("dropped malformed message on %s (%d bytes): %s", msg.subject, len(msg.data), e)
+                else:
+                    try:
+                        await handler(message, msg)  # type: ignore[arg-type]
+                    except Exception:
+                        self.stats.handler_errors += 1
+                        telemetry.BUS_HANDLER_ERRORS.labels(subject=msg.subject).inc()
+                        log.exception("handler for %s failed; message dropped", msg.subject)
+            if credit and msg.reply:
+                await self._return_credit(msg, consumed, unacked)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    async def _return_credit(self, msg: Msg, consumed: dict[str, int], unacked: dict[str, int]) -> None:
+        inbox = msg.reply
+        consumed[inbox] = consumed.get(inbox, 0) + len(msg.data)
+        unacked[inbox] = unacked.get(inbox, 0) + len(msg.data)
+        every = int((msg.headers or {}).get(CREDIT_EVERY_HEADER, "0") or 0)
+        if unacked[inbox] >= every:
+            unacked[inbox] = 0
+            with contextlib.suppress(nats.errors.ConnectionClosedError):
+                await self.nc.publish(inbox, Credit(consumed=consumed[inbox]).encode())
+
+    async def request(
+        self, subject: str, message: Message, *, expected: type[M] | None = None, timeout: float = 2.0
+    ) -> M:
+        """Request/reply; the reply must decode (else ``ProtocolError``)."""
+        data = message.encode()
+        self.check_size(len(data), subject)
+        with telemetry.tracer().start_as_current_span(
+            "rheo.request", kind=SpanKind.CLIENT, attributes={"messaging.destination.name": subject}
+        ):
+            reply = await self.nc.request(subject, data, timeout=timeout, headers=telemetry.inject())
+        return decode(reply.data, expected, self.limits)
+
+    async def respond(self, msg: Msg, message: Message) -> None:
+        if msg.reply:
+            await self.nc.publish(msg.reply, message.encode(), headers=telemetry.inject())
+
+    def credit_window(self, subject: str, window_bytes: int | None = None) -> CreditWindow:
+        return CreditWindow(self, subject, window_bytes or 32 * 1024 * 1024)
+
+    # -- JetStream KV ----------------------------------------------------------------------------------------
+
+    async def kv(self, bucket: str, *, history: int = 1, ttl: float | None = None, replicas: int = 1) -> KV:
+        """Bind to a KV bucket, creating it when missing."""
+        try:
+            store = await self._js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            store = await self._js.create_key_value(
+                KeyValueConfig(bucket=bucket, history=history, ttl=ttl, replicas=replicas, storage=StorageType.FILE)
+            )
+        return KV(store, bucket, self.limits)
+
+
+class CreditWindow:
+    """Publisher side of a byte-credit window on one subject.
+
+    The publisher may have at most ``window_bytes`` sent but not yet consumed; consumers subscribed with
+    ``credit=True`` report their cumulative consumption back on this window's inbox every quarter window.
+    A message lost in transit never returns its credit: ``reset`` forgets the outstanding bytes after a
+    ``CreditTimeout`` when the caller knows the consumer restarted.
+    """
+
+    def __init__(self, bus: Bus, subject: str, window_bytes: int) -> None:
+        self.bus = bus
+        self.subject = subject
+        self.window_bytes = window_bytes
+        self.sent = 0
+        self.acked = 0
+        self._base = 0
+        self._changed = asyncio.Event()
+        self._inbox = bus.nc.new_inbox()
+        self._sub: Subscription | None = None
+
+    @property
+    def outstanding(self) -> int:
+        return self.sent - self.acked
+
+    async def start(self) -> CreditWindow:
+        async def on_credit(msg: Msg) -> None:
+            try:
+                c = decode(msg.data, Credit, self.bus.limits)
+            except ProtocolError as e:
+                log.warning("bad credit message on %s: %s", msg.subject, e)
+                return
+            self.acked = max(self.acked, self._base + c.consumed)
+            self._changed.set()
+
+        self._sub = await self.bus.nc.subscribe(self._inbox, cb=on_credit)
+        return self
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    def reset(self) -> None:
+        """Forget outstanding credit (e.g. after the consumer restarted)."""
+        self._base = self.sent
+        self.acked = self.sent
+
+    async def publish(self, message: Message | bytes, *, timeout: float = 5.0,
+                      headers: dict[str, str] | None = None) -> int:
+        data = message if isinstance(message, bytes) else message.encode()
+        n = len(data)
+        if n > self.window_bytes // 2:
+            raise PayloadTooLarge(f"{n}-byte message exceeds half the {self.window_bytes}-byte credit window "
+                                  f"of {self.subject}; raise nats.credit_window_bytes")
+        if self.outstanding + n > self.window_bytes:
+            start = asyncio.get_running_loop().time()
+            deadline = start + timeout
+            while self.outstanding + n > self.window_bytes:
+                self._changed.clear()
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise CreditTimeout(f"{self.subject}: {self.outstanding} bytes unconsumed for {timeout}s")
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    continue
+            telemetry.CREDIT_WAIT.observe(asyncio.get_running_loop().time() - start)
+        hdrs = dict(headers or {})
+        hdrs[CREDIT_EVERY_HEADER] = str(self.window_bytes // 4)
+        self.sent += n
+        await self.bus.publish(self.subject, data, headers=hdrs, reply=self._inbox)
+        return n
+
+
+@dataclass(frozen=True)
+class KVEntry:
+    key: str
+    value: bytes | None
+    revision: int
+    deleted: bool
+
+
+class KV:
+    """A JetStream KV bucket holding raw bytes or ``proto`` messages."""
+
+    def __init__(self, store: KeyValue, bucket: str, limits: Limits) -> None:
+        self.store = store
+        self.bucket = bucket
+        self.limits = limits
+
+    @staticmethod
+    def _bytes(value: bytes | Message) -> bytes:
+        return value if isinstance(value, bytes) else value.encode()
+
+    async def get(self, key: str) -> KVEntry | None:
+        try:
+            e = await self.store.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return KVEntry(e.key, e.value, e.revision or 0, False)
+
+    async def get_message(self, key: str, expected: type[M]) -> M | None:
+        e = await self.get(key)
+        if e is None or e.value is None:
+            return None
+        return decode(e.value, expected, self.limits)
+
+    async def put(self, key: str, value: bytes | Message) -> int:
+        return await self.store.put(key, self._bytes(value))
+
+    async def create(self, key: str, value: bytes | Message) -> int:
+        """Put only if the key does not exist (raises ``nats.js.errors.KeyWrongLastSequenceError`` otherwise)."""
+        return await self.store.create(key, self._bytes(value))
+
+    async def update(self, key: str, value: bytes | Message, last: int) -> int:
+        """Compare-and-set against the revision the caller last saw."""
+        return await self.store.update(key, self._bytes(value), last=last)
+
+    async def delete(self, key: str) -> None:
+        await self.store.delete(key)
+
+    async def keys(self) -> list[str]:
+        try:
+            return await self.store.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+
+    async def watch(self, keys: str = ">", *, include_history: bool = False) -> AsyncIterator[KVEntry]:
+        """Current values, then every change, as they happen."""
+        watcher = await self.store.watch(keys, include_history=include_history)
+        try:
+            async for e in watcher:
+                if e is None:  # end of the initial values
+                    continue
+                deleted = e.operation in ("DEL", "PURGE")
+                yield KVEntry(e.key, None if deleted else e.value, e.revision or 0, deleted)
+        finally:
+            await watcher.stop()

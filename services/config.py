@@ -1,0 +1,190 @@
+"""The one configuration model of rheo.
+
+Every knob of every service lives here, with a default and a one-line description. Values come from (highest
+precedence first) constructor arguments, environment variables ``RHEO_<SECTION>__<KEY>`` (e.g.
+``RHEO_NATS__URL``), an optional YAML file named by ``RHEO_CONFIG``, then the defaults. The Helm chart renders
+exactly these keys; ``rheo config`` prints the effective values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+MiB = 1024 * 1024
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, so a typo in YAML or env never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NatsSettings(Section):
+    url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated for a cluster")
+    user: str | None = Field(None, description="user name for user/password auth")
+    password: SecretStr | None = Field(None, description="password for user/password auth")
+    token: SecretStr | None = Field(None, description="token auth")
+    nkey_seed_file: Path | None = Field(None, description="path to an NKey seed file")
+    creds_file: Path | None = Field(None, description="path to a JWT .creds file")
+    tls_ca_file: Path | None = Field(None, description="CA bundle that signs the server certificate")
+    tls_cert_file: Path | None = Field(None, description="client certificate for mutual TLS")
+    tls_key_file: Path | None = Field(None, description="client key for mutual TLS")
+    name: str | None = Field(None, description="client connection name shown by the server (default: service)")
+    connect_timeout_s: float = Field(2.0, gt=0, description="timeout of one connection attempt")
+    reconnect_wait_s: float = Field(0.25, gt=0, description="first reconnect delay; doubles up to the maximum")
+    reconnect_wait_max_s: float = Field(5.0, gt=0, description="upper bound of the reconnect backoff")
+    max_reconnect_attempts: int = Field(-1, description="reconnect attempts before giving up (-1: forever)")
+    initial_connect_attempts: int = Field(10, ge=1, description="attempts for the first connect before failing")
+    max_send_bytes: int = Field(
+        6 * MiB, gt=0, description="largest payload this service will publish; checked against server max_payload"
+    )
+    credit_window_bytes: int = Field(
+        32 * MiB, gt=0, description="bytes a bulk publisher may have unacknowledged (credit window)"
+    )
+    kv_replicas: int = Field(1, ge=1, description="JetStream replicas for the KV buckets rheo creates")
+
+
+class ProtoSettings(Section):
+    max_message_bytes: int = Field(
+        8 * MiB, gt=0, description="largest encoded message the decoder accepts (matches NATS max_payload)"
+    )
+    max_tensor_bytes: int = Field(64 * MiB, gt=0, description="largest single tensor a message may declare")
+    max_tensor_dims: int = Field(8, ge=1, description="largest tensor rank a message may declare")
+
+
+class TelemetrySettings(Section):
+    service_name: str = Field("rheo", description="OpenTelemetry service.name resource attribute")
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint; unset disables export")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port (0: ephemeral)")
+    log_level: str = Field("INFO", description="Python log level")
+    log_json: bool = Field(False, description="emit logs as JSON lines (for cluster log collectors)")
+
+
+class ModelSettings(Section):
+    model_dir: Path | None = Field(
+        None, description="Wan2.1 base folder (+ causal checkpoint); unset runs the tiny random model"
+    )
+    checkpoint: Path | None = Field(None, description="causal DiT checkpoint (SDv2/CausVid/Self-Forcing) file")
+    preset: Literal["tiny", "1.3b", "14b"] = Field("tiny", description="DiT size when no weights configure it")
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype (auto: bf16 on CUDA, fp32 on CPU)"
+    )
+
+
+class StreamDefaults(Section):
+    width: int = Field(512, gt=0, multiple_of=16, description="model input width in pixels")
+    height: int = Field(512, gt=0, multiple_of=16, description="model input height in pixels")
+    fps: float = Field(16.0, gt=0, description="target output frame rate")
+    steps: int = Field(2, ge=1, le=4, description="denoising steps (stream-batch slots)")
+    prompt: str = Field("a cinematic painting", description="prompt used until a stream sets its own")
+    noise_scale: float = Field(0.8, gt=0, le=1, description="initial noise scale s_init")
+    motion_aware_noise: bool = Field(True, description="adapt the noise scale to input motion")
+    seed: int = Field(0, description="default stream seed; every random draw derives from it")
+    slo_latency_ms: float = Field(1000.0, gt=0, description="target glass-to-glass latency")
+
+
+class IngestSettings(Section):
+    rtmp_host: str = Field("0.0.0.0", description="RTMP listen address")
+    rtmp_port: int = Field(1935, ge=0, le=65535, description="RTMP listen port (0: ephemeral)")
+    rtmp_app: str = Field("live", description="the only RTMP application name accepted")
+    max_connections: int = Field(256, ge=1, description="concurrent RTMP connections before refusing")
+    handshake_timeout_s: float = Field(5.0, gt=0, description="time allowed for the RTMP handshake + publish")
+    idle_timeout_s: float = Field(10.0, gt=0, description="drop a publisher that sends nothing this long")
+    max_chunk_size: int = Field(65536, ge=128, description="largest RTMP chunk size a client may set")
+    max_message_bytes: int = Field(8 * MiB, gt=0, description="largest RTMP message length accepted")
+    max_pending_bytes: int = Field(32 * MiB, gt=0, description="largest partially assembled bytes per connection")
+    max_width: int = Field(1920, gt=0, description="widest input video accepted")
+    max_height: int = Field(1080, gt=0, description="tallest input video accepted")
+    chunk_queue_depth: int = Field(4, ge=1, description="chunks queued per stream before the oldest is dropped")
+    replay_chunks: int = Field(8, ge=0, description="latent chunks kept per stream for replay after a failure")
+    stream_linger_s: float = Field(
+        10.0, ge=0, description="how long a disconnected stream waits for its publisher to reconnect before it ends"
+    )
+    window_ack_bytes: int = Field(2_500_000, gt=0, description="acknowledgement window announced to publishers")
+
+
+class EgressSettings(Section):
+    hls_dir: Path = Field(Path("/tmp/rheo-hls"), description="where HLS playlists and segments are written")
+    segment_seconds: float = Field(1.0, gt=0, description="HLS segment duration")
+    part_seconds: float = Field(0.2, gt=0, description="LL-HLS part duration")
+    playlist_segments: int = Field(6, ge=2, description="segments kept in the rolling playlist")
+    x264_preset: str = Field("veryfast", description="libx264 preset for the output")
+    bitrate_kbps: int = Field(2500, gt=0, description="target output video bitrate")
+    rtmp_push_url: str | None = Field(None, description="restream the output to this RTMP URL")
+
+
+class GatewaySettings(Section):
+    host: str = Field("0.0.0.0", description="HTTP listen address")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP listen port")
+    api_tokens: list[SecretStr] = Field(default_factory=list, description="bearer tokens accepted by the API")
+
+
+class Settings(BaseSettings):
+    """Everything a rheo process can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RHEO_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+    )
+
+    service: str = Field("rheo", description="the service this process runs (set by the CLI)")
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    proto: ProtoSettings = Field(default_factory=ProtoSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    stream: StreamDefaults = Field(default_factory=StreamDefaults)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    egress: EgressSettings = Field(default_factory=EgressSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("RHEO_CONFIG")
+        if path:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"RHEO_CONFIG names {path!r}, which is not a file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """The effective settings: overrides > env > ``RHEO_CONFIG`` YAML > defaults."""
+    return Settings(**overrides)
+
+
+def describe(settings: Settings) -> str:
+    """YAML of the effective settings with secrets masked (what ``rheo config`` prints)."""
+    data = settings.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def iter_fields(model: type[BaseModel] = Settings, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) for every leaf knob, for docs and the chart's contract test."""
+    out: list[tuple[str, Any, str]] = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(iter_fields(ann, f"{prefix}{name}."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            out.append((f"{prefix}{name}", default, field.description or ""))
+    return out
