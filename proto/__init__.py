@@ -19,6 +19,7 @@ from proto.messages import (
     StageStats,
     StreamSpec,
     decode,
+    decode_with_headers,
 )
 from proto.subjects import CHANNELS, Buckets, InvalidToken, Subjects
 
@@ -45,4 +46,5 @@ __all__ = [
     "StreamSpec",
     "Subjects",
     "decode",
+    "decode_with_headers",
 ]

@@ -65,8 +65,8 @@ def build_document() -> dict[str, Any]:
             "version": f"frame-{FRAME_FORMAT}",
             "description": (
                 "Subjects and payloads of rheo over NATS. Every payload is a rheo frame: 'RH', format byte, "
-                "reserved byte, u32 body length, a msgpack body {t: type, v: schema version, d: fields}, then "
-                "tensor bytes at 64-byte aligned offsets referenced by msgpack extension 1 "
+                "reserved byte, u32 body length, a msgpack body {t: type, v: schema version, d: fields"
+                "[, h: headers]}, then tensor bytes at 64-byte aligned offsets referenced by msgpack extension 1 "
                 "[dtype, shape, offset, nbytes]. Trace context travels in NATS headers (W3C traceparent). "
                 f"JetStream KV buckets: {', '.join(Buckets.ALL)}."
             ),

@@ -46,15 +46,19 @@ class Message(BaseModel):
     SCHEMA_VERSION: ClassVar[int] = 1
     """Bump on any change of fields or meaning."""
 
-    def body(self) -> dict[str, Any]:
-        return {"t": type(self).__name__, "v": self.SCHEMA_VERSION, "d": _fields(self)}
+    def body(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"t": type(self).__name__, "v": self.SCHEMA_VERSION, "d": _fields(self)}
+        if headers:
+            body["h"] = headers
+        return body
 
-    def encode(self) -> bytes:
-        return encode_frame(self.body())
+    def encode(self, headers: dict[str, str] | None = None) -> bytes:
+        """One frame. ``headers`` (e.g. trace context) ride inside the frame, for transports without headers."""
+        return encode_frame(self.body(headers))
 
-    def encode_parts(self) -> list[memoryview | bytes]:
+    def encode_parts(self, headers: dict[str, str] | None = None) -> list[memoryview | bytes]:
         """Frame parts for a scatter-gather send (the tensor link), no join copy."""
-        return encode_parts(self.body())
+        return encode_parts(self.body(headers))
 
 
 def _fields(model: BaseModel) -> dict[str, Any]:
@@ -241,9 +245,20 @@ M = TypeVar("M", bound=Message)
 def decode(buf: bytes | bytearray | memoryview, expected: type[M] | None = None,
            limits: Limits = DEFAULT_LIMITS) -> M:
     """Decode a frame into its message; anything wrong raises ``ProtocolError`` (and nothing else)."""
+    return decode_with_headers(buf, expected, limits)[0]
+
+
+def decode_with_headers(buf: bytes | bytearray | memoryview, expected: type[M] | None = None,
+                        limits: Limits = DEFAULT_LIMITS) -> tuple[M, dict[str, str]]:
+    """Decode a frame into its message and the headers carried inside the frame (empty when none)."""
     body = decode_frame(buf, limits)
-    if not isinstance(body, dict) or set(body) != {"t", "v", "d"}:
-        raise ProtocolError("frame body is not a {t, v, d} message envelope")
+    if not isinstance(body, dict) or not ({"t", "v", "d"} <= set(body) <= {"t", "v", "d", "h"}):
+        raise ProtocolError("frame body is not a {t, v, d[, h]} message envelope")
+    headers = body.get("h", {})
+    if not isinstance(headers, dict) or len(headers) > 32 or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ProtocolError("frame headers must be a map of at most 32 strings to strings")
     name, version, fields = body["t"], body["v"], body["d"]
     if not isinstance(name, str) or name not in MESSAGE_TYPES:
         raise ProtocolError(f"unknown message type {name!r}")
@@ -255,7 +270,7 @@ def decode(buf: bytes | bytearray | memoryview, expected: type[M] | None = None,
     if not isinstance(fields, dict):
         raise ProtocolError(f"{name}: fields are not a map")
     try:
-        return cls.model_validate(fields)  # type: ignore[return-value]
+        return cls.model_validate(fields), headers  # type: ignore[return-value]
     except ValidationError as e:
         raise ProtocolError(f"{name}: {e.error_count()} invalid field(s): {_first_error(e)}") from e
     except (ValueError, TypeError, RecursionError) as e:
@@ -287,4 +302,5 @@ __all__ = [
     "StreamSpec",
     "Tensor",
     "decode",
+    "decode_with_headers",
 ]

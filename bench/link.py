@@ -1,0 +1,115 @@
+"""Tensor-link hop cost on loopback: one-way latency and throughput of hidden-state-sized frames.
+
+Prints one JSON line per case. Target (design): 4.8 MB one-way p50 <= 5 ms (NATS: ~15 ms, see bench/bus.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import time
+
+import torch
+
+from proto import PromptUpdate
+from services.link import LinkListener, LinkSender
+
+SENT_AT = "t"
+
+
+def _frame(nbytes: int) -> PromptUpdate:
+    return PromptUpdate(stream_id="bench", version=0, prompt="",
+                        embedding=torch.zeros(nbytes // 2, dtype=torch.bfloat16))
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+async def one_way(nbytes: int, count: int, rate_hz: float) -> dict:
+    listener = LinkListener().start()
+    sender = LinkSender(listener.endpoint).start()
+    msg = _frame(nbytes)
+    lat: list[float] = []
+
+    async def consume() -> None:
+        while len(lat) < count:
+            with await listener.recv(timeout=10) as f:
+                lat.append((time.perf_counter_ns() - int(f.headers[SENT_AT])) / 1e6)
+
+    warm = max(3, count // 10)
+    for _ in range(warm):
+        await sender.send(msg, headers={SENT_AT: str(time.perf_counter_ns())})
+        (await listener.recv(timeout=10)).release()
+    consumer = asyncio.create_task(consume())
+    for _ in range(count):
+        await sender.send(msg, headers={SENT_AT: str(time.perf_counter_ns())})
+        await asyncio.sleep(1 / rate_hz)
+    await asyncio.wait_for(consumer, 30)
+    sender.close()
+    listener.close()
+    return {"bench": "link", "case": "one_way", "payload_bytes": nbytes, "count": count, "rate_hz": rate_hz,
+            "p50_ms": round(statistics.median(lat), 3), "p99_ms": round(_pct(lat, 99), 3),
+            "max_ms": round(max(lat), 3)}
+
+
+async def throughput(nbytes: int, seconds: float) -> dict:
+    listener = LinkListener().start()
+    sender = LinkSender(listener.endpoint).start()
+    msg = _frame(nbytes)
+    got = 0
+    stop = False
+
+    async def consume() -> None:
+        nonlocal got
+        while not stop:
+            try:
+                (await listener.recv(timeout=0.5)).release()
+                got += 1
+            except TimeoutError:
+                continue
+
+    consumer = asyncio.create_task(consume())
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        await sender.send(msg)
+    await sender.flush()
+    dt = time.perf_counter() - t0
+    stop = True
+    await consumer
+    sender.close()
+    listener.close()
+    return {"bench": "link", "case": "throughput", "payload_bytes": nbytes, "frames_per_s": round(got / dt, 1),
+            "mb_per_s": round(got * nbytes / dt / 1e6, 1)}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer frames (smoke run)")
+    args = ap.parse_args()
+    n = 30 if args.quick else 200
+    cases = [
+        await one_way(200 * 1024, n, 100.0),
+        await one_way(int(4.8 * 1024 * 1024), n, 20.0),
+        await one_way(16 * 1024 * 1024, max(10, n // 4), 10.0),
+        await throughput(int(4.8 * 1024 * 1024), 1.0 if args.quick else 3.0),
+    ]
+    for c in cases:
+        c["commit"] = _commit()
+        print(json.dumps(c), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,181 @@
+"""The tensor link over real loopback sockets: order, zero-copy buffers, backpressure, bad peers, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+import torch
+
+from proto import PromptUpdate, StreamSpec
+from services.link import LinkError, LinkListener, LinkSender
+
+
+def _msg(i: int, n: int = 1024) -> PromptUpdate:
+    return PromptUpdate(stream_id="s", version=i, prompt=f"p{i}", embedding=torch.full((n,), float(i)))
+
+
+async def _pair(**listener_kw) -> tuple[LinkListener, LinkSender]:
+    listener = LinkListener(**listener_kw).start()
+    sender = LinkSender(listener.endpoint).start()
+    return listener, sender
+
+
+async def test_frames_arrive_in_order_with_headers() -> None:
+    listener, sender = await _pair()
+
+    async def produce() -> None:
+        for i in range(20):
+            await sender.send(_msg(i), headers={"traceparent": f"00-{i:032x}-{1:016x}-01"})
+
+    producer = asyncio.create_task(produce())
+    try:
+        for i in range(20):
+            with await listener.recv(timeout=5) as frame:
+                assert frame.message.version == i
+                assert torch.equal(frame.message.embedding, torch.full((1024,), float(i)))
+                assert frame.headers["traceparent"].startswith(f"00-{i:032x}")
+        await producer
+        await sender.flush()
+        assert listener.stats.frames == 20 and sender.stats.frames == 20
+    finally:
+        producer.cancel()
+        sender.close()
+        listener.close()
+
+
+async def test_received_tensors_live_in_pool_buffers_that_are_reused() -> None:
+    listener, sender = await _pair(buffers=1)
+    try:
+        await sender.send(_msg(1, 4096))
+        first = await listener.recv(timeout=5)
+        ptr = first.message.embedding.data_ptr()
+        first.release()
+        await sender.send(_msg(2, 4096))
+        second = await listener.recv(timeout=5)
+        assert second.message.embedding.data_ptr() == ptr  # same buffer, no new allocation
+        assert second.message.embedding[0].item() == 2.0
+        second.release()
+    finally:
+        sender.close()
+        listener.close()
+
+
+async def test_a_slow_consumer_bounds_what_is_in_flight() -> None:
+    listener, sender = await _pair(buffers=2)
+    big = _msg(0, 2 * 1024 * 1024)  # 8 MiB frames: socket buffers hold only a few
+    sent = 0
+
+    async def produce() -> None:
+        nonlocal sent
+        for _ in range(12):
+            await sender.send(big)
+            sent += 1
+
+    producer = asyncio.create_task(produce())
+    try:
+        await asyncio.sleep(1.0)
+        # nothing released yet: 2 buffers held + socket buffers + queue_depth bound the producer
+        assert not producer.done()
+        assert sent < 12
+        held = [await listener.recv(timeout=5) for _ in range(2)]
+        with pytest.raises(TimeoutError):
+            await listener.recv(timeout=0.3)  # the reader is blocked on the pool, not reading ahead
+        for f in held:
+            f.release()
+        for _ in range(10):
+            (await listener.recv(timeout=10)).release()
+        await asyncio.wait_for(producer, 10)
+    finally:
+        producer.cancel()
+        sender.close()
+        listener.close()
+
+
+async def test_sender_refuses_oversized_frames() -> None:
+    listener = LinkListener().start()
+    sender = LinkSender(listener.endpoint, max_frame_bytes=1024).start()
+    try:
+        with pytest.raises(LinkError, match="exceeds"):
+            await sender.send(_msg(0, 1024))
+    finally:
+        sender.close()
+        listener.close()
+
+
+def _raw_client(endpoint: str) -> socket.socket:
+    host, port = endpoint.split(":")
+    return socket.create_connection((host, int(port)))
+
+
+async def test_hostile_peers_only_lose_their_own_connection() -> None:
+    listener, sender = await _pair(max_frame_bytes=1 << 20)
+    try:
+        huge = _raw_client(listener.endpoint)
+        huge.sendall(struct.pack("<QQQ", 2**40, 7, 1))  # a 1 TiB frame: refused, connection closed
+        garbage = _raw_client(listener.endpoint)
+        garbage.sendall(struct.pack("<QQQ", 100, 9, 1) + bytes(range(100)))  # right length, not a frame: dropped
+        garbage.sendall(struct.pack("<QQQ", 10, 9, 2) + b"0123")  # then a truncated frame and a hang-up
+        garbage.close()
+        for i in range(5):
+            await sender.send(_msg(i))
+        versions = []
+        for _ in range(5):
+            with await listener.recv(timeout=5) as frame:
+                versions.append(frame.message.version)
+        assert versions == list(range(5))
+        await asyncio.sleep(0.2)
+        assert listener.stats.refused_connections == 1
+        assert listener.stats.malformed == 1
+        assert huge.recv(1) == b""  # the listener closed the hostile connection
+        huge.close()
+    finally:
+        sender.close()
+        listener.close()
+
+
+async def test_sender_reconnects_after_the_listener_restarts() -> None:
+    listener = LinkListener().start()
+    port = listener.port
+    sender = LinkSender(listener.endpoint, backoff_s=0.02).start()
+    try:
+        await sender.send(StreamSpec(stream_id="a", width=64, height=64, fps=16.0, steps=1, prompt="x"))
+        assert (await listener.recv(timeout=5)).message.stream_id == "a"
+        listener.close()
+        await asyncio.sleep(0.1)
+        listener = LinkListener(port=port).start()
+        for sid in ["b", "c"]:
+            await sender.send(StreamSpec(stream_id=sid, width=64, height=64, fps=16.0, steps=1, prompt="x"))
+        seen = set()
+        while seen != {"b", "c"}:
+            seen.add((await listener.recv(timeout=10)).message.stream_id)
+    finally:
+        sender.close()
+        listener.close()
+
+
+async def test_cut_connections_lose_and_duplicate_nothing() -> None:
+    listener = LinkListener().start()
+    sender = LinkSender(listener.endpoint, backoff_s=0.01).start()
+
+    async def produce() -> None:
+        for i in range(200):
+            await sender.send(_msg(i, 256))
+
+    producer = asyncio.create_task(produce())
+    try:
+        versions = []
+        while len(versions) < 200:
+            with await listener.recv(timeout=10) as frame:
+                versions.append(frame.message.version)
+            if len(versions) % 40 == 0:
+                listener.drop_connections()
+        assert versions == list(range(200))
+        await producer
+        assert sender.stats.reconnects >= 1
+    finally:
+        producer.cancel()
+        sender.close()
+        listener.close()
