@@ -66,9 +66,17 @@ class ProtoSettings(Section):
 class TelemetrySettings(Section):
     service_name: str = Field("rheo", description="OpenTelemetry service.name resource attribute")
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint; unset disables export")
-    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics port (0: ephemeral)")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="port of /healthz, /readyz and /metrics (0: ephemeral)"
+    )
     log_level: str = Field("INFO", description="Python log level")
     log_json: bool = Field(False, description="emit logs as JSON lines (for cluster log collectors)")
+
+
+class LifecycleSettings(Section):
+    http_host: str = Field("0.0.0.0", description="listen address of /healthz, /readyz and /metrics")
+    heartbeat_interval_s: float = Field(0.5, gt=0, description="period of the heartbeat every member publishes")
+    drain_timeout_s: float = Field(10.0, gt=0, description="longest a SIGTERM drain may take before exiting")
 
 
 class ModelSettings(Section):
@@ -123,6 +131,11 @@ class EgressSettings(Section):
     x264_preset: str = Field("veryfast", description="libx264 preset for the output")
     bitrate_kbps: int = Field(2500, gt=0, description="target output video bitrate")
     rtmp_push_url: str | None = Field(None, description="restream the output to this RTMP URL")
+    rtmp_push_backoff_s: float = Field(0.5, gt=0, description="first RTMP push reconnect delay; doubles per failure")
+    rtmp_push_backoff_max_s: float = Field(10.0, gt=0, description="upper bound of the RTMP push reconnect delay")
+    rtmp_push_silent_audio: bool = Field(True, description="add an AAC silence track to the RTMP push")
+    encoder_threads: int = Field(1, ge=1, description="libx264 threads per output stream")
+    cfr_start_delay_s: float = Field(0.1, ge=0, description="jitter buffer before the CFR pacer starts output")
 
 
 class GatewaySettings(Section):
@@ -142,6 +155,7 @@ class Settings(BaseSettings):
     nats: NatsSettings = Field(default_factory=NatsSettings)
     proto: ProtoSettings = Field(default_factory=ProtoSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     stream: StreamDefaults = Field(default_factory=StreamDefaults)
     ingest: IngestSettings = Field(default_factory=IngestSettings)

@@ -1,0 +1,173 @@
+"""What every rheo service process runs: bus connection, health/metrics HTTP, heartbeats, SIGTERM drain.
+
+A service subclasses ``Service`` and fills in ``start`` (subscribe, load weights, open ports) and ``drain``
+(finish what is in flight). ``Service.run`` owns the rest:
+
+- ``GET /healthz`` — 200 while the process is alive and its loop turns (liveness);
+- ``GET /readyz``  — 200 once every readiness check is true (bus connected, weights loaded, ...), else 503 with
+  the failing checks named (readiness: Kubernetes routes nothing to it until then);
+- ``GET /metrics`` — Prometheus text, every rheo metric prefixed ``rheo_``;
+- a ``Heartbeat`` on ``rheo.ctl.heartbeat.<member>`` every ``lifecycle.heartbeat_interval_s``;
+- SIGTERM/SIGINT → not ready, ``drain()`` (bounded by ``lifecycle.drain_timeout_s``), bus drain, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from typing import ClassVar
+
+import uvicorn
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+
+from proto import Heartbeat, Subjects
+from proto.messages import Role
+from services import telemetry
+from services.bus import Bus
+from services.config import Settings
+
+log = logging.getLogger("rheo.runtime")
+
+READY = Gauge("rheo_service_ready", "1 when the service reports ready", ["service"])
+
+
+class Service:
+    """Base of every rheo service process."""
+
+    role: ClassVar[Role]
+
+    def __init__(self, settings: Settings, member_id: str | None = None) -> None:
+        self.settings = settings
+        self.member_id = member_id or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
+        self.bus: Bus | None = None
+        self.checks: dict[str, bool] = {"bus": False}
+        self.epoch = 0
+        self.streams: set[str] = set()
+        self.http_port = 0
+        self._stop = asyncio.Event()
+        self._draining = False
+        self._server: uvicorn.Server | None = None
+
+    # -- what a service fills in ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe, load, listen. Set ``self.checks[...] = True`` as things become ready."""
+
+    async def drain(self) -> None:
+        """Finish in-flight work before the process exits."""
+
+    def max_send_bytes(self) -> int:
+        """Largest message this service publishes (checked against the server's max_payload at connect)."""
+        return self.settings.nats.max_send_bytes
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return not self._draining and all(self.checks.values())
+
+    def stop(self) -> None:
+        """Begin a clean shutdown (what SIGTERM does)."""
+        self._stop.set()
+
+    def http_app(self) -> FastAPI:
+        app = FastAPI(title=f"rheo {self.role}", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.get("/healthz")
+        async def healthz() -> dict[str, str]:
+            return {"status": "ok", "member": self.member_id}
+
+        @app.get("/readyz")
+        async def readyz(response: Response) -> dict[str, object]:
+            if not self.ready:
+                response.status_code = 503
+            failing = [k for k, ok in self.checks.items() if not ok] + (["draining"] if self._draining else [])
+            return {"ready": self.ready, "failing": failing}
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            READY.labels(service=self.role).set(1 if self.ready else 0)
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+        return app
+
+    async def _serve_http(self) -> None:
+        config = uvicorn.Config(self.http_app(), host=self.settings.lifecycle.http_host,
+                                port=self.settings.telemetry.metrics_port, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # signals are ours
+        await self._server.serve()
+
+    async def _heartbeats(self) -> None:
+        while not self._stop.is_set():
+            if self.bus is not None:
+                hb = Heartbeat(member_id=self.member_id, role=self.role, epoch=self.epoch, sent_at=time.time(),
+                               ready=self.ready, streams=sorted(self.streams))
+                try:
+                    await self.bus.publish(Subjects.heartbeat(self.member_id), hb)
+                except Exception as e:  # a missed heartbeat is the controller's signal; never crash on it
+                    log.warning("heartbeat not sent: %s", e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.settings.lifecycle.heartbeat_interval_s)
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT or ``stop()``; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        http = asyncio.create_task(self._serve_http(), name="http")
+        while self._server is None or not self._server.started:
+            if http.done():
+                http.result()  # raises why the HTTP server could not start
+            await asyncio.sleep(0.01)
+        self.http_port = self._server.servers[0].sockets[0].getsockname()[1]
+        beats: asyncio.Task[None] | None = None
+        try:
+            self.bus = await Bus.connect(self.settings.nats, name=self.member_id,
+                                         max_send_bytes=self.max_send_bytes())
+            self.checks["bus"] = True
+            await self.start()
+            beats = asyncio.create_task(self._heartbeats(), name="heartbeats")
+            log.info("%s ready (health on :%d)", self.member_id, self.http_port)
+            await self._stop.wait()
+            self._draining = True
+            log.info("%s draining", self.member_id)
+            try:
+                await asyncio.wait_for(self.drain(), self.settings.lifecycle.drain_timeout_s)
+            except TimeoutError:
+                log.warning("%s: drain did not finish in %.1fs", self.member_id,
+                            self.settings.lifecycle.drain_timeout_s)
+            return 0
+        finally:
+            self._stop.set()
+            if beats is not None:
+                await beats
+            if self.bus is not None:
+                with contextlib.suppress(Exception):
+                    await self.bus.drain()
+            if self._server is not None:
+                self._server.should_exit = True
+            await http
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.telemetry.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(service_cls: type[Service], settings: Settings | None = None) -> int:
+    """Entry point of ``rheo <service>`` and ``python -m <package>.service``."""
+    from services.config import load_settings
+
+    settings = settings or load_settings(service=service_cls.role)
+    configure_logging(settings)
+    telemetry.setup_tracing(settings.telemetry.service_name + "-" + service_cls.role,
+                            settings.telemetry.otlp_endpoint)
+    return asyncio.run(service_cls(settings).run())
