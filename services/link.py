@@ -222,23 +222,30 @@ class LinkListener:
             if not _recv_exact(conn, view):
                 return False
             dt = time.perf_counter() - t0
+            message: Message | None = None
+            headers: dict[str, str] = {}
+            error = ""
+            try:
+                message, headers = decode_with_headers(view, None, self.limits)
+            except ProtocolError as e:
+                error = str(e)
+            # check-and-deliver is atomic: an old connection still draining and the new one carrying resends
+            # must not interleave their deliveries
             with self._lock:
-                duplicate = seq <= self._delivered.get(sender_id, 0)
-                self._delivered[sender_id] = max(seq, self._delivered.get(sender_id, 0))
-            if not duplicate:  # a duplicate was resent after a reconnect and is already delivered
-                try:
-                    message, headers = decode_with_headers(view, None, self.limits)
-                except ProtocolError as e:
-                    self.stats.malformed += 1
-                    log.warning("tensor link from %s: dropped malformed frame (%d bytes): %s", peer, n, e)
-                else:
-                    self.stats.frames += 1
-                    self.stats.bytes += n
-                    self.stats.seconds += dt
-                    frame = LinkFrame(message, headers, n, dt, peer, _release=lambda b=buf: self._pool.put(b))
-                    assert self._loop is not None and self._frames is not None
-                    self._loop.call_soon_threadsafe(self._frames.put_nowait, frame)
-                    delivered = True
+                if seq > self._delivered.get(sender_id, 0):  # else: resent after a reconnect, already delivered
+                    self._delivered[sender_id] = seq
+                    if message is None:
+                        self.stats.malformed += 1
+                        log.warning("tensor link from %s: dropped malformed frame (%d bytes): %s", peer, n, error)
+                    else:
+                        self.stats.frames += 1
+                        self.stats.bytes += n
+                        self.stats.seconds += dt
+                        frame = LinkFrame(message, headers, n, dt, peer,
+                                          _release=lambda b=buf: self._pool.put(b))
+                        assert self._loop is not None and self._frames is not None
+                        self._loop.call_soon_threadsafe(self._frames.put_nowait, frame)
+                        delivered = True
             conn.sendall(_ACK.pack(seq))
             return True
         finally:

@@ -29,10 +29,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from proto import Heartbeat, Subjects
 from proto.messages import Role
 from services import telemetry
-from services.bus import Bus
+from services.bus import Bus, BusError
 from services.config import Settings
 
 log = logging.getLogger("rheo.runtime")
+
+class ServiceStartError(RuntimeError):
+    """A service cannot start (port in use, NATS unreachable, weights missing); the message says why."""
+
 
 READY = Gauge("rheo_service_ready", "1 when the service reports ready", ["service"])
 
@@ -97,12 +101,21 @@ class Service:
 
         return app
 
-    async def _serve_http(self) -> None:
-        config = uvicorn.Config(self.http_app(), host=self.settings.lifecycle.http_host,
-                                port=self.settings.telemetry.metrics_port, log_level="warning", lifespan="off")
+    def _listen(self) -> socket.socket:
+        host, port = self.settings.lifecycle.http_host, self.settings.telemetry.metrics_port
+        try:
+            sock = socket.create_server((host, port), reuse_port=False)
+        except OSError as e:
+            raise ServiceStartError(f"{self.role}: cannot listen on {host}:{port} for /healthz and /metrics "
+                                    f"(telemetry.metrics_port): {e.strerror}") from e
+        self.http_port = sock.getsockname()[1]
+        return sock
+
+    async def _serve_http(self, sock: socket.socket) -> None:
+        config = uvicorn.Config(self.http_app(), log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # signals are ours
-        await self._server.serve()
+        await self._server.serve(sockets=[sock])
 
     async def _heartbeats(self) -> None:
         while not self._stop.is_set():
@@ -122,12 +135,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
-        http = asyncio.create_task(self._serve_http(), name="http")
-        while self._server is None or not self._server.started:
-            if http.done():
-                http.result()  # raises why the HTTP server could not start
-            await asyncio.sleep(0.01)
-        self.http_port = self._server.servers[0].sockets[0].getsockname()[1]
+        http = asyncio.create_task(self._serve_http(self._listen()), name="http")
         beats: asyncio.Task[None] | None = None
         try:
             self.bus = await Bus.connect(self.settings.nats, name=self.member_id,
@@ -170,4 +178,8 @@ def main(service_cls: type[Service], settings: Settings | None = None) -> int:
     configure_logging(settings)
     telemetry.setup_tracing(settings.telemetry.service_name + "-" + service_cls.role,
                             settings.telemetry.otlp_endpoint)
-    return asyncio.run(service_cls(settings).run())
+    try:
+        return asyncio.run(service_cls(settings).run())
+    except (ServiceStartError, BusError) as e:
+        log.error("%s", e)
+        return 2

@@ -16,6 +16,7 @@ import pytest
 from proto import CHANNELS, Ack, Heartbeat, StreamSpec, Subjects
 from services.bus import Bus
 from services.config import NatsSettings, Settings
+from services.runtime import ServiceStartError
 from support.echo_service import EchoService
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,5 +97,5 @@ def test_http_port_clash_is_a_clear_failure(nats_settings: NatsSettings) -> None
         port = s.getsockname()[1]
         settings = Settings(nats=nats_settings, telemetry={"metrics_port": port},
                             lifecycle={"http_host": "127.0.0.1"})
-        with pytest.raises(SystemExit):
+        with pytest.raises(ServiceStartError, match=f"cannot listen on 127.0.0.1:{port}"):
             asyncio.run(EchoService(settings).run())
