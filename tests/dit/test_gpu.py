@@ -1,0 +1,65 @@
+"""GPU-only checks (skipped without CUDA): CUDA-graph replay equals eager, bf16 stays close to fp32.
+
+The functions take no fixtures so they can also be run directly on a lent GPU machine without pytest.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit_stage.graphs import GraphedDiT
+from dit_stage.state import SlotItem
+
+from .helpers import LATENT_HW, context, random_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _steps(
+    call, model, seed: int, chunks: int = 9, slots: int = 3, adaptive: float | None = 0.97
+) -> tuple[list[torch.Tensor], object]:
+    state = model.new_state("s", slots, LATENT_HW, window=5, sink=2, adaptive_threshold=adaptive)
+    # draw in fp32, then cast: torch versions differ in what randn draws directly in bf16
+    model.set_prompt(state, context(dtype=torch.float32).to(model.device, model.dtype))
+    g = torch.Generator().manual_seed(seed)
+    grid = model.grid_of(1, *LATENT_HW)
+    outs = []
+    for c in range(chunks):
+        ks = [k for k in range(slots) if c - k >= 0]  # warm-up: slots fill one by one, like a stream-batch
+        x = torch.randn(len(ks), 4, 1, *LATENT_HW, generator=g).to(model.device, model.dtype)
+        items = [SlotItem(state, k, c - k, c - k, 700.0 - 200 * k) for k in ks]
+        outs.append(call(x, items, grid, noisy=x, sigmas=[0.7 - 0.2 * k for k in ks]))
+    return outs, state
+
+
+def test_cuda_graph_replay_equals_eager():
+    eager = random_model(num_layers=2, seed=3, dtype=torch.float32).cuda()
+    want, want_state = _steps(eager, eager, 0)
+    graphed = GraphedDiT(eager)
+    got, got_state = _steps(graphed, eager, 0)
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for key, t in want_state.shard.state_dict().items():
+        torch.testing.assert_close(t, got_state.shard.state_dict()[key], atol=1e-5, rtol=0)
+
+
+def test_compiled_pieces_match_eager():
+    eager = random_model(num_layers=2, seed=3, dtype=torch.float32).cuda()
+    want, _ = _steps(eager, eager, 0, adaptive=None)
+    compiled = random_model(num_layers=2, seed=3, dtype=torch.float32).cuda()
+    compiled.compile_pieces()
+    got, _ = _steps(GraphedDiT(compiled), compiled, 0, adaptive=None)
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_bf16_close_to_fp32():
+    """Adaptive sinks off: bf16 noise can flip a near-threshold sink decision (never test cache logic in bf16)."""
+    fp32 = random_model(num_layers=2, seed=4, dtype=torch.float32).cuda()
+    bf16 = random_model(num_layers=2, seed=4, dtype=torch.float32).cuda().to(torch.bfloat16)
+    want, _ = _steps(fp32, fp32, 1, chunks=4, adaptive=None)
+    got, _ = _steps(bf16, bf16, 1, chunks=4, adaptive=None)
+    for a, b in zip(want, got, strict=True):
+        cos = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
+        assert cos > 0.999
