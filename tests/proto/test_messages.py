@@ -10,7 +10,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
-from support.strategies import models
 
 from proto import (
     MESSAGE_TYPES,
@@ -24,6 +23,7 @@ from proto import (
     decode,
 )
 from proto.codec import decode_frame, encode_frame, tensor_bytes
+from support.strategies import models
 
 
 def _equal(a: object, b: object) -> bool:

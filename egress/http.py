@@ -1,0 +1,83 @@
+"""FastAPI routes for HLS and LL-HLS playback, including blocking playlist reloads and blocking part requests.
+
+Paths are stable per stream id: ``{prefix}/{stream_id}/index.m3u8`` (LL-HLS; plain HLS clients ignore the
+part tags), ``playlist.m3u8`` (plain rolling HLS), ``init.mp4``, ``seg_{msn}.m4s`` and ``part_{msn}_{i}.m4s``.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Query, Response
+
+from egress.llhls import HlsRegistry, LlHlsStream
+
+PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
+MEDIA_TYPE = "video/mp4"
+_NO_CACHE = {"Cache-Control": "no-cache"}
+_IMMUTABLE = {"Cache-Control": "max-age=60"}
+
+
+def make_hls_router(registry: HlsRegistry, prefix: str = "/hls") -> APIRouter:
+    router = APIRouter(prefix=prefix)
+
+    def stream_or_404(stream_id: str) -> LlHlsStream:
+        stream = registry.get(stream_id)
+        if stream is None:
+            raise HTTPException(404, f"no stream {stream_id!r}")
+        return stream
+
+    def block_timeout(stream: LlHlsStream) -> float:
+        return 3.0 * stream.target_duration
+
+    @router.get("/{stream_id}/index.m3u8")
+    async def ll_playlist(
+        stream_id: str,
+        msn: int | None = Query(None, alias="_HLS_msn", ge=0),
+        part: int | None = Query(None, alias="_HLS_part", ge=0),
+    ) -> Response:
+        stream = stream_or_404(stream_id)
+        if part is not None and msn is None:
+            raise HTTPException(400, "_HLS_part requires _HLS_msn")
+        if msn is not None:
+            last = stream.segments[-1].msn if stream.segments else 0
+            if msn > last + 2:
+                raise HTTPException(400, f"_HLS_msn={msn} is too far ahead of the live edge ({last})")
+            if not await stream.wait_for(msn, part, block_timeout(stream)):
+                raise HTTPException(503, "the requested segment/part did not appear in time")
+        return Response(stream.ll_playlist(), media_type=PLAYLIST_TYPE, headers=_NO_CACHE)
+
+    @router.get("/{stream_id}/playlist.m3u8")
+    async def plain_playlist(stream_id: str) -> Response:
+        stream = stream_or_404(stream_id)
+        return Response(stream.plain_playlist(), media_type=PLAYLIST_TYPE, headers=_NO_CACHE)
+
+    @router.get("/{stream_id}/init.mp4")
+    async def init(stream_id: str) -> Response:
+        stream = stream_or_404(stream_id)
+        if stream.init is None and not await stream.wait_for(0, 0, block_timeout(stream)):
+            raise HTTPException(404, "no init segment yet")
+        if stream.init is None:
+            raise HTTPException(404, "no init segment")
+        return Response(stream.init, media_type=MEDIA_TYPE, headers=_IMMUTABLE)
+
+    @router.get("/{stream_id}/seg_{msn:int}.m4s")
+    async def segment(stream_id: str, msn: int) -> Response:
+        stream = stream_or_404(stream_id)
+        seg = stream.segment(msn)
+        if seg is None or not seg.complete:
+            raise HTTPException(404, f"no segment {msn}")
+        return Response(seg.data, media_type=MEDIA_TYPE, headers=_IMMUTABLE)
+
+    @router.get("/{stream_id}/part_{msn:int}_{index:int}.m4s")
+    async def part(stream_id: str, msn: int, index: int) -> Response:
+        stream = stream_or_404(stream_id)
+        found = stream.part(msn, index)
+        if found is None:
+            hint_msn, hint_idx = stream.next_part
+            if (msn, index) == (hint_msn, hint_idx) or (msn == hint_msn + 1 and index == 0):
+                await stream.wait_for(msn, index, block_timeout(stream))
+                found = stream.part(msn, index)
+        if found is None:
+            raise HTTPException(404, f"no part {msn}.{index}")
+        return Response(found.data, media_type=MEDIA_TYPE, headers=_IMMUTABLE)
+
+    return router

@@ -1,0 +1,200 @@
+"""Frame pacing and shaping: source frames → model-size RGB frames on a constant-rate grid → chunks → queue.
+
+The pacer places each source frame on the target-fps slot grid by its source timestamp, anchored to the wall
+clock at the first frame: frames that land on an already-filled slot are dropped, empty slots in between are
+filled by repeating the previous frame. Source timestamps, not arrival times, place frames, so network bursts
+do not cause drops. A timestamp jump (reconnect, encoder reset) or frames arriving more than ``max_drift_s``
+later than their anchored capture time (a stall) re-anchor the grid without dropping or duplicating anything;
+capture times stay monotonic. A publisher sending faster than real time is not slowed here: the bounded chunk
+queue drops the oldest chunks instead, so latency stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from proto.clock import ChunkClock
+
+__all__ = ["ChunkQueue", "Chunker", "FramePacer", "PacerStats", "RawChunk", "Slot", "shape_frame"]
+
+
+def shape_frame(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
+    """RGB ``[height, width, 3]`` uint8: scale to cover the target, then centre-crop (aspect kept)."""
+    fw, fh = frame.width, frame.height
+    if (fw, fh) == (width, height):
+        return frame.to_ndarray(format="rgb24")
+    scale = max(width / fw, height / fh)
+    sw, sh = max(width, math.ceil(fw * scale - 1e-6)), max(height, math.ceil(fh * scale - 1e-6))
+    rgb = frame.reformat(width=sw, height=sh, format="rgb24", interpolation="BILINEAR").to_ndarray()
+    y0, x0 = (sh - height) // 2, (sw - width) // 2
+    return np.ascontiguousarray(rgb[y0 : y0 + height, x0 : x0 + width])
+
+
+@dataclass
+class PacerStats:
+    frames_in: int = 0
+    frames_out: int = 0
+    dropped: int = 0
+    duplicated: int = 0
+    resyncs: int = 0
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a source frame goes: ``repeat_previous`` held slots, then this frame at ``index`` (or dropped)."""
+
+    index: int
+    repeat_previous: int
+    keep: bool
+
+
+class FramePacer:
+    """Places source frames on the ``fps`` slot grid; the slot index is the output frame number."""
+
+    def __init__(self, fps: float, max_gap_s: float = 1.0, max_drift_s: float = 2.0) -> None:
+        self.fps = fps
+        self.max_gap_slots = max(1, int(max_gap_s * fps))
+        self.max_drift_s = max_drift_s
+        self.next_slot = 0
+        self.stats = PacerStats()
+        self._origin_ts: float | None = None
+        self._slot_base = 0
+        self._anchor_wall = 0.0
+
+    def capture_time(self, slot: int) -> float:
+        """Wall-clock capture time of an output slot."""
+        return self._anchor_wall + (slot - self._slot_base) / self.fps
+
+    def resync(self) -> None:
+        """Forget the timestamp origin (a new session): the next frame takes the next slot."""
+        self._origin_ts = None
+
+    def place(self, ts: float, now: float) -> Slot:
+        self.stats.frames_in += 1
+        if self._origin_ts is None:
+            self._anchor(ts, now)
+        # Nearest slot, ties to the earlier one; the 0.6 ms slack absorbs FLV's millisecond rounding, so a
+        # 32 fps source lands exactly on every other 16 fps slot.
+        slot = self._slot_base + math.ceil((ts - self._origin_ts) * self.fps - 0.5 - 0.0006 * self.fps)
+        lag = now - (self._anchor_wall + (slot - self._slot_base) / self.fps)
+        jumped = slot - self.next_slot > self.max_gap_slots or slot < self.next_slot - self.max_gap_slots
+        if jumped or lag > self.max_drift_s:
+            self.stats.resyncs += 1
+            self._anchor(ts, now)
+            slot = self.next_slot
+        if slot < self.next_slot:
+            self.stats.dropped += 1
+            return Slot(slot, 0, False)
+        repeats = slot - self.next_slot if self.stats.frames_out else 0
+        slot = self.next_slot + repeats
+        self.stats.duplicated += repeats
+        self.stats.frames_out += repeats + 1
+        self.next_slot = slot + 1
+        return Slot(slot, repeats, True)
+
+    def _anchor(self, ts: float, now: float) -> None:
+        # Capture times never go backwards, even when the old anchor ran ahead of the wall clock.
+        wall = now if self.stats.frames_out == 0 else max(now, self.capture_time(self.next_slot))
+        self._origin_ts = ts
+        self._slot_base = self.next_slot
+        self._anchor_wall = wall
+
+
+@dataclass
+class RawChunk:
+    """One chunk of model-size input frames (in-process only: raw frames never cross the bus)."""
+
+    stream_id: str
+    seq: int
+    frames: np.ndarray  # [T, H, W, 3] uint8 RGB
+    frame_times: list[float]  # wall-clock capture time per frame
+    capture_time: float  # capture time of the chunk's last frame (when it was complete)
+    deadline: float  # wall-clock time by which the output should be shown
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+class Chunker:
+    """Groups paced frames into chunks whose sizes come from the one chunk clock (``proto.clock``)."""
+
+    def __init__(self, stream_id: str, clock: ChunkClock, latency_budget_s: float) -> None:
+        self.stream_id = stream_id
+        self.clock = clock
+        self.latency_budget_s = latency_budget_s
+        self.seq = 0
+        self._frames: list[np.ndarray] = []
+        self._times: list[float] = []
+
+    def push(self, frame: np.ndarray, capture_time: float) -> RawChunk | None:
+        self._frames.append(frame)
+        self._times.append(capture_time)
+        if len(self._frames) < self.clock.input_frames(self.seq):
+            return None
+        chunk = RawChunk(
+            stream_id=self.stream_id,
+            seq=self.seq,
+            frames=np.stack(self._frames),
+            frame_times=self._times,
+            capture_time=capture_time,
+            deadline=capture_time + self.latency_budget_s,
+        )
+        self.seq += 1
+        self._frames, self._times = [], []
+        return chunk
+
+
+@dataclass
+class QueueStats:
+    put: int = 0
+    got: int = 0
+    dropped: int = 0
+
+
+class ChunkQueue:
+    """Bounded per-stream queue: a full queue drops its oldest chunk (counted), so latency stays bounded."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.stats = QueueStats()
+        self._items: collections.deque[RawChunk] = collections.deque()
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, chunk: RawChunk) -> None:
+        if self._closed:
+            return
+        if len(self._items) >= self.depth:
+            self._items.popleft()
+            self.stats.dropped += 1
+        self._items.append(chunk)
+        self.stats.put += 1
+        self._ready.set()
+
+    def close(self) -> None:
+        """No more chunks will come; ``get`` returns None once the queue is drained."""
+        self._closed = True
+        self._ready.set()
+
+    async def get(self) -> RawChunk | None:
+        while not self._items:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        self.stats.got += 1
+        return self._items.popleft()

@@ -1,0 +1,1 @@
+"""Media edge tests (RTMP ingest, HLS/LL-HLS/RTMP egress)."""

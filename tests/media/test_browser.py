@@ -1,0 +1,70 @@
+"""hls.js in Debian's Chromium (driven by PyPI playwright, no `playwright install`) plays our live LL-HLS stream."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+
+from egress.http import make_hls_router
+from egress.llhls import HlsRegistry
+from egress.player import HLSJS_DEFAULT, make_player_router
+from media.mediakit import LiveSource, serve_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)"),
+    pytest.mark.skipif(
+        not HLSJS_DEFAULT.is_file(), reason=f"hls.js missing at {HLSJS_DEFAULT} (scripts/fetch-hlsjs.sh)"
+    ),
+]
+
+
+async def test_hlsjs_plays_the_live_ll_hls_stream(tmp_path: Path) -> None:
+    playwright_api = pytest.importorskip("playwright.async_api", reason="playwright (PyPI) not installed")
+    registry = HlsRegistry(tmp_path)
+    app = FastAPI()
+    app.include_router(make_hls_router(registry))
+    app.include_router(make_player_router())
+    holder: dict = {}
+    source = LiveSource(lambda unit: holder["stream"].push(unit), width=320, height=240)
+    holder["stream"] = registry.open("cam", source.encoder.config, source.layout)
+    async with serve_app(app) as port:
+        live = asyncio.create_task(source.run(16.0))
+        try:
+            async with playwright_api.async_playwright() as pw:
+                browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+                page = await browser.new_page()
+                await page.goto(f"http://127.0.0.1:{port}/player/index.html?src=/hls/cam/index.m3u8")
+                await page.wait_for_function(
+                    "() => { const v = document.getElementById('v'); return v.readyState >= 3 && !v.paused }",
+                    timeout=15000,
+                )
+                await asyncio.sleep(2.0)  # hls.js settles onto its live-sync position first
+                t0, wall0 = await page.evaluate("document.getElementById('v').currentTime"), time.monotonic()
+                await asyncio.sleep(5.0)
+                t1, wall1 = await page.evaluate("document.getElementById('v').currentTime"), time.monotonic()
+                errors = await page.evaluate("window.report.errors")
+                latency = await page.evaluate("window.hls.latency")
+                part_target = await page.evaluate("window.hls.levels[0].details.partTarget")
+                await browser.close()
+        finally:
+            live.cancel()
+    advanced, wall = t1 - t0, wall1 - wall0
+    print(f"browser: currentTime +{advanced:.2f}s over {wall:.2f}s wall, hls.latency {latency:.2f}s")
+    assert advanced >= 0.75 * wall, (advanced, wall, errors)
+    assert not [e for e in errors if e.startswith("FATAL")], errors
+    assert isinstance(latency, int | float) and 0 < latency < 5
+    assert part_target == pytest.approx(0.1875)
