@@ -29,7 +29,7 @@ _EXTENDED = 0xFFFFFF
 _HEADER_SIZES = (11, 7, 3, 0)
 
 
-class ProtocolError(Exception):
+class RtmpProtocolError(Exception):
     """The peer broke the chunk-stream protocol or a limit; the connection must be closed with this reason."""
 
 
@@ -93,7 +93,9 @@ class ChunkStreamParser:
         finally:
             del self._buf[:pos]
         if self.pending_bytes > self.limits.max_pending_bytes:
-            raise ProtocolError(f"pending bytes {self.pending_bytes} exceed the cap of {self.limits.max_pending_bytes}")
+            raise RtmpProtocolError(
+                f"pending bytes {self.pending_bytes} exceed the cap of {self.limits.max_pending_bytes}"
+            )
         return out
 
     def _parse_chunk(self, pos: int, out: list[Message]) -> int:
@@ -119,9 +121,9 @@ class ChunkStreamParser:
         st = self._streams.get(csid)
         if st is None:
             if fmt != 0:
-                raise ProtocolError(f"chunk fmt {fmt} on chunk stream {csid} that has no previous header")
+                raise RtmpProtocolError(f"chunk fmt {fmt} on chunk stream {csid} that has no previous header")
             if len(self._streams) >= self.limits.max_chunk_streams:
-                raise ProtocolError(f"more than {self.limits.max_chunk_streams} chunk streams")
+                raise RtmpProtocolError(f"more than {self.limits.max_chunk_streams} chunk streams")
             st = _ChunkStream()
         p = pos + hdr
         ts_field = int.from_bytes(buf[p : p + 3], "big") if fmt <= 2 else st.ts_field
@@ -139,9 +141,9 @@ class ChunkStreamParser:
             ts_value = int.from_bytes(buf[p : p + 4], "big")
             p += 4
         if fmt <= 2 and st.in_message:
-            raise ProtocolError(f"new message header on chunk stream {csid} inside an unfinished message")
+            raise RtmpProtocolError(f"new message header on chunk stream {csid} inside an unfinished message")
         if not st.in_message and length > self.limits.max_message_bytes:
-            raise ProtocolError(f"message length {length} exceeds the cap of {self.limits.max_message_bytes}")
+            raise RtmpProtocolError(f"message length {length} exceeds the cap of {self.limits.max_message_bytes}")
         remaining = length - len(st.partial) if st.in_message else length
         take = min(remaining, self.chunk_size)
         if len(buf) - p < take:
@@ -168,10 +170,10 @@ class ChunkStreamParser:
     def _on_protocol_control(self, msg: Message) -> None:
         if msg.type_id == SET_CHUNK_SIZE:
             if len(msg.payload) < 4:
-                raise ProtocolError("short Set Chunk Size message")
+                raise RtmpProtocolError("short Set Chunk Size message")
             size = int.from_bytes(msg.payload[:4], "big") & 0x7FFFFFFF
             if size < 1 or size > self.limits.max_chunk_size:
-                raise ProtocolError(f"chunk size {size} outside 1..{self.limits.max_chunk_size}")
+                raise RtmpProtocolError(f"chunk size {size} outside 1..{self.limits.max_chunk_size}")
             self.chunk_size = size
         elif msg.type_id == ABORT and len(msg.payload) >= 4:
             st = self._streams.get(int.from_bytes(msg.payload[:4], "big"))

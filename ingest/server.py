@@ -38,7 +38,7 @@ from ingest.chunkstream import (
     ChunkLimits,
     ChunkStreamParser,
     Message,
-    ProtocolError,
+    RtmpProtocolError,
     control_message,
     encode_message,
     user_control,
@@ -353,7 +353,7 @@ class _Session:
         except Refused as exc:
             reason = exc.reason
             await self._send_refusal(exc)
-        except ProtocolError as exc:
+        except RtmpProtocolError as exc:
             reason = f"protocol error: {exc}"
         except UnsupportedVideo as exc:
             reason = str(exc)
@@ -410,14 +410,14 @@ class _Session:
         except asyncio.IncompleteReadError:
             raise _Probe from None
         if c0[0] != 3:
-            raise ProtocolError(f"unsupported RTMP version {c0[0]} (handshake)")
+            raise RtmpProtocolError(f"unsupported RTMP version {c0[0]} (handshake)")
         try:
             c1 = await self.reader.readexactly(HANDSHAKE_SIZE)
             s1 = int(time.monotonic() * 1000 % 2**32).to_bytes(4, "big") + b"\x00" * 4 + os.urandom(1528)
             self.writer.write(b"\x03" + s1 + c1)
             await self.reader.readexactly(HANDSHAKE_SIZE)
         except asyncio.IncompleteReadError as exc:
-            raise ProtocolError(f"truncated handshake ({len(exc.partial)} of {HANDSHAKE_SIZE} bytes)") from None
+            raise RtmpProtocolError(f"truncated handshake ({len(exc.partial)} of {HANDSHAKE_SIZE} bytes)") from None
 
     def _send(self, data: bytes) -> None:
         self.writer.write(data)
@@ -461,21 +461,21 @@ class _Session:
             try:
                 values = amf0.decode_all(payload)
             except amf0.AmfError as exc:
-                raise ProtocolError(f"bad AMF0 command: {exc}") from exc
+                raise RtmpProtocolError(f"bad AMF0 command: {exc}") from exc
             await self._on_command(values, msg.stream_id)
         elif t in (DATA_AMF0, DATA_AMF3):
             payload = msg.payload[1:] if t == DATA_AMF3 and msg.payload[:1] == b"\x00" else msg.payload
             try:
                 values = amf0.decode_all(payload)
             except amf0.AmfError as exc:
-                raise ProtocolError(f"bad AMF0 data message: {exc}") from exc
+                raise RtmpProtocolError(f"bad AMF0 data message: {exc}") from exc
             self._on_data(values)
         elif t == WINDOW_ACK_SIZE and len(msg.payload) >= 4:
             self.ack_window = int.from_bytes(msg.payload[:4], "big")
 
     async def _on_command(self, values: list[Any], stream_id: int) -> None:
         if not values or not isinstance(values[0], str):
-            raise ProtocolError("command without a name")
+            raise RtmpProtocolError("command without a name")
         name = values[0]
         txn = values[1] if len(values) > 1 and isinstance(values[1], float | int) else 0
         args = values[2:]
@@ -513,7 +513,7 @@ class _Session:
 
     async def _on_publish(self, name: str) -> None:
         if self.stream is not None:
-            raise ProtocolError("publish twice on one connection")
+            raise RtmpProtocolError("publish twice on one connection")
         key = name.split("?")[0]
         if self.app != self.settings.rtmp_app:
             raise Refused(f"unknown application {self.app!r}", "NetStream.Publish.BadName")
@@ -567,7 +567,7 @@ class _Session:
     async def _on_video(self, msg: Message) -> None:
         stream = self.stream
         if stream is None:
-            raise ProtocolError("video before publish")
+            raise RtmpProtocolError("video before publish")
         stream.stats.video_messages += 1
         tag = parse_video_tag(msg.payload)
         if tag.kind is TagKind.CONFIG:

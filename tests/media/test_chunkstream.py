@@ -16,7 +16,7 @@ from ingest.chunkstream import (
     ChunkLimits,
     ChunkStreamParser,
     Message,
-    ProtocolError,
+    RtmpProtocolError,
     control_message,
     encode_message,
 )
@@ -114,7 +114,7 @@ def test_interleaved_chunk_streams_reassemble() -> None:
     ],
 )
 def test_limits_raise_protocol_errors(limits: ChunkLimits, data: bytes, reason: str) -> None:
-    with pytest.raises(ProtocolError, match=reason):
+    with pytest.raises(RtmpProtocolError, match=reason):
         ChunkStreamParser(limits).feed(data)
 
 
@@ -150,7 +150,7 @@ def test_fuzz_parser_only_raises_protocol_errors_and_respects_limits(data: bytes
     try:
         for m in feed_in_pieces(parser, data, cuts):
             assert len(m.payload) <= limits.max_message_bytes
-    except ProtocolError:
+    except RtmpProtocolError:
         return
     assert parser.pending_bytes <= limits.max_pending_bytes
 
@@ -160,7 +160,7 @@ def test_fuzz_parser_only_raises_protocol_errors_and_respects_limits(data: bytes
 def test_fuzz_parser_after_a_valid_prefix(prefix_noise: bytes, tail: bytes) -> None:
     valid = encode_message(3, 20, 0, 0, amf0.encode("connect", 1.0, {"app": "live"}), 128)
     parser = ChunkStreamParser(ChunkLimits(max_message_bytes=64 * 1024, max_pending_bytes=128 * 1024))
-    with contextlib.suppress(ProtocolError):
+    with contextlib.suppress(RtmpProtocolError):
         parser.feed(valid + prefix_noise + tail)
 
 
