@@ -227,6 +227,21 @@ class Ack(Message):
     detail: str = ""
 
 
+StreamState = Literal["created", "live", "ended"]
+
+
+class StreamRecord(Message):
+    """A stream's row in the stream table (JetStream KV): what it is, its hashed key, where it plays."""
+
+    spec: StreamSpec
+    key_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the stream key; the key is never stored")
+    state: StreamState = "created"
+    prompt_version: int = Field(0, ge=0)
+    created_at: float
+    updated_at: float
+    egress_url: str = Field("", description="base URL of the egress instance serving this stream's HLS")
+
+
 class Credit(Message):
     """Flow control for bulk subjects: the consumer has taken ``consumed`` bytes in total from this publisher."""
 
@@ -236,7 +251,7 @@ class Credit(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (StreamSpec, LatentChunk, FrameChunk, PromptUpdate, Heartbeat, StageStats, BlockMap, Error, Ack,
-                Credit)
+                Credit, StreamRecord)
 }
 
 M = TypeVar("M", bound=Message)
@@ -299,6 +314,7 @@ __all__ = [
     "Role",
     "StageAssignment",
     "StageStats",
+    "StreamRecord",
     "StreamSpec",
     "Tensor",
     "decode",

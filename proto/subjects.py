@@ -80,7 +80,8 @@ CHANNELS: dict[str, Channel] = {
                 "Finished (denoised) latent chunks, last DiT stage to the decoder.", bulk=True, replies=(Credit,)),
         Channel("stream_prompt", PREFIX + ".stream.{stream_id}.prompt", PromptUpdate,
                 ("gateway", "ingest"), ("ingest", "dit-stage"),
-                "Prompt changes; ingest republishes them with the umT5 embedding attached."),
+                "Prompt changes (request/reply: ingest answers Ack(ref=<chunk seq it takes effect at>)); "
+                "ingest republishes them with the umT5 embedding attached.", replies=(Ack, Error)),
         Channel("stream_error", PREFIX + ".stream.{stream_id}.error", Error,
                 ("ingest", "dit-stage", "decoder", "egress", "controller"), ("gateway", "controller"),
                 "Per-stream failures and refusals, for the API and the controller."),

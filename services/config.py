@@ -142,6 +142,11 @@ class GatewaySettings(Section):
     host: str = Field("0.0.0.0", description="HTTP listen address")
     port: int = Field(8080, ge=0, le=65535, description="HTTP listen port")
     api_tokens: list[SecretStr] = Field(default_factory=list, description="bearer tokens accepted by the API")
+    allow_anonymous: bool = Field(False, description="serve /v1 without a token (local development only)")
+    public_url: str = Field("http://localhost:8080", description="base URL viewers reach the gateway at")
+    public_rtmp_url: str = Field("rtmp://localhost:1935", description="base RTMP URL streamers publish to")
+    prompt_ack_timeout_s: float = Field(1.0, gt=0, description="wait for ingest to confirm a live prompt change")
+    proxy_timeout_s: float = Field(10.0, gt=0, description="upstream timeout when proxying HLS from egress")
 
 
 class Settings(BaseSettings):

@@ -38,6 +38,14 @@ class ServiceStartError(RuntimeError):
     """A service cannot start (port in use, NATS unreachable, weights missing); the message says why."""
 
 
+def listen_socket(host: str, port: int, what: str) -> socket.socket:
+    """A listening TCP socket, or a ``ServiceStartError`` that names what wanted the port."""
+    try:
+        return socket.create_server((host, port), reuse_port=False)
+    except OSError as e:
+        raise ServiceStartError(f"cannot listen on {host}:{port} for {what}: {e.strerror}") from e
+
+
 READY = Gauge("rheo_service_ready", "1 when the service reports ready", ["service"])
 
 
@@ -102,12 +110,8 @@ class Service:
         return app
 
     def _listen(self) -> socket.socket:
-        host, port = self.settings.lifecycle.http_host, self.settings.telemetry.metrics_port
-        try:
-            sock = socket.create_server((host, port), reuse_port=False)
-        except OSError as e:
-            raise ServiceStartError(f"{self.role}: cannot listen on {host}:{port} for /healthz and /metrics "
-                                    f"(telemetry.metrics_port): {e.strerror}") from e
+        sock = listen_socket(self.settings.lifecycle.http_host, self.settings.telemetry.metrics_port,
+                             f"{self.role} /healthz and /metrics (telemetry.metrics_port)")
         self.http_port = sock.getsockname()[1]
         return sock
 

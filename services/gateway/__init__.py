@@ -1,0 +1,1 @@
+"""The gateway: the control API, HLS routing and the web pages."""

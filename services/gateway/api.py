@@ -1,0 +1,178 @@
+"""The control API (``/v1``) and HLS routing of the gateway.
+
+``POST /v1/streams`` creates a stream and returns, once, its stream key with the RTMP URL to publish to and
+the playback URLs; ``GET/PATCH/DELETE /v1/streams/{id}`` read, change live and end it. A PATCH of the prompt is
+sent to ingest as a request; ingest answers with the chunk seq the change takes effect at, which the response
+reports (``null`` while the stream is not live: the change then applies from its first chunk).
+``/hls/{id}/...`` forwards playback requests, query included (LL-HLS blocking reloads), to the egress instance
+the stream table names for the stream.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Literal
+
+import httpx
+import nats.errors
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from proto import SLO, Ack, Error, NoiseParams, PromptUpdate, StreamRecord, StreamSpec, Subjects
+from services.bus import Bus
+from services.config import Settings
+from services.streams import StreamNotFound, StreamTable, new_stream_id
+
+log = logging.getLogger("rheo.gateway")
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateStream(Body):
+    prompt: str = Field(min_length=1, max_length=2000)
+    width: int = Field(512, gt=0, le=1920, multiple_of=16)
+    height: int = Field(512, gt=0, le=1088, multiple_of=16)
+    fps: float = Field(16.0, gt=0, le=60)
+    steps: int = Field(2, ge=1, le=4)
+    seed: int = Field(0, ge=0, lt=2**63)
+    noise_scale: float = Field(0.8, gt=0, le=1)
+    motion_aware: bool = True
+    t2v: bool = False
+    slo_latency_ms: float = Field(1000.0, gt=0)
+
+
+class PatchStream(Body):
+    prompt: str | None = Field(None, min_length=1, max_length=2000)
+    mode: Literal["cut", "blend"] = "cut"
+    blend_chunks: int = Field(4, ge=0, le=64)
+    steps: int | None = Field(None, ge=1, le=4)
+    noise_scale: float | None = Field(None, gt=0, le=1)
+    motion_aware: bool | None = None
+
+
+class StreamInfo(BaseModel):
+    id: str
+    state: str
+    spec: dict
+    prompt_version: int
+    rtmp_url: str
+    hls_url: str
+    llhls_url: str
+
+
+class CreatedStream(StreamInfo):
+    stream_key: str = Field(description="shown once; publish to rtmp_url with it as the stream name")
+    publish_url: str = Field(description="rtmp_url/stream_key, for OBS 'Server' + 'Stream Key' or ffmpeg")
+
+
+class PatchResult(StreamInfo):
+    effective_seq: int | None = Field(description="chunk seq the change took effect at; null: applies at start")
+
+
+def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.AsyncClient) -> FastAPI:
+    gw = settings.gateway
+    app = FastAPI(title="rheo gateway", version="1", description="Create streams, change them live, watch them.")
+    bearer = HTTPBearer(auto_error=False)
+    tokens = [t.get_secret_value() for t in gw.api_tokens]
+
+    async def authorised(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if gw.allow_anonymous:
+            return
+        presented = creds.credentials if creds else ""
+        if not presented or not any(hmac.compare_digest(presented, t) for t in tokens):
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid API token is required (Authorization: "
+                                "Bearer <token>)", headers={"WWW-Authenticate": "Bearer"})
+
+    def info(record: StreamRecord, cls: type[StreamInfo] = StreamInfo, **extra: object) -> StreamInfo:
+        sid = record.spec.stream_id
+        base = gw.public_url.rstrip("/")
+        return cls(id=sid, state=record.state, spec=record.spec.model_dump(), prompt_version=record.prompt_version,
+                   rtmp_url=f"{gw.public_rtmp_url.rstrip('/')}/{settings.ingest.rtmp_app}",
+                   hls_url=f"{base}/hls/{sid}/playlist.m3u8", llhls_url=f"{base}/hls/{sid}/index.m3u8", **extra)
+
+    async def record_or_404(stream_id: str) -> StreamRecord:
+        try:
+            return await table.get(stream_id)
+        except (StreamNotFound, ValueError):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stream {stream_id!r}") from None
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorised)])
+
+    @v1.post("/streams", status_code=status.HTTP_201_CREATED, response_model=CreatedStream)
+    async def create_stream(body: CreateStream) -> StreamInfo:
+        spec = StreamSpec(stream_id=new_stream_id(), width=body.width, height=body.height, fps=body.fps,
+                          steps=body.steps, prompt=body.prompt, seed=body.seed,
+                          noise=NoiseParams(noise_scale=body.noise_scale, motion_aware=body.motion_aware),
+                          slo=SLO(target_fps=body.fps, max_latency_ms=body.slo_latency_ms), t2v=body.t2v)
+        record, key = await table.create(spec)
+        await bus.publish(Subjects.stream_spec(spec.stream_id), spec)
+        created = info(record, CreatedStream, stream_key=key,
+                       publish_url=f"{gw.public_rtmp_url.rstrip('/')}/{settings.ingest.rtmp_app}/{key}")
+        log.info("stream %s created", spec.stream_id)
+        return created
+
+    @v1.get("/streams", response_model=list[StreamInfo])
+    async def list_streams() -> list[StreamInfo]:
+        return [info(r) for r in await table.list()]
+
+    @v1.get("/streams/{stream_id}", response_model=StreamInfo)
+    async def get_stream(stream_id: str) -> StreamInfo:
+        return info(await record_or_404(stream_id))
+
+    @v1.patch("/streams/{stream_id}", response_model=PatchResult)
+    async def patch_stream(stream_id: str, body: PatchStream) -> StreamInfo:
+        record = await record_or_404(stream_id)
+        spec = record.spec
+        noise = spec.noise.model_copy(update={k: v for k, v in
+                                              {"noise_scale": body.noise_scale,
+                                               "motion_aware": body.motion_aware}.items() if v is not None})
+        new_spec = spec.model_copy(update={"prompt": body.prompt or spec.prompt, "noise": noise,
+                                           "steps": body.steps or spec.steps})
+        version = record.prompt_version + (1 if body.prompt is not None else 0)
+        record = await table.update(stream_id, lambda r: r.model_copy(
+            update={"spec": new_spec, "prompt_version": version}))
+        effective: int | None = None
+        if body.prompt is not None:
+            update = PromptUpdate(stream_id=stream_id, version=version, prompt=body.prompt, mode=body.mode,
+                                  blend_chunks=body.blend_chunks if body.mode == "blend" else 0)
+            try:
+                reply = await bus.request(Subjects.stream_prompt(stream_id), update, timeout=gw.prompt_ack_timeout_s)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                reply = None  # not live: ingest reads the new prompt from the table when the stream starts
+            if isinstance(reply, Error):
+                raise HTTPException(status.HTTP_409_CONFLICT, f"ingest refused the prompt: {reply.message}")
+            if isinstance(reply, Ack) and reply.ref.isdigit():
+                effective = int(reply.ref)
+        if body.steps is not None or body.noise_scale is not None or body.motion_aware is not None:
+            await bus.publish(Subjects.stream_spec(stream_id), new_spec)
+        return info(record, PatchResult, effective_seq=effective)
+
+    @v1.delete("/streams/{stream_id}", status_code=status.HTTP_204_NO_CONTENT)
+    async def delete_stream(stream_id: str) -> Response:
+        await record_or_404(stream_id)
+        record = await table.delete(stream_id)
+        ended = record.spec
+        await bus.publish(Subjects.stream_error(stream_id),
+                          Error(code="stream_deleted", message="the stream was deleted", stream_id=ended.stream_id))
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    app.include_router(v1)
+
+    @app.get("/hls/{stream_id}/{path:path}", include_in_schema=False)
+    async def hls(stream_id: str, path: str, request: Request) -> Response:
+        record = await record_or_404(stream_id)
+        if not record.egress_url:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"stream {stream_id} is not playing yet")
+        url = f"{record.egress_url.rstrip('/')}/hls/{stream_id}/{path}"
+        try:
+            upstream = await proxy.get(url, params=request.query_params)
+        except httpx.HTTPError as e:
+            raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"egress unreachable: {type(e).__name__}") from e
+        keep = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "cache-control")}
+        return Response(upstream.content, status_code=upstream.status_code, headers=keep)
+
+    return app

@@ -1,0 +1,57 @@
+"""The gateway service: subscribes to nothing, serves the control API and HLS routing on ``gateway.port``.
+
+Publishes: ``rheo.stream.<id>.spec`` (create, parameter changes), ``rheo.stream.<id>.prompt`` (live prompt
+changes, as requests to ingest), ``rheo.stream.<id>.error`` (stream deleted). Owns no per-stream state: the stream
+table lives in JetStream KV (``services.streams``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import httpx
+import uvicorn
+
+from services.gateway.api import make_api
+from services.runtime import Service, ServiceStartError, listen_socket, main
+from services.streams import StreamTable
+
+
+class GatewayService(Service):
+    role = "gateway"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.api_port = 0
+        self._api: uvicorn.Server | None = None
+        self._api_task: asyncio.Task[None] | None = None
+        self._proxy: httpx.AsyncClient | None = None
+        gw = self.settings.gateway
+        if not gw.api_tokens and not gw.allow_anonymous:
+            raise ServiceStartError("gateway: no API token configured (gateway.api_tokens, e.g. "
+                                    "RHEO_GATEWAY__API_TOKENS='[\"<token>\"]'); set gateway.allow_anonymous=true "
+                                    "only for local development")
+
+    async def start(self) -> None:
+        assert self.bus is not None
+        gw = self.settings.gateway
+        table = await StreamTable.open(self.bus)
+        self._proxy = httpx.AsyncClient(timeout=gw.proxy_timeout_s)
+        app = make_api(self.settings, self.bus, table, self._proxy)
+        sock = listen_socket(gw.host, gw.port, "the gateway API (gateway.port)")
+        self.api_port = sock.getsockname()[1]
+        self._api = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self._api.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._api_task = asyncio.create_task(self._api.serve(sockets=[sock]), name="gateway-api")
+
+    async def drain(self) -> None:
+        if self._api is not None and self._api_task is not None:
+            self._api.should_exit = True
+            await self._api_task
+        if self._proxy is not None:
+            await self._proxy.aclose()
+
+
+if __name__ == "__main__":
+    sys.exit(main(GatewayService))

@@ -1,0 +1,115 @@
+"""The stream table: every stream's record in JetStream KV, shared by the gateway (writes) and ingest (key checks).
+
+Keys of the bucket ``rheo-streams``: ``s.<stream id>`` → ``StreamRecord``; ``k.<sha256 of stream key>`` → stream
+id. Stream keys are 192-bit random tokens, so a plain sha256 is enough to make a leaked table useless; the key
+itself is shown once, at creation, and never stored. Updates are compare-and-set on the record's revision, so two
+writers never lose each other's change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Callable
+
+import nats.js.errors
+
+from proto import Buckets, StreamRecord, StreamSpec, decode
+from proto.subjects import token
+from services.bus import KV, Bus
+
+
+class StreamNotFound(KeyError):
+    """No stream with that id."""
+
+
+def hash_key(stream_key: str) -> str:
+    return hashlib.sha256(stream_key.encode()).hexdigest()
+
+
+def new_stream_id() -> str:
+    return "st-" + secrets.token_hex(6)
+
+
+def new_stream_key() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class StreamTable:
+    """CRUD over the ``rheo-streams`` KV bucket."""
+
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, bus: Bus) -> StreamTable:
+        return cls(await bus.kv(Buckets.STREAMS, history=1))
+
+    @staticmethod
+    def _record_key(stream_id: str) -> str:
+        return "s." + token(stream_id, "stream id")
+
+    @staticmethod
+    def _key_key(key_hash: str) -> str:
+        return "k." + key_hash
+
+    async def create(self, spec: StreamSpec) -> tuple[StreamRecord, str]:
+        """Store a new stream; returns its record and its stream key (the only time the key is seen)."""
+        key = new_stream_key()
+        now = time.time()
+        record = StreamRecord(spec=spec, key_hash=hash_key(key), created_at=now, updated_at=now)
+        await self.kv.create(self._record_key(spec.stream_id), record)
+        await self.kv.put(self._key_key(record.key_hash), spec.stream_id.encode())
+        return record, key
+
+    async def get(self, stream_id: str) -> StreamRecord:
+        record = await self.kv.get_message(self._record_key(stream_id), StreamRecord)
+        if record is None:
+            raise StreamNotFound(stream_id)
+        return record
+
+    async def list(self) -> list[StreamRecord]:
+        out = []
+        for k in sorted(await self.kv.keys()):
+            if k.startswith("s."):
+                record = await self.kv.get_message(k, StreamRecord)
+                if record is not None:
+                    out.append(record)
+        return out
+
+    async def update(self, stream_id: str, change: Callable[[StreamRecord], StreamRecord],
+                     attempts: int = 8) -> StreamRecord:
+        """Apply ``change`` to the current record with compare-and-set, retrying on a concurrent write."""
+        key = self._record_key(stream_id)
+        for _ in range(attempts):
+            entry = await self.kv.get(key)
+            if entry is None or entry.value is None:
+                raise StreamNotFound(stream_id)
+            current = decode(entry.value, StreamRecord, self.kv.limits)
+            new = change(current).model_copy(update={"updated_at": time.time()})
+            try:
+                await self.kv.update(key, new, last=entry.revision)
+                return new
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
+        raise RuntimeError(f"stream {stream_id}: too many concurrent updates")
+
+    async def delete(self, stream_id: str) -> StreamRecord:
+        record = await self.get(stream_id)
+        await self.kv.delete(self._key_key(record.key_hash))
+        await self.kv.delete(self._record_key(stream_id))
+        return record
+
+    async def lookup_key(self, stream_key: str) -> StreamRecord | None:
+        """The stream a presented key opens, or None (what the ingest authoriser asks)."""
+        digest = hash_key(stream_key)
+        entry = await self.kv.get(self._key_key(digest))
+        if entry is None or entry.value is None:
+            return None
+        try:
+            record = await self.get(entry.value.decode())
+        except StreamNotFound:
+            return None
+        return record if hmac.compare_digest(record.key_hash, digest) else None
