@@ -227,6 +227,41 @@ class Ack(Message):
     detail: str = ""
 
 
+class VideoUnit(BaseModel):
+    """One H.264 access unit (Annex B). ``pts`` counts frames at the stream's constant rate; no B-frames."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    pts: int = Field(ge=0)
+    keyframe: bool
+    data: bytes
+    capture_time: float | None = Field(None, description="wall-clock capture time of the source frame, if known")
+
+
+class EncodedVideo(Message):
+    """Encoded output of one stream, decoder → egress: the bus carries H.264, never raw frames."""
+
+    stream_id: StreamId
+    seq: int = Field(ge=0, description="per-stream message counter (gaps = lost messages)")
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    fps: float = Field(gt=0)
+    extradata: bytes = Field(description="H.264 SPS + PPS, Annex B")
+    units: list[VideoUnit]
+    end_of_stream: bool = Field(False, description="the last message of the stream: packagers close their playlists")
+
+
+StreamEventKind = Literal["live", "ended"]
+
+
+class StreamEvent(Message):
+    """A stream went live (publisher connected) or ended (publisher gone for good, or deleted)."""
+
+    stream_id: StreamId
+    kind: StreamEventKind
+    seq: int = Field(0, ge=0, description="ended: the last chunk seq the stream produced")
+    at: float
+
+
 StreamState = Literal["created", "live", "ended"]
 
 
@@ -251,7 +286,7 @@ class Credit(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (StreamSpec, LatentChunk, FrameChunk, PromptUpdate, Heartbeat, StageStats, BlockMap, Error, Ack,
-                Credit, StreamRecord)
+                Credit, StreamRecord, EncodedVideo, StreamEvent)
 }
 
 M = TypeVar("M", bound=Message)
@@ -303,6 +338,7 @@ __all__ = [
     "Ack",
     "BlockMap",
     "Credit",
+    "EncodedVideo",
     "Error",
     "FrameChunk",
     "Heartbeat",
@@ -314,9 +350,11 @@ __all__ = [
     "Role",
     "StageAssignment",
     "StageStats",
+    "StreamEvent",
     "StreamRecord",
     "StreamSpec",
     "Tensor",
+    "VideoUnit",
     "decode",
     "decode_with_headers",
 ]

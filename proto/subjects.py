@@ -14,12 +14,14 @@ from proto.messages import (
     Ack,
     BlockMap,
     Credit,
+    EncodedVideo,
     Error,
     Heartbeat,
     LatentChunk,
     Message,
     PromptUpdate,
     StageStats,
+    StreamEvent,
     StreamSpec,
 )
 
@@ -82,6 +84,12 @@ CHANNELS: dict[str, Channel] = {
                 ("gateway", "ingest"), ("ingest", "dit-stage"),
                 "Prompt changes (request/reply: ingest answers Ack(ref=<chunk seq it takes effect at>)); "
                 "ingest republishes them with the umT5 embedding attached.", replies=(Ack, Error)),
+        Channel("stream_video", PREFIX + ".stream.{stream_id}.video", EncodedVideo,
+                ("decoder",), ("egress",),
+                "H.264 access units of a stream's output, decoder to egress.", bulk=True, replies=(Credit,)),
+        Channel("stream_event", PREFIX + ".stream.{stream_id}.event", StreamEvent,
+                ("ingest", "gateway"), ("dit-stage", "decoder", "egress", "controller", "gateway"),
+                "A stream went live or ended."),
         Channel("stream_error", PREFIX + ".stream.{stream_id}.error", Error,
                 ("ingest", "dit-stage", "decoder", "egress", "controller"), ("gateway", "controller"),
                 "Per-stream failures and refusals, for the API and the controller."),
@@ -119,6 +127,14 @@ class Subjects:
     @staticmethod
     def stream_prompt(stream_id: str) -> str:
         return CHANNELS["stream_prompt"].subject(stream_id=stream_id)
+
+    @staticmethod
+    def stream_video(stream_id: str) -> str:
+        return CHANNELS["stream_video"].subject(stream_id=stream_id)
+
+    @staticmethod
+    def stream_event(stream_id: str) -> str:
+        return CHANNELS["stream_event"].subject(stream_id=stream_id)
 
     @staticmethod
     def stream_error(stream_id: str) -> str:

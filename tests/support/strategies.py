@@ -72,6 +72,8 @@ def for_annotation(ann: Any, metadata: list[Any]) -> st.SearchStrategy[Any]:
         return st.dictionaries(for_annotation(args[0], []), for_annotation(args[1], []), max_size=4)
     if ann is bool:
         return st.booleans()
+    if ann is bytes:
+        return st.binary(max_size=64)
     if ann is int:
         lo = b.get("min", b["min_ex"] + 1 if "min_ex" in b else INT64[0])
         hi = b.get("max", b["max_ex"] - 1 if "max_ex" in b else INT64[1])
