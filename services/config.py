@@ -138,6 +138,28 @@ class EgressSettings(Section):
     cfr_start_delay_s: float = Field(0.1, ge=0, description="jitter buffer before the CFR pacer starts output")
 
 
+class DecoderSettings(Section):
+    decoder: Literal["wan", "taehv"] = Field("wan", description="VAE decoder: the Wan decoder or the TAEHV one")
+    taehv_path: Path | None = Field(None, description="TAEHV (taew2_1) weights, when decoder is taehv")
+    debug_tap_dir: Path | None = Field(
+        None, description="also write decoded frames (before H.264) here as .npy per chunk, for equality tests"
+    )
+
+
+class DitStageSettings(Section):
+    stage_id: str = Field("dit-0", description="this stage's id in the block map (StatefulSet: the pod name)")
+    link_host: str = Field("0.0.0.0", description="tensor-link listen address")
+    link_port: int = Field(7100, ge=0, le=65535, description="tensor-link listen port (0: ephemeral)")
+    advertise_host: str = Field("127.0.0.1", description="host other stages reach this stage's link at (pod IP)")
+    max_batch_items: int = Field(16, ge=1, description="largest number of items in one micro-step")
+    max_queued_chunks: int = Field(4, ge=1, description="new chunks queued per stream before the oldest is dropped")
+
+
+class ControllerSettings(Section):
+    stages: int = Field(2, ge=1, description="DiT stages per pipeline (the block map splits the blocks among them)")
+    heartbeat_miss_s: float = Field(1.5, gt=0, description="a member silent this long is declared dead")
+
+
 class GatewaySettings(Section):
     host: str = Field("0.0.0.0", description="HTTP listen address")
     port: int = Field(8080, ge=0, le=65535, description="HTTP listen port")
@@ -165,6 +187,9 @@ class Settings(BaseSettings):
     stream: StreamDefaults = Field(default_factory=StreamDefaults)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     egress: EgressSettings = Field(default_factory=EgressSettings)
+    decoder: DecoderSettings = Field(default_factory=DecoderSettings)
+    dit_stage: DitStageSettings = Field(default_factory=DitStageSettings)
+    controller: ControllerSettings = Field(default_factory=ControllerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     @classmethod
