@@ -1,0 +1,1 @@
+"""The controller: block maps and epochs, stage membership, admission."""
