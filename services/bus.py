@@ -146,7 +146,9 @@ class Bus:
         nc = Client()
         try:
             await nc.connect(**options)
-        except (TimeoutError, nats.errors.NoServersError, OSError) as e:
+        except (TimeoutError, nats.errors.Error, OSError) as e:
+            with contextlib.suppress(Exception):
+                await nc.close()  # stop nats-py's background reconnect tasks
             raise BusError(f"cannot connect to NATS at {settings.url}: {type(e).__name__}: {e}") from e
         nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
         if nc.max_payload < max_send:
@@ -184,7 +186,12 @@ class Bus:
         self, subject: str, message: Message | bytes, *, headers: dict[str, str] | None = None, reply: str = ""
     ) -> int:
         """Publish a message (or an already encoded frame); returns its size in bytes."""
-        data = message if isinstance(message, bytes) else message.encode()
+        if isinstance(message, bytes):
+            data = message
+        else:
+            parts = message.encode_parts()
+            self.check_size(sum(memoryview(p).nbytes for p in parts), subject)  # before paying for the join
+            data = b"".join(parts)
         self.check_size(len(data), subject)
         with telemetry.tracer().start_as_current_span(
             "rheo.publish", kind=SpanKind.PRODUCER, attributes={"messaging.destination.name": subject}
@@ -306,6 +313,8 @@ class CreditWindow:
 
     async def start(self) -> CreditWindow:
         async def on_credit(msg: Msg) -> None:
+            if not msg.data and (msg.headers or {}).get("Status") == "503":
+                return  # the server's "no responders": nobody consumes this subject yet; CreditTimeout covers it
             try:
                 c = decode(msg.data, Credit, self.bus.limits)
             except ProtocolError as e:

@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from services.config import describe, iter_fields, load_settings
 
@@ -54,18 +55,189 @@ def _cmd_nats(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from services.natsd import NatsServer
+    import subprocess
+    import tempfile
 
+    from services.stack import LocalStack, Ports, StackError
+
+    model_dir = args.model_dir or load_settings().model.model_dir
+    if model_dir is None:
+        print("*" * 78 + "\n*  NO MODEL WEIGHTS CONFIGURED (--model-dir / RHEO_MODEL__MODEL_DIR):\n"
+              "*  running the tiny RANDOM model on CPU. Output is noise-like restyling, for trying\n"
+              "*  the plumbing only. See README 'Model weights' for real StreamDiffusionV2 weights.\n" + "*" * 78,
+              file=sys.stderr, flush=True)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rheo-up-"))
+    ports = Ports(gateway=args.port, rtmp=args.rtmp_port, nats=args.nats_port)
+    stack = LocalStack(workdir, stages=args.stages, ports=ports, model_dir=Path(model_dir) if model_dir else None)
+    pattern: subprocess.Popen[bytes] | None = None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        print(f"rheo up: starting nats-server and {4 + args.stages} services (logs in {workdir}/logs) ...",
+              flush=True)
+        stack.start()
+        created = stack.api("POST", "/v1/streams", {"prompt": args.prompt, "width": 512, "height": 512})
+        player = (f"http://localhost:{ports.gateway}/player/index.html?src=/hls/{created['id']}/index.m3u8")
+        print(f"""
+rheo is up.
+  API            http://localhost:{ports.gateway}/docs   (token: {stack.api_token})
+  publish to     {created['publish_url']}
+                 (OBS: Server {created['rtmp_url']}  Stream Key {created['stream_key']})
+  watch          {player}
+Ctrl-C stops everything.""", flush=True)
+        if args.testpattern:
+            pattern = subprocess.Popen([sys.executable, "-m", "ingest.testpattern",
+                                        created["publish_url"].replace("localhost", "127.0.0.1")])
+            print("rheo up: publishing a moving test pattern to that stream", flush=True)
+        while not stop.wait(0.5):
+            stack.check_alive()
+        return 0
+    except StackError as e:
+        print(f"rheo up: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if pattern is not None and pattern.poll() is None:
+            pattern.terminate()
+            pattern.wait(5)
+        codes = stack.stop()
+        bad = {k: v for k, v in codes.items() if v not in (0, None)}
+        print(f"rheo up: stopped{' (exit codes: ' + str(bad) + ')' if bad else ''}", flush=True)
+
+
+def _cmd_testpattern(args: argparse.Namespace) -> int:
+    from ingest.testpattern import main as testpattern
+
+    return testpattern(args.argv)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, got {text!r}") from None
+    if w <= 0 or h <= 0 or w % 16 or h % 16:
+        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 16, got {text!r}")
+    return w, h
+
+
+_TINY_WARNING = (
+    "*" * 78 + "\n*  NO MODEL WEIGHTS: running the tiny RANDOM model (preset 'tiny').\n"
+    "*  The output is noise-like restyling, for trying the plumbing only.\n"
+    "*  Pass --model-dir DIR (see README, 'Model weights') for real output.\n" + "*" * 78
+)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """``rheo run``: file → file through the single-process StreamPipeline. Errors: one line, exit code 2."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="rheo run: %(message)s")
+    if args.t2v and args.input is not None:
+        print("rheo run: error: --t2v generates from the prompt alone; drop --input", file=sys.stderr)
+        return 2
+    if not args.t2v and args.input is None:
+        print("rheo run: error: --input is required (or --t2v --seconds N)", file=sys.stderr)
+        return 2
+    if args.seconds is not None and args.seconds <= 0:
+        print("rheo run: error: --seconds must be > 0", file=sys.stderr)
+        return 2
+    from pipeline.offline import InputError, VideoInput
+
+    try:
+        video = None if args.t2v else VideoInput(args.input)  # bad input fails before any model is loaded
+        if not args.output.parent.is_dir():
+            raise InputError(f"output folder {args.output.parent} does not exist")
+    except InputError as err:
+        print(f"rheo run: error: {err}".splitlines()[0], file=sys.stderr)
+        return 2
+    try:
+        import torch
+
+        from dit_stage.loading import CheckpointError
+        from encoder.prompt import PromptEncoderFilesError, T5WeightsError
+        from encoder.vae_loading import VAEWeightsError
+        from pipeline.loading import ModelDirError, build_tiny_pipeline, load_pipeline, resolve_device
+        from pipeline.offline import run_file, run_t2v
+        from pipeline.pipeline import PipelineConfig, PipelineError
+    except ImportError as err:
+        print(f"rheo run: error: missing dependency: {err}", file=sys.stderr)
+        return 2
+    expected = (InputError, ModelDirError, PipelineError, CheckpointError, PromptEncoderFilesError, T5WeightsError,
+                VAEWeightsError, FileNotFoundError, PermissionError, IsADirectoryError)  # fmt: skip
     settings = load_settings()
-    if settings.model.model_dir is None:
-        print("*" * 78 + "\n*  NO MODEL WEIGHTS CONFIGURED (model.model_dir): the tiny RANDOM model on CPU.\n"
-              "*  Output is noise-like restyling, for trying the plumbing only.\n" + "*" * 78, file=sys.stderr)
-    with NatsServer(port=args.nats_port) as server:
-        print(f"rheo up: private nats-server at {server.url}", flush=True)
-        print("rheo up: the media and model services join this stack as their issues land; "
-              "see `rheo --help` for what runs today. Ctrl-C stops everything.", flush=True)
-        _wait_for_signal()
+    model_dir = args.model_dir if args.preset is None else None
+    if model_dir is None and args.preset is None:
+        model_dir = settings.model.model_dir
+    tiny = model_dir is None
+    size = args.size or ((128, 128) if tiny else (settings.stream.width, settings.stream.height))
+    config = PipelineConfig(
+        width=size[0],
+        height=size[1],
+        steps=args.steps or settings.stream.steps,
+        noise_scale=settings.stream.noise_scale,
+        motion_aware_noise=settings.stream.motion_aware_noise,
+    )
+    seed = settings.stream.seed if args.seed is None else args.seed
+    progress = not args.quiet
+    try:
+        if tiny:
+            print(_TINY_WARNING, file=sys.stderr)
+            torch.manual_seed(0)
+            pipeline = build_tiny_pipeline(config, device=resolve_device(args.device))
+        else:
+            checkpoint = args.checkpoint or settings.model.checkpoint
+            pipeline = load_pipeline(
+                model_dir, config, checkpoint=checkpoint, device=args.device, dtype=settings.model.dtype
+            )
+        if args.t2v:
+            stats = run_t2v(pipeline, args.output, args.prompt, seconds=args.seconds or 2.0, fps=settings.stream.fps,
+                            seed=seed, progress=progress)  # fmt: skip
+        else:
+            assert video is not None
+            stats = run_file(pipeline, video, args.output, args.prompt, seed=seed, progress=progress)
+    except expected as err:
+        print(f"rheo run: error: {err}".splitlines()[0], file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rheo run: interrupted; no output written", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line, no traceback (the contract of `rheo run`)
+        print(f"rheo run: error: {type(err).__name__}: {err}".splitlines()[0], file=sys.stderr)
+        return 1
+    print(
+        f"rheo run: wrote {args.output}: {stats.frames_out} frames at {stats.output_fps:g} fps "
+        f"({config.width}x{config.height}, {pipeline.description})\n"
+        f"rheo run: achieved {stats.fps:.2f} FPS, time to first frame {stats.ttff_s:.3f} s, "
+        f"total {stats.seconds:.2f} s",
+        file=sys.stderr,
+    )
     return 0
+
+
+SERVICES: dict[str, tuple[str, str]] = {
+    "ingest": ("ingest.service", "IngestService"),
+    "dit-stage": ("dit_stage.service", "DitStageService"),
+    "decoder": ("decoder.service", "DecoderService"),
+    "egress": ("egress.service", "EgressService"),
+    "controller": ("services.controller.service", "ControllerService"),
+    "gateway": ("services.gateway.service", "GatewayService"),
+}
+"""``rheo <name>`` runs the service class; each is also ``python -m <module>``."""
+
+
+def _cmd_service(args: argparse.Namespace) -> int:
+    import importlib
+
+    from services.runtime import main as run_service
+
+    module, cls = SERVICES[args.service]
+    try:
+        service_cls = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        print(f"rheo {args.service}: not available in this build ({e})", file=sys.stderr)
+        return 2
+    return run_service(service_cls)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,9 +263,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=4222, help="client port (-1: random)")
     p.set_defaults(func=_cmd_nats)
 
+    for name in SERVICES:
+        p = sub.add_parser(name, help=f"run the {name} service (configured by RHEO_* / RHEO_CONFIG)")
+        p.set_defaults(func=_cmd_service, service=name)
+
     p = sub.add_parser("up", help="start the local stack: a private nats-server and every service")
     p.add_argument("--nats-port", type=int, default=4222, help="client port of the private nats-server")
+    p.add_argument("--port", type=int, default=8080, help="gateway (API, player, HLS) port")
+    p.add_argument("--rtmp-port", type=int, default=1935, help="RTMP ingest port")
+    p.add_argument("--stages", type=int, default=2, help="DiT stages (processes) the blocks are split over")
+    p.add_argument("--model-dir", help="Wan2.1 model folder (else the tiny random model)")
+    p.add_argument("--prompt", default="a watercolour painting, soft brush strokes", help="the demo stream's prompt")
+    p.add_argument("--testpattern", action="store_true", help="publish a moving test pattern to the demo stream")
+    p.add_argument("--workdir", help="where logs and HLS files go (default: a new temporary folder)")
     p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("testpattern", help="publish a moving test pattern over RTMP (rheo testpattern URL ...)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, help="URL [--size WxH] [--fps N] [--seconds S]")
+    p.set_defaults(func=_cmd_testpattern)
+
+    p = sub.add_parser("run", help="restyle a video file (or generate one from a prompt) into an H.264 MP4")
+    p.add_argument("--input", type=Path, help="any video PyAV can read")
+    p.add_argument("--output", type=Path, required=True, help="the MP4 to write (replaced only when complete)")
+    p.add_argument("--prompt", required=True, help="what the video should become")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model-dir", type=Path, help="Wan2.1 model directory (README: 'Model weights')")
+    src.add_argument("--preset", choices=["tiny"], help="tiny random model, no weights (the default without any)")
+    p.add_argument("--checkpoint", type=Path, help="causal DiT checkpoint (default: <model dir>/causal/model.pt)")
+    p.add_argument("--steps", type=int, choices=[1, 2, 3, 4], help="denoising steps (default: stream.steps)")
+    p.add_argument("--size", type=_parse_size, help="model size WIDTHxHEIGHT (default: 512x512; tiny: 128x128)")
+    p.add_argument("--seed", type=int, help="stream seed (default: stream.seed)")
+    p.add_argument("--t2v", action="store_true", help="no input video: generate from the prompt")
+    p.add_argument("--seconds", type=float, help="T2V duration (default 2)")
+    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
     return parser
 
 

@@ -121,6 +121,15 @@ class IngestSettings(Section):
         10.0, ge=0, description="how long a disconnected stream waits for its publisher to reconnect before it ends"
     )
     window_ack_bytes: int = Field(2_500_000, gt=0, description="acknowledgement window announced to publishers")
+    max_model_width: int = Field(
+        1920, gt=0, multiple_of=16, description="widest model size a stream may ask for (sizes the largest latent)"
+    )
+    max_model_height: int = Field(
+        1088, gt=0, multiple_of=16, description="tallest model size a stream may ask for (sizes the largest latent)"
+    )
+    debug_tap_dir: Path | None = Field(
+        None, description="also write each chunk's model-size input frames here as <stream>/chunk_<seq>.npy (tests)"
+    )
 
 
 class EgressSettings(Section):
@@ -130,12 +139,27 @@ class EgressSettings(Section):
     playlist_segments: int = Field(6, ge=2, description="segments kept in the rolling playlist")
     x264_preset: str = Field("veryfast", description="libx264 preset for the output")
     bitrate_kbps: int = Field(2500, gt=0, description="target output video bitrate")
-    rtmp_push_url: str | None = Field(None, description="restream the output to this RTMP URL")
+    rtmp_push_url: str | None = Field(
+        None, description="restream every stream to this RTMP URL template; {stream_id} is replaced by the stream id"
+    )
     rtmp_push_backoff_s: float = Field(0.5, gt=0, description="first RTMP push reconnect delay; doubles per failure")
     rtmp_push_backoff_max_s: float = Field(10.0, gt=0, description="upper bound of the RTMP push reconnect delay")
     rtmp_push_silent_audio: bool = Field(True, description="add an AAC silence track to the RTMP push")
     encoder_threads: int = Field(1, ge=1, description="libx264 threads per output stream")
     cfr_start_delay_s: float = Field(0.1, ge=0, description="jitter buffer before the CFR pacer starts output")
+    http_host: str = Field("0.0.0.0", description="listen address of the egress HLS/LL-HLS HTTP server")
+    http_port: int = Field(8090, ge=0, le=65535, description="port of the egress HLS/LL-HLS HTTP server (0: ephemeral)")
+    public_url: str | None = Field(
+        None, description="base URL the gateway reaches this egress at (recorded in the stream table); "
+        "unset: http://<http_host, or 127.0.0.1 for a wildcard host>:<port>"
+    )
+    ended_grace_s: float = Field(
+        2.0, ge=0, description="after a stream's 'ended' event, end its playlist once no video came for this long "
+        "(the decoder's end_of_stream ends it at once)"
+    )
+    ended_retention_s: float = Field(
+        300.0, ge=0, description="how long an ended stream's playlist and segments stay served before removal"
+    )
 
 
 class DecoderSettings(Section):
@@ -143,6 +167,16 @@ class DecoderSettings(Section):
     taehv_path: Path | None = Field(None, description="TAEHV (taew2_1) weights, when decoder is taehv")
     debug_tap_dir: Path | None = Field(
         None, description="also write decoded frames (before H.264) here as .npy per chunk, for equality tests"
+    )
+    max_queued_chunks: int = Field(8, ge=1, description="latent chunks queued per stream before the oldest is dropped")
+    ended_grace_s: float = Field(
+        2.0, ge=0, description="after a stream's 'ended' event, wait this long for its last chunk before flushing"
+    )
+    idle_timeout_s: float = Field(
+        30.0, gt=0, description="a stream that sends no chunk for this long is ended (flushed, state freed)"
+    )
+    publish_timeout_s: float = Field(
+        2.0, gt=0, description="longest wait for egress credit before a video message is dropped and counted"
     )
 
 
@@ -153,6 +187,14 @@ class DitStageSettings(Section):
     advertise_host: str = Field("127.0.0.1", description="host other stages reach this stage's link at (pod IP)")
     max_batch_items: int = Field(16, ge=1, description="largest number of items in one micro-step")
     max_queued_chunks: int = Field(4, ge=1, description="new chunks queued per stream before the oldest is dropped")
+    kv_window: int = Field(6, ge=2, description="latent frames one chunk attends to (KV ring size, sinks included)")
+    sink: int = Field(3, ge=0, description="sink frames of the KV ring (never rolled out)")
+    adaptive_threshold: float | None = Field(
+        0.2, description="adaptive sink replacement below this similarity (null disables)"
+    )
+    stats_interval_s: float = Field(2.0, gt=0, description="period of the StageStats this stage publishes")
+    tiny_seed: int = Field(0, ge=0, description="weight seed of the tiny random DiT (when model.model_dir is unset)")
+    link_max_frame_bytes: int = Field(64 * MiB, gt=0, description="largest tensor-link frame sent or accepted")
 
 
 class ControllerSettings(Section):

@@ -58,7 +58,7 @@ class Service:
         self.settings = settings
         self.member_id = member_id or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
         self.bus: Bus | None = None
-        self.checks: dict[str, bool] = {"bus": False}
+        self.checks: dict[str, bool] = {"bus": False, "started": False}
         self.epoch = 0
         self.streams: set[str] = set()
         self.http_port = 0
@@ -146,6 +146,7 @@ class Service:
                                          max_send_bytes=self.max_send_bytes())
             self.checks["bus"] = True
             await self.start()
+            self.checks["started"] = True  # subscriptions exist: only now may anyone count on this service
             beats = asyncio.create_task(self._heartbeats(), name="heartbeats")
             log.info("%s ready (health on :%d)", self.member_id, self.http_port)
             await self._stop.wait()

@@ -58,7 +58,7 @@ async def bus2(nats_settings: NatsSettings) -> AsyncIterator[Bus]:
     await b.close()
 
 
-async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01) -> None:
+async def wait_for(predicate, timeout: float = 20.0, interval: float = 0.01) -> None:
     """Poll until ``predicate()`` is true (raises ``TimeoutError``)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -71,3 +71,4 @@ async def wait_for(predicate, timeout: float = 5.0, interval: float = 0.01) -> N
 @pytest.fixture
 def eventually():
     return wait_for
+

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Respons
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from egress.player import make_player_router
 from proto import SLO, Ack, Error, NoiseParams, PromptUpdate, StreamRecord, StreamSpec, Subjects
 from services.bus import Bus
 from services.config import Settings
@@ -161,6 +162,7 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     app.include_router(v1)
+    app.include_router(make_player_router())  # /player/index.html?src=<playlist>: a minimal hls.js page
 
     @app.get("/hls/{stream_id}/{path:path}", include_in_schema=False)
     async def hls(stream_id: str, path: str, request: Request) -> Response:

@@ -15,6 +15,7 @@ from proto import CHANNELS, Ack, BlockMap, Error, LatentChunk, StageAssignment, 
 from services.bus import Bus, BusError, CreditTimeout, PayloadConfigError, PayloadTooLarge
 from services.config import NatsSettings
 from services.natsd import NatsServer
+from support.sync import settle
 
 
 def _chunk(seq: int, stream: str = "cam", size: int = 8) -> LatentChunk:
@@ -30,7 +31,7 @@ async def test_publish_subscribe_round_trip(bus: Bus, bus2: Bus, eventually) -> 
         got.append(msg)
 
     await bus2.subscribe(Subjects.stream_latent("rt"), handler, expected=LatentChunk)
-    await bus2.nc.flush()
+    await settle(bus2, bus)
     for i in range(5):
         await bus.publish(Subjects.stream_latent("rt"), _chunk(i, "rt"))
     await eventually(lambda: len(got) == 5)
@@ -46,7 +47,7 @@ async def test_malformed_messages_are_counted_and_dropped(bus: Bus, bus2: Bus, e
 
     subject = Subjects.stream_latent("bad")
     await bus2.subscribe(subject, handler, expected=LatentChunk)
-    await bus2.nc.flush()
+    await settle(bus2, bus)
     await bus.publish(subject, _chunk(0, "bad"))
     await bus.publish(subject, b"garbage")
     await bus.publish(subject, _chunk(1, "bad").encode()[:-10])
@@ -65,7 +66,7 @@ async def test_a_failing_handler_loses_only_its_message(bus: Bus, bus2: Bus, eve
         seen.append(msg.stream_id)
 
     await bus2.subscribe(CHANNELS["stream_spec"].wildcard(), handler, expected=StreamSpec)
-    await bus2.nc.flush()
+    await settle(bus2, bus)
     for sid in ["a", "boom", "b"]:
         spec = StreamSpec(stream_id=sid, width=64, height=64, fps=16.0, steps=1, prompt="p")
         await bus.publish(Subjects.stream_spec(sid), spec)
@@ -88,12 +89,15 @@ async def test_oversized_publish_fails_fast(bus: Bus) -> None:
 
 
 async def test_service_refuses_to_start_when_its_messages_cannot_fit(tmp_path: Path) -> None:
-    with NatsServer(tmp_path / "small", max_payload=1024 * 1024) as small:
+    small = await asyncio.to_thread(NatsServer(tmp_path / "small", max_payload=1024 * 1024).start)
+    try:
         with pytest.raises(PayloadConfigError, match=r"max_payload"):
             await Bus.connect(NatsSettings(url=small.url, max_send_bytes=4 * 1024 * 1024), name="dit-stage")
         ok = await Bus.connect(NatsSettings(url=small.url, max_send_bytes=512 * 1024))
         assert ok.max_payload == 1024 * 1024
         await ok.close()
+    finally:
+        await asyncio.to_thread(small.stop)
 
 
 async def test_unreachable_server_is_a_clear_error() -> None:
@@ -105,12 +109,15 @@ async def test_unreachable_server_is_a_clear_error() -> None:
 
 
 async def test_auth_settings_are_used(tmp_path: Path) -> None:
-    with NatsServer(tmp_path / "auth", user="rheo", password="s3cret") as server:
+    server = await asyncio.to_thread(NatsServer(tmp_path / "auth", user="rheo", password="s3cret").start)
+    try:
         with pytest.raises(BusError):
             await Bus.connect(NatsSettings(url=server.url, user="rheo", password="wrong",
                                            initial_connect_attempts=1, reconnect_wait_s=0.05))
         b = await Bus.connect(NatsSettings(url=server.url, user="rheo", password="s3cret"))
         await b.close()
+    finally:
+        await asyncio.to_thread(server.stop)
 
 
 async def test_trace_context_survives_a_hop(bus: Bus, bus2: Bus, span_exporter: InMemorySpanExporter,
@@ -123,7 +130,7 @@ async def test_trace_context_survives_a_hop(bus: Bus, bus2: Bus, span_exporter: 
             inner.append(span.get_span_context())
 
     await bus2.subscribe("rheo.ctl.trace-test", handler, expected=Ack)
-    await bus2.nc.flush()
+    await settle(bus2, bus)
     with trace.get_tracer("test").start_as_current_span("produce") as root:
         await bus.publish("rheo.ctl.trace-test", Ack(ref="t"))
     await eventually(lambda: len(inner) == 1)
@@ -143,7 +150,7 @@ async def test_request_reply(bus: Bus, bus2: Bus) -> None:
             await bus2.respond(raw, Ack(ref=spec.stream_id))
 
     await bus2.subscribe(Subjects.admission(), admit, expected=StreamSpec)
-    await bus2.nc.flush()
+    await settle(bus2, bus)
     ok = await bus.request(Subjects.admission(),
                            StreamSpec(stream_id="s1", width=512, height=512, fps=16.0, steps=2, prompt="p"))
     assert isinstance(ok, Ack) and ok.ref == "s1"
@@ -165,7 +172,7 @@ async def test_credit_window_bounds_unconsumed_bytes(bus: Bus, bus2: Bus, eventu
         received.append(msg.seq)
 
     await bus2.subscribe(subject, slow_consumer, expected=LatentChunk, credit=True)
-    await bus2.nc.flush()
+    await settle(bus2, bus)
     for i in range(60):
         await window.publish(_chunk(i, "credit", size=64))
         max_outstanding = max(max_outstanding, window.outstanding)

@@ -65,10 +65,12 @@ async def test_membership_and_admission(nats_settings: NatsSettings, bus: Bus, e
                           Heartbeat(member_id="dit-0", role="dit-stage", epoch=1, sent_at=0.0, ready=True))
         await eventually(lambda: [m.member_id for m in svc.live_members("dit-stage")] == ["dit-0"])
         ok = await bus.request(Subjects.admission(),
-                               StreamSpec(stream_id="s", width=512, height=512, fps=16.0, steps=2, prompt="p"))
+                               StreamSpec(stream_id="s", width=512, height=512, fps=16.0, steps=2, prompt="p"),
+                               timeout=10)
         assert isinstance(ok, Ack) and ok.ref == "s"
         bad = await bus.request(Subjects.admission(),
-                                StreamSpec(stream_id="s", width=500, height=512, fps=16.0, steps=2, prompt="p"))
+                                StreamSpec(stream_id="s", width=500, height=512, fps=16.0, steps=2, prompt="p"),
+                                timeout=10)
         assert isinstance(bad, Error) and bad.code == "bad_size"
     finally:
         svc.stop()

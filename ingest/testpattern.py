@@ -1,0 +1,76 @@
+"""A moving test pattern published over RTMP in real time (``rheo testpattern URL``; ``make up`` uses it).
+
+Runs in its own process: PyAV holds the GIL during RTMP network I/O, so it must not share a service's event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import av
+import numpy as np
+
+
+def pattern_frame(i: int, width: int, height: int, fps: float) -> np.ndarray:
+    """Colour bars drifting sideways with a bouncing square: motion a viewer notices at once."""
+    x = np.arange(width)[None, :]
+    y = np.arange(height)[:, None]
+    shift = int(i * width / (4 * fps))
+    bars = ((x + shift) * 7 // width) % 7
+    palette = np.array([[235, 235, 235], [235, 235, 16], [16, 235, 235], [16, 235, 16],
+                        [235, 16, 235], [235, 16, 16], [16, 16, 235]], dtype=np.uint8)
+    frame = palette[np.broadcast_to(bars, (height, width))].copy()
+    t = i / fps
+    size = max(8, min(width, height) // 5)
+    cx = int((width - size) * (0.5 + 0.5 * math.sin(1.3 * t)))
+    cy = int((height - size) * (0.5 + 0.5 * math.sin(2.1 * t)))
+    frame[cy:cy + size, cx:cx + size] = 0
+    frame[(y % 64 == 0).repeat(width, axis=1)] //= 2
+    return frame
+
+
+def publish(url: str, width: int = 640, height: int = 360, fps: int = 16, seconds: float = 0.0) -> None:
+    """Publish until ``seconds`` have passed (0: forever) or the server closes the connection."""
+    out = av.open(url, "w", format="flv", timeout=10)
+    try:
+        stream = out.add_stream("libx264", rate=fps,
+                                options={"preset": "ultrafast", "tune": "zerolatency", "g": str(fps)})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        t0 = time.monotonic()
+        i = 0
+        while not seconds or i < seconds * fps:
+            frame = av.VideoFrame.from_ndarray(pattern_frame(i, width, height, fps), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+            i += 1
+            time.sleep(max(0.0, t0 + i / fps - time.monotonic()))
+        for packet in stream.encode():
+            out.mux(packet)
+    finally:
+        out.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rheo testpattern", description=__doc__)
+    ap.add_argument("url", help="rtmp://host:port/live/<stream key>")
+    ap.add_argument("--size", default="640x360", help="WxH")
+    ap.add_argument("--fps", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: run until killed)")
+    args = ap.parse_args(argv)
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    try:
+        publish(args.url, w, h, args.fps, args.seconds)
+    except (av.error.FFmpegError, OSError) as e:
+        print(f"rheo testpattern: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
