@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The whole stack locally (private nats-server + every service, tiny random model without weights) with a moving
+# test pattern published to a demo stream: open the printed "watch" URL in a browser.
 up: $(STAMP)
-	$(VENV)/bin/rheo up
+	@bash scripts/fetch-hlsjs.sh
+	$(VENV)/bin/rheo up --testpattern
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -28,6 +31,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bus.py
+	$(PY) bench/link.py
+	$(PY) bench/dit.py
+	$(PY) bench/media.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
