@@ -10,10 +10,10 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import time
 
 import torch
+from common import git_commit, percentile
 
 from proto import LatentChunk, Subjects
 from services.bus import Bus
@@ -29,10 +29,6 @@ def _payload(nbytes: int) -> LatentChunk:
                        deadline=0.0, prompt_version=0, noise_scale=0.8, timesteps=[700],
                        latent=torch.zeros(n, dtype=torch.bfloat16))
 
-
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 async def one_way(url: str, nbytes: int, count: int, rate_hz: float, raw_nats: bool = False) -> dict:
@@ -75,7 +71,7 @@ async def one_way(url: str, nbytes: int, count: int, rate_hz: float, raw_nats: b
     await sub.close()
     return {"bench": "bus", "case": "one_way_nats_py" if raw_nats else "one_way", "payload_bytes": len(data),
             "count": len(lat_ms), "rate_hz": rate_hz, "p50_ms": round(statistics.median(lat_ms), 3),
-            "p99_ms": round(_pct(lat_ms, 99), 3), "max_ms": round(max(lat_ms), 3)}
+            "p99_ms": round(percentile(lat_ms, 99), 3), "max_ms": round(max(lat_ms), 3)}
 
 
 async def throughput(url: str, nbytes: int, seconds: float, window_bytes: int) -> dict:
@@ -108,13 +104,6 @@ async def throughput(url: str, nbytes: int, seconds: float, window_bytes: int) -
             "mb_per_s": round(got * len(data) / dt / 1e6, 1)}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -135,7 +124,7 @@ async def main() -> None:
         if server:
             server.stop()
     for c in cases:
-        c["commit"] = _commit()
+        c["commit"] = git_commit()
         print(json.dumps(c), flush=True)
 
 

@@ -1,6 +1,7 @@
 """Tensor-link hop cost on loopback: one-way latency and throughput of hidden-state-sized frames.
 
-Prints one JSON line per case. Target (design): 4.8 MB one-way p50 <= 5 ms (NATS: ~15 ms, see bench/bus.py).
+Prints one JSON line per case: 0.2, 3, 4.8 and 16 MB frames, then throughput.
+Target (design): 4.8 MB one-way p50 <= 5 ms (NATS: ~15 ms, see bench/bus.py).
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import time
 
 import torch
+from common import git_commit, percentile
 
 from proto import PromptUpdate
 from services.link import LinkListener, LinkSender
@@ -24,10 +25,6 @@ def _frame(nbytes: int) -> PromptUpdate:
     return PromptUpdate(stream_id="bench", version=0, prompt="",
                         embedding=torch.zeros(nbytes // 2, dtype=torch.bfloat16))
 
-
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 async def one_way(nbytes: int, count: int, rate_hz: float) -> dict:
@@ -53,7 +50,7 @@ async def one_way(nbytes: int, count: int, rate_hz: float) -> dict:
     sender.close()
     listener.close()
     return {"bench": "link", "case": "one_way", "payload_bytes": nbytes, "count": count, "rate_hz": rate_hz,
-            "p50_ms": round(statistics.median(lat), 3), "p99_ms": round(_pct(lat, 99), 3),
+            "p50_ms": round(statistics.median(lat), 3), "p99_ms": round(percentile(lat, 99), 3),
             "max_ms": round(max(lat), 3)}
 
 
@@ -87,13 +84,6 @@ async def throughput(nbytes: int, seconds: float) -> dict:
             "mb_per_s": round(got * nbytes / dt / 1e6, 1)}
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
@@ -102,12 +92,13 @@ async def main() -> None:
     n = 30 if args.quick else 200
     cases = [
         await one_way(200 * 1024, n, 100.0),
+        await one_way(3 * 1024 * 1024, n, 20.0),
         await one_way(int(4.8 * 1024 * 1024), n, 20.0),
         await one_way(16 * 1024 * 1024, max(10, n // 4), 10.0),
         await throughput(int(4.8 * 1024 * 1024), 1.0 if args.quick else 3.0),
     ]
     for c in cases:
-        c["commit"] = _commit()
+        c["commit"] = git_commit()
         print(json.dumps(c), flush=True)
 
 
