@@ -26,7 +26,7 @@ import uvicorn
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
-from proto import Heartbeat, Subjects
+from proto import Heartbeat, Limits, Subjects
 from proto.messages import Role
 from services import telemetry
 from services.bus import Bus, BusError
@@ -143,6 +143,7 @@ class Service:
         beats: asyncio.Task[None] | None = None
         try:
             self.bus = await Bus.connect(self.settings.nats, name=self.member_id,
+                                         limits=Limits.from_settings(self.settings.proto),
                                          max_send_bytes=self.max_send_bytes())
             self.checks["bus"] = True
             await self.start()
