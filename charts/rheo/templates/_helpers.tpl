@@ -1,0 +1,304 @@
+{{/* Names and labels. */}}
+{{- define "rheo.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "rheo.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "rheo.labels" -}}
+app.kubernetes.io/name: {{ include "rheo.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{ include "rheo.commonLabels" . }}
+{{- end -}}
+
+{{- define "rheo.commonLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: rheo
+{{- end -}}
+
+{{/* selector labels of one component: (dict "root" $ "component" "gateway") */}}
+{{- define "rheo.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "rheo.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "rheo.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "rheo.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "rheo.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "rheo.natsSecretName" -}}
+{{- default (printf "%s-nats-auth" (include "rheo.fullname" .)) .Values.nats.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "rheo.apiSecretName" -}}
+{{- default (printf "%s-api" (include "rheo.fullname" .)) .Values.api.existingSecret -}}
+{{- end -}}
+
+{{- define "rheo.natsUrl" -}}
+{{- if .Values.nats.enabled -}}
+{{- /* the NATS chart's fullname: the release name when it contains "nats", else <release>-nats */ -}}
+{{- $svc := ternary .Release.Name (printf "%s-nats" .Release.Name) (contains "nats" .Release.Name) -}}
+{{- printf "nats://%s.%s.svc:4222" $svc .Release.Namespace -}}
+{{- else -}}
+{{- .Values.nats.url -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "rheo.modelDir" -}}
+{{- if .Values.model.subPath -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.model.mountPath) (trimPrefix "/" .Values.model.subPath) -}}
+{{- else -}}
+{{- .Values.model.mountPath -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The rheo config file (RHEO_CONFIG): .Values.config plus the keys this chart owns. */}}
+{{- define "rheo.configYaml" -}}
+{{- $cfg := deepCopy .Values.config -}}
+{{- $nats := dict "url" (include "rheo.natsUrl" .) -}}
+{{- if eq .Values.nats.auth.type "userPassword" -}}
+{{- $_ := set $nats "user" .Values.nats.auth.user -}}
+{{- else if eq .Values.nats.auth.type "creds" -}}
+{{- $_ := set $nats "creds_file" "/var/run/secrets/rheo/nats/nats.creds" -}}
+{{- end -}}
+{{- $_ := set $cfg "nats" (merge $nats (default dict $cfg.nats)) -}}
+{{- $_ := set $cfg "controller" (merge (dict "stages" (int .Values.ditStage.stages)) (default dict $cfg.controller)) -}}
+{{- if ne .Values.model.source "none" -}}
+{{- $_ := set $cfg "model" (merge (dict "model_dir" (include "rheo.modelDir" .)) (default dict $cfg.model)) -}}
+{{- end -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* Ports every service's probes and metrics use. */}}
+{{- define "rheo.metricsPort" -}}
+{{- int .Values.config.telemetry.metrics_port -}}
+{{- end -}}
+{{- define "rheo.drainSeconds" -}}
+{{- int (ceil (default 10.0 .Values.config.lifecycle.drain_timeout_s)) -}}
+{{- end -}}
+
+{{/*
+One pod template. Arguments (dict): root, component, command (the `rheo` subcommand), spec (the component's
+values), gpus, weights (mount the model volume), ports (YAML list of extra container ports), env (YAML list of
+extra env vars), volumes / volumeMounts (YAML lists).
+*/}}
+{{- define "rheo.podTemplate" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+metadata:
+  labels:
+    {{- include "rheo.commonLabels" $root | nindent 4 }}
+    {{- include "rheo.selectorLabels" (dict "root" $root "component" .component) | nindent 4 }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  annotations:
+    checksum/config: {{ include "rheo.configYaml" $root | sha256sum }}
+    {{- with $v.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  serviceAccountName: {{ include "rheo.serviceAccountName" $root }}
+  automountServiceAccountToken: false
+  enableServiceLinks: false
+  terminationGracePeriodSeconds: {{ add (include "rheo.drainSeconds" $root) 10 }}
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 10001
+    runAsGroup: 10001
+    fsGroup: 10001
+    seccompProfile:
+      type: RuntimeDefault
+  containers:
+    - name: {{ .component }}
+      image: {{ include "rheo.image" $root }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      args: [{{ .command | quote }}]
+      securityContext:
+        allowPrivilegeEscalation: false
+        readOnlyRootFilesystem: true
+        capabilities:
+          drop: ["ALL"]
+      ports:
+        - name: metrics
+          containerPort: {{ include "rheo.metricsPort" $root }}
+          protocol: TCP
+        {{- with .ports }}
+        {{- . | nindent 8 }}
+        {{- end }}
+      env:
+        - name: RHEO_CONFIG
+          value: /etc/rheo/config.yaml
+        - name: HOME
+          value: /tmp
+        - name: POD_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
+        - name: POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        - name: RHEO_NATS__NAME
+          value: "$(POD_NAME)"
+        {{- if eq $v.nats.auth.type "userPassword" }}
+        - name: RHEO_NATS__PASSWORD
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "rheo.natsSecretName" $root }}
+              key: password
+        {{- else if eq $v.nats.auth.type "token" }}
+        - name: RHEO_NATS__TOKEN
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "rheo.natsSecretName" $root }}
+              key: token
+        {{- end }}
+        {{- with .env }}
+        {{- . | nindent 8 }}
+        {{- end }}
+      livenessProbe:
+        httpGet:
+          path: /healthz
+          port: metrics
+        periodSeconds: 10
+        timeoutSeconds: 3
+        failureThreshold: 3
+      readinessProbe:
+        httpGet:
+          path: /readyz
+          port: metrics
+        periodSeconds: 5
+        timeoutSeconds: 3
+        failureThreshold: 3
+      resources:
+        {{- $res := deepCopy (default dict .spec.resources) }}
+        {{- if gt (int .gpus) 0 }}
+        {{- $_ := set $res "limits" (merge (dict "nvidia.com/gpu" (int .gpus)) (default dict $res.limits)) }}
+        {{- $_ := set $res "requests" (merge (dict "nvidia.com/gpu" (int .gpus)) (default dict $res.requests)) }}
+        {{- end }}
+        {{- toYaml $res | nindent 8 }}
+      volumeMounts:
+        - name: config
+          mountPath: /etc/rheo
+          readOnly: true
+        - name: tmp
+          mountPath: /tmp
+        {{- if eq $v.nats.auth.type "creds" }}
+        - name: nats-creds
+          mountPath: /var/run/secrets/rheo/nats
+          readOnly: true
+        {{- end }}
+        {{- if and .weights (ne $v.model.source "none") }}
+        - name: weights
+          mountPath: {{ $v.model.mountPath }}
+          readOnly: true
+        {{- end }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "rheo.fullname" $root }}-config
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ default $v.tmpSizeLimit .tmpSizeLimit }}
+    {{- if eq $v.nats.auth.type "creds" }}
+    - name: nats-creds
+      secret:
+        secretName: {{ include "rheo.natsSecretName" $root }}
+        items:
+          - key: nats.creds
+            path: nats.creds
+    {{- end }}
+    {{- if and .weights (ne $v.model.source "none") }}
+    - name: weights
+      {{- if eq $v.model.source "pvc" }}
+      persistentVolumeClaim:
+        claimName: {{ required "model.pvc.claimName is required when model.source is pvc" $v.model.pvc.claimName }}
+        readOnly: true
+      {{- else if eq $v.model.source "hostPath" }}
+      hostPath:
+        path: {{ required "model.hostPath.path is required when model.source is hostPath" $v.model.hostPath.path }}
+        type: Directory
+      {{- else if eq $v.model.source "image" }}
+      image:
+        reference: {{ required "model.image.reference is required when model.source is image" $v.model.image.reference }}
+        pullPolicy: {{ $v.model.image.pullPolicy }}
+      {{- end }}
+    {{- end }}
+  {{- with .spec.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .spec.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .spec.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+
+{{/* A PodDisruptionBudget: (dict "root" $ "component" "gateway" "spec" .Values.gateway) */}}
+{{- define "rheo.pdb" -}}
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "rheo.fullname" .root }}-{{ .component }}
+  labels:
+    {{- include "rheo.labels" .root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  maxUnavailable: {{ .spec.pdb.maxUnavailable }}
+  selector:
+    matchLabels:
+      {{- include "rheo.selectorLabels" (dict "root" .root "component" .component) | nindent 6 }}
+{{- end -}}
+
+{{/* The metrics Service of a component (ClusterIP, never exposed outside). */}}
+{{- define "rheo.metricsService" -}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "rheo.fullname" .root }}-{{ .component }}-metrics
+  labels:
+    {{- include "rheo.labels" .root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+    rheo.io/metrics: "true"
+spec:
+  type: ClusterIP
+  clusterIP: None
+  selector:
+    {{- include "rheo.selectorLabels" (dict "root" .root "component" .component) | nindent 4 }}
+  ports:
+    - name: metrics
+      port: {{ include "rheo.metricsPort" .root }}
+      targetPort: metrics
+      protocol: TCP
+{{- end -}}
