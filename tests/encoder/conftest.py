@@ -8,28 +8,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
+from pipeline.tiny import TINY_VAE_CONFIG, make_tiny_vae  # the tiny builders live with the tiny preset
+
 torch.set_num_threads(2)
 
-# A tiny Wan2.1-shaped VAE: 4 stages (8× spatial), temporal downsample [False, True, True] (4× temporal).
-TINY_VAE_CONFIG: dict[str, Any] = {
-    "base_dim": 8,
-    "z_dim": 4,
-    "dim_mult": [1, 2, 2, 2],
-    "num_res_blocks": 1,
-    "latents_mean": [0.3, -0.7, 0.1, 1.2],
-    "latents_std": [1.9, 0.6, 2.4, 1.3],
-}
-
-
-def make_tiny_vae(seed: int = 0, dtype: torch.dtype = torch.float32) -> AutoencoderKLWan:
-    """A tiny VAE with every weight perturbed (so no parameter is at a trivial init value)."""
-    torch.manual_seed(seed)
-    vae = AutoencoderKLWan(**TINY_VAE_CONFIG).eval()
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return vae if dtype == torch.float32 else vae.to(dtype)
-
+__all__ = ["TINY_VAE_CONFIG", "make_tiny_vae", "make_video"]
 
 def make_video(frames: int, seed: int, height: int = 16, width: int = 24) -> torch.Tensor:
     """Smooth-ish random video in [-1, 1], NCTHW."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+from transformers import UMT5Config, UMT5EncoderModel
 
 from encoder.prompt import (
     DIFFUSERS_TEXT_ENCODER_DIR,
@@ -21,32 +21,9 @@ from encoder.prompt import (
     convert_wan_t5_state_dict,
     prompt_hash,
 )
-
-TINY_T5 = {
-    "vocab_size": 128,
-    "d_model": 32,
-    "d_kv": 8,
-    "num_heads": 4,
-    "d_ff": 64,
-    "num_layers": 2,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "feed_forward_proj": "gated-gelu",
-    "dropout_rate": 0.0,
-    "tie_word_embeddings": False,
-}
-WORDS = ["a", "cat", "dog", "on", "the", "mat", "red", "blue", "sky", "in", "fish", "and", '"', "'", "&"]
-
-
-def make_tokenizer() -> T5Tokenizer:
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(f"▁{w}", -3.0) for w in WORDS] + [(c, -6.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
-def make_t5(seed: int = 0) -> UMT5EncoderModel:
-    torch.manual_seed(seed)
-    return UMT5EncoderModel(UMT5Config(**TINY_T5)).eval()
+from pipeline.tiny import TINY_T5_CONFIG as TINY_T5
+from pipeline.tiny import make_tiny_t5 as make_t5
+from pipeline.tiny import make_tiny_tokenizer as make_tokenizer
 
 
 def hf_to_wan_t5(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,167 @@
+"""Local (single-process) StreamPipeline benchmark: frames in → VAE encode → stream-batched DiT → VAE decode →
+frames out, one JSON line per (preset, size, steps, streams).
+
+Input is synthetic (a moving square over a texture), fed as fast as the pipeline takes it, offline-style: every
+stream gets its next 4 frames (5 for the prepare chunk), then ``step_all`` runs one round (all streams' chunks in
+one DiT forward), until ``--frames`` frames per stream are in; ``finish`` drains the slots. A warm-up stream runs
+first (CUDA graphs are captured, kernels autotuned), so the numbers are a warm process's.
+
+* ``fps``: output frames of all streams / wall time from the first frame fed to the last frame out.
+* ``steady_fps``: the same after the first output frame (no prepare, no stream-batch warm-up).
+* ``ttff_s``: first frame fed → first output frame (offline: the 5 prepare frames are all there at once; a live
+  stream adds their capture time, 5/fps).
+
+    python bench/pipeline_local.py                                # CPU: the tiny preset
+    python bench/pipeline_local.py --device cuda --preset 1.3b    # 1.3B DiT + full-size Wan VAE, random weights
+
+The 1.3b preset skips umT5 (its 11 GB of weights are not needed to time the video path): every prompt maps to one
+fixed random [1, 512, 4096] embedding; the DiT's cross-attention K/V are computed from it as from a real one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dit_stage.config import WanDiTConfig
+from dit_stage.model import CausalWanDiT, init_weights_
+from pipeline.pipeline import FixedEmbedding, PipelineConfig, StreamPipeline
+from pipeline.state import StreamSpec
+
+
+def _emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def _frames(n: int, height: int, width: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(40, 200, (height // 16, width // 16, 3), dtype=np.uint8).repeat(16, 0).repeat(16, 1)
+    out = np.repeat(base[None], n, axis=0)
+    side = max(8, height // 6)
+    for i in range(n):
+        x = (5 * i) % (width - side)
+        out[i, height // 3 : height // 3 + side, x : x + side] = (250, 240, 30)
+    return out
+
+
+def build(preset: str, config: PipelineConfig, device: torch.device, dtype: torch.dtype, graphs: bool):
+    """(pipeline, note): the tiny preset, or real 1.3B/14B DiT shapes + the full Wan2.1 VAE with random weights."""
+    if preset == "tiny":
+        from pipeline.loading import build_tiny_pipeline
+
+        return build_tiny_pipeline(config, device=device, dtype=dtype), "tiny umT5 + tokenizer"
+    from diffusers import AutoencoderKLWan
+
+    from encoder.vae import StreamVAE
+
+    cfg = WanDiTConfig.named(preset)
+    with torch.device("meta"):
+        dit = CausalWanDiT(cfg)
+    dit = dit.to(dtype).to_empty(device=device)  # never materialise fp32 weights
+    init_weights_(dit, std=0.02, generator=torch.Generator(device=device).manual_seed(0))
+    torch.manual_seed(0)
+    vae = StreamVAE(AutoencoderKLWan().to(device=device, dtype=dtype))  # diffusers' defaults = the Wan2.1 VAE
+    text = FixedEmbedding(cfg.text_len, cfg.text_dim)
+    note = "umT5 skipped: one fixed random [1, 512, 4096] embedding for every prompt"
+    return StreamPipeline(dit.eval(), vae, text, config, cuda_graphs=graphs), note
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_streams(pipe: StreamPipeline, streams: int, frames: int, seed: int) -> dict:
+    cfg = pipe.config
+    inputs = [_frames(frames, cfg.height, cfg.width, seed + s) for s in range(streams)]
+    sids = [pipe.open_stream(StreamSpec(f"prompt {s}", seed=seed + s)) for s in range(streams)]
+    device = pipe.device
+    out_frames = 0
+    first_out = None
+    last_step = None
+    frames_at_last_step = 0
+    _sync(device)
+    start = time.perf_counter()
+    fed = 0
+    while fed < frames:
+        n = 5 if fed == 0 else 4
+        for sid, video in zip(sids, inputs, strict=True):
+            pipe.feed(sid, video[fed : fed + n])
+        fed += n
+        while pipe.ready():
+            for got in pipe.step_all().values():
+                out_frames += len(got)
+                if len(got) and first_out is None:
+                    first_out = time.perf_counter()
+        last_step, frames_at_last_step = time.perf_counter(), out_frames
+    for sid in sids:
+        out_frames += len(pipe.finish(sid))
+        pipe.close_stream(sid)
+    _sync(device)
+    end = time.perf_counter()
+    assert first_out is not None and last_step is not None
+    steady = (frames_at_last_step - len(sids) * 5) / max(last_step - first_out, 1e-9)
+    return {
+        "frames_out": out_frames,
+        "fps": round(out_frames / (end - start), 2),
+        "steady_fps": round(steady, 2),
+        "ttff_s": round(first_out - start, 4),
+        "seconds": round(end - start, 3),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", choices=["tiny", "1.3b", "14b"], default=None, help="default: tiny on CPU, else 1.3b")
+    p.add_argument("--size", default=None, help="comma list of WxH (default: 64x64,128x128 tiny; 512x512 else)")
+    p.add_argument("--steps", default=None, help="comma list (default: 2 on CPU; 1,2,4 on CUDA)")
+    p.add_argument("--streams", default="1,2", help="comma list")
+    p.add_argument("--frames", type=int, default=None, help="input frames per stream (1 + 4k)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs for the DiT")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    preset = args.preset or ("tiny" if device.type == "cpu" else "1.3b")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    sizes = args.size or ("64x64,128x128" if preset == "tiny" else "512x512")
+    steps_list = [int(s) for s in (args.steps or ("2" if device.type == "cpu" else "1,2,4")).split(",")]
+    frames = args.frames or (45 if preset == "tiny" else 69)
+    graphs = device.type == "cuda" and not args.eager
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    for size in sizes.split(","):
+        w, h = (int(v) for v in size.split("x"))
+        for steps in steps_list:
+            t0 = time.perf_counter()
+            pipe, note = build(preset, PipelineConfig(width=w, height=h, steps=steps), device, dtype, graphs)
+            load_s = time.perf_counter() - t0
+            run_streams(pipe, 1, 21, seed=1000)  # warm-up: graph capture, autotuning, allocator
+            for streams in [int(s) for s in args.streams.split(",")]:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                row = run_streams(pipe, streams, frames, seed=0)
+                _emit({
+                    "bench": "pipeline_local", "preset": preset, "device": gpu or "cpu", "dtype": str(dtype)[6:],
+                    "size": size, "steps": steps, "streams": streams, "frames_per_stream": frames,
+                    "cuda_graphs": graphs, **row, "build_s": round(load_s, 2),
+                    "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if gpu else None,
+                    "text_encoder": note,
+                })  # fmt: skip
+            del pipe
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""File → file (``rheo run``): any video PyAV reads → StreamPipeline → H.264 MP4 at the input frame rate.
+
+Bad input ends with one ``InputError`` line and no output file: the MP4 is written to a temp file next to the
+output and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import av
+import numpy as np
+
+from ingest.pacing import shape_frame
+
+if TYPE_CHECKING:  # the model side is imported only when a run starts, so input errors come back fast
+    from pipeline.pipeline import StreamPipeline
+
+__all__ = ["InputError", "Mp4Writer", "RunStats", "VideoInput", "run_file", "run_t2v"]
+
+DEFAULT_FPS = 16.0
+# Formats FFmpeg "reads" that no one means as video (it renders text files as ANSI art).
+_NOT_VIDEO_FORMATS = {"tty": "a text file"}
+
+
+class InputError(ValueError):
+    """An input that cannot be turned into frames (missing, empty, corrupt, audio-only, unsupported)."""
+
+
+@dataclass(frozen=True)
+class RunStats:
+    frames_in: int
+    frames_out: int
+    fps: float
+    """Output frames per second of processing (decode + model + encode), model loading excluded."""
+    ttff_s: float
+    """Time from the first input frame read to the first output frame produced."""
+    seconds: float
+    output_fps: float
+
+
+class VideoInput:
+    """The first video stream of a file PyAV can read, decoded frame by frame, shaped to the model size."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"input {self.path} does not exist")
+        if not self.path.is_file():
+            raise InputError(f"input {self.path} is not a file")
+        if self.path.stat().st_size == 0:
+            raise InputError(f"input {self.path} is empty (0 bytes)")
+        try:
+            self._container = av.open(str(self.path))
+        except av.error.FFmpegError as err:
+            why = _why(err)
+            msg = f"cannot read {self.path}: not a video PyAV can read (corrupt or unsupported: {why})"
+            raise InputError(msg) from None
+        kind = _NOT_VIDEO_FORMATS.get(self._container.format.name)
+        if kind is not None:
+            self._container.close()
+            raise InputError(f"input {self.path} is {kind}, not a video (unsupported input)")
+        streams = self._container.streams
+        if not streams.video:
+            kinds = sorted({s.type for s in streams}) or ["nothing"]
+            self._container.close()
+            what = "audio-only" if kinds == ["audio"] else "no video"
+            raise InputError(f"input {self.path} has no video stream ({what}; it holds: {', '.join(kinds)})")
+        self._stream = streams.video[0]
+        if self._stream.codec_context is None or not self._stream.codec_context.name:
+            self._container.close()
+            raise InputError(f"input {self.path}: its video codec is not supported by this FFmpeg build")
+        rate = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
+        self.fps = Fraction(rate) if rate else Fraction(DEFAULT_FPS)
+        if not 0 < self.fps <= 240:
+            self.fps = Fraction(DEFAULT_FPS)
+        self.frames_hint = int(self._stream.frames or 0) or None
+
+    def frames(self, width: int, height: int) -> Iterator[np.ndarray]:
+        try:
+            for frame in self._container.decode(self._stream):
+                yield shape_frame(frame, width, height)
+        except av.error.FFmpegError as err:
+            raise InputError(f"cannot decode {self.path}: corrupt video data ({_why(err)})") from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._container.close()
+
+
+class Mp4Writer:
+    """libx264 in an MP4, written to ``<output>.part`` and renamed on ``close``; ``abort`` deletes the temp file."""
+
+    def __init__(self, output: str | Path, width: int, height: int, fps: Fraction, crf: int = 18) -> None:
+        self.output = Path(output)
+        if not self.output.parent.is_dir():
+            raise InputError(f"output folder {self.output.parent} does not exist")
+        self.temp = self.output.with_name(f".{self.output.name}.{os.getpid()}.part")
+        self._container = av.open(str(self.temp), "w", format="mp4")
+        rate = Fraction(fps).limit_denominator(1001)
+        self._stream = self._container.add_stream("libx264", rate=rate)
+        self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
+        self._stream.options = {"crf": str(crf), "preset": "veryfast"}
+        self._time_base = 1 / rate
+        self.frames = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        for rgb in frames:
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            vf.pts, vf.time_base = self.frames, self._time_base
+            self._container.mux(self._stream.encode(vf))
+            self.frames += 1
+
+    def close(self) -> None:
+        self._container.mux(self._stream.encode(None))
+        self._container.close()
+        os.replace(self.temp, self.output)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):  # the file is removed either way
+            self._container.close()
+        self.temp.unlink(missing_ok=True)
+
+
+def _why(err: Exception) -> str:
+    return getattr(err, "strerror", None) or str(err).splitlines()[0]
+
+
+def _progress(total: int | None, enabled: bool, unit: str = "frame"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, file=sys.stderr, disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def run_file(
+    pipeline: StreamPipeline,
+    input_path: str | Path | VideoInput,
+    output_path: str | Path,
+    prompt: str,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> RunStats:
+    """Restyle ``input_path`` (a path, or a ``VideoInput`` already opened) into ``output_path``."""
+    from pipeline.state import StreamSpec
+
+    cfg = pipeline.config
+    video = input_path if isinstance(input_path, VideoInput) else VideoInput(input_path)
+    sid = pipeline.open_stream(StreamSpec(prompt=prompt, seed=seed))
+    writer: Mp4Writer | None = None
+    start = time.perf_counter()
+    first_out: float | None = None
+    frames_in = 0
+    try:
+        writer = Mp4Writer(output_path, cfg.width, cfg.height, video.fps)
+        with _progress(video.frames_hint, progress) as bar:
+            for rgb in video.frames(cfg.width, cfg.height):
+                frames_in += 1
+                out = pipeline.push(sid, rgb[None])
+                if len(out):
+                    first_out = first_out or time.perf_counter()
+                    writer.write(out)
+                    bar.update(len(out))
+            if frames_in == 0:
+                raise InputError(f"input {video.path} contains no video frames")
+            out = pipeline.finish(sid)
+            if len(out):
+                first_out = first_out or time.perf_counter()
+            writer.write(out)
+            bar.update(len(out))
+        writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        video.close()
+        pipeline.close_stream(sid)
+    seconds = time.perf_counter() - start
+    ttff = (first_out or time.perf_counter()) - start
+    return RunStats(frames_in, writer.frames, writer.frames / seconds, ttff, seconds, float(video.fps))
+
+
+def run_t2v(
+    pipeline: StreamPipeline,
+    output_path: str | Path,
+    prompt: str,
+    *,
+    seconds: float,
+    fps: float = DEFAULT_FPS,
+    seed: int = 0,
+    progress: bool = True,
+) -> RunStats:
+    """Generate ``seconds`` of video from ``prompt`` alone (T2V)."""
+    from pipeline.state import StreamSpec
+
+    cfg = pipeline.config
+    total = max(1, round(seconds * fps))
+    sid = pipeline.open_stream(StreamSpec(prompt=prompt, seed=seed, t2v=True))
+    writer: Mp4Writer | None = None
+    start = time.perf_counter()
+    first_out: float | None = None
+    try:
+        writer = Mp4Writer(output_path, cfg.width, cfg.height, Fraction(fps).limit_denominator(1001))
+        with _progress(total, progress) as bar:
+            pipeline.request(sid, total)
+            while pipeline.ready():
+                out = pipeline.step_all().get(sid)
+                if out is not None and len(out):
+                    first_out = first_out or time.perf_counter()
+                    writer.write(out)
+                    bar.update(len(out))
+            out = pipeline.finish(sid)
+            writer.write(out)
+            bar.update(len(out))
+        writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        pipeline.close_stream(sid)
+    elapsed = time.perf_counter() - start
+    ttff = (first_out or time.perf_counter()) - start
+    return RunStats(0, writer.frames, writer.frames / elapsed, ttff, elapsed, fps)

@@ -1,0 +1,404 @@
+"""The single-process StreamPipeline: frames in → Stream-VAE encode → stream-batched causal DiT → decode → frames.
+
+This is the reference the distributed system is proven against, and the offline mode (``rheo run``). Every
+mechanism is the shared one: chunk arithmetic from ``proto.clock.ChunkClock``, the DiT and its stream-batch from
+``dit_stage.stream_batch.StreamBatchRunner``, the VAE/prompt/motion code from ``encoder/``. Every random draw is
+``draw_noise`` keyed by (stream seed, chunk, step, purpose), so the same seed gives the same frames, alone or
+batched with other streams. See docs/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from dit_stage.model import CausalWanDiT
+from dit_stage.stream_batch import StreamBatchConfig, StreamBatchRunner
+from encoder.motion import MotionNoiseConfig, MotionNoiseController
+from encoder.vae import StreamVAE
+from pipeline.state import PromptBlend, StreamSpec, StreamState, segment_seed
+
+__all__ = ["FixedEmbedding", "PipelineConfig", "PipelineError", "PromptMode", "StreamPipeline", "TextEncoder"]
+
+PromptMode = Literal["cut", "blend"]
+Frames = np.ndarray | torch.Tensor
+
+
+class PipelineError(ValueError):
+    """A call the pipeline cannot honour (unknown stream, wrong frame shape, pushing to an ended stream)."""
+
+
+class TextEncoder(Protocol):
+    """What the pipeline needs from a prompt encoder: ``encode(prompt) -> [1, L, text_dim]``."""
+
+    def encode(self, prompt: str) -> torch.Tensor: ...
+
+
+class FixedEmbedding:
+    """A text encoder stand-in: one fixed random embedding for every prompt (benchmarks without umT5 weights)."""
+
+    def __init__(self, text_len: int, text_dim: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.embedding = torch.randn(1, text_len, text_dim, generator=g)
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        return self.embedding.clone()
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Pipeline-wide settings (every stream of one pipeline shares the model size and the slot count)."""
+
+    width: int = 512
+    height: int = 512
+    steps: int = 2
+    noise_scale: float = 0.8
+    """s_init: the input noise mix of a still input (and of every chunk when motion-aware noise is off)."""
+    motion_aware_noise: bool = True
+    blend_chunks: int = 4
+    """Chunks a `blend` prompt change interpolates over (the default of ``set_prompt``)."""
+    t2v_latent_frames: int = 1
+    kv_window: int = 6
+    sink: int = 3
+    adaptive_threshold: float | None = 0.2
+    t_refresh: int | None = 50
+    cache_mode: Literal["sdv2", "self_forcing"] = "sdv2"
+    output: Literal["uint8", "float"] = "uint8"
+    """Returned frames: uint8 [T, H, W, 3], or float32 [T, H, W, 3] in [0, 1]."""
+
+    def __post_init__(self) -> None:
+        if self.width % 16 or self.height % 16 or self.width <= 0 or self.height <= 0:
+            raise ValueError(f"size {self.width}x{self.height} must be positive multiples of 16")
+        if self.blend_chunks < 1:
+            raise ValueError("blend_chunks must be >= 1")
+
+    def batch_config(self) -> StreamBatchConfig:
+        return StreamBatchConfig(
+            steps=self.steps,
+            noise_scale=self.noise_scale,
+            kv_window=self.kv_window,
+            sink=self.sink,
+            adaptive_threshold=self.adaptive_threshold,
+            t_refresh=self.t_refresh,
+            cache_mode=self.cache_mode,
+        )
+
+
+class StreamPipeline:
+    """Many streams, one process: ``open_stream`` → ``push``/``feed`` + ``step_all`` → ``finish`` → ``close_stream``.
+
+    ``push(stream, frames)`` runs that stream alone and returns the frames ready so far (empty during the
+    stream-batch warm-up). ``feed`` only buffers; ``step_all`` then runs one round: every stream with a whole
+    chunk buffered contributes its chunk, and all of them go through one DiT forward (prepare chunks run on
+    their own: 2 latent frames, sequential steps). Both paths give the same frames (fp tolerance).
+    """
+
+    def __init__(
+        self,
+        dit: CausalWanDiT | Sequence[CausalWanDiT],
+        vae: StreamVAE,
+        text_encoder: TextEncoder,
+        config: PipelineConfig | None = None,
+        *,
+        cuda_graphs: bool = False,
+        description: str = "",
+    ) -> None:
+        stages = [dit] if isinstance(dit, CausalWanDiT) else list(dit)
+        config = config or PipelineConfig()
+        self.config = config
+        self.runner = StreamBatchRunner(stages, config.batch_config(), cuda_graphs=cuda_graphs)
+        dit_cfg = stages[0].config
+        if vae.z_dim != dit_cfg.in_dim:
+            raise ValueError(f"VAE latent channels {vae.z_dim} != DiT in_dim {dit_cfg.in_dim}")
+        f = vae.spatial_factor
+        if config.height % (f * dit_cfg.patch_size[1]) or config.width % (f * dit_cfg.patch_size[2]):
+            raise ValueError(f"size {config.width}x{config.height} is not a multiple of {f}×patch")
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.motion = MotionNoiseController(
+            MotionNoiseConfig(enabled=config.motion_aware_noise, s_init=config.noise_scale)
+        )
+        self.latent_hw = (config.height // f, config.width // f)
+        self.description = description
+        self.streams: dict[str, StreamState] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    # ------------------------------------------------------------------ streams
+    def open_stream(self, spec: StreamSpec) -> str:
+        stream_id = spec.stream_id or uuid.uuid4().hex[:12]
+        if stream_id in self.streams:
+            raise PipelineError(f"stream {stream_id!r} is already open")
+        context = self._embed(spec.prompt)
+        clock = self._clock(spec.t2v)
+        slots = self.runner.open_stream(stream_id, segment_seed(spec.seed, 0), context, self.latent_hw, clock)
+        self.streams[stream_id] = StreamState(
+            stream_id=stream_id,
+            seed=spec.seed,
+            t2v=spec.t2v,
+            slots=slots,
+            dit=self.runner.states[stream_id],
+            vae=self.vae.new_state(),
+            motion=self.motion.new_state(),
+            prompt=spec.prompt,
+            prompt_version=0,
+            context=context,
+        )
+        return stream_id
+
+    def close_stream(self, stream_id: str) -> None:
+        self._stream(stream_id)
+        del self.streams[stream_id]
+        self.runner.slots.pop(stream_id, None)
+        self.runner.states.pop(stream_id, None)
+
+    def stream_state(self, stream_id: str) -> StreamState:
+        return self._stream(stream_id)
+
+    def save_stream(self, stream_id: str) -> bytes:
+        """The stream's whole state as bytes (restore with ``restore_stream``, here or in another pipeline)."""
+        return self._stream(stream_id).to_bytes()
+
+    def restore_stream(self, data: bytes | StreamState) -> str:
+        state = data if isinstance(data, StreamState) else StreamState.from_bytes(data, self.device)
+        if state.stream_id in self.streams:
+            raise PipelineError(f"stream {state.stream_id!r} is already open")
+        if state.slots.num_slots != self.config.steps or tuple(state.slots.latent_hw) != self.latent_hw:
+            raise PipelineError("the stream's slots or latent size do not match this pipeline")
+        self.runner.adopt(state.slots, state.dit)
+        self.streams[state.stream_id] = state
+        return state.stream_id
+
+    # ------------------------------------------------------------------ prompts
+    def set_prompt(self, stream_id: str, prompt: str, mode: PromptMode = "blend", chunks: int | None = None) -> None:
+        """Change a stream's prompt without a restart.
+
+        ``cut``: chunks already in the slots finish under the old prompt, then every cache (KV, VAE, motion) is
+        reset and the next buffered frames start a new warm-up (a 5-frame prepare chunk) with a fresh segment seed.
+        ``blend``: the KV cache is kept; the embedding moves linearly from the current one to the new one over
+        ``chunks`` chunks (default ``config.blend_chunks``), one step per chunk entering the DiT.
+        """
+        st = self._stream(stream_id)
+        if mode not in ("cut", "blend"):
+            raise PipelineError(f"unknown prompt mode {mode!r}; use 'cut' or 'blend'")
+        target = self._embed(prompt)
+        st.prompt, st.prompt_version = prompt, st.prompt_version + 1
+        started = st.next_chunk > 0
+        if mode == "blend" and started:
+            total = chunks if chunks is not None else self.config.blend_chunks
+            if total < 1:
+                raise PipelineError("a blend needs at least one chunk")
+            st.blend = PromptBlend(st.context, target, total)
+            return
+        st.blend = None
+        if mode == "cut" and started:
+            self._drain(st)
+            st.segment += 1
+            slots = self.runner.open_stream(
+                stream_id, segment_seed(st.seed, st.segment), target, self.latent_hw, self._clock(st.t2v)
+            )
+            st.slots, st.dit = slots, self.runner.states[stream_id]
+            st.vae.reset()
+            st.motion = self.motion.new_state()
+            st.last_latent, st.last_scale = None, None
+        else:
+            self.runner.set_prompt(stream_id, target, st.prompt_version)
+        st.context = target
+
+    # ------------------------------------------------------------------ frames
+    def feed(self, stream_id: str, frames: Frames) -> None:
+        """Buffer input frames (uint8 [T, H, W, 3], or float in [0, 1]) without running anything."""
+        st = self._stream(stream_id)
+        if st.ended:
+            raise PipelineError(f"stream {stream_id!r} has ended")
+        if st.t2v:
+            raise PipelineError(f"stream {stream_id!r} is a T2V stream; it takes no input frames")
+        px = self._to_pixels(frames)
+        st.frames_in += px.shape[2]
+        st.pending = px if st.pending is None else torch.cat([st.pending, px], dim=2)
+
+    def push(self, stream_id: str, frames: Frames) -> np.ndarray:
+        """Feed frames and run this stream alone; returns its output frames available so far."""
+        self.feed(stream_id, frames)
+        st = self._stream(stream_id)
+        while self._ready(st):
+            self._round([st])
+        return self._take(st)
+
+    def generate(self, stream_id: str, num_frames: int) -> np.ndarray:
+        """T2V: ask for ``num_frames`` more frames and run this stream alone until they are all out."""
+        st = self._stream(stream_id)
+        self.request(stream_id, num_frames)
+        while self._ready(st):
+            self._round([st])
+        return self._take(st)
+
+    def request(self, stream_id: str, num_frames: int) -> None:
+        """T2V: ask for ``num_frames`` more frames (produced by ``generate`` or ``step_all`` rounds)."""
+        st = self._stream(stream_id)
+        if not st.t2v:
+            raise PipelineError(f"stream {stream_id!r} is a video-to-video stream; push frames instead")
+        if num_frames < 0:
+            raise PipelineError("num_frames must be >= 0")
+        st.t2v_target += num_frames
+
+    def ready(self) -> list[str]:
+        """Streams with a whole chunk to run (V2V: enough frames buffered; T2V: frames still wanted)."""
+        return [sid for sid, st in self.streams.items() if self._ready(st)]
+
+    def step_all(self) -> dict[str, np.ndarray]:
+        """One round over every ready stream (their chunks batched into one DiT forward); returns the frames each
+        stream has ready now (streams without new frames are left out)."""
+        ready = [self.streams[sid] for sid in self.ready()]
+        if ready:
+            self._round(ready)
+        out = {}
+        for st in self.streams.values():
+            if st.outbox:
+                out[st.stream_id] = self._take(st)
+        return out
+
+    def finish(self, stream_id: str) -> np.ndarray:
+        """End of input: run the buffered tail (padded with its last frame to a whole chunk), let every chunk in
+        the slots finish, and return the remaining frames — exactly as many frames out as went in (T2V: as
+        were requested)."""
+        st = self._stream(stream_id)
+        if not st.ended:
+            while self._ready(st):
+                self._round([st])
+            n = 0 if st.pending is None else st.pending.shape[2]
+            if n and not st.t2v:
+                pad = st.clock.input_frames(st.next_chunk) - n
+                st.pending = torch.cat([st.pending, st.pending[:, :, -1:].expand(-1, -1, pad, -1, -1)], dim=2)
+                self._round([st])
+            self._drain(st)
+            st.ended = True
+        return self._take(st)
+
+    # ------------------------------------------------------------------ internals
+    def _stream(self, stream_id: str) -> StreamState:
+        try:
+            return self.streams[stream_id]
+        except KeyError:
+            raise PipelineError(f"unknown stream {stream_id!r}") from None
+
+    def _clock(self, t2v: bool):
+        cfg = self.runner.config
+        return cfg.clock(t2v_frames=self.config.t2v_latent_frames if t2v else None)
+
+    def _embed(self, prompt: str) -> torch.Tensor:
+        dit_cfg = self.runner.stages[0].config
+        ctx = self.text_encoder.encode(prompt)
+        if ctx.dim() == 2:
+            ctx = ctx[None]
+        if ctx.shape[-1] != dit_cfg.text_dim or ctx.shape[1] > dit_cfg.text_len:
+            raise PipelineError(
+                f"prompt embedding {tuple(ctx.shape)} does not fit the DiT ([1, <= {dit_cfg.text_len}, "
+                f"{dit_cfg.text_dim}])"
+            )
+        return ctx.to(device=self.device, dtype=torch.float32)
+
+    def _to_pixels(self, frames: Frames) -> torch.Tensor:
+        """[T, H, W, 3] uint8 or float [0, 1] → [1, 3, T, H, W] float32 in [-1, 1] on the pipeline's device."""
+        t = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+        h, w = self.config.height, self.config.width
+        if t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4 or tuple(t.shape[1:]) != (h, w, 3):
+            raise PipelineError(f"frames must be [T, {h}, {w}, 3], got {tuple(t.shape)}")
+        x = t.float() / 127.5 - 1.0 if t.dtype == torch.uint8 else t.float() * 2.0 - 1.0
+        return x.permute(3, 0, 1, 2)[None].to(self.device)
+
+    def _ready(self, st: StreamState) -> bool:
+        if st.ended:
+            return False
+        if st.t2v:  # T2V chunks need no input: keep entering chunks until enough frames are out
+            return st.frames_out < st.t2v_target
+        n = 0 if st.pending is None else st.pending.shape[2]
+        return n >= st.clock.input_frames(st.next_chunk)
+
+    def _advance_prompt(self, st: StreamState) -> None:
+        """A blend moves one step per chunk entering the DiT (before its forward)."""
+        if st.blend is None:
+            return
+        ctx, complete = st.blend.advance()
+        self.runner.set_prompt(st.stream_id, ctx, st.prompt_version)
+        st.context = ctx
+        if complete:
+            st.blend = None
+
+    def _next_input(self, st: StreamState) -> tuple[torch.Tensor | None, float | None]:
+        """Take the next chunk's frames from the buffer: (latent, noise scale); (None, None) for T2V."""
+        if st.t2v:
+            return None, None
+        need = st.clock.input_frames(st.next_chunk)
+        assert st.pending is not None
+        px, rest = st.pending[:, :, :need], st.pending[:, :, need:]
+        st.pending = rest if rest.shape[2] else None
+        level = self.motion.update(st.motion, px)
+        z = self.vae.encode(st.vae, px.to(self.vae.dtype)).float()
+        st.last_latent, st.last_scale = z[:, :, -1:], level.scale
+        return z, level.scale
+
+    def _round(self, streams: Sequence[StreamState]) -> None:
+        """One chunk per stream: prepare chunks alone, the rest in one stream-batched forward per frame count."""
+        batch: dict[str, tuple[torch.Tensor | None, float | None]] = {}
+        for st in streams:
+            z, scale = self._next_input(st)
+            self._advance_prompt(st)
+            st.chunks += 1
+            if st.next_chunk == 0:
+                self._emit(st, self.runner.prepare(st.stream_id, z, scale))
+            else:
+                batch[st.stream_id] = (z, scale)
+        self._step(batch)
+
+    def _step(self, batch: dict[str, tuple[torch.Tensor | None, float | None]]) -> None:
+        frames_of = {sid: self.streams[sid].clock.latent_frames(self.streams[sid].next_chunk) for sid in batch}
+        for _, group in itertools.groupby(sorted(batch, key=lambda s: frames_of[s]), key=lambda s: frames_of[s]):
+            sids = list(group)
+            out = self.runner.step({sid: batch[sid] for sid in sids})
+            for sid in sids:
+                if out[sid] is not None:
+                    self._emit(self.streams[sid], out[sid])
+
+    def _drain(self, st: StreamState) -> None:
+        """Finish the chunks in the slots: forwards with a stand-in chunk (the last latent again) entering slot 0.
+        The stand-ins never finish; they are dropped with the segment."""
+        if st.next_chunk == 0:
+            return
+        last = st.next_chunk - 1
+        while any(c <= last for c in st.in_flight()):
+            z = None if st.t2v else st.last_latent
+            self._step({st.stream_id: (z, st.last_scale)})
+
+    def _emit(self, st: StreamState, x0: torch.Tensor) -> None:
+        frames = self.vae.decode(st.vae, x0.to(self.vae.dtype))
+        st.frames_out += frames.shape[2]
+        st.outbox.append(frames)
+
+    def _take(self, st: StreamState) -> np.ndarray:
+        """Hand out decoded frames, never more than went in (V2V; the tail padding is cut) or were asked for
+        (T2V; the rest waits for the next request)."""
+        target = st.t2v_target if st.t2v else st.frames_in
+        x = torch.cat(st.outbox, dim=2) if st.outbox else None
+        n = min(0 if x is None else x.shape[2], max(0, target - st.delivered))
+        st.outbox = [x[:, :, n:]] if x is not None and x.shape[2] > n and not st.ended else []
+        st.delivered += n
+        h, w = self.config.height, self.config.width
+        if n == 0:
+            dtype = np.uint8 if self.config.output == "uint8" else np.float32
+            return np.zeros((0, h, w, 3), dtype=dtype)
+        assert x is not None
+        frames = x[0, :, :n].permute(1, 2, 3, 0).float()
+        if self.config.output == "float":
+            return ((frames + 1.0) / 2.0).clamp(0, 1).cpu().numpy()
+        return ((frames + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()

@@ -1,0 +1,109 @@
+"""`rheo run` end to end as a subprocess: the tiny preset on a real clip, T2V, and bad inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from support.pipekit import read_clip
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def rheo_run(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RHEO_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", "run", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_rheo_run_tiny_preset_end_to_end(clip, tmp_path):
+    out = tmp_path / "styled.mp4"
+    r = rheo_run("--input", clip, "--output", out, "--prompt", "a red cat", "--preset", "tiny", "--size", "64x64",
+                 "--steps", "2", "--seed", "5", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "tiny RANDOM model" in r.stderr  # said loudly
+    assert "achieved" in r.stderr and "FPS" in r.stderr and "time to first frame" in r.stderr
+    assert "24/24" in r.stderr  # the progress bar reached the end
+    frames, fps = read_clip(out)
+    assert frames.shape == (24, 64, 64, 3) and fps == Fraction(12)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["styled.mp4"]
+
+
+def test_rheo_run_t2v(tmp_path):
+    out = tmp_path / "gen.mp4"
+    r = rheo_run("--t2v", "--seconds", "1.5", "--output", out, "--prompt", "a blue sky", "--size", "64x48",
+                 "--quiet", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    with av.open(str(out)) as c:
+        s = c.streams.video[0]
+        assert (s.width, s.height) == (64, 48)
+        assert sum(1 for _ in c.decode(s)) == 24  # 1.5 s at the default 16 fps
+
+
+def _truncated(src: Path, dst: Path) -> None:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])  # the moov box (at the end) is gone: a corrupt MP4
+
+
+def _audio_only(dst: Path) -> None:
+    with av.open(str(dst), "w") as c:
+        s = c.add_stream("aac", rate=44100)
+        for i in range(20):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            f.sample_rate, f.pts = 44100, i * 1024
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+
+
+BAD_INPUTS = {
+    "corrupt": (lambda clip, p: _truncated(clip, p), "in.mp4", "corrupt or unsupported"),
+    "empty": (lambda clip, p: p.write_bytes(b""), "in.mp4", "is empty"),
+    "audio-only": (lambda clip, p: _audio_only(p), "in.m4a", "audio-only"),
+    "unsupported-text": (lambda clip, p: p.write_text("not a video\n" * 40), "in.txt", "a text file, not a video"),
+    "unsupported-subtitles": (
+        lambda clip, p: p.write_text("1\n00:00:01,000 --> 00:00:02,000\nhello\n"),
+        "in.srt",
+        "no video stream",
+    ),
+    "missing": (lambda clip, p: None, "nothing.mp4", "does not exist"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_input_gives_one_clear_line_and_no_output(kind, clip, tmp_path):
+    make, name, message = BAD_INPUTS[kind]
+    src = tmp_path / name
+    make(clip, src)
+    out = tmp_path / "out.mp4"
+    before = set(tmp_path.iterdir())
+    r = rheo_run("--input", src, "--output", out, "--prompt", "x", "--preset", "tiny", "--size", "64x64",
+                 cwd=tmp_path)  # fmt: skip
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("rheo run: error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert set(tmp_path.iterdir()) == before  # no output, no temp file
+
+
+def test_output_folder_missing_is_one_line_and_leaves_nothing(clip, tmp_path):
+    r = rheo_run("--input", clip, "--output", tmp_path / "no" / "out.mp4", "--prompt", "x", "--size", "64x64",
+                 "--quiet", cwd=tmp_path)  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("rheo run: error:")]
+    assert errors == [f"rheo run: error: output folder {tmp_path / 'no'} does not exist"]
+    assert list(tmp_path.iterdir()) == []
