@@ -283,10 +283,60 @@ class Credit(Message):
     consumed: int = Field(ge=0)
 
 
+# -- the DiT stage ring (tensor link between stages; docs/dit-ring.md) -------------------------------------------
+
+
+class RingItem(BaseModel):
+    """One item of the stream-batch ring: chunk ``seq`` of a stream at denoising ``step`` (one batch row)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    stream_id: StreamId
+    seq: int = Field(ge=0, description="chunk index c")
+    step: int = Field(ge=0, description="denoising step k (at timesteps[k])")
+    slot: int = Field(ge=0, description="KV-cache slot (= step, except chunk 0's sequential prepare: slot 0)")
+    steps: int = Field(ge=1, le=8, description="denoising steps of the stream = stream-batch slots")
+    epoch: int = Field(ge=0, description="block-map epoch the item entered the ring with")
+    frame_start: int = Field(ge=0, description="cache frame index of the chunk's first latent frame in this slot")
+    latent_start: int = Field(ge=0, description="absolute latent-frame index (from the LatentChunk)")
+    rope_start: int = Field(ge=0, description="RoPE start frame after refresh")
+    frames: int = Field(ge=1, description="latent frames of the chunk")
+    timesteps: list[int] = Field(description="the chunk's denoising timesteps, step 0 first")
+    prompt_version: int = Field(ge=0)
+    noise_scale: float = Field(ge=0, le=1)
+    seed: int = Field(ge=0, lt=2**63, description="stream seed: every random draw derives from it")
+    capture_time: float
+    deadline: float
+
+
+class StageItems(Message):
+    """One micro-step handed to the next DiT stage: per-item headers, hidden states and the noisy latents."""
+
+    epoch: int = Field(ge=0)
+    items: list[RingItem]
+    hidden: Tensor = Field(description="[N, f·S, D] hidden states after the sender's blocks")
+    noisy: Tensor = Field(description="[N, C, f, H, W] the items' noisy latents (the last stage needs them for x0)")
+
+
+class RingReturn(Message):
+    """Last stage → first stage: items re-noised to their next step, to run again."""
+
+    epoch: int = Field(ge=0)
+    items: list[RingItem] = Field(description="the items at their next step (step, slot already advanced)")
+    latents: Tensor = Field(description="[N, C, f, H, W] re-noised latents at each item's step")
+
+
+class StagePrompt(Message):
+    """A prompt embedding handed down the stage chain before the first item that uses its version."""
+
+    stream_id: StreamId
+    version: int = Field(ge=0)
+    embedding: Tensor = Field(description="[L, D] umT5 embedding")
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (StreamSpec, LatentChunk, FrameChunk, PromptUpdate, Heartbeat, StageStats, BlockMap, Error, Ack,
-                Credit, StreamRecord, EncodedVideo, StreamEvent)
+                Credit, StreamRecord, EncodedVideo, StreamEvent, StageItems, RingReturn, StagePrompt)
 }
 
 M = TypeVar("M", bound=Message)
@@ -347,8 +397,12 @@ __all__ = [
     "NoiseParams",
     "PromptMode",
     "PromptUpdate",
+    "RingItem",
+    "RingReturn",
     "Role",
     "StageAssignment",
+    "StageItems",
+    "StagePrompt",
     "StageStats",
     "StreamEvent",
     "StreamRecord",

@@ -1,0 +1,605 @@
+"""The DiT stage service (``rheo dit-stage``): one contiguous block range of the DiT in the stream-batch ring.
+
+Wiring (docs/dit-ring.md):
+
+- the block map comes from JetStream KV (``rheo-blockmap``, key ``current``) and is watched; the stage finds its
+  range by ``dit_stage.stage_id`` and loads exactly those blocks;
+- its tensor-link listener is advertised in ``rheo-endpoints`` (key = stage id); a ``LinkSender`` goes to the next
+  stage in the map, the last stage's to the first (ring returns);
+- the first stage subscribes to latent chunks (credit window) and prompt updates carrying an embedding; every
+  stage listens for stream events to free a stream's state when it ends;
+- the last stage publishes finished x0 chunks on ``rheo.stream.<id>.x0`` through a credit window per stream.
+
+The ring mechanism itself is ``dit_stage.worker.StageWorker`` (transport-free, unit-tested); this module only
+moves its inputs and outputs. Forwards run in a worker thread so the event loop keeps draining NATS and the link
+(a stage that stopped reading its listener could deadlock the ring through backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+from nats.aio.subscription import Subscription
+from prometheus_client import Counter, Histogram
+
+from dit_stage.config import WanDiTConfig
+from dit_stage.model import CausalWanDiT, init_weights_
+from dit_stage.worker import StageWorker
+from proto import (
+    CHANNELS,
+    BlockMap,
+    Buckets,
+    LatentChunk,
+    PromptUpdate,
+    ProtocolError,
+    RingReturn,
+    StageItems,
+    StagePrompt,
+    StageStats,
+    StreamEvent,
+    Subjects,
+)
+from services.bus import KV, CreditTimeout, CreditWindow
+from services.config import Settings
+from services.link import LinkListener, LinkSender
+from services.runtime import Service, ServiceStartError, main
+
+__all__ = ["BLOCKMAP_KEY", "DitStageService", "load_stage_model", "resolve_device_dtype", "slice_stage", "tiny_dit"]
+
+log = logging.getLogger("rheo.dit_stage")
+
+T = TypeVar("T")
+
+BLOCKMAP_KEY = "current"
+OUTPUT_QUEUE = 8
+"""Finished chunks queued per stream for publishing before the oldest is dropped."""
+
+DROPPED = Counter("rheo_dit_stage_dropped_total", "items or messages a DiT stage dropped", ["stage", "reason"])
+MICRO_STEPS = Counter("rheo_dit_stage_micro_steps_total", "micro-steps a DiT stage ran", ["stage"])
+COMPUTE = Histogram("rheo_dit_stage_compute_seconds", "compute time of one micro-step", ["stage"])
+FINISHED = Counter("rheo_dit_stage_finished_chunks_total", "x0 chunks published by the last stage", ["stage"])
+
+
+def slice_stage(full: CausalWanDiT, block_range: tuple[int, int]) -> CausalWanDiT:
+    """Blocks [a, b) of ``full`` as a stage model with identical weights (embeddings/head as the range needs)."""
+    stage = CausalWanDiT(full.config, block_range, fp32_modulation=full.fp32_modulation)
+    keys = set(stage.state_dict())
+    stage.load_state_dict({k: v for k, v in full.state_dict().items() if k in keys}, strict=True)
+    return stage.to(full.dtype).eval()
+
+
+def tiny_dit(seed: int, num_layers: int, dtype: torch.dtype = torch.float32) -> CausalWanDiT:
+    """The tiny random DiT, whole: the weights of ``pipeline.tiny.make_tiny_dit`` (std 0.2 from ``seed``).
+
+    Built here rather than imported because ``pipeline.tiny`` pulls in diffusers and transformers, which cost a
+    stage process ~10 s at start and seconds at exit; ``tests/dit_service`` checks the two stay identical.
+    """
+    model = CausalWanDiT(WanDiTConfig.tiny(num_layers))
+    init_weights_(model, std=0.2, generator=torch.Generator().manual_seed(seed))
+    return model.to(dtype).eval()
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """``model.device``/``model.dtype`` settings (auto: CUDA when present; bf16 on CUDA, fp32 on CPU)."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, getattr(torch, dtype)
+
+
+def load_stage_model(settings: Settings, block_range: tuple[int, int], num_blocks: int) -> CausalWanDiT:
+    """This stage's blocks: from ``model.model_dir`` (causal checkpoint), or the tiny random DiT when unset.
+
+    The tiny model is built whole from ``dit_stage.tiny_seed`` and sliced, so blocks [a, b) equal those of the
+    single-process model whatever the split.
+    """
+    device, dtype = resolve_device_dtype(settings.model.device, settings.model.dtype)
+    model_dir = settings.model.model_dir
+    if model_dir is None:
+        full = tiny_dit(settings.dit_stage.tiny_seed, num_blocks, dtype)
+        return slice_stage(full, block_range).to(device)
+    from dit_stage.loading import load_dit
+
+    ckpt = settings.model.checkpoint
+    if ckpt is None:
+        names = ("causal/model.pt", "causal/model.safetensors", "model.pt")  # pipeline.loading's search order
+        ckpt = next((model_dir / n for n in names if (model_dir / n).is_file()), None)
+    if ckpt is None or not ckpt.is_file():
+        raise ServiceStartError(f"no causal DiT checkpoint in {model_dir} (set model.checkpoint)")
+    model = load_dit(ckpt, None, block_range, dtype=dtype, device=device).eval()
+    if model.config.num_layers != num_blocks:
+        raise ServiceStartError(f"block map has {num_blocks} blocks, checkpoint {ckpt} has {model.config.num_layers}")
+    return model
+
+
+@dataclass
+class _Output:
+    """Publisher of one stream's finished chunks: a bounded queue drained by its own task."""
+
+    window: CreditWindow
+    queue: collections.deque[LatentChunk] = field(default_factory=collections.deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _Totals:
+    micro_steps: int = 0
+    items: int = 0
+    compute_s: float = 0.0
+    queue_wait_s: float = 0.0
+    link_send_s: float = 0.0
+    link_recv_s: float = 0.0
+
+
+class DitStageService(Service):
+    role = "dit-stage"
+
+    def __init__(self, settings: Settings, member_id: str | None = None) -> None:
+        super().__init__(settings, member_id or settings.dit_stage.stage_id)
+        self.cfg = settings.dit_stage
+        self.stage_id = self.cfg.stage_id
+        self.checks.update(weights=False, link=False)
+        self.worker: StageWorker | None = None
+        self.block_map: BlockMap | None = None
+        self.block_range: tuple[int, int] | None = None
+        self.listener: LinkListener | None = None
+        self.sender: LinkSender | None = None
+        self.next_stage: str | None = None
+        self.endpoint = ""
+        self.endpoints: KV | None = None
+        self._prompt_kv: KV | None = None
+        self.malformed_link = 0
+        self.ignored_prompts = 0
+        self._wake = asyncio.Event()
+        self._link_ready = asyncio.Event()
+        self._ending: list[str] = []
+        self._seeds: dict[str, int] = {}
+        self._outputs: dict[str, _Output] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._input_subs: list[Subscription] = []
+        self._connect_task: asyncio.Task[None] | None = None
+        self._compute_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._totals = _Totals()
+        self._reported: collections.Counter[str] = collections.Counter()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        assert self.bus is not None
+        self.listener = LinkListener(self.cfg.link_host, self.cfg.link_port,
+                                     max_frame_bytes=self.cfg.link_max_frame_bytes).start()
+        self.endpoint = f"{self.cfg.advertise_host}:{self.listener.port}"
+        self.endpoints = await self.bus.kv(Buckets.ENDPOINTS, replicas=self.settings.nats.kv_replicas)
+        await self.endpoints.put(self.stage_id, self.endpoint.encode())
+        await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
+        self._tasks = [
+            asyncio.create_task(self._watch_block_map(), name="blockmap"),
+            asyncio.create_task(self._receive(), name="link-recv"),
+            asyncio.create_task(self._stats(), name="stats"),
+        ]
+        self._compute_task = asyncio.create_task(self._compute(), name="compute")
+        log.info("dit stage %s: tensor link on %s", self.stage_id, self.endpoint)
+
+    async def drain(self) -> None:
+        """Finish the micro-step in flight, hand queued link frames to the socket, then close."""
+        self._closing = True
+        self._wake.set()
+        if self._compute_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._compute_task, 3.0)
+        if self.sender is not None and self._link_ready.is_set():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.sender.flush(), 1.0)
+        if self.endpoints is not None:  # withdraw the endpoint: nobody should connect to a stopped stage
+            with contextlib.suppress(Exception):
+                entry = await self.endpoints.get(self.stage_id)
+                if entry is not None and entry.value == self.endpoint.encode():
+                    await asyncio.wait_for(self.endpoints.delete(self.stage_id), 1.0)
+        await self._close()
+
+    async def _close(self) -> None:
+        tasks = [*self._tasks, *(o.task for o in self._outputs.values() if o.task is not None)]
+        if self._connect_task is not None:
+            tasks.append(self._connect_task)
+        if self._compute_task is not None:
+            tasks.append(self._compute_task)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        for out in self._outputs.values():
+            with contextlib.suppress(Exception):
+                await out.window.close()
+        if self.sender is not None:
+            await asyncio.to_thread(self.sender.close)
+        if self.listener is not None:
+            self.listener.close()
+
+    async def run(self) -> int:
+        try:
+            return await super().run()
+        finally:
+            if not self._closing:  # start failed or stop() came before drain: still free the sockets
+                self._closing = True
+                await self._close()
+
+    # ------------------------------------------------------------------ block map and link
+    async def _watch_block_map(self) -> None:
+        assert self.bus is not None
+        while True:
+            try:
+                kv = await self.bus.kv(Buckets.BLOCKMAP, replicas=self.settings.nats.kv_replicas)
+                async for entry in kv.watch(BLOCKMAP_KEY):
+                    if entry.value is not None:
+                        await self._on_block_map(entry.value, entry.revision)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a NATS hiccup: keep the current map, watch again
+                log.warning("stage %s: block map watch failed (%s); retrying", self.stage_id, e)
+            await asyncio.sleep(0.5)
+
+    async def _on_block_map(self, value: bytes, revision: int) -> None:
+        try:
+            bm = _decode_blockmap(value)
+            bm.validate_cover()
+        except (ProtocolError, ValueError) as e:
+            DROPPED.labels(stage=self.stage_id, reason="bad_blockmap").inc()
+            log.warning("block map revision %d refused: %s", revision, e)
+            return
+        try:
+            await self._apply(bm)
+        except Exception:
+            log.exception("block map epoch %d could not be applied", bm.epoch)
+
+    async def _apply(self, bm: BlockMap) -> None:
+        ids = [s.stage_id for s in bm.stages]
+        if self.stage_id not in ids:
+            log.warning("stage %s is not in block map epoch %d; idle", self.stage_id, bm.epoch)
+            self.block_map, self.worker, self.block_range = bm, None, None
+            self.checks["weights"] = False
+            await self._subscribe_inputs(False)
+            return
+        idx = ids.index(self.stage_id)
+        mine = bm.stages[idx]
+        rng = (mine.block_start, mine.block_end)
+        if self.worker is None or rng != self.block_range or bm.num_blocks != self.worker.model.config.num_layers:
+            if self.worker is not None:  # moving KV shards between stages is the rebalancing issue's
+                log.warning("stage %s: blocks %s → %s under epoch %d; per-stream state is dropped",
+                            self.stage_id, self.block_range, rng, bm.epoch)
+            self.checks["weights"] = False
+            model = await _in_daemon_thread(load_stage_model, self.settings, rng, bm.num_blocks)
+            self.worker = StageWorker(
+                model, window=self.cfg.kv_window, sink=self.cfg.sink, adaptive_threshold=self.cfg.adaptive_threshold,
+                max_batch_items=self.cfg.max_batch_items, max_queued_chunks=self.cfg.max_queued_chunks,
+            )
+            self.block_range = rng
+            self.checks["weights"] = True
+            log.info("stage %s: loaded blocks [%d, %d) of %d (epoch %d)", self.stage_id, *rng, bm.num_blocks,
+                     bm.epoch)
+        self.worker.epoch = bm.epoch
+        self.epoch = bm.epoch
+        self.block_map = bm
+        await self._subscribe_inputs(self.worker.is_first)
+        nxt = ids[(idx + 1) % len(ids)]
+        if nxt != self.next_stage:
+            self.next_stage = nxt
+            if self._connect_task is not None:
+                self._connect_task.cancel()
+            self._connect_task = asyncio.create_task(self._follow_endpoint(nxt), name="link-connect")
+        self._wake.set()
+
+    async def _subscribe_inputs(self, first: bool) -> None:
+        """Only the first stage takes latent chunks and prompts (a second consumer would return credit the
+        first stage has not earned)."""
+        assert self.bus is not None
+        if first and not self._input_subs:
+            self._input_subs = [
+                await self.bus.subscribe(CHANNELS["stream_latent"].wildcard(), self._on_latent,
+                                         expected=LatentChunk, credit=True),
+                await self.bus.subscribe(CHANNELS["stream_prompt"].wildcard(), self._on_prompt,
+                                         expected=PromptUpdate),
+            ]
+        elif not first and self._input_subs:
+            for sub in self._input_subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            self._input_subs = []
+
+    async def _follow_endpoint(self, stage_id: str) -> None:
+        """Keep a LinkSender to ``stage_id``'s advertised endpoint (reconnecting when it changes)."""
+        assert self.endpoints is not None
+        while True:
+            try:
+                async for entry in self.endpoints.watch(stage_id):
+                    if entry.value is None:
+                        continue
+                    endpoint = entry.value.decode(errors="replace")
+                    if self.sender is None or self.sender.endpoint != endpoint:
+                        await self._connect(endpoint)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("stage %s: endpoint watch failed (%s); retrying", self.stage_id, e)
+            await asyncio.sleep(0.5)
+
+    async def _connect(self, endpoint: str) -> None:
+        from services.link import parse_endpoint
+
+        try:
+            host, port = parse_endpoint(endpoint)
+        except ValueError as e:
+            log.warning("stage %s: next stage advertises a bad endpoint: %s", self.stage_id, e)
+            return
+        delay = 0.05
+        while True:  # reachable before ready: readiness means the ring can carry an item
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+                writer.close()
+                break
+            except (OSError, TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+        old = self.sender
+        self._link_ready.clear()
+        self.checks["link"] = False
+        if old is not None:
+            await asyncio.to_thread(old.close)
+        self.sender = LinkSender(endpoint, max_frame_bytes=self.cfg.link_max_frame_bytes).start()
+        if self.worker is not None:
+            self.worker.forwarded.clear()  # a new peer has none of our prompt embeddings
+        self.checks["link"] = True
+        self._link_ready.set()
+        log.info("stage %s: tensor link to %s (%s)", self.stage_id, self.next_stage, endpoint)
+
+    # ------------------------------------------------------------------ inputs
+    async def _on_latent(self, chunk: LatentChunk, _raw: object) -> None:
+        worker = self.worker
+        if worker is None or not worker.is_first:
+            if worker is None:
+                DROPPED.labels(stage=self.stage_id, reason="no_block_map").inc()
+            return
+        if chunk.seq == 0 or chunk.stream_id not in self._seeds:
+            self._seeds[chunk.stream_id] = await self._stream_seed(chunk.stream_id)
+        if chunk.prompt_version not in worker.prompts.get(chunk.stream_id, {}):
+            await self._fetch_prompt(worker, chunk.stream_id, chunk.prompt_version)
+        if worker.add_chunk(chunk, self._seeds[chunk.stream_id]):
+            self.streams.add(chunk.stream_id)
+            self._wake.set()
+
+    async def _stream_seed(self, stream_id: str) -> int:
+        """The stream's seed from the stream table (every random draw derives from it)."""
+        from services.streams import StreamNotFound, StreamTable
+
+        assert self.bus is not None
+        try:
+            table = await StreamTable.open(self.bus)
+            return (await table.get(stream_id)).spec.seed
+        except (StreamNotFound, ProtocolError) as e:
+            log.warning("stream %s: no usable stream record (%s); using the default seed %d", stream_id, e,
+                        self.settings.stream.seed)
+            return self.settings.stream.seed
+
+    async def _fetch_prompt(self, worker: StageWorker, stream_id: str, version: int) -> None:
+        """A late joiner's prompt: ingest keeps the embedded versions in the prompts bucket (``<stream>.<version>``).
+        Missing there too, the chunk waits in its queue for the live update (or its deadline)."""
+        assert self.bus is not None
+        try:
+            if self._prompt_kv is None:
+                self._prompt_kv = await self.bus.kv(Buckets.PROMPTS, replicas=self.settings.nats.kv_replicas)
+            update = await self._prompt_kv.get_message(f"{stream_id}.{version}", PromptUpdate)
+        except Exception as e:
+            log.warning("stream %s: prompt v%d not in %s: %s", stream_id, version, Buckets.PROMPTS, e)
+            return
+        if update is not None and update.embedding is not None:
+            worker.add_prompt(stream_id, version, update.embedding)
+
+    async def _on_prompt(self, update: PromptUpdate, _raw: object) -> None:
+        worker = self.worker
+        if worker is None or not worker.is_first:
+            return
+        if update.embedding is None:  # the gateway's request; ingest republishes it encoded
+            self.ignored_prompts += 1
+            return
+        if worker.add_prompt(update.stream_id, update.version, update.embedding):
+            self._wake.set()
+
+    async def _on_event(self, event: StreamEvent, _raw: object) -> None:
+        if event.kind == "ended":
+            self._ending.append(event.stream_id)
+            self._wake.set()
+
+    async def _receive(self) -> None:
+        assert self.listener is not None
+        while True:
+            frame = await self.listener.recv()
+            with frame:
+                msg = frame.message
+                self._totals.link_recv_s += frame.recv_seconds
+                worker = self.worker
+                if worker is None:
+                    DROPPED.labels(stage=self.stage_id, reason="no_block_map").inc()
+                    continue
+                if isinstance(msg, StageItems) and not worker.is_first and _consistent(msg):
+                    msg.hidden, msg.noisy = msg.hidden.clone(), msg.noisy.clone()  # the buffer goes back to the pool
+                    worker.add_items(msg)
+                elif isinstance(msg, RingReturn) and worker.is_first and msg.latents.shape[0] == len(msg.items):
+                    worker.add_return(msg)
+                elif isinstance(msg, StagePrompt) and not worker.is_first:
+                    worker.add_prompt(msg.stream_id, msg.version, msg.embedding)
+                else:
+                    self.malformed_link += 1
+                    DROPPED.labels(stage=self.stage_id, reason="bad_link_frame").inc()
+                    log.warning("stage %s: unexpected %s on the tensor link from %s; dropped", self.stage_id,
+                                type(msg).__name__, frame.peer)
+                    continue
+            self._wake.set()
+
+    # ------------------------------------------------------------------ the micro-step loop
+    async def _compute(self) -> None:
+        while not self._closing:
+            self._wake.clear()
+            worker = self.worker
+            while self._ending and worker is not None:
+                stream_id = self._ending.pop()
+                worker.end_stream(stream_id)
+                self.streams.discard(stream_id)
+                self._seeds.pop(stream_id, None)
+                out = self._outputs.pop(stream_id, None)
+                if out is not None and out.task is not None:
+                    out.task.cancel()
+            step = worker.take() if worker is not None else None
+            if step is None:
+                await self._wake.wait()
+                continue
+            assert worker is not None
+            try:
+                result = await asyncio.to_thread(worker.compute, step)
+            except Exception:
+                # a refused batch (e.g. inconsistent cache counters) loses only its items
+                worker.dropped["compute_error"] += len(step.items)
+                log.exception("stage %s: micro-step of %d items failed; dropped", self.stage_id, len(step.items))
+                continue
+            t = self._totals
+            t.micro_steps += 1
+            t.items += result.items
+            t.compute_s += result.compute_s
+            t.queue_wait_s += step.queue_wait_s * len(step.items)
+            MICRO_STEPS.labels(stage=self.stage_id).inc()
+            COMPUTE.labels(stage=self.stage_id).observe(result.compute_s)
+            for message in result.link:
+                await self._link_ready.wait()
+                assert self.sender is not None
+                t0 = time.perf_counter()
+                await self.sender.send(message)
+                t.link_send_s += time.perf_counter() - t0
+            for chunk in result.finished:
+                self._publish(chunk)
+            self.streams = set(worker.streams)
+            self._sync_drop_metrics(worker)
+
+    def _publish(self, chunk: LatentChunk) -> None:
+        out = self._outputs.get(chunk.stream_id)
+        if out is None:
+            assert self.bus is not None
+            window = CreditWindow(self.bus, Subjects.stream_x0(chunk.stream_id), self.settings.nats.credit_window_bytes)
+            out = self._outputs[chunk.stream_id] = _Output(window)
+            out.task = asyncio.create_task(self._drain_output(out), name=f"x0-{chunk.stream_id}")
+        out.queue.append(chunk)
+        while len(out.queue) > OUTPUT_QUEUE:
+            out.queue.popleft()
+            DROPPED.labels(stage=self.stage_id, reason="output_full").inc()
+        out.ready.set()
+
+    async def _drain_output(self, out: _Output) -> None:
+        await out.window.start()
+        while True:
+            if not out.queue:
+                out.ready.clear()
+                await out.ready.wait()
+                continue
+            chunk = out.queue.popleft()
+            try:
+                await out.window.publish(chunk, timeout=max(0.05, chunk.deadline - time.time()))
+                FINISHED.labels(stage=self.stage_id).inc()
+            except CreditTimeout:
+                DROPPED.labels(stage=self.stage_id, reason="no_credit").inc()
+                log.warning("x0 %s/%d dropped: the consumer returned no credit in time", chunk.stream_id, chunk.seq)
+                out.window.reset()
+            except Exception as e:
+                DROPPED.labels(stage=self.stage_id, reason="publish_error").inc()
+                log.warning("x0 %s/%d not published: %s", chunk.stream_id, chunk.seq, e)
+
+    # ------------------------------------------------------------------ telemetry
+    def _sync_drop_metrics(self, worker: StageWorker) -> None:
+        for reason, n in worker.dropped.items():
+            delta = n - self._reported[reason]
+            if delta > 0:
+                DROPPED.labels(stage=self.stage_id, reason=reason).inc(delta)
+                self._reported[reason] = n
+
+    async def _stats(self) -> None:
+        interval = self.cfg.stats_interval_s
+        last = _Totals()
+        while True:
+            await asyncio.sleep(interval)
+            worker, bm, rng = self.worker, self.block_map, self.block_range
+            if worker is None or bm is None or rng is None or self.bus is None:
+                continue
+            self._sync_drop_metrics(worker)
+            now = self._totals
+            d = _Totals(*(getattr(now, f) - getattr(last, f) for f in _Totals.__dataclass_fields__))
+            last = _Totals(**vars(now))
+            steps = max(d.micro_steps, 1)
+            nblocks = rng[1] - rng[0]
+            free = 0
+            if worker.model.device.type == "cuda":
+                free = torch.cuda.mem_get_info(worker.model.device)[0]
+            stats = StageStats(
+                stage_id=self.stage_id, epoch=bm.epoch, block_start=rng[0], block_end=rng[1], window_s=interval,
+                micro_steps=d.micro_steps, block_ms=[1000 * d.compute_s / steps / nblocks] * nblocks,
+                queue_wait_ms=1000 * d.queue_wait_s / max(d.items, 1), link_send_ms=1000 * d.link_send_s / steps,
+                link_recv_ms=1000 * d.link_recv_s / steps, batch_items=d.items / steps,
+                kv_bytes=worker.kv_bytes(), free_memory_bytes=free,
+            )
+            try:
+                await self.bus.publish(Subjects.stats(self.stage_id), stats)
+            except Exception as e:
+                log.warning("stage stats not sent: %s", e)
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
+    """Run ``fn`` in a daemon thread: loading weights can take minutes, and a SIGTERM must not wait for it (the
+    default executor's threads are joined at exit)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(error: BaseException | None, result: object) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        error: BaseException | None = None
+        result = None
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting task
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the process is exiting
+            loop.call_soon_threadsafe(settle, error, result)
+
+    threading.Thread(target=target, name="dit-stage-load", daemon=True).start()
+    return await done
+
+
+def _decode_blockmap(data: bytes) -> BlockMap:
+    from proto import decode
+
+    return decode(data, BlockMap)
+
+
+def _consistent(msg: StageItems) -> bool:
+    """One row per item and one grid for the micro-step (anything else is a broken peer)."""
+    n = len(msg.items)
+    if n == 0 or msg.hidden.dim() != 3 or msg.noisy.dim() != 5:
+        return False
+    return msg.hidden.shape[0] == n and msg.noisy.shape[0] == n and len({m.frames for m in msg.items}) == 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(DitStageService))

@@ -1,0 +1,5 @@
+"""DiT-stage service tests run on CPU with the tiny model; keep them to the 2 cores CI has."""
+
+import torch
+
+torch.set_num_threads(2)

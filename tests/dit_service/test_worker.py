@@ -1,0 +1,155 @@
+"""The transport-free ring: N StageWorkers equal the single-process StreamBatchRunner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .helpers import (
+    CONFIG,
+    as_chunk_latent,
+    chunk_message,
+    latents,
+    prompt,
+    reference,
+    run_ring,
+    workers,
+)
+
+CHUNKS = 9
+
+
+def test_stage_weights_are_the_pipeline_tiny_models_blocks():
+    """The service builds the tiny DiT itself (no diffusers import); it must be pipeline.tiny's model."""
+    from dit_stage.service import slice_stage, tiny_dit
+    from pipeline.tiny import make_tiny_dit
+
+    want = make_tiny_dit(0, 4).state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in tiny_dit(0, 4).state_dict().items())
+    stage = slice_stage(tiny_dit(0, 4), (1, 3)).state_dict()
+    assert {k.split(".")[1] for k in stage if k.startswith("blocks.")} == {"1", "2"}
+    assert all(torch.equal(t, want[k]) for k, t in stage.items())
+    assert not torch.equal(tiny_dit(1, 4).state_dict()["blocks.1.ffn.0.weight"], want["blocks.1.ffn.0.weight"])
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_ring_equals_stream_batch_runner(stages):
+    zs = latents(3, CHUNKS, (4, 6))
+    want = reference({"a": (11, prompt(1), zs)})["a"]
+    ring = workers(stages)
+    ring[0].add_prompt("a", 0, prompt(1))
+    for c, z in enumerate(zs):
+        assert ring[0].add_chunk(chunk_message("a", c, z), seed=11)
+    got = run_ring(ring)
+    # the ring finishes every chunk; the runner's last B−1 are still in its slots (no flush)
+    assert [g.seq for g in got] == list(range(CHUNKS))
+    assert len(want) == CHUNKS - CONFIG.steps + 1
+    for w, g in zip(want, got, strict=False):
+        assert torch.equal(as_chunk_latent(w), g.latent), (g.seq, (as_chunk_latent(w) - g.latent).abs().max())
+
+
+def test_two_streams_with_different_prompts_and_sizes_equal_each_alone():
+    """Different grids never share a micro-step, same-grid streams do; neither changes a stream's output."""
+    streams = {
+        "small": (5, prompt(5), latents(5, 6, (4, 6))),
+        "large": (6, prompt(6), latents(6, 6, (6, 8))),
+        "twin": (7, prompt(7), latents(7, 6, (4, 6))),  # same grid as "small": shares its micro-steps
+    }
+    want = {s: reference({s: v})[s] for s, v in streams.items()}
+    ring = workers(2)
+    for s, (_, ctx, _) in streams.items():
+        ring[0].add_prompt(s, 0, ctx)
+    for c in range(6):  # interleaved, as they would arrive
+        for s, (seed, _, zs) in streams.items():
+            assert ring[0].add_chunk(chunk_message(s, c, zs[c]), seed=seed)
+    got = run_ring(ring)
+    for s in streams:
+        mine = [g for g in got if g.stream_id == s]
+        assert [g.seq for g in mine] == list(range(6))
+        for w, g in zip(want[s], mine, strict=False):
+            torch.testing.assert_close(g.latent, as_chunk_latent(w), atol=1e-5, rtol=0)
+
+
+def test_stale_epoch_late_and_overflowing_chunks_are_dropped_and_counted():
+    zs = latents(3, 6, (4, 6))
+    ring = workers(1, max_queued_chunks=2)
+    w = ring[0]
+    w.epoch = 3
+    w.add_prompt("a", 0, prompt(1))
+    assert not w.add_chunk(chunk_message("a", 0, zs[0], epoch=2), seed=1)
+    assert w.dropped["stale_epoch"] == 1
+    assert not w.add_chunk(chunk_message("a", 0, zs[0], epoch=3, deadline=0.0), seed=1)
+    assert w.dropped["deadline"] == 1
+    assert not w.add_chunk(chunk_message("a", 1, zs[1], epoch=3), seed=1)
+    assert w.dropped["unprepared"] == 1
+    assert w.add_chunk(chunk_message("a", 0, zs[0], epoch=3), seed=1)
+    for c in (1, 2, 3):
+        assert w.add_chunk(chunk_message("a", c, zs[c], epoch=3), seed=1)
+    assert w.dropped["queue_full"] == 2  # cap 2: chunk 0 and chunk 1 made room for 2 and 3
+    assert not w.add_chunk(chunk_message("a", 3, zs[3], epoch=3), seed=1)
+    assert w.dropped["out_of_order"] == 1
+    bad = chunk_message("a", 4, zs[4], epoch=3)
+    bad.latent = torch.zeros(1, 3, 4, 6)
+    assert not w.add_chunk(bad, seed=1)
+    assert w.dropped["bad_shape"] == 1
+    assert not w.add_prompt("a", 1, torch.zeros(12, 31))
+    assert w.dropped["bad_prompt"] == 1
+
+
+def test_dropped_chunks_leave_no_gap_in_any_slot():
+    """A chunk dropped at admission (deadline) must not break the later chunks' cache writes on any stage."""
+    zs = latents(4, 8, (4, 6))
+    ring = workers(2)
+    ring[0].add_prompt("a", 0, prompt(2))
+    for c, z in enumerate(zs):
+        late = c == 4
+        ring[0].add_chunk(chunk_message("a", c, z), seed=2)
+        if late:  # expires while queued
+            ring[0].streams["a"].new[-1].meta.deadline = 0.0
+    got = run_ring(ring)
+    assert ring[0].dropped["deadline"] == 1
+    assert [g.seq for g in got] == [0, 1, 2, 3, 5, 6, 7]
+    assert all(torch.isfinite(g.latent).all() for g in got)
+    assert not any(w.dropped["compute_error"] for w in ring)
+
+
+def test_micro_step_cap_and_grouping_do_not_change_results():
+    """max_batch_items=1: every item runs alone (the runner batches a stream's slots): equal to fp tolerance."""
+    zs = latents(3, 6, (4, 6))
+    want = reference({"a": (11, prompt(1), zs)})["a"]
+    ring = workers(2, max_batch_items=1)
+    ring[0].add_prompt("a", 0, prompt(1))
+    for c, z in enumerate(zs):
+        ring[0].add_chunk(chunk_message("a", c, z), seed=11)
+    sizes = []
+    take = ring[1].take
+
+    def spy():
+        step = take()
+        if step is not None:
+            sizes.append(len(step.items))
+        return step
+
+    ring[1].take = spy
+    got = run_ring(ring)
+    assert sizes and set(sizes) == {1}
+    assert [g.seq for g in got] == list(range(6))
+    for w, g in zip(want, got, strict=False):
+        torch.testing.assert_close(g.latent, as_chunk_latent(w), atol=1e-5, rtol=0)
+
+
+def test_queued_chunks_of_an_old_epoch_are_dropped_when_the_map_changes():
+    zs = latents(3, 4, (4, 6))
+    ring = workers(1)
+    w = ring[0]
+    w.add_prompt("a", 0, prompt(1))
+    for c, z in enumerate(zs):
+        assert w.add_chunk(chunk_message("a", c, z), seed=1)
+    first = w.take()
+    assert first is not None and [(m.seq, m.step) for m in first.items] == [(0, 0)]
+    w.epoch = 1  # the block map moved on while chunks 1..3 wait
+    for msg in w.compute(first).link:  # one stage: its ring return comes back to itself
+        w.add_return(msg)
+    got = run_ring(ring)
+    assert [g.seq for g in got] == [0] and got[0].epoch == 0  # the begun prepare completes under its epoch
+    assert w.dropped["stale_epoch"] == 3
