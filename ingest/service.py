@@ -1,0 +1,652 @@
+"""The ingest service: RTMP publishers in, latent chunks and prompt embeddings out (``rheo ingest``).
+
+One process owns everything a stream has before the DiT: the RTMP session (``ingest.server``), the pacer and
+chunker, the Stream-VAE encoder cache, the motion-aware noise EMA and the umT5 prompt encoder. Raw frames never
+leave it. Per stream it keeps one ``IngestStreamState`` (serialisable), created when the publisher starts and
+dropped when the stream ends.
+
+What it speaks on the bus (subjects from ``proto.Subjects`` only):
+
+- ``rheo.stream.<id>.latent``: one ``LatentChunk`` per chunk, through a ``CreditWindow``. The chunk carries the
+  *clean* latent ``z`` (``[F, C, h, w]``, fp32, exactly what ``StreamPipeline`` feeds ``StreamBatchRunner``), the
+  motion-adapted noise scale ``s`` and the timesteps ``[int(1000·s) − 100, t_1, ..]``; the first DiT stage draws
+  the input noise itself (``draw_noise(.., c, 0, "input")``) and mixes ``s·ε + (1 − s)·z``, as the
+  single-process path does, so the noise never crosses the bus.
+- ``rheo.stream.<id>.prompt``: at stream start, and for every accepted prompt change, a ``PromptUpdate`` with
+  the embedding (``[L, D]`` in the encoder's dtype); the same message is kept in the ``rheo-prompts`` KV bucket
+  under ``<stream id>.<version>`` for stages that join late. A gateway request (no embedding) is answered with
+  ``Ack(ref=<seq of the first chunk under the new version>)``.
+- ``rheo.stream.<id>.event``: ``StreamEvent`` ``live`` at start, ``ended`` (with the last published seq) at end.
+
+Streams are authorised against the stream table (``services.streams``) at RTMP ``publish``; a refusal reaches the
+client as the ``onStatus`` description. See docs/ingest-service.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import io
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+import numpy as np
+import torch
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from prometheus_client import Counter, Histogram
+
+from dit_stage.config import WanDiTConfig
+from dit_stage.stream_batch import StreamBatchConfig
+from encoder.motion import MotionNoiseConfig, MotionNoiseController, MotionNoiseState
+from encoder.prompt import PromptEncoder
+from encoder.vae import StreamVAE, StreamVAEState
+from ingest.pacing import RawChunk
+from ingest.server import Decision, IngestStream, RtmpServer, StreamShape
+from proto import (
+    Ack,
+    BlockMap,
+    Buckets,
+    Error,
+    LatentChunk,
+    PromptUpdate,
+    ProtocolError,
+    StreamEvent,
+    StreamSpec,
+    Subjects,
+    decode,
+)
+from proto.clock import ChunkClock
+from services.bus import KV, CreditTimeout, CreditWindow, PayloadTooLarge
+from services.config import ModelSettings, Settings
+from services.runtime import Service, main
+from services.streams import StreamNotFound, StreamTable
+
+__all__ = [
+    "IngestModels",
+    "IngestService",
+    "IngestStreamState",
+    "chunk_timesteps",
+    "motion_controller",
+    "to_pixels",
+]
+
+log = logging.getLogger("rheo.ingest")
+
+CHUNKS_PUBLISHED = Counter("rheo_ingest_chunks_published_total", "latent chunks published to the first DiT stage")
+CHUNKS_DROPPED = Counter("rheo_ingest_chunks_dropped_total", "chunks dropped by ingest, by reason", ["reason"])
+ENCODE_SECONDS = Histogram("rheo_ingest_encode_seconds", "VAE encode + motion estimate time per chunk",
+                           buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0))
+PROMPT_REQUESTS = Counter("rheo_ingest_prompt_requests_total", "prompt change requests, by result", ["result"])
+
+TINY_SEED = 0
+"""Seed of the tiny random models: the same as ``rheo run``'s tiny preset, so every service builds the same ones."""
+
+_LATENT_BYTES = 4  # latents travel as fp32, as the single-process pipeline hands them to the DiT
+_MESSAGE_MARGIN = 64 * 1024  # frame header, msgpack body, prompt text (the gateway caps prompts at 2000 chars)
+_CREDIT_RESET_S = 5.0  # no credit for this long: the consumer restarted or never came; forget outstanding bytes
+_DRAIN_WAIT_S = 2.0  # longest a SIGTERM drain waits for queued chunks before cancelling the stream tasks
+
+
+# -- the math the single-process pipeline does, in one place for the service ----------------------------------
+
+
+def to_pixels(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` → float32 ``[1, 3, T, H, W]`` in [-1, 1] (the same mapping as ``StreamPipeline``)."""
+    t = torch.from_numpy(np.ascontiguousarray(frames))
+    return (t.float() / 127.5 - 1.0).permute(3, 0, 1, 2)[None].to(device)
+
+
+def motion_controller(spec: StreamSpec) -> MotionNoiseController:
+    """The stream's noise controller, configured as ``StreamPipeline`` configures its own."""
+    return MotionNoiseController(MotionNoiseConfig(enabled=spec.noise.motion_aware, s_init=spec.noise.noise_scale))
+
+
+def chunk_timesteps(steps: int, noise_scale: float) -> list[int]:
+    """Timesteps of a chunk, slot 0 first: ``int(1000·s) − 100``, then the fixed step list (``StreamBatchRunner``)."""
+    cfg = StreamBatchConfig(steps=steps, noise_scale=noise_scale)
+    return [cfg.first_timestep(noise_scale), *cfg.timesteps[1:]]
+
+
+# -- models -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IngestModels:
+    """What ingest runs: the Stream-VAE (encoder side) and the prompt encoder."""
+
+    vae: StreamVAE
+    prompt: PromptEncoder
+    description: str
+
+    @classmethod
+    def tiny(cls) -> IngestModels:
+        """The tiny random VAE and umT5 of ``pipeline.tiny`` (seed ``TINY_SEED``), as every tiny service builds."""
+        from pipeline.tiny import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
+
+        text_len = WanDiTConfig.tiny().text_len
+        return cls(StreamVAE(make_tiny_vae(TINY_SEED)),
+                   PromptEncoder(make_tiny_t5(TINY_SEED), make_tiny_tokenizer(), max_length=text_len),
+                   "tiny random model (no weights)")
+
+    @classmethod
+    def load(cls, model: ModelSettings) -> IngestModels:
+        if model.model_dir is None:
+            return cls.tiny()
+        from encoder.vae_loading import load_stream_vae
+        from pipeline.loading import resolve_device, resolve_dtype
+
+        device = resolve_device(model.device)
+        dtype = resolve_dtype(model.dtype, device)
+        vae = load_stream_vae(model.model_dir, dtype=dtype, device=device)
+        prompt = PromptEncoder.from_model_dir(model.model_dir, dtype=dtype, device=device,
+                                              max_length=WanDiTConfig().text_len)
+        return cls(vae, prompt, f"weights from {model.model_dir}")
+
+
+    def warm_up(self, size: int = 64) -> None:
+        """Run each model once (first calls pay for kernel selection and allocation; chunk 0 must not)."""
+        frames = torch.zeros(1, 3, 5, size, size, device=self.vae.device, dtype=self.vae.dtype)
+        state = self.vae.new_state()
+        self.vae.encode(state, frames)
+        self.vae.encode(state, frames[:, :, :4])
+        self.prompt.encode("warm up")
+        self.prompt.clear_cache()
+
+
+def largest_messages(settings: Settings) -> tuple[int, int]:
+    """Bytes of the largest ``LatentChunk`` and ``PromptUpdate`` this configuration can publish (before loading)."""
+    from pipeline.tiny import TINY_T5_CONFIG, TINY_VAE_CONFIG
+
+    ing, model = settings.ingest, settings.model
+    if model.model_dir is None:
+        z_dim, spatial = TINY_VAE_CONFIG["z_dim"], 2 ** (len(TINY_VAE_CONFIG["dim_mult"]) - 1)
+        text_len, text_dim, text_bytes = WanDiTConfig.tiny().text_len, TINY_T5_CONFIG["d_model"], 4
+    else:
+        from pipeline.loading import resolve_device, resolve_dtype
+
+        z_dim, spatial = 16, 8  # the Wan2.1 VAE
+        dtype = resolve_dtype(model.dtype, resolve_device(model.device))
+        text_len, text_dim, text_bytes = WanDiTConfig().text_len, 4096, torch.empty((), dtype=dtype).element_size()
+    first_latents = 2  # chunk 0 (ChunkClock.first_latent_frames): the largest latent chunk
+    latent = z_dim * first_latents * -(-ing.max_model_height // spatial) * -(-ing.max_model_width // spatial)
+    return latent * _LATENT_BYTES + _MESSAGE_MARGIN, text_len * text_dim * text_bytes + _MESSAGE_MARGIN
+
+
+# -- per-stream state -------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class IngestStreamState:
+    """Everything ingest keeps for one stream: one object, moved with ``to_bytes``/``from_bytes``.
+
+    ``next_seq`` is the seq of the next chunk to be taken from the RTMP queue (what a prompt change answers),
+    ``last_seq`` the last one published. ``replay`` holds the last ``ingest.replay_chunks`` published chunks,
+    for rebuilding a lost DiT stage's KV cache (issue 7).
+    """
+
+    spec: StreamSpec
+    vae: StreamVAEState
+    motion: MotionNoiseState
+    prompt_version: int = 0
+    next_seq: int = 0
+    last_seq: int | None = None
+    replay: collections.deque[LatentChunk] = field(default_factory=collections.deque)
+    prompt_keys: list[str] = field(default_factory=list)
+    published: int = 0
+    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @classmethod
+    def new(cls, spec: StreamSpec, prompt_version: int, replay_chunks: int) -> IngestStreamState:
+        return cls(spec=spec, vae=StreamVAEState(), motion=motion_controller(spec).new_state(),
+                   prompt_version=prompt_version, replay=collections.deque(maxlen=replay_chunks))
+
+    @property
+    def stream_id(self) -> str:
+        return self.spec.stream_id
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        CHUNKS_DROPPED.labels(reason=reason).inc()
+
+    def to_bytes(self) -> bytes:
+        """The state as one ``torch.save`` blob (messages as their wire frames; loads with ``weights_only``)."""
+        frame = _frame_tensor
+        data = {
+            "spec": frame(self.spec.encode()),
+            "vae": _cpu_tree(self.vae.to_dict()),
+            "motion": _cpu_tree(self.motion.to_dict()),
+            "prompt_version": self.prompt_version,
+            "next_seq": self.next_seq,
+            "last_seq": self.last_seq,
+            "replay": [frame(c.encode()) for c in self.replay],
+            "replay_chunks": self.replay.maxlen,
+            "prompt_keys": list(self.prompt_keys),
+            "published": self.published,
+            "dropped": dict(self.dropped),
+        }
+        buf = io.BytesIO()
+        torch.save(data, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> IngestStreamState:
+        d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        replay = collections.deque((decode(t.numpy().tobytes(), LatentChunk) for t in d["replay"]),
+                                   maxlen=d["replay_chunks"])
+        return cls(spec=decode(d["spec"].numpy().tobytes(), StreamSpec), vae=StreamVAEState.from_dict(d["vae"]),
+                   motion=MotionNoiseState.from_dict(d["motion"]), prompt_version=int(d["prompt_version"]),
+                   next_seq=int(d["next_seq"]), last_seq=d["last_seq"], replay=replay,
+                   prompt_keys=list(d["prompt_keys"]), published=int(d["published"]),
+                   dropped=collections.Counter(d["dropped"]))
+
+
+def _frame_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _cpu_tree(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu").clone()
+    if isinstance(obj, dict):
+        return {k: _cpu_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu_tree(v) for v in obj]
+    return obj
+
+
+# -- the service ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Live:
+    """Runtime handles of a live stream (not part of its movable state)."""
+
+    state: IngestStreamState
+    window: CreditWindow
+    clock: ChunkClock
+    subs: list[Subscription] = field(default_factory=list)
+    last_credit_progress: float = field(default_factory=time.monotonic)
+
+
+class IngestService(Service):
+    role = "ingest"
+
+    def __init__(self, settings: Settings, member_id: str | None = None) -> None:
+        super().__init__(settings, member_id)
+        self.models: IngestModels | None = None
+        self.rtmp: RtmpServer | None = None
+        self.table: StreamTable | None = None
+        self.live: dict[str, _Live] = {}
+        self.checks.update({"models": False, "rtmp": False})
+        self._prompts: KV | None = None
+        self._specs: dict[str, StreamSpec] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._watch: asyncio.Task[None] | None = None
+        # Model work (VAE encode, umT5) runs on one thread: the event loop keeps serving RTMP and NATS, and one
+        # stream's chunks are encoded strictly in order.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-model")
+
+    def max_send_bytes(self) -> int:
+        return max(largest_messages(self.settings))
+
+    @property
+    def states(self) -> dict[str, IngestStreamState]:
+        return {sid: lv.state for sid, lv in self.live.items()}
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        assert self.bus is not None
+        loop = asyncio.get_running_loop()
+        self.table = await StreamTable.open(self.bus)
+        self._prompts = await self.bus.kv(Buckets.PROMPTS, replicas=self.settings.nats.kv_replicas)
+        blockmaps = await self.bus.kv(Buckets.BLOCKMAP, replicas=self.settings.nats.kv_replicas)
+        self._watch = asyncio.create_task(self._watch_blockmap(blockmaps), name="blockmap-watch")
+        self.models = await loop.run_in_executor(self._compute, IngestModels.load, self.settings.model)
+        await loop.run_in_executor(self._compute, self.models.warm_up)
+        if self.settings.model.model_dir is None:
+            log.warning("NO MODEL WEIGHTS (model.model_dir unset): ingest runs the tiny RANDOM VAE and umT5")
+        self.checks["models"] = True
+        slo = self.settings.stream.slo_latency_ms / 1000.0
+        self.rtmp = RtmpServer(self.settings.ingest, self.authorise, latency_budget_s=slo,
+                               on_stream_start=self._on_stream_start, on_stream_end=self._on_stream_end)
+        await self.rtmp.start()
+        self.checks["rtmp"] = True
+        log.info("ingest: %s; RTMP on :%d", self.models.description, self.rtmp.port)
+
+    async def drain(self) -> None:
+        """Stop taking publishers, finish the chunks already queued, announce every stream's end."""
+        if self.rtmp is not None:
+            await self.rtmp.close()  # ends every stream: their queues close, their tasks finish and clean up
+        tasks = list(self._tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=_DRAIN_WAIT_S)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    async def _watch_blockmap(self, kv: KV) -> None:
+        """Track the current block-map epoch: every chunk enters the DiT under the epoch current at publish."""
+        while True:
+            try:
+                async for entry in kv.watch("current"):
+                    if entry.value is None:
+                        continue
+                    try:
+                        self.epoch = decode(entry.value, BlockMap, kv.limits).epoch
+                    except ProtocolError as e:
+                        log.warning("ignored a malformed block map in %s: %s", Buckets.BLOCKMAP, e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a NATS hiccup: keep the last epoch, watch again
+                log.warning("block map watch failed (%s); retrying", e)
+            await asyncio.sleep(1.0)
+
+    # -- admission ----------------------------------------------------------------------------------------------
+
+    async def authorise(self, app: str, stream_key: str, metadata: dict[str, Any]) -> Decision:
+        """RTMP ``publish``: the key must open a stream in the table whose spec this ingest can serve."""
+        if self._draining:
+            return Decision(False, "ingest is shutting down; reconnect")
+        assert self.table is not None
+        try:
+            record = await self.table.lookup_key(stream_key)
+        except Exception as e:
+            log.warning("stream table lookup failed: %s", e)
+            return Decision(False, f"stream table unavailable ({type(e).__name__}); retry")
+        if record is None:
+            return Decision(False, "unknown stream key")
+        spec = record.spec
+        problem = self._unservable(spec)
+        if problem:
+            return Decision(False, f"stream {spec.stream_id}: {problem}")
+        self._specs[spec.stream_id] = spec
+        return Decision(True, stream_id=spec.stream_id, shape=StreamShape(spec.width, spec.height, spec.fps))
+
+    def _unservable(self, spec: StreamSpec) -> str:
+        ing = self.settings.ingest
+        if spec.t2v:
+            return "a text-to-video stream takes no input video"
+        if spec.width > ing.max_model_width or spec.height > ing.max_model_height:
+            return f"model size {spec.width}x{spec.height} exceeds {ing.max_model_width}x{ing.max_model_height}"
+        if spec.width % 16 or spec.height % 16:
+            return f"model size {spec.width}x{spec.height} is not a multiple of 16"
+        try:
+            chunk_timesteps(spec.steps, spec.noise.noise_scale)
+        except ValueError as e:
+            return str(e)
+        return ""
+
+    # -- streams ------------------------------------------------------------------------------------------------
+
+    def _on_stream_start(self, stream: IngestStream) -> None:
+        spec = self._specs.pop(stream.stream_id, None)
+        if spec is None:  # cannot happen: the authoriser ran just before
+            log.error("stream %s started without an authorised spec; closing it", stream.stream_id)
+            stream.queue.close()
+            return
+        previous = self._tasks.get(stream.stream_id)
+        task = asyncio.create_task(self._run_stream(stream, spec, previous), name=f"ingest-{stream.stream_id}")
+        self._tasks[stream.stream_id] = task
+        task.add_done_callback(lambda t, sid=stream.stream_id: self._tasks.pop(sid, None)
+                               if self._tasks.get(sid) is t else None)
+
+    def _on_stream_end(self, stream: IngestStream) -> None:
+        log.info("stream %s: publisher gone for good (%d chunks queued to finish)", stream.stream_id,
+                 len(stream.queue))
+
+    async def _run_stream(self, stream: IngestStream, spec: StreamSpec, previous: asyncio.Task | None) -> None:
+        """One stream's life: go live, encode every chunk in order, announce the end."""
+        if previous is not None:  # a new session of the same stream waits for the old one's clean-up
+            await asyncio.gather(previous, return_exceptions=True)
+        assert self.bus is not None and self.table is not None
+        sid = spec.stream_id
+        live: _Live | None = None
+        try:
+            record = await self.table.update(sid, lambda r: r.model_copy(update={"state": "live"}))
+            spec = record.spec if not self._unservable(record.spec) else spec
+            state = IngestStreamState.new(spec, record.prompt_version, self.settings.ingest.replay_chunks)
+            window = await self.bus.credit_window(Subjects.stream_latent(sid),
+                                                  self.settings.nats.credit_window_bytes).start()
+            live = _Live(state, window, stream.chunker.clock)
+            self.live[sid] = live
+            self.streams.add(sid)
+            live.subs.append(await self.bus.subscribe(
+                Subjects.stream_prompt(sid), lambda m, raw: self._on_prompt(live, m, raw), expected=PromptUpdate))
+            live.subs.append(await self.bus.subscribe(
+                Subjects.stream_spec(sid), lambda m, raw: self._on_spec(live, m), expected=StreamSpec))
+            await self.bus.publish(Subjects.stream_event(sid), StreamEvent(stream_id=sid, kind="live",
+                                                                           at=time.time()))
+            await self._announce_prompt(live, PromptUpdate(stream_id=sid, version=record.prompt_version,
+                                                           prompt=spec.prompt))
+            log.info("stream %s live (%dx%d @ %g fps, %d steps, prompt v%d)", sid, spec.width, spec.height,
+                     spec.fps, spec.steps, record.prompt_version)
+        except StreamNotFound:
+            log.warning("stream %s was deleted before it went live; refusing its media", sid)
+            stream.queue.close()
+        except Exception:
+            log.exception("stream %s: could not go live; its media is dropped", sid)
+            stream.queue.close()
+        try:
+            while (raw := await stream.queue.get()) is not None:
+                if live is None:
+                    CHUNKS_DROPPED.labels(reason="not_live").inc()
+                    continue
+                await self._process(live, raw, ending=stream.queue.closed)
+        finally:
+            if self.rtmp is not None and self.rtmp.streams.get(sid) is stream:
+                self.rtmp._end_stream(stream)  # a failed start: stop taking media for it
+            if live is not None:
+                await self._end(live)
+
+    async def _end(self, live: _Live) -> None:
+        assert self.bus is not None and self.table is not None
+        state, sid = live.state, live.state.stream_id
+        for sub in live.subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        await live.window.close()
+        last = state.last_seq if state.last_seq is not None else 0
+        try:
+            with contextlib.suppress(StreamNotFound):  # the table first: whoever hears the event reads "ended"
+                await self.table.update(sid, lambda r: r.model_copy(update={"state": "ended"}))
+            await self.bus.publish(Subjects.stream_event(sid), StreamEvent(stream_id=sid, kind="ended", seq=last,
+                                                                           at=time.time()))
+            if self._prompts is not None:
+                for key in state.prompt_keys:
+                    with contextlib.suppress(Exception):
+                        await self._prompts.delete(key)
+        except Exception as e:
+            log.warning("stream %s: end not fully announced: %s", sid, e)
+        finally:
+            if self.live.get(sid) is live:
+                del self.live[sid]
+                self.streams.discard(sid)
+        log.info("stream %s ended after chunk %d (%d published, dropped: %s)", sid, last, state.published,
+                 dict(state.dropped) or "none")
+
+    # -- chunks -------------------------------------------------------------------------------------------------
+
+    async def _process(self, live: _Live, raw: RawChunk, ending: bool = False) -> None:
+        """Encode one chunk and publish it, or drop it with a counted, logged reason (this stream only).
+
+        A chunk is encoded even when it is already late, so the VAE cache and the motion EMA stay those of the
+        whole stream; only once the stream has ended (``ending``) is a late chunk dropped unencoded.
+        """
+        assert self.bus is not None
+        state = live.state
+        spec, version = state.spec, state.prompt_version
+        state.next_seq = raw.seq + 1
+        deadline = raw.capture_time + spec.slo.max_latency_ms / 1000.0
+        if ending and time.time() > deadline:
+            state.drop("deadline")
+            log.warning("stream %s chunk %d dropped: past its deadline after the stream ended", state.stream_id,
+                        raw.seq)
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            latent, scale = await loop.run_in_executor(self._compute, self._encode, state, raw)
+        except Exception as e:
+            state.drop("encode_error")
+            log.warning("stream %s chunk %d dropped: encode failed: %s: %s", state.stream_id, raw.seq,
+                        type(e).__name__, e)
+            return
+        clock = live.clock
+        chunk = LatentChunk(stream_id=state.stream_id, seq=raw.seq, epoch=self.epoch,
+                            latent_start=clock.latent_start(raw.seq), rope_start=clock.rope_start(raw.seq),
+                            capture_time=raw.frame_times[0], deadline=deadline, prompt_version=version,
+                            noise_scale=scale, timesteps=chunk_timesteps(spec.steps, scale), latent=latent)
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            state.drop("deadline")
+            log.warning("stream %s chunk %d dropped: %.0f ms past its deadline before publishing",
+                        state.stream_id, raw.seq, -remaining * 1000)
+            return
+        try:
+            await live.window.publish(chunk, timeout=remaining)
+        except CreditTimeout:
+            state.drop("deadline")
+            log.warning("stream %s chunk %d dropped: no credit from the first DiT stage before its deadline",
+                        state.stream_id, raw.seq)
+            self._maybe_reset_credit(live)
+            return
+        except (PayloadTooLarge, nats.errors.Error) as e:
+            state.drop("publish_error")
+            log.warning("stream %s chunk %d dropped: %s", state.stream_id, raw.seq, e)
+            return
+        live.last_credit_progress = time.monotonic()
+        state.last_seq = raw.seq
+        state.published += 1
+        state.replay.append(chunk)
+        CHUNKS_PUBLISHED.inc()
+
+    def _maybe_reset_credit(self, live: _Live) -> None:
+        """Credits lost with a restarted (or absent) consumer never come back: after a while, start afresh."""
+        if time.monotonic() - live.last_credit_progress > _CREDIT_RESET_S:
+            log.warning("stream %s: no credit for %.0f s; resetting the latent credit window", live.state.stream_id,
+                        _CREDIT_RESET_S)
+            live.window.reset()
+            live.last_credit_progress = time.monotonic()
+
+    def _encode(self, state: IngestStreamState, raw: RawChunk) -> tuple[torch.Tensor, float]:
+        """Model thread: motion estimate + Stream-VAE encode, exactly as ``StreamPipeline._next_input``."""
+        assert self.models is not None
+        vae = self.models.vae
+        spec = state.spec
+        expected = (len(raw.frame_times), spec.height, spec.width, 3)
+        if tuple(raw.frames.shape) != expected or raw.frames.dtype != np.uint8:
+            raise ValueError(f"chunk frames are {raw.frames.dtype}{tuple(raw.frames.shape)}, expected uint8{expected}")
+        tap = self.settings.ingest.debug_tap_dir
+        if tap is not None:
+            _write_tap(Path(tap) / state.stream_id / f"chunk_{raw.seq:06d}.npy", raw.frames)
+        started = time.perf_counter()
+        px = to_pixels(raw.frames, vae.device)
+        level = motion_controller(spec).update(state.motion, px)
+        z = vae.encode(state.vae, px.to(vae.dtype)).float()
+        ENCODE_SECONDS.observe(time.perf_counter() - started)
+        return z[0].transpose(0, 1).contiguous().cpu(), level.scale  # [1, C, F, h, w] → [F, C, h, w]
+
+    # -- prompts and live parameters ----------------------------------------------------------------------------
+
+    async def _embed(self, prompt: str) -> torch.Tensor:
+        assert self.models is not None
+        enc = self.models.prompt
+        loop = asyncio.get_running_loop()
+        emb = await loop.run_in_executor(self._compute, enc.encode, prompt)
+        return emb[0].contiguous().cpu()  # [1, L, D] → [L, D]
+
+    async def _announce_prompt(self, live: _Live, update: PromptUpdate) -> PromptUpdate:
+        """Encode, publish the update with its embedding, keep it in the prompts bucket for late joiners."""
+        assert self.bus is not None
+        embedded = PromptUpdate(stream_id=update.stream_id, version=update.version, prompt=update.prompt,
+                                mode=update.mode, blend_chunks=update.blend_chunks,
+                                embedding=await self._embed(update.prompt))
+        await self.bus.publish(Subjects.stream_prompt(update.stream_id), embedded)
+        if self._prompts is not None:
+            key = f"{update.stream_id}.{update.version}"
+            try:
+                await self._prompts.put(key, embedded)
+                live.state.prompt_keys.append(key)
+                while len(live.state.prompt_keys) > 2:  # the version in force and the one chunks in flight may use
+                    await self._prompts.delete(live.state.prompt_keys.pop(0))
+            except Exception as e:
+                log.warning("stream %s: prompt v%d not stored in %s: %s", update.stream_id, update.version,
+                            Buckets.PROMPTS, e)
+        return embedded
+
+    async def _on_prompt(self, live: _Live, update: PromptUpdate, msg: Msg) -> None:
+        """A prompt change request (from the gateway): answer with the chunk seq it takes effect at."""
+        assert self.bus is not None
+        if update.embedding is not None:
+            return  # an update already encoded (our own republish): for the DiT stages, not for us
+        state = live.state
+        if update.stream_id != state.stream_id:
+            PROMPT_REQUESTS.labels(result="refused").inc()
+            await self.bus.respond(msg, Error(code="bad_request", stream_id=state.stream_id,
+                                              message=f"update for {update.stream_id!r} sent to {state.stream_id!r}"))
+            return
+        if update.version <= state.prompt_version:
+            PROMPT_REQUESTS.labels(result="refused").inc()
+            await self.bus.respond(msg, Error(code="stale_prompt_version", stream_id=state.stream_id,
+                                              message=f"version {update.version} is not newer than the "
+                                                      f"{state.prompt_version} in force"))
+            return
+        try:
+            await self._announce_prompt(live, update)
+        except Exception as e:
+            PROMPT_REQUESTS.labels(result="failed").inc()
+            log.warning("stream %s: prompt v%d failed: %s: %s", state.stream_id, update.version,
+                        type(e).__name__, e)
+            await self.bus.respond(msg, Error(code="prompt_failed", stream_id=state.stream_id,
+                                              message=f"{type(e).__name__}: {e}"))
+            return
+        if update.version > state.prompt_version:  # a concurrent newer change may have won meanwhile
+            state.prompt_version = update.version
+            state.spec = state.spec.model_copy(update={"prompt": update.prompt})
+        effective = state.next_seq
+        PROMPT_REQUESTS.labels(result="accepted").inc()
+        log.info("stream %s: prompt v%d (%s) from chunk %d", state.stream_id, update.version, update.mode, effective)
+        await self.bus.respond(msg, Ack(ref=str(effective), detail=f"prompt version {update.version}"))
+
+    async def _on_spec(self, live: _Live, spec: StreamSpec) -> None:
+        """Live parameter changes (steps, noise) apply from the next chunk; size and rate are fixed per session."""
+        state = live.state
+        if spec.stream_id != state.stream_id:
+            return
+        fixed = {"width": state.spec.width, "height": state.spec.height, "fps": state.spec.fps}
+        new = spec.model_copy(update=fixed)
+        problem = self._unservable(new)
+        if problem:
+            log.warning("stream %s: spec change ignored: %s", state.stream_id, problem)
+            return
+        state.spec = new
+
+
+def _write_tap(path: Path, frames: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, frames)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    code = main(IngestService)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is drained and closed; skip tearing down torch/diffusers/transformers modules, which alone
+    # takes seconds on a loaded node and would eat the SIGTERM budget.
+    os._exit(code)

@@ -1,0 +1,317 @@
+"""The ingest service over real RTMP and a real nats-server: chunks, prompts, refusals, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+from media.mediakit import RawRtmp, free_port, publish_pyav
+
+from encoder.prompt import PromptEncoder
+from encoder.vae import StreamVAE
+from ingest.service import CHUNKS_DROPPED, IngestService, IngestStreamState, chunk_timesteps
+from pipeline.tiny import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
+from proto import (
+    CHANNELS,
+    SLO,
+    Ack,
+    BlockMap,
+    Buckets,
+    Error,
+    Heartbeat,
+    LatentChunk,
+    PromptUpdate,
+    StreamEvent,
+    StreamSpec,
+    Subjects,
+)
+from proto.clock import ChunkClock
+from services.bus import Bus
+from services.config import NatsSettings, Settings
+from services.streams import StreamNotFound, StreamTable, new_stream_id
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZE = 64
+LATENCY_MS = 60000.0  # a loaded 2-core CI machine must not turn these tests into deadline-drop tests
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def ingest(nats_settings: NatsSettings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[IngestService]:
+    settings = Settings(
+        nats=nats_settings,
+        telemetry={"metrics_port": 0},
+        lifecycle={"http_host": "127.0.0.1", "heartbeat_interval_s": 0.2},
+        ingest={"rtmp_host": "127.0.0.1", "rtmp_port": 0, "chunk_queue_depth": 32, "stream_linger_s": 0.3,
+                "replay_chunks": 3, "debug_tap_dir": tmp_path_factory.mktemp("tap")},
+    )
+    service = IngestService(settings, member_id="ingest-test")
+    task = asyncio.create_task(service.run())
+    deadline = time.monotonic() + 60
+    while not service.ready:
+        assert not task.done() and time.monotonic() < deadline, "ingest never became ready"
+        await asyncio.sleep(0.05)
+    yield service
+    service.stop()
+    assert await asyncio.wait_for(task, 10) == 0
+
+
+class Recorder:
+    """Everything a stream's subjects carry, as the DiT stages would see it."""
+
+    def __init__(self) -> None:
+        self.chunks: list[LatentChunk] = []
+        self.events: list[StreamEvent] = []
+        self.prompts: list[PromptUpdate] = []
+
+    async def attach(self, bus: Bus, sid: str) -> None:
+        async def on_chunk(m: LatentChunk, _raw) -> None:
+            self.chunks.append(m)
+
+        async def on_event(m: StreamEvent, _raw) -> None:
+            self.events.append(m)
+
+        async def on_prompt(m: PromptUpdate, _raw) -> None:
+            self.prompts.append(m)
+
+        await bus.subscribe(Subjects.stream_latent(sid), on_chunk, expected=LatentChunk, credit=True)
+        await bus.subscribe(Subjects.stream_event(sid), on_event, expected=StreamEvent)
+        await bus.subscribe(Subjects.stream_prompt(sid), on_prompt, expected=PromptUpdate)
+        await bus.nc.flush()
+
+    def ended(self) -> bool:
+        return any(e.kind == "ended" for e in self.events)
+
+
+_CREATED: list[tuple[StreamTable, str]] = []
+
+
+@pytest.fixture(autouse=True)
+async def _forget_streams(bus: Bus) -> AsyncIterator[None]:
+    """Leave the session's shared stream table as it was (other suites list it)."""
+    yield
+    while _CREATED:
+        table, sid = _CREATED.pop()
+        with contextlib.suppress(StreamNotFound):
+            await table.delete(sid)
+
+
+async def new_stream(bus: Bus, prompt: str, latency_ms: float = LATENCY_MS) -> tuple[StreamTable, StreamSpec, str]:
+    table = await StreamTable.open(bus)
+    spec = StreamSpec(stream_id=new_stream_id(), width=SIZE, height=SIZE, fps=16.0, steps=2, prompt=prompt,
+                      slo=SLO(max_latency_ms=latency_ms))
+    _, key = await table.create(spec)
+    _CREATED.append((table, spec.stream_id))
+    return table, spec, key
+
+
+def tiny_prompt_encoder() -> PromptEncoder:
+    return PromptEncoder(make_tiny_t5(0), make_tiny_tokenizer(), max_length=16)
+
+
+def reference_noise(taps: list[np.ndarray]) -> list[float]:
+    """SDv2's compute_noise_scale_and_step written out (s_init 0.8, range 0.1, EMA 0.1, sigma 0.2)."""
+    scales, s_prev, last = [], 0.8, None
+    for frames in taps:
+        x = torch.from_numpy(frames).float().div(127.5).sub(1.0).permute(3, 0, 1, 2)[None]
+        if last is None:
+            s = 0.8
+        else:
+            w = torch.cat([last, x], dim=2)
+            d = float((((w[:, :, 1:] - w[:, :, :-1]) ** 2).mean(dim=(0, 1, 3, 4)).sqrt().max() / 0.2).clamp(0, 1))
+            s = (0.8 - 0.1 * d) * (1 - 0.1) + s_prev * 0.1
+        scales.append(s)
+        s_prev, last = s, x[:, :, -1:]
+    return scales
+
+
+async def test_rtmp_clip_becomes_latent_chunks(ingest: IngestService, bus: Bus, eventually) -> None:
+    table, spec, key = await new_stream(bus, "a red cat")
+    sid = spec.stream_id
+    rec = Recorder()
+    await rec.attach(bus, sid)
+    # 21 frames = chunk 0 (5 frames) + 4 chunks of 4; 96x64 is scaled to cover 64x64 and centre-cropped
+    result = await publish_pyav(f"rtmp://127.0.0.1:{ingest.rtmp.port}/live/{key}", 21, 16, "96x64", "--realtime")
+    assert result.report.get("ok"), result.report
+    await eventually(rec.ended, timeout=20)
+
+    assert [e.kind for e in rec.events] == ["live", "ended"]
+    assert [c.seq for c in rec.chunks] == [0, 1, 2, 3, 4]
+    assert rec.events[-1].seq == 4
+    assert (await table.get(sid)).state == "ended"
+    blockmap = await (await bus.kv(Buckets.BLOCKMAP)).get_message("current", BlockMap)
+    epoch = blockmap.epoch if blockmap is not None else 0
+
+    clock = ChunkClock()
+    for c in rec.chunks:
+        assert tuple(c.latent.shape) == (clock.latent_frames(c.seq), 4, SIZE // 8, SIZE // 8)
+        assert c.latent.dtype == torch.float32
+        assert (c.latent_start, c.rope_start) == (clock.latent_start(c.seq), clock.rope_start(c.seq))
+        assert c.stream_id == sid and c.epoch == epoch and c.prompt_version == 0
+        # capture time of the chunk's first frame; deadline = its last frame + the 1 s SLO
+        last_frame = c.capture_time + (clock.input_frames(c.seq) - 1) / 16
+        assert c.deadline == pytest.approx(last_frame + LATENCY_MS / 1000, abs=1e-6)
+
+    # the same shaped frames through a fresh, identically built tiny VAE give the same latents
+    taps = [np.load(ingest.settings.ingest.debug_tap_dir / sid / f"chunk_{c:06d}.npy") for c in range(5)]
+    assert [t.shape[0] for t in taps] == [5, 4, 4, 4, 4]
+    vae, wrong = StreamVAE(make_tiny_vae(0)), StreamVAE(make_tiny_vae(1))
+    state, wrong_state = vae.new_state(), wrong.new_state()
+    worst, control = 0.0, 0.0
+    for c, frames in zip(rec.chunks, taps, strict=True):
+        px = torch.from_numpy(frames).float().div(127.5).sub(1.0).permute(3, 0, 1, 2)[None]
+        expected = vae.encode(state, px)[0].transpose(0, 1)
+        worst = max(worst, float((c.latent - expected).abs().max()))
+        control = max(control, float((c.latent - wrong.encode(wrong_state, px)[0].transpose(0, 1)).abs().max()))
+    assert worst <= 1e-5, worst
+    assert control > 1e-2, control  # negative control: another VAE is told apart
+
+    scales = reference_noise(taps)
+    assert scales[0] == 0.8 and any(s < 0.8 for s in scales[1:])  # the barcode moves: motion lowers s
+    for c, s in zip(rec.chunks, scales, strict=True):
+        assert c.noise_scale == pytest.approx(s, abs=1e-7)
+        assert c.timesteps == [int(1000 * c.noise_scale) - 100, 500]
+    assert rec.chunks[0].timesteps == [700, 500]
+
+    # the prompt went out once, with its embedding, before any chunk; the bucket copy is gone with the stream
+    assert [(p.version, p.prompt) for p in rec.prompts] == [(0, "a red cat")]
+    assert torch.equal(rec.prompts[0].embedding, tiny_prompt_encoder().encode("a red cat")[0])
+    assert await (await bus.kv(Buckets.PROMPTS)).get(f"{sid}.0") is None
+
+
+async def test_wrong_key_is_refused_with_a_reason(ingest: IngestService, bus: Bus, eventually) -> None:
+    table, spec, _ = await new_stream(bus, "a dog")
+    before = await table.get(spec.stream_id)
+    client = await RawRtmp.open(ingest.rtmp.port)
+    client.connect_and_publish("not-a-key-of-any-stream")
+    answer = await client.read_until_closed()
+    client.close()
+    assert b"NetStream.Publish.BadName" in answer and b"unknown stream key" in answer
+    await eventually(lambda: any("unknown stream key" in r for _, r in ingest.rtmp.refusals))
+    assert await table.get(spec.stream_id) == before  # state, revision-visible fields untouched
+
+
+async def test_prompt_request_is_acked_with_the_next_seq(ingest: IngestService, bus: Bus, eventually) -> None:
+    _, spec, key = await new_stream(bus, "a cat")
+    sid = spec.stream_id
+    rec = Recorder()
+    await rec.attach(bus, sid)
+    url = f"rtmp://127.0.0.1:{ingest.rtmp.port}/live/{key}"
+    publisher = asyncio.create_task(publish_pyav(url, 45, 16, "64x64", "--realtime"))  # 11 chunks, ~2.8 s
+    await eventually(lambda: len(rec.chunks) >= 2, timeout=20)
+
+    malformed = ingest.bus.stats.malformed
+    await bus.nc.publish(Subjects.stream_prompt(sid), b"\x00garbage")
+    await bus.nc.publish(Subjects.stream_prompt(sid), Ack(ref="not a prompt").encode())
+    await eventually(lambda: ingest.bus.stats.malformed >= malformed + 2)
+
+    seen = len(rec.chunks)
+    reply = await bus.request(Subjects.stream_prompt(sid), PromptUpdate(stream_id=sid, version=1, prompt="a dog"),
+                              timeout=5)
+    assert isinstance(reply, Ack) and reply.ref.isdigit(), reply
+    effective = int(reply.ref)
+    stale = await bus.request(Subjects.stream_prompt(sid), PromptUpdate(stream_id=sid, version=1, prompt="x"),
+                              timeout=5)
+    assert isinstance(stale, Error) and stale.code == "stale_prompt_version"
+
+    assert (await publisher).report.get("ok")
+    await eventually(rec.ended, timeout=20)
+    seqs = [c.seq for c in rec.chunks]
+    assert seqs == list(range(11))
+    assert seen <= effective <= seqs[-1]
+    assert all(c.prompt_version == (1 if c.seq >= effective else 0) for c in rec.chunks)
+    embedded = [p for p in rec.prompts if p.embedding is not None]
+    assert [(p.version, p.prompt) for p in embedded] == [(0, "a cat"), (1, "a dog")]  # the stale one never is
+    assert torch.equal(embedded[1].embedding, tiny_prompt_encoder().encode("a dog")[0])
+
+
+async def test_chunks_past_their_deadline_are_dropped_and_counted(ingest: IngestService, bus: Bus,
+                                                                  eventually) -> None:
+    _, spec, key = await new_stream(bus, "a sky", latency_ms=1.0)
+    rec = Recorder()
+    await rec.attach(bus, spec.stream_id)
+    before = CHUNKS_DROPPED.labels(reason="deadline")._value.get()
+    busy = threading.Event()
+    ingest._compute.submit(busy.wait, 30)  # the model thread is busy: chunks queue up and age
+    try:
+        result = await publish_pyav(f"rtmp://127.0.0.1:{ingest.rtmp.port}/live/{key}", 21, 16, "64x64",
+                                    "--realtime")
+        assert result.report.get("ok"), result.report
+        await asyncio.sleep(1.0)  # pacer capture times may run ahead of the wall clock by the first frame's delay
+    finally:
+        busy.set()
+    await eventually(rec.ended, timeout=20)
+    assert rec.chunks == [] and [e.kind for e in rec.events] == ["live", "ended"]
+    assert CHUNKS_DROPPED.labels(reason="deadline")._value.get() - before == 5
+
+
+def test_stream_state_round_trips_with_a_bounded_replay_ring() -> None:
+    spec = StreamSpec(stream_id="s1", width=SIZE, height=SIZE, fps=16.0, steps=2, prompt="p")
+    state = IngestStreamState.new(spec, prompt_version=2, replay_chunks=3)
+    vae = StreamVAE(make_tiny_vae(0))
+    frames = torch.rand(1, 3, 5, SIZE, SIZE) * 2 - 1
+    vae.encode(state.vae, frames)
+    for seq in range(5):
+        state.replay.append(LatentChunk(stream_id="s1", seq=seq, epoch=0, latent_start=seq, rope_start=seq,
+                                        capture_time=1.0, deadline=2.0, prompt_version=2, noise_scale=0.8,
+                                        timesteps=chunk_timesteps(2, 0.8), latent=torch.randn(1, 4, 8, 8)))
+    state.next_seq, state.last_seq = 5, 4
+    state.drop("deadline")
+    back = IngestStreamState.from_bytes(state.to_bytes())
+    assert [c.seq for c in back.replay] == [2, 3, 4] and back.replay.maxlen == 3
+    assert all(torch.equal(a.latent, b.latent) for a, b in zip(state.replay, back.replay, strict=True))
+    assert back.spec == spec and (back.prompt_version, back.next_seq, back.last_seq) == (2, 5, 4)
+    assert back.dropped == {"deadline": 1} and back.vae.frames_encoded == 5
+    # the restored VAE cache continues the stream exactly like the original
+    more = torch.rand(1, 3, 4, SIZE, SIZE) * 2 - 1
+    assert torch.equal(vae.encode(state.vae, more), vae.encode(back.vae, more))
+
+
+async def test_sigterm_mid_stream_exits_cleanly(nats_settings: NatsSettings, bus: Bus, eventually) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RHEO_NATS__URL": nats_settings.url,
+           "RHEO_TELEMETRY__METRICS_PORT": "0", "RHEO_LIFECYCLE__HTTP_HOST": "127.0.0.1",
+           "RHEO_LIFECYCLE__HEARTBEAT_INTERVAL_S": "0.2", "RHEO_INGEST__RTMP_HOST": "127.0.0.1",
+           "RHEO_INGEST__RTMP_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "ingest.service"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        beats: list[Heartbeat] = []
+
+        async def on_beat(hb: Heartbeat, _raw) -> None:
+            beats.append(hb)
+
+        await bus.subscribe(CHANNELS["ctl_heartbeat"].wildcard(), on_beat, expected=Heartbeat)
+        deadline = time.monotonic() + 90
+        while not any(b.ready and b.member_id.endswith(f"-{proc.pid}") for b in beats):
+            assert time.monotonic() < deadline and proc.poll() is None, "ingest never became ready"
+            await asyncio.sleep(0.05)
+        _, spec, key = await new_stream(bus, "a fish")
+        rec = Recorder()
+        await rec.attach(bus, spec.stream_id)
+        publisher = asyncio.create_task(publish_pyav(f"rtmp://127.0.0.1:{port}/live/{key}", 160, 16, "64x64",
+                                                     "--realtime"))
+        await eventually(lambda: len(rec.chunks) >= 2, timeout=30)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+        assert time.monotonic() - started < 5.0
+        await eventually(rec.ended, timeout=2)  # the stream's end was announced before exit
+        assert rec.events[-1].seq == rec.chunks[-1].seq
+        await asyncio.wait_for(publisher, 30)  # the publisher sees the connection go and exits
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "Traceback" not in out, out
