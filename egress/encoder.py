@@ -20,11 +20,11 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from proto import EncodedVideo, VideoUnit
 from services.config import EgressSettings
 
 __all__ = [
     "CfrPacer",
-    "EncodedVideo",
     "H264Encoder",
     "PacedFrame",
     "PartLayout",
@@ -67,12 +67,17 @@ class PartLayout:
 
 @dataclass(frozen=True)
 class VideoConfig:
-    """What a packager needs to know about an encoded stream (sent once, before the first access unit)."""
+    """What a packager needs to know about an encoded stream: the stream-level fields of ``proto.EncodedVideo``
+    (every such message repeats them, so an egress joining mid-stream can start at the next IDR)."""
 
     width: int
     height: int
     fps: float
     extradata: bytes  # H.264 SPS + PPS, Annex B
+
+    @classmethod
+    def from_message(cls, msg: EncodedVideo) -> VideoConfig:
+        return cls(msg.width, msg.height, msg.fps, msg.extradata)
 
     @property
     def time_base(self) -> Fraction:
@@ -81,16 +86,6 @@ class VideoConfig:
     @property
     def codecs(self) -> str:
         return codec_string(self.extradata)
-
-
-@dataclass(frozen=True)
-class EncodedVideo:
-    """One H.264 access unit (Annex B). ``pts`` counts frames at the stream's constant rate; no B-frames."""
-
-    pts: int
-    keyframe: bool
-    data: bytes
-    capture_time: float | None = None
 
 
 def _nal_units(annexb: bytes) -> list[bytes]:
@@ -167,6 +162,22 @@ class CfrPacer:
         """Wall time of the next output frame (None before the first frame arrived)."""
         return self.due_time(self.next_index)
 
+    @property
+    def buffered(self) -> int:
+        """Frames pushed but not yet output."""
+        return len(self._buffer)
+
+    def flush(self) -> list[PacedFrame]:
+        """Every buffered frame at once, at the next indices (the stream is ending: nothing waits for its slot)."""
+        out: list[PacedFrame] = []
+        while self._buffer:
+            self._last = self._buffer.popleft()
+            due = self.due_time(self.next_index)
+            out.append(PacedFrame(self.next_index, self._last, False, time.time() if due is None else due))
+            self.stats.emitted += 1
+            self.next_index += 1
+        return out
+
     def pop_due(self, now: float) -> list[PacedFrame]:
         """Every output frame due by ``now``, in order."""
         out: list[PacedFrame] = []
@@ -235,7 +246,7 @@ class H264Encoder:
 
     def encode(
         self, frame: np.ndarray | av.VideoFrame, pts: int, capture_time: float | None = None
-    ) -> list[EncodedVideo]:
+    ) -> list[VideoUnit]:
         vf = frame if isinstance(frame, av.VideoFrame) else av.VideoFrame.from_ndarray(frame, format="rgb24")
         if vf.format.name != "yuv420p" or (vf.width, vf.height) != (self.config.width, self.config.height):
             vf = vf.reformat(width=self.config.width, height=self.config.height, format="yuv420p")
@@ -244,13 +255,13 @@ class H264Encoder:
         vf.pict_type = av.video.frame.PictureType.I if pts % self.gop_frames == 0 else av.video.frame.PictureType.NONE
         return self._wrap(self._ctx.encode(vf), capture_time)
 
-    def flush(self) -> list[EncodedVideo]:
+    def flush(self) -> list[VideoUnit]:
         return self._wrap(self._ctx.encode(None), None)
 
-    def _wrap(self, packets: list[av.Packet], capture_time: float | None) -> list[EncodedVideo]:
+    def _wrap(self, packets: list[av.Packet], capture_time: float | None) -> list[VideoUnit]:
         out = []
         for p in packets:
-            unit = EncodedVideo(int(p.pts), bool(p.is_keyframe), bytes(p), capture_time)
+            unit = VideoUnit(pts=int(p.pts), keyframe=bool(p.is_keyframe), data=bytes(p), capture_time=capture_time)
             self.stats.frames += 1
             self.stats.bytes += len(unit.data)
             if unit.keyframe:
@@ -260,7 +271,7 @@ class H264Encoder:
 
 
 async def run_cfr(
-    pacer: CfrPacer, encoder: H264Encoder, sink: Callable[[EncodedVideo], None], stop: asyncio.Event
+    pacer: CfrPacer, encoder: H264Encoder, sink: Callable[[VideoUnit], None], stop: asyncio.Event
 ) -> None:
     """Encode one frame per 1/fps of wall time until ``stop`` is set, then flush; ``sink`` gets every unit.
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import av
 
-from egress.encoder import EncodedVideo, PartLayout, VideoConfig
+from egress.encoder import PartLayout, VideoConfig
+from proto import VideoUnit
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class _BoxSink(io.RawIOBase):
         return len(b)
 
 
-def _template_stream(config: VideoConfig, first: EncodedVideo) -> av.container.InputContainer:
+def _template_stream(config: VideoConfig, first: VideoUnit) -> av.container.InputContainer:
     """An H.264 input stream whose codec parameters the muxer copies (PyAV must not open an encoder)."""
     return av.open(io.BytesIO(config.extradata + first.data), format="h264")
 
@@ -118,7 +119,7 @@ class LlHlsStream:
         self._sink = _BoxSink()
         self._out: av.container.OutputContainer | None = None
         self._stream: av.video.stream.VideoStream | None = None
-        self._pending: list[EncodedVideo] = []  # muxed, not yet in a part
+        self._pending: list[VideoUnit] = []  # muxed, not yet in a part
         self._moof: bytes | None = None
         self._last_pts: int | None = None
         self._changed = asyncio.Event()
@@ -127,7 +128,7 @@ class LlHlsStream:
 
     # -- input ---------------------------------------------------------------------------------------------
 
-    def push(self, unit: EncodedVideo) -> None:
+    def push(self, unit: VideoUnit) -> None:
         """Mux one access unit; completes parts and segments as the muxer emits fragments."""
         if self.ended:
             raise RuntimeError(f"stream {self.stream_id} has ended")
@@ -165,7 +166,7 @@ class LlHlsStream:
         self._write_plain_playlist()
         self._notify()
 
-    def _open(self, first: EncodedVideo) -> None:
+    def _open(self, first: VideoUnit) -> None:
         part_us = int((self.layout.frames_per_part - 0.5) / self.layout.fps * 1e6)
         self._out = av.open(
             self._sink,

@@ -21,7 +21,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from egress.encoder import EncodedVideo, VideoConfig
+from egress.encoder import VideoConfig
 from ingest import amf0
 from ingest.chunkstream import (
     AUDIO,
@@ -35,6 +35,7 @@ from ingest.chunkstream import (
     control_message,
     encode_message,
 )
+from proto import VideoUnit
 from services.config import EgressSettings
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class FlvTagMuxer:
         self._audio_samples = 0
         self._last_pts = -1
 
-    def _open(self, first: EncodedVideo) -> None:
+    def _open(self, first: VideoUnit) -> None:
         self._out = av.open(self._sink, "w", format="flv", options={"flvflags": "no_duration_filesize"})
         with av.open(io.BytesIO(self.config.extradata + first.data), format="h264") as template:
             self._video = self._out.add_stream_from_template(template.streams.video[0])
@@ -111,7 +112,7 @@ class FlvTagMuxer:
             self._audio = self._out.add_stream("aac", rate=_AUDIO_RATE, layout="stereo")
             self._audio.codec_context.bit_rate = 64000
 
-    def push(self, unit: EncodedVideo) -> list[FlvTag]:
+    def push(self, unit: VideoUnit) -> list[FlvTag]:
         if unit.pts <= self._last_pts:
             return []
         if self._out is None:
@@ -328,7 +329,7 @@ class RtmpPush:
             settings.rtmp_push_backoff_max_s,
         )
 
-    def push(self, unit: EncodedVideo) -> None:
+    def push(self, unit: VideoUnit) -> None:
         for tag in self.muxer.push(unit):
             self._enqueue(tag)
 

@@ -1,0 +1,264 @@
+"""The egress service: encoded video in, HLS / LL-HLS over HTTP and RTMP push out (design §1; docs/media.md).
+
+Subscribes to ``rheo.stream.*.video`` (``EncodedVideo`` from the decoder, credit window) and
+``rheo.stream.*.event``; publishes nothing but heartbeats. Per stream an ``LlHlsStream`` (``HlsRegistry``) fed
+with the access units, and an ``RtmpPush`` when ``egress.rtmp_push_url`` is set. Serves ``make_hls_router`` on
+``egress.http_port`` and records its base URL in the stream's ``StreamRecord`` (``egress_url``) when the stream's
+first video arrives, so the gateway's ``/hls/<id>/...`` proxy finds it.
+
+A playlist ends (``EXT-X-ENDLIST``) on the decoder's ``end_of_stream``, or, after the stream's ``ended`` event,
+once no video came for ``egress.ended_grace_s``; ended streams stay served for ``egress.ended_retention_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI
+from nats.aio.msg import Msg
+from prometheus_client import Counter
+
+from egress.encoder import PartLayout, VideoConfig
+from egress.http import make_hls_router
+from egress.llhls import HlsRegistry, LlHlsStream
+from egress.rtmp_push import RtmpPush
+from proto import CHANNELS, EncodedVideo, StreamEvent, StreamRecord, Subjects
+from services.runtime import Service, listen_socket, main
+from services.streams import StreamNotFound, StreamTable
+
+log = logging.getLogger("rheo.egress")
+
+MESSAGES = Counter("rheo_egress_video_messages_total", "EncodedVideo messages by outcome", ["result"])
+UNITS = Counter("rheo_egress_units_total", "access units by outcome", ["result"])
+
+_CONTROL_MESSAGE_BYTES = 1024 * 1024  # heartbeats: ≈100 B + 66 B per stream id; egress publishes nothing else
+
+
+@dataclass
+class EgressStats:
+    streams_opened: int = 0
+    streams_ended: int = 0
+    messages: int = 0
+    messages_lost: int = 0  # gaps in EncodedVideo.seq
+    messages_dropped: int = 0  # subject mismatch, config mismatch, after the end
+    units: int = 0
+    units_failed: int = 0
+    record_updates: int = 0
+    record_failures: int = 0
+
+
+@dataclass
+class EgressStream:
+    """Everything egress keeps for one stream: the packager, the RTMP push, the message counter."""
+
+    stream_id: str
+    config: VideoConfig
+    hls: LlHlsStream
+    push: RtmpPush | None = None
+    push_task: asyncio.Task[None] | None = None
+    next_seq: int = 0
+    end_timer: asyncio.TimerHandle | None = None  # armed by the 'ended' event, re-armed by every later message
+    forget_timer: asyncio.TimerHandle | None = None  # removes the ended stream after its retention
+
+
+def rtmp_push_url(template: str, stream_id: str) -> str:
+    """The push URL of one stream: ``{stream_id}`` in the template is replaced by the stream id."""
+    return template.replace("{stream_id}", stream_id)
+
+
+class EgressService(Service):
+    role = "egress"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.registry = HlsRegistry(self.settings.egress.hls_dir)
+        self.outputs: dict[str, EgressStream] = {}
+        self.stats = EgressStats()
+        self.hls_port = 0
+        self.base_url = ""
+        self._table: StreamTable | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.checks["http"] = False
+
+    def max_send_bytes(self) -> int:
+        return _CONTROL_MESSAGE_BYTES
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def hls_app(self) -> FastAPI:
+        app = FastAPI(title="rheo egress", docs_url=None, redoc_url=None, openapi_url=None)
+        app.include_router(make_hls_router(self.registry))
+        return app
+
+    async def start(self) -> None:
+        assert self.bus is not None
+        eg = self.settings.egress
+        self._table = await StreamTable.open(self.bus)
+        sock = listen_socket(eg.http_host, eg.http_port, "egress HLS/LL-HLS (egress.http_port)")
+        self.hls_port = sock.getsockname()[1]
+        host = "127.0.0.1" if eg.http_host in ("", "0.0.0.0", "::") else eg.http_host
+        self.base_url = (eg.public_url or f"http://{host}:{self.hls_port}").rstrip("/")
+        self._http = uvicorn.Server(uvicorn.Config(self.hls_app(), log_level="warning", lifespan="off"))
+        self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # signals are ours
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="egress-hls")
+        self.checks["http"] = True
+        await self.bus.subscribe(CHANNELS["stream_video"].wildcard(), self._on_video, expected=EncodedVideo,
+                                 credit=True)
+        await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
+        log.info("egress serving HLS at %s/hls/<stream id>/index.m3u8", self.base_url)
+
+    async def drain(self) -> None:
+        """End every playlist (EXT-X-ENDLIST), let RTMP pushes send what they hold, stop serving."""
+        for out in list(self.outputs.values()):
+            self._end(out)
+            if out.forget_timer is not None:  # files stay on disk for whoever serves them next
+                out.forget_timer.cancel()
+        pushes = [o.push_task for o in self.outputs.values() if o.push_task is not None]
+        if pushes:
+            _, pending = await asyncio.wait(pushes, timeout=2.0)
+            for task in pending:
+                task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await self._http_task
+
+    # -- input --------------------------------------------------------------------------------------------
+
+    def _dropped(self, msg: EncodedVideo, reason: str, why: str) -> None:
+        self.stats.messages_dropped += 1
+        MESSAGES.labels(result=reason).inc()
+        log.warning("stream %s video message %d dropped (%s): %s", msg.stream_id, msg.seq, reason, why)
+
+    async def _on_video(self, msg: EncodedVideo, raw: Msg) -> None:
+        if raw.subject != Subjects.stream_video(msg.stream_id):
+            self._dropped(msg, "mismatched", f"stream id does not match the subject {raw.subject}")
+            return
+        config = VideoConfig.from_message(msg)
+        out = self.outputs.get(msg.stream_id)
+        if out is not None and out.hls.ended and msg.seq != 0:
+            self._dropped(msg, "after_end", "the stream's playlist has ended")
+            return
+        if out is None or msg.seq == 0:
+            # seq 0 is a new encoder session (a new stream, or the decoder restarted it): a fresh playlist
+            out = self._open(msg.stream_id, config)
+        elif config != out.config:
+            self._dropped(msg, "config_mismatch", f"{config.width}x{config.height}@{config.fps} differs from the "
+                          f"stream's {out.config.width}x{out.config.height}@{out.config.fps}")
+            return
+        if msg.seq > out.next_seq:
+            self.stats.messages_lost += msg.seq - out.next_seq
+            MESSAGES.labels(result="lost").inc(msg.seq - out.next_seq)
+        out.next_seq = max(out.next_seq, msg.seq + 1)
+        self.stats.messages += 1
+        MESSAGES.labels(result="ok").inc()
+        for unit in msg.units:
+            try:
+                out.hls.push(unit)
+            except Exception as e:  # a unit the muxer cannot take loses only itself
+                self.stats.units_failed += 1
+                UNITS.labels(result="failed").inc()
+                log.warning("stream %s: access unit pts %d not packaged: %s", msg.stream_id, unit.pts, e)
+                continue
+            self.stats.units += 1
+            UNITS.labels(result="packaged").inc()
+            if out.push is not None:
+                try:
+                    out.push.push(unit)
+                except Exception as e:
+                    log.warning("stream %s: access unit pts %d not pushed over RTMP: %s", msg.stream_id, unit.pts, e)
+        if msg.end_of_stream:
+            self._end(out)
+        elif out.end_timer is not None:
+            self._arm_end(out)
+
+    async def _on_event(self, event: StreamEvent, raw: Msg) -> None:
+        if raw.subject != Subjects.stream_event(event.stream_id) or event.kind != "ended":
+            return
+        out = self.outputs.get(event.stream_id)
+        if out is not None and not out.hls.ended:
+            self._arm_end(out)
+
+    def _arm_end(self, out: EgressStream) -> None:
+        """End the playlist ``ended_grace_s`` after the last message, unless ``end_of_stream`` comes first (the
+        decoder keeps sending while it flushes, so a slow decoder loses nothing)."""
+        if out.end_timer is not None:
+            out.end_timer.cancel()
+        loop = asyncio.get_running_loop()
+        out.end_timer = loop.call_later(self.settings.egress.ended_grace_s, self._end, out)
+
+    # -- per-stream lifecycle -----------------------------------------------------------------------------
+
+    def _open(self, stream_id: str, config: VideoConfig) -> EgressStream:
+        eg = self.settings.egress
+        old = self.outputs.get(stream_id)
+        if old is not None:
+            self._end(old)
+        layout = PartLayout.from_settings(config.fps, eg)
+        hls = self.registry.open(stream_id, config, layout, eg.playlist_segments)
+        out = EgressStream(stream_id, config, hls)
+        if eg.rtmp_push_url:
+            out.push = RtmpPush.from_settings(config, eg, url=rtmp_push_url(eg.rtmp_push_url, stream_id))
+            out.push_task = self._spawn(out.push.run(), f"rtmp-push-{stream_id}")
+        self.outputs[stream_id] = out
+        self.streams.add(stream_id)
+        self.stats.streams_opened += 1
+        self._spawn(self._record_live(stream_id), f"record-{stream_id}")
+        log.info("stream %s: packaging %dx%d at %g fps", stream_id, config.width, config.height, config.fps)
+        return out
+
+    def _end(self, out: EgressStream) -> None:
+        if out.end_timer is not None:
+            out.end_timer.cancel()
+            out.end_timer = None
+        if out.hls.ended:
+            return
+        out.hls.end()
+        self.stats.streams_ended += 1
+        self.streams.discard(out.stream_id)
+        if out.push is not None:
+            self._spawn(out.push.finish(), f"rtmp-finish-{out.stream_id}")
+        loop = asyncio.get_running_loop()
+        out.forget_timer = loop.call_later(self.settings.egress.ended_retention_s, self._forget, out)
+        log.info("stream %s: playlist ended", out.stream_id)
+
+    def _forget(self, out: EgressStream) -> None:
+        """Drop an ended stream after its retention (playlist, segments and files)."""
+        if self.outputs.get(out.stream_id) is out:
+            del self.outputs[out.stream_id]
+            if self.registry.get(out.stream_id) is out.hls:
+                self.registry.remove(out.stream_id)
+
+    async def _record_live(self, stream_id: str) -> None:
+        """Tell the stream table where this stream plays (the gateway proxies ``/hls/<id>/`` there)."""
+        assert self._table is not None
+
+        def change(record: StreamRecord) -> StreamRecord:
+            return record.model_copy(update={"egress_url": self.base_url, "state": "live"})
+
+        try:
+            await self._table.update(stream_id, change)
+            self.stats.record_updates += 1
+        except StreamNotFound:
+            self.stats.record_failures += 1
+            log.warning("stream %s is not in the stream table; its HLS is served here but not routed", stream_id)
+        except Exception as e:
+            self.stats.record_failures += 1
+            log.warning("stream %s: stream table update failed: %s", stream_id, e)
+
+    def _spawn(self, coro, name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+if __name__ == "__main__":
+    sys.exit(main(EgressService))
