@@ -122,11 +122,12 @@ def resolve_vae_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    if (path / "config.json").is_file():
-        return path
+    # a model dir first: the Wan base folder has a config.json of its own (the DiT's)
     for candidate in (path / DIFFUSERS_VAE_DIR, path / WAN_VAE_FILE):
         if candidate.is_file() or (candidate / "config.json").is_file():
             return candidate
+    if (path / "config.json").is_file():
+        return path
     raise FileNotFoundError(
         f"no VAE at {path}: expected {path / WAN_VAE_FILE}, {path / DIFFUSERS_VAE_DIR}/config.json, "
         "or a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors)"

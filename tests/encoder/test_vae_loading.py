@@ -21,6 +21,7 @@ from encoder.vae_loading import (
     convert_wan_vae_state_dict,
     load_stream_vae,
     load_wan_vae,
+    resolve_vae_path,
     wan_to_diffusers_vae_key,
 )
 
@@ -162,3 +163,10 @@ def test_load_stream_vae_picks_the_decoder_by_config(tiny_vae, tiny_vae_config, 
     assert torch.equal(out, direct.decode(direct.new_state(), z))
     with pytest.raises(ValidationError):
         StreamVAEConfig(encode_frames_per_pass=6)
+
+
+def test_a_model_dir_with_the_dits_config_json_resolves_to_its_vae(tmp_path) -> None:
+    """The Wan base folder holds the DiT's config.json; that must not be taken for a diffusers VAE folder."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / WAN_VAE_FILE).write_bytes(b"")
+    assert resolve_vae_path(tmp_path) == tmp_path / WAN_VAE_FILE
