@@ -74,10 +74,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        print(f"rheo up: starting nats-server and {4 + args.stages} services (logs in {workdir}/logs) ...",
+        print(f"rheo up: starting nats-server and {5 + args.stages} services (logs in {workdir}/logs) ...",
               flush=True)
         stack.start()
-        created = stack.api("POST", "/v1/streams", {"prompt": args.prompt, "width": 512, "height": 512})
+        # the tiny random model runs on CPU: a small frame keeps it real-time on a laptop
+        side = 512 if model_dir else 128
+        created = stack.api("POST", "/v1/streams", {"prompt": args.prompt, "width": side, "height": side,
+                                                    "slo_latency_ms": 1000 if model_dir else 5000})
         player = (f"http://localhost:{ports.gateway}/player/index.html?src=/hls/{created['id']}/index.m3u8")
         print(f"""
 rheo is up.
