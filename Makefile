@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/link.py
 	$(PY) bench/dit.py
 	$(PY) bench/media.py
+	$(PY) bench/pipeline_local.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
