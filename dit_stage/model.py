@@ -504,3 +504,11 @@ def init_weights_(model: nn.Module, std: float = 0.02, generator: torch.Generato
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=generator)
             else:
                 p.normal_(0.0, std, generator=generator)
+
+
+def make_tiny_dit(seed: int = 0, num_layers: int = 3, dtype: torch.dtype = torch.float32) -> CausalWanDiT:
+    """The tiny random DiT (``WanDiTConfig.tiny``, weights std 0.2 from ``seed``): the model of the tiny preset,
+    the same in the single-process pipeline and in every stage process, so stage splits equal the whole."""
+    model = CausalWanDiT(WanDiTConfig.tiny(num_layers))
+    init_weights_(model, std=0.2, generator=torch.Generator().manual_seed(seed))
+    return model.to(dtype).eval()

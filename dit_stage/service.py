@@ -32,8 +32,7 @@ import torch
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Histogram
 
-from dit_stage.config import WanDiTConfig
-from dit_stage.model import CausalWanDiT, init_weights_
+from dit_stage.model import CausalWanDiT, make_tiny_dit
 from dit_stage.worker import StageWorker
 from proto import (
     CHANNELS,
@@ -54,7 +53,7 @@ from services.config import Settings
 from services.link import LinkListener, LinkSender
 from services.runtime import Service, ServiceStartError, main
 
-__all__ = ["BLOCKMAP_KEY", "DitStageService", "load_stage_model", "resolve_device_dtype", "slice_stage", "tiny_dit"]
+__all__ = ["BLOCKMAP_KEY", "DitStageService", "load_stage_model", "resolve_device_dtype", "slice_stage"]
 
 log = logging.getLogger("rheo.dit_stage")
 
@@ -78,16 +77,6 @@ def slice_stage(full: CausalWanDiT, block_range: tuple[int, int]) -> CausalWanDi
     return stage.to(full.dtype).eval()
 
 
-def tiny_dit(seed: int, num_layers: int, dtype: torch.dtype = torch.float32) -> CausalWanDiT:
-    """The tiny random DiT, whole: the weights of ``pipeline.tiny.make_tiny_dit`` (std 0.2 from ``seed``).
-
-    Built here rather than imported because ``pipeline.tiny`` pulls in diffusers and transformers, which cost a
-    stage process ~10 s at start and seconds at exit; ``tests/dit_service`` checks the two stay identical.
-    """
-    model = CausalWanDiT(WanDiTConfig.tiny(num_layers))
-    init_weights_(model, std=0.2, generator=torch.Generator().manual_seed(seed))
-    return model.to(dtype).eval()
-
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """``model.device``/``model.dtype`` settings (auto: CUDA when present; bf16 on CUDA, fp32 on CPU)."""
@@ -106,7 +95,7 @@ def load_stage_model(settings: Settings, block_range: tuple[int, int], num_block
     device, dtype = resolve_device_dtype(settings.model.device, settings.model.dtype)
     model_dir = settings.model.model_dir
     if model_dir is None:
-        full = tiny_dit(settings.dit_stage.tiny_seed, num_blocks, dtype)
+        full = make_tiny_dit(settings.dit_stage.tiny_seed, num_blocks, dtype)
         return slice_stage(full, block_range).to(device)
     from dit_stage.loading import load_dit
 

@@ -14,8 +14,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from dit_stage.config import WanDiTConfig
-from dit_stage.model import CausalWanDiT, init_weights_
+from dit_stage.model import make_tiny_dit
 
 __all__ = [
     "TINY_T5_CONFIG",
@@ -80,8 +79,3 @@ def make_tiny_t5(seed: int = 0) -> UMT5EncoderModel:
         return UMT5EncoderModel(UMT5Config(**TINY_T5_CONFIG)).eval()
 
 
-def make_tiny_dit(seed: int = 0, num_layers: int = 3, dtype: torch.dtype = torch.float32) -> CausalWanDiT:
-    """``WanDiTConfig.tiny`` with random weights (std 0.2, as the DiT tests use)."""
-    model = CausalWanDiT(WanDiTConfig.tiny(num_layers))
-    init_weights_(model, std=0.2, generator=torch.Generator().manual_seed(seed))
-    return model.to(dtype).eval()

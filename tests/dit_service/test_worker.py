@@ -19,17 +19,16 @@ from .helpers import (
 CHUNKS = 9
 
 
-def test_stage_weights_are_the_pipeline_tiny_models_blocks():
-    """The service builds the tiny DiT itself (no diffusers import); it must be pipeline.tiny's model."""
-    from dit_stage.service import slice_stage, tiny_dit
-    from pipeline.tiny import make_tiny_dit
+def test_stage_weights_are_the_tiny_models_blocks():
+    """A stage's blocks are exactly blocks [a, b) of the one tiny model the pipeline also uses."""
+    from dit_stage.model import make_tiny_dit
+    from dit_stage.service import slice_stage
 
     want = make_tiny_dit(0, 4).state_dict()
-    assert all(torch.equal(t, want[k]) for k, t in tiny_dit(0, 4).state_dict().items())
-    stage = slice_stage(tiny_dit(0, 4), (1, 3)).state_dict()
+    stage = slice_stage(make_tiny_dit(0, 4), (1, 3)).state_dict()
     assert {k.split(".")[1] for k in stage if k.startswith("blocks.")} == {"1", "2"}
     assert all(torch.equal(t, want[k]) for k, t in stage.items())
-    assert not torch.equal(tiny_dit(1, 4).state_dict()["blocks.1.ffn.0.weight"], want["blocks.1.ffn.0.weight"])
+    assert not torch.equal(make_tiny_dit(1, 4).state_dict()["blocks.1.ffn.0.weight"], want["blocks.1.ffn.0.weight"])
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3])
