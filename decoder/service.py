@@ -20,7 +20,6 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from egress.encoder import CfrPacer, H264Encoder, PacedFrame
 from encoder.vae import StreamVAE, StreamVAEState
 from proto import CHANNELS, EncodedVideo, LatentChunk, StreamEvent, Subjects, VideoUnit
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
-from services.runtime import Service, ServiceStartError, main
+from services.runtime import Service, ServiceStartError, main, write_debug_tap
 from services.streams import StreamNotFound, StreamTable
 
 log = logging.getLogger("rheo.decoder")
@@ -333,7 +332,7 @@ class DecoderService(Service):
         FRAMES.labels(kind="decoded").inc(rgb.shape[0])
         tap = self.settings.decoder.debug_tap_dir
         if tap is not None:
-            await asyncio.to_thread(_save_tap, tap / st.stream_id / f"{chunk.seq}.npy", float01)
+            await asyncio.to_thread(write_debug_tap, tap / st.stream_id / f"{chunk.seq}.npy", float01)
         dropped = st.pacer.stats.dropped
         st.pacer.push(list(rgb), time.time())
         FRAMES.labels(kind="dropped").inc(st.pacer.stats.dropped - dropped)
@@ -433,12 +432,6 @@ def _encode(encoder: H264Encoder, paced: list[PacedFrame], final: bool) -> list[
     units = [u for p in paced for u in encoder.encode(p.frame, p.index, p.due)]
     return units + encoder.flush() if final else units
 
-
-def _save_tap(path: Path, frames: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, frames)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ from proto import (
 from proto.clock import ChunkClock
 from services.bus import KV, CreditTimeout, CreditWindow, PayloadTooLarge
 from services.config import ModelSettings, Settings
-from services.runtime import Service, main
+from services.runtime import Service, main, write_debug_tap
 from services.streams import StreamNotFound, StreamTable
 
 __all__ = [
@@ -551,7 +551,7 @@ class IngestService(Service):
             raise ValueError(f"chunk frames are {raw.frames.dtype}{tuple(raw.frames.shape)}, expected uint8{expected}")
         tap = self.settings.ingest.debug_tap_dir
         if tap is not None:
-            _write_tap(Path(tap) / state.stream_id / f"chunk_{raw.seq:06d}.npy", raw.frames)
+            write_debug_tap(Path(tap) / state.stream_id / f"chunk_{raw.seq:06d}.npy", raw.frames)
         started = time.perf_counter()
         px = to_pixels(raw.frames, vae.device)
         level = motion_controller(spec).update(state.motion, px)
@@ -634,12 +634,6 @@ class IngestService(Service):
             return
         state.spec = new
 
-
-def _write_tap(path: Path, frames: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, frames)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
@@ -169,6 +171,14 @@ class Service:
             if self._server is not None:
                 self._server.should_exit = True
             await http
+
+
+def write_debug_tap(path: Path, array: np.ndarray) -> None:
+    """Save a debug tap (frames at a pipeline boundary) atomically, for the equality tests to read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
 
 
 def configure_logging(settings: Settings) -> None:
