@@ -138,7 +138,7 @@ class DecoderService(Service):
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
 
     def _load_vae(self) -> StreamVAE:
-        from pipeline.loading import resolve_device, resolve_dtype
+        from dit_stage.loading import resolve_device, resolve_dtype
 
         model = self.settings.model
         device = resolve_device(model.device)

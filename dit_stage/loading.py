@@ -310,3 +310,30 @@ def load_dit(
     tensors = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
     return model
+
+
+CAUSAL_CHECKPOINT_NAMES = ("causal/model.pt", "causal/model.safetensors", "model.pt")
+"""Where a model dir keeps its causal DiT checkpoint, in search order (README, "Model weights")."""
+
+
+def find_causal_checkpoint(model_dir: Path) -> Path | None:
+    for name in CAUSAL_CHECKPOINT_NAMES:
+        if (model_dir / name).is_file():
+            return model_dir / name
+    return None
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``model.device``: ``auto`` is CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``model.dtype``: ``auto`` is bf16 on CUDA, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)

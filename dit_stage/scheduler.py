@@ -16,6 +16,14 @@ import torch
 
 from dit_stage.kv_cache import host_tensor
 
+
+def first_timestep(noise_scale: float) -> int:
+    """The timestep slot 0 is labelled with for an input mixed at ``noise_scale`` (SDv2: int(1000·s) − 100).
+
+    The one definition: the stream-batch runner, the motion controller and ingest's chunk headers all use it.
+    """
+    return int(1000 * noise_scale) - 100
+
 __all__ = ["SDV2_STEPS", "FlowMatchScheduler", "draw_noise"]
 
 SDV2_STEPS = (700, 500, 400, 200)

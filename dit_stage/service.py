@@ -32,6 +32,7 @@ import torch
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Histogram
 
+from dit_stage.loading import find_causal_checkpoint, load_dit, resolve_device, resolve_dtype
 from dit_stage.model import CausalWanDiT, make_tiny_dit
 from dit_stage.worker import StageWorker
 from proto import (
@@ -53,7 +54,7 @@ from services.config import Settings
 from services.link import LinkListener, LinkSender
 from services.runtime import Service, ServiceStartError, main
 
-__all__ = ["BLOCKMAP_KEY", "DitStageService", "load_stage_model", "resolve_device_dtype", "slice_stage"]
+__all__ = ["BLOCKMAP_KEY", "DitStageService", "load_stage_model", "slice_stage"]
 
 log = logging.getLogger("rheo.dit_stage")
 
@@ -78,31 +79,19 @@ def slice_stage(full: CausalWanDiT, block_range: tuple[int, int]) -> CausalWanDi
 
 
 
-def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """``model.device``/``model.dtype`` settings (auto: CUDA when present; bf16 on CUDA, fp32 on CPU)."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, getattr(torch, dtype)
-
-
 def load_stage_model(settings: Settings, block_range: tuple[int, int], num_blocks: int) -> CausalWanDiT:
     """This stage's blocks: from ``model.model_dir`` (causal checkpoint), or the tiny random DiT when unset.
 
     The tiny model is built whole from ``dit_stage.tiny_seed`` and sliced, so blocks [a, b) equal those of the
     single-process model whatever the split.
     """
-    device, dtype = resolve_device_dtype(settings.model.device, settings.model.dtype)
+    device = resolve_device(settings.model.device)
+    dtype = resolve_dtype(settings.model.dtype, device)
     model_dir = settings.model.model_dir
     if model_dir is None:
         full = make_tiny_dit(settings.dit_stage.tiny_seed, num_blocks, dtype)
         return slice_stage(full, block_range).to(device)
-    from dit_stage.loading import load_dit
-
-    ckpt = settings.model.checkpoint
-    if ckpt is None:
-        names = ("causal/model.pt", "causal/model.safetensors", "model.pt")  # pipeline.loading's search order
-        ckpt = next((model_dir / n for n in names if (model_dir / n).is_file()), None)
+    ckpt = settings.model.checkpoint or find_causal_checkpoint(model_dir)
     if ckpt is None or not ckpt.is_file():
         raise ServiceStartError(f"no causal DiT checkpoint in {model_dir} (set model.checkpoint)")
     model = load_dit(ckpt, None, block_range, dtype=dtype, device=device).eval()

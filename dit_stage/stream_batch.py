@@ -28,7 +28,7 @@ import torch
 
 from dit_stage.graphs import GraphedDiT
 from dit_stage.model import CausalWanDiT
-from dit_stage.scheduler import SDV2_STEPS, FlowMatchScheduler, draw_noise
+from dit_stage.scheduler import SDV2_STEPS, FlowMatchScheduler, draw_noise, first_timestep
 from dit_stage.state import SlotItem, StreamDiTState
 from proto.clock import ChunkClock
 
@@ -61,8 +61,8 @@ class StreamBatchConfig:
         return tuple(self.step_list[: self.steps])
 
     def first_timestep(self, noise_scale: float) -> int:
-        """Slot 0's timestep for an input mixed at ``noise_scale`` (SDv2: int(1000·s) − 100)."""
-        return int(1000 * noise_scale) - 100
+        """Slot 0's timestep for an input mixed at ``noise_scale`` (``scheduler.first_timestep``)."""
+        return first_timestep(noise_scale)
 
     def clock(self, t2v_frames: int | None = None) -> ChunkClock:
         if t2v_frames is not None:

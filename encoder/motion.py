@@ -6,7 +6,7 @@ frame in front (pixels in [-1, 1], measured before the VAE):
     D_f   = sqrt(mean_{C,H,W} (x_f − x_{f−1})²)             for each new frame f
     d     = clamp(max_f D_f / sigma, 0, 1)
     s     = (s_init − motion_range · d) · (1 − prev_weight) + s_prev · prev_weight
-    t0    = int(timestep_scale · s) − timestep_offset        (0.8 → 700, 0.7 → 600)
+    t0    = int(1000 · s) − 100                                (0.8 → 700, 0.7 → 600; dit_stage.scheduler)
 
 The first chunk of a stream uses ``s_init``. The constants are the official code's (streamdiffusionv2.md §5).
 The batch dimension is averaged too, as in the official code, so pass one stream's frames per call.
@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from dit_stage.scheduler import first_timestep
+
 
 class MotionNoiseConfig(BaseModel):
     """Constants of the controller; the defaults are StreamDiffusionV2's."""
@@ -31,8 +33,6 @@ class MotionNoiseConfig(BaseModel):
     motion_range: float = Field(0.1, ge=0.0, description="s_init − s_min: how far full motion lowers s")
     prev_weight: float = Field(0.1, ge=0.0, le=1.0, description="EMA weight of s_prev (the new target gets 1 − it)")
     sigma: float = Field(0.2, gt=0.0, description="RMS frame difference that counts as full motion")
-    timestep_scale: int = Field(1000, gt=0)
-    timestep_offset: int = Field(100, ge=0, description="t0 is labelled this much below the real noise level")
 
     @property
     def s_min(self) -> float:
@@ -72,7 +72,8 @@ class MotionNoiseController:
         return MotionNoiseState(s_prev=self.config.s_init)
 
     def timestep_for(self, scale: float) -> int:
-        return int(self.config.timestep_scale * scale) - self.config.timestep_offset
+        """The label the DiT gets for this noise scale: the runner's own rule, never a second copy of it."""
+        return first_timestep(scale)
 
     def motion_of(self, frames: torch.Tensor) -> float:
         """Normalised motion d in [0, 1] of ``frames`` [B, C, T≥2, H, W], in the frames' dtype as upstream."""

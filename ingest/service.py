@@ -141,8 +141,8 @@ class IngestModels:
     def load(cls, model: ModelSettings) -> IngestModels:
         if model.model_dir is None:
             return cls.tiny()
+        from dit_stage.loading import resolve_device, resolve_dtype
         from encoder.vae_loading import load_stream_vae
-        from pipeline.loading import resolve_device, resolve_dtype
 
         device = resolve_device(model.device)
         dtype = resolve_dtype(model.dtype, device)
@@ -171,7 +171,7 @@ def largest_messages(settings: Settings) -> tuple[int, int]:
         z_dim, spatial = TINY_VAE_CONFIG["z_dim"], 2 ** (len(TINY_VAE_CONFIG["dim_mult"]) - 1)
         text_len, text_dim, text_bytes = WanDiTConfig.tiny().text_len, TINY_T5_CONFIG["d_model"], 4
     else:
-        from pipeline.loading import resolve_device, resolve_dtype
+        from dit_stage.loading import resolve_device, resolve_dtype
 
         z_dim, spatial = 16, 8  # the Wan2.1 VAE
         dtype = resolve_dtype(model.dtype, resolve_device(model.device))

@@ -23,7 +23,13 @@ from pathlib import Path
 import torch
 
 from dit_stage.config import WanDiTConfig
-from dit_stage.loading import load_dit
+from dit_stage.loading import (
+    CAUSAL_CHECKPOINT_NAMES,
+    find_causal_checkpoint,
+    load_dit,
+    resolve_device,
+    resolve_dtype,
+)
 from encoder.prompt import PromptEncoder
 from encoder.vae import StreamVAE
 from encoder.vae_loading import DIFFUSERS_VAE_DIR, TAEHV_FILE, WAN_VAE_FILE, StreamVAEConfig, load_stream_vae
@@ -31,19 +37,14 @@ from pipeline.pipeline import FixedEmbedding, PipelineConfig, StreamPipeline
 from pipeline.tiny import make_tiny_dit, make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
 
 __all__ = [
-    "CAUSAL_CHECKPOINT_NAMES",
     "FixedEmbedding",
     "ModelDirError",
     "build_tiny_pipeline",
-    "find_causal_checkpoint",
     "load_pipeline",
-    "resolve_device",
-    "resolve_dtype",
 ]
 
 log = logging.getLogger(__name__)
 
-CAUSAL_CHECKPOINT_NAMES = ("causal/model.pt", "causal/model.safetensors", "model.pt")
 _BASE_DIT_GLOBS = ("diffusion_pytorch_model*.safetensors.index.json", "diffusion_pytorch_model*.safetensors")
 # Wan's config.json names → WanDiTConfig fields (diffusers names too, for a transformer/ folder's config).
 _CONFIG_ALIASES = {"num_attention_heads": "num_heads", "in_channels": "in_dim", "out_channels": "out_dim"}
@@ -52,19 +53,6 @@ _CONFIG_ALIASES = {"num_attention_heads": "num_heads", "in_channels": "in_dim", 
 class ModelDirError(FileNotFoundError):
     """The model directory lacks something the pipeline needs (the message names the file)."""
 
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
 
 
 def build_tiny_pipeline(
@@ -84,12 +72,6 @@ def build_tiny_pipeline(
     text = PromptEncoder(make_tiny_t5(seed).to(device), make_tiny_tokenizer(), max_length=dit.config.text_len)
     return StreamPipeline(dit, vae, text, config, description="tiny random model (preset 'tiny', no weights)")
 
-
-def find_causal_checkpoint(model_dir: Path) -> Path | None:
-    for name in CAUSAL_CHECKPOINT_NAMES:
-        if (model_dir / name).is_file():
-            return model_dir / name
-    return None
 
 
 def _dit_config(model_dir: Path) -> WanDiTConfig | None:
@@ -113,8 +95,8 @@ def _dit_config(model_dir: Path) -> WanDiTConfig | None:
 
 
 def _vae_source(model_dir: Path, vae_config: StreamVAEConfig | None) -> tuple[Path, StreamVAEConfig]:
-    """The VAE path itself, not the model dir: ``encoder.vae_loading.resolve_vae_path`` takes a folder holding a
-    ``config.json`` for a diffusers VAE folder, and the Wan base folder holds the DiT's ``config.json``."""
+    """The VAE inside a model dir (``vae/`` or ``Wan2.1_VAE.pth``), or an error naming both; unlike
+    ``resolve_vae_path`` it never takes the model dir itself for a VAE folder."""
     cfg = vae_config or StreamVAEConfig()
     if cfg.decoder == "taehv" and cfg.taehv_path is None:
         cfg = cfg.model_copy(update={"taehv_path": model_dir / TAEHV_FILE})
