@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
@@ -141,6 +141,21 @@ def _progress(total: int | None, enabled: bool, unit: str = "frame"):
     return tqdm(total=total, unit=unit, file=sys.stderr, disable=not enabled, dynamic_ncols=True, leave=True)
 
 
+class _Sink:
+    """Pipeline output into the MP4 and the progress bar; remembers when the first frame came (TTFF)."""
+
+    def __init__(self, writer: Mp4Writer, bar: Any) -> None:
+        self.writer, self.bar = writer, bar
+        self.first: float | None = None
+
+    def emit(self, frames: np.ndarray | None) -> None:
+        if frames is None or not len(frames):
+            return
+        self.first = self.first or time.perf_counter()
+        self.writer.write(frames)
+        self.bar.update(len(frames))
+
+
 def run_file(
     pipeline: StreamPipeline,
     input_path: str | Path | VideoInput,
@@ -163,20 +178,14 @@ def run_file(
     try:
         writer = Mp4Writer(output_path, cfg.width, cfg.height, video.fps)
         with _progress(video.frames_hint, progress) as bar:
+            sink = _Sink(writer, bar)
             for rgb in video.frames(cfg.width, cfg.height):
                 frames_in += 1
-                out = pipeline.push(sid, rgb[None])
-                if len(out):
-                    first_out = first_out or time.perf_counter()
-                    writer.write(out)
-                    bar.update(len(out))
+                sink.emit(pipeline.push(sid, rgb[None]))
             if frames_in == 0:
                 raise InputError(f"input {video.path} contains no video frames")
-            out = pipeline.finish(sid)
-            if len(out):
-                first_out = first_out or time.perf_counter()
-            writer.write(out)
-            bar.update(len(out))
+            sink.emit(pipeline.finish(sid))
+            first_out = sink.first
         writer.close()
     except BaseException:
         if writer is not None:
@@ -212,16 +221,12 @@ def run_t2v(
     try:
         writer = Mp4Writer(output_path, cfg.width, cfg.height, Fraction(fps).limit_denominator(1001))
         with _progress(total, progress) as bar:
+            sink = _Sink(writer, bar)
             pipeline.request(sid, total)
             while pipeline.ready():
-                out = pipeline.step_all().get(sid)
-                if out is not None and len(out):
-                    first_out = first_out or time.perf_counter()
-                    writer.write(out)
-                    bar.update(len(out))
-            out = pipeline.finish(sid)
-            writer.write(out)
-            bar.update(len(out))
+                sink.emit(pipeline.step_all().get(sid))
+            sink.emit(pipeline.finish(sid))
+            first_out = sink.first
         writer.close()
     except BaseException:
         if writer is not None:
