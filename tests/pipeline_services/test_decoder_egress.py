@@ -217,7 +217,12 @@ async def test_stream_event_ended_closes_the_playlist(stack: Stack, bus: Bus) ->
             stream_id=sid, seq=seq, width=cfg.width, height=cfg.height, fps=cfg.fps, extradata=cfg.extradata,
             units=units[k : k + 3]))
     async with httpx.AsyncClient(base_url=stack.egress.base_url) as http:
-        r = await http.get(f"/hls/{sid}/index.m3u8", params={"_HLS_msn": 0})  # blocks until segment 0 exists
+        deadline = time.monotonic() + 10.0
+        # 404 until the egress has taken the first video message (the bus is asynchronous); then the blocking
+        # request holds until segment 0 is complete
+        while (r := await http.get(f"/hls/{sid}/index.m3u8", params={"_HLS_msn": 0})).status_code == 404:
+            assert time.monotonic() < deadline, "the egress never registered the stream"
+            await asyncio.sleep(0.05)
         assert r.status_code == 200 and "#EXT-X-ENDLIST" not in r.text
     grace = stack.settings.egress.ended_grace_s
     stack.settings.egress.ended_grace_s = 1.0  # read when the event arrives; the other tests want a long one
