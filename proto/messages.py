@@ -111,6 +111,8 @@ class StreamSpec(Message):
 class LatentChunk(Message):
     """One chunk's latents (ingest → first stage; last stage → decoder)."""
 
+    SCHEMA_VERSION: ClassVar[int] = 2
+
     stream_id: StreamId
     seq: int = Field(ge=0, description="chunk index c")
     epoch: int = Field(ge=0, description="block-map epoch the chunk entered with")
@@ -121,6 +123,9 @@ class LatentChunk(Message):
     prompt_version: int = Field(ge=0)
     noise_scale: float = Field(ge=0, le=1)
     timesteps: list[int] = Field(description="the denoising timesteps for this chunk, slot 0 first")
+    segment: int = Field(0, ge=0, description="warm-up segment: a `cut` prompt change starts the next one (seq of "
+                                              "the stream goes on; its first chunk in a segment is a prepare chunk)")
+    replay: bool = Field(False, description="re-sent from ingest's ring to rebuild lost KV: run, never shown")
     latent: Tensor = Field(description="[F, C, H, W] latent frames")
 
 
@@ -191,13 +196,21 @@ class StageAssignment(BaseModel):
     endpoint: str = Field("", description="host:port of the stage's tensor link listener")
 
 
+BlockMapReason = Literal["initial", "rebalance", "failure", "join"]
+"""Why an epoch began. ``failure``: a stage died, so KV of some blocks is lost and streams are rebuilt by replay;
+the others keep every stream's KV (moved between stages where blocks moved)."""
+
+
 class BlockMap(Message):
     """Which stage runs which contiguous block range, under an epoch."""
+
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     epoch: int = Field(ge=0)
     num_blocks: int = Field(ge=1)
     stages: list[StageAssignment]
     created_at: float = 0.0
+    reason: BlockMapReason = "initial"
 
     def validate_cover(self) -> None:
         """Raise unless the stages cover [0, num_blocks) contiguously, in order."""
@@ -306,10 +319,14 @@ class RingItem(BaseModel):
     seed: int = Field(ge=0, lt=2**63, description="stream seed: every random draw derives from it")
     capture_time: float
     deadline: float
+    segment: int = Field(0, ge=0, description="the chunk's warm-up segment (see LatentChunk)")
+    replay: bool = Field(False, description="a replayed chunk rebuilding KV: the last stage does not publish it")
 
 
 class StageItems(Message):
     """One micro-step handed to the next DiT stage: per-item headers, hidden states and the noisy latents."""
+
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     epoch: int = Field(ge=0)
     items: list[RingItem]
@@ -319,6 +336,8 @@ class StageItems(Message):
 
 class RingReturn(Message):
     """Last stage → first stage: items re-noised to their next step, to run again."""
+
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     epoch: int = Field(ge=0)
     items: list[RingItem] = Field(description="the items at their next step (step, slot already advanced)")
