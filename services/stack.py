@@ -70,6 +70,10 @@ class LocalStack:
     ports: Ports = field(default_factory=Ports)
     model_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    torch_threads: int | None = 1
+    """CPU threads of each service's torch (``OMP_NUM_THREADS``, unless the environment sets it): every service
+    is its own process on the same cores, and one thread each keeps them from oversubscribing the machine (on the
+    2-core dev VM, torch's default of one thread per core in each of 6 processes ran the stack 2× slower)."""
     api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     procs: list[Proc] = field(default_factory=list)
     nats: NatsServer | None = None
@@ -99,6 +103,8 @@ class LocalStack:
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
+        if self.torch_threads and "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in self.extra_env:
+            env["OMP_NUM_THREADS"] = str(self.torch_threads)
         if self.model_dir is not None:
             env["RHEO_MODEL__MODEL_DIR"] = str(self.model_dir)
         return env
