@@ -83,11 +83,17 @@ class StreamSlots:
     latent: list[torch.Tensor | None] = field(default_factory=list)
     timestep: list[float] = field(default_factory=list)
     next_chunk: int = 0
+    context: list[torch.Tensor | None] = field(default_factory=list)
+    """The prompt embedding each slot's chunk entered with: a chunk keeps it for all its steps."""
+    views: list[list[StreamDiTState] | None] = field(default_factory=list, repr=False)
+    """Per slot, the per-stage states holding that embedding's cross-attention K/V (runtime only)."""
 
     def __post_init__(self) -> None:
         self.chunk = self.chunk or [None] * self.num_slots
         self.latent = self.latent or [None] * self.num_slots
         self.timestep = self.timestep or [0.0] * self.num_slots
+        self.context = self.context or [None] * self.num_slots
+        self.views = self.views or [None] * self.num_slots
 
 
 class StreamBatchRunner:
@@ -110,6 +116,8 @@ class StreamBatchRunner:
         self.scheduler = FlowMatchScheduler(shift=config.shift)
         self.slots: dict[str, StreamSlots] = {}
         self.states: dict[str, list[StreamDiTState]] = {}
+        """Per stream, the per-stage states of the current prompt (chunks entering now use them)."""
+        self._views: dict[str, list[tuple[list[StreamDiTState], torch.Tensor]]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -135,16 +143,64 @@ class StreamBatchRunner:
             state = stage.new_state(stream_id, b, latent_hw, cfg.kv_window, cfg.sink, cfg.adaptive_threshold)
             stage.set_prompt(state, context)
             self.states[stream_id].append(state)
+        self._views[stream_id] = [(self.states[stream_id], context)]
         return self.slots[stream_id]
 
     def set_prompt(self, stream_id: str, context: torch.Tensor, version: int) -> None:
-        for stage, state in zip(self.stages, self.states[stream_id], strict=True):
+        """The prompt of the chunks entering from now on. Chunks already in the slots keep the one they entered
+        with for all their steps (as in the distributed ring, where each item carries its prompt version), so a
+        change never depends on how items are grouped into forwards. A free view is rewritten in place (captured
+        CUDA graphs stay valid); a new one sharing the KV shards is made only while every view is in use."""
+        s = self.slots[stream_id]
+        pool = self._views[stream_id]
+        busy = {id(v) for c, v in zip(s.chunk, s.views, strict=True) if c is not None and v is not None}
+        free = [i for i, (v, _) in enumerate(pool) if id(v) not in busy]
+        if free:
+            i = free[0]
+        else:
+            pool.append(([StreamDiTState(stream_id, st.shard) for st in pool[0][0]], context))
+            i = len(pool) - 1
+        view = pool[i][0]
+        for stage, state in zip(self.stages, view, strict=True):
             stage.set_prompt(state, context, version)
+        pool[i] = (view, context)
+        self.states[stream_id] = view
 
-    def adopt(self, slots: StreamSlots, states: Sequence[StreamDiTState]) -> None:
-        """Take over a stream moved from elsewhere (its slot contents and per-stage states)."""
+    def adopt(
+        self, slots: StreamSlots, states: Sequence[StreamDiTState], context: torch.Tensor | None = None
+    ) -> None:
+        """Take over a stream moved from elsewhere (its slot contents, per-stage states and current prompt
+        embedding); the views of chunks in flight under another embedding are rebuilt from theirs. Without
+        ``context``, every chunk in flight is taken to have entered under the states' prompt."""
         self.slots[slots.stream_id] = slots
         self.states[slots.stream_id] = list(states)
+        current = context if context is not None else next((c for c in slots.context if c is not None), None)
+        pool = self._views[slots.stream_id] = [(self.states[slots.stream_id], current)]
+        for k, ctx in enumerate(slots.context):
+            slots.views[k] = None
+            if slots.chunk[k] is None:
+                continue
+            if ctx is None or context is None:
+                slots.views[k] = self.states[slots.stream_id]
+                continue
+            view = next((v for v, c in pool if c is not None and c.shape == ctx.shape and torch.equal(c, ctx)), None)
+            if view is None:
+                view = [StreamDiTState(slots.stream_id, st.shard) for st in states]
+                for stage, state in zip(self.stages, view, strict=True):
+                    stage.set_prompt(state, ctx, states[0].prompt_version)
+                pool.append((view, ctx))
+            slots.views[k] = view
+
+    def close_stream(self, stream_id: str) -> None:
+        self.slots.pop(stream_id, None)
+        self.states.pop(stream_id, None)
+        self._views.pop(stream_id, None)
+
+    def _enter(self, s: StreamSlots, stream_id: str) -> None:
+        """A chunk enters slot 0 under the current prompt."""
+        view = self.states[stream_id]
+        s.views[0] = view
+        s.context[0] = next(c for v, c in self._views[stream_id] if v is view)
 
     # ------------------------------------------------------------------ running
     def _input(self, s: StreamSlots, c: int, z: torch.Tensor | None, noise_scale: float | None) -> tuple:
@@ -161,16 +217,25 @@ class StreamBatchRunner:
         x = ns * eps + (1 - ns) * z.to(device=self.device, dtype=torch.float32)
         return x, float(self.config.first_timestep(ns))
 
-    def _run(self, x: torch.Tensor, plan: list[tuple[str, int, int, float, bool]], frames: int) -> torch.Tensor:
-        """One forward through every stage. plan rows: (stream, slot, chunk, timestep, clean)."""
+    def _run(
+        self,
+        x: torch.Tensor,
+        plan: list[tuple[str, int, int, float, bool]],
+        frames: int,
+        views: Sequence[list[StreamDiTState] | None] | None = None,
+    ) -> torch.Tensor:
+        """One forward through every stage. plan rows: (stream, slot, chunk, timestep, clean); ``views``: per row,
+        the per-stage states to use (default: the slot's, else the stream's current ones)."""
         first = self.slots[plan[0][0]]
         grid = self.stages[0].grid_of(frames, *first.latent_hw)
         h: torch.Tensor = x
         for idx, (stage, call) in enumerate(zip(self.stages, self._calls, strict=True)):
             items = []
-            for stream_id, slot, c, t, clean in plan:
-                clock = self.slots[stream_id].clock
-                state = self.states[stream_id][idx]
+            for row, (stream_id, slot, c, t, clean) in enumerate(plan):
+                s = self.slots[stream_id]
+                clock = s.clock
+                view = views[row] if views is not None else s.views[slot]
+                state = (view if view is not None else self.states[stream_id])[idx]
                 items.append(SlotItem(state, slot, clock.latent_start(c), clock.rope_start(c), t, clean))
             if stage.is_last:
                 sigmas = [self.scheduler.sigma(row[3]) for row in plan]
@@ -185,6 +250,7 @@ class StreamBatchRunner:
         if s.next_chunk != 0:
             raise ValueError(f"stream {stream_id!r} is already prepared")
         steps = self.config.timesteps
+        self._enter(s, stream_id)
         x, t = self._input(s, 0, z0, noise_scale)
         frames = s.clock.latent_frames(0)
         x0 = x
@@ -195,22 +261,26 @@ class StreamBatchRunner:
                 eps = draw_noise(x0.shape, s.seed, 0, j + 1, "renoise", self.device)
                 x = self.scheduler.add_noise(x0, eps, steps[j + 1])
         if self.config.cache_mode == "self_forcing":
-            self._clean_pass([(stream_id, 0, 0, x0)], frames)
+            self._clean_pass([(stream_id, 0, 0, x0, s.views[0])], frames)
         for state in self.states[stream_id]:
             state.shard.replicate_slot(0)
         s.next_chunk = 1
+        s.views[0], s.context[0] = None, None
         return x0
 
-    def _clean_pass(self, finished: list[tuple[str, int, int, torch.Tensor]], frames: int) -> None:
+    def _clean_pass(
+        self, finished: list[tuple[str, int, int, torch.Tensor, list[StreamDiTState] | None]], frames: int
+    ) -> None:
         """Self-Forcing cache pass: re-run finished chunks at context_noise, rewriting their K/V everywhere."""
         t = float(self.config.context_noise)
-        xs, plan = [], []
-        for stream_id, slot, c, x0 in finished:
+        xs, plan, views = [], [], []
+        for stream_id, slot, c, x0, view in finished:
             s = self.slots[stream_id]
             eps = draw_noise(x0.shape, s.seed, c, self.config.steps, "context", self.device)
             xs.append(self.scheduler.add_noise(x0, eps, t))
             plan.append((stream_id, slot, c, t, True))
-        self._run(torch.cat(xs), plan, frames)
+            views.append(view)
+        self._run(torch.cat(xs), plan, frames, views)
 
     def step(
         self, inputs: Mapping[str, torch.Tensor | tuple[torch.Tensor | None, float | None] | None]
@@ -231,6 +301,7 @@ class StreamBatchRunner:
             c = s.next_chunk
             s.latent[0], s.timestep[0] = self._input(s, c, z, ns)
             s.chunk[0] = c
+            self._enter(s, stream_id)
             s.next_chunk += 1
             for k in range(b):
                 ck = s.chunk[k]
@@ -248,22 +319,24 @@ class StreamBatchRunner:
         x0 = self._run(torch.cat(xs), plan, frames)
 
         out: dict[str, torch.Tensor | None] = {stream_id: None for stream_id in inputs}
-        finished: list[tuple[str, int, int, torch.Tensor]] = []
+        finished: list[tuple[str, int, int, torch.Tensor, list[StreamDiTState] | None]] = []
         moved: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
         for row, (stream_id, k, ck, _, _) in enumerate(plan):
             x0_k = x0[row : row + 1]
             if k == b - 1:
                 out[stream_id] = x0_k
-                finished.append((stream_id, k, ck, x0_k))
+                finished.append((stream_id, k, ck, x0_k, self.slots[stream_id].views[k]))
             else:
                 s = self.slots[stream_id]
                 eps = draw_noise(x0_k.shape, s.seed, ck, k + 1, "renoise", self.device)
                 moved.setdefault(stream_id, []).append((k + 1, ck, self.scheduler.add_noise(x0_k, eps, steps[k + 1])))
         for stream_id in inputs:
             s = self.slots[stream_id]
-            s.chunk, s.latent = [None] * b, [None] * b
+            views, contexts = s.views, s.context
+            s.chunk, s.latent, s.views, s.context = [None] * b, [None] * b, [None] * b, [None] * b
             for k, ck, latent in moved.get(stream_id, []):
                 s.chunk[k], s.latent[k], s.timestep[k] = ck, latent, float(steps[k])
+                s.views[k], s.context[k] = views[k - 1], contexts[k - 1]
         if cfg.cache_mode == "self_forcing" and finished:
             self._clean_pass(finished, frames)
         return out

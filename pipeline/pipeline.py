@@ -157,8 +157,7 @@ class StreamPipeline:
     def close_stream(self, stream_id: str) -> None:
         self._stream(stream_id)
         del self.streams[stream_id]
-        self.runner.slots.pop(stream_id, None)
-        self.runner.states.pop(stream_id, None)
+        self.runner.close_stream(stream_id)
 
     def stream_state(self, stream_id: str) -> StreamState:
         return self._stream(stream_id)
@@ -173,7 +172,7 @@ class StreamPipeline:
             raise PipelineError(f"stream {state.stream_id!r} is already open")
         if state.slots.num_slots != self.config.steps or tuple(state.slots.latent_hw) != self.latent_hw:
             raise PipelineError("the stream's slots or latent size do not match this pipeline")
-        self.runner.adopt(state.slots, state.dit)
+        self.runner.adopt(state.slots, state.dit, state.context)
         self.streams[state.stream_id] = state
         return state.stream_id
 
@@ -181,8 +180,11 @@ class StreamPipeline:
     def set_prompt(self, stream_id: str, prompt: str, mode: PromptMode = "blend", chunks: int | None = None) -> None:
         """Change a stream's prompt without a restart.
 
-        ``cut``: chunks already in the slots finish under the old prompt, then every cache (KV, VAE, motion) is
-        reset and the next buffered frames start a new warm-up (a 5-frame prepare chunk) with a fresh segment seed.
+        Either way a chunk keeps the prompt embedding it entered the DiT with for all its steps (chunks already in
+        the slots finish under the old prompt), as every chunk does in the distributed ring.
+
+        ``cut``: once the chunks in the slots have finished, every cache (KV, VAE, motion) is reset and the next
+        buffered frames start a new warm-up (a 5-frame prepare chunk) with a fresh segment seed.
         ``blend``: the KV cache is kept; the embedding moves linearly from the current one to the new one over
         ``chunks`` chunks (default ``config.blend_chunks``), one step per chunk entering the DiT.
         """
@@ -211,6 +213,7 @@ class StreamPipeline:
             st.last_latent, st.last_scale = None, None
         else:
             self.runner.set_prompt(stream_id, target, st.prompt_version)
+            st.dit = self.runner.states[stream_id]
         st.context = target
 
     # ------------------------------------------------------------------ frames
@@ -331,6 +334,7 @@ class StreamPipeline:
             return
         ctx, complete = st.blend.advance()
         self.runner.set_prompt(st.stream_id, ctx, st.prompt_version)
+        st.dit = self.runner.states[st.stream_id]
         st.context = ctx
         if complete:
             st.blend = None

@@ -12,15 +12,9 @@ from dit_stage.state import StreamDiTState
 from dit_stage.stream_batch import StreamSlots
 from encoder.motion import MotionNoiseState
 from encoder.vae import StreamVAEState
-from proto.clock import ChunkClock, noise_seed
+from proto.clock import ChunkClock, segment_seed
 
 __all__ = ["PromptBlend", "StreamSpec", "StreamState", "segment_seed"]
-
-
-def segment_seed(seed: int, segment: int) -> int:
-    """Noise seed of a stream's ``segment``-th warm-up (a `cut` starts a new one): the stream seed itself for the
-    first, then a pure function of (seed, segment), so a cut never replays the first segment's noise."""
-    return seed if segment == 0 else noise_seed(seed, segment, 0, "segment")
 
 
 @dataclass(frozen=True)
@@ -115,6 +109,7 @@ class StreamState:
                 "latent": [cpu(t) for t in s.latent],
                 "timestep": list(s.timestep),
                 "next_chunk": s.next_chunk,
+                "context": [cpu(t) for t in s.context],
             },
             "dit": [torch.frombuffer(bytearray(st.to_bytes()), dtype=torch.uint8) for st in self.dit],
             "vae": _map_tensors(self.vae.to_dict(), cpu),
@@ -159,6 +154,7 @@ class StreamState:
             latent=[dev(t) for t in sl["latent"]],
             timestep=[float(t) for t in sl["timestep"]],
             next_chunk=int(sl["next_chunk"]),
+            context=[dev(t) for t in sl["context"]],
         )
         blend = d["blend"]
         return cls(

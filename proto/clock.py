@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-__all__ = ["ChunkClock", "noise_seed"]
+__all__ = ["ChunkClock", "noise_seed", "segment_seed"]
 
 
 @dataclass(frozen=True)
@@ -142,3 +142,10 @@ def noise_seed(stream_seed: int, chunk: int, step: int, purpose: str) -> int:
     """
     digest = hashlib.blake2b(f"{stream_seed}:{chunk}:{step}:{purpose}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def segment_seed(seed: int, segment: int) -> int:
+    """Noise seed of a stream's ``segment``-th warm-up (a `cut` starts a new one): the stream seed itself for the
+    first, then a pure function of (seed, segment), so a cut never replays the first segment's noise. Within a
+    segment, draws are keyed by the chunk index counted from the segment's prepare chunk (0)."""
+    return seed if segment == 0 else noise_seed(seed, segment, 0, "segment")

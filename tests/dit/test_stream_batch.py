@@ -194,18 +194,25 @@ def test_t2v_stream_with_multi_frame_chunks():
     assert runner.states["t"][0].shard.frames_end == [10, 8]
 
 
-def test_prompt_change_is_in_place_and_takes_effect(full32):
-    """A new prompt version rewrites the cross-attn K/V in place (captured CUDA graphs stay valid)."""
+def test_prompt_change_applies_to_chunks_entering_after_it(full32):
+    """A new prompt applies to the chunks entering after it; a chunk in flight finishes under the prompt it entered
+    with (as every item does in the distributed ring). A view no chunk uses is rewritten in place (captured CUDA
+    graphs stay valid); a second one sharing the KV shard exists only while both are in use."""
     cfg = _config()
     a = StreamBatchRunner([full32], cfg)
     b = StreamBatchRunner([full32], cfg)
-    out_a = _run(a, {"s": 2}, 4)["s"]
+    out_a = _run(a, {"s": 2}, 5)["s"]
     out_b = _run(b, {"s": 2}, 3)["s"]
-    ids = b.states["s"][0].cross_ids()
-    b.set_prompt("s", context(99, torch.float32), version=1)
-    assert b.states["s"][0].cross_ids() == ids and b.states["s"][0].prompt_version == 1
-    out_b += _run(b, {"s": 2}, 4, start=3)["s"]
-    assert torch.equal(out_a[2], out_b[2]) and not torch.allclose(out_a[3], out_b[3])
+    old = b.states["s"]
+    old_ids = old[0].cross_ids()
+    b.set_prompt("s", context(99, torch.float32), version=1)  # chunk 2 is in slot 1
+    new = b.states["s"]
+    assert new is not old and new[0].shard is old[0].shard and new[0].prompt_version == 1
+    out_b += _run(b, {"s": 2}, 5, start=3)["s"]
+    torch.testing.assert_close(out_b[3], out_a[3], atol=1e-6, rtol=0)  # chunk 2: entered before the change
+    assert not torch.allclose(out_a[4], out_b[4], atol=1e-3)  # chunk 3: the new prompt
+    b.set_prompt("s", context(98, torch.float32), version=2)  # chunk 2 has finished: its view is free
+    assert b.states["s"] is old and old[0].cross_ids() == old_ids and old[0].prompt_version == 2
 
 
 def test_refused_batch_leaves_every_stream_untouched():

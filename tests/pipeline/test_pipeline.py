@@ -153,10 +153,11 @@ def test_prompt_blend_keeps_kv_and_moves_smoothly():
     assert all(torch.equal(shard.frame_pos[b], base_shard.frame_pos[b]) for b in shard.blocks)
     instant, *_ = blended(1)
     d_smooth, d_instant = _mean_abs(smooth, base), _mean_abs(instant, base)
-    assert np.all(d_smooth[:9] == 0) and np.all(d_instant[:9] == 0)  # frames finished before the change
-    assert np.all(d_smooth[9:] > 0)  # chunk 2 was in flight: its last step already sees the new prompt
-    assert np.all(d_smooth[9:] < d_instant[9:])  # a 4-chunk blend departs more gently than a switch
-    per_chunk = [d_smooth[a : a + 4].mean() for a in range(9, 29, 4)]
+    # chunk 2 (frames 9..12) was in flight: it finishes under the prompt it entered with
+    assert np.all(d_smooth[:13] == 0) and np.all(d_instant[:13] == 0)
+    assert np.all(d_smooth[13:] > 0)
+    assert np.all(d_smooth[13:] < d_instant[13:])  # a 4-chunk blend departs more gently than a switch
+    per_chunk = [d_smooth[a : a + 4].mean() for a in range(13, 29, 4)]
     assert all(x < y for x, y in itertools.pairwise(per_chunk))  # and moves monotonically towards the new prompt
 
 
