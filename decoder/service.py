@@ -92,6 +92,7 @@ class DecoderStream:
     end: _EndRequest | None = None
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     last_seq: int = -1  # the last chunk decoded
+    segment: int = 0  # warm-up segment of the last chunk decoded (a `cut` starts the next: the cache starts over)
     message_seq: int = 0
     task: asyncio.Task[None] | None = None
 
@@ -316,6 +317,8 @@ class DecoderService(Service):
     async def _decode(self, st: DecoderStream, chunk: LatentChunk) -> None:
         assert self.vae is not None
         latents = chunk.latent.permute(1, 0, 2, 3).unsqueeze(0)  # [F, C, H, W] → [1, C, F, H, W]
+        if chunk.segment > st.segment:  # a new warm-up: its prepare chunk decodes as a stream's first
+            st.vae, st.segment = self.vae.new_state(), chunk.segment
         loop = asyncio.get_running_loop()
         try:
             float01, rgb = await loop.run_in_executor(self._model_thread, _decode_frames, self.vae, st.vae, latents)

@@ -35,6 +35,7 @@ from dit_stage.model import CausalWanDiT
 from dit_stage.scheduler import FlowMatchScheduler, draw_noise
 from dit_stage.state import SlotItem, StreamDiTState
 from proto import LatentChunk, Message, RingItem, RingReturn, StageItems, StagePrompt
+from proto.clock import segment_seed
 
 __all__ = ["Finished", "MicroStep", "StageOutput", "StageWorker"]
 
@@ -62,13 +63,16 @@ class _Stream:
     latent_hw: tuple[int, int]
     shard_state: StreamDiTState
     views: dict[int, StreamDiTState] = field(default_factory=dict)  # prompt version → state sharing the shard
+    segment: int = 0
+    segment_start: int = 0  # seq of the segment's prepare chunk: noise draws count chunks from it
     # first stage only
-    seed: int = 0
+    seed: int = 0  # the segment's seed (``segment_seed``)
     new: collections.deque[_Pending] = field(default_factory=collections.deque)
     returns: dict[int, collections.deque[_Pending]] = field(default_factory=dict)
     slot_next: list[int] = field(default_factory=list)  # next cache frame per slot
     last_seq: int = -1
     prepared: bool = False
+    in_flight: dict[tuple[int, int], float] = field(default_factory=dict)  # returns to come: (seq, step) → deadline
 
 
 @dataclass
@@ -122,6 +126,7 @@ class StageWorker:
         self.clock = clock
         self.epoch = 0
         self.streams: dict[str, _Stream] = {}
+        self.successors: dict[str, _Stream] = {}  # first stage: a stream's next segment (after a `cut`), waiting
         self.prompts: dict[str, dict[int, torch.Tensor]] = {}
         self.forwarded: set[tuple[str, int]] = set()  # prompt versions already handed to the next stage
         self.incoming: collections.deque[StageItems] = collections.deque()
@@ -169,15 +174,17 @@ class StageWorker:
             st = self._new_stream(chunk.stream_id, len(chunk.timesteps), (h, w))
             st.seed = seed
         assert st is not None
+        st = self._segment_for(st, chunk, seed)
         st.last_seq = chunk.seq
         meta = RingItem(
             stream_id=chunk.stream_id, seq=chunk.seq, step=0, slot=0, steps=st.steps, epoch=self.epoch,
             frame_start=0, latent_start=chunk.latent_start, rope_start=chunk.rope_start, frames=f,
             timesteps=list(chunk.timesteps), prompt_version=chunk.prompt_version, noise_scale=chunk.noise_scale,
-            seed=st.seed, capture_time=chunk.capture_time, deadline=chunk.deadline,
+            seed=st.seed, capture_time=chunk.capture_time, deadline=chunk.deadline, segment=chunk.segment,
+            replay=chunk.replay,
         )
         z = chunk.latent.permute(1, 0, 2, 3).unsqueeze(0)  # [F, C, H, W] → [1, C, F, H, W]
-        eps = draw_noise((1, c, f, h, w), st.seed, chunk.seq, 0, "input", self.model.device)
+        eps = draw_noise((1, c, f, h, w), st.seed, chunk.seq - st.segment_start, 0, "input", self.model.device)
         ns = chunk.noise_scale
         x = ns * eps + (1 - ns) * z.to(device=self.model.device, dtype=torch.float32)
         st.new.append(_Pending(meta, x, now))
@@ -185,6 +192,33 @@ class StageWorker:
             old = st.new.popleft()
             self.dropped["queue_full"] += 1
             log.info("chunk %s/%d dropped: stream queue full", old.meta.stream_id, old.meta.seq)
+        return True
+
+    def _segment_for(self, st: _Stream, chunk: LatentChunk, seed: int) -> _Stream:
+        """The stream state an admitted chunk belongs to: the current segment's, or (after a `cut`) the next
+        segment's, begun by its prepare chunk and kept aside until the current one has left the ring."""
+        nxt = self.successors.get(chunk.stream_id)
+        if chunk.segment == st.segment or (nxt is not None and chunk.segment == nxt.segment):
+            return st if chunk.segment == st.segment else nxt  # type: ignore[return-value]
+        if nxt is not None:  # a second cut before the first one's segment ran: that segment is skipped
+            self.dropped["segment_superseded"] += len(nxt.new)
+        nxt = _Stream(chunk.stream_id, st.steps, st.latent_hw, self.model.new_state(
+            chunk.stream_id, st.steps, st.latent_hw, self.window, self.sink, self.adaptive_threshold),
+            slot_next=[0] * st.steps, segment=chunk.segment, segment_start=chunk.seq,
+            seed=segment_seed(seed, chunk.segment))
+        self.successors[chunk.stream_id] = nxt
+        return nxt
+
+    def _left_ring(self, st: _Stream, now: float) -> bool:
+        """Every item of the stream's segment has left the first stage for good (returns lost past their
+        deadline are given up)."""
+        if st.new or any(st.returns.values()):
+            return False
+        for key, deadline in list(st.in_flight.items()):
+            if deadline > now:
+                return False
+            del st.in_flight[key]
+            self.dropped["lost_in_ring"] += 1
         return True
 
     def _refuse_chunk(self, chunk: LatentChunk, now: float) -> str:
@@ -206,6 +240,13 @@ class StageWorker:
             return ""
         if st is None:
             return "unprepared"  # joined mid-stream: no prepare chunk to build the caches from
+        nxt = self.successors.get(chunk.stream_id)
+        if nxt is not None and chunk.segment >= nxt.segment:
+            st = nxt
+        if chunk.segment < st.segment:
+            return "stale_segment"
+        if chunk.segment > st.segment and chunk.latent_start != 0:
+            return "unprepared"  # a new segment (a `cut`) begins with its prepare chunk
         if chunk.seq <= st.last_seq:
             return "out_of_order"
         if len(chunk.timesteps) != st.steps or (lat.shape[2], lat.shape[3]) != st.latent_hw:
@@ -220,6 +261,10 @@ class StageWorker:
             if st is None:
                 self.dropped["unknown_stream"] += 1
                 continue
+            st.in_flight.pop((meta.seq, meta.step), None)
+            if meta.segment != st.segment:
+                self.dropped["stale_segment"] += 1
+                continue
             latent = ret.latents[row : row + 1].to(self.model.device, copy=True)
             st.returns.setdefault(meta.slot, collections.deque()).append(_Pending(meta, latent, now))
 
@@ -231,12 +276,14 @@ class StageWorker:
         """Free everything this stage holds for a stream (its items still in flight will be dropped)."""
         if stream_id in self.streams:
             self._free(stream_id)
+        self.successors.pop(stream_id, None)
         self.prompts.pop(stream_id, None)
         self.forwarded = {k for k in self.forwarded if k[0] != stream_id}
 
     def _free(self, stream_id: str) -> None:
         st = self.streams.pop(stream_id)
-        dropped = len(st.new) + sum(len(q) for q in st.returns.values())
+        nxt = self.successors.pop(stream_id, None)
+        dropped = len(st.new) + sum(len(q) for q in st.returns.values()) + (len(nxt.new) if nxt else 0)
         if dropped:
             self.dropped["stream_ended"] += dropped
 
@@ -251,7 +298,8 @@ class StageWorker:
         """Items waiting at this stage."""
         if not self.is_first:
             return sum(len(m.items) for m in self.incoming)
-        return sum(len(st.new) + sum(len(q) for q in st.returns.values()) for st in self.streams.values())
+        return (sum(len(st.new) + sum(len(q) for q in st.returns.values()) for st in self.streams.values())
+                + sum(len(st.new) for st in self.successors.values()))
 
     def take(self) -> MicroStep | None:
         """The next micro-step to run, or None when nothing is ready."""
@@ -268,17 +316,21 @@ class StageWorker:
         always completes: without it the stream has no caches."""
         if meta.step == 0 and meta.epoch < self.epoch:
             return "stale_epoch"  # the block map changed while it was queued
-        if meta.deadline <= now and not (meta.seq == 0 and meta.step > 0):
+        if meta.deadline <= now and not (meta.latent_start == 0 and meta.step > 0):
             return "deadline"
         return ""
 
     def _take_first(self) -> MicroStep | None:
         now = self.clock()
+        for sid, nxt in list(self.successors.items()):  # a cut's segment starts once the old one is gone
+            if sid not in self.streams or self._left_ring(self.streams[sid], now):
+                self.streams[sid] = nxt
+                del self.successors[sid]
         candidates: list[tuple[_Stream, collections.deque[_Pending], _Pending]] = []
         for st in self.streams.values():
             versions = self.prompts.get(st.stream_id, {})
             heads: list[collections.deque[_Pending]] = [q for _, q in sorted(st.returns.items())]
-            if st.prepared or not st.new or st.new[0].meta.seq == 0:
+            if st.prepared or not st.new or st.new[0].meta.latent_start == 0:
                 heads.append(st.new)
             used_slots: set[int] = set()
             for q in heads:
@@ -311,7 +363,9 @@ class StageWorker:
         for st, q, head in chosen:
             q.popleft()
             meta = head.meta
-            if meta.seq == 0:
+            if meta.step < meta.steps - 1:
+                st.in_flight[(meta.seq, meta.step + 1)] = meta.deadline
+            if meta.latent_start == 0:
                 frame_start = 0
                 st.slot_next[0] = meta.frames
                 if meta.step == meta.steps - 1:
@@ -358,7 +412,7 @@ class StageWorker:
         batch = self.model.prepare_batch(slot_items, grid, sigmas)
         y = self.model.run(x, batch, noisy if self.is_last else None)
         for meta, it in zip(items, slot_items, strict=True):
-            if meta.seq == 0 and meta.step == meta.steps - 1:
+            if meta.latent_start == 0 and meta.step == meta.steps - 1:
                 it.state.shard.replicate_slot(0)  # prepare done: every slot starts from its cache
         if self.is_last:
             self._finish(items, y, out)
@@ -385,23 +439,26 @@ class StageWorker:
                     stream_id=meta.stream_id, seq=meta.seq, epoch=meta.epoch, latent_start=meta.latent_start,
                     rope_start=meta.rope_start, capture_time=meta.capture_time, deadline=meta.deadline,
                     prompt_version=meta.prompt_version, noise_scale=meta.noise_scale, timesteps=list(meta.timesteps),
-                    latent=x0_k[0].permute(1, 0, 2, 3).contiguous().cpu(),
+                    segment=meta.segment, replay=meta.replay, latent=x0_k[0].permute(1, 0, 2, 3).contiguous().cpu(),
                 ))
                 continue
             k = meta.step + 1
-            eps = draw_noise(x0_k.shape, meta.seed, meta.seq, k, "renoise", x0_k.device)
+            st = self.streams.get(meta.stream_id)
+            c = meta.seq - (st.segment_start if st is not None else 0)  # the chunk's index in its segment
+            eps = draw_noise(x0_k.shape, meta.seed, c, k, "renoise", x0_k.device)
             latents.append(self.scheduler.add_noise(x0_k, eps, meta.timesteps[k]))
-            back.append(meta.model_copy(update={"step": k, "slot": 0 if meta.seq == 0 else k}))
+            back.append(meta.model_copy(update={"step": k, "slot": 0 if meta.latent_start == 0 else k}))
         if back:
             out.link.append(RingReturn(epoch=self.epoch, items=back, latents=torch.cat(latents).contiguous()))
 
     def _state_for(self, meta: RingItem, noisy: torch.Tensor) -> StreamDiTState | None:
         """The stream's state under the item's prompt version; None (counted) when the item cannot run here."""
         st = self.streams.get(meta.stream_id)
-        if not self.is_first and meta.seq == 0 and meta.step == 0:
+        if not self.is_first and meta.latent_start == 0 and meta.step == 0:  # a stream's or a segment's start
             if st is not None:
                 self._free(meta.stream_id)
             st = self._new_stream(meta.stream_id, meta.steps, (noisy.shape[-2], noisy.shape[-1]))
+            st.segment, st.segment_start = meta.segment, meta.seq
         if st is None:
             self.dropped["unknown_stream"] += 1
             return None

@@ -116,6 +116,8 @@ class RawChunk:
     frame_times: list[float]  # wall-clock capture time per frame
     capture_time: float  # capture time of the chunk's last frame (when it was complete)
     deadline: float  # wall-clock time by which the output should be shown
+    segment: int = 0  # warm-up segment (a `cut` prompt change starts the next)
+    segment_start: int = 0  # seq of the segment's prepare chunk
 
     @property
     def num_frames(self) -> int:
@@ -130,13 +132,24 @@ class Chunker:
         self.clock = clock
         self.latency_budget_s = latency_budget_s
         self.seq = 0
+        self.segment = 0
+        self.segment_start = 0
         self._frames: list[np.ndarray] = []
         self._times: list[float] = []
+
+    def cut(self) -> int:
+        """Start a new warm-up segment with the next chunk (a prepare chunk: ``clock.input_frames(0)`` frames,
+        those already gathered included); returns its seq. Seqs keep counting across segments. Before the
+        current segment's first chunk there is nothing to cut: that chunk is the one returned."""
+        if self.seq > self.segment_start:
+            self.segment += 1
+            self.segment_start = self.seq
+        return self.seq
 
     def push(self, frame: np.ndarray, capture_time: float) -> RawChunk | None:
         self._frames.append(frame)
         self._times.append(capture_time)
-        if len(self._frames) < self.clock.input_frames(self.seq):
+        if len(self._frames) < self.clock.input_frames(self.seq - self.segment_start):
             return None
         chunk = RawChunk(
             stream_id=self.stream_id,
@@ -145,6 +158,8 @@ class Chunker:
             frame_times=self._times,
             capture_time=capture_time,
             deadline=capture_time + self.latency_budget_s,
+            segment=self.segment,
+            segment_start=self.segment_start,
         )
         self.seq += 1
         self._frames, self._times = [], []

@@ -159,6 +159,11 @@ class IngestStream:
                 self._emit(self._last_frame, slot.index, out)
         return out
 
+    def cut(self) -> int:
+        """Start a new warm-up segment with the next chunk (``Chunker.cut``); returns that chunk's seq."""
+        with self._lock:
+            return self.chunker.cut()
+
     def _emit(self, frame: np.ndarray | None, slot: int, out: list[RawChunk]) -> None:
         if frame is None:
             return

@@ -188,9 +188,12 @@ def largest_messages(settings: Settings) -> tuple[int, int]:
 class IngestStreamState:
     """Everything ingest keeps for one stream: one object, moved with ``to_bytes``/``from_bytes``.
 
-    ``next_seq`` is the seq of the next chunk to be taken from the RTMP queue (what a prompt change answers),
-    ``last_seq`` the last one published. ``replay`` holds the last ``ingest.replay_chunks`` published chunks,
-    for rebuilding a lost DiT stage's KV cache (issue 7).
+    ``next_seq`` is the seq of the next chunk to be taken from the RTMP queue (what a `blend` prompt change
+    answers; a `cut` answers the first chunk of the new segment), ``last_seq`` the last one published.
+    ``segment``/``segment_start``: the warm-up segment being encoded and the seq of its prepare chunk (latent and
+    RoPE positions count from it). ``versions``: (first seq, prompt version) per accepted change, in order; a
+    chunk takes the last one that has begun. ``replay`` holds the last ``ingest.replay_chunks`` published
+    chunks, for rebuilding a lost DiT stage's KV cache (issue 7).
     """
 
     spec: StreamSpec
@@ -200,6 +203,9 @@ class IngestStreamState:
     next_seq: int = 0
     last_seq: int | None = None
     replay: collections.deque[LatentChunk] = field(default_factory=collections.deque)
+    segment: int = 0
+    segment_start: int = 0
+    versions: list[tuple[int, int]] = field(default_factory=list)
     prompt_keys: list[str] = field(default_factory=list)
     published: int = 0
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -207,11 +213,20 @@ class IngestStreamState:
     @classmethod
     def new(cls, spec: StreamSpec, prompt_version: int, replay_chunks: int) -> IngestStreamState:
         return cls(spec=spec, vae=StreamVAEState(), motion=motion_controller(spec).new_state(),
-                   prompt_version=prompt_version, replay=collections.deque(maxlen=replay_chunks))
+                   prompt_version=prompt_version, replay=collections.deque(maxlen=replay_chunks),
+                   versions=[(0, prompt_version)])
 
     @property
     def stream_id(self) -> str:
         return self.spec.stream_id
+
+    def version_of(self, seq: int) -> int:
+        """The prompt version chunk ``seq`` is encoded under: the last accepted change that has begun by it."""
+        version = next((v for start, v in reversed(self.versions) if start <= seq), self.prompt_version)
+        begun = [i for i, (start, _) in enumerate(self.versions) if start <= seq]
+        if begun:  # changes before the last begun one can never apply again (seqs only grow)
+            del self.versions[: begun[-1]]
+        return version
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] += 1
@@ -229,6 +244,9 @@ class IngestStreamState:
             "last_seq": self.last_seq,
             "replay": [frame(c.encode()) for c in self.replay],
             "replay_chunks": self.replay.maxlen,
+            "segment": self.segment,
+            "segment_start": self.segment_start,
+            "versions": [list(v) for v in self.versions],
             "prompt_keys": list(self.prompt_keys),
             "published": self.published,
             "dropped": dict(self.dropped),
@@ -245,6 +263,8 @@ class IngestStreamState:
         return cls(spec=decode(d["spec"].numpy().tobytes(), StreamSpec), vae=StreamVAEState.from_dict(d["vae"]),
                    motion=MotionNoiseState.from_dict(d["motion"]), prompt_version=int(d["prompt_version"]),
                    next_seq=int(d["next_seq"]), last_seq=d["last_seq"], replay=replay,
+                   segment=int(d.get("segment", 0)), segment_start=int(d.get("segment_start", 0)),
+                   versions=[(int(a), int(b)) for a, b in d.get("versions", [])],
                    prompt_keys=list(d["prompt_keys"]), published=int(d["published"]),
                    dropped=collections.Counter(d["dropped"]))
 
@@ -273,6 +293,7 @@ class _Live:
     state: IngestStreamState
     window: CreditWindow
     clock: ChunkClock
+    stream: IngestStream
     subs: list[Subscription] = field(default_factory=list)
     last_credit_progress: float = field(default_factory=time.monotonic)
 
@@ -421,7 +442,7 @@ class IngestService(Service):
             state = IngestStreamState.new(spec, record.prompt_version, self.settings.ingest.replay_chunks)
             window = await self.bus.credit_window(Subjects.stream_latent(sid),
                                                   self.settings.nats.credit_window_bytes).start()
-            live = _Live(state, window, stream.chunker.clock)
+            live = _Live(state, window, stream.chunker.clock, stream)
             self.live[sid] = live
             self.streams.add(sid)
             live.subs.append(await self.bus.subscribe(
@@ -488,8 +509,19 @@ class IngestService(Service):
         """
         assert self.bus is not None
         state = live.state
-        spec, version = state.spec, state.prompt_version
+        spec, version = state.spec, state.version_of(raw.seq)
         state.next_seq = raw.seq + 1
+        if raw.segment != state.segment:
+            if raw.seq != raw.segment_start:  # its prepare chunk was lost (queue overflow): warm up again
+                state.drop("segment_unprepared")
+                if live.stream.chunker.segment == raw.segment:
+                    live.stream.cut()
+                log.warning("stream %s chunk %d dropped: segment %d lost its prepare chunk", state.stream_id,
+                            raw.seq, raw.segment)
+                return
+            state.segment, state.segment_start = raw.segment, raw.seq  # a cut: the caches start over
+            state.vae = StreamVAEState()
+            state.motion = motion_controller(spec).new_state()
         deadline = raw.capture_time + spec.slo.max_latency_ms / 1000.0
         if ending and time.time() > deadline:
             state.drop("deadline")
@@ -504,11 +536,12 @@ class IngestService(Service):
             log.warning("stream %s chunk %d dropped: encode failed: %s: %s", state.stream_id, raw.seq,
                         type(e).__name__, e)
             return
-        clock = live.clock
+        clock, c = live.clock, raw.seq - state.segment_start  # the chunk's index in its segment
         chunk = LatentChunk(stream_id=state.stream_id, seq=raw.seq, epoch=self.epoch,
-                            latent_start=clock.latent_start(raw.seq), rope_start=clock.rope_start(raw.seq),
+                            latent_start=clock.latent_start(c), rope_start=clock.rope_start(c),
                             capture_time=raw.frame_times[0], deadline=deadline, prompt_version=version,
-                            noise_scale=scale, timesteps=chunk_timesteps(spec.steps, scale), latent=latent)
+                            noise_scale=scale, timesteps=chunk_timesteps(spec.steps, scale), segment=state.segment,
+                            latent=latent)
         remaining = deadline - time.time()
         if remaining <= 0:
             state.drop("deadline")
@@ -613,10 +646,13 @@ class IngestService(Service):
             await self.bus.respond(msg, Error(code="prompt_failed", stream_id=state.stream_id,
                                               message=f"{type(e).__name__}: {e}"))
             return
-        if update.version > state.prompt_version:  # a concurrent newer change may have won meanwhile
-            state.prompt_version = update.version
-            state.spec = state.spec.model_copy(update={"prompt": update.prompt})
         effective = state.next_seq
+        if update.version > state.prompt_version:  # a concurrent newer change may have won meanwhile
+            if update.mode == "cut":  # chunks already cut finish the old segment; the next one warms up anew
+                effective = max(effective, live.stream.cut())
+            state.prompt_version = update.version
+            state.versions.append((effective, update.version))
+            state.spec = state.spec.model_copy(update={"prompt": update.prompt})
         PROMPT_REQUESTS.labels(result="accepted").inc()
         log.info("stream %s: prompt v%d (%s) from chunk %d", state.stream_id, update.version, update.mode, effective)
         await self.bus.respond(msg, Ack(ref=str(effective), detail=f"prompt version {update.version}"))

@@ -202,7 +202,12 @@ async def test_wrong_key_is_refused_with_a_reason(ingest: IngestService, bus: Bu
     assert await table.get(spec.stream_id) == before  # state, revision-visible fields untouched
 
 
-async def test_prompt_request_is_acked_with_the_next_seq(ingest: IngestService, bus: Bus, eventually) -> None:
+@pytest.mark.parametrize("mode", ["blend", "cut"])
+async def test_prompt_request_is_acked_with_the_next_seq(ingest: IngestService, bus: Bus, eventually,
+                                                         mode: str) -> None:
+    """The ack names the first chunk under the new prompt. ``blend``: the next chunk taken from the queue.
+    ``cut``: the next chunk cut from the frames, which starts a new warm-up segment (a 5-frame prepare chunk,
+    latent and RoPE positions from 0 again, seqs counting on)."""
     _, spec, key = await new_stream(bus, "a cat")
     sid = spec.stream_id
     rec = Recorder()
@@ -217,8 +222,8 @@ async def test_prompt_request_is_acked_with_the_next_seq(ingest: IngestService, 
     await eventually(lambda: ingest.bus.stats.malformed >= malformed + 2)
 
     seen = len(rec.chunks)
-    reply = await bus.request(Subjects.stream_prompt(sid), PromptUpdate(stream_id=sid, version=1, prompt="a dog"),
-                              timeout=5)
+    reply = await bus.request(Subjects.stream_prompt(sid), PromptUpdate(stream_id=sid, version=1, prompt="a dog",
+                                                                        mode=mode), timeout=5)
     assert isinstance(reply, Ack) and reply.ref.isdigit(), reply
     effective = int(reply.ref)
     stale = await bus.request(Subjects.stream_prompt(sid), PromptUpdate(stream_id=sid, version=1, prompt="x"),
@@ -228,9 +233,14 @@ async def test_prompt_request_is_acked_with_the_next_seq(ingest: IngestService, 
     assert (await publisher).report.get("ok")
     await eventually(rec.ended, timeout=20)
     seqs = [c.seq for c in rec.chunks]
-    assert seqs == list(range(11))
+    assert seqs == list(range(11 if mode == "blend" else 10))  # 45 frames: 5 + 4·10, or 5 + 4·(e−1) + 5 + 4·…
     assert seen <= effective <= seqs[-1]
     assert all(c.prompt_version == (1 if c.seq >= effective else 0) for c in rec.chunks)
+    start = effective if mode == "cut" else 0
+    for c in rec.chunks:
+        assert c.segment == (1 if mode == "cut" and c.seq >= effective else 0)
+        local = c.seq - (start if c.seq >= start else 0)
+        assert (c.latent_start, c.latent.shape[0]) == ((0, 2) if local == 0 else (local + 1, 1)), c.seq
     embedded = [p for p in rec.prompts if p.embedding is not None]
     assert [(p.version, p.prompt) for p in embedded] == [(0, "a cat"), (1, "a dog")]  # the stale one never is
     assert torch.equal(embedded[1].embedding, tiny_prompt_encoder().encode("a dog")[0])

@@ -130,21 +130,96 @@ def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack) -> None:
     assert decoded >= len(frames_out)  # CFR output: every decoded frame, plus repeats while chunks were late
 
 
-def test_live_prompt_change_reports_its_seq(stack: LocalStack) -> None:
+def _taps(stack: LocalStack, sid: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """Ingest's tapped input chunks (uint8, in seq order) and the decoder's tapped output frames (float)."""
+    tap_in = sorted((stack.workdir / "tap-in" / sid).glob("chunk_*.npy"))
+    tap_out = sorted((stack.workdir / "tap-out" / sid).glob("*.npy"), key=lambda p: int(p.stem))
+    assert [int(p.stem[6:]) for p in tap_in] == list(range(len(tap_in)))
+    assert [int(p.stem) for p in tap_out] == list(range(len(tap_out)))
+    return [np.load(p) for p in tap_in], np.concatenate([np.load(p) for p in tap_out])
+
+
+def _live_change(stack: LocalStack, change: dict, seconds: float = 6.0) -> tuple[str, int, list[np.ndarray],
+                                                                                   np.ndarray]:
+    """Publish the test pattern, PATCH ``change`` once a few chunks are in; (id, effective seq, chunks in, out)."""
     created = stack.api("POST", "/v1/streams", {"prompt": "first", "width": SIZE, "height": SIZE, "fps": FPS,
-                                                "steps": STEPS, "slo_latency_ms": 120000})
+                                                "steps": STEPS, "seed": SEED, "slo_latency_ms": 120000})
     sid = created["id"]
     url = f"rtmp://127.0.0.1:{stack.ports.rtmp}/live/{created['stream_key']}"
     publisher = subprocess.Popen([sys.executable, "-m", "ingest.testpattern", url, "--size", "64x64", "--fps",
-                                  str(FPS), "--seconds", "6"], cwd=ROOT)
+                                  str(FPS), "--seconds", str(seconds)], cwd=ROOT)
+    tapped = stack.workdir / "tap-in" / sid
     try:
-        _wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "live", 60, "the stream to go live")
-        time.sleep(1.0)
-        patched = stack.api("PATCH", f"/v1/streams/{sid}", {"prompt": "second", "mode": "blend"})
-        assert patched["prompt_version"] == 1
-        assert isinstance(patched["effective_seq"], int) and patched["effective_seq"] >= 1
+        _wait(lambda: len(list(tapped.glob("*.npy"))) >= 3, 60, "three chunks to be encoded")
+        before = len(list(tapped.glob("*.npy")))
+        patched = stack.api("PATCH", f"/v1/streams/{sid}", change)
+        after = len(list(tapped.glob("*.npy")))
     finally:
         publisher.wait(60)
+    assert patched["prompt_version"] == 1
+    effective = patched["effective_seq"]
+    # the reported seq is the next chunk ingest takes (blend) or cuts from the frames (cut) when the change
+    # comes: it takes effect within steps + 1 chunks of what was encoded by then
+    assert isinstance(effective, int) and before <= effective <= after + STEPS + 1, (before, effective, after)
+    _wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
+    _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8")[1], 90, "EXT-X-ENDLIST")
+    chunks_in, frames_out = _taps(stack, sid)
+    assert effective + 3 <= len(chunks_in)
+    return sid, effective, chunks_in, frames_out
+
+
+def _reference(chunks_in: list[np.ndarray], change_at: int | None, **set_prompt: object) -> np.ndarray:
+    """StreamPipeline on the same input chunks, with ``set_prompt("second", ...)`` before chunk ``change_at``."""
+    pipe = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=STEPS, output="float"))
+    sid = pipe.open_stream(PipelineStreamSpec(prompt="first", seed=SEED))
+    out = []
+    for seq, frames in enumerate(chunks_in):
+        if seq == change_at:
+            pipe.set_prompt(sid, "second", **set_prompt)  # type: ignore[arg-type]
+        out.append(pipe.push(sid, frames))
+    return np.concatenate(out)
+
+
+def _chunk_frames(seq: int) -> slice:
+    """Output frames of chunk ``seq`` of a stream's first segment (5 for the prepare chunk, then 4)."""
+    start = 0 if seq == 0 else 5 + 4 * (seq - 1)
+    return slice(start, start + (5 if seq == 0 else 4))
+
+
+def test_live_prompt_change_takes_effect_at_the_reported_seq(stack: LocalStack) -> None:
+    """PATCH a new prompt mid-stream: the decoder's frames equal StreamPipeline's with the same change applied
+    before the reported chunk (which proves the seq and that nothing else changed); they equal the no-change
+    output before it and differ from it at every chunk from it on (negative control)."""
+    _, effective, chunks_in, frames_out = _live_change(stack, {"prompt": "second", "mode": "blend",
+                                                                "blend_chunks": 1})
+    ref = _reference(chunks_in, effective, mode="blend", chunks=1)
+    unchanged = _reference(chunks_in, None)
+    n = min(len(ref), len(frames_out))
+    last = (n - 5) // 4  # the last whole output chunk
+    assert last >= effective + 1, (n, effective)
+    np.testing.assert_allclose(frames_out[:n], ref[:n], atol=1e-5, rtol=0)
+    change = _chunk_frames(effective).start
+    np.testing.assert_allclose(frames_out[:change], unchanged[:change], atol=1e-5, rtol=0)
+    for seq in range(effective, last + 1):
+        assert np.abs(frames_out[_chunk_frames(seq)] - unchanged[_chunk_frames(seq)]).max() > 1e-3, seq
+
+
+def test_live_cut_restarts_the_warm_up_as_the_single_process_pipeline_does(stack: LocalStack) -> None:
+    """PATCH with ``mode: cut`` (the API's default): the chunks already cut finish under the old prompt, then
+    ingest, every DiT stage and the decoder start a new segment (fresh caches, a 5-frame prepare chunk at the
+    reported seq, the segment's seed). The decoder's frames equal StreamPipeline's ``set_prompt(mode="cut")``
+    before that chunk, and differ from the no-change output from there on (negative control)."""
+    _, effective, chunks_in, frames_out = _live_change(stack, {"prompt": "second"})
+    assert len(chunks_in[effective]) == 5 and all(len(c) == 4 for c in chunks_in[effective + 1 :])
+    ref = _reference(chunks_in, effective, mode="cut")
+    unchanged = _reference(chunks_in, None)
+    n = min(len(ref), len(frames_out))
+    change = _chunk_frames(effective).start
+    assert n >= change + 5 + 4, (n, change)
+    np.testing.assert_allclose(frames_out[:n], ref[:n], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(frames_out[:change], unchanged[:change], atol=1e-5, rtol=0)
+    for a in range(change, min(n, len(unchanged)) - 3, 4):
+        assert np.abs(frames_out[a : a + 4] - unchanged[a : a + 4]).max() > 1e-3, a
 
 
 def test_bad_keys_are_refused_and_the_api_needs_a_token(stack: LocalStack) -> None:
