@@ -188,6 +188,18 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
 # -- encoder --------------------------------------------------------------------------------------------------
 
 
+def trim_padding(embedding: torch.Tensor) -> torch.Tensor:
+    """``[L, D]`` (or ``[1, L, D]``) without its trailing all-zero rows — the prompt's real tokens, as it travels.
+
+    Lossless by construction: the receiver zero-pads back to ``text_len`` (``CausalWanDiT.set_prompt``), which
+    restores exactly the tensor that was trimmed, whatever its rows hold (Wan itself trims to the token count and
+    zero-pads to 512 before ``text_embedding``; cross-attention then runs over all 512 rows, unmasked). At least
+    one row is kept."""
+    rows = embedding.reshape(-1, embedding.shape[-1]).ne(0).any(dim=-1).nonzero()
+    keep = max(1, int(rows[-1]) + 1 if len(rows) else 1)
+    return embedding[..., :keep, :]
+
+
 class PromptEncoder:
     """Prompt → ``[1, max_length, d_model]`` embeddings with padding rows zeroed, cached by prompt hash (LRU)."""
 
@@ -247,6 +259,12 @@ class PromptEncoder:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return embeds
+
+    def token_count(self, prompt: str) -> int:
+        """Tokens of ``prompt`` after cleaning (EOS included, at most ``max_length``): the rows it fills."""
+        tokens = self.tokenizer([clean_prompt(prompt)], max_length=self.max_length, truncation=True,
+                                add_special_tokens=True)
+        return len(tokens["input_ids"][0])
 
     def clear_cache(self) -> None:
         self._cache.clear()

@@ -13,9 +13,11 @@ What it speaks on the bus (subjects from ``proto.Subjects`` only):
   the input noise itself (``draw_noise(.., c, 0, "input")``) and mixes ``s·ε + (1 − s)·z``, as the
   single-process path does, so the noise never crosses the bus.
 - ``rheo.stream.<id>.prompt``: at stream start, and for every accepted prompt change, a ``PromptUpdate`` with
-  the embedding (``[L, D]`` in the encoder's dtype); the same message is kept in the ``rheo-prompts`` KV bucket
-  under ``<stream id>.<version>`` for stages that join late. A gateway request (no embedding) is answered with
-  ``Ack(ref=<seq of the first chunk under the new version>)``.
+  the embedding of the prompt's L real tokens (``[L, D]`` in the encoder's dtype; the DiT zero-pads it back to
+  text_len, losslessly — ``max_prompt_tokens`` says how many fit a message, longer prompts are refused); the same
+  message is kept in the ``rheo-prompts`` KV bucket under ``<stream id>.<version>`` for stages that join late.
+  A gateway request (no embedding) is answered with ``Ack(ref=<seq of the first chunk under the new version>)``;
+  a ``cut`` request starts a new warm-up segment at that chunk (``LatentChunk.segment``, docs/architecture.md).
 - ``rheo.stream.<id>.event``: ``StreamEvent`` ``live`` at start, ``ended`` (with the last published seq) at end.
 
 Streams are authorised against the stream table (``services.streams``) at RTMP ``publish``; a refusal reaches the
@@ -47,7 +49,7 @@ from prometheus_client import Counter, Histogram
 from dit_stage.config import WanDiTConfig
 from dit_stage.stream_batch import StreamBatchConfig
 from encoder.motion import MotionNoiseConfig, MotionNoiseController, MotionNoiseState
-from encoder.prompt import PromptEncoder
+from encoder.prompt import PromptEncoder, trim_padding
 from encoder.vae import StreamVAE, StreamVAEState
 from ingest.pacing import RawChunk
 from ingest.server import Decision, IngestStream, RtmpServer, StreamShape
@@ -148,7 +150,7 @@ class IngestModels:
         dtype = resolve_dtype(model.dtype, device)
         vae = load_stream_vae(model.model_dir, dtype=dtype, device=device)
         prompt = PromptEncoder.from_model_dir(model.model_dir, dtype=dtype, device=device,
-                                              max_length=WanDiTConfig().text_len)
+                                              max_length=WanDiTConfig.named("1.3b").text_len)
         return cls(vae, prompt, f"weights from {model.model_dir}")
 
 
@@ -162,23 +164,38 @@ class IngestModels:
         self.prompt.clear_cache()
 
 
-def largest_messages(settings: Settings) -> tuple[int, int]:
-    """Bytes of the largest ``LatentChunk`` and ``PromptUpdate`` this configuration can publish (before loading)."""
+def _model_sizes(settings: Settings) -> tuple[int, int, int, int, int]:
+    """(VAE latent channels, VAE spatial factor, text_len, text_dim, bytes per embedding value)."""
     from pipeline.tiny import TINY_T5_CONFIG, TINY_VAE_CONFIG
 
-    ing, model = settings.ingest, settings.model
+    model = settings.model
     if model.model_dir is None:
         z_dim, spatial = TINY_VAE_CONFIG["z_dim"], 2 ** (len(TINY_VAE_CONFIG["dim_mult"]) - 1)
-        text_len, text_dim, text_bytes = WanDiTConfig.tiny().text_len, TINY_T5_CONFIG["d_model"], 4
-    else:
-        from dit_stage.loading import resolve_device, resolve_dtype
+        return z_dim, spatial, WanDiTConfig.tiny().text_len, TINY_T5_CONFIG["d_model"], 4
+    from dit_stage.loading import resolve_device, resolve_dtype
 
-        z_dim, spatial = 16, 8  # the Wan2.1 VAE
-        dtype = resolve_dtype(model.dtype, resolve_device(model.device))
-        text_len, text_dim, text_bytes = WanDiTConfig().text_len, 4096, torch.empty((), dtype=dtype).element_size()
+    dtype = resolve_dtype(model.dtype, resolve_device(model.device))
+    text_bytes = torch.empty((), dtype=dtype).element_size()
+    return 16, 8, WanDiTConfig.named("1.3b").text_len, 4096, text_bytes  # the Wan2.1 VAE, umT5-XXL
+
+
+def max_prompt_tokens(settings: Settings) -> int:
+    """Most prompt tokens whose embedding fits one message: a ``PromptUpdate`` carries only the prompt's real
+    tokens ``[L, D]`` (``encoder.prompt.trim_padding``; the DiT zero-pads back to text_len, losslessly). In bf16
+    all 512 of umT5 fit (4 MiB); in fp32 a 512-token embedding alone is 8 MiB, over NATS' 8 MB ``max_payload``,
+    so longer prompts are refused with a clear error instead of being cut or cast."""
+    _, _, text_len, text_dim, text_bytes = _model_sizes(settings)
+    return max(1, min(text_len, (settings.nats.max_send_bytes - _MESSAGE_MARGIN) // (text_dim * text_bytes)))
+
+
+def largest_messages(settings: Settings) -> tuple[int, int]:
+    """Bytes of the largest ``LatentChunk`` and ``PromptUpdate`` this configuration can publish (before loading)."""
+    ing = settings.ingest
+    z_dim, spatial, _, text_dim, text_bytes = _model_sizes(settings)
     first_latents = 2  # chunk 0 (ChunkClock.first_latent_frames): the largest latent chunk
     latent = z_dim * first_latents * -(-ing.max_model_height // spatial) * -(-ing.max_model_width // spatial)
-    return latent * _LATENT_BYTES + _MESSAGE_MARGIN, text_len * text_dim * text_bytes + _MESSAGE_MARGIN
+    prompt = max_prompt_tokens(settings) * text_dim * text_bytes
+    return latent * _LATENT_BYTES + _MESSAGE_MARGIN, prompt + _MESSAGE_MARGIN
 
 
 # -- per-stream state -------------------------------------------------------------------------------------------
@@ -391,7 +408,7 @@ class IngestService(Service):
         if record is None:
             return Decision(False, "unknown stream key")
         spec = record.spec
-        problem = self._unservable(spec)
+        problem = self._unservable(spec) or self._prompt_problem(record.spec.prompt)
         if problem:
             return Decision(False, f"stream {spec.stream_id}: {problem}")
         self._specs[spec.stream_id] = spec
@@ -594,12 +611,23 @@ class IngestService(Service):
 
     # -- prompts and live parameters ----------------------------------------------------------------------------
 
+    def _prompt_problem(self, prompt: str) -> str:
+        """Why ``prompt``'s embedding cannot be published (empty: it can); tokenizing only, milliseconds."""
+        assert self.models is not None
+        limit = max_prompt_tokens(self.settings)
+        n = self.models.prompt.token_count(prompt)
+        if n <= limit:
+            return ""
+        return (f"the prompt has {n} tokens; at most {limit} fit one message at this model's embedding precision "
+                f"(nats.max_send_bytes {self.settings.nats.max_send_bytes}): shorten it")
+
     async def _embed(self, prompt: str) -> torch.Tensor:
+        """The prompt's real tokens ``[L, D]``: the zero padding to text_len is left to the DiT (lossless)."""
         assert self.models is not None
         enc = self.models.prompt
         loop = asyncio.get_running_loop()
         emb = await loop.run_in_executor(self._compute, enc.encode, prompt)
-        return emb[0].contiguous().cpu()  # [1, L, D] → [L, D]
+        return trim_padding(emb[0]).contiguous().cpu()  # [1, text_len, D] → [L, D]
 
     async def _announce_prompt(self, live: _Live, update: PromptUpdate) -> PromptUpdate:
         """Encode, publish the update with its embedding, keep it in the prompts bucket for late joiners."""
@@ -630,6 +658,11 @@ class IngestService(Service):
             PROMPT_REQUESTS.labels(result="refused").inc()
             await self.bus.respond(msg, Error(code="bad_request", stream_id=state.stream_id,
                                               message=f"update for {update.stream_id!r} sent to {state.stream_id!r}"))
+            return
+        too_long = self._prompt_problem(update.prompt)
+        if too_long:
+            PROMPT_REQUESTS.labels(result="refused").inc()
+            await self.bus.respond(msg, Error(code="prompt_too_long", stream_id=state.stream_id, message=too_long))
             return
         if update.version <= state.prompt_version:
             PROMPT_REQUESTS.labels(result="refused").inc()

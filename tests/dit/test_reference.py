@@ -133,3 +133,24 @@ def test_stream_batch_slots_each_match_their_own_reference(ref, ours):
     for k in range(2):
         want = reference_forward(ref, inputs[k], [steps[k]] * frames, ctx, frame_mask(frames, 1, sink=1, window=3))
         assert (torch.cat(outs[k], dim=2) - want).abs().max() < ATOL
+
+
+def test_prompt_sent_as_its_real_tokens_equals_the_zero_padded_reference(ref, ours):
+    """A prompt travels as its L real tokens [L, D]; the DiT zero-pads it back to text_len, as Wan and diffusers'
+    WanPipeline do before the transformer (the padded rows pass text_embedding and are attended to, unmasked).
+    Equal to diffusers on the zero-padded context; diffusers on the L tokens alone differs (negative control)."""
+    real = 5
+    padded = context(7)
+    padded[:, real:] = 0
+    trimmed = padded[:, :real]
+    x = _latents(4, 8)
+    t = torch.rand(4, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 1000
+    want = reference_forward(ref, x, t, padded, frame_mask(4, nfb=2))
+    got = _teacher_forced(ours, trimmed, x, t, nfb=2, sink=0, window=4)
+    assert (got - want).abs().max() < ATOL
+    a, b = ours.new_state("a", 1, LATENT_HW, window=4, sink=0), ours.new_state("b", 1, LATENT_HW, window=4, sink=0)
+    ours.set_prompt(a, padded)
+    ours.set_prompt(b, trimmed)
+    assert all(torch.equal(a.cross_k[i], b.cross_k[i]) and torch.equal(a.cross_v[i], b.cross_v[i]) for i in a.cross_k)
+    unpadded = reference_forward(ref, x, t, trimmed, frame_mask(4, nfb=2))
+    assert (unpadded - want).abs().max() > 1e-3

@@ -20,6 +20,7 @@ from encoder.prompt import (
     clean_prompt,
     convert_wan_t5_state_dict,
     prompt_hash,
+    trim_padding,
 )
 from pipeline.tiny import TINY_T5_CONFIG as TINY_T5
 from pipeline.tiny import make_tiny_t5 as make_t5
@@ -159,3 +160,20 @@ def test_wan_checkpoint_key_errors_are_named(t5):
 )
 def test_prompt_cleaning(raw, clean):
     assert clean_prompt(raw) == clean
+
+
+def test_trimmed_embedding_is_the_real_tokens_and_pads_back_exactly() -> None:
+    """What travels is the prompt's real tokens: trimming the zeroed padding rows and zero-padding back (as the DiT
+    does) restores the encoder's output bit for bit; a row of a real token that is all zero would survive too."""
+    enc = PromptEncoder(make_t5(0), make_tokenizer(), max_length=16)
+    for prompt in ("a cat", "a red cat on a blue chair in the sun"):  # the second fills all 16 rows
+        full = enc.encode(prompt)[0]
+        trimmed = trim_padding(full)
+        assert trimmed.shape == (enc.token_count(prompt), full.shape[1])
+        assert torch.equal(torch.nn.functional.pad(trimmed, (0, 0, 0, 16 - trimmed.shape[0])), full)
+    assert enc.token_count("a cat") < 16
+    inner_zero = torch.randn(6, 4)
+    inner_zero[2] = 0
+    inner_zero[4:] = 0
+    assert torch.equal(trim_padding(inner_zero), inner_zero[:4])
+    assert trim_padding(torch.zeros(3, 4)).shape == (1, 4)

@@ -19,9 +19,16 @@ import pytest_asyncio
 import torch
 from media.mediakit import RawRtmp, free_port, publish_pyav
 
-from encoder.prompt import PromptEncoder
+from encoder.prompt import PromptEncoder, trim_padding
 from encoder.vae import StreamVAE
-from ingest.service import CHUNKS_DROPPED, IngestService, IngestStreamState, chunk_timesteps
+from ingest.service import (
+    CHUNKS_DROPPED,
+    IngestService,
+    IngestStreamState,
+    chunk_timesteps,
+    largest_messages,
+    max_prompt_tokens,
+)
 from pipeline.tiny import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
 from proto import (
     CHANNELS,
@@ -186,7 +193,7 @@ async def test_rtmp_clip_becomes_latent_chunks(ingest: IngestService, bus: Bus, 
 
     # the prompt went out once, with its embedding, before any chunk; the bucket copy is gone with the stream
     assert [(p.version, p.prompt) for p in rec.prompts] == [(0, "a red cat")]
-    assert torch.equal(rec.prompts[0].embedding, tiny_prompt_encoder().encode("a red cat")[0])
+    assert torch.equal(rec.prompts[0].embedding, trim_padding(tiny_prompt_encoder().encode("a red cat")[0]))
     assert await (await bus.kv(Buckets.PROMPTS)).get(f"{sid}.0") is None
 
 
@@ -243,7 +250,27 @@ async def test_prompt_request_is_acked_with_the_next_seq(ingest: IngestService, 
         assert (c.latent_start, c.latent.shape[0]) == ((0, 2) if local == 0 else (local + 1, 1)), c.seq
     embedded = [p for p in rec.prompts if p.embedding is not None]
     assert [(p.version, p.prompt) for p in embedded] == [(0, "a cat"), (1, "a dog")]  # the stale one never is
-    assert torch.equal(embedded[1].embedding, tiny_prompt_encoder().encode("a dog")[0])
+    # only the prompt's real tokens travel; zero-padded back they are exactly the encoder's [text_len, D]
+    enc = tiny_prompt_encoder()
+    full = enc.encode("a dog")[0]
+    sent = embedded[1].embedding
+    assert sent.shape == (enc.token_count("a dog"), full.shape[1])
+    assert torch.equal(torch.nn.functional.pad(sent, (0, 0, 0, len(full) - len(sent))), full)
+
+
+def test_the_largest_prompt_message_fits_the_payload_budget() -> None:
+    """A PromptUpdate carries the prompt's real tokens only; the largest one that may be published is what the
+    startup size check counts. bf16 umT5: all 512 tokens fit (4 MiB); fp32: a 512-token embedding alone is 8 MiB,
+    so prompts are capped (longer ones refused, never cast or cut)."""
+    def settings(dtype: str) -> Settings:
+        return Settings(model={"model_dir": "/nonexistent", "device": "cpu", "dtype": dtype})
+
+    budget = Settings().nats.max_send_bytes
+    assert max_prompt_tokens(settings("bfloat16")) == 512
+    assert 300 < max_prompt_tokens(settings("float32")) < 512
+    for dtype in ("bfloat16", "float32"):
+        _, prompt = largest_messages(settings(dtype))
+        assert max_prompt_tokens(settings(dtype)) * 4096 * (2 if dtype == "bfloat16" else 4) < prompt <= budget
 
 
 async def test_chunks_past_their_deadline_are_dropped_and_counted(ingest: IngestService, bus: Bus,
