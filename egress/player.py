@@ -25,8 +25,20 @@ const v = document.getElementById('v');
 const src = new URLSearchParams(location.search).get('src');
 const hls = new Hls({lowLatencyMode: true});
 window.hls = hls;
-hls.on(Hls.Events.ERROR, (e, d) => window.report.errors.push((d.fatal ? 'FATAL ' : '') + d.type + ' ' + d.details));
-hls.on(Hls.Events.MANIFEST_PARSED, () => v.play().catch(err => window.report.errors.push('play ' + err)));
+let parsed = false;
+hls.on(Hls.Events.ERROR, (e, d) => {
+  if (d.fatal && !parsed && d.type === Hls.ErrorTypes.NETWORK_ERROR) {
+    // the stream has no playlist yet (opened before its first segment): keep asking
+    window.report.errors.push('waiting ' + d.details);
+    setTimeout(() => hls.loadSource(src), 1000);
+    return;
+  }
+  window.report.errors.push((d.fatal ? 'FATAL ' : '') + d.type + ' ' + d.details);
+});
+hls.on(Hls.Events.MANIFEST_PARSED, () => {
+  parsed = true;
+  v.play().catch(err => window.report.errors.push('play ' + err));
+});
 hls.loadSource(src);
 hls.attachMedia(v);
 </script></body></html>

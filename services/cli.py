@@ -58,7 +58,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     import subprocess
     import tempfile
 
-    from services.stack import LocalStack, Ports, StackError
+    from services.stack import LocalStack, Ports, StackError, open_demo_stream, start_testpattern
 
     model_dir = args.model_dir or load_settings().model.model_dir
     if model_dir is None:
@@ -77,11 +77,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"rheo up: starting nats-server and {5 + args.stages} services (logs in {workdir}/logs) ...",
               flush=True)
         stack.start()
-        # the tiny random model runs on CPU: a small frame keeps it real-time on a laptop
-        side = 512 if model_dir else 128
-        created = stack.api("POST", "/v1/streams", {"prompt": args.prompt, "width": side, "height": side,
-                                                    "slo_latency_ms": 1000 if model_dir else 5000})
-        player = (f"http://localhost:{ports.gateway}/player/index.html?src=/hls/{created['id']}/index.m3u8")
+        created = open_demo_stream(stack, args.prompt, weights=model_dir is not None)
+        player = f"http://localhost:{ports.gateway}{created['player_path']}"
         print(f"""
 rheo is up.
   API            http://localhost:{ports.gateway}/docs   (token: {stack.api_token})
@@ -90,8 +87,7 @@ rheo is up.
   watch          {player}
 Ctrl-C stops everything.""", flush=True)
         if args.testpattern:
-            pattern = subprocess.Popen([sys.executable, "-m", "ingest.testpattern",
-                                        created["publish_url"].replace("localhost", "127.0.0.1")])
+            pattern = start_testpattern(created["publish_url"])
             print("rheo up: publishing a moving test pattern to that stream", flush=True)
         while not stop.wait(0.5):
             stack.check_alive()

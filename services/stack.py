@@ -180,6 +180,21 @@ class LocalStack:
         return codes
 
 
+def open_demo_stream(stack: LocalStack, prompt: str, weights: bool) -> dict:
+    """The stream ``rheo up`` opens: the API's answer, plus ``player_path`` (the gateway's hls.js page for it).
+    The tiny random model runs on CPU: a small frame keeps it real-time on a laptop."""
+    side = 512 if weights else 128
+    created = stack.api("POST", "/v1/streams", {"prompt": prompt, "width": side, "height": side,
+                                                "slo_latency_ms": 1000 if weights else 5000})
+    created["player_path"] = f"/player/index.html?src=/hls/{created['id']}/index.m3u8"
+    return created
+
+
+def start_testpattern(publish_url: str) -> subprocess.Popen[bytes]:
+    """``rheo up --testpattern``'s publisher: the moving test pattern, in real time, in its own process."""
+    return subprocess.Popen([sys.executable, "-m", "ingest.testpattern", publish_url.replace("localhost", "127.0.0.1")])
+
+
 def _ready(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -15,18 +14,10 @@ from egress.http import make_hls_router
 from egress.llhls import HlsRegistry
 from egress.player import HLSJS_DEFAULT, make_player_router
 from media.mediakit import LiveSource, serve_app
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--autoplay-policy=no-user-gesture-required",
-]
+from support.browser import CHROMIUM, CHROMIUM_FLAGS, NO_CHROMIUM
 
 pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)"),
+    pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM),
     pytest.mark.skipif(
         not HLSJS_DEFAULT.is_file(), reason=f"hls.js missing at {HLSJS_DEFAULT} (scripts/fetch-hlsjs.sh)"
     ),

@@ -24,10 +24,12 @@ import m3u8
 import numpy as np
 import pytest
 
+from egress.player import HLSJS_DEFAULT
 from pipeline.loading import build_tiny_pipeline
 from pipeline.pipeline import PipelineConfig
 from pipeline.state import StreamSpec as PipelineStreamSpec
-from services.stack import LocalStack, Ports
+from services.stack import LocalStack, Ports, open_demo_stream, start_testpattern
+from support.browser import CHROMIUM, CHROMIUM_FLAGS, CURRENT_TIME, FRAME_HASH, NO_CHROMIUM, PLAYING
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE, FPS, STEPS, SEED = 64, 8, 2, 7
@@ -220,6 +222,38 @@ def test_live_cut_restarts_the_warm_up_as_the_single_process_pipeline_does(stack
     np.testing.assert_allclose(frames_out[:change], unchanged[:change], atol=1e-5, rtol=0)
     for a in range(change, min(n, len(unchanged)) - 3, 4):
         assert np.abs(frames_out[a : a + 4] - unchanged[a : a + 4]).max() > 1e-3, a
+
+
+def test_the_up_stack_plays_moving_video_in_chromium(stack: LocalStack) -> None:
+    """``rheo up --testpattern`` (its demo stream and publisher, on this module's stack), watched as its printed
+    player URL in headless Chromium: the video plays, its currentTime advances and the picture changes."""
+    if CHROMIUM is None:
+        pytest.skip(NO_CHROMIUM)
+    if not HLSJS_DEFAULT.is_file():
+        pytest.skip(f"hls.js missing at {HLSJS_DEFAULT} (scripts/fetch-hlsjs.sh)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (PyPI) not installed")
+    created = open_demo_stream(stack, "a test pattern in watercolour", weights=False)
+    publisher = start_testpattern(created["publish_url"])
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+            try:
+                page = browser.new_page()
+                page.goto(stack.gateway_url + created["player_path"])
+                page.wait_for_function(PLAYING, timeout=30000)
+                time.sleep(1.0)  # hls.js settles onto its live-sync position first
+                t0, frame0, wall0 = page.evaluate(CURRENT_TIME), page.evaluate(FRAME_HASH), time.monotonic()
+                time.sleep(4.0)
+                t1, frame1, wall1 = page.evaluate(CURRENT_TIME), page.evaluate(FRAME_HASH), time.monotonic()
+                errors = page.evaluate("window.report.errors")
+            finally:
+                browser.close()
+    finally:
+        publisher.terminate()
+        publisher.wait(10)
+    assert t1 - t0 >= 0.5 * (wall1 - wall0), (t0, t1, wall1 - wall0, errors)
+    assert frame1 != frame0, "the picture did not change"
+    assert not [e for e in errors if e.startswith("FATAL")], errors
 
 
 def test_bad_keys_are_refused_and_the_api_needs_a_token(stack: LocalStack) -> None:
