@@ -67,6 +67,7 @@ def run_single(pipe: StreamPipeline, frames: np.ndarray, skip: int) -> dict:
     """One stream through ``push`` as fast as it goes; steady FPS after ``skip`` output chunks."""
     sid = pipe.open_stream(StreamSpec("a test pattern in watercolour", seed=SEED))
     outputs: list[tuple[float, int]] = []  # (time, frames) per push that produced frames
+    cpu0 = time.process_time()
     fed = 0
     while fed + 4 <= len(frames):
         n = 5 if fed == 0 else 4
@@ -75,7 +76,21 @@ def run_single(pipe: StreamPipeline, frames: np.ndarray, skip: int) -> dict:
         if len(got):
             outputs.append((time.perf_counter(), len(got)))
     pipe.close_stream(sid)
-    return _steady(outputs, skip)
+    row = _steady(outputs, skip)
+    row["cpu_ms_per_chunk"] = round(1000 * (time.process_time() - cpu0) / len(outputs), 1)
+    return row
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (the test pattern publisher)."""
+    usage = os.times()
+    return usage.children_user + usage.children_system
 
 
 def _steady(outputs: list[tuple[float, int]], skip: int) -> dict:
@@ -101,15 +116,18 @@ def run_distributed(work: Path, stages: int, size: int, steps: int, fps: int, se
                                                     "slo_latency_ms": 600000})
         sid = created["id"]
         url = f"rtmp://127.0.0.1:{stack.ports.rtmp}/live/{created['stream_key']}"
+        cpu0 = {p.name: _cpu_seconds(p.popen.pid) for p in stack.procs if p.popen is not None}
         out = subprocess.run([sys.executable, "-m", "ingest.testpattern", url, "--size", f"{size}x{size}",
                               "--fps", str(fps), "--seconds", str(seconds)], capture_output=True, text=True,
                              timeout=seconds + 120, cwd=ROOT)
+        out_cpu = _children_cpu()
         if out.returncode:
             raise SystemExit(f"test pattern publisher failed: {out.stderr}")
         deadline = time.monotonic() + 120
         while stack.api("GET", f"/v1/streams/{sid}")["state"] != "ended" and time.monotonic() < deadline:
             time.sleep(0.5)
         time.sleep(3.0)  # the ring's last chunks
+        cpu = {p.name: _cpu_seconds(p.popen.pid) - cpu0[p.name] for p in stack.procs if p.popen is not None}
         tap = sorted((work / "tap-out" / sid).glob("*.npy"), key=lambda p: int(p.stem))
         outputs = sorted((p.stat().st_mtime, int(np.load(p, mmap_mode="r").shape[0])) for p in tap)
         published = None
@@ -117,7 +135,10 @@ def run_distributed(work: Path, stages: int, size: int, steps: int, fps: int, se
             if f"stream {sid} ended after chunk" in line:
                 published = line.rsplit("(", 1)[-1].rstrip(")")
         row = _steady(outputs, skip)
-        row.update(chunks_out=len(tap), input_chunks=math.floor((seconds * fps - 5) / 4) + 1, ingest=published,
+        per_chunk = {name: round(1000 * c / len(tap), 1) for name, c in cpu.items()}
+        row.update(cpu_ms_per_chunk=round(sum(per_chunk.values()), 1), cpu_ms_per_chunk_by_service=per_chunk,
+                   publisher_cpu_s=round(out_cpu, 1), chunks_out=len(tap),
+                   input_chunks=math.floor((seconds * fps - 5) / 4) + 1, ingest=published,
                    stack_start_s=round(start_s, 1))
         return row
     finally:
