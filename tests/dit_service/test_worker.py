@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dit_stage.stream_batch import StreamBatchRunner
+from proto.clock import segment_seed
+
 from .helpers import (
     CONFIG,
+    NOISE_SCALE,
     as_chunk_latent,
     chunk_message,
+    full_model,
     latents,
     prompt,
     reference,
@@ -152,3 +157,55 @@ def test_queued_chunks_of_an_old_epoch_are_dropped_when_the_map_changes():
     got = run_ring(ring)
     assert [g.seq for g in got] == [0] and got[0].epoch == 0  # the begun prepare completes under its epoch
     assert w.dropped["stale_epoch"] == 3
+
+
+def _segment_reference(seed: int, segments: list[tuple[list[torch.Tensor], list[tuple[int, torch.Tensor]]]],
+                       segment_seeds: list[int]) -> list[torch.Tensor]:
+    """StreamBatchRunner through segments (a `cut` between them, as StreamPipeline does it: a stand-in chunk
+    pushes the last one out, then a fresh stream state with the segment's seed). Per segment: its latents and
+    its prompt changes as (chunk index, embedding), the first at 0."""
+    runner = StreamBatchRunner([full_model()], CONFIG)
+    out: list[torch.Tensor] = []
+    for (zs, prompts), segment_seed_ in zip(segments, segment_seeds, strict=True):
+        changes = dict(prompts)
+        runner.open_stream("a", segment_seed_, changes.pop(0)[None], tuple(zs[0].shape[-2:]))
+        out.append(runner.prepare("a", zs[0], NOISE_SCALE))
+        for c, z in enumerate(zs[1:], start=1):
+            if c in changes:
+                runner.set_prompt("a", changes[c][None], c)
+            x0 = runner.step({"a": (z, NOISE_SCALE)})["a"]
+            if x0 is not None:
+                out.append(x0)
+        out.append(runner.step({"a": (zs[-1], NOISE_SCALE)})["a"])  # drain: a stand-in pushes the last one out
+    return out
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_prompt_switch_and_cut_equal_stream_batch_runner(stages, monkeypatch):
+    """Chunks 3, 4 switch to prompt 1 (chunk 2, in flight, keeps prompt 0 for its last step), then a `cut`:
+    chunks 5.. are segment 1 — a prepare chunk at seq 5 with latent/RoPE positions from 0, the segment's seed,
+    prompt 2. All of it is queued at once, so segment 1 must wait for segment 0 to leave the ring. The ring
+    equals the runner doing the same; with the stream seed instead of the segment's, segment 1 differs."""
+    seed, cut, hw = 11, 5, (4, 6)
+    zs0, zs1 = latents(3, cut, hw), latents(4, 4, hw)
+    p = [prompt(1), prompt(2), prompt(3)]
+    want = _segment_reference(seed, [(zs0, [(0, p[0]), (3, p[1])]), (zs1, [(0, p[2])])],
+                              [seed, segment_seed(seed, 1)])
+    wrong = _segment_reference(seed, [(zs0, [(0, p[0]), (3, p[1])]), (zs1, [(0, p[2])])], [seed, seed])
+    # everything is queued at once, so three prompt versions are live together (a stage keeps the newest two)
+    monkeypatch.setattr("dit_stage.worker.PROMPT_VERSIONS_KEPT", 3)
+    ring = workers(stages)
+    for version, emb in enumerate(p):
+        ring[0].add_prompt("a", version, emb)
+    for c, z in enumerate(zs0):
+        assert ring[0].add_chunk(chunk_message("a", c, z, prompt_version=0 if c < 3 else 1), seed=seed)
+    for j, z in enumerate(zs1):
+        msg = chunk_message("a", j, z, prompt_version=2).model_copy(update={"seq": cut + j, "segment": 1})
+        assert ring[0].add_chunk(msg, seed=seed)
+    got = run_ring(ring)
+    assert [(g.seq, g.segment) for g in got] == [(c, 0) for c in range(cut)] + [(cut + j, 1) for j in range(4)]
+    assert len(want) == len(got)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g.latent, as_chunk_latent(w), atol=1e-5, rtol=0)
+    assert all((as_chunk_latent(w) - g.latent).abs().max() > 1e-3 for w, g in zip(wrong[cut:], got[cut:], strict=True))
+    assert not ring[0].successors and ring[0].streams["a"].segment == 1
