@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/dit.py
 	$(PY) bench/media.py
 	$(PY) bench/pipeline_local.py
+	$(PY) bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
