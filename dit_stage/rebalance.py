@@ -1,0 +1,52 @@
+"""Which blocks change owner between two block maps, and whether a stage can switch online (docs/rebalance.md)."""
+
+from __future__ import annotations
+
+from proto import BlockMap
+
+__all__ = ["ONLINE_REASONS", "block_moves", "offline_reason", "stage_moves"]
+
+ONLINE_REASONS = ("rebalance", "join")
+"""Epochs whose old owners are all alive: KV moves between stages instead of being rebuilt."""
+
+
+def _owners(bm: BlockMap) -> dict[int, str]:
+    return {b: s.stage_id for s in bm.stages for b in range(s.block_start, s.block_end)}
+
+
+def block_moves(old: BlockMap, new: BlockMap) -> dict[tuple[str, str], list[int]]:
+    """(old owner, new owner) → the blocks moving between them, ascending."""
+    before, after = _owners(old), _owners(new)
+    moves: dict[tuple[str, str], list[int]] = {}
+    for b in sorted(after):
+        if before[b] != after[b]:
+            moves.setdefault((before[b], after[b]), []).append(b)
+    return moves
+
+
+def stage_moves(old: BlockMap, new: BlockMap, stage_id: str) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """For one stage: (new owner → blocks it hands over, old owner → blocks it takes over)."""
+    send: dict[str, list[int]] = {}
+    receive: dict[str, list[int]] = {}
+    for (src, dst), blocks in block_moves(old, new).items():
+        if src == stage_id:
+            send[dst] = blocks
+        if dst == stage_id:
+            receive[src] = blocks
+    return send, receive
+
+
+def offline_reason(old: BlockMap | None, new: BlockMap) -> str:
+    """Why ``old`` → ``new`` cannot be an online switch (empty: it can). Online needs every stage alive and in the
+    same ring order (the epoch switch marker travels the old ring, which must be the new one), and the same model."""
+    if old is None:
+        return "no previous block map"
+    if new.reason not in ONLINE_REASONS:
+        return f"reason {new.reason!r}"
+    if new.epoch <= old.epoch:
+        return f"epoch {new.epoch} does not follow {old.epoch}"
+    if new.num_blocks != old.num_blocks:
+        return "the block count changed"
+    if [s.stage_id for s in new.stages] != [s.stage_id for s in old.stages]:
+        return "the stage ring changed (a stage joined, left or moved)"
+    return ""

@@ -1,0 +1,200 @@
+"""Online rebalancing without transport: StageWorkers switch block ranges at a micro-step boundary, moving KV shards
+(ring state included) between stages, and the streams' outputs do not change (docs/rebalance.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from dit_stage.rebalance import block_moves, offline_reason, stage_moves
+from dit_stage.service import slice_stage
+from dit_stage.worker import EpochChange, StageWorker
+from proto import (
+    BlockMap,
+    EpochSwitch,
+    LatentChunk,
+    RingReturn,
+    ShardMove,
+    ShardMoveEnd,
+    StageAssignment,
+    StageItems,
+    StagePrompt,
+    decode,
+)
+
+from .helpers import CONFIG, as_chunk_latent, chunk_message, full_model, latents, prompt, reference
+
+BLOCKS = 5
+CHUNKS = 8
+SWITCH_AFTER = 7  # first-stage micro-steps before the switch: prepare done, both streams mid-run
+
+# (old split, new split): moves to the next stage, to the previous one, and two hops upstream
+MOVES = {
+    "down-2": ([(0, 3), (3, 5)], [(0, 1), (1, 5)]),
+    "up-2": ([(0, 1), (1, 5)], [(0, 4), (4, 5)]),
+    "down-3": ([(0, 2), (2, 4), (4, 5)], [(0, 1), (1, 2), (2, 5)]),
+    "up-3": ([(0, 1), (1, 2), (2, 5)], [(0, 3), (3, 4), (4, 5)]),
+}
+
+MoveHook = Callable[[ShardMove], ShardMove]
+
+
+def _map(split: list[tuple[int, int]], epoch: int, reason: str = "rebalance") -> BlockMap:
+    return BlockMap(epoch=epoch, num_blocks=BLOCKS, reason=reason, stages=[
+        StageAssignment(stage_id=f"s{i}", block_start=a, block_end=b) for i, (a, b) in enumerate(split)])
+
+
+class Ring:
+    """In-process stages by id; every message goes through encode → decode as on the wire."""
+
+    def __init__(self, split: list[tuple[int, int]], **kw: object) -> None:
+        self.full = full_model(BLOCKS)
+        opts = {"window": CONFIG.kv_window, "sink": CONFIG.sink, "adaptive_threshold": CONFIG.adaptive_threshold,
+                "max_queued_chunks": 64} | kw
+        self.ids = [f"s{i}" for i in range(len(split))]
+        self.workers = [StageWorker(slice_stage(self.full, r), **opts) for r in split]
+        self.finished: list[LatentChunk] = []
+        self.first_steps = 0
+        self.move_hook: MoveHook | None = None
+        self.moved_bytes = 0
+
+    def switch(self, old: BlockMap, new: BlockMap) -> None:
+        """What each stage service does on an online block map: prepare (weights of the new range), then the
+        first stage goes once every stage is prepared."""
+        for sid, w, s in zip(self.ids, self.workers, new.stages, strict=True):
+            send, receive = stage_moves(old, new, sid)
+            rng = (s.block_start, s.block_end)
+            model = w.model if rng == w.model.block_range else slice_stage(self.full, rng)
+            w.prepare_switch(EpochChange(new.epoch, model, sid, send, receive))
+        self.workers[0].change.go = True
+
+    def run(self, until: Callable[[], bool] | None = None, max_rounds: int = 20_000) -> None:
+        """Round-robin over the stages until idle, or until ``until()`` holds (checked after every step, so the
+        ring can stop with micro-steps in flight)."""
+        for _ in range(max_rounds):
+            progressed = False
+            for i, w in enumerate(self.workers):
+                if until is not None and until():
+                    return
+                step = w.take()
+                if step is None:
+                    continue
+                progressed = True
+                if i == 0 and step.items:
+                    self.first_steps += 1
+                out = w.compute(step)
+                self.finished.extend(decode(c.encode(), LatentChunk) for c in out.finished)
+                nxt = self.workers[(i + 1) % len(self.workers)]
+                for msg in out.link:
+                    wire = decode(msg.encode())
+                    if isinstance(wire, StagePrompt):
+                        nxt.add_prompt(wire.stream_id, wire.version, wire.embedding)
+                    elif isinstance(wire, StageItems | EpochSwitch):
+                        nxt.add_items(wire)
+                    else:
+                        assert isinstance(wire, RingReturn)
+                        nxt.add_return(wire)
+                for move in out.moves:
+                    data = move.encode()
+                    wire = decode(data)
+                    assert isinstance(wire, ShardMove | ShardMoveEnd)
+                    if isinstance(wire, ShardMove):
+                        self.moved_bytes += len(data)
+                        if self.move_hook is not None:
+                            wire = self.move_hook(wire)
+                    self.workers[self.ids.index(wire.target)].add_shard_move(wire)
+            if not progressed:
+                assert until is None, "ring went idle before the condition held"
+                return
+        raise AssertionError("ring did not go idle")
+
+
+def _streams() -> dict[str, tuple[int, torch.Tensor, list[torch.Tensor]]]:
+    return {"a": (11, prompt(1), latents(3, CHUNKS, (4, 6))), "b": (12, prompt(2), latents(4, CHUNKS, (4, 6)))}
+
+
+def _run(old_split, new_split, *, switch: bool = True, hook: MoveHook | None = None, **kw) -> Ring:
+    ring = Ring(old_split, **kw)
+    ring.move_hook = hook
+    first = ring.workers[0]
+    for s, (_, ctx, _) in _streams().items():
+        first.add_prompt(s, 0, ctx)
+    for c in range(CHUNKS):  # interleaved, as they arrive
+        for s, (seed, _, zs) in _streams().items():
+            assert first.add_chunk(chunk_message(s, c, zs[c]), seed=seed)
+    if switch:
+        ring.run(until=lambda: ring.first_steps >= SWITCH_AFTER)
+        ring.switch(_map(old_split, 0), _map(new_split, 1))
+    ring.run()
+    return ring
+
+
+def _outputs(ring: Ring) -> dict[str, list[LatentChunk]]:
+    return {s: [g for g in ring.finished if g.stream_id == s] for s in _streams()}
+
+
+def test_block_moves_between_maps():
+    old, new = _map(MOVES["up-3"][0], 0), _map(MOVES["up-3"][1], 1)
+    assert block_moves(old, new) == {("s1", "s0"): [1], ("s2", "s0"): [2], ("s2", "s1"): [3]}
+    assert stage_moves(old, new, "s2") == ({"s0": [2], "s1": [3]}, {})
+    assert stage_moves(old, new, "s0") == ({}, {"s1": [1], "s2": [2]})
+    assert offline_reason(old, new) == ""
+    assert "reason" in offline_reason(old, _map(MOVES["up-3"][1], 1, reason="failure"))
+    assert "ring" in offline_reason(old, _map([(0, 1), (1, 5)], 1))
+
+
+@pytest.mark.parametrize("case", list(MOVES))
+def test_online_rebalance_equals_the_reference_and_drops_nothing(case):
+    old_split, new_split = MOVES[case]
+    want = {s: reference({s: v}, num_blocks=BLOCKS)[s] for s, v in _streams().items()}
+    ring = _run(old_split, new_split)
+    assert [w.model.block_range for w in ring.workers] == new_split
+    assert all(w.epoch == 1 and w.change is None for w in ring.workers)
+    assert not any(sum(w.dropped.values()) for w in ring.workers), [dict(w.dropped) for w in ring.workers]
+    assert ring.moved_bytes > 0
+    for s, got in _outputs(ring).items():
+        assert [g.seq for g in got] == list(range(CHUNKS))
+        assert {g.epoch for g in got} == {0}  # items keep the epoch they entered with
+        for w, g in zip(want[s], got, strict=False):
+            torch.testing.assert_close(g.latent, as_chunk_latent(w), atol=1e-5, rtol=0, msg=lambda m, g=g: f"{g.seq}")
+    for w, (a, b) in zip(ring.workers, new_split, strict=True):  # moved-out blocks are freed by the old owner
+        assert all(st.shard_state.shard.blocks == list(range(a, b)) for st in w.streams.values())
+
+
+def _frame_pos_forgotten(move: ShardMove) -> ShardMove:
+    """The reference's defect (streamdiffusionv2.md §8.2): the new owner gets K/V and counters but not the ring's
+    write/evict state — here, which frame each ring slot holds."""
+    tensors = {k: torch.full_like(t, -1) if k.startswith("frame_pos.") else t for k, t in move.tensors.items()}
+    return move.model_copy(update={"tensors": tensors})
+
+
+@pytest.mark.parametrize("case", ["down-2", "up-3"])
+def test_moved_shards_continue_bit_exactly_and_need_their_ring_state(case):
+    """One item per micro-step, so grouping cannot differ: a rebalanced run equals an unmoved one bit for bit; the
+    same run with the ring state left behind (the reference's defect) diverges (negative control)."""
+    old_split, new_split = MOVES[case]
+    still = _outputs(_run(old_split, new_split, switch=False, max_batch_items=1))
+    moved = _outputs(_run(old_split, new_split, max_batch_items=1))
+    stale = _outputs(_run(old_split, new_split, hook=_frame_pos_forgotten, max_batch_items=1))
+    for s in still:
+        assert [g.seq for g in moved[s]] == [g.seq for g in still[s]] == list(range(CHUNKS))
+        for a, b in zip(still[s], moved[s], strict=True):
+            assert torch.equal(a.latent, b.latent), (s, a.seq, (a.latent - b.latent).abs().max())
+    worst = max((a.latent - b.latent).abs().max().item() for s in still for a, b in zip(still[s], stale[s],
+                                                                                          strict=False))
+    assert worst > 1e-3
+
+
+def test_ring_counters_must_match_or_the_move_is_refused():
+    """A slice whose frame counters differ from the new owner's (a move at the wrong point) is an error, not a
+    silently misaligned ring."""
+    old_split, new_split = MOVES["down-2"]
+
+    def shifted(move: ShardMove) -> ShardMove:
+        layout = move.layout.model_copy(update={"frames_end": [n + 1 for n in move.layout.frames_end]})
+        return move.model_copy(update={"layout": layout})
+
+    with pytest.raises(ValueError, match="frames_end"):
+        _run(old_split, new_split, hook=shifted)
