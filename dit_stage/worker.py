@@ -154,6 +154,7 @@ class StageWorker:
         adaptive_threshold: float | None = 0.2,
         max_batch_items: int = 16,
         max_queued_chunks: int = 4,
+        move_frame_bytes: int = 32 * 1024 * 1024,
         shift: float = 8.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -161,6 +162,7 @@ class StageWorker:
         self.window, self.sink, self.adaptive_threshold = window, sink, adaptive_threshold
         self.max_batch_items = max_batch_items
         self.max_queued_chunks = max_queued_chunks
+        self.move_frame_bytes = move_frame_bytes  # a stream's moved KV goes in ShardMoves of at most this size
         self.scheduler = FlowMatchScheduler(shift=shift)
         self.clock = clock
         self._epoch = self._admit_from = 0
@@ -170,7 +172,7 @@ class StageWorker:
         self.incoming: collections.deque[StageItems | EpochSwitch] = collections.deque()
         self.dropped: collections.Counter[str] = collections.Counter()
         self.change: EpochChange | None = None
-        self._moves: dict[tuple[int, str], dict[str, ShardMove]] = {}  # (epoch, old owner) → stream → move
+        self._moves: dict[tuple[int, str], dict[str, list[ShardMove]]] = {}  # (epoch, old owner) → stream → parts
         self._move_ends: dict[tuple[int, str], ShardMoveEnd] = {}
 
     @property
@@ -291,7 +293,7 @@ class StageWorker:
             self.dropped["stale_shard_move"] += 1
             return
         if isinstance(msg, ShardMove):
-            self._moves.setdefault(key, {})[msg.stream_id] = msg
+            self._moves.setdefault(key, {}).setdefault(msg.stream_id, []).append(msg)
         else:
             self._move_ends[key] = msg
 
@@ -327,7 +329,7 @@ class StageWorker:
         out = StageOutput()
         for target, blocks in sorted(change.send.items()):
             for st in self.streams.values():
-                out.moves.append(self._export(st, change, target, blocks))
+                out.moves.extend(self._export(st, change, target, blocks))
             out.moves.append(ShardMoveEnd(epoch=change.epoch, source=change.stage_id, target=target,
                                           streams=list(self.streams)))
         previous = self._epoch
@@ -338,7 +340,9 @@ class StageWorker:
             out.link.append(EpochSwitch(epoch=change.epoch, previous=previous))
         return out
 
-    def _export(self, st: _Stream, change: EpochChange, target: str, blocks: list[int]) -> ShardMove:
+    def _export(self, st: _Stream, change: EpochChange, target: str, blocks: list[int]) -> list[ShardMove]:
+        """A stream's state for ``blocks`` (freed here), in parts of at most ``move_frame_bytes`` (one tensor per
+        part when a tensor alone is larger)."""
         moved = st.shard_state.split_blocks(blocks)
         tensors = {key: t.detach().cpu() for key, t in moved.shard.state_dict().items()}
         for version, view in st.views.items():
@@ -348,8 +352,17 @@ class StageWorker:
                     tensors[f"cross_v.{version}.{b}"] = view.cross_v.pop(b).cpu()
         meta = moved.shard.meta()
         layout = ShardLayout(**{k: meta[k] for k in ShardLayout.model_fields})
-        return ShardMove(epoch=change.epoch, source=change.stage_id, target=target, stream_id=st.stream_id,
-                         blocks=list(blocks), layout=layout, tensors=tensors)
+        parts: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for key, t in tensors.items():
+            n = t.numel() * t.element_size()
+            if parts[-1] and size + n > self.move_frame_bytes:
+                parts.append({})
+                size = 0
+            parts[-1][key] = t
+            size += n
+        return [ShardMove(epoch=change.epoch, source=change.stage_id, target=target, stream_id=st.stream_id,
+                          blocks=list(blocks), layout=layout, tensors=part) for part in parts]
 
     def _finish_switch(self, change: EpochChange) -> bool:
         """Merge the blocks this stage takes over once every old owner's moves are here; False while waiting."""
@@ -358,7 +371,7 @@ class StageWorker:
         for sid in list(self.streams):
             st = self.streams[sid]
             moves = [self._moves.get((change.epoch, src), {}).get(sid) for src in change.receive]
-            if any(m is None for m in moves):
+            if any(not m for m in moves):
                 if any(st.shard_state.shard.frames_end):
                     self._free(sid)  # its KV on the old owner is gone (the stream ended there): counted
                     self.dropped["switch_lost"] += 1
@@ -369,9 +382,9 @@ class StageWorker:
                                                           self.adaptive_threshold)
                     st.views.clear()
                 continue
-            for m in moves:
-                assert m is not None
-                self._import(st, m)
+            for parts in moves:
+                assert parts
+                self._import(st, parts)
             if st.shard_state.shard.blocks != self.model.block_ids:
                 raise RuntimeError(f"stream {sid}: blocks {st.shard_state.shard.blocks} after the switch to epoch "
                                    f"{change.epoch}, expected {self.model.block_ids}")
@@ -383,17 +396,21 @@ class StageWorker:
         log.info("epoch %d: blocks %s here", change.epoch, self.model.block_range)
         return True
 
-    def _import(self, st: _Stream, move: ShardMove) -> None:
+    def _import(self, st: _Stream, parts: list[ShardMove]) -> None:
         dev = self.model.device
+        move = parts[0]
+        if any(p.blocks != move.blocks or p.layout != move.layout for p in parts):
+            raise ValueError(f"stream {st.stream_id}: the parts of a shard move disagree on blocks or layout")
+        tensors = {k: t for p in parts for k, t in p.tensors.items()}
         meta = move.layout.model_dump() | {"blocks": list(move.blocks)}
-        shard = {k: t for k, t in move.tensors.items() if not k.startswith("cross_")}
+        shard = {k: t for k, t in tensors.items() if not k.startswith("cross_")}
         st.shard_state.shard.merge(KVCacheShard.from_state(meta, shard, dev))  # refuses other ring counters
         for version, view in list(st.views.items()):
             keys = [(f"cross_k.{version}.{b}", f"cross_v.{version}.{b}") for b in move.blocks]
-            if all(k in move.tensors and v in move.tensors for k, v in keys):
+            if all(k in tensors and v in tensors for k, v in keys):
                 for b, (k, v) in zip(move.blocks, keys, strict=True):
-                    view.cross_k[b] = move.tensors[k].to(dev)
-                    view.cross_v[b] = move.tensors[v].to(dev)
+                    view.cross_k[b] = tensors[k].to(dev)
+                    view.cross_v[b] = tensors[v].to(dev)
                 continue
             emb = self.prompts.get(st.stream_id, {}).get(version)
             if emb is None:

@@ -59,6 +59,7 @@ class Ring:
         self.first_steps = 0
         self.move_hook: MoveHook | None = None
         self.moved_bytes = 0
+        self.move_parts = 0
 
     def switch(self, old: BlockMap, new: BlockMap) -> None:
         """What each stage service does on an online block map: prepare (weights of the new range), then the
@@ -102,6 +103,7 @@ class Ring:
                     assert isinstance(wire, ShardMove | ShardMoveEnd)
                     if isinstance(wire, ShardMove):
                         self.moved_bytes += len(data)
+                        self.move_parts += 1
                         if self.move_hook is not None:
                             wire = self.move_hook(wire)
                     self.workers[self.ids.index(wire.target)].add_shard_move(wire)
@@ -173,10 +175,14 @@ def _frame_pos_forgotten(move: ShardMove) -> ShardMove:
 @pytest.mark.parametrize("case", ["down-2", "up-3"])
 def test_moved_shards_continue_bit_exactly_and_need_their_ring_state(case):
     """One item per micro-step, so grouping cannot differ: a rebalanced run equals an unmoved one bit for bit; the
-    same run with the ring state left behind (the reference's defect) diverges (negative control)."""
+    same run with the ring state left behind (the reference's defect) diverges (negative control). The moved run
+    splits every stream's slice into many small ShardMoves."""
     old_split, new_split = MOVES[case]
     still = _outputs(_run(old_split, new_split, switch=False, max_batch_items=1))
-    moved = _outputs(_run(old_split, new_split, max_batch_items=1))
+    ring = _run(old_split, new_split, max_batch_items=1, move_frame_bytes=4096)
+    moves = sum(len(v) for v in block_moves(_map(old_split, 0), _map(new_split, 1)).values())
+    assert ring.move_parts > 2 * len(_streams()) * moves
+    moved = _outputs(ring)
     stale = _outputs(_run(old_split, new_split, hook=_frame_pos_forgotten, max_batch_items=1))
     for s in still:
         assert [g.seq for g in moved[s]] == [g.seq for g in still[s]] == list(range(CHUNKS))
