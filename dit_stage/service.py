@@ -585,8 +585,8 @@ class DitStageService(Service):
                 elif isinstance(msg, EpochSwitch) and not worker.is_first:
                     worker.add_items(msg)
                 elif isinstance(msg, ShardMove | ShardMoveEnd) and msg.target == self.stage_id:
-                    if isinstance(msg, ShardMove):
-                        msg.tensors = {k: t.clone() for k, t in msg.tensors.items()}
+                    if isinstance(msg, ShardMove):  # off the pool buffer, onto the device, off the event loop
+                        msg.tensors = await asyncio.to_thread(_to_device, msg.tensors, worker.model.device)
                         MOVED_BYTES.labels(stage=self.stage_id, direction="in").inc(frame.nbytes)
                     worker.add_shard_move(msg)
                 elif isinstance(msg, RingReturn) and worker.is_first and msg.latents.shape[0] == len(msg.items):
@@ -818,6 +818,10 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
 
     threading.Thread(target=target, name="dit-stage-load", daemon=True).start()
     return await done
+
+
+def _to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: t.to(device, copy=True) for k, t in tensors.items()}
 
 
 def _decode_blockmap(data: bytes) -> BlockMap:

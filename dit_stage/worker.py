@@ -327,11 +327,12 @@ class StageWorker:
         if self.incoming and isinstance(self.incoming[0], EpochSwitch):
             self.incoming.popleft()
         out = StageOutput()
+        streams = list(self.streams.values())  # a snapshot: add_chunk may open a stream meanwhile (it starts fresh)
         for target, blocks in sorted(change.send.items()):
-            for st in self.streams.values():
+            for st in streams:
                 out.moves.extend(self._export(st, change, target, blocks))
             out.moves.append(ShardMoveEnd(epoch=change.epoch, source=change.stage_id, target=target,
-                                          streams=list(self.streams)))
+                                          streams=[st.stream_id for st in streams]))
         previous = self._epoch
         self.model = change.model
         self._epoch = change.epoch  # items that entered under the previous epoch stay valid: their KV moves along
