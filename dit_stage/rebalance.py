@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from proto import BlockMap
 
-__all__ = ["ONLINE_REASONS", "block_moves", "offline_reason", "stage_moves"]
+__all__ = ["ONLINE_REASONS", "block_moves", "joins_online", "offline_reason", "stage_moves"]
 
 ONLINE_REASONS = ("rebalance", "join")
 """Epochs whose old owners are all alive: KV moves between stages instead of being rebuilt."""
@@ -15,7 +15,7 @@ def _owners(bm: BlockMap) -> dict[int, str]:
 
 
 def block_moves(old: BlockMap, new: BlockMap) -> dict[tuple[str, str], list[int]]:
-    """(old owner, new owner) → the blocks moving between them, ascending."""
+    """(old owner, new owner) → the blocks moving between them, ascending (same block count)."""
     before, after = _owners(old), _owners(new)
     moves: dict[tuple[str, str], list[int]] = {}
     for b in sorted(after):
@@ -37,8 +37,9 @@ def stage_moves(old: BlockMap, new: BlockMap, stage_id: str) -> tuple[dict[str, 
 
 
 def offline_reason(old: BlockMap | None, new: BlockMap) -> str:
-    """Why ``old`` → ``new`` cannot be an online switch (empty: it can). Online needs every stage alive and in the
-    same ring order (the epoch switch marker travels the old ring, which must be the new one), and the same model."""
+    """Why ``old`` → ``new`` cannot be an online switch (empty: it can). Online needs every old stage alive and in
+    its old ring order (the switch marker travels the old ring), the same first stage (it owns the ring's queues)
+    and the same model; new stages may join anywhere after the first."""
     if old is None:
         return "no previous block map"
     if new.reason not in ONLINE_REASONS:
@@ -47,6 +48,14 @@ def offline_reason(old: BlockMap | None, new: BlockMap) -> str:
         return f"epoch {new.epoch} does not follow {old.epoch}"
     if new.num_blocks != old.num_blocks:
         return "the block count changed"
-    if [s.stage_id for s in new.stages] != [s.stage_id for s in old.stages]:
-        return "the stage ring changed (a stage joined, left or moved)"
+    before, after = [s.stage_id for s in old.stages], [s.stage_id for s in new.stages]
+    if [s for s in after if s in before] != before:
+        return "a stage left or the ring's order changed"
+    if after[0] != before[0]:
+        return "the first stage changed"
     return ""
+
+
+def joins_online(new: BlockMap) -> bool:
+    """Whether a stage that sees ``new`` as its first map joins a running ring (its blocks' KV arrives by move)."""
+    return new.reason == "join"

@@ -125,6 +125,8 @@ class EpochChange:
     stage_id: str
     send: dict[str, list[int]] = field(default_factory=dict)  # new owner → blocks this stage hands over
     receive: dict[str, list[int]] = field(default_factory=dict)  # old owner → blocks this stage takes over
+    joining: bool = False  # a stage new to the ring: nothing of the old epoch here, every block arrives by move
+    relink: bool = False  # the next stage changes at the switch (a stage joined after this one)
     go: bool = False  # first stage: every stage is prepared; switch at the next micro-step boundary
     switched: bool = False  # this stage ran its last micro-step of the old epoch and shipped its moved blocks
 
@@ -279,7 +281,11 @@ class StageWorker:
                 self.dropped["unknown_stream"] += 1
                 continue
             latent = ret.latents[row : row + 1].to(self.model.device, copy=True)
-            st.returns.setdefault(meta.slot, collections.deque()).append(_Pending(meta, latent, now))
+            q = st.returns.setdefault(meta.slot, collections.deque())
+            q.append(_Pending(meta, latent, now))
+            if len(q) > 1 and (q[-2].meta.seq, q[-2].meta.step) > (meta.seq, meta.step):
+                # two last stages around a join: their returns may cross; a slot runs its chunks in order
+                st.returns[meta.slot] = collections.deque(sorted(q, key=lambda p: (p.meta.seq, p.meta.step)))
 
     def add_items(self, msg: StageItems | EpochSwitch) -> None:
         """Middle and last stages: queue a micro-step (or the epoch switch marker) from the previous stage (run in
@@ -306,6 +312,12 @@ class StageWorker:
         if change.model.config.num_layers != self.model.config.num_layers:
             raise ValueError("an online switch keeps the model; its block count differs")
         self.change = change
+        if change.joining:  # no old epoch to finish: wait for the moves only
+            if self.streams:
+                raise ValueError("a joining stage starts without streams")
+            self.model = change.model
+            self._epoch = change.epoch
+            change.switched = True
 
     def abort_switch(self) -> None:
         """Forget a prepared switch (a hard epoch replaces it)."""
@@ -316,28 +328,49 @@ class StageWorker:
     def _at_switch(self, change: EpochChange) -> bool:
         if self.is_first:
             return change.go
-        head = self.incoming[0] if self.incoming else None
+        i = self._next_incoming()
+        head = self.incoming[i] if i is not None else None
         return isinstance(head, EpochSwitch) and head.epoch == change.epoch
+
+    def _next_incoming(self) -> int | None:
+        """Index of the next frame to run: the oldest micro-step of an epoch this stage has reached, or the
+        switch marker. Micro-steps of a later epoch (from a new predecessor, after a join) wait for the switch."""
+        i = 0
+        while i < len(self.incoming):
+            msg = self.incoming[i]
+            if isinstance(msg, EpochSwitch):
+                if msg.epoch > self._epoch:
+                    return i
+                del self.incoming[i]  # a marker of an epoch a hard switch has passed
+                continue
+            if msg.epoch <= self._epoch:
+                return i
+            i += 1
+        return None
 
     def _switch_out(self, step: SwitchStep) -> StageOutput:
         """The last micro-step of the old epoch is done here: ship the blocks this stage loses, take the new
         model, pass the marker on."""
         change = self.change
         assert change is not None and change.epoch == step.epoch and not change.switched
-        if self.incoming and isinstance(self.incoming[0], EpochSwitch):
-            self.incoming.popleft()
+        i = self._next_incoming()
+        if i is not None and isinstance(self.incoming[i], EpochSwitch):
+            del self.incoming[i]
         out = StageOutput()
         streams = list(self.streams.values())  # a snapshot: add_chunk may open a stream meanwhile (it starts fresh)
         for target, blocks in sorted(change.send.items()):
             for st in streams:
                 out.moves.extend(self._export(st, change, target, blocks))
             out.moves.append(ShardMoveEnd(epoch=change.epoch, source=change.stage_id, target=target,
-                                          streams=[st.stream_id for st in streams]))
+                                          blocks=list(blocks), streams=[st.stream_id for st in streams]))
         previous = self._epoch
+        was_last = self.is_last
+        if change.relink:
+            self.forwarded.clear()  # the new next stage has none of the prompt embeddings
         self.model = change.model
         self._epoch = change.epoch  # items that entered under the previous epoch stay valid: their KV moves along
         change.switched = True
-        if not self.is_last:
+        if not was_last:  # on the old link: the old successor's last micro-step of the old epoch comes before it
             out.link.append(EpochSwitch(epoch=change.epoch, previous=previous))
         return out
 
@@ -363,11 +396,20 @@ class StageWorker:
             parts[-1][key] = t
             size += n
         return [ShardMove(epoch=change.epoch, source=change.stage_id, target=target, stream_id=st.stream_id,
-                          blocks=list(blocks), layout=layout, tensors=part) for part in parts]
+                          blocks=list(blocks), latent_hw=list(st.latent_hw), layout=layout, tensors=part)
+                for part in parts]
 
     def _finish_switch(self, change: EpochChange) -> bool:
-        """Merge the blocks this stage takes over once every old owner's moves are here; False while waiting."""
-        if any((change.epoch, src) not in self._move_ends for src in change.receive):
+        """Merge the blocks this stage takes over once every old owner's moves are here; False while waiting.
+        A joining stage does not know the old map: it waits until the moves' ends cover its whole range."""
+        if change.joining:
+            ends = [e for (epoch, _), e in self._move_ends.items() if epoch == change.epoch]
+            if sorted(b for e in ends for b in e.blocks) != self.model.block_ids:
+                return False
+            change.receive = {e.source: list(e.blocks) for e in ends}
+            for sid in sorted({s for e in ends for s in e.streams}):
+                self._join_stream(change, sid)
+        elif any((change.epoch, src) not in self._move_ends for src in change.receive):
             return False
         for sid in list(self.streams):
             st = self.streams[sid]
@@ -396,6 +438,23 @@ class StageWorker:
         self.change = None
         log.info("epoch %d: blocks %s here", change.epoch, self.model.block_range)
         return True
+
+    def _join_stream(self, change: EpochChange, stream_id: str) -> None:
+        """A joining stage's state for a stream it has never seen: empty shard of the moves' layout, and a view per
+        prompt version whose cross-attention K/V the moves carry for every block (the others are rebuilt from the
+        embedding the previous stage hands down before the next item of that version)."""
+        parts = [p for src in change.receive for p in self._moves.get((change.epoch, src), {}).get(stream_id, [])]
+        if not parts:
+            return
+        first = parts[0]
+        meta = first.layout.model_dump() | {"blocks": []}
+        shard = KVCacheShard.from_state(meta, {}, self.model.device)
+        st = _Stream(stream_id, first.layout.num_slots, (first.latent_hw[0], first.latent_hw[1]),
+                     StreamDiTState(stream_id, shard), slot_next=[0] * first.layout.num_slots)
+        versions = {int(k.split(".")[1]) for p in parts for k in p.tensors if k.startswith("cross_k.")}
+        for v in sorted(versions)[-PROMPT_VERSIONS_KEPT:]:
+            st.views[v] = StreamDiTState(stream_id, shard, prompt_version=v)
+        self.streams[stream_id] = st
 
     def _import(self, st: _Stream, parts: list[ShardMove]) -> None:
         dev = self.model.device
@@ -457,11 +516,11 @@ class StageWorker:
         return self._take_first() if self.is_first else self._take_next()
 
     def _take_next(self) -> MicroStep | None:
-        while self.incoming and isinstance(self.incoming[0], EpochSwitch) and self.incoming[0].epoch <= self._epoch:
-            self.incoming.popleft()  # a marker of an epoch a hard switch has passed
-        if not self.incoming or isinstance(self.incoming[0], EpochSwitch):
+        i = self._next_incoming()
+        if i is None or isinstance(self.incoming[i], EpochSwitch):
             return None  # the marker waits for this stage's prepared switch
-        msg = self.incoming.popleft()
+        msg = self.incoming[i]
+        del self.incoming[i]
         assert isinstance(msg, StageItems)
         return MicroStep(msg.epoch, list(msg.items), msg.hidden, msg.noisy)
 
@@ -570,8 +629,8 @@ class StageWorker:
         else:
             for meta in items:
                 key = (meta.stream_id, meta.prompt_version)
-                if key not in self.forwarded:
-                    emb = self.prompts[meta.stream_id][meta.prompt_version]
+                emb = self.prompts.get(meta.stream_id, {}).get(meta.prompt_version)
+                if key not in self.forwarded and emb is not None:  # (a joined stage may hold only cross K/V)
                     out.link.append(StagePrompt(stream_id=meta.stream_id, version=meta.prompt_version, embedding=emb))
                     self.forwarded.add(key)
             out.link.append(StageItems(epoch=step.epoch, items=items, hidden=y.contiguous(),

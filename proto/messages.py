@@ -385,6 +385,7 @@ class ShardMove(Message):
     target: str = Field(min_length=1, max_length=128, description="new owner (stage id)")
     stream_id: StreamId
     blocks: list[int]
+    latent_hw: list[int] = Field(min_length=2, max_length=2, description="the stream's latent grid (H, W)")
     layout: ShardLayout
     tensors: dict[str, Tensor] = Field(
         description="per block b: k.b, v.b [slots, window·S, H, D], frame_pos.b [slots, window] (which frame each "
@@ -398,6 +399,7 @@ class ShardMoveEnd(Message):
     epoch: int = Field(ge=1)
     source: str = Field(min_length=1, max_length=128)
     target: str = Field(min_length=1, max_length=128)
+    blocks: list[int] = Field(description="the blocks moved (a joining stage waits until the ends cover its range)")
     streams: list[str]
 
 

@@ -10,7 +10,7 @@ import torch
 
 from dit_stage.rebalance import block_moves, offline_reason, stage_moves
 from dit_stage.service import slice_stage
-from dit_stage.worker import EpochChange, StageWorker
+from dit_stage.worker import EpochChange, StageWorker, SwitchStep
 from proto import (
     BlockMap,
     EpochSwitch,
@@ -41,9 +41,18 @@ MOVES = {
 MoveHook = Callable[[ShardMove], ShardMove]
 
 
-def _map(split: list[tuple[int, int]], epoch: int, reason: str = "rebalance") -> BlockMap:
+# a third stage joins a two-stage ring: between the two, or after the last (which then loses the head)
+JOINS = {
+    "join-middle": ([(0, 3), (3, 5)], [("s0", (0, 2)), ("s2", (2, 3)), ("s1", (3, 5))]),
+    "join-end": ([(0, 3), (3, 5)], [("s0", (0, 2)), ("s1", (2, 4)), ("s2", (4, 5))]),
+}
+
+
+def _map(split: list[tuple[int, int]] | list[tuple[str, tuple[int, int]]], epoch: int,
+         reason: str = "rebalance") -> BlockMap:
+    named = [x if isinstance(x[0], str) else (f"s{i}", x) for i, x in enumerate(split)]
     return BlockMap(epoch=epoch, num_blocks=BLOCKS, reason=reason, stages=[
-        StageAssignment(stage_id=f"s{i}", block_start=a, block_end=b) for i, (a, b) in enumerate(split)])
+        StageAssignment(stage_id=sid, block_start=a, block_end=b) for sid, (a, b) in named])
 
 
 class Ring:
@@ -51,10 +60,12 @@ class Ring:
 
     def __init__(self, split: list[tuple[int, int]], **kw: object) -> None:
         self.full = full_model(BLOCKS)
-        opts = {"window": CONFIG.kv_window, "sink": CONFIG.sink, "adaptive_threshold": CONFIG.adaptive_threshold,
-                "max_queued_chunks": 64} | kw
+        self.opts = {"window": CONFIG.kv_window, "sink": CONFIG.sink, "adaptive_threshold": CONFIG.adaptive_threshold,
+                     "max_queued_chunks": 64} | kw
         self.ids = [f"s{i}" for i in range(len(split))]
-        self.workers = [StageWorker(slice_stage(self.full, r), **opts) for r in split]
+        self.workers = [StageWorker(slice_stage(self.full, r), **self.opts) for r in split]
+        self.next = {sid: (i + 1) % len(split) for i, sid in enumerate(self.ids)}
+        self.next_after_switch = dict(self.next)
         self.finished: list[LatentChunk] = []
         self.first_steps = 0
         self.move_hook: MoveHook | None = None
@@ -64,11 +75,26 @@ class Ring:
     def switch(self, old: BlockMap, new: BlockMap) -> None:
         """What each stage service does on an online block map: prepare (weights of the new range), then the
         first stage goes once every stage is prepared."""
-        for sid, w, s in zip(self.ids, self.workers, new.stages, strict=True):
+        new_ids = [s.stage_id for s in new.stages]
+        for s in new.stages:
+            sid, rng = s.stage_id, (s.block_start, s.block_end)
+            if sid not in self.ids:  # joins: sees only the new map
+                w = StageWorker(slice_stage(self.full, rng), **self.opts)
+                w.epoch = old.epoch
+                self.ids.append(sid)
+                self.workers.append(w)
+                w.prepare_switch(EpochChange(new.epoch, w.model, sid, joining=True))
+                continue
+            w = self.workers[self.ids.index(sid)]
             send, receive = stage_moves(old, new, sid)
-            rng = (s.block_start, s.block_end)
             model = w.model if rng == w.model.block_range else slice_stage(self.full, rng)
-            w.prepare_switch(EpochChange(new.epoch, model, sid, send, receive))
+            relink = new_ids[(new_ids.index(sid) + 1) % len(new_ids)] != self.ids[self.next[sid]]
+            w.prepare_switch(EpochChange(new.epoch, model, sid, send, receive, relink=relink))
+        self.next_after_switch = {sid: self.ids.index(new_ids[(i + 1) % len(new_ids)]) for i, sid in
+                                  enumerate(new_ids)}
+        for sid in new_ids:
+            if sid not in self.next:
+                self.next[sid] = self.next_after_switch[sid]
         self.workers[0].change.go = True
 
     def run(self, until: Callable[[], bool] | None = None, max_rounds: int = 20_000) -> None:
@@ -87,7 +113,10 @@ class Ring:
                     self.first_steps += 1
                 out = w.compute(step)
                 self.finished.extend(decode(c.encode(), LatentChunk) for c in out.finished)
-                nxt = self.workers[(i + 1) % len(self.workers)]
+                sid = self.ids[i]
+                nxt = self.workers[self.next[sid]]
+                if isinstance(step, SwitchStep):  # the marker goes on the old link; what follows on the new one
+                    self.next[sid] = self.next_after_switch[sid]
                 for msg in out.link:
                     wire = decode(msg.encode())
                     if isinstance(wire, StagePrompt):
@@ -139,12 +168,14 @@ def _outputs(ring: Ring) -> dict[str, list[LatentChunk]]:
 
 def test_block_moves_between_maps():
     old, new = _map(MOVES["up-3"][0], 0), _map(MOVES["up-3"][1], 1)
+    assert offline_reason(_map(JOINS["join-end"][0], 0), _map(JOINS["join-end"][1], 1, reason="join")) == ""
+    assert "first" in offline_reason(old, _map([("s9", (0, 1)), ("s0", (1, 2)), ("s1", (2, 3)), ("s2", (3, 5))], 1))
     assert block_moves(old, new) == {("s1", "s0"): [1], ("s2", "s0"): [2], ("s2", "s1"): [3]}
     assert stage_moves(old, new, "s2") == ({"s0": [2], "s1": [3]}, {})
     assert stage_moves(old, new, "s0") == ({}, {"s1": [1], "s2": [2]})
     assert offline_reason(old, new) == ""
     assert "reason" in offline_reason(old, _map(MOVES["up-3"][1], 1, reason="failure"))
-    assert "ring" in offline_reason(old, _map([(0, 1), (1, 5)], 1))
+    assert "left" in offline_reason(old, _map([(0, 1), (1, 5)], 1))
 
 
 @pytest.mark.parametrize("case", list(MOVES))
@@ -204,3 +235,30 @@ def test_ring_counters_must_match_or_the_move_is_refused():
 
     with pytest.raises(ValueError, match="frames_end"):
         _run(old_split, new_split, hook=shifted)
+
+
+@pytest.mark.parametrize("case", list(JOINS))
+def test_a_stage_joins_online_and_nothing_changes(case):
+    """A third stage joins a running ring: it gets its blocks' KV (and prompt state) from the old owners, the ring
+    re-links at the marker, and every chunk comes out equal to the reference."""
+    old_split, new_map = JOINS[case]
+    want = {s: reference({s: v}, num_blocks=BLOCKS)[s] for s, v in _streams().items()}
+    ring = Ring(old_split)
+    first = ring.workers[0]
+    for s, (_, ctx, _) in _streams().items():
+        first.add_prompt(s, 0, ctx)
+    for c in range(CHUNKS):
+        for s, (seed, _, zs) in _streams().items():
+            assert first.add_chunk(chunk_message(s, c, zs[c]), seed=seed)
+    ring.run(until=lambda: ring.first_steps >= SWITCH_AFTER)
+    ring.switch(_map(old_split, 0), _map(new_map, 1, reason="join"))
+    ring.run()
+    assert [ring.workers[ring.ids.index(sid)].model.block_range for sid, _ in new_map] == [r for _, r in new_map]
+    assert all(w.epoch == 1 and w.change is None for w in ring.workers)
+    assert not any(sum(w.dropped.values()) for w in ring.workers), [dict(w.dropped) for w in ring.workers]
+    joined = ring.workers[ring.ids.index("s2")]
+    assert set(joined.streams) == set(_streams()) and all(st.views for st in joined.streams.values())
+    for s, got in _outputs(ring).items():
+        assert [g.seq for g in got] == list(range(CHUNKS))
+        for w, g in zip(want[s], got, strict=False):
+            torch.testing.assert_close(g.latent, as_chunk_latent(w), atol=1e-5, rtol=0, msg=lambda m, g=g: f"{g.seq}")
