@@ -396,7 +396,8 @@ class StageWorker:
             parts[-1][key] = t
             size += n
         return [ShardMove(epoch=change.epoch, source=change.stage_id, target=target, stream_id=st.stream_id,
-                          blocks=list(blocks), latent_hw=list(st.latent_hw), layout=layout, tensors=part)
+                          blocks=list(blocks), latent_h=st.latent_hw[0], latent_w=st.latent_hw[1], layout=layout,
+                          tensors=part)
                 for part in parts]
 
     def _finish_switch(self, change: EpochChange) -> bool:
@@ -449,7 +450,7 @@ class StageWorker:
         first = parts[0]
         meta = first.layout.model_dump() | {"blocks": []}
         shard = KVCacheShard.from_state(meta, {}, self.model.device)
-        st = _Stream(stream_id, first.layout.num_slots, (first.latent_hw[0], first.latent_hw[1]),
+        st = _Stream(stream_id, first.layout.num_slots, (first.latent_h, first.latent_w),
                      StreamDiTState(stream_id, shard), slot_next=[0] * first.layout.num_slots)
         versions = {int(k.split(".")[1]) for p in parts for k in p.tensors if k.startswith("cross_k.")}
         for v in sorted(versions)[-PROMPT_VERSIONS_KEPT:]:

@@ -385,7 +385,8 @@ class ShardMove(Message):
     target: str = Field(min_length=1, max_length=128, description="new owner (stage id)")
     stream_id: StreamId
     blocks: list[int]
-    latent_hw: list[int] = Field(min_length=2, max_length=2, description="the stream's latent grid (H, W)")
+    latent_h: int = Field(ge=1, description="the stream's latent height (a joining stage builds its state from it)")
+    latent_w: int = Field(ge=1, description="the stream's latent width")
     layout: ShardLayout
     tensors: dict[str, Tensor] = Field(
         description="per block b: k.b, v.b [slots, window·S, H, D], frame_pos.b [slots, window] (which frame each "
