@@ -57,5 +57,6 @@ def offline_reason(old: BlockMap | None, new: BlockMap) -> str:
 
 
 def joins_online(new: BlockMap) -> bool:
-    """Whether a stage that sees ``new`` as its first map joins a running ring (its blocks' KV arrives by move)."""
+    """Whether a stage without blocks that sees ``new`` joins a running ring (its blocks' KV arrives by move; the
+    controller writes ``initial``, not ``join``, when nothing runs yet)."""
     return new.reason == "join"

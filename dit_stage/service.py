@@ -35,7 +35,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from dit_stage.loading import find_causal_checkpoint, load_dit, resolve_device, resolve_dtype
 from dit_stage.model import CausalWanDiT, make_tiny_dit
-from dit_stage.rebalance import offline_reason, stage_moves
+from dit_stage.rebalance import joins_online, offline_reason, stage_moves
 from dit_stage.worker import EpochChange, StageOutput, StageWorker, SwitchStep
 from proto import (
     CHANNELS,
@@ -142,6 +142,8 @@ class _Switch:
     old: BlockMap
     new: BlockMap
     senders: dict[str, LinkSender] = field(default_factory=dict)  # new owners of blocks this stage hands over
+    next_stage: str | None = None  # the next stage under the new map, when it changes (a stage joins after us)
+    next_sender: LinkSender | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     aborted: bool = False
 
@@ -322,6 +324,9 @@ class DitStageService(Service):
             self.checks["weights"] = False
             await self._subscribe_inputs(False)
             return
+        if self.worker is None and joins_online(bm):
+            await self._join_online(bm)
+            return
         why = offline_reason(self.block_map, bm) if self.worker is not None else "no blocks loaded"
         if not why:
             await self._switch_online(bm)
@@ -391,10 +396,18 @@ class DitStageService(Service):
             if sw.aborted:
                 break
             sw.senders[target] = LinkSender(endpoint, max_frame_bytes=self.cfg.link_max_frame_bytes).start()
+        ids = [s.stage_id for s in bm.stages]
+        nxt = ids[(ids.index(self.stage_id) + 1) % len(ids)]
+        if nxt != self.next_stage and not sw.aborted:  # a stage joins after this one: re-link at the switch point
+            endpoint = await self._endpoint_of(nxt, sw)
+            if not sw.aborted:
+                sw.next_stage = nxt
+                sw.next_sender = LinkSender(endpoint, max_frame_bytes=self.cfg.link_max_frame_bytes).start()
         if sw.aborted:
             await self._end_switch(sw)
             return
-        worker.prepare_switch(EpochChange(bm.epoch, model, self.stage_id, send, receive))
+        worker.prepare_switch(EpochChange(bm.epoch, model, self.stage_id, send, receive,
+                                          relink=sw.next_stage is not None))
         log.info("stage %s: prepared epoch %d: blocks %s → %s, sends %s, receives %s", self.stage_id, bm.epoch,
                  worker.model.block_range, rng, send, receive)
         await self._announce_prepared(bm.epoch)
@@ -411,9 +424,44 @@ class DitStageService(Service):
             log.info("stage %s: epoch %d online after %.2f s", self.stage_id, bm.epoch, time.monotonic() - t0)
         await self._end_switch(sw)
 
+    async def _join_online(self, bm: BlockMap) -> None:
+        """This stage is new to a running ring (reason ``join``): it loads its blocks, and their KV arrives from the
+        old owners at the switch point (docs/rebalance.md)."""
+        sw = self._switch = _Switch(bm, bm)
+        ids = [s.stage_id for s in bm.stages]
+        idx = ids.index(self.stage_id)
+        mine = bm.stages[idx]
+        rng = (mine.block_start, mine.block_end)
+        model = await _in_daemon_thread(load_stage_model, self.settings, rng, bm.num_blocks)
+        if sw.aborted:
+            await self._end_switch(sw)
+            return
+        worker = StageWorker(
+            model, window=self.cfg.kv_window, sink=self.cfg.sink, adaptive_threshold=self.cfg.adaptive_threshold,
+            max_batch_items=self.cfg.max_batch_items, max_queued_chunks=self.cfg.max_queued_chunks,
+            move_frame_bytes=self.cfg.link_max_frame_bytes // 2,
+        )
+        worker.epoch = bm.epoch - 1
+        worker.prepare_switch(EpochChange(bm.epoch, model, self.stage_id, joining=True))
+        self.worker = worker
+        self.block_range = rng
+        self.checks["weights"] = True
+        await self._subscribe_inputs(worker.is_first)
+        self.next_stage = ids[(idx + 1) % len(ids)]
+        self._connect_task = asyncio.create_task(self._follow_endpoint(self.next_stage), name="link-connect")
+        log.info("stage %s: joins at epoch %d with blocks [%d, %d)", self.stage_id, bm.epoch, *rng)
+        await self._announce_prepared(bm.epoch)
+        await sw.done.wait()
+        if not sw.aborted:
+            self._set_epoch(bm)
+            SWITCHES.labels(stage=self.stage_id, kind="online").inc()
+        await self._end_switch(sw)
+
     async def _end_switch(self, sw: _Switch) -> None:
         if sw.aborted and self.worker is not None:
             self.worker.abort_switch()
+        if sw.aborted and sw.next_sender is not None:
+            await asyncio.to_thread(sw.next_sender.close)
         for sender in sw.senders.values():
             if not sw.aborted:
                 with contextlib.suppress(Exception):
@@ -694,10 +742,18 @@ class DitStageService(Service):
                 continue
             if isinstance(move, ShardMove):
                 MOVED_BYTES.labels(stage=self.stage_id, direction="out").inc(n)
-        for message in result.link:
+        for message in result.link:  # the marker, on the old link
             await self._link_ready.wait()
             assert self.sender is not None
             await self.sender.send(message)
+        if sw is not None and sw.next_sender is not None and sw.next_stage is not None:
+            old, self.sender, self.next_stage = self.sender, sw.next_sender, sw.next_stage
+            sw.next_sender = None
+            if self._connect_task is not None:
+                self._connect_task.cancel()
+            self._connect_task = asyncio.create_task(self._follow_endpoint(self.next_stage), name="link-connect")
+            if old is not None:
+                self._tasks.append(asyncio.create_task(_close_after_flush(old), name="link-close"))
         self.streams = set(worker.streams)
         self._wake.set()
 
@@ -818,6 +874,12 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
 
     threading.Thread(target=target, name="dit-stage-load", daemon=True).start()
     return await done
+
+
+async def _close_after_flush(sender: LinkSender) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(sender.flush(), 30.0)
+    await asyncio.to_thread(sender.close)
 
 
 def _to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

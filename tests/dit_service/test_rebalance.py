@@ -262,3 +262,21 @@ def test_a_stage_joins_online_and_nothing_changes(case):
         assert [g.seq for g in got] == list(range(CHUNKS))
         for w, g in zip(want[s], got, strict=False):
             torch.testing.assert_close(g.latent, as_chunk_latent(w), atol=1e-5, rtol=0, msg=lambda m, g=g: f"{g.seq}")
+
+
+def test_every_micro_step_times_each_owned_block():
+    """Per-block telemetry (the controller's balancing input): one time per owned block, the rest as extra; the
+    parts add up to the forward."""
+    ring = Ring([(0, 2), (2, 5)])
+    first = ring.workers[0]
+    first.add_prompt("a", 0, prompt(1))
+    first.add_chunk(chunk_message("a", 0, latents(3, 1, (4, 6))[0]), seed=1)
+    for w, blocks in zip(ring.workers, ([0, 1], [2, 3, 4]), strict=True):
+        step = w.take()
+        out = w.compute(step)
+        assert out.times is not None and sorted(out.times.blocks) == blocks
+        assert all(t > 0 for t in out.times.blocks.values()) and out.times.extra > 0
+        assert out.times.total <= out.compute_s
+        if not w.is_last:
+            ring.workers[1].add_prompt("a", 0, prompt(1))
+            ring.workers[1].add_items(next(m for m in out.link if isinstance(m, StageItems)))

@@ -8,7 +8,7 @@ import time
 
 from prometheus_client import generate_latest
 
-from dit_stage.service import BLOCKMAP_KEY
+from dit_stage.service import BLOCKMAP_KEY, DitStageService
 from proto import CHANNELS, BlockMap, Buckets, PromptUpdate, StageAssignment, StageStats, Subjects
 
 from .helpers import chunk_message, latents, prompt, reference
@@ -89,3 +89,65 @@ async def test_online_rebalance_across_live_stages_keeps_every_chunk_and_its_val
         assert x.free_memory_bytes > 0 and set(x.kv_bytes) <= set(streams)
         for block in range(a, b):
             assert f'rheo_dit_stage_block_seconds_count{{block="{block}",stage="{sid}"}}' in metrics
+
+
+JOIN_SPLITS = [[(0, 3), (3, 5)],  # epoch 0: two stages
+               [(0, 2), (2, 3), (3, 5)],  # epoch 1: x joins between them
+               [(0, 2), (2, 3), (3, 4), (4, 5)]]  # epoch 2: y joins after the last, which hands it the head
+JOIN_AT = {3: 1, 6: 2}
+
+
+async def test_stages_join_a_running_ring_online(nats_settings, bus, eventually, shared_state):
+    from .test_service import _settings
+
+    tag = next(_ids)
+    streams = {f"ja{tag}": (61, prompt(61), latents(61, CHUNKS, (4, 6))),
+               f"jb{tag}": (62, prompt(62), latents(62, CHUNKS, (4, 6)))}
+    want = {s: reference({s: v}, num_blocks=BLOCKS)[s] for s, v in streams.items()}
+    out = _Collector()
+    await out.start(bus, list(streams))
+    kv = await bus.kv(Buckets.BLOCKMAP)
+    async with _Stages(nats_settings, 2) as stages:
+        x, y = DitStageService(_settings(nats_settings, f"t{tag}-x")), DitStageService(_settings(nats_settings,
+                                                                                               f"t{tag}-y"))
+        joiners = [asyncio.create_task(x.run()), asyncio.create_task(y.run())]
+        try:
+            order = [[*stages.ids], [stages.ids[0], x.stage_id, stages.ids[1]],
+                     [stages.ids[0], x.stage_id, stages.ids[1], y.stage_id]]
+
+            def join_map(epoch: int) -> BlockMap:
+                return BlockMap(epoch=epoch, num_blocks=BLOCKS, created_at=time.time(),
+                                reason="initial" if epoch == 0 else "join", stages=[
+                                    StageAssignment(stage_id=s, block_start=a, block_end=b)
+                                    for s, (a, b) in zip(order[epoch], JOIN_SPLITS[epoch], strict=True)])
+
+            for s, (seed, _, zs) in streams.items():
+                await _open_stream(bus, shared_state, s, seed, tuple(zs[0].shape[-2:]))
+            await kv.put(BLOCKMAP_KEY, join_map(0))
+            await eventually(lambda: stages.ready and x.endpoint and y.endpoint, timeout=30)
+            for s, (_, ctx, _) in streams.items():
+                await bus.publish(Subjects.stream_prompt(s), PromptUpdate(stream_id=s, version=0, prompt="p",
+                                                                          embedding=ctx))
+            epoch = 0
+            for c in range(CHUNKS):
+                if c in JOIN_AT:
+                    epoch = JOIN_AT[c]
+                    await kv.put(BLOCKMAP_KEY, join_map(epoch))
+                for s, (_, _, zs) in streams.items():
+                    await bus.publish(Subjects.stream_latent(s), chunk_message(s, c, zs[c], epoch=epoch))
+                await asyncio.sleep(0.15)
+            await eventually(lambda: all(out.seqs(s) == list(range(CHUNKS)) for s in streams), timeout=60)
+            everyone = [*stages.services, x, y]
+            await eventually(lambda: all(svc.epoch == 2 for svc in everyone), timeout=10)
+            by_id = {svc.stage_id: svc for svc in everyone}
+            assert [by_id[s].worker.model.block_range for s in order[2]] == JOIN_SPLITS[2]
+            for svc in everyone:
+                assert not sum(svc.worker.dropped.values()), (svc.stage_id, dict(svc.worker.dropped))
+            assert set(y.worker.streams) == set(streams)  # the joiner holds every stream's KV of its blocks
+        finally:
+            x.stop()
+            y.stop()
+            assert await asyncio.wait_for(asyncio.gather(*joiners), 15) == [0, 0]
+    for s in streams:
+        for w, g in zip(want[s], out.chunks[s], strict=False):
+            _close(g, w)
