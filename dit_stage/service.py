@@ -343,11 +343,7 @@ class DitStageService(Service):
                             self.stage_id, self.worker.model.block_range, rng, bm.epoch, bm.reason, why)
             self.checks["weights"] = False
             model = await _in_daemon_thread(load_stage_model, self.settings, rng, bm.num_blocks)
-            self.worker = StageWorker(
-                model, window=self.cfg.kv_window, sink=self.cfg.sink, adaptive_threshold=self.cfg.adaptive_threshold,
-                max_batch_items=self.cfg.max_batch_items, max_queued_chunks=self.cfg.max_queued_chunks,
-                move_frame_bytes=self.cfg.link_max_frame_bytes // 2,
-            )
+            self.worker = self._make_worker(model)
             self.block_range = rng
             self.checks["weights"] = True
             log.info("stage %s: loaded blocks [%d, %d) of %d (epoch %d)", self.stage_id, *rng, bm.num_blocks,
@@ -364,6 +360,14 @@ class DitStageService(Service):
                 self._connect_task.cancel()
             self._connect_task = asyncio.create_task(self._follow_endpoint(nxt), name="link-connect")
         self._wake.set()
+
+    def _make_worker(self, model: CausalWanDiT) -> StageWorker:
+        """The one place a stage's worker is built (a hard switch, or joining a running ring)."""
+        return StageWorker(
+            model, window=self.cfg.kv_window, sink=self.cfg.sink, adaptive_threshold=self.cfg.adaptive_threshold,
+            max_batch_items=self.cfg.max_batch_items, max_queued_chunks=self.cfg.max_queued_chunks,
+            move_frame_bytes=self.cfg.link_max_frame_bytes // 2,
+        )
 
     def _set_epoch(self, bm: BlockMap) -> None:
         self.epoch = bm.epoch
@@ -436,11 +440,7 @@ class DitStageService(Service):
         if sw.aborted:
             await self._end_switch(sw)
             return
-        worker = StageWorker(
-            model, window=self.cfg.kv_window, sink=self.cfg.sink, adaptive_threshold=self.cfg.adaptive_threshold,
-            max_batch_items=self.cfg.max_batch_items, max_queued_chunks=self.cfg.max_queued_chunks,
-            move_frame_bytes=self.cfg.link_max_frame_bytes // 2,
-        )
+        worker = self._make_worker(model)
         worker.epoch = bm.epoch - 1
         worker.prepare_switch(EpochChange(bm.epoch, model, self.stage_id, joining=True))
         self.worker = worker
@@ -811,7 +811,10 @@ class DitStageService(Service):
             last = now.snapshot()
             steps = max(d.micro_steps, 1)
             a, b = worker.model.block_range
-            kv_bytes = worker.kv_bytes()
+            try:
+                kv_bytes = worker.kv_bytes()
+            except RuntimeError:  # a switch point is splitting the shards in the compute thread: next window
+                continue
             free = _free_memory(worker.model.device)
             self._export_gauges(kv_bytes, free)
             stats = StageStats(
