@@ -465,7 +465,7 @@ class DitStageService(Service):
         for sender in sw.senders.values():
             if not sw.aborted:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(sender.flush(), 30.0)
+                    await asyncio.wait_for(sender.acknowledged(), 30.0)
             await asyncio.to_thread(sender.close)
         if self._switch is sw:
             self._switch = None
@@ -753,7 +753,7 @@ class DitStageService(Service):
                 self._connect_task.cancel()
             self._connect_task = asyncio.create_task(self._follow_endpoint(self.next_stage), name="link-connect")
             if old is not None:
-                self._tasks.append(asyncio.create_task(_close_after_flush(old), name="link-close"))
+                self._tasks.append(asyncio.create_task(_close_when_acknowledged(old), name="link-close"))
         self.streams = set(worker.streams)
         self._wake.set()
 
@@ -879,9 +879,9 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
     return await done
 
 
-async def _close_after_flush(sender: LinkSender) -> None:
+async def _close_when_acknowledged(sender: LinkSender) -> None:
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(sender.flush(), 30.0)
+        await asyncio.wait_for(sender.acknowledged(), 30.0)
     await asyncio.to_thread(sender.close)
 
 
