@@ -228,7 +228,7 @@ class DitStageService(Service):
         log.info("dit stage %s: tensor link on %s", self.stage_id, self.endpoint)
 
     async def drain(self) -> None:
-        """Finish the micro-step in flight, hand queued link frames to the socket, then close."""
+        """Finish the micro-step in flight, let the next stage read the queued link frames (1 s at most), then close."""
         self._closing = True
         self._wake.set()
         if self._compute_task is not None:
@@ -236,7 +236,7 @@ class DitStageService(Service):
                 await asyncio.wait_for(self._compute_task, 3.0)
         if self.sender is not None and self._link_ready.is_set():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.sender.flush(), 1.0)
+                await asyncio.wait_for(self.sender.acknowledged(), 1.0)
         if self.endpoints is not None:  # withdraw the endpoint: nobody should connect to a stopped stage
             with contextlib.suppress(Exception):
                 entry = await self.endpoints.get(self.stage_id)
