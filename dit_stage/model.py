@@ -27,6 +27,7 @@ from dit_stage.config import WanDiTConfig
 from dit_stage.kv_cache import KVCacheShard, WritePlan, host_tensor
 from dit_stage.rope import RopeTable, apply_rope
 from dit_stage.state import SlotItem, StreamDiTState
+from dit_stage.timing import BlockTimer
 
 __all__ = ["BatchInputs", "CausalWanDiT", "WanBlock"]
 
@@ -292,8 +293,12 @@ class CausalWanDiT(nn.Module):
         )
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor, batch: BatchInputs, noisy: torch.Tensor | None = None) -> torch.Tensor:
-        """Device side of a forward: pure tensor work, no host syncs (CUDA-graph capturable)."""
+    def run(
+        self, x: torch.Tensor, batch: BatchInputs, noisy: torch.Tensor | None = None, timer: BlockTimer | None = None
+    ) -> torch.Tensor:
+        """Device side of a forward: pure tensor work, no host syncs (CUDA-graph capturable without ``timer``).
+
+        ``timer`` marks the end of the patch embedding, of every block and of the head (per-block telemetry)."""
         f, gh, gw = batch.grid
         n = batch.t.shape[0]
         groups = batch.groups
@@ -306,17 +311,25 @@ class CausalWanDiT(nn.Module):
             h = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).contiguous()
         else:
             h = x.to(self.dtype)
+        if timer is not None:
+            timer.mark("embed")
         for i in self.block_ids:
             h = self._block(i, h, e0, cos, sin, groups)
+            if timer is not None:
+                timer.mark(i)
         if not self.is_last:
             return h
         flow = self._head(h, e, batch.grid)
         if noisy is None:
-            return flow
-        if batch.sigmas is None:
-            raise ValueError("x0 needs one sigma per item")
-        sig = batch.sigmas.view(n, 1, 1, 1, 1)
-        return (noisy.double() - sig * flow.double()).to(noisy.dtype)
+            out = flow
+        else:
+            if batch.sigmas is None:
+                raise ValueError("x0 needs one sigma per item")
+            sig = batch.sigmas.view(n, 1, 1, 1, 1)
+            out = (noisy.double() - sig * flow.double()).to(noisy.dtype)
+        if timer is not None:
+            timer.mark("head")
+        return out
 
     def _plan(self, items: Sequence[SlotItem], f: int) -> list[_Group]:
         """Group items per stream (contiguous in the batch) and plan each group's cache writes."""

@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -30,24 +31,29 @@ from typing import TypeVar
 
 import torch
 from nats.aio.subscription import Subscription
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from dit_stage.loading import find_causal_checkpoint, load_dit, resolve_device, resolve_dtype
 from dit_stage.model import CausalWanDiT, make_tiny_dit
-from dit_stage.worker import StageWorker
+from dit_stage.rebalance import joins_online, offline_reason, stage_moves
+from dit_stage.worker import EpochChange, StageOutput, StageWorker, SwitchStep
 from proto import (
     CHANNELS,
     BlockMap,
     Buckets,
+    EpochSwitch,
     LatentChunk,
     PromptUpdate,
     ProtocolError,
     RingReturn,
+    ShardMove,
+    ShardMoveEnd,
     StageItems,
     StagePrompt,
     StageStats,
     StreamEvent,
     Subjects,
+    stage_prepared_key,
 )
 from services.bus import KV, CreditTimeout, CreditWindow
 from services.config import Settings
@@ -64,9 +70,28 @@ BLOCKMAP_KEY = "current"
 OUTPUT_QUEUE = 8
 """Finished chunks queued per stream for publishing before the oldest is dropped."""
 
+_MS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 DROPPED = Counter("rheo_dit_stage_dropped_total", "items or messages a DiT stage dropped", ["stage", "reason"])
 MICRO_STEPS = Counter("rheo_dit_stage_micro_steps_total", "micro-steps a DiT stage ran", ["stage"])
-COMPUTE = Histogram("rheo_dit_stage_compute_seconds", "compute time of one micro-step", ["stage"])
+COMPUTE = Histogram("rheo_dit_stage_compute_seconds", "compute time of one micro-step", ["stage"], buckets=_MS)
+BLOCK_COMPUTE = Histogram("rheo_dit_stage_block_seconds", "compute time of one block in one micro-step (CUDA events "
+                          "on GPU, wall clock on CPU)", ["stage", "block"], buckets=_MS)
+EXTRA_COMPUTE = Histogram("rheo_dit_stage_extra_seconds", "non-block compute of one micro-step (patch embed, time "
+                          "embedding, head, x0)", ["stage"], buckets=_MS)
+QUEUE_WAIT = Histogram("rheo_dit_stage_queue_wait_seconds", "mean wait of a micro-step's items at the first stage",
+                       ["stage"], buckets=_MS)
+LINK_TIME = Histogram("rheo_dit_stage_link_seconds", "time to hand one tensor-link frame to the link (send) or to "
+                      "read it from the socket (recv)", ["stage", "direction"], buckets=_MS)
+BATCH_ITEMS = Histogram("rheo_dit_stage_batch_items", "items in one micro-step", ["stage"],
+                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
+BATCH_STREAMS = Histogram("rheo_dit_stage_batch_streams", "streams in one micro-step", ["stage"],
+                          buckets=(1, 2, 3, 4, 6, 8, 12, 16))
+KV_BYTES = Gauge("rheo_dit_stage_kv_bytes", "KV-cache bytes a stage holds for a stream", ["stage", "stream"])
+FREE_MEMORY = Gauge("rheo_dit_stage_free_memory_bytes", "free memory of the stage's device", ["stage"])
+EPOCH = Gauge("rheo_dit_stage_epoch", "block-map epoch the stage runs", ["stage"])
+SWITCHES = Counter("rheo_dit_stage_epoch_switches_total", "block-map epoch switches", ["stage", "kind"])
+MOVED_BYTES = Counter("rheo_dit_stage_shard_move_bytes_total", "KV-shard bytes moved at online switches",
+                      ["stage", "direction"])
 FINISHED = Counter("rheo_dit_stage_finished_chunks_total", "x0 chunks published by the last stage", ["stage"])
 
 
@@ -111,13 +136,41 @@ class _Output:
 
 
 @dataclass
+class _Switch:
+    """An online epoch switch in progress at this stage."""
+
+    old: BlockMap
+    new: BlockMap
+    senders: dict[str, LinkSender] = field(default_factory=dict)  # new owners of blocks this stage hands over
+    next_stage: str | None = None  # the next stage under the new map, when it changes (a stage joins after us)
+    next_sender: LinkSender | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    aborted: bool = False
+
+
+@dataclass
 class _Totals:
+    """Running sums for the stats subject (a window's values are the difference of two snapshots)."""
+
     micro_steps: int = 0
     items: int = 0
     compute_s: float = 0.0
     queue_wait_s: float = 0.0
     link_send_s: float = 0.0
     link_recv_s: float = 0.0
+    extra_s: float = 0.0
+    block_s: dict[int, float] = field(default_factory=dict)
+    block_steps: dict[int, int] = field(default_factory=dict)
+
+    def snapshot(self) -> _Totals:
+        return _Totals(**(vars(self) | {"block_s": dict(self.block_s), "block_steps": dict(self.block_steps)}))
+
+    def minus(self, last: _Totals) -> _Totals:
+        scalars = {f: getattr(self, f) - getattr(last, f) for f in _Totals.__dataclass_fields__
+                   if f not in ("block_s", "block_steps")}
+        return _Totals(**scalars,
+                       block_s={b: v - last.block_s.get(b, 0.0) for b, v in self.block_s.items()},
+                       block_steps={b: n - last.block_steps.get(b, 0) for b, n in self.block_steps.items()})
 
 
 class DitStageService(Service):
@@ -151,6 +204,10 @@ class DitStageService(Service):
         self._closing = False
         self._totals = _Totals()
         self._reported: collections.Counter[str] = collections.Counter()
+        self._maps: asyncio.Queue[BlockMap] = asyncio.Queue()
+        self._switch: _Switch | None = None
+        self._blockmap_kv: KV | None = None
+        self._kv_streams: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -163,6 +220,7 @@ class DitStageService(Service):
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
         self._tasks = [
             asyncio.create_task(self._watch_block_map(), name="blockmap"),
+            asyncio.create_task(self._apply_maps(), name="blockmap-apply"),
             asyncio.create_task(self._receive(), name="link-recv"),
             asyncio.create_task(self._stats(), name="stats"),
         ]
@@ -170,7 +228,7 @@ class DitStageService(Service):
         log.info("dit stage %s: tensor link on %s", self.stage_id, self.endpoint)
 
     async def drain(self) -> None:
-        """Finish the micro-step in flight, hand queued link frames to the socket, then close."""
+        """Finish the micro-step in flight, let the next stage read the queued link frames (1 s at most), then close."""
         self._closing = True
         self._wake.set()
         if self._compute_task is not None:
@@ -178,7 +236,7 @@ class DitStageService(Service):
                 await asyncio.wait_for(self._compute_task, 3.0)
         if self.sender is not None and self._link_ready.is_set():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.sender.flush(), 1.0)
+                await asyncio.wait_for(self.sender.acknowledged(), 1.0)
         if self.endpoints is not None:  # withdraw the endpoint: nobody should connect to a stopped stage
             with contextlib.suppress(Exception):
                 entry = await self.endpoints.get(self.stage_id)
@@ -218,7 +276,7 @@ class DitStageService(Service):
         assert self.bus is not None
         while True:
             try:
-                kv = await self.bus.kv(Buckets.BLOCKMAP, replicas=self.settings.nats.kv_replicas)
+                kv = self._blockmap_kv = await self.bus.kv(Buckets.BLOCKMAP, replicas=self.settings.nats.kv_replicas)
                 async for entry in kv.watch(BLOCKMAP_KEY):
                     if entry.value is not None:
                         await self._on_block_map(entry.value, entry.revision)
@@ -229,6 +287,8 @@ class DitStageService(Service):
             await asyncio.sleep(0.5)
 
     async def _on_block_map(self, value: bytes, revision: int) -> None:
+        """Queue a map for ``_apply_maps`` (maps apply in order; an online switch takes a while). A map that cannot
+        be an online switch ends a pending one at once: a hard epoch (e.g. a failure) must not wait for it."""
         try:
             bm = _decode_blockmap(value)
             bm.validate_cover()
@@ -236,12 +296,27 @@ class DitStageService(Service):
             DROPPED.labels(stage=self.stage_id, reason="bad_blockmap").inc()
             log.warning("block map revision %d refused: %s", revision, e)
             return
-        try:
-            await self._apply(bm)
-        except Exception:
-            log.exception("block map epoch %d could not be applied", bm.epoch)
+        sw = self._switch
+        if sw is not None and not sw.done.is_set() and offline_reason(sw.new, bm):
+            log.warning("stage %s: epoch %d (%s) replaces the pending switch to epoch %d", self.stage_id, bm.epoch,
+                        bm.reason, sw.new.epoch)
+            sw.aborted = True
+            sw.done.set()
+        self._maps.put_nowait(bm)
+
+    async def _apply_maps(self) -> None:
+        while True:
+            bm = await self._maps.get()
+            try:
+                await self._apply(bm)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("block map epoch %d could not be applied", bm.epoch)
 
     async def _apply(self, bm: BlockMap) -> None:
+        if self.block_map is not None and bm == self.block_map.model_copy(update={"created_at": bm.created_at}):
+            return  # the watch delivered the current map again
         ids = [s.stage_id for s in bm.stages]
         if self.stage_id not in ids:
             log.warning("stage %s is not in block map epoch %d; idle", self.stage_id, bm.epoch)
@@ -249,26 +324,34 @@ class DitStageService(Service):
             self.checks["weights"] = False
             await self._subscribe_inputs(False)
             return
+        if self.worker is None and joins_online(bm):
+            await self._join_online(bm)
+            return
+        why = offline_reason(self.block_map, bm) if self.worker is not None else "no blocks loaded"
+        if not why:
+            await self._switch_online(bm)
+            return
         idx = ids.index(self.stage_id)
         mine = bm.stages[idx]
         rng = (mine.block_start, mine.block_end)
-        if self.worker is None or rng != self.block_range or bm.num_blocks != self.worker.model.config.num_layers:
-            if self.worker is not None:  # moving KV shards between stages is the rebalancing issue's
-                log.warning("stage %s: blocks %s → %s under epoch %d; per-stream state is dropped",
-                            self.stage_id, self.block_range, rng, bm.epoch)
+        if self.worker is not None:
+            self.worker.abort_switch()
+        current = self.worker.model if self.worker is not None else None
+        if current is None or rng != current.block_range or bm.num_blocks != current.config.num_layers:
+            if self.worker is not None:  # a hard switch (docs/rebalance.md): the streams' state here is gone
+                log.warning("stage %s: blocks %s → %s under epoch %d (%s: %s); per-stream state is dropped",
+                            self.stage_id, self.worker.model.block_range, rng, bm.epoch, bm.reason, why)
             self.checks["weights"] = False
             model = await _in_daemon_thread(load_stage_model, self.settings, rng, bm.num_blocks)
-            self.worker = StageWorker(
-                model, window=self.cfg.kv_window, sink=self.cfg.sink, adaptive_threshold=self.cfg.adaptive_threshold,
-                max_batch_items=self.cfg.max_batch_items, max_queued_chunks=self.cfg.max_queued_chunks,
-            )
+            self.worker = self._make_worker(model)
             self.block_range = rng
             self.checks["weights"] = True
             log.info("stage %s: loaded blocks [%d, %d) of %d (epoch %d)", self.stage_id, *rng, bm.num_blocks,
                      bm.epoch)
         self.worker.epoch = bm.epoch
-        self.epoch = bm.epoch
-        self.block_map = bm
+        self._set_epoch(bm)
+        SWITCHES.labels(stage=self.stage_id, kind="hard").inc()
+        await self._announce_prepared(bm.epoch)
         await self._subscribe_inputs(self.worker.is_first)
         nxt = ids[(idx + 1) % len(ids)]
         if nxt != self.next_stage:
@@ -277,6 +360,140 @@ class DitStageService(Service):
                 self._connect_task.cancel()
             self._connect_task = asyncio.create_task(self._follow_endpoint(nxt), name="link-connect")
         self._wake.set()
+
+    def _make_worker(self, model: CausalWanDiT) -> StageWorker:
+        """The one place a stage's worker is built (a hard switch, or joining a running ring)."""
+        return StageWorker(
+            model, window=self.cfg.kv_window, sink=self.cfg.sink, adaptive_threshold=self.cfg.adaptive_threshold,
+            max_batch_items=self.cfg.max_batch_items, max_queued_chunks=self.cfg.max_queued_chunks,
+            move_frame_bytes=self.cfg.link_max_frame_bytes // 2,
+        )
+
+    def _set_epoch(self, bm: BlockMap) -> None:
+        self.epoch = bm.epoch
+        self.block_map = bm
+        EPOCH.labels(stage=self.stage_id).set(bm.epoch)
+
+    async def _announce_prepared(self, epoch: int) -> None:
+        """Record that this stage can run ``epoch`` (its blocks loaded): the first stage waits for every stage."""
+        try:
+            kv = self._blockmap_kv or await self.bus.kv(Buckets.BLOCKMAP, replicas=self.settings.nats.kv_replicas)
+            await kv.put(stage_prepared_key(self.stage_id), str(epoch).encode())
+        except Exception as e:  # the first stage then waits for its retry; correctness does not depend on it
+            log.warning("stage %s: could not announce epoch %d as prepared: %s", self.stage_id, epoch, e)
+
+    async def _switch_online(self, bm: BlockMap) -> None:
+        """Epoch e → e+1 with every old owner alive (docs/rebalance.md): load the new range while e runs, say so,
+        and (first stage) switch once every stage has; the worker moves the KV at the switch point."""
+        worker, old = self.worker, self.block_map
+        assert worker is not None and old is not None and self.bus is not None
+        sw = self._switch = _Switch(old, bm)
+        t0 = time.monotonic()
+        send, receive = stage_moves(old, bm, self.stage_id)
+        mine = next(s for s in bm.stages if s.stage_id == self.stage_id)
+        rng = (mine.block_start, mine.block_end)
+        model = worker.model
+        if rng != model.block_range:
+            model = await _in_daemon_thread(load_stage_model, self.settings, rng, bm.num_blocks)
+        for target in send:
+            endpoint = await self._endpoint_of(target, sw)
+            if sw.aborted:
+                break
+            sw.senders[target] = LinkSender(endpoint, max_frame_bytes=self.cfg.link_max_frame_bytes).start()
+        ids = [s.stage_id for s in bm.stages]
+        nxt = ids[(ids.index(self.stage_id) + 1) % len(ids)]
+        if nxt != self.next_stage and not sw.aborted:  # a stage joins after this one: re-link at the switch point
+            endpoint = await self._endpoint_of(nxt, sw)
+            if not sw.aborted:
+                sw.next_stage = nxt
+                sw.next_sender = LinkSender(endpoint, max_frame_bytes=self.cfg.link_max_frame_bytes).start()
+        if sw.aborted:
+            await self._end_switch(sw)
+            return
+        worker.prepare_switch(EpochChange(bm.epoch, model, self.stage_id, send, receive,
+                                          relink=sw.next_stage is not None))
+        log.info("stage %s: prepared epoch %d: blocks %s → %s, sends %s, receives %s", self.stage_id, bm.epoch,
+                 worker.model.block_range, rng, send, receive)
+        await self._announce_prepared(bm.epoch)
+        if worker.is_first:
+            await self._until_prepared(bm, sw)
+            if worker.change is not None and not sw.aborted:
+                worker.change.go = True
+                self._wake.set()
+        await sw.done.wait()
+        if not sw.aborted:
+            self.block_range = rng
+            self._set_epoch(bm)
+            SWITCHES.labels(stage=self.stage_id, kind="online").inc()
+            log.info("stage %s: epoch %d online after %.2f s", self.stage_id, bm.epoch, time.monotonic() - t0)
+        await self._end_switch(sw)
+
+    async def _join_online(self, bm: BlockMap) -> None:
+        """This stage is new to a running ring (reason ``join``): it loads its blocks, and their KV arrives from the
+        old owners at the switch point (docs/rebalance.md)."""
+        sw = self._switch = _Switch(bm, bm)
+        ids = [s.stage_id for s in bm.stages]
+        idx = ids.index(self.stage_id)
+        mine = bm.stages[idx]
+        rng = (mine.block_start, mine.block_end)
+        model = await _in_daemon_thread(load_stage_model, self.settings, rng, bm.num_blocks)
+        if sw.aborted:
+            await self._end_switch(sw)
+            return
+        worker = self._make_worker(model)
+        worker.epoch = bm.epoch - 1
+        worker.prepare_switch(EpochChange(bm.epoch, model, self.stage_id, joining=True))
+        self.worker = worker
+        self.block_range = rng
+        self.checks["weights"] = True
+        await self._subscribe_inputs(worker.is_first)
+        self.next_stage = ids[(idx + 1) % len(ids)]
+        self._connect_task = asyncio.create_task(self._follow_endpoint(self.next_stage), name="link-connect")
+        log.info("stage %s: joins at epoch %d with blocks [%d, %d)", self.stage_id, bm.epoch, *rng)
+        await self._announce_prepared(bm.epoch)
+        await sw.done.wait()
+        if not sw.aborted:
+            self._set_epoch(bm)
+            SWITCHES.labels(stage=self.stage_id, kind="online").inc()
+        await self._end_switch(sw)
+
+    async def _end_switch(self, sw: _Switch) -> None:
+        if sw.aborted and self.worker is not None:
+            self.worker.abort_switch()
+        if sw.aborted and sw.next_sender is not None:
+            await asyncio.to_thread(sw.next_sender.close)
+        for sender in sw.senders.values():
+            if not sw.aborted:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(sender.acknowledged(), 30.0)
+            await asyncio.to_thread(sender.close)
+        if self._switch is sw:
+            self._switch = None
+
+    async def _endpoint_of(self, stage_id: str, sw: _Switch) -> str:
+        assert self.endpoints is not None
+        while not sw.aborted:
+            entry = await self.endpoints.get(stage_id)
+            if entry is not None and entry.value:
+                return entry.value.decode(errors="replace")
+            await asyncio.sleep(0.1)
+        return ""
+
+    async def _until_prepared(self, bm: BlockMap, sw: _Switch) -> None:
+        """First stage: wait until every stage of ``bm`` has announced it can run it."""
+        kv = self._blockmap_kv
+        assert kv is not None
+        waiting = [s.stage_id for s in bm.stages]
+        while waiting and not sw.aborted:
+            entry = await kv.get(stage_prepared_key(waiting[0]))
+            try:
+                ready = entry is not None and int(entry.value.decode()) >= bm.epoch
+            except ValueError:
+                ready = False
+            if ready:
+                waiting.pop(0)
+            else:
+                await asyncio.sleep(0.05)
 
     async def _subscribe_inputs(self, first: bool) -> None:
         """Only the first stage takes latent chunks and prompts (a second consumer would return credit the
@@ -405,6 +622,7 @@ class DitStageService(Service):
             with frame:
                 msg = frame.message
                 self._totals.link_recv_s += frame.recv_seconds
+                LINK_TIME.labels(stage=self.stage_id, direction="recv").observe(frame.recv_seconds)
                 worker = self.worker
                 if worker is None:
                     DROPPED.labels(stage=self.stage_id, reason="no_block_map").inc()
@@ -412,6 +630,13 @@ class DitStageService(Service):
                 if isinstance(msg, StageItems) and not worker.is_first and _consistent(msg):
                     msg.hidden, msg.noisy = msg.hidden.clone(), msg.noisy.clone()  # the buffer goes back to the pool
                     worker.add_items(msg)
+                elif isinstance(msg, EpochSwitch) and not worker.is_first:
+                    worker.add_items(msg)
+                elif isinstance(msg, ShardMove | ShardMoveEnd) and msg.target == self.stage_id:
+                    if isinstance(msg, ShardMove):  # off the pool buffer, onto the device, off the event loop
+                        msg.tensors = await asyncio.to_thread(_to_device, msg.tensors, worker.model.device)
+                        MOVED_BYTES.labels(stage=self.stage_id, direction="in").inc(frame.nbytes)
+                    worker.add_shard_move(msg)
                 elif isinstance(msg, RingReturn) and worker.is_first and msg.latents.shape[0] == len(msg.items):
                     worker.add_return(msg)
                 elif isinstance(msg, StagePrompt) and not worker.is_first:
@@ -438,10 +663,16 @@ class DitStageService(Service):
                 if out is not None and out.task is not None:
                     out.task.cancel()
             step = worker.take() if worker is not None else None
+            sw = self._switch
+            if sw is not None and worker is not None and worker.change is None and worker.epoch == sw.new.epoch:
+                sw.done.set()  # the blocks this stage took over are merged: the switch is complete here
             if step is None:
                 await self._wake.wait()
                 continue
             assert worker is not None
+            if isinstance(step, SwitchStep):
+                await self._switch_point(worker, step)
+                continue
             try:
                 result = await asyncio.to_thread(worker.compute, step)
             except Exception:
@@ -449,23 +680,82 @@ class DitStageService(Service):
                 worker.dropped["compute_error"] += len(step.items)
                 log.exception("stage %s: micro-step of %d items failed; dropped", self.stage_id, len(step.items))
                 continue
+            self._account(step.queue_wait_s, {m.stream_id for m in step.items}, result)
             t = self._totals
-            t.micro_steps += 1
-            t.items += result.items
-            t.compute_s += result.compute_s
-            t.queue_wait_s += step.queue_wait_s * len(step.items)
-            MICRO_STEPS.labels(stage=self.stage_id).inc()
-            COMPUTE.labels(stage=self.stage_id).observe(result.compute_s)
             for message in result.link:
                 await self._link_ready.wait()
                 assert self.sender is not None
                 t0 = time.perf_counter()
                 await self.sender.send(message)
-                t.link_send_s += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                t.link_send_s += dt
+                LINK_TIME.labels(stage=self.stage_id, direction="send").observe(dt)
             for chunk in result.finished:
                 self._publish(chunk)
             self.streams = set(worker.streams)
             self._sync_drop_metrics(worker)
+
+    def _account(self, queue_wait_s: float, streams: set[str], result: StageOutput) -> None:
+        t = self._totals
+        t.micro_steps += 1
+        t.items += result.items
+        t.compute_s += result.compute_s
+        t.queue_wait_s += queue_wait_s * result.items
+        stage = self.stage_id
+        MICRO_STEPS.labels(stage=stage).inc()
+        COMPUTE.labels(stage=stage).observe(result.compute_s)
+        BATCH_ITEMS.labels(stage=stage).observe(result.items)
+        BATCH_STREAMS.labels(stage=stage).observe(len(streams))
+        if self.worker is not None and self.worker.is_first:
+            QUEUE_WAIT.labels(stage=stage).observe(queue_wait_s)
+        if result.times is not None:
+            t.extra_s += result.times.extra
+            EXTRA_COMPUTE.labels(stage=stage).observe(result.times.extra)
+            for b, sec in result.times.blocks.items():
+                t.block_s[b] = t.block_s.get(b, 0.0) + sec
+                t.block_steps[b] = t.block_steps.get(b, 0) + 1
+                BLOCK_COMPUTE.labels(stage=stage, block=str(b)).observe(sec)
+
+    async def _switch_point(self, worker: StageWorker, step: SwitchStep) -> None:
+        """This stage's last micro-step of the old epoch is done: ship the blocks it loses to their new owners,
+        pass the marker on (docs/rebalance.md)."""
+        sw = self._switch
+        try:
+            result = await asyncio.to_thread(worker.compute, step)
+        except Exception:
+            log.exception("stage %s: switch to epoch %d failed; abandoned (a hard epoch must follow)", self.stage_id,
+                          step.epoch)
+            worker.abort_switch()
+            if sw is not None:
+                sw.aborted = True
+                sw.done.set()
+            return
+        for move in result.moves:
+            sender = sw.senders.get(move.target) if sw is not None else None
+            if sender is None:
+                log.error("stage %s: no link to %s for its moved blocks", self.stage_id, move.target)
+                continue
+            try:
+                n = await sender.send(move)
+            except Exception as e:  # e.g. a tensor over the link's frame cap: the new owner counts the stream lost
+                log.error("stage %s: move to %s not sent: %s", self.stage_id, move.target, e)
+                continue
+            if isinstance(move, ShardMove):
+                MOVED_BYTES.labels(stage=self.stage_id, direction="out").inc(n)
+        for message in result.link:  # the marker, on the old link
+            await self._link_ready.wait()
+            assert self.sender is not None
+            await self.sender.send(message)
+        if sw is not None and sw.next_sender is not None and sw.next_stage is not None:
+            old, self.sender, self.next_stage = self.sender, sw.next_sender, sw.next_stage
+            sw.next_sender = None
+            if self._connect_task is not None:
+                self._connect_task.cancel()
+            self._connect_task = asyncio.create_task(self._follow_endpoint(self.next_stage), name="link-connect")
+            if old is not None:
+                self._tasks.append(asyncio.create_task(_close_when_acknowledged(old), name="link-close"))
+        self.streams = set(worker.streams)
+        self._wake.set()
 
     def _publish(self, chunk: LatentChunk) -> None:
         out = self._outputs.get(chunk.stream_id)
@@ -512,29 +802,53 @@ class DitStageService(Service):
         last = _Totals()
         while True:
             await asyncio.sleep(interval)
-            worker, bm, rng = self.worker, self.block_map, self.block_range
-            if worker is None or bm is None or rng is None or self.bus is None:
+            worker, bm = self.worker, self.block_map
+            if worker is None or bm is None or self.bus is None:
                 continue
             self._sync_drop_metrics(worker)
             now = self._totals
-            d = _Totals(*(getattr(now, f) - getattr(last, f) for f in _Totals.__dataclass_fields__))
-            last = _Totals(**vars(now))
+            d = now.minus(last)
+            last = now.snapshot()
             steps = max(d.micro_steps, 1)
-            nblocks = rng[1] - rng[0]
-            free = 0
-            if worker.model.device.type == "cuda":
-                free = torch.cuda.mem_get_info(worker.model.device)[0]
+            a, b = worker.model.block_range
+            try:
+                kv_bytes = worker.kv_bytes()
+            except RuntimeError:  # a switch point is splitting the shards in the compute thread: next window
+                continue
+            free = _free_memory(worker.model.device)
+            self._export_gauges(kv_bytes, free)
             stats = StageStats(
-                stage_id=self.stage_id, epoch=bm.epoch, block_start=rng[0], block_end=rng[1], window_s=interval,
-                micro_steps=d.micro_steps, block_ms=[1000 * d.compute_s / steps / nblocks] * nblocks,
+                stage_id=self.stage_id, epoch=worker.epoch, block_start=a, block_end=b, window_s=interval,
+                micro_steps=d.micro_steps,
+                block_ms=[1000 * d.block_s.get(i, 0.0) / max(d.block_steps.get(i, 0), 1) for i in range(a, b)],
+                extra_ms=1000 * d.extra_s / steps,
                 queue_wait_ms=1000 * d.queue_wait_s / max(d.items, 1), link_send_ms=1000 * d.link_send_s / steps,
                 link_recv_ms=1000 * d.link_recv_s / steps, batch_items=d.items / steps,
-                kv_bytes=worker.kv_bytes(), free_memory_bytes=free,
+                kv_bytes=kv_bytes, free_memory_bytes=free,
             )
             try:
                 await self.bus.publish(Subjects.stats(self.stage_id), stats)
             except Exception as e:
                 log.warning("stage stats not sent: %s", e)
+
+    def _export_gauges(self, kv_bytes: dict[str, int], free: int) -> None:
+        for stream_id, n in kv_bytes.items():
+            KV_BYTES.labels(stage=self.stage_id, stream=stream_id).set(n)
+        for gone in self._kv_streams - set(kv_bytes):
+            with contextlib.suppress(KeyError):
+                KV_BYTES.remove(self.stage_id, gone)
+        self._kv_streams = set(kv_bytes)
+        FREE_MEMORY.labels(stage=self.stage_id).set(free)
+
+
+def _free_memory(device: torch.device) -> int:
+    """Free memory of the stage's device: the GPU's, or the host's available memory on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 async def _in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
@@ -563,6 +877,16 @@ async def _in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
 
     threading.Thread(target=target, name="dit-stage-load", daemon=True).start()
     return await done
+
+
+async def _close_when_acknowledged(sender: LinkSender) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(sender.acknowledged(), 30.0)
+    await asyncio.to_thread(sender.close)
+
+
+def _to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: t.to(device, copy=True) for k, t in tensors.items()}
 
 
 def _decode_blockmap(data: bytes) -> BlockMap:

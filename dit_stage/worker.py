@@ -19,6 +19,11 @@ so the order is FIFO per slot — the only order stream-batch results depend on.
 
 The worker is not thread-safe: ``take``/``compute`` and state changes (``end_stream``) are serialised by the
 caller; the ``add_*`` methods only touch queues and may run while ``compute`` runs in another thread.
+
+An online rebalance (``prepare_switch``, docs/rebalance.md) switches the block map at a micro-step boundary: the
+first stage emits an ``EpochSwitch`` marker between two micro-steps, every stage runs the micro-steps before it
+under the old map and those after it under the new one, ships the blocks it loses (``ShardMove``, ring state
+included) when it reads the marker, and runs nothing of the new epoch before the blocks it gains have arrived.
 """
 
 from __future__ import annotations
@@ -31,13 +36,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dit_stage.kv_cache import KVCacheShard
 from dit_stage.model import CausalWanDiT
 from dit_stage.scheduler import FlowMatchScheduler, draw_noise
 from dit_stage.state import SlotItem, StreamDiTState
-from proto import LatentChunk, Message, RingItem, RingReturn, StageItems, StagePrompt
+from dit_stage.timing import BlockTimer, BlockTimes
+from proto import (
+    EpochSwitch,
+    LatentChunk,
+    Message,
+    RingItem,
+    RingReturn,
+    ShardLayout,
+    ShardMove,
+    ShardMoveEnd,
+    StageItems,
+    StagePrompt,
+)
 from proto.clock import segment_seed
 
-__all__ = ["Finished", "MicroStep", "StageOutput", "StageWorker"]
+__all__ = ["EpochChange", "Finished", "MicroStep", "StageOutput", "StageWorker", "SwitchStep"]
 
 log = logging.getLogger("rheo.dit_stage.worker")
 
@@ -94,13 +112,40 @@ class Finished:
 
 
 @dataclass
+class SwitchStep:
+    """The epoch switch point of this stage: everything before ran under the old epoch (docs/rebalance.md)."""
+
+    epoch: int
+    items: tuple[()] = ()
+    queue_wait_s: float = 0.0
+
+
+@dataclass
+class EpochChange:
+    """An online switch of this stage to block-map ``epoch`` (reasons rebalance and join; docs/rebalance.md)."""
+
+    epoch: int
+    model: CausalWanDiT  # this stage's blocks under the new epoch (the old model when its range is unchanged)
+    stage_id: str
+    send: dict[str, list[int]] = field(default_factory=dict)  # new owner → blocks this stage hands over
+    receive: dict[str, list[int]] = field(default_factory=dict)  # old owner → blocks this stage takes over
+    joining: bool = False  # a stage new to the ring: nothing of the old epoch here, every block arrives by move
+    relink: bool = False  # the next stage changes at the switch (a stage joined after this one)
+    go: bool = False  # first stage: every stage is prepared; switch at the next micro-step boundary
+    switched: bool = False  # this stage ran its last micro-step of the old epoch and shipped its moved blocks
+
+
+@dataclass
 class StageOutput:
-    """What a micro-step produced: messages for the next stage's link (in order) and finished chunks."""
+    """What a micro-step produced: messages for the next stage's link (in order), finished chunks, and on an epoch
+    switch the KV moves to other stages (``ShardMove``s, then a ``ShardMoveEnd`` per target)."""
 
     link: list[Message] = field(default_factory=list)
     finished: list[LatentChunk] = field(default_factory=list)
+    moves: list[ShardMove | ShardMoveEnd] = field(default_factory=list)
     items: int = 0
     compute_s: float = 0.0
+    times: BlockTimes | None = None
 
 
 class StageWorker:
@@ -115,6 +160,7 @@ class StageWorker:
         adaptive_threshold: float | None = 0.2,
         max_batch_items: int = 16,
         max_queued_chunks: int = 4,
+        move_frame_bytes: int = 32 * 1024 * 1024,
         shift: float = 8.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -122,15 +168,29 @@ class StageWorker:
         self.window, self.sink, self.adaptive_threshold = window, sink, adaptive_threshold
         self.max_batch_items = max_batch_items
         self.max_queued_chunks = max_queued_chunks
+        self.move_frame_bytes = move_frame_bytes  # a stream's moved KV goes in ShardMoves of at most this size
         self.scheduler = FlowMatchScheduler(shift=shift)
         self.clock = clock
-        self.epoch = 0
+        self._epoch = self._admit_from = 0
         self.streams: dict[str, _Stream] = {}
         self.successors: dict[str, _Stream] = {}  # first stage: a stream's next segment (after a `cut`), waiting
         self.prompts: dict[str, dict[int, torch.Tensor]] = {}
         self.forwarded: set[tuple[str, int]] = set()  # prompt versions already handed to the next stage
-        self.incoming: collections.deque[StageItems] = collections.deque()
+        self.incoming: collections.deque[StageItems | EpochSwitch] = collections.deque()
         self.dropped: collections.Counter[str] = collections.Counter()
+        self.change: EpochChange | None = None
+        self._moves: dict[tuple[int, str], dict[str, list[ShardMove]]] = {}  # (epoch, old owner) → stream → parts
+        self._move_ends: dict[tuple[int, str], ShardMoveEnd] = {}
+
+    @property
+    def epoch(self) -> int:
+        """The block-map epoch this stage's micro-steps run under. Setting it is a hard switch: items that entered
+        under an older epoch are stale (their KV may be gone); an online switch keeps them (``prepare_switch``)."""
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch = self._admit_from = value
 
     @property
     def is_first(self) -> bool:
@@ -222,7 +282,7 @@ class StageWorker:
         return True
 
     def _refuse_chunk(self, chunk: LatentChunk, now: float) -> str:
-        if chunk.epoch < self.epoch:
+        if chunk.epoch < self._admit_from:
             return "stale_epoch"
         if chunk.deadline <= now:
             return "deadline"
@@ -266,11 +326,203 @@ class StageWorker:
                 self.dropped["stale_segment"] += 1
                 continue
             latent = ret.latents[row : row + 1].to(self.model.device, copy=True)
-            st.returns.setdefault(meta.slot, collections.deque()).append(_Pending(meta, latent, now))
+            q = st.returns.setdefault(meta.slot, collections.deque())
+            q.append(_Pending(meta, latent, now))
+            if len(q) > 1 and (q[-2].meta.seq, q[-2].meta.step) > (meta.seq, meta.step):
+                # two last stages around a join: their returns may cross; a slot runs its chunks in order
+                st.returns[meta.slot] = collections.deque(sorted(q, key=lambda p: (p.meta.seq, p.meta.step)))
 
-    def add_items(self, msg: StageItems) -> None:
-        """Middle and last stages: queue a micro-step from the previous stage (run in arrival order)."""
+    def add_items(self, msg: StageItems | EpochSwitch) -> None:
+        """Middle and last stages: queue a micro-step (or the epoch switch marker) from the previous stage (run in
+        arrival order)."""
         self.incoming.append(msg)
+
+    def add_shard_move(self, msg: ShardMove | ShardMoveEnd) -> None:
+        """KV of blocks this stage takes over at an online switch (kept until the switch can use it)."""
+        key = (msg.epoch, msg.source)
+        if msg.epoch <= self._epoch and (self.change is None or self.change.epoch != msg.epoch):
+            self.dropped["stale_shard_move"] += 1
+            return
+        if isinstance(msg, ShardMove):
+            self._moves.setdefault(key, {}).setdefault(msg.stream_id, []).append(msg)
+        else:
+            self._move_ends[key] = msg
+
+    # ------------------------------------------------------------------ online epoch switch (docs/rebalance.md)
+    def prepare_switch(self, change: EpochChange) -> None:
+        """Register the next epoch (its model already loaded). The first stage switches once ``change.go`` is set;
+        the others when they read the first stage's ``EpochSwitch`` marker."""
+        if change.epoch <= self._epoch:
+            raise ValueError(f"epoch {change.epoch} is not after the current epoch {self._epoch}")
+        if change.model.config.num_layers != self.model.config.num_layers:
+            raise ValueError("an online switch keeps the model; its block count differs")
+        self.change = change
+        if change.joining:  # no old epoch to finish: wait for the moves only
+            if self.streams:
+                raise ValueError("a joining stage starts without streams")
+            self.model = change.model
+            self._epoch = change.epoch
+            change.switched = True
+
+    def abort_switch(self) -> None:
+        """Forget a prepared switch (a hard epoch replaces it)."""
+        self.change = None
+        self._moves.clear()
+        self._move_ends.clear()
+
+    def _at_switch(self, change: EpochChange) -> bool:
+        if self.is_first:
+            return change.go
+        i = self._next_incoming()
+        head = self.incoming[i] if i is not None else None
+        return isinstance(head, EpochSwitch) and head.epoch == change.epoch
+
+    def _next_incoming(self) -> int | None:
+        """Index of the next frame to run: the oldest micro-step of an epoch this stage has reached, or the
+        switch marker. Micro-steps of a later epoch (from a new predecessor, after a join) wait for the switch."""
+        i = 0
+        while i < len(self.incoming):
+            msg = self.incoming[i]
+            if isinstance(msg, EpochSwitch):
+                if msg.epoch > self._epoch:
+                    return i
+                del self.incoming[i]  # a marker of an epoch a hard switch has passed
+                continue
+            if msg.epoch <= self._epoch:
+                return i
+            i += 1
+        return None
+
+    def _switch_out(self, step: SwitchStep) -> StageOutput:
+        """The last micro-step of the old epoch is done here: ship the blocks this stage loses, take the new
+        model, pass the marker on."""
+        change = self.change
+        assert change is not None and change.epoch == step.epoch and not change.switched
+        i = self._next_incoming()
+        if i is not None and isinstance(self.incoming[i], EpochSwitch):
+            del self.incoming[i]
+        out = StageOutput()
+        streams = list(self.streams.values())  # a snapshot: add_chunk may open a stream meanwhile (it starts fresh)
+        for target, blocks in sorted(change.send.items()):
+            for st in streams:
+                out.moves.extend(self._export(st, change, target, blocks))
+            out.moves.append(ShardMoveEnd(epoch=change.epoch, source=change.stage_id, target=target,
+                                          blocks=list(blocks), streams=[st.stream_id for st in streams]))
+        previous = self._epoch
+        was_last = self.is_last
+        if change.relink:
+            self.forwarded.clear()  # the new next stage has none of the prompt embeddings
+        self.model = change.model
+        self._epoch = change.epoch  # items that entered under the previous epoch stay valid: their KV moves along
+        change.switched = True
+        if not was_last:  # on the old link: the old successor's last micro-step of the old epoch comes before it
+            out.link.append(EpochSwitch(epoch=change.epoch, previous=previous))
+        return out
+
+    def _export(self, st: _Stream, change: EpochChange, target: str, blocks: list[int]) -> list[ShardMove]:
+        """A stream's state for ``blocks`` (freed here), in parts of at most ``move_frame_bytes`` (one tensor per
+        part when a tensor alone is larger)."""
+        moved = st.shard_state.split_blocks(blocks)
+        tensors = {key: t.detach().cpu() for key, t in moved.shard.state_dict().items()}
+        for version, view in st.views.items():
+            for b in blocks:
+                if b in view.cross_k:
+                    tensors[f"cross_k.{version}.{b}"] = view.cross_k.pop(b).cpu()
+                    tensors[f"cross_v.{version}.{b}"] = view.cross_v.pop(b).cpu()
+        meta = moved.shard.meta()
+        layout = ShardLayout(**{k: meta[k] for k in ShardLayout.model_fields})
+        parts: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for key, t in tensors.items():
+            n = t.numel() * t.element_size()
+            if parts[-1] and size + n > self.move_frame_bytes:
+                parts.append({})
+                size = 0
+            parts[-1][key] = t
+            size += n
+        return [ShardMove(epoch=change.epoch, source=change.stage_id, target=target, stream_id=st.stream_id,
+                          blocks=list(blocks), latent_h=st.latent_hw[0], latent_w=st.latent_hw[1], layout=layout,
+                          tensors=part)
+                for part in parts]
+
+    def _finish_switch(self, change: EpochChange) -> bool:
+        """Merge the blocks this stage takes over once every old owner's moves are here; False while waiting.
+        A joining stage does not know the old map: it waits until the moves' ends cover its whole range."""
+        if change.joining:
+            ends = [e for (epoch, _), e in self._move_ends.items() if epoch == change.epoch]
+            if sorted(b for e in ends for b in e.blocks) != self.model.block_ids:
+                return False
+            change.receive = {e.source: list(e.blocks) for e in ends}
+            for sid in sorted({s for e in ends for s in e.streams}):
+                self._join_stream(change, sid)
+        elif any((change.epoch, src) not in self._move_ends for src in change.receive):
+            return False
+        for sid in list(self.streams):
+            st = self.streams[sid]
+            moves = [self._moves.get((change.epoch, src), {}).get(sid) for src in change.receive]
+            if any(not m for m in moves):
+                if any(st.shard_state.shard.frames_end):
+                    self._free(sid)  # its KV on the old owner is gone (the stream ended there): counted
+                    self.dropped["switch_lost"] += 1
+                    log.warning("stream %s: no KV for blocks %s at epoch %d; state dropped", sid,
+                                sorted(b for bs in change.receive.values() for b in bs), change.epoch)
+                else:  # nothing ran yet: fresh state for the new range
+                    st.shard_state = self.model.new_state(sid, st.steps, st.latent_hw, self.window, self.sink,
+                                                          self.adaptive_threshold)
+                    st.views.clear()
+                continue
+            for parts in moves:
+                assert parts
+                self._import(st, parts)
+            if st.shard_state.shard.blocks != self.model.block_ids:
+                raise RuntimeError(f"stream {sid}: blocks {st.shard_state.shard.blocks} after the switch to epoch "
+                                   f"{change.epoch}, expected {self.model.block_ids}")
+        for key in [k for k in self._moves if k[0] <= change.epoch]:
+            del self._moves[key]
+        for key in [k for k in self._move_ends if k[0] <= change.epoch]:
+            del self._move_ends[key]
+        self.change = None
+        log.info("epoch %d: blocks %s here", change.epoch, self.model.block_range)
+        return True
+
+    def _join_stream(self, change: EpochChange, stream_id: str) -> None:
+        """A joining stage's state for a stream it has never seen: empty shard of the moves' layout, and a view per
+        prompt version whose cross-attention K/V the moves carry for every block (the others are rebuilt from the
+        embedding the previous stage hands down before the next item of that version)."""
+        parts = [p for src in change.receive for p in self._moves.get((change.epoch, src), {}).get(stream_id, [])]
+        if not parts:
+            return
+        first = parts[0]
+        meta = first.layout.model_dump() | {"blocks": []}
+        shard = KVCacheShard.from_state(meta, {}, self.model.device)
+        st = _Stream(stream_id, first.layout.num_slots, (first.latent_h, first.latent_w),
+                     StreamDiTState(stream_id, shard), slot_next=[0] * first.layout.num_slots)
+        versions = {int(k.split(".")[1]) for p in parts for k in p.tensors if k.startswith("cross_k.")}
+        for v in sorted(versions)[-PROMPT_VERSIONS_KEPT:]:
+            st.views[v] = StreamDiTState(stream_id, shard, prompt_version=v)
+        self.streams[stream_id] = st
+
+    def _import(self, st: _Stream, parts: list[ShardMove]) -> None:
+        dev = self.model.device
+        move = parts[0]
+        if any(p.blocks != move.blocks or p.layout != move.layout for p in parts):
+            raise ValueError(f"stream {st.stream_id}: the parts of a shard move disagree on blocks or layout")
+        tensors = {k: t for p in parts for k, t in p.tensors.items()}
+        meta = move.layout.model_dump() | {"blocks": list(move.blocks)}
+        shard = {k: t for k, t in tensors.items() if not k.startswith("cross_")}
+        st.shard_state.shard.merge(KVCacheShard.from_state(meta, shard, dev))  # refuses other ring counters
+        for version, view in list(st.views.items()):
+            keys = [(f"cross_k.{version}.{b}", f"cross_v.{version}.{b}") for b in move.blocks]
+            if all(k in tensors and v in tensors for k, v in keys):
+                for b, (k, v) in zip(move.blocks, keys, strict=True):
+                    view.cross_k[b] = tensors[k].to(dev)
+                    view.cross_v[b] = tensors[v].to(dev)
+                continue
+            emb = self.prompts.get(st.stream_id, {}).get(version)
+            if emb is None:
+                del st.views[version]  # rebuilt when an item of that version comes (or counted as no_prompt)
+            else:
+                self.model.set_prompt(view, emb, version)
 
     def end_stream(self, stream_id: str) -> None:
         """Free everything this stage holds for a stream (its items still in flight will be dropped)."""
@@ -297,24 +549,34 @@ class StageWorker:
     def pending(self) -> int:
         """Items waiting at this stage."""
         if not self.is_first:
-            return sum(len(m.items) for m in self.incoming)
+            return sum(len(m.items) for m in self.incoming if isinstance(m, StageItems))
         return (sum(len(st.new) + sum(len(q) for q in st.returns.values()) for st in self.streams.values())
                 + sum(len(st.new) for st in self.successors.values()))
 
-    def take(self) -> MicroStep | None:
-        """The next micro-step to run, or None when nothing is ready."""
+    def take(self) -> MicroStep | SwitchStep | None:
+        """The next micro-step to run (or this stage's epoch switch), or None when nothing is ready."""
+        change = self.change
+        if change is not None:
+            if change.switched:
+                if not self._finish_switch(change):
+                    return None  # the new epoch waits for the blocks this stage takes over
+            elif self._at_switch(change):
+                return SwitchStep(change.epoch)
         return self._take_first() if self.is_first else self._take_next()
 
     def _take_next(self) -> MicroStep | None:
-        if not self.incoming:
-            return None
-        msg = self.incoming.popleft()
+        i = self._next_incoming()
+        if i is None or isinstance(self.incoming[i], EpochSwitch):
+            return None  # the marker waits for this stage's prepared switch
+        msg = self.incoming[i]
+        del self.incoming[i]
+        assert isinstance(msg, StageItems)
         return MicroStep(msg.epoch, list(msg.items), msg.hidden, msg.noisy)
 
     def _refuse_item(self, meta: RingItem, now: float) -> str:
         """Why a queued item must not enter the next micro-step (empty: it may). A prepare chunk that has begun
         always completes: without it the stream has no caches."""
-        if meta.step == 0 and meta.epoch < self.epoch:
+        if meta.step == 0 and meta.epoch < self._admit_from:
             return "stale_epoch"  # the block map changed while it was queued
         if meta.deadline <= now and not (meta.latent_start == 0 and meta.step > 0):
             return "deadline"
@@ -382,8 +644,10 @@ class StageWorker:
 
     # ------------------------------------------------------------------ running it
     @torch.no_grad()
-    def compute(self, step: MicroStep) -> StageOutput:
+    def compute(self, step: MicroStep | SwitchStep) -> StageOutput:
         """Run a micro-step through this stage's blocks; returns what goes on (link) and what finished."""
+        if isinstance(step, SwitchStep):
+            return self._switch_out(step)
         t0 = time.perf_counter()
         keep: list[int] = []
         slot_items: list[SlotItem] = []
@@ -410,7 +674,8 @@ class StageWorker:
         sigmas = [self.scheduler.sigma(float(m.timesteps[m.step])) for m in items] if self.is_last else None
         self.model.check_input(x, len(items), grid)
         batch = self.model.prepare_batch(slot_items, grid, sigmas)
-        y = self.model.run(x, batch, noisy if self.is_last else None)
+        timer = BlockTimer(dev)
+        y = self.model.run(x, batch, noisy if self.is_last else None, timer)
         for meta, it in zip(items, slot_items, strict=True):
             if meta.latent_start == 0 and meta.step == meta.steps - 1:
                 it.state.shard.replicate_slot(0)  # prepare done: every slot starts from its cache
@@ -419,13 +684,14 @@ class StageWorker:
         else:
             for meta in items:
                 key = (meta.stream_id, meta.prompt_version)
-                if key not in self.forwarded:
-                    emb = self.prompts[meta.stream_id][meta.prompt_version]
+                emb = self.prompts.get(meta.stream_id, {}).get(meta.prompt_version)
+                if key not in self.forwarded and emb is not None:  # (a joined stage may hold only cross K/V)
                     out.link.append(StagePrompt(stream_id=meta.stream_id, version=meta.prompt_version, embedding=emb))
                     self.forwarded.add(key)
             out.link.append(StageItems(epoch=step.epoch, items=items, hidden=y.contiguous(),
                                        noisy=noisy.contiguous()))
         out.items = len(items)
+        out.times = timer.collect()
         out.compute_s = time.perf_counter() - t0
         return out
 

@@ -9,6 +9,7 @@ from proto.messages import (
     BlockMap,
     Credit,
     EncodedVideo,
+    EpochSwitch,
     Error,
     FrameChunk,
     Heartbeat,
@@ -18,6 +19,9 @@ from proto.messages import (
     PromptUpdate,
     RingItem,
     RingReturn,
+    ShardLayout,
+    ShardMove,
+    ShardMoveEnd,
     StageAssignment,
     StageItems,
     StagePrompt,
@@ -29,7 +33,7 @@ from proto.messages import (
     decode,
     decode_with_headers,
 )
-from proto.subjects import CHANNELS, Buckets, InvalidToken, Subjects
+from proto.subjects import CHANNELS, Buckets, InvalidToken, Subjects, stage_prepared_key
 
 __all__ = [
     "CHANNELS",
@@ -40,6 +44,7 @@ __all__ = [
     "Buckets",
     "Credit",
     "EncodedVideo",
+    "EpochSwitch",
     "Error",
     "FrameChunk",
     "Heartbeat",
@@ -52,6 +57,9 @@ __all__ = [
     "ProtocolError",
     "RingItem",
     "RingReturn",
+    "ShardLayout",
+    "ShardMove",
+    "ShardMoveEnd",
     "StageAssignment",
     "StageItems",
     "StagePrompt",
@@ -63,4 +71,5 @@ __all__ = [
     "VideoUnit",
     "decode",
     "decode_with_headers",
+    "stage_prepared_key",
 ]

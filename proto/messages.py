@@ -352,10 +352,63 @@ class StagePrompt(Message):
     embedding: Tensor = Field(description="[L, D] umT5 embedding")
 
 
+class EpochSwitch(Message):
+    """In-band marker on the stage chain at an online rebalance: every micro-step before it ran under ``previous``,
+    every one after it runs under ``epoch`` (docs/rebalance.md). A stage that reads it has run its last micro-step
+    of ``previous``, so it ships the blocks it loses and forwards the marker."""
+
+    epoch: int = Field(ge=1)
+    previous: int = Field(ge=0)
+
+
+class ShardLayout(BaseModel):
+    """The ring layout and counters of a KV shard (``KVCacheShard.meta()`` minus its block list)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    num_slots: int = Field(ge=1)
+    window: int = Field(ge=1)
+    sink: int = Field(ge=0)
+    tokens_per_frame: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    dtype: str
+    adaptive_threshold: float | None
+    frames_end: list[int] = Field(description="one past the highest frame written, per slot (ring counters)")
+
+
+class ShardMove(Message):
+    """One stream's state for blocks that change owner at an online rebalance, old owner → new owner, sent after
+    the old owner's last micro-step of the old epoch (docs/rebalance.md). Ring state travels with the keys."""
+
+    epoch: int = Field(ge=1, description="the epoch the blocks move into")
+    source: str = Field(min_length=1, max_length=128, description="old owner (stage id)")
+    target: str = Field(min_length=1, max_length=128, description="new owner (stage id)")
+    stream_id: StreamId
+    blocks: list[int]
+    latent_h: int = Field(ge=1, description="the stream's latent height (a joining stage builds its state from it)")
+    latent_w: int = Field(ge=1, description="the stream's latent width")
+    layout: ShardLayout
+    tensors: dict[str, Tensor] = Field(
+        description="per block b: k.b, v.b [slots, window·S, H, D], frame_pos.b [slots, window] (which frame each "
+                    "ring slot holds: the write/evict state), sink_k.b, sink_v.b (adaptive sinks); per prompt "
+                    "version p: cross_k.p.b, cross_v.p.b [1, L, H, D]")
+
+
+class ShardMoveEnd(Message):
+    """Closes the moves from ``source`` to ``target`` for ``epoch``: the streams whose ShardMove was sent."""
+
+    epoch: int = Field(ge=1)
+    source: str = Field(min_length=1, max_length=128)
+    target: str = Field(min_length=1, max_length=128)
+    blocks: list[int] = Field(description="the blocks moved (a joining stage waits until the ends cover its range)")
+    streams: list[str]
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (StreamSpec, LatentChunk, FrameChunk, PromptUpdate, Heartbeat, StageStats, BlockMap, Error, Ack,
-                Credit, StreamRecord, EncodedVideo, StreamEvent, StageItems, RingReturn, StagePrompt)
+                Credit, StreamRecord, EncodedVideo, StreamEvent, StageItems, RingReturn, StagePrompt, EpochSwitch,
+                ShardMove, ShardMoveEnd)
 }
 
 M = TypeVar("M", bound=Message)
@@ -408,6 +461,7 @@ __all__ = [
     "BlockMap",
     "Credit",
     "EncodedVideo",
+    "EpochSwitch",
     "Error",
     "FrameChunk",
     "Heartbeat",
@@ -419,6 +473,9 @@ __all__ = [
     "RingItem",
     "RingReturn",
     "Role",
+    "ShardLayout",
+    "ShardMove",
+    "ShardMoveEnd",
     "StageAssignment",
     "StageItems",
     "StagePrompt",

@@ -167,3 +167,9 @@ class Buckets:
     PROMPTS = "rheo-prompts"
 
     ALL = (STREAMS, BLOCKMAP, ENDPOINTS, CONTROLLER, PROMPTS)
+
+
+def stage_prepared_key(stage_id: str) -> str:
+    """Key in ``Buckets.BLOCKMAP`` where a DiT stage records the newest epoch it is prepared to run (weights of its
+    new range loaded): the first stage starts an online rebalance only once every stage has (docs/rebalance.md)."""
+    return f"prepared.{token(stage_id, 'stage id')}"

@@ -23,8 +23,8 @@ CONFIG = StreamBatchConfig(steps=2, noise_scale=NOISE_SCALE, kv_window=5, sink=2
 SPLITS = {1: [(0, 3)], 2: [(0, 2), (2, 3)], 3: [(0, 1), (1, 2), (2, 3)]}
 
 
-def full_model() -> CausalWanDiT:
-    return make_tiny_dit(WEIGHT_SEED, NUM_BLOCKS, torch.float32)
+def full_model(num_blocks: int = NUM_BLOCKS) -> CausalWanDiT:
+    return make_tiny_dit(WEIGHT_SEED, num_blocks, torch.float32)
 
 
 def stage_models(n: int) -> list[CausalWanDiT]:
@@ -57,9 +57,9 @@ def chunk_message(stream_id: str, c: int, z: torch.Tensor, *, epoch: int = 0, de
 
 
 def reference(streams: dict[str, tuple[int, torch.Tensor, list[torch.Tensor]]],
-              config: StreamBatchConfig = CONFIG) -> dict[str, list[torch.Tensor]]:
+              config: StreamBatchConfig = CONFIG, num_blocks: int = NUM_BLOCKS) -> dict[str, list[torch.Tensor]]:
     """StreamBatchRunner's finished chunks per stream ({id: (seed, prompt, latents)}), all streams side by side."""
-    runner = StreamBatchRunner([full_model()], config)
+    runner = StreamBatchRunner([full_model(num_blocks)], config)
     out: dict[str, list[torch.Tensor]] = {s: [] for s in streams}
     for s, (seed, ctx, zs) in streams.items():
         runner.open_stream(s, seed, ctx[None], zs[0].shape[-2:])

@@ -179,3 +179,29 @@ async def test_cut_connections_lose_and_duplicate_nothing() -> None:
         producer.cancel()
         sender.close()
         listener.close()
+
+
+async def test_a_sender_closed_once_acknowledged_loses_nothing() -> None:
+    """``acknowledged`` returns once the peer has read every frame, so closing right after (a shard move's
+    connection at an epoch switch) cannot reset the connection under frames still in flight."""
+    listener, sender = await _pair(buffers=1)
+    got: list[int] = []
+
+    async def consume() -> None:
+        for _ in range(12):
+            with await listener.recv(timeout=10) as frame:
+                got.append(frame.message.version)
+            await asyncio.sleep(0.01)
+
+    consumer = asyncio.create_task(consume())
+    try:
+        for i in range(12):
+            await sender.send(_msg(i, 256 * 1024))
+        await asyncio.wait_for(sender.acknowledged(), 10)
+        sender.close()
+        await asyncio.wait_for(consumer, 10)
+        assert got == list(range(12))
+    finally:
+        consumer.cancel()
+        sender.close()
+        listener.close()
