@@ -34,6 +34,7 @@ from prometheus_client import Counter, Histogram
 
 from dit_stage.loading import find_causal_checkpoint, load_dit, resolve_device, resolve_dtype
 from dit_stage.model import CausalWanDiT, make_tiny_dit
+from dit_stage.timed import make_stage_worker
 from dit_stage.worker import StageWorker
 from proto import (
     CHANNELS,
@@ -258,8 +259,9 @@ class DitStageService(Service):
                             self.stage_id, self.block_range, rng, bm.epoch)
             self.checks["weights"] = False
             model = await _in_daemon_thread(load_stage_model, self.settings, rng, bm.num_blocks)
-            self.worker = StageWorker(
-                model, window=self.cfg.kv_window, sink=self.cfg.sink, adaptive_threshold=self.cfg.adaptive_threshold,
+            self.worker = make_stage_worker(
+                self.cfg, model, window=self.cfg.kv_window, sink=self.cfg.sink,
+                adaptive_threshold=self.cfg.adaptive_threshold,
                 max_batch_items=self.cfg.max_batch_items, max_queued_chunks=self.cfg.max_queued_chunks,
             )
             self.block_range = rng
@@ -524,9 +526,10 @@ class DitStageService(Service):
             free = 0
             if worker.model.device.type == "cuda":
                 free = torch.cuda.mem_get_info(worker.model.device)[0]
+            measured = worker.block_ms() if hasattr(worker, "block_ms") else None  # the timed stand-in's model
             stats = StageStats(
                 stage_id=self.stage_id, epoch=bm.epoch, block_start=rng[0], block_end=rng[1], window_s=interval,
-                micro_steps=d.micro_steps, block_ms=[1000 * d.compute_s / steps / nblocks] * nblocks,
+                micro_steps=d.micro_steps, block_ms=measured or [1000 * d.compute_s / steps / nblocks] * nblocks,
                 queue_wait_ms=1000 * d.queue_wait_s / max(d.items, 1), link_send_ms=1000 * d.link_send_s / steps,
                 link_recv_ms=1000 * d.link_recv_s / steps, batch_items=d.items / steps,
                 kv_bytes=worker.kv_bytes(), free_memory_bytes=free,

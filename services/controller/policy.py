@@ -15,7 +15,10 @@ from typing import Literal
 from proto import StreamSpec
 from proto.clock import ChunkClock
 
-__all__ = ["AdmissionDecision", "RebalancePolicy", "RebalanceVerdict", "decide_admission", "stream_items_per_s"]
+__all__ = [
+    "AdmissionDecision", "RebalancePolicy", "RebalanceVerdict", "admission_key", "decide_admission",
+    "stream_items_per_s",
+]
 
 Verdict = Literal["hold", "pending", "cooldown", "act"]
 
@@ -96,3 +99,8 @@ def decide_admission(spec: StreamSpec, admitted: dict[str, float], item_ms: floa
     detail = (f"{need:.1f} items/s for {len(others) + 1} streams vs {capacity:.1f} sustainable "
               f"({headroom:.0%} of the slowest stage {bottleneck or '?'} at {item_ms:.1f} ms per item)")
     return AdmissionDecision(ok, detail if ok else f"no capacity: {detail}", need, capacity)
+
+
+def admission_key(stream_id: str) -> str:
+    """Where the controller keeps its last admission answer for a stream (``rheo-controller`` bucket), for the API."""
+    return f"admission.{stream_id}"

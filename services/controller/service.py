@@ -49,7 +49,7 @@ from services.bus import KV
 from services.controller.costmodel import CostModel
 from services.controller.leader import KubernetesLease, KVLeaderLock, LeaderLock, in_cluster
 from services.controller.partition import PartitionProblem, Split, Stage, best_split, evaluate, even_split
-from services.controller.policy import RebalancePolicy, decide_admission, stream_items_per_s
+from services.controller.policy import RebalancePolicy, admission_key, decide_admission, stream_items_per_s
 from services.runtime import Service, main
 
 log = logging.getLogger("rheo.controller")
@@ -453,11 +453,6 @@ class ControllerService(Service):
             await self.bus.publish(Subjects.stream_error(spec.stream_id), reply)
 
 
-def admission_key(stream_id: str) -> str:
-    """Where the last admission answer for a stream is kept (``rheo-controller`` bucket), for the API."""
-    return f"admission.{stream_id}"
-
-
 def _current(bm: BlockMap) -> dict[str, tuple[int, int]]:
     return {s.stage_id: (s.block_start, s.block_end) for s in bm.stages}
 
@@ -470,7 +465,7 @@ def _ranges(bm: BlockMap) -> str:
     return ", ".join(f"{s.stage_id}=[{s.block_start},{s.block_end})" for s in bm.stages)
 
 
-__all__ = ["ControllerService", "LostLeadership", "Member", "admission_key", "block_weight_bytes"]
+__all__ = ["ControllerService", "LostLeadership", "Member", "block_weight_bytes"]
 
 if __name__ == "__main__":
     sys.exit(main(ControllerService))
