@@ -5,7 +5,8 @@ clocks, a noisy neighbour) times the block's intrinsic cost; one epoch cannot te
 block is measured by one stage only. The estimate is a least-squares fit in log space,
 ``log m[s, b] = log speed[s] + log cost[b]``, over an EWMA per (stage, block) with three rules:
 
-- only windows that ran micro-steps (``micro_steps > 0``) and belong to the current epoch update the EWMAs;
+- only windows that ran micro-steps (``micro_steps > 0``) and belong to the current epoch update the EWMAs, from
+  each stage's second window of the epoch on (its first may mix micro-steps of the previous range);
   observations from earlier epochs stay, with a lower weight, and are what separates speed from cost once blocks
   have moved between stages;
 - a weak prior pulls block costs towards each other (Wan's blocks are identical in shape), so within one epoch a
@@ -74,11 +75,16 @@ class CostModel:
     _extra: dict[str, tuple[str, _Ewma]] = field(default_factory=dict)  # "first"/"last" → (stage, ms)
     reports: dict[str, StageReport] = field(default_factory=dict)
     ignored: int = 0
+    _labelled: dict[str, int] = field(default_factory=dict)  # stage → epoch of its last window
 
     def observe(self, stats: StageStats, epoch: int, now: float, *, first: bool, last: bool) -> bool:
-        """Take one stats window; False (ignored) when it is idle, of another epoch or inconsistent."""
+        """Take one stats window; False (ignored) when it is idle, of another epoch, inconsistent, or the first a
+        stage labels with a new epoch (it may straddle the change: micro-steps of the old range, reported against
+        the new one)."""
         n = stats.block_end - stats.block_start
-        if (stats.epoch != epoch or stats.micro_steps <= 0 or n <= 0 or len(stats.block_ms) != n
+        straddles = self._labelled.get(stats.stage_id) != stats.epoch
+        self._labelled[stats.stage_id] = stats.epoch
+        if (straddles or stats.epoch != epoch or stats.micro_steps <= 0 or n <= 0 or len(stats.block_ms) != n
                 or stats.block_end > self.num_blocks
                 or not all(math.isfinite(x) and x > 0 for x in stats.block_ms)
                 or not math.isfinite(stats.extra_ms) or stats.extra_ms < 0):

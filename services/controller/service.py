@@ -131,12 +131,13 @@ class ControllerService(Service):
         self._task = asyncio.create_task(self._leadership(), name="leadership")
 
     async def drain(self) -> None:
+        """Stop leading and free the lock at once, so a standby takes over without waiting for it to expire."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
-        if self.leader and self.lock is not None:
-            await self.lock.release()
+        if self.lock is not None:
+            await self.lock.release()  # a no-op unless this controller holds it
         self._set_leader(False)
 
     def _set_leader(self, leading: bool) -> None:
@@ -157,7 +158,6 @@ class ControllerService(Service):
                 await asyncio.sleep(0.5)
                 continue
             log.info("%s leads", self.member_id)
-            self._set_leader(True)
             try:
                 await self._lead()
             except LostLeadership as e:
@@ -183,6 +183,8 @@ class ControllerService(Service):
         await self.bus.publish(Subjects.blockmap(), self.block_map)
         self._admission_sub = await self.bus.subscribe(Subjects.admission(), self._on_admission,
                                                        expected=StreamSpec)
+        await self.bus.nc.flush()
+        self._set_leader(True)  # only now: the map is resumed or written and admission is answered
         self._lead_started = time.monotonic()
         renewed = time.monotonic()
         tick = min(0.2, self.cfg.heartbeat_miss_s / 5)

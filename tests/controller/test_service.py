@@ -30,6 +30,7 @@ async def test_failure_join_and_restart_epochs(nats_settings: NatsSettings, bus:
     assert ranges(bm) == EVEN and bm.reason == "initial"
     e0 = bm.epoch
 
+    await eventually(lambda: set(svc.members) >= set(IDS))  # heard once (never heard: startup_grace_s applies)
     members.pause("dit-1")  # dit-1 stops heartbeating: dead after heartbeat_miss_s
     t0 = time.monotonic()
     await eventually(lambda: svc.block_map.epoch == e0 + 1, timeout=15)
