@@ -133,6 +133,7 @@ class KubernetesLease:
     """The lock as a Kubernetes Lease (the in-cluster choice). The client is synchronous: calls run in a thread."""
 
     NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
     def __init__(self, name: str, holder: str, ttl_s: float, namespace: str | None = None, api: Any = None,
                  clock: Any = time.monotonic) -> None:

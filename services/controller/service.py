@@ -120,9 +120,11 @@ class ControllerService(Service):
         replicas = self.settings.nats.kv_replicas
         self._kv = await self.bus.kv(Buckets.BLOCKMAP, history=8, replicas=replicas)
         self._state_kv = await self.bus.kv(Buckets.CONTROLLER, replicas=replicas)
-        if in_cluster():
+        if in_cluster() and KubernetesLease.TOKEN_FILE.is_file():
             self.lock = KubernetesLease(self.cfg.lease_name, self.member_id, self.cfg.lease_ttl_s)
         else:
+            if in_cluster():
+                log.warning("in a cluster without a service-account token: leader election uses the KV lock")
             self.lock = KVLeaderLock(self._state_kv, self.member_id, self.cfg.lease_ttl_s)
         await self.bus.subscribe(CHANNELS["ctl_heartbeat"].wildcard(), self._on_heartbeat, expected=Heartbeat)
         await self.bus.subscribe(CHANNELS["ctl_stats"].wildcard(), self._on_stats, expected=StageStats)

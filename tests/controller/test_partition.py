@@ -102,13 +102,3 @@ def test_unequal_blocks_and_memory_limits() -> None:
                                        bytes_per_block=1.0)) is None
     with pytest.raises(ValueError, match="at least one"):
         best_split(PartitionProblem([1.0], [Stage("a"), Stage("b")]))
-
-
-def test_even_split_is_contiguous_and_covers_every_block() -> None:
-    for blocks, n in [(30, 1), (30, 2), (30, 4), (40, 3), (3, 3), (31, 4)]:
-        stages = even_split(blocks, [f"dit-{i}" for i in range(n)])
-        BlockMap(epoch=1, num_blocks=blocks, stages=stages).validate_cover()
-        sizes = [s.block_end - s.block_start for s in stages]
-        assert max(sizes) - min(sizes) <= 1
-    with pytest.raises(ValueError, match="at least one"):
-        even_split(2, ["a", "b", "c"])
