@@ -60,15 +60,18 @@ async def test_timed_stages_rebalance_fail_and_rejoin(nats_settings: NatsSetting
             beats[hb.member_id] = time.monotonic()
 
     sub = await bus.subscribe(CHANNELS["ctl_heartbeat"].wildcard(), on_beat, expected=Heartbeat)
-    settings = controller_settings(nats_settings, rebalance_sustain_s=1.0, rebalance_cooldown_s=2.0)
+    # three stage processes starting on a loaded 2-core machine may take long to start and stall for over 1.5 s
+    settings = controller_settings(nats_settings, rebalance_sustain_s=1.0, rebalance_cooldown_s=2.0,
+                                   heartbeat_miss_s=3.0, startup_grace_s=300.0)
     settings.dit_stage.stats_interval_s = 0.25
     svc = await controllers.start(settings)
     await eventually(lambda: svc.block_map is not None)
-    e0 = svc.block_map.epoch
     procs = {s: _stage(nats_settings, s, tmp_path) for s in ids}
     feeder: asyncio.Task[None] | None = None
     try:
         await eventually(lambda: set(beats) >= set(ids), timeout=90)
+        assert svc.block_map.reason == "initial", svc.decisions
+        e0 = svc.block_map.epoch
 
         async def feed() -> None:  # one stream at ~8 chunks/s, under the epoch current when each chunk is sent
             emb = prompt(2)
