@@ -104,6 +104,8 @@ class ControllerService(Service):
         self._kv: KV | None = None
         self._state_kv: KV | None = None
         self._bm_revision: int | None = None
+        self._seen_map: BlockMap | None = None
+        """The latest map published by whoever leads (a standby keeps its cost model warm with it)."""
         self._lead_started = 0.0
         self._admission_sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
@@ -126,6 +128,9 @@ class ControllerService(Service):
             if in_cluster():
                 log.warning("in a cluster without a service-account token: leader election uses the KV lock")
             self.lock = KVLeaderLock(self._state_kv, self.member_id, self.cfg.lease_ttl_s)
+        with contextlib.suppress(Exception):  # a standby's view of the map, for its cost model
+            self._seen_map = await self._kv.get_message(BLOCKMAP_KEY, BlockMap)
+        await self.bus.subscribe(Subjects.blockmap(), self._on_block_map, expected=BlockMap)
         await self.bus.subscribe(CHANNELS["ctl_heartbeat"].wildcard(), self._on_heartbeat, expected=Heartbeat)
         await self.bus.subscribe(CHANNELS["ctl_stats"].wildcard(), self._on_stats, expected=StageStats)
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
@@ -290,8 +295,12 @@ class ControllerService(Service):
         return [m for m in self.members.values()
                 if now - m.last_seen <= budget and (role is None or m.role == role)]
 
+    async def _on_block_map(self, bm: BlockMap, _raw: object) -> None:
+        if self._seen_map is None or bm.epoch >= self._seen_map.epoch:
+            self._seen_map = bm
+
     async def _on_stats(self, stats: StageStats, _raw: object) -> None:
-        bm = self.block_map
+        bm = self.block_map if self.leader else self._seen_map
         if bm is None:
             return
         ids = [s.stage_id for s in bm.stages]

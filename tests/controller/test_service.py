@@ -74,6 +74,10 @@ async def test_leader_takeover_after_kill_and_after_stop(nats_settings: NatsSett
         await eventually(lambda: True)
         epoch = (await current_map(bus)).epoch
         b = await controllers.start(settings, "ctl-b")
+        for _ in range(2):  # a standby follows the leader's map and the stages' stats: it takes over warm
+            for st in stats_for(await current_map(bus), {}):
+                await bus.publish(Subjects.stats(st.stage_id), st)
+        await eventually(lambda: set(b.cost.reports) == set(IDS))
         await asyncio.sleep(2 * ttl)
         assert not b.leader, "a standby must not lead while the leader renews"
         proc.send_signal(signal.SIGKILL)
