@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/dit.py
 	$(PY) bench/media.py
 	$(PY) bench/pipeline_local.py
+	$(PY) bench/rebalance.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
