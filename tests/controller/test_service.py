@@ -177,6 +177,9 @@ async def test_advisory_mode_decides_the_same_without_applying(nats_settings: Na
         decision = next(d for d in svc.decisions if d["kind"] == "rebalance")
         decisions[advisory] = {k: decision[k] for k in ("map", "now_ms", "best_ms", "gain")}
         assert decision["applied"] is not advisory
+        if not advisory:
+            await eventually(lambda svc=svc, e0=e0: svc.block_map.epoch == e0 + 1)  # decided, then written
+        await asyncio.sleep(0.3)
         assert svc.block_map.epoch == (e0 if advisory else e0 + 1)
         await controllers.stop(svc)
         await (await bus.kv(Buckets.BLOCKMAP, history=8)).delete("current")
