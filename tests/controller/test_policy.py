@@ -141,3 +141,35 @@ def test_kubernetes_lease_bodies() -> None:
     assert taken.spec.holder_identity == "ctl-b" and taken.spec.acquire_time == t1
     assert taken.spec.lease_transitions == 1
     assert isinstance(taken, client.V1Lease)
+
+
+def test_the_controller_builds_memory_limits_from_stage_stats() -> None:
+    """Free memory + what a stage holds now bounds its blocks; weights and KV per block come from the config and
+    the stats (a CPU stage reports 0 free bytes: unknown, unlimited)."""
+    from dit_stage.config import WanDiTConfig
+    from proto import BlockMap
+    from services.config import Settings
+    from services.controller.partition import even_split
+    from services.controller.service import ControllerService, block_weight_bytes
+
+    svc = ControllerService(Settings(controller={"stages": 2, "num_blocks": 30}, model={"preset": "1.3b"}))
+    svc.block_map = BlockMap(epoch=3, num_blocks=30, stages=even_split(30, ["dit-0", "dit-1"]))
+    weights = block_weight_bytes(WanDiTConfig.t2v_1_3b(), 2)
+    assert 80e6 < weights < 100e6  # 1.3B: ~46 M parameters per block in bf16
+    free_b = 2**28
+    for sid, (a, b), free in (("dit-0", (0, 15), 0), ("dit-1", (15, 30), free_b)):
+        st = StageStats(stage_id=sid, epoch=3, block_start=a, block_end=b, window_s=1.0, micro_steps=4,
+                        block_ms=[10.0 * (2.0 if sid == "dit-0" else 1.0)] * 15, kv_bytes={"s": 15 * 2**20},
+                        free_memory_bytes=free)
+        _observe(svc.cost, st, 3, 0.0, first=sid == "dit-0", last=sid == "dit-1")
+    problem = svc._problem(["dit-0", "dit-1"])
+    per_block = weights + 2**20
+    assert problem.bytes_per_block == pytest.approx(per_block)
+    assert problem.stages[0].memory_bytes == float("inf")
+    assert problem.stages[1].memory_bytes == pytest.approx((free_b + 15 * per_block) * 0.9)
+    split = best_split(problem)
+    # dit-0 is twice as slow and would hand blocks to dit-1, but dit-1 can hold no more than its memory allows
+    unconstrained = best_split(PartitionProblem(problem.block_ms, [Stage(s.stage_id, s.speed) for s in problem.stages]))
+    assert unconstrained.ranges[1][1] - unconstrained.ranges[1][0] == 20
+    held = split.ranges[1][1] - split.ranges[1][0]
+    assert held == int(problem.stages[1].memory_bytes // per_block) < 20
