@@ -386,6 +386,8 @@ class IngestService(Service):
             return ""
         except (nats.errors.TimeoutError, TimeoutError):
             return "the controller did not answer admission in time; retry"
+        except nats.errors.Error as e:  # connection closed or draining (shutdown)
+            return f"cannot reach the controller ({type(e).__name__}); retry"
         except ProtocolError as e:
             return f"malformed admission answer ({e}); retry"
         return reply.message if isinstance(reply, Error) else ""
