@@ -30,6 +30,7 @@ class TimedStageWorker(StageWorker):
         self.timed_block_ms, self.timed_item_ms, self.slowdown = block_ms, item_ms, slowdown
         self._window_ms = 0.0
         self._window_steps = 0
+        self.micro_steps = 0
 
     @property
     def num_blocks(self) -> int:
@@ -49,6 +50,7 @@ class TimedStageWorker(StageWorker):
         out.compute_s = time.perf_counter() - t0
         self._window_ms += per_block
         self._window_steps += 1
+        self.micro_steps += 1
         return out
 
     def block_ms(self) -> list[float] | None:
