@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/media.py
 	$(PY) bench/pipeline_local.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/rebalance.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

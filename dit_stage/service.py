@@ -36,6 +36,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from dit_stage.loading import find_causal_checkpoint, load_dit, resolve_device, resolve_dtype
 from dit_stage.model import CausalWanDiT, make_tiny_dit
 from dit_stage.rebalance import joins_online, offline_reason, stage_moves
+from dit_stage.timed import make_stage_worker
 from dit_stage.worker import EpochChange, StageOutput, StageWorker, SwitchStep
 from proto import (
     CHANNELS,
@@ -362,9 +363,10 @@ class DitStageService(Service):
         self._wake.set()
 
     def _make_worker(self, model: CausalWanDiT) -> StageWorker:
-        """The one place a stage's worker is built (a hard switch, or joining a running ring)."""
-        return StageWorker(
-            model, window=self.cfg.kv_window, sink=self.cfg.sink, adaptive_threshold=self.cfg.adaptive_threshold,
+        """The one place a stage's worker is built (a hard switch, or joining a running ring); the timed stand-in
+        when ``dit_stage.timed_block_ms`` is set."""
+        return make_stage_worker(
+            self.cfg, model, window=self.cfg.kv_window, sink=self.cfg.sink, adaptive_threshold=self.cfg.adaptive_threshold,
             max_batch_items=self.cfg.max_batch_items, max_queued_chunks=self.cfg.max_queued_chunks,
             move_frame_bytes=self.cfg.link_max_frame_bytes // 2,
         )

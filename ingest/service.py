@@ -408,11 +408,27 @@ class IngestService(Service):
         if record is None:
             return Decision(False, "unknown stream key")
         spec = record.spec
-        problem = self._unservable(spec) or self._prompt_problem(record.spec.prompt)
+        problem = self._unservable(spec) or self._prompt_problem(spec.prompt) or await self._admission(spec)
         if problem:
             return Decision(False, f"stream {spec.stream_id}: {problem}")
         self._specs[spec.stream_id] = spec
         return Decision(True, stream_id=spec.stream_id, shape=StreamShape(spec.width, spec.height, spec.fps))
+
+    async def _admission(self, spec: StreamSpec) -> str:
+        """The controller's refusal reason, or "" when the stream may start (no controller deployed: admitted)."""
+        assert self.bus is not None
+        try:
+            reply = await self.bus.request(Subjects.admission(), spec, timeout=self.settings.ingest.admission_timeout_s)
+        except nats.errors.NoRespondersError:
+            log.warning("stream %s: no controller answers admission; admitted", spec.stream_id)
+            return ""
+        except (nats.errors.TimeoutError, TimeoutError):
+            return "the controller did not answer admission in time; retry"
+        except nats.errors.Error as e:  # connection closed or draining (shutdown)
+            return f"cannot reach the controller ({type(e).__name__}); retry"
+        except ProtocolError as e:
+            return f"malformed admission answer ({e}); retry"
+        return reply.message if isinstance(reply, Error) else ""
 
     def _unservable(self, spec: StreamSpec) -> str:
         ing = self.settings.ingest

@@ -117,6 +117,9 @@ class IngestSettings(Section):
     max_height: int = Field(1080, gt=0, description="tallest input video accepted")
     chunk_queue_depth: int = Field(4, ge=1, description="chunks queued per stream before the oldest is dropped")
     replay_chunks: int = Field(8, ge=0, description="latent chunks kept per stream for replay after a failure")
+    admission_timeout_s: float = Field(
+        2.0, gt=0, description="wait for the controller's admission answer at RTMP publish (no controller: admit)"
+    )
     stream_linger_s: float = Field(
         10.0, ge=0, description="how long a disconnected stream waits for its publisher to reconnect before it ends"
     )
@@ -195,11 +198,60 @@ class DitStageSettings(Section):
     stats_interval_s: float = Field(2.0, gt=0, description="period of the StageStats this stage publishes")
     tiny_seed: int = Field(0, ge=0, description="weight seed of the tiny random DiT (when model.model_dir is unset)")
     link_max_frame_bytes: int = Field(64 * MiB, gt=0, description="largest tensor-link frame sent or accepted")
+    timed_block_ms: float | None = Field(
+        None, ge=0, description="timed stand-in mode for controller and scale tests: each micro-step takes this "
+        "many ms per owned block (plus timed_item_ms per item), sleeping after the real model (null: normal mode)"
+    )
+    timed_item_ms: float = Field(0.0, ge=0, description="timed mode: extra ms per block per item of a micro-step")
+    slowdown: float = Field(
+        1.0, gt=0, description="timed mode: multiplies the modelled time (a knob to slow one stage)"
+    )
 
 
 class ControllerSettings(Section):
     stages: int = Field(2, ge=1, description="DiT stages per pipeline (the block map splits the blocks among them)")
+    num_blocks: int | None = Field(
+        None, ge=1, description="DiT blocks the block map splits (null: the model preset's; set for tiny test models)"
+    )
     heartbeat_miss_s: float = Field(1.5, gt=0, description="a member silent this long is declared dead")
+    startup_grace_s: float = Field(
+        20.0, gt=0, description="a stage in the map never heard from since this controller began leading is "
+        "declared dead after this long"
+    )
+    rejoin_settle_s: float = Field(
+        1.0, ge=0, description="a stage outside the map must heartbeat this long before a join epoch includes it"
+    )
+    mode: Literal["static", "adaptive"] = Field(
+        "adaptive", description="static: even block maps only; adaptive: rebalance from measured stage times"
+    )
+    advisory: bool = Field(
+        False, description="compute and log rebalance and admission decisions without applying them "
+        "(failure and join epochs always apply)"
+    )
+    rebalance_gain_threshold: float = Field(
+        0.1, ge=0, lt=1, description="rebalance only when the slowest stage would get at least this much faster"
+    )
+    rebalance_sustain_s: float = Field(
+        3.0, ge=0, description="the predicted gain must hold this long before a rebalance"
+    )
+    rebalance_cooldown_s: float = Field(
+        10.0, ge=0, description="no rebalance sooner than this after any block-map change"
+    )
+    memory_headroom: float = Field(
+        0.1, ge=0, lt=1, description="fraction of a stage's reported memory the partitioner leaves free"
+    )
+    admission_prior_streams: int = Field(
+        4, ge=0, description="streams admitted while no stage has reported timing yet (the capacity prior)"
+    )
+    admission_headroom: float = Field(
+        0.9, gt=0, le=1, description="fraction of the measured pipeline capacity admission may fill"
+    )
+    lease_ttl_s: float = Field(
+        5.0, gt=0, description="a leader that has not renewed its lock for this long is replaced by a standby"
+    )
+    lease_name: str = Field(
+        "rheo-controller", description="name of the Kubernetes Lease (in-cluster) for leader election"
+    )
 
 
 class GatewaySettings(Section):

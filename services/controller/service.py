@@ -1,30 +1,70 @@
-"""The controller service (v1: static even block map, membership, admission).
+"""The controller service: block maps under epochs, failure and join, online rebalancing, admission, one leader.
 
-Subscribes: ``rheo.ctl.heartbeat.*`` (membership), ``rheo.ctl.admission`` (may a stream start?).
-Publishes: the block map under an epoch, in the ``rheo-blockmap`` KV bucket (key ``current``) and on
-``rheo.ctl.blockmap``. Its state lives in KV, so a restarted controller resumes the same map and epoch without
-disturbing running stages.
+Subscribes (every instance, so a standby is warm): ``rheo.ctl.heartbeat.*`` (membership), ``rheo.ctl.stats.*``
+(the cost model), stream events and errors (admitted streams ending). The leader alone also answers
+``rheo.ctl.admission`` and writes the block map: ``rheo-blockmap`` KV key ``current`` (revision-checked, so a
+deposed leader cannot overwrite its successor's map), also published on ``rheo.ctl.blockmap``.
+
+Epochs (docs/controller.md): ``initial`` (first start or a configuration change), ``failure`` (a stage in the map
+went silent for ``heartbeat_miss_s``: the survivors take its blocks), ``join`` (a configured stage outside the
+map heartbeats again), ``rebalance`` (the policy found a split with a sustained predicted gain). State lives in KV
+(``rheo-controller``: the leader lock, ``state``, ``admission.<stream>``), so a restarted or new leader resumes
+the same epoch without disturbing running stages.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from prometheus_client import Gauge
+import nats.errors
+import nats.js.errors
+from nats.aio.subscription import Subscription
+from prometheus_client import Counter, Gauge
 
 from dit_stage.config import WanDiTConfig
-from proto import CHANNELS, Ack, BlockMap, Buckets, Error, Heartbeat, StreamSpec, Subjects
+from proto import (
+    CHANNELS,
+    Ack,
+    BlockMap,
+    Buckets,
+    Error,
+    Heartbeat,
+    StageAssignment,
+    StageStats,
+    StreamEvent,
+    StreamSpec,
+    Subjects,
+)
+from proto.messages import BlockMapReason
 from services.bus import KV
-from services.controller.partition import even_split
+from services.controller.costmodel import CostModel
+from services.controller.leader import KubernetesLease, KVLeaderLock, LeaderLock, in_cluster
+from services.controller.partition import PartitionProblem, Split, Stage, best_split, evaluate, even_split
+from services.controller.policy import RebalancePolicy, admission_key, decide_admission, stream_items_per_s
 from services.runtime import Service, main
 
 log = logging.getLogger("rheo.controller")
 
 MEMBERS = Gauge("rheo_controller_members", "members heard from within the miss budget", ["role"])
+EPOCH = Gauge("rheo_controller_epoch", "block-map epoch the leader published or resumed")
+LEADER = Gauge("rheo_controller_leader", "1 while this controller holds the leader lock")
+EPOCHS = Counter("rheo_controller_epochs_total", "block-map epochs published", ["reason"])
+DECISIONS = Counter("rheo_controller_decisions_total", "rebalance and admission decisions", ["kind", "result"])
 BLOCKMAP_KEY = "current"
+STATE_KEY = "state"
+
+
+class LostLeadership(RuntimeError):
+    """Another controller holds the lock or wrote the block map: stop acting."""
 
 
 @dataclass
@@ -33,72 +73,412 @@ class Member:
     role: str
     ready: bool
     last_seen: float
+    alive_since: float
+    """Start of the current run of heartbeats (reset after a silence longer than the miss budget)."""
+
+
+def block_weight_bytes(cfg: WanDiTConfig, dtype_bytes: int) -> int:
+    """Weights of one DiT block: self- and cross-attention (q, k, v, o), the FFN, norms and modulation."""
+    d = cfg.dim
+    return dtype_bytes * (8 * (d * d + d) + 2 * d * cfg.ffn_dim + d + cfg.ffn_dim + 6 * d + 4 * d)
 
 
 class ControllerService(Service):
     role = "controller"
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.cfg = self.settings.controller
         self.members: dict[str, Member] = {}
         self.block_map: BlockMap | None = None
+        self.leader = False
+        self.cost = CostModel(self.num_blocks())
+        self.policy = RebalancePolicy(self.cfg.rebalance_gain_threshold, self.cfg.rebalance_sustain_s,
+                                      self.cfg.rebalance_cooldown_s)
+        self.admitted: dict[str, float] = {}
+        """Admitted streams → ring items per second they need."""
+        self.item_ms: float | None = None
+        self.bottleneck = ""
+        self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=512)
+        self.lock: LeaderLock | None = None
         self._kv: KV | None = None
+        self._state_kv: KV | None = None
+        self._bm_revision: int | None = None
+        self._seen_map: BlockMap | None = None
+        """The latest map published by whoever leads (a standby keeps its cost model warm with it)."""
+        self._lead_started = 0.0
+        self._admission_sub: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def num_blocks(self) -> int:
-        return WanDiTConfig.named(self.settings.model.preset).num_layers
+        return self.cfg.num_blocks or WanDiTConfig.named(self.settings.model.preset).num_layers
 
     def stage_ids(self) -> list[str]:
-        return [f"dit-{i}" for i in range(self.settings.controller.stages)]
+        return [f"dit-{i}" for i in range(self.cfg.stages)]
 
+    # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         assert self.bus is not None
-        self._kv = await self.bus.kv(Buckets.BLOCKMAP, history=8)
+        replicas = self.settings.nats.kv_replicas
+        self._kv = await self.bus.kv(Buckets.BLOCKMAP, history=8, replicas=replicas)
+        self._state_kv = await self.bus.kv(Buckets.CONTROLLER, replicas=replicas)
+        if in_cluster() and KubernetesLease.TOKEN_FILE.is_file():
+            self.lock = KubernetesLease(self.cfg.lease_name, self.member_id, self.cfg.lease_ttl_s)
+        else:
+            if in_cluster():
+                log.warning("in a cluster without a service-account token: leader election uses the KV lock")
+            self.lock = KVLeaderLock(self._state_kv, self.member_id, self.cfg.lease_ttl_s)
+        with contextlib.suppress(Exception):  # a standby's view of the map, for its cost model
+            self._seen_map = await self._kv.get_message(BLOCKMAP_KEY, BlockMap)
+        await self.bus.subscribe(Subjects.blockmap(), self._on_block_map, expected=BlockMap)
+        await self.bus.subscribe(CHANNELS["ctl_heartbeat"].wildcard(), self._on_heartbeat, expected=Heartbeat)
+        await self.bus.subscribe(CHANNELS["ctl_stats"].wildcard(), self._on_stats, expected=StageStats)
+        await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
+        await self.bus.subscribe(CHANNELS["stream_error"].wildcard(), self._on_stream_error, expected=Error)
+        self._task = asyncio.create_task(self._leadership(), name="leadership")
+
+    async def drain(self) -> None:
+        """Stop leading and free the lock at once, so a standby takes over without waiting for it to expire."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self.lock is not None:
+            await self.lock.release()  # a no-op unless this controller holds it
+        self._set_leader(False)
+
+    def _set_leader(self, leading: bool) -> None:
+        self.leader = leading
+        LEADER.set(1 if leading else 0)
+
+    async def _leadership(self) -> None:
+        assert self.lock is not None
+        while True:
+            try:
+                if not await self.lock.try_acquire():
+                    await asyncio.sleep(min(0.5, self.lock.ttl_s / 4))
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the store is unreachable: try again
+                log.warning("controller lock: %s", e)
+                await asyncio.sleep(0.5)
+                continue
+            log.info("%s leads", self.member_id)
+            try:
+                await self._lead()
+            except LostLeadership as e:
+                log.error("%s: %s", self.member_id, e)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("controller failed while leading; standing down")
+            finally:
+                self._set_leader(False)
+                if self._admission_sub is not None:
+                    with contextlib.suppress(Exception):
+                        await self._admission_sub.unsubscribe()
+                    self._admission_sub = None
+            await asyncio.sleep(min(0.5, self.lock.ttl_s / 4))
+
+    async def _lead(self) -> None:
+        assert self.bus is not None and self.lock is not None
+        await self._load_state()
         self.block_map = await self._ensure_block_map()
         self.epoch = self.block_map.epoch
+        EPOCH.set(self.epoch)
         await self.bus.publish(Subjects.blockmap(), self.block_map)
-        await self.bus.subscribe(CHANNELS["ctl_heartbeat"].wildcard(), self._on_heartbeat, expected=Heartbeat)
-        await self.bus.subscribe(Subjects.admission(), self._on_admission, expected=StreamSpec)
+        self._admission_sub = await self.bus.subscribe(Subjects.admission(), self._on_admission,
+                                                       expected=StreamSpec)
+        await self.bus.nc.flush()
+        self._set_leader(True)  # only now: the map is resumed or written and admission is answered
+        self._lead_started = time.monotonic()
+        renewed = time.monotonic()
+        tick = min(0.2, self.cfg.heartbeat_miss_s / 5)
+        while True:
+            now = time.monotonic()
+            if now - renewed >= self.lock.ttl_s / 3:
+                if not await self.lock.renew():
+                    raise LostLeadership("the controller lock could not be renewed")
+                renewed = now
+            await self._tick(now)
+            await asyncio.sleep(tick)
+
+    # ------------------------------------------------------------------ state in KV
+    async def _load_state(self) -> None:
+        assert self._state_kv is not None
+        entry = await self._state_kv.get(STATE_KEY)
+        if entry is None or not entry.value:
+            return
+        try:
+            state = json.loads(entry.value)
+            self.admitted = {str(k): float(v) for k, v in state.get("admitted", {}).items()}
+            self.item_ms = state.get("item_ms")
+            self.bottleneck = state.get("bottleneck", "")
+            ago = time.time() - float(state.get("last_change_at", 0.0))
+            if ago < self.cfg.rebalance_cooldown_s:
+                self.policy.note_change(time.monotonic() - max(ago, 0.0))
+        except (ValueError, TypeError, AttributeError) as e:
+            log.warning("ignored unreadable controller state: %s", e)
+
+    async def _save_state(self, changed_at: float | None = None) -> None:
+        assert self._state_kv is not None
+        prev = await self._state_kv.get(STATE_KEY)
+        last = 0.0
+        if prev is not None and prev.value:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                last = float(json.loads(prev.value).get("last_change_at", 0.0))
+        state = {"admitted": self.admitted, "item_ms": self.item_ms, "bottleneck": self.bottleneck,
+                 "last_change_at": changed_at if changed_at is not None else last,
+                 "last_decision": self.decisions[-1] if self.decisions else None}
+        await self._state_kv.put(STATE_KEY, json.dumps(state).encode())
 
     async def _ensure_block_map(self) -> BlockMap:
-        """Keep the stored map when it still fits the configuration (a restart); else publish epoch + 1."""
+        """Keep the stored map when it still fits the configuration (a restart, a new leader); else a new epoch."""
         assert self._kv is not None
-        current = await self._kv.get_message(BLOCKMAP_KEY, BlockMap)
+        entry = await self._kv.get(BLOCKMAP_KEY)
+        current = None
+        if entry is not None and entry.value:
+            current = await self._kv.get_message(BLOCKMAP_KEY, BlockMap)
+            self._bm_revision = entry.revision
         ids = self.stage_ids()
-        if current is not None and current.num_blocks == self.num_blocks() and \
-                [s.stage_id for s in current.stages] == ids:
-            log.info("resuming block map epoch %d", current.epoch)
+        stored = [s.stage_id for s in current.stages] if current else []
+        if current is not None and current.num_blocks == self.num_blocks() and stored and \
+                all(s in ids for s in stored) and stored == sorted(stored, key=ids.index):
+            log.info("resuming block map epoch %d (%s)", current.epoch, _ranges(current))
             return current
         new = BlockMap(epoch=(current.epoch + 1) if current else 1, num_blocks=self.num_blocks(),
-                       stages=even_split(self.num_blocks(), ids), created_at=time.time())
-        new.validate_cover()
-        await self._kv.put(BLOCKMAP_KEY, new)
-        log.info("block map epoch %d: %s", new.epoch,
-                 ", ".join(f"{s.stage_id}=[{s.block_start},{s.block_end})" for s in new.stages))
+                       stages=even_split(self.num_blocks(), ids), created_at=time.time(), reason="initial")
+        await self._write_map(new)
         return new
 
-    async def _on_heartbeat(self, hb: Heartbeat, _raw) -> None:
-        self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.ready, time.monotonic())
-        budget = self.settings.controller.heartbeat_miss_s
+    async def _write_map(self, new: BlockMap) -> None:
+        assert self._kv is not None
+        new.validate_cover()
+        try:
+            if self._bm_revision is None:
+                self._bm_revision = await self._kv.create(BLOCKMAP_KEY, new)
+            else:
+                self._bm_revision = await self._kv.update(BLOCKMAP_KEY, new, last=self._bm_revision)
+        except nats.js.errors.KeyWrongLastSequenceError as e:
+            raise LostLeadership(f"the block map changed under this controller (epoch {new.epoch} not written)") \
+                from e
+        EPOCHS.labels(reason=new.reason).inc()
+        EPOCH.set(new.epoch)
+        log.info("block map epoch %d (%s): %s", new.epoch, new.reason, _ranges(new))
+
+    async def _publish_map(self, stages: list[StageAssignment], reason: BlockMapReason) -> None:
+        assert self.bus is not None and self.block_map is not None
+        new = BlockMap(epoch=self.block_map.epoch + 1, num_blocks=self.block_map.num_blocks, stages=stages,
+                       created_at=time.time(), reason=reason)
+        await self._write_map(new)
+        self.block_map = new
+        self.epoch = new.epoch
+        self.policy.note_change(time.monotonic())
+        await self.bus.publish(Subjects.blockmap(), new)
+        await self._save_state(changed_at=time.time())
+
+    # ------------------------------------------------------------------ inputs
+    async def _on_heartbeat(self, hb: Heartbeat, _raw: object) -> None:
         now = time.monotonic()
+        budget = self.cfg.heartbeat_miss_s
+        old = self.members.get(hb.member_id)
+        alive_since = old.alive_since if old is not None and now - old.last_seen <= budget else now
+        self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.ready, now, alive_since)
         for role in {m.role for m in self.members.values()}:
             MEMBERS.labels(role=role).set(sum(1 for m in self.members.values()
                                               if m.role == role and now - m.last_seen <= budget))
 
     def live_members(self, role: str | None = None) -> list[Member]:
-        budget = self.settings.controller.heartbeat_miss_s
+        budget = self.cfg.heartbeat_miss_s
         now = time.monotonic()
         return [m for m in self.members.values()
                 if now - m.last_seen <= budget and (role is None or m.role == role)]
 
-    async def _on_admission(self, spec: StreamSpec, raw) -> None:
+    async def _on_block_map(self, bm: BlockMap, _raw: object) -> None:
+        if self._seen_map is None or bm.epoch >= self._seen_map.epoch:
+            self._seen_map = bm
+
+    async def _on_stats(self, stats: StageStats, _raw: object) -> None:
+        bm = self.block_map if self.leader else self._seen_map
+        if bm is None:
+            return
+        ids = [s.stage_id for s in bm.stages]
+        if stats.stage_id not in ids:
+            return
+        i = ids.index(stats.stage_id)
+        self.cost.observe(stats, bm.epoch, time.monotonic(), first=i == 0, last=i == len(ids) - 1)
+
+    async def _on_event(self, event: StreamEvent, _raw: object) -> None:
+        if event.kind == "ended":
+            await self._release(event.stream_id)
+
+    async def _on_stream_error(self, err: Error, _raw: object) -> None:
+        if err.code == "stream_deleted" and err.stream_id:
+            await self._release(err.stream_id)
+
+    async def _release(self, stream_id: str) -> None:
+        if self.admitted.pop(stream_id, None) is not None and self.leader:
+            await self._save_state()
+
+    # ------------------------------------------------------------------ the leader's loop
+    async def _tick(self, now: float) -> None:
+        await self._membership(now)
+        self._refresh_capacity(now)
+        if self.cfg.mode == "adaptive":
+            await self._rebalance(now)
+
+    async def _membership(self, now: float) -> None:
+        """Failure and join epochs (always applied: they keep the ring whole)."""
+        assert self.block_map is not None
+        ids = self.stage_ids()
+        in_map = [s.stage_id for s in self.block_map.stages]
+        budget = self.cfg.heartbeat_miss_s
+        failed = []
+        for sid in in_map:
+            m = self.members.get(sid)
+            if m is None:
+                if now - self._lead_started > self.cfg.startup_grace_s:
+                    failed.append(sid)
+            elif now - m.last_seen > budget:
+                failed.append(sid)
+        joined = [sid for sid in ids if sid not in in_map and (m := self.members.get(sid)) is not None
+                  and now - m.last_seen <= budget and now - m.alive_since >= self.cfg.rejoin_settle_s]
+        if not failed and not joined:
+            return
+        members = [sid for sid in ids if (sid in in_map and sid not in failed) or sid in joined]
+        if not members:
+            return  # nobody to give the blocks to: keep the map, its stages may come back
+        if len(members) > self.block_map.num_blocks:
+            return
+        reason: BlockMapReason = "failure" if failed else "join"
+        stages = self._split(members)
+        self._record({"kind": reason, "failed": failed, "joined": joined, "map": _pairs(stages), "applied": True})
+        log.warning("stages %s: %s; new epoch over %s", reason, failed or joined, members)
+        await self._publish_map(stages, reason)
+
+    def _split(self, members: list[str]) -> list[StageAssignment]:
+        """Blocks over ``members``: the cost-aware optimum when there is an estimate, else even."""
+        assert self.block_map is not None
+        if self.cfg.mode == "adaptive":
+            problem = self._problem(members)
+            if problem is not None:
+                split = best_split(problem, _current(self.block_map))
+                if split is not None:
+                    return split.assignments(members)
+                log.error("no split of %d blocks over %s fits their memory; splitting evenly",
+                          self.block_map.num_blocks, members)
+        return even_split(self.block_map.num_blocks, members)
+
+    def _problem(self, members: list[str]) -> PartitionProblem | None:
+        assert self.block_map is not None
+        est = self.cost.estimate(self.block_map.epoch)
+        if est is None:
+            return None
+        dtype = self.settings.model.dtype
+        weights = block_weight_bytes(WanDiTConfig.named(self.settings.model.preset), 4 if dtype == "float32" else 2)
+        reports = [r for r in self.cost.reports.values() if r.epoch == self.block_map.epoch]
+        kv_per_block = max((r.kv_bytes / (r.block_end - r.block_start) for r in reports), default=0.0)
+        per_block = weights + kv_per_block
+        stages = []
+        for sid in members:
+            r = self.cost.reports.get(sid)
+            memory = math.inf
+            if r is not None and r.free_memory_bytes > 0:
+                memory = (r.free_memory_bytes + (r.block_end - r.block_start) * per_block) \
+                    * (1 - self.cfg.memory_headroom)
+            stages.append(Stage(sid, est.speed.get(sid, 1.0), memory))
+        return PartitionProblem(est.block_ms, stages, est.first_extra_ms, est.last_extra_ms, per_block)
+
+    def _refresh_capacity(self, now: float) -> None:
+        """The slowest stage's measured ms per item, once every stage of the map reported in this epoch."""
+        assert self.block_map is not None
+        ids = [s.stage_id for s in self.block_map.stages]
+        reports = [self.cost.reports.get(s) for s in ids]
+        if not all(r is not None and r.epoch == self.block_map.epoch for r in reports):
+            return
+        per_item = {r.stage_id: r.step_ms / max(r.batch_items, 1.0) for r in reports if r is not None}
+        self.bottleneck = max(per_item, key=per_item.__getitem__)
+        self.item_ms = per_item[self.bottleneck]
+
+    async def _rebalance(self, now: float) -> None:
+        assert self.block_map is not None
+        bm = self.block_map
+        ids = [s.stage_id for s in bm.stages]
+        max_age = 2.5 * self.settings.dit_stage.stats_interval_s
+        now_split: Split | None = None
+        best: Split | None = None
+        if self.cost.fresh(ids, bm.epoch, now, max_age):
+            problem = self._problem(ids)
+            if problem is not None:
+                now_split = evaluate(problem, [(s.block_start, s.block_end) for s in bm.stages])
+                best = best_split(problem, _current(bm))
+        verdict = self.policy.decide(now_split.bottleneck_ms if now_split else None,
+                                     best.bottleneck_ms if best else None, now)
+        if verdict.verdict != "act":
+            return
+        assert now_split is not None and best is not None
+        stages = best.assignments(ids)
+        applied = not self.cfg.advisory
+        self._record({"kind": "rebalance", "epoch": bm.epoch, "gain": round(verdict.gain, 4),
+                      "now_ms": round(now_split.bottleneck_ms, 3), "best_ms": round(best.bottleneck_ms, 3),
+                      "map": _pairs(stages), "applied": applied})
+        DECISIONS.labels(kind="rebalance", result="applied" if applied else "advisory").inc()
+        if applied:
+            await self._publish_map(stages, "rebalance")
+        else:
+            self.policy.note_change(now)  # what an applied change would have done: no decision per tick
+            await self._save_state()
+
+    def _record(self, decision: dict[str, Any]) -> None:
+        decision = {"at": time.time(), "advisory": self.cfg.advisory, **decision}
+        self.decisions.append(decision)
+        log.info("decision: %s", json.dumps(decision, sort_keys=True))
+
+    # ------------------------------------------------------------------ admission
+    async def _on_admission(self, spec: StreamSpec, raw: Any) -> None:
         assert self.bus is not None
+        reply: Ack | Error
         if spec.width % 16 or spec.height % 16:
             reply = Error(code="bad_size", message=f"{spec.width}x{spec.height} is not a multiple of 16",
                           stream_id=spec.stream_id)
+            await self.bus.respond(raw, reply)
+            return
+        d = decide_admission(spec, self.admitted, self.item_ms, headroom=self.cfg.admission_headroom,
+                             prior_streams=self.cfg.admission_prior_streams, bottleneck=self.bottleneck)
+        applied = not self.cfg.advisory
+        self._record({"kind": "admission", "stream_id": spec.stream_id, "admit": d.admit, "reason": d.reason,
+                      "need": round(d.need_items_per_s, 3), "applied": applied})
+        DECISIONS.labels(kind="admission", result=("admit" if d.admit else "refuse") + ("" if applied else
+                                                                                          "_advisory")).inc()
+        if d.admit or not applied:
+            self.admitted[spec.stream_id] = stream_items_per_s(spec)
+            detail = d.reason if d.admit else f"advisory: would refuse: {d.reason}"
+            reply = Ack(ref=spec.stream_id, detail=f"epoch {self.epoch}; {detail}")
         else:
-            reply = Ack(ref=spec.stream_id, detail=f"epoch {self.epoch}")
+            reply = Error(code="no_capacity", message=d.reason, stream_id=spec.stream_id)
         await self.bus.respond(raw, reply)
+        assert self._state_kv is not None
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self._state_kv.put(admission_key(spec.stream_id), reply)
+            await self._save_state()
+        if isinstance(reply, Error):
+            await self.bus.publish(Subjects.stream_error(spec.stream_id), reply)
 
+
+def _current(bm: BlockMap) -> dict[str, tuple[int, int]]:
+    return {s.stage_id: (s.block_start, s.block_end) for s in bm.stages}
+
+
+def _pairs(stages: list[StageAssignment]) -> list[list[Any]]:
+    return [[s.stage_id, s.block_start, s.block_end] for s in stages]
+
+
+def _ranges(bm: BlockMap) -> str:
+    return ", ".join(f"{s.stage_id}=[{s.block_start},{s.block_end})" for s in bm.stages)
+
+
+__all__ = ["ControllerService", "LostLeadership", "Member", "block_weight_bytes"]
 
 if __name__ == "__main__":
     sys.exit(main(ControllerService))

@@ -21,9 +21,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from egress.player import make_player_router
-from proto import SLO, Ack, Error, NoiseParams, PromptUpdate, StreamRecord, StreamSpec, Subjects
-from services.bus import Bus
+from proto import SLO, Ack, Buckets, Error, NoiseParams, PromptUpdate, ProtocolError, StreamRecord, StreamSpec, Subjects
+from proto import decode as decode_message
+from services.bus import KV, Bus
 from services.config import Settings
+from services.controller.policy import admission_key
 from services.streams import StreamNotFound, StreamTable, new_stream_id
 
 log = logging.getLogger("rheo.gateway")
@@ -63,6 +65,8 @@ class StreamInfo(BaseModel):
     rtmp_url: str
     hls_url: str
     llhls_url: str
+    admission: str | None = Field(
+        None, description="the controller's last admission answer: 'admitted: …' or 'refused: <reason>'")
 
 
 class CreatedStream(StreamInfo):
@@ -95,6 +99,22 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
                    rtmp_url=f"{gw.public_rtmp_url.rstrip('/')}/{settings.ingest.rtmp_app}",
                    hls_url=f"{base}/hls/{sid}/playlist.m3u8", llhls_url=f"{base}/hls/{sid}/index.m3u8", **extra)
 
+    controller_kv: list[KV] = []
+
+    async def admission_of(stream_id: str) -> str | None:
+        """What the controller answered when the stream last asked to start (None: it never asked)."""
+        try:
+            if not controller_kv:
+                controller_kv.append(await bus.kv(Buckets.CONTROLLER, replicas=settings.nats.kv_replicas))
+            entry = await controller_kv[0].get(admission_key(stream_id))
+            answer = decode_message(entry.value) if entry is not None and entry.value else None
+        except (ProtocolError, nats.errors.Error, TimeoutError) as e:
+            log.warning("admission record of %s unreadable: %s", stream_id, e)
+            return None
+        if isinstance(answer, Error):
+            return f"refused: {answer.message}"
+        return f"admitted: {answer.detail}" if isinstance(answer, Ack) else None
+
     async def record_or_404(stream_id: str) -> StreamRecord:
         try:
             return await table.get(stream_id)
@@ -122,7 +142,7 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
 
     @v1.get("/streams/{stream_id}", response_model=StreamInfo)
     async def get_stream(stream_id: str) -> StreamInfo:
-        return info(await record_or_404(stream_id))
+        return info(await record_or_404(stream_id), admission=await admission_of(stream_id))
 
     @v1.patch("/streams/{stream_id}", response_model=PatchResult)
     async def patch_stream(stream_id: str, body: PatchStream) -> StreamInfo:

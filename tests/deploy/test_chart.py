@@ -139,7 +139,25 @@ def test_service_monitor_selects_every_metrics_service() -> None:
 def test_every_service_runs_once_per_release(rendered: Rendered) -> None:
     assert sorted(component(w) for w in rendered.workloads()) == sorted(ALL_COMPONENTS)
     controller = rendered.get("Deployment", f"{RELEASE}-controller")
+    if rendered.merged["controller"]["leaderElection"]:  # one leader through the Lease, the others stand by
+        assert controller["spec"]["replicas"] == rendered.merged["controller"]["replicas"]
+        (role,) = rendered.kind("Role")
+        assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                  "verbs": ["get", "create", "update"]}]
+        (binding,) = rendered.kind("RoleBinding")
+        assert binding["roleRef"]["name"] == role["metadata"]["name"]
+        assert binding["subjects"][0]["name"] == controller["spec"]["template"]["spec"]["serviceAccountName"]
+    else:
+        assert controller["spec"]["replicas"] == 1 and controller["spec"]["strategy"]["type"] == "Recreate"
+        assert rendered.kind("Role") == []
+
+
+def test_leader_election_can_be_turned_off() -> None:
+    rendered = Rendered({"controller": {"leaderElection": False}})
+    controller = rendered.get("Deployment", f"{RELEASE}-controller")
     assert controller["spec"]["replicas"] == 1 and controller["spec"]["strategy"]["type"] == "Recreate"
+    assert controller["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert rendered.kind("Role") == [] and rendered.kind("RoleBinding") == []
 
 
 def test_gpus_only_where_asked_and_never_on_stateless_services(rendered: Rendered) -> None:
@@ -161,7 +179,9 @@ def test_probes_resources_and_security_everywhere(rendered: Rendered) -> None:
     for w in rendered.workloads():
         pod = w["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
-        assert pod["automountServiceAccountToken"] is False
+        # the API token only where the leader Lease needs it
+        want = component(w) == "controller" and rendered.merged["controller"]["leaderElection"]
+        assert pod["automountServiceAccountToken"] is want
         tmp = [v for v in pod["volumes"] if v["name"] == "tmp"]
         assert tmp and "emptyDir" in tmp[0]
         for c in containers(w):

@@ -31,7 +31,7 @@ def _settings(nats_settings: NatsSettings, stages: int) -> Settings:
 async def _run(settings: Settings, eventually) -> tuple[ControllerService, asyncio.Task[int]]:
     svc = ControllerService(settings)
     task = asyncio.create_task(svc.run())
-    await eventually(lambda: svc.ready)
+    await eventually(lambda: svc.ready and svc.leader)  # ready once started; it writes the map once it leads
     return svc, task
 
 

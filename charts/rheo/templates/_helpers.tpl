@@ -102,7 +102,8 @@ app.kubernetes.io/component: {{ .component }}
 {{/*
 One pod template. Arguments (dict): root, component, command (the `rheo` subcommand), spec (the component's
 values), gpus, weights (mount the model volume), ports (YAML list of extra container ports), env (YAML list of
-extra env vars), volumes / volumeMounts (YAML lists).
+extra env vars), volumes / volumeMounts (YAML lists), apiToken (mount the service-account token: only the
+controller, for its leader Lease).
 */}}
 {{- define "rheo.podTemplate" -}}
 {{- $root := .root -}}
@@ -121,7 +122,7 @@ metadata:
     {{- end }}
 spec:
   serviceAccountName: {{ include "rheo.serviceAccountName" $root }}
-  automountServiceAccountToken: false
+  automountServiceAccountToken: {{ .apiToken | default false }}
   enableServiceLinks: false
   terminationGracePeriodSeconds: {{ add (include "rheo.drainSeconds" $root) 10 }}
   {{- with $v.imagePullSecrets }}

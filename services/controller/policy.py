@@ -1,0 +1,106 @@
+"""When to rebalance, and whether a stream fits: the controller's two decisions, free of I/O.
+
+Rebalance: act only when the predicted gain (slowest stage now vs after) has stayed at or above a threshold for a
+sustained window, and never within a cool-down after any block-map change (hysteresis: measurement noise and the
+transient after a move do not make the map flap). Admission: a stream fits when the measured capacity of the
+pipeline holds every admitted stream's target rate plus the newcomer's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from proto import StreamSpec
+from proto.clock import ChunkClock
+
+__all__ = [
+    "AdmissionDecision", "RebalancePolicy", "RebalanceVerdict", "admission_key", "decide_admission",
+    "stream_items_per_s",
+]
+
+Verdict = Literal["hold", "pending", "cooldown", "act"]
+
+
+@dataclass(frozen=True)
+class RebalanceVerdict:
+    verdict: Verdict
+    gain: float
+    reason: str
+
+
+class RebalancePolicy:
+    def __init__(self, gain_threshold: float, sustain_s: float, cooldown_s: float) -> None:
+        self.gain_threshold, self.sustain_s, self.cooldown_s = gain_threshold, sustain_s, cooldown_s
+        self.pending_since: float | None = None
+        self.last_change = -math.inf
+
+    def note_change(self, now: float) -> None:
+        """A block-map change (of any reason) happened: start the cool-down, forget a pending gain."""
+        self.last_change = now
+        self.pending_since = None
+
+    def decide(self, now_ms: float | None, best_ms: float | None, now: float) -> RebalanceVerdict:
+        """``now_ms``/``best_ms``: predicted slowest-stage time of the current map and of the best one (None: no
+        usable estimate, which resets the sustain window)."""
+        if now_ms is None or best_ms is None or now_ms <= 0:
+            self.pending_since = None
+            return RebalanceVerdict("hold", 0.0, "no estimate of every stage in this epoch")
+        gain = (now_ms - best_ms) / now_ms
+        if gain < self.gain_threshold or gain <= 0:
+            self.pending_since = None
+            return RebalanceVerdict("hold", gain, f"gain {gain:.1%} below {self.gain_threshold:.1%}")
+        if self.pending_since is None:
+            self.pending_since = now
+        held = now - self.pending_since
+        if held < self.sustain_s:
+            return RebalanceVerdict("pending", gain, f"gain {gain:.1%} held {held:.1f}s of {self.sustain_s:.1f}s")
+        since = now - self.last_change
+        if since < self.cooldown_s:
+            return RebalanceVerdict("cooldown", gain, f"gain {gain:.1%}; {since:.1f}s since the last change, "
+                                                      f"cool-down {self.cooldown_s:.1f}s")
+        return RebalanceVerdict("act", gain, f"gain {gain:.1%} held {held:.1f}s")
+
+
+def stream_items_per_s(spec: StreamSpec) -> float:
+    """Ring items a stream needs per second: a chunk per ``input_frames_per_chunk`` frames, ``steps`` items each."""
+    return spec.slo.target_fps / ChunkClock().input_frames_per_chunk * spec.steps
+
+
+@dataclass(frozen=True)
+class AdmissionDecision:
+    admit: bool
+    reason: str
+    need_items_per_s: float
+    capacity_items_per_s: float | None
+
+
+def decide_admission(spec: StreamSpec, admitted: dict[str, float], item_ms: float | None, *,
+                     headroom: float, prior_streams: int, bottleneck: str = "") -> AdmissionDecision:
+    """May ``spec`` start, next to ``admitted`` (stream id → items/s)?
+
+    ``item_ms``: the slowest stage's measured ms per item (time per micro-step / items per micro-step), None
+    before any stage reported a busy window: then at most ``prior_streams`` streams are admitted.
+    Linear-in-items is conservative: a micro-step's fixed cost is spread over more items as batches grow.
+    """
+    others = {k: v for k, v in admitted.items() if k != spec.stream_id}
+    mine = stream_items_per_s(spec)
+    need = sum(others.values()) + mine
+    if item_ms is None or item_ms <= 0:
+        n = len(others) + 1
+        ok = n <= prior_streams
+        return AdmissionDecision(ok, (f"{n} streams within the prior of {prior_streams} (no stage timing yet)" if ok
+                                      else f"no capacity: {len(others)} streams admitted, and until the stages "
+                                           f"report timing at most {prior_streams} are (controller."
+                                           f"admission_prior_streams)"), need, None)
+    capacity = headroom * 1000.0 / item_ms
+    ok = need <= capacity
+    detail = (f"{need:.1f} items/s for {len(others) + 1} streams vs {capacity:.1f} sustainable "
+              f"({headroom:.0%} of the slowest stage {bottleneck or '?'} at {item_ms:.1f} ms per item)")
+    return AdmissionDecision(ok, detail if ok else f"no capacity: {detail}", need, capacity)
+
+
+def admission_key(stream_id: str) -> str:
+    """Where the controller keeps its last admission answer for a stream (``rheo-controller`` bucket), for the API."""
+    return f"admission.{stream_id}"
