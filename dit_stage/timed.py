@@ -7,8 +7,8 @@ then sleeps until the micro-step has taken what the latency model says a real GP
 
 summed over the stage's blocks (config ``dit_stage.timed_block_ms`` turns the mode on; ``dit_stage.slowdown``
 slows one stage). It reports the modelled per-block times as the micro-step's ``BlockTimes``, which the service
-puts in its ``StageStats`` like measured ones, so the controller sees a heterogeneous cluster on a CPU. This is not a performance mode: it only
-makes time behave like a larger deployment's.
+puts in its ``StageStats`` like measured ones, so the controller sees a heterogeneous cluster on a CPU. This is not
+a performance mode: it only makes time behave like a larger deployment's.
 """
 
 from __future__ import annotations

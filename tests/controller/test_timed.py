@@ -8,7 +8,7 @@ import torch
 from dit_service.helpers import CONFIG, chunk_message, latents, prompt, run_ring, stage_models
 
 from dit_stage.timed import TimedStageWorker, make_stage_worker
-from dit_stage.worker import StageOutput, StageWorker
+from dit_stage.worker import MicroStep, StageOutput, StageWorker, SwitchStep
 from services.config import DitStageSettings
 
 
@@ -34,7 +34,7 @@ def _recording(worker: StageWorker) -> list[float]:
     seen: list[float] = []
     compute = worker.compute
 
-    def recorded(step) -> StageOutput:  # noqa: ANN001
+    def recorded(step: MicroStep | SwitchStep) -> StageOutput:
         out = compute(step)
         if out.times is not None and out.times.blocks:
             seen.append(1000 * sum(out.times.blocks.values()) / len(out.times.blocks))
