@@ -441,8 +441,8 @@ class StageWorker:
             parts[-1][key] = t
             size += n
         return [ShardMove(epoch=change.epoch, source=change.stage_id, target=target, stream_id=st.stream_id,
-                          blocks=list(blocks), latent_h=st.latent_hw[0], latent_w=st.latent_hw[1], layout=layout,
-                          tensors=part)
+                          blocks=list(blocks), latent_h=st.latent_hw[0], latent_w=st.latent_hw[1],
+                          segment=st.segment, segment_start=st.segment_start, layout=layout, tensors=part)
                 for part in parts]
 
     def _finish_switch(self, change: EpochChange) -> bool:
@@ -496,7 +496,8 @@ class StageWorker:
         meta = first.layout.model_dump() | {"blocks": []}
         shard = KVCacheShard.from_state(meta, {}, self.model.device)
         st = _Stream(stream_id, first.layout.num_slots, (first.latent_h, first.latent_w),
-                     StreamDiTState(stream_id, shard), slot_next=[0] * first.layout.num_slots)
+                     StreamDiTState(stream_id, shard), slot_next=[0] * first.layout.num_slots,
+                     segment=first.segment, segment_start=first.segment_start)
         versions = {int(k.split(".")[1]) for p in parts for k in p.tensors if k.startswith("cross_k.")}
         for v in sorted(versions)[-PROMPT_VERSIONS_KEPT:]:
             st.views[v] = StreamDiTState(stream_id, shard, prompt_version=v)

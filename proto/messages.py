@@ -387,6 +387,8 @@ class ShardMove(Message):
     blocks: list[int]
     latent_h: int = Field(ge=1, description="the stream's latent height (a joining stage builds its state from it)")
     latent_w: int = Field(ge=1, description="the stream's latent width")
+    segment: int = Field(0, ge=0, description="the stream's warm-up segment at the switch (see LatentChunk)")
+    segment_start: int = Field(0, ge=0, description="seq of that segment's prepare chunk (noise draws count from it)")
     layout: ShardLayout
     tensors: dict[str, Tensor] = Field(
         description="per block b: k.b, v.b [slots, window·S, H, D], frame_pos.b [slots, window] (which frame each "
