@@ -40,6 +40,7 @@ from proto import (
     BlockMap,
     Buckets,
     LatentChunk,
+    Message,
     PromptUpdate,
     ProtocolError,
     RingReturn,
@@ -63,6 +64,10 @@ T = TypeVar("T")
 BLOCKMAP_KEY = "current"
 OUTPUT_QUEUE = 8
 """Finished chunks queued per stream for publishing before the oldest is dropped."""
+EARLY_QUEUE = 256
+"""Inputs of a block-map epoch this stage has not applied yet, held until it has (the oldest dropped beyond)."""
+LINK_POLL_S = 0.5
+"""How often a link send blocked on a dead peer checks whether the next stage changed."""
 
 DROPPED = Counter("rheo_dit_stage_dropped_total", "items or messages a DiT stage dropped", ["stage", "reason"])
 MICRO_STEPS = Counter("rheo_dit_stage_micro_steps_total", "micro-steps a DiT stage ran", ["stage"])
@@ -149,6 +154,8 @@ class DitStageService(Service):
         self._connect_task: asyncio.Task[None] | None = None
         self._compute_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._recover_floor = 0  # a failure epoch to apply in the micro-step loop (worker.recover)
+        self._early: list[LatentChunk | StageItems | RingReturn] = []
         self._totals = _Totals()
         self._reported: collections.Counter[str] = collections.Counter()
 
@@ -240,6 +247,30 @@ class DitStageService(Service):
             await self._apply(bm)
         except Exception:
             log.exception("block map epoch %d could not be applied", bm.epoch)
+            return
+        if bm.reason == "failure" and bm.epoch > self._recover_floor:
+            # KV of some blocks is lost: no stream state of an older epoch can be trusted, here either; ingest
+            # replays every stream (docs/recovery.md). Applied in the micro-step loop, between forwards.
+            log.warning("stage %s: failure epoch %d: dropping all stream state of older epochs", self.stage_id,
+                        bm.epoch)
+            self._recover_floor = bm.epoch
+            self._wake.set()
+        await self._admit_early()
+
+    def _hold_early(self, msg: LatentChunk | StageItems | RingReturn) -> None:
+        """An input of an epoch whose block map has not reached this stage yet: hold it until it has."""
+        self._early.append(msg)
+        while len(self._early) > EARLY_QUEUE:
+            self._early.pop(0)
+            DROPPED.labels(stage=self.stage_id, reason="early_overflow").inc()
+
+    async def _admit_early(self) -> None:
+        held, self._early = self._early, []
+        for msg in held:
+            if isinstance(msg, LatentChunk):
+                await self._on_latent(msg, None)
+            else:
+                self._take_link(msg)
 
     async def _apply(self, bm: BlockMap) -> None:
         ids = [s.stage_id for s in bm.stages]
@@ -343,6 +374,9 @@ class DitStageService(Service):
 
     # ------------------------------------------------------------------ inputs
     async def _on_latent(self, chunk: LatentChunk, _raw: object) -> None:
+        if chunk.epoch > self.epoch:
+            self._hold_early(chunk)
+            return
         worker = self.worker
         if worker is None or not worker.is_first:
             if worker is None:
@@ -411,9 +445,10 @@ class DitStageService(Service):
                     continue
                 if isinstance(msg, StageItems) and not worker.is_first and _consistent(msg):
                     msg.hidden, msg.noisy = msg.hidden.clone(), msg.noisy.clone()  # the buffer goes back to the pool
-                    worker.add_items(msg)
+                    self._take_link(msg)
                 elif isinstance(msg, RingReturn) and worker.is_first and msg.latents.shape[0] == len(msg.items):
-                    worker.add_return(msg)
+                    msg.latents = msg.latents.clone()
+                    self._take_link(msg)
                 elif isinstance(msg, StagePrompt) and not worker.is_first:
                     worker.add_prompt(msg.stream_id, msg.version, msg.embedding)
                 else:
@@ -423,6 +458,42 @@ class DitStageService(Service):
                                 type(msg).__name__, frame.peer)
                     continue
             self._wake.set()
+
+    def _take_link(self, msg: StageItems | RingReturn) -> None:
+        """Hand ring traffic to the worker, or hold it while its epoch's block map has not reached this stage."""
+        worker = self.worker
+        if msg.epoch > self.epoch:
+            self._hold_early(msg)
+        elif worker is None:
+            DROPPED.labels(stage=self.stage_id, reason="no_block_map").inc()
+        elif isinstance(msg, StageItems) and not worker.is_first:
+            worker.add_items(msg)
+        elif isinstance(msg, RingReturn) and worker.is_first:
+            worker.add_return(msg)
+        else:
+            DROPPED.labels(stage=self.stage_id, reason="wrong_role").inc()  # the map moved while it was held
+
+    async def _send_link(self, message: Message) -> bool:
+        """Send to the next stage; False (dropped) when the next stage changed meanwhile: a send blocked on a
+        dead peer must not hold up the micro-step loop, and what it carried belongs to the old ring."""
+        await self._link_ready.wait()
+        sender = self.sender
+        assert sender is not None
+        send = asyncio.ensure_future(sender.send(message))
+        while True:
+            done, _ = await asyncio.wait({send}, timeout=LINK_POLL_S)
+            if done:
+                try:
+                    send.result()
+                except Exception as e:
+                    DROPPED.labels(stage=self.stage_id, reason="link_error").inc()
+                    log.warning("stage %s: link send failed: %s", self.stage_id, e)
+                    return False
+                return True
+            if self.sender is not sender or self._closing:
+                send.cancel()
+                DROPPED.labels(stage=self.stage_id, reason="link_changed").inc()
+                return False
 
     # ------------------------------------------------------------------ the micro-step loop
     async def _compute(self) -> None:
@@ -437,6 +508,9 @@ class DitStageService(Service):
                 out = self._outputs.pop(stream_id, None)
                 if out is not None and out.task is not None:
                     out.task.cancel()
+            if worker is not None and worker.floor < self._recover_floor:
+                worker.recover(self._recover_floor)
+                self.streams = set(worker.streams)
             step = worker.take() if worker is not None else None
             if step is None:
                 await self._wake.wait()
@@ -457,10 +531,8 @@ class DitStageService(Service):
             MICRO_STEPS.labels(stage=self.stage_id).inc()
             COMPUTE.labels(stage=self.stage_id).observe(result.compute_s)
             for message in result.link:
-                await self._link_ready.wait()
-                assert self.sender is not None
                 t0 = time.perf_counter()
-                await self.sender.send(message)
+                await self._send_link(message)
                 t.link_send_s += time.perf_counter() - t0
             for chunk in result.finished:
                 self._publish(chunk)

@@ -69,6 +69,7 @@ class _Stream:
     slot_next: list[int] = field(default_factory=list)  # next cache frame per slot
     last_seq: int = -1
     prepared: bool = False
+    epoch: int = 0  # the block-map epoch this state was built under (a failure epoch discards older ones)
 
 
 @dataclass
@@ -126,6 +127,11 @@ class StageWorker:
         self.forwarded: set[tuple[str, int]] = set()  # prompt versions already handed to the next stage
         self.incoming: collections.deque[StageItems] = collections.deque()
         self.dropped: collections.Counter[str] = collections.Counter()
+        self.floor = 0
+        """Oldest epoch whose items may still run here: a failure epoch raises it (``recover``)."""
+        self.replayed = 0
+        """Replayed chunks finished here (last stage): they rebuilt KV and were not published."""
+        self.recovered_streams = 0
 
     @property
     def is_first(self) -> bool:
@@ -166,7 +172,7 @@ class StageWorker:
         if chunk.seq == 0:
             if st is not None:
                 self._free(chunk.stream_id)
-            st = self._new_stream(chunk.stream_id, len(chunk.timesteps), (h, w))
+            st = self._new_stream(chunk.stream_id, len(chunk.timesteps), (h, w), self.epoch)
             st.seed = seed
         assert st is not None
         st.last_seq = chunk.seq
@@ -174,15 +180,19 @@ class StageWorker:
             stream_id=chunk.stream_id, seq=chunk.seq, step=0, slot=0, steps=st.steps, epoch=self.epoch,
             frame_start=0, latent_start=chunk.latent_start, rope_start=chunk.rope_start, frames=f,
             timesteps=list(chunk.timesteps), prompt_version=chunk.prompt_version, noise_scale=chunk.noise_scale,
-            seed=st.seed, capture_time=chunk.capture_time, deadline=chunk.deadline,
+            seed=st.seed, capture_time=chunk.capture_time, deadline=chunk.deadline, segment=chunk.segment,
+            replay=chunk.replay,
         )
         z = chunk.latent.permute(1, 0, 2, 3).unsqueeze(0)  # [F, C, H, W] → [1, C, F, H, W]
         eps = draw_noise((1, c, f, h, w), st.seed, chunk.seq, 0, "input", self.model.device)
         ns = chunk.noise_scale
         x = ns * eps + (1 - ns) * z.to(device=self.model.device, dtype=torch.float32)
         st.new.append(_Pending(meta, x, now))
-        while len(st.new) > self.max_queued_chunks:
-            old = st.new.popleft()
+        # the cap bounds live chunks; replayed ones are bounded by ingest's ring and must all run, or the
+        # caches they rebuild would have a hole
+        live = [p for p in st.new if not p.meta.replay]
+        for old in live[: max(0, len(live) - self.max_queued_chunks)]:
+            st.new.remove(old)
             self.dropped["queue_full"] += 1
             log.info("chunk %s/%d dropped: stream queue full", old.meta.stream_id, old.meta.seq)
         return True
@@ -190,7 +200,7 @@ class StageWorker:
     def _refuse_chunk(self, chunk: LatentChunk, now: float) -> str:
         if chunk.epoch < self.epoch:
             return "stale_epoch"
-        if chunk.deadline <= now:
+        if chunk.deadline <= now and not chunk.replay:
             return "deadline"
         lat = chunk.latent
         cfg = self.model.config
@@ -216,6 +226,9 @@ class StageWorker:
         """First stage: take back items the last stage re-noised to their next step."""
         now = self.clock()
         for row, meta in enumerate(ret.items):
+            if meta.epoch < self.floor:
+                self.dropped["stale_epoch"] += 1  # ran on state a failure epoch discarded
+                continue
             st = self.streams.get(meta.stream_id)
             if st is None:
                 self.dropped["unknown_stream"] += 1
@@ -225,7 +238,31 @@ class StageWorker:
 
     def add_items(self, msg: StageItems) -> None:
         """Middle and last stages: queue a micro-step from the previous stage (run in arrival order)."""
+        if msg.epoch < self.floor:
+            self.dropped["stale_epoch"] += len(msg.items)
+            return
         self.incoming.append(msg)
+
+    def recover(self, epoch: int) -> None:
+        """A failure epoch began: some KV of every stream is lost somewhere in the ring, so no state built under
+        an older epoch can be trusted. Drop it, with every queued item of an older epoch (counted as
+        ``stale_epoch``); ingest replays each stream from its prepare chunk, which builds the state afresh.
+        Idempotent and selective: state and items of ``epoch`` or newer (a replay that came first) stay."""
+        self.floor = max(self.floor, epoch)
+        for sid in [sid for sid, st in self.streams.items() if st.epoch < self.floor]:
+            self._free(sid, reason="stale_epoch")
+            self.recovered_streams += 1
+        for st in self.streams.values():
+            for q in (st.new, *st.returns.values()):
+                stale = [p for p in q if p.meta.epoch < self.floor]
+                for p in stale:
+                    q.remove(p)
+                self.dropped["stale_epoch"] += len(stale)
+        stale_msgs = [m for m in self.incoming if m.epoch < self.floor]
+        for m in stale_msgs:
+            self.incoming.remove(m)
+            self.dropped["stale_epoch"] += len(m.items)
+        self.forwarded.clear()  # the next stage may be new: hand the prompts down again
 
     def end_stream(self, stream_id: str) -> None:
         """Free everything this stage holds for a stream (its items still in flight will be dropped)."""
@@ -234,15 +271,15 @@ class StageWorker:
         self.prompts.pop(stream_id, None)
         self.forwarded = {k for k in self.forwarded if k[0] != stream_id}
 
-    def _free(self, stream_id: str) -> None:
+    def _free(self, stream_id: str, reason: str = "stream_ended") -> None:
         st = self.streams.pop(stream_id)
         dropped = len(st.new) + sum(len(q) for q in st.returns.values())
         if dropped:
-            self.dropped["stream_ended"] += dropped
+            self.dropped[reason] += dropped
 
-    def _new_stream(self, stream_id: str, steps: int, latent_hw: tuple[int, int]) -> _Stream:
+    def _new_stream(self, stream_id: str, steps: int, latent_hw: tuple[int, int], epoch: int) -> _Stream:
         state = self.model.new_state(stream_id, steps, latent_hw, self.window, self.sink, self.adaptive_threshold)
-        st = _Stream(stream_id, steps, latent_hw, state, slot_next=[0] * steps)
+        st = _Stream(stream_id, steps, latent_hw, state, slot_next=[0] * steps, epoch=epoch)
         self.streams[stream_id] = st
         return st
 
@@ -258,6 +295,8 @@ class StageWorker:
         return self._take_first() if self.is_first else self._take_next()
 
     def _take_next(self) -> MicroStep | None:
+        while self.incoming and self.incoming[0].epoch < self.floor:
+            self.dropped["stale_epoch"] += len(self.incoming.popleft().items)
         if not self.incoming:
             return None
         msg = self.incoming.popleft()
@@ -265,10 +304,11 @@ class StageWorker:
 
     def _refuse_item(self, meta: RingItem, now: float) -> str:
         """Why a queued item must not enter the next micro-step (empty: it may). A prepare chunk that has begun
-        always completes: without it the stream has no caches."""
+        always completes: without it the stream has no caches; so does a replayed chunk (bounded by ingest's
+        ring): without it the rebuilt caches would miss a frame the reference has."""
         if meta.step == 0 and meta.epoch < self.epoch:
             return "stale_epoch"  # the block map changed while it was queued
-        if meta.deadline <= now and not (meta.seq == 0 and meta.step > 0):
+        if meta.deadline <= now and not meta.replay and not (meta.seq == 0 and meta.step > 0):
             return "deadline"
         return ""
 
@@ -380,12 +420,15 @@ class StageWorker:
         latents: list[torch.Tensor] = []
         for row, meta in enumerate(items):
             x0_k = x0[row : row + 1]
+            if meta.step == meta.steps - 1 and meta.replay:
+                self.replayed += 1  # it rebuilt this stream's KV; its output was shown (or lost) before
+                continue
             if meta.step == meta.steps - 1:
                 out.finished.append(LatentChunk(
                     stream_id=meta.stream_id, seq=meta.seq, epoch=meta.epoch, latent_start=meta.latent_start,
                     rope_start=meta.rope_start, capture_time=meta.capture_time, deadline=meta.deadline,
                     prompt_version=meta.prompt_version, noise_scale=meta.noise_scale, timesteps=list(meta.timesteps),
-                    latent=x0_k[0].permute(1, 0, 2, 3).contiguous().cpu(),
+                    segment=meta.segment, latent=x0_k[0].permute(1, 0, 2, 3).contiguous().cpu(),
                 ))
                 continue
             k = meta.step + 1
@@ -401,7 +444,7 @@ class StageWorker:
         if not self.is_first and meta.seq == 0 and meta.step == 0:
             if st is not None:
                 self._free(meta.stream_id)
-            st = self._new_stream(meta.stream_id, meta.steps, (noisy.shape[-2], noisy.shape[-1]))
+            st = self._new_stream(meta.stream_id, meta.steps, (noisy.shape[-2], noisy.shape[-1]), meta.epoch)
         if st is None:
             self.dropped["unknown_stream"] += 1
             return None
