@@ -72,6 +72,9 @@ LINK_POLL_S = 0.5
 DROPPED = Counter("rheo_dit_stage_dropped_total", "items or messages a DiT stage dropped", ["stage", "reason"])
 MICRO_STEPS = Counter("rheo_dit_stage_micro_steps_total", "micro-steps a DiT stage ran", ["stage"])
 COMPUTE = Histogram("rheo_dit_stage_compute_seconds", "compute time of one micro-step", ["stage"])
+STREAMS_RESET = Counter("rheo_dit_stage_streams_reset_total",
+                        "streams whose state a failure epoch discarded (ingest replays them)", ["stage"])
+REPLAYED = Counter("rheo_dit_stage_replayed_chunks_total", "replayed chunks finished, not published", ["stage"])
 FINISHED = Counter("rheo_dit_stage_finished_chunks_total", "x0 chunks published by the last stage", ["stage"])
 
 
@@ -509,7 +512,9 @@ class DitStageService(Service):
                 if out is not None and out.task is not None:
                     out.task.cancel()
             if worker is not None and worker.floor < self._recover_floor:
+                reset = worker.recovered_streams
                 worker.recover(self._recover_floor)
+                STREAMS_RESET.labels(stage=self.stage_id).inc(worker.recovered_streams - reset)
                 self.streams = set(worker.streams)
             step = worker.take() if worker is not None else None
             if step is None:
@@ -536,6 +541,7 @@ class DitStageService(Service):
                 t.link_send_s += time.perf_counter() - t0
             for chunk in result.finished:
                 self._publish(chunk)
+            REPLAYED.labels(stage=self.stage_id).inc(result.replayed)
             self.streams = set(worker.streams)
             self._sync_drop_metrics(worker)
 

@@ -98,6 +98,7 @@ class StageOutput:
     finished: list[LatentChunk] = field(default_factory=list)
     items: int = 0
     compute_s: float = 0.0
+    replayed: int = 0  # replayed chunks finished (last stage): they rebuilt KV, nothing to publish
 
 
 class StageWorker:
@@ -422,6 +423,7 @@ class StageWorker:
             x0_k = x0[row : row + 1]
             if meta.step == meta.steps - 1 and meta.replay:
                 self.replayed += 1  # it rebuilt this stream's KV; its output was shown (or lost) before
+                out.replayed += 1
                 continue
             if meta.step == meta.steps - 1:
                 out.finished.append(LatentChunk(
