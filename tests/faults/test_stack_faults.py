@@ -296,6 +296,9 @@ def test_a_nats_restart_mid_stream_resumes_within_3_s(stack: LocalStack) -> None
         stack.nats = NatsServer(stack.workdir / "nats", port=port).start()  # same port, same JetStream store
         resumed = _wait(lambda: _decoded(stack, sid)[-1] > seen + 1, 30, "chunks after the restart")
         assert resumed <= 3.0, f"resumed {resumed:.1f}s after nats-server came back"
+        # every service (the dead stage aside) reconnected, as its bus logs it
+        alive = [p for p in stack.procs if p.name != "dit-1"]
+        _wait(lambda: all("reconnected" in p.log_tail(100_000) for p in alive), 10, "every service to reconnect")
         pub.wait(60)
     finally:
         with contextlib.suppress(ProcessLookupError):
