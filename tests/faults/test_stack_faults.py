@@ -14,7 +14,6 @@ The two tests share one stack (starting it is most of their cost): the NATS rest
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import os
 import re
@@ -224,7 +223,8 @@ def _check_equal_to_reference(stack: LocalStack, sid: str, seed: int, prompt: st
 def test_a_killed_stage_is_rebuilt_by_replay(stack: LocalStack) -> None:
     streams = {"a": ("watercolour bars", 7), "b": ("ink bars", 8)}
     created = {name: _create(stack, prompt, seed) for name, (prompt, seed) in streams.items()}
-    pubs = [_publisher(stack, c["stream_key"], seconds=12) for c in created.values()]
+    # publishers run until the test has seen enough (a loaded CI node may lag seconds behind real time)
+    pubs = [_publisher(stack, c["stream_key"], seconds=120) for c in created.values()]
     try:
         ids = {name: c["id"] for name, c in created.items()}
         # past the ring's reach: chunks 2..n−REPLAY are not replayed, so exactness is the replay's doing
@@ -242,13 +242,12 @@ def test_a_killed_stage_is_rebuilt_by_replay(stack: LocalStack) -> None:
         assert [s.stage_id for s in new.stages] == ["dit-0", "dit-2"]
         # styled output returns: chunks of the new epoch are shown
         for name, sid in ids.items():
-            _wait(lambda sid=sid, name=name: _decoded(stack, sid)[-1] > encoded[name], 60, f"stream {name} back")
-        for p in pubs:
-            p.wait(60)
+            _wait(lambda sid=sid, name=name: len([s for s in _decoded(stack, sid) if s > encoded[name]]) >= 6, 90,
+                  f"stream {name} back")
     finally:
         for p in pubs:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
+            p.terminate()
+            p.wait(30)
     for sid in ids.values():
         _wait(lambda sid=sid: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
         _wait(lambda sid=sid: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8"), 60, "EXT-X-ENDLIST")
@@ -286,7 +285,7 @@ def test_a_killed_stage_is_rebuilt_by_replay(stack: LocalStack) -> None:
 def test_a_nats_restart_mid_stream_resumes_within_3_s(stack: LocalStack) -> None:
     created = _create(stack, "bars after a restart", 9)
     sid = created["id"]
-    pub = _publisher(stack, created["stream_key"], seconds=10)
+    pub = _publisher(stack, created["stream_key"], seconds=120)
     try:
         _wait(lambda: len(_decoded(stack, sid)) >= 4, 90, "4 chunks")
         assert stack.nats is not None
@@ -299,10 +298,10 @@ def test_a_nats_restart_mid_stream_resumes_within_3_s(stack: LocalStack) -> None
         # every service (the dead stage aside) reconnected, as its bus logs it
         alive = [p for p in stack.procs if p.name != "dit-1"]
         _wait(lambda: all("reconnected" in p.log_tail(100_000) for p in alive), 10, "every service to reconnect")
-        pub.wait(60)
+        _wait(lambda: _decoded(stack, sid)[-1] > seen + 4, 60, "more chunks after the restart")
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            pub.kill()
+        pub.terminate()
+        pub.wait(30)
     # the stream table (JetStream KV, file storage) survived; the stream ends normally and its playlist closes
     _wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
     _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8"), 60, "EXT-X-ENDLIST")
