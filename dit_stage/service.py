@@ -44,6 +44,7 @@ from proto import (
     Buckets,
     EpochSwitch,
     LatentChunk,
+    Message,
     PromptUpdate,
     ProtocolError,
     RingReturn,
@@ -70,6 +71,10 @@ T = TypeVar("T")
 BLOCKMAP_KEY = "current"
 OUTPUT_QUEUE = 8
 """Finished chunks queued per stream for publishing before the oldest is dropped."""
+EARLY_QUEUE = 256
+"""Inputs of a block-map epoch this stage has not applied yet, held until it has (the oldest dropped beyond)."""
+LINK_POLL_S = 0.5
+"""How often a link send blocked on a dead peer checks whether the next stage changed."""
 
 _MS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 DROPPED = Counter("rheo_dit_stage_dropped_total", "items or messages a DiT stage dropped", ["stage", "reason"])
@@ -93,6 +98,9 @@ EPOCH = Gauge("rheo_dit_stage_epoch", "block-map epoch the stage runs", ["stage"
 SWITCHES = Counter("rheo_dit_stage_epoch_switches_total", "block-map epoch switches", ["stage", "kind"])
 MOVED_BYTES = Counter("rheo_dit_stage_shard_move_bytes_total", "KV-shard bytes moved at online switches",
                       ["stage", "direction"])
+STREAMS_RESET = Counter("rheo_dit_stage_streams_reset_total",
+                        "streams whose state a failure epoch discarded (ingest replays them)", ["stage"])
+REPLAYED = Counter("rheo_dit_stage_replayed_chunks_total", "replayed chunks finished, not published", ["stage"])
 FINISHED = Counter("rheo_dit_stage_finished_chunks_total", "x0 chunks published by the last stage", ["stage"])
 
 
@@ -203,6 +211,10 @@ class DitStageService(Service):
         self._connect_task: asyncio.Task[None] | None = None
         self._compute_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._recover_floor = 0  # a failure epoch to apply in the micro-step loop (worker.recover)
+        self._early: list[LatentChunk | StageItems | RingReturn] = []
+        self._admit_epoch = 0  # inputs of a later epoch wait in _early until its map applies here
+        self._received: BlockMap | None = None  # the newest map the watch delivered (maps apply in order)
         self._totals = _Totals()
         self._reported: collections.Counter[str] = collections.Counter()
         self._maps: asyncio.Queue[BlockMap] = asyncio.Queue()
@@ -303,6 +315,11 @@ class DitStageService(Service):
                         bm.reason, sw.new.epoch)
             sw.aborted = True
             sw.done.set()
+        prev, self._received = self._received, bm
+        if self.worker is not None and prev is not None and self.stage_id in {s.stage_id for s in bm.stages} \
+                and not offline_reason(prev, bm):
+            # an online switch: the worker itself orders items of the new epoch (docs/rebalance.md)
+            await self._admit_from(bm.epoch)
         self._maps.put_nowait(bm)
 
     async def _apply_maps(self) -> None:
@@ -315,6 +332,23 @@ class DitStageService(Service):
             except Exception:
                 log.exception("block map epoch %d could not be applied", bm.epoch)
 
+    def _hold_early(self, msg: LatentChunk | StageItems | RingReturn) -> None:
+        """An input of an epoch whose block map has not reached this stage yet: hold it until it has."""
+        self._early.append(msg)
+        while len(self._early) > EARLY_QUEUE:
+            self._early.pop(0)
+            DROPPED.labels(stage=self.stage_id, reason="early_overflow").inc()
+
+    async def _admit_from(self, epoch: int) -> None:
+        """Inputs of epochs up to ``epoch`` may reach the worker now: hand over those held."""
+        self._admit_epoch = max(self._admit_epoch, epoch)
+        held, self._early = self._early, []
+        for msg in held:
+            if isinstance(msg, LatentChunk):
+                await self._on_latent(msg, None)
+            else:
+                self._take_link(msg)
+
     async def _apply(self, bm: BlockMap) -> None:
         if self.block_map is not None and bm == self.block_map.model_copy(update={"created_at": bm.created_at}):
             return  # the watch delivered the current map again
@@ -325,7 +359,7 @@ class DitStageService(Service):
             self.checks["weights"] = False
             await self._subscribe_inputs(False)
             return
-        if self.worker is None and joins_online(bm):
+        if self.worker is None and joins_online(bm) and ids[0] != self.stage_id:
             await self._join_online(bm)
             return
         why = offline_reason(self.block_map, bm) if self.worker is not None else "no blocks loaded"
@@ -352,6 +386,13 @@ class DitStageService(Service):
         self.worker.epoch = bm.epoch
         self._set_epoch(bm)
         SWITCHES.labels(stage=self.stage_id, kind="hard").inc()
+        if bm.reason == "failure" and bm.epoch > self._recover_floor:
+            # KV of some blocks is lost: no stream state of an older epoch can be trusted, here either; ingest
+            # replays every stream (docs/recovery.md). Applied in the micro-step loop, between forwards.
+            log.warning("stage %s: failure epoch %d: dropping all stream state of older epochs", self.stage_id,
+                        bm.epoch)
+            self._recover_floor = bm.epoch
+        await self._admit_from(bm.epoch)
         await self._announce_prepared(bm.epoch)
         await self._subscribe_inputs(self.worker.is_first)
         nxt = ids[(idx + 1) % len(ids)]
@@ -449,6 +490,7 @@ class DitStageService(Service):
         self.worker = worker
         self.block_range = rng
         self.checks["weights"] = True
+        await self._admit_from(bm.epoch)
         await self._subscribe_inputs(worker.is_first)
         self.next_stage = ids[(idx + 1) % len(ids)]
         self._connect_task = asyncio.create_task(self._follow_endpoint(self.next_stage), name="link-connect")
@@ -563,6 +605,9 @@ class DitStageService(Service):
 
     # ------------------------------------------------------------------ inputs
     async def _on_latent(self, chunk: LatentChunk, _raw: object) -> None:
+        if chunk.epoch > self._admit_epoch:
+            self._hold_early(chunk)
+            return
         worker = self.worker
         if worker is None or not worker.is_first:
             if worker is None:
@@ -632,7 +677,7 @@ class DitStageService(Service):
                     continue
                 if isinstance(msg, StageItems) and not worker.is_first and _consistent(msg):
                     msg.hidden, msg.noisy = msg.hidden.clone(), msg.noisy.clone()  # the buffer goes back to the pool
-                    worker.add_items(msg)
+                    self._take_link(msg)
                 elif isinstance(msg, EpochSwitch) and not worker.is_first:
                     worker.add_items(msg)
                 elif isinstance(msg, ShardMove | ShardMoveEnd) and msg.target == self.stage_id:
@@ -641,7 +686,8 @@ class DitStageService(Service):
                         MOVED_BYTES.labels(stage=self.stage_id, direction="in").inc(frame.nbytes)
                     worker.add_shard_move(msg)
                 elif isinstance(msg, RingReturn) and worker.is_first and msg.latents.shape[0] == len(msg.items):
-                    worker.add_return(msg)
+                    msg.latents = msg.latents.clone()
+                    self._take_link(msg)
                 elif isinstance(msg, StagePrompt) and not worker.is_first:
                     worker.add_prompt(msg.stream_id, msg.version, msg.embedding)
                 else:
@@ -651,6 +697,42 @@ class DitStageService(Service):
                                 type(msg).__name__, frame.peer)
                     continue
             self._wake.set()
+
+    def _take_link(self, msg: StageItems | RingReturn) -> None:
+        """Hand ring traffic to the worker, or hold it while its epoch's block map has not reached this stage."""
+        worker = self.worker
+        if msg.epoch > self._admit_epoch:
+            self._hold_early(msg)
+        elif worker is None:
+            DROPPED.labels(stage=self.stage_id, reason="no_block_map").inc()
+        elif isinstance(msg, StageItems) and not worker.is_first:
+            worker.add_items(msg)
+        elif isinstance(msg, RingReturn) and worker.is_first:
+            worker.add_return(msg)
+        else:
+            DROPPED.labels(stage=self.stage_id, reason="wrong_role").inc()  # the map moved while it was held
+
+    async def _send_link(self, message: Message) -> bool:
+        """Send to the next stage; False (dropped) when the next stage changed meanwhile: a send blocked on a
+        dead peer must not hold up the micro-step loop, and what it carried belongs to the old ring."""
+        await self._link_ready.wait()
+        sender = self.sender
+        assert sender is not None
+        send = asyncio.ensure_future(sender.send(message))
+        while True:
+            done, _ = await asyncio.wait({send}, timeout=LINK_POLL_S)
+            if done:
+                try:
+                    send.result()
+                except Exception as e:
+                    DROPPED.labels(stage=self.stage_id, reason="link_error").inc()
+                    log.warning("stage %s: link send failed: %s", self.stage_id, e)
+                    return False
+                return True
+            if self.sender is not sender or self._closing:
+                send.cancel()
+                DROPPED.labels(stage=self.stage_id, reason="link_changed").inc()
+                return False
 
     # ------------------------------------------------------------------ the micro-step loop
     async def _compute(self) -> None:
@@ -665,6 +747,11 @@ class DitStageService(Service):
                 out = self._outputs.pop(stream_id, None)
                 if out is not None and out.task is not None:
                     out.task.cancel()
+            if worker is not None and worker.floor < self._recover_floor:
+                reset = worker.recovered_streams
+                worker.recover(self._recover_floor)
+                STREAMS_RESET.labels(stage=self.stage_id).inc(worker.recovered_streams - reset)
+                self.streams = set(worker.streams)
             step = worker.take() if worker is not None else None
             sw = self._switch
             if sw is not None and worker is not None and worker.change is None and worker.epoch == sw.new.epoch:
@@ -686,15 +773,14 @@ class DitStageService(Service):
             self._account(step.queue_wait_s, {m.stream_id for m in step.items}, result)
             t = self._totals
             for message in result.link:
-                await self._link_ready.wait()
-                assert self.sender is not None
                 t0 = time.perf_counter()
-                await self.sender.send(message)
+                await self._send_link(message)
                 dt = time.perf_counter() - t0
                 t.link_send_s += dt
                 LINK_TIME.labels(stage=self.stage_id, direction="send").observe(dt)
             for chunk in result.finished:
                 self._publish(chunk)
+            REPLAYED.labels(stage=self.stage_id).inc(result.replayed)
             self.streams = set(worker.streams)
             self._sync_drop_metrics(worker)
 

@@ -91,6 +91,7 @@ class _Stream:
     last_seq: int = -1
     prepared: bool = False
     in_flight: dict[tuple[int, int], float] = field(default_factory=dict)  # returns to come: (seq, step) → deadline
+    epoch: int = 0  # the block-map epoch this state was built under (a failure epoch discards older ones)
 
 
 @dataclass
@@ -146,6 +147,7 @@ class StageOutput:
     items: int = 0
     compute_s: float = 0.0
     times: BlockTimes | None = None
+    replayed: int = 0  # replayed chunks finished (last stage): they rebuilt KV, nothing to publish
 
 
 class StageWorker:
@@ -181,6 +183,11 @@ class StageWorker:
         self.change: EpochChange | None = None
         self._moves: dict[tuple[int, str], dict[str, list[ShardMove]]] = {}  # (epoch, old owner) → stream → parts
         self._move_ends: dict[tuple[int, str], ShardMoveEnd] = {}
+        self.floor = 0
+        """Oldest epoch whose items may still run here: a failure epoch raises it (``recover``)."""
+        self.replayed = 0
+        """Replayed chunks finished here (last stage): they rebuilt KV and were not published."""
+        self.recovered_streams = 0
 
     @property
     def epoch(self) -> int:
@@ -228,12 +235,11 @@ class StageWorker:
             return False
         f, c, h, w = chunk.latent.shape
         st = self.streams.get(chunk.stream_id)
-        if chunk.seq == 0:
+        if chunk.seq == 0 or st is None:  # a stream's start, or its segment's prepare chunk replayed after a failure
             if st is not None:
                 self._free(chunk.stream_id)
-            st = self._new_stream(chunk.stream_id, len(chunk.timesteps), (h, w))
-            st.seed = seed
-        assert st is not None
+            st = self._new_stream(chunk.stream_id, len(chunk.timesteps), (h, w), self.epoch)
+            st.segment, st.segment_start, st.seed = chunk.segment, chunk.seq, segment_seed(seed, chunk.segment)
         st = self._segment_for(st, chunk, seed)
         st.last_seq = chunk.seq
         meta = RingItem(
@@ -248,8 +254,11 @@ class StageWorker:
         ns = chunk.noise_scale
         x = ns * eps + (1 - ns) * z.to(device=self.model.device, dtype=torch.float32)
         st.new.append(_Pending(meta, x, now))
-        while len(st.new) > self.max_queued_chunks:
-            old = st.new.popleft()
+        # the cap bounds live chunks; replayed ones are bounded by ingest's ring and must all run, or the
+        # caches they rebuild would have a hole
+        live = [p for p in st.new if not p.meta.replay]
+        for old in live[: max(0, len(live) - self.max_queued_chunks)]:
+            st.new.remove(old)
             self.dropped["queue_full"] += 1
             log.info("chunk %s/%d dropped: stream queue full", old.meta.stream_id, old.meta.seq)
         return True
@@ -284,7 +293,7 @@ class StageWorker:
     def _refuse_chunk(self, chunk: LatentChunk, now: float) -> str:
         if chunk.epoch < self._admit_from:
             return "stale_epoch"
-        if chunk.deadline <= now:
+        if chunk.deadline <= now and not chunk.replay:
             return "deadline"
         lat = chunk.latent
         cfg = self.model.config
@@ -296,7 +305,7 @@ class StageWorker:
         if chunk.rope_start + lat.shape[0] > cfg.rope_max_seq_len:
             return "bad_shape"
         st = self.streams.get(chunk.stream_id)
-        if chunk.seq == 0:
+        if chunk.seq == 0 or (st is None and chunk.latent_start == 0):
             return ""
         if st is None:
             return "unprepared"  # joined mid-stream: no prepare chunk to build the caches from
@@ -317,6 +326,9 @@ class StageWorker:
         """First stage: take back items the last stage re-noised to their next step."""
         now = self.clock()
         for row, meta in enumerate(ret.items):
+            if meta.epoch < self.floor:
+                self.dropped["stale_epoch"] += 1  # ran on state a failure epoch discarded
+                continue
             st = self.streams.get(meta.stream_id)
             if st is None:
                 self.dropped["unknown_stream"] += 1
@@ -335,6 +347,9 @@ class StageWorker:
     def add_items(self, msg: StageItems | EpochSwitch) -> None:
         """Middle and last stages: queue a micro-step (or the epoch switch marker) from the previous stage (run in
         arrival order)."""
+        if isinstance(msg, StageItems) and msg.epoch < self.floor:
+            self.dropped["stale_epoch"] += len(msg.items)
+            return
         self.incoming.append(msg)
 
     def add_shard_move(self, msg: ShardMove | ShardMoveEnd) -> None:
@@ -387,6 +402,10 @@ class StageWorker:
                 if msg.epoch > self._epoch:
                     return i
                 del self.incoming[i]  # a marker of an epoch a hard switch has passed
+                continue
+            if msg.epoch < self.floor:  # a failure epoch passed it: its KV is gone
+                del self.incoming[i]
+                self.dropped["stale_epoch"] += len(msg.items)
                 continue
             if msg.epoch <= self._epoch:
                 return i
@@ -525,6 +544,28 @@ class StageWorker:
             else:
                 self.model.set_prompt(view, emb, version)
 
+    def recover(self, epoch: int) -> None:
+        """A failure epoch began: some KV of every stream is lost somewhere in the ring, so no state built under
+        an older epoch can be trusted. Drop it, with every queued item of an older epoch (counted as
+        ``stale_epoch``); ingest replays each stream from its prepare chunk, which builds the state afresh.
+        Idempotent and selective: state and items of ``epoch`` or newer (a replay that came first) stay."""
+        self.floor = max(self.floor, epoch)
+        for sid in [sid for sid, st in self.streams.items() if st.epoch < self.floor]:
+            self._free(sid, reason="stale_epoch")
+            self.recovered_streams += 1
+        for st in self.streams.values():
+            for q in (st.new, *st.returns.values()):
+                stale = [p for p in q if p.meta.epoch < self.floor]
+                for p in stale:
+                    q.remove(p)
+                self.dropped["stale_epoch"] += len(stale)
+        stale_msgs = [m for m in self.incoming if m.epoch < self.floor]
+        for m in stale_msgs:
+            self.incoming.remove(m)
+            if isinstance(m, StageItems):
+                self.dropped["stale_epoch"] += len(m.items)
+        self.forwarded.clear()  # the next stage may be new: hand the prompts down again
+
     def end_stream(self, stream_id: str) -> None:
         """Free everything this stage holds for a stream (its items still in flight will be dropped)."""
         if stream_id in self.streams:
@@ -533,16 +574,16 @@ class StageWorker:
         self.prompts.pop(stream_id, None)
         self.forwarded = {k for k in self.forwarded if k[0] != stream_id}
 
-    def _free(self, stream_id: str) -> None:
+    def _free(self, stream_id: str, reason: str = "stream_ended") -> None:
         st = self.streams.pop(stream_id)
         nxt = self.successors.pop(stream_id, None)
         dropped = len(st.new) + sum(len(q) for q in st.returns.values()) + (len(nxt.new) if nxt else 0)
         if dropped:
-            self.dropped["stream_ended"] += dropped
+            self.dropped[reason] += dropped
 
-    def _new_stream(self, stream_id: str, steps: int, latent_hw: tuple[int, int]) -> _Stream:
+    def _new_stream(self, stream_id: str, steps: int, latent_hw: tuple[int, int], epoch: int) -> _Stream:
         state = self.model.new_state(stream_id, steps, latent_hw, self.window, self.sink, self.adaptive_threshold)
-        st = _Stream(stream_id, steps, latent_hw, state, slot_next=[0] * steps)
+        st = _Stream(stream_id, steps, latent_hw, state, slot_next=[0] * steps, epoch=epoch)
         self.streams[stream_id] = st
         return st
 
@@ -576,10 +617,11 @@ class StageWorker:
 
     def _refuse_item(self, meta: RingItem, now: float) -> str:
         """Why a queued item must not enter the next micro-step (empty: it may). A prepare chunk that has begun
-        always completes: without it the stream has no caches."""
+        always completes: without it the stream has no caches; so does a replayed chunk (bounded by ingest's
+        ring): without it the rebuilt caches would miss a frame the reference has."""
         if meta.step == 0 and meta.epoch < self._admit_from:
             return "stale_epoch"  # the block map changed while it was queued
-        if meta.deadline <= now and not (meta.latent_start == 0 and meta.step > 0):
+        if meta.deadline <= now and not meta.replay and not (meta.latent_start == 0 and meta.step > 0):
             return "deadline"
         return ""
 
@@ -701,12 +743,16 @@ class StageWorker:
         latents: list[torch.Tensor] = []
         for row, meta in enumerate(items):
             x0_k = x0[row : row + 1]
+            if meta.step == meta.steps - 1 and meta.replay:
+                self.replayed += 1  # it rebuilt this stream's KV; its output was shown (or lost) before
+                out.replayed += 1
+                continue
             if meta.step == meta.steps - 1:
                 out.finished.append(LatentChunk(
                     stream_id=meta.stream_id, seq=meta.seq, epoch=meta.epoch, latent_start=meta.latent_start,
                     rope_start=meta.rope_start, capture_time=meta.capture_time, deadline=meta.deadline,
                     prompt_version=meta.prompt_version, noise_scale=meta.noise_scale, timesteps=list(meta.timesteps),
-                    segment=meta.segment, replay=meta.replay, latent=x0_k[0].permute(1, 0, 2, 3).contiguous().cpu(),
+                    segment=meta.segment, latent=x0_k[0].permute(1, 0, 2, 3).contiguous().cpu(),
                 ))
                 continue
             k = meta.step + 1
@@ -724,7 +770,7 @@ class StageWorker:
         if not self.is_first and meta.latent_start == 0 and meta.step == 0:  # a stream's or a segment's start
             if st is not None:
                 self._free(meta.stream_id)
-            st = self._new_stream(meta.stream_id, meta.steps, (noisy.shape[-2], noisy.shape[-1]))
+            st = self._new_stream(meta.stream_id, meta.steps, (noisy.shape[-2], noisy.shape[-1]), meta.epoch)
             st.segment, st.segment_start = meta.segment, meta.seq
         if st is None:
             self.dropped["unknown_stream"] += 1

@@ -20,6 +20,11 @@ What it speaks on the bus (subjects from ``proto.Subjects`` only):
   a ``cut`` request starts a new warm-up segment at that chunk (``LatentChunk.segment``, docs/architecture.md).
 - ``rheo.stream.<id>.event``: ``StreamEvent`` ``live`` at start, ``ended`` (with the last published seq) at end.
 
+Recovery (docs/recovery.md): per stream a ``ReplayRing`` keeps the segment's prepare and sink chunks and the last
+K published chunks; when the block map moves to a ``failure`` epoch, every live stream's ring is republished, in
+order and through the same credit window, with ``replay=True``, the new epoch and fresh deadlines, before any
+further live chunk.
+
 Streams are authorised against the stream table (``services.streams``) at RTMP ``publish``; a refusal reaches the
 client as the ``onStatus`` description. See docs/ingest-service.md.
 """
@@ -52,6 +57,7 @@ from encoder.motion import MotionNoiseConfig, MotionNoiseController, MotionNoise
 from encoder.prompt import PromptEncoder, trim_padding
 from encoder.vae import StreamVAE, StreamVAEState
 from ingest.pacing import RawChunk
+from ingest.replay import ReplayRing, sink_chunks, window_chunks
 from ingest.server import Decision, IngestStream, RtmpServer, StreamShape
 from proto import (
     Ack,
@@ -85,6 +91,7 @@ log = logging.getLogger("rheo.ingest")
 
 CHUNKS_PUBLISHED = Counter("rheo_ingest_chunks_published_total", "latent chunks published to the first DiT stage")
 CHUNKS_DROPPED = Counter("rheo_ingest_chunks_dropped_total", "chunks dropped by ingest, by reason", ["reason"])
+CHUNKS_REPLAYED = Counter("rheo_ingest_chunks_replayed_total", "latent chunks republished to rebuild lost KV")
 ENCODE_SECONDS = Histogram("rheo_ingest_encode_seconds", "VAE encode + motion estimate time per chunk",
                            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0))
 PROMPT_REQUESTS = Counter("rheo_ingest_prompt_requests_total", "prompt change requests, by result", ["result"])
@@ -209,8 +216,8 @@ class IngestStreamState:
     answers; a `cut` answers the first chunk of the new segment), ``last_seq`` the last one published.
     ``segment``/``segment_start``: the warm-up segment being encoded and the seq of its prepare chunk (latent and
     RoPE positions count from it). ``versions``: (first seq, prompt version) per accepted change, in order; a
-    chunk takes the last one that has begun. ``replay`` holds the last ``ingest.replay_chunks`` published
-    chunks, for rebuilding a lost DiT stage's KV cache (issue 7).
+    chunk takes the last one that has begun. ``replay`` holds the segment's prepare and sink chunks and the last
+    ``ingest.replay_chunks`` published chunks, for rebuilding a lost DiT stage's KV cache (docs/recovery.md).
     """
 
     spec: StreamSpec
@@ -219,7 +226,7 @@ class IngestStreamState:
     prompt_version: int = 0
     next_seq: int = 0
     last_seq: int | None = None
-    replay: collections.deque[LatentChunk] = field(default_factory=collections.deque)
+    replay: ReplayRing = field(default_factory=lambda: ReplayRing(0, 0))
     segment: int = 0
     segment_start: int = 0
     versions: list[tuple[int, int]] = field(default_factory=list)
@@ -228,9 +235,11 @@ class IngestStreamState:
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @classmethod
-    def new(cls, spec: StreamSpec, prompt_version: int, replay_chunks: int) -> IngestStreamState:
+    def new(cls, spec: StreamSpec, prompt_version: int, replay_chunks: int,
+            replay_head: int = 0) -> IngestStreamState:
+        """``replay_chunks``: the ring's depth K; ``replay_head``: sink chunks kept after the prepare chunk."""
         return cls(spec=spec, vae=StreamVAEState(), motion=motion_controller(spec).new_state(),
-                   prompt_version=prompt_version, replay=collections.deque(maxlen=replay_chunks),
+                   prompt_version=prompt_version, replay=ReplayRing(replay_chunks, replay_head),
                    versions=[(0, prompt_version)])
 
     @property
@@ -259,8 +268,10 @@ class IngestStreamState:
             "prompt_version": self.prompt_version,
             "next_seq": self.next_seq,
             "last_seq": self.last_seq,
-            "replay": [frame(c.encode()) for c in self.replay],
-            "replay_chunks": self.replay.maxlen,
+            "replay_head": [frame(c.encode()) for c in self.replay.head],
+            "replay": [frame(c.encode()) for c in self.replay.tail],
+            "replay_chunks": self.replay.depth,
+            "replay_head_chunks": self.replay.head_chunks,
             "segment": self.segment,
             "segment_start": self.segment_start,
             "versions": [list(v) for v in self.versions],
@@ -275,8 +286,10 @@ class IngestStreamState:
     @classmethod
     def from_bytes(cls, blob: bytes) -> IngestStreamState:
         d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        replay = collections.deque((decode(t.numpy().tobytes(), LatentChunk) for t in d["replay"]),
-                                   maxlen=d["replay_chunks"])
+        replay = ReplayRing(int(d["replay_chunks"]), int(d["replay_head_chunks"]))
+        replay.head = [decode(t.numpy().tobytes(), LatentChunk) for t in d["replay_head"]]
+        replay.tail.extend(decode(t.numpy().tobytes(), LatentChunk) for t in d["replay"])
+        replay.segment = next((c.segment for c in reversed([*replay])), None)
         return cls(spec=decode(d["spec"].numpy().tobytes(), StreamSpec), vae=StreamVAEState.from_dict(d["vae"]),
                    motion=MotionNoiseState.from_dict(d["motion"]), prompt_version=int(d["prompt_version"]),
                    next_seq=int(d["next_seq"]), last_seq=d["last_seq"], replay=replay,
@@ -313,6 +326,7 @@ class _Live:
     stream: IngestStream
     subs: list[Subscription] = field(default_factory=list)
     last_credit_progress: float = field(default_factory=time.monotonic)
+    publishing: asyncio.Lock = field(default_factory=asyncio.Lock)  # live chunks and a replay never interleave
 
 
 class IngestService(Service):
@@ -329,6 +343,7 @@ class IngestService(Service):
         self._specs: dict[str, StreamSpec] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watch: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         # Model work (VAE encode, umT5) runs on one thread: the event loop keeps serving RTMP and NATS, and one
         # stream's chunks are encoded strictly in order.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-model")
@@ -371,10 +386,16 @@ class IngestService(Service):
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
+        background = [*self._background, *([self._watch] if self._watch is not None else [])]
+        for t in background:
+            t.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         self._compute.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _watch_blockmap(self, kv: KV) -> None:
         """Track the current block-map epoch: every chunk enters the DiT under the epoch current at publish."""
@@ -384,9 +405,15 @@ class IngestService(Service):
                     if entry.value is None:
                         continue
                     try:
-                        self.epoch = decode(entry.value, BlockMap, kv.limits).epoch
+                        bm = decode(entry.value, BlockMap, kv.limits)
                     except ProtocolError as e:
                         log.warning("ignored a malformed block map in %s: %s", Buckets.BLOCKMAP, e)
+                        continue
+                    newer = bm.epoch > self.epoch
+                    self.epoch = bm.epoch
+                    if newer and bm.reason == "failure":
+                        for live in list(self.live.values()):
+                            self._spawn(self._replay(live, bm.epoch), f"replay-{live.state.stream_id}")
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a NATS hiccup: keep the last epoch, watch again
@@ -472,7 +499,7 @@ class IngestService(Service):
         try:
             record = await self.table.update(sid, lambda r: r.model_copy(update={"state": "live"}))
             spec = record.spec if not self._unservable(record.spec) else spec
-            state = IngestStreamState.new(spec, record.prompt_version, self.settings.ingest.replay_chunks)
+            state = IngestStreamState.new(spec, record.prompt_version, *self.replay_depth())
             window = await self.bus.credit_window(Subjects.stream_latent(sid),
                                                   self.settings.nats.credit_window_bytes).start()
             live = _Live(state, window, stream.chunker.clock, stream)
@@ -569,7 +596,13 @@ class IngestService(Service):
             log.warning("stream %s chunk %d dropped: encode failed: %s: %s", state.stream_id, raw.seq,
                         type(e).__name__, e)
             return
-        clock, c = live.clock, raw.seq - state.segment_start  # the chunk's index in its segment
+        async with live.publishing:  # a replay in progress goes first; the epoch is the one current at publish
+            await self._publish(live, raw, latent, scale, deadline, version)
+
+    async def _publish(self, live: _Live, raw: RawChunk, latent: torch.Tensor, scale: float, deadline: float,
+                       version: int) -> None:
+        state, spec, clock = live.state, live.state.spec, live.clock
+        c = raw.seq - state.segment_start  # the chunk's index in its segment
         chunk = LatentChunk(stream_id=state.stream_id, seq=raw.seq, epoch=self.epoch,
                             latent_start=clock.latent_start(c), rope_start=clock.rope_start(c),
                             capture_time=raw.frame_times[0], deadline=deadline, prompt_version=version,
@@ -596,8 +629,41 @@ class IngestService(Service):
         live.last_credit_progress = time.monotonic()
         state.last_seq = raw.seq
         state.published += 1
-        state.replay.append(chunk)
+        state.replay.add(chunk)
         CHUNKS_PUBLISHED.inc()
+
+    def replay_depth(self) -> tuple[int, int]:
+        """(K, sink chunks) of every stream's replay ring: ``ingest.replay_chunks``, or the rolling KV window."""
+        dit = self.settings.dit_stage
+        depth = self.settings.ingest.replay_chunks
+        if depth is None:
+            depth = window_chunks(dit.kv_window, dit.sink)
+        return depth, sink_chunks(dit.sink)
+
+    async def _replay(self, live: _Live, epoch: int) -> None:
+        """Republish the stream's ring under failure epoch ``epoch``, before any further live chunk."""
+        state = live.state
+        async with live.publishing:
+            chunks = list(state.replay)
+            sent = 0
+            for chunk in chunks:
+                if self.epoch != epoch or self.live.get(state.stream_id) is not live:
+                    break  # a newer failure epoch replays again; an ended stream needs nothing
+                budget = state.spec.slo.max_latency_ms / 1000.0
+                again = chunk.model_copy(update={"replay": True, "epoch": epoch, "deadline": time.time() + budget})
+                try:
+                    await live.window.publish(again, timeout=budget)
+                except (CreditTimeout, PayloadTooLarge, nats.errors.Error) as e:
+                    state.drop("replay_error")
+                    log.warning("stream %s: replay of chunk %d under epoch %d failed: %s", state.stream_id,
+                                chunk.seq, epoch, e)
+                    self._maybe_reset_credit(live)
+                    continue
+                live.last_credit_progress = time.monotonic()
+                sent += 1
+                CHUNKS_REPLAYED.inc()
+            log.info("stream %s: replayed %d of %d chunks (seq %s) under failure epoch %d", state.stream_id, sent,
+                     len(chunks), [c.seq for c in chunks], epoch)
 
     def _maybe_reset_credit(self, live: _Live) -> None:
         """Credits lost with a restarted (or absent) consumer never come back: after a while, start afresh."""

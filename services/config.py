@@ -116,7 +116,10 @@ class IngestSettings(Section):
     max_width: int = Field(1920, gt=0, description="widest input video accepted")
     max_height: int = Field(1080, gt=0, description="tallest input video accepted")
     chunk_queue_depth: int = Field(4, ge=1, description="chunks queued per stream before the oldest is dropped")
-    replay_chunks: int = Field(8, ge=0, description="latent chunks kept per stream for replay after a failure")
+    replay_chunks: int | None = Field(
+        None, ge=0, description="latest latent chunks kept per stream (besides the prepare and sink chunks) and "
+        "replayed after a stage failure; null: enough to refill the KV window (dit_stage.kv_window - sink)"
+    )
     admission_timeout_s: float = Field(
         2.0, gt=0, description="wait for the controller's admission answer at RTMP publish (no controller: admit)"
     )

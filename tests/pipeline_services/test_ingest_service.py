@@ -295,20 +295,21 @@ async def test_chunks_past_their_deadline_are_dropped_and_counted(ingest: Ingest
 
 def test_stream_state_round_trips_with_a_bounded_replay_ring() -> None:
     spec = StreamSpec(stream_id="s1", width=SIZE, height=SIZE, fps=16.0, steps=2, prompt="p")
-    state = IngestStreamState.new(spec, prompt_version=2, replay_chunks=3)
+    state = IngestStreamState.new(spec, prompt_version=2, replay_chunks=3, replay_head=1)
     vae = StreamVAE(make_tiny_vae(0))
     frames = torch.rand(1, 3, 5, SIZE, SIZE) * 2 - 1
     vae.encode(state.vae, frames)
-    for seq in range(5):
-        state.replay.append(LatentChunk(stream_id="s1", seq=seq, epoch=0, latent_start=seq, rope_start=seq,
+    for seq in range(7):
+        state.replay.add(LatentChunk(stream_id="s1", seq=seq, epoch=0, latent_start=seq, rope_start=seq,
                                         capture_time=1.0, deadline=2.0, prompt_version=2, noise_scale=0.8,
                                         timesteps=chunk_timesteps(2, 0.8), latent=torch.randn(1, 4, 8, 8)))
-    state.next_seq, state.last_seq = 5, 4
+    state.next_seq, state.last_seq = 7, 6
     state.drop("deadline")
     back = IngestStreamState.from_bytes(state.to_bytes())
-    assert [c.seq for c in back.replay] == [2, 3, 4] and back.replay.maxlen == 3
+    # the prepare chunk and the sink chunk, then the last 3
+    assert [c.seq for c in back.replay] == [0, 1, 4, 5, 6] and back.replay.depth == 3
     assert all(torch.equal(a.latent, b.latent) for a, b in zip(state.replay, back.replay, strict=True))
-    assert back.spec == spec and (back.prompt_version, back.next_seq, back.last_seq) == (2, 5, 4)
+    assert back.spec == spec and (back.prompt_version, back.next_seq, back.last_seq) == (2, 7, 6)
     assert back.dropped == {"deadline": 1} and back.vae.frames_encoded == 5
     # the restored VAE cache continues the stream exactly like the original
     more = torch.rand(1, 3, 4, SIZE, SIZE) * 2 - 1
