@@ -86,6 +86,8 @@ async def test_timed_stages_rebalance_fail_and_rejoin(nats_settings: NatsSetting
                 await asyncio.sleep(0.125)
 
         feeder = asyncio.create_task(feed())
+        # from the moment the controller has timing of every stage (the stream is running through the ring)
+        await eventually(lambda: set(svc.cost.reports) >= set(ids) or svc.block_map.epoch != e0, timeout=60)
         t0 = time.monotonic()
         await eventually(lambda: svc.block_map.epoch == e0 + 1, timeout=30)
         took = time.monotonic() - t0
