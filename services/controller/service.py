@@ -31,6 +31,7 @@ from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Gauge
 
 from dit_stage.config import WanDiTConfig
+from dit_stage.rebalance import offline_reason
 from proto import (
     CHANNELS,
     Ack,
@@ -353,6 +354,14 @@ class ControllerService(Service):
             return
         reason: BlockMapReason = "failure" if failed else "join"
         stages = self._split(members)
+        if reason == "join":
+            probe = BlockMap(epoch=self.block_map.epoch + 1, num_blocks=self.block_map.num_blocks, stages=stages,
+                             reason="join")
+            why = offline_reason(self.block_map, probe)
+            if why:  # e.g. the first stage comes back: no KV can move, so streams are rebuilt by replay
+                log.warning("stages %s rejoin but KV cannot move online (%s): announced as a failure epoch", joined,
+                            why)
+                reason = "failure"
         self._record({"kind": reason, "failed": failed, "joined": joined, "map": _pairs(stages), "applied": True})
         log.warning("stages %s: %s; new epoch over %s", reason, failed or joined, members)
         await self._publish_map(stages, reason)
