@@ -165,6 +165,10 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                 reply = None  # not live: ingest reads the new prompt from the table when the stream starts
             if isinstance(reply, Error):
+                # the stream keeps the prompt it runs: put the text back (the version stays spent, versions only grow)
+                await table.update(stream_id, lambda r: r.model_copy(
+                    update={"spec": r.spec.model_copy(update={"prompt": spec.prompt})}) if r.prompt_version == version
+                    else r)
                 raise HTTPException(status.HTTP_409_CONFLICT, f"ingest refused the prompt: {reply.message}")
             if isinstance(reply, Ack) and reply.ref.isdigit():
                 effective = int(reply.ref)

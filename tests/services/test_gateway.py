@@ -116,7 +116,11 @@ async def test_live_prompt_change_reports_the_effective_seq(nats_settings: NatsS
 
     async def ingest(update: PromptUpdate, raw) -> None:
         updates.append(update)
-        await bus.respond(raw, Ack(ref="12"))
+        if update.prompt == "too long":
+            await bus.respond(raw, Error(code="prompt_too_long", message="the prompt has too many tokens",
+                                         stream_id=update.stream_id))
+        else:
+            await bus.respond(raw, Ack(ref="12"))
 
     async with _gateway(nats_settings, eventually) as (_service, http):
         sid = (await http.post("/v1/streams", json={"prompt": "first"})).json()["id"]
@@ -133,11 +137,15 @@ async def test_live_prompt_change_reports_the_effective_seq(nats_settings: NatsS
         assert body["effective_seq"] == 12 and body["prompt_version"] == 2
         assert body["spec"]["prompt"] == "third"
         assert updates[-1].mode == "blend" and updates[-1].blend_chunks == 6 and updates[-1].version == 2
+        r = await http.patch(f"/v1/streams/{sid}", json={"prompt": "too long"})
+        assert r.status_code == 409 and "too many tokens" in r.json()["detail"]
+        kept = (await http.get(f"/v1/streams/{sid}")).json()
+        assert kept["spec"]["prompt"] == "third"  # the refused prompt is not recorded as the stream's
         await sub.unsubscribe()
 
         r = await http.patch(f"/v1/streams/{sid}", json={"steps": 3, "noise_scale": 0.7})
         assert r.json()["spec"]["steps"] == 3 and r.json()["spec"]["noise"]["noise_scale"] == 0.7
-        assert r.json()["prompt_version"] == 2  # no prompt change, no new version
+        assert r.json()["prompt_version"] == 3  # no prompt change, no new version (3: the refused one is spent)
         assert (await http.patch(f"/v1/streams/{sid}", json={"mode": "fade"})).status_code == 422
 
 
