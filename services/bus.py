@@ -17,6 +17,7 @@ import contextlib
 import logging
 import random
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -97,6 +98,16 @@ class Bus:
         self.stats = BusStats()
         self._js = nc.jetstream()
 
+    @property
+    def since_reconnect(self) -> float | None:
+        """Seconds since the connection to NATS was last re-established (0 while disconnected, None if it never
+        dropped). Whoever judges others by silence (the controller's heartbeat budget) must not count time it
+        could not hear them."""
+        if not self.nc.is_connected:
+            return 0.0
+        at = getattr(self.nc, "_rheo_reconnected_at", None)
+        return None if at is None else time.monotonic() - at
+
     @classmethod
     async def connect(
         cls,
@@ -117,6 +128,7 @@ class Bus:
                 log.warning("nats %s: disconnected; reconnecting", name)
 
         async def on_reconnect() -> None:
+            nc._rheo_reconnected_at = time.monotonic()  # type: ignore[attr-defined]
             log.info("nats %s: reconnected", name)
 
         options: dict[str, Any] = dict(

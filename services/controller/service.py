@@ -335,6 +335,10 @@ class ControllerService(Service):
         ids = self.stage_ids()
         in_map = [s.stage_id for s in self.block_map.stages]
         budget = self.cfg.heartbeat_miss_s
+        assert self.bus is not None
+        since = self.bus.since_reconnect
+        if since is not None and since < budget + self.settings.nats.reconnect_wait_max_s:
+            return  # NATS was away: the silence was ours, and the stages may still be reconnecting
         failed = []
         for sid in in_map:
             m = self.members.get(sid)
