@@ -1,15 +1,19 @@
-"""GPU-only checks (skipped without CUDA): CUDA-graph replay equals eager, bf16 stays close to fp32.
+"""GPU-only checks (skipped without CUDA): CUDA-graph replay equals eager, bf16 stays close to fp32, per-block
+CUDA-event timing accounts for the forward.
 
 The functions take no fixtures so they can also be run directly on a lent GPU machine without pytest.
 """
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from dit_stage.graphs import GraphedDiT
 from dit_stage.state import SlotItem
+from dit_stage.timing import BlockTimer
 
 from .helpers import LATENT_HW, context, random_model
 
@@ -63,3 +67,24 @@ def test_bf16_close_to_fp32():
     for a, b in zip(want, got, strict=True):
         cos = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)
         assert cos > 0.999
+
+
+def test_block_timer_accounts_for_the_forward_on_cuda():
+    """CUDA events per block (what StageStats.block_ms reports): every owned block timed, and the parts account for
+    the forward's synchronised wall time."""
+    model = random_model(num_layers=4, seed=5, dtype=torch.float32).cuda()
+    state = model.new_state("s", 1, LATENT_HW, window=5, sink=2, adaptive_threshold=None)
+    model.set_prompt(state, context(dtype=torch.float32).to(model.device, model.dtype))
+    grid = model.grid_of(1, *LATENT_HW)
+    x = torch.randn(1, 4, 1, *LATENT_HW).cuda()
+    for c in range(3):  # warm-up (allocations, kernels)
+        model(x, [SlotItem(state, 0, c, c, 500.0)], grid, noisy=x, sigmas=[0.5])
+    torch.cuda.synchronize()
+    batch = model.prepare_batch([SlotItem(state, 0, 3, 3, 500.0)], grid, [0.5])
+    t0 = time.perf_counter()
+    timer = BlockTimer(model.device)
+    model.run(x, batch, x, timer=timer)
+    times = timer.collect()
+    wall = time.perf_counter() - t0
+    assert sorted(times.blocks) == model.block_ids and all(t > 0 for t in times.blocks.values())
+    assert times.total <= wall * 1.05 and times.total >= 0.5 * wall, (times, wall)
