@@ -9,7 +9,7 @@ current when sent) faster than the ring can go, so the ring runs saturated from 
 * the controller's ``rebalance`` epoch, to the DP optimum, arrives within 10 s of the stats showing the imbalance
   (every stage has reported a busy window of the first epoch: dit-1's blocks cost twice the others'), and every
   stage runs micro-steps under it within 10 s too. The two differ by the backlog: the switch marker follows the
-  items already queued at the slow stage (FIFO, docs/rebalance.md), ~4 s of them here;
+  items already queued at the slow stage (FIFO, docs/rebalance.md), ~3 s of them here;
 * every x0 chunk arrives, each equal to the single-process reference (StreamBatchRunner, fp32, atol 1e-5); no stage
   counts a drop (``rheo_dit_stage_dropped_total`` scraped from each process' /metrics);
 * throughput, x0 chunks/s of the backlog, before the change (even split) and after every stage has switched.
