@@ -1,18 +1,18 @@
 """Online rebalancing benchmark in the timed stand-in mode: one JSON line per run.
 
 A private nats-server, the controller (adaptive), three ``dit-stage`` processes in timed mode (tiny model, each
-micro-step sleeps to ``--block-ms`` per block; ``dit-1`` slowed by ``--slowdown``) and a stream fed at
-``--chunk-rate`` chunks/s. The map starts even; the controller sees the slow stage in its StageStats and moves
-blocks. Reported:
+micro-step sleeps to ``--block-ms`` per block; ``dit-1`` slowed by ``--slowdown``) and one stream fed at
+``--chunk-rate`` chunks/s, above what the ring can do, so it runs saturated from a backlog. Deadlines are far and the
+stages' queue cap is high (``--max-queued-chunks``): overload does not drop, so every missing chunk is one the
+change lost. The map starts even; the controller sees the slow stage in its StageStats and moves blocks (KV shards
+migrate, docs/rebalance.md). Feeding stops ``--measure-s`` after every stage runs the new map; the backlog drains.
 
-* ``time_to_rebalance_s``: the stream's first finished chunk → the ``rebalance`` epoch;
-* ``fps_before`` / ``fps_after``: output frames/s (4 per chunk) before the change, and after it (of a stream started
-  after the change, when the first one did not survive it);
-* ``frames_dropped``: frames of chunks fed from 0.5 s before the change to 2 s after it that never came out.
-
-Until stages migrate KV shards on a range change, they reload and drop every stream's state: the first stream
-ends at the change (``frames_dropped`` counts the rest of its chunks in that window) and ``fps_after`` comes from a
-new stream. With migration the first stream goes on and ``frames_dropped`` should be 0.
+* ``time_to_rebalance_s``: the stream's first finished chunk → the controller's ``rebalance`` epoch;
+* ``time_to_switched_s``: the same → every stage has run a micro-step under it (after the items queued at the slow
+  stage under the old map: the switch marker follows them);
+* ``fps_before`` / ``fps_after``: output frames/s (4 per chunk) of the saturated ring before the epoch, and after
+  every stage switched;
+* ``frames_dropped``: frames of fed chunks that never came out (after the backlog drained).
 
     python bench/rebalance.py                  # --slowdown 2 --block-ms 10 --chunk-rate 16
 """
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dit_stage.stream_batch import StreamBatchConfig  # noqa: E402
-from proto import CHANNELS, Heartbeat, LatentChunk, PromptUpdate, Subjects  # noqa: E402
+from proto import CHANNELS, Heartbeat, LatentChunk, PromptUpdate, StageStats, Subjects  # noqa: E402
 from services.bus import Bus  # noqa: E402
 from services.config import NatsSettings, Settings  # noqa: E402
 from services.controller.service import ControllerService  # noqa: E402
@@ -51,24 +51,24 @@ FRAMES_PER_CHUNK = 4
 CONFIG = StreamBatchConfig(steps=2, noise_scale=0.7)
 
 
-def _stage(url: str, stage_id: str, block_ms: float, slowdown: float) -> subprocess.Popen[bytes]:
+def _stage(url: str, stage_id: str, block_ms: float, slowdown: float, max_queued: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RHEO_NATS__URL": url,
            "RHEO_TELEMETRY__METRICS_PORT": "0", "RHEO_LIFECYCLE__HTTP_HOST": "127.0.0.1",
            "RHEO_LIFECYCLE__HEARTBEAT_INTERVAL_S": "0.2", "RHEO_MODEL__DEVICE": "cpu", "RHEO_MODEL__DTYPE": "float32",
            "RHEO_DIT_STAGE__STAGE_ID": stage_id, "RHEO_DIT_STAGE__LINK_HOST": "127.0.0.1",
            "RHEO_DIT_STAGE__LINK_PORT": "0", "RHEO_DIT_STAGE__ADVERTISE_HOST": "127.0.0.1",
-           "RHEO_DIT_STAGE__STATS_INTERVAL_S": "0.5", "RHEO_DIT_STAGE__MAX_QUEUED_CHUNKS": "4",
+           "RHEO_DIT_STAGE__STATS_INTERVAL_S": "0.5", "RHEO_DIT_STAGE__MAX_QUEUED_CHUNKS": str(max_queued),
            "RHEO_DIT_STAGE__TIMED_BLOCK_MS": str(block_ms), "RHEO_DIT_STAGE__SLOWDOWN": str(slowdown)}
     return subprocess.Popen([sys.executable, "-m", "dit_stage.service"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _chunk(stream_id: str, c: int, epoch: int) -> LatentChunk:
+def _chunk(stream_id: str, c: int, epoch: int, deadline_s: float) -> LatentChunk:
     clock = CONFIG.clock()
     g = torch.Generator().manual_seed(c)
     now = time.time()
     return LatentChunk(stream_id=stream_id, seq=c, epoch=epoch, latent_start=clock.latent_start(c),
-                       rope_start=clock.rope_start(c), capture_time=now, deadline=now + 10.0, prompt_version=0,
+                       rope_start=clock.rope_start(c), capture_time=now, deadline=now + deadline_s, prompt_version=0,
                        noise_scale=CONFIG.noise_scale,
                        timesteps=[CONFIG.first_timestep(CONFIG.noise_scale), *CONFIG.timesteps[1:]],
                        latent=torch.randn(2 if c == 0 else 1, 4, 4, 6, generator=g))
@@ -83,16 +83,19 @@ class Stream:
         self.out: dict[int, float] = {}
 
     def fps(self, t0: float, t1: float) -> float:
-        n = sum(1 for t in self.out.values() if t0 <= t < t1)
-        return FRAMES_PER_CHUNK * n / max(t1 - t0, 1e-9)
+        """Frames/s between the first and the last output inside [t0, t1)."""
+        inside = sorted(t for t in self.out.values() if t0 <= t < t1)
+        if len(inside) < 2:
+            return 0.0
+        return FRAMES_PER_CHUNK * (len(inside) - 1) / (inside[-1] - inside[0])
 
 
-async def _feed(bus: Bus, stream: Stream, rate: float, epoch) -> None:
+async def _feed(bus: Bus, stream: Stream, rate: float, epoch, deadline_s: float) -> None:
     await bus.publish(Subjects.stream_prompt(stream.stream_id), PromptUpdate(
         stream_id=stream.stream_id, version=0, prompt="p", embedding=torch.randn(12, 32)))
     c = 0
     while True:
-        await bus.publish(Subjects.stream_latent(stream.stream_id), _chunk(stream.stream_id, c, epoch()))
+        await bus.publish(Subjects.stream_latent(stream.stream_id), _chunk(stream.stream_id, c, epoch(), deadline_s))
         stream.fed[c] = time.monotonic()
         c += 1
         await asyncio.sleep(1.0 / rate)
@@ -111,52 +114,59 @@ async def run(args: argparse.Namespace) -> dict:
                                         "startup_grace_s": 300.0})
         ctl = ControllerService(settings, "bench-controller")
         ctl_task = asyncio.create_task(ctl.run())
-        procs = [_stage(server.url, s, args.block_ms, args.slowdown if s == "dit-1" else 1.0) for s in IDS]
+        procs = [_stage(server.url, s, args.block_ms, args.slowdown if s == "dit-1" else 1.0, args.max_queued_chunks)
+                 for s in IDS]
         tasks: list[asyncio.Task[None]] = []
         ready: set[str] = set()
-        streams = {s: Stream(s) for s in ("before", "after")}
+        busy: dict[int, set[str]] = {}
+        switched_at: dict[int, float] = {}
+        stream = Stream("rebalance")
 
         async def on_beat(hb: Heartbeat, _raw) -> None:
             if hb.ready:
                 ready.add(hb.member_id)
 
+        async def on_stats(st: StageStats, _raw) -> None:
+            if st.micro_steps:
+                busy.setdefault(st.epoch, set()).add(st.stage_id)
+                if busy[st.epoch] >= set(IDS):
+                    switched_at.setdefault(st.epoch, time.monotonic())
+
         async def on_x0(chunk: LatentChunk, _raw) -> None:
-            streams[chunk.stream_id].out.setdefault(chunk.seq, time.monotonic())
+            stream.out.setdefault(chunk.seq, time.monotonic())
+
+        async def until(cond, timeout: float, what: str) -> None:
+            deadline = time.monotonic() + timeout
+            while not cond():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(what)
+                await asyncio.sleep(0.05)
 
         try:
             await bus.subscribe(CHANNELS["ctl_heartbeat"].wildcard(), on_beat, expected=Heartbeat)
-            for s in streams:
-                await bus.subscribe(Subjects.stream_x0(s), on_x0, expected=LatentChunk, credit=True)
-            deadline = time.monotonic() + 120
-            while not (ready >= set(IDS) and ctl.block_map is not None):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("stages or controller never became ready")
-                await asyncio.sleep(0.1)
+            await bus.subscribe(CHANNELS["ctl_stats"].wildcard(), on_stats, expected=StageStats)
+            await bus.subscribe(Subjects.stream_x0(stream.stream_id), on_x0, expected=LatentChunk, credit=True)
+            await until(lambda: ready >= set(IDS) and ctl.block_map is not None, 120,
+                        "stages or controller never became ready")
             initial = ctl.block_map
             e0 = initial.epoch
 
             def epoch() -> int:
                 return ctl.block_map.epoch if ctl.block_map is not None else 0
 
-            a, b = streams["before"], streams["after"]
-            tasks.append(asyncio.create_task(_feed(bus, a, args.chunk_rate, epoch)))
-            while not a.out:
-                await asyncio.sleep(0.05)
-            first_out = min(a.out.values())
-            while ctl.block_map.epoch == e0:
-                if time.monotonic() - first_out > args.timeout_s:
-                    raise RuntimeError("no rebalance within the timeout")
-                await asyncio.sleep(0.05)
+            feeder = asyncio.create_task(_feed(bus, stream, args.chunk_rate, epoch, args.deadline_s))
+            tasks.append(feeder)
+            await until(lambda: stream.out, args.timeout_s, "no output")
+            first_out = min(stream.out.values())
+            await until(lambda: ctl.block_map.epoch != e0, args.timeout_s, "no rebalance within the timeout")
             switch = time.monotonic()
-            await asyncio.sleep(2.0)
-            tasks.append(asyncio.create_task(_feed(bus, b, args.chunk_rate, epoch)))
-            t_b = time.monotonic()
-            while not b.out and time.monotonic() - t_b < 30:
-                await asyncio.sleep(0.05)
-            b0 = min(b.out.values()) if b.out else time.monotonic()
-            await asyncio.sleep(1.0 + args.measure_s)
-            a_after = a.fps(switch + 2.0, switch + 2.0 + args.measure_s)
-            window = [c for c, t in a.fed.items() if switch - 0.5 <= t <= switch + 2.0]
+            await until(lambda: e0 + 1 in switched_at, args.timeout_s, "the stages never ran the new map")
+            moved = switched_at[e0 + 1]
+            await asyncio.sleep(max(0.0, moved + 0.5 + args.measure_s - time.monotonic()))
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+            await until(lambda: set(stream.fed) <= set(stream.out), args.timeout_s, "backlog did not drain")
             return {
                 "bench": "rebalance", "mode": "timed", "commit": git_commit(), "block_ms": args.block_ms,
                 "slowdown": args.slowdown, "chunk_rate": args.chunk_rate,
@@ -164,11 +174,15 @@ async def run(args: argparse.Namespace) -> dict:
                 "map_after": ctl.decisions[-1]["map"] if ctl.decisions else None,
                 "predicted_gain": ctl.decisions[-1].get("gain") if ctl.decisions else None,
                 "time_to_rebalance_s": round(switch - first_out, 3),
-                "fps_before": round(a.fps(first_out + 1.0, switch), 2),
-                "fps_after": round(max(a_after, b.fps(b0 + 1.0, b0 + 1.0 + args.measure_s)), 2),
-                "first_stream_survived": a_after > 0,
-                "frames_dropped": FRAMES_PER_CHUNK * sum(1 for c in window if c not in a.out),
+                "time_to_switched_s": round(moved - first_out, 3),
+                "fps_before": round(stream.fps(first_out + 1.0, switch), 2),
+                "fps_after": round(stream.fps(moved + 0.5, moved + 0.5 + args.measure_s), 2),
+                "chunks_fed": len(stream.fed),
+                "frames_dropped": FRAMES_PER_CHUNK * len(set(stream.fed) - set(stream.out)),
             }
+        except RuntimeError as e:
+            missing = sorted(set(stream.fed) - set(stream.out))
+            raise RuntimeError(f"{e}: fed {len(stream.fed)}, out {len(stream.out)}, missing {missing[:20]}") from e
         finally:
             for t in tasks:
                 t.cancel()
@@ -193,7 +207,10 @@ def main() -> None:
     ap.add_argument("--slowdown", type=float, default=2.0, help="time multiplier of the slowed stage dit-1")
     ap.add_argument("--chunk-rate", type=float, default=16.0, help="chunks per second fed (4 frames each)")
     ap.add_argument("--sustain-s", type=float, default=3.0, help="controller.rebalance_sustain_s")
-    ap.add_argument("--measure-s", type=float, default=4.0, help="seconds of output measured after the change")
+    ap.add_argument("--measure-s", type=float, default=4.0,
+                    help="seconds of saturated output measured after every stage switched")
+    ap.add_argument("--max-queued-chunks", type=int, default=1024, help="dit_stage.max_queued_chunks")
+    ap.add_argument("--deadline-s", type=float, default=600.0, help="chunk deadline after it is fed")
     ap.add_argument("--timeout-s", type=float, default=60.0)
     args = ap.parse_args()
     print(json.dumps(asyncio.run(run(args))), flush=True)
