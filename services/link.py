@@ -157,18 +157,6 @@ class LinkListener:
                 with contextlib.suppress(OSError):
                     c.shutdown(socket.SHUT_RDWR)
 
-    async def acknowledged(self) -> None:
-        """Wait until everything queued so far has been read by the peer. Only then may a sender that is done be
-        closed: closing with unread acknowledgements resets the connection, and the peer loses the frames it had
-        not read yet."""
-        await self.flush()
-        await asyncio.to_thread(self._wait_acked)
-
-    def _wait_acked(self) -> None:
-        with self._acked:
-            while self._unacked and not self._closed.is_set():
-                self._acked.wait(0.05)
-
     def close(self) -> None:
         self._closed.set()
         if self._sock is not None:
