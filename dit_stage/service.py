@@ -908,7 +908,9 @@ class DitStageService(Service):
             self._export_gauges(kv_bytes, free)
             stats = StageStats(
                 stage_id=self.stage_id, epoch=worker.epoch, block_start=a, block_end=b, window_s=interval,
-                micro_steps=d.micro_steps,
+                # forwards that ran every owned block: 0 when the window holds no complete measurement (only empty
+                # steps, or the blocks of a range this stage has just taken over), which consumers then ignore
+                micro_steps=min((d.block_steps.get(i, 0) for i in range(a, b)), default=0),
                 block_ms=[1000 * d.block_s.get(i, 0.0) / max(d.block_steps.get(i, 0), 1) for i in range(a, b)],
                 extra_ms=1000 * d.extra_s / steps,
                 queue_wait_ms=1000 * d.queue_wait_s / max(d.items, 1), link_send_ms=1000 * d.link_send_s / steps,
