@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -141,3 +142,38 @@ def controller_process(nats_settings: NatsSettings, **env: str) -> subprocess.Po
             **env}
     return subprocess.Popen([sys.executable, "-m", "services.controller.service"], cwd=ROOT, env=full,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def timed_stage_process(nats_settings: NatsSettings, stage_id: str, logs: Path, *, block_ms: float,
+                        slowdown: float = 1.0, metrics_port: int = 0, **dit_stage: str) -> subprocess.Popen[bytes]:
+    """A DiT stage process in the timed stand-in mode (``dit_stage/timed.py``) with the test ring's cache config;
+    ``dit_stage`` adds or overrides ``RHEO_DIT_STAGE__<KEY>`` settings."""
+    from dit_service.helpers import CONFIG
+
+    stage = {"STAGE_ID": stage_id, "LINK_HOST": "127.0.0.1", "LINK_PORT": "0", "ADVERTISE_HOST": "127.0.0.1",
+             "KV_WINDOW": str(CONFIG.kv_window), "SINK": str(CONFIG.sink), "STATS_INTERVAL_S": "0.25",
+             "TIMED_BLOCK_MS": str(block_ms), "SLOWDOWN": str(slowdown)} | {k.upper(): v for k, v in dit_stage.items()}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RHEO_NATS__URL": nats_settings.url,
+           "RHEO_TELEMETRY__METRICS_PORT": str(metrics_port), "RHEO_LIFECYCLE__HTTP_HOST": "127.0.0.1",
+           "RHEO_LIFECYCLE__HEARTBEAT_INTERVAL_S": "0.2", "RHEO_MODEL__DEVICE": "cpu", "RHEO_MODEL__DTYPE": "float32",
+           **{f"RHEO_DIT_STAGE__{k}": v for k, v in stage.items()}}
+    with open(logs / f"{stage_id}.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "dit_stage.service"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+async def stop_stages(bus: Bus, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every stage process (kill after 10 s) and withdraw their link endpoints from KV."""
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        try:
+            await asyncio.to_thread(p.wait, 10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    endpoints = await bus.kv(Buckets.ENDPOINTS)
+    for s in procs:
+        with contextlib.suppress(Exception):
+            await endpoints.delete(s)

@@ -12,39 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from dit_service.helpers import CONFIG, chunk_message, latents, prompt
+from dit_service.helpers import chunk_message, latents, prompt
 
-from proto import CHANNELS, Buckets, Heartbeat, LatentChunk, PromptUpdate, Subjects
+from proto import CHANNELS, Heartbeat, LatentChunk, PromptUpdate, Subjects
 from services.bus import Bus
 from services.config import NatsSettings
 from services.controller.partition import PartitionProblem, Stage, best_split
 
-from .conftest import ROOT, Controllers, controller_settings, current_map, ranges
+from .conftest import Controllers, controller_settings, current_map, ranges, stop_stages, timed_stage_process
 
 BLOCK_MS = 10.0
 SLOW = {"dit-1": 2.0}
 
 
 def _stage(nats_settings: NatsSettings, stage_id: str, logs: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RHEO_NATS__URL": nats_settings.url,
-           "RHEO_TELEMETRY__METRICS_PORT": "0", "RHEO_LIFECYCLE__HTTP_HOST": "127.0.0.1",
-           "RHEO_LIFECYCLE__HEARTBEAT_INTERVAL_S": "0.2", "RHEO_MODEL__DEVICE": "cpu", "RHEO_MODEL__DTYPE": "float32",
-           "RHEO_DIT_STAGE__STAGE_ID": stage_id, "RHEO_DIT_STAGE__LINK_HOST": "127.0.0.1",
-           "RHEO_DIT_STAGE__LINK_PORT": "0", "RHEO_DIT_STAGE__ADVERTISE_HOST": "127.0.0.1",
-           "RHEO_DIT_STAGE__KV_WINDOW": str(CONFIG.kv_window), "RHEO_DIT_STAGE__SINK": str(CONFIG.sink),
-           "RHEO_DIT_STAGE__STATS_INTERVAL_S": "0.25", "RHEO_DIT_STAGE__MAX_QUEUED_CHUNKS": "16",
-           "RHEO_DIT_STAGE__TIMED_BLOCK_MS": str(BLOCK_MS),
-           "RHEO_DIT_STAGE__SLOWDOWN": str(SLOW.get(stage_id, 1.0))}
-    with open(logs / f"{stage_id}.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "dit_stage.service"], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+    return timed_stage_process(nats_settings, stage_id, logs, block_ms=BLOCK_MS, slowdown=SLOW.get(stage_id, 1.0),
+                               max_queued_chunks="16")
 
 
 def _optimum(stage_ids: list[str]) -> list[tuple[str, int, int]]:
@@ -131,16 +119,4 @@ async def test_timed_stages_rebalance_fail_and_rejoin(nats_settings: NatsSetting
                 await feeder
         await sub.unsubscribe()
         await x0_sub.unsubscribe()
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                await asyncio.to_thread(p.wait, 10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        endpoints = await bus.kv(Buckets.ENDPOINTS)
-        for s in ids:
-            with contextlib.suppress(Exception):
-                await endpoints.delete(s)
+        await stop_stages(bus, procs)

@@ -32,10 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -43,13 +40,14 @@ import httpx
 import torch
 from dit_service.helpers import CONFIG, as_chunk_latent, chunk_message, latents, prompt, reference
 
-from proto import CHANNELS, Buckets, Heartbeat, LatentChunk, PromptUpdate, StageStats, StreamSpec, Subjects
+from proto import CHANNELS, Heartbeat, LatentChunk, PromptUpdate, StageStats, StreamSpec, Subjects
 from services.bus import Bus
 from services.config import NatsSettings
 from services.controller.partition import PartitionProblem, Stage, best_split
+from services.stack import free_port
 from services.streams import StreamTable
 
-from .conftest import ROOT, Controllers, controller_settings, current_map, ranges
+from .conftest import Controllers, controller_settings, current_map, ranges, stop_stages, timed_stage_process
 
 BLOCK_MS = 15.0
 SLOW = {"dit-1": 2.0}
@@ -59,26 +57,10 @@ CHUNKS = 70
 FEED_RATE = 40.0  # chunks/s: above what the rebalanced ring does
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stage(nats_settings: NatsSettings, stage_id: str, metrics_port: int, logs: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RHEO_NATS__URL": nats_settings.url,
-           "RHEO_TELEMETRY__METRICS_PORT": str(metrics_port), "RHEO_LIFECYCLE__HTTP_HOST": "127.0.0.1",
-           "RHEO_LIFECYCLE__HEARTBEAT_INTERVAL_S": "0.2", "RHEO_MODEL__DEVICE": "cpu", "RHEO_MODEL__DTYPE": "float32",
-           "RHEO_DIT_STAGE__STAGE_ID": stage_id, "RHEO_DIT_STAGE__LINK_HOST": "127.0.0.1",
-           "RHEO_DIT_STAGE__LINK_PORT": "0", "RHEO_DIT_STAGE__ADVERTISE_HOST": "127.0.0.1",
-           "RHEO_DIT_STAGE__KV_WINDOW": str(CONFIG.kv_window), "RHEO_DIT_STAGE__SINK": str(CONFIG.sink),
-           "RHEO_DIT_STAGE__ADAPTIVE_THRESHOLD": str(CONFIG.adaptive_threshold),
-           "RHEO_DIT_STAGE__STATS_INTERVAL_S": "0.25", "RHEO_DIT_STAGE__MAX_QUEUED_CHUNKS": str(2 * CHUNKS),
-           "RHEO_DIT_STAGE__TIMED_BLOCK_MS": str(BLOCK_MS),
-           "RHEO_DIT_STAGE__SLOWDOWN": str(SLOW.get(stage_id, 1.0))}
-    with open(logs / f"{stage_id}.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "dit_stage.service"], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+    return timed_stage_process(nats_settings, stage_id, logs, block_ms=BLOCK_MS, slowdown=SLOW.get(stage_id, 1.0),
+                               metrics_port=metrics_port, adaptive_threshold=str(CONFIG.adaptive_threshold),
+                               max_queued_chunks=str(2 * CHUNKS))
 
 
 def _bottleneck(split: list[tuple[str, int, int]]) -> float:
@@ -150,7 +132,7 @@ async def test_slowed_stage_is_rebalanced_with_the_stream_intact_and_throughput_
             busy.setdefault(st.epoch, {}).setdefault(st.stage_id, time.monotonic())
 
     subs.append(await bus.subscribe(CHANNELS["ctl_stats"].wildcard(), on_stats, expected=StageStats))
-    ports = {s: _free_port() for s in IDS}
+    ports = {s: free_port() for s in IDS}
     procs = {s: _stage(nats_settings, s, ports[s], tmp_path) for s in IDS}
     feeder: asyncio.Task[None] | None = None
     try:
@@ -207,18 +189,6 @@ async def test_slowed_stage_is_rebalanced_with_the_stream_intact_and_throughput_
                 await feeder
         for sub in subs:
             await sub.unsubscribe()
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                await asyncio.to_thread(p.wait, 10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
         with contextlib.suppress(Exception):
             await table.delete(stream)
-        endpoints = await bus.kv(Buckets.ENDPOINTS)
-        for s in IDS:
-            with contextlib.suppress(Exception):
-                await endpoints.delete(s)
+        await stop_stages(bus, procs)
