@@ -20,6 +20,7 @@ from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.gateway.api import make_api
 from services.streams import StreamTable, new_stream_id
+from support.sync import running
 
 from .conftest import Controllers, controller_settings, stats_for
 
@@ -29,15 +30,8 @@ async def ingest(nats_settings: NatsSettings) -> AsyncIterator[IngestService]:
     settings = Settings(nats=nats_settings, telemetry={"metrics_port": 0},
                         lifecycle={"http_host": "127.0.0.1", "heartbeat_interval_s": 0.2},
                         ingest={"rtmp_host": "127.0.0.1", "rtmp_port": 0, "admission_timeout_s": 5.0})
-    service = IngestService(settings, member_id="ingest-admission-test")
-    task = asyncio.create_task(service.run())
-    deadline = time.monotonic() + 60
-    while not service.ready:
-        assert not task.done() and time.monotonic() < deadline, "ingest never became ready"
-        await asyncio.sleep(0.05)
-    yield service
-    service.stop()
-    assert await asyncio.wait_for(task, 10) == 0
+    async with running(IngestService(settings, member_id="ingest-admission-test")) as service:
+        yield service
 
 
 @contextlib.asynccontextmanager

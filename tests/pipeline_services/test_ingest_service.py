@@ -48,6 +48,7 @@ from proto.clock import ChunkClock
 from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.streams import StreamNotFound, StreamTable, new_stream_id
+from support.sync import running
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
@@ -63,15 +64,8 @@ async def ingest(nats_settings: NatsSettings, tmp_path_factory: pytest.TempPathF
         ingest={"rtmp_host": "127.0.0.1", "rtmp_port": 0, "chunk_queue_depth": 32, "stream_linger_s": 0.3,
                 "replay_chunks": 3, "debug_tap_dir": tmp_path_factory.mktemp("tap")},
     )
-    service = IngestService(settings, member_id="ingest-test")
-    task = asyncio.create_task(service.run())
-    deadline = time.monotonic() + 60
-    while not service.ready:
-        assert not task.done() and time.monotonic() < deadline, "ingest never became ready"
-        await asyncio.sleep(0.05)
-    yield service
-    service.stop()
-    assert await asyncio.wait_for(task, 10) == 0
+    async with running(IngestService(settings, member_id="ingest-test")) as service:
+        yield service
 
 
 class Recorder:
