@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -60,7 +61,9 @@ __all__ = ["EpochChange", "Finished", "MicroStep", "StageOutput", "StageWorker",
 log = logging.getLogger("rheo.dit_stage.worker")
 
 PROMPT_VERSIONS_KEPT = 2
-"""Prompt versions whose cross-attention K/V a stage keeps per stream (the newest ones)."""
+"""Prompt versions whose cross-attention K/V a stage keeps per stream at least (the newest ones). A stream keeps
+one more than its step count: during a `blend` every chunk enters under its own version, and the B chunks in the
+slots plus the one entering may all differ."""
 
 
 @dataclass
@@ -92,6 +95,7 @@ class _Stream:
     prepared: bool = False
     in_flight: dict[tuple[int, int], float] = field(default_factory=dict)  # returns to come: (seq, step) → deadline
     epoch: int = 0  # the block-map epoch this state was built under (a failure epoch discards older ones)
+    draining: bool = False  # lockstep: the returns may run without a new chunk (the input ended)
 
 
 @dataclass
@@ -164,9 +168,15 @@ class StageWorker:
         max_queued_chunks: int = 4,
         move_frame_bytes: int = 32 * 1024 * 1024,
         shift: float = 8.0,
+        lockstep: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.model = model
+        self.lockstep = lockstep
+        """First stage: a prepared stream runs one *wave* per new chunk (the chunk at step 0 with every return of
+        the previous wave, in one micro-step) instead of running returns as soon as they are back. The single-
+        process engine uses it: one forward per chunk, B items each (stream-batch's throughput), and the
+        grouping of the oracle runner. Results do not depend on it beyond GEMM rounding."""
         self.window, self.sink, self.adaptive_threshold = window, sink, adaptive_threshold
         self.max_batch_items = max_batch_items
         self.max_queued_chunks = max_queued_chunks
@@ -219,9 +229,15 @@ class StageWorker:
             return False
         versions = self.prompts.setdefault(stream_id, {})
         versions[version] = emb.detach().clone()
-        for old in sorted(versions)[:-PROMPT_VERSIONS_KEPT]:
+        st = self.streams.get(stream_id)
+        keep = self._versions_kept(st) + (self.max_queued_chunks if self.is_first else 0)
+        for old in sorted(versions)[:-keep]:
             del versions[old]
         return True
+
+    @staticmethod
+    def _versions_kept(st: _Stream | None) -> int:
+        return max(PROMPT_VERSIONS_KEPT, 1 + (st.steps if st is not None else 0))
 
     def add_chunk(self, chunk: LatentChunk, seed: int) -> bool:
         """First stage: queue a new chunk (step 0). Stale, late, out-of-order or malformed chunks are counted
@@ -242,6 +258,7 @@ class StageWorker:
             st.segment, st.segment_start, st.seed = chunk.segment, chunk.seq, segment_seed(seed, chunk.segment)
         st = self._segment_for(st, chunk, seed)
         st.last_seq = chunk.seq
+        st.draining = False
         meta = RingItem(
             stream_id=chunk.stream_id, seq=chunk.seq, step=0, slot=0, steps=st.steps, epoch=self.epoch,
             frame_start=0, latent_start=chunk.latent_start, rope_start=chunk.rope_start, frames=f,
@@ -566,6 +583,60 @@ class StageWorker:
                 self.dropped["stale_epoch"] += len(m.items)
         self.forwarded.clear()  # the next stage may be new: hand the prompts down again
 
+    def export_stream(self, stream_id: str) -> dict[str, Any]:
+        """Everything this stage holds for one stream (KV shard with its ring state, cross-attention K/V per prompt
+        version, prompt embeddings and, on the first stage, the queued items and slot counters) as plain data and
+        CPU tensors: ``torch.save``-able and loadable with ``weights_only=True``. ``import_stream`` takes it back,
+        here or in another worker of the same block range."""
+        st = self.streams[stream_id]
+        if stream_id in self.successors:
+            raise ValueError(f"stream {stream_id!r} is between two segments (a `cut` in progress); move it after")
+
+        def items(q: collections.deque[_Pending]) -> list[dict[str, Any]]:
+            return [{"meta": p.meta.model_dump(), "latent": p.latent.detach().cpu()} for p in q]
+
+        return {
+            "stream_id": stream_id, "steps": st.steps, "latent_hw": list(st.latent_hw), "segment": st.segment,
+            "segment_start": st.segment_start, "seed": st.seed, "slot_next": list(st.slot_next),
+            "last_seq": st.last_seq, "prepared": st.prepared, "epoch": st.epoch, "draining": st.draining,
+            "in_flight": [[seq, step, deadline] for (seq, step), deadline in st.in_flight.items()],
+            "shard": torch.frombuffer(bytearray(st.shard_state.shard.to_bytes()), dtype=torch.uint8),
+            "views": {v: {"cross_k": {b: t.detach().cpu() for b, t in view.cross_k.items()},
+                          "cross_v": {b: t.detach().cpu() for b, t in view.cross_v.items()}}
+                      for v, view in st.views.items()},
+            "new": items(st.new),
+            "returns": {slot: items(q) for slot, q in st.returns.items()},
+            "prompts": {v: e.detach().cpu() for v, e in self.prompts.get(stream_id, {}).items()},
+        }
+
+    def import_stream(self, data: dict[str, Any]) -> None:
+        """Take over a stream exported by ``export_stream`` (its blocks must be this stage's)."""
+        sid, dev = data["stream_id"], self.model.device
+        if sid in self.streams:
+            raise ValueError(f"stream {sid!r} is already here")
+        shard = KVCacheShard.from_bytes(data["shard"].numpy().tobytes(), dev)
+        if shard.blocks != self.model.block_ids:
+            raise ValueError(f"stream {sid!r} holds blocks {shard.blocks}, this stage runs {self.model.block_ids}")
+        now = self.clock()
+
+        def items(rows: list[dict[str, Any]]) -> collections.deque[_Pending]:
+            return collections.deque(_Pending(RingItem.model_validate(r["meta"]), r["latent"].to(dev), now)
+                                     for r in rows)
+
+        st = _Stream(sid, int(data["steps"]), (int(data["latent_hw"][0]), int(data["latent_hw"][1])),
+                     StreamDiTState(sid, shard), segment=int(data["segment"]),
+                     segment_start=int(data["segment_start"]), seed=int(data["seed"]),
+                     new=items(data["new"]), returns={int(k): items(q) for k, q in data["returns"].items()},
+                     slot_next=[int(n) for n in data["slot_next"]], last_seq=int(data["last_seq"]),
+                     prepared=bool(data["prepared"]), epoch=int(data["epoch"]), draining=bool(data["draining"]),
+                     in_flight={(int(a), int(b)): float(d) for a, b, d in data["in_flight"]})
+        for v, cross in data["views"].items():
+            view = st.views[int(v)] = StreamDiTState(sid, shard, prompt_version=int(v))
+            view.cross_k = {int(b): t.to(dev) for b, t in cross["cross_k"].items()}
+            view.cross_v = {int(b): t.to(dev) for b, t in cross["cross_v"].items()}
+        self.streams[sid] = st
+        self.prompts[sid] = {int(v): e.to(dev) for v, e in data["prompts"].items()}
+
     def end_stream(self, stream_id: str) -> None:
         """Free everything this stage holds for a stream (its items still in flight will be dropped)."""
         if stream_id in self.streams:
@@ -615,6 +686,19 @@ class StageWorker:
         assert isinstance(msg, StageItems)
         return MicroStep(msg.epoch, list(msg.items), msg.hidden, msg.noisy)
 
+    def _may_run(self, st: _Stream) -> bool:
+        """Whether a stream's items may enter the next micro-step (always, unless lockstep holds its returns until
+        its next chunk: see ``lockstep``; a stream that is preparing, draining or cut runs its returns freely)."""
+        if not self.lockstep or not st.prepared or st.draining or st.stream_id in self.successors:
+            return True
+        return bool(st.new) and not st.in_flight
+
+    def drain(self, stream_id: str) -> None:
+        """The stream's input has ended: its chunks in flight may finish without new chunks (lockstep)."""
+        st = self.streams.get(stream_id)
+        if st is not None:
+            st.draining = True
+
     def _refuse_item(self, meta: RingItem, now: float) -> str:
         """Why a queued item must not enter the next micro-step (empty: it may). A prepare chunk that has begun
         always completes: without it the stream has no caches; so does a replayed chunk (bounded by ingest's
@@ -633,6 +717,8 @@ class StageWorker:
                 del self.successors[sid]
         candidates: list[tuple[_Stream, collections.deque[_Pending], _Pending]] = []
         for st in self.streams.values():
+            if not self._may_run(st):
+                continue
             versions = self.prompts.get(st.stream_id, {})
             heads: list[collections.deque[_Pending]] = [q for _, q in sorted(st.returns.items())]
             if st.prepared or not st.new or st.new[0].meta.latent_start == 0:
@@ -786,7 +872,7 @@ class StageWorker:
             view = StreamDiTState(meta.stream_id, st.shard_state.shard)
             self.model.set_prompt(view, emb, meta.prompt_version)
             st.views[meta.prompt_version] = view
-            for old in sorted(st.views)[:-PROMPT_VERSIONS_KEPT]:
+            for old in sorted(st.views)[:-self._versions_kept(st)]:
                 del st.views[old]
         return view
 

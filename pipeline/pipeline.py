@@ -1,15 +1,17 @@
 """The single-process StreamPipeline: frames in → Stream-VAE encode → stream-batched causal DiT → decode → frames.
 
-This is the reference the distributed system is proven against, and the offline mode (``rheo run``). Every
-mechanism is the shared one: chunk arithmetic from ``proto.clock.ChunkClock``, the DiT and its stream-batch from
-``dit_stage.stream_batch.StreamBatchRunner``, the VAE/prompt/motion code from ``encoder/``. Every random draw is
+The offline mode (``rheo run``) and the reference output of the services. It runs the one engine: the DiT is the
+stream-batch ring of ``StageWorker``s (one per block range; one by default) that the stage service runs, driven
+in-process by ``dit_stage.ring.LocalRing``; chunks are the same ``LatentChunk`` messages ingest publishes. Chunk
+arithmetic comes from ``proto.clock.ChunkClock``, the VAE/prompt/motion code from ``encoder/``. Every random draw is
 ``draw_noise`` keyed by (stream seed, chunk, step, purpose), so the same seed gives the same frames, alone or
-batched with other streams. See docs/pipeline.md.
+batched with other streams, in one process or across stage services. See docs/pipeline.md.
 """
 
 from __future__ import annotations
 
-import itertools
+import io
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,15 +21,24 @@ import numpy as np
 import torch
 
 from dit_stage.model import CausalWanDiT
-from dit_stage.stream_batch import StreamBatchConfig, StreamBatchRunner
+from dit_stage.ring import LocalRing
+from dit_stage.scheduler import SDV2_STEPS, first_timestep
+from dit_stage.state import StreamDiTState
+from dit_stage.worker import StageWorker
 from encoder.motion import MotionNoiseConfig, MotionNoiseController
 from encoder.vae import StreamVAE
-from pipeline.state import PromptBlend, StreamSpec, StreamState, segment_seed
+from pipeline.state import PromptBlend, StreamSpec, StreamState
+from proto import LatentChunk
+from proto.clock import ChunkClock
 
 __all__ = ["FixedEmbedding", "PipelineConfig", "PipelineError", "PromptMode", "StreamPipeline", "TextEncoder"]
 
 PromptMode = Literal["cut", "blend"]
 Frames = np.ndarray | torch.Tensor
+MAX_BATCH_ITEMS = 1 << 16
+"""Items of one forward: unbounded in practice (every ready stream's slots in one forward, as grids allow)."""
+OFFLINE_DEADLINE_S = 365 * 24 * 3600.0
+"""Offline chunks have no real-time deadline; the ring's deadline checks never fire for them."""
 
 
 class PipelineError(ValueError):
@@ -77,17 +88,20 @@ class PipelineConfig:
             raise ValueError(f"size {self.width}x{self.height} must be positive multiples of 16")
         if self.blend_chunks < 1:
             raise ValueError("blend_chunks must be >= 1")
+        if not 1 <= self.steps <= len(SDV2_STEPS):
+            raise ValueError(f"steps must be in 1..{len(SDV2_STEPS)}")
+        if self.cache_mode not in ("sdv2", "self_forcing"):
+            raise ValueError(f"unknown cache mode {self.cache_mode!r}")
 
-    def batch_config(self) -> StreamBatchConfig:
-        return StreamBatchConfig(
-            steps=self.steps,
-            noise_scale=self.noise_scale,
-            kv_window=self.kv_window,
-            sink=self.sink,
-            adaptive_threshold=self.adaptive_threshold,
-            t_refresh=self.t_refresh,
-            cache_mode=self.cache_mode,
-        )
+    def clock(self, t2v: bool) -> ChunkClock:
+        if t2v:
+            return ChunkClock.t2v(self.t2v_latent_frames, kv_window=self.kv_window, t_refresh=self.t_refresh)
+        return ChunkClock.v2v(kv_window=self.kv_window, t_refresh=self.t_refresh)
+
+    def timesteps(self, noise_scale: float | None) -> list[int]:
+        """A chunk's timesteps, step 0 first: V2V starts at ``first_timestep(s)``; T2V (None) at the list's head."""
+        steps = list(SDV2_STEPS[: self.steps])
+        return steps if noise_scale is None else [first_timestep(noise_scale), *steps[1:]]
 
 
 class StreamPipeline:
@@ -95,8 +109,12 @@ class StreamPipeline:
 
     ``push(stream, frames)`` runs that stream alone and returns the frames ready so far (empty during the
     stream-batch warm-up). ``feed`` only buffers; ``step_all`` then runs one round: every stream with a whole
-    chunk buffered contributes its chunk, and all of them go through one DiT forward (prepare chunks run on
-    their own: 2 latent frames, sequential steps). Both paths give the same frames (fp tolerance).
+    chunk buffered hands its chunk to the ring, which runs them (with the chunks of earlier rounds still in the
+    slots) in as few forwards as their grids allow. Both paths give the same frames (fp tolerance).
+
+    ``dit`` is one model holding every block, or stage models over contiguous block ranges (one ``StageWorker``
+    each, as the stage services split it). The ring runs in lockstep: one forward per chunk entering, so a chunk
+    comes back B − 1 rounds after it entered, as in the services' steady state.
     """
 
     def __init__(
@@ -106,19 +124,24 @@ class StreamPipeline:
         text_encoder: TextEncoder,
         config: PipelineConfig | None = None,
         *,
-        cuda_graphs: bool = False,
         description: str = "",
     ) -> None:
         stages = [dit] if isinstance(dit, CausalWanDiT) else list(dit)
         config = config or PipelineConfig()
         self.config = config
-        self.runner = StreamBatchRunner(stages, config.batch_config(), cuda_graphs=cuda_graphs)
+        self.ring = LocalRing([
+            StageWorker(stage, window=config.kv_window, sink=config.sink, adaptive_threshold=config.adaptive_threshold,
+                        max_batch_items=MAX_BATCH_ITEMS, lockstep=True)
+            for stage in stages
+        ])
         dit_cfg = stages[0].config
         if vae.z_dim != dit_cfg.in_dim:
             raise ValueError(f"VAE latent channels {vae.z_dim} != DiT in_dim {dit_cfg.in_dim}")
         f = vae.spatial_factor
         if config.height % (f * dit_cfg.patch_size[1]) or config.width % (f * dit_cfg.patch_size[2]):
             raise ValueError(f"size {config.width}x{config.height} is not a multiple of {f}×patch")
+        if config.cache_mode != "sdv2":
+            raise ValueError(f"cache mode {config.cache_mode!r} is not supported by the stage ring yet")
         self.vae = vae
         self.text_encoder = text_encoder
         self.motion = MotionNoiseController(
@@ -130,7 +153,7 @@ class StreamPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.runner.device
+        return self.ring.first.model.device
 
     # ------------------------------------------------------------------ streams
     def open_stream(self, spec: StreamSpec) -> str:
@@ -138,14 +161,12 @@ class StreamPipeline:
         if stream_id in self.streams:
             raise PipelineError(f"stream {stream_id!r} is already open")
         context = self._embed(spec.prompt)
-        clock = self._clock(spec.t2v)
-        slots = self.runner.open_stream(stream_id, segment_seed(spec.seed, 0), context, self.latent_hw, clock)
+        self.ring.add_prompt(stream_id, 0, context)
         self.streams[stream_id] = StreamState(
             stream_id=stream_id,
             seed=spec.seed,
             t2v=spec.t2v,
-            slots=slots,
-            dit=self.runner.states[stream_id],
+            clock=self.config.clock(spec.t2v),
             vae=self.vae.new_state(),
             motion=self.motion.new_state(),
             prompt=spec.prompt,
@@ -157,22 +178,43 @@ class StreamPipeline:
     def close_stream(self, stream_id: str) -> None:
         self._stream(stream_id)
         del self.streams[stream_id]
-        self.runner.close_stream(stream_id)
+        self.ring.end_stream(stream_id)
 
     def stream_state(self, stream_id: str) -> StreamState:
         return self._stream(stream_id)
 
-    def save_stream(self, stream_id: str) -> bytes:
-        """The stream's whole state as bytes (restore with ``restore_stream``, here or in another pipeline)."""
-        return self._stream(stream_id).to_bytes()
+    def dit_states(self, stream_id: str) -> list[StreamDiTState]:
+        """The stream's KV shard and current prompt's cross-attention K/V at each stage (empty before its first
+        chunk entered the ring)."""
+        self._stream(stream_id)
+        return [w.streams[stream_id].shard_state for w in self.ring.workers if stream_id in w.streams]
 
-    def restore_stream(self, data: bytes | StreamState) -> str:
-        state = data if isinstance(data, StreamState) else StreamState.from_bytes(data, self.device)
+    def save_stream(self, stream_id: str) -> bytes:
+        """The stream's whole state — this object's and every stage's — as bytes (restore with
+        ``restore_stream``, here or in another pipeline with the same model split)."""
+        st = self._stream(stream_id)
+        blob = {"stream": st.to_dict(), "dit": [w.export_stream(stream_id) for w in self.ring.workers]}
+        buf = io.BytesIO()
+        torch.save(blob, buf)
+        return buf.getvalue()
+
+    def restore_stream(self, data: bytes) -> str:
+        blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = StreamState.from_dict(blob["stream"], self.device)
         if state.stream_id in self.streams:
             raise PipelineError(f"stream {state.stream_id!r} is already open")
-        if state.slots.num_slots != self.config.steps or tuple(state.slots.latent_hw) != self.latent_hw:
+        parts = blob["dit"]
+        if len(parts) != len(self.ring.workers):
+            raise PipelineError(f"the stream was saved from {len(parts)} stages, this pipeline has "
+                                f"{len(self.ring.workers)}")
+        if any(p["steps"] != self.config.steps or tuple(p["latent_hw"]) != self.latent_hw for p in parts):
             raise PipelineError("the stream's slots or latent size do not match this pipeline")
-        self.runner.adopt(state.slots, state.dit, state.context)
+        try:
+            for worker, part in zip(self.ring.workers, parts, strict=True):
+                worker.import_stream(part)
+        except ValueError as e:
+            self.ring.end_stream(state.stream_id)
+            raise PipelineError(str(e)) from e
         self.streams[state.stream_id] = state
         return state.stream_id
 
@@ -181,18 +223,18 @@ class StreamPipeline:
         """Change a stream's prompt without a restart.
 
         Either way a chunk keeps the prompt embedding it entered the DiT with for all its steps (chunks already in
-        the slots finish under the old prompt), as every chunk does in the distributed ring.
+        the slots finish under the old prompt): every chunk carries its prompt version through the ring.
 
-        ``cut``: once the chunks in the slots have finished, every cache (KV, VAE, motion) is reset and the next
-        buffered frames start a new warm-up (a 5-frame prepare chunk) with a fresh segment seed.
+        ``cut``: the chunks in the slots finish, then every cache (KV, VAE, motion) is reset and the next
+        buffered frames start a new warm-up segment (a 5-frame prepare chunk) with a fresh segment seed.
         ``blend``: the KV cache is kept; the embedding moves linearly from the current one to the new one over
-        ``chunks`` chunks (default ``config.blend_chunks``), one step per chunk entering the DiT.
+        ``chunks`` chunks (default ``config.blend_chunks``), one step (one prompt version) per chunk entering.
         """
         st = self._stream(stream_id)
         if mode not in ("cut", "blend"):
             raise PipelineError(f"unknown prompt mode {mode!r}; use 'cut' or 'blend'")
         target = self._embed(prompt)
-        st.prompt, st.prompt_version = prompt, st.prompt_version + 1
+        st.prompt = prompt
         started = st.next_chunk > 0
         if mode == "blend" and started:
             total = chunks if chunks is not None else self.config.blend_chunks
@@ -204,17 +246,16 @@ class StreamPipeline:
         if mode == "cut" and started:
             self._drain(st)
             st.segment += 1
-            slots = self.runner.open_stream(
-                stream_id, segment_seed(st.seed, st.segment), target, self.latent_hw, self._clock(st.t2v)
-            )
-            st.slots, st.dit = slots, self.runner.states[stream_id]
+            st.segment_start = st.seq
             st.vae.reset()
             st.motion = self.motion.new_state()
-            st.last_latent, st.last_scale = None, None
-        else:
-            self.runner.set_prompt(stream_id, target, st.prompt_version)
-            st.dit = self.runner.states[stream_id]
-        st.context = target
+        self._use_prompt(st, target)
+
+    def _use_prompt(self, st: StreamState, context: torch.Tensor) -> None:
+        """Chunks entering from now on run under ``context`` (a new prompt version)."""
+        st.prompt_version += 1
+        st.context = context
+        self.ring.add_prompt(st.stream_id, st.prompt_version, context)
 
     # ------------------------------------------------------------------ frames
     def feed(self, stream_id: str, frames: Frames) -> None:
@@ -258,8 +299,8 @@ class StreamPipeline:
         return [sid for sid, st in self.streams.items() if self._ready(st)]
 
     def step_all(self) -> dict[str, np.ndarray]:
-        """One round over every ready stream (their chunks batched into one DiT forward); returns the frames each
-        stream has ready now (streams without new frames are left out)."""
+        """One round over every ready stream (their chunks batched into as few DiT forwards as their grids allow);
+        returns the frames each stream has ready now (streams without new frames are left out)."""
         ready = [self.streams[sid] for sid in self.ready()]
         if ready:
             self._round(ready)
@@ -293,21 +334,18 @@ class StreamPipeline:
         except KeyError:
             raise PipelineError(f"unknown stream {stream_id!r}") from None
 
-    def _clock(self, t2v: bool):
-        cfg = self.runner.config
-        return cfg.clock(t2v_frames=self.config.t2v_latent_frames if t2v else None)
-
     def _embed(self, prompt: str) -> torch.Tensor:
-        dit_cfg = self.runner.stages[0].config
+        """The prompt's embedding [L, text_dim] on the pipeline's device."""
+        dit_cfg = self.ring.first.model.config
         ctx = self.text_encoder.encode(prompt)
         if ctx.dim() == 2:
             ctx = ctx[None]
-        if ctx.shape[-1] != dit_cfg.text_dim or ctx.shape[1] > dit_cfg.text_len:
+        if ctx.dim() != 3 or ctx.shape[0] != 1 or ctx.shape[-1] != dit_cfg.text_dim or ctx.shape[1] > dit_cfg.text_len:
             raise PipelineError(
                 f"prompt embedding {tuple(ctx.shape)} does not fit the DiT ([1, <= {dit_cfg.text_len}, "
                 f"{dit_cfg.text_dim}])"
             )
-        return ctx.to(device=self.device, dtype=torch.float32)
+        return ctx[0].to(device=self.device, dtype=torch.float32)
 
     def _to_pixels(self, frames: Frames) -> torch.Tensor:
         """[T, H, W, 3] uint8 or float [0, 1] → [1, 3, T, H, W] float32 in [-1, 1] on the pipeline's device."""
@@ -329,65 +367,67 @@ class StreamPipeline:
         return n >= st.clock.input_frames(st.next_chunk)
 
     def _advance_prompt(self, st: StreamState) -> None:
-        """A blend moves one step per chunk entering the DiT (before its forward)."""
+        """A blend moves one step per chunk entering the DiT (before it enters)."""
         if st.blend is None:
             return
         ctx, complete = st.blend.advance()
-        self.runner.set_prompt(st.stream_id, ctx, st.prompt_version)
-        st.dit = self.runner.states[st.stream_id]
-        st.context = ctx
+        self._use_prompt(st, ctx)
         if complete:
             st.blend = None
 
-    def _next_input(self, st: StreamState) -> tuple[torch.Tensor | None, float | None]:
-        """Take the next chunk's frames from the buffer: (latent, noise scale); (None, None) for T2V."""
+    def _next_chunk(self, st: StreamState) -> LatentChunk:
+        """The stream's next chunk as the ring takes it: ingest's message (V2V: the encoded frames and the motion-
+        adapted noise scale; T2V: no input, pure noise at the step list's first timestep)."""
+        c = st.next_chunk
+        clock = st.clock
+        frames = clock.latent_frames(c)
         if st.t2v:
-            return None, None
-        need = st.clock.input_frames(st.next_chunk)
-        assert st.pending is not None
-        px, rest = st.pending[:, :, :need], st.pending[:, :, need:]
-        st.pending = rest if rest.shape[2] else None
-        level = self.motion.update(st.motion, px)
-        z = self.vae.encode(st.vae, px.to(self.vae.dtype)).float()
-        st.last_latent, st.last_scale = z[:, :, -1:], level.scale
-        return z, level.scale
+            z = torch.zeros(frames, self.ring.first.model.config.in_dim, *self.latent_hw)
+            scale, timesteps = 1.0, self.config.timesteps(None)
+        else:
+            need = clock.input_frames(c)
+            assert st.pending is not None
+            px, rest = st.pending[:, :, :need], st.pending[:, :, need:]
+            st.pending = rest if rest.shape[2] else None
+            level = self.motion.update(st.motion, px)
+            z = self.vae.encode(st.vae, px.to(self.vae.dtype)).float()[0].permute(1, 0, 2, 3)
+            scale, timesteps = level.scale, self.config.timesteps(level.scale)
+        now = time.time()
+        return LatentChunk(
+            stream_id=st.stream_id, seq=st.seq, epoch=0, latent_start=clock.latent_start(c),
+            rope_start=clock.rope_start(c), capture_time=now, deadline=now + OFFLINE_DEADLINE_S,
+            prompt_version=st.prompt_version, noise_scale=scale, timesteps=timesteps, segment=st.segment,
+            latent=z.contiguous(),
+        )
 
     def _round(self, streams: Sequence[StreamState]) -> None:
-        """One chunk per stream: prepare chunks alone, the rest in one stream-batched forward per frame count."""
-        batch: dict[str, tuple[torch.Tensor | None, float | None]] = {}
+        """One chunk per stream into the ring, then the ring runs until idle (lockstep: one wave per chunk)."""
         for st in streams:
-            z, scale = self._next_input(st)
             self._advance_prompt(st)
+            chunk = self._next_chunk(st)
+            try:
+                self.ring.add_chunk(chunk, st.seed)
+            except ValueError as e:
+                raise PipelineError(str(e)) from e
+            st.seq += 1
             st.chunks += 1
-            if st.next_chunk == 0:
-                self._emit(st, self.runner.prepare(st.stream_id, z, scale))
-            else:
-                batch[st.stream_id] = (z, scale)
-        self._step(batch)
-
-    def _step(self, batch: dict[str, tuple[torch.Tensor | None, float | None]]) -> None:
-        frames_of = {sid: self.streams[sid].clock.latent_frames(self.streams[sid].next_chunk) for sid in batch}
-        for _, group in itertools.groupby(sorted(batch, key=lambda s: frames_of[s]), key=lambda s: frames_of[s]):
-            sids = list(group)
-            out = self.runner.step({sid: batch[sid] for sid in sids})
-            for sid in sids:
-                if out[sid] is not None:
-                    self._emit(self.streams[sid], out[sid])
+        self._collect(self.ring.run())
 
     def _drain(self, st: StreamState) -> None:
-        """Finish the chunks in the slots: forwards with a stand-in chunk (the last latent again) entering slot 0.
-        The stand-ins never finish; they are dropped with the segment."""
-        if st.next_chunk == 0:
-            return
-        last = st.next_chunk - 1
-        while any(c <= last for c in st.in_flight()):
-            z = None if st.t2v else st.last_latent
-            self._step({st.stream_id: (z, st.last_scale)})
+        """Let the stream's chunks in the slots finish (no new chunk follows them)."""
+        self.ring.first.drain(st.stream_id)
+        self._collect(self.ring.run())
 
-    def _emit(self, st: StreamState, x0: torch.Tensor) -> None:
-        frames = self.vae.decode(st.vae, x0.to(self.vae.dtype))
-        st.frames_out += frames.shape[2]
-        st.outbox.append(frames)
+    def _collect(self, finished: list[LatentChunk]) -> None:
+        for chunk in finished:
+            st = self.streams.get(chunk.stream_id)
+            if st is None:
+                continue  # a stream closed while its chunks were in the ring
+            st.out_seq = chunk.seq + 1
+            x0 = chunk.latent.permute(1, 0, 2, 3)[None].to(self.device)
+            frames = self.vae.decode(st.vae, x0.to(self.vae.dtype))
+            st.frames_out += frames.shape[2]
+            st.outbox.append(frames)
 
     def _take(self, st: StreamState) -> np.ndarray:
         """Hand out decoded frames, never more than went in (V2V; the tail padding is cut) or were asked for

@@ -1,15 +1,12 @@
-"""Per-stream state of the single-process pipeline: one object, serialisable and movable."""
+"""Per-stream state of the single-process pipeline outside the DiT ring: one object, serialisable and movable."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from dit_stage.state import StreamDiTState
-from dit_stage.stream_batch import StreamSlots
 from encoder.motion import MotionNoiseState
 from encoder.vae import StreamVAEState
 from proto.clock import ChunkClock, segment_seed
@@ -46,19 +43,19 @@ class PromptBlend:
 
 @dataclass(eq=False)
 class StreamState:
-    """Everything the pipeline keeps for one stream.
+    """Everything the pipeline keeps for one stream outside the DiT ring (the ring's stage workers hold its KV
+    shards, prompt versions and slot queues; ``StreamPipeline.save_stream`` moves both together).
 
-    ``slots`` and ``dit`` are the DiT side (slot contents, the chunk clock position, the KV shards and the prompt's
-    cross-attention K/V, one ``StreamDiTState`` per stage); ``vae`` the Stream-VAE caches; ``motion`` the noise EMA;
-    ``context`` the prompt embedding applied now (mid-blend: the interpolated one); ``pending`` the input frames
-    not yet making up a whole chunk ([1, 3, T, H, W] in [-1, 1]). ``to_bytes``/``from_bytes`` move it bit-exactly.
+    ``vae`` the Stream-VAE caches; ``motion`` the noise EMA; ``context`` the prompt embedding applied now (mid-blend:
+    the interpolated one); ``pending`` the input frames not yet making up a whole chunk ([1, 3, T, H, W] in
+    [-1, 1]); ``seq`` the next chunk's sequence number over the stream's life, ``segment_start`` the seq of the
+    current segment's prepare chunk, ``out_seq`` the next chunk expected back from the ring.
     """
 
     stream_id: str
     seed: int
     t2v: bool
-    slots: StreamSlots
-    dit: list[StreamDiTState]
+    clock: ChunkClock
     vae: StreamVAEState
     motion: MotionNoiseState
     prompt: str
@@ -66,6 +63,9 @@ class StreamState:
     context: torch.Tensor
     blend: PromptBlend | None = None
     segment: int = 0
+    segment_start: int = 0
+    seq: int = 0
+    out_seq: int = 0
     chunks: int = 0
     """Chunks that entered the DiT over the stream's life (all segments)."""
     pending: torch.Tensor | None = None
@@ -73,45 +73,26 @@ class StreamState:
     frames_out: int = 0
     delivered: int = 0
     t2v_target: int = 0
-    last_latent: torch.Tensor | None = None
-    last_scale: float | None = None
     ended: bool = False
     outbox: list[torch.Tensor] = field(default_factory=list)
 
     @property
-    def clock(self) -> ChunkClock:
-        return self.slots.clock
-
-    @property
     def next_chunk(self) -> int:
-        """The next chunk of the current segment (0 = its prepare chunk)."""
-        return self.slots.next_chunk
+        """The next chunk's index in the current segment (0 = its prepare chunk)."""
+        return self.seq - self.segment_start
 
     def in_flight(self) -> list[int]:
-        """Chunks of the current segment sitting in stream-batch slots (entered, not finished)."""
-        return [c for c in self.slots.chunk if c is not None]
+        """Chunks (seq) that entered the ring and have not come back finished."""
+        return list(range(self.out_seq, self.seq))
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        s = self.slots
         cpu = _cpu
         return {
             "stream_id": self.stream_id,
             "seed": self.seed,
             "t2v": self.t2v,
-            "slots": {
-                "stream_id": s.stream_id,
-                "seed": s.seed,
-                "clock": asdict(s.clock),
-                "num_slots": s.num_slots,
-                "latent_hw": list(s.latent_hw),
-                "chunk": list(s.chunk),
-                "latent": [cpu(t) for t in s.latent],
-                "timestep": list(s.timestep),
-                "next_chunk": s.next_chunk,
-                "context": [cpu(t) for t in s.context],
-            },
-            "dit": [torch.frombuffer(bytearray(st.to_bytes()), dtype=torch.uint8) for st in self.dit],
+            "clock": asdict(self.clock),
             "vae": _map_tensors(self.vae.to_dict(), cpu),
             "motion": _map_tensors(self.motion.to_dict(), cpu),
             "prompt": self.prompt,
@@ -126,14 +107,15 @@ class StreamState:
                 "done": self.blend.done,
             },
             "segment": self.segment,
+            "segment_start": self.segment_start,
+            "seq": self.seq,
+            "out_seq": self.out_seq,
             "chunks": self.chunks,
             "pending": cpu(self.pending),
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
             "delivered": self.delivered,
             "t2v_target": self.t2v_target,
-            "last_latent": cpu(self.last_latent),
-            "last_scale": self.last_scale,
             "ended": self.ended,
             "outbox": [cpu(t) for t in self.outbox],
         }
@@ -143,26 +125,12 @@ class StreamState:
         def dev(t: Any) -> Any:
             return t.to(device) if isinstance(t, torch.Tensor) else t
 
-        sl = d["slots"]
-        slots = StreamSlots(
-            stream_id=sl["stream_id"],
-            seed=int(sl["seed"]),
-            clock=ChunkClock(**sl["clock"]),
-            num_slots=int(sl["num_slots"]),
-            latent_hw=(int(sl["latent_hw"][0]), int(sl["latent_hw"][1])),
-            chunk=list(sl["chunk"]),
-            latent=[dev(t) for t in sl["latent"]],
-            timestep=[float(t) for t in sl["timestep"]],
-            next_chunk=int(sl["next_chunk"]),
-            context=[dev(t) for t in sl["context"]],
-        )
         blend = d["blend"]
         return cls(
             stream_id=d["stream_id"],
             seed=int(d["seed"]),
             t2v=bool(d["t2v"]),
-            slots=slots,
-            dit=[StreamDiTState.from_bytes(t.numpy().tobytes(), device) for t in d["dit"]],
+            clock=ChunkClock(**d["clock"]),
             vae=StreamVAEState.from_dict(_map_tensors(d["vae"], dev)),
             motion=MotionNoiseState.from_dict(_map_tensors(d["motion"], dev)),
             prompt=d["prompt"],
@@ -172,26 +140,18 @@ class StreamState:
             if blend is None
             else PromptBlend(dev(blend["source"]), dev(blend["target"]), int(blend["total"]), int(blend["done"])),
             segment=int(d["segment"]),
+            segment_start=int(d["segment_start"]),
+            seq=int(d["seq"]),
+            out_seq=int(d["out_seq"]),
             chunks=int(d["chunks"]),
             pending=dev(d["pending"]),
             frames_in=int(d["frames_in"]),
             frames_out=int(d["frames_out"]),
             delivered=int(d["delivered"]),
             t2v_target=int(d["t2v_target"]),
-            last_latent=dev(d["last_latent"]),
-            last_scale=d["last_scale"],
             ended=bool(d["ended"]),
             outbox=[dev(t) for t in d["outbox"]],
         )
-
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save(self.to_dict(), buf)
-        return buf.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, device: torch.device | str = "cpu") -> StreamState:
-        return cls.from_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), device)
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
