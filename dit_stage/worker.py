@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dit_stage.forward import Forward
 from dit_stage.kv_cache import KVCacheShard
 from dit_stage.model import CausalWanDiT
 from dit_stage.scheduler import FlowMatchScheduler, draw_noise
@@ -165,8 +166,10 @@ class StageWorker:
         move_frame_bytes: int = 32 * 1024 * 1024,
         shift: float = 8.0,
         clock: Callable[[], float] = time.time,
+        forward: Forward | None = None,
     ) -> None:
         self.model = model
+        self.forward = forward if forward is not None else Forward(model)
         self.window, self.sink, self.adaptive_threshold = window, sink, adaptive_threshold
         self.max_batch_items = max_batch_items
         self.max_queued_chunks = max_queued_chunks
@@ -715,10 +718,9 @@ class StageWorker:
         h, w = noisy.shape[-2:]
         grid = self.model.grid_of(items[0].frames, h, w)
         sigmas = [self.scheduler.sigma(float(m.timesteps[m.step])) for m in items] if self.is_last else None
-        self.model.check_input(x, len(items), grid)
-        batch = self.model.prepare_batch(slot_items, grid, sigmas)
         timer = BlockTimer(dev)
-        y = self.model.run(x, batch, noisy if self.is_last else None, timer)
+        self.forward = self.forward.follow(self.model)  # an epoch switch may have changed the model
+        y = self.forward(x, slot_items, grid, noisy if self.is_last else None, sigmas, timer)
         for meta, it in zip(items, slot_items, strict=True):
             if meta.latent_start == 0 and meta.step == meta.steps - 1:
                 it.state.shard.replicate_slot(0)  # prepare done: every slot starts from its cache
