@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_stage.config import WanDiTConfig
-from dit_stage.graphs import GraphedDiT
+from dit_stage.forward import Forward, ForwardMode, make_forward
 from dit_stage.model import CausalWanDiT, init_weights_
 from dit_stage.scheduler import SDV2_STEPS, FlowMatchScheduler
 from dit_stage.state import SlotItem
@@ -54,7 +54,7 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_one(
-    model: CausalWanDiT,
+    call: Forward,
     name: str,
     height: int,
     width: int,
@@ -63,8 +63,8 @@ def bench_one(
     iters: int,
     warmup: int,
     check_syncs: bool,
-    graphs: bool,
 ) -> dict:
+    model = call.model
     cfg, dev, dtype = model.config, model.device, model.dtype
     lh, lw = height // 8, width // 8
     tokens = cfg.tokens_per_frame(lh, lw)
@@ -76,8 +76,7 @@ def bench_one(
         "streams": streams,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
-        "mode": ("cuda_graph" if graphs and dev.type == "cuda" else "eager")
-        + ("+compile" if "_compiled" in model.__dict__ else ""),
+        "mode": {"eager": "eager", "graph": "cuda_graph", "compile": "cuda_graph+compile"}[call.mode],
     }
     slots = steps * streams
     if dev.type == "cuda":
@@ -102,7 +101,6 @@ def bench_one(
     x = torch.randn(slots, cfg.in_dim, 1, lh, lw, device=dev, generator=gen)
     grid = model.grid_of(1, lh, lw)
     frame = [WINDOW]
-    call = GraphedDiT(model) if graphs else model
 
     def forward() -> torch.Tensor:
         a = frame[0]
@@ -163,8 +161,9 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-sync-check", action="store_true")
-    p.add_argument("--eager", action="store_true", help="no CUDA graphs (measures launch-bound eager mode)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the attention-free block pieces")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--eager", action="store_true", help="no CUDA graphs (measures launch-bound eager mode)")
+    speed.add_argument("--compile", action="store_true", help="CUDA graphs over torch.compiled block pieces")
     args = p.parse_args()
     dev = torch.device(args.device)
     cpu = dev.type == "cpu"
@@ -175,25 +174,24 @@ def main() -> None:
     streams = [int(v) for v in (args.streams or ("1,2" if cpu else "1,2,4")).split(",")]
     iters = args.iters or (2 if cpu else 10)
     dtype = torch.float32 if cpu else torch.bfloat16
+    mode: ForwardMode = "eager" if args.eager else "compile" if args.compile else "graph"
     torch.manual_seed(0)
     _emit({"bench": "dit", "start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__})
     for name in models:
         cfg = WanDiTConfig.named(name)
         if args.layers:
             cfg = cfg.with_layers(args.layers)
-        model = _build(cfg, dev, dtype)
-        if args.compile:
-            model.compile_pieces()
+        call = make_forward(_build(cfg, dev, dtype), mode)
         for h, w in res:
             for b in steps:
                 for n in streams:
                     heavy = cfg.dim >= 5120 and b * n > 4
                     it = max(2, iters // 3) if heavy else iters
-                    _emit(bench_one(model, name, h, w, b, n, it, args.warmup, not args.no_sync_check, not args.eager))
+                    _emit(bench_one(call, name, h, w, b, n, it, args.warmup, not args.no_sync_check))
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats(dev)
-        del model
+        del call
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -52,12 +52,12 @@ def _frames(n: int, height: int, width: int, seed: int) -> np.ndarray:
     return out
 
 
-def build(preset: str, config: PipelineConfig, device: torch.device, dtype: torch.dtype, graphs: bool):
+def build(preset: str, config: PipelineConfig, device: torch.device, dtype: torch.dtype, forward: str):
     """(pipeline, note): the tiny preset, or real 1.3B/14B DiT shapes + the full Wan2.1 VAE with random weights."""
     if preset == "tiny":
         from pipeline.loading import build_tiny_pipeline
 
-        return build_tiny_pipeline(config, device=device, dtype=dtype), "tiny umT5 + tokenizer"
+        return build_tiny_pipeline(config, device=device, dtype=dtype, forward=forward), "tiny umT5 + tokenizer"
     from diffusers import AutoencoderKLWan
 
     from encoder.vae import StreamVAE
@@ -71,7 +71,7 @@ def build(preset: str, config: PipelineConfig, device: torch.device, dtype: torc
     vae = StreamVAE(AutoencoderKLWan().to(device=device, dtype=dtype))  # diffusers' defaults = the Wan2.1 VAE
     text = FixedEmbedding(cfg.text_len, cfg.text_dim)
     note = "umT5 skipped: one fixed random [1, 512, 4096] embedding for every prompt"
-    return StreamPipeline(dit.eval(), vae, text, config, cuda_graphs=graphs), note
+    return StreamPipeline(dit.eval(), vae, text, config, forward=forward), note
 
 
 def _sync(device: torch.device) -> None:
@@ -127,7 +127,8 @@ def main() -> None:
     p.add_argument("--streams", default="1,2", help="comma list")
     p.add_argument("--frames", type=int, default=None, help="input frames per stream (1 + 4k)")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
-    p.add_argument("--eager", action="store_true", help="no CUDA graphs for the DiT")
+    p.add_argument("--forward", default="auto", choices=["auto", "eager", "graph", "compile"],
+                   help="the DiT Forward's mode (auto: graph + compile on CUDA, eager on CPU)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args()
 
@@ -138,13 +139,12 @@ def main() -> None:
     sizes = args.size or ("64x64,128x128" if preset == "tiny" else "512x512")
     steps_list = [int(s) for s in (args.steps or ("2" if device.type == "cpu" else "1,2,4")).split(",")]
     frames = args.frames or (45 if preset == "tiny" else 69)
-    graphs = device.type == "cuda" and not args.eager
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     for size in sizes.split(","):
         w, h = (int(v) for v in size.split("x"))
         for steps in steps_list:
             t0 = time.perf_counter()
-            pipe, note = build(preset, PipelineConfig(width=w, height=h, steps=steps), device, dtype, graphs)
+            pipe, note = build(preset, PipelineConfig(width=w, height=h, steps=steps), device, dtype, args.forward)
             load_s = time.perf_counter() - t0
             run_streams(pipe, 1, 21, seed=1000)  # warm-up: graph capture, autotuning, allocator
             for streams in [int(s) for s in args.streams.split(",")]:
@@ -154,7 +154,7 @@ def main() -> None:
                 _emit({
                     "bench": "pipeline_local", "preset": preset, "device": gpu or "cpu", "dtype": str(dtype)[6:],
                     "size": size, "steps": steps, "streams": streams, "frames_per_stream": frames,
-                    "cuda_graphs": graphs, **row, "build_s": round(load_s, 2),
+                    "forward": args.forward, **row, "build_s": round(load_s, 2),
                     "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if gpu else None,
                     "text_encoder": note,
                 })  # fmt: skip

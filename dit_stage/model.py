@@ -24,6 +24,7 @@ from torch import nn
 
 from dit_stage.attention import attend
 from dit_stage.config import WanDiTConfig
+from dit_stage.forward import Forward
 from dit_stage.kv_cache import KVCacheShard, WritePlan, host_tensor
 from dit_stage.rope import RopeTable, apply_rope
 from dit_stage.state import SlotItem, StreamDiTState
@@ -253,10 +254,10 @@ class CausalWanDiT(nn.Module):
         x: latents [N, C, f, H, W] on the first stage, else hidden states [N, f·S, D].
         grid: (f, h, w) in tokens (h = H/2, w = W/2).
         Returns hidden states [N, f·S, D], or on the last stage the flow prediction [N, C, f, H, W] — or
-        x0 = noisy − σ·v when ``noisy`` and per-item ``sigmas`` are given.
+        x0 = noisy − σ·v when ``noisy`` and per-item ``sigmas`` are given. A convenience for the eager
+        ``dit_stage.forward.Forward`` (the one implementation; use it directly for graphs, compile or timing).
         """
-        self.check_input(x, len(items), grid)
-        return self.run(x, self.prepare_batch(items, grid, sigmas), noisy)
+        return Forward(self)(x, items, grid, noisy, sigmas)
 
     def check_input(self, x: torch.Tensor, n: int, grid: tuple[int, int, int]) -> None:
         """Refuse a wrongly shaped input before any per-stream state is touched."""

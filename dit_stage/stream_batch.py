@@ -12,8 +12,8 @@ Cache modes:
   chunk's K/V in every slot that still holds it. With B = 1 this is exactly Self-Forcing / CausVid.
 
 ``StreamBatchRunner`` drives a list of stages (one ``CausalWanDiT`` with all blocks, or several block
-ranges) in one process; it is the reference the distributed pipeline must equal (``cuda_graphs=True``
-replays each stage's forwards as CUDA graphs on a GPU). All random draws come
+ranges) in one process; it is the reference the distributed pipeline must equal (``cuda_graphs=True`` runs
+each stage's ``Forward`` in graph mode on a GPU, dit_stage/forward.py). All random draws come
 from ``draw_noise`` keyed by (stream seed, chunk, step, purpose).
 """
 
@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from dit_stage.graphs import GraphedDiT
+from dit_stage.forward import Forward
 from dit_stage.model import CausalWanDiT
 from dit_stage.scheduler import SDV2_STEPS, FlowMatchScheduler, draw_noise, first_timestep
 from dit_stage.state import SlotItem, StreamDiTState
@@ -111,7 +111,7 @@ class StreamBatchRunner:
             if a.block_range[1] != b.block_range[0]:
                 raise ValueError(f"stages {a.block_range} and {b.block_range} are not contiguous")
         self.stages = list(stages)
-        self._calls = [GraphedDiT(stage) if cuda_graphs else stage for stage in self.stages]
+        self._calls = [Forward(stage, "graph" if cuda_graphs else "eager") for stage in self.stages]
         self.config = config
         self.scheduler = FlowMatchScheduler(shift=config.shift)
         self.slots: dict[str, StreamSlots] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from dit_stage.forward import make_forward
 from dit_stage.model import CausalWanDiT
 from dit_stage.timing import BlockTimes
 from dit_stage.worker import MicroStep, StageOutput, StageWorker, SwitchStep
@@ -55,7 +56,9 @@ class TimedStageWorker(StageWorker):
 
 
 def make_stage_worker(cfg: DitStageSettings, model: CausalWanDiT, **kwargs: Any) -> StageWorker:
-    """The stage's worker: the timed stand-in when ``dit_stage.timed_block_ms`` is set, else the normal one."""
+    """The stage's worker: the timed stand-in when ``dit_stage.timed_block_ms`` is set, else the normal one; its
+    forward in the ``dit_stage.forward`` mode."""
+    kwargs.setdefault("forward", make_forward(model, cfg.forward))
     if cfg.timed_block_ms is None:
         return StageWorker(model, **kwargs)
     return TimedStageWorker(model, block_ms=cfg.timed_block_ms, item_ms=cfg.timed_item_ms, slowdown=cfg.slowdown,

@@ -9,6 +9,7 @@ On CPU kernels run synchronously, so a wall-clock read per mark is the block's t
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,7 @@ class BlockTimer:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self._marks: list[tuple[int | str, object]] = []
+        self._marks: list[tuple[int | str | tuple[int, ...], object]] = []
         self.start()
 
     def _now(self) -> object:
@@ -49,6 +50,10 @@ class BlockTimer:
     def mark(self, label: int | str) -> None:
         """``label``: a block index after that block, else a name for the non-block work just done."""
         self._marks.append((label, self._now()))
+
+    def mark_blocks(self, blocks: Sequence[int]) -> None:
+        """One mark after several blocks run as one unit (a CUDA-graph replay): their time is split evenly."""
+        self._marks.append((tuple(blocks), self._now()))
 
     def collect(self) -> BlockTimes:
         out = BlockTimes()
@@ -67,6 +72,9 @@ class BlockTimer:
                 dt = t1 - t0
             if isinstance(label, int):
                 out.blocks[label] = out.blocks.get(label, 0.0) + dt
+            elif isinstance(label, tuple) and label:
+                for b in label:
+                    out.blocks[b] = out.blocks.get(b, 0.0) + dt / len(label)
             else:
                 out.extra += dt
         return out

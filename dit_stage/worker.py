@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from dit_stage.forward import Forward
 from dit_stage.kv_cache import KVCacheShard
 from dit_stage.model import CausalWanDiT
 from dit_stage.scheduler import FlowMatchScheduler, draw_noise
@@ -170,6 +171,7 @@ class StageWorker:
         shift: float = 8.0,
         lockstep: bool = False,
         clock: Callable[[], float] = time.time,
+        forward: Forward | None = None,
     ) -> None:
         self.model = model
         self.lockstep = lockstep
@@ -177,6 +179,7 @@ class StageWorker:
         the previous wave, in one micro-step) instead of running returns as soon as they are back. The single-
         process engine uses it: one forward per chunk, B items each (stream-batch's throughput), and the
         grouping of the oracle runner. Results do not depend on it beyond GEMM rounding."""
+        self.forward = forward if forward is not None else Forward(model)
         self.window, self.sink, self.adaptive_threshold = window, sink, adaptive_threshold
         self.max_batch_items = max_batch_items
         self.max_queued_chunks = max_queued_chunks
@@ -801,10 +804,9 @@ class StageWorker:
         h, w = noisy.shape[-2:]
         grid = self.model.grid_of(items[0].frames, h, w)
         sigmas = [self.scheduler.sigma(float(m.timesteps[m.step])) for m in items] if self.is_last else None
-        self.model.check_input(x, len(items), grid)
-        batch = self.model.prepare_batch(slot_items, grid, sigmas)
         timer = BlockTimer(dev)
-        y = self.model.run(x, batch, noisy if self.is_last else None, timer)
+        self.forward = self.forward.follow(self.model)  # an epoch switch may have changed the model
+        y = self.forward(x, slot_items, grid, noisy if self.is_last else None, sigmas, timer)
         for meta, it in zip(items, slot_items, strict=True):
             if meta.latent_start == 0 and meta.step == meta.steps - 1:
                 it.state.shard.replicate_slot(0)  # prepare done: every slot starts from its cache

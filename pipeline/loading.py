@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from dit_stage.config import WanDiTConfig
+from dit_stage.forward import ForwardMode
 from dit_stage.loading import (
     CAUSAL_CHECKPOINT_NAMES,
     find_causal_checkpoint,
@@ -62,6 +63,7 @@ def build_tiny_pipeline(
     num_layers: int = 3,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    forward: ForwardMode = "auto",
 ) -> StreamPipeline:
     """The tiny random preset: tiny DiT + tiny VAE + tiny umT5/tokenizer, deterministic from ``seed``
     (default size 64×64)."""
@@ -70,7 +72,8 @@ def build_tiny_pipeline(
     dit = make_tiny_dit(seed, num_layers, dtype).to(device)
     vae = StreamVAE(make_tiny_vae(seed, dtype).to(device))
     text = PromptEncoder(make_tiny_t5(seed).to(device), make_tiny_tokenizer(), max_length=dit.config.text_len)
-    return StreamPipeline(dit, vae, text, config, description="tiny random model (preset 'tiny', no weights)")
+    return StreamPipeline(dit, vae, text, config, forward=forward,
+                          description="tiny random model (preset 'tiny', no weights)")
 
 
 
@@ -115,7 +118,7 @@ def load_pipeline(
     dtype: str | torch.dtype = "auto",
     vae_config: StreamVAEConfig | None = None,
     text_encoder: object | None = None,
-    cuda_graphs: bool = False,
+    forward: ForwardMode = "auto",
 ) -> StreamPipeline:
     """A pipeline from a Wan2.1 model directory plus a causal DiT checkpoint (see the module docstring)."""
     config = config or PipelineConfig()
@@ -139,5 +142,5 @@ def load_pipeline(
     if text_encoder is None:
         text_encoder = PromptEncoder.from_model_dir(model_dir, dtype=dt, device=dev, max_length=dit.config.text_len)
     return StreamPipeline(
-        dit, vae, text_encoder, config, cuda_graphs=cuda_graphs, description=f"weights from {model_dir} ({ckpt.name})"
+        dit, vae, text_encoder, config, forward=forward, description=f"weights from {model_dir} ({ckpt.name})"
     )

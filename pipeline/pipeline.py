@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from dit_stage.forward import ForwardMode, make_forward
 from dit_stage.model import CausalWanDiT
 from dit_stage.ring import LocalRing
 from dit_stage.scheduler import SDV2_STEPS, first_timestep
@@ -113,8 +114,9 @@ class StreamPipeline:
     slots) in as few forwards as their grids allow. Both paths give the same frames (fp tolerance).
 
     ``dit`` is one model holding every block, or stage models over contiguous block ranges (one ``StageWorker``
-    each, as the stage services split it). The ring runs in lockstep: one forward per chunk entering, so a chunk
-    comes back B − 1 rounds after it entered, as in the services' steady state.
+    each, as the stage services split it); ``forward`` the mode of their ``Forward`` (dit_stage/forward.py: graph +
+    compile on CUDA with ``auto``, eager elsewhere). The ring runs in lockstep: one forward per chunk entering, so
+    a chunk comes back B − 1 rounds after it entered.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class StreamPipeline:
         text_encoder: TextEncoder,
         config: PipelineConfig | None = None,
         *,
+        forward: ForwardMode = "auto",
         description: str = "",
     ) -> None:
         stages = [dit] if isinstance(dit, CausalWanDiT) else list(dit)
@@ -131,7 +134,7 @@ class StreamPipeline:
         self.config = config
         self.ring = LocalRing([
             StageWorker(stage, window=config.kv_window, sink=config.sink, adaptive_threshold=config.adaptive_threshold,
-                        max_batch_items=MAX_BATCH_ITEMS, lockstep=True)
+                        max_batch_items=MAX_BATCH_ITEMS, lockstep=True, forward=make_forward(stage, forward))
             for stage in stages
         ])
         dit_cfg = stages[0].config

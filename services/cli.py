@@ -183,11 +183,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if tiny:
             print(_TINY_WARNING, file=sys.stderr)
             torch.manual_seed(0)
-            pipeline = build_tiny_pipeline(config, device=resolve_device(args.device))
+            pipeline = build_tiny_pipeline(config, device=resolve_device(args.device),
+                                           forward=settings.dit_stage.forward)
         else:
             checkpoint = args.checkpoint or settings.model.checkpoint
             pipeline = load_pipeline(
-                model_dir, config, checkpoint=checkpoint, device=args.device, dtype=settings.model.dtype
+                model_dir, config, checkpoint=checkpoint, device=args.device, dtype=settings.model.dtype,
+                forward=settings.dit_stage.forward,
             )
         if args.t2v:
             stats = run_t2v(pipeline, args.output, args.prompt, seconds=args.seconds or 2.0, fps=settings.stream.fps,

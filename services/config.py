@@ -209,6 +209,10 @@ class DitStageSettings(Section):
     slowdown: float = Field(
         1.0, gt=0, description="timed mode: multiplies the modelled time (a knob to slow one stage)"
     )
+    forward: Literal["auto", "eager", "graph", "compile"] = Field(
+        "auto", description="DiT forward: eager, graph (CUDA-graph replay), compile (graph + torch.compile) or auto "
+        "(compile on CUDA, else eager)"
+    )
 
 
 class ControllerSettings(Section):

@@ -1,0 +1,152 @@
+"""The one DiT forward: validate, host-side batch, device-side run — eagerly, as CUDA graphs, or compiled.
+
+A 1.3B forward launches a few thousand small kernels; on a fast GPU the host cannot launch them as quickly as the
+GPU runs them, so an eager forward is launch-bound (76.9 ms eager vs 21.8 ms graph+compile at 1.3B 512², 2 steps,
+BENCHMARKS.md). Every caller (the stage worker, the single-process runner, the benchmark) goes through ``Forward``
+so that the fast path is the one the stage pods run.
+
+Modes:
+
+* ``eager``: ``CausalWanDiT.run`` as is.
+* ``graph``: ``run`` is captured once per batch *signature* (item layout, shapes, the stream states' storage) and
+  replayed: the host then only validates the items, updates the ring counters and copies a handful of numbers into
+  the graph's static inputs. Replaying is exactly the eager computation (same kernels, same inputs). Capture needs
+  an eager warm-up; it runs the real step, so the first call of a signature is eager and its result is returned.
+  That warm-up and the capture see the same ring writes, which are idempotent (a frame already in the ring is
+  overwritten in place), so nothing is applied twice. The last ``max_graphs`` signatures are kept (LRU).
+* ``compile``: ``graph`` over ``compile_pieces()`` (torch.compile of the attention-free block pieces; it compiles
+  the model's pieces in place, so the model's own calls use them too).
+* ``auto``: ``compile`` on CUDA, else ``eager``.
+
+Graphs and compiled pieces are CUDA-only here: off CUDA every mode runs eagerly, and the Forward says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
+
+import torch
+
+from dit_stage.state import SlotItem
+from dit_stage.timing import BlockTimer
+
+if TYPE_CHECKING:
+    from dit_stage.model import BatchInputs, CausalWanDiT
+
+__all__ = ["MODES", "Forward", "ForwardMode", "make_forward"]
+
+log = logging.getLogger(__name__)
+
+ForwardMode = Literal["auto", "eager", "graph", "compile"]
+MODES: tuple[str, ...] = get_args(ForwardMode)
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor
+    noisy: torch.Tensor | None
+    batch: BatchInputs
+    out: torch.Tensor
+    keep: list  # the stream states whose storage the graph reads and writes
+
+
+class Forward:
+    """``forward(x, items, grid, noisy, sigmas, timer)`` over one model (the arguments of ``CausalWanDiT.forward``).
+
+    ``timer`` gets per-block marks in eager mode. A graph replay is one unit, so there its time is spread evenly
+    over the owned blocks (per-block timing is not available; Wan blocks are identical, so the controller's
+    per-block costs stay right but for the small embed/head share)."""
+
+    def __init__(self, model: CausalWanDiT, mode: ForwardMode = "eager", max_graphs: int = 16) -> None:
+        if mode not in MODES:
+            raise ValueError(f"forward mode {mode!r} is not one of {', '.join(MODES)}")
+        self.model = model
+        self.requested: ForwardMode = mode
+        self.max_graphs = max_graphs
+        cuda = model.device.type == "cuda"
+        self.mode: ForwardMode = "eager" if not cuda else ("compile" if mode == "auto" else mode)
+        if mode != "eager" and not cuda:
+            log.info("forward mode %r needs CUDA; %s runs eagerly", mode, model.device)
+        if self.mode == "compile" and "_compiled" not in model.__dict__:
+            model.compile_pieces()
+        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+
+    def follow(self, model: CausalWanDiT) -> Forward:
+        """This Forward for ``model`` (the same mode): itself, or a new one when the model changed (epoch switch)."""
+        return self if model is self.model else Forward(model, self.requested, self.max_graphs)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        x: torch.Tensor,
+        items: Sequence[SlotItem],
+        grid: tuple[int, int, int],
+        noisy: torch.Tensor | None = None,
+        sigmas: Sequence[float] | None = None,
+        timer: BlockTimer | None = None,
+    ) -> torch.Tensor:
+        model = self.model
+        model.check_input(x, len(items), grid)
+        batch = model.prepare_batch(items, grid, sigmas)
+        if timer is not None:
+            timer.start()  # the device work only, as in eager per-block marks
+        if self.mode == "eager":
+            return model.run(x, batch, noisy, timer)
+        out = self._replay(x, batch, noisy, items)
+        if timer is not None:
+            timer.mark_blocks(model.block_ids)
+        return out
+
+    def _replay(
+        self, x: torch.Tensor, batch: BatchInputs, noisy: torch.Tensor | None, items: Sequence[SlotItem]
+    ) -> torch.Tensor:
+        key = (
+            batch.signature(),
+            tuple(x.shape),
+            x.dtype,
+            None if noisy is None else (tuple(noisy.shape), noisy.dtype),
+        )
+        entry = self._graphs.get(key)
+        if entry is None:
+            return self._capture(key, x, batch, noisy, items)
+        self._graphs.move_to_end(key)
+        entry.x.copy_(x, non_blocking=True)
+        if noisy is not None and entry.noisy is not None:
+            entry.noisy.copy_(noisy, non_blocking=True)
+        entry.batch.copy_(batch)
+        entry.graph.replay()
+        return entry.out.clone()
+
+    def _capture(
+        self, key: tuple, x: torch.Tensor, batch: BatchInputs, noisy: torch.Tensor | None, items: Sequence[SlotItem]
+    ) -> torch.Tensor:
+        model = self.model
+        static_x = x.clone()
+        static_noisy = None if noisy is None else noisy.clone()
+        side = torch.cuda.Stream(device=model.device)
+        side.wait_stream(torch.cuda.current_stream(model.device))
+        with torch.cuda.stream(side):
+            result = model.run(static_x, batch, static_noisy)  # the real step, eagerly
+        torch.cuda.current_stream(model.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model.run(static_x, batch, static_noisy)  # recorded only: repeats the idempotent writes
+        states = list({id(it.state): it.state for it in items}.values())
+        self._graphs[key] = _Captured(graph, static_x, static_noisy, batch, out, states)
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return result
+
+    def clear(self) -> None:
+        """Drop every captured graph (and the storage it pins)."""
+        self._graphs.clear()
+
+
+def make_forward(model: CausalWanDiT, mode: ForwardMode = "auto") -> Forward:
+    """The forward a caller should use for ``model``: ``auto`` is graph+compile on CUDA, eager elsewhere."""
+    return Forward(model, mode)

@@ -1,0 +1,69 @@
+"""The one forward on CPU: every mode falls back to eager (said once), bit-identical to the model's own call."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from dit_stage.forward import Forward, make_forward
+from dit_stage.state import SlotItem
+from dit_stage.timing import BlockTimer
+
+from .helpers import LATENT_HW, context, random_model
+
+
+def _chunks(call, model, n: int = 4) -> list[torch.Tensor]:
+    state = model.new_state("s", 2, LATENT_HW, window=4, sink=1, adaptive_threshold=0.3)
+    model.set_prompt(state, context(3))
+    g = torch.Generator().manual_seed(0)
+    grid = model.grid_of(1, *LATENT_HW)
+    outs = []
+    for c in range(n):
+        x = torch.randn(2, 4, 1, *LATENT_HW, generator=g, dtype=torch.float64)
+        items = [SlotItem(state, k, c, c, 700.0 - 300 * k) for k in range(2)]
+        outs.append(call(x, items, grid, noisy=x, sigmas=[0.7, 0.4]))
+    return outs
+
+
+def test_auto_on_cpu_is_eager_bit_identical_and_says_so_once(caplog):
+    want_model, got_model = random_model(2, seed=7), random_model(2, seed=7)
+    want = _chunks(want_model, want_model)
+    with caplog.at_level(logging.INFO, logger="dit_stage.forward"):
+        fwd = make_forward(got_model, "auto")
+        got = _chunks(fwd, got_model)
+    assert fwd.mode == "eager" and fwd.requested == "auto"
+    assert "_compiled" not in got_model.__dict__
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)
+    fallbacks = [r for r in caplog.records if r.name == "dit_stage.forward"]
+    assert len(fallbacks) == 1 and "eagerly" in fallbacks[0].getMessage()
+
+
+def test_eager_is_silent_and_follows_a_new_model(caplog):
+    model = random_model(2)
+    with caplog.at_level(logging.INFO, logger="dit_stage.forward"):
+        fwd = Forward(model)
+    assert not caplog.records
+    assert fwd.follow(model) is fwd
+    other = random_model(2, seed=1)
+    moved = make_forward(model, "graph").follow(other)
+    assert moved.model is other and moved.requested == "graph" and moved.mode == "eager"
+
+
+def test_invalid_mode_is_rejected():
+    with pytest.raises(ValueError, match="forward mode 'fast'"):
+        make_forward(random_model(1), "fast")  # type: ignore[arg-type]
+
+
+def test_eager_timer_marks_every_block_and_graph_marks_spread_over_blocks():
+    model = random_model(3)
+    timer = BlockTimer(model.device)
+    _chunks(lambda *a, **kw: Forward(model)(*a, **kw, timer=timer), model, n=1)
+    assert sorted(timer.collect().blocks) == model.block_ids
+    spread = BlockTimer(model.device)
+    spread.mark_blocks(model.block_ids)
+    times = spread.collect()
+    assert sorted(times.blocks) == model.block_ids and times.extra == 0.0
+    assert len(set(times.blocks.values())) == 1
