@@ -36,8 +36,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dit_stage.stream_batch import StreamBatchConfig  # noqa: E402
+from ingest.service import chunk_timesteps  # noqa: E402
 from proto import CHANNELS, Heartbeat, LatentChunk, PromptUpdate, StageStats, Subjects  # noqa: E402
+from proto.clock import ChunkClock  # noqa: E402
 from services.bus import Bus  # noqa: E402
 from services.config import NatsSettings, Settings  # noqa: E402
 from services.controller.service import ControllerService  # noqa: E402
@@ -48,7 +49,7 @@ from common import git_commit  # noqa: E402
 
 IDS = ["dit-0", "dit-1", "dit-2"]
 FRAMES_PER_CHUNK = 4
-CONFIG = StreamBatchConfig(steps=2, noise_scale=0.7)
+STEPS, NOISE_SCALE = 2, 0.7
 
 
 def _stage(url: str, stage_id: str, block_ms: float, slowdown: float, max_queued: int) -> subprocess.Popen[bytes]:
@@ -64,13 +65,13 @@ def _stage(url: str, stage_id: str, block_ms: float, slowdown: float, max_queued
 
 
 def _chunk(stream_id: str, c: int, epoch: int, deadline_s: float) -> LatentChunk:
-    clock = CONFIG.clock()
+    clock = ChunkClock.v2v()
     g = torch.Generator().manual_seed(c)
     now = time.time()
     return LatentChunk(stream_id=stream_id, seq=c, epoch=epoch, latent_start=clock.latent_start(c),
                        rope_start=clock.rope_start(c), capture_time=now, deadline=now + deadline_s, prompt_version=0,
-                       noise_scale=CONFIG.noise_scale,
-                       timesteps=[CONFIG.first_timestep(CONFIG.noise_scale), *CONFIG.timesteps[1:]],
+                       noise_scale=NOISE_SCALE,
+                       timesteps=chunk_timesteps(STEPS, NOISE_SCALE),
                        latent=torch.randn(2 if c == 0 else 1, 4, 4, 6, generator=g))
 
 

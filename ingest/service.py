@@ -52,7 +52,7 @@ from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Histogram
 
 from dit_stage.config import WanDiTConfig
-from dit_stage.stream_batch import StreamBatchConfig
+from dit_stage.scheduler import SDV2_STEPS, first_timestep
 from encoder.motion import MotionNoiseConfig, MotionNoiseController, MotionNoiseState
 from encoder.prompt import PromptEncoder, trim_padding
 from encoder.vae import StreamVAE, StreamVAEState
@@ -120,9 +120,8 @@ def motion_controller(spec: StreamSpec) -> MotionNoiseController:
 
 
 def chunk_timesteps(steps: int, noise_scale: float) -> list[int]:
-    """Timesteps of a chunk, slot 0 first: ``int(1000·s) − 100``, then the fixed step list (``StreamBatchRunner``)."""
-    cfg = StreamBatchConfig(steps=steps, noise_scale=noise_scale)
-    return [cfg.first_timestep(noise_scale), *cfg.timesteps[1:]]
+    """Timesteps of a chunk, slot 0 first: ``int(1000·s) − 100``, then the fixed step list."""
+    return [first_timestep(noise_scale), *SDV2_STEPS[1:steps]]
 
 
 # -- models -----------------------------------------------------------------------------------------------------

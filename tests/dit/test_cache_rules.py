@@ -8,7 +8,7 @@ import torch
 
 from dit_stage.rope import apply_rope
 from dit_stage.state import SlotItem
-from dit_stage.stream_batch import StreamBatchConfig, StreamBatchRunner
+from oracle.stream_batch import StreamBatchConfig, StreamBatchRunner
 
 from .helpers import LATENT_HW, context, make_reference, ours_from, random_model, reference_forward
 

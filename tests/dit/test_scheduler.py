@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dit_stage.scheduler import SDV2_STEPS, FlowMatchScheduler, draw_noise
-from dit_stage.stream_batch import StreamBatchConfig
+from dit_stage.scheduler import SDV2_STEPS, FlowMatchScheduler, draw_noise, first_timestep
+from pipeline.pipeline import PipelineConfig
 
 
 def test_sigma_table_is_the_shifted_flow_matching_table():
@@ -44,12 +44,12 @@ def test_noise_is_a_pure_function_of_seed_chunk_step_purpose():
 
 
 def test_sdv2_defaults():
-    cfg = StreamBatchConfig()
+    cfg = PipelineConfig()
     assert SDV2_STEPS == (700, 500, 400, 200)
-    assert cfg.timesteps == (700, 500)
-    assert StreamBatchConfig(steps=4).timesteps == SDV2_STEPS
+    assert cfg.timesteps(0.8) == [700, 500] and cfg.timesteps(0.7) == [600, 500]
+    assert PipelineConfig(steps=4).timesteps(None) == list(SDV2_STEPS)  # T2V: the list itself
     assert (cfg.noise_scale, cfg.kv_window, cfg.sink, cfg.adaptive_threshold) == (0.8, 6, 3, 0.2)
-    assert cfg.first_timestep(0.8) == 700 and cfg.first_timestep(0.7) == 600
-    clock = cfg.clock()
+    assert first_timestep(0.8) == 700 and first_timestep(0.7) == 600
+    clock = cfg.clock(t2v=False)
     assert clock.t_refresh == 50 and clock.refresh_to == 5
-    assert cfg.cache_mode == "sdv2" and cfg.shift == 8.0
+    assert cfg.cache_mode == "sdv2" and FlowMatchScheduler().shift == 8.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dit_stage.stream_batch import StreamBatchRunner
+from oracle.stream_batch import StreamBatchRunner
 from proto.clock import segment_seed
 
 from .helpers import (

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from dit_stage.stream_batch import StreamBatchConfig
+from dit_stage.scheduler import first_timestep
 from encoder.motion import MotionNoiseConfig, MotionNoiseController, MotionNoiseState
 
 
@@ -36,7 +36,7 @@ def test_defaults_are_the_official_constants():
     cfg = MotionNoiseConfig()
     assert (cfg.s_init, cfg.motion_range, cfg.prev_weight, cfg.sigma) == (0.8, 0.1, 0.1, 0.2)
     # t0 = int(1000·s) − 100, and it is the DiT runner's own rule, not a copy that could drift
-    assert MotionNoiseController(cfg).timestep_for(0.8) == StreamBatchConfig().first_timestep(0.8) == 700
+    assert MotionNoiseController(cfg).timestep_for(0.8) == first_timestep(0.8) == 700
     assert cfg.s_min == pytest.approx(0.7)
     with pytest.raises(ValidationError):
         MotionNoiseConfig(sigma=0.0)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dit_stage.stream_batch import StreamBatchConfig
 from dit_stage.worker import StageWorker
 from ingest.replay import ReplayRing, exact_replay_chunks, sink_chunks, window_chunks
+from oracle.stream_batch import StreamBatchConfig
 from proto import LatentChunk, RingReturn, StageItems, decode
 from tests.dit_service.helpers import (
     NUM_BLOCKS,

@@ -12,9 +12,10 @@ Cache modes:
   chunk's K/V in every slot that still holds it. With B = 1 this is exactly Self-Forcing / CausVid.
 
 ``StreamBatchRunner`` drives a list of stages (one ``CausalWanDiT`` with all blocks, or several block
-ranges) in one process; it is the reference the distributed pipeline must equal (``cuda_graphs=True`` runs
-each stage's ``Forward`` in graph mode on a GPU, dit_stage/forward.py). All random draws come
-from ``draw_noise`` keyed by (stream seed, chunk, step, purpose).
+ranges) in one process, in lockstep: one forward per new chunk over every slot. It is a **frozen test oracle**, not
+part of rheo: the one engine is the stage ring (``dit_stage/worker.py``, driven in-process by
+``dit_stage/ring.py``), and the tests prove it equal to this independent, slot-array formulation of the same
+algorithm. Eager only. All random draws come from ``draw_noise`` keyed by (stream seed, chunk, step, purpose).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Literal
 
 import torch
 
-from dit_stage.forward import Forward
 from dit_stage.model import CausalWanDiT
 from dit_stage.scheduler import SDV2_STEPS, FlowMatchScheduler, draw_noise, first_timestep
 from dit_stage.state import SlotItem, StreamDiTState
@@ -103,7 +103,6 @@ class StreamBatchRunner:
         self,
         stages: Sequence[CausalWanDiT],
         config: StreamBatchConfig = StreamBatchConfig(),
-        cuda_graphs: bool = False,
     ) -> None:
         if not stages or not stages[0].is_first or not stages[-1].is_last:
             raise ValueError("stages must start at block 0 and end at the head")
@@ -111,7 +110,6 @@ class StreamBatchRunner:
             if a.block_range[1] != b.block_range[0]:
                 raise ValueError(f"stages {a.block_range} and {b.block_range} are not contiguous")
         self.stages = list(stages)
-        self._calls = [Forward(stage, "graph" if cuda_graphs else "eager") for stage in self.stages]
         self.config = config
         self.scheduler = FlowMatchScheduler(shift=config.shift)
         self.slots: dict[str, StreamSlots] = {}
@@ -229,7 +227,7 @@ class StreamBatchRunner:
         first = self.slots[plan[0][0]]
         grid = self.stages[0].grid_of(frames, *first.latent_hw)
         h: torch.Tensor = x
-        for idx, (stage, call) in enumerate(zip(self.stages, self._calls, strict=True)):
+        for idx, stage in enumerate(self.stages):
             items = []
             for row, (stream_id, slot, c, t, clean) in enumerate(plan):
                 s = self.slots[stream_id]
@@ -239,9 +237,9 @@ class StreamBatchRunner:
                 items.append(SlotItem(state, slot, clock.latent_start(c), clock.rope_start(c), t, clean))
             if stage.is_last:
                 sigmas = [self.scheduler.sigma(row[3]) for row in plan]
-                h = call(h, items, grid, noisy=x, sigmas=sigmas)
+                h = stage(h, items, grid, noisy=x, sigmas=sigmas)
             else:
-                h = call(h, items, grid)
+                h = stage(h, items, grid)
         return h
 
     def prepare(self, stream_id: str, z0: torch.Tensor | None, noise_scale: float | None = None) -> torch.Tensor:
