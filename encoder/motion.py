@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from dit_stage.scheduler import first_timestep
+from wan.scheduler import first_timestep
 
 
 class MotionNoiseConfig(BaseModel):

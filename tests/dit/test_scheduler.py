@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dit_stage.scheduler import SDV2_STEPS, FlowMatchScheduler, draw_noise
 from dit_stage.stream_batch import StreamBatchConfig
+from wan.scheduler import SDV2_STEPS, FlowMatchScheduler, draw_noise
 
 
 def test_sigma_table_is_the_shifted_flow_matching_table():
