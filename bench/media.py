@@ -124,7 +124,7 @@ def bench_encode(n: int) -> None:
 
 async def bench_latency(seconds: float) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    from egress.player import HLSJS_DEFAULT
+    from media.player import HLSJS_DEFAULT
 
     if chromium is None or not HLSJS_DEFAULT.is_file():
         emit("llhls_latency", skipped="chromium or hls.js (scripts/fetch-hlsjs.sh) missing")
@@ -138,8 +138,8 @@ async def bench_latency(seconds: float) -> None:
     from media_io.mediakit import LiveSource, serve_app
 
     from egress.http import make_hls_router
-    from egress.player import make_player_router
     from media.llhls import HlsRegistry
+    from media.player import make_player_router
 
     with tempfile.TemporaryDirectory() as tmp:
         registry = HlsRegistry(Path(tmp))
