@@ -139,7 +139,7 @@ class IngestModels:
 
     @classmethod
     def tiny(cls) -> IngestModels:
-        """The tiny random VAE and umT5 of ``pipeline.tiny`` (seed ``TINY_SEED``), as every tiny service builds."""
+        """The tiny random VAE and umT5 of ``wan.tiny`` (seed ``TINY_SEED``), as every tiny service builds."""
         from wan.tiny import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
 
         text_len = WanDiTConfig.tiny().text_len
