@@ -29,6 +29,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proto ./proto
 COPY services ./services
+COPY media ./media
+COPY wan ./wan
 COPY ingest ./ingest
 COPY encoder ./encoder
 COPY dit_stage ./dit_stage

@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_stage.config import WanDiTConfig
 from dit_stage.forward import Forward, ForwardMode, make_forward
 from dit_stage.model import CausalWanDiT, init_weights_
-from dit_stage.scheduler import SDV2_STEPS, FlowMatchScheduler
 from dit_stage.state import SlotItem
+from wan.config import WanDiTConfig
+from wan.scheduler import SDV2_STEPS, FlowMatchScheduler
 
 PEAK_TFLOPS = 790.0
 WINDOW, SINK = 6, 3

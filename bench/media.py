@@ -27,17 +27,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from egress.encoder import H264Encoder, PartLayout  # noqa: E402
 from egress.rtmp_push import FlvTagMuxer  # noqa: E402
-from ingest.chunkstream import (  # noqa: E402
+from ingest.pacing import FramePacer  # noqa: E402
+from media.chunkstream import (  # noqa: E402
     SET_CHUNK_SIZE,
     VIDEO,
     ChunkStreamParser,
     control_message,
     encode_message,
 )
-from ingest.flv import AvcDecoder, TagKind, parse_video_tag  # noqa: E402
-from ingest.pacing import FramePacer, shape_frame  # noqa: E402
+from media.flv import AvcDecoder, TagKind, parse_video_tag  # noqa: E402
+from media.frames import shape_frame  # noqa: E402
+from media.h264 import H264Encoder, PartLayout  # noqa: E402
 
 W, H, FPS = 832, 480, 30
 
@@ -123,7 +124,7 @@ def bench_encode(n: int) -> None:
 
 async def bench_latency(seconds: float) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    from egress.player import HLSJS_DEFAULT
+    from media.player import HLSJS_DEFAULT
 
     if chromium is None or not HLSJS_DEFAULT.is_file():
         emit("llhls_latency", skipped="chromium or hls.js (scripts/fetch-hlsjs.sh) missing")
@@ -134,11 +135,11 @@ async def bench_latency(seconds: float) -> None:
         emit("llhls_latency", skipped="playwright (PyPI) not installed")
         return
     from fastapi import FastAPI
-    from media.mediakit import LiveSource, serve_app
+    from media_io.mediakit import LiveSource, serve_app
 
     from egress.http import make_hls_router
-    from egress.llhls import HlsRegistry
-    from egress.player import make_player_router
+    from media.llhls import HlsRegistry
+    from media.player import make_player_router
 
     with tempfile.TemporaryDirectory() as tmp:
         registry = HlsRegistry(Path(tmp))

@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_stage.config import WanDiTConfig
 from dit_stage.model import CausalWanDiT, init_weights_
 from pipeline.pipeline import FixedEmbedding, PipelineConfig, StreamPipeline
 from pipeline.state import StreamSpec
+from wan.config import WanDiTConfig
 
 
 def _emit(row: dict) -> None:

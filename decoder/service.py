@@ -26,8 +26,8 @@ import torch
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
-from egress.encoder import CfrPacer, H264Encoder, PacedFrame
 from encoder.vae import StreamVAE, StreamVAEState
+from media.h264 import CfrPacer, H264Encoder, PacedFrame
 from proto import CHANNELS, EncodedVideo, LatentChunk, StreamEvent, Subjects, VideoUnit
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
 from services.runtime import Service, ServiceStartError, main, write_debug_tap
@@ -139,14 +139,14 @@ class DecoderService(Service):
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
 
     def _load_vae(self) -> StreamVAE:
-        from dit_stage.loading import resolve_device, resolve_dtype
+        from wan.device import resolve_device, resolve_dtype
 
         model = self.settings.model
         device = resolve_device(model.device)
         dtype = resolve_dtype(model.dtype, device)
         torch.set_grad_enabled(False)
         if model.model_dir is None:
-            from pipeline.tiny import make_tiny_vae
+            from wan.tiny import make_tiny_vae
 
             log.warning("decoder: no model.model_dir: decoding with the tiny RANDOM VAE (plumbing only)")
             return StreamVAE(make_tiny_vae(0, dtype).to(device))

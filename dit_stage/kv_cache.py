@@ -31,15 +31,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KVCacheShard", "WritePlan", "host_tensor"]
+from wan.device import host_tensor
 
-
-def host_tensor(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small tensor from host values without a host sync (pinned, non-blocking copy on CUDA)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+__all__ = ["KVCacheShard", "WritePlan"]
 
 
 @dataclass

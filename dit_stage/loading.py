@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from dit_stage.config import WanDiTConfig
 from dit_stage.model import CausalWanDiT
+from wan.config import WanDiTConfig
 
 __all__ = [
     "CheckpointError",
@@ -321,19 +321,3 @@ def find_causal_checkpoint(model_dir: Path) -> Path | None:
         if (model_dir / name).is_file():
             return model_dir / name
     return None
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``model.device``: ``auto`` is CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``model.dtype``: ``auto`` is bf16 on CUDA, fp32 on CPU."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)

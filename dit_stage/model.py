@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_stage.attention import attend
-from dit_stage.config import WanDiTConfig
 from dit_stage.forward import Forward
-from dit_stage.kv_cache import KVCacheShard, WritePlan, host_tensor
+from dit_stage.kv_cache import KVCacheShard, WritePlan
 from dit_stage.rope import RopeTable, apply_rope
 from dit_stage.state import SlotItem, StreamDiTState
 from dit_stage.timing import BlockTimer
+from wan.config import WanDiTConfig
+from wan.device import host_tensor
 
 __all__ = ["BatchInputs", "CausalWanDiT", "WanBlock"]
 

@@ -33,9 +33,8 @@ import torch
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Gauge, Histogram
 
-from dit_stage.loading import find_causal_checkpoint, load_dit, resolve_device, resolve_dtype
+from dit_stage.loading import find_causal_checkpoint, load_dit
 from dit_stage.model import CausalWanDiT, make_tiny_dit
-from dit_stage.rebalance import joins_online, offline_reason, stage_moves
 from dit_stage.timed import make_stage_worker
 from dit_stage.worker import EpochChange, StageOutput, StageWorker, SwitchStep
 from proto import (
@@ -60,7 +59,9 @@ from proto import (
 from services.bus import KV, CreditTimeout, CreditWindow
 from services.config import Settings
 from services.link import LinkListener, LinkSender
+from services.rebalance import joins_online, offline_reason, stage_moves
 from services.runtime import Service, ServiceStartError, main
+from wan.device import resolve_device, resolve_dtype
 
 __all__ = ["BLOCKMAP_KEY", "DitStageService", "load_stage_model", "slice_stage"]
 

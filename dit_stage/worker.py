@@ -40,7 +40,6 @@ import torch
 from dit_stage.forward import Forward
 from dit_stage.kv_cache import KVCacheShard
 from dit_stage.model import CausalWanDiT
-from dit_stage.scheduler import FlowMatchScheduler, draw_noise
 from dit_stage.state import SlotItem, StreamDiTState
 from dit_stage.timing import BlockTimer, BlockTimes
 from proto import (
@@ -56,6 +55,7 @@ from proto import (
     StagePrompt,
 )
 from proto.clock import segment_seed
+from wan.scheduler import FlowMatchScheduler, draw_noise
 
 __all__ = ["EpochChange", "Finished", "MicroStep", "StageOutput", "StageWorker", "SwitchStep"]
 

@@ -21,9 +21,8 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from egress.encoder import VideoConfig
-from ingest import amf0
-from ingest.chunkstream import (
+from media import amf0
+from media.chunkstream import (
     AUDIO,
     COMMAND_AMF0,
     DATA_AMF0,
@@ -35,6 +34,7 @@ from ingest.chunkstream import (
     control_message,
     encode_message,
 )
+from media.h264 import VideoConfig
 from proto import VideoUnit
 from services.config import EgressSettings
 

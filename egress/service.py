@@ -22,10 +22,10 @@ from fastapi import FastAPI
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
-from egress.encoder import PartLayout, VideoConfig
 from egress.http import make_hls_router
-from egress.llhls import HlsRegistry, LlHlsStream
 from egress.rtmp_push import RtmpPush
+from media.h264 import PartLayout, VideoConfig
+from media.llhls import HlsRegistry, LlHlsStream
 from proto import CHANNELS, EncodedVideo, StreamEvent, StreamRecord, Subjects
 from services.runtime import Service, listen_socket, main
 from services.streams import StreamNotFound, StreamTable

@@ -6,7 +6,7 @@ frame in front (pixels in [-1, 1], measured before the VAE):
     D_f   = sqrt(mean_{C,H,W} (x_f − x_{f−1})²)             for each new frame f
     d     = clamp(max_f D_f / sigma, 0, 1)
     s     = (s_init − motion_range · d) · (1 − prev_weight) + s_prev · prev_weight
-    t0    = int(1000 · s) − 100                                (0.8 → 700, 0.7 → 600; dit_stage.scheduler)
+    t0    = int(1000 · s) − 100                                (0.8 → 700, 0.7 → 600; wan.scheduler)
 
 The first chunk of a stream uses ``s_init``. The constants are the official code's (streamdiffusionv2.md §5).
 The batch dimension is averaged too, as in the official code, so pass one stream's frames per call.
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from dit_stage.scheduler import first_timestep
+from wan.scheduler import first_timestep
 
 
 class MotionNoiseConfig(BaseModel):

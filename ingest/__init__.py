@@ -1,6 +1,6 @@
 """rheo ingest: RTMP publishers in, paced model-size frame chunks out.
 
-Media side (this issue): ``ingest.server.RtmpServer`` (with ``Decision``/``KeyTableAuthoriser`` and per-stream
-``IngestStream`` queues), ``ingest.chunkstream`` (sans-IO RTMP chunk parser), ``ingest.amf0``, ``ingest.flv``
-(FLV/AVC tags → PyAV frames) and ``ingest.pacing`` (pacer, shaper, chunker, bounded queue). See docs/media.md.
+``ingest.server.RtmpServer`` (with ``Decision``/``KeyTableAuthoriser`` and per-stream ``IngestStream`` queues),
+``ingest.pacing`` (pacer, chunker, bounded queue), ``ingest.replay`` and ``ingest.service`` (the ingest process).
+The RTMP chunk stream, AMF0, FLV and frame shaping come from the ``media`` library. See docs/media.md.
 """

@@ -22,8 +22,9 @@ from typing import Any
 import av
 import numpy as np
 
-from ingest import amf0
-from ingest.chunkstream import (
+from ingest.pacing import Chunker, ChunkQueue, FramePacer, RawChunk
+from media import amf0
+from media.chunkstream import (
     ACKNOWLEDGEMENT,
     AUDIO,
     COMMAND_AMF0,
@@ -43,8 +44,8 @@ from ingest.chunkstream import (
     encode_message,
     user_control,
 )
-from ingest.flv import AvcDecoder, TagKind, UnsupportedVideo, metadata_codec_problem, parse_video_tag
-from ingest.pacing import Chunker, ChunkQueue, FramePacer, RawChunk, shape_frame
+from media.flv import AvcDecoder, TagKind, UnsupportedVideo, metadata_codec_problem, parse_video_tag
+from media.frames import shape_frame
 from proto.clock import ChunkClock
 from services.config import IngestSettings, StreamDefaults
 

@@ -51,8 +51,6 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Histogram
 
-from dit_stage.config import WanDiTConfig
-from dit_stage.scheduler import SDV2_STEPS, first_timestep
 from encoder.motion import MotionNoiseConfig, MotionNoiseController, MotionNoiseState
 from encoder.prompt import PromptEncoder, trim_padding
 from encoder.vae import StreamVAE, StreamVAEState
@@ -77,6 +75,8 @@ from services.bus import KV, CreditTimeout, CreditWindow, PayloadTooLarge
 from services.config import ModelSettings, Settings
 from services.runtime import Service, main, write_debug_tap
 from services.streams import StreamNotFound, StreamTable
+from wan.config import WanDiTConfig
+from wan.scheduler import SDV2_STEPS, first_timestep
 
 __all__ = [
     "IngestModels",
@@ -121,6 +121,8 @@ def motion_controller(spec: StreamSpec) -> MotionNoiseController:
 
 def chunk_timesteps(steps: int, noise_scale: float) -> list[int]:
     """Timesteps of a chunk, slot 0 first: ``int(1000·s) − 100``, then the fixed step list."""
+    if not 1 <= steps <= len(SDV2_STEPS):
+        raise ValueError(f"steps must be in 1..{len(SDV2_STEPS)}")
     return [first_timestep(noise_scale), *SDV2_STEPS[1:steps]]
 
 
@@ -137,8 +139,8 @@ class IngestModels:
 
     @classmethod
     def tiny(cls) -> IngestModels:
-        """The tiny random VAE and umT5 of ``pipeline.tiny`` (seed ``TINY_SEED``), as every tiny service builds."""
-        from pipeline.tiny import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
+        """The tiny random VAE and umT5 of ``wan.tiny`` (seed ``TINY_SEED``), as every tiny service builds."""
+        from wan.tiny import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
 
         text_len = WanDiTConfig.tiny().text_len
         return cls(StreamVAE(make_tiny_vae(TINY_SEED)),
@@ -149,8 +151,8 @@ class IngestModels:
     def load(cls, model: ModelSettings) -> IngestModels:
         if model.model_dir is None:
             return cls.tiny()
-        from dit_stage.loading import resolve_device, resolve_dtype
         from encoder.vae_loading import load_stream_vae
+        from wan.device import resolve_device, resolve_dtype
 
         device = resolve_device(model.device)
         dtype = resolve_dtype(model.dtype, device)
@@ -172,13 +174,13 @@ class IngestModels:
 
 def _model_sizes(settings: Settings) -> tuple[int, int, int, int, int]:
     """(VAE latent channels, VAE spatial factor, text_len, text_dim, bytes per embedding value)."""
-    from pipeline.tiny import TINY_T5_CONFIG, TINY_VAE_CONFIG
+    from wan.tiny import TINY_T5_CONFIG, TINY_VAE_CONFIG
 
     model = settings.model
     if model.model_dir is None:
         z_dim, spatial = TINY_VAE_CONFIG["z_dim"], 2 ** (len(TINY_VAE_CONFIG["dim_mult"]) - 1)
         return z_dim, spatial, WanDiTConfig.tiny().text_len, TINY_T5_CONFIG["d_model"], 4
-    from dit_stage.loading import resolve_device, resolve_dtype
+    from wan.device import resolve_device, resolve_dtype
 
     dtype = resolve_dtype(model.dtype, resolve_device(model.device))
     text_bytes = torch.empty((), dtype=dtype).element_size()

@@ -22,20 +22,20 @@ from pathlib import Path
 
 import torch
 
-from dit_stage.config import WanDiTConfig
 from dit_stage.forward import ForwardMode
 from dit_stage.loading import (
     CAUSAL_CHECKPOINT_NAMES,
     find_causal_checkpoint,
     load_dit,
-    resolve_device,
-    resolve_dtype,
 )
+from dit_stage.model import make_tiny_dit
 from encoder.prompt import PromptEncoder
 from encoder.vae import StreamVAE
 from encoder.vae_loading import DIFFUSERS_VAE_DIR, TAEHV_FILE, WAN_VAE_FILE, StreamVAEConfig, load_stream_vae
 from pipeline.pipeline import FixedEmbedding, PipelineConfig, StreamPipeline
-from pipeline.tiny import make_tiny_dit, make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
+from wan.config import WanDiTConfig
+from wan.device import resolve_device, resolve_dtype
+from wan.tiny import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
 
 __all__ = [
     "FixedEmbedding",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import av
 import numpy as np
 
-from ingest.pacing import shape_frame
+from media.frames import shape_frame
 
 if TYPE_CHECKING:  # the model side is imported only when a run starts, so input errors come back fast
     from pipeline.pipeline import StreamPipeline

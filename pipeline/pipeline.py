@@ -23,7 +23,6 @@ import torch
 from dit_stage.forward import ForwardMode, make_forward
 from dit_stage.model import CausalWanDiT
 from dit_stage.ring import LocalRing
-from dit_stage.scheduler import SDV2_STEPS, first_timestep
 from dit_stage.state import StreamDiTState
 from dit_stage.worker import StageWorker
 from encoder.motion import MotionNoiseConfig, MotionNoiseController
@@ -31,6 +30,7 @@ from encoder.vae import StreamVAE
 from pipeline.state import PromptBlend, StreamSpec, StreamState
 from proto import LatentChunk
 from proto.clock import ChunkClock
+from wan.scheduler import SDV2_STEPS, first_timestep
 
 __all__ = ["FixedEmbedding", "PipelineConfig", "PipelineError", "PromptMode", "StreamPipeline", "TextEncoder"]
 

@@ -153,12 +153,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         import torch
 
-        from dit_stage.loading import CheckpointError, resolve_device
+        from dit_stage.loading import CheckpointError
         from encoder.prompt import PromptEncoderFilesError, T5WeightsError
         from encoder.vae_loading import VAEWeightsError
         from pipeline.loading import ModelDirError, build_tiny_pipeline, load_pipeline
         from pipeline.offline import run_file, run_t2v
         from pipeline.pipeline import PipelineConfig, PipelineError
+        from wan.device import resolve_device
     except ImportError as err:
         print(f"rheo run: error: missing dependency: {err}", file=sys.stderr)
         return 2

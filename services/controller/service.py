@@ -30,8 +30,6 @@ import nats.js.errors
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Gauge
 
-from dit_stage.config import WanDiTConfig
-from dit_stage.rebalance import offline_reason
 from proto import (
     CHANNELS,
     Ack,
@@ -51,7 +49,9 @@ from services.controller.costmodel import CostModel
 from services.controller.leader import KubernetesLease, KVLeaderLock, LeaderLock, in_cluster
 from services.controller.partition import PartitionProblem, Split, Stage, best_split, evaluate, even_split
 from services.controller.policy import RebalancePolicy, admission_key, decide_admission, stream_items_per_s
+from services.rebalance import offline_reason
 from services.runtime import Service, main
+from wan.config import WanDiTConfig
 
 log = logging.getLogger("rheo.controller")
 

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Respons
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from egress.player import make_player_router
+from media.player import make_player_router
 from proto import SLO, Ack, Buckets, Error, NoiseParams, PromptUpdate, ProtocolError, StreamRecord, StreamSpec, Subjects
 from proto import decode as decode_message
 from services.bus import KV, Bus

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import pytest_asyncio
-from media.mediakit import RawRtmp
+from media_io.mediakit import RawRtmp
 
 from ingest.service import IngestService
 from proto import SLO, Ack, Buckets, Error, StreamEvent, StreamSpec, Subjects

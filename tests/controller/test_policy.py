@@ -146,11 +146,11 @@ def test_kubernetes_lease_bodies() -> None:
 def test_the_controller_builds_memory_limits_from_stage_stats() -> None:
     """Free memory + what a stage holds now bounds its blocks; weights and KV per block come from the config and
     the stats (a CPU stage reports 0 free bytes: unknown, unlimited)."""
-    from dit_stage.config import WanDiTConfig
     from proto import BlockMap
     from services.config import Settings
     from services.controller.partition import even_split
     from services.controller.service import ControllerService, block_weight_bytes
+    from wan.config import WanDiTConfig
 
     svc = ControllerService(Settings(controller={"stages": 2, "num_blocks": 30}, model={"preset": "1.3b"}))
     svc.block_map = BlockMap(epoch=3, num_blocks=30, stages=even_split(30, ["dit-0", "dit-1"]))

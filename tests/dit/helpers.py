@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from dit_stage.config import WanDiTConfig
 from dit_stage.loading import diffusers_to_original
 from dit_stage.model import CausalWanDiT
+from wan.config import WanDiTConfig
 
 LATENT_HW = (4, 6)  # → 2×3 tokens per latent frame
 TOKENS = 6

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dit_stage.config import WanDiTConfig
 from dit_stage.loading import (
     CheckpointError,
     diffusers_to_original,
@@ -19,6 +18,7 @@ from dit_stage.loading import (
     load_state_dict,
     original_to_diffusers,
 )
+from wan.config import WanDiTConfig
 
 from .helpers import make_reference, ours_from, tiny_config
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dit_stage.scheduler import SDV2_STEPS, FlowMatchScheduler, draw_noise, first_timestep
 from pipeline.pipeline import PipelineConfig
+from wan.scheduler import SDV2_STEPS, FlowMatchScheduler, draw_noise, first_timestep
 
 
 def test_sigma_table_is_the_shifted_flow_matching_table():

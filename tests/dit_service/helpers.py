@@ -6,11 +6,10 @@ import time
 
 import torch
 
-from dit_stage.model import CausalWanDiT
+from dit_stage.model import CausalWanDiT, make_tiny_dit
 from dit_stage.service import slice_stage
 from dit_stage.worker import StageWorker
 from oracle.stream_batch import StreamBatchConfig, StreamBatchRunner
-from pipeline.tiny import make_tiny_dit
 from proto import LatentChunk, RingReturn, StageItems, StagePrompt, decode
 
 NUM_BLOCKS = 3

@@ -8,7 +8,6 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from dit_stage.rebalance import block_moves, offline_reason, stage_moves
 from dit_stage.service import slice_stage
 from dit_stage.worker import EpochChange, StageWorker, SwitchStep
 from proto import (
@@ -23,6 +22,7 @@ from proto import (
     StagePrompt,
     decode,
 )
+from services.rebalance import block_moves, offline_reason, stage_moves
 
 from .helpers import CONFIG, as_chunk_latent, chunk_message, full_model, latents, prompt, reference
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from pipeline.tiny import TINY_VAE_CONFIG, make_tiny_vae  # the tiny builders live with the tiny preset
+from wan.tiny import TINY_VAE_CONFIG, make_tiny_vae  # the tiny builders live with the tiny preset
 
 torch.set_num_threads(2)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from dit_stage.scheduler import first_timestep
 from encoder.motion import MotionNoiseConfig, MotionNoiseController, MotionNoiseState
+from wan.scheduler import first_timestep
 
 
 def official(video: torch.Tensor, end_idx: int, chunk_size: int, noise_scale: float, init_noise_scale: float):

@@ -22,9 +22,9 @@ from encoder.prompt import (
     prompt_hash,
     trim_padding,
 )
-from pipeline.tiny import TINY_T5_CONFIG as TINY_T5
-from pipeline.tiny import make_tiny_t5 as make_t5
-from pipeline.tiny import make_tiny_tokenizer as make_tokenizer
+from wan.tiny import TINY_T5_CONFIG as TINY_T5
+from wan.tiny import make_tiny_t5 as make_t5
+from wan.tiny import make_tiny_tokenizer as make_tokenizer
 
 
 def hf_to_wan_t5(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -38,12 +38,12 @@ from ingest.replay import exact_replay_chunks, sink_chunks
 from pipeline.loading import build_tiny_pipeline
 from pipeline.pipeline import PipelineConfig
 from pipeline.state import StreamSpec as PipelineStreamSpec
-from pipeline.tiny import make_tiny_vae
 from proto import BlockMap, Buckets
 from services.bus import Bus
 from services.config import NatsSettings
 from services.natsd import NatsServer
 from services.stack import LocalStack, Ports
+from wan.tiny import make_tiny_vae
 
 ROOT = Path(__file__).resolve().parents[2]
 # A short KV window (sink = the prepare chunk's 2 frames, 2 rolling frames) keeps the exact replay short:

@@ -28,9 +28,9 @@ from typing import Literal
 import torch
 
 from dit_stage.model import CausalWanDiT
-from dit_stage.scheduler import SDV2_STEPS, FlowMatchScheduler, draw_noise, first_timestep
 from dit_stage.state import SlotItem, StreamDiTState
 from proto.clock import ChunkClock
+from wan.scheduler import SDV2_STEPS, FlowMatchScheduler, draw_noise, first_timestep
 
 __all__ = ["StreamBatchConfig", "StreamBatchRunner", "StreamSlots"]
 

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from dit_stage.model import make_tiny_dit
 from encoder.prompt import DIFFUSERS_TEXT_ENCODER_DIR, DIFFUSERS_TOKENIZER_DIR
 from pipeline import PipelineConfig, StreamSpec
 from pipeline.loading import ModelDirError, build_tiny_pipeline, load_pipeline
-from pipeline.tiny import make_tiny_dit, make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
 from support.pipekit import SIZE, moving_frames
+from wan.tiny import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
 
 CONFIG = PipelineConfig(width=SIZE, height=SIZE)
 

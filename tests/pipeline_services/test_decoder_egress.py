@@ -18,10 +18,9 @@ import pytest_asyncio
 import torch
 
 from decoder.service import DecoderService
-from egress.encoder import H264Encoder, PartLayout
 from egress.service import EgressService, rtmp_push_url
 from encoder.vae import StreamVAE
-from pipeline.tiny import make_tiny_vae
+from media.h264 import H264Encoder, PartLayout
 from proto import EncodedVideo, StreamEvent, StreamSpec, Subjects
 from services.bus import Bus
 from services.config import NatsSettings, Settings
@@ -36,6 +35,7 @@ from support.videokit import (
     reference_frames,
     to_uint8,
 )
+from wan.tiny import make_tiny_vae
 
 torch.set_num_threads(2)
 
@@ -301,7 +301,7 @@ def test_decoder_declares_its_largest_message(nats_settings: NatsSettings, tmp_p
 
 def test_access_units_cross_the_wire_unchanged() -> None:
     """The encoder's units are ``proto.VideoUnit``; the packager's config comes from the ``EncodedVideo`` fields."""
-    from egress.encoder import CfrPacer, VideoConfig
+    from media.h264 import CfrPacer, VideoConfig
     from proto import VideoUnit, decode
 
     layout = PartLayout.for_rate(FPS, 1.0, 0.25)

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from media.mediakit import ingest_server
+from media_io.mediakit import ingest_server
 
-from egress.encoder import H264Encoder, PartLayout
 from egress.service import EgressService
+from media.h264 import H264Encoder, PartLayout
 from proto import EncodedVideo, Subjects
 from services.bus import Bus
 from services.config import NatsSettings, Settings

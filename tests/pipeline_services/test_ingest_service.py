@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import torch
-from media.mediakit import RawRtmp, free_port, publish_pyav
+from media_io.mediakit import RawRtmp, free_port, publish_pyav
 
 from encoder.prompt import PromptEncoder, trim_padding
 from encoder.vae import StreamVAE
@@ -29,7 +29,6 @@ from ingest.service import (
     largest_messages,
     max_prompt_tokens,
 )
-from pipeline.tiny import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
 from proto import (
     CHANNELS,
     SLO,
@@ -49,6 +48,7 @@ from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.streams import StreamNotFound, StreamTable, new_stream_id
 from support.sync import running
+from wan.tiny import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64

@@ -24,7 +24,7 @@ import m3u8
 import numpy as np
 import pytest
 
-from egress.player import HLSJS_DEFAULT
+from media.player import HLSJS_DEFAULT
 from pipeline.loading import build_tiny_pipeline
 from pipeline.pipeline import PipelineConfig
 from pipeline.state import StreamSpec as PipelineStreamSpec

@@ -20,7 +20,7 @@ from encoder.vae import StreamVAE
 from proto import LatentChunk, StreamEvent, Subjects
 from services.bus import Bus
 
-Z_DIM = 4  # the tiny VAE's latent channels (pipeline.tiny.TINY_VAE_CONFIG)
+Z_DIM = 4  # the tiny VAE's latent channels (wan.tiny.TINY_VAE_CONFIG)
 SPATIAL = 8  # the tiny VAE's spatial factor
 
 

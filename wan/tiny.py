@@ -1,4 +1,5 @@
-"""Tiny random models built in-process: the ``preset="tiny"`` pipeline and the test suites' models.
+"""Tiny random Wan VAE, umT5 and tokenizer built in-process: the ``preset="tiny"`` models of ingest, the decoder
+and the pipeline, and the test suites' models (the tiny DiT is ``dit_stage.model.make_tiny_dit``).
 
 Deterministic from a seed, no downloads, CPU-friendly. Shapes fit together: the tiny DiT
 (``WanDiTConfig.tiny``: 4 latent channels, 32-d text, 16 text tokens) reads the tiny VAE's 4-channel latents
@@ -14,13 +15,10 @@ import torch
 from diffusers import AutoencoderKLWan
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
-from dit_stage.model import make_tiny_dit
-
 __all__ = [
     "TINY_T5_CONFIG",
     "TINY_VAE_CONFIG",
     "TINY_WORDS",
-    "make_tiny_dit",
     "make_tiny_t5",
     "make_tiny_tokenizer",
     "make_tiny_vae",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import av
 
-from egress.encoder import PartLayout, VideoConfig
+from media.h264 import PartLayout, VideoConfig
 from proto import VideoUnit
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
-from egress.encoder import CfrPacer, H264Encoder, PartLayout
 from egress.http import make_hls_router
-from egress.llhls import HlsRegistry, LlHlsStream
-from media.mediakit import LiveSource, read_barcode, serve_app
+from media.h264 import CfrPacer, H264Encoder, PartLayout
+from media.llhls import HlsRegistry, LlHlsStream
+from media_io.mediakit import LiveSource, read_barcode, serve_app
 
 
 def test_part_layout_aligns_gop_parts_and_segments() -> None:
@@ -74,7 +74,7 @@ def package_offline(out_dir: Path | None, frames: int, playlist_segments: int = 
     layout = PartLayout.for_rate(16, 1.0, 0.2)
     enc = H264Encoder(160, 120, 16, layout.gop_frames, "ultrafast", 300)
     stream = LlHlsStream("s", enc.config, layout, out_dir, playlist_segments)
-    from media.mediakit import barcode_frame
+    from media_io.mediakit import barcode_frame
 
     for i in range(frames):
         for unit in enc.encode(barcode_frame(i, 160, 120), i):

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.flv import AvcDecoder, TagKind, UnsupportedVideo, VideoTag, metadata_codec_problem, parse_video_tag
-from ingest.pacing import Chunker, ChunkQueue, FramePacer, RawChunk, shape_frame
+from ingest.pacing import Chunker, ChunkQueue, FramePacer, RawChunk
+from media.flv import AvcDecoder, TagKind, UnsupportedVideo, VideoTag, metadata_codec_problem, parse_video_tag
+from media.frames import shape_frame
 from proto.clock import ChunkClock
 
 

@@ -1,4 +1,7 @@
-"""Which blocks change owner between two block maps, and whether a stage can switch online (docs/rebalance.md)."""
+"""Which blocks change owner between two block maps, and whether a stage can switch online (docs/rebalance.md).
+
+Shared by the controller (which epochs it may publish as online switches) and the DiT stages (which KV to move).
+"""
 
 from __future__ import annotations
 

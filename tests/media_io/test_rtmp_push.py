@@ -6,7 +6,7 @@ import asyncio
 import sys
 
 from egress.rtmp_push import RtmpPush, split_rtmp_url
-from media.mediakit import LISTEN_SCRIPT, LiveSource, free_port, ingest_server, run_process
+from media_io.mediakit import LISTEN_SCRIPT, LiveSource, free_port, ingest_server, run_process
 
 
 def test_split_rtmp_url() -> None:

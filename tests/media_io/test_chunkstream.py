@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest import amf0
-from ingest.chunkstream import (
+from media import amf0
+from media.chunkstream import (
     ABORT,
     SET_CHUNK_SIZE,
     VIDEO,

@@ -7,9 +7,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from ingest import amf0
-from ingest.chunkstream import ACKNOWLEDGEMENT, COMMAND_AMF0, WINDOW_ACK_SIZE, ChunkStreamParser, control_message
-from media.mediakit import FFMPEG, RawRtmp, ingest_server, publish_ffmpeg, publish_pyav
+from media import amf0
+from media.chunkstream import ACKNOWLEDGEMENT, COMMAND_AMF0, WINDOW_ACK_SIZE, ChunkStreamParser, control_message
+from media_io.mediakit import FFMPEG, RawRtmp, ingest_server, publish_ffmpeg, publish_pyav
 from proto.clock import ChunkClock
 
 CLOCK = ChunkClock()

@@ -11,9 +11,9 @@ import pytest
 from fastapi import FastAPI
 
 from egress.http import make_hls_router
-from egress.llhls import HlsRegistry
-from egress.player import HLSJS_DEFAULT, make_player_router
-from media.mediakit import LiveSource, serve_app
+from media.llhls import HlsRegistry
+from media.player import HLSJS_DEFAULT, make_player_router
+from media_io.mediakit import LiveSource, serve_app
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, NO_CHROMIUM
 
 pytestmark = [

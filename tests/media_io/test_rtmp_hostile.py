@@ -9,9 +9,9 @@ import asyncio
 import random
 import time
 
-from ingest import amf0
-from ingest.chunkstream import COMMAND_AMF0, SET_CHUNK_SIZE, VIDEO, control_message, encode_message
-from media.mediakit import RawRtmp, ingest_server, publish_pyav
+from media import amf0
+from media.chunkstream import COMMAND_AMF0, SET_CHUNK_SIZE, VIDEO, control_message, encode_message
+from media_io.mediakit import RawRtmp, ingest_server, publish_pyav
 
 KEYS = {
     "key-good": "good",

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest import amf0
-from ingest.chunkstream import COMMAND_AMF0, HANDSHAKE_SIZE, encode_message
+from media import amf0
+from media.chunkstream import COMMAND_AMF0, HANDSHAKE_SIZE, encode_message
 
 HERE = Path(__file__).resolve().parent
 PUBLISH_SCRIPT = HERE / "publish.py"
@@ -248,7 +248,7 @@ class LiveSource:
         part_s: float = 0.2,
         preset: str = "ultrafast",
     ) -> None:
-        from egress.encoder import CfrPacer, H264Encoder, PartLayout
+        from media.h264 import CfrPacer, H264Encoder, PartLayout
 
         self.layout = PartLayout.for_rate(fps, segment_s, part_s)
         self.encoder = H264Encoder(width, height, fps, self.layout.gop_frames, preset, 400)
@@ -260,7 +260,7 @@ class LiveSource:
         """Push chunk k at t0 + 4k/fps (skipping those inside an outage), encode until ``seconds`` have passed."""
         import time as _time
 
-        from egress.encoder import run_cfr
+        from media.h264 import run_cfr
 
         stop = asyncio.Event()
         encoder_task = asyncio.create_task(run_cfr(self.pacer, self.encoder, self.sink, stop))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dit_stage.kv_cache import host_tensor
+from wan.device import host_tensor
 
 
 def first_timestep(noise_scale: float) -> int:
