@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -57,7 +57,9 @@ from proto import (
 from proto.clock import segment_seed
 from wan.scheduler import FlowMatchScheduler, draw_noise
 
-__all__ = ["EpochChange", "Finished", "MicroStep", "StageOutput", "StageWorker", "SwitchStep"]
+CacheMode = Literal["sdv2", "self_forcing"]
+
+__all__ = ["CacheMode", "EpochChange", "Finished", "MicroStep", "StageOutput", "StageWorker", "SwitchStep"]
 
 log = logging.getLogger("rheo.dit_stage.worker")
 
@@ -170,6 +172,8 @@ class StageWorker:
         move_frame_bytes: int = 32 * 1024 * 1024,
         shift: float = 8.0,
         lockstep: bool = False,
+        cache_mode: CacheMode = "sdv2",
+        context_noise: float = 0.0,
         clock: Callable[[], float] = time.time,
         forward: Forward | None = None,
     ) -> None:
@@ -180,6 +184,14 @@ class StageWorker:
         process engine uses it: one forward per chunk, B items each (stream-batch's throughput), and the
         grouping of the oracle runner. Results do not depend on it beyond GEMM rounding."""
         self.forward = forward if forward is not None else Forward(model)
+        if cache_mode not in ("sdv2", "self_forcing"):
+            raise ValueError(f"unknown cache mode {cache_mode!r}")
+        self.cache_mode = cache_mode
+        """``sdv2``: a slot's cache holds the K/V its own denoising forwards wrote. ``self_forcing``: once a chunk is
+        finished, one more *clean pass* (the chunk's x0 re-noised to ``context_noise``, ``RingItem.step == steps``)
+        rewrites its K/V in every slot that holds it, before anything later of the stream runs; such streams run in
+        lockstep, so the order of clean passes and denoising steps never depends on timing."""
+        self.context_noise = context_noise
         self.window, self.sink, self.adaptive_threshold = window, sink, adaptive_threshold
         self.max_batch_items = max_batch_items
         self.max_queued_chunks = max_queued_chunks
@@ -692,9 +704,13 @@ class StageWorker:
     def _may_run(self, st: _Stream) -> bool:
         """Whether a stream's items may enter the next micro-step (always, unless lockstep holds its returns until
         its next chunk: see ``lockstep``; a stream that is preparing, draining or cut runs its returns freely)."""
-        if not self.lockstep or not st.prepared or st.draining or st.stream_id in self.successors:
+        if not (self.lockstep or self.cache_mode == "self_forcing"):
             return True
-        return bool(st.new) and not st.in_flight
+        if not st.prepared or st.draining or st.stream_id in self.successors:
+            return True
+        if st.in_flight:
+            return False
+        return bool(st.new) or any(q and _is_clean(q[0].meta) for q in st.returns.values())
 
     def drain(self, stream_id: str) -> None:
         """The stream's input has ended: its chunks in flight may finish without new chunks (lockstep)."""
@@ -708,7 +724,8 @@ class StageWorker:
         ring): without it the rebuilt caches would miss a frame the reference has."""
         if meta.step == 0 and meta.epoch < self._admit_from:
             return "stale_epoch"  # the block map changed while it was queued
-        if meta.deadline <= now and not meta.replay and not (meta.latent_start == 0 and meta.step > 0):
+        if meta.deadline <= now and not meta.replay and not (meta.latent_start == 0 and meta.step > 0) \
+                and not _is_clean(meta):
             return "deadline"
         return ""
 
@@ -727,6 +744,7 @@ class StageWorker:
             if st.prepared or not st.new or st.new[0].meta.latent_start == 0:
                 heads.append(st.new)
             used_slots: set[int] = set()
+            mine: list[tuple[_Stream, collections.deque[_Pending], _Pending]] = []
             for q in heads:
                 while q:
                     reason = self._refuse_item(q[0].meta, now)
@@ -742,7 +760,9 @@ class StageWorker:
                 if head.meta.prompt_version not in versions:
                     continue  # waits for its prompt embedding; other streams go on
                 used_slots.add(head.meta.slot)
-                candidates.append((st, q, head))
+                mine.append((st, q, head))
+            clean = [c for c in mine if _is_clean(c[2].meta)]
+            candidates.extend(clean or mine)  # a clean pass runs before anything later of its stream
         if not candidates:
             return None
         # one grid per forward: the signature of the oldest item, then the oldest items of that signature
@@ -757,13 +777,17 @@ class StageWorker:
         for st, q, head in chosen:
             q.popleft()
             meta = head.meta
-            if meta.step < meta.steps - 1:
-                st.in_flight[(meta.seq, meta.step + 1)] = meta.deadline
-            if meta.latent_start == 0:
+            if meta.step < meta.steps - 1 or (meta.step == meta.steps - 1 and self.cache_mode == "self_forcing"):
+                st.in_flight[(meta.seq, meta.step + 1)] = meta.deadline  # its next step, or its clean pass
+            if _is_clean(meta):
+                frame_start = meta.frame_start  # rewrites the frames its last step wrote
+                if meta.latent_start == 0:
+                    st.prepared = True
+            elif meta.latent_start == 0:
                 frame_start = 0
                 st.slot_next[0] = meta.frames
                 if meta.step == meta.steps - 1:
-                    st.prepared = True  # chunk 1 may enter from the next micro-step on
+                    st.prepared = self.cache_mode != "self_forcing"  # chunk 1 may enter from the next micro-step on
                     st.slot_next = [meta.frames] * st.steps
             else:
                 frame_start = st.slot_next[meta.slot]
@@ -788,8 +812,8 @@ class StageWorker:
             if state is None:
                 continue
             keep.append(row)
-            t = float(meta.timesteps[meta.step])
-            slot_items.append(SlotItem(state, meta.slot, meta.frame_start, meta.rope_start, t))
+            slot_items.append(SlotItem(state, meta.slot, meta.frame_start, meta.rope_start, self._timestep(meta),
+                                       clean=_is_clean(meta)))
         out = StageOutput()
         if not keep:
             return out
@@ -803,13 +827,13 @@ class StageWorker:
         noisy = noisy.to(dev)
         h, w = noisy.shape[-2:]
         grid = self.model.grid_of(items[0].frames, h, w)
-        sigmas = [self.scheduler.sigma(float(m.timesteps[m.step])) for m in items] if self.is_last else None
+        sigmas = [self.scheduler.sigma(self._timestep(m)) for m in items] if self.is_last else None
         timer = BlockTimer(dev)
         self.forward = self.forward.follow(self.model)  # an epoch switch may have changed the model
         y = self.forward(x, slot_items, grid, noisy if self.is_last else None, sigmas, timer)
         for meta, it in zip(items, slot_items, strict=True):
-            if meta.latent_start == 0 and meta.step == meta.steps - 1:
-                it.state.shard.replicate_slot(0)  # prepare done: every slot starts from its cache
+            if meta.latent_start == 0 and meta.step == meta.steps - (self.cache_mode == "sdv2"):
+                it.state.shard.replicate_slot(0)  # prepare done (its clean pass too): every slot starts from it
         if self.is_last:
             self._finish(items, y, out)
         else:
@@ -831,6 +855,14 @@ class StageWorker:
         latents: list[torch.Tensor] = []
         for row, meta in enumerate(items):
             x0_k = x0[row : row + 1]
+            if _is_clean(meta):
+                continue  # its K/V rewrite was the point; its x0 is not used
+            st = self.streams.get(meta.stream_id)
+            c = meta.seq - (st.segment_start if st is not None else 0)  # the chunk's index in its segment
+            if meta.step == meta.steps - 1 and self.cache_mode == "self_forcing":
+                eps = draw_noise(x0_k.shape, meta.seed, c, meta.steps, "context", x0_k.device)
+                latents.append(self.scheduler.add_noise(x0_k, eps, self.context_noise))
+                back.append(meta.model_copy(update={"step": meta.steps}))  # same slot and cache frames
             if meta.step == meta.steps - 1 and meta.replay:
                 self.replayed += 1  # it rebuilt this stream's KV; its output was shown (or lost) before
                 out.replayed += 1
@@ -844,13 +876,14 @@ class StageWorker:
                 ))
                 continue
             k = meta.step + 1
-            st = self.streams.get(meta.stream_id)
-            c = meta.seq - (st.segment_start if st is not None else 0)  # the chunk's index in its segment
             eps = draw_noise(x0_k.shape, meta.seed, c, k, "renoise", x0_k.device)
             latents.append(self.scheduler.add_noise(x0_k, eps, meta.timesteps[k]))
             back.append(meta.model_copy(update={"step": k, "slot": 0 if meta.latent_start == 0 else k}))
         if back:
             out.link.append(RingReturn(epoch=self.epoch, items=back, latents=torch.cat(latents).contiguous()))
+
+    def _timestep(self, meta: RingItem) -> float:
+        return float(self.context_noise if _is_clean(meta) else meta.timesteps[meta.step])
 
     def _state_for(self, meta: RingItem, noisy: torch.Tensor) -> StreamDiTState | None:
         """The stream's state under the item's prompt version; None (counted) when the item cannot run here."""
@@ -884,3 +917,8 @@ class StageWorker:
 
 def _signature(p: _Pending) -> tuple[int, int, int]:
     return (p.meta.frames, *p.latent.shape[-2:])
+
+
+def _is_clean(meta: RingItem) -> bool:
+    """A Self-Forcing clean pass: the finished chunk once more at ``context_noise``, rewriting its K/V."""
+    return meta.step == meta.steps

@@ -81,6 +81,8 @@ class PipelineConfig:
     adaptive_threshold: float | None = 0.2
     t_refresh: int | None = 50
     cache_mode: Literal["sdv2", "self_forcing"] = "sdv2"
+    context_noise: float = 0.0
+    """Self-Forcing: the timestep of the clean pass that rewrites a finished chunk's K/V."""
     output: Literal["uint8", "float"] = "uint8"
     """Returned frames: uint8 [T, H, W, 3], or float32 [T, H, W, 3] in [0, 1]."""
 
@@ -134,7 +136,8 @@ class StreamPipeline:
         self.config = config
         self.ring = LocalRing([
             StageWorker(stage, window=config.kv_window, sink=config.sink, adaptive_threshold=config.adaptive_threshold,
-                        max_batch_items=MAX_BATCH_ITEMS, lockstep=True, forward=make_forward(stage, forward))
+                        max_batch_items=MAX_BATCH_ITEMS, lockstep=True, cache_mode=config.cache_mode,
+                        context_noise=config.context_noise, forward=make_forward(stage, forward))
             for stage in stages
         ])
         dit_cfg = stages[0].config
@@ -143,8 +146,6 @@ class StreamPipeline:
         f = vae.spatial_factor
         if config.height % (f * dit_cfg.patch_size[1]) or config.width % (f * dit_cfg.patch_size[2]):
             raise ValueError(f"size {config.width}x{config.height} is not a multiple of {f}×patch")
-        if config.cache_mode != "sdv2":
-            raise ValueError(f"cache mode {config.cache_mode!r} is not supported by the stage ring yet")
         self.vae = vae
         self.text_encoder = text_encoder
         self.motion = MotionNoiseController(
