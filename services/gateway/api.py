@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from egress.player import make_player_router
 from proto import SLO, Ack, Buckets, Error, NoiseParams, PromptUpdate, ProtocolError, StreamRecord, StreamSpec, Subjects
 from proto import decode as decode_message
+from proto.spec import MAX_FPS, MAX_MODEL_HEIGHT, MAX_MODEL_WIDTH, MAX_STEPS, SIZE_MULTIPLE
 from services.bus import KV, Bus
 from services.config import Settings
 from services.controller.policy import admission_key
@@ -37,10 +38,10 @@ class Body(BaseModel):
 
 class CreateStream(Body):
     prompt: str = Field(min_length=1, max_length=2000)
-    width: int = Field(512, gt=0, le=1920, multiple_of=16)
-    height: int = Field(512, gt=0, le=1088, multiple_of=16)
-    fps: float = Field(16.0, gt=0, le=60)
-    steps: int = Field(2, ge=1, le=4)
+    width: int = Field(512, gt=0, le=MAX_MODEL_WIDTH, multiple_of=SIZE_MULTIPLE)
+    height: int = Field(512, gt=0, le=MAX_MODEL_HEIGHT, multiple_of=SIZE_MULTIPLE)
+    fps: float = Field(16.0, gt=0, le=MAX_FPS)
+    steps: int = Field(2, ge=1, le=MAX_STEPS)
     seed: int = Field(0, ge=0, lt=2**63)
     noise_scale: float = Field(0.8, gt=0, le=1)
     motion_aware: bool = True
@@ -52,7 +53,7 @@ class PatchStream(Body):
     prompt: str | None = Field(None, min_length=1, max_length=2000)
     mode: Literal["cut", "blend"] = "cut"
     blend_chunks: int = Field(4, ge=0, le=64)
-    steps: int | None = Field(None, ge=1, le=4)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     noise_scale: float | None = Field(None, gt=0, le=1)
     motion_aware: bool | None = None
 
