@@ -421,6 +421,9 @@ class IngestService(Service):
                         continue
                     newer = bm.epoch > self.epoch
                     self.epoch = bm.epoch
+                    if newer and bm.ring != self.ring:
+                        log.error("block map epoch %d: the stages run ring %s, this ingest clocks chunks by %s: "
+                                  "configure dit_stage the same for every service", bm.epoch, bm.ring, self.ring)
                     if newer and bm.reason == "failure":
                         for live in list(self.live.values()):
                             self._spawn(self._replay(live, bm.epoch), f"replay-{live.state.stream_id}")
