@@ -36,9 +36,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ingest.service import chunk_timesteps  # noqa: E402
 from proto import CHANNELS, Heartbeat, LatentChunk, PromptUpdate, StageStats, Subjects  # noqa: E402
 from proto.clock import ChunkClock  # noqa: E402
+from proto.spec import chunk_timesteps  # noqa: E402
 from services.bus import Bus  # noqa: E402
 from services.config import NatsSettings, Settings  # noqa: E402
 from services.controller.service import ControllerService  # noqa: E402

@@ -303,9 +303,10 @@ class StageWorker:
             return st if chunk.segment == st.segment else nxt  # type: ignore[return-value]
         if nxt is not None:  # a second cut before the first one's segment ran: that segment is skipped
             self.dropped["segment_superseded"] += len(nxt.new)
-        nxt = _Stream(chunk.stream_id, st.steps, st.latent_hw, self.model.new_state(
-            chunk.stream_id, st.steps, st.latent_hw, self.window, self.sink, self.adaptive_threshold),
-            slot_next=[0] * st.steps, segment=chunk.segment, segment_start=chunk.seq,
+        steps = len(chunk.timesteps)  # a segment may change the step count (ingest starts one to do so)
+        nxt = _Stream(chunk.stream_id, steps, st.latent_hw, self.model.new_state(
+            chunk.stream_id, steps, st.latent_hw, self.window, self.sink, self.adaptive_threshold),
+            slot_next=[0] * steps, segment=chunk.segment, segment_start=chunk.seq,
             seed=segment_seed(seed, chunk.segment))
         self.successors[chunk.stream_id] = nxt
         return nxt
@@ -350,8 +351,9 @@ class StageWorker:
             return "unprepared"  # a new segment (a `cut`) begins with its prepare chunk
         if chunk.seq <= st.last_seq:
             return "out_of_order"
-        if len(chunk.timesteps) != st.steps or (lat.shape[2], lat.shape[3]) != st.latent_hw:
-            return "bad_shape"
+        if (chunk.segment == st.segment and len(chunk.timesteps) != st.steps) or \
+                (lat.shape[2], lat.shape[3]) != st.latent_hw:
+            return "bad_shape"  # a new segment's prepare chunk may bring a new step count
         return ""
 
     def add_return(self, ret: RingReturn) -> None:

@@ -71,18 +71,17 @@ from proto import (
     decode,
 )
 from proto.clock import ChunkClock
+from proto.spec import RingConfig, chunk_timesteps
 from services.bus import KV, CreditTimeout, CreditWindow, PayloadTooLarge
 from services.config import ModelSettings, Settings
 from services.runtime import Service, main, write_debug_tap
 from services.streams import StreamNotFound, StreamTable
 from wan.config import WanDiTConfig
-from wan.scheduler import SDV2_STEPS, first_timestep
 
 __all__ = [
     "IngestModels",
     "IngestService",
     "IngestStreamState",
-    "chunk_timesteps",
     "motion_controller",
     "to_pixels",
 ]
@@ -117,13 +116,6 @@ def to_pixels(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.T
 def motion_controller(spec: StreamSpec) -> MotionNoiseController:
     """The stream's noise controller, configured as ``StreamPipeline`` configures its own."""
     return MotionNoiseController(MotionNoiseConfig(enabled=spec.noise.motion_aware, s_init=spec.noise.noise_scale))
-
-
-def chunk_timesteps(steps: int, noise_scale: float) -> list[int]:
-    """Timesteps of a chunk, slot 0 first: ``int(1000·s) − 100``, then the fixed step list."""
-    if not 1 <= steps <= len(SDV2_STEPS):
-        raise ValueError(f"steps must be in 1..{len(SDV2_STEPS)}")
-    return [first_timestep(noise_scale), *SDV2_STEPS[1:steps]]
 
 
 # -- models -----------------------------------------------------------------------------------------------------
@@ -217,8 +209,10 @@ class IngestStreamState:
     answers; a `cut` answers the first chunk of the new segment), ``last_seq`` the last one published.
     ``segment``/``segment_start``: the warm-up segment being encoded and the seq of its prepare chunk (latent and
     RoPE positions count from it). ``versions``: (first seq, prompt version) per accepted change, in order; a
-    chunk takes the last one that has begun. ``replay`` holds the segment's prepare and sink chunks and the last
-    ``ingest.replay_chunks`` published chunks, for rebuilding a lost DiT stage's KV cache (docs/recovery.md).
+    chunk takes the last one that has begun; ``steps_from`` the same for the step count (a change of it begins
+    at a new segment's prepare chunk: the DiT's stream state has one slot per step). ``replay`` holds the
+    segment's prepare and sink chunks and the last ``ingest.replay_chunks`` published chunks, for rebuilding a
+    lost DiT stage's KV cache (docs/recovery.md).
     """
 
     spec: StreamSpec
@@ -231,6 +225,7 @@ class IngestStreamState:
     segment: int = 0
     segment_start: int = 0
     versions: list[tuple[int, int]] = field(default_factory=list)
+    steps_from: list[tuple[int, int]] = field(default_factory=list)
     prompt_keys: list[str] = field(default_factory=list)
     published: int = 0
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -241,7 +236,7 @@ class IngestStreamState:
         """``replay_chunks``: the ring's depth K; ``replay_head``: sink chunks kept after the prepare chunk."""
         return cls(spec=spec, vae=StreamVAEState(), motion=motion_controller(spec).new_state(),
                    prompt_version=prompt_version, replay=ReplayRing(replay_chunks, replay_head),
-                   versions=[(0, prompt_version)])
+                   versions=[(0, prompt_version)], steps_from=[(0, spec.steps)])
 
     @property
     def stream_id(self) -> str:
@@ -249,11 +244,11 @@ class IngestStreamState:
 
     def version_of(self, seq: int) -> int:
         """The prompt version chunk ``seq`` is encoded under: the last accepted change that has begun by it."""
-        version = next((v for start, v in reversed(self.versions) if start <= seq), self.prompt_version)
-        begun = [i for i, (start, _) in enumerate(self.versions) if start <= seq]
-        if begun:  # changes before the last begun one can never apply again (seqs only grow)
-            del self.versions[: begun[-1]]
-        return version
+        return _in_force(self.versions, seq, self.prompt_version)
+
+    def steps_of(self, seq: int) -> int:
+        """The denoising steps of chunk ``seq``: those of the last step change that has begun by it."""
+        return _in_force(self.steps_from, seq, self.spec.steps)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] += 1
@@ -276,6 +271,7 @@ class IngestStreamState:
             "segment": self.segment,
             "segment_start": self.segment_start,
             "versions": [list(v) for v in self.versions],
+            "steps_from": [list(v) for v in self.steps_from],
             "prompt_keys": list(self.prompt_keys),
             "published": self.published,
             "dropped": dict(self.dropped),
@@ -296,8 +292,19 @@ class IngestStreamState:
                    next_seq=int(d["next_seq"]), last_seq=d["last_seq"], replay=replay,
                    segment=int(d.get("segment", 0)), segment_start=int(d.get("segment_start", 0)),
                    versions=[(int(a), int(b)) for a, b in d.get("versions", [])],
+                   steps_from=[(int(a), int(b)) for a, b in d.get("steps_from", [])],
                    prompt_keys=list(d["prompt_keys"]), published=int(d["published"]),
                    dropped=collections.Counter(d["dropped"]))
+
+
+def _in_force(changes: list[tuple[int, int]], seq: int, default: int) -> int:
+    """The value of the last (first seq, value) change begun by ``seq``; the ones before it can never apply again
+    (seqs only grow), so they are dropped."""
+    begun = [i for i, (start, _) in enumerate(changes) if start <= seq]
+    if not begun:
+        return default
+    del changes[: begun[-1]]
+    return changes[0][1]
 
 
 def _frame_tensor(data: bytes) -> torch.Tensor:
@@ -348,6 +355,8 @@ class IngestService(Service):
         # Model work (VAE encode, umT5) runs on one thread: the event loop keeps serving RTMP and NATS, and one
         # stream's chunks are encoded strictly in order.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-model")
+        self.ring: RingConfig = settings.dit_stage.ring()
+        """The ring the stages run (the one the controller's block map carries): chunks are clocked by it."""
 
     def max_send_bytes(self) -> int:
         return max(largest_messages(self.settings))
@@ -412,6 +421,9 @@ class IngestService(Service):
                         continue
                     newer = bm.epoch > self.epoch
                     self.epoch = bm.epoch
+                    if newer and bm.ring != self.ring:
+                        log.error("block map epoch %d: the stages run ring %s, this ingest clocks chunks by %s: "
+                                  "configure dit_stage the same for every service", bm.epoch, bm.ring, self.ring)
                     if newer and bm.reason == "failure":
                         for live in list(self.live.values()):
                             self._spawn(self._replay(live, bm.epoch), f"replay-{live.state.stream_id}")
@@ -464,12 +476,6 @@ class IngestService(Service):
             return "a text-to-video stream takes no input video"
         if spec.width > ing.max_model_width or spec.height > ing.max_model_height:
             return f"model size {spec.width}x{spec.height} exceeds {ing.max_model_width}x{ing.max_model_height}"
-        if spec.width % 16 or spec.height % 16:
-            return f"model size {spec.width}x{spec.height} is not a multiple of 16"
-        try:
-            chunk_timesteps(spec.steps, spec.noise.noise_scale)
-        except ValueError as e:
-            return str(e)
         return ""
 
     # -- streams ------------------------------------------------------------------------------------------------
@@ -503,13 +509,13 @@ class IngestService(Service):
             state = IngestStreamState.new(spec, record.prompt_version, *self.replay_depth())
             window = await self.bus.credit_window(Subjects.stream_latent(sid),
                                                   self.settings.nats.credit_window_bytes).start()
-            live = _Live(state, window, stream.chunker.clock, stream)
+            live = _Live(state, window, spec.clock(self.ring), stream)
             self.live[sid] = live
             self.streams.add(sid)
             live.subs.append(await self.bus.subscribe(
                 Subjects.stream_prompt(sid), lambda m, raw: self._on_prompt(live, m, raw), expected=PromptUpdate))
             live.subs.append(await self.bus.subscribe(
-                Subjects.stream_spec(sid), lambda m, raw: self._on_spec(live, m), expected=StreamSpec))
+                Subjects.stream_spec(sid), lambda m, raw: self._on_spec(live, m, raw), expected=StreamSpec))
             await self.bus.publish(Subjects.stream_event(sid), StreamEvent(stream_id=sid, kind="live",
                                                                            at=time.time()))
             await self._announce_prompt(live, PromptUpdate(stream_id=sid, version=record.prompt_version,
@@ -602,13 +608,13 @@ class IngestService(Service):
 
     async def _publish(self, live: _Live, raw: RawChunk, latent: torch.Tensor, scale: float, deadline: float,
                        version: int) -> None:
-        state, spec, clock = live.state, live.state.spec, live.clock
+        state, clock = live.state, live.clock
         c = raw.seq - state.segment_start  # the chunk's index in its segment
         chunk = LatentChunk(stream_id=state.stream_id, seq=raw.seq, epoch=self.epoch,
                             latent_start=clock.latent_start(c), rope_start=clock.rope_start(c),
                             capture_time=raw.frame_times[0], deadline=deadline, prompt_version=version,
-                            noise_scale=scale, timesteps=chunk_timesteps(spec.steps, scale), segment=state.segment,
-                            latent=latent)
+                            noise_scale=scale, timesteps=chunk_timesteps(state.steps_of(raw.seq), scale),
+                            segment=state.segment, latent=latent)
         remaining = deadline - time.time()
         if remaining <= 0:
             state.drop("deadline")
@@ -635,11 +641,11 @@ class IngestService(Service):
 
     def replay_depth(self) -> tuple[int, int]:
         """(K, sink chunks) of every stream's replay ring: ``ingest.replay_chunks``, or the rolling KV window."""
-        dit = self.settings.dit_stage
+        ring = self.ring
         depth = self.settings.ingest.replay_chunks
         if depth is None:
-            depth = window_chunks(dit.kv_window, dit.sink)
-        return depth, sink_chunks(dit.sink)
+            depth = window_chunks(ring.kv_window, ring.sink, ring.clock())
+        return depth, sink_chunks(ring.sink, ring.clock())
 
     async def _replay(self, live: _Live, epoch: int) -> None:
         """Republish the stream's ring under failure epoch ``epoch``, before any further live chunk."""
@@ -773,18 +779,36 @@ class IngestService(Service):
         log.info("stream %s: prompt v%d (%s) from chunk %d", state.stream_id, update.version, update.mode, effective)
         await self.bus.respond(msg, Ack(ref=str(effective), detail=f"prompt version {update.version}"))
 
-    async def _on_spec(self, live: _Live, spec: StreamSpec) -> None:
-        """Live parameter changes (steps, noise) apply from the next chunk; size and rate are fixed per session."""
+    async def _on_spec(self, live: _Live, spec: StreamSpec, msg: Msg) -> None:
+        """A live parameter change (from the gateway): answered with the chunk seq it takes effect at.
+
+        The noise scale (motion controller s_init) applies from the next chunk encoded. A new step count cannot
+        join a running segment (the DiT's stream state has one KV slot per step), so it starts a new warm-up
+        segment, as a `cut` prompt change does: chunks already cut finish with the old count, the next one is the
+        new segment's prepare chunk. Size, rate and mode are fixed for the session; the prompt changes through
+        its own request (versions)."""
+        assert self.bus is not None
         state = live.state
         if spec.stream_id != state.stream_id:
+            await self.bus.respond(msg, Error(code="bad_request", stream_id=state.stream_id,
+                                              message=f"spec for {spec.stream_id!r} sent to {state.stream_id!r}"))
             return
-        fixed = {"width": state.spec.width, "height": state.spec.height, "fps": state.spec.fps}
-        new = spec.model_copy(update=fixed)
+        kept = ("width", "height", "fps", "t2v", "t2v_frames", "prompt")
+        new = spec.model_copy(update={k: getattr(state.spec, k) for k in kept})
         problem = self._unservable(new)
         if problem:
-            log.warning("stream %s: spec change ignored: %s", state.stream_id, problem)
+            log.warning("stream %s: spec change refused: %s", state.stream_id, problem)
+            await self.bus.respond(msg, Error(code="bad_spec", stream_id=state.stream_id, message=problem))
             return
+        effective = state.next_seq
+        if new.steps != state.spec.steps:  # the spec holds the count last accepted (chunks may not have it yet)
+            effective = max(effective, live.stream.cut())
+            state.steps_from.append((effective, new.steps))
         state.spec = new
+        log.info("stream %s: %d steps, noise scale %g from chunk %d", state.stream_id, new.steps,
+                 new.noise.noise_scale, effective)
+        await self.bus.respond(msg, Ack(ref=str(effective), detail=f"{new.steps} steps, noise scale "
+                                                                   f"{new.noise.noise_scale:g}"))
 
 
 

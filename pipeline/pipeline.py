@@ -14,7 +14,7 @@ import io
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
@@ -30,7 +30,7 @@ from encoder.vae import StreamVAE
 from pipeline.state import PromptBlend, StreamSpec, StreamState
 from proto import LatentChunk
 from proto.clock import ChunkClock
-from wan.scheduler import SDV2_STEPS, first_timestep
+from proto.spec import SDV2_STEPS, SIZE_MULTIPLE, RingConfig, chunk_timesteps
 
 __all__ = ["FixedEmbedding", "PipelineConfig", "PipelineError", "PromptMode", "StreamPipeline", "TextEncoder"]
 
@@ -76,35 +76,24 @@ class PipelineConfig:
     blend_chunks: int = 4
     """Chunks a `blend` prompt change interpolates over (the default of ``set_prompt``)."""
     t2v_latent_frames: int = 1
-    kv_window: int = 6
-    sink: int = 3
-    adaptive_threshold: float | None = 0.2
-    t_refresh: int | None = 50
-    cache_mode: Literal["sdv2", "self_forcing"] = "sdv2"
-    context_noise: float = 0.0
-    """Self-Forcing: the timestep of the clean pass that rewrites a finished chunk's K/V."""
+    ring: RingConfig = field(default_factory=RingConfig)
+    """KV window, sinks, RoPE refresh and cache mode: the stage services get theirs from ``dit_stage.*``."""
     output: Literal["uint8", "float"] = "uint8"
     """Returned frames: uint8 [T, H, W, 3], or float32 [T, H, W, 3] in [0, 1]."""
 
     def __post_init__(self) -> None:
-        if self.width % 16 or self.height % 16 or self.width <= 0 or self.height <= 0:
-            raise ValueError(f"size {self.width}x{self.height} must be positive multiples of 16")
+        if self.width % SIZE_MULTIPLE or self.height % SIZE_MULTIPLE or self.width <= 0 or self.height <= 0:
+            raise ValueError(f"size {self.width}x{self.height} must be positive multiples of {SIZE_MULTIPLE}")
         if self.blend_chunks < 1:
             raise ValueError("blend_chunks must be >= 1")
-        if not 1 <= self.steps <= len(SDV2_STEPS):
-            raise ValueError(f"steps must be in 1..{len(SDV2_STEPS)}")
-        if self.cache_mode not in ("sdv2", "self_forcing"):
-            raise ValueError(f"unknown cache mode {self.cache_mode!r}")
+        chunk_timesteps(self.steps, self.noise_scale)  # raises for a step count out of range
 
     def clock(self, t2v: bool) -> ChunkClock:
-        if t2v:
-            return ChunkClock.t2v(self.t2v_latent_frames, kv_window=self.kv_window, t_refresh=self.t_refresh)
-        return ChunkClock.v2v(kv_window=self.kv_window, t_refresh=self.t_refresh)
+        return self.ring.clock(self.t2v_latent_frames if t2v else None)
 
     def timesteps(self, noise_scale: float | None) -> list[int]:
         """A chunk's timesteps, step 0 first: V2V starts at ``first_timestep(s)``; T2V (None) at the list's head."""
-        steps = list(SDV2_STEPS[: self.steps])
-        return steps if noise_scale is None else [first_timestep(noise_scale), *steps[1:]]
+        return list(SDV2_STEPS[: self.steps]) if noise_scale is None else chunk_timesteps(self.steps, noise_scale)
 
 
 class StreamPipeline:
@@ -134,10 +123,11 @@ class StreamPipeline:
         stages = [dit] if isinstance(dit, CausalWanDiT) else list(dit)
         config = config or PipelineConfig()
         self.config = config
+        ring = config.ring
         self.ring = LocalRing([
-            StageWorker(stage, window=config.kv_window, sink=config.sink, adaptive_threshold=config.adaptive_threshold,
-                        max_batch_items=MAX_BATCH_ITEMS, lockstep=True, cache_mode=config.cache_mode,
-                        context_noise=config.context_noise, forward=make_forward(stage, forward))
+            StageWorker(stage, window=ring.kv_window, sink=ring.sink, adaptive_threshold=ring.adaptive_threshold,
+                        max_batch_items=MAX_BATCH_ITEMS, lockstep=True, cache_mode=ring.cache_mode,
+                        context_noise=ring.context_noise, forward=make_forward(stage, forward))
             for stage in stages
         ])
         dit_cfg = stages[0].config

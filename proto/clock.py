@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from proto.spec import KV_WINDOW, ROPE_MAX, T_REFRESH
+
 __all__ = ["ChunkClock", "noise_seed", "segment_seed"]
 
 
@@ -33,11 +35,11 @@ class ChunkClock:
     input_frames_per_chunk: int = 4
     first_latent_frames: int = 2
     latent_frames_per_chunk: int = 1
-    kv_window: int = 6
+    kv_window: int = KV_WINDOW
     """Latent frames one chunk attends to (sinks and the chunk itself included)."""
-    t_refresh: int | None = 50
+    t_refresh: int | None = T_REFRESH
     """RoPE start frame at which positions are reset; None disables the refresh."""
-    rope_max: int = 1024
+    rope_max: int = ROPE_MAX
     """Positions per axis in the RoPE table."""
     temporal_compression: int = 4
 

@@ -5,18 +5,23 @@ fails loudly at the edge instead of deep inside a service. ``Message.encode`` pr
 ``proto.codec``); ``decode`` turns any byte string back into a message or raises ``ProtocolError``.
 
 Changing a message's fields means bumping its ``SCHEMA_VERSION`` and regenerating ``proto/asyncapi.yaml``
-(``rheo proto asyncapi --write``); the drift test fails until both are done.
+(``rheo proto asyncapi --write``); the drift test fails until both are done. A bump that only adds fields with
+defaults lists the versions it replaces in ``READS_VERSIONS``, so frames already stored (KV buckets) still decode.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema
 
 from proto.codec import DEFAULT_LIMITS, DTYPE_NAMES, Limits, decode_frame, encode_frame, encode_parts
 from proto.errors import ProtocolError
+from proto.spec import MAX_FPS, MAX_STEPS, MAX_T2V_FRAMES, SIZE_MULTIPLE, RingConfig, chunk_timesteps
+
+if TYPE_CHECKING:
+    from proto.clock import ChunkClock
 
 
 def _check_tensor(value: Any) -> torch.Tensor:
@@ -45,6 +50,8 @@ class Message(BaseModel):
 
     SCHEMA_VERSION: ClassVar[int] = 1
     """Bump on any change of fields or meaning."""
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = ()
+    """Older versions this build still decodes: their fields are a subset of this one's, the rest defaulted."""
 
     def body(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
         body = {"t": type(self).__name__, "v": self.SCHEMA_VERSION, "d": _fields(self)}
@@ -94,18 +101,31 @@ class SLO(BaseModel):
 
 
 class StreamSpec(Message):
-    """What a stream is: set at creation, updated by the control API."""
+    """What a stream is: set at creation, updated by the control API. The one validated definition of a stream's
+    parameters (limits in ``proto.spec``); what derives from them (chunk clock, timesteps) is asked of it."""
+
+    SCHEMA_VERSION: ClassVar[int] = 2
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
 
     stream_id: StreamId
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
-    fps: float = Field(gt=0)
-    steps: int = Field(ge=1, le=8, description="denoising steps = stream-batch slots")
+    width: int = Field(gt=0, multiple_of=SIZE_MULTIPLE, description="model width in pixels")
+    height: int = Field(gt=0, multiple_of=SIZE_MULTIPLE, description="model height in pixels")
+    fps: float = Field(gt=0, le=MAX_FPS)
+    steps: int = Field(ge=1, le=MAX_STEPS, description="denoising steps = stream-batch slots")
     prompt: str
     seed: int = Field(0, ge=0, lt=2**63, description="every random draw of the stream derives from it")
     noise: NoiseParams = Field(default_factory=NoiseParams)
     slo: SLO = Field(default_factory=SLO)
     t2v: bool = Field(False, description="text-to-video: no input video")
+    t2v_frames: int = Field(1, ge=1, le=MAX_T2V_FRAMES, description="text-to-video: latent frames per chunk")
+
+    def clock(self, ring: RingConfig | None = None) -> ChunkClock:
+        """The stream's chunk clock on ``ring`` (the pipeline's KV window and RoPE refresh; default: SDv2's)."""
+        return (ring or RingConfig()).clock(self.t2v_frames if self.t2v else None)
+
+    def timesteps(self, noise_scale: float | None = None) -> list[int]:
+        """A chunk's timesteps, slot 0 first, for its (motion-adapted) noise scale; default: the spec's own."""
+        return chunk_timesteps(self.steps, self.noise.noise_scale if noise_scale is None else noise_scale)
 
 
 class LatentChunk(Message):
@@ -202,15 +222,18 @@ the others keep every stream's KV (moved between stages where blocks moved)."""
 
 
 class BlockMap(Message):
-    """Which stage runs which contiguous block range, under an epoch."""
+    """Which stage runs which contiguous block range, under an epoch, and the ring every stream runs on."""
 
-    SCHEMA_VERSION: ClassVar[int] = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (2,)
 
     epoch: int = Field(ge=0)
     num_blocks: int = Field(ge=1)
     stages: list[StageAssignment]
     created_at: float = 0.0
     reason: BlockMapReason = "initial"
+    ring: RingConfig = Field(default_factory=RingConfig, description="KV window, sinks and RoPE refresh of every "
+                             "stream (the controller's dit_stage settings)")
 
     def validate_cover(self) -> None:
         """Raise unless the stages cover [0, num_blocks) contiguously, in order."""
@@ -281,6 +304,9 @@ StreamState = Literal["created", "live", "ended"]
 class StreamRecord(Message):
     """A stream's row in the stream table (JetStream KV): what it is, its hashed key, where it plays."""
 
+    SCHEMA_VERSION: ClassVar[int] = 2
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+
     spec: StreamSpec
     key_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the stream key; the key is never stored")
     state: StreamState = "created"
@@ -307,7 +333,8 @@ class RingItem(BaseModel):
     seq: int = Field(ge=0, description="chunk index c")
     step: int = Field(ge=0, description="denoising step k (at timesteps[k])")
     slot: int = Field(ge=0, description="KV-cache slot (= step, except chunk 0's sequential prepare: slot 0)")
-    steps: int = Field(ge=1, le=8, description="denoising steps of the stream = stream-batch slots")
+    steps: int = Field(ge=1, le=MAX_STEPS, description="denoising steps of the stream's segment = stream-batch "
+                                                       "slots")
     epoch: int = Field(ge=0, description="block-map epoch the item entered the ring with")
     frame_start: int = Field(ge=0, description="cache frame index of the chunk's first latent frame in this slot")
     latent_start: int = Field(ge=0, description="absolute latent-frame index (from the LatentChunk)")
@@ -439,7 +466,8 @@ def decode_with_headers(buf: bytes | bytearray | memoryview, expected: type[M] |
     cls = MESSAGE_TYPES[name]
     if expected is not None and cls is not expected:
         raise ProtocolError(f"expected {expected.__name__}, got {name}")
-    if not isinstance(version, int) or isinstance(version, bool) or version != cls.SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or (
+            version != cls.SCHEMA_VERSION and version not in cls.READS_VERSIONS):
         raise ProtocolError(f"{name}: unknown schema version {version!r} (this build reads {cls.SCHEMA_VERSION})")
     if not isinstance(fields, dict):
         raise ProtocolError(f"{name}: fields are not a map")

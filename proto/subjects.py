@@ -73,7 +73,9 @@ CHANNELS: dict[str, Channel] = {
     for c in (
         Channel("stream_spec", PREFIX + ".stream.{stream_id}.spec", StreamSpec,
                 ("gateway", "controller"), ("ingest", "dit-stage", "decoder", "egress"),
-                "A stream's specification, on creation and on every parameter change."),
+                "A stream's specification, on creation and on every parameter change. A change is a request: "
+                "the ingest serving the live stream answers Ack(ref=seq it takes effect at) or Error.",
+                replies=(Ack, Error)),
         Channel("stream_latent", PREFIX + ".stream.{stream_id}.latent", LatentChunk,
                 ("ingest",), ("dit-stage",),
                 "Encoded latent chunks of a stream, ingest to the first DiT stage.", bulk=True, replies=(Credit,)),

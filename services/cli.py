@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from proto.spec import SIZE_MULTIPLE
 from services.config import describe, iter_fields, load_settings
 
 
@@ -115,8 +116,9 @@ def _parse_size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, got {text!r}") from None
-    if w <= 0 or h <= 0 or w % 16 or h % 16:
-        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 16, got {text!r}")
+    if w <= 0 or h <= 0 or w % SIZE_MULTIPLE or h % SIZE_MULTIPLE:
+        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of {SIZE_MULTIPLE}, "
+                                         f"got {text!r}")
     return w, h
 
 
@@ -177,6 +179,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         steps=args.steps or settings.stream.steps,
         noise_scale=settings.stream.noise_scale,
         motion_aware_noise=settings.stream.motion_aware_noise,
+        ring=settings.dit_stage.ring(),  # the ring the stage services run: `rheo run` equals them
     )
     seed = settings.stream.seed if args.seed is None else args.seed
     progress = not args.quiet

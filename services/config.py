@@ -13,12 +13,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
+)
+
+from proto.spec import (
+    ADAPTIVE_THRESHOLD,
+    KV_WINDOW,
+    MAX_FPS,
+    MAX_MODEL_HEIGHT,
+    MAX_MODEL_WIDTH,
+    MAX_STEPS,
+    SINK,
+    SIZE_MULTIPLE,
+    T_REFRESH,
+    RingConfig,
 )
 
 MiB = 1024 * 1024
@@ -92,10 +105,10 @@ class ModelSettings(Section):
 
 
 class StreamDefaults(Section):
-    width: int = Field(512, gt=0, multiple_of=16, description="model input width in pixels")
-    height: int = Field(512, gt=0, multiple_of=16, description="model input height in pixels")
-    fps: float = Field(16.0, gt=0, description="target output frame rate")
-    steps: int = Field(2, ge=1, le=4, description="denoising steps (stream-batch slots)")
+    width: int = Field(512, gt=0, multiple_of=SIZE_MULTIPLE, description="model input width in pixels")
+    height: int = Field(512, gt=0, multiple_of=SIZE_MULTIPLE, description="model input height in pixels")
+    fps: float = Field(16.0, gt=0, le=MAX_FPS, description="target output frame rate")
+    steps: int = Field(2, ge=1, le=MAX_STEPS, description="denoising steps (stream-batch slots)")
     prompt: str = Field("a cinematic painting", description="prompt used until a stream sets its own")
     noise_scale: float = Field(0.8, gt=0, le=1, description="initial noise scale s_init")
     motion_aware_noise: bool = Field(True, description="adapt the noise scale to input motion")
@@ -128,10 +141,12 @@ class IngestSettings(Section):
     )
     window_ack_bytes: int = Field(2_500_000, gt=0, description="acknowledgement window announced to publishers")
     max_model_width: int = Field(
-        1920, gt=0, multiple_of=16, description="widest model size a stream may ask for (sizes the largest latent)"
+        MAX_MODEL_WIDTH, gt=0, multiple_of=SIZE_MULTIPLE,
+        description="widest model size a stream may ask for (sizes the largest latent)"
     )
     max_model_height: int = Field(
-        1088, gt=0, multiple_of=16, description="tallest model size a stream may ask for (sizes the largest latent)"
+        MAX_MODEL_HEIGHT, gt=0, multiple_of=SIZE_MULTIPLE,
+        description="tallest model size a stream may ask for (sizes the largest latent)"
     )
     debug_tap_dir: Path | None = Field(
         None, description="also write each chunk's model-size input frames here as <stream>/chunk_<seq>.npy (tests)"
@@ -193,10 +208,15 @@ class DitStageSettings(Section):
     advertise_host: str = Field("127.0.0.1", description="host other stages reach this stage's link at (pod IP)")
     max_batch_items: int = Field(16, ge=1, description="largest number of items in one micro-step")
     max_queued_chunks: int = Field(4, ge=1, description="new chunks queued per stream before the oldest is dropped")
-    kv_window: int = Field(6, ge=2, description="latent frames one chunk attends to (KV ring size, sinks included)")
-    sink: int = Field(3, ge=0, description="sink frames of the KV ring (never rolled out)")
+    kv_window: int = Field(
+        KV_WINDOW, ge=2, description="latent frames one chunk attends to (KV ring size, sinks included)"
+    )
+    sink: int = Field(SINK, ge=0, description="sink frames of the KV ring (never rolled out)")
     adaptive_threshold: float | None = Field(
-        0.2, description="adaptive sink replacement below this similarity (null disables)"
+        ADAPTIVE_THRESHOLD, description="adaptive sink replacement below this similarity (null disables)"
+    )
+    t_refresh: int | None = Field(
+        T_REFRESH, ge=1, description="RoPE start frame at which chunk positions are reset (null disables the refresh)"
     )
     stats_interval_s: float = Field(2.0, gt=0, description="period of the StageStats this stage publishes")
     tiny_seed: int = Field(0, ge=0, description="weight seed of the tiny random DiT (when model.model_dir is unset)")
@@ -209,10 +229,24 @@ class DitStageSettings(Section):
     slowdown: float = Field(
         1.0, gt=0, description="timed mode: multiplies the modelled time (a knob to slow one stage)"
     )
+    cache_mode: Literal["sdv2", "self_forcing"] = Field(
+        "sdv2", description="KV cache mode of the ring: sdv2, or self_forcing (a clean pass per finished chunk)"
+    )
+    context_noise: float = Field(0.0, ge=0, le=1000, description="self_forcing: the clean pass's timestep")
     forward: Literal["auto", "eager", "graph", "compile"] = Field(
         "auto", description="DiT forward: eager, graph (CUDA-graph replay), compile (graph + torch.compile) or auto "
         "(compile on CUDA, else eager)"
     )
+
+    @model_validator(mode="after")
+    def _valid_ring(self) -> DitStageSettings:
+        self.ring()  # an inconsistent ring (sink ≥ window, refresh inside the window) fails at load, not mid-stream
+        return self
+
+    def ring(self) -> RingConfig:
+        """The ring these settings configure: what the controller puts in the block map and ingest clocks by."""
+        return RingConfig(kv_window=self.kv_window, sink=self.sink, adaptive_threshold=self.adaptive_threshold,
+                          t_refresh=self.t_refresh, cache_mode=self.cache_mode, context_noise=self.context_noise)
 
 
 class ControllerSettings(Section):

@@ -14,19 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
+from proto.spec import SDV2_STEPS, first_timestep  # defined with the stream's other limits
 from wan.device import host_tensor
 
-
-def first_timestep(noise_scale: float) -> int:
-    """The timestep slot 0 is labelled with for an input mixed at ``noise_scale`` (SDv2: int(1000·s) − 100).
-
-    The one definition: the stream-batch runner, the motion controller and ingest's chunk headers all use it.
-    """
-    return int(1000 * noise_scale) - 100
-
-__all__ = ["SDV2_STEPS", "FlowMatchScheduler", "draw_noise"]
-
-SDV2_STEPS = (700, 500, 400, 200)
+__all__ = ["SDV2_STEPS", "FlowMatchScheduler", "draw_noise", "first_timestep"]
 
 
 class FlowMatchScheduler:

@@ -90,6 +90,8 @@ class ControllerService(Service):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.cfg = self.settings.controller
+        self.ring = self.settings.dit_stage.ring()
+        """The ring every map this controller writes carries (ingest clocks chunks by it)."""
         self.members: dict[str, Member] = {}
         self.block_map: BlockMap | None = None
         self.leader = False
@@ -244,12 +246,13 @@ class ControllerService(Service):
             self._bm_revision = entry.revision
         ids = self.stage_ids()
         stored = [s.stage_id for s in current.stages] if current else []
-        if current is not None and current.num_blocks == self.num_blocks() and stored and \
-                all(s in ids for s in stored) and stored == sorted(stored, key=ids.index):
+        if current is not None and current.num_blocks == self.num_blocks() and current.ring == self.ring and \
+                stored and all(s in ids for s in stored) and stored == sorted(stored, key=ids.index):
             log.info("resuming block map epoch %d (%s)", current.epoch, _ranges(current))
             return current
         new = BlockMap(epoch=(current.epoch + 1) if current else 1, num_blocks=self.num_blocks(),
-                       stages=even_split(self.num_blocks(), ids), created_at=time.time(), reason="initial")
+                       stages=even_split(self.num_blocks(), ids), created_at=time.time(), reason="initial",
+                       ring=self.ring)
         await self._write_map(new)
         return new
 
@@ -271,7 +274,7 @@ class ControllerService(Service):
     async def _publish_map(self, stages: list[StageAssignment], reason: BlockMapReason) -> None:
         assert self.bus is not None and self.block_map is not None
         new = BlockMap(epoch=self.block_map.epoch + 1, num_blocks=self.block_map.num_blocks, stages=stages,
-                       created_at=time.time(), reason=reason)
+                       created_at=time.time(), reason=reason, ring=self.ring)
         await self._write_map(new)
         self.block_map = new
         self.epoch = new.epoch
@@ -360,7 +363,7 @@ class ControllerService(Service):
         stages = self._split(members)
         if reason == "join":
             probe = BlockMap(epoch=self.block_map.epoch + 1, num_blocks=self.block_map.num_blocks, stages=stages,
-                             reason="join")
+                             reason="join", ring=self.ring)
             why = offline_reason(self.block_map, probe)
             if why:  # e.g. the first stage comes back: no KV can move, so streams are rebuilt by replay
                 log.warning("stages %s rejoin but KV cannot move online (%s): announced as a failure epoch", joined,
@@ -452,11 +455,6 @@ class ControllerService(Service):
     async def _on_admission(self, spec: StreamSpec, raw: Any) -> None:
         assert self.bus is not None
         reply: Ack | Error
-        if spec.width % 16 or spec.height % 16:
-            reply = Error(code="bad_size", message=f"{spec.width}x{spec.height} is not a multiple of 16",
-                          stream_id=spec.stream_id)
-            await self.bus.respond(raw, reply)
-            return
         d = decide_admission(spec, self.admitted, self.item_ms, headroom=self.cfg.admission_headroom,
                              prior_streams=self.cfg.admission_prior_streams, bottleneck=self.bottleneck)
         applied = not self.cfg.advisory

@@ -1,9 +1,10 @@
 """The control API (``/v1``) and HLS routing of the gateway.
 
 ``POST /v1/streams`` creates a stream and returns, once, its stream key with the RTMP URL to publish to and
-the playback URLs; ``GET/PATCH/DELETE /v1/streams/{id}`` read, change live and end it. A PATCH of the prompt is
-sent to ingest as a request; ingest answers with the chunk seq the change takes effect at, which the response
-reports (``null`` while the stream is not live: the change then applies from its first chunk).
+the playback URLs; ``GET/PATCH/DELETE /v1/streams/{id}`` read, change live and end it. A PATCH of the prompt or
+of the parameters (steps, noise) is sent to ingest as a request; ingest answers with the chunk seq the change
+takes effect at (a steps change starts a new warm-up segment there), which the response reports (``null`` while
+the stream is not live: the change then applies from its first chunk), or refuses it (409, nothing applied).
 ``/hls/{id}/...`` forwards playback requests, query included (LL-HLS blocking reloads), to the egress instance
 the stream table names for the stream.
 """
@@ -21,8 +22,21 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from media.player import make_player_router
-from proto import SLO, Ack, Buckets, Error, NoiseParams, PromptUpdate, ProtocolError, StreamRecord, StreamSpec, Subjects
+from proto import (
+    SLO,
+    Ack,
+    Buckets,
+    Error,
+    Message,
+    NoiseParams,
+    PromptUpdate,
+    ProtocolError,
+    StreamRecord,
+    StreamSpec,
+    Subjects,
+)
 from proto import decode as decode_message
+from proto.spec import MAX_FPS, MAX_MODEL_HEIGHT, MAX_MODEL_WIDTH, MAX_STEPS, SIZE_MULTIPLE
 from services.bus import KV, Bus
 from services.config import Settings
 from services.controller.policy import admission_key
@@ -37,10 +51,10 @@ class Body(BaseModel):
 
 class CreateStream(Body):
     prompt: str = Field(min_length=1, max_length=2000)
-    width: int = Field(512, gt=0, le=1920, multiple_of=16)
-    height: int = Field(512, gt=0, le=1088, multiple_of=16)
-    fps: float = Field(16.0, gt=0, le=60)
-    steps: int = Field(2, ge=1, le=4)
+    width: int = Field(512, gt=0, le=MAX_MODEL_WIDTH, multiple_of=SIZE_MULTIPLE)
+    height: int = Field(512, gt=0, le=MAX_MODEL_HEIGHT, multiple_of=SIZE_MULTIPLE)
+    fps: float = Field(16.0, gt=0, le=MAX_FPS)
+    steps: int = Field(2, ge=1, le=MAX_STEPS)
     seed: int = Field(0, ge=0, lt=2**63)
     noise_scale: float = Field(0.8, gt=0, le=1)
     motion_aware: bool = True
@@ -52,7 +66,7 @@ class PatchStream(Body):
     prompt: str | None = Field(None, min_length=1, max_length=2000)
     mode: Literal["cut", "blend"] = "cut"
     blend_chunks: int = Field(4, ge=0, le=64)
-    steps: int | None = Field(None, ge=1, le=4)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     noise_scale: float | None = Field(None, gt=0, le=1)
     motion_aware: bool | None = None
 
@@ -121,6 +135,17 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
         except (StreamNotFound, ValueError):
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stream {stream_id!r}") from None
 
+    async def ask_ingest(subject: str, message: PromptUpdate | StreamSpec) -> Message | None:
+        """The live stream's ingest's answer; None when the stream is not live (the table holds the change, which
+        ingest reads when the stream starts)."""
+        try:
+            return await bus.request(subject, message, timeout=gw.prompt_ack_timeout_s)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            return None
+
+    def acked_seq(reply: Message | None) -> int | None:
+        return int(reply.ref) if isinstance(reply, Ack) and reply.ref.isdigit() else None
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorised)])
 
     @v1.post("/streams", status_code=status.HTTP_201_CREATED, response_model=CreatedStream)
@@ -153,27 +178,32 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
                                                "motion_aware": body.motion_aware}.items() if v is not None})
         new_spec = spec.model_copy(update={"prompt": body.prompt or spec.prompt, "noise": noise,
                                            "steps": body.steps or spec.steps})
+        params_changed = (new_spec.steps, new_spec.noise) != (spec.steps, spec.noise)
         version = record.prompt_version + (1 if body.prompt is not None else 0)
         record = await table.update(stream_id, lambda r: r.model_copy(
             update={"spec": new_spec, "prompt_version": version}))
+
+        async def put_back(fields: dict[str, object], reason: str) -> None:
+            """A refused change: the stream keeps what it runs (a spent prompt version stays spent)."""
+            await table.update(stream_id, lambda r: r.model_copy(
+                update={"spec": r.spec.model_copy(update=fields)}) if r.prompt_version == version else r)
+            raise HTTPException(status.HTTP_409_CONFLICT, reason)
+
         effective: int | None = None
+        if params_changed:  # before the prompt: a refusal applies nothing
+            reply = await ask_ingest(Subjects.stream_spec(stream_id), new_spec)
+            if isinstance(reply, Error):
+                await put_back({"steps": spec.steps, "noise": spec.noise, "prompt": spec.prompt},
+                               f"ingest refused the change: {reply.message}")
+            effective = acked_seq(reply)
         if body.prompt is not None:
             update = PromptUpdate(stream_id=stream_id, version=version, prompt=body.prompt, mode=body.mode,
                                   blend_chunks=body.blend_chunks if body.mode == "blend" else 0)
-            try:
-                reply = await bus.request(Subjects.stream_prompt(stream_id), update, timeout=gw.prompt_ack_timeout_s)
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-                reply = None  # not live: ingest reads the new prompt from the table when the stream starts
+            reply = await ask_ingest(Subjects.stream_prompt(stream_id), update)
             if isinstance(reply, Error):
-                # the stream keeps the prompt it runs: put the text back (the version stays spent, versions only grow)
-                await table.update(stream_id, lambda r: r.model_copy(
-                    update={"spec": r.spec.model_copy(update={"prompt": spec.prompt})}) if r.prompt_version == version
-                    else r)
-                raise HTTPException(status.HTTP_409_CONFLICT, f"ingest refused the prompt: {reply.message}")
-            if isinstance(reply, Ack) and reply.ref.isdigit():
-                effective = int(reply.ref)
-        if body.steps is not None or body.noise_scale is not None or body.motion_aware is not None:
-            await bus.publish(Subjects.stream_spec(stream_id), new_spec)
+                await put_back({"prompt": spec.prompt}, f"ingest refused the prompt: {reply.message}")
+            seq = acked_seq(reply)
+            effective = seq if effective is None or seq is None else max(effective, seq)
         return info(record, PatchResult, effective_seq=effective)
 
     @v1.delete("/streams/{stream_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -48,8 +48,8 @@ def test_sdv2_defaults():
     assert SDV2_STEPS == (700, 500, 400, 200)
     assert cfg.timesteps(0.8) == [700, 500] and cfg.timesteps(0.7) == [600, 500]
     assert PipelineConfig(steps=4).timesteps(None) == list(SDV2_STEPS)  # T2V: the list itself
-    assert (cfg.noise_scale, cfg.kv_window, cfg.sink, cfg.adaptive_threshold) == (0.8, 6, 3, 0.2)
+    assert (cfg.noise_scale, cfg.ring.kv_window, cfg.ring.sink, cfg.ring.adaptive_threshold) == (0.8, 6, 3, 0.2)
     assert first_timestep(0.8) == 700 and first_timestep(0.7) == 600
     clock = cfg.clock(t2v=False)
     assert clock.t_refresh == 50 and clock.refresh_to == 5
-    assert cfg.cache_mode == "sdv2" and FlowMatchScheduler().shift == 8.0
+    assert cfg.ring.cache_mode == "sdv2" and FlowMatchScheduler().shift == 8.0

@@ -39,6 +39,7 @@ from pipeline.loading import build_tiny_pipeline
 from pipeline.pipeline import PipelineConfig
 from pipeline.state import StreamSpec as PipelineStreamSpec
 from proto import BlockMap, Buckets
+from proto.spec import RingConfig
 from services.bus import Bus
 from services.config import NatsSettings
 from services.natsd import NatsServer
@@ -177,8 +178,8 @@ def _hls_frames(stack: LocalStack, sid: str) -> tuple[list[float], int]:
 def _reference_x0(frames_in: np.ndarray, seed: int, prompt: str) -> tuple[list[torch.Tensor], np.ndarray]:
     """The single-process StreamPipeline on the frames ingest tapped: the x0 of every chunk (what its VAE is
     asked to decode, in order) and its output frames."""
-    pipe = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=STEPS, kv_window=WINDOW, sink=SINK,
-                                              adaptive_threshold=None, output="float"))
+    pipe = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=STEPS, output="float",
+                                              ring=RingConfig(kv_window=WINDOW, sink=SINK, adaptive_threshold=None)))
     x0s: list[torch.Tensor] = []
     decode = pipe.vae.decode
 

@@ -25,7 +25,6 @@ from ingest.service import (
     CHUNKS_DROPPED,
     IngestService,
     IngestStreamState,
-    chunk_timesteps,
     largest_messages,
     max_prompt_tokens,
 )
@@ -44,6 +43,7 @@ from proto import (
     Subjects,
 )
 from proto.clock import ChunkClock
+from proto.spec import chunk_timesteps
 from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.streams import StreamNotFound, StreamTable, new_stream_id
@@ -298,6 +298,7 @@ def test_stream_state_round_trips_with_a_bounded_replay_ring() -> None:
                                         capture_time=1.0, deadline=2.0, prompt_version=2, noise_scale=0.8,
                                         timesteps=chunk_timesteps(2, 0.8), latent=torch.randn(1, 4, 8, 8)))
     state.next_seq, state.last_seq = 7, 6
+    state.steps_from.append((9, 3))  # a steps change from the segment starting at chunk 9
     state.drop("deadline")
     back = IngestStreamState.from_bytes(state.to_bytes())
     # the prepare chunk and the sink chunk, then the last 3
@@ -305,6 +306,7 @@ def test_stream_state_round_trips_with_a_bounded_replay_ring() -> None:
     assert all(torch.equal(a.latent, b.latent) for a, b in zip(state.replay, back.replay, strict=True))
     assert back.spec == spec and (back.prompt_version, back.next_seq, back.last_seq) == (2, 7, 6)
     assert back.dropped == {"deadline": 1} and back.vae.frames_encoded == 5
+    assert back.steps_from == [(0, 2), (9, 3)] and (back.steps_of(8), back.steps_of(9)) == (2, 3)
     # the restored VAE cache continues the stream exactly like the original
     more = torch.rand(1, 3, 4, SIZE, SIZE) * 2 - 1
     assert torch.equal(vae.encode(state.vae, more), vae.encode(back.vae, more))
@@ -347,3 +349,53 @@ async def test_sigterm_mid_stream_exits_cleanly(nats_settings: NatsSettings, bus
             proc.kill()
         out = proc.stdout.read() if proc.stdout else ""
         assert "Traceback" not in out, out
+
+
+async def test_live_steps_change_starts_a_new_segment(ingest: IngestService, bus: Bus, eventually) -> None:
+    """A steps change cannot join the running segment (one KV slot per step): ingest answers the seq of the next
+    segment's prepare chunk, chunks before it keep 2 timesteps, from it on 3; the noise scale applies from the
+    next chunk (the new segment's first chunk is labelled with the new s_init exactly)."""
+    _, spec, key = await new_stream(bus, "a cat")
+    sid = spec.stream_id
+    rec = Recorder()
+    await rec.attach(bus, sid)
+    url = f"rtmp://127.0.0.1:{ingest.rtmp.port}/live/{key}"
+    publisher = asyncio.create_task(publish_pyav(url, 45, 16, "64x64", "--realtime"))
+    await eventually(lambda: len(rec.chunks) >= 2, timeout=20)
+    changed = spec.model_copy(update={"steps": 3, "noise": spec.noise.model_copy(update={"noise_scale": 0.7})})
+    reply = await bus.request(Subjects.stream_spec(sid), changed, timeout=5)
+    assert isinstance(reply, Ack) and reply.ref.isdigit(), reply
+    effective = int(reply.ref)
+    assert (await publisher).report.get("ok")
+    await eventually(rec.ended, timeout=20)
+    assert [c.seq for c in rec.chunks] == list(range(10))  # 45 frames: 5 + 4·(e−1) + 5 + 4·…
+    assert 2 <= effective <= 9
+    for c in rec.chunks:
+        new = c.seq >= effective
+        assert (c.segment, len(c.timesteps)) == ((1, 3) if new else (0, 2)), c.seq
+        assert c.timesteps == chunk_timesteps(3 if new else 2, c.noise_scale)
+        local = c.seq - (effective if new else 0)
+        assert (c.latent_start, c.latent.shape[0]) == ((0, 2) if local == 0 else (local + 1, 1)), c.seq
+    assert rec.chunks[effective].noise_scale == 0.7
+    assert all(c.noise_scale <= 0.7 + 1e-6 for c in rec.chunks[effective:])
+
+
+async def test_chunks_are_clocked_by_the_configured_ring(nats_settings: NatsSettings, bus: Bus,
+                                                         eventually) -> None:
+    """Regression: ingest clocked every stream by the default ring (kv_window 6, t_refresh 50) whatever
+    dit_stage configured, so past the refresh point a chunk's RoPE start disagreed with the stages' window."""
+    settings = Settings(nats=nats_settings, telemetry={"metrics_port": 0},
+                        lifecycle={"http_host": "127.0.0.1", "heartbeat_interval_s": 0.2},
+                        ingest={"rtmp_host": "127.0.0.1", "rtmp_port": 0, "chunk_queue_depth": 32},
+                        dit_stage={"kv_window": 8, "t_refresh": 9})
+    clock = ChunkClock(kv_window=8, t_refresh=9)
+    async with running(IngestService(settings, member_id="ingest-ring")) as service:
+        _, spec, key = await new_stream(bus, "a cat")
+        rec = Recorder()
+        await rec.attach(bus, spec.stream_id)
+        url = f"rtmp://127.0.0.1:{service.rtmp.port}/live/{key}"
+        assert (await publish_pyav(url, 45, 16, "64x64", "--realtime")).report.get("ok")
+        await eventually(rec.ended, timeout=20)
+    assert [c.seq for c in rec.chunks] == list(range(11))
+    assert [c.rope_start for c in rec.chunks] == [clock.rope_start(c) for c in range(11)]
+    assert [c.rope_start for c in rec.chunks] != [ChunkClock().rope_start(c) for c in range(11)]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from pydantic import ValidationError
 
-from proto import Ack, BlockMap, Buckets, Error, Heartbeat, StreamSpec, Subjects
+from proto import Ack, BlockMap, Buckets, Heartbeat, StreamSpec, Subjects
+from proto.spec import RingConfig
 from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.controller.partition import even_split
@@ -23,9 +25,10 @@ def test_even_split_is_contiguous_and_covers_every_block() -> None:
         even_split(2, ["a", "b", "c"])
 
 
-def _settings(nats_settings: NatsSettings, stages: int) -> Settings:
+def _settings(nats_settings: NatsSettings, stages: int, **dit_stage: object) -> Settings:
     return Settings(nats=nats_settings, telemetry={"metrics_port": 0}, controller={"stages": stages},
-                    model={"preset": "tiny"}, lifecycle={"http_host": "127.0.0.1", "heartbeat_interval_s": 0.05})
+                    model={"preset": "tiny"}, dit_stage=dit_stage,
+                    lifecycle={"http_host": "127.0.0.1", "heartbeat_interval_s": 0.05})
 
 
 async def _run(settings: Settings, eventually) -> tuple[ControllerService, asyncio.Task[int]]:
@@ -42,6 +45,7 @@ async def test_block_map_epochs_and_restart(nats_settings: NatsSettings, bus: Bu
     stored = await kv.get_message("current", BlockMap)
     assert [(s.stage_id, s.block_start, s.block_end) for s in stored.stages] == \
         [("dit-0", 0, 1), ("dit-1", 1, 2), ("dit-2", 2, 3)]
+    assert stored.ring == RingConfig()  # the configured ring (defaults here) travels in the map
     first_epoch = stored.epoch
     svc.stop()
     assert await task == 0
@@ -57,6 +61,12 @@ async def test_block_map_epochs_and_restart(nats_settings: NatsSettings, bus: Bu
     svc.stop()
     await task
 
+    svc, task = await _run(_settings(nats_settings, 1, kv_window=8, t_refresh=40), eventually)  # a new ring
+    stored = await kv.get_message("current", BlockMap)
+    assert stored.epoch == first_epoch + 2 and (stored.ring.kv_window, stored.ring.t_refresh) == (8, 40)
+    svc.stop()
+    await task
+
 
 async def test_membership_and_admission(nats_settings: NatsSettings, bus: Bus, eventually) -> None:
     svc, task = await _run(_settings(nats_settings, 2), eventually)
@@ -68,10 +78,8 @@ async def test_membership_and_admission(nats_settings: NatsSettings, bus: Bus, e
                                StreamSpec(stream_id="s", width=512, height=512, fps=16.0, steps=2, prompt="p"),
                                timeout=10)
         assert isinstance(ok, Ack) and ok.ref == "s"
-        bad = await bus.request(Subjects.admission(),
-                                StreamSpec(stream_id="s", width=500, height=512, fps=16.0, steps=2, prompt="p"),
-                                timeout=10)
-        assert isinstance(bad, Error) and bad.code == "bad_size"
+        with pytest.raises(ValidationError, match="multiple of 16"):  # a bad size never reaches admission
+            StreamSpec(stream_id="s", width=500, height=512, fps=16.0, steps=2, prompt="p")
     finally:
         svc.stop()
         await task

@@ -11,7 +11,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from proto import CHANNELS, Ack, Buckets, Error, PromptUpdate, StreamSpec
+from proto import CHANNELS, Ack, Buckets, Error, PromptUpdate, StreamSpec, Subjects
 from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.gateway.service import GatewayService
@@ -146,7 +146,30 @@ async def test_live_prompt_change_reports_the_effective_seq(nats_settings: NatsS
         r = await http.patch(f"/v1/streams/{sid}", json={"steps": 3, "noise_scale": 0.7})
         assert r.json()["spec"]["steps"] == 3 and r.json()["spec"]["noise"]["noise_scale"] == 0.7
         assert r.json()["prompt_version"] == 3  # no prompt change, no new version (3: the refused one is spent)
+        assert r.json()["effective_seq"] is None  # not live: applies from the first chunk
         assert (await http.patch(f"/v1/streams/{sid}", json={"mode": "fade"})).status_code == 422
+
+        # live: a parameter change is a request to ingest too, answered with its seq or refused before anything
+        specs: list[StreamSpec] = []
+
+        async def ingest_spec(spec: StreamSpec, raw) -> None:
+            specs.append(spec)
+            if spec.steps == 1:
+                await bus.respond(raw, Error(code="bad_spec", message="one step is not served here",
+                                             stream_id=spec.stream_id))
+            else:
+                await bus.respond(raw, Ack(ref="20"))
+
+        sub = await bus.subscribe(Subjects.stream_spec(sid), ingest_spec, expected=StreamSpec)
+        await bus.nc.flush()
+        r = await http.patch(f"/v1/streams/{sid}", json={"steps": 4})
+        assert r.status_code == 200 and r.json()["effective_seq"] == 20 and specs[-1].steps == 4
+        r = await http.patch(f"/v1/streams/{sid}", json={"steps": 1, "prompt": "never sent"})
+        assert r.status_code == 409 and "one step is not served here" in r.json()["detail"]
+        kept = (await http.get(f"/v1/streams/{sid}")).json()["spec"]
+        assert (kept["steps"], kept["prompt"]) == (4, "third")  # refused before the prompt went anywhere
+        assert updates[-1].prompt == "too long"
+        await sub.unsubscribe()
 
 
 async def test_hls_is_routed_to_the_streams_egress(nats_settings: NatsSettings, bus: Bus, eventually) -> None:

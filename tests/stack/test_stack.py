@@ -28,6 +28,7 @@ from media.player import HLSJS_DEFAULT
 from pipeline.loading import build_tiny_pipeline
 from pipeline.pipeline import PipelineConfig
 from pipeline.state import StreamSpec as PipelineStreamSpec
+from proto.clock import segment_seed
 from services.stack import LocalStack, Ports, open_demo_stream, start_testpattern
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, CURRENT_TIME, FRAME_HASH, NO_CHROMIUM, PLAYING
 
@@ -151,8 +152,8 @@ def _taps(stack: LocalStack, sid: str) -> tuple[list[np.ndarray], np.ndarray]:
     return [np.load(p) for p in tap_in], np.concatenate([np.load(p) for p in tap_out])
 
 
-def _live_change(stack: LocalStack, change: dict, seconds: float = 6.0) -> tuple[str, int, list[np.ndarray],
-                                                                                   np.ndarray]:
+def _live_change(stack: LocalStack, change: dict, seconds: float = 6.0,
+                 prompt_version: int = 1) -> tuple[str, int, list[np.ndarray], np.ndarray]:
     """Publish the test pattern, PATCH ``change`` once a few chunks are in; (id, effective seq, chunks in, out)."""
     created = stack.api("POST", "/v1/streams", {"prompt": "first", "width": SIZE, "height": SIZE, "fps": FPS,
                                                 "steps": STEPS, "seed": SEED, "slo_latency_ms": 120000})
@@ -168,7 +169,7 @@ def _live_change(stack: LocalStack, change: dict, seconds: float = 6.0) -> tuple
         after = len(list(tapped.glob("*.npy")))
     finally:
         publisher.wait(60)
-    assert patched["prompt_version"] == 1
+    assert patched["prompt_version"] == prompt_version
     effective = patched["effective_seq"]
     # the reported seq is the next chunk ingest takes (blend) or cuts from the frames (cut) when the change
     # comes: it takes effect within steps + 1 chunks of what was encoded by then
@@ -180,10 +181,11 @@ def _live_change(stack: LocalStack, change: dict, seconds: float = 6.0) -> tuple
     return sid, effective, chunks_in, frames_out
 
 
-def _reference(chunks_in: list[np.ndarray], change_at: int | None, **set_prompt: object) -> np.ndarray:
+def _reference(chunks_in: list[np.ndarray], change_at: int | None, steps: int = STEPS, seed: int = SEED,
+               **set_prompt: object) -> np.ndarray:
     """StreamPipeline on the same input chunks, with ``set_prompt("second", ...)`` before chunk ``change_at``."""
-    pipe = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=STEPS, output="float"))
-    sid = pipe.open_stream(PipelineStreamSpec(prompt="first", seed=SEED))
+    pipe = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=steps, output="float"))
+    sid = pipe.open_stream(PipelineStreamSpec(prompt="first", seed=seed))
     out = []
     for seq, frames in enumerate(chunks_in):
         if seq == change_at:
@@ -232,6 +234,23 @@ def test_live_cut_restarts_the_warm_up_as_the_single_process_pipeline_does(stack
     np.testing.assert_allclose(frames_out[:change], unchanged[:change], atol=1e-5, rtol=0)
     for a in range(change, min(n, len(unchanged)) - 3, 4):
         assert np.abs(frames_out[a : a + 4] - unchanged[a : a + 4]).max() > 1e-3, a
+
+
+def test_live_steps_change_starts_a_new_segment_and_keeps_the_stream_going(stack: LocalStack) -> None:
+    """PATCH ``steps`` mid-stream (it used to freeze the stream: every later chunk was a bad_shape drop at the
+    first stage while the API said live). The chunks already cut finish with 2 steps, equal to the unchanged
+    pipeline; from the reported seq a new segment runs 3 steps: its frames equal a fresh 3-step pipeline with the
+    segment's seed on the same input chunks, and differ from the 2-step output (negative control)."""
+    _, effective, chunks_in, frames_out = _live_change(stack, {"steps": 3}, prompt_version=0)
+    assert len(chunks_in[effective]) == 5  # the new segment's prepare chunk
+    unchanged = _reference(chunks_in, None)
+    change = _chunk_frames(effective).start
+    fresh = _reference(chunks_in[effective:], None, steps=3, seed=segment_seed(SEED, 1))
+    n = min(len(frames_out) - change, len(fresh))
+    assert n >= 5 + 4, (len(frames_out), change)
+    np.testing.assert_allclose(frames_out[:change], unchanged[:change], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(frames_out[change : change + n], fresh[:n], atol=1e-5, rtol=0)
+    assert np.abs(frames_out[change : change + n] - unchanged[change : change + n]).max() > 1e-3
 
 
 def test_the_up_stack_plays_moving_video_in_chromium(stack: LocalStack) -> None:

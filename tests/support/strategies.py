@@ -9,7 +9,7 @@ from typing import Any
 import annotated_types as at
 import torch
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from proto.codec import DTYPES
 
@@ -27,6 +27,8 @@ def _bounds(metadata: list[Any]) -> dict[str, Any]:
             out["max"] = m.le
         elif isinstance(m, at.Lt):
             out["max_ex"] = m.lt
+        elif isinstance(m, at.MultipleOf):
+            out["multiple_of"] = m.multiple_of
         elif isinstance(m, at.MinLen):
             out["min_len"] = m.min_length
         elif isinstance(m, at.MaxLen):
@@ -77,7 +79,8 @@ def for_annotation(ann: Any, metadata: list[Any]) -> st.SearchStrategy[Any]:
     if ann is int:
         lo = b.get("min", b["min_ex"] + 1 if "min_ex" in b else INT64[0])
         hi = b.get("max", b["max_ex"] - 1 if "max_ex" in b else INT64[1])
-        return st.integers(lo, hi)
+        m = b.get("multiple_of", 1)
+        return st.integers(-(-lo // m), hi // m).map(lambda k: k * m)
     if ann is float:
         return st.floats(
             min_value=b.get("min", b.get("min_ex")), max_value=b.get("max", b.get("max_ex")),
@@ -95,5 +98,14 @@ def for_annotation(ann: Any, metadata: list[Any]) -> st.SearchStrategy[Any]:
 
 
 def models(cls: type[BaseModel]) -> st.SearchStrategy[BaseModel]:
+    """Valid instances of ``cls``: field draws within each field's bounds; those a cross-field validator refuses
+    (e.g. ``RingConfig``'s sink < window) are filtered out."""
     fields = {name: for_annotation(f.annotation, list(f.metadata)) for name, f in cls.model_fields.items()}
-    return st.fixed_dictionaries(fields).map(lambda kw: cls(**kw))
+    return st.fixed_dictionaries(fields).map(lambda kw: _build(cls, kw)).filter(lambda m: m is not None)
+
+
+def _build(cls: type[BaseModel], kw: dict[str, Any]) -> BaseModel | None:
+    try:
+        return cls(**kw)
+    except ValidationError:
+        return None
