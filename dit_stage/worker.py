@@ -43,6 +43,7 @@ from dit_stage.model import CausalWanDiT
 from dit_stage.state import SlotItem, StreamDiTState
 from dit_stage.timing import BlockTimer, BlockTimes
 from proto import (
+    ChunkHeader,
     EpochSwitch,
     LatentChunk,
     Message,
@@ -87,6 +88,8 @@ class _Stream:
     latent_hw: tuple[int, int]
     shard_state: StreamDiTState
     views: dict[int, StreamDiTState] = field(default_factory=dict)  # prompt version → state sharing the shard
+    blends: dict[tuple[int, int, float], StreamDiTState] = field(default_factory=dict)
+    """Mid-blend views, (to, from, alpha) → state sharing the shard; rebuilt from the embeddings after a move."""
     segment: int = 0
     segment_start: int = 0  # seq of the segment's prepare chunk: noise draws count chunks from it
     # first stage only
@@ -274,13 +277,8 @@ class StageWorker:
         st = self._segment_for(st, chunk, seed)
         st.last_seq = chunk.seq
         st.draining = False
-        meta = RingItem(
-            stream_id=chunk.stream_id, seq=chunk.seq, step=0, slot=0, steps=st.steps, epoch=self.epoch,
-            frame_start=0, latent_start=chunk.latent_start, rope_start=chunk.rope_start, frames=f,
-            timesteps=list(chunk.timesteps), prompt_version=chunk.prompt_version, noise_scale=chunk.noise_scale,
-            seed=st.seed, capture_time=chunk.capture_time, deadline=chunk.deadline, segment=chunk.segment,
-            replay=chunk.replay,
-        )
+        meta = RingItem(**(chunk.header() | {"epoch": self.epoch, "timesteps": list(chunk.timesteps)}), step=0,
+                        slot=0, steps=st.steps, frame_start=0, frames=f, seed=st.seed)
         z = chunk.latent.permute(1, 0, 2, 3).unsqueeze(0)  # [F, C, H, W] → [1, C, F, H, W]
         eps = draw_noise((1, c, f, h, w), st.seed, chunk.seq - st.segment_start, 0, "input", self.model.device)
         ns = chunk.noise_scale
@@ -759,8 +757,8 @@ class StageWorker:
                 if not q or q[0].meta.slot in used_slots:
                     continue
                 head = q[0]
-                if head.meta.prompt_version not in versions:
-                    continue  # waits for its prompt embedding; other streams go on
+                if head.meta.prompt_version not in versions or head.meta.blend_from not in (None, *versions):
+                    continue  # waits for its prompt embeddings; other streams go on
                 used_slots.add(head.meta.slot)
                 mine.append((st, q, head))
             clean = [c for c in mine if _is_clean(c[2].meta)]
@@ -840,11 +838,12 @@ class StageWorker:
             self._finish(items, y, out)
         else:
             for meta in items:
-                key = (meta.stream_id, meta.prompt_version)
-                emb = self.prompts.get(meta.stream_id, {}).get(meta.prompt_version)
-                if key not in self.forwarded and emb is not None:  # (a joined stage may hold only cross K/V)
-                    out.link.append(StagePrompt(stream_id=meta.stream_id, version=meta.prompt_version, embedding=emb))
-                    self.forwarded.add(key)
+                for version in sorted({meta.prompt_version, meta.blend_from} - {None}):
+                    key = (meta.stream_id, version)
+                    emb = self.prompts.get(meta.stream_id, {}).get(version)
+                    if key not in self.forwarded and emb is not None:  # (a joined stage may hold only cross K/V)
+                        out.link.append(StagePrompt(stream_id=meta.stream_id, version=version, embedding=emb))
+                        self.forwarded.add(key)
             out.link.append(StageItems(epoch=step.epoch, items=items, hidden=y.contiguous(),
                                        noisy=noisy.contiguous()))
         out.items = len(items)
@@ -870,12 +869,8 @@ class StageWorker:
                 out.replayed += 1
                 continue
             if meta.step == meta.steps - 1:
-                out.finished.append(LatentChunk(
-                    stream_id=meta.stream_id, seq=meta.seq, epoch=meta.epoch, latent_start=meta.latent_start,
-                    rope_start=meta.rope_start, capture_time=meta.capture_time, deadline=meta.deadline,
-                    prompt_version=meta.prompt_version, noise_scale=meta.noise_scale, timesteps=list(meta.timesteps),
-                    segment=meta.segment, latent=x0_k[0].permute(1, 0, 2, 3).contiguous().cpu(),
-                ))
+                out.finished.append(LatentChunk(**(meta.header() | {"timesteps": list(meta.timesteps)}),
+                                                latent=x0_k[0].permute(1, 0, 2, 3).contiguous().cpu()))
                 continue
             k = meta.step + 1
             eps = draw_noise(x0_k.shape, meta.seed, c, k, "renoise", x0_k.device)
@@ -898,23 +893,46 @@ class StageWorker:
         if st is None:
             self.dropped["unknown_stream"] += 1
             return None
-        view = st.views.get(meta.prompt_version)
+        blend = meta.blend_from is not None
+        views: dict = st.blends if blend else st.views
+        key = (meta.prompt_version, meta.blend_from, meta.blend_alpha) if blend else meta.prompt_version
+        view = views.get(key)
         if view is None:
-            emb = self.prompts.get(meta.stream_id, {}).get(meta.prompt_version)
+            emb = self._embedding(meta)
             if emb is None:
                 self.dropped["no_prompt"] += 1
-                log.warning("item %s/%d: no embedding for prompt version %d here", meta.stream_id, meta.seq,
-                            meta.prompt_version)
+                log.warning("item %s/%d: no embedding for prompt version %d (blend from %s) here", meta.stream_id,
+                            meta.seq, meta.prompt_version, meta.blend_from)
                 return None
             view = StreamDiTState(meta.stream_id, st.shard_state.shard)
             self.model.set_prompt(view, emb, meta.prompt_version)
-            st.views[meta.prompt_version] = view
-            for old in sorted(st.views)[:-self._versions_kept(st)]:
-                del st.views[old]
+            views[key] = view
+            for old in sorted(views, key=_view_order)[:-self._versions_kept(st)]:
+                del views[old]
         return view
+
+    def _embedding(self, meta: ChunkHeader) -> torch.Tensor | None:
+        """The embedding an item runs under: its prompt version's, or mid-blend lerp(from, to, alpha) of the two,
+        zero-padded to the model's text length first (as ``set_prompt`` pads), so every path blends the same
+        tensors."""
+        versions = self.prompts.get(meta.stream_id, {})
+        emb = versions.get(meta.prompt_version)
+        if emb is None or meta.blend_from is None:
+            return emb
+        src = versions.get(meta.blend_from)
+        if src is None:
+            return None
+        n = self.model.config.text_len
+        pad = [torch.nn.functional.pad(e, (0, 0, 0, n - e.shape[0])) for e in (src, emb)]
+        return torch.lerp(pad[0], pad[1], meta.blend_alpha)
 
     def kv_bytes(self) -> dict[str, int]:
         return {sid: st.shard_state.shard.nbytes() for sid, st in self.streams.items()}
+
+
+def _view_order(key: int | tuple[int, int, float]) -> tuple[int, float]:
+    """Older views first: by prompt version, then (mid-blend) by how far the blend has come."""
+    return (key, 1.0) if isinstance(key, int) else (key[0], key[2])
 
 
 def _signature(p: _Pending) -> tuple[int, int, int]:

@@ -234,7 +234,12 @@ class StreamPipeline:
             total = chunks if chunks is not None else self.config.blend_chunks
             if total < 1:
                 raise PipelineError("a blend needs at least one chunk")
-            st.blend = PromptBlend(st.context, target, total)
+            if st.blend is not None:  # a blend mid-way: the next one starts from where it got to
+                self._use_prompt(st, st.context)
+            source_version, source = st.prompt_version, st.context
+            self._use_prompt(st, target)
+            st.context = source  # until the next chunk enters
+            st.blend = PromptBlend(source, target, total, source_version=source_version)
             return
         st.blend = None
         if mode == "cut" and started:
@@ -360,16 +365,18 @@ class StreamPipeline:
         n = 0 if st.pending is None else st.pending.shape[2]
         return n >= st.clock.input_frames(st.next_chunk)
 
-    def _advance_prompt(self, st: StreamState) -> None:
-        """A blend moves one step per chunk entering the DiT (before it enters)."""
+    def _advance_prompt(self, st: StreamState) -> tuple[int | None, float]:
+        """A blend moves one step per chunk entering the DiT: the chunk's (blend_from, blend_alpha)."""
         if st.blend is None:
-            return
-        ctx, complete = st.blend.advance()
-        self._use_prompt(st, ctx)
-        if complete:
+            return None, 1.0
+        st.context, alpha = st.blend.advance()
+        source = st.blend.source_version
+        if alpha == 1.0:
             st.blend = None
+            return None, 1.0
+        return source, alpha
 
-    def _next_chunk(self, st: StreamState) -> LatentChunk:
+    def _next_chunk(self, st: StreamState, blend_from: int | None, blend_alpha: float) -> LatentChunk:
         """The stream's next chunk as the ring takes it: ingest's message (V2V: the encoded frames and the motion-
         adapted noise scale; T2V: no input, pure noise at the step list's first timestep)."""
         c = st.next_chunk
@@ -390,15 +397,14 @@ class StreamPipeline:
         return LatentChunk(
             stream_id=st.stream_id, seq=st.seq, epoch=0, latent_start=clock.latent_start(c),
             rope_start=clock.rope_start(c), capture_time=now, deadline=now + OFFLINE_DEADLINE_S,
-            prompt_version=st.prompt_version, noise_scale=scale, timesteps=timesteps, segment=st.segment,
-            latent=z.contiguous(),
+            prompt_version=st.prompt_version, blend_from=blend_from, blend_alpha=blend_alpha, noise_scale=scale,
+            timesteps=timesteps, segment=st.segment, latent=z.contiguous(),
         )
 
     def _round(self, streams: Sequence[StreamState]) -> None:
         """One chunk per stream into the ring, then the ring runs until idle (lockstep: one wave per chunk)."""
         for st in streams:
-            self._advance_prompt(st)
-            chunk = self._next_chunk(st)
+            chunk = self._next_chunk(st, *self._advance_prompt(st))
             try:
                 self.ring.add_chunk(chunk, st.seed)
             except ValueError as e:

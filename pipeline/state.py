@@ -26,19 +26,22 @@ class StreamSpec:
 
 @dataclass
 class PromptBlend:
-    """A `blend` prompt change in progress: chunk j (1-based) after the change uses lerp(source, target, j/total)."""
+    """A `blend` prompt change in progress: chunk j (1-based) after the change uses lerp(source, target, j/total).
+    The chunks carry it as (prompt version, ``source_version``, j/total); the stages compute the same lerp."""
 
     source: torch.Tensor
     target: torch.Tensor
     total: int
     done: int = 0
+    source_version: int = 0
 
-    def advance(self) -> tuple[torch.Tensor, bool]:
-        """The embedding for the next chunk and whether the blend is complete with it."""
+    def advance(self) -> tuple[torch.Tensor, float]:
+        """The embedding for the next chunk and its weight of the target (1.0: the blend is complete)."""
         self.done += 1
         if self.done >= self.total:
-            return self.target, True
-        return torch.lerp(self.source, self.target, self.done / self.total), False
+            return self.target, 1.0
+        alpha = self.done / self.total
+        return torch.lerp(self.source, self.target, alpha), alpha
 
 
 @dataclass(eq=False)
@@ -105,6 +108,7 @@ class StreamState:
                 "target": cpu(self.blend.target),
                 "total": self.blend.total,
                 "done": self.blend.done,
+                "source_version": self.blend.source_version,
             },
             "segment": self.segment,
             "segment_start": self.segment_start,
@@ -138,7 +142,8 @@ class StreamState:
             context=dev(d["context"]),
             blend=None
             if blend is None
-            else PromptBlend(dev(blend["source"]), dev(blend["target"]), int(blend["total"]), int(blend["done"])),
+            else PromptBlend(dev(blend["source"]), dev(blend["target"]), int(blend["total"]), int(blend["done"]),
+                             int(blend["source_version"])),
             segment=int(d["segment"]),
             segment_start=int(d["segment_start"]),
             seq=int(d["seq"]),

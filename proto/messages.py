@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema, model_validator
 
 from proto.codec import DEFAULT_LIMITS, DTYPE_NAMES, Limits, decode_frame, encode_frame, encode_parts
 from proto.errors import ProtocolError
@@ -128,11 +128,11 @@ class StreamSpec(Message):
         return chunk_timesteps(self.steps, self.noise.noise_scale if noise_scale is None else noise_scale)
 
 
-class LatentChunk(Message):
-    """One chunk's latents (ingest → first stage; last stage → decoder)."""
+class ChunkHeader(BaseModel):
+    """What every hop knows about one chunk of a stream: the one definition, shared by the chunk messages on the bus
+    (``LatentChunk``) and the items of the DiT ring (``RingItem``)."""
 
-    SCHEMA_VERSION: ClassVar[int] = 2
-
+    model_config = ConfigDict(strict=True, extra="forbid", arbitrary_types_allowed=True)
     stream_id: StreamId
     seq: int = Field(ge=0, description="chunk index c")
     epoch: int = Field(ge=0, description="block-map epoch the chunk entered with")
@@ -140,13 +140,34 @@ class LatentChunk(Message):
     rope_start: int = Field(ge=0, description="RoPE start frame after refresh")
     capture_time: float = Field(description="wall-clock capture time of the chunk's first frame (s)")
     deadline: float = Field(description="wall-clock time after which the chunk is useless (s)")
-    prompt_version: int = Field(ge=0)
-    noise_scale: float = Field(ge=0, le=1)
+    prompt_version: int = Field(ge=0, description="the prompt the chunk runs under (mid-blend: the target)")
+    blend_from: int | None = Field(None, ge=0, description="mid-blend: the prompt version blended from")
+    blend_alpha: float = Field(1.0, ge=0, le=1, description="mid-blend: the embedding is lerp(blend_from's, "
+                                                              "prompt_version's, blend_alpha)")
+    noise_scale: float = Field(ge=0, le=1, description="input noise mix s (1: pure noise, a T2V chunk)")
     timesteps: list[int] = Field(description="the denoising timesteps for this chunk, slot 0 first")
     segment: int = Field(0, ge=0, description="warm-up segment: a `cut` prompt change starts the next one (seq of "
                                               "the stream goes on; its first chunk in a segment is a prepare chunk)")
     replay: bool = Field(False, description="re-sent from ingest's ring to rebuild lost KV: run, never shown")
-    latent: Tensor = Field(description="[F, C, H, W] latent frames")
+
+    @model_validator(mode="after")
+    def _blend(self) -> ChunkHeader:
+        if self.blend_from is not None and self.blend_from >= self.prompt_version:
+            raise ValueError("a blend goes from an older prompt version to a newer one")
+        return self
+
+    def header(self) -> dict[str, Any]:
+        """The header fields alone (to build the other kind of chunk message from this one)."""
+        return {name: getattr(self, name) for name in ChunkHeader.model_fields}
+
+
+class LatentChunk(Message, ChunkHeader):
+    """One chunk's latents (ingest → first stage; last stage → decoder)."""
+
+    SCHEMA_VERSION: ClassVar[int] = 3
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (2,)
+
+    latent: Tensor = Field(description="[F, C, H, W] latent frames (T2V: zeros; noise_scale 1 ignores them)")
 
 
 class FrameChunk(Message):
@@ -325,35 +346,23 @@ class Credit(Message):
 # -- the DiT stage ring (tensor link between stages; docs/dit-ring.md) -------------------------------------------
 
 
-class RingItem(BaseModel):
+class RingItem(ChunkHeader):
     """One item of the stream-batch ring: chunk ``seq`` of a stream at denoising ``step`` (one batch row)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
-    stream_id: StreamId
-    seq: int = Field(ge=0, description="chunk index c")
-    step: int = Field(ge=0, description="denoising step k (at timesteps[k])")
+    step: int = Field(ge=0, description="denoising step k (at timesteps[k]); k = steps: the Self-Forcing clean "
+                                        "pass of the finished chunk (at the ring's context_noise)")
     slot: int = Field(ge=0, description="KV-cache slot (= step, except chunk 0's sequential prepare: slot 0)")
     steps: int = Field(ge=1, le=MAX_STEPS, description="denoising steps of the stream's segment = stream-batch "
                                                        "slots")
-    epoch: int = Field(ge=0, description="block-map epoch the item entered the ring with")
     frame_start: int = Field(ge=0, description="cache frame index of the chunk's first latent frame in this slot")
-    latent_start: int = Field(ge=0, description="absolute latent-frame index (from the LatentChunk)")
-    rope_start: int = Field(ge=0, description="RoPE start frame after refresh")
     frames: int = Field(ge=1, description="latent frames of the chunk")
-    timesteps: list[int] = Field(description="the chunk's denoising timesteps, step 0 first")
-    prompt_version: int = Field(ge=0)
-    noise_scale: float = Field(ge=0, le=1)
-    seed: int = Field(ge=0, lt=2**63, description="stream seed: every random draw derives from it")
-    capture_time: float
-    deadline: float
-    segment: int = Field(0, ge=0, description="the chunk's warm-up segment (see LatentChunk)")
-    replay: bool = Field(False, description="a replayed chunk rebuilding KV: the last stage does not publish it")
+    seed: int = Field(ge=0, lt=2**63, description="the segment's seed: every random draw derives from it")
 
 
 class StageItems(Message):
     """One micro-step handed to the next DiT stage: per-item headers, hidden states and the noisy latents."""
 
-    SCHEMA_VERSION: ClassVar[int] = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
 
     epoch: int = Field(ge=0)
     items: list[RingItem]
@@ -364,7 +373,7 @@ class StageItems(Message):
 class RingReturn(Message):
     """Last stage → first stage: items re-noised to their next step, to run again."""
 
-    SCHEMA_VERSION: ClassVar[int] = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
 
     epoch: int = Field(ge=0)
     items: list[RingItem] = Field(description="the items at their next step (step, slot already advanced)")
