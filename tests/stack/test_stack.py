@@ -10,6 +10,7 @@ the same equality are in tests/dit_service (stage processes against the DiT refe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import subprocess
@@ -29,6 +30,7 @@ from pipeline.loading import build_tiny_pipeline
 from pipeline.pipeline import PipelineConfig
 from pipeline.state import StreamSpec as PipelineStreamSpec
 from proto.clock import segment_seed
+from proto.spec import RingConfig
 from services.stack import LocalStack, Ports, open_demo_stream, start_testpattern
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, CURRENT_TIME, FRAME_HASH, NO_CHROMIUM, PLAYING
 
@@ -37,8 +39,8 @@ SIZE, FPS, STEPS, SEED = 64, 8, 2, 7
 
 
 @contextlib.contextmanager
-def _running_stack(work: Path, stages: int) -> Iterator[LocalStack]:
-    s = LocalStack(work, stages=stages, ports=Ports.ephemeral(), extra_env={
+def _running_stack(work: Path, stages: int, env: dict[str, str] | None = None) -> Iterator[LocalStack]:
+    s = LocalStack(work, stages=stages, ports=Ports.ephemeral(), extra_env=(env or {}) | {
         "RHEO_INGEST__STREAM_LINGER_S": "1",
         "RHEO_INGEST__DEBUG_TAP_DIR": str(work / "tap-in"),
         "RHEO_DECODER__DEBUG_TAP_DIR": str(work / "tap-out"),
@@ -101,7 +103,28 @@ def test_the_same_with_one_and_three_dit_stages(stages: int, tmp_path: Path) -> 
         _check_rtmp_to_hls_equals_pipeline(s)
 
 
-def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack) -> None:
+def test_self_forcing_and_a_non_default_ring_through_two_stages(tmp_path: Path) -> None:
+    """The ring configured once (``dit_stage.*``: Self-Forcing cache mode, window 5, 2 sinks, RoPE refresh at 6,
+    inside the stream) reaches ingest's chunk clock and every stage: the stack equals ``StreamPipeline`` on the
+    same ring. Ingest clocking chunks by the default ring while the stages use this one was a real bug."""
+    ring = RingConfig(kv_window=5, sink=2, t_refresh=6, cache_mode="self_forcing", context_noise=30.0)
+    env = {"RHEO_DIT_STAGE__KV_WINDOW": "5", "RHEO_DIT_STAGE__SINK": "2", "RHEO_DIT_STAGE__T_REFRESH": "6",
+           "RHEO_DIT_STAGE__CACHE_MODE": "self_forcing", "RHEO_DIT_STAGE__CONTEXT_NOISE": "30.0"}
+    with _running_stack(tmp_path, stages=2, env=env) as s:
+        ref = _check_rtmp_to_hls_equals_pipeline(s, ring)
+    plain = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=STEPS, output="float"))
+    sid = plain.open_stream(PipelineStreamSpec(prompt="a test pattern in watercolour", seed=SEED))
+    other = plain.push(sid, ref.frames_in)
+    assert np.abs(other[: len(ref.frames)] - ref.frames[: len(other)]).max() > 1e-3  # negative control: the ring
+
+
+@dataclasses.dataclass
+class _Reference:
+    frames_in: np.ndarray
+    frames: np.ndarray
+
+
+def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack, ring: RingConfig | None = None) -> _Reference:
     created = stack.api("POST", "/v1/streams", {"prompt": "a test pattern in watercolour", "width": SIZE,
                                                 "height": SIZE, "fps": FPS, "steps": STEPS, "seed": SEED,
                                                 "slo_latency_ms": 120000})
@@ -117,7 +140,8 @@ def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack) -> None:
     frames_in = np.concatenate([np.load(p) for p in tap_in])
     frames_out = np.concatenate([np.load(p) for p in tap_out])
 
-    pipe = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=STEPS, output="float"))
+    pipe = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=STEPS, output="float",
+                                              ring=ring or RingConfig()))
     ref_id = pipe.open_stream(PipelineStreamSpec(prompt="a test pattern in watercolour", seed=SEED))
     ref = pipe.push(ref_id, frames_in)
     n = min(len(ref), len(frames_out))
@@ -141,6 +165,7 @@ def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack) -> None:
                 decoded += 1
                 assert frame.width == SIZE
     assert decoded >= len(frames_out)  # CFR output: every decoded frame, plus repeats while chunks were late
+    return _Reference(frames_in, ref[:n])
 
 
 def _taps(stack: LocalStack, sid: str) -> tuple[list[np.ndarray], np.ndarray]:
