@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from dit_stage.worker import StageOutput, StageWorker
+from dit_stage.micro_step import StageOutput
+from dit_stage.worker import StageWorker
 from proto import LatentChunk, Message, RingReturn, StageItems, StagePrompt, decode
 
 __all__ = ["LocalRing", "RingStalled"]

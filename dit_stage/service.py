@@ -34,9 +34,11 @@ from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Gauge, Histogram
 
 from dit_stage.loading import find_causal_checkpoint, load_dit
+from dit_stage.micro_step import StageOutput, SwitchStep
 from dit_stage.model import CausalWanDiT, make_tiny_dit
+from dit_stage.switching import EpochChange
 from dit_stage.timed import make_stage_worker
-from dit_stage.worker import EpochChange, StageOutput, StageWorker, SwitchStep
+from dit_stage.worker import StageWorker
 from proto import (
     CHANNELS,
     BlockMap,

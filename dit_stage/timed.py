@@ -17,9 +17,10 @@ import time
 from typing import Any
 
 from dit_stage.forward import make_forward
+from dit_stage.micro_step import MicroStep, StageOutput, SwitchStep
 from dit_stage.model import CausalWanDiT
 from dit_stage.timing import BlockTimes
-from dit_stage.worker import MicroStep, StageOutput, StageWorker, SwitchStep
+from dit_stage.worker import StageWorker
 from services.config import DitStageSettings
 
 __all__ = ["TimedStageWorker", "make_stage_worker"]

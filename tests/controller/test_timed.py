@@ -7,8 +7,9 @@ import time
 import torch
 from dit_service.helpers import CONFIG, chunk_message, latents, prompt, run_ring, stage_models
 
+from dit_stage.micro_step import MicroStep, StageOutput, SwitchStep
 from dit_stage.timed import TimedStageWorker, make_stage_worker
-from dit_stage.worker import MicroStep, StageOutput, StageWorker, SwitchStep
+from dit_stage.worker import StageWorker
 from services.config import DitStageSettings
 
 

@@ -8,8 +8,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from dit_stage.micro_step import SwitchStep
 from dit_stage.service import slice_stage
-from dit_stage.worker import EpochChange, StageWorker, SwitchStep
+from dit_stage.switching import EpochChange
+from dit_stage.worker import StageWorker
 from proto import (
     BlockMap,
     EpochSwitch,

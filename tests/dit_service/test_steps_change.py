@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from dit_stage.stream_batch import StreamBatchConfig, StreamBatchRunner
+from oracle.stream_batch import StreamBatchConfig, StreamBatchRunner
 from proto.clock import segment_seed
 
 from .helpers import CONFIG, NOISE_SCALE, as_chunk_latent, chunk_message, full_model, latents, prompt, run_ring, workers

@@ -181,7 +181,7 @@ def _segment_reference(seed: int, segments: list[tuple[list[torch.Tensor], list[
 
 
 @pytest.mark.parametrize("stages", [1, 3])
-def test_prompt_switch_and_cut_equal_stream_batch_runner(stages, monkeypatch):
+def test_prompt_switch_and_cut_equal_stream_batch_runner(stages):
     """Chunks 3, 4 switch to prompt 1 (chunk 2, in flight, keeps prompt 0 for its last step), then a `cut`:
     chunks 5.. are segment 1 — a prepare chunk at seq 5 with latent/RoPE positions from 0, the segment's seed,
     prompt 2. All of it is queued at once, so segment 1 must wait for segment 0 to leave the ring. The ring
@@ -192,8 +192,7 @@ def test_prompt_switch_and_cut_equal_stream_batch_runner(stages, monkeypatch):
     want = _segment_reference(seed, [(zs0, [(0, p[0]), (3, p[1])]), (zs1, [(0, p[2])])],
                               [seed, segment_seed(seed, 1)])
     wrong = _segment_reference(seed, [(zs0, [(0, p[0]), (3, p[1])]), (zs1, [(0, p[2])])], [seed, seed])
-    # everything is queued at once, so three prompt versions are live together (a stage keeps the newest two)
-    monkeypatch.setattr("dit_stage.worker.PROMPT_VERSIONS_KEPT", 3)
+    # everything is queued at once, so three prompt versions are live together (a stage keeps steps + 1)
     ring = workers(stages)
     for version, emb in enumerate(p):
         ring[0].add_prompt("a", version, emb)
