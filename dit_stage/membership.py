@@ -1,9 +1,10 @@
 """A DiT stage's place in the ring as a pure state machine: block maps and events in, actions out.
 
-The service (``dit_stage/service.py``) feeds it every block map the watch delivers and every event its own work
-produces (weights loaded, switch prepared, every peer prepared, switch complete); it executes the actions it gets
-back, in order. Nothing here touches NATS, asyncio or torch, so the ordering rules are unit-tested alone
+The service (``dit_stage/service.py``) feeds it every block map the watch delivers and every event its own work produces
+(weights loaded, switch prepared, every peer prepared, switch complete, a load or switch failed); it executes the
+actions it gets back, in order. Nothing here touches NATS, asyncio or torch, so the ordering rules are unit-tested alone
 (``tests/dit_service/test_membership.py``):
+
 
 - maps apply one at a time, in the order they arrived; the same map again does nothing;
 - a map the stage can reach online (``services.rebalance.offline_reason`` empty) becomes a prepared switch whose KV
@@ -253,13 +254,14 @@ class Membership(Generic[M]):
         self.blocks = (*p.block_range, p.block_map.num_blocks)
         return [SwitchDone(p.block_map, p.block_range), *self._advance()]
 
-    def switch_failed(self, epoch: int) -> list[Action]:
-        """The switch point itself failed: abandon the switch (a hard epoch must follow)."""
+    def failed(self, epoch: int) -> list[Action]:
+        """Loading the weights for ``epoch`` or its switch point failed: abandon that map (the stage keeps what it
+        runs; a later map must repair it) and go on with the next."""
         p = self._pending
-        if p is None or p.kind == "hard" or p.block_map.epoch != epoch:
+        if p is None or p.block_map.epoch != epoch:
             return []
         self._pending = None
-        return [AbortSwitch(epoch), *self._advance()]
+        return [*([AbortSwitch(epoch)] if p.kind != "hard" else []), *self._advance()]
 
     @property
     def switching(self) -> int | None:

@@ -141,3 +141,15 @@ def test_early_inputs_are_admitted_only_once_their_epoch_applies():
     assert AdmitInputs(2) not in actions  # not before the hard switch of epoch 2 is applied
     assert AdmitInputs(2) in m.loaded(2)
     assert m.release(2) == ["q", "r"] and m.admits(2)
+
+
+def test_a_failed_load_abandons_its_map_and_the_next_one_applies():
+    m = _running("b")
+    m.on_map(E1)
+    assert m.failed(1) == [AbortSwitch(1)]  # its weights could not be loaded
+    assert m.applied == E0 and m.blocks == (2, 4, 5)
+    failure = _map(2, [("a", 0, 2), ("b", 2, 5)], reason="failure")
+    m.on_map(failure)
+    assert m.failed(2) == []  # a hard reload that failed: nothing to abort, the stage keeps what it runs
+    assert m.on_map(E0.model_copy(update={"epoch": 3}))[0] == HardSwitch(E0.model_copy(update={"epoch": 3}), (2, 4),
+                                                                          False, "reason 'initial'")

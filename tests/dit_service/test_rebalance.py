@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from dit_stage.service import slice_stage
+from dit_stage.stage_model import slice_stage
 from dit_stage.worker import EpochChange, StageWorker, SwitchStep
 from proto import (
     BlockMap,
