@@ -1,20 +1,20 @@
 """The DiT stage service (``rheo dit-stage``): one contiguous block range of the DiT in the stream-batch ring.
 
-What it subscribes to and publishes (docs/dit-ring.md); the mechanisms live beside it:
+What it subscribes to and publishes (docs/dit-ring.md, Files, names the modules beside it):
 
-- the block map (``rheo-blockmap``, key ``current``) is watched and fed to ``Membership`` (``membership.py``), whose
-  actions this module executes: load blocks, hard or online epoch switches, join, recover, admit held inputs;
-  ``prepared.<stage id>`` in the same bucket says which epoch this stage can run;
-- its tensor-link listener is advertised in ``rheo-endpoints`` (key = stage id); ``NextLink`` (``links.py``) goes
-  to the next stage in the map, the last stage's to the first (ring returns);
+- the block map (``rheo-blockmap``, key ``current``) is watched and fed to ``Membership`` (``membership.py``); its
+  actions run here, in order, most of them through ``StageEpochs`` (``epochs.py``: loads, switches, joins,
+  ``prepared.<stage id>`` in the same bucket);
+- its tensor-link listener is advertised in ``rheo-endpoints`` (key = stage id) and read by ``StageInputs``
+  (``inputs.py``); ``NextLink`` (``links.py``) goes to the next stage in the map, the last stage's to the first;
 - the first stage subscribes to latent chunks (credit window) and prompt updates carrying an embedding; every
   stage listens for stream events to free a stream's state when it ends;
 - the last stage publishes finished x0 chunks through ``Outputs`` (``outputs.py``); every stage publishes
   ``StageStats`` and Prometheus metrics (``telemetry.py``).
 
-The ring mechanism itself is ``dit_stage.worker.StageWorker`` (transport-free, unit-tested). Forwards run in a
-worker thread so the event loop keeps draining NATS and the link (a stage that stopped reading its listener could
-deadlock the ring through backpressure).
+The ring mechanism itself is ``dit_stage.worker.StageWorker`` (transport-free, unit-tested); ``ComputeLoop``
+(``compute.py``) runs its forwards in a worker thread so the event loop keeps draining NATS and the link (a stage
+that stopped reading its listener could deadlock the ring through backpressure).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import contextlib
 import logging
 import sys
 
-import torch
 from nats.aio.subscription import Subscription
 
 from dit_stage import membership as m
 from dit_stage.compute import ComputeLoop
 from dit_stage.epochs import StageEpochs
+from dit_stage.inputs import Input, StageInputs
 from dit_stage.links import NextLink
 from dit_stage.lookups import StreamLookups
 from dit_stage.membership import Action, Membership
@@ -40,15 +40,9 @@ from proto import (
     CHANNELS,
     BlockMap,
     Buckets,
-    EpochSwitch,
     LatentChunk,
     PromptUpdate,
     ProtocolError,
-    RingReturn,
-    ShardMove,
-    ShardMoveEnd,
-    StageItems,
-    StagePrompt,
     StreamEvent,
     Subjects,
     decode,
@@ -63,8 +57,6 @@ __all__ = ["BLOCKMAP_KEY", "DitStageService"]
 log = logging.getLogger("rheo.dit_stage")
 
 BLOCKMAP_KEY = "current"
-
-Input = LatentChunk | StageItems | RingReturn
 
 
 class DitStageService(Service):
@@ -83,12 +75,10 @@ class DitStageService(Service):
         self.listener: LinkListener | None = None
         self.link: NextLink | None = None
         self.outputs: Outputs | None = None
-        self.lookups: StreamLookups | None = None
+        self.inputs: StageInputs | None = None
         self.compute: ComputeLoop | None = None
         self.endpoint = ""
         self.endpoints: KV | None = None
-        self.malformed_link = 0
-        self.ignored_prompts = 0
         self._blockmap_kv: KV | None = None
         self._input_subs: list[Subscription] = []
         self._actions: asyncio.Queue[list[Action]] = asyncio.Queue()
@@ -98,6 +88,11 @@ class DitStageService(Service):
     @property
     def worker(self) -> StageWorker | None:
         return self.epochs.worker
+
+    @property
+    def malformed_link(self) -> int:
+        """Link frames dropped as unexpected here (a broken or confused peer)."""
+        return self.inputs.malformed_link if self.inputs is not None else 0
 
     @property
     def block_map(self) -> BlockMap | None:
@@ -115,14 +110,16 @@ class DitStageService(Service):
         self.link = NextLink(self.stage_id, self.endpoints, self.cfg.link_max_frame_bytes, self.telemetry,
                              self._link_state)
         self.outputs = Outputs(self.bus, self.settings.nats.credit_window_bytes, self.telemetry)
-        self.lookups = lookups = StreamLookups(self.bus, self.settings)
-        self.compute = ComputeLoop(self.stage_id, self.epochs, self.membership, self._feed, self.link, self.outputs,
-                                   self.telemetry, self.streams, lookups.forget)
+        lookups = StreamLookups(self.bus, self.settings)
+        self.compute = compute = ComputeLoop(self.stage_id, self.epochs, self.membership, self._feed, self.link,
+                                             self.outputs, self.telemetry, self.streams, lookups.forget)
+        self.inputs = StageInputs(self.stage_id, self.epochs, self.membership, lookups, self.telemetry, self.streams,
+                                  compute.wake)
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
         self._tasks.spawn(watch_key(lambda: self._blockmap(reopen=True), BLOCKMAP_KEY, self._on_block_map,
                                     what=f"stage {self.stage_id}: block map"), "blockmap")
         self._tasks.spawn(self._execute(), "blockmap-apply")
-        self._tasks.spawn(self._receive(), "link-recv")
+        self._tasks.spawn(self.inputs.receive(self.listener), "link-recv")
         self._tasks.spawn(self._stats(), "stats")
         self._compute_task = self._tasks.spawn(self.compute.run(), "compute")
         log.info("dit stage %s: tensor link on %s", self.stage_id, self.endpoint)
@@ -213,11 +210,8 @@ class DitStageService(Service):
                 assert self.compute is not None
                 self.compute.recover_floor = epoch
             case m.AdmitInputs(epoch=epoch):
-                for msg in self.membership.release(epoch):
-                    if isinstance(msg, LatentChunk):
-                        await self._on_latent(msg, None)
-                    else:
-                        self._take_link(msg)
+                assert self.inputs is not None
+                await self.inputs.admit(epoch)
             case m.AnnouncePrepared(epoch=epoch):
                 await epochs.announce_prepared(epoch)
             case m.SubscribeInputs(first=first):
@@ -247,12 +241,12 @@ class DitStageService(Service):
     async def _subscribe_inputs(self, first: bool) -> None:
         """Only the first stage takes latent chunks and prompts (a second consumer would return credit the
         first stage has not earned)."""
-        assert self.bus is not None
+        assert self.bus is not None and self.inputs is not None
         if first and not self._input_subs:
             self._input_subs = [
-                await self.bus.subscribe(CHANNELS["stream_latent"].wildcard(), self._on_latent,
+                await self.bus.subscribe(CHANNELS["stream_latent"].wildcard(), self.inputs.on_latent,
                                          expected=LatentChunk, credit=True),
-                await self.bus.subscribe(CHANNELS["stream_prompt"].wildcard(), self._on_prompt,
+                await self.bus.subscribe(CHANNELS["stream_prompt"].wildcard(), self.inputs.on_prompt,
                                          expected=PromptUpdate),
             ]
         elif not first and self._input_subs:
@@ -266,97 +260,9 @@ class DitStageService(Service):
         if up and self.worker is not None:
             self.worker.forwarded.clear()  # a new peer has none of our prompt embeddings
 
-    # ------------------------------------------------------------------ inputs
-    def _hold(self, msg: Input) -> None:
-        """An input of an epoch whose block map has not reached this stage yet: held until it has."""
-        dropped = self.membership.hold(msg)
-        if dropped:
-            self.telemetry.drop("early_overflow", dropped)
-
-    def _wake(self) -> None:
-        if self.compute is not None:
-            self.compute.wake()
-
-    async def _on_latent(self, chunk: LatentChunk, _raw: object) -> None:
-        if not self.membership.admits(chunk.epoch):
-            self._hold(chunk)
-            return
-        worker = self.worker
-        if worker is None or not worker.is_first:
-            if worker is None:
-                self.telemetry.drop("no_block_map")
-            return
-        assert self.lookups is not None
-        seed = await self.lookups.seed(chunk.stream_id, refresh=chunk.seq == 0)
-        if chunk.prompt_version not in worker.prompts.get(chunk.stream_id, {}):
-            embedding = await self.lookups.prompt(chunk.stream_id, chunk.prompt_version)
-            if embedding is not None:
-                worker.add_prompt(chunk.stream_id, chunk.prompt_version, embedding)
-        if worker.add_chunk(chunk, seed):
-            self.streams.add(chunk.stream_id)
-            self._wake()
-
-    async def _on_prompt(self, update: PromptUpdate, _raw: object) -> None:
-        worker = self.worker
-        if worker is None or not worker.is_first:
-            return
-        if update.embedding is None:  # the gateway's request; ingest republishes it encoded
-            self.ignored_prompts += 1
-            return
-        if worker.add_prompt(update.stream_id, update.version, update.embedding):
-            self._wake()
-
     async def _on_event(self, event: StreamEvent, _raw: object) -> None:
         if event.kind == "ended" and self.compute is not None:
             self.compute.end_stream(event.stream_id)
-
-    async def _receive(self) -> None:
-        assert self.listener is not None
-        while True:
-            frame = await self.listener.recv()
-            with frame:
-                msg = frame.message
-                self.telemetry.link("recv", frame.recv_seconds)
-                worker = self.worker
-                if worker is None:
-                    self.telemetry.drop("no_block_map")
-                    continue
-                if isinstance(msg, StageItems) and not worker.is_first and _consistent(msg):
-                    msg.hidden, msg.noisy = msg.hidden.clone(), msg.noisy.clone()  # the buffer goes back to the pool
-                    self._take_link(msg)
-                elif isinstance(msg, EpochSwitch) and not worker.is_first:
-                    worker.add_items(msg)
-                elif isinstance(msg, ShardMove | ShardMoveEnd) and msg.target == self.stage_id:
-                    if isinstance(msg, ShardMove):  # off the pool buffer, onto the device, off the event loop
-                        msg.tensors = await asyncio.to_thread(_to_device, msg.tensors, worker.model.device)
-                        self.telemetry.moved("in", frame.nbytes)
-                    worker.add_shard_move(msg)
-                elif isinstance(msg, RingReturn) and worker.is_first and msg.latents.shape[0] == len(msg.items):
-                    msg.latents = msg.latents.clone()
-                    self._take_link(msg)
-                elif isinstance(msg, StagePrompt) and not worker.is_first:
-                    worker.add_prompt(msg.stream_id, msg.version, msg.embedding)
-                else:
-                    self.malformed_link += 1
-                    self.telemetry.drop("bad_link_frame")
-                    log.warning("stage %s: unexpected %s on the tensor link from %s; dropped", self.stage_id,
-                                type(msg).__name__, frame.peer)
-                    continue
-            self._wake()
-
-    def _take_link(self, msg: StageItems | RingReturn) -> None:
-        """Hand ring traffic to the worker, or hold it while its epoch's block map has not reached this stage."""
-        worker = self.worker
-        if not self.membership.admits(msg.epoch):
-            self._hold(msg)
-        elif worker is None:
-            self.telemetry.drop("no_block_map")
-        elif isinstance(msg, StageItems) and not worker.is_first:
-            worker.add_items(msg)
-        elif isinstance(msg, RingReturn) and worker.is_first:
-            worker.add_return(msg)
-        else:
-            self.telemetry.drop("wrong_role")  # the map moved while it was held
 
     async def _stats(self) -> None:
         interval = self.cfg.stats_interval_s
@@ -372,18 +278,6 @@ class DitStageService(Service):
                 await self.bus.publish(Subjects.stats(self.stage_id), stats)
             except Exception as e:
                 log.warning("stage stats not sent: %s", e)
-
-
-def _to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: t.to(device, copy=True) for k, t in tensors.items()}
-
-
-def _consistent(msg: StageItems) -> bool:
-    """One row per item and one grid for the micro-step (anything else is a broken peer)."""
-    n = len(msg.items)
-    if n == 0 or msg.hidden.dim() != 3 or msg.noisy.dim() != 5:
-        return False
-    return msg.hidden.shape[0] == n and msg.noisy.shape[0] == n and len({m.frames for m in msg.items}) == 1
 
 
 if __name__ == "__main__":
