@@ -19,9 +19,11 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import uvicorn
@@ -31,10 +33,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from proto import Heartbeat, Limits, Subjects
 from proto.messages import Role
 from services import telemetry
-from services.bus import Bus, BusError
+from services.bus import KV, Bus, BusError
 from services.config import Settings
 
 log = logging.getLogger("rheo.runtime")
+
+T = TypeVar("T")
 
 class ServiceStartError(RuntimeError):
     """A service cannot start (port in use, NATS unreachable, weights missing); the message says why."""
@@ -171,6 +175,70 @@ class Service:
             if self._server is not None:
                 self._server.should_exit = True
             await http
+
+
+class Background:
+    """A service's background tasks: spawned by name, forgotten when done, all cancelled (and awaited) at close."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def watch_key(open_kv: Callable[[], Awaitable[KV]], key: str, on_value: Callable[[bytes, int], Awaitable[None]],
+                    *, what: str, retry_s: float = 0.5) -> None:
+    """Call ``on_value(value, revision)`` for the current value of ``key`` and every later one (deletes skipped),
+    forever: a failed watch (a NATS hiccup) is logged and opened again after ``retry_s``, the last value kept."""
+    while True:
+        try:
+            kv = await open_kv()
+            async for entry in kv.watch(key):
+                if entry.value is not None:
+                    await on_value(entry.value, entry.revision)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("%s watch failed (%s); retrying", what, e)
+        await asyncio.sleep(retry_s)
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
+    """Run ``fn`` in a daemon thread: loading weights can take minutes, and a SIGTERM must not wait for it (the
+    default executor's threads are joined at exit)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(error: BaseException | None, result: object) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        error: BaseException | None = None
+        result = None
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting task
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the process is exiting
+            loop.call_soon_threadsafe(settle, error, result)
+
+    threading.Thread(target=target, name=f"daemon-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await done
 
 
 def write_debug_tap(path: Path, array: np.ndarray) -> None:

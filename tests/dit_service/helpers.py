@@ -7,7 +7,7 @@ import time
 import torch
 
 from dit_stage.model import CausalWanDiT, make_tiny_dit
-from dit_stage.service import slice_stage
+from dit_stage.stage_model import slice_stage
 from dit_stage.worker import StageWorker
 from oracle.stream_batch import StreamBatchConfig, StreamBatchRunner
 from proto import LatentChunk, RingReturn, StageItems, StagePrompt, decode

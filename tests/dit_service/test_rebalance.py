@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dit_stage.micro_step import SwitchStep
-from dit_stage.service import slice_stage
+from dit_stage.stage_model import slice_stage
 from dit_stage.switching import EpochChange
 from dit_stage.worker import StageWorker
 from proto import (

@@ -27,7 +27,7 @@ CHUNKS = 9
 def test_stage_weights_are_the_tiny_models_blocks():
     """A stage's blocks are exactly blocks [a, b) of the one tiny model the pipeline also uses."""
     from dit_stage.model import make_tiny_dit
-    from dit_stage.service import slice_stage
+    from dit_stage.stage_model import slice_stage
 
     want = make_tiny_dit(0, 4).state_dict()
     stage = slice_stage(make_tiny_dit(0, 4), (1, 3)).state_dict()

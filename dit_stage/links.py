@@ -1,0 +1,211 @@
+"""A stage's outgoing tensor links: the one to the next stage in the ring, and those an online switch opens.
+
+``NextLink`` follows the next stage's advertised endpoint (``rheo-endpoints``), reconnects when it changes, and
+sends without letting a dead peer hold up the micro-step loop. ``SwitchLinks`` are the direct links to the new
+owners of the blocks this stage hands over (moves do not follow the ring) and, when a stage joins right after this
+one, to the new next stage (docs/rebalance.md, Protocol).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from dit_stage.telemetry import StageTelemetry
+from proto import Message, ShardMove, ShardMoveEnd
+from services.bus import KV
+from services.link import LinkSender, parse_endpoint
+from services.runtime import Background, watch_key
+
+__all__ = ["LINK_POLL_S", "NextLink", "SwitchLinks"]
+
+log = logging.getLogger("rheo.dit_stage")
+
+LINK_POLL_S = 0.5
+"""How often a link send blocked on a dead peer checks whether the next stage changed."""
+
+
+class NextLink:
+    """The link to the next stage (the last stage's goes to the first: ring returns)."""
+
+    def __init__(self, stage_id: str, endpoints: KV, max_frame_bytes: int, telemetry: StageTelemetry,
+                 on_state: Callable[[bool], None]) -> None:
+        self.stage_id = stage_id
+        self.endpoints = endpoints
+        self.max_frame_bytes = max_frame_bytes
+        self.telemetry = telemetry
+        self.on_state = on_state  # False while (re)connecting, True once a sender is up
+        self.next_stage: str | None = None
+        self.sender: LinkSender | None = None
+        self.ready = asyncio.Event()
+        self.closing = False
+        self._tasks = Background()
+        self._follow: asyncio.Task[None] | None = None
+
+    def follow(self, stage_id: str) -> None:
+        """Link to ``stage_id`` from now on (nothing changes when it already is the next stage)."""
+        if stage_id != self.next_stage or self._follow is None:
+            self._restart_follow(stage_id)
+
+    def _restart_follow(self, stage_id: str) -> None:
+        self.next_stage = stage_id
+        if self._follow is not None:
+            self._follow.cancel()
+
+        async def kv() -> KV:
+            return self.endpoints
+
+        self._follow = self._tasks.spawn(
+            watch_key(kv, stage_id, self._on_endpoint, what=f"stage {self.stage_id}: endpoint"), "link-connect")
+
+    def hand_over(self, stage_id: str, sender: LinkSender) -> None:
+        """An online switch re-links at its switch point: ``sender`` (opened at prepare time) replaces the current
+        one, which is closed once the old next stage has read what it carries."""
+        old, self.sender = self.sender, sender
+        self._restart_follow(stage_id)
+        if old is not None:
+            self._tasks.spawn(_close_when_acknowledged(old), "link-close")
+
+    async def send(self, message: Message) -> bool:
+        """Send to the next stage; False (dropped) when the next stage changed meanwhile: a send blocked on a
+        dead peer must not hold up the micro-step loop, and what it carried belongs to the old ring."""
+        await self.ready.wait()
+        sender = self.sender
+        assert sender is not None
+        send = asyncio.ensure_future(sender.send(message))
+        while True:
+            done, _ = await asyncio.wait({send}, timeout=LINK_POLL_S)
+            if done:
+                try:
+                    send.result()
+                except Exception as e:
+                    self.telemetry.drop("link_error")
+                    log.warning("stage %s: link send failed: %s", self.stage_id, e)
+                    return False
+                return True
+            if self.sender is not sender or self.closing:
+                send.cancel()
+                self.telemetry.drop("link_changed")
+                return False
+
+    async def send_marker(self, message: Message) -> None:
+        """The switch marker goes on the current link whatever happens (the old next stage must read it)."""
+        await self.ready.wait()
+        assert self.sender is not None
+        await self.sender.send(message)
+
+    async def flush(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until the next stage has read what was sent."""
+        if self.sender is not None and self.ready.is_set():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.sender.acknowledged(), timeout_s)
+
+    async def close(self) -> None:
+        self.closing = True
+        await self._tasks.cancel()
+        if self.sender is not None:
+            await asyncio.to_thread(self.sender.close)
+
+    async def _on_endpoint(self, value: bytes, _revision: int) -> None:
+        endpoint = value.decode(errors="replace")
+        if self.sender is None or self.sender.endpoint != endpoint:
+            await self._connect(endpoint)
+
+    async def _connect(self, endpoint: str) -> None:
+        try:
+            host, port = parse_endpoint(endpoint)
+        except ValueError as e:
+            log.warning("stage %s: next stage advertises a bad endpoint: %s", self.stage_id, e)
+            return
+        delay = 0.05
+        while True:  # reachable before ready: readiness means the ring can carry an item
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+                writer.close()
+                break
+            except (OSError, TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+        old = self.sender
+        self.ready.clear()
+        self.on_state(False)
+        if old is not None:
+            await asyncio.to_thread(old.close)
+        self.sender = LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes).start()
+        self.on_state(True)
+        self.ready.set()
+        log.info("stage %s: tensor link to %s (%s)", self.stage_id, self.next_stage, endpoint)
+
+
+@dataclass
+class SwitchLinks:
+    """The links one online switch opens at prepare time, closed when it ends."""
+
+    epoch: int
+    max_frame_bytes: int
+    senders: dict[str, LinkSender] = field(default_factory=dict)  # new owners of blocks this stage hands over
+    next_stage: str | None = None  # the next stage under the new map, when it changes (a stage joins after us)
+    next_sender: LinkSender | None = None
+    aborted: bool = False
+
+    async def open(self, endpoints: KV, targets: Iterable[str], relink_to: str | None) -> None:
+        """Open a link to every target (and to ``relink_to``); stops early once the switch is aborted."""
+        for target in targets:
+            endpoint = await self._endpoint_of(endpoints, target)
+            if self.aborted:
+                return
+            self.senders[target] = LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes).start()
+        if relink_to is not None:
+            endpoint = await self._endpoint_of(endpoints, relink_to)
+            if not self.aborted:
+                self.next_stage = relink_to
+                self.next_sender = LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes).start()
+
+    async def send_moves(self, stage_id: str, moves: list[ShardMove | ShardMoveEnd],
+                         telemetry: StageTelemetry) -> None:
+        for move in moves:
+            sender = self.senders.get(move.target)
+            if sender is None:
+                log.error("stage %s: no link to %s for its moved blocks", stage_id, move.target)
+                continue
+            try:
+                n = await sender.send(move)
+            except Exception as e:  # e.g. a tensor over the link's frame cap: the new owner counts the stream lost
+                log.error("stage %s: move to %s not sent: %s", stage_id, move.target, e)
+                continue
+            if isinstance(move, ShardMove):
+                telemetry.moved("out", n)
+
+    def take_next(self) -> tuple[str, LinkSender] | None:
+        """The new next stage and its link, handed to ``NextLink`` at the switch point (once)."""
+        if self.next_stage is None or self.next_sender is None:
+            return None
+        taken, self.next_sender = (self.next_stage, self.next_sender), None
+        return taken
+
+    async def close(self) -> None:
+        """After a completed switch, once the new owners have read the moves; at once after an aborted one."""
+        if self.aborted and self.next_sender is not None:
+            await asyncio.to_thread(self.next_sender.close)
+        for sender in self.senders.values():
+            if not self.aborted:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(sender.acknowledged(), 30.0)
+            await asyncio.to_thread(sender.close)
+
+    async def _endpoint_of(self, endpoints: KV, stage_id: str) -> str:
+        while not self.aborted:
+            entry = await endpoints.get(stage_id)
+            if entry is not None and entry.value:
+                return entry.value.decode(errors="replace")
+            await asyncio.sleep(0.1)
+        return ""
+
+
+async def _close_when_acknowledged(sender: LinkSender) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(sender.acknowledged(), 30.0)
+    await asyncio.to_thread(sender.close)
