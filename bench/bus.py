@@ -25,7 +25,8 @@ SENT_AT = "Rheo-Bench-Sent"
 
 def _payload(nbytes: int) -> LatentChunk:
     n = nbytes // 2
-    return LatentChunk(stream_id="bench", seq=0, epoch=0, latent_start=0, rope_start=0, capture_time=0.0,
+    return LatentChunk(stream_id="bench", seed=0, fps=16.0, seq=0, epoch=0, latent_start=0, rope_start=0,
+                       capture_time=0.0,
                        deadline=0.0, prompt_version=0, noise_scale=0.8, timesteps=[700],
                        latent=torch.zeros(n, dtype=torch.bfloat16))
 

@@ -68,7 +68,7 @@ def _chunk(stream_id: str, c: int, epoch: int, deadline_s: float) -> LatentChunk
     clock = ChunkClock.v2v()
     g = torch.Generator().manual_seed(c)
     now = time.time()
-    return LatentChunk(stream_id=stream_id, seq=c, epoch=epoch, latent_start=clock.latent_start(c),
+    return LatentChunk(stream_id=stream_id, seed=0, fps=16.0, seq=c, epoch=epoch, latent_start=clock.latent_start(c),
                        rope_start=clock.rope_start(c), capture_time=now, deadline=now + deadline_s, prompt_version=0,
                        noise_scale=NOISE_SCALE,
                        timesteps=chunk_timesteps(STEPS, NOISE_SCALE),

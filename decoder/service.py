@@ -31,7 +31,6 @@ from media.h264 import CfrPacer, H264Encoder, PacedFrame
 from proto import CHANNELS, EncodedVideo, LatentChunk, StreamEvent, Subjects, VideoUnit
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
 from services.runtime import Service, ServiceStartError, main, write_debug_tap
-from services.streams import StreamNotFound, StreamTable
 
 log = logging.getLogger("rheo.decoder")
 
@@ -107,7 +106,6 @@ class DecoderService(Service):
         self.decoding: dict[str, DecoderStream] = {}
         self._ended: dict[str, tuple[int, float]] = {}  # streams ended here → (last chunk seq, ended at)
         self._early_ends: dict[str, tuple[int, float]] = {}  # 'ended' events of streams with no chunk yet
-        self._table: StreamTable | None = None
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vae-decode")
         self._closing = False
         self.checks["vae"] = False
@@ -130,7 +128,6 @@ class DecoderService(Service):
 
     async def start(self) -> None:
         assert self.bus is not None
-        self._table = await StreamTable.open(self.bus)
         loop = asyncio.get_running_loop()
         self.vae = await loop.run_in_executor(self._model_thread, self._load_vae)
         await loop.run_in_executor(self._model_thread, _warm_up, self.vae)
@@ -236,21 +233,10 @@ class DecoderService(Service):
             st.end = request
         st.queue.put_nowait(None)  # wakes the decode loop
 
-    async def _stream_fps(self, stream_id: str) -> float:
-        assert self._table is not None
-        try:
-            return (await self._table.get(stream_id)).spec.fps
-        except StreamNotFound:
-            log.warning("stream %s is not in the stream table; using stream.fps=%s", stream_id,
-                        self.settings.stream.fps)
-        except Exception as e:  # the table being unreachable must not stop the video
-            log.warning("stream %s: stream table lookup failed (%s); using stream.fps", stream_id, e)
-        return self.settings.stream.fps
-
     async def _open(self, chunk: LatentChunk) -> DecoderStream:
         assert self.vae is not None and self.bus is not None
         sid = chunk.stream_id
-        fps = await self._stream_fps(sid)
+        fps = chunk.fps  # the stream's rate travels with its chunks: no stream-table read per hop
         h, w = (int(v) for v in chunk.latent.shape[2:])
         sf = self.vae.spatial_factor
         eg = self.settings.egress

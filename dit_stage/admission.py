@@ -29,7 +29,7 @@ log = logging.getLogger("rheo.dit_stage.worker")
 class FirstStage:
     """The first stage's admission and micro-step forming (a mixin of ``StageWorker``)."""
 
-    def add_chunk(self, chunk: LatentChunk, seed: int) -> bool:
+    def add_chunk(self, chunk: LatentChunk) -> bool:
         """First stage: queue a new chunk (step 0). Stale, late, out-of-order or malformed chunks are counted
         and dropped; a full queue drops its oldest chunk."""
         assert self.is_first
@@ -45,12 +45,12 @@ class FirstStage:
             if st is not None:
                 self._free(chunk.stream_id)
             st = self._new_stream(chunk.stream_id, len(chunk.timesteps), (h, w), self.epoch)
-            st.segment, st.segment_start, st.seed = chunk.segment, chunk.seq, segment_seed(seed, chunk.segment)
-        st = self._segment_for(st, chunk, seed)
+            st.segment, st.segment_start, st.seed = chunk.segment, chunk.seq, segment_seed(chunk.seed, chunk.segment)
+        st = self._segment_for(st, chunk)
         st.last_seq = chunk.seq
         st.draining = False
         meta = RingItem(**(chunk.header() | {"epoch": self.epoch, "timesteps": list(chunk.timesteps)}), step=0,
-                        slot=0, steps=st.steps, frame_start=0, frames=f, seed=st.seed)
+                        slot=0, steps=st.steps, frame_start=0, frames=f)
         z = chunk.latent.permute(1, 0, 2, 3).unsqueeze(0)  # [F, C, H, W] → [1, C, F, H, W]
         eps = draw_noise((1, c, f, h, w), st.seed, chunk.seq - st.segment_start, 0, "input", self.model.device)
         ns = chunk.noise_scale
@@ -65,7 +65,7 @@ class FirstStage:
             log.info("chunk %s/%d dropped: stream queue full", old.meta.stream_id, old.meta.seq)
         return True
 
-    def _segment_for(self, st: StageStream, chunk: LatentChunk, seed: int) -> StageStream:
+    def _segment_for(self, st: StageStream, chunk: LatentChunk) -> StageStream:
         """The stream state an admitted chunk belongs to: the current segment's, or (after a `cut`) the next
         segment's, begun by its prepare chunk and kept aside until the current one has left the ring."""
         nxt = self.successors.get(chunk.stream_id)
@@ -77,7 +77,7 @@ class FirstStage:
         nxt = StageStream(chunk.stream_id, steps, st.latent_hw, self.model.new_state(
             chunk.stream_id, steps, st.latent_hw, self.window, self.sink, self.adaptive_threshold),
             slot_next=[0] * steps, segment=chunk.segment, segment_start=chunk.seq,
-            seed=segment_seed(seed, chunk.segment))
+            seed=segment_seed(chunk.seed, chunk.segment))
         self.successors[chunk.stream_id] = nxt
         return nxt
 

@@ -30,7 +30,7 @@ log = logging.getLogger("rheo.dit_stage")
 class ComputeLoop:
     def __init__(self, stage_id: str, epochs: StageEpochs, membership: Membership[Any],
                  feed: Callable[[list[Action]], None], link: NextLink, outputs: Outputs, telemetry: StageTelemetry,
-                 streams: set[str], on_ended: Callable[[str], None]) -> None:
+                 streams: set[str]) -> None:
         self.stage_id = stage_id
         self.epochs = epochs
         self.membership = membership
@@ -39,7 +39,6 @@ class ComputeLoop:
         self.outputs = outputs
         self.telemetry = telemetry
         self.streams = streams  # the service's (heartbeats report them), kept equal to the worker's
-        self.on_ended = on_ended
         self.recover_floor = 0  # a failure epoch to apply between forwards (worker.recover)
         self.closing = False
         self._ending: list[str] = []
@@ -61,7 +60,6 @@ class ComputeLoop:
                 stream_id = self._ending.pop()
                 worker.end_stream(stream_id)
                 self.streams.discard(stream_id)
-                self.on_ended(stream_id)
                 self.outputs.end(stream_id)
             if worker is not None and worker.floor < self.recover_floor:
                 reset = worker.recovered_streams

@@ -72,12 +72,12 @@ class StageInputs:
             if worker is None:
                 self.telemetry.drop("no_block_map")
             return
-        seed = await self.lookups.seed(chunk.stream_id, refresh=chunk.seq == 0)
-        if chunk.prompt_version not in worker.prompts.get(chunk.stream_id, {}):
-            embedding = await self.lookups.prompt(chunk.stream_id, chunk.prompt_version)
-            if embedding is not None:
-                worker.add_prompt(chunk.stream_id, chunk.prompt_version, embedding)
-        if worker.add_chunk(chunk, seed):
+        for version in sorted({chunk.prompt_version, chunk.blend_from} - {None}):
+            if version not in worker.prompts.get(chunk.stream_id, {}):
+                embedding = await self.lookups.prompt(chunk.stream_id, version)
+                if embedding is not None:
+                    worker.add_prompt(chunk.stream_id, version, embedding)
+        if worker.add_chunk(chunk):
             self.streams.add(chunk.stream_id)
             self.wake()
 

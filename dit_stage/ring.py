@@ -44,10 +44,10 @@ class LocalRing:
         if not self.first.add_prompt(stream_id, version, embedding):
             raise ValueError(f"prompt embedding {tuple(embedding.shape)} does not fit the DiT")
 
-    def add_chunk(self, chunk: LatentChunk, seed: int) -> None:
+    def add_chunk(self, chunk: LatentChunk) -> None:
         """Queue a chunk at the first stage; a refusal (counted by the worker) raises with its reason."""
         before = self.first.dropped.copy()
-        if not self.first.add_chunk(chunk, seed):
+        if not self.first.add_chunk(chunk):
             reason = next(iter(self.first.dropped - before), "refused")
             raise ValueError(f"chunk {chunk.stream_id}/{chunk.seq} refused: {reason}")
 

@@ -50,6 +50,7 @@ from proto import (
     StageItems,
     StagePrompt,
 )
+from proto.clock import segment_seed
 from wan.scheduler import FlowMatchScheduler, draw_noise
 
 CacheMode = Literal["sdv2", "self_forcing"]
@@ -354,8 +355,9 @@ class StageWorker(FirstStage, EpochSwitching):
                 continue  # its K/V rewrite was the point; its x0 is not used
             st = self.streams.get(meta.stream_id)
             c = meta.seq - (st.segment_start if st is not None else 0)  # the chunk's index in its segment
+            seed = segment_seed(meta.seed, meta.segment)
             if meta.step == meta.steps - 1 and self.cache_mode == "self_forcing":
-                eps = draw_noise(x0_k.shape, meta.seed, c, meta.steps, "context", x0_k.device)
+                eps = draw_noise(x0_k.shape, seed, c, meta.steps, "context", x0_k.device)
                 latents.append(self.scheduler.add_noise(x0_k, eps, self.context_noise))
                 back.append(meta.model_copy(update={"step": meta.steps}))  # same slot and cache frames
             if meta.step == meta.steps - 1 and meta.replay:
@@ -367,7 +369,7 @@ class StageWorker(FirstStage, EpochSwitching):
                                                 latent=x0_k[0].permute(1, 0, 2, 3).contiguous().cpu()))
                 continue
             k = meta.step + 1
-            eps = draw_noise(x0_k.shape, meta.seed, c, k, "renoise", x0_k.device)
+            eps = draw_noise(x0_k.shape, seed, c, k, "renoise", x0_k.device)
             latents.append(self.scheduler.add_noise(x0_k, eps, meta.timesteps[k]))
             back.append(meta.model_copy(update={"step": k, "slot": 0 if meta.latent_start == 0 else k}))
         if back:

@@ -610,7 +610,8 @@ class IngestService(Service):
                        version: int) -> None:
         state, clock = live.state, live.clock
         c = raw.seq - state.segment_start  # the chunk's index in its segment
-        chunk = LatentChunk(stream_id=state.stream_id, seq=raw.seq, epoch=self.epoch,
+        chunk = LatentChunk(stream_id=state.stream_id, seed=state.spec.seed, fps=state.spec.fps, seq=raw.seq,
+                            epoch=self.epoch,
                             latent_start=clock.latent_start(c), rope_start=clock.rope_start(c),
                             capture_time=raw.frame_times[0], deadline=deadline, prompt_version=version,
                             noise_scale=scale, timesteps=chunk_timesteps(state.steps_of(raw.seq), scale),

@@ -167,10 +167,11 @@ def run_file(
 ) -> RunStats:
     """Restyle ``input_path`` (a path, or a ``VideoInput`` already opened) into ``output_path``."""
     from pipeline.state import StreamSpec
+    from proto.spec import MAX_FPS
 
     cfg = pipeline.config
     video = input_path if isinstance(input_path, VideoInput) else VideoInput(input_path)
-    sid = pipeline.open_stream(StreamSpec(prompt=prompt, seed=seed))
+    sid = pipeline.open_stream(StreamSpec(prompt=prompt, seed=seed, fps=min(float(video.fps), MAX_FPS)))
     writer: Mp4Writer | None = None
     start = time.perf_counter()
     first_out: float | None = None
@@ -214,7 +215,7 @@ def run_t2v(
 
     cfg = pipeline.config
     total = max(1, round(seconds * fps))
-    sid = pipeline.open_stream(StreamSpec(prompt=prompt, seed=seed, t2v=True))
+    sid = pipeline.open_stream(StreamSpec(prompt=prompt, seed=seed, t2v=True, fps=fps))
     writer: Mp4Writer | None = None
     start = time.perf_counter()
     first_out: float | None = None

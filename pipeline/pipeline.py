@@ -160,6 +160,7 @@ class StreamPipeline:
             stream_id=stream_id,
             seed=spec.seed,
             t2v=spec.t2v,
+            fps=spec.fps,
             clock=self.config.clock(spec.t2v),
             vae=self.vae.new_state(),
             motion=self.motion.new_state(),
@@ -395,7 +396,7 @@ class StreamPipeline:
             scale, timesteps = level.scale, self.config.timesteps(level.scale)
         now = time.time()
         return LatentChunk(
-            stream_id=st.stream_id, seq=st.seq, epoch=0, latent_start=clock.latent_start(c),
+            stream_id=st.stream_id, seed=st.seed, fps=st.fps, seq=st.seq, epoch=0, latent_start=clock.latent_start(c),
             rope_start=clock.rope_start(c), capture_time=now, deadline=now + OFFLINE_DEADLINE_S,
             prompt_version=st.prompt_version, blend_from=blend_from, blend_alpha=blend_alpha, noise_scale=scale,
             timesteps=timesteps, segment=st.segment, latent=z.contiguous(),
@@ -406,7 +407,7 @@ class StreamPipeline:
         for st in streams:
             chunk = self._next_chunk(st, *self._advance_prompt(st))
             try:
-                self.ring.add_chunk(chunk, st.seed)
+                self.ring.add_chunk(chunk)
             except ValueError as e:
                 raise PipelineError(str(e)) from e
             st.seq += 1

@@ -22,6 +22,8 @@ class StreamSpec:
     seed: int = 0
     t2v: bool = False
     stream_id: str | None = None
+    fps: float = 16.0
+    """The stream's frame rate: stamped on its chunks (the services' decoder paces by it; offline it is a label)."""
 
 
 @dataclass
@@ -58,6 +60,7 @@ class StreamState:
     stream_id: str
     seed: int
     t2v: bool
+    fps: float
     clock: ChunkClock
     vae: StreamVAEState
     motion: MotionNoiseState
@@ -95,6 +98,7 @@ class StreamState:
             "stream_id": self.stream_id,
             "seed": self.seed,
             "t2v": self.t2v,
+            "fps": self.fps,
             "clock": asdict(self.clock),
             "vae": _map_tensors(self.vae.to_dict(), cpu),
             "motion": _map_tensors(self.motion.to_dict(), cpu),
@@ -134,6 +138,7 @@ class StreamState:
             stream_id=d["stream_id"],
             seed=int(d["seed"]),
             t2v=bool(d["t2v"]),
+            fps=float(d["fps"]),
             clock=ChunkClock(**d["clock"]),
             vae=StreamVAEState.from_dict(_map_tensors(d["vae"], dev)),
             motion=MotionNoiseState.from_dict(_map_tensors(d["motion"], dev)),

@@ -134,6 +134,9 @@ class ChunkHeader(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", arbitrary_types_allowed=True)
     stream_id: StreamId
+    seed: int = Field(ge=0, lt=2**63, description="the stream's seed: every random draw derives from it (with the "
+                                                   "segment: ``segment_seed``)")
+    fps: float = Field(gt=0, le=MAX_FPS, description="the stream's frame rate (the decoder's CFR clock)")
     seq: int = Field(ge=0, description="chunk index c")
     epoch: int = Field(ge=0, description="block-map epoch the chunk entered with")
     latent_start: int = Field(ge=0, description="absolute latent-frame index of the chunk's first frame")
@@ -165,7 +168,6 @@ class LatentChunk(Message, ChunkHeader):
     """One chunk's latents (ingest → first stage; last stage → decoder)."""
 
     SCHEMA_VERSION: ClassVar[int] = 3
-    READS_VERSIONS: ClassVar[tuple[int, ...]] = (2,)
 
     latent: Tensor = Field(description="[F, C, H, W] latent frames (T2V: zeros; noise_scale 1 ignores them)")
 
@@ -356,7 +358,6 @@ class RingItem(ChunkHeader):
                                                        "slots")
     frame_start: int = Field(ge=0, description="cache frame index of the chunk's first latent frame in this slot")
     frames: int = Field(ge=1, description="latent frames of the chunk")
-    seed: int = Field(ge=0, lt=2**63, description="the segment's seed: every random draw derives from it")
 
 
 class StageItems(Message):

@@ -26,7 +26,7 @@ def _run(ring: list[StageWorker]) -> list:
     zs = latents(5, 4, (4, 6))
     ring[0].add_prompt("s", 0, prompt(1))
     for c, z in enumerate(zs):
-        ring[0].add_chunk(chunk_message("s", c, z), seed=3)
+        ring[0].add_chunk(chunk_message("s", c, z, seed=3))
     return run_ring(ring)
 
 

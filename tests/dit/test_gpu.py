@@ -108,7 +108,7 @@ def test_stage_worker_auto_forward_equals_eager():
         assert all(w.forward.mode == ("compile" if mode == "auto" else "eager") for w in workers)
         workers[0].add_prompt("a", 0, prompt(1))
         for c, z in enumerate(latents(3, 6, (4, 6))):
-            assert workers[0].add_chunk(chunk_message("a", c, z), seed=11)
+            assert workers[0].add_chunk(chunk_message("a", c, z, seed=11))
         return run_ring(workers)
 
     want, got = ring("eager"), ring("auto")

@@ -42,12 +42,14 @@ def prompt(seed: int) -> torch.Tensor:
     return torch.randn(12, 32, generator=torch.Generator().manual_seed(1000 + seed))
 
 
-def chunk_message(stream_id: str, c: int, z: torch.Tensor, *, epoch: int = 0, deadline: float | None = None,
-                  prompt_version: int = 0, config: StreamBatchConfig = CONFIG) -> LatentChunk:
+def chunk_message(stream_id: str, c: int, z: torch.Tensor, *, seed: int = 0, epoch: int = 0,
+                  deadline: float | None = None, prompt_version: int = 0,
+                  config: StreamBatchConfig = CONFIG) -> LatentChunk:
     clock = config.clock()
     now = time.time()
     return LatentChunk(
-        stream_id=stream_id, seq=c, epoch=epoch, latent_start=clock.latent_start(c), rope_start=clock.rope_start(c),
+        stream_id=stream_id, seed=seed, fps=16.0, seq=c, epoch=epoch, latent_start=clock.latent_start(c),
+        rope_start=clock.rope_start(c),
         capture_time=now, deadline=now + 600 if deadline is None else deadline, prompt_version=prompt_version,
         noise_scale=config.noise_scale,
         timesteps=[config.first_timestep(config.noise_scale), *config.timesteps[1:]],

@@ -37,7 +37,7 @@ def test_lockstep_ring_equals_the_oracle_chunk_by_chunk(stages):
     for c in range(CHUNKS):
         before = ring.micro_steps
         for sid, (seed, _, zs) in streams.items():
-            ring.add_chunk(chunk_message(sid, c, zs[c]), seed)
+            ring.add_chunk(chunk_message(sid, c, zs[c], seed=seed))
         for chunk in ring.run():
             got[chunk.stream_id].append((c, chunk.latent))
         if c > 0:  # per grid: one forward per stage (the prepare chunk runs its B steps in sequence)
@@ -56,13 +56,13 @@ def test_drain_finishes_the_chunks_in_the_slots_and_a_refusal_says_why():
     ring.add_prompt("a", 0, prompt(1))
     done = []
     for c, z in enumerate(zs):
-        ring.add_chunk(chunk_message("a", c, z), 11)
+        ring.add_chunk(chunk_message("a", c, z, seed=11))
         done += ring.run()
     assert [c.seq for c in done] == [0, 1, 2]  # chunk 3 waits in slot 0 for the next chunk
     ring.first.drain("a")
     assert [c.seq for c in ring.run()] == [3]
     with pytest.raises(ValueError, match="out_of_order"):
-        ring.add_chunk(chunk_message("a", 2, zs[2]), 11)
+        ring.add_chunk(chunk_message("a", 2, zs[2], seed=11))
 
 
 @pytest.mark.parametrize(("stages", "steps"), [(1, 1), (2, 2), (3, 3)])
@@ -77,7 +77,7 @@ def test_self_forcing_through_the_ring_equals_the_oracle(stages, steps):
     ring.add_prompt("a", 0, prompt(1))
     got = []
     for c, z in enumerate(zs):
-        ring.add_chunk(chunk_message("a", c, z, config=cfg), 11)
+        ring.add_chunk(chunk_message("a", c, z, config=cfg, seed=11))
         got += ring.run()
     assert [g.seq for g in got] == list(range(CHUNKS - steps + 1))
     for w, g in zip(want, got, strict=True):
@@ -98,10 +98,10 @@ def test_t2v_noise_only_chunks_equal_the_oracle():
     ring.add_prompt("t", 0, prompt(3))
     got = []
     for c in range(6):
-        chunk = chunk_message("t", c, torch.zeros(1, 4, 2, 4, 6), config=cfg).model_copy(update={
+        chunk = chunk_message("t", c, torch.zeros(1, 4, 2, 4, 6), seed=3, config=cfg).model_copy(update={
             "latent_start": clock.latent_start(c), "rope_start": clock.rope_start(c), "noise_scale": 1.0,
             "timesteps": list(cfg.timesteps)})
-        ring.add_chunk(chunk, 3)
+        ring.add_chunk(chunk)
         got += ring.run()
     want = [w for w in want if w is not None]
     assert [g.seq for g in got] == list(range(len(want)))

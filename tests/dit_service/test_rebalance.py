@@ -156,7 +156,7 @@ def _run(old_split, new_split, *, switch: bool = True, hook: MoveHook | None = N
         first.add_prompt(s, 0, ctx)
     for c in range(CHUNKS):  # interleaved, as they arrive
         for s, (seed, _, zs) in _streams().items():
-            assert first.add_chunk(chunk_message(s, c, zs[c]), seed=seed)
+            assert first.add_chunk(chunk_message(s, c, zs[c], seed=seed))
     if switch:
         ring.run(until=lambda: ring.first_steps >= SWITCH_AFTER)
         ring.switch(_map(old_split, 0), _map(new_split, 1))
@@ -251,7 +251,7 @@ def test_a_stage_joins_online_and_nothing_changes(case):
         first.add_prompt(s, 0, ctx)
     for c in range(CHUNKS):
         for s, (seed, _, zs) in _streams().items():
-            assert first.add_chunk(chunk_message(s, c, zs[c]), seed=seed)
+            assert first.add_chunk(chunk_message(s, c, zs[c], seed=seed))
     ring.run(until=lambda: ring.first_steps >= SWITCH_AFTER)
     ring.switch(_map(old_split, 0), _map(new_map, 1, reason="join"))
     ring.run()
@@ -272,7 +272,7 @@ def test_every_micro_step_times_each_owned_block():
     ring = Ring([(0, 2), (2, 5)])
     first = ring.workers[0]
     first.add_prompt("a", 0, prompt(1))
-    first.add_chunk(chunk_message("a", 0, latents(3, 1, (4, 6))[0]), seed=1)
+    first.add_chunk(chunk_message("a", 0, latents(3, 1, (4, 6))[0], seed=1))
     for w, blocks in zip(ring.workers, ([0, 1], [2, 3, 4]), strict=True):
         step = w.take()
         out = w.compute(step)

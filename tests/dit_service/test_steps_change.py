@@ -36,11 +36,11 @@ def test_a_new_segment_may_change_the_step_count(stages: int) -> None:
     ring = workers(stages)
     ring[0].add_prompt("a", 0, emb)
     for c, z in enumerate(zs0):
-        assert ring[0].add_chunk(chunk_message("a", c, z), seed=seed)
+        assert ring[0].add_chunk(chunk_message("a", c, z, seed=seed))
     for j, z in enumerate(zs1):
-        msg = chunk_message("a", j, z, config=three).model_copy(update={"seq": cut + j, "segment": 1})
+        msg = chunk_message("a", j, z, config=three, seed=seed).model_copy(update={"seq": cut + j, "segment": 1})
         assert len(msg.timesteps) == 3
-        assert ring[0].add_chunk(msg, seed=seed), ring[0].dropped
+        assert ring[0].add_chunk(msg), ring[0].dropped
     got = run_ring(ring)
     assert not ring[0].dropped
     assert [(g.seq, g.segment) for g in got] == [(c, 0) for c in range(cut)] + [(cut + j, 1) for j in range(3)]

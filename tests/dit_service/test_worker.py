@@ -43,7 +43,7 @@ def test_ring_equals_stream_batch_runner(stages):
     ring = workers(stages)
     ring[0].add_prompt("a", 0, prompt(1))
     for c, z in enumerate(zs):
-        assert ring[0].add_chunk(chunk_message("a", c, z), seed=11)
+        assert ring[0].add_chunk(chunk_message("a", c, z, seed=11))
     got = run_ring(ring)
     # the ring finishes every chunk; the runner's last B−1 are still in its slots (no flush)
     assert [g.seq for g in got] == list(range(CHUNKS))
@@ -65,7 +65,7 @@ def test_two_streams_with_different_prompts_and_sizes_equal_each_alone():
         ring[0].add_prompt(s, 0, ctx)
     for c in range(6):  # interleaved, as they would arrive
         for s, (seed, _, zs) in streams.items():
-            assert ring[0].add_chunk(chunk_message(s, c, zs[c]), seed=seed)
+            assert ring[0].add_chunk(chunk_message(s, c, zs[c], seed=seed))
     got = run_ring(ring)
     for s in streams:
         mine = [g for g in got if g.stream_id == s]
@@ -80,21 +80,21 @@ def test_stale_epoch_late_and_overflowing_chunks_are_dropped_and_counted():
     w = ring[0]
     w.epoch = 3
     w.add_prompt("a", 0, prompt(1))
-    assert not w.add_chunk(chunk_message("a", 0, zs[0], epoch=2), seed=1)
+    assert not w.add_chunk(chunk_message("a", 0, zs[0], epoch=2, seed=1))
     assert w.dropped["stale_epoch"] == 1
-    assert not w.add_chunk(chunk_message("a", 0, zs[0], epoch=3, deadline=0.0), seed=1)
+    assert not w.add_chunk(chunk_message("a", 0, zs[0], epoch=3, deadline=0.0, seed=1))
     assert w.dropped["deadline"] == 1
-    assert not w.add_chunk(chunk_message("a", 1, zs[1], epoch=3), seed=1)
+    assert not w.add_chunk(chunk_message("a", 1, zs[1], epoch=3, seed=1))
     assert w.dropped["unprepared"] == 1
-    assert w.add_chunk(chunk_message("a", 0, zs[0], epoch=3), seed=1)
+    assert w.add_chunk(chunk_message("a", 0, zs[0], epoch=3, seed=1))
     for c in (1, 2, 3):
-        assert w.add_chunk(chunk_message("a", c, zs[c], epoch=3), seed=1)
+        assert w.add_chunk(chunk_message("a", c, zs[c], epoch=3, seed=1))
     assert w.dropped["queue_full"] == 2  # cap 2: chunk 0 and chunk 1 made room for 2 and 3
-    assert not w.add_chunk(chunk_message("a", 3, zs[3], epoch=3), seed=1)
+    assert not w.add_chunk(chunk_message("a", 3, zs[3], epoch=3, seed=1))
     assert w.dropped["out_of_order"] == 1
-    bad = chunk_message("a", 4, zs[4], epoch=3)
+    bad = chunk_message("a", 4, zs[4], epoch=3, seed=1)
     bad.latent = torch.zeros(1, 3, 4, 6)
-    assert not w.add_chunk(bad, seed=1)
+    assert not w.add_chunk(bad)
     assert w.dropped["bad_shape"] == 1
     assert not w.add_prompt("a", 1, torch.zeros(12, 31))
     assert w.dropped["bad_prompt"] == 1
@@ -107,7 +107,7 @@ def test_dropped_chunks_leave_no_gap_in_any_slot():
     ring[0].add_prompt("a", 0, prompt(2))
     for c, z in enumerate(zs):
         late = c == 4
-        ring[0].add_chunk(chunk_message("a", c, z), seed=2)
+        ring[0].add_chunk(chunk_message("a", c, z, seed=2))
         if late:  # expires while queued
             ring[0].streams["a"].new[-1].meta.deadline = 0.0
     got = run_ring(ring)
@@ -124,7 +124,7 @@ def test_micro_step_cap_and_grouping_do_not_change_results():
     ring = workers(2, max_batch_items=1)
     ring[0].add_prompt("a", 0, prompt(1))
     for c, z in enumerate(zs):
-        ring[0].add_chunk(chunk_message("a", c, z), seed=11)
+        ring[0].add_chunk(chunk_message("a", c, z, seed=11))
     sizes = []
     take = ring[1].take
 
@@ -148,7 +148,7 @@ def test_queued_chunks_of_an_old_epoch_are_dropped_when_the_map_changes():
     w = ring[0]
     w.add_prompt("a", 0, prompt(1))
     for c, z in enumerate(zs):
-        assert w.add_chunk(chunk_message("a", c, z), seed=1)
+        assert w.add_chunk(chunk_message("a", c, z, seed=1))
     first = w.take()
     assert first is not None and [(m.seq, m.step) for m in first.items] == [(0, 0)]
     w.epoch = 1  # the block map moved on while chunks 1..3 wait
@@ -197,10 +197,10 @@ def test_prompt_switch_and_cut_equal_stream_batch_runner(stages):
     for version, emb in enumerate(p):
         ring[0].add_prompt("a", version, emb)
     for c, z in enumerate(zs0):
-        assert ring[0].add_chunk(chunk_message("a", c, z, prompt_version=0 if c < 3 else 1), seed=seed)
+        assert ring[0].add_chunk(chunk_message("a", c, z, prompt_version=0 if c < 3 else 1, seed=seed))
     for j, z in enumerate(zs1):
-        msg = chunk_message("a", j, z, prompt_version=2).model_copy(update={"seq": cut + j, "segment": 1})
-        assert ring[0].add_chunk(msg, seed=seed)
+        msg = chunk_message("a", j, z, prompt_version=2, seed=seed).model_copy(update={"seq": cut + j, "segment": 1})
+        assert ring[0].add_chunk(msg)
     got = run_ring(ring)
     assert [(g.seq, g.segment) for g in got] == [(c, 0) for c in range(cut)] + [(cut + j, 1) for j in range(4)]
     assert len(want) == len(got)

@@ -40,8 +40,8 @@ def stream() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return zs, reference({"a": (SEED, prompt(1), zs)}, CONFIG)["a"]
 
 
-def _message(c: int, z: torch.Tensor, epoch: int = 0) -> LatentChunk:
-    return chunk_message("a", c, z, epoch=epoch, config=CONFIG)
+def _message(c: int, z: torch.Tensor, epoch: int = 0, seed: int = SEED) -> LatentChunk:
+    return chunk_message("a", c, z, seed=seed, epoch=epoch, config=CONFIG)
 
 
 def _run_with_failure(depth: int, zs: list[torch.Tensor]) -> tuple[list[StageWorker], list[LatentChunk]]:
@@ -53,7 +53,7 @@ def _run_with_failure(depth: int, zs: list[torch.Tensor]) -> tuple[list[StageWor
     ring = ReplayRing(depth, sink_chunks(CONFIG.sink))
     for c in range(FAILED_AT):
         msg = _message(c, zs[c])
-        assert first.add_chunk(msg, seed=SEED)
+        assert first.add_chunk(msg)
         ring.add(msg)
     before = _run_rounds(ring_workers, FAILED_AT)  # the ring is mid-flight when it fails
     assert before and max(c.seq for c in before) < FAILED_AT - 1
@@ -62,9 +62,9 @@ def _run_with_failure(depth: int, zs: list[torch.Tensor]) -> tuple[list[StageWor
         w.epoch = 1
         w.recover(1)
     for chunk in ring:
-        assert first.add_chunk(chunk.model_copy(update={"replay": True, "epoch": 1}), seed=SEED)
+        assert first.add_chunk(chunk.model_copy(update={"replay": True, "epoch": 1}))
     for c in range(FAILED_AT, CHUNKS):
-        assert first.add_chunk(_message(c, zs[c], epoch=1), seed=SEED)
+        assert first.add_chunk(_message(c, zs[c], epoch=1))
     _deliver(ring_workers, held)
     return ring_workers, run_ring(ring_workers)
 
@@ -141,12 +141,12 @@ def test_a_live_chunk_without_replay_cannot_run_on_a_recovered_stage() -> None:
     w = workers(1, CONFIG)[0]
     w.add_prompt("a", 0, prompt(1))
     for c in range(3):
-        assert w.add_chunk(_message(c, zs[c]), seed=SEED)
+        assert w.add_chunk(_message(c, zs[c]))
     w.epoch = 1
     w.recover(1)
     assert w.dropped["stale_epoch"] == 3 and not w.streams
-    assert not w.add_chunk(_message(3, zs[3], epoch=0), seed=SEED)  # the old epoch: stale
-    assert not w.add_chunk(_message(3, zs[3], epoch=1), seed=SEED)  # no prepare chunk: unprepared
+    assert not w.add_chunk(_message(3, zs[3], epoch=0))  # the old epoch: stale
+    assert not w.add_chunk(_message(3, zs[3], epoch=1))  # no prepare chunk: unprepared
     assert w.dropped["stale_epoch"] == 4 and w.dropped["unprepared"] == 1
 
 
@@ -155,7 +155,7 @@ def test_replayed_chunks_pass_the_live_queue_cap_and_deadlines() -> None:
     w = workers(1, CONFIG, max_queued_chunks=2)[0]
     w.add_prompt("a", 0, prompt(1))
     for c in range(8):
-        assert w.add_chunk(_message(c, zs[c]).model_copy(update={"replay": True, "deadline": 0.0}), seed=SEED)
+        assert w.add_chunk(_message(c, zs[c]).model_copy(update={"replay": True, "deadline": 0.0}))
     assert len(w.streams["a"].new) == 8 and not w.dropped
     assert not run_ring([w])  # all ran, none published
     assert w.replayed == 8

@@ -294,7 +294,8 @@ def test_stream_state_round_trips_with_a_bounded_replay_ring() -> None:
     frames = torch.rand(1, 3, 5, SIZE, SIZE) * 2 - 1
     vae.encode(state.vae, frames)
     for seq in range(7):
-        state.replay.add(LatentChunk(stream_id="s1", seq=seq, epoch=0, latent_start=seq, rope_start=seq,
+        state.replay.add(LatentChunk(stream_id="s1", seed=0, fps=16.0, seq=seq, epoch=0, latent_start=seq,
+                                     rope_start=seq,
                                         capture_time=1.0, deadline=2.0, prompt_version=2, noise_scale=0.8,
                                         timesteps=chunk_timesteps(2, 0.8), latent=torch.randn(1, 4, 8, 8)))
     state.next_seq, state.last_seq = 7, 6

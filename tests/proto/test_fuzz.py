@@ -27,7 +27,8 @@ LIMITS = Limits(max_message_bytes=1 << 20, max_tensor_bytes=1 << 18)
 
 def _seeds() -> list[bytes]:
     return [
-        LatentChunk(stream_id="s", seq=1, epoch=0, latent_start=2, rope_start=2, capture_time=1.0, deadline=2.0,
+        LatentChunk(stream_id="s", seed=0, fps=16.0, seq=1, epoch=0, latent_start=2, rope_start=2, capture_time=1.0,
+                    deadline=2.0,
                     prompt_version=0, noise_scale=0.8, timesteps=[700, 500],
                     latent=torch.randn(1, 4, 4, 4).bfloat16()).encode(),
         PromptUpdate(stream_id="s", version=2, prompt="neon", mode="blend", blend_chunks=4,

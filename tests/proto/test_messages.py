@@ -51,7 +51,7 @@ def test_every_message_round_trips(cls: type[Message], data) -> None:
 
 
 def _latent(**kw) -> LatentChunk:
-    base = dict(stream_id="cam-1", seq=3, epoch=1, latent_start=4, rope_start=4, capture_time=10.0,
+    base = dict(stream_id="cam-1", seed=5, fps=16.0, seq=3, epoch=1, latent_start=4, rope_start=4, capture_time=10.0,
                 deadline=11.0, prompt_version=0, noise_scale=0.8, timesteps=[700, 500],
                 latent=torch.randn(1, 16, 8, 8).to(torch.bfloat16))
     base.update(kw)

@@ -19,7 +19,8 @@ from support.sync import settle
 
 
 def _chunk(seq: int, stream: str = "cam", size: int = 8) -> LatentChunk:
-    return LatentChunk(stream_id=stream, seq=seq, epoch=0, latent_start=seq, rope_start=seq, capture_time=0.0,
+    return LatentChunk(stream_id=stream, seed=0, fps=16.0, seq=seq, epoch=0, latent_start=seq, rope_start=seq,
+                       capture_time=0.0,
                        deadline=1.0, prompt_version=0, noise_scale=0.8, timesteps=[700],
                        latent=torch.full((1, 16, size, size), float(seq)))
 

@@ -34,7 +34,7 @@ def random_latents(n_chunks: int, height: int, width: int, seed: int) -> list[to
 def latent_chunk(stream_id: str, seq: int, latent: torch.Tensor) -> LatentChunk:
     now = time.time()
     start = 0 if seq == 0 else seq + 1
-    return LatentChunk(stream_id=stream_id, seq=seq, epoch=0, latent_start=start, rope_start=start,
+    return LatentChunk(stream_id=stream_id, seed=0, fps=16.0, seq=seq, epoch=0, latent_start=start, rope_start=start,
                        capture_time=now, deadline=now + 30.0, prompt_version=0, noise_scale=0.8, timesteps=[700],
                        latent=latent)
 
