@@ -198,7 +198,7 @@ async def test_ended_event_before_the_first_chunk(stack: Stack, bus: Bus) -> Non
     latents = random_latents(3, 32, 32, seed=4)
     repeated_before = stack.decoder.stats.frames_repeated
     await bus.publish(Subjects.stream_event(sid), StreamEvent(stream_id=sid, kind="ended", seq=2, at=time.time()))
-    await feed_chunks(bus, sid, latents, fps=1000.0, end=False)  # a burst, as after a long ring latency
+    await feed_chunks(bus, sid, latents, fps=FPS, pace=1000.0, end=False)  # a burst, as after a long ring latency
     out = await read_ended_hls(stack.egress.base_url, sid)
     tap = load_tap(stack.tap, sid, [0, 1, 2])
     check_timing(out.times)
