@@ -1,6 +1,6 @@
 """An asyncio RTMP ingest server: many publishers on one port, stream keys checked before media flows.
 
-One ``RtmpServer`` owns the listening socket and the ``IngestStream`` objects; one ``_Session`` per TCP
+One ``RtmpServer`` owns the listening socket and the ``RtmpStream`` objects; one ``_Session`` per TCP
 connection runs the handshake, the chunk-stream parser and the AMF0 command exchange OBS, ffmpeg and
 GStreamer expect. Video is decoded, paced and chunked in a worker thread, and each chunk lands in the
 stream's bounded ``ChunkQueue``, which the service that wraps this server consumes. Any error in one
@@ -121,8 +121,9 @@ class StreamStats:
     sessions: int = 0
 
 
-class IngestStream:
-    """Per-stream state that outlives a connection: a publisher reconnecting with the same key resumes it."""
+class RtmpStream:
+    """The RTMP side of one stream (pacer, chunker, chunk queue); it outlives a connection: a publisher
+    reconnecting with the same key resumes it."""
 
     def __init__(
         self, stream_id: str, stream_key: str, shape: StreamShape, queue_depth: int, latency_budget_s: float
@@ -160,6 +161,16 @@ class IngestStream:
                 self._emit(self._last_frame, slot.index, out)
         return out
 
+    @property
+    def segment(self) -> int:
+        """The warm-up segment the chunker cuts chunks for now."""
+        return self.chunker.segment
+
+    @property
+    def segment_start(self) -> int:
+        """The seq of the current segment's prepare chunk (the next chunk's, while it is not cut yet)."""
+        return self.chunker.segment_start
+
     def cut(self) -> int:
         """Start a new warm-up segment with the next chunk (``Chunker.cut``); returns that chunk's seq."""
         with self._lock:
@@ -182,7 +193,7 @@ class ServerStats:
 
 
 class RtmpServer:
-    """The RTMP listener; ``streams`` maps stream id → ``IngestStream`` while a stream is live or lingering."""
+    """The RTMP listener; ``streams`` maps stream id → ``RtmpStream`` while a stream is live or lingering."""
 
     def __init__(
         self,
@@ -190,8 +201,8 @@ class RtmpServer:
         authoriser: Authoriser,
         default_shape: StreamShape | None = None,
         latency_budget_s: float | None = None,
-        on_stream_start: Callable[[IngestStream], None] | None = None,
-        on_stream_end: Callable[[IngestStream], None] | None = None,
+        on_stream_start: Callable[[RtmpStream], None] | None = None,
+        on_stream_end: Callable[[RtmpStream], None] | None = None,
     ) -> None:
         defaults = StreamDefaults()
         self.settings = settings
@@ -199,7 +210,7 @@ class RtmpServer:
         self.default_shape = default_shape or StreamShape(defaults.width, defaults.height, defaults.fps)
         self.latency_budget_s = latency_budget_s if latency_budget_s is not None else defaults.slo_latency_ms / 1000.0
         self.on_stream_start, self.on_stream_end = on_stream_start, on_stream_end
-        self.streams: dict[str, IngestStream] = {}
+        self.streams: dict[str, RtmpStream] = {}
         self.stats = ServerStats()
         self.refusals: collections.deque[tuple[str, str]] = collections.deque(maxlen=1000)
         self.limits = ChunkLimits(
@@ -262,10 +273,10 @@ class RtmpServer:
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _attach(self, session: _Session, decision: Decision, key: str) -> IngestStream:
+    async def _attach(self, session: _Session, decision: Decision, key: str) -> RtmpStream:
         stream = self.streams.get(decision.stream_id)
         if stream is None or stream.ended:
-            stream = IngestStream(
+            stream = RtmpStream(
                 decision.stream_id,
                 key,
                 decision.shape or self.default_shape,
@@ -291,7 +302,7 @@ class RtmpServer:
         self.stats.accepted += 1
         return stream
 
-    def _detach(self, session: _Session, stream: IngestStream) -> None:
+    def _detach(self, session: _Session, stream: RtmpStream) -> None:
         with stream._lock:
             if stream._owner is not session:
                 return
@@ -300,7 +311,7 @@ class RtmpServer:
         loop = asyncio.get_running_loop()
         stream._linger = loop.call_later(self.settings.stream_linger_s, self._end_stream, stream)
 
-    def _end_stream(self, stream: IngestStream) -> None:
+    def _end_stream(self, stream: RtmpStream) -> None:
         if stream.ended:
             return
         if stream._linger is not None:
@@ -327,7 +338,7 @@ class _Session:
         self.task: asyncio.Task | None = None
         self.app = ""
         self.connect_info: dict[str, Any] = {}
-        self.stream: IngestStream | None = None
+        self.stream: RtmpStream | None = None
         self.decoder = AvcDecoder(self.settings.max_width, self.settings.max_height)
         self.ack_window = 0
         self.last_ack = 0
@@ -587,7 +598,7 @@ class _Session:
         for chunk in chunks:
             stream.queue.put(chunk)
 
-    def _decode_and_process(self, stream: IngestStream, tag: Any, dts: int) -> list[RawChunk]:
+    def _decode_and_process(self, stream: RtmpStream, tag: Any, dts: int) -> list[RawChunk]:
         frames = self.decoder.decode(tag, dts)
         stream.stats.decode_errors = self.decoder.errors
         return stream.process(frames, self) if frames else []

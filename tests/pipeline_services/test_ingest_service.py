@@ -24,7 +24,7 @@ from encoder.vae import StreamVAE
 from ingest.service import (
     CHUNKS_DROPPED,
     IngestService,
-    IngestStreamState,
+    IngestStream,
     largest_messages,
     max_prompt_tokens,
 )
@@ -289,7 +289,7 @@ async def test_chunks_past_their_deadline_are_dropped_and_counted(ingest: Ingest
 
 def test_stream_state_round_trips_with_a_bounded_replay_ring() -> None:
     spec = StreamSpec(stream_id="s1", width=SIZE, height=SIZE, fps=16.0, steps=2, prompt="p")
-    state = IngestStreamState.new(spec, prompt_version=2, replay_chunks=3, replay_head=1)
+    state = IngestStream.new(spec, prompt_version=2, replay_chunks=3, replay_head=1)
     vae = StreamVAE(make_tiny_vae(0))
     frames = torch.rand(1, 3, 5, SIZE, SIZE) * 2 - 1
     vae.encode(state.vae, frames)
@@ -300,7 +300,7 @@ def test_stream_state_round_trips_with_a_bounded_replay_ring() -> None:
     state.next_seq, state.last_seq = 7, 6
     state.steps_from.append((9, 3))  # a steps change from the segment starting at chunk 9
     state.drop("deadline")
-    back = IngestStreamState.from_bytes(state.to_bytes())
+    back = IngestStream.from_bytes(state.to_bytes())
     # the prepare chunk and the sink chunk, then the last 3
     assert [c.seq for c in back.replay] == [0, 1, 4, 5, 6] and back.replay.depth == 3
     assert all(torch.equal(a.latent, b.latent) for a, b in zip(state.replay, back.replay, strict=True))
