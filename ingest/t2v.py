@@ -57,7 +57,8 @@ class T2VSource:
         return self.seq
 
     def next_chunk(self, now: float) -> RawChunk:
-        """The next chunk, captured (begun) at wall-clock ``now``: its output frames' times, no input frames."""
+        """The next chunk, begun at wall-clock ``now`` (its slot on the schedule, not the wake-up time): its output
+        frames' times, no input frames."""
         n = self.clock.output_frames(self.seq - self.segment_start)
         times = [now + i / self.fps for i in range(n)]
         chunk = RawChunk(stream_id=self.stream_id, seq=self.seq, frames=np.empty((0, 0, 0, 3), np.uint8),
@@ -67,17 +68,17 @@ class T2VSource:
         return chunk
 
     async def _run(self) -> None:
-        anchor, frames = time.monotonic(), 0  # output frames emitted since the anchor
+        anchor, wall, frames = time.monotonic(), time.time(), 0  # output frames emitted since the anchor
         while not self.queue.closed:
             delay = anchor + frames / self.fps - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             if len(self.queue) >= self.queue.depth:
                 self.waits += 1
+                log.info("stream %s: the model is behind real time; T2V chunks wait for room", self.stream_id)
                 while len(self.queue) >= self.queue.depth and not self.queue.closed:
                     await asyncio.sleep(1.0 / self.fps)
-                anchor, frames = time.monotonic(), 0
-                log.info("stream %s: the model is behind real time; T2V chunks wait for room", self.stream_id)
-            chunk = self.next_chunk(time.time())
+                anchor, wall, frames = time.monotonic(), max(time.time(), wall + frames / self.fps), 0
+            chunk = self.next_chunk(wall + frames / self.fps)
             frames += len(chunk.frame_times)
             self.queue.put(chunk)
