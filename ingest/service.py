@@ -36,13 +36,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import nats.errors
 import torch
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
 from encoder.prompt import trim_padding
-from ingest.models import IngestModels, largest_messages, latent_chunk_bytes, max_prompt_tokens
+from ingest.admission import ask_admission, unservable
+from ingest.models import IngestModels, largest_messages, max_prompt_tokens
 from ingest.pacing import RawChunk
 from ingest.replay import sink_chunks, window_chunks
 from ingest.server import Decision, RtmpServer, RtmpStream, StreamShape
@@ -221,34 +221,8 @@ class IngestService(Service):
 
     async def _refusal(self, spec: StreamSpec) -> str:
         """Why ``spec`` cannot start here ("" when it can): its size, its prompt, or the controller's answer."""
-        return self._unservable(spec) or self._prompt_problem(spec.prompt) or await self._admission(spec)
-
-    async def _admission(self, spec: StreamSpec) -> str:
-        """The controller's refusal reason, or "" when the stream may start (no controller deployed: admitted)."""
-        assert self.bus is not None
-        try:
-            reply = await self.bus.request(Subjects.admission(), spec, timeout=self.settings.ingest.admission_timeout_s)
-        except nats.errors.NoRespondersError:
-            log.warning("stream %s: no controller answers admission; admitted", spec.stream_id)
-            return ""
-        except (nats.errors.TimeoutError, TimeoutError):
-            return "the controller did not answer admission in time; retry"
-        except nats.errors.Error as e:  # connection closed or draining (shutdown)
-            return f"cannot reach the controller ({type(e).__name__}); retry"
-        except ProtocolError as e:
-            return f"malformed admission answer ({e}); retry"
-        return reply.message if isinstance(reply, Error) else ""
-
-    def _unservable(self, spec: StreamSpec) -> str:
-        ing = self.settings.ingest
-        if spec.width > ing.max_model_width or spec.height > ing.max_model_height:
-            return f"model size {spec.width}x{spec.height} exceeds {ing.max_model_width}x{ing.max_model_height}"
-        if spec.t2v:
-            size = latent_chunk_bytes(self.settings, spec.width, spec.height, spec.t2v_frames)
-            if size > self.settings.nats.max_send_bytes:
-                return (f"a chunk of {spec.t2v_frames} latent frames at {spec.width}x{spec.height} is {size} bytes, "
-                        f"over nats.max_send_bytes {self.settings.nats.max_send_bytes}: use fewer t2v_frames")
-        return ""
+        return (unservable(self.settings, spec) or self._prompt_problem(spec.prompt)
+                or await ask_admission(self.bus, spec, self.settings.ingest.admission_timeout_s))
 
     # -- streams ------------------------------------------------------------------------------------------------
 
@@ -307,7 +281,7 @@ class IngestService(Service):
             return r.model_copy(update={"state": "live"})
 
         record = await self.table.update(sid, claim)
-        spec = record.spec if not self._unservable(record.spec) and record.spec.t2v == spec.t2v else spec
+        spec = record.spec if not unservable(self.settings, record.spec) and record.spec.t2v == spec.t2v else spec
         stream = IngestStream.new(spec, record.prompt_version, *self.replay_depth())
         stream.source = source
         stream.window = await self.bus.credit_window(Subjects.stream_latent(sid),
@@ -520,7 +494,7 @@ class IngestService(Service):
             return
         kept = ("width", "height", "fps", "t2v", "t2v_frames", "prompt")
         new = spec.model_copy(update={k: getattr(stream.spec, k) for k in kept})
-        problem = self._unservable(new)
+        problem = unservable(self.settings, new)
         if problem:
             log.warning("stream %s: spec change refused: %s", sid, problem)
             await self.bus.respond(msg, Error(code="bad_spec", stream_id=sid, message=problem))

@@ -206,16 +206,22 @@ def test_live_prompt_change_takes_effect_at_the_reported_seq(stack: LocalStack) 
     output before it and differ from it at every chunk from it on (negative control)."""
     _, effective, chunks_in, frames_out = _live_change(stack, {"prompt": "second", "mode": "blend",
                                                                 "blend_chunks": 1})
-    ref = _reference(chunks_in, effective, mode="blend", chunks=1)
-    unchanged = _reference(chunks_in, None)
+    _assert_change_at(frames_out, effective, _reference(chunks_in, effective, mode="blend", chunks=1),
+                      _reference(chunks_in, None))
+
+
+def _assert_change_at(frames_out: np.ndarray, effective: int, ref: np.ndarray, other: np.ndarray,
+                      chunks: int | None = None) -> None:
+    """The output equals ``ref``; before chunk ``effective`` it equals ``other`` too, and from it on (for
+    ``chunks`` chunks, default: every whole chunk out) it differs from ``other`` at every chunk."""
     n = min(len(ref), len(frames_out))
     last = (n - 5) // 4  # the last whole output chunk
     assert last >= effective + 1, (n, effective)
     np.testing.assert_allclose(frames_out[:n], ref[:n], atol=1e-5, rtol=0)
     change = _chunk_frames(effective).start
-    np.testing.assert_allclose(frames_out[:change], unchanged[:change], atol=1e-5, rtol=0)
-    for seq in range(effective, last + 1):
-        assert np.abs(frames_out[_chunk_frames(seq)] - unchanged[_chunk_frames(seq)]).max() > 1e-3, seq
+    np.testing.assert_allclose(frames_out[:change], other[:change], atol=1e-5, rtol=0)
+    for seq in range(effective, min(last, effective + chunks - 1 if chunks else last) + 1):
+        assert np.abs(frames_out[_chunk_frames(seq)] - other[_chunk_frames(seq)]).max() > 1e-3, seq
 
 
 def test_live_cut_restarts_the_warm_up_as_the_single_process_pipeline_does(stack: LocalStack) -> None:
@@ -259,16 +265,8 @@ def test_live_blend_over_four_chunks_equals_the_single_process_pipeline(stack: L
     "blend", chunks=4)`` before the reported chunk, and differ from an instant switch (negative control)."""
     _, effective, chunks_in, frames_out = _live_change(stack, {"prompt": "second", "mode": "blend",
                                                                 "blend_chunks": 4}, seconds=8.0)
-    ref = _reference(chunks_in, effective, mode="blend", chunks=4)
-    instant = _reference(chunks_in, effective, mode="blend", chunks=1)
-    n = min(len(ref), len(frames_out))
-    last = (n - 5) // 4  # the last whole output chunk
-    assert last >= effective + 1, (n, effective)
-    np.testing.assert_allclose(frames_out[:n], ref[:n], atol=1e-5, rtol=0)
-    change = _chunk_frames(effective).start
-    np.testing.assert_allclose(frames_out[:change], instant[:change], atol=1e-5, rtol=0)
-    for seq in range(effective, min(last, effective + 2) + 1):
-        assert np.abs(frames_out[_chunk_frames(seq)] - instant[_chunk_frames(seq)]).max() > 1e-3, seq
+    _assert_change_at(frames_out, effective, _reference(chunks_in, effective, mode="blend", chunks=4),
+                      _reference(chunks_in, effective, mode="blend", chunks=1), chunks=3)
 
 
 def test_a_t2v_stream_plays_in_hls_and_equals_the_single_process_pipeline(stack: LocalStack) -> None:
