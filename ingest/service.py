@@ -45,7 +45,8 @@ from ingest.admission import ask_admission, unservable
 from ingest.models import IngestModels, largest_messages, max_prompt_tokens
 from ingest.pacing import RawChunk
 from ingest.replay import sink_chunks, window_chunks
-from ingest.server import Decision, RtmpServer, RtmpStream, StreamShape
+from ingest.rtmp_stream import Decision, RtmpStream, StreamShape
+from ingest.server import RtmpServer
 from ingest.stream import CHUNKS_DROPPED, ChunkSource, IngestStream
 from ingest.t2v import T2VSource
 from proto import (
