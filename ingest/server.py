@@ -1,8 +1,8 @@
 """An asyncio RTMP ingest server: many publishers on one port, stream keys checked before media flows.
 
-One ``RtmpServer`` owns the listening socket and the ``IngestStream`` objects; one ``_Session`` per TCP
-connection runs the handshake, the chunk-stream parser and the AMF0 command exchange OBS, ffmpeg and
-GStreamer expect. Video is decoded, paced and chunked in a worker thread, and each chunk lands in the
+One ``RtmpServer`` owns the listening socket and the ``RtmpStream`` objects (``ingest.rtmp_stream``); one
+``_Session`` per TCP connection runs the handshake, the chunk-stream parser and the AMF0 command exchange OBS,
+ffmpeg and GStreamer expect. Video is decoded, paced and chunked in a worker thread, and each chunk lands in the
 stream's bounded ``ChunkQueue``, which the service that wraps this server consumes. Any error in one
 connection closes that connection only, with a logged (and, where the protocol allows, client-visible) reason.
 """
@@ -13,16 +13,13 @@ import asyncio
 import collections
 import logging
 import os
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import av
-import numpy as np
-
-from ingest.pacing import Chunker, ChunkQueue, FramePacer, RawChunk
+from ingest.pacing import RawChunk
+from ingest.rtmp_stream import Decision, RtmpStream, StreamShape
 from media import amf0
 from media.chunkstream import (
     ACKNOWLEDGEMENT,
@@ -45,8 +42,6 @@ from media.chunkstream import (
     user_control,
 )
 from media.flv import AvcDecoder, TagKind, UnsupportedVideo, metadata_codec_problem, parse_video_tag
-from media.frames import shape_frame
-from proto.clock import ChunkClock
 from services.config import IngestSettings, StreamDefaults
 
 log = logging.getLogger(__name__)
@@ -56,25 +51,6 @@ _MEDIA_STREAM_ID = 1
 _CSID_COMMAND = 3
 _CSID_STATUS = 5
 _PROBE = "closed before the handshake"
-
-
-@dataclass(frozen=True)
-class StreamShape:
-    """What the model wants from a stream: frame size and rate."""
-
-    width: int
-    height: int
-    fps: float
-
-
-@dataclass(frozen=True)
-class Decision:
-    """An authoriser's answer; ``stream_id`` is stable for a key, so a reconnect resumes the same stream."""
-
-    allowed: bool
-    reason: str = ""
-    stream_id: str = ""
-    shape: StreamShape | None = None
 
 
 Authoriser = Callable[[str, str, dict[str, Any]], Awaitable[Decision]]
@@ -112,68 +88,6 @@ class Refused(Exception):
 
 
 @dataclass
-class StreamStats:
-    video_messages: int = 0
-    audio_messages: int = 0
-    frames_decoded: int = 0
-    decode_errors: int = 0
-    reordered_frames: int = 0  # coded frames with a composition-time offset (B-frames)
-    sessions: int = 0
-
-
-class IngestStream:
-    """Per-stream state that outlives a connection: a publisher reconnecting with the same key resumes it."""
-
-    def __init__(
-        self, stream_id: str, stream_key: str, shape: StreamShape, queue_depth: int, latency_budget_s: float
-    ) -> None:
-        self.stream_id, self.stream_key, self.shape = stream_id, stream_key, shape
-        self.queue = ChunkQueue(queue_depth)
-        self.pacer = FramePacer(shape.fps)
-        self.chunker = Chunker(stream_id, ChunkClock(), latency_budget_s)
-        self.metadata: dict[str, Any] = {}
-        self.audio_config: bytes | None = None
-        self.stats = StreamStats()
-        self.publishing = False
-        self.ended = False
-        self._last_frame: np.ndarray | None = None
-        self._lock = threading.Lock()
-        self._owner: object | None = None
-        self._linger: asyncio.TimerHandle | None = None
-
-    def process(self, frames: list[av.VideoFrame], owner: object) -> list[RawChunk]:
-        """Pace, shape and chunk decoded frames (worker thread); frames of a replaced session are discarded."""
-        out: list[RawChunk] = []
-        with self._lock:
-            if owner is not self._owner:
-                return out
-            for frame in frames:
-                self.stats.frames_decoded += 1
-                ts = float(frame.pts * frame.time_base) if frame.pts is not None else 0.0
-                slot = self.pacer.place(ts, time.time())
-                if not slot.keep:
-                    continue
-                for i in range(slot.repeat_previous):
-                    held_slot = slot.index - slot.repeat_previous + i
-                    self._emit(self._last_frame, held_slot, out)
-                self._last_frame = shape_frame(frame, self.shape.width, self.shape.height)
-                self._emit(self._last_frame, slot.index, out)
-        return out
-
-    def cut(self) -> int:
-        """Start a new warm-up segment with the next chunk (``Chunker.cut``); returns that chunk's seq."""
-        with self._lock:
-            return self.chunker.cut()
-
-    def _emit(self, frame: np.ndarray | None, slot: int, out: list[RawChunk]) -> None:
-        if frame is None:
-            return
-        chunk = self.chunker.push(frame, self.pacer.capture_time(slot))
-        if chunk is not None:
-            out.append(chunk)
-
-
-@dataclass
 class ServerStats:
     connections: int = 0
     accepted: int = 0
@@ -182,7 +96,7 @@ class ServerStats:
 
 
 class RtmpServer:
-    """The RTMP listener; ``streams`` maps stream id → ``IngestStream`` while a stream is live or lingering."""
+    """The RTMP listener; ``streams`` maps stream id → ``RtmpStream`` while a stream is live or lingering."""
 
     def __init__(
         self,
@@ -190,8 +104,8 @@ class RtmpServer:
         authoriser: Authoriser,
         default_shape: StreamShape | None = None,
         latency_budget_s: float | None = None,
-        on_stream_start: Callable[[IngestStream], None] | None = None,
-        on_stream_end: Callable[[IngestStream], None] | None = None,
+        on_stream_start: Callable[[RtmpStream], None] | None = None,
+        on_stream_end: Callable[[RtmpStream], None] | None = None,
     ) -> None:
         defaults = StreamDefaults()
         self.settings = settings
@@ -199,7 +113,7 @@ class RtmpServer:
         self.default_shape = default_shape or StreamShape(defaults.width, defaults.height, defaults.fps)
         self.latency_budget_s = latency_budget_s if latency_budget_s is not None else defaults.slo_latency_ms / 1000.0
         self.on_stream_start, self.on_stream_end = on_stream_start, on_stream_end
-        self.streams: dict[str, IngestStream] = {}
+        self.streams: dict[str, RtmpStream] = {}
         self.stats = ServerStats()
         self.refusals: collections.deque[tuple[str, str]] = collections.deque(maxlen=1000)
         self.limits = ChunkLimits(
@@ -262,10 +176,10 @@ class RtmpServer:
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _attach(self, session: _Session, decision: Decision, key: str) -> IngestStream:
+    async def _attach(self, session: _Session, decision: Decision, key: str) -> RtmpStream:
         stream = self.streams.get(decision.stream_id)
         if stream is None or stream.ended:
-            stream = IngestStream(
+            stream = RtmpStream(
                 decision.stream_id,
                 key,
                 decision.shape or self.default_shape,
@@ -291,7 +205,7 @@ class RtmpServer:
         self.stats.accepted += 1
         return stream
 
-    def _detach(self, session: _Session, stream: IngestStream) -> None:
+    def _detach(self, session: _Session, stream: RtmpStream) -> None:
         with stream._lock:
             if stream._owner is not session:
                 return
@@ -300,7 +214,7 @@ class RtmpServer:
         loop = asyncio.get_running_loop()
         stream._linger = loop.call_later(self.settings.stream_linger_s, self._end_stream, stream)
 
-    def _end_stream(self, stream: IngestStream) -> None:
+    def _end_stream(self, stream: RtmpStream) -> None:
         if stream.ended:
             return
         if stream._linger is not None:
@@ -327,7 +241,7 @@ class _Session:
         self.task: asyncio.Task | None = None
         self.app = ""
         self.connect_info: dict[str, Any] = {}
-        self.stream: IngestStream | None = None
+        self.stream: RtmpStream | None = None
         self.decoder = AvcDecoder(self.settings.max_width, self.settings.max_height)
         self.ack_window = 0
         self.last_ack = 0
@@ -587,7 +501,7 @@ class _Session:
         for chunk in chunks:
             stream.queue.put(chunk)
 
-    def _decode_and_process(self, stream: IngestStream, tag: Any, dts: int) -> list[RawChunk]:
+    def _decode_and_process(self, stream: RtmpStream, tag: Any, dts: int) -> list[RawChunk]:
         frames = self.decoder.decode(tag, dts)
         stream.stats.decode_errors = self.decoder.errors
         return stream.process(frames, self) if frames else []

@@ -36,7 +36,7 @@ from proto import (
     Subjects,
 )
 from proto import decode as decode_message
-from proto.spec import MAX_FPS, MAX_MODEL_HEIGHT, MAX_MODEL_WIDTH, MAX_STEPS, SIZE_MULTIPLE
+from proto.spec import MAX_FPS, MAX_MODEL_HEIGHT, MAX_MODEL_WIDTH, MAX_STEPS, MAX_T2V_FRAMES, SIZE_MULTIPLE
 from services.bus import KV, Bus
 from services.config import Settings
 from services.controller.policy import admission_key
@@ -59,6 +59,7 @@ class CreateStream(Body):
     noise_scale: float = Field(0.8, gt=0, le=1)
     motion_aware: bool = True
     t2v: bool = False
+    t2v_frames: int = Field(1, ge=1, le=MAX_T2V_FRAMES, description="text-to-video: latent frames per chunk")
     slo_latency_ms: float = Field(1000.0, gt=0)
 
 
@@ -153,7 +154,8 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
         spec = StreamSpec(stream_id=new_stream_id(), width=body.width, height=body.height, fps=body.fps,
                           steps=body.steps, prompt=body.prompt, seed=body.seed,
                           noise=NoiseParams(noise_scale=body.noise_scale, motion_aware=body.motion_aware),
-                          slo=SLO(target_fps=body.fps, max_latency_ms=body.slo_latency_ms), t2v=body.t2v)
+                          slo=SLO(target_fps=body.fps, max_latency_ms=body.slo_latency_ms), t2v=body.t2v,
+                          t2v_frames=body.t2v_frames)
         record, key = await table.create(spec)
         await bus.publish(Subjects.stream_spec(spec.stream_id), spec)
         created = info(record, CreatedStream, stream_key=key,

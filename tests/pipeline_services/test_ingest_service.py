@@ -24,7 +24,7 @@ from encoder.vae import StreamVAE
 from ingest.service import (
     CHUNKS_DROPPED,
     IngestService,
-    IngestStreamState,
+    IngestStream,
     largest_messages,
     max_prompt_tokens,
 )
@@ -289,7 +289,7 @@ async def test_chunks_past_their_deadline_are_dropped_and_counted(ingest: Ingest
 
 def test_stream_state_round_trips_with_a_bounded_replay_ring() -> None:
     spec = StreamSpec(stream_id="s1", width=SIZE, height=SIZE, fps=16.0, steps=2, prompt="p")
-    state = IngestStreamState.new(spec, prompt_version=2, replay_chunks=3, replay_head=1)
+    state = IngestStream.new(spec, prompt_version=2, replay_chunks=3, replay_head=1)
     vae = StreamVAE(make_tiny_vae(0))
     frames = torch.rand(1, 3, 5, SIZE, SIZE) * 2 - 1
     vae.encode(state.vae, frames)
@@ -301,7 +301,7 @@ def test_stream_state_round_trips_with_a_bounded_replay_ring() -> None:
     state.next_seq, state.last_seq = 7, 6
     state.steps_from.append((9, 3))  # a steps change from the segment starting at chunk 9
     state.drop("deadline")
-    back = IngestStreamState.from_bytes(state.to_bytes())
+    back = IngestStream.from_bytes(state.to_bytes())
     # the prepare chunk and the sink chunk, then the last 3
     assert [c.seq for c in back.replay] == [0, 1, 4, 5, 6] and back.replay.depth == 3
     assert all(torch.equal(a.latent, b.latent) for a, b in zip(state.replay, back.replay, strict=True))
@@ -400,3 +400,61 @@ async def test_chunks_are_clocked_by_the_configured_ring(nats_settings: NatsSett
     assert [c.seq for c in rec.chunks] == list(range(11))
     assert [c.rope_start for c in rec.chunks] == [clock.rope_start(c) for c in range(11)]
     assert [c.rope_start for c in rec.chunks] != [ChunkClock().rope_start(c) for c in range(11)]
+
+
+async def test_a_t2v_stream_runs_from_the_table_with_a_blend_until_deleted(ingest: IngestService, bus: Bus,
+                                                                           eventually) -> None:
+    """A T2V record has no publisher: ingest starts it from the stream table and emits noise-only chunks (zeros,
+    noise scale 1, the step list) on its chunk clock at the spec's rate, exactly spaced by their output frames.
+    A `blend` over 4 chunks stamps the next 3 with (new version, old version, j/4); deleting the record ends it."""
+    table = await StreamTable.open(bus)
+    spec = StreamSpec(stream_id=new_stream_id(), width=SIZE, height=SIZE, fps=16.0, steps=2, prompt="a cat",
+                      t2v=True, t2v_frames=2, slo=SLO(max_latency_ms=LATENCY_MS))
+    sid = spec.stream_id
+    rec = Recorder()
+    await rec.attach(bus, sid)
+    await table.create(spec)
+    _CREATED.append((table, sid))
+    await eventually(lambda: len(rec.chunks) >= 2, timeout=20)
+    assert (await table.get(sid)).state == "live"
+    reply = await bus.request(Subjects.stream_prompt(sid), PromptUpdate(stream_id=sid, version=1, prompt="a dog",
+                                                                        mode="blend", blend_chunks=4), timeout=5)
+    assert isinstance(reply, Ack) and reply.ref.isdigit(), reply
+    effective = int(reply.ref)
+    await eventually(lambda: len(rec.chunks) >= effective + 5, timeout=30)
+    prompts = await bus.kv(Buckets.PROMPTS)
+    assert await prompts.get(f"{sid}.0") is not None  # the blend's source stays for late joiners
+    await table.delete(sid)
+    await eventually(rec.ended, timeout=20)
+
+    assert [e.kind for e in rec.events] == ["live", "ended"]
+    assert [c.seq for c in rec.chunks] == list(range(len(rec.chunks)))
+    clock = ChunkClock.t2v(2)
+    f = ingest.models.vae.spatial_factor
+    for c in rec.chunks:
+        assert tuple(c.latent.shape) == (2, ingest.models.vae.z_dim, SIZE // f, SIZE // f)
+        assert not c.latent.any() and c.noise_scale == 1.0 and c.timesteps == [700, 500]
+        assert (c.latent_start, c.rope_start) == (clock.latent_start(c.seq), clock.rope_start(c.seq))
+    # chunk c+1 begins output_frames(c) / fps after chunk c (5 frames for the first, then 8)
+    gaps = [b.capture_time - a.capture_time for a, b in zip(rec.chunks, rec.chunks[1:], strict=False)]
+    assert gaps == pytest.approx([clock.output_frames(c) / 16.0 for c in range(len(gaps))], abs=1e-6)
+    stamps = [(c.prompt_version, c.blend_from, c.blend_alpha) for c in rec.chunks]
+    assert stamps[:effective] == [(0, None, 1.0)] * effective
+    assert stamps[effective:effective + 4] == [(1, 0, 0.25), (1, 0, 0.5), (1, 0, 0.75), (1, None, 1.0)]
+    assert all(s == (1, None, 1.0) for s in stamps[effective + 4:])
+
+
+def test_a_blend_is_stamped_per_chunk_and_survives_a_move() -> None:
+    """(version, blend_from, alpha) per chunk: j/N for the j-th chunk after the change, plain from the N-th; a blend
+    at a segment's first chunk just replaces the prompt; the schedule moves with the stream."""
+    spec = StreamSpec(stream_id="s1", width=SIZE, height=SIZE, fps=16.0, steps=2, prompt="p")
+    stream = IngestStream.new(spec, prompt_version=0, replay_chunks=3)
+    assert stream.accept_prompt(1, "q", "blend", 4) == 0 and stream.prompt_of(0) == (1, None, 1.0)
+    stream.next_seq = 5
+    assert stream.accept_prompt(2, "r", "blend", 3) == 5
+    back = IngestStream.from_bytes(stream.to_bytes())
+    for s in (stream, back):
+        assert [s.prompt_of(q) for q in range(4, 9)] == [(1, None, 1.0), (2, 1, 1 / 3), (2, 1, 2 / 3),
+                                                         (2, None, 1.0), (2, None, 1.0)]
+    stream.next_seq = 9
+    assert stream.accept_prompt(3, "s", "blend", 1) == 9 and stream.prompt_of(9) == (3, None, 1.0)

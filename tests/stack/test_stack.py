@@ -231,16 +231,22 @@ def test_live_prompt_change_takes_effect_at_the_reported_seq(stack: LocalStack) 
     output before it and differ from it at every chunk from it on (negative control)."""
     _, effective, chunks_in, frames_out = _live_change(stack, {"prompt": "second", "mode": "blend",
                                                                 "blend_chunks": 1})
-    ref = _reference(chunks_in, effective, mode="blend", chunks=1)
-    unchanged = _reference(chunks_in, None)
+    _assert_change_at(frames_out, effective, _reference(chunks_in, effective, mode="blend", chunks=1),
+                      _reference(chunks_in, None))
+
+
+def _assert_change_at(frames_out: np.ndarray, effective: int, ref: np.ndarray, other: np.ndarray,
+                      chunks: int | None = None) -> None:
+    """The output equals ``ref``; before chunk ``effective`` it equals ``other`` too, and from it on (for
+    ``chunks`` chunks, default: every whole chunk out) it differs from ``other`` at every chunk."""
     n = min(len(ref), len(frames_out))
     last = (n - 5) // 4  # the last whole output chunk
     assert last >= effective + 1, (n, effective)
     np.testing.assert_allclose(frames_out[:n], ref[:n], atol=1e-5, rtol=0)
     change = _chunk_frames(effective).start
-    np.testing.assert_allclose(frames_out[:change], unchanged[:change], atol=1e-5, rtol=0)
-    for seq in range(effective, last + 1):
-        assert np.abs(frames_out[_chunk_frames(seq)] - unchanged[_chunk_frames(seq)]).max() > 1e-3, seq
+    np.testing.assert_allclose(frames_out[:change], other[:change], atol=1e-5, rtol=0)
+    for seq in range(effective, min(last, effective + chunks - 1 if chunks else last) + 1):
+        assert np.abs(frames_out[_chunk_frames(seq)] - other[_chunk_frames(seq)]).max() > 1e-3, seq
 
 
 def test_live_cut_restarts_the_warm_up_as_the_single_process_pipeline_does(stack: LocalStack) -> None:
@@ -276,6 +282,72 @@ def test_live_steps_change_starts_a_new_segment_and_keeps_the_stream_going(stack
     np.testing.assert_allclose(frames_out[:change], unchanged[:change], atol=1e-5, rtol=0)
     np.testing.assert_allclose(frames_out[change : change + n], fresh[:n], atol=1e-5, rtol=0)
     assert np.abs(frames_out[change : change + n] - unchanged[change : change + n]).max() > 1e-3
+
+
+def test_live_blend_over_four_chunks_equals_the_single_process_pipeline(stack: LocalStack) -> None:
+    """PATCH a `blend` over 4 chunks: ingest stamps the next chunks with (new version, old version, j/4) and the
+    first DiT stage lerps the two embeddings; the decoder's frames equal StreamPipeline's ``set_prompt(mode=
+    "blend", chunks=4)`` before the reported chunk, and differ from an instant switch (negative control)."""
+    _, effective, chunks_in, frames_out = _live_change(stack, {"prompt": "second", "mode": "blend",
+                                                                "blend_chunks": 4}, seconds=8.0)
+    _assert_change_at(frames_out, effective, _reference(chunks_in, effective, mode="blend", chunks=4),
+                      _reference(chunks_in, effective, mode="blend", chunks=1), chunks=3)
+
+
+def test_a_t2v_stream_plays_in_hls_and_equals_the_single_process_pipeline(stack: LocalStack) -> None:
+    """A stream created with ``t2v: true`` has no publisher: ingest starts it from the stream table and makes its
+    noise-only chunks on the chunk clock. Its HLS segments decode to the spec's size while it is live; the
+    decoder's frames equal ``StreamPipeline.generate`` with the same seed, prompt and latent frames per chunk;
+    deleting the stream ends it."""
+    prompt = "a watercolour sea"
+    created = stack.api("POST", "/v1/streams", {"prompt": prompt, "width": SIZE, "height": SIZE, "fps": FPS,
+                                                "steps": STEPS, "seed": SEED, "t2v": True, "t2v_frames": 2,
+                                                "slo_latency_ms": 120000})
+    sid = created["id"]
+    tapped = stack.workdir / "tap-out" / sid
+    _wait(lambda: len(list(tapped.glob("*.npy"))) >= 4, 180, "four T2V chunks decoded")
+
+    def segments() -> list:
+        status, body = _get(stack, f"/hls/{sid}/index.m3u8")
+        return m3u8.loads(body.decode()).segments if status == 200 else []
+
+    _wait(lambda: len(segments()) >= 2, 60, "two HLS segments")
+    _, init = _get(stack, f"/hls/{sid}/init.mp4")
+    decoded = 0
+    for seg in segments():
+        _, data = _get(stack, f"/hls/{sid}/{seg.uri}")
+        with av.open(io.BytesIO(init + data)) as container:
+            for frame in container.decode(container.streams.video[0]):
+                assert (frame.width, frame.height) == (SIZE, SIZE)
+                decoded += 1
+    assert decoded >= 2 * FPS  # two 1 s segments
+
+    stack.api("DELETE", f"/v1/streams/{sid}")
+    _, frames_out = _taps_out(stack, sid)
+    pipe = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=STEPS, output="float",
+                                              t2v_latent_frames=2))
+    ref = pipe.generate(pipe.open_stream(PipelineStreamSpec(prompt=prompt, seed=SEED, t2v=True)), len(frames_out))
+    n = min(len(ref), len(frames_out))
+    assert n >= 5 + 8 * 2, (len(ref), len(frames_out))
+    np.testing.assert_allclose(frames_out[:n], ref[:n], atol=1e-5, rtol=0)
+    other = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=STEPS, output="float"))
+    one_frame = other.generate(other.open_stream(PipelineStreamSpec(prompt=prompt, seed=SEED, t2v=True)), n)
+    assert np.abs(frames_out[5:n] - one_frame[5:n]).max() > 1e-3  # negative control: latent frames per chunk
+
+
+def _taps_out(stack: LocalStack, sid: str) -> tuple[int, np.ndarray]:
+    """The decoder's tapped frames of a stream, once they stop growing: (chunks, frames in seq order)."""
+    tapped = stack.workdir / "tap-out" / sid
+    counts: list[int] = []
+
+    def settled() -> bool:
+        counts.append(len(list(tapped.glob("*.npy"))))
+        return len(counts) > 10 and len(set(counts[-10:])) == 1
+
+    _wait(settled, 120, "the decoder's output to settle")
+    paths = sorted(tapped.glob("*.npy"), key=lambda p: int(p.stem))
+    assert [int(p.stem) for p in paths] == list(range(len(paths)))
+    return len(paths), np.concatenate([np.load(p) for p in paths])
 
 
 def test_the_up_stack_plays_moving_video_in_chromium(stack: LocalStack) -> None:

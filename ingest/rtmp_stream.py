@@ -1,0 +1,112 @@
+"""The RTMP side of one stream: what the authoriser decides for a publisher, and the ``RtmpStream`` (pacer, chunker,
+chunk queue) that outlives its connections. ``ingest.server`` feeds it decoded frames; the service takes its chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import av
+import numpy as np
+
+from ingest.pacing import Chunker, ChunkQueue, FramePacer, RawChunk
+from media.frames import shape_frame
+from proto.clock import ChunkClock
+
+__all__ = ["Decision", "RtmpStream", "StreamShape", "StreamStats"]
+
+
+@dataclass(frozen=True)
+class StreamShape:
+    """What the model wants from a stream: frame size and rate."""
+
+    width: int
+    height: int
+    fps: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An authoriser's answer; ``stream_id`` is stable for a key, so a reconnect resumes the same stream."""
+
+    allowed: bool
+    reason: str = ""
+    stream_id: str = ""
+    shape: StreamShape | None = None
+
+
+@dataclass
+class StreamStats:
+    video_messages: int = 0
+    audio_messages: int = 0
+    frames_decoded: int = 0
+    decode_errors: int = 0
+    reordered_frames: int = 0  # coded frames with a composition-time offset (B-frames)
+    sessions: int = 0
+
+
+class RtmpStream:
+    """The RTMP side of one stream (pacer, chunker, chunk queue); it outlives a connection: a publisher
+    reconnecting with the same key resumes it."""
+
+    def __init__(
+        self, stream_id: str, stream_key: str, shape: StreamShape, queue_depth: int, latency_budget_s: float
+    ) -> None:
+        self.stream_id, self.stream_key, self.shape = stream_id, stream_key, shape
+        self.queue = ChunkQueue(queue_depth)
+        self.pacer = FramePacer(shape.fps)
+        self.chunker = Chunker(stream_id, ChunkClock(), latency_budget_s)
+        self.metadata: dict[str, Any] = {}
+        self.audio_config: bytes | None = None
+        self.stats = StreamStats()
+        self.publishing = False
+        self.ended = False
+        self._last_frame: np.ndarray | None = None
+        self._lock = threading.Lock()
+        self._owner: object | None = None
+        self._linger: asyncio.TimerHandle | None = None
+
+    def process(self, frames: list[av.VideoFrame], owner: object) -> list[RawChunk]:
+        """Pace, shape and chunk decoded frames (worker thread); frames of a replaced session are discarded."""
+        out: list[RawChunk] = []
+        with self._lock:
+            if owner is not self._owner:
+                return out
+            for frame in frames:
+                self.stats.frames_decoded += 1
+                ts = float(frame.pts * frame.time_base) if frame.pts is not None else 0.0
+                slot = self.pacer.place(ts, time.time())
+                if not slot.keep:
+                    continue
+                for i in range(slot.repeat_previous):
+                    held_slot = slot.index - slot.repeat_previous + i
+                    self._emit(self._last_frame, held_slot, out)
+                self._last_frame = shape_frame(frame, self.shape.width, self.shape.height)
+                self._emit(self._last_frame, slot.index, out)
+        return out
+
+    @property
+    def segment(self) -> int:
+        """The warm-up segment the chunker cuts chunks for now."""
+        return self.chunker.segment
+
+    @property
+    def segment_start(self) -> int:
+        """The seq of the current segment's prepare chunk (the next chunk's, while it is not cut yet)."""
+        return self.chunker.segment_start
+
+    def cut(self) -> int:
+        """Start a new warm-up segment with the next chunk (``Chunker.cut``); returns that chunk's seq."""
+        with self._lock:
+            return self.chunker.cut()
+
+    def _emit(self, frame: np.ndarray | None, slot: int, out: list[RawChunk]) -> None:
+        if frame is None:
+            return
+        chunk = self.chunker.push(frame, self.pacer.capture_time(slot))
+        if chunk is not None:
+            out.append(chunk)

@@ -1,0 +1,369 @@
+"""One stream as ingest keeps it: ``IngestStream``, its state and what it does with each chunk.
+
+The object owns everything per stream between the chunk source and the bus: the Stream-VAE encoder cache and the
+motion EMA (V2V), the prompt versions with their blend schedule, the step count per segment, the warm-up segment,
+the chunk counters, the drop counts and the replay ring; and, while the stream is live here, the runtime handles
+that do not move (its chunk source, credit window, subscriptions). ``to_bytes``/``from_bytes`` move the state in
+one format. The chunk source is the RTMP side (``ingest.server.RtmpStream``: pacer, chunker, queue) or, for a T2V
+stream, ``ingest.t2v.T2VSource``; either gives ``RawChunk``s in a ``ChunkQueue`` and can ``cut`` a new segment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import nats.errors
+import numpy as np
+import torch
+from nats.aio.subscription import Subscription
+from prometheus_client import Counter, Histogram
+
+from encoder.motion import MotionNoiseConfig, MotionNoiseController, MotionNoiseState
+from encoder.vae import StreamVAE, StreamVAEState
+from ingest.pacing import ChunkQueue, RawChunk
+from ingest.replay import ReplayRing
+from proto import LatentChunk, StreamSpec, decode
+from proto.clock import ChunkClock
+from proto.spec import SDV2_STEPS, chunk_timesteps
+from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
+from services.runtime import write_debug_tap
+
+__all__ = ["CHUNKS_DROPPED", "ChunkSource", "IngestStream", "PromptChange", "motion_controller", "to_pixels"]
+
+log = logging.getLogger("rheo.ingest")
+
+CHUNKS_PUBLISHED = Counter("rheo_ingest_chunks_published_total", "latent chunks published to the first DiT stage")
+CHUNKS_DROPPED = Counter("rheo_ingest_chunks_dropped_total", "chunks dropped by ingest, by reason", ["reason"])
+CHUNKS_REPLAYED = Counter("rheo_ingest_chunks_replayed_total", "latent chunks republished to rebuild lost KV")
+ENCODE_SECONDS = Histogram("rheo_ingest_encode_seconds", "VAE encode + motion estimate time per chunk",
+                           buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0))
+
+_CREDIT_RESET_S = 5.0  # no credit for this long: the consumer restarted or never came; forget outstanding bytes
+
+
+def to_pixels(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 ``[T, H, W, 3]`` → float32 ``[1, 3, T, H, W]`` in [-1, 1] (the same mapping as ``StreamPipeline``)."""
+    t = torch.from_numpy(np.ascontiguousarray(frames))
+    return (t.float() / 127.5 - 1.0).permute(3, 0, 1, 2)[None].to(device)
+
+
+def motion_controller(spec: StreamSpec) -> MotionNoiseController:
+    """The stream's noise controller, configured as ``StreamPipeline`` configures its own."""
+    return MotionNoiseController(MotionNoiseConfig(enabled=spec.noise.motion_aware, s_init=spec.noise.noise_scale))
+
+
+class ChunkSource(Protocol):
+    """Where a stream's chunks come from (RTMP or the T2V clock)."""
+
+    queue: ChunkQueue
+
+    @property
+    def segment(self) -> int: ...
+
+    @property
+    def segment_start(self) -> int: ...
+
+    def cut(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class PromptChange:
+    """An accepted prompt change: ``version`` from chunk ``start`` on; a `blend` over ``chunks`` chunks from
+    ``blend_from`` stamps chunk ``start + j − 1`` with alpha j/chunks (the ``chunks``-th is plain ``version``)."""
+
+    start: int
+    version: int
+    blend_from: int | None = None
+    chunks: int = 1
+
+    def of(self, seq: int) -> tuple[int, int | None, float]:
+        """(prompt version, blend_from, blend_alpha) of chunk ``seq`` (``seq >= start``)."""
+        j = seq - self.start + 1
+        if self.blend_from is None or j >= self.chunks:
+            return self.version, None, 1.0
+        return self.version, self.blend_from, j / self.chunks
+
+
+@dataclass(eq=False)
+class IngestStream:
+    """Everything ingest keeps for one stream: one object, moved with ``to_bytes``/``from_bytes``.
+
+    ``next_seq`` is the seq of the next chunk taken from the source's queue (what a `blend` prompt change
+    answers; a `cut` answers the first chunk of the new segment), ``last_seq`` the last one published.
+    ``segment``/``segment_start``: the warm-up segment being encoded and the seq of its prepare chunk (latent and
+    RoPE positions count from it). ``versions``: the accepted prompt changes in order; a chunk takes the last one
+    that has begun; ``steps_from``: (first seq, step count) likewise (a change of it begins at a new segment's
+    prepare chunk: the DiT's stream state has one slot per step). ``replay`` holds the segment's prepare and sink
+    chunks and the last ``ingest.replay_chunks`` published chunks, for rebuilding a lost DiT stage's KV cache.
+    """
+
+    spec: StreamSpec
+    vae: StreamVAEState
+    motion: MotionNoiseState
+    prompt_version: int = 0
+    next_seq: int = 0
+    last_seq: int | None = None
+    replay: ReplayRing = field(default_factory=lambda: ReplayRing(0, 0))
+    segment: int = 0
+    segment_start: int = 0
+    versions: list[PromptChange] = field(default_factory=list)
+    steps_from: list[tuple[int, int]] = field(default_factory=list)
+    prompt_keys: list[str] = field(default_factory=list)
+    published: int = 0
+    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    # runtime handles while the stream is live here (not part of the movable state)
+    source: ChunkSource | None = field(default=None, repr=False)
+    window: CreditWindow | None = field(default=None, repr=False)
+    subs: list[Subscription] = field(default_factory=list, repr=False)
+    last_credit_progress: float = field(default_factory=time.monotonic, repr=False)
+    publishing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    """Live chunks and a replay never interleave."""
+
+    @classmethod
+    def new(cls, spec: StreamSpec, prompt_version: int, replay_chunks: int, replay_head: int = 0) -> IngestStream:
+        """``replay_chunks``: the ring's depth K; ``replay_head``: sink chunks kept after the prepare chunk."""
+        return cls(spec=spec, vae=StreamVAEState(), motion=motion_controller(spec).new_state(),
+                   prompt_version=prompt_version, replay=ReplayRing(replay_chunks, replay_head),
+                   versions=[PromptChange(0, prompt_version)], steps_from=[(0, spec.steps)])
+
+    @property
+    def stream_id(self) -> str:
+        return self.spec.stream_id
+
+    def version_of(self, seq: int) -> int:
+        """The prompt version chunk ``seq`` is encoded under: the last accepted change that has begun by it."""
+        return self.prompt_of(seq)[0]
+
+    def prompt_of(self, seq: int) -> tuple[int, int | None, float]:
+        """(prompt version, blend_from, blend_alpha) of chunk ``seq``. Changes before the last begun one can never
+        apply again (seqs only grow), so they are dropped."""
+        begun = [i for i, change in enumerate(self.versions) if change.start <= seq]
+        if not begun:
+            return self.prompt_version, None, 1.0
+        del self.versions[: begun[-1]]
+        return self.versions[0].of(seq)
+
+    def steps_of(self, seq: int) -> int:
+        """The denoising steps of chunk ``seq``: those of the last step change that has begun by it."""
+        begun = [i for i, (start, _) in enumerate(self.steps_from) if start <= seq]
+        if not begun:
+            return self.spec.steps
+        del self.steps_from[: begun[-1]]
+        return self.steps_from[0][1]
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        CHUNKS_DROPPED.labels(reason=reason).inc()
+
+    # -- live changes -------------------------------------------------------------------------------------------
+
+    def accept_prompt(self, version: int, prompt: str, mode: str, blend_chunks: int) -> int:
+        """Apply an accepted prompt change; returns the seq of the first chunk it applies to.
+
+        `cut`: the chunks already cut finish the old segment; the next one warms up anew. `blend` over N > 1
+        chunks: the next N − 1 chunks carry (``version``, the version in force, j/N), the stages lerp the two
+        embeddings; a blend that would begin at a segment's prepare chunk just replaces the prompt (as
+        ``StreamPipeline.set_prompt`` does before a stream's first chunk)."""
+        effective = self.next_seq
+        if mode == "cut" and self.source is not None:
+            effective = max(effective, self.source.cut())
+        starts_segment = effective == 0 or (self.source is not None and self.source.segment_start == effective)
+        blend = mode == "blend" and blend_chunks > 1 and not starts_segment
+        self.versions.append(PromptChange(effective, version, self.prompt_version if blend else None,
+                                          blend_chunks if blend else 1))
+        self.prompt_version = version
+        self.spec = self.spec.model_copy(update={"prompt": prompt})
+        return effective
+
+    def accept_spec(self, new: StreamSpec) -> int:
+        """Apply live parameters; returns the seq of the first chunk they apply to. The noise scale applies from
+        the next chunk encoded; a new step count starts a new warm-up segment (as a `cut`)."""
+        effective = self.next_seq
+        if new.steps != self.spec.steps:  # the spec holds the count last accepted (chunks may not have it yet)
+            if self.source is not None:
+                effective = max(effective, self.source.cut())
+            self.steps_from.append((effective, new.steps))
+        self.spec = new
+        return effective
+
+    # -- chunks -------------------------------------------------------------------------------------------------
+
+    def begin(self, raw: RawChunk) -> bool:
+        """Take chunk ``raw`` from the queue: a new segment's prepare chunk resets the caches; a segment whose
+        prepare chunk was lost (queue overflow) cannot run, so its chunk is dropped and a new segment is cut."""
+        self.next_seq = raw.seq + 1
+        if raw.segment == self.segment:
+            return True
+        if raw.seq != raw.segment_start:
+            self.drop("segment_unprepared")
+            if self.source is not None and self.source.segment == raw.segment:
+                self.source.cut()
+            log.warning("stream %s chunk %d dropped: segment %d lost its prepare chunk", self.stream_id, raw.seq,
+                        raw.segment)
+            return False
+        self.segment, self.segment_start = raw.segment, raw.seq  # a cut: the caches start over
+        self.vae = StreamVAEState()
+        self.motion = motion_controller(self.spec).new_state()
+        return True
+
+    def encode(self, vae: StreamVAE, raw: RawChunk, tap_dir: str | Path | None = None) -> tuple[torch.Tensor, float]:
+        """Model thread: the chunk's latent ``[F, C, h, w]`` and noise scale. V2V: motion estimate + Stream-VAE
+        encode, exactly as ``StreamPipeline._next_chunk``; T2V: zeros under noise scale 1 (pure noise)."""
+        spec = self.spec
+        if spec.t2v:
+            frames = spec.clock().latent_frames(raw.seq - self.segment_start)
+            f = vae.spatial_factor
+            return torch.zeros(frames, vae.z_dim, spec.height // f, spec.width // f), 1.0
+        expected = (len(raw.frame_times), spec.height, spec.width, 3)
+        if tuple(raw.frames.shape) != expected or raw.frames.dtype != np.uint8:
+            raise ValueError(f"chunk frames are {raw.frames.dtype}{tuple(raw.frames.shape)}, expected uint8{expected}")
+        if tap_dir is not None:
+            write_debug_tap(Path(tap_dir) / self.stream_id / f"chunk_{raw.seq:06d}.npy", raw.frames)
+        started = time.perf_counter()
+        px = to_pixels(raw.frames, vae.device)
+        level = motion_controller(spec).update(self.motion, px)
+        z = vae.encode(self.vae, px.to(vae.dtype)).float()
+        ENCODE_SECONDS.observe(time.perf_counter() - started)
+        return z[0].transpose(0, 1).contiguous().cpu(), level.scale  # [1, C, F, h, w] → [F, C, h, w]
+
+    def chunk(self, raw: RawChunk, latent: torch.Tensor, scale: float, deadline: float, epoch: int,
+              clock: ChunkClock) -> LatentChunk:
+        """The ``LatentChunk`` of ``raw``: clocked in its segment, under its prompt (mid-blend: with the blend's
+        source and weight) and step count. T2V chunks run the step list itself (no input to keep)."""
+        c = raw.seq - self.segment_start
+        version, blend_from, alpha = self.prompt_of(raw.seq)
+        steps = self.steps_of(raw.seq)
+        timesteps = list(SDV2_STEPS[:steps]) if self.spec.t2v else chunk_timesteps(steps, scale)
+        return LatentChunk(stream_id=self.stream_id, seed=self.spec.seed, fps=self.spec.fps, seq=raw.seq, epoch=epoch,
+                           latent_start=clock.latent_start(c), rope_start=clock.rope_start(c),
+                           capture_time=raw.frame_times[0], deadline=deadline,
+                           prompt_version=version, blend_from=blend_from, blend_alpha=alpha, noise_scale=scale,
+                           timesteps=timesteps, segment=self.segment, latent=latent)
+
+    async def publish(self, chunk: LatentChunk) -> None:
+        """Through the credit window, or dropped (counted) once it cannot make its deadline."""
+        assert self.window is not None
+        remaining = chunk.deadline - time.time()
+        if remaining <= 0:
+            self.drop("deadline")
+            log.warning("stream %s chunk %d dropped: %.0f ms past its deadline before publishing", self.stream_id,
+                        chunk.seq, -remaining * 1000)
+            return
+        try:
+            await self.window.publish(chunk, timeout=remaining)
+        except CreditTimeout:
+            self.drop("deadline")
+            log.warning("stream %s chunk %d dropped: no credit from the first DiT stage before its deadline",
+                        self.stream_id, chunk.seq)
+            self._maybe_reset_credit()
+            return
+        except (PayloadTooLarge, nats.errors.Error) as e:
+            self.drop("publish_error")
+            log.warning("stream %s chunk %d dropped: %s", self.stream_id, chunk.seq, e)
+            return
+        self.last_credit_progress = time.monotonic()
+        self.last_seq = chunk.seq
+        self.published += 1
+        self.replay.add(chunk)
+        CHUNKS_PUBLISHED.inc()
+
+    async def replay_under(self, epoch: int, current: Callable[[], int | None]) -> None:
+        """Republish the replay ring under failure epoch ``epoch``, before any further live chunk; stops when
+        ``current()`` (the epoch now, or None once the stream ended) is no longer ``epoch``."""
+        assert self.window is not None
+        async with self.publishing:
+            chunks = list(self.replay)
+            sent = 0
+            for chunk in chunks:
+                if current() != epoch:
+                    break  # a newer failure epoch replays again; an ended stream needs nothing
+                budget = self.spec.slo.max_latency_ms / 1000.0
+                again = chunk.model_copy(update={"replay": True, "epoch": epoch, "deadline": time.time() + budget})
+                try:
+                    await self.window.publish(again, timeout=budget)
+                except (CreditTimeout, PayloadTooLarge, nats.errors.Error) as e:
+                    self.drop("replay_error")
+                    log.warning("stream %s: replay of chunk %d under epoch %d failed: %s", self.stream_id,
+                                chunk.seq, epoch, e)
+                    self._maybe_reset_credit()
+                    continue
+                self.last_credit_progress = time.monotonic()
+                sent += 1
+                CHUNKS_REPLAYED.inc()
+            log.info("stream %s: replayed %d of %d chunks (seq %s) under failure epoch %d", self.stream_id, sent,
+                     len(chunks), [c.seq for c in chunks], epoch)
+
+    def _maybe_reset_credit(self) -> None:
+        """Credits lost with a restarted (or absent) consumer never come back: after a while, start afresh."""
+        if self.window is not None and time.monotonic() - self.last_credit_progress > _CREDIT_RESET_S:
+            log.warning("stream %s: no credit for %.0f s; resetting the latent credit window", self.stream_id,
+                        _CREDIT_RESET_S)
+            self.window.reset()
+            self.last_credit_progress = time.monotonic()
+
+    # -- one format ---------------------------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The state as one ``torch.save`` blob (messages as their wire frames; loads with ``weights_only``)."""
+        data = {
+            "spec": _frame_tensor(self.spec.encode()),
+            "vae": _cpu_tree(self.vae.to_dict()),
+            "motion": _cpu_tree(self.motion.to_dict()),
+            "prompt_version": self.prompt_version,
+            "next_seq": self.next_seq,
+            "last_seq": self.last_seq,
+            "replay_head": [_frame_tensor(c.encode()) for c in self.replay.head],
+            "replay": [_frame_tensor(c.encode()) for c in self.replay.tail],
+            "replay_chunks": self.replay.depth,
+            "replay_head_chunks": self.replay.head_chunks,
+            "segment": self.segment,
+            "segment_start": self.segment_start,
+            "versions": [[v.start, v.version, -1 if v.blend_from is None else v.blend_from, v.chunks]
+                         for v in self.versions],
+            "steps_from": [list(v) for v in self.steps_from],
+            "prompt_keys": list(self.prompt_keys),
+            "published": self.published,
+            "dropped": dict(self.dropped),
+        }
+        buf = io.BytesIO()
+        torch.save(data, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> IngestStream:
+        d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        replay = ReplayRing(int(d["replay_chunks"]), int(d["replay_head_chunks"]))
+        replay.head = [decode(t.numpy().tobytes(), LatentChunk) for t in d["replay_head"]]
+        replay.tail.extend(decode(t.numpy().tobytes(), LatentChunk) for t in d["replay"])
+        replay.segment = next((c.segment for c in reversed([*replay])), None)
+        versions = [PromptChange(int(v[0]), int(v[1]), None if len(v) < 4 or v[2] < 0 else int(v[2]),
+                                 int(v[3]) if len(v) >= 4 else 1) for v in d.get("versions", [])]
+        return cls(spec=decode(d["spec"].numpy().tobytes(), StreamSpec), vae=StreamVAEState.from_dict(d["vae"]),
+                   motion=MotionNoiseState.from_dict(d["motion"]), prompt_version=int(d["prompt_version"]),
+                   next_seq=int(d["next_seq"]), last_seq=d["last_seq"], replay=replay,
+                   segment=int(d.get("segment", 0)), segment_start=int(d.get("segment_start", 0)),
+                   versions=versions, steps_from=[(int(a), int(b)) for a, b in d.get("steps_from", [])],
+                   prompt_keys=list(d["prompt_keys"]), published=int(d["published"]),
+                   dropped=collections.Counter(d["dropped"]))
+
+
+def _frame_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _cpu_tree(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu").clone()
+    if isinstance(obj, dict):
+        return {k: _cpu_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu_tree(v) for v in obj]
+    return obj
