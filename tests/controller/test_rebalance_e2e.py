@@ -146,7 +146,7 @@ async def test_slowed_stage_is_rebalanced_with_the_stream_intact_and_throughput_
                               PromptUpdate(stream_id=stream, version=0, prompt="p", embedding=emb))
             for c in range(CHUNKS):
                 await bus.publish(Subjects.stream_latent(stream),
-                                  chunk_message(stream, c, zs[c], epoch=svc.block_map.epoch))
+                                  chunk_message(stream, c, zs[c], epoch=svc.block_map.epoch, seed=seed))
                 await asyncio.sleep(1.0 / FEED_RATE)
 
         feeder = asyncio.create_task(feed())

@@ -58,8 +58,8 @@ async def test_online_rebalance_across_live_stages_keeps_every_chunk_and_its_val
             if c in MAP_AT:  # the controller rebalances while both streams run
                 epoch = MAP_AT[c]
                 await kv.put(BLOCKMAP_KEY, _map(stages.ids, epoch))
-            for s, (_, _, zs) in streams.items():  # stamped with the epoch "ingest" has seen
-                await bus.publish(Subjects.stream_latent(s), chunk_message(s, c, zs[c], epoch=epoch))
+            for s, (seed, _, zs) in streams.items():  # stamped with the epoch "ingest" has seen
+                await bus.publish(Subjects.stream_latent(s), chunk_message(s, c, zs[c], epoch=epoch, seed=seed))
             await asyncio.sleep(0.15)
         await eventually(lambda: all(out.seqs(s) == list(range(CHUNKS)) for s in streams), timeout=60)
         await eventually(lambda: all(svc.epoch == 2 for svc in stages.services), timeout=10)
@@ -133,8 +133,9 @@ async def test_stages_join_a_running_ring_online(nats_settings, bus, eventually,
                 if c in JOIN_AT:
                     epoch = JOIN_AT[c]
                     await kv.put(BLOCKMAP_KEY, join_map(epoch))
-                for s, (_, _, zs) in streams.items():
-                    await bus.publish(Subjects.stream_latent(s), chunk_message(s, c, zs[c], epoch=epoch))
+                for s, (seed, _, zs) in streams.items():
+                    await bus.publish(Subjects.stream_latent(s), chunk_message(s, c, zs[c], epoch=epoch,
+                                                                              seed=seed))
                 await asyncio.sleep(0.15)
             await eventually(lambda: all(out.seqs(s) == list(range(CHUNKS)) for s in streams), timeout=60)
             everyone = [*stages.services, x, y]

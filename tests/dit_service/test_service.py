@@ -175,7 +175,7 @@ async def test_stages_equal_the_single_process_reference(nats_settings, bus, eve
         await _write_block_map(bus, _block_map(stages.ids))
         await eventually(lambda: stages.ready, timeout=30)
         assert [s.worker.model.block_range for s in stages.services] == SPLITS[n]
-        await _feed(bus, stream, zs, prompt(2))
+        await _feed(bus, stream, zs, prompt(2), seed=21)
         await eventually(lambda: out.seqs(stream) == list(range(len(zs))), timeout=30)
     got = out.chunks[stream]
     for w, g in zip(want, got, strict=False):
@@ -205,7 +205,8 @@ async def test_two_streams_at_once_equal_each_alone_and_stats_flow(nats_settings
         prompts = await bus.kv(Buckets.PROMPTS)
         await prompts.put(f"{late}.0", PromptUpdate(stream_id=late, version=0, prompt="p",
                                                     embedding=streams[late][1]))
-        await asyncio.gather(*(_feed(bus, s, zs, ctx, live_prompt=s != late) for s, (_, ctx, zs) in streams.items()))
+        await asyncio.gather(*(_feed(bus, s, zs, ctx, live_prompt=s != late, seed=seed)
+                               for s, (seed, ctx, zs) in streams.items()))
         await eventually(lambda: all(out.seqs(s) == list(range(5)) for s in streams), timeout=30)
         await eventually(lambda: {s.stage_id for s in stats if s.micro_steps} >= set(stages.ids), timeout=5)
         # the stream ends: every stage frees its state
@@ -242,7 +243,7 @@ async def test_stale_late_and_malformed_inputs_are_counted_and_dropped(nats_sett
         rogue.close()
         await eventually(lambda: first.worker.dropped["stale_epoch"] == 1 and first.worker.dropped["deadline"] == 1)
         # the stage goes on: a good stream still comes out
-        await _feed(bus, stream, zs, prompt(9), epoch=2)
+        await _feed(bus, stream, zs, prompt(9), epoch=2, seed=9)
         await eventually(lambda: out.seqs(stream) == [0, 1, 2, 3], timeout=30)
         assert all(c.epoch == 2 for c in out.chunks[stream])
         metrics = _metric_lines(first, "rheo_dit_stage_dropped_total")
@@ -289,7 +290,7 @@ async def test_stage_processes_equal_the_reference_and_exit_on_sigterm(nats_sett
     procs = [_stage_process(nats_settings, s) for s in ids]
     try:
         await eventually(lambda: ready >= set(ids), timeout=60)
-        await _feed(bus, stream, zs, prompt(4))
+        await _feed(bus, stream, zs, prompt(4), seed=41)
         await eventually(lambda: out.seqs(stream) == list(range(len(zs))), timeout=30)
         for w, g in zip(want, out.chunks[stream], strict=False):
             _close(g, w)
