@@ -91,9 +91,10 @@ class PipelineConfig:
     def clock(self, t2v: bool) -> ChunkClock:
         return self.ring.clock(self.t2v_latent_frames if t2v else None)
 
-    def timesteps(self, noise_scale: float | None) -> list[int]:
+    def timesteps(self, noise_scale: float | None, steps: int | None = None) -> list[int]:
         """A chunk's timesteps, step 0 first: V2V starts at ``first_timestep(s)``; T2V (None) at the list's head."""
-        return list(SDV2_STEPS[: self.steps]) if noise_scale is None else chunk_timesteps(self.steps, noise_scale)
+        steps = self.steps if steps is None else steps
+        return list(SDV2_STEPS[:steps]) if noise_scale is None else chunk_timesteps(steps, noise_scale)
 
 
 class StreamPipeline:
@@ -138,9 +139,6 @@ class StreamPipeline:
             raise ValueError(f"size {config.width}x{config.height} is not a multiple of {f}×patch")
         self.vae = vae
         self.text_encoder = text_encoder
-        self.motion = MotionNoiseController(
-            MotionNoiseConfig(enabled=config.motion_aware_noise, s_init=config.noise_scale)
-        )
         self.latent_hw = (config.height // f, config.width // f)
         self.description = description
         self.streams: dict[str, StreamState] = {}
@@ -163,7 +161,9 @@ class StreamPipeline:
             fps=spec.fps,
             clock=self.config.clock(spec.t2v),
             vae=self.vae.new_state(),
-            motion=self.motion.new_state(),
+            motion=self._motion(self.config.noise_scale).new_state(),
+            steps=self.config.steps,
+            noise_scale=self.config.noise_scale,
             prompt=spec.prompt,
             prompt_version=0,
             context=context,
@@ -202,8 +202,8 @@ class StreamPipeline:
         if len(parts) != len(self.ring.workers):
             raise PipelineError(f"the stream was saved from {len(parts)} stages, this pipeline has "
                                 f"{len(self.ring.workers)}")
-        if any(p["steps"] != self.config.steps or tuple(p["latent_hw"]) != self.latent_hw for p in parts):
-            raise PipelineError("the stream's slots or latent size do not match this pipeline")
+        if any(tuple(p["latent_hw"]) != self.latent_hw for p in parts):
+            raise PipelineError("the stream's latent size does not match this pipeline")
         try:
             for worker, part in zip(self.ring.workers, parts, strict=True):
                 worker.import_stream(part)
@@ -244,12 +244,40 @@ class StreamPipeline:
             return
         st.blend = None
         if mode == "cut" and started:
-            self._drain(st)
-            st.segment += 1
-            st.segment_start = st.seq
-            st.vae.reset()
-            st.motion = self.motion.new_state()
+            self._new_segment(st)
         self._use_prompt(st, target)
+
+    def set_params(self, stream_id: str, *, steps: int | None = None, noise_scale: float | None = None) -> None:
+        """Change a stream's live parameters, as a ``PATCH`` does in the services: the noise scale (the motion
+        controller's s_init) applies from the next chunk; a new step count finishes the chunks in the slots and
+        starts a new warm-up segment (the ring has one KV slot per step)."""
+        st = self._stream(stream_id)
+        if steps is not None:
+            try:
+                chunk_timesteps(steps, st.noise_scale)
+            except ValueError as e:
+                raise PipelineError(str(e)) from e
+        if noise_scale is not None:
+            if not 0 < noise_scale <= 1:
+                raise PipelineError(f"noise_scale must be in (0, 1], got {noise_scale}")
+            st.noise_scale = noise_scale
+        if steps is not None and steps != st.steps:
+            if st.next_chunk > 0:
+                self._new_segment(st)
+            st.steps = steps
+
+    def _new_segment(self, st: StreamState) -> None:
+        """Finish the chunks in the slots, then start over: the next chunk is a new segment's prepare chunk, with a
+        fresh VAE cache, motion EMA and segment seed (KV: the ring starts the segment's state from it)."""
+        self._drain(st)
+        st.segment += 1
+        st.segment_start = st.seq
+        st.vae.reset()
+        st.motion = self._motion(st.noise_scale).new_state()
+
+    def _motion(self, noise_scale: float) -> MotionNoiseController:
+        """The motion-aware noise controller of a stream at ``noise_scale`` (configured as ingest configures it)."""
+        return MotionNoiseController(MotionNoiseConfig(enabled=self.config.motion_aware_noise, s_init=noise_scale))
 
     def _use_prompt(self, st: StreamState, context: torch.Tensor) -> None:
         """Chunks entering from now on run under ``context`` (a new prompt version)."""
@@ -385,15 +413,15 @@ class StreamPipeline:
         frames = clock.latent_frames(c)
         if st.t2v:
             z = torch.zeros(frames, self.ring.first.model.config.in_dim, *self.latent_hw)
-            scale, timesteps = 1.0, self.config.timesteps(None)
+            scale, timesteps = 1.0, self.config.timesteps(None, st.steps)
         else:
             need = clock.input_frames(c)
             assert st.pending is not None
             px, rest = st.pending[:, :, :need], st.pending[:, :, need:]
             st.pending = rest if rest.shape[2] else None
-            level = self.motion.update(st.motion, px)
+            level = self._motion(st.noise_scale).update(st.motion, px)
             z = self.vae.encode(st.vae, px.to(self.vae.dtype)).float()[0].permute(1, 0, 2, 3)
-            scale, timesteps = level.scale, self.config.timesteps(level.scale)
+            scale, timesteps = level.scale, self.config.timesteps(level.scale, st.steps)
         now = time.time()
         return LatentChunk(
             stream_id=st.stream_id, seed=st.seed, fps=st.fps, seq=st.seq, epoch=0, latent_start=clock.latent_start(c),

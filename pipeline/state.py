@@ -64,6 +64,10 @@ class StreamState:
     clock: ChunkClock
     vae: StreamVAEState
     motion: MotionNoiseState
+    steps: int
+    """Denoising steps of the current segment (a change starts a new one)."""
+    noise_scale: float
+    """s_init of the stream's motion-aware noise (live: from the next chunk)."""
     prompt: str
     prompt_version: int
     context: torch.Tensor
@@ -102,6 +106,8 @@ class StreamState:
             "clock": asdict(self.clock),
             "vae": _map_tensors(self.vae.to_dict(), cpu),
             "motion": _map_tensors(self.motion.to_dict(), cpu),
+            "steps": self.steps,
+            "noise_scale": self.noise_scale,
             "prompt": self.prompt,
             "prompt_version": self.prompt_version,
             "context": cpu(self.context),
@@ -142,6 +148,8 @@ class StreamState:
             clock=ChunkClock(**d["clock"]),
             vae=StreamVAEState.from_dict(_map_tensors(d["vae"], dev)),
             motion=MotionNoiseState.from_dict(_map_tensors(d["motion"], dev)),
+            steps=int(d["steps"]),
+            noise_scale=float(d["noise_scale"]),
             prompt=d["prompt"],
             prompt_version=int(d["prompt_version"]),
             context=dev(d["context"]),

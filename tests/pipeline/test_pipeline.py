@@ -206,3 +206,40 @@ def test_state_saved_mid_stream_restores_bit_exactly_in_a_fresh_pipeline(cut_at)
     assert dst.restore_stream(blob) == sid
     got += [dst.push(sid, FRAMES[cut_at:]), dst.finish(sid)]
     assert np.array_equal(np.concatenate(got), np.concatenate(want))
+
+
+def test_live_steps_and_noise_changes_as_a_patch_makes_them():
+    """``set_params`` is the pipeline's ``PATCH``: a new step count finishes the chunks in flight and starts a new
+    segment (equal to a fresh pipeline with that count and the segment's seed on the rest of the input); a noise
+    scale applies from the next chunk (at the start, equal to a pipeline configured with it)."""
+    chunks = [FRAMES[:5]] + [FRAMES[i : i + 4] for i in range(5, 29, 4)]  # 7 chunks
+    pipe = tiny_pipeline(output="float")
+    sid = pipe.open_stream(StreamSpec("a red cat", seed=3, stream_id="p"))
+    out = [pipe.push(sid, c) for c in chunks[:3]]
+    pipe.set_params(sid, steps=3)  # chunks 0..2 finish with 2 steps; a new segment from here
+    assert pipe.stream_state(sid).segment == 1 and pipe.stream_state(sid).steps == 3
+    out += [pipe.push(sid, FRAMES[13:18])] + [pipe.push(sid, FRAMES[i : i + 4]) for i in range(18, 26, 4)]
+    got = np.concatenate(out)
+    unchanged = _run(tiny_pipeline(output="float"), FRAMES[:13], sid="p", seed=3, pieces=(13,))
+    fresh = tiny_pipeline(output="float", steps=3)
+    after = fresh.push(fresh.open_stream(StreamSpec("a red cat", seed=segment_seed(3, 1))), FRAMES[13:26])
+    np.testing.assert_array_equal(got[:13], unchanged)
+    np.testing.assert_allclose(got[13:], after, atol=1e-6, rtol=0)
+    with pytest.raises(PipelineError, match="steps"):
+        pipe.set_params(sid, steps=9)
+
+    noisy = tiny_pipeline(output="float")
+    sid = noisy.open_stream(StreamSpec("a red cat", seed=3))
+    noisy.set_params(sid, noise_scale=0.6)
+    configured = tiny_pipeline(output="float", noise_scale=0.6)
+    want = configured.push(configured.open_stream(StreamSpec("a red cat", seed=3)), FRAMES)
+    np.testing.assert_array_equal(noisy.push(sid, FRAMES), want)
+    mid = tiny_pipeline(output="float")
+    sid = mid.open_stream(StreamSpec("a red cat", seed=3))
+    first = mid.push(sid, FRAMES[:13])
+    mid.set_params(sid, noise_scale=0.6)
+    rest = mid.push(sid, FRAMES[13:])
+    base = tiny_pipeline(output="float")
+    plain = base.push(base.open_stream(StreamSpec("a red cat", seed=3)), FRAMES)
+    np.testing.assert_array_equal(first, plain[: len(first)])
+    assert np.abs(rest - plain[len(first) : len(first) + len(rest)]).max() > 1e-3  # from the next chunk on
