@@ -373,6 +373,7 @@ class IngestService(Service):
         """
         if not stream.begin(raw):
             return
+        spec = stream.spec  # the parameters this chunk is encoded under (a live change applies from the next)
         deadline = raw.capture_time + stream.spec.slo.max_latency_ms / 1000.0
         if ending and time.time() > deadline:
             stream.drop("deadline")
@@ -382,7 +383,7 @@ class IngestService(Service):
         assert self.models is not None
         loop = asyncio.get_running_loop()
         try:
-            latent, scale = await loop.run_in_executor(self._compute, stream.encode, self.models.vae, raw,
+            latent, scale = await loop.run_in_executor(self._compute, stream.encode, self.models.vae, raw, spec,
                                                        self.settings.ingest.debug_tap_dir)
         except Exception as e:
             stream.drop("encode_error")

@@ -214,10 +214,12 @@ class IngestStream:
         self.motion = motion_controller(self.spec).new_state()
         return True
 
-    def encode(self, vae: StreamVAE, raw: RawChunk, tap_dir: str | Path | None = None) -> tuple[torch.Tensor, float]:
+    def encode(self, vae: StreamVAE, raw: RawChunk, spec: StreamSpec,
+               tap_dir: str | Path | None = None) -> tuple[torch.Tensor, float]:
         """Model thread: the chunk's latent ``[F, C, h, w]`` and noise scale. V2V: motion estimate + Stream-VAE
-        encode, exactly as ``StreamPipeline._next_chunk``; T2V: zeros under noise scale 1 (pure noise)."""
-        spec = self.spec
+        encode, exactly as ``StreamPipeline._next_chunk``; T2V: zeros under noise scale 1 (pure noise). ``spec`` is
+        the one in force when the chunk was taken (``begin``): a live change answered meanwhile reports the next
+        chunk as its effective seq, so it must not reach this one."""
         if spec.t2v:
             frames = spec.clock().latent_frames(raw.seq - self.segment_start)
             f = vae.spatial_factor

@@ -29,7 +29,6 @@ from media.player import HLSJS_DEFAULT
 from pipeline.loading import build_tiny_pipeline
 from pipeline.pipeline import PipelineConfig
 from pipeline.state import StreamSpec as PipelineStreamSpec
-from proto.clock import segment_seed
 from proto.spec import RingConfig
 from services.stack import LocalStack, Ports, open_demo_stream, start_testpattern
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, CURRENT_TIME, FRAME_HASH, NO_CHROMIUM, PLAYING
@@ -206,11 +205,10 @@ def _live_change(stack: LocalStack, change: dict, seconds: float = 6.0,
     return sid, effective, chunks_in, frames_out
 
 
-def _reference(chunks_in: list[np.ndarray], change_at: int | None, steps: int = STEPS, seed: int = SEED,
-               **set_prompt: object) -> np.ndarray:
+def _reference(chunks_in: list[np.ndarray], change_at: int | None, **set_prompt: object) -> np.ndarray:
     """StreamPipeline on the same input chunks, with ``set_prompt("second", ...)`` before chunk ``change_at``."""
-    pipe = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=steps, output="float"))
-    sid = pipe.open_stream(PipelineStreamSpec(prompt="first", seed=seed))
+    pipe = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=STEPS, output="float"))
+    sid = pipe.open_stream(PipelineStreamSpec(prompt="first", seed=SEED))
     out = []
     for seq, frames in enumerate(chunks_in):
         if seq == change_at:
@@ -267,21 +265,50 @@ def test_live_cut_restarts_the_warm_up_as_the_single_process_pipeline_does(stack
         assert np.abs(frames_out[a : a + 4] - unchanged[a : a + 4]).max() > 1e-3, a
 
 
-def test_live_steps_change_starts_a_new_segment_and_keeps_the_stream_going(stack: LocalStack) -> None:
-    """PATCH ``steps`` mid-stream (it used to freeze the stream: every later chunk was a bad_shape drop at the
-    first stage while the API said live). The chunks already cut finish with 2 steps, equal to the unchanged
-    pipeline; from the reported seq a new segment runs 3 steps: its frames equal a fresh 3-step pipeline with the
-    segment's seed on the same input chunks, and differ from the 2-step output (negative control)."""
-    _, effective, chunks_in, frames_out = _live_change(stack, {"steps": 3}, prompt_version=0)
-    assert len(chunks_in[effective]) == 5  # the new segment's prepare chunk
+def test_live_steps_and_noise_changes_equal_the_single_process_pipeline(stack: LocalStack) -> None:
+    """PATCH ``steps`` 2 → 3, then ``noise_scale`` 0.8 → 0.6, then ``steps`` 3 → 1 on one live stream (a steps change
+    used to freeze the stream: every later chunk a bad_shape drop at the first stage while the API said live).
+    Each reports the seq it takes effect at; the decoder's frames equal ``StreamPipeline`` on the same input
+    chunks with ``set_params`` applied before those seqs, and differ from the unchanged stream after the first."""
+    created = stack.api("POST", "/v1/streams", {"prompt": "first", "width": SIZE, "height": SIZE, "fps": FPS,
+                                                "steps": STEPS, "seed": SEED, "slo_latency_ms": 120000})
+    sid = created["id"]
+    url = f"rtmp://127.0.0.1:{stack.ports.rtmp}/live/{created['stream_key']}"
+    publisher = subprocess.Popen([sys.executable, "-m", "ingest.testpattern", url, "--size", "64x64", "--fps",
+                                  str(FPS), "--seconds", "10"], cwd=ROOT)
+    tapped = stack.workdir / "tap-in" / sid
+    changes = [{"steps": 3}, {"noise_scale": 0.6}, {"steps": 1}]
+    effective: list[int] = []
+    try:
+        for change in changes:
+            wanted = 3 + (effective[-1] if effective else 0)
+            _wait(lambda n=wanted: len(list(tapped.glob("*.npy"))) >= n, 60, f"{wanted} chunks to be encoded")
+            patched = stack.api("PATCH", f"/v1/streams/{sid}", change)
+            assert isinstance(patched["effective_seq"], int)
+            effective.append(patched["effective_seq"])
+    finally:
+        publisher.wait(60)
+    assert effective == sorted(effective) and len(set(effective)) == 3, effective
+    _wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
+    _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8")[1], 90, "EXT-X-ENDLIST")
+    chunks_in, frames_out = _taps(stack, sid)
+    assert effective[-1] + 3 <= len(chunks_in)
+    assert len(chunks_in[effective[0]]) == len(chunks_in[effective[2]]) == 5  # new segments' prepare chunks
+
+    pipe = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=STEPS, output="float"))
+    ref_id = pipe.open_stream(PipelineStreamSpec(prompt="first", seed=SEED))
+    ref = []
+    for seq, frames in enumerate(chunks_in):
+        if seq in effective:
+            pipe.set_params(ref_id, **changes[effective.index(seq)])  # type: ignore[arg-type]
+        ref.append(pipe.push(ref_id, frames))
+    want = np.concatenate(ref)
+    n = min(len(want), len(frames_out))
+    assert n >= _chunk_frames(effective[-1]).start + 5 + 4, (n, effective)
+    np.testing.assert_allclose(frames_out[:n], want[:n], atol=1e-5, rtol=0)
     unchanged = _reference(chunks_in, None)
-    change = _chunk_frames(effective).start
-    fresh = _reference(chunks_in[effective:], None, steps=3, seed=segment_seed(SEED, 1))
-    n = min(len(frames_out) - change, len(fresh))
-    assert n >= 5 + 4, (len(frames_out), change)
-    np.testing.assert_allclose(frames_out[:change], unchanged[:change], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(frames_out[change : change + n], fresh[:n], atol=1e-5, rtol=0)
-    assert np.abs(frames_out[change : change + n] - unchanged[change : change + n]).max() > 1e-3
+    change, m = _chunk_frames(effective[0]).start, min(n, len(unchanged))
+    assert np.abs(frames_out[change:m] - unchanged[change:m]).max() > 1e-3  # negative control
 
 
 def test_live_blend_over_four_chunks_equals_the_single_process_pipeline(stack: LocalStack) -> None:
