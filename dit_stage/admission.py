@@ -19,6 +19,7 @@ from dit_stage.micro_step import MicroStep
 from dit_stage.stage_stream import Pending, StageStream, is_clean, signature
 from proto import LatentChunk, RingItem, RingReturn
 from proto.clock import segment_seed
+from proto.spec import MAX_STEPS
 from wan.scheduler import draw_noise
 
 __all__ = ["FirstStage"]
@@ -103,7 +104,7 @@ class FirstStage:
         _, ph, pw = cfg.patch_size
         if lat.dim() != 4 or lat.shape[1] != cfg.in_dim or lat.shape[0] < 1 or lat.shape[2] % ph or lat.shape[3] % pw:
             return "bad_shape"
-        if not lat.is_floating_point() or not 1 <= len(chunk.timesteps) <= 8:
+        if not lat.is_floating_point() or not 1 <= len(chunk.timesteps) <= MAX_STEPS:
             return "bad_shape"
         if chunk.rope_start + lat.shape[0] > cfg.rope_max_seq_len:
             return "bad_shape"
