@@ -66,7 +66,7 @@ from proto.clock import ChunkClock
 from proto.spec import RingConfig
 from services.bus import KV
 from services.config import Settings
-from services.runtime import Service, main
+from services.runtime import Service, main, watch_key, watch_keys
 from services.streams import StreamNotFound, StreamTable
 
 __all__ = ["CHUNKS_DROPPED", "IngestModels", "IngestService", "IngestStream", "largest_messages",
@@ -99,6 +99,7 @@ class IngestService(Service):
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._t2v: dict[str, T2VSource] = {}
         self._watches: list[asyncio.Task[None]] = []
+        self._blockmaps: KV | None = None
         self._background: set[asyncio.Task[None]] = set()
         # Model work (VAE encode, umT5) runs on one thread: the event loop keeps serving RTMP and NATS, and one
         # stream's chunks are encoded strictly in order.
@@ -120,9 +121,9 @@ class IngestService(Service):
         loop = asyncio.get_running_loop()
         self.table = await StreamTable.open(self.bus)
         self._prompts = await self.bus.kv(Buckets.PROMPTS, replicas=self.settings.nats.kv_replicas)
-        blockmaps = await self.bus.kv(Buckets.BLOCKMAP, replicas=self.settings.nats.kv_replicas)
-        self._watches.append(asyncio.create_task(self._watch(blockmaps, "current", self._on_blockmap),
-                                                 name="blockmap-watch"))
+        self._blockmaps = await self.bus.kv(Buckets.BLOCKMAP, replicas=self.settings.nats.kv_replicas)
+        self._watches.append(asyncio.create_task(watch_key(self._blockmap_kv, "current", self._on_blockmap,
+                                                           what="ingest: block map"), name="blockmap-watch"))
         self.models = await loop.run_in_executor(self._compute, IngestModels.load, self.settings.model)
         await loop.run_in_executor(self._compute, self.models.warm_up)
         if self.settings.model.model_dir is None:
@@ -133,8 +134,8 @@ class IngestService(Service):
                                on_stream_start=self._on_rtmp_start, on_stream_end=self._on_rtmp_end)
         await self.rtmp.start()
         self.checks["rtmp"] = True
-        self._watches.append(asyncio.create_task(self._watch(self.table.kv, "s.*", self._on_record),
-                                                 name="t2v-watch"))
+        self._watches.append(asyncio.create_task(watch_keys(self._table_kv, "s.*", self._on_record,
+                                                            what="ingest: stream table"), name="t2v-watch"))
         log.info("ingest: %s; RTMP on :%d", self.models.description, self.rtmp.port)
 
     async def drain(self) -> None:
@@ -162,24 +163,19 @@ class IngestService(Service):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _watch(self, kv: KV, keys: str, on_entry: Any) -> None:
-        """Follow ``keys`` of a KV bucket: current values, then every change (a NATS hiccup: watch again)."""
-        while True:
-            try:
-                async for entry in kv.watch(keys):
-                    await on_entry(entry.key, entry.value, kv)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("%s watch failed (%s); retrying", kv.bucket, e)
-            await asyncio.sleep(1.0)
+    async def _blockmap_kv(self) -> KV:
+        assert self._blockmaps is not None
+        return self._blockmaps
 
-    async def _on_blockmap(self, _key: str, value: bytes | None, kv: KV) -> None:
+    async def _table_kv(self) -> KV:
+        assert self.table is not None
+        return self.table.kv
+
+    async def _on_blockmap(self, value: bytes, _revision: int) -> None:
         """Track the current block-map epoch: every chunk enters the DiT under the epoch current at publish."""
-        if value is None:
-            return
+        assert self._blockmaps is not None
         try:
-            bm = decode(value, BlockMap, kv.limits)
+            bm = decode(value, BlockMap, self._blockmaps.limits)
         except ProtocolError as e:
             log.warning("ignored a malformed block map in %s: %s", Buckets.BLOCKMAP, e)
             return
@@ -238,8 +234,9 @@ class IngestService(Service):
     def _on_rtmp_end(self, rtmp: RtmpStream) -> None:
         log.info("stream %s: publisher gone for good (%d chunks queued to finish)", rtmp.stream_id, len(rtmp.queue))
 
-    async def _on_record(self, key: str, value: bytes | None, kv: KV) -> None:
+    async def _on_record(self, key: str, value: bytes | None, _revision: int) -> None:
         """The stream table changed: a T2V stream not live anywhere starts here; a deleted one ends."""
+        assert self.table is not None
         sid = key.removeprefix("s.")
         if value is None:
             source = self._t2v.get(sid)
@@ -248,7 +245,7 @@ class IngestService(Service):
                 source.close()
             return
         try:
-            record = decode(value, StreamRecord, kv.limits)
+            record = decode(value, StreamRecord, self.table.kv.limits)
         except ProtocolError as e:
             log.warning("ignored a malformed stream record %s: %s", key, e)
             return

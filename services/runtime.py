@@ -196,21 +196,34 @@ class Background:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def watch_key(open_kv: Callable[[], Awaitable[KV]], key: str, on_value: Callable[[bytes, int], Awaitable[None]],
-                    *, what: str, retry_s: float = 0.5) -> None:
-    """Call ``on_value(value, revision)`` for the current value of ``key`` and every later one (deletes skipped),
-    forever: a failed watch (a NATS hiccup) is logged and opened again after ``retry_s``, the last value kept."""
+async def watch_keys(open_kv: Callable[[], Awaitable[KV]], keys: str,
+                     on_entry: Callable[[str, bytes | None, int], Awaitable[None]], *, what: str,
+                     retry_s: float = 0.5) -> None:
+    """Call ``on_entry(key, value, revision)`` for the current value of every key matching ``keys`` and every later
+    change (``value`` None: deleted), forever: a failed watch (a NATS hiccup) is logged and opened again after
+    ``retry_s`` (the current values come again; callers treat them as idempotent). The one KV-watch loop of every
+    service: the block map (stages, ingest), the stream table (ingest's T2V streams)."""
     while True:
         try:
             kv = await open_kv()
-            async for entry in kv.watch(key):
-                if entry.value is not None:
-                    await on_value(entry.value, entry.revision)
+            async for entry in kv.watch(keys):
+                await on_entry(entry.key, entry.value, entry.revision)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             log.warning("%s watch failed (%s); retrying", what, e)
         await asyncio.sleep(retry_s)
+
+
+async def watch_key(open_kv: Callable[[], Awaitable[KV]], key: str, on_value: Callable[[bytes, int], Awaitable[None]],
+                    *, what: str, retry_s: float = 0.5) -> None:
+    """``watch_keys`` for one key, deletes skipped: ``on_value(value, revision)``."""
+
+    async def on_entry(_key: str, value: bytes | None, revision: int) -> None:
+        if value is not None:
+            await on_value(value, revision)
+
+    await watch_keys(open_kv, key, on_entry, what=what, retry_s=retry_s)
 
 
 async def in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
