@@ -378,8 +378,7 @@ class DecoderService(Service):
             data = self._message(st, batch_units, end).encode()
             try:
                 await st.window.publish(data, timeout=self.settings.decoder.publish_timeout_s)
-            except CreditTimeout as e:
-                st.window.reset()  # the consumer is gone or restarted: forget the credit it will never return
+            except CreditTimeout as e:  # (the window forgets credit a gone or restarted consumer never returns)
                 self._unit_dropped("no_credit", len(batch_units), str(e))
                 continue
             except PayloadTooLarge as e:

@@ -86,7 +86,6 @@ class Outputs:
             except CreditTimeout:
                 self.telemetry.drop("no_credit")
                 log.warning("x0 %s/%d dropped: the consumer returned no credit in time", chunk.stream_id, chunk.seq)
-                out.window.reset()
             except Exception as e:
                 self.telemetry.drop("publish_error")
                 log.warning("x0 %s/%d not published: %s", chunk.stream_id, chunk.seq, e)

@@ -74,6 +74,10 @@ __all__ = ["CHUNKS_DROPPED", "IngestModels", "IngestService", "IngestStream", "l
 
 log = logging.getLogger("rheo.ingest")
 
+LATENT_CREDIT_RESET_S = 5.0
+"""No latent credit for this long: the first stage restarted or never came; forget the outstanding bytes (a chunk
+of a slow but live stage just misses its deadline)."""
+
 PROMPT_REQUESTS = Counter("rheo_ingest_prompt_requests_total", "prompt change requests, by result", ["result"])
 
 _DRAIN_WAIT_S = 2.0  # longest a SIGTERM drain waits for queued chunks before cancelling the stream tasks
@@ -282,8 +286,9 @@ class IngestService(Service):
         spec = record.spec if not unservable(self.settings, record.spec) and record.spec.t2v == spec.t2v else spec
         stream = IngestStream.new(spec, record.prompt_version, *self.replay_depth())
         stream.source = source
-        stream.window = await self.bus.credit_window(Subjects.stream_latent(sid),
-                                                     self.settings.nats.credit_window_bytes).start()
+        window_bytes = self.settings.nats.credit_window_bytes
+        stream.window = await self.bus.credit_window(Subjects.stream_latent(sid), window_bytes,
+                                                     reset_after_s=LATENT_CREDIT_RESET_S).start()
         self.live[sid] = stream
         self.streams.add(sid)
         stream.subs.append(await self.bus.subscribe(

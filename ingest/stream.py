@@ -46,7 +46,6 @@ CHUNKS_REPLAYED = Counter("rheo_ingest_chunks_replayed_total", "latent chunks re
 ENCODE_SECONDS = Histogram("rheo_ingest_encode_seconds", "VAE encode + motion estimate time per chunk",
                            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0))
 
-_CREDIT_RESET_S = 5.0  # no credit for this long: the consumer restarted or never came; forget outstanding bytes
 
 
 def to_pixels(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -123,7 +122,6 @@ class IngestStream:
     source: ChunkSource | None = field(default=None, repr=False)
     window: CreditWindow | None = field(default=None, repr=False)
     subs: list[Subscription] = field(default_factory=list, repr=False)
-    last_credit_progress: float = field(default_factory=time.monotonic, repr=False)
     publishing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     """Live chunks and a replay never interleave."""
 
@@ -265,13 +263,11 @@ class IngestStream:
             self.drop("deadline")
             log.warning("stream %s chunk %d dropped: no credit from the first DiT stage before its deadline",
                         self.stream_id, chunk.seq)
-            self._maybe_reset_credit()
             return
         except (PayloadTooLarge, nats.errors.Error) as e:
             self.drop("publish_error")
             log.warning("stream %s chunk %d dropped: %s", self.stream_id, chunk.seq, e)
             return
-        self.last_credit_progress = time.monotonic()
         self.last_seq = chunk.seq
         self.published += 1
         self.replay.add(chunk)
@@ -295,21 +291,11 @@ class IngestStream:
                     self.drop("replay_error")
                     log.warning("stream %s: replay of chunk %d under epoch %d failed: %s", self.stream_id,
                                 chunk.seq, epoch, e)
-                    self._maybe_reset_credit()
                     continue
-                self.last_credit_progress = time.monotonic()
                 sent += 1
                 CHUNKS_REPLAYED.inc()
             log.info("stream %s: replayed %d of %d chunks (seq %s) under failure epoch %d", self.stream_id, sent,
                      len(chunks), [c.seq for c in chunks], epoch)
-
-    def _maybe_reset_credit(self) -> None:
-        """Credits lost with a restarted (or absent) consumer never come back: after a while, start afresh."""
-        if self.window is not None and time.monotonic() - self.last_credit_progress > _CREDIT_RESET_S:
-            log.warning("stream %s: no credit for %.0f s; resetting the latent credit window", self.stream_id,
-                        _CREDIT_RESET_S)
-            self.window.reset()
-            self.last_credit_progress = time.monotonic()
 
     # -- one format ---------------------------------------------------------------------------------------------
 

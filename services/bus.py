@@ -283,8 +283,9 @@ class Bus:
         if msg.reply:
             await self.nc.publish(msg.reply, message.encode(), headers=telemetry.inject())
 
-    def credit_window(self, subject: str, window_bytes: int | None = None) -> CreditWindow:
-        return CreditWindow(self, subject, window_bytes or 32 * 1024 * 1024)
+    def credit_window(self, subject: str, window_bytes: int | None = None, *,
+                      reset_after_s: float = 0.0) -> CreditWindow:
+        return CreditWindow(self, subject, window_bytes or 32 * 1024 * 1024, reset_after_s=reset_after_s)
 
     # -- JetStream KV ----------------------------------------------------------------------------------------
 
@@ -304,14 +305,19 @@ class CreditWindow:
 
     The publisher may have at most ``window_bytes`` sent but not yet consumed; consumers subscribed with
     ``credit=True`` report their cumulative consumption back on this window's inbox every quarter window.
-    A message lost in transit never returns its credit: ``reset`` forgets the outstanding bytes after a
-    ``CreditTimeout`` when the caller knows the consumer restarted.
+    A message lost in transit (or a consumer that restarted) never returns its credit. The one policy for that,
+    every bulk publisher's: when ``publish`` times out and no credit has come back for ``reset_after_s``
+    (0: at the first timeout), the window forgets the outstanding bytes (``reset``) before raising
+    ``CreditTimeout``, so the next message can go.
     """
 
-    def __init__(self, bus: Bus, subject: str, window_bytes: int) -> None:
+    def __init__(self, bus: Bus, subject: str, window_bytes: int, *, reset_after_s: float = 0.0) -> None:
         self.bus = bus
         self.subject = subject
         self.window_bytes = window_bytes
+        self.reset_after_s = reset_after_s
+        self.resets = 0
+        self._progress = time.monotonic()  # the last time credit came back (or the window started afresh)
         self.sent = 0
         self.acked = 0
         self._base = 0
@@ -332,7 +338,10 @@ class CreditWindow:
             except ProtocolError as e:
                 log.warning("bad credit message on %s: %s", msg.subject, e)
                 return
-            self.acked = max(self.acked, self._base + c.consumed)
+            acked = max(self.acked, self._base + c.consumed)
+            if acked > self.acked:
+                self._progress = time.monotonic()
+            self.acked = acked
             self._changed.set()
 
         self._sub = await self.bus.nc.subscribe(self._inbox, cb=on_credit)
@@ -347,6 +356,7 @@ class CreditWindow:
         """Forget outstanding credit (e.g. after the consumer restarted)."""
         self._base = self.sent
         self.acked = self.sent
+        self._progress = time.monotonic()
 
     async def publish(self, message: Message | bytes, *, timeout: float = 5.0,
                       headers: dict[str, str] | None = None) -> int:
@@ -362,7 +372,13 @@ class CreditWindow:
                 self._changed.clear()
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
-                    raise CreditTimeout(f"{self.subject}: {self.outstanding} bytes unconsumed for {timeout}s")
+                    unconsumed = self.outstanding
+                    if time.monotonic() - self._progress >= self.reset_after_s:
+                        log.warning("%s: no credit for %.1f s; forgetting %d outstanding bytes", self.subject,
+                                    time.monotonic() - self._progress, unconsumed)
+                        self.reset()
+                        self.resets += 1
+                    raise CreditTimeout(f"{self.subject}: {unconsumed} bytes unconsumed for {timeout}s")
                 try:
                     await asyncio.wait_for(self._changed.wait(), remaining)
                 except TimeoutError:

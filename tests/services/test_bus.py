@@ -184,13 +184,24 @@ async def test_credit_window_bounds_unconsumed_bytes(bus: Bus, bus2: Bus, eventu
 
 
 async def test_credit_window_times_out_without_a_consumer(bus: Bus) -> None:
+    """No consumer: the window fills and ``publish`` times out. The one reset policy: with ``reset_after_s`` 0
+    (the default) the timeout itself forgets the credit, so the next message goes; with a quiet period, only a
+    timeout that comes after that long without credit does (a slow but live consumer keeps its window)."""
     window = await bus.credit_window(Subjects.stream_x0("nobody"), window_bytes=1 << 20).start()
     chunk = _chunk(0, "nobody", size=64)  # ~256 KiB
     with pytest.raises(CreditTimeout):
         for _ in range(10):
             await window.publish(chunk, timeout=0.2)
-    window.reset()
+    assert window.resets == 1 and window.outstanding == 0
     await window.publish(chunk, timeout=0.2)
+    patient = await bus.credit_window(Subjects.stream_x0("nobody"), window_bytes=1 << 20, reset_after_s=3600).start()
+    with pytest.raises(CreditTimeout):
+        for _ in range(10):
+            await patient.publish(chunk, timeout=0.2)
+    assert patient.resets == 0 and patient.outstanding > 0
+    with pytest.raises(CreditTimeout):
+        await patient.publish(chunk, timeout=0.1)  # still full: nothing was forgotten
+    await patient.close()
     with pytest.raises(PayloadTooLarge, match="credit window"):
         await window.publish(_chunk(0, "nobody", size=128), timeout=0.2)
     await window.close()
