@@ -2,21 +2,25 @@
 
 ``StageStream`` holds a stream's KV shard (all slots, ring state included), its cross-attention K/V per prompt
 version (and mid-blend views), its warm-up segment and, on the first stage, the queued items and the slot counters
-of the ring (docs/dit-ring.md). ``StageWorker.export_stream`` / ``import_stream`` move it whole (a pipeline's
-``save_stream``); an online rebalance moves the KV of some blocks of it (``dit_stage/switching.py``).
+of the ring (docs/dit-ring.md). Its KV travels in one format (``kv_tensors`` / ``merge_kv``): an online rebalance
+moves some blocks of it in ``ShardMove``s (``dit_stage/switching.py``), ``StageWorker.export_stream`` /
+``import_stream`` all of them (a pipeline's ``save_stream``), and both arrive through the same merge.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from dit_stage.kv_cache import KVCacheShard
 from dit_stage.state import StreamDiTState
 from proto import RingItem
 
-__all__ = ["PROMPT_VERSIONS_KEPT", "Pending", "StageStream", "is_clean", "signature", "versions_kept", "view_order"]
+__all__ = ["PROMPT_VERSIONS_KEPT", "Pending", "StageStream", "is_clean", "kv_tensors", "merge_kv", "signature",
+           "stream_from_layout", "versions_kept", "view_order"]
 
 PROMPT_VERSIONS_KEPT = 2
 """Prompt versions whose cross-attention K/V a stage keeps per stream at least (the newest ones). A stream keeps
@@ -75,3 +79,50 @@ def signature(p: Pending) -> tuple[int, int, int]:
 def is_clean(meta: RingItem) -> bool:
     """A Self-Forcing clean pass: the finished chunk once more at ``context_noise``, rewriting its K/V."""
     return meta.step == meta.steps
+
+
+def kv_tensors(shard: KVCacheShard, views: dict[int, StreamDiTState], blocks: Iterable[int], *,
+               take: bool) -> dict[str, torch.Tensor]:
+    """The moving format of a stream's KV for ``blocks``: ``shard``'s tensors (it holds exactly those blocks, ring
+    state included) and each prompt version's cross-attention K/V as ``cross_k.<version>.<block>`` /
+    ``cross_v.<version>.<block>``, on the CPU. ``take`` removes the cross K/V from ``views`` (a move)."""
+    tensors = {key: t.detach().cpu() for key, t in shard.state_dict().items()}
+    for version, view in views.items():
+        for b in blocks:
+            if b in view.cross_k:
+                k, v = (view.cross_k.pop(b), view.cross_v.pop(b)) if take else (view.cross_k[b], view.cross_v[b])
+                tensors[f"cross_k.{version}.{b}"] = k.detach().cpu()
+                tensors[f"cross_v.{version}.{b}"] = v.detach().cpu()
+    return tensors
+
+
+def stream_from_layout(stream_id: str, layout: dict, latent_hw: tuple[int, int], segment: int, segment_start: int,
+                       tensors: Iterable[str], device: torch.device) -> StageStream:
+    """A stage's state for a stream whose KV is about to arrive (``merge_kv``): an empty shard of ``layout``'s
+    slots and ring counters, and a view per prompt version whose cross K/V the tensors carry (the newest kept)."""
+    shard = KVCacheShard.from_state(layout | {"blocks": []}, {}, device)
+    slots = int(layout["num_slots"])
+    st = StageStream(stream_id, slots, latent_hw, StreamDiTState(stream_id, shard), slot_next=[0] * slots,
+                     segment=segment, segment_start=segment_start)
+    versions = {int(k.split(".")[1]) for k in tensors if k.startswith("cross_k.")}
+    for v in sorted(versions)[-versions_kept(st):]:
+        st.views[v] = StreamDiTState(stream_id, shard, prompt_version=v)
+    return st
+
+
+def merge_kv(st: StageStream, blocks: list[int], layout: dict, tensors: dict[str, torch.Tensor],
+             device: torch.device) -> list[int]:
+    """Take over ``blocks``' KV (``kv_tensors``' format) into ``st``; returns the prompt versions of ``st`` whose
+    cross K/V the tensors lack (the caller rebuilds them from the embedding, or drops them)."""
+    shard = {k: t for k, t in tensors.items() if not k.startswith("cross_")}
+    st.shard_state.shard.merge(KVCacheShard.from_state(layout | {"blocks": list(blocks)}, shard, device))
+    missing = []
+    for version, view in st.views.items():
+        keys = [(f"cross_k.{version}.{b}", f"cross_v.{version}.{b}") for b in blocks]
+        if not all(k in tensors and v in tensors for k, v in keys):
+            missing.append(version)
+            continue
+        for b, (k, v) in zip(blocks, keys, strict=True):
+            view.cross_k[b] = tensors[k].to(device)
+            view.cross_v[b] = tensors[v].to(device)
+    return missing

@@ -14,10 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dit_stage.kv_cache import KVCacheShard
 from dit_stage.micro_step import StageOutput, SwitchStep
-from dit_stage.stage_stream import PROMPT_VERSIONS_KEPT, StageStream
-from dit_stage.state import StreamDiTState
+from dit_stage.stage_stream import StageStream, kv_tensors, merge_kv, stream_from_layout
 from proto import EpochSwitch, ShardLayout, ShardMove, ShardMoveEnd
 
 if TYPE_CHECKING:
@@ -135,12 +133,7 @@ class EpochSwitching:
         """A stream's state for ``blocks`` (freed here), in parts of at most ``move_frame_bytes`` (one tensor per
         part when a tensor alone is larger)."""
         moved = st.shard_state.split_blocks(blocks)
-        tensors = {key: t.detach().cpu() for key, t in moved.shard.state_dict().items()}
-        for version, view in st.views.items():
-            for b in blocks:
-                if b in view.cross_k:
-                    tensors[f"cross_k.{version}.{b}"] = view.cross_k.pop(b).cpu()
-                    tensors[f"cross_v.{version}.{b}"] = view.cross_v.pop(b).cpu()
+        tensors = kv_tensors(moved.shard, st.views, blocks, take=True)
         meta = moved.shard.meta()
         layout = ShardLayout(**{k: meta[k] for k in ShardLayout.model_fields})
         parts: list[dict[str, torch.Tensor]] = [{}]
@@ -205,15 +198,9 @@ class EpochSwitching:
         if not parts:
             return
         first = parts[0]
-        meta = first.layout.model_dump() | {"blocks": []}
-        shard = KVCacheShard.from_state(meta, {}, self.model.device)
-        st = StageStream(stream_id, first.layout.num_slots, (first.latent_h, first.latent_w),
-                     StreamDiTState(stream_id, shard), slot_next=[0] * first.layout.num_slots,
-                     segment=first.segment, segment_start=first.segment_start)
-        versions = {int(k.split(".")[1]) for p in parts for k in p.tensors if k.startswith("cross_k.")}
-        for v in sorted(versions)[-PROMPT_VERSIONS_KEPT:]:
-            st.views[v] = StreamDiTState(stream_id, shard, prompt_version=v)
-        self.streams[stream_id] = st
+        self.streams[stream_id] = stream_from_layout(
+            stream_id, first.layout.model_dump(), (first.latent_h, first.latent_w), first.segment,
+            first.segment_start, [k for p in parts for k in p.tensors], self.model.device)
 
     def _import(self, st: StageStream, parts: list[ShardMove]) -> None:
         dev = self.model.device
@@ -221,18 +208,14 @@ class EpochSwitching:
         if any(p.blocks != move.blocks or p.layout != move.layout for p in parts):
             raise ValueError(f"stream {st.stream_id}: the parts of a shard move disagree on blocks or layout")
         tensors = {k: t for p in parts for k, t in p.tensors.items()}
-        meta = move.layout.model_dump() | {"blocks": list(move.blocks)}
-        shard = {k: t for k, t in tensors.items() if not k.startswith("cross_")}
-        st.shard_state.shard.merge(KVCacheShard.from_state(meta, shard, dev))  # refuses other ring counters
-        for version, view in list(st.views.items()):
-            keys = [(f"cross_k.{version}.{b}", f"cross_v.{version}.{b}") for b in move.blocks]
-            if all(k in tensors and v in tensors for k, v in keys):
-                for b, (k, v) in zip(move.blocks, keys, strict=True):
-                    view.cross_k[b] = tensors[k].to(dev)
-                    view.cross_v[b] = tensors[v].to(dev)
-                continue
+        self._rebuild_views(st, merge_kv(st, list(move.blocks), move.layout.model_dump(), tensors, dev))
+
+    def _rebuild_views(self, st: StageStream, versions: list[int]) -> None:
+        """Prompt views whose cross K/V did not arrive with moved KV: recomputed from the embedding when this stage
+        has it, else dropped (rebuilt when an item of that version comes, or counted as no_prompt)."""
+        for version in versions:
             emb = self.prompts.get(st.stream_id, {}).get(version)
             if emb is None:
-                del st.views[version]  # rebuilt when an item of that version comes (or counted as no_prompt)
+                del st.views[version]
             else:
-                self.model.set_prompt(view, emb, version)
+                self.model.set_prompt(st.views[version], emb, version)

@@ -23,6 +23,7 @@ caller; the ``add_*`` methods only touch queues and may run while ``compute`` ru
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,10 +33,18 @@ import torch
 
 from dit_stage.admission import FirstStage
 from dit_stage.forward import Forward
-from dit_stage.kv_cache import KVCacheShard
 from dit_stage.micro_step import MicroStep, StageOutput, SwitchStep
 from dit_stage.model import CausalWanDiT
-from dit_stage.stage_stream import Pending, StageStream, is_clean, versions_kept, view_order
+from dit_stage.stage_stream import (
+    Pending,
+    StageStream,
+    is_clean,
+    kv_tensors,
+    merge_kv,
+    stream_from_layout,
+    versions_kept,
+    view_order,
+)
 from dit_stage.state import SlotItem, StreamDiTState
 from dit_stage.switching import EpochChange, EpochSwitching
 from dit_stage.timing import BlockTimer
@@ -190,10 +199,11 @@ class StageWorker(FirstStage, EpochSwitching):
 
 
     def export_stream(self, stream_id: str) -> dict[str, Any]:
-        """Everything this stage holds for one stream (KV shard with its ring state, cross-attention K/V per prompt
-        version, prompt embeddings and, on the first stage, the queued items and slot counters) as plain data and
-        CPU tensors: ``torch.save``-able and loadable with ``weights_only=True``. ``import_stream`` takes it back,
-        here or in another worker of the same block range."""
+        """Everything this stage holds for one stream as plain data and CPU tensors (``torch.save``-able, loadable
+        with ``weights_only=True``): its KV in the format an online rebalance moves it in (``kv_tensors``: the shard
+        with its ring state, cross-attention K/V per prompt version), the prompt embeddings and, on the first
+        stage, the queued items and slot counters. ``import_stream`` takes it back, here or in another worker of
+        the same block range."""
         st = self.streams[stream_id]
         if stream_id in self.successors:
             raise ValueError(f"stream {stream_id!r} is between two segments (a `cut` in progress); move it after")
@@ -206,42 +216,39 @@ class StageWorker(FirstStage, EpochSwitching):
             "segment_start": st.segment_start, "seed": st.seed, "slot_next": list(st.slot_next),
             "last_seq": st.last_seq, "prepared": st.prepared, "epoch": st.epoch, "draining": st.draining,
             "in_flight": [[seq, step, deadline] for (seq, step), deadline in st.in_flight.items()],
-            "shard": torch.frombuffer(bytearray(st.shard_state.shard.to_bytes()), dtype=torch.uint8),
-            "views": {v: {"cross_k": {b: t.detach().cpu() for b, t in view.cross_k.items()},
-                          "cross_v": {b: t.detach().cpu() for b, t in view.cross_v.items()}}
-                      for v, view in st.views.items()},
+            "layout": json.dumps(st.shard_state.shard.meta()),
+            "kv": kv_tensors(st.shard_state.shard, st.views, st.shard_state.shard.blocks, take=False),
             "new": items(st.new),
             "returns": {slot: items(q) for slot, q in st.returns.items()},
             "prompts": {v: e.detach().cpu() for v, e in self.prompts.get(stream_id, {}).items()},
         }
 
     def import_stream(self, data: dict[str, Any]) -> None:
-        """Take over a stream exported by ``export_stream`` (its blocks must be this stage's)."""
+        """Take over a stream exported by ``export_stream`` (its blocks must be this stage's): its KV arrives through
+        the same merge as an online move's (``merge_kv``)."""
         sid, dev = data["stream_id"], self.model.device
         if sid in self.streams:
             raise ValueError(f"stream {sid!r} is already here")
-        shard = KVCacheShard.from_bytes(data["shard"].numpy().tobytes(), dev)
-        if shard.blocks != self.model.block_ids:
-            raise ValueError(f"stream {sid!r} holds blocks {shard.blocks}, this stage runs {self.model.block_ids}")
+        layout = json.loads(data["layout"])
+        if layout["blocks"] != self.model.block_ids:
+            raise ValueError(f"stream {sid!r} holds blocks {layout['blocks']}, this stage runs {self.model.block_ids}")
         now = self.clock()
 
         def items(rows: list[dict[str, Any]]) -> collections.deque[Pending]:
             return collections.deque(Pending(RingItem.model_validate(r["meta"]), r["latent"].to(dev), now)
                                      for r in rows)
 
-        st = StageStream(sid, int(data["steps"]), (int(data["latent_hw"][0]), int(data["latent_hw"][1])),
-                     StreamDiTState(sid, shard), segment=int(data["segment"]),
-                     segment_start=int(data["segment_start"]), seed=int(data["seed"]),
-                     new=items(data["new"]), returns={int(k): items(q) for k, q in data["returns"].items()},
-                     slot_next=[int(n) for n in data["slot_next"]], last_seq=int(data["last_seq"]),
-                     prepared=bool(data["prepared"]), epoch=int(data["epoch"]), draining=bool(data["draining"]),
-                     in_flight={(int(a), int(b)): float(d) for a, b, d in data["in_flight"]})
-        for v, cross in data["views"].items():
-            view = st.views[int(v)] = StreamDiTState(sid, shard, prompt_version=int(v))
-            view.cross_k = {int(b): t.to(dev) for b, t in cross["cross_k"].items()}
-            view.cross_v = {int(b): t.to(dev) for b, t in cross["cross_v"].items()}
-        self.streams[sid] = st
+        latent_hw = (int(data["latent_hw"][0]), int(data["latent_hw"][1]))
+        st = stream_from_layout(sid, layout, latent_hw, int(data["segment"]), int(data["segment_start"]),
+                                data["kv"], dev)
         self.prompts[sid] = {int(v): e.to(dev) for v, e in data["prompts"].items()}
+        self._rebuild_views(st, merge_kv(st, layout["blocks"], layout, data["kv"], dev))
+        st.seed, st.last_seq = int(data["seed"]), int(data["last_seq"])
+        st.slot_next = [int(n) for n in data["slot_next"]]
+        st.prepared, st.epoch, st.draining = bool(data["prepared"]), int(data["epoch"]), bool(data["draining"])
+        st.new, st.returns = items(data["new"]), {int(k): items(q) for k, q in data["returns"].items()}
+        st.in_flight = {(int(a), int(b)): float(d) for a, b, d in data["in_flight"]}
+        self.streams[sid] = st
 
     def end_stream(self, stream_id: str) -> None:
         """Free everything this stage holds for a stream (its items still in flight will be dropped)."""
