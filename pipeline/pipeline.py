@@ -179,8 +179,7 @@ class StreamPipeline:
         return self._stream(stream_id)
 
     def dit_states(self, stream_id: str) -> list[StreamDiTState]:
-        """The stream's KV shard and current prompt's cross-attention K/V at each stage (empty before its first
-        chunk entered the ring)."""
+        """The stream's KV-cache state at each stage (empty before its first chunk entered the ring)."""
         self._stream(stream_id)
         return [w.streams[stream_id].shard_state for w in self.ring.workers if stream_id in w.streams]
 
@@ -188,7 +187,8 @@ class StreamPipeline:
         """The stream's whole state — this object's and every stage's — as bytes (restore with
         ``restore_stream``, here or in another pipeline with the same model split)."""
         st = self._stream(stream_id)
-        blob = {"stream": st.to_dict(), "dit": [w.export_stream(stream_id) for w in self.ring.workers]}
+        blob = {"stream": st.to_dict(), "dit": [w.export_stream(stream_id) if stream_id in w.streams else None
+                                                for w in self.ring.workers]}
         buf = io.BytesIO()
         torch.save(blob, buf)
         return buf.getvalue()
@@ -202,11 +202,14 @@ class StreamPipeline:
         if len(parts) != len(self.ring.workers):
             raise PipelineError(f"the stream was saved from {len(parts)} stages, this pipeline has "
                                 f"{len(self.ring.workers)}")
-        if any(tuple(p["latent_hw"]) != self.latent_hw for p in parts):
+        if any(p is not None and tuple(p["latent_hw"]) != self.latent_hw for p in parts):
             raise PipelineError("the stream's latent size does not match this pipeline")
         try:
             for worker, part in zip(self.ring.workers, parts, strict=True):
-                worker.import_stream(part)
+                if part is not None:
+                    worker.import_stream(part)
+            if parts[0] is None:  # saved before its first chunk: only the prompt was in the ring
+                self.ring.add_prompt(state.stream_id, state.prompt_version, state.context)
         except ValueError as e:
             self.ring.end_stream(state.stream_id)
             raise PipelineError(str(e)) from e

@@ -207,6 +207,14 @@ def test_state_saved_mid_stream_restores_bit_exactly_in_a_fresh_pipeline(cut_at)
     got += [dst.push(sid, FRAMES[cut_at:]), dst.finish(sid)]
     assert np.array_equal(np.concatenate(got), np.concatenate(want))
 
+    early = tiny_pipeline()  # saved before any chunk entered the ring: only its prompt moves
+    sid = early.open_stream(StreamSpec("a red cat", seed=6, stream_id="e"))
+    moved = tiny_pipeline()
+    moved.restore_stream(early.save_stream(sid))
+    fresh = tiny_pipeline()
+    want = fresh.push(fresh.open_stream(StreamSpec("a red cat", seed=6, stream_id="e")), FRAMES[:13])
+    assert np.array_equal(moved.push(sid, FRAMES[:13]), want)
+
 
 def test_live_steps_and_noise_changes_as_a_patch_makes_them():
     """``set_params`` is the pipeline's ``PATCH``: a new step count finishes the chunks in flight and starts a new
