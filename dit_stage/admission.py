@@ -87,12 +87,16 @@ class FirstStage:
         deadline are given up)."""
         if st.new or any(st.returns.values()):
             return False
+        self._give_up_lost(st, now)
+        return not st.in_flight
+
+    def _give_up_lost(self, st: StageStream, now: float) -> None:
+        """Returns still awaited past their deadline are lost in the ring (a dropped link frame, a stage that
+        restarted): forget them, counted, so nothing waits for them for ever."""
         for key, deadline in list(st.in_flight.items()):
-            if deadline > now:
-                return False
-            del st.in_flight[key]
-            self.dropped["lost_in_ring"] += 1
-        return True
+            if deadline <= now:
+                del st.in_flight[key]
+                self.dropped["lost_in_ring"] += 1
 
     def _refuse_chunk(self, chunk: LatentChunk, now: float) -> str:
         if chunk.epoch < self._admit_from:
@@ -149,13 +153,15 @@ class FirstStage:
                 # two last stages around a join: their returns may cross; a slot runs its chunks in order
                 st.returns[meta.slot] = collections.deque(sorted(q, key=lambda p: (p.meta.seq, p.meta.step)))
 
-    def _may_run(self, st: StageStream) -> bool:
+    def _may_run(self, st: StageStream, now: float) -> bool:
         """Whether a stream's items may enter the next micro-step (always, unless lockstep holds its returns until
-        its next chunk: see ``lockstep``; a stream that is preparing, draining or cut runs its returns freely)."""
+        its next chunk: see ``lockstep``; a stream that is preparing, draining or cut runs its returns freely). A
+        lockstep wave waits for the previous one's returns only until their deadline: a lost one never freezes it."""
         if not (self.lockstep or self.cache_mode == "self_forcing"):
             return True
         if not st.prepared or st.draining or st.stream_id in self.successors:
             return True
+        self._give_up_lost(st, now)
         if st.in_flight:
             return False
         return bool(st.new) or any(q and is_clean(q[0].meta) for q in st.returns.values())
@@ -185,7 +191,7 @@ class FirstStage:
                 del self.successors[sid]
         candidates: list[tuple[StageStream, collections.deque[Pending], Pending]] = []
         for st in self.streams.values():
-            if not self._may_run(st):
+            if not self._may_run(st, now):
                 continue
             versions = self.prompts.get(st.stream_id, {})
             heads: list[collections.deque[Pending]] = [q for _, q in sorted(st.returns.items())]

@@ -4,6 +4,7 @@ the frozen oracle ``StreamBatchRunner`` bit-exactly, chunk by chunk, with 1, 2 a
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -107,3 +108,29 @@ def test_t2v_noise_only_chunks_equal_the_oracle():
     assert [g.seq for g in got] == list(range(len(want)))
     for w, g in zip(want, got, strict=True):
         assert torch.equal(as_chunk_latent(w), g.latent), (g.seq, (as_chunk_latent(w) - g.latent).abs().max())
+
+
+def test_a_lost_return_never_freezes_a_lockstep_stream():
+    """Self-Forcing streams run in lockstep in the services too: a wave waits for the previous wave's returns. A
+    return lost in the ring (a dropped link frame) is given up at its deadline, counted, and the stream goes on;
+    before that it waits (no wave may overtake a return still on its way)."""
+    cfg = dataclasses.replace(CONFIG, cache_mode="self_forcing")
+    offset = [0.0]
+    worker = StageWorker(stage_models(1)[0], window=cfg.kv_window, sink=cfg.sink,
+                         adaptive_threshold=cfg.adaptive_threshold, cache_mode="self_forcing",
+                         clock=lambda: time.time() + offset[0])
+    ring = LocalRing([worker])
+    ring.add_prompt("a", 0, prompt(1))
+    zs = latents(3, 4, (4, 6))
+    ring.add_chunk(chunk_message("a", 0, zs[0], seed=1, config=cfg, deadline=time.time() + 60))
+    assert [c.seq for c in ring.run()] == [0]
+    ring.add_chunk(chunk_message("a", 1, zs[1], seed=1, config=cfg, deadline=time.time() + 60))
+    step = worker.take()
+    assert step is not None and [m.seq for m in step.items] == [1]
+    worker.compute(step)  # its ring return is lost: never handed back
+    ring.add_chunk(chunk_message("a", 2, zs[2], seed=1, config=cfg, deadline=time.time() + 600))
+    assert worker.take() is None  # the wave waits for chunk 1's return while it may still come
+    offset[0] = 120.0  # past chunk 1's deadline
+    step = worker.take()
+    assert step is not None and [(m.seq, m.step) for m in step.items] == [(2, 0)]
+    assert worker.dropped["lost_in_ring"] == 1
