@@ -84,6 +84,7 @@ class StageWorker(FirstStage, EpochSwitching):
         move_frame_bytes: int = 32 * 1024 * 1024,
         shift: float = 8.0,
         lockstep: bool = False,
+        finished_on_host: bool = True,
         cache_mode: CacheMode = "sdv2",
         context_noise: float = 0.0,
         clock: Callable[[], float] = time.time,
@@ -91,6 +92,7 @@ class StageWorker(FirstStage, EpochSwitching):
     ) -> None:
         self.model = model
         self.lockstep = lockstep
+        self.finished_on_host = finished_on_host
         """First stage: a prepared stream runs one *wave* per new chunk (the chunk at step 0 with every return of
         the previous wave, in one micro-step) instead of running returns as soon as they are back. The single-
         process engine uses it: one forward per chunk, B items each (stream-batch's throughput), and the
@@ -373,7 +375,7 @@ class StageWorker(FirstStage, EpochSwitching):
                 continue
             if meta.step == meta.steps - 1:
                 out.finished.append(LatentChunk(**(meta.header() | {"timesteps": list(meta.timesteps)}),
-                                                latent=x0_k[0].permute(1, 0, 2, 3).contiguous().cpu()))
+                                                latent=self._finished_latent(x0_k)))
                 continue
             k = meta.step + 1
             eps = draw_noise(x0_k.shape, seed, c, k, "renoise", x0_k.device)
@@ -381,6 +383,13 @@ class StageWorker(FirstStage, EpochSwitching):
             back.append(meta.model_copy(update={"step": k, "slot": 0 if meta.latent_start == 0 else k}))
         if back:
             out.link.append(RingReturn(epoch=self.epoch, items=back, latents=torch.cat(latents).contiguous()))
+
+    def _finished_latent(self, x0: torch.Tensor) -> torch.Tensor:
+        """A finished chunk's latent [F, C, H, W]: copied to the host in the compute thread when it leaves the
+        process (the stage service publishes it), left on the device for an in-process consumer (the pipeline's
+        VAE decode), which would only copy it back."""
+        latent = x0[0].permute(1, 0, 2, 3).contiguous()
+        return latent.cpu() if self.finished_on_host else latent
 
     def _timestep(self, meta: RingItem) -> float:
         return float(self.context_noise if is_clean(meta) else meta.timesteps[meta.step])

@@ -32,7 +32,7 @@ from ingest.pacing import ChunkQueue, RawChunk
 from ingest.replay import ReplayRing
 from proto import LatentChunk, StreamSpec, decode
 from proto.clock import ChunkClock
-from proto.spec import SDV2_STEPS, chunk_timesteps
+from proto.spec import chunk_timesteps
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
 from services.runtime import write_debug_tap
 
@@ -241,7 +241,7 @@ class IngestStream:
         c = raw.seq - self.segment_start
         version, blend_from, alpha = self.prompt_of(raw.seq)
         steps = self.steps_of(raw.seq)
-        timesteps = list(SDV2_STEPS[:steps]) if self.spec.t2v else chunk_timesteps(steps, scale)
+        timesteps = chunk_timesteps(steps, None if self.spec.t2v else scale)
         return LatentChunk(stream_id=self.stream_id, seed=self.spec.seed, fps=self.spec.fps, seq=raw.seq, epoch=epoch,
                            latent_start=clock.latent_start(c), rope_start=clock.rope_start(c),
                            capture_time=raw.frame_times[0], deadline=deadline,

@@ -30,7 +30,7 @@ from encoder.vae import StreamVAE
 from pipeline.state import PromptBlend, StreamSpec, StreamState
 from proto import LatentChunk
 from proto.clock import ChunkClock
-from proto.spec import SDV2_STEPS, SIZE_MULTIPLE, RingConfig, chunk_timesteps
+from proto.spec import SIZE_MULTIPLE, RingConfig, chunk_timesteps
 
 __all__ = ["FixedEmbedding", "PipelineConfig", "PipelineError", "PromptMode", "StreamPipeline", "TextEncoder"]
 
@@ -93,8 +93,7 @@ class PipelineConfig:
 
     def timesteps(self, noise_scale: float | None, steps: int | None = None) -> list[int]:
         """A chunk's timesteps, step 0 first: V2V starts at ``first_timestep(s)``; T2V (None) at the list's head."""
-        steps = self.steps if steps is None else steps
-        return list(SDV2_STEPS[:steps]) if noise_scale is None else chunk_timesteps(steps, noise_scale)
+        return chunk_timesteps(self.steps if steps is None else steps, noise_scale)
 
 
 class StreamPipeline:
@@ -127,7 +126,8 @@ class StreamPipeline:
         ring = config.ring
         self.ring = LocalRing([
             StageWorker(stage, window=ring.kv_window, sink=ring.sink, adaptive_threshold=ring.adaptive_threshold,
-                        max_batch_items=MAX_BATCH_ITEMS, lockstep=True, cache_mode=ring.cache_mode,
+                        max_batch_items=MAX_BATCH_ITEMS, lockstep=True, finished_on_host=False,
+                        cache_mode=ring.cache_mode,
                         context_noise=ring.context_noise, forward=make_forward(stage, forward))
             for stage in stages
         ])
@@ -456,7 +456,7 @@ class StreamPipeline:
             if st is None:
                 continue  # a stream closed while its chunks were in the ring
             st.out_seq = chunk.seq + 1
-            x0 = chunk.latent.permute(1, 0, 2, 3)[None].to(self.device)
+            x0 = chunk.latent.permute(1, 0, 2, 3)[None].to(self.device)  # no copy: it stays on the device
             frames = self.vae.decode(st.vae, x0.to(self.vae.dtype))
             st.frames_out += frames.shape[2]
             st.outbox.append(frames)

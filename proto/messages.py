@@ -124,7 +124,10 @@ class StreamSpec(Message):
         return (ring or RingConfig()).clock(self.t2v_frames if self.t2v else None)
 
     def timesteps(self, noise_scale: float | None = None) -> list[int]:
-        """A chunk's timesteps, slot 0 first, for its (motion-adapted) noise scale; default: the spec's own."""
+        """A chunk's timesteps, slot 0 first, for its (motion-adapted) noise scale; default: the spec's own (T2V:
+        the step list itself)."""
+        if self.t2v:
+            return chunk_timesteps(self.steps, None)
         return chunk_timesteps(self.steps, self.noise.noise_scale if noise_scale is None else noise_scale)
 
 

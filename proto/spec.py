@@ -66,10 +66,13 @@ def first_timestep(noise_scale: float) -> int:
     return int(1000 * noise_scale) - 100
 
 
-def chunk_timesteps(steps: int, noise_scale: float) -> list[int]:
-    """Timesteps of a chunk, slot 0 first: ``first_timestep(s)``, then the fixed step list."""
+def chunk_timesteps(steps: int, noise_scale: float | None) -> list[int]:
+    """Timesteps of a chunk, slot 0 first: ``first_timestep(s)``, then the fixed step list. ``None``: a T2V chunk
+    (no input to keep: pure noise at the step list's own first timestep)."""
     if not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
+    if noise_scale is None:
+        return list(SDV2_STEPS[:steps])
     return [first_timestep(noise_scale), *SDV2_STEPS[1:steps]]
 
 

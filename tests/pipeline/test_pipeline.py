@@ -235,6 +235,8 @@ def test_live_steps_and_noise_changes_as_a_patch_makes_them():
     np.testing.assert_allclose(got[13:], after, atol=1e-6, rtol=0)
     with pytest.raises(PipelineError, match="steps"):
         pipe.set_params(sid, steps=9)
+    with pytest.raises(PipelineError, match="noise_scale"):
+        pipe.set_params(sid, noise_scale=1.5)
 
     noisy = tiny_pipeline(output="float")
     sid = noisy.open_stream(StreamSpec("a red cat", seed=3))

@@ -26,6 +26,8 @@ def test_stream_spec_validates_its_limits_once() -> None:
 def test_timesteps_are_the_first_timestep_then_the_step_list() -> None:
     assert _spec(steps=3).timesteps(0.65) == [first_timestep(0.65), 500, 400] == [550, 500, 400]
     assert _spec().timesteps() == chunk_timesteps(2, 0.8) == [700, 500]
+    assert _spec(t2v=True).timesteps(0.6) == chunk_timesteps(2, None) == [700, 500]  # T2V: the list itself
+    assert _spec(steps=3).timesteps(0.7) == [600, 500, 400]
     with pytest.raises(ValueError, match=r"steps must be in 1\.\.4"):
         chunk_timesteps(MAX_STEPS + 1, 0.8)
 
