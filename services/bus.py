@@ -29,7 +29,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.kv import KeyValue
+from nats.js.kv import KeyValue, StopIterSentinel
 from opentelemetry.trace import SpanKind
 
 from proto import Credit, Limits, Message, ProtocolError, decode
@@ -39,6 +39,7 @@ from services.config import NatsSettings
 log = logging.getLogger("rheo.bus")
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 Handler = Callable[[M, Msg], Awaitable[None]]
 
 CREDIT_EVERY_HEADER = "Rheo-Credit-Every"
@@ -54,6 +55,10 @@ class PayloadTooLarge(BusError):
 
 class PayloadConfigError(BusError):
     """This service is configured to send more than the server's ``max_payload``: refuse to start."""
+
+
+class BucketLost(BusError):
+    """A KV bucket disappeared under a watch (it has been created again, empty)."""
 
 
 class CreditTimeout(BusError):
@@ -290,14 +295,16 @@ class Bus:
     # -- JetStream KV ----------------------------------------------------------------------------------------
 
     async def kv(self, bucket: str, *, history: int = 1, ttl: float | None = None, replicas: int = 1) -> KV:
-        """Bind to a KV bucket, creating it when missing."""
-        try:
-            store = await self._js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            store = await self._js.create_key_value(
-                KeyValueConfig(bucket=bucket, history=history, ttl=ttl, replicas=replicas, storage=StorageType.FILE)
-            )
-        return KV(store, bucket, self.limits)
+        """Bind to a KV bucket, creating it when missing (and again whenever it is lost later: ``KV``)."""
+        config = KeyValueConfig(bucket=bucket, history=history, ttl=ttl, replicas=replicas, storage=StorageType.FILE)
+
+        async def bind() -> KeyValue:
+            try:
+                return await self._js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                return await self._js.create_key_value(config)
+
+        return KV(await bind(), bucket, self.limits, rebind=bind)
 
 
 class CreditWindow:
@@ -399,13 +406,49 @@ class KVEntry:
     deleted: bool
 
 
-class KV:
-    """A JetStream KV bucket holding raw bytes or ``proto`` messages."""
+def _bucket_lost(e: Exception) -> bool:
+    """The bucket's stream is gone (the NATS store was lost or the bucket deleted), not an ordinary error."""
+    if isinstance(e, nats.js.errors.NoStreamResponseError):
+        return True
+    return isinstance(e, nats.js.errors.NotFoundError) and getattr(e, "err_code", None) == 10059
 
-    def __init__(self, store: KeyValue, bucket: str, limits: Limits) -> None:
+
+class KV:
+    """A JetStream KV bucket holding raw bytes or ``proto`` messages.
+
+    A bucket lost under a running service (nats-server restarted on an empty store, a bucket deleted) is created
+    again by the first write or listing that finds it gone, and the operation retried once; a watch notices the
+    loss within ``LOST_CHECK_S`` and ends with ``BucketLost`` (``watch_keys`` opens it again). What the bucket held
+    is gone: its owners write it again (docs/recovery.md, A lost NATS store).
+    """
+
+    LOST_CHECK_S = 2.0
+
+    def __init__(self, store: KeyValue, bucket: str, limits: Limits,
+                 rebind: Callable[[], Awaitable[KeyValue]] | None = None) -> None:
         self.store = store
         self.bucket = bucket
         self.limits = limits
+        self._rebind = rebind
+        self.recreated = 0
+        """Times this handle found its bucket lost and created it again (owners compare it to re-publish)."""
+
+    async def _recreate(self) -> bool:
+        if self._rebind is None:
+            return False
+        log.warning("KV bucket %s is gone (NATS store lost?): creating it again", self.bucket)
+        self.store = await self._rebind()
+        self.recreated += 1
+        telemetry.BUS_KV_RECREATED.labels(bucket=self.bucket).inc()
+        return True
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await op()
+        except nats.errors.Error as e:
+            if not _bucket_lost(e) or not await self._recreate():
+                raise
+        return await op()
 
     @staticmethod
     def _bytes(value: bytes | Message) -> bytes:
@@ -425,30 +468,56 @@ class KV:
         return decode(e.value, expected, self.limits)
 
     async def put(self, key: str, value: bytes | Message) -> int:
-        return await self.store.put(key, self._bytes(value))
+        return await self._call(lambda: self.store.put(key, self._bytes(value)))
 
     async def create(self, key: str, value: bytes | Message) -> int:
         """Put only if the key does not exist (raises ``nats.js.errors.KeyWrongLastSequenceError`` otherwise)."""
-        return await self.store.create(key, self._bytes(value))
+        return await self._call(lambda: self.store.create(key, self._bytes(value)))
 
     async def update(self, key: str, value: bytes | Message, last: int) -> int:
-        """Compare-and-set against the revision the caller last saw."""
-        return await self.store.update(key, self._bytes(value), last=last)
+        """Compare-and-set against the revision the caller last saw (after a re-created bucket: that revision is
+        gone, so this raises ``KeyWrongLastSequenceError`` as for any concurrent change)."""
+        return await self._call(lambda: self.store.update(key, self._bytes(value), last=last))
 
     async def delete(self, key: str) -> None:
-        await self.store.delete(key)
+        await self._call(lambda: self.store.delete(key))
 
     async def keys(self) -> list[str]:
+        async def keys() -> list[str]:
+            try:
+                return await self.store.keys()
+            except nats.js.errors.NoKeysError:
+                return []
+
+        return await self._call(keys)
+
+    async def incarnation(self) -> object | None:
+        """When the bucket's stream was created (None: it is gone). A watch compares it: a watch on a deleted
+        bucket waits forever, also after the bucket is created again."""
         try:
-            return await self.store.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+            info = await self.store._js.stream_info(f"KV_{self.bucket}")
+        except nats.js.errors.NotFoundError:
+            return None
+        return info.created
 
     async def watch(self, keys: str = ">", *, include_history: bool = False) -> AsyncIterator[KVEntry]:
-        """Current values, then every change, as they happen."""
+        """Current values, then every change, as they happen; ends with ``BucketLost`` (after creating the bucket
+        again) when the bucket disappears."""
+        born = await self.incarnation()
         watcher = await self.store.watch(keys, include_history=include_history)
         try:
-            async for e in watcher:
+            while True:
+                try:
+                    e = await watcher.updates(timeout=self.LOST_CHECK_S)
+                except nats.errors.TimeoutError:
+                    now = await self.incarnation()
+                    if now != born:
+                        if now is None:
+                            await self._recreate()
+                        raise BucketLost(self.bucket) from None
+                    continue
+                if isinstance(e, StopIterSentinel):
+                    return
                 if e is None:  # end of the initial values
                     continue
                 deleted = e.operation in ("DEL", "PURGE")

@@ -26,6 +26,8 @@ BUS_HANDLER_ERRORS = Counter(
     "rheo_bus_handler_errors_total", "messages whose handler raised (message dropped, stream unaffected)", ["subject"]
 )
 BUS_PUBLISHED_BYTES = Counter("rheo_bus_published_bytes_total", "payload bytes published", ["channel"])
+BUS_KV_RECREATED = Counter("rheo_bus_kv_recreated_total", "KV buckets found lost (NATS store wiped) and created "
+                           "again", ["bucket"])
 BUS_OVERSIZE = Counter("rheo_bus_oversize_publish_total", "publishes refused for exceeding max_payload")
 CREDIT_WAIT = Histogram(
     "rheo_bus_credit_wait_seconds", "time a bulk publisher waited for credit",

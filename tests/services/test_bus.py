@@ -12,9 +12,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from proto import CHANNELS, Ack, BlockMap, Error, LatentChunk, StageAssignment, StreamSpec, Subjects, decode
-from services.bus import Bus, BusError, CreditTimeout, PayloadConfigError, PayloadTooLarge
+from services import telemetry
+from services.bus import KV, Bus, BusError, CreditTimeout, PayloadConfigError, PayloadTooLarge
 from services.config import NatsSettings
 from services.natsd import NatsServer
+from services.runtime import watch_keys
 from support.sync import settle
 
 
@@ -234,3 +236,41 @@ async def test_kv_helpers(bus: Bus) -> None:
     assert "current" in await kv.keys()
     await kv.delete("current")
     assert await kv.get("current") is None
+
+
+async def test_a_lost_bucket_is_created_again_and_its_watches_reopen(bus: Bus, bus2: Bus, eventually) -> None:
+    """The NATS store lost under running services (a bucket deleted): writes create the bucket again, and a watch
+    that would otherwise wait forever on the dead bucket ends with ``BucketLost`` and can be opened again
+    (``watch_keys`` does that), seeing what is written from then on."""
+    kv = await bus.kv("rheo-test-lost")
+    KV.LOST_CHECK_S = 0.2  # the class default (2 s) would only slow the test
+    await kv.put("a", b"1")
+    counted = telemetry.BUS_KV_RECREATED.labels(bucket="rheo-test-lost")
+    before = counted._value.get()
+    seen: list[bytes | None] = []
+    reopened = asyncio.Event()
+
+    async def on_entry(_key: str, value: bytes | None, _revision: int) -> None:
+        seen.append(value)
+
+    async def kv_for_watch() -> KV:
+        if seen:
+            reopened.set()
+        return kv
+
+    watch = asyncio.create_task(watch_keys(kv_for_watch, ">", on_entry, what="test", retry_s=0.05))
+    try:
+        await eventually(lambda: seen == [b"1"])
+        await bus2._js.delete_key_value("rheo-test-lost")
+        await asyncio.wait_for(reopened.wait(), 10)  # the watch noticed, created the bucket again and reopened
+        assert await kv.get("a") is None  # the contents are gone: owners write them again
+        await kv.put("a", b"2")
+        await eventually(lambda: seen[-1:] == [b"2"])
+        assert kv.recreated == 1 and counted._value.get() == before + 1
+        await bus2._js.delete_key_value("rheo-test-lost")
+        assert await kv.create("b", b"3") >= 1  # a write finds it gone: created again, the write retried
+        assert kv.recreated == 2 and counted._value.get() == before + 2 and "b" in await kv.keys()
+    finally:
+        KV.LOST_CHECK_S = 2.0
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
