@@ -28,7 +28,7 @@ from prometheus_client import Counter
 
 from encoder.vae import StreamVAE, StreamVAEState
 from media.h264 import CfrPacer, H264Encoder, PacedFrame
-from proto import CHANNELS, EncodedVideo, LatentChunk, StreamEvent, Subjects, VideoUnit
+from proto import CHANNELS, EncodedVideo, LatentChunk, StreamEvent, StreamOutput, Subjects, VideoUnit
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
 from services.runtime import Service, ServiceStartError, main, write_debug_tap
 
@@ -38,6 +38,8 @@ CHUNKS = Counter("rheo_decoder_chunks_total", "latent chunks by outcome", ["resu
 FRAMES = Counter("rheo_decoder_frames_total", "frames decoded, output by the CFR pacer, repeated, dropped", ["kind"])
 VIDEO_DROPPED = Counter("rheo_decoder_units_dropped_total", "encoded access units not sent", ["reason"])
 
+OUTPUT_REPORT_S = 0.5
+"""Per stream, at most one ``StreamOutput`` this often (ingest's liveness bound is seconds)."""
 _ENDED_MEMORY_S = 600.0  # how long an ended stream's last seq is remembered (late chunks are dropped, not revived)
 
 
@@ -94,6 +96,8 @@ class DecoderStream:
     segment: int = 0  # warm-up segment of the last chunk decoded (a `cut` starts the next: the cache starts over)
     message_seq: int = 0
     task: asyncio.Task[None] | None = None
+    decoded: int = 0  # chunks decoded (what the StreamOutput reports count)
+    reported_at: float = 0.0  # when the last StreamOutput went out
 
 
 class DecoderService(Service):
@@ -315,6 +319,8 @@ class DecoderService(Service):
             self.stats.chunk_gaps += chunk.seq - st.last_seq - 1
             log.warning("stream %s: chunks %d..%d missing", st.stream_id, st.last_seq + 1, chunk.seq - 1)
         st.last_seq = chunk.seq
+        st.decoded += 1
+        await self._report_output(st, chunk)
         self.stats.chunks_decoded += 1
         self.stats.frames_decoded += rgb.shape[0]
         CHUNKS.labels(result="decoded").inc()
@@ -325,6 +331,20 @@ class DecoderService(Service):
         dropped = st.pacer.stats.dropped
         st.pacer.push(list(rgb), time.time())
         FRAMES.labels(kind="dropped").inc(st.pacer.stats.dropped - dropped)
+
+    async def _report_output(self, st: DecoderStream, chunk: LatentChunk) -> None:
+        """Tell the stream's ingest that styled output flows (its liveness watch), at most every
+        ``OUTPUT_REPORT_S`` per stream, and at once for a new segment's first chunk (a repair answered)."""
+        now = time.monotonic()
+        if now - st.reported_at < OUTPUT_REPORT_S and chunk.latent_start != 0:
+            return
+        st.reported_at = now
+        assert self.bus is not None
+        try:
+            await self.bus.publish(Subjects.stream_output(st.stream_id), StreamOutput(
+                stream_id=st.stream_id, seq=chunk.seq, segment=chunk.segment, decoded=st.decoded, at=time.time()))
+        except Exception as e:  # the watch sees the next one; decoding goes on
+            log.warning("stream %s: output report not sent: %s", st.stream_id, e)
 
     async def _output_loop(self, st: DecoderStream) -> None:
         while not st.closing.is_set():

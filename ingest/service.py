@@ -42,6 +42,7 @@ from prometheus_client import Counter
 
 from encoder.prompt import trim_padding
 from ingest.admission import ask_admission, unservable
+from ingest.liveness import LivenessPolicy, StreamLiveness, stall_bound_s
 from ingest.models import IngestModels, largest_messages, max_prompt_tokens
 from ingest.pacing import RawChunk
 from ingest.replay import sink_chunks, window_chunks
@@ -57,6 +58,7 @@ from proto import (
     PromptUpdate,
     ProtocolError,
     StreamEvent,
+    StreamOutput,
     StreamRecord,
     StreamSpec,
     Subjects,
@@ -78,6 +80,10 @@ LATENT_CREDIT_RESET_S = 5.0
 """No latent credit for this long: the first stage restarted or never came; forget the outstanding bytes (a chunk
 of a slow but live stage just misses its deadline)."""
 
+STREAM_REPAIRS = Counter("rheo_ingest_stream_repairs_total",
+                         "streams whose styled output stalled, repaired with a new warm-up segment")
+STREAM_STATES = Counter("rheo_ingest_stream_states_total", "stream health changes, by the state entered", ["state"])
+LIVENESS_TICK_S = 0.5
 PROMPT_REQUESTS = Counter("rheo_ingest_prompt_requests_total", "prompt change requests, by result", ["result"])
 
 _DRAIN_WAIT_S = 2.0  # longest a SIGTERM drain waits for queued chunks before cancelling the stream tasks
@@ -140,6 +146,7 @@ class IngestService(Service):
         self.checks["rtmp"] = True
         self._watches.append(asyncio.create_task(watch_keys(self._table_kv, "s.*", self._on_record,
                                                             what="ingest: stream table"), name="t2v-watch"))
+        self._watches.append(asyncio.create_task(self._watch_liveness(), name="liveness"))
         log.info("ingest: %s; RTMP on :%d", self.models.description, self.rtmp.port)
 
     async def drain(self) -> None:
@@ -295,6 +302,9 @@ class IngestService(Service):
             Subjects.stream_prompt(sid), lambda m, raw: self._on_prompt(stream, m, raw), expected=PromptUpdate))
         stream.subs.append(await self.bus.subscribe(
             Subjects.stream_spec(sid), lambda m, raw: self._on_spec(stream, m, raw), expected=StreamSpec))
+        stream.liveness = StreamLiveness(self.liveness_policy(spec), time.monotonic())
+        stream.subs.append(await self.bus.subscribe(
+            Subjects.stream_output(sid), lambda m, _raw: self._on_output(stream, m), expected=StreamOutput))
         await self.bus.publish(Subjects.stream_event(sid), StreamEvent(stream_id=sid, kind="live", at=time.time()))
         await self._announce_prompt(stream, PromptUpdate(stream_id=sid, version=record.prompt_version,
                                                          prompt=spec.prompt))
@@ -406,6 +416,40 @@ class IngestService(Service):
         if depth is None:
             depth = window_chunks(ring.kv_window, ring.sink, ring.clock())
         return depth, sink_chunks(ring.sink, ring.clock())
+
+    # -- liveness -----------------------------------------------------------------------------------------------
+
+    def liveness_policy(self, spec: StreamSpec) -> LivenessPolicy:
+        cfg = self.settings.ingest
+        bound = stall_bound_s(spec.slo.max_latency_ms / 1000.0, spec.clock(self.ring).output_frames(1) / spec.fps,
+                              cfg.liveness_floor_s)
+        return LivenessPolicy(stall_s=bound, max_repairs=cfg.liveness_max_repairs, failed_retry_s=cfg.liveness_retry_s)
+
+    async def _on_output(self, stream: IngestStream, out: StreamOutput) -> None:
+        if stream.liveness is not None and out.stream_id == stream.stream_id:
+            stream.liveness.output(out.seq, out.decoded, time.monotonic())
+
+    async def _watch_liveness(self) -> None:
+        """Every live stream's output against what it published: a stalled stream gets a new warm-up segment (which
+        recreates its state on every stage and in the decoder, whatever wedged it); its state says so."""
+        while True:
+            await asyncio.sleep(LIVENESS_TICK_S)
+            now = time.monotonic()
+            for stream in list(self.live.values()):
+                if stream.liveness is None:
+                    continue
+                was = stream.liveness.state
+                health = stream.liveness.check(now)
+                if health.repair and stream.source is not None:
+                    seq = stream.source.cut()
+                    STREAM_REPAIRS.inc()
+                    log.warning("stream %s %s: %s (new segment from chunk %d)", stream.stream_id, health.state,
+                                health.reason, seq)
+                if health.state != was:
+                    STREAM_STATES.labels(state=health.state).inc()
+                    if not health.repair:
+                        log.info("stream %s %s%s", stream.stream_id, health.state,
+                                 f": {health.reason}" if health.reason else "")
 
     # -- prompts and live parameters ----------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from prometheus_client import Counter, Histogram
 
 from encoder.motion import MotionNoiseConfig, MotionNoiseController, MotionNoiseState
 from encoder.vae import StreamVAE, StreamVAEState
+from ingest.liveness import StreamLiveness
 from ingest.pacing import ChunkQueue, RawChunk
 from ingest.replay import ReplayRing
 from proto import LatentChunk, StreamSpec, decode
@@ -124,6 +125,8 @@ class IngestStream:
     subs: list[Subscription] = field(default_factory=list, repr=False)
     publishing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     """Live chunks and a replay never interleave."""
+    liveness: StreamLiveness | None = field(default=None, repr=False)
+    """Published chunks against styled output (``ingest.liveness``); set while live here."""
 
     @classmethod
     def new(cls, spec: StreamSpec, prompt_version: int, replay_chunks: int, replay_head: int = 0) -> IngestStream:
@@ -270,6 +273,8 @@ class IngestStream:
             return
         self.last_seq = chunk.seq
         self.published += 1
+        if self.liveness is not None:
+            self.liveness.published(time.monotonic())
         self.replay.add(chunk)
         CHUNKS_PUBLISHED.inc()
 

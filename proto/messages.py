@@ -324,6 +324,17 @@ class StreamEvent(Message):
     at: float
 
 
+class StreamOutput(Message):
+    """The decoder turned chunk ``seq`` of a stream into frames: styled output is flowing. At most a few per second
+    per stream (the latest seq); ingest's liveness watch compares it with what it published (docs/recovery.md)."""
+
+    stream_id: StreamId
+    seq: int = Field(ge=0, description="the last chunk decoded")
+    segment: int = Field(0, ge=0, description="its warm-up segment")
+    decoded: int = Field(ge=0, description="chunks of this stream decoded by this decoder so far")
+    at: float
+
+
 StreamState = Literal["created", "live", "ended"]
 
 

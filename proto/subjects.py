@@ -22,6 +22,7 @@ from proto.messages import (
     PromptUpdate,
     StageStats,
     StreamEvent,
+    StreamOutput,
     StreamSpec,
 )
 
@@ -92,6 +93,10 @@ CHANNELS: dict[str, Channel] = {
         Channel("stream_event", PREFIX + ".stream.{stream_id}.event", StreamEvent,
                 ("ingest", "gateway"), ("dit-stage", "decoder", "egress", "controller", "gateway"),
                 "A stream went live or ended."),
+        Channel("stream_output", PREFIX + ".stream.{stream_id}.output", StreamOutput,
+                ("decoder",), ("ingest",),
+                "Styled output is flowing: the last chunk the decoder decoded (a few per second at most); the "
+                "liveness watch of the stream's ingest repairs a stream whose output stopped."),
         Channel("stream_error", PREFIX + ".stream.{stream_id}.error", Error,
                 ("ingest", "dit-stage", "decoder", "egress", "controller"), ("gateway", "controller"),
                 "Per-stream failures and refusals, for the API and the controller."),
@@ -133,6 +138,10 @@ class Subjects:
     @staticmethod
     def stream_video(stream_id: str) -> str:
         return CHANNELS["stream_video"].subject(stream_id=stream_id)
+
+    @staticmethod
+    def stream_output(stream_id: str) -> str:
+        return CHANNELS["stream_output"].subject(stream_id=stream_id)
 
     @staticmethod
     def stream_event(stream_id: str) -> str:

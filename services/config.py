@@ -151,6 +151,12 @@ class IngestSettings(Section):
     debug_tap_dir: Path | None = Field(
         None, description="also write each chunk's model-size input frames here as <stream>/chunk_<seq>.npy (tests)"
     )
+    liveness_floor_s: float = Field(
+        6.0, gt=0, description="a chunk published this long (at least; else its SLO + 4 chunk periods) without any "
+        "styled output after it: the stream is repaired with a new warm-up segment (docs/recovery.md, Liveness)"
+    )
+    liveness_max_repairs: int = Field(3, ge=0, description="repairs without output before a stream is reported failed")
+    liveness_retry_s: float = Field(30.0, gt=0, description="how often a failed stream is still repaired")
 
 
 class EgressSettings(Section):
