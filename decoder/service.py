@@ -31,6 +31,7 @@ from media.h264 import CfrPacer, H264Encoder, PacedFrame
 from proto import CHANNELS, EncodedVideo, LatentChunk, StreamEvent, StreamOutput, Subjects, VideoUnit
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
 from services.runtime import Service, ServiceStartError, main, write_debug_tap
+from services.workmeter import WorkMeter
 
 log = logging.getLogger("rheo.decoder")
 
@@ -134,7 +135,7 @@ class DecoderService(Service):
         assert self.bus is not None
         loop = asyncio.get_running_loop()
         self.vae = await loop.run_in_executor(self._model_thread, self._load_vae)
-        await loop.run_in_executor(self._model_thread, _warm_up, self.vae)
+        await loop.run_in_executor(self._model_thread, _warm_up, self.vae, self.work)
         self.checks["vae"] = True
         await self.bus.subscribe(CHANNELS["stream_x0"].wildcard(), self._on_chunk, expected=LatentChunk, credit=True)
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
@@ -311,7 +312,8 @@ class DecoderService(Service):
             st.vae, st.segment = self.vae.new_state(), chunk.segment
         loop = asyncio.get_running_loop()
         try:
-            float01, rgb = await loop.run_in_executor(self._model_thread, _decode_frames, self.vae, st.vae, latents)
+            decode = self.work.timed("decode", _output_mpx(self.vae, latents), _decode_frames)
+            float01, rgb = await loop.run_in_executor(self._model_thread, decode, self.vae, st.vae, latents)
         except Exception as e:
             self._fail(chunk, f"{type(e).__name__}: {e}")
             return
@@ -426,10 +428,22 @@ def _remember(table: dict[str, tuple[int, float]], stream_id: str, seq: int) -> 
     table[stream_id] = (seq, now)
 
 
-def _warm_up(vae: StreamVAE) -> None:
-    """One throwaway decode (first and later passes), so a stream's first chunk does not pay for lazy init."""
-    latents = torch.zeros(1, vae.z_dim, 2, 2, 2, device=vae.device, dtype=vae.dtype)
-    vae.decode(vae.new_state(), latents)
+def _warm_up(vae: StreamVAE, meter: WorkMeter) -> None:
+    """Throwaway decodes (a first and steady chunks), so a stream's first chunk does not pay for lazy init; the
+    last is the first measurement of what a decode costs here."""
+    latents = torch.zeros(1, vae.z_dim, 2, 8, 8, device=vae.device, dtype=vae.dtype)
+    state = vae.new_state()
+    vae.decode(state, latents)
+    vae.decode(state, latents[:, :, :1])  # a steady chunk's first call pays for its kernels
+    with meter.measure("decode", _output_mpx(vae, latents[:, :, :1])):
+        vae.decode(state, latents[:, :, :1]).cpu()  # (the copy waits for an asynchronous device)
+
+
+def _output_mpx(vae: StreamVAE, latents: torch.Tensor) -> float:
+    """Megapixel-frames a decode of ``latents`` ``[1, C, F, h, w]`` makes: 4 frames per latent frame (the first of a
+    stream 1; counted as 4, the steady rate), at the VAE's spatial factor."""
+    _, _, f, h, w = latents.shape
+    return 4 * f * h * w * vae.spatial_factor ** 2 / 1e6
 
 
 def _decode_frames(vae: StreamVAE, state: StreamVAEState, latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -30,14 +30,18 @@ def unservable(settings: Settings, spec: StreamSpec) -> str:
     return ""
 
 
-async def ask_admission(bus: Bus | None, spec: StreamSpec, timeout: float) -> str:
-    """The controller's refusal reason, or "" when the stream may start (no controller deployed: admitted)."""
+async def ask_admission(bus: Bus | None, spec: StreamSpec, timeout: float, without_controller: str = "refuse") -> str:
+    """The controller's refusal reason, or "" when the stream may start. No controller answering: refused, unless
+    ``ingest.admission_without_controller`` is ``admit``."""
     assert bus is not None
     try:
         reply = await bus.request(Subjects.admission(), spec, timeout=timeout)
     except nats.errors.NoRespondersError:
-        log.warning("stream %s: no controller answers admission; admitted", spec.stream_id)
-        return ""
+        if without_controller == "admit":
+            log.warning("stream %s: no controller answers admission; admitted (ingest.admission_without_controller)",
+                        spec.stream_id)
+            return ""
+        return "no controller answers admission (the controller is down or restarting); retry"
     except (nats.errors.TimeoutError, TimeoutError):
         return "the controller did not answer admission in time; retry"
     except nats.errors.Error as e:  # connection closed or draining (shutdown)

@@ -3,6 +3,7 @@ the largest messages they make, known before anything is loaded (every publisher
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from encoder.prompt import PromptEncoder
 from encoder.vae import StreamVAE
 from services.config import ModelSettings, Settings
+from services.workmeter import WorkMeter
 from wan.config import WanDiTConfig
 
 __all__ = ["TINY_SEED", "IngestModels", "largest_messages", "latent_chunk_bytes", "max_prompt_tokens"]
@@ -53,12 +55,15 @@ class IngestModels:
                                               max_length=WanDiTConfig.named("1.3b").text_len)
         return cls(vae, prompt, f"weights from {model.model_dir}")
 
-    def warm_up(self, size: int = 64) -> None:
-        """Run each model once (first calls pay for kernel selection and allocation; chunk 0 must not)."""
+    def warm_up(self, meter: WorkMeter | None = None, size: int = 64) -> None:
+        """Run each model once (first calls pay for kernel selection and allocation; chunk 0 must not); the last
+        encode, a steady chunk, is the first measurement of what an encode costs here (``meter``)."""
         frames = torch.zeros(1, 3, 5, size, size, device=self.vae.device, dtype=self.vae.dtype)
         state = self.vae.new_state()
         self.vae.encode(state, frames)
-        self.vae.encode(state, frames[:, :, :4])
+        self.vae.encode(state, frames[:, :, :4])  # a steady chunk's first call pays for its kernels
+        with meter.measure("encode", 4 * size * size / 1e6) if meter else contextlib.nullcontext():
+            self.vae.encode(state, frames[:, :, :4]).cpu()  # (the copy waits for an asynchronous device)
         self.prompt.encode("warm up")
         self.prompt.clear_cache()
 

@@ -135,7 +135,7 @@ class IngestService(Service):
         self._watches.append(asyncio.create_task(watch_key(self._blockmap_kv, "current", self._on_blockmap,
                                                            what="ingest: block map"), name="blockmap-watch"))
         self.models = await loop.run_in_executor(self._compute, IngestModels.load, self.settings.model)
-        await loop.run_in_executor(self._compute, self.models.warm_up)
+        await loop.run_in_executor(self._compute, self.models.warm_up, self.work)
         if self.settings.model.model_dir is None:
             log.warning("NO MODEL WEIGHTS (model.model_dir unset): ingest runs the tiny RANDOM VAE and umT5")
         self.checks["models"] = True
@@ -230,7 +230,8 @@ class IngestService(Service):
     async def _refusal(self, spec: StreamSpec) -> str:
         """Why ``spec`` cannot start here ("" when it can): its size, its prompt, or the controller's answer."""
         return (unservable(self.settings, spec) or self._prompt_problem(spec.prompt)
-                or await ask_admission(self.bus, spec, self.settings.ingest.admission_timeout_s))
+                or await ask_admission(self.bus, spec, self.settings.ingest.admission_timeout_s,
+                                       self.settings.ingest.admission_without_controller))
 
     # -- streams ------------------------------------------------------------------------------------------------
 
@@ -395,7 +396,8 @@ class IngestService(Service):
         assert self.models is not None
         loop = asyncio.get_running_loop()
         try:
-            latent, scale = await loop.run_in_executor(self._compute, stream.encode, self.models.vae, raw, spec,
+            encode = stream.encode if spec.t2v else self.work.timed("encode", raw.frames.size / 3e6, stream.encode)
+            latent, scale = await loop.run_in_executor(self._compute, encode, self.models.vae, raw, spec,
                                                        self.settings.ingest.debug_tap_dir)
         except Exception as e:
             stream.drop("encode_error")

@@ -32,6 +32,7 @@ from proto.messages import (
     StreamRecord,
     StreamSpec,
     VideoUnit,
+    WorkCost,
     decode,
     decode_with_headers,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "StreamSpec",
     "Subjects",
     "VideoUnit",
+    "WorkCost",
     "decode",
     "decode_with_headers",
     "stage_prepared_key",

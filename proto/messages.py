@@ -204,8 +204,20 @@ class PromptUpdate(Message):
 Role = Literal["ingest", "dit-stage", "decoder", "egress", "controller", "gateway"]
 
 
+class WorkCost(BaseModel):
+    """What one unit of a member's model work costs, measured there (``services/workmeter.py``)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    unit: Literal["encode", "decode"]
+    ms_per_mpx: float = Field(ge=0, description="time per model-size megapixel-frame (EWMA, seeded by the warm-up)")
+    busy: float = Field(ge=0, description="fraction of the last heartbeat period the unit was busy")
+
+
 class Heartbeat(Message):
     """Liveness of one member; the controller declares it dead after a miss budget."""
+
+    SCHEMA_VERSION: ClassVar[int] = 2
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
 
     member_id: str = Field(min_length=1, max_length=128)
     role: Role
@@ -213,6 +225,8 @@ class Heartbeat(Message):
     sent_at: float
     ready: bool
     streams: list[str] = Field(default_factory=list)
+    work: list[WorkCost] = Field(default_factory=list, max_length=8,
+                                 description="measured cost of its model work (admission counts every bottleneck)")
 
 
 class StageStats(Message):

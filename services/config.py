@@ -134,7 +134,11 @@ class IngestSettings(Section):
         "replayed after a stage failure; null: enough to refill the KV window (dit_stage.kv_window - sink)"
     )
     admission_timeout_s: float = Field(
-        2.0, gt=0, description="wait for the controller's admission answer at RTMP publish (no controller: admit)"
+        2.0, gt=0, description="wait for the controller's admission answer at RTMP publish"
+    )
+    admission_without_controller: Literal["refuse", "admit"] = Field(
+        "refuse", description="when no controller answers admission: refuse the stream (fail closed) or admit it "
+        "(a deployment without a controller)"
     )
     stream_linger_s: float = Field(
         10.0, ge=0, description="how long a disconnected stream waits for its publisher to reconnect before it ends"

@@ -35,6 +35,7 @@ from proto.messages import Role
 from services import telemetry
 from services.bus import KV, Bus, BusError
 from services.config import Settings
+from services.workmeter import WorkMeter
 
 log = logging.getLogger("rheo.runtime")
 
@@ -67,6 +68,8 @@ class Service:
         self.checks: dict[str, bool] = {"bus": False, "started": False}
         self.epoch = 0
         self.streams: set[str] = set()
+        self.work = WorkMeter()
+        """What this service's model work costs (VAE encode, decode): heartbeats carry it to admission."""
         self.http_port = 0
         self._stop = asyncio.Event()
         self._draining = False
@@ -131,7 +134,7 @@ class Service:
         while not self._stop.is_set():
             if self.bus is not None:
                 hb = Heartbeat(member_id=self.member_id, role=self.role, epoch=self.epoch, sent_at=time.time(),
-                               ready=self.ready, streams=sorted(self.streams))
+                               ready=self.ready, streams=sorted(self.streams), work=self.work.report())
                 try:
                     await self.bus.publish(Subjects.heartbeat(self.member_id), hb)
                 except Exception as e:  # a missed heartbeat is the controller's signal; never crash on it

@@ -2,8 +2,9 @@
 
 Rebalance: act only when the predicted gain (slowest stage now vs after) has stayed at or above a threshold for a
 sustained window, and never within a cool-down after any block-map change (hysteresis: measurement noise and the
-transient after a move do not make the map flap). Admission: a stream fits when the measured capacity of the
-pipeline holds every admitted stream's target rate plus the newcomer's.
+transient after a move do not make the map flap). Admission: a stream fits when every measured bottleneck of the
+path (VAE encode, the DiT stages, VAE decode) holds every admitted stream's rate plus the newcomer's, and one chunk
+fits the newcomer's latency SLO.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from proto import StreamSpec
 from proto.clock import ChunkClock
 
 __all__ = [
-    "AdmissionDecision", "RebalancePolicy", "RebalanceVerdict", "admission_key", "decide_admission",
-    "stream_items_per_s",
+    "AdmissionDecision", "PathCosts", "RebalancePolicy", "RebalanceVerdict", "StreamNeed", "admission_key",
+    "decide_admission", "stream_items_per_s", "stream_need",
 ]
 
 Verdict = Literal["hold", "pending", "cooldown", "act"]
@@ -69,6 +70,48 @@ def stream_items_per_s(spec: StreamSpec) -> float:
 
 
 @dataclass(frozen=True)
+class StreamNeed:
+    """What an admitted stream asks of each bottleneck per second."""
+
+    items_per_s: float
+    decode_mpx_per_s: float = 0.0
+    """Model-size megapixel-frames per second the decoder decodes (and ingest encodes, V2V)."""
+    t2v: bool = False
+    """Nothing to encode."""
+
+    @property
+    def encode_mpx_per_s(self) -> float:
+        return 0.0 if self.t2v else self.decode_mpx_per_s
+
+
+def stream_need(spec: StreamSpec) -> StreamNeed:
+    return StreamNeed(stream_items_per_s(spec), spec.width * spec.height / 1e6 * spec.fps, spec.t2v)
+
+
+@dataclass(frozen=True)
+class PathCosts:
+    """Measured costs of the path besides the DiT's throughput (None: not measured yet, so not checked)."""
+
+    encode_ms_per_mpx: float | None = None
+    """VAE encode (+ motion estimate) time per megapixel-frame at the slowest ingest."""
+    decode_ms_per_mpx: float | None = None
+    """VAE decode + H.264 time per megapixel-frame at the slowest decoder."""
+    ring_ms: float | None = None
+    """One denoising step through every stage: the sum of the stages' micro-step times."""
+
+    def chunk_latency_ms(self, spec: StreamSpec) -> tuple[float, str] | None:
+        """(ms, breakdown) one steady chunk of ``spec`` takes through the measured path (None: nothing measured)."""
+        frames = ChunkClock().input_frames_per_chunk
+        mpx = spec.width * spec.height / 1e6 * frames
+        parts = {"encode": 0.0 if spec.t2v else (self.encode_ms_per_mpx or 0.0) * mpx,
+                 "DiT": spec.steps * (self.ring_ms or 0.0),
+                 "decode": (self.decode_ms_per_mpx or 0.0) * mpx}
+        if not any(parts.values()):
+            return None
+        return sum(parts.values()), ", ".join(f"{k} {v:.0f}" for k, v in parts.items() if v)
+
+
+@dataclass(frozen=True)
 class AdmissionDecision:
     admit: bool
     reason: str
@@ -76,17 +119,36 @@ class AdmissionDecision:
     capacity_items_per_s: float | None
 
 
-def decide_admission(spec: StreamSpec, admitted: dict[str, float], item_ms: float | None, *,
-                     headroom: float, prior_streams: int, bottleneck: str = "") -> AdmissionDecision:
-    """May ``spec`` start, next to ``admitted`` (stream id → items/s)?
+def decide_admission(spec: StreamSpec, admitted: dict[str, StreamNeed], item_ms: float | None, *,
+                     headroom: float, prior_streams: int, bottleneck: str = "",
+                     costs: PathCosts | None = None) -> AdmissionDecision:
+    """May ``spec`` start, next to ``admitted``? Every measured bottleneck must hold, at ``headroom``:
 
-    ``item_ms``: the slowest stage's measured ms per item (time per micro-step / items per micro-step), None
-    before any stage reported a busy window: then at most ``prior_streams`` streams are admitted.
-    Linear-in-items is conservative: a micro-step's fixed cost is spread over more items as batches grow.
+    - its latency: one chunk through encode, the ring (``steps`` passes) and decode within the stream's SLO
+      (otherwise every chunk would miss its deadline and the stream show nothing);
+    - the VAE encode and decode: every admitted stream's megapixel-frames per second at the measured cost;
+    - the DiT: ``item_ms`` is the slowest stage's measured ms per item (time per micro-step / items per micro-step);
+      None before any stage reported a busy window: then at most ``prior_streams`` streams are admitted.
+      Linear-in-items is conservative: a micro-step's fixed cost is spread over more items as batches grow.
     """
     others = {k: v for k, v in admitted.items() if k != spec.stream_id}
-    mine = stream_items_per_s(spec)
-    need = sum(others.values()) + mine
+    mine = stream_need(spec)
+    need = sum(v.items_per_s for v in others.values()) + mine.items_per_s
+    costs = costs or PathCosts()
+    latency = costs.chunk_latency_ms(spec)
+    slo_ms = spec.slo.max_latency_ms
+    if latency is not None and latency[0] > headroom * slo_ms:
+        return AdmissionDecision(False, f"too slow for its latency SLO: one chunk takes ≈ {latency[0]:.0f} ms here "
+                                        f"({latency[1]}) against slo.max_latency_ms {slo_ms:.0f}: use a smaller "
+                                        "size, fewer steps or a larger latency budget", need, None)
+    everyone = [*others.values(), mine]
+    for what, ms, mpx in (
+            ("VAE encode (ingest)", costs.encode_ms_per_mpx, sum(v.encode_mpx_per_s for v in everyone)),
+            ("VAE decode (decoder)", costs.decode_ms_per_mpx, sum(v.decode_mpx_per_s for v in everyone))):
+        if ms is not None and mpx * ms / 1000.0 > headroom:
+            return AdmissionDecision(False, f"no capacity: {what} would be {mpx * ms / 10:.0f}% busy with "
+                                            f"{len(others) + 1} streams ({mpx:.2f} megapixel-frames/s at {ms:.1f} ms "
+                                            f"each; limit {headroom:.0%})", need, None)
     if item_ms is None or item_ms <= 0:
         n = len(others) + 1
         ok = n <= prior_streams

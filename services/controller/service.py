@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
@@ -48,7 +49,14 @@ from services.bus import KV
 from services.controller.costmodel import CostModel
 from services.controller.leader import KubernetesLease, KVLeaderLock, LeaderLock, in_cluster
 from services.controller.partition import PartitionProblem, Split, Stage, best_split, evaluate, even_split
-from services.controller.policy import RebalancePolicy, admission_key, decide_admission, stream_items_per_s
+from services.controller.policy import (
+    PathCosts,
+    RebalancePolicy,
+    StreamNeed,
+    admission_key,
+    decide_admission,
+    stream_need,
+)
 from services.rebalance import offline_reason
 from services.runtime import Service, main
 from wan.config import WanDiTConfig
@@ -76,6 +84,8 @@ class Member:
     last_seen: float
     alive_since: float
     """Start of the current run of heartbeats (reset after a silence longer than the miss budget)."""
+    work: dict[str, float] = field(default_factory=dict)
+    """Its measured model-work costs, unit → ms per megapixel-frame (admission's encode/decode bottlenecks)."""
 
 
 def block_weight_bytes(cfg: WanDiTConfig, dtype_bytes: int) -> int:
@@ -98,8 +108,8 @@ class ControllerService(Service):
         self.cost = CostModel(self.num_blocks())
         self.policy = RebalancePolicy(self.cfg.rebalance_gain_threshold, self.cfg.rebalance_sustain_s,
                                       self.cfg.rebalance_cooldown_s)
-        self.admitted: dict[str, float] = {}
-        """Admitted streams → ring items per second they need."""
+        self.admitted: dict[str, StreamNeed] = {}
+        """Admitted streams → what they need of each bottleneck per second."""
         self.item_ms: float | None = None
         self.bottleneck = ""
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=512)
@@ -215,7 +225,7 @@ class ControllerService(Service):
             return
         try:
             state = json.loads(entry.value)
-            self.admitted = {str(k): float(v) for k, v in state.get("admitted", {}).items()}
+            self.admitted = {str(k): _need(v) for k, v in state.get("admitted", {}).items()}
             self.item_ms = state.get("item_ms")
             self.bottleneck = state.get("bottleneck", "")
             ago = time.time() - float(state.get("last_change_at", 0.0))
@@ -231,7 +241,8 @@ class ControllerService(Service):
         if prev is not None and prev.value:
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 last = float(json.loads(prev.value).get("last_change_at", 0.0))
-        state = {"admitted": self.admitted, "item_ms": self.item_ms, "bottleneck": self.bottleneck,
+        admitted = {k: dataclasses.asdict(v) for k, v in self.admitted.items()}
+        state = {"admitted": admitted, "item_ms": self.item_ms, "bottleneck": self.bottleneck,
                  "last_change_at": changed_at if changed_at is not None else last,
                  "last_decision": self.decisions[-1] if self.decisions else None}
         await self._state_kv.put(STATE_KEY, json.dumps(state).encode())
@@ -288,7 +299,8 @@ class ControllerService(Service):
         budget = self.cfg.heartbeat_miss_s
         old = self.members.get(hb.member_id)
         alive_since = old.alive_since if old is not None and now - old.last_seen <= budget else now
-        self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.ready, now, alive_since)
+        self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.ready, now, alive_since,
+                                            {w.unit: w.ms_per_mpx for w in hb.work})
         for role in {m.role for m in self.members.values()}:
             MEMBERS.labels(role=role).set(sum(1 for m in self.members.values()
                                               if m.role == role and now - m.last_seen <= budget))
@@ -406,6 +418,20 @@ class ControllerService(Service):
             stages.append(Stage(sid, est.speed.get(sid, 1.0), memory))
         return PartitionProblem(est.block_ms, stages, est.first_extra_ms, est.last_extra_ms, per_block)
 
+    def path_costs(self) -> PathCosts:
+        """The measured encode and decode costs (the slowest live member of each) and one step through the ring."""
+
+        def slowest(role: str, unit: str) -> float | None:
+            costs = [m.work[unit] for m in self.live_members(role) if unit in m.work]
+            return max(costs) if costs else None
+
+        ring_ms = None
+        if self.block_map is not None:
+            reports = [self.cost.reports.get(s.stage_id) for s in self.block_map.stages]
+            if all(r is not None and r.epoch == self.block_map.epoch for r in reports):
+                ring_ms = sum(r.step_ms for r in reports if r is not None)
+        return PathCosts(slowest("ingest", "encode"), slowest("decoder", "decode"), ring_ms)
+
     def _refresh_capacity(self, now: float) -> None:
         """The slowest stage's measured ms per item, once every stage of the map reported in this epoch."""
         assert self.block_map is not None
@@ -456,14 +482,15 @@ class ControllerService(Service):
         assert self.bus is not None
         reply: Ack | Error
         d = decide_admission(spec, self.admitted, self.item_ms, headroom=self.cfg.admission_headroom,
-                             prior_streams=self.cfg.admission_prior_streams, bottleneck=self.bottleneck)
+                             prior_streams=self.cfg.admission_prior_streams, bottleneck=self.bottleneck,
+                             costs=self.path_costs())
         applied = not self.cfg.advisory
         self._record({"kind": "admission", "stream_id": spec.stream_id, "admit": d.admit, "reason": d.reason,
                       "need": round(d.need_items_per_s, 3), "applied": applied})
         DECISIONS.labels(kind="admission", result=("admit" if d.admit else "refuse") + ("" if applied else
                                                                                           "_advisory")).inc()
         if d.admit or not applied:
-            self.admitted[spec.stream_id] = stream_items_per_s(spec)
+            self.admitted[spec.stream_id] = stream_need(spec)
             detail = d.reason if d.admit else f"advisory: would refuse: {d.reason}"
             reply = Ack(ref=spec.stream_id, detail=f"epoch {self.epoch}; {detail}")
         else:
@@ -475,6 +502,14 @@ class ControllerService(Service):
             await self._save_state()
         if isinstance(reply, Error):
             await self.bus.publish(Subjects.stream_error(spec.stream_id), reply)
+
+
+def _need(stored: object) -> StreamNeed:
+    """An admitted stream's need as saved in the controller's state (a bare number: items/s, from before)."""
+    if isinstance(stored, dict):
+        return StreamNeed(float(stored.get("items_per_s", 0.0)), float(stored.get("decode_mpx_per_s", 0.0)),
+                          bool(stored.get("t2v", False)))
+    return StreamNeed(float(stored))  # type: ignore[arg-type]
 
 
 def _current(bm: BlockMap) -> dict[str, tuple[int, int]]:

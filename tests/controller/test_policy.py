@@ -10,7 +10,14 @@ from proto import SLO, StageStats, StreamSpec
 from services.controller.costmodel import CostModel
 from services.controller.leader import KubernetesLease, Observation, decide
 from services.controller.partition import PartitionProblem, Stage, best_split
-from services.controller.policy import RebalancePolicy, decide_admission, stream_items_per_s
+from services.controller.policy import (
+    PathCosts,
+    RebalancePolicy,
+    StreamNeed,
+    decide_admission,
+    stream_items_per_s,
+    stream_need,
+)
 
 
 def _stats(sid: str, epoch: int, rng: tuple[int, int], ms: list[float], *, steps: int = 5, items: float = 2.0,
@@ -96,18 +103,51 @@ def _spec(sid: str, fps: float = 16.0, steps: int = 2) -> StreamSpec:
 def test_admission_holds_every_admitted_stream() -> None:
     assert stream_items_per_s(_spec("a")) == 8.0  # 16 fps / 4 frames per chunk · 2 steps
     # slowest stage 45 ms per item: 22.2 items/s, 90 % of it = 20: two 8-item/s streams fit, a third does not
-    admitted: dict[str, float] = {}
+    admitted: dict[str, StreamNeed] = {}
     for sid in ("a", "b"):
         d = decide_admission(_spec(sid), admitted, 45.0, headroom=0.9, prior_streams=0, bottleneck="dit-1")
         assert d.admit, d.reason
-        admitted[sid] = d.need_items_per_s - sum(admitted.values())
+        admitted[sid] = stream_need(_spec(sid))
     d = decide_admission(_spec("c"), admitted, 45.0, headroom=0.9, prior_streams=0, bottleneck="dit-1")
     assert not d.admit and "no capacity" in d.reason and "dit-1" in d.reason
     assert decide_admission(_spec("a"), admitted, 45.0, headroom=0.9, prior_streams=0).admit  # a re-publish
     # no telemetry: the prior
-    assert decide_admission(_spec("c"), {"a": 8.0}, None, headroom=0.9, prior_streams=2).admit
-    d = decide_admission(_spec("c"), {"a": 8.0, "b": 8.0}, None, headroom=0.9, prior_streams=2)
+    one = {"a": StreamNeed(8.0)}
+    assert decide_admission(_spec("c"), one, None, headroom=0.9, prior_streams=2).admit
+    d = decide_admission(_spec("c"), {**one, "b": StreamNeed(8.0)}, None, headroom=0.9, prior_streams=2)
     assert not d.admit and "admission_prior_streams" in d.reason
+
+
+def test_admission_counts_the_vae_encode_and_decode() -> None:
+    """512² at 16 fps is 4.19 megapixel-frames/s: at 100 ms each a VAE is 42 % busy per stream, so two streams fit
+    under 90 % and a third does not; the reason names the bottleneck. Without measurements nothing is checked."""
+    cheap_dit = 1.0  # the DiT is not the bottleneck here
+    admitted = {sid: stream_need(_spec(sid)) for sid in ("a", "b")}
+    costs = PathCosts(encode_ms_per_mpx=100.0, decode_ms_per_mpx=50.0)
+    assert decide_admission(_spec("b"), {"a": admitted["a"]}, cheap_dit, headroom=0.9, prior_streams=0,
+                            costs=costs).admit
+    d = decide_admission(_spec("c"), admitted, cheap_dit, headroom=0.9, prior_streams=0, costs=costs)
+    assert not d.admit and "VAE encode (ingest)" in d.reason and "126% busy" in d.reason
+    d = decide_admission(_spec("c"), admitted, cheap_dit, headroom=0.9, prior_streams=0,
+                         costs=PathCosts(decode_ms_per_mpx=100.0))
+    assert not d.admit and "VAE decode (decoder)" in d.reason
+    # text-to-video streams encode nothing
+    t2v = _spec("c").model_copy(update={"t2v": True})
+    assert decide_admission(t2v, admitted, cheap_dit, headroom=0.9, prior_streams=0,
+                            costs=PathCosts(encode_ms_per_mpx=100.0)).admit
+    assert decide_admission(_spec("c"), admitted, cheap_dit, headroom=0.9, prior_streams=0).admit  # unmeasured
+
+
+def test_admission_refuses_a_stream_whose_chunks_cannot_meet_its_latency_slo() -> None:
+    """The CPU stack with the API defaults: a 512² chunk takes seconds to encode, so against a 1 s SLO every chunk
+    would be dropped for its deadline and the stream would show nothing. Refused, with the breakdown."""
+    spec = _spec("a").model_copy(update={"slo": SLO(target_fps=16.0, max_latency_ms=1000)})
+    costs = PathCosts(encode_ms_per_mpx=2300.0, decode_ms_per_mpx=1500.0, ring_ms=40.0)
+    d = decide_admission(spec, {}, 1.0, headroom=0.9, prior_streams=4, costs=costs)
+    assert not d.admit and "latency SLO" in d.reason and "encode 2412" in d.reason and "DiT 80" in d.reason
+    relaxed = spec.model_copy(update={"slo": SLO(target_fps=16.0, max_latency_ms=20000)})
+    assert "latency" not in decide_admission(relaxed, {}, 1.0, headroom=0.9, prior_streams=4, costs=costs).reason
+    assert PathCosts().chunk_latency_ms(spec) is None
 
 
 def test_leader_rule() -> None:

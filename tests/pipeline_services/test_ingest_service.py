@@ -62,7 +62,8 @@ async def ingest(nats_settings: NatsSettings, tmp_path_factory: pytest.TempPathF
         telemetry={"metrics_port": 0},
         lifecycle={"http_host": "127.0.0.1", "heartbeat_interval_s": 0.2},
         ingest={"rtmp_host": "127.0.0.1", "rtmp_port": 0, "chunk_queue_depth": 32, "stream_linger_s": 0.3,
-                "replay_chunks": 3, "debug_tap_dir": tmp_path_factory.mktemp("tap")},
+                "replay_chunks": 3, "debug_tap_dir": tmp_path_factory.mktemp("tap"),
+                "admission_without_controller": "admit"},  # no controller here
     )
     async with running(IngestService(settings, member_id="ingest-test")) as service:
         yield service
@@ -387,7 +388,8 @@ async def test_chunks_are_clocked_by_the_configured_ring(nats_settings: NatsSett
     dit_stage configured, so past the refresh point a chunk's RoPE start disagreed with the stages' window."""
     settings = Settings(nats=nats_settings, telemetry={"metrics_port": 0},
                         lifecycle={"http_host": "127.0.0.1", "heartbeat_interval_s": 0.2},
-                        ingest={"rtmp_host": "127.0.0.1", "rtmp_port": 0, "chunk_queue_depth": 32},
+                        ingest={"rtmp_host": "127.0.0.1", "rtmp_port": 0, "chunk_queue_depth": 32,
+                                "admission_without_controller": "admit"},
                         dit_stage={"kv_window": 8, "t_refresh": 9})
     clock = ChunkClock(kv_window=8, t_refresh=9)
     async with running(IngestService(settings, member_id="ingest-ring")) as service:

@@ -1,0 +1,69 @@
+"""What a unit of model work costs, measured where it runs: the admission input for the VAE encode and decode.
+
+A service times each call of a unit (``measure(unit, mpx)`` around a VAE encode of a chunk, say) with the
+megapixel-frames it processed. The cost per megapixel-frame is an EWMA of those calls, seeded by the service's
+warm-up (so the first stream is judged by a real measurement of this machine, not a guess). Heartbeats carry it to
+the controller (``Heartbeat.work``), which admits a stream only while every bottleneck holds (services/controller
+/policy.py). Costs scale with pixels to first order: a VAE's work is per pixel; per-call overhead makes small frames
+look dearer, which errs on the safe side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import ParamSpec, TypeVar
+
+from proto import WorkCost
+
+__all__ = ["WorkMeter"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class WorkMeter:
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self._cost: dict[str, float] = {}  # unit → ms per megapixel-frame (EWMA)
+        self._busy: dict[str, float] = {}  # unit → seconds busy since the last report
+        self._since = time.monotonic()
+        self._lock = threading.Lock()  # calls run in model threads
+
+    @contextlib.contextmanager
+    def measure(self, unit: str, mpx: float) -> Iterator[None]:
+        """Time the block as one call of ``unit`` over ``mpx`` megapixel-frames (a failed call is not counted)."""
+        started = time.perf_counter()
+        yield
+        self.record(unit, mpx, time.perf_counter() - started)
+
+    def timed(self, unit: str, mpx: float, fn: Callable[P, T]) -> Callable[P, T]:
+        """``fn`` wrapped in ``measure``: for ``run_in_executor``, so time queued behind other calls is not counted."""
+
+        def run(*args: P.args, **kwargs: P.kwargs) -> T:
+            with self.measure(unit, mpx):
+                return fn(*args, **kwargs)
+
+        return run
+
+    def record(self, unit: str, mpx: float, seconds: float) -> None:
+        with self._lock:
+            self._busy[unit] = self._busy.get(unit, 0.0) + seconds
+            if mpx <= 0:
+                return
+            ms = seconds * 1000.0 / mpx
+            old = self._cost.get(unit)
+            self._cost[unit] = ms if old is None else old + self.alpha * (ms - old)
+
+    def report(self) -> list[WorkCost]:
+        """Every unit's cost, and how busy it was since the last report (what a heartbeat carries)."""
+        now = time.monotonic()
+        with self._lock:
+            window = max(now - self._since, 1e-6)
+            out = [WorkCost(unit=u, ms_per_mpx=round(c, 4), busy=round(self._busy.get(u, 0.0) / window, 4))
+                   for u, c in sorted(self._cost.items())]
+            self._busy.clear()
+            self._since = now
+        return out
