@@ -264,10 +264,24 @@ class DitStageService(Service):
         if event.kind == "ended" and self.compute is not None:
             self.compute.end_stream(event.stream_id)
 
+    async def _advertise(self) -> None:
+        """Keep this stage's endpoint in ``rheo-endpoints``: after a lost NATS store the bucket is empty again, and
+        the previous stage would never find this one."""
+        assert self.endpoints is not None
+        if await self.endpoints.get(self.stage_id) is not None:
+            return
+        log.warning("stage %s: endpoint missing from %s; advertising it again", self.stage_id, Buckets.ENDPOINTS)
+        await self.endpoints.put(self.stage_id, self.endpoint.encode())
+
     async def _stats(self) -> None:
         interval = self.cfg.stats_interval_s
         while True:
             await asyncio.sleep(interval)
+            if not self._closing:
+                try:
+                    await self._advertise()
+                except Exception as e:
+                    log.warning("stage %s: endpoint not advertised: %s", self.stage_id, e)
             worker = self.worker
             if worker is None or self.block_map is None or self.bus is None:
                 continue

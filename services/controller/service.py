@@ -69,6 +69,8 @@ LEADER = Gauge("rheo_controller_leader", "1 while this controller holds the lead
 EPOCHS = Counter("rheo_controller_epochs_total", "block-map epochs published", ["reason"])
 DECISIONS = Counter("rheo_controller_decisions_total", "rebalance and admission decisions", ["kind", "result"])
 BLOCKMAP_KEY = "current"
+STORE_CHECK_S = 2.0
+"""How often the leader checks that the block map is still stored (a lost NATS store empties the bucket)."""
 STATE_KEY = "state"
 
 
@@ -120,6 +122,7 @@ class ControllerService(Service):
         self._seen_map: BlockMap | None = None
         """The latest map published by whoever leads (a standby keeps its cost model warm with it)."""
         self._lead_started = 0.0
+        self._store_checked = 0.0
         self._admission_sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -339,10 +342,24 @@ class ControllerService(Service):
 
     # ------------------------------------------------------------------ the leader's loop
     async def _tick(self, now: float) -> None:
+        await self._keep_map_stored(now)
         await self._membership(now)
         self._refresh_capacity(now)
         if self.cfg.mode == "adaptive":
             await self._rebalance(now)
+
+    async def _keep_map_stored(self, now: float) -> None:
+        """After a lost NATS store the bucket is empty again: write the map in force back, same epoch (to the stages
+        it is the map they run), so whoever watches it or starts now finds it."""
+        if now - self._store_checked < STORE_CHECK_S:
+            return
+        self._store_checked = now
+        assert self._kv is not None and self.block_map is not None
+        entry = await self._kv.get(BLOCKMAP_KEY)
+        if entry is None or not entry.value:
+            log.warning("the block map is gone from %s (NATS store lost?): writing epoch %d again", Buckets.BLOCKMAP,
+                        self.block_map.epoch)
+            self._bm_revision = await self._kv.create(BLOCKMAP_KEY, self.block_map)
 
     async def _membership(self, now: float) -> None:
         """Failure and join epochs (always applied: they keep the ring whole)."""
