@@ -35,7 +35,8 @@ from services.runtime import Service, ServiceStartError, main, write_debug_tap
 log = logging.getLogger("rheo.decoder")
 
 CHUNKS = Counter("rheo_decoder_chunks_total", "latent chunks by outcome", ["result"])
-FRAMES = Counter("rheo_decoder_frames_total", "frames decoded, output by the CFR pacer, repeated, dropped", ["kind"])
+FRAMES = Counter("rheo_decoder_frames_total", "frames decoded, output by the CFR pacer, repeated, dropped, padded "
+                 "(a mid-segment join)", ["kind"])
 VIDEO_DROPPED = Counter("rheo_decoder_units_dropped_total", "encoded access units not sent", ["reason"])
 
 _ENDED_MEMORY_S = 600.0  # how long an ended stream's last seq is remembered (late chunks are dropped, not revived)
@@ -59,8 +60,10 @@ class DecoderStats:
     chunks_decoded: int = 0
     chunks_failed: int = 0
     chunks_dropped: int = 0  # queue overflow, stale/out-of-order, after the stream ended, subject mismatch
-    chunk_gaps: int = 0  # chunks missing between two decoded ones
+    chunk_gaps: int = 0  # chunks missing between two decoded ones of a segment
+    joins: int = 0  # chunks decoded on an empty cache mid-segment (a decoder restart, a lost prepare chunk)
     frames_decoded: int = 0
+    frames_padded: int = 0  # repeats that give a mid-segment join its chunk's frame count
     frames_output: int = 0
     frames_repeated: int = 0
     messages_sent: int = 0
@@ -92,6 +95,7 @@ class DecoderStream:
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     last_seq: int = -1  # the last chunk decoded
     segment: int = 0  # warm-up segment of the last chunk decoded (a `cut` starts the next: the cache starts over)
+    accepted: tuple[int, int] = (-1, -1)  # (segment, seq) of the last chunk queued: the stream's order
     message_seq: int = 0
     task: asyncio.Task[None] | None = None
 
@@ -209,9 +213,10 @@ class DecoderService(Service):
             return
         if st is None:
             st = await self._open(chunk)
-        elif chunk.seq <= st.last_seq:
-            self._drop("stale", chunk, f"seq not after {st.last_seq}")
+        elif not _comes_after(chunk, st.accepted):
+            self._drop("stale", chunk, f"(segment, seq) ({chunk.segment}, {chunk.seq}) not after {st.accepted}")
             return
+        st.accepted = (chunk.segment, chunk.seq)
         chunks_queued = st.queue.qsize()
         if chunks_queued >= self.settings.decoder.max_queued_chunks:
             oldest = st.queue.get_nowait()
@@ -303,18 +308,22 @@ class DecoderService(Service):
     async def _decode(self, st: DecoderStream, chunk: LatentChunk) -> None:
         assert self.vae is not None
         latents = chunk.latent.permute(1, 0, 2, 3).unsqueeze(0)  # [F, C, H, W] → [1, C, F, H, W]
-        if chunk.segment > st.segment:  # a new warm-up: its prepare chunk decodes as a stream's first
-            st.vae, st.segment = self.vae.new_state(), chunk.segment
+        new_segment = chunk.segment != st.segment or chunk.latent_start == 0
+        if new_segment and st.vae.latents_decoded:  # a new warm-up (a `cut`, an ingest restart): the cache
+            st.vae = self.vae.new_state()          # starts over; its prepare chunk decodes as a stream's first
+        joined = st.vae.latents_decoded == 0 and chunk.latent_start != 0
         loop = asyncio.get_running_loop()
         try:
             float01, rgb = await loop.run_in_executor(self._model_thread, _decode_frames, self.vae, st.vae, latents)
         except Exception as e:
             self._fail(chunk, f"{type(e).__name__}: {e}")
             return
-        if st.last_seq >= 0 and chunk.seq > st.last_seq + 1:
+        if joined:
+            float01, rgb = self._pad_join(st, chunk, float01, rgb)
+        if st.last_seq >= 0 and not new_segment and chunk.seq > st.last_seq + 1:
             self.stats.chunk_gaps += chunk.seq - st.last_seq - 1
             log.warning("stream %s: chunks %d..%d missing", st.stream_id, st.last_seq + 1, chunk.seq - 1)
-        st.last_seq = chunk.seq
+        st.last_seq, st.segment = chunk.seq, chunk.segment
         self.stats.chunks_decoded += 1
         self.stats.frames_decoded += rgb.shape[0]
         CHUNKS.labels(result="decoded").inc()
@@ -325,6 +334,23 @@ class DecoderService(Service):
         dropped = st.pacer.stats.dropped
         st.pacer.push(list(rgb), time.time())
         FRAMES.labels(kind="dropped").inc(st.pacer.stats.dropped - dropped)
+
+    def _pad_join(self, st: DecoderStream, chunk: LatentChunk, float01: np.ndarray,
+                  rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A chunk decoded on an empty cache mid-segment (this decoder restarted, or the segment's prepare chunk
+        was lost) gives 1 frame for its first latent instead of 4: its first frame is repeated so the chunk yields
+        the frames a continuing decode would, and the CFR output sees no hole."""
+        assert self.vae is not None
+        pad = chunk.latent.shape[0] * self.vae.temporal_factor - rgb.shape[0]
+        self.stats.joins += 1
+        log.info("stream %s: joined segment %d at chunk %d on an empty decoder cache", st.stream_id, chunk.segment,
+                 chunk.seq)
+        if pad <= 0:
+            return float01, rgb
+        self.stats.frames_padded += pad
+        FRAMES.labels(kind="padded").inc(pad)
+        return (np.concatenate([np.repeat(float01[:1], pad, axis=0), float01]),
+                np.concatenate([np.repeat(rgb[:1], pad, axis=0), rgb]))
 
     async def _output_loop(self, st: DecoderStream) -> None:
         while not st.closing.is_set():
@@ -395,6 +421,12 @@ class DecoderService(Service):
         self.stats.units_dropped += n
         VIDEO_DROPPED.labels(reason=reason).inc(n)
         log.warning("dropped %d access unit(s) (%s): %s", n, reason, why)
+
+
+def _comes_after(chunk: LatentChunk, accepted: tuple[int, int]) -> bool:
+    """Whether a chunk is new for its stream: (segment, seq) order — a new segment is new even at a lower seq (an
+    ingest that restarted its count) — or a stream start (seq 0 with a prepare chunk: a session started over)."""
+    return (chunk.segment, chunk.seq) > accepted or (chunk.seq == 0 and chunk.latent_start == 0)
 
 
 def _remember(table: dict[str, tuple[int, float]], stream_id: str, seq: int) -> None:
