@@ -318,8 +318,6 @@ class DecoderService(Service):
         except Exception as e:
             self._fail(chunk, f"{type(e).__name__}: {e}")
             return
-        if joined:
-            float01, rgb = self._pad_join(st, chunk, float01, rgb)
         if st.last_seq >= 0 and not new_segment and chunk.seq > st.last_seq + 1:
             self.stats.chunk_gaps += chunk.seq - st.last_seq - 1
             log.warning("stream %s: chunks %d..%d missing", st.stream_id, st.last_seq + 1, chunk.seq - 1)
@@ -328,6 +326,8 @@ class DecoderService(Service):
         self.stats.frames_decoded += rgb.shape[0]
         CHUNKS.labels(result="decoded").inc()
         FRAMES.labels(kind="decoded").inc(rgb.shape[0])
+        if joined:
+            float01, rgb = self._pad_join(st, chunk, float01, rgb)
         tap = self.settings.decoder.debug_tap_dir
         if tap is not None:
             await asyncio.to_thread(write_debug_tap, tap / st.stream_id / f"{chunk.seq}.npy", float01)
