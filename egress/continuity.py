@@ -21,6 +21,7 @@ log = logging.getLogger("rheo.egress")
 WRITES = Counter("rheo_egress_state_writes_total", "HlsState KV operations by outcome", ["op", "result"])
 
 STATE_TTL_S = 24 * 3600.0  # a key no egress wrote for a day belongs to a stream gone for good
+LOAD_TIMEOUT_S = 2.0  # a stream's first video waits this long at most (the video subscription is shared)
 
 
 class ContinuityStore:
@@ -40,7 +41,7 @@ class ContinuityStore:
         if stream_id in self._pending:  # not written yet: the newest is here
             return self._pending[stream_id]
         try:
-            state = await self.kv.get_message(stream_id, HlsState)
+            state = await asyncio.wait_for(self.kv.get_message(stream_id, HlsState), LOAD_TIMEOUT_S)
         except ProtocolError as e:
             WRITES.labels(op="load", result="malformed").inc()
             log.warning("stream %s: unreadable state in %s, its playlist starts afresh: %s", stream_id,

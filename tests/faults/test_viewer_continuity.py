@@ -38,7 +38,7 @@ stream: {slo_latency_ms: 120000}
 dit_stage: {max_queued_chunks: 64}
 ingest: {chunk_queue_depth: 64}
 decoder: {max_queued_chunks: 64, ended_grace_s: 15, publish_timeout_s: 1.0}
-egress: {ended_grace_s: 15, playlist_segments: 400}
+egress: {ended_grace_s: 15, playlist_segments: 60}
 controller: {mode: static, advisory: true, heartbeat_miss_s: 3.0}
 """
 
@@ -177,7 +177,7 @@ def test_decoder_and_egress_restarts_keep_the_playlist_monotonic(stack: LocalSta
     assert viewer.discontinuities() == 2, [v.segments for v in viewer.views[-1:]]
 
     final = viewer.views[-1].playlist
-    assert final.is_endlist and (final.media_sequence or 0) == 0  # the whole stream is still listed
+    assert final.is_endlist
     times: list[float] = []
     periods = 0
     data = b""
@@ -188,7 +188,7 @@ def test_decoder_and_egress_restarts_keep_the_playlist_monotonic(stack: LocalSta
             periods += 1
         data += _get(stack, f"/hls/{sid}/{seg.uri}")
     times += _times(data)
-    assert periods == 3
+    assert periods == 3 - (final.discontinuity_sequence or 0)  # (the window may have slid past the first period)
     assert times == sorted(times) and len(set(times)) == len(times), "output timestamps went backwards"
 
 
