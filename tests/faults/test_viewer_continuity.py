@@ -94,11 +94,17 @@ class Viewer(threading.Thread):
                     return
             self.done.wait(0.25)
 
+    def _latest(self) -> View | None:
+        return next((v for v in reversed(self.views) if v.segments), None)
+
     def last_msn(self) -> int:
-        return max((v.segments[-1][0] for v in self.views if v.segments), default=-1)
+        """The newest segment of the latest load (a playlist that started over shows here at once)."""
+        latest = self._latest()
+        return -1 if latest is None else latest.segments[-1][0]
 
     def discontinuities(self) -> int:
-        return max((v.segments[-1][1] for v in self.views if v.segments), default=0)
+        latest = self._latest()
+        return 0 if latest is None else latest.segments[-1][1]
 
 
 def _numbered(pl: m3u8.M3U8) -> list[tuple[int, int]]:
@@ -166,6 +172,7 @@ def test_decoder_and_egress_restarts_keep_the_playlist_monotonic(stack: LocalSta
             back = _wait(lambda b=before_msn: viewer.last_msn() >= b + 3, restart_s + bound,
                          f"the output to advance after the {name} restart")
             assert viewer.discontinuities() >= before_disc + 1, f"no discontinuity after the {name} restart"
+            _check_never_backwards(viewer)
             print(f"{name}: ready {restart_s:.1f}s after SIGKILL, 3 new segments {back:.1f}s later "
                   f"(segment period {period:.2f}s)")
     finally:
