@@ -20,6 +20,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ FRAMES = Counter("rheo_decoder_frames_total", "frames decoded, output by the CFR
                  "(a mid-segment join)", ["kind"])
 VIDEO_DROPPED = Counter("rheo_decoder_units_dropped_total", "encoded access units not sent", ["reason"])
 
+_T = TypeVar("_T")
 _ENDED_MEMORY_S = 600.0  # how long an ended stream's last seq is remembered (late chunks are dropped, not revived)
 
 
@@ -108,7 +110,8 @@ class DecoderService(Service):
         self.vae: StreamVAE | None = None
         self.stats = DecoderStats()
         self.decoding: dict[str, DecoderStream] = {}
-        self._ended: dict[str, tuple[int, float]] = {}  # streams ended here → (last chunk seq, ended at)
+        # streams ended here → ((segment, seq) of the last chunk taken, ended at)
+        self._ended: dict[str, tuple[tuple[int, int], float]] = {}
         self._early_ends: dict[str, tuple[int, float]] = {}  # 'ended' events of streams with no chunk yet
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vae-decode")
         self._closing = False
@@ -204,7 +207,7 @@ class DecoderService(Service):
             if self._closing:
                 self._drop("draining", chunk)
                 return
-            if ended is not None and chunk.seq != 0 and chunk.seq <= ended[0]:
+            if ended is not None and not _comes_after(chunk, ended[0]):
                 self._drop("after_end", chunk)
                 return
         problem = self._check_latent(chunk, st)
@@ -282,7 +285,7 @@ class DecoderService(Service):
             if self.decoding.get(st.stream_id) is st:
                 del self.decoding[st.stream_id]
             self.streams.discard(st.stream_id)
-            _remember(self._ended, st.stream_id, st.last_seq)
+            _remember(self._ended, st.stream_id, st.accepted)
             self.stats.streams_ended += 1
             log.info("stream %s ended after chunk %d", st.stream_id, st.last_seq)
 
@@ -429,7 +432,7 @@ def _comes_after(chunk: LatentChunk, accepted: tuple[int, int]) -> bool:
     return (chunk.segment, chunk.seq) > accepted or (chunk.seq == 0 and chunk.latent_start == 0)
 
 
-def _remember(table: dict[str, tuple[int, float]], stream_id: str, seq: int) -> None:
+def _remember(table: dict[str, tuple[_T, float]], stream_id: str, seq: _T) -> None:
     """Note (seq, now) for a stream, forgetting entries older than ``_ENDED_MEMORY_S`` (bounded memory)."""
     now = time.time()
     for sid, (_, at) in list(table.items()):

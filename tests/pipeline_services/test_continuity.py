@@ -28,7 +28,7 @@ from media_io.mediakit import barcode_frame, read_barcode
 from decoder.service import DecoderService
 from egress.service import EgressService
 from media.h264 import H264Encoder, PartLayout
-from proto import Buckets, EncodedVideo, HlsState, LatentChunk, Subjects
+from proto import Buckets, EncodedVideo, HlsState, LatentChunk, StreamEvent, Subjects
 from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.runtime import Service
@@ -236,3 +236,27 @@ async def test_a_restarted_decoder_joins_mid_stream_and_takes_new_segments(
     assert units[0].keyframe and units[0].pts == 0  # it starts with an IDR (parameter sets in every message)
     assert [u.pts for u in units] == list(range(len(units)))  # CFR: no jump, no burst, never backwards
     assert len(units) >= second.stats.frames_decoded + second.stats.frames_padded
+
+
+async def test_an_ended_stream_takes_a_new_segment_not_its_late_chunks(
+        nats_settings: NatsSettings, bus: Bus, tmp_path: Path) -> None:
+    """After a stream ended at the decoder (its 'ended' event, or idle), a late chunk is dropped, but a new
+    segment — even at a lower seq, as an ingest that restarted its count sends it — starts the stream again."""
+    settings = settings_for(nats_settings, tmp_path)
+    sid = new_stream_id()
+    decoder = DecoderService(settings, member_id="decoder-c")
+    task = await started(decoder)
+    window = await bus.credit_window(Subjects.stream_x0(sid)).start()
+    try:
+        latents = random_latents(3, 32, 32, seed=11)
+        for c in range(3):
+            await window.publish(chunk(sid, c, latents[c]))
+        await bus.publish(Subjects.stream_event(sid), StreamEvent(stream_id=sid, kind="ended", seq=2, at=time.time()))
+        await until(lambda: decoder.stats.streams_ended == 1, "the stream's end")
+        await window.publish(chunk(sid, 1, latents[1]))  # late: dropped after the end
+        await window.publish(chunk(sid, 1, random_latents(1, 32, 32, seed=12)[0], segment=1, latent_start=0))
+        await until(lambda: decoder.stats.chunks_decoded == 4, "the new segment's prepare chunk")
+        assert decoder.stats.chunks_dropped == 1 and decoder.stats.streams_started == 2
+    finally:
+        await window.close()
+        await stopped(decoder, task)
