@@ -20,6 +20,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -36,11 +37,13 @@ from services.workmeter import WorkMeter
 log = logging.getLogger("rheo.decoder")
 
 CHUNKS = Counter("rheo_decoder_chunks_total", "latent chunks by outcome", ["result"])
-FRAMES = Counter("rheo_decoder_frames_total", "frames decoded, output by the CFR pacer, repeated, dropped", ["kind"])
+FRAMES = Counter("rheo_decoder_frames_total", "frames decoded, output by the CFR pacer, repeated, dropped, padded "
+                 "(a mid-segment join)", ["kind"])
 VIDEO_DROPPED = Counter("rheo_decoder_units_dropped_total", "encoded access units not sent", ["reason"])
 
 OUTPUT_REPORT_S = 0.5
 """Per stream, at most one ``StreamOutput`` this often (ingest's liveness bound is seconds)."""
+_T = TypeVar("_T")
 _ENDED_MEMORY_S = 600.0  # how long an ended stream's last seq is remembered (late chunks are dropped, not revived)
 
 
@@ -62,8 +65,10 @@ class DecoderStats:
     chunks_decoded: int = 0
     chunks_failed: int = 0
     chunks_dropped: int = 0  # queue overflow, stale/out-of-order, after the stream ended, subject mismatch
-    chunk_gaps: int = 0  # chunks missing between two decoded ones
+    chunk_gaps: int = 0  # chunks missing between two decoded ones of a segment
+    joins: int = 0  # chunks decoded on an empty cache mid-segment (a decoder restart, a lost prepare chunk)
     frames_decoded: int = 0
+    frames_padded: int = 0  # repeats that give a mid-segment join its chunk's frame count
     frames_output: int = 0
     frames_repeated: int = 0
     messages_sent: int = 0
@@ -95,6 +100,7 @@ class DecoderStream:
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     last_seq: int = -1  # the last chunk decoded
     segment: int = 0  # warm-up segment of the last chunk decoded (a `cut` starts the next: the cache starts over)
+    accepted: tuple[int, int] = (-1, -1)  # (segment, seq) of the last chunk queued: the stream's order
     message_seq: int = 0
     task: asyncio.Task[None] | None = None
     decoded: int = 0  # chunks decoded (what the StreamOutput reports count)
@@ -109,7 +115,8 @@ class DecoderService(Service):
         self.vae: StreamVAE | None = None
         self.stats = DecoderStats()
         self.decoding: dict[str, DecoderStream] = {}
-        self._ended: dict[str, tuple[int, float]] = {}  # streams ended here → (last chunk seq, ended at)
+        # streams ended here → ((segment, seq) of the last chunk taken, ended at)
+        self._ended: dict[str, tuple[tuple[int, int], float]] = {}
         self._early_ends: dict[str, tuple[int, float]] = {}  # 'ended' events of streams with no chunk yet
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vae-decode")
         self._closing = False
@@ -205,7 +212,7 @@ class DecoderService(Service):
             if self._closing:
                 self._drop("draining", chunk)
                 return
-            if ended is not None and chunk.seq != 0 and chunk.seq <= ended[0]:
+            if ended is not None and not _comes_after(chunk, ended[0]):
                 self._drop("after_end", chunk)
                 return
         problem = self._check_latent(chunk, st)
@@ -214,9 +221,10 @@ class DecoderService(Service):
             return
         if st is None:
             st = await self._open(chunk)
-        elif chunk.seq <= st.last_seq:
-            self._drop("stale", chunk, f"seq not after {st.last_seq}")
+        elif not _comes_after(chunk, st.accepted):
+            self._drop("stale", chunk, f"(segment, seq) ({chunk.segment}, {chunk.seq}) not after {st.accepted}")
             return
+        st.accepted = (chunk.segment, chunk.seq)
         chunks_queued = st.queue.qsize()
         if chunks_queued >= self.settings.decoder.max_queued_chunks:
             oldest = st.queue.get_nowait()
@@ -282,7 +290,7 @@ class DecoderService(Service):
             if self.decoding.get(st.stream_id) is st:
                 del self.decoding[st.stream_id]
             self.streams.discard(st.stream_id)
-            _remember(self._ended, st.stream_id, st.last_seq)
+            _remember(self._ended, st.stream_id, st.accepted)
             self.stats.streams_ended += 1
             log.info("stream %s ended after chunk %d", st.stream_id, st.last_seq)
 
@@ -308,8 +316,10 @@ class DecoderService(Service):
     async def _decode(self, st: DecoderStream, chunk: LatentChunk) -> None:
         assert self.vae is not None
         latents = chunk.latent.permute(1, 0, 2, 3).unsqueeze(0)  # [F, C, H, W] → [1, C, F, H, W]
-        if chunk.segment > st.segment:  # a new warm-up: its prepare chunk decodes as a stream's first
-            st.vae, st.segment = self.vae.new_state(), chunk.segment
+        new_segment = chunk.segment != st.segment or chunk.latent_start == 0
+        if new_segment and st.vae.latents_decoded:  # a new warm-up (a `cut`, an ingest restart): the cache
+            st.vae = self.vae.new_state()          # starts over; its prepare chunk decodes as a stream's first
+        joined = st.vae.latents_decoded == 0 and chunk.latent_start != 0
         loop = asyncio.get_running_loop()
         try:
             decode = self.work.timed("decode", _output_mpx(self.vae, latents), _decode_frames)
@@ -317,16 +327,18 @@ class DecoderService(Service):
         except Exception as e:
             self._fail(chunk, f"{type(e).__name__}: {e}")
             return
-        if st.last_seq >= 0 and chunk.seq > st.last_seq + 1:
+        if st.last_seq >= 0 and not new_segment and chunk.seq > st.last_seq + 1:
             self.stats.chunk_gaps += chunk.seq - st.last_seq - 1
             log.warning("stream %s: chunks %d..%d missing", st.stream_id, st.last_seq + 1, chunk.seq - 1)
-        st.last_seq = chunk.seq
+        st.last_seq, st.segment = chunk.seq, chunk.segment
         st.decoded += 1
         await self._report_output(st, chunk)
         self.stats.chunks_decoded += 1
         self.stats.frames_decoded += rgb.shape[0]
         CHUNKS.labels(result="decoded").inc()
         FRAMES.labels(kind="decoded").inc(rgb.shape[0])
+        if joined:
+            float01, rgb = self._pad_join(st, chunk, float01, rgb)
         tap = self.settings.decoder.debug_tap_dir
         if tap is not None:
             await asyncio.to_thread(write_debug_tap, tap / st.stream_id / f"{chunk.seq}.npy", float01)
@@ -347,6 +359,23 @@ class DecoderService(Service):
                 stream_id=st.stream_id, seq=chunk.seq, segment=chunk.segment, decoded=st.decoded, at=time.time()))
         except Exception as e:  # the watch sees the next one; decoding goes on
             log.warning("stream %s: output report not sent: %s", st.stream_id, e)
+
+    def _pad_join(self, st: DecoderStream, chunk: LatentChunk, float01: np.ndarray,
+                  rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A chunk decoded on an empty cache mid-segment (this decoder restarted, or the segment's prepare chunk
+        was lost) gives 1 frame for its first latent instead of 4: its first frame is repeated so the chunk yields
+        the frames a continuing decode would, and the CFR output sees no hole."""
+        assert self.vae is not None
+        pad = chunk.latent.shape[0] * self.vae.temporal_factor - rgb.shape[0]
+        self.stats.joins += 1
+        log.info("stream %s: joined segment %d at chunk %d on an empty decoder cache", st.stream_id, chunk.segment,
+                 chunk.seq)
+        if pad <= 0:
+            return float01, rgb
+        self.stats.frames_padded += pad
+        FRAMES.labels(kind="padded").inc(pad)
+        return (np.concatenate([np.repeat(float01[:1], pad, axis=0), float01]),
+                np.concatenate([np.repeat(rgb[:1], pad, axis=0), rgb]))
 
     async def _output_loop(self, st: DecoderStream) -> None:
         while not st.closing.is_set():
@@ -419,7 +448,13 @@ class DecoderService(Service):
         log.warning("dropped %d access unit(s) (%s): %s", n, reason, why)
 
 
-def _remember(table: dict[str, tuple[int, float]], stream_id: str, seq: int) -> None:
+def _comes_after(chunk: LatentChunk, accepted: tuple[int, int]) -> bool:
+    """Whether a chunk is new for its stream: (segment, seq) order — a new segment is new even at a lower seq (an
+    ingest that restarted its count) — or a stream start (seq 0 with a prepare chunk: a session started over)."""
+    return (chunk.segment, chunk.seq) > accepted or (chunk.seq == 0 and chunk.latent_start == 0)
+
+
+def _remember(table: dict[str, tuple[_T, float]], stream_id: str, seq: _T) -> None:
     """Note (seq, now) for a stream, forgetting entries older than ``_ENDED_MEMORY_S`` (bounded memory)."""
     now = time.time()
     for sid, (_, at) in list(table.items()):

@@ -1,7 +1,8 @@
 """FastAPI routes for HLS and LL-HLS playback, including blocking playlist reloads and blocking part requests.
 
 Paths are stable per stream id: ``{prefix}/{stream_id}/index.m3u8`` (LL-HLS; plain HLS clients ignore the
-part tags), ``playlist.m3u8`` (plain rolling HLS), ``init.mp4``, ``seg_{msn}.m4s`` and ``part_{msn}_{i}.m4s``.
+part tags), ``playlist.m3u8`` (plain rolling HLS), ``init_{d}.mp4`` (the init segment of the period after the
+d-th discontinuity; ``init.mp4`` is the newest one), ``seg_{msn}.m4s`` and ``part_{msn}_{i}.m4s``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def make_hls_router(registry: HlsRegistry, prefix: str = "/hls") -> APIRouter:
         if part is not None and msn is None:
             raise HTTPException(400, "_HLS_part requires _HLS_msn")
         if msn is not None:
-            last = stream.segments[-1].msn if stream.segments else 0
+            last = stream.segments[-1].msn if stream.segments else stream.next_part[0]
             if msn > last + 2:
                 raise HTTPException(400, f"_HLS_msn={msn} is too far ahead of the live edge ({last})")
             if not await stream.wait_for(msn, part, block_timeout(stream)):
@@ -53,11 +54,18 @@ def make_hls_router(registry: HlsRegistry, prefix: str = "/hls") -> APIRouter:
     @router.get("/{stream_id}/init.mp4")
     async def init(stream_id: str) -> Response:
         stream = stream_or_404(stream_id)
-        if stream.init is None and not await stream.wait_for(0, 0, block_timeout(stream)):
+        if stream.init is None and not await stream.wait_for(*stream.next_part, block_timeout(stream)):
             raise HTTPException(404, "no init segment yet")
         if stream.init is None:
             raise HTTPException(404, "no init segment")
-        return Response(stream.init, media_type=MEDIA_TYPE, headers=_IMMUTABLE)
+        return Response(stream.init, media_type=MEDIA_TYPE, headers=_NO_CACHE)  # the newest: changes on a restart
+
+    @router.get("/{stream_id}/init_{discontinuity:int}.mp4")
+    async def period_init(stream_id: str, discontinuity: int) -> Response:
+        found = stream_or_404(stream_id).inits.get(discontinuity)
+        if found is None:
+            raise HTTPException(404, f"no init segment {discontinuity}")
+        return Response(found, media_type=MEDIA_TYPE, headers=_NO_CACHE)  # a successor may rewrite an unlisted one
 
     @router.get("/{stream_id}/seg_{msn:int}.m4s")
     async def segment(stream_id: str, msn: int) -> Response:

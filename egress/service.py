@@ -8,6 +8,10 @@ first video arrives, so the gateway's ``/hls/<id>/...`` proxy finds it.
 
 A playlist ends (``EXT-X-ENDLIST``) on the decoder's ``end_of_stream``, or, after the stream's ``ended`` event,
 once no video came for ``egress.ended_grace_s``; ended streams stay served for ``egress.ended_retention_s``.
+
+A playlist never goes back (docs/media.md "Continuity across restarts"): a new decoder session (its message seq
+starts over), new parameter sets or size restart the media as a discontinuity of the same playlist, and each
+stream's ``HlsState`` in JetStream KV (``ContinuityStore``) lets a restarted egress continue the numbering.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from fastapi import FastAPI
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
+from egress.continuity import ContinuityStore
 from egress.http import make_hls_router
 from egress.rtmp_push import RtmpPush
 from media.h264 import PartLayout, VideoConfig
 from media.llhls import HlsRegistry, LlHlsStream
-from proto import CHANNELS, EncodedVideo, StreamEvent, StreamRecord, Subjects
+from proto import CHANNELS, EncodedVideo, HlsState, StreamEvent, StreamRecord, Subjects
 from services.runtime import Service, listen_socket, main
 from services.streams import StreamNotFound, StreamTable
 
@@ -34,6 +39,7 @@ log = logging.getLogger("rheo.egress")
 
 MESSAGES = Counter("rheo_egress_video_messages_total", "EncodedVideo messages by outcome", ["result"])
 UNITS = Counter("rheo_egress_units_total", "access units by outcome", ["result"])
+RESTARTS = Counter("rheo_egress_media_restarts_total", "playlist discontinuities opened, by cause", ["cause"])
 
 _CONTROL_MESSAGE_BYTES = 1024 * 1024  # heartbeats: ≈100 B + 66 B per stream id; egress publishes nothing else
 
@@ -45,8 +51,11 @@ class EgressStats:
     messages: int = 0
     messages_lost: int = 0  # gaps in EncodedVideo.seq
     messages_dropped: int = 0  # subject mismatch, config mismatch, after the end
+    media_restarts: int = 0  # new decoder sessions on a live playlist (each a discontinuity)
+    streams_resumed: int = 0  # playlists continued from a previous life's HlsState
     units: int = 0
     units_failed: int = 0
+    units_skipped: int = 0  # not packaged: before a keyframe, pts out of order (LlHlsStream.stats says which)
     record_updates: int = 0
     record_failures: int = 0
 
@@ -81,6 +90,7 @@ class EgressService(Service):
         self.hls_port = 0
         self.base_url = ""
         self._table: StreamTable | None = None
+        self._continuity: ContinuityStore | None = None
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -100,6 +110,7 @@ class EgressService(Service):
         assert self.bus is not None
         eg = self.settings.egress
         self._table = await StreamTable.open(self.bus)
+        self._continuity = await ContinuityStore.open(self.bus, self.settings.nats.kv_replicas)
         sock = listen_socket(eg.http_host, eg.http_port, "egress HLS/LL-HLS (egress.http_port)")
         self.hls_port = sock.getsockname()[1]
         host = "127.0.0.1" if eg.http_host in ("", "0.0.0.0", "::") else eg.http_host
@@ -126,6 +137,8 @@ class EgressService(Service):
                 task.cancel()
         for task in list(self._tasks):
             task.cancel()
+        if self._continuity is not None:  # the state stays: a successor continues these playlists
+            await self._continuity.flush()
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             await self._http_task
@@ -146,10 +159,22 @@ class EgressService(Service):
         if out is not None and out.hls.ended and msg.seq != 0:
             self._dropped(msg, "after_end", "the stream's playlist has ended")
             return
-        if out is None or msg.seq == 0:
-            # seq 0 is a new encoder session (a new stream, or the decoder restarted it): a fresh playlist
-            out = self._open(msg.stream_id, config)
-        elif config != out.config:
+        if out is None or out.hls.ended:
+            # the stream's first video here (or a new session after its end): continue what a previous life of
+            # the playlist published, if any
+            assert self._continuity is not None
+            resume = out.hls.state() if out is not None else await self._continuity.load(msg.stream_id)
+            out = self.outputs.get(msg.stream_id)  # (another message may have opened it meanwhile)
+            if out is None or out.hls.ended:
+                out = self._open(msg.stream_id, config, resume)
+                if resume is not None:  # joined a decoder session mid-way: earlier messages were not ours
+                    out.next_seq = msg.seq
+        if msg.seq < out.next_seq:
+            # a new decoder session (the decoder restarted: its message seq starts over), maybe with new parameter
+            # sets or size: the same playlist goes on after an EXT-X-DISCONTINUITY
+            self._restart(out, config)
+            out.next_seq = msg.seq
+        elif config != out.config:  # one decoder session never changes its output: not this stream's video
             self._dropped(msg, "config_mismatch", f"{config.width}x{config.height}@{config.fps} differs from the "
                           f"stream's {out.config.width}x{out.config.height}@{out.config.fps}")
             return
@@ -161,17 +186,21 @@ class EgressService(Service):
         MESSAGES.labels(result="ok").inc()
         for unit in msg.units:
             try:
-                out.hls.push(unit)
+                packaged = out.hls.push(unit)
             except Exception as e:  # a unit the muxer cannot take loses only itself
                 self.stats.units_failed += 1
                 UNITS.labels(result="failed").inc()
                 log.warning("stream %s: access unit pts %d not packaged: %s", msg.stream_id, unit.pts, e)
                 continue
+            if packaged is None:  # before the first keyframe, or out of order (counted by the packager)
+                self.stats.units_skipped += 1
+                UNITS.labels(result="skipped").inc()
+                continue
             self.stats.units += 1
             UNITS.labels(result="packaged").inc()
             if out.push is not None:
                 try:
-                    out.push.push(unit)
+                    out.push.push(packaged)  # the output timeline: monotonic across decoder restarts
                 except Exception as e:
                     log.warning("stream %s: access unit pts %d not pushed over RTMP: %s", msg.stream_id, unit.pts, e)
         if msg.end_of_stream:
@@ -196,13 +225,21 @@ class EgressService(Service):
 
     # -- per-stream lifecycle -----------------------------------------------------------------------------
 
-    def _open(self, stream_id: str, config: VideoConfig) -> EgressStream:
+    def _open(self, stream_id: str, config: VideoConfig, resume: HlsState | None) -> EgressStream:
         eg = self.settings.egress
         old = self.outputs.get(stream_id)
         if old is not None:
             self._end(old)
+            if old.forget_timer is not None:
+                old.forget_timer.cancel()
         layout = PartLayout.from_settings(config.fps, eg)
-        hls = self.registry.open(stream_id, config, layout, eg.playlist_segments)
+        hls = self.registry.open(stream_id, config, layout, eg.playlist_segments, resume)
+        hls.on_segment = self._save_state
+        if resume is not None:
+            self.stats.streams_resumed += 1
+            RESTARTS.labels(cause="resumed").inc()
+            log.info("stream %s: playlist continues at media sequence %d, discontinuity %d (%d segments listed "
+                     "again)", stream_id, resume.next_msn, hls.discontinuity, hls.stats.segments_restored)
         out = EgressStream(stream_id, config, hls)
         if eg.rtmp_push_url:
             out.push = RtmpPush.from_settings(config, eg, url=rtmp_push_url(eg.rtmp_push_url, stream_id))
@@ -213,6 +250,19 @@ class EgressService(Service):
         self._spawn(self._record_live(stream_id), f"record-{stream_id}")
         log.info("stream %s: packaging %dx%d at %g fps", stream_id, config.width, config.height, config.fps)
         return out
+
+    def _restart(self, out: EgressStream, config: VideoConfig) -> None:
+        layout = PartLayout.from_settings(config.fps, self.settings.egress) if config.fps != out.config.fps else None
+        out.hls.restart(config, layout)
+        out.config = config
+        self.stats.media_restarts += 1
+        RESTARTS.labels(cause="decoder_session").inc()
+        log.info("stream %s: new decoder session: media restarts as discontinuity %d", out.stream_id,
+                 out.hls.discontinuity)
+
+    def _save_state(self, hls: LlHlsStream) -> None:
+        if self._continuity is not None:
+            self._continuity.save(hls.state())
 
     def _end(self, out: EgressStream) -> None:
         if out.end_timer is not None:
@@ -235,6 +285,8 @@ class EgressService(Service):
             del self.outputs[out.stream_id]
             if self.registry.get(out.stream_id) is out.hls:
                 self.registry.remove(out.stream_id)
+            if self._continuity is not None:  # ended for good: a later stream under this id starts afresh
+                self._continuity.delete(out.stream_id)
 
     async def _record_live(self, stream_id: str) -> None:
         """Tell the stream table where this stream plays (the gateway proxies ``/hls/<id>/`` there)."""

@@ -6,6 +6,13 @@ closed when it holds ``parts_per_segment`` parts — never when the next IDR arr
 names a part that will exist. Two playlists come from the same state: the LL-HLS one (EXT-X-PART,
 PRELOAD-HINT, CAN-BLOCK-RELOAD; served by ``egress.http``) and a plain rolling HLS one written to disk next to
 the segment files. All methods must be called from the event loop thread that serves the playlists.
+
+Continuity (docs/media.md "Continuity across restarts"): media sequence numbers never go back for a stream. Where
+the media restarts (a new encoder session, timestamps going back or jumping, new parameter sets) the current
+*period* ends, the next segment is tagged ``EXT-X-DISCONTINUITY`` with its own init segment (``init_<d>.mp4``, d
+= its discontinuity sequence number), and output timestamps continue where the last period stopped. ``state()``
+is what a successor needs to go on (``HlsState``, kept in JetStream KV by the egress service); ``resume`` takes
+it back and lists again the window's segments still on disk.
 """
 
 from __future__ import annotations
@@ -18,19 +25,20 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
 
 from media.h264 import PartLayout, VideoConfig
-from proto import VideoUnit
+from proto import HlsSegmentState, HlsState, VideoUnit
 
 log = logging.getLogger(__name__)
 
 PART_LIST_SEGMENTS = 3  # segments whose parts the LL playlist lists (spec: at least the last 3 target durations)
 KEEP_EXTRA_SEGMENTS = 2  # segments kept past the playlist window for clients that just loaded an older playlist
+JUMP_SEGMENTS = 2  # a keyframe whose pts jumps ahead by more than this many segments restarts the media
 
 
 @dataclass
@@ -45,12 +53,16 @@ class Segment:
     msn: int
     start_pts: int
     program_date_time: float
+    discontinuity: int = 0  # discontinuity sequence number of its period (which init segment it needs)
     parts: list[Part] = field(default_factory=list)
     complete: bool = False
     data: bytes = b""
+    restored_duration: float | None = None  # listed again by a restarted egress: the whole segment, no parts
 
     @property
     def duration(self) -> float:
+        if self.restored_duration is not None:
+            return self.restored_duration
         return sum(p.duration for p in self.parts)
 
     @property
@@ -66,6 +78,8 @@ class PackagerStats:
     non_monotonic_dropped: int = 0
     dropped_before_keyframe: int = 0
     misaligned_segments: int = 0
+    restarts: int = 0  # media restarts (new periods, each a discontinuity once it has a segment)
+    segments_restored: int = 0  # segments of a previous life listed again after a resume
 
 
 class _BoxSink(io.RawIOBase):
@@ -91,6 +105,11 @@ class _BoxSink(io.RawIOBase):
         return len(b)
 
 
+def init_name(discontinuity: int) -> str:
+    """File name of the init segment of the period with this discontinuity sequence number."""
+    return f"init_{discontinuity}.mp4"
+
+
 def _template_stream(config: VideoConfig, first: VideoUnit) -> av.container.InputContainer:
     """An H.264 input stream whose codec parameters the muxer copies (PyAV must not open an encoder)."""
     return av.open(io.BytesIO(config.extradata + first.data), format="h264")
@@ -106,42 +125,66 @@ class LlHlsStream:
         layout: PartLayout,
         out_dir: Path | None = None,
         playlist_segments: int = 6,
+        resume: HlsState | None = None,
     ) -> None:
-        if abs(layout.fps - config.fps) > 1e-6:
-            raise ValueError(f"layout fps {layout.fps} != stream fps {config.fps}")
+        _check_layout(config, layout)
         self.stream_id, self.config, self.layout = stream_id, config, layout
         self.out_dir = out_dir
         self.playlist_segments = playlist_segments
         self.stats = PackagerStats()
-        self.init: bytes | None = None
+        self.inits: dict[int, bytes] = {}  # discontinuity sequence number → init segment of that period
         self.segments: list[Segment] = []
         self.ended = False
+        self.discontinuity = 0  # the current period's discontinuity sequence number
+        self.on_segment: Callable[[LlHlsStream], None] | None = None  # called when a segment closes
         self._sink = _BoxSink()
         self._out: av.container.OutputContainer | None = None
         self._stream: av.video.stream.VideoStream | None = None
-        self._pending: list[VideoUnit] = []  # muxed, not yet in a part
+        self._pending: list[VideoUnit] = []  # muxed (output pts), not yet in a part
         self._moof: bytes | None = None
-        self._last_pts: int | None = None
+        self._last_in: int | None = None  # input pts of the last unit muxed in this period
+        self._offset = 0  # output pts = input pts + offset (set when a period opens)
+        self._next_pts = 0  # output pts after the last one written: where the next period starts
+        self._first_msn = 0
+        self._period_has_segment = False
         self._changed = asyncio.Event()
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
+        if resume is not None:
+            self._resume(resume)
+        if out_dir is not None:
+            self._remove_stale_files()
+            if self.segments:
+                self._write_plain_playlist()
+
+    @property
+    def init(self) -> bytes | None:
+        """The newest period's init segment (``init.mp4``; playlists name each period's ``init_<d>.mp4``)."""
+        return self.inits[max(self.inits)] if self.inits else None
 
     # -- input ---------------------------------------------------------------------------------------------
 
-    def push(self, unit: VideoUnit) -> None:
-        """Mux one access unit; completes parts and segments as the muxer emits fragments."""
+    def push(self, unit: VideoUnit) -> VideoUnit | None:
+        """Mux one access unit; completes parts and segments as the muxer emits fragments. Returns the unit on the
+        stream's output timeline (its pts continues across restarts), None when it was dropped (counted)."""
         if self.ended:
             raise RuntimeError(f"stream {self.stream_id} has ended")
-        if self._last_pts is not None and unit.pts <= self._last_pts:
+        if self._last_in is not None and unit.keyframe and (
+                unit.pts <= self._last_in or unit.pts - self._last_in > JUMP_SEGMENTS * self.layout.gop_frames):
+            self.restart()  # an IDR whose timestamps went back or jumped: a new encoder, a new period
+        if self._last_in is not None and unit.pts <= self._last_in:
             self.stats.non_monotonic_dropped += 1
-            return
+            return None
         if self._out is None:
             if not unit.keyframe:
                 self.stats.dropped_before_keyframe += 1
-                return
+                return None
             self._open(unit)
         assert self._out is not None and self._stream is not None
-        self._last_pts = unit.pts
+        self._last_in = unit.pts
+        if self._offset:
+            unit = unit.model_copy(update={"pts": unit.pts + self._offset})
+        self._next_pts = unit.pts + 1
         self.stats.units += 1
         packet = av.Packet(unit.data)
         packet.pts = packet.dts = unit.pts
@@ -151,29 +194,56 @@ class LlHlsStream:
         self._out.mux(packet)
         self._collect(next_pts=unit.pts)
         self._pending.append(unit)
+        return unit
 
     def end(self) -> None:
         """Flush the last part, close the last segment and mark the playlists with EXT-X-ENDLIST."""
         if self.ended:
             return
+        self._finish_period()
+        self.ended = True
+        self._write_plain_playlist()
+        self._notify()
+
+    def restart(self, config: VideoConfig | None = None, layout: PartLayout | None = None) -> None:
+        """The media restarts at the next unit (a new encoder session, new parameter sets or size): the current
+        period ends (its last part and segment are closed), the next segment opens a new one tagged
+        EXT-X-DISCONTINUITY, and output timestamps continue after the last ones written."""
+        self._finish_period()
+        old_fps = self.layout.fps
+        if config is not None or layout is not None:
+            config, layout = config or self.config, layout or self.layout
+            _check_layout(config, layout)
+            self.config, self.layout = config, layout
+            self._next_pts = math.ceil(self._next_pts * layout.fps / old_fps - 1e-9)
+        if self._period_has_segment:  # a period that published nothing needs no discontinuity of its own
+            self.discontinuity += 1
+            self._period_has_segment = False
+        self._last_in = None
+        self.stats.restarts += 1
+        self._notify()
+
+    def _finish_period(self) -> None:
+        """Close the muxer: its last part and the open segment are published as they are."""
         if self._out is not None:
             self._out.close()
             last = self._pending[-1].pts + 1 if self._pending else None
             self._collect(next_pts=last)
         if self.segments and not self.segments[-1].complete and self.segments[-1].parts:
             self._close_segment(self.segments[-1])
-        self.ended = True
-        self._write_plain_playlist()
-        self._notify()
+        self._out = self._stream = None
+        self._pending, self._moof, self._sink = [], None, _BoxSink()
 
     def _open(self, first: VideoUnit) -> None:
+        self._offset = self._next_pts - first.pts
         part_us = int((self.layout.frames_per_part - 0.5) / self.layout.fps * 1e6)
         self._out = av.open(
             self._sink,
             "w",
             format="mp4",
             options={
-                "movflags": "cmaf+frag_keyframe+empty_moov+default_base_moof+skip_trailer",
+                # frag_discont: fragments keep our (offset) timestamps instead of starting over at 0
+                "movflags": "cmaf+frag_keyframe+empty_moov+default_base_moof+skip_trailer+frag_discont",
                 "frag_duration": str(part_us),
             },
         )
@@ -189,8 +259,9 @@ class LlHlsStream:
             if kind in (b"ftyp", b"moov"):
                 header.append(box)
                 if kind == b"moov":
-                    self.init = b"".join(header)
-                    self._write_file("init.mp4", self.init)
+                    init = self.inits[self.discontinuity] = b"".join(header)
+                    self._write_file(init_name(self.discontinuity), init)
+                    self._write_file("init.mp4", init)
             elif kind == b"moof":
                 self._moof = box
             elif kind == b"mdat" and self._moof is not None:
@@ -205,10 +276,11 @@ class LlHlsStream:
         duration = (end_pts - units[0].pts) / self.layout.fps
         seg = self.segments[-1] if self.segments and not self.segments[-1].complete else None
         if seg is None:
-            msn = self.segments[-1].msn + 1 if self.segments else 0
+            msn = self.segments[-1].msn + 1 if self.segments else self._first_msn
             pdt = units[0].capture_time or time.time()
-            seg = Segment(msn, units[0].pts, pdt)
+            seg = Segment(msn, units[0].pts, pdt, self.discontinuity)
             self.segments.append(seg)
+            self._period_has_segment = True
             if not units[0].keyframe:
                 self.stats.misaligned_segments += 1
                 log.warning("stream %s: segment %d does not start with an IDR", self.stream_id, msn)
@@ -225,6 +297,8 @@ class LlHlsStream:
         self._write_file(seg.name, seg.data)
         self._trim()
         self._write_plain_playlist()
+        if self.on_segment is not None:
+            self.on_segment(self)
 
     def _trim(self) -> None:
         complete = [s for s in self.segments if s.complete]
@@ -233,6 +307,60 @@ class LlHlsStream:
             self.segments.remove(seg)
             if self.out_dir is not None:
                 (self.out_dir / seg.name).unlink(missing_ok=True)
+        used = {s.discontinuity for s in self.segments} | {self.discontinuity}
+        for d in [d for d in self.inits if d not in used]:  # periods whose last segment is gone
+            del self.inits[d]
+            if self.out_dir is not None:
+                (self.out_dir / init_name(d)).unlink(missing_ok=True)
+
+    # -- continuity ----------------------------------------------------------------------------------------
+
+    def state(self) -> HlsState:
+        """What a successor needs to continue this playlist (written once per closed segment)."""
+        complete = [s for s in self.segments if s.complete]
+        window = complete[-(self.playlist_segments + KEEP_EXTRA_SEGMENTS):][-64:]
+        return HlsState(
+            stream_id=self.stream_id,
+            next_msn=complete[-1].msn + 1 if complete else self._first_msn,
+            discontinuity=self.discontinuity,
+            next_pts=self._next_pts,
+            fps=float(self.layout.fps),
+            segments=[HlsSegmentState(msn=s.msn, discontinuity=s.discontinuity, duration=s.duration,
+                                      program_date_time=s.program_date_time) for s in window],
+        )
+
+    def _resume(self, state: HlsState) -> None:
+        """Continue a playlist published before (by a previous egress, or this stream before its end): numbering
+        and timestamps go on, the media restarts (a new period), and the window's segments whose files are still
+        in ``out_dir`` are listed again so a viewer mid-playlist can still fetch them."""
+        self._first_msn = state.next_msn
+        self._next_pts = math.ceil(state.next_pts * self.layout.fps / state.fps - 1e-9)
+        self.discontinuity = state.discontinuity + (1 if state.next_msn > 0 else 0)
+        self.stats.restarts += 1
+        if self.out_dir is None:
+            return
+        restored: list[Segment] = []
+        for info in reversed(state.segments):  # the newest contiguous run whose files exist
+            if info.msn != (restored[0].msn if restored else state.next_msn) - 1 or info.discontinuity > \
+                    (restored[0].discontinuity if restored else state.discontinuity):
+                break
+            seg_path, init_path = self.out_dir / f"seg_{info.msn}.m4s", self.out_dir / init_name(info.discontinuity)
+            if not (seg_path.is_file() and init_path.is_file()):
+                break
+            if info.discontinuity not in self.inits:
+                self.inits[info.discontinuity] = init_path.read_bytes()
+            restored.insert(0, Segment(info.msn, 0, info.program_date_time, info.discontinuity, complete=True,
+                                       data=seg_path.read_bytes(), restored_duration=info.duration))
+        self.segments = restored
+        self.stats.segments_restored = len(restored)
+
+    def _remove_stale_files(self) -> None:
+        """Delete files of an earlier life of this directory that no listed segment needs."""
+        assert self.out_dir is not None
+        keep = {s.name for s in self.segments} | {init_name(d) for d in self.inits}
+        for path in self.out_dir.iterdir():
+            if path.is_file() and path.name.endswith((".m4s", ".mp4", ".tmp")) and path.name not in keep:
+                path.unlink(missing_ok=True)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -282,7 +410,7 @@ class LlHlsStream:
     def next_part(self) -> tuple[int, int]:
         """(msn, part index) of the next part to appear: the preload hint."""
         if not self.segments:
-            return 0, 0
+            return self._first_msn, 0
         last = self.segments[-1]
         return (last.msn + 1, 0) if last.complete else (last.msn, len(last.parts))
 
@@ -298,27 +426,42 @@ class LlHlsStream:
         open_seg = [s for s in self.segments if not s.complete and s.parts]
         return window + open_seg
 
-    def _header(self, version: int, first_msn: int) -> list[str]:
-        return [
+    def _header(self, version: int, window: list[Segment]) -> list[str]:
+        first_msn, first_disc = (window[0].msn, window[0].discontinuity) if window else (
+            self.next_part[0], self.discontinuity)
+        lines = [
             "#EXTM3U",
             f"#EXT-X-VERSION:{version}",
             f"#EXT-X-TARGETDURATION:{self.target_duration}",
             f"#EXT-X-MEDIA-SEQUENCE:{first_msn}",
-            "#EXT-X-INDEPENDENT-SEGMENTS",
-            '#EXT-X-MAP:URI="init.mp4"',
         ]
+        if first_disc:  # RFC 8216: discontinuities that slid out of the window (absent = 0)
+            lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:{first_disc}")
+        lines.append("#EXT-X-INDEPENDENT-SEGMENTS")
+        if not window:
+            lines.append(f'#EXT-X-MAP:URI="{init_name(self.discontinuity)}"')
+        return lines
+
+    @staticmethod
+    def _period_lines(seg: Segment, prev: Segment | None) -> list[str]:
+        """EXT-X-DISCONTINUITY where a new period starts, and the period's init segment (EXT-X-MAP)."""
+        if prev is not None and prev.discontinuity == seg.discontinuity:
+            return []
+        tag = [] if prev is None else ["#EXT-X-DISCONTINUITY"]
+        return [*tag, f'#EXT-X-MAP:URI="{init_name(seg.discontinuity)}"']
 
     def ll_playlist(self) -> str:
         window = self._window()
         part_target = self.layout.part_seconds
-        lines = self._header(9, window[0].msn if window else 0)
+        lines = self._header(9, window)
         lines.insert(
             3,
             f"#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK={3 * part_target:.5f}",
         )
         lines.insert(4, f"#EXT-X-PART-INF:PART-TARGET={part_target:.5f}")
         list_parts_from = window[-1].msn - PART_LIST_SEGMENTS + 1 if window else 0
-        for seg in window:
+        for prev, seg in zip([None, *window], window, strict=False):
+            lines += self._period_lines(seg, prev)
             lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_iso(seg.program_date_time)}")
             if seg.msn >= list_parts_from:
                 for i, p in enumerate(seg.parts):
@@ -336,8 +479,9 @@ class LlHlsStream:
 
     def plain_playlist(self) -> str:
         window = [s for s in self._window() if s.complete]
-        lines = self._header(7, window[0].msn if window else 0)
-        for seg in window:
+        lines = self._header(7, window)
+        for prev, seg in zip([None, *window], window, strict=False):
+            lines += self._period_lines(seg, prev)
             lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_iso(seg.program_date_time)}")
             lines.append(f"#EXTINF:{seg.duration:.5f},")
             lines.append(seg.name)
@@ -356,6 +500,11 @@ class LlHlsStream:
         os.replace(tmp, self.out_dir / name)
 
 
+def _check_layout(config: VideoConfig, layout: PartLayout) -> None:
+    if abs(layout.fps - config.fps) > 1e-6:
+        raise ValueError(f"layout fps {layout.fps} != stream fps {config.fps}")
+
+
 def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -367,16 +516,18 @@ class HlsRegistry:
         self.root = root
         self.streams: dict[str, LlHlsStream] = {}
 
-    def open(self, stream_id: str, config: VideoConfig, layout: PartLayout, playlist_segments: int = 6) -> LlHlsStream:
+    def open(self, stream_id: str, config: VideoConfig, layout: PartLayout, playlist_segments: int = 6,
+             resume: HlsState | None = None) -> LlHlsStream:
+        """A new packager for the stream; with ``resume`` it continues the playlist that state describes."""
         old = self.streams.get(stream_id)
         if old is not None and not old.ended:
             old.end()
         out_dir = None
         if self.root is not None:
             out_dir = self.root / stream_id
-            if old is not None and out_dir.exists():
+            if old is not None and resume is None and out_dir.exists():
                 shutil.rmtree(out_dir)
-        stream = LlHlsStream(stream_id, config, layout, out_dir, playlist_segments)
+        stream = LlHlsStream(stream_id, config, layout, out_dir, playlist_segments, resume)
         self.streams[stream_id] = stream
         return stream
 

@@ -367,6 +367,29 @@ class StreamRecord(Message):
     egress_url: str = Field("", description="base URL of the egress instance serving this stream's HLS")
 
 
+class HlsSegmentState(BaseModel):
+    """One published HLS segment as a restarted egress lists it again (when its file is still on disk)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    msn: int = Field(ge=0, description="media sequence number")
+    discontinuity: int = Field(ge=0, description="discontinuity sequence number of the period it belongs to")
+    duration: float = Field(ge=0, le=3600)
+    program_date_time: float
+
+
+class HlsState(Message):
+    """What a stream's playlist needs to continue across an egress or decoder restart (``Buckets.EGRESS``, key =
+    stream id; written once per closed segment): media sequence and discontinuity sequence never go back, and
+    output timestamps continue after ``next_pts``."""
+
+    stream_id: StreamId
+    next_msn: int = Field(ge=0, description="media sequence number of the next segment")
+    discontinuity: int = Field(ge=0, description="discontinuity sequence number of the current period")
+    next_pts: int = Field(ge=0, description="first output pts (frames at ``fps``) after the last one written")
+    fps: float = Field(gt=0, le=MAX_FPS)
+    segments: list[HlsSegmentState] = Field(max_length=64, description="the playlist window, oldest first")
+
+
 class Credit(Message):
     """Flow control for bulk subjects: the consumer has taken ``consumed`` bytes in total from this publisher."""
 
@@ -475,7 +498,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (StreamSpec, LatentChunk, FrameChunk, PromptUpdate, Heartbeat, StageStats, BlockMap, Error, Ack,
                 Credit, StreamRecord, EncodedVideo, StreamEvent, StageItems, RingReturn, StagePrompt, EpochSwitch,
-                ShardMove, ShardMoveEnd)
+                ShardMove, ShardMoveEnd, HlsState)
 }
 
 M = TypeVar("M", bound=Message)
@@ -533,6 +556,8 @@ __all__ = [
     "Error",
     "FrameChunk",
     "Heartbeat",
+    "HlsSegmentState",
+    "HlsState",
     "LatentChunk",
     "Message",
     "NoiseParams",

@@ -176,8 +176,9 @@ class Buckets:
     ENDPOINTS = "rheo-endpoints"
     CONTROLLER = "rheo-controller"
     PROMPTS = "rheo-prompts"
+    EGRESS = "rheo-egress"  # stream id → HlsState: playlist continuity across egress/decoder restarts
 
-    ALL = (STREAMS, BLOCKMAP, ENDPOINTS, CONTROLLER, PROMPTS)
+    ALL = (STREAMS, BLOCKMAP, ENDPOINTS, CONTROLLER, PROMPTS, EGRESS)
 
 
 def stage_prepared_key(stage_id: str) -> str:

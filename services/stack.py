@@ -131,10 +131,7 @@ class LocalStack:
         self.nats = NatsServer(self.workdir / "nats", port=self.ports.nats).start()
         self.procs = self._plan()
         for p in self.procs:
-            log = open(p.log_path, "ab")  # noqa: SIM115 - the child owns it
-            p.popen = subprocess.Popen(p.argv, env=p.env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-            log.close()
+            _spawn(p)
         deadline = time.monotonic() + timeout
         pending = list(self.procs)
         while pending:
@@ -144,6 +141,24 @@ class LocalStack:
                 names = ", ".join(p.name for p in pending)
                 raise StackError(f"not ready after {timeout:.0f}s: {names}\n{pending[0].log_tail()}")
             time.sleep(0.2)
+
+    def restart(self, name: str, sig: int = signal.SIGKILL, timeout: float = 120.0) -> float:
+        """Kill one service with ``sig`` and start it again (same command, environment, ports); returns the
+        seconds until it answered ``/readyz`` again."""
+        p = next(p for p in self.procs if p.name == name)
+        if p.popen is not None and p.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.popen.pid, sig)
+            p.popen.wait(timeout)
+        t0 = time.monotonic()
+        _spawn(p)
+        while not _ready(p.health_port):
+            if p.popen is not None and p.popen.poll() is not None:
+                raise StackError(f"{name} exited with {p.popen.returncode} after a restart:\n{p.log_tail()}")
+            if time.monotonic() - t0 > timeout:
+                raise StackError(f"{name} not ready {timeout:.0f}s after a restart\n{p.log_tail()}")
+            time.sleep(0.2)
+        return time.monotonic() - t0
 
     def check_alive(self) -> None:
         for p in self.procs:
@@ -193,6 +208,12 @@ def open_demo_stream(stack: LocalStack, prompt: str, weights: bool) -> dict:
 def start_testpattern(publish_url: str) -> subprocess.Popen[bytes]:
     """``rheo up --testpattern``'s publisher: the moving test pattern, in real time, in its own process."""
     return subprocess.Popen([sys.executable, "-m", "ingest.testpattern", publish_url.replace("localhost", "127.0.0.1")])
+
+
+def _spawn(p: Proc) -> None:
+    log = open(p.log_path, "ab")  # noqa: SIM115 - the child owns it
+    p.popen = subprocess.Popen(p.argv, env=p.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
 
 
 def _ready(port: int) -> bool:
