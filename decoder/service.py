@@ -307,7 +307,8 @@ class DecoderService(Service):
             st.vae, st.segment = self.vae.new_state(), chunk.segment
         loop = asyncio.get_running_loop()
         try:
-            float01, rgb = await loop.run_in_executor(self._model_thread, _decode_frames, self.vae, st.vae, latents)
+            decode = self.watchdog.watch("vae_decode", _decode_frames)  # a stuck decode fails /healthz
+            float01, rgb = await loop.run_in_executor(self._model_thread, decode, self.vae, st.vae, latents)
         except Exception as e:
             self._fail(chunk, f"{type(e).__name__}: {e}")
             return

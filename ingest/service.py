@@ -385,7 +385,8 @@ class IngestService(Service):
         assert self.models is not None
         loop = asyncio.get_running_loop()
         try:
-            latent, scale = await loop.run_in_executor(self._compute, stream.encode, self.models.vae, raw, spec,
+            encode = self.watchdog.watch("vae_encode", stream.encode)  # a stuck encode fails /healthz
+            latent, scale = await loop.run_in_executor(self._compute, encode, self.models.vae, raw, spec,
                                                        self.settings.ingest.debug_tap_dir)
         except Exception as e:
             stream.drop("encode_error")
