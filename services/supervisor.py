@@ -2,9 +2,11 @@
 
 A process that exits while the stack runs is started again with the same argv, env and log file (appended) after
 a backoff that doubles from ``initial_backoff_s`` to ``max_backoff_s`` and returns to the start once the process
-has stayed ready for ``reset_after_s``. The supervisor gives up only on a crash loop: a service that would need
-more than ``crash_loop_restarts`` restarts within ``crash_loop_window_s``. One ``poll()`` never waits for a
-process to come up, so a slow restart does not delay noticing another service's exit (docs/supervision.md).
+has stayed ready for ``reset_after_s``. The supervisor gives up only on a crash loop: a service that exits again
+after ``crash_loop_restarts`` restarts within ``crash_loop_window_s``, or after that many restarts in a row that
+never became ready (a service that takes longer to fail than the window, e.g. a port taken). One ``poll()`` never
+waits for a process to come up, so a slow restart does not delay noticing another service's exit
+(docs/supervision.md).
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class RestartPolicy:
     """ready this long after a restart: the next crash waits ``initial_backoff_s`` again"""
     crash_loop_restarts: int = 5
     crash_loop_window_s: float = 60.0
-    """a service that exits again after ``crash_loop_restarts`` restarts within this window is a crash loop"""
+    """a service that exits again after ``crash_loop_restarts`` restarts within this window, or after as many
+    restarts in a row that never became ready, is crash-looping"""
 
 
 @dataclass
@@ -79,6 +82,7 @@ class _State:
     recent: deque[float] = field(default_factory=deque)  # monotonic times of restarts within the window
     restart_at: float | None = None  # a restart is pending: when it is due
     ready_at: float | None = None  # when a restarted process was first seen ready
+    failed_starts: int = 0  # restarts in a row whose process exited before it was seen ready
     left_down: bool = False  # exited, and not to be restarted (``no_restart``)
 
 
@@ -137,7 +141,7 @@ class Supervisor:
             return
         if st.ready_at is None:
             if p.ready():
-                st.ready_at = now
+                st.ready_at, st.failed_starts = now, 0
                 self.report(f"rheo up: {p.name} is ready again (restart #{st.restarts})")
         elif st.backoff_s != self.policy.initial_backoff_s and now - st.ready_at >= self.policy.reset_after_s:
             st.backoff_s = self.policy.initial_backoff_s
@@ -151,10 +155,16 @@ class Supervisor:
         pol = self.policy
         while st.recent and now - st.recent[0] > pol.crash_loop_window_s:
             st.recent.popleft()
+        if st.restarts and st.ready_at is None:
+            st.failed_starts += 1
+        loop = None
         if len(st.recent) >= pol.crash_loop_restarts:
-            raise CrashLoopError(f"{p.name} is crash-looping: {why} after {len(st.recent)} restarts within "
-                                 f"{pol.crash_loop_window_s:g}s; giving up. Its log ({p.log_path}) ends:\n"
-                                 f"{tail_lines(p.log_tail(), 20)}")
+            loop = f"after {len(st.recent)} restarts within {pol.crash_loop_window_s:g}s"
+        elif st.failed_starts >= pol.crash_loop_restarts:
+            loop = f"after {st.failed_starts} restarts in a row that never became ready"
+        if loop is not None:
+            raise CrashLoopError(f"{p.name} is crash-looping: {why} {loop}; giving up. Its log ({p.log_path}) "
+                                 f"ends:\n{tail_lines(p.log_tail(), 20)}")
         st.restart_at = now + st.backoff_s
         self.report(f"rheo up: {p.name} {why}; restart #{st.restarts + 1} in {st.backoff_s:g}s "
                     f"(log {p.log_path}):\n{tail_lines(p.log_tail())}")

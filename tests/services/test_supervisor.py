@@ -150,6 +150,23 @@ def test_a_crash_loop_gives_up_with_the_reason(tmp_path: Path) -> None:
     assert codes["steady"] == 0 and codes["flaky"] == 3
 
 
+def test_restarts_that_never_become_ready_are_a_crash_loop_however_slow(tmp_path: Path) -> None:
+    """A service that takes longer to fail than the window (a port taken, a slow import) still crash-loops."""
+    s = FakeStack(tmp_path, ["slowfail"], report=lambda _: None,
+                  policy=RestartPolicy(initial_backoff_s=0.05, max_backoff_s=0.1, crash_loop_restarts=3,
+                                       crash_loop_window_s=0.001))  # the window rule cannot fire
+    try:
+        s.start(timeout=60)
+        next(iter(s.procs)).env["FAKE_EXIT"] = "2"
+        _kill(s, "slowfail")
+        _wait(lambda: s.failure is not None, 30, "the supervisor to give up")
+        assert "slowfail is crash-looping: exit code 2 after 3 restarts in a row that never became ready" in str(
+            s.failure)
+        assert s.restarts == {"slowfail": 3}
+    finally:
+        s.stop()
+
+
 def test_no_restart_leaves_a_service_down_and_strict_mode_raises(tmp_path: Path) -> None:
     lines: list[str] = []
     s = FakeStack(tmp_path / "x", ["a", "b"], no_restart={"b"}, report=lines.append)
