@@ -183,6 +183,9 @@ class LocalStack:
             except StackError as e:
                 self.failure = e
                 return
+            except Exception as e:  # a restart that cannot even be attempted (fork failed, argv gone): stop watching
+                self.failure = StackError(f"supervision failed: {type(e).__name__}: {e}")
+                return
 
     @property
     def restarts(self) -> dict[str, int]:

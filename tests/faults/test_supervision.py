@@ -82,6 +82,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a stack start on a loaded 2-core machine can take minutes
 def test_a_killed_egress_is_restarted_and_the_demo_keeps_playing(stack: tuple[LocalStack, list[str]]) -> None:
     s, lines = stack
     created = open_demo_stream(s, "a test pattern in watercolour", weights=False)
