@@ -42,7 +42,12 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
 
     def log_tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.is_file() else ""
+        """The last ``n`` bytes of its log (which grows across restarts: never read whole)."""
+        if not self.log_path.is_file():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - n))
+            return f.read().decode(errors="replace")
 
     def spawn(self) -> None:
         """Start (or start again) the process; its output is appended to its log file."""
