@@ -322,7 +322,8 @@ class DecoderService(Service):
         joined = st.vae.latents_decoded == 0 and chunk.latent_start != 0
         loop = asyncio.get_running_loop()
         try:
-            decode = self.work.timed("decode", _output_mpx(self.vae, latents), _decode_frames)
+            # a stuck decode fails /healthz; its time is what admission counts per megapixel-frame
+            decode = self.watchdog.watch("vae_decode", _decode_frames, mpx=_output_mpx(self.vae, latents))
             float01, rgb = await loop.run_in_executor(self._model_thread, decode, self.vae, st.vae, latents)
         except Exception as e:
             self._fail(chunk, f"{type(e).__name__}: {e}")
@@ -470,7 +471,7 @@ def _warm_up(vae: StreamVAE, meter: WorkMeter) -> None:
     state = vae.new_state()
     vae.decode(state, latents)
     vae.decode(state, latents[:, :, :1])  # a steady chunk's first call pays for its kernels
-    with meter.measure("decode", _output_mpx(vae, latents[:, :, :1])):
+    with meter.measure("vae_decode", _output_mpx(vae, latents[:, :, :1])):
         vae.decode(state, latents[:, :, :1]).cpu()  # (the copy waits for an asynchronous device)
 
 

@@ -21,6 +21,7 @@ from dit_stage.micro_step import SwitchStep
 from dit_stage.outputs import Outputs
 from dit_stage.telemetry import StageTelemetry
 from dit_stage.worker import StageWorker
+from services.watchdog import Watchdog
 
 __all__ = ["ComputeLoop"]
 
@@ -30,7 +31,7 @@ log = logging.getLogger("rheo.dit_stage")
 class ComputeLoop:
     def __init__(self, stage_id: str, epochs: StageEpochs, membership: Membership[Any],
                  feed: Callable[[list[Action]], None], link: NextLink, outputs: Outputs, telemetry: StageTelemetry,
-                 streams: set[str]) -> None:
+                 streams: set[str], watchdog: Watchdog | None = None) -> None:
         self.stage_id = stage_id
         self.epochs = epochs
         self.membership = membership
@@ -39,6 +40,7 @@ class ComputeLoop:
         self.outputs = outputs
         self.telemetry = telemetry
         self.streams = streams  # the service's (heartbeats report them), kept equal to the worker's
+        self.watchdog = watchdog  # a forward stuck past lifecycle.work_stuck_s fails the stage's /healthz
         self.recover_floor = 0  # a failure epoch to apply between forwards (worker.recover)
         self.closing = False
         self._ending: list[str] = []
@@ -78,7 +80,7 @@ class ComputeLoop:
                 await self._switch_point(worker, step)
                 continue
             try:
-                result = await asyncio.to_thread(worker.compute, step)
+                result = await asyncio.to_thread(self._forward(worker), step)
             except Exception:
                 # a refused batch (e.g. inconsistent cache counters) loses only its items
                 worker.dropped["compute_error"] += len(step.items)
@@ -100,7 +102,7 @@ class ComputeLoop:
         pass the marker on, re-link when a stage joined right after this one."""
         sw = self.epochs.switch
         try:
-            result = await asyncio.to_thread(worker.compute, step)
+            result = await asyncio.to_thread(self._forward(worker), step)
         except Exception:
             log.exception("stage %s: switch to epoch %d failed; abandoned (a hard epoch must follow)", self.stage_id,
                           step.epoch)
@@ -118,6 +120,9 @@ class ComputeLoop:
             self.link.hand_over(*relink)
         self._sync_streams(worker)
         self._wake.set()
+
+    def _forward(self, worker: StageWorker) -> Callable[..., Any]:
+        return worker.compute if self.watchdog is None else self.watchdog.watch("micro_step", worker.compute)
 
     def _sync_streams(self, worker: StageWorker) -> None:
         self.streams.clear()

@@ -112,7 +112,7 @@ class DitStageService(Service):
         self.outputs = Outputs(self.bus, self.settings.nats.credit_window_bytes, self.telemetry)
         lookups = StreamLookups(self.bus, self.settings)
         self.compute = compute = ComputeLoop(self.stage_id, self.epochs, self.membership, self._feed, self.link,
-                                             self.outputs, self.telemetry, self.streams)
+                                             self.outputs, self.telemetry, self.streams, self.watchdog)
         self.inputs = StageInputs(self.stage_id, self.epochs, self.membership, lookups, self.telemetry, self.streams,
                                   compute.wake)
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)

@@ -62,7 +62,7 @@ class IngestModels:
         state = self.vae.new_state()
         self.vae.encode(state, frames)
         self.vae.encode(state, frames[:, :, :4])  # a steady chunk's first call pays for its kernels
-        with meter.measure("encode", 4 * size * size / 1e6) if meter else contextlib.nullcontext():
+        with meter.measure("vae_encode", 4 * size * size / 1e6) if meter else contextlib.nullcontext():
             self.vae.encode(state, frames[:, :, :4]).cpu()  # (the copy waits for an asynchronous device)
         self.prompt.encode("warm up")
         self.prompt.clear_cache()

@@ -396,7 +396,8 @@ class IngestService(Service):
         assert self.models is not None
         loop = asyncio.get_running_loop()
         try:
-            encode = stream.encode if spec.t2v else self.work.timed("encode", raw.frames.size / 3e6, stream.encode)
+            # a stuck encode fails /healthz; its time is what admission counts per megapixel-frame (T2V: none)
+            encode = self.watchdog.watch("vae_encode", stream.encode, mpx=0.0 if spec.t2v else raw.frames.size / 3e6)
             latent, scale = await loop.run_in_executor(self._compute, encode, self.models.vae, raw, spec,
                                                        self.settings.ingest.debug_tap_dir)
         except Exception as e:

@@ -2,7 +2,8 @@
 
 hls.js is not vendored: it is served from a local file (``scripts/fetch-hlsjs.sh`` puts it in
 ``.cache/hlsjs``). The page exposes ``window.report`` (hls.js errors, with fatal ones prefixed ``FATAL``) and
-``window.hls`` (for ``hls.latency``).
+``window.hls`` (for ``hls.latency``). A fatal network error is retried every second, not fatal: the playlist may not
+exist yet, or its egress is being restarted (docs/supervision.md).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ const hls = new Hls({lowLatencyMode: true});
 window.hls = hls;
 let parsed = false;
 hls.on(Hls.Events.ERROR, (e, d) => {
-  if (d.fatal && !parsed && d.type === Hls.ErrorTypes.NETWORK_ERROR) {
-    // the stream has no playlist yet (opened before its first segment): keep asking
-    window.report.errors.push('waiting ' + d.details);
-    setTimeout(() => hls.loadSource(src), 1000);
+  if (d.fatal && d.type === Hls.ErrorTypes.NETWORK_ERROR) {
+    // no playlist yet (opened before its first segment), or its server is restarting: keep asking
+    window.report.errors.push((parsed ? 'retrying ' : 'waiting ') + d.details);
+    setTimeout(() => parsed ? hls.startLoad() : hls.loadSource(src), 1000);
     return;
   }
   window.report.errors.push((d.fatal ? 'FATAL ' : '') + d.type + ' ' + d.details);

@@ -208,7 +208,7 @@ class WorkCost(BaseModel):
     """What one unit of a member's model work costs, measured there (``services/workmeter.py``)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
-    unit: Literal["encode", "decode"]
+    unit: Literal["vae_encode", "vae_decode"]
     ms_per_mpx: float = Field(ge=0, description="time per model-size megapixel-frame (EWMA, seeded by the warm-up)")
     busy: float = Field(ge=0, description="fraction of the last heartbeat period the unit was busy")
 

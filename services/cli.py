@@ -8,9 +8,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proto.spec import SIZE_MULTIPLE
 from services.config import describe, iter_fields, load_settings
+
+if TYPE_CHECKING:
+    from services.stack import Ports
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -55,12 +59,44 @@ def _cmd_nats(args: argparse.Namespace) -> int:
     return 0
 
 
+_PORT_FLAGS = {"gateway": ("the gateway", "--gateway-port or --port-offset N"),
+               "rtmp": ("RTMP ingest", "--rtmp-port or --port-offset N"),
+               "egress": ("egress HLS", "--egress-port or --port-offset N"),
+               "nats": ("nats-server", "--nats-port or --port-offset N"),
+               "first_health": ("a service's /healthz and /metrics", "--port-offset N"),
+               "first_link": ("a DiT stage's tensor link", "--port-offset N")}
+"""What each of ``Ports``' fields is for and the ``rheo up`` flag that moves it (health and link ports move with
+the offset only)."""
+
+
+def _up_ports(args: argparse.Namespace) -> Ports:
+    """The defaults moved by ``--port-offset``, then each port flag given."""
+    from services.stack import Ports
+
+    ports = Ports().offset(args.port_offset)
+    for name in ("gateway", "rtmp", "egress", "nats"):
+        given = getattr(args, f"{name}_port")
+        if given is not None:
+            setattr(ports, name, given)
+    return ports
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
+    """``rheo up``: start the stack, keep it running (restarting what crashes) until Ctrl-C/SIGTERM, or exit 1 on a
+    crash loop or a stack that cannot start."""
     import subprocess
     import tempfile
 
-    from services.stack import LocalStack, Ports, StackError, open_demo_stream, start_testpattern
+    from services.stack import LocalStack, StackError, open_demo_stream, start_testpattern
 
+    ports = _up_ports(args)
+    clashes = ports.in_use(args.stages)
+    if clashes:
+        name, port = clashes[0]
+        what, flags = _PORT_FLAGS[name]
+        print(f"rheo up: port {port} ({what}) is already in use (another rheo up?): move it with {flags}",
+              file=sys.stderr)
+        return 2
     model_dir = args.model_dir or load_settings().model.model_dir
     if model_dir is None:
         print("*" * 78 + "\n*  NO MODEL WEIGHTS CONFIGURED (--model-dir / RHEO_MODEL__MODEL_DIR):\n"
@@ -68,7 +104,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
               "*  the plumbing only. See README 'Model weights' for real StreamDiffusionV2 weights.\n" + "*" * 78,
               file=sys.stderr, flush=True)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rheo-up-"))
-    ports = Ports(gateway=args.port, rtmp=args.rtmp_port, nats=args.nats_port)
     stack = LocalStack(workdir, stages=args.stages, ports=ports, model_dir=Path(model_dir) if model_dir else None)
     pattern: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
@@ -86,12 +121,12 @@ rheo is up.
   publish to     {created['publish_url']}
                  (OBS: Server {created['rtmp_url']}  Stream Key {created['stream_key']})
   watch          {player}
-Ctrl-C stops everything.""", flush=True)
+A service that exits is restarted (with backoff); Ctrl-C stops everything.""", flush=True)
         if args.testpattern:
             pattern = start_testpattern(created["publish_url"])
             print("rheo up: publishing a moving test pattern to that stream", flush=True)
         while not stop.wait(0.5):
-            stack.check_alive()
+            stack.check_alive()  # raises once the supervisor gives up on a crash loop
         return 0
     except StackError as e:
         print(f"rheo up: {e}", file=sys.stderr)
@@ -102,7 +137,9 @@ Ctrl-C stops everything.""", flush=True)
             pattern.wait(5)
         codes = stack.stop()
         bad = {k: v for k, v in codes.items() if v not in (0, None)}
-        print(f"rheo up: stopped{' (exit codes: ' + str(bad) + ')' if bad else ''}", flush=True)
+        restarted = {k: n for k, n in stack.restarts.items() if n}
+        print(f"rheo up: stopped{' (exit codes: ' + str(bad) + ')' if bad else ''}"
+              f"{' (restarts: ' + str(restarted) + ')' if restarted else ''}", flush=True)
 
 
 def _cmd_testpattern(args: argparse.Namespace) -> int:
@@ -273,9 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_cmd_service, service=name)
 
     p = sub.add_parser("up", help="start the local stack: a private nats-server and every service")
-    p.add_argument("--nats-port", type=int, default=4222, help="client port of the private nats-server")
-    p.add_argument("--port", type=int, default=8080, help="gateway (API, player, HLS) port")
-    p.add_argument("--rtmp-port", type=int, default=1935, help="RTMP ingest port")
+    p.add_argument("--gateway-port", "--port", type=int, help="gateway (API, player, HLS) port (default 8080)")
+    p.add_argument("--rtmp-port", type=int, help="RTMP ingest port (default 1935)")
+    p.add_argument("--egress-port", type=int, help="egress HLS port (default 8090)")
+    p.add_argument("--nats-port", type=int, help="client port of the private nats-server (default 4222)")
+    p.add_argument("--port-offset", type=int, default=0, metavar="N",
+                   help="add N to every default port, health and link ports included (a second stack on this host)")
     p.add_argument("--stages", type=int, default=2, help="DiT stages (processes) the blocks are split over")
     p.add_argument("--model-dir", help="Wan2.1 model folder (else the tiny random model)")
     p.add_argument("--prompt", default="a watercolour painting, soft brush strokes", help="the demo stream's prompt")

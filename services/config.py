@@ -90,6 +90,11 @@ class LifecycleSettings(Section):
     http_host: str = Field("0.0.0.0", description="listen address of /healthz, /readyz and /metrics")
     heartbeat_interval_s: float = Field(0.5, gt=0, description="period of the heartbeat every member publishes")
     drain_timeout_s: float = Field(10.0, gt=0, description="longest a SIGTERM drain may take before exiting")
+    work_stuck_s: float = Field(
+        300.0, gt=0, description="/healthz fails while one unit of work (micro-step, VAE encode/decode) runs longer "
+        "(a stage's first forwards on CUDA include torch.compile and graph capture)"
+    )
+    loop_lag_s: float = Field(10.0, gt=0, description="/healthz fails while the event loop wakes this much late")
 
 
 class ModelSettings(Section):

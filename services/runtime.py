@@ -3,7 +3,8 @@
 A service subclasses ``Service`` and fills in ``start`` (subscribe, load weights, open ports) and ``drain``
 (finish what is in flight). ``Service.run`` owns the rest:
 
-- ``GET /healthz`` — 200 while the process is alive and its loop turns (liveness);
+- ``GET /healthz`` — 200 while the process is alive, its loop turns on time and no unit of work is stuck
+  (``self.watchdog``, services/watchdog.py); else 503 naming what is stuck (liveness);
 - ``GET /readyz``  — 200 once every readiness check is true (bus connected, weights loaded, ...), else 503 with
   the failing checks named (readiness: Kubernetes routes nothing to it until then);
 - ``GET /metrics`` — Prometheus text, every rheo metric prefixed ``rheo_``;
@@ -35,6 +36,7 @@ from proto.messages import Role
 from services import telemetry
 from services.bus import KV, Bus, BusError
 from services.config import Settings
+from services.watchdog import Watchdog
 from services.workmeter import WorkMeter
 
 log = logging.getLogger("rheo.runtime")
@@ -54,6 +56,9 @@ def listen_socket(host: str, port: int, what: str) -> socket.socket:
 
 
 READY = Gauge("rheo_service_ready", "1 when the service reports ready", ["service"])
+LOOP_LAG = Gauge("rheo_service_loop_lag_seconds", "how late the event loop woke (liveness)", ["service"])
+BUSY = Gauge("rheo_service_busy_seconds", "the oldest in-flight unit of work: seconds busy so far (0: idle)",
+             ["service", "unit"])
 
 
 class Service:
@@ -74,6 +79,10 @@ class Service:
         self._stop = asyncio.Event()
         self._draining = False
         self._server: uvicorn.Server | None = None
+        self._busy_units: set[str] = set()  # units seen busy: their gauge drops to 0 when idle
+        self.watchdog = Watchdog(settings.lifecycle.work_stuck_s, settings.lifecycle.loop_lag_s, meter=self.work)
+        """Workers wrap their units of work in ``watchdog.busy(unit)``/``watch(unit, fn)``; /healthz reports it (and
+        the work meter what a unit costs, when the call says how much it processed)."""
 
     # -- what a service fills in ------------------------------------------------------------------------------
 
@@ -101,8 +110,12 @@ class Service:
         app = FastAPI(title=f"rheo {self.role}", docs_url=None, redoc_url=None, openapi_url=None)
 
         @app.get("/healthz")
-        async def healthz() -> dict[str, str]:
-            return {"status": "ok", "member": self.member_id}
+        async def healthz(response: Response) -> dict[str, object]:
+            stuck = self.watchdog.problems()
+            if stuck:
+                response.status_code = 503
+                log.error("%s unhealthy: %s", self.member_id, "; ".join(stuck))
+            return {"status": "stuck" if stuck else "ok", "member": self.member_id, "stuck": stuck}
 
         @app.get("/readyz")
         async def readyz(response: Response) -> dict[str, object]:
@@ -114,6 +127,11 @@ class Service:
         @app.get("/metrics")
         async def metrics() -> Response:
             READY.labels(service=self.role).set(1 if self.ready else 0)
+            LOOP_LAG.labels(service=self.role).set(self.watchdog.loop_lag())
+            ages = self.watchdog.busy_ages()
+            for unit in {*ages, *self._busy_units}:
+                BUSY.labels(service=self.role, unit=unit).set(ages.get(unit, 0.0))
+            self._busy_units.update(ages)
             return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
         return app
@@ -149,6 +167,7 @@ class Service:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         http = asyncio.create_task(self._serve_http(self._listen()), name="http")
+        lag_probe = asyncio.create_task(self.watchdog.run_lag_probe(), name="loop-lag")
         beats: asyncio.Task[None] | None = None
         try:
             self.bus = await Bus.connect(self.settings.nats, name=self.member_id,
@@ -178,6 +197,9 @@ class Service:
             if self._server is not None:
                 self._server.should_exit = True
             await http
+            lag_probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag_probe
 
 
 class Background:

@@ -2,8 +2,10 @@
 
 Each service runs as ``python -m services.cli <service>`` with its ports and identity in ``RHEO_*`` variables,
 exactly as in a cluster; logs go to ``<workdir>/logs/<name>.log``. ``start`` returns once every service answers
-``/readyz``; if any process dies, ``watch`` says which and why (its log tail) and the stack stops. ``stop`` sends
-SIGTERM to all, waits for their drain, then kills what is left, so no process outlives the stack.
+``/readyz`` (a service that dies while starting fails it). From then on a supervisor thread restarts any service
+that exits, with backoff, as Kubernetes would (services/supervisor.py); ``check_alive`` raises once it has given
+up on a crash loop (``strict``: on any exit). ``stop`` ends the supervision, sends SIGTERM to all, waits for their
+drain, then kills what is left, so no process outlives the stack.
 """
 
 from __future__ import annotations
@@ -16,17 +18,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.natsd import NatsServer
+from services.supervisor import CrashLoopError, Proc, RestartPolicy, StackError, Supervisor
 
-
-class StackError(RuntimeError):
-    """The stack could not start; the message names the service and shows its log tail."""
+__all__ = ["CrashLoopError", "LocalStack", "Ports", "Proc", "RestartPolicy", "StackError", "free_port",
+           "open_demo_stream", "start_testpattern"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -35,17 +38,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class Proc:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    health_port: int
-    log_path: Path
-    popen: subprocess.Popen[bytes] | None = None
-
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.is_file() else ""
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the services listen: TIME_WAIT is no clash
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 @dataclass
@@ -62,6 +62,23 @@ class Ports:
         return cls(gateway=free_port(), rtmp=free_port(), egress=free_port(), nats=-1, first_health=0,
                    first_link=0)
 
+    def offset(self, n: int) -> Ports:
+        """Every fixed port moved by ``n`` (a second stack on the same host)."""
+        return Ports(**{k: v + n if v > 0 else v for k, v in vars(self).items()})
+
+    def in_use(self, stages: int) -> list[tuple[str, int]]:
+        """``(field, port)`` of each fixed port of a stack with ``stages`` stages that something already holds."""
+        fixed = [("gateway", self.gateway), ("rtmp", self.rtmp), ("egress", self.egress), ("nats", self.nats)]
+        if self.first_health:
+            fixed += [("first_health", self.first_health + i) for i in range(stages + 5)]
+        if self.first_link:
+            fixed += [("first_link", self.first_link + i) for i in range(stages)]
+        return [(name, port) for name, port in fixed if port > 0 and port_in_use(port)]
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
 
 @dataclass
 class LocalStack:
@@ -75,8 +92,20 @@ class LocalStack:
     is its own process on the same cores, and one thread each keeps them from oversubscribing the machine (on the
     2-core dev VM, torch's default of one thread per core in each of 6 processes ran the stack 2× slower)."""
     api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    strict: bool = False
+    """No supervision: any exit after ``start`` is an error (``check_alive`` raises) and nothing restarts."""
+    no_restart: set[str] = field(default_factory=set)
+    """Services left down when they exit (a fault test that kills one on purpose and tests the failover)."""
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    report: Callable[[str], None] = field(default_factory=lambda: _to_stderr)
+    """Where the supervisor's one-line accounts of exits and restarts go."""
     procs: list[Proc] = field(default_factory=list)
     nats: NatsServer | None = None
+    supervisor: Supervisor | None = None
+    failure: StackError | None = None
+    """Why supervision gave up (a crash loop); ``check_alive`` raises it."""
+    _halt: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
 
     @property
     def gateway_url(self) -> str:
@@ -131,29 +160,53 @@ class LocalStack:
         self.nats = NatsServer(self.workdir / "nats", port=self.ports.nats).start()
         self.procs = self._plan()
         for p in self.procs:
-            _spawn(p)
+            p.spawn()
         deadline = time.monotonic() + timeout
         pending = list(self.procs)
         while pending:
-            self.check_alive()
-            pending = [p for p in pending if not _ready(p.health_port)]
+            self._check_exits()
+            pending = [p for p in pending if not p.ready()]
             if time.monotonic() > deadline:
                 names = ", ".join(p.name for p in pending)
                 raise StackError(f"not ready after {timeout:.0f}s: {names}\n{pending[0].log_tail()}")
             time.sleep(0.2)
+        if not self.strict:
+            self.supervisor = Supervisor(self.procs, self.policy, no_restart=self.no_restart, report=self.report)
+            self._thread = threading.Thread(target=self._supervise, name="rheo-supervisor", daemon=True)
+            self._thread.start()
+
+    def _supervise(self) -> None:
+        assert self.supervisor is not None
+        while not self._halt.wait(0.2):
+            try:
+                self.supervisor.poll()
+            except StackError as e:
+                self.failure = e
+                return
+            except Exception as e:  # a restart that cannot even be attempted (fork failed, argv gone): stop watching
+                self.failure = StackError(f"supervision failed: {type(e).__name__}: {e}")
+                return
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        """Restarts of each service since ``start`` (all 0 in strict mode)."""
+        return self.supervisor.restarts if self.supervisor else {p.name: 0 for p in self.procs}
 
     def restart(self, name: str, sig: int = signal.SIGKILL, timeout: float = 120.0) -> float:
-        """Kill one service with ``sig`` and start it again (same command, environment, ports); returns the
-        seconds until it answered ``/readyz`` again."""
+        """Kill one service with ``sig`` and have it back (same command, environment, ports): the supervisor
+        restarts it (in strict mode, or for a service it leaves down, this does); returns the seconds until it
+        answered ``/readyz`` again."""
         p = next(p for p in self.procs if p.name == name)
-        if p.popen is not None and p.popen.poll() is None:
+        old = p.popen
+        if old is not None and old.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.popen.pid, sig)
-            p.popen.wait(timeout)
+                os.killpg(old.pid, sig)
+            old.wait(timeout)
         t0 = time.monotonic()
-        _spawn(p)
-        while not _ready(p.health_port):
-            if p.popen is not None and p.popen.poll() is not None:
+        if self.supervisor is None or name in self.no_restart:
+            p.spawn()
+        while p.popen is old or not p.ready():
+            if p.popen is not old and p.popen is not None and p.popen.poll() is not None and self.supervisor is None:
                 raise StackError(f"{name} exited with {p.popen.returncode} after a restart:\n{p.log_tail()}")
             if time.monotonic() - t0 > timeout:
                 raise StackError(f"{name} not ready {timeout:.0f}s after a restart\n{p.log_tail()}")
@@ -161,6 +214,13 @@ class LocalStack:
         return time.monotonic() - t0
 
     def check_alive(self) -> None:
+        """Raise ``StackError`` if supervision gave up (a crash loop), or in strict mode if any service exited."""
+        if self.failure is not None:
+            raise self.failure
+        if self.strict:
+            self._check_exits()
+
+    def _check_exits(self) -> None:
         for p in self.procs:
             if p.popen is not None and p.popen.poll() is not None:
                 raise StackError(f"{p.name} exited with {p.popen.returncode}:\n{p.log_tail()}")
@@ -173,7 +233,11 @@ class LocalStack:
             return json.loads(r.read() or b"{}")
 
     def stop(self, timeout: float = 10.0) -> dict[str, int | None]:
-        """SIGTERM every service, wait for the drains, kill leftovers; returns each exit code."""
+        """End supervision, SIGTERM every service, wait for the drains, kill leftovers; returns each exit code
+        (of the current process: a service restarted once ran again and exits 0 like the others)."""
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join()
         for p in self.procs:
             if p.popen is not None and p.popen.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -209,16 +273,3 @@ def start_testpattern(publish_url: str) -> subprocess.Popen[bytes]:
     """``rheo up --testpattern``'s publisher: the moving test pattern, in real time, in its own process."""
     return subprocess.Popen([sys.executable, "-m", "ingest.testpattern", publish_url.replace("localhost", "127.0.0.1")])
 
-
-def _spawn(p: Proc) -> None:
-    log = open(p.log_path, "ab")  # noqa: SIM115 - the child owns it
-    p.popen = subprocess.Popen(p.argv, env=p.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False

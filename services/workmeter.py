@@ -1,11 +1,11 @@
 """What a unit of model work costs, measured where it runs: the admission input for the VAE encode and decode.
 
-A service times each call of a unit (``measure(unit, mpx)`` around a VAE encode of a chunk, say) with the
-megapixel-frames it processed. The cost per megapixel-frame is an EWMA of those calls, seeded by the service's
-warm-up (so the first stream is judged by a real measurement of this machine, not a guess). Heartbeats carry it to
-the controller (``Heartbeat.work``), which admits a stream only while every bottleneck holds (services/controller
-/policy.py). Costs scale with pixels to first order: a VAE's work is per pixel; per-call overhead makes small frames
-look dearer, which errs on the safe side.
+A service times each call of a unit with the megapixel-frames it processed: the watchdog's ``busy(unit, mpx=…)``
+around a VAE encode of a chunk, say (services/watchdog.py), or ``measure`` here. The cost per megapixel-frame is
+an EWMA of those calls, seeded by the service's warm-up (so the first stream is judged by a real measurement of
+this machine, not a guess). Heartbeats carry it to the controller (``Heartbeat.work``), which admits a stream only
+while every bottleneck holds (services/controller/policy.py). Costs scale with pixels to first order: a VAE's work
+is per pixel; per-call overhead makes small frames look dearer, which errs on the safe side.
 """
 
 from __future__ import annotations
@@ -13,15 +13,11 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import ParamSpec, TypeVar
+from collections.abc import Iterator
 
 from proto import WorkCost
 
 __all__ = ["WorkMeter"]
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 
 class WorkMeter:
@@ -38,15 +34,6 @@ class WorkMeter:
         started = time.perf_counter()
         yield
         self.record(unit, mpx, time.perf_counter() - started)
-
-    def timed(self, unit: str, mpx: float, fn: Callable[P, T]) -> Callable[P, T]:
-        """``fn`` wrapped in ``measure``: for ``run_in_executor``, so time queued behind other calls is not counted."""
-
-        def run(*args: P.args, **kwargs: P.kwargs) -> T:
-            with self.measure(unit, mpx):
-                return fn(*args, **kwargs)
-
-        return run
 
     def record(self, unit: str, mpx: float, seconds: float) -> None:
         with self._lock:

@@ -447,7 +447,7 @@ class ControllerService(Service):
             reports = [self.cost.reports.get(s.stage_id) for s in self.block_map.stages]
             if all(r is not None and r.epoch == self.block_map.epoch for r in reports):
                 ring_ms = sum(r.step_ms for r in reports if r is not None)
-        return PathCosts(slowest("ingest", "encode"), slowest("decoder", "decode"), ring_ms)
+        return PathCosts(slowest("ingest", "vae_encode"), slowest("decoder", "vae_decode"), ring_ms)
 
     def _refresh_capacity(self, now: float) -> None:
         """The slowest stage's measured ms per item, once every stage of the map reported in this epoch."""

@@ -194,6 +194,37 @@ def test_probes_resources_and_security_everywhere(rendered: Rendered) -> None:
             assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
 
 
+def test_every_container_has_startup_liveness_and_readiness_probes(rendered: Rendered) -> None:
+    """docs/supervision.md: liveness on /healthz (which fails on a stuck unit of work or a lagging loop) restarts a
+    wedged pod, after a few failures; startup holds it off while the process starts; readiness gates traffic."""
+    seen = set()
+    for w in rendered.workloads():
+        for c in containers(w):
+            seen.add(component(w))
+            probes = {kind: c[f"{kind}Probe"] for kind in ("startup", "liveness", "readiness")}
+            assert {k: p["httpGet"] for k, p in probes.items()} == {
+                "startup": {"path": "/healthz", "port": "metrics"},
+                "liveness": {"path": "/healthz", "port": "metrics"},
+                "readiness": {"path": "/readyz", "port": "metrics"}}
+            for p in probes.values():
+                assert p["timeoutSeconds"] < p["periodSeconds"] or p is probes["startup"]
+            assert probes["liveness"]["failureThreshold"] >= 2  # one slow answer is no restart
+            assert probes["startup"]["periodSeconds"] * probes["startup"]["failureThreshold"] >= 120
+            # once /healthz reports a stuck unit, the pod is restarted within a couple of minutes
+            assert probes["liveness"]["periodSeconds"] * probes["liveness"]["failureThreshold"] <= 120
+    assert seen == ALL_COMPONENTS
+
+
+def test_probe_timings_come_from_the_values() -> None:
+    rendered = Rendered({"probes": {"liveness": {"periodSeconds": 20, "timeoutSeconds": 4, "failureThreshold": 6},
+                                    "startup": {"periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 90}}})
+    for w in rendered.workloads():
+        c = next(containers(w))
+        assert c["livenessProbe"]["periodSeconds"] == 20 and c["livenessProbe"]["failureThreshold"] == 6
+        assert c["startupProbe"]["failureThreshold"] == 90
+        assert c["readinessProbe"]["periodSeconds"] == 5  # the default, merged
+
+
 def test_drain_fits_in_the_termination_grace_period(rendered: Rendered) -> None:
     drain = rendered.config_yaml()["lifecycle"]["drain_timeout_s"]
     for w in rendered.workloads():

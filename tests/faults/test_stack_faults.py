@@ -69,7 +69,9 @@ controller: {{mode: static, advisory: true, heartbeat_miss_s: {MISS_S}}}
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     work = tmp_path_factory.mktemp("faults")
     (work / "rheo.yaml").write_text(CONFIG_YAML)
-    s = LocalStack(work, stages=3, ports=Ports.ephemeral(), extra_env={
+    # dit-1 is killed on purpose and stays down: these tests are about the failover over the survivors (a
+    # restarted dit-1 would rejoin in a new epoch; its restart is tests/faults/test_supervision.py's subject)
+    s = LocalStack(work, stages=3, ports=Ports.ephemeral(), no_restart={"dit-1"}, extra_env={
         "RHEO_CONFIG": str(work / "rheo.yaml"),
         "RHEO_INGEST__STREAM_LINGER_S": "1",
         "RHEO_INGEST__DEBUG_TAP_DIR": str(work / "tap-in"),
@@ -84,6 +86,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     finally:
         codes = s.stop(timeout=60)  # a loaded 2-core machine can take over 10 s to exit nine interpreters
         assert all(c == 0 for name, c in codes.items() if name != "dit-1"), f"services did not exit cleanly: {codes}"
+        assert not any(s.restarts.values()), f"services crashed and were restarted: {s.restarts}"
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------

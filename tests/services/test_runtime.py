@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from proto import CHANNELS, Ack, Heartbeat, StreamSpec, Subjects
 from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.runtime import ServiceStartError
+from services.watchdog import Watchdog
 from support.echo_service import EchoService
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,3 +102,64 @@ def test_http_port_clash_is_a_clear_failure(nats_settings: NatsSettings) -> None
                             lifecycle={"http_host": "127.0.0.1"})
         with pytest.raises(ServiceStartError, match=f"cannot listen on 127.0.0.1:{port}"):
             asyncio.run(EchoService(settings).run())
+
+
+# -- liveness that reflects the work (services/watchdog.py) ---------------------------------------------------------
+
+
+def test_watchdog_idle_is_not_stuck_and_a_unit_busy_too_long_is() -> None:
+    dog = Watchdog(work_limit_s=0.2, lag_limit_s=10)
+    assert dog.problems() == []  # nothing registered, nothing running: idle
+    with dog.busy("vae_encode"):
+        assert dog.problems() == []  # busy, within its limit
+        time.sleep(0.3)
+        with dog.busy("vae_encode", limit_s=5):  # a second call of the same unit, its own limit
+            [problem] = dog.problems()
+            assert problem.startswith("vae_encode busy for 0.") and problem.endswith("(limit 0.2s)")
+            assert 0.3 <= dog.busy_ages()["vae_encode"] < 5
+    assert dog.problems() == [] and dog.busy_ages() == {}  # done: idle again, however long it took
+    watched = dog.watch("micro_step", lambda x: (dog.busy_ages(), x))
+    ages, x = watched(7)
+    assert x == 7 and set(ages) == {"micro_step"} and dog.busy_ages() == {}
+
+
+async def test_healthz_fails_naming_a_stuck_unit_or_a_lagging_loop(nats_settings: NatsSettings, eventually) -> None:
+    settings = Settings(nats=nats_settings, telemetry={"metrics_port": 0},
+                        lifecycle={"http_host": "127.0.0.1", "work_stuck_s": 0.5, "loop_lag_s": 0.8})
+    service = EchoService(settings, member_id="echo-stuck")
+    task = asyncio.create_task(service.run())
+    await eventually(lambda: service.http_port != 0 and service.ready)
+    url = f"http://127.0.0.1:{service.http_port}"
+    async with httpx.AsyncClient(base_url=url) as http:
+        healthy = await http.get("/healthz")
+        assert healthy.status_code == 200 and healthy.json()["stuck"] == []
+        # a unit of work in a thread that does not come back (a wedged forward): 503 once past its limit
+        release = threading.Event()
+        stuck = asyncio.create_task(asyncio.to_thread(service.watchdog.watch("micro_step", release.wait), 30))
+        await asyncio.sleep(0.1)
+        assert (await http.get("/healthz")).status_code == 200  # busy is not stuck
+        await asyncio.sleep(0.6)
+        reply = await http.get("/healthz")
+        assert reply.status_code == 503 and reply.json()["status"] == "stuck", reply.text
+        assert reply.json()["stuck"][0].startswith("micro_step busy for")
+        metrics = (await http.get("/metrics")).text
+        assert re.search(r'rheo_service_busy_seconds\{service="controller",unit="micro_step"\} 0\.[5-9]', metrics)
+        release.set()
+        await stuck
+        assert (await http.get("/healthz")).status_code == 200
+        assert 'rheo_service_busy_seconds{service="controller",unit="micro_step"} 0.0' in (await http.get(
+            "/metrics")).text
+    # the loop itself blocked for 2 s (a blocking call on it): the probe, answered after it, says so
+    answers: list[httpx.Response] = []
+    prober = threading.Thread(target=lambda: (time.sleep(0.5), answers.append(httpx.get(url + "/healthz",
+                                                                                        timeout=30))))
+    prober.start()  # asks while the loop is blocked
+    time.sleep(2.0)  # the point: the loop does not turn
+    await asyncio.to_thread(prober.join)
+    [lagging] = answers
+    assert lagging.status_code == 503 and "event loop lagging" in lagging.json()["stuck"][0], lagging.text
+    async with httpx.AsyncClient(base_url=url) as http:  # turns on time again: healthy again
+        await eventually(lambda: service.watchdog.loop_lag() < 0.8, timeout=10)
+        assert (await http.get("/healthz")).status_code == 200
+    service.stop()
+    assert await asyncio.wait_for(task, 10) == 0

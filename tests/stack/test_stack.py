@@ -62,6 +62,7 @@ def _running_stack(work: Path, stages: int, env: dict[str, str] | None = None) -
         # exit after it has taken over 10 s (the default wait before SIGKILL), so allow more here
         codes = s.stop(timeout=60)
         assert all(c == 0 for c in codes.values()), f"services did not exit cleanly: {codes}"
+        assert not any(s.restarts.values()), f"services crashed and were restarted: {s.restarts}"
 
 
 @pytest.fixture(scope="module")

@@ -184,20 +184,28 @@ spec:
         {{- with .env }}
         {{- . | nindent 8 }}
         {{- end }}
+      {{- $probes := $v.probes }}
+      startupProbe:
+        httpGet:
+          path: /healthz
+          port: metrics
+        periodSeconds: {{ $probes.startup.periodSeconds }}
+        timeoutSeconds: {{ $probes.startup.timeoutSeconds }}
+        failureThreshold: {{ $probes.startup.failureThreshold }}
       livenessProbe:
         httpGet:
           path: /healthz
           port: metrics
-        periodSeconds: 10
-        timeoutSeconds: 3
-        failureThreshold: 3
+        periodSeconds: {{ $probes.liveness.periodSeconds }}
+        timeoutSeconds: {{ $probes.liveness.timeoutSeconds }}
+        failureThreshold: {{ $probes.liveness.failureThreshold }}
       readinessProbe:
         httpGet:
           path: /readyz
           port: metrics
-        periodSeconds: 5
-        timeoutSeconds: 3
-        failureThreshold: 3
+        periodSeconds: {{ $probes.readiness.periodSeconds }}
+        timeoutSeconds: {{ $probes.readiness.timeoutSeconds }}
+        failureThreshold: {{ $probes.readiness.failureThreshold }}
       resources:
         {{- $res := deepCopy (default dict .spec.resources) }}
         {{- if gt (int .gpus) 0 }}
