@@ -82,6 +82,9 @@ class StreamInfo(BaseModel):
     llhls_url: str
     admission: str | None = Field(
         None, description="the controller's last admission answer: 'admitted: …' or 'refused: <reason>'")
+    ingest: dict | None = Field(
+        None, description="ingest's checkpoint of the live (or last) session: chunks published, dropped by reason, "
+                          "last seq, segment (updated every ingest.status_interval_s)")
 
 
 class CreatedStream(StreamInfo):
@@ -111,6 +114,7 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
         sid = record.spec.stream_id
         base = gw.public_url.rstrip("/")
         return cls(id=sid, state=record.state, spec=record.spec.model_dump(), prompt_version=record.prompt_version,
+                   ingest=record.ingest.model_dump() if record.ingest is not None else None,
                    rtmp_url=f"{gw.public_rtmp_url.rstrip('/')}/{settings.ingest.rtmp_app}",
                    hls_url=f"{base}/hls/{sid}/playlist.m3u8", llhls_url=f"{base}/hls/{sid}/index.m3u8", **extra)
 
