@@ -61,7 +61,7 @@ def test_a_nats_pause_right_after_publish_does_not_lose_the_stream(stack: LocalS
     sid = created["id"]
     assert stack.nats is not None and stack.nats.proc is not None
     nats_pid = stack.nats.proc.pid
-    pub = _publisher(stack, created["stream_key"], seconds=120)
+    pubs = [_publisher(stack, created["stream_key"], seconds=120)]
     try:
         time.sleep(pause_after_s)
         os.kill(nats_pid, signal.SIGSTOP)
@@ -69,13 +69,27 @@ def test_a_nats_pause_right_after_publish_does_not_lose_the_stream(stack: LocalS
             time.sleep(PAUSE_S)
         finally:
             os.kill(nats_pid, signal.SIGCONT)
-        # styled output flows: chunks through the DiT stages reach the decoder (it never saw one before)
-        _wait(lambda: len(_decoded(stack, sid)) >= 8, 120, "8 styled chunks at the decoder")
+
+        def playing() -> bool:
+            """8 styled chunks at the decoder. A publisher refused meanwhile (the authoriser's table lookup or
+            admission answer timed out: a refusal with a reason) reconnects, as OBS does."""
+            if pubs[-1].poll() is not None:
+                pubs.append(_publisher(stack, created["stream_key"], seconds=120))
+            return len(_decoded(stack, sid)) >= 8
+
+        try:
+            _wait(playing, 120, "8 styled chunks at the decoder")
+        except AssertionError as e:
+            logs = "\n".join(f"--- {p.name}\n{p.log_tail(3000)}" for p in stack.procs
+                             if p.name in ("ingest", "dit-0", "decoder"))
+            raise AssertionError(f"{e}; {len(pubs)} publishers; {stack.api('GET', f'/v1/streams/{sid}')}\n{logs}") \
+                from None
         status = stack.api("GET", f"/v1/streams/{sid}")
         assert status["state"] == "live" and status["ingest"] is not None, status
     finally:
-        pub.terminate()
-        pub.wait(30)
+        for pub in pubs:
+            pub.terminate()
+            pub.wait(30)
     _wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
     _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8"), 60, "EXT-X-ENDLIST")
     times, segments = _hls_frames(stack, sid)
