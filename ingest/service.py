@@ -388,7 +388,7 @@ class IngestService(Service):
         if stream.window is not None:
             await stream.window.close()
         last = stream.last_seq if stream.last_seq is not None else 0
-        stream.log.flush(force=True)
+        stream.drop_log.flush(force=True)
         try:
             with contextlib.suppress(StreamNotFound):  # the table first: whoever hears the event reads "ended"
                 assert self.status is not None

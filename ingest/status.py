@@ -103,7 +103,7 @@ class StatusWriter:
             await asyncio.sleep(self.interval_s)
             live = list(streams())
             for stream in live:
-                stream.log.flush()
+                stream.drop_log.flush()
             await asyncio.gather(*(self._periodic(stream) for stream in live))
 
     async def _periodic(self, stream: IngestStream) -> None:

@@ -132,7 +132,11 @@ class IngestStream:
     subs: list[Subscription] = field(default_factory=list, repr=False)
     publishing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     """Live chunks and a replay never interleave."""
-    drop_log: DropLog | None = field(default=None, repr=False)
+    drop_log: DropLog = field(init=False, repr=False)
+    """Every drop of this stream is logged through it (rate-limited)."""
+
+    def __post_init__(self) -> None:
+        self.drop_log = DropLog(self.spec.stream_id)
 
     @classmethod
     def new(cls, spec: StreamSpec, prompt_version: int, replay_chunks: int, replay_head: int = 0,
@@ -152,14 +156,8 @@ class IngestStream:
         earlier = source.queue.stats.dropped
         if earlier:
             self.dropped["queue_overflow"] += earlier
-            self.log.note("queue_overflow", "while the stream went live", earlier)
+            self.drop_log.note("queue_overflow", "while the stream went live", earlier)
         source.queue.on_drop = lambda reason, raw: self.drop(reason, f"chunk {raw.seq}")
-
-    @property
-    def log(self) -> DropLog:
-        if self.drop_log is None:
-            self.drop_log = DropLog(self.stream_id)
-        return self.drop_log
 
     def reserved(self, seq: int, segment: int) -> bool:
         """Chunk (``seq``, ``segment``) is below the reservation in the stream record: it may be published."""
@@ -194,7 +192,7 @@ class IngestStream:
         """Count (metric, this stream) and log (rate-limited) ``n`` dropped chunks; every ingest drop comes here."""
         count_drop(reason, n)
         self.dropped[reason] += n
-        self.log.note(reason, detail, n)
+        self.drop_log.note(reason, detail, n)
 
     # -- live changes -------------------------------------------------------------------------------------------
 
