@@ -58,8 +58,9 @@ class FirstStage:
         x = ns * eps + (1 - ns) * z.to(device=self.model.device, dtype=torch.float32)
         st.new.append(Pending(meta, x, now))
         # the cap bounds live chunks; replayed ones are bounded by ingest's ring and must all run, or the
-        # caches they rebuild would have a hole
-        live = [p for p in st.new if not p.meta.replay]
+        # caches they rebuild would have a hole; so must a segment's prepare chunk (latent positions from 0): the
+        # rest of its segment cannot run without it (a burst after a bus stall dropped it, and the stream with it)
+        live = [p for p in st.new if not p.meta.replay and p.meta.latent_start != 0]
         for old in live[: max(0, len(live) - self.max_queued_chunks)]:
             st.new.remove(old)
             self.dropped["queue_full"] += 1

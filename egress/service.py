@@ -293,7 +293,8 @@ class EgressService(Service):
         assert self._table is not None
 
         def change(record: StreamRecord) -> StreamRecord:
-            return record.model_copy(update={"egress_url": self.base_url, "state": "live"})
+            state = "live" if record.state == "created" else record.state  # ingest owns the session's health
+            return record.model_copy(update={"egress_url": self.base_url, "state": state})
 
         try:
             await self._table.update(stream_id, change)

@@ -6,7 +6,8 @@ filled by repeating the previous frame. Source timestamps, not arrival times, pl
 do not cause drops. A timestamp jump (reconnect, encoder reset) or frames arriving more than ``max_drift_s``
 later than their anchored capture time (a stall) re-anchor the grid without dropping or duplicating anything;
 capture times stay monotonic. A publisher sending faster than real time is not slowed here: the bounded chunk
-queue drops the oldest chunks instead, so latency stays bounded.
+queue drops the oldest chunks instead, so latency stays bounded, but never a prepare chunk while a later chunk could
+go instead: without it the rest of its warm-up segment cannot run.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from ingest.drops import DropReason, count_drop
 from proto.clock import ChunkClock
 
 __all__ = ["ChunkQueue", "Chunker", "FramePacer", "PacerStats", "RawChunk", "Slot"]
@@ -110,17 +113,26 @@ class RawChunk:
     def num_frames(self) -> int:
         return int(self.frames.shape[0])
 
+    @property
+    def prepares(self) -> bool:
+        """The prepare chunk of its segment (5 frames): the DiT cannot run the segment's other chunks without it."""
+        return self.seq == self.segment_start
+
 
 class Chunker:
-    """Groups paced frames into chunks whose sizes come from the one chunk clock (``proto.clock``)."""
+    """Groups paced frames into chunks whose sizes come from the one chunk clock (``proto.clock``).
 
-    def __init__(self, stream_id: str, clock: ChunkClock, latency_budget_s: float) -> None:
+    ``seq``/``segment``: the session's first chunk (a new session of a stream continues above every seq and segment
+    its earlier sessions published: the stream record's reservation, docs/ingest-service.md)."""
+
+    def __init__(self, stream_id: str, clock: ChunkClock, latency_budget_s: float, seq: int = 0,
+                 segment: int = 0) -> None:
         self.stream_id = stream_id
         self.clock = clock
         self.latency_budget_s = latency_budget_s
-        self.seq = 0
-        self.segment = 0
-        self.segment_start = 0
+        self.seq = seq
+        self.segment = segment
+        self.segment_start = seq
         self._frames: list[np.ndarray] = []
         self._times: list[float] = []
 
@@ -160,12 +172,20 @@ class QueueStats:
     dropped: int = 0
 
 
-class ChunkQueue:
-    """Bounded per-stream queue: a full queue drops its oldest chunk (counted), so latency stays bounded."""
+DropHook = Callable[[DropReason, RawChunk], None]
 
-    def __init__(self, depth: int) -> None:
+
+class ChunkQueue:
+    """Bounded per-stream queue, so latency stays bounded: a full queue drops its oldest chunk that is not a prepare
+    chunk (a lost prepare chunk costs its whole segment, any other chunk 4 frames the decoder covers by repeating);
+    a queue of nothing but prepare chunks drops the newcomer instead, or its oldest when that is one too. Every
+    drop goes to ``on_drop`` (reason, chunk): the metric alone until the stream's ``IngestStream`` takes the queue
+    over (``IngestStream.attach``)."""
+
+    def __init__(self, depth: int, on_drop: DropHook | None = None) -> None:
         self.depth = depth
         self.stats = QueueStats()
+        self.on_drop: DropHook = on_drop or (lambda reason, _chunk: count_drop(reason))
         self._items: collections.deque[RawChunk] = collections.deque()
         self._ready = asyncio.Event()
         self._closed = False
@@ -178,11 +198,20 @@ class ChunkQueue:
         return self._closed
 
     def put(self, chunk: RawChunk) -> None:
-        if self._closed:
+        if self._closed:  # the stream could not go live (a normal end detaches the publisher first)
+            self.stats.dropped += 1
+            self.on_drop("not_live", chunk)
             return
         if len(self._items) >= self.depth:
-            self._items.popleft()
+            at = next((i for i, c in enumerate(self._items) if not c.prepares), None)
+            if at is None and not chunk.prepares:  # nothing but prepare chunks queued: the newcomer goes
+                self.stats.dropped += 1
+                self.on_drop("queue_overflow", chunk)
+                return
+            victim = self._items[at or 0]
+            del self._items[at or 0]
             self.stats.dropped += 1
+            self.on_drop("queue_overflow", victim)
         self._items.append(chunk)
         self.stats.put += 1
         self._ready.set()

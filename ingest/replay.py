@@ -63,13 +63,16 @@ class ReplayRing:
         return self.tail.maxlen or 0
 
     def add(self, chunk: LatentChunk) -> None:
-        """A published chunk, in order. A segment's first chunk (its prepare chunk) starts the ring afresh."""
-        starts = chunk.seq == 0 or (self.segment is not None and chunk.segment != self.segment)
+        """A published chunk, in order. A segment's first chunk (its prepare chunk: latent positions from 0; a
+        session may begin at any seq) starts the ring afresh."""
+        new_segment = chunk.segment != self.segment
         self.segment = chunk.segment
-        if starts:
+        if chunk.latent_start == 0:
             self.head.clear()
             self.tail.clear()
-        elif not self.head:
+        elif new_segment or not self.head:
+            self.head.clear()
+            self.tail.clear()
             return  # the segment's prepare chunk never went out: the stages cannot run this segment anyway
         if len(self.head) < 1 + self.head_chunks:
             self.head.append(chunk)

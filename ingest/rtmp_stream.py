@@ -37,6 +37,8 @@ class Decision:
     reason: str = ""
     stream_id: str = ""
     shape: StreamShape | None = None
+    first: tuple[int, int] = (0, 0)
+    """(seq, segment) of a new session's first chunk (the stream record's reservation); a resumed one ignores it."""
 
 
 @dataclass
@@ -51,15 +53,17 @@ class StreamStats:
 
 class RtmpStream:
     """The RTMP side of one stream (pacer, chunker, chunk queue); it outlives a connection: a publisher
-    reconnecting with the same key resumes it."""
+    reconnecting with the same key resumes it. ``first``: (seq, segment) of its first chunk."""
 
     def __init__(
-        self, stream_id: str, stream_key: str, shape: StreamShape, queue_depth: int, latency_budget_s: float
+        self, stream_id: str, stream_key: str, shape: StreamShape, queue_depth: int, latency_budget_s: float,
+        first: tuple[int, int] = (0, 0),
     ) -> None:
         self.stream_id, self.stream_key, self.shape = stream_id, stream_key, shape
+        self.first = first
         self.queue = ChunkQueue(queue_depth)
         self.pacer = FramePacer(shape.fps)
-        self.chunker = Chunker(stream_id, ChunkClock(), latency_budget_s)
+        self.chunker = Chunker(stream_id, ChunkClock(), latency_budget_s, *first)
         self.metadata: dict[str, Any] = {}
         self.audio_config: bytes | None = None
         self.stats = StreamStats()

@@ -185,6 +185,7 @@ class RtmpServer:
                 decision.shape or self.default_shape,
                 self.settings.chunk_queue_depth,
                 self.latency_budget_s,
+                decision.first,
             )
             self.streams[stream.stream_id] = stream
             if self.on_stream_start is not None:

@@ -42,19 +42,23 @@ from prometheus_client import Counter
 
 from encoder.prompt import trim_padding
 from ingest.admission import ask_admission, unservable
+from ingest.drops import count_drop
 from ingest.liveness import LivenessPolicy, StreamLiveness, stall_bound_s
 from ingest.models import IngestModels, largest_messages, max_prompt_tokens
 from ingest.pacing import RawChunk
 from ingest.replay import sink_chunks, window_chunks
 from ingest.rtmp_stream import Decision, RtmpStream, StreamShape
 from ingest.server import RtmpServer
+from ingest.status import StatusWriter, reservation_ahead, start_session
 from ingest.stream import CHUNKS_DROPPED, ChunkSource, IngestStream
 from ingest.t2v import T2VSource
 from proto import (
+    ACTIVE_STATES,
     Ack,
     BlockMap,
     Buckets,
     Error,
+    IngestStatus,
     PromptUpdate,
     ProtocolError,
     StreamEvent,
@@ -69,7 +73,7 @@ from proto.spec import RingConfig
 from services.bus import KV
 from services.config import Settings
 from services.runtime import Service, main, watch_key, watch_keys
-from services.streams import StreamNotFound, StreamTable
+from services.streams import StreamNotFound, StreamTable, ingest_silent
 
 __all__ = ["CHUNKS_DROPPED", "IngestModels", "IngestService", "IngestStream", "largest_messages",
            "max_prompt_tokens"]
@@ -102,6 +106,7 @@ class IngestService(Service):
         self.models: IngestModels | None = None
         self.rtmp: RtmpServer | None = None
         self.table: StreamTable | None = None
+        self.status: StatusWriter | None = None
         self.live: dict[str, IngestStream] = {}
         self.checks.update({"models": False, "rtmp": False})
         self._prompts: KV | None = None
@@ -130,6 +135,8 @@ class IngestService(Service):
         assert self.bus is not None
         loop = asyncio.get_running_loop()
         self.table = await StreamTable.open(self.bus)
+        self.status = StatusWriter(self.table, self.member_id, self.settings.ingest.status_interval_s)
+        self._watches.append(asyncio.create_task(self.status.run(self.live.values), name="stream-status"))
         self._prompts = await self.bus.kv(Buckets.PROMPTS, replicas=self.settings.nats.kv_replicas)
         self._blockmaps = await self.bus.kv(Buckets.BLOCKMAP, replicas=self.settings.nats.kv_replicas)
         self._watches.append(asyncio.create_task(watch_key(self._blockmap_kv, "current", self._on_blockmap,
@@ -224,8 +231,37 @@ class IngestService(Service):
         problem = await self._refusal(spec)
         if problem:
             return Decision(False, f"stream {spec.stream_id}: {problem}")
+        try:
+            first = await self._new_session(spec)
+        except Exception as e:
+            log.warning("stream %s: seq reservation failed: %s", spec.stream_id, e)
+            return Decision(False, f"stream table unavailable ({type(e).__name__}); retry")
         self._specs[spec.stream_id] = spec
-        return Decision(True, stream_id=spec.stream_id, shape=StreamShape(spec.width, spec.height, spec.fps))
+        return Decision(True, stream_id=spec.stream_id, shape=StreamShape(spec.width, spec.height, spec.fps),
+                        first=first)
+
+    async def _new_session(self, spec: StreamSpec) -> tuple[int, int]:
+        """Reserve the (seq, segment) a new RTMP session of ``spec``'s stream starts at, above everything any
+        earlier session published (``ingest.status``). A publisher resuming a lingering session keeps its numbering
+        (the reservation just goes unused); one coming back after its session ended here waits for that session to
+        finish its queue first, so the reservation it reads is final."""
+        assert self.table is not None and self.rtmp is not None
+        sid = spec.stream_id
+        lingering = self.rtmp.streams.get(sid)
+        previous = self._tasks.get(sid)
+        if previous is not None and (lingering is None or lingering.ended):
+            await asyncio.wait({previous}, timeout=_DRAIN_WAIT_S)
+        ahead = reservation_ahead(spec, self.settings.ingest.status_interval_s)
+        first: list[tuple[int, int]] = []
+
+        def reserve(r: StreamRecord) -> StreamRecord:
+            first.clear()
+            r, start = start_session(r, ahead)
+            first.append(start)
+            return r
+
+        await self.table.update(sid, reserve)
+        return first[0]
 
     async def _refusal(self, spec: StreamSpec) -> str:
         """Why ``spec`` cannot start here ("" when it can): its size, its prompt, or the controller's answer."""
@@ -262,7 +298,7 @@ class IngestService(Service):
             log.warning("ignored a malformed stream record %s: %s", key, e)
             return
         spec = record.spec
-        if not spec.t2v or sid in self._t2v or record.state == "live" or self._draining:
+        if not spec.t2v or sid in self._t2v or self._served_elsewhere(record) or self._draining:
             return
         problem = await self._refusal(spec)
         if problem:
@@ -272,6 +308,12 @@ class IngestService(Service):
                            spec.slo.max_latency_ms / 1000.0)
         self._t2v[sid] = source
         self._start(source, spec, t2v=True)
+
+    def _served_elsewhere(self, record: StreamRecord) -> bool:
+        """A session runs and its ingest still writes its checkpoint (a crashed ingest's T2V stream is taken over:
+        its record says live for ever)."""
+        return record.state in ACTIVE_STATES and ingest_silent(
+            record, self.settings.ingest.status_interval_s, time.time()) is None
 
     def _start(self, source: ChunkSource, spec: StreamSpec, t2v: bool = False) -> None:
         sid = spec.stream_id
@@ -284,16 +326,21 @@ class IngestService(Service):
         """Claim the record (``live``), subscribe to the stream's requests, announce it and its first prompt."""
         assert self.bus is not None and self.table is not None
         sid = spec.stream_id
+        first = [source.first]
 
         def claim(r: StreamRecord) -> StreamRecord:
-            if t2v and r.state == "live":
+            if t2v and self._served_elsewhere(r):
                 raise _Claimed(sid)
-            return r.model_copy(update={"state": "live"})
+            if t2v:  # a T2V source starts once live: its session's first chunk is reserved here
+                r, first[0] = start_session(r, reservation_ahead(spec, self.settings.ingest.status_interval_s))
+            status = IngestStatus(member=self.member_id, segment=first[0][1], at=time.time())
+            return r.model_copy(update={"state": "live", "state_reason": "", "ingest": status})
 
         record = await self.table.update(sid, claim)
         spec = record.spec if not unservable(self.settings, record.spec) and record.spec.t2v == spec.t2v else spec
-        stream = IngestStream.new(spec, record.prompt_version, *self.replay_depth())
-        stream.source = source
+        stream = IngestStream.new(spec, record.prompt_version, *self.replay_depth(), first=first[0])
+        stream.reserved_seq, stream.reserved_segment = record.next_seq, record.next_segment
+        stream.attach(source)
         window_bytes = self.settings.nats.credit_window_bytes
         stream.window = await self.bus.credit_window(Subjects.stream_latent(sid), window_bytes,
                                                      reset_after_s=LATENT_CREDIT_RESET_S).start()
@@ -310,9 +357,10 @@ class IngestService(Service):
         await self._announce_prompt(stream, PromptUpdate(stream_id=sid, version=record.prompt_version,
                                                          prompt=spec.prompt))
         if isinstance(source, T2VSource):
-            source.start()
-        log.info("stream %s live (%s %dx%d @ %g fps, %d steps, prompt v%d)", sid, "T2V" if t2v else "RTMP",
-                 spec.width, spec.height, spec.fps, spec.steps, record.prompt_version)
+            source.start(first[0])
+        log.info("stream %s live (%s %dx%d @ %g fps, %d steps, prompt v%d) from seq %d, segment %d", sid,
+                 "T2V" if t2v else "RTMP", spec.width, spec.height, spec.fps, spec.steps, record.prompt_version,
+                 *first[0])
         return stream
 
     async def _run_stream(self, source: ChunkSource, spec: StreamSpec, previous: asyncio.Task | None,
@@ -336,7 +384,7 @@ class IngestService(Service):
         try:
             while (raw := await source.queue.get()) is not None:
                 if stream is None:
-                    CHUNKS_DROPPED.labels(reason="not_live").inc()
+                    count_drop("not_live")
                     continue
                 await self._process(stream, raw, ending=source.queue.closed)
         finally:
@@ -358,9 +406,11 @@ class IngestService(Service):
         if stream.window is not None:
             await stream.window.close()
         last = stream.last_seq if stream.last_seq is not None else 0
+        stream.drop_log.flush(force=True)
         try:
             with contextlib.suppress(StreamNotFound):  # the table first: whoever hears the event reads "ended"
-                await self.table.update(sid, lambda r: r.model_copy(update={"state": "ended"}))
+                assert self.status is not None
+                await self.status.write(stream, state="ended", state_reason="")
             await self.bus.publish(Subjects.stream_event(sid), StreamEvent(stream_id=sid, kind="ended", seq=last,
                                                                            at=time.time()))
             if self._prompts is not None:
@@ -389,9 +439,7 @@ class IngestService(Service):
         spec = stream.spec  # the parameters this chunk is encoded under (a live change applies from the next)
         deadline = raw.capture_time + stream.spec.slo.max_latency_ms / 1000.0
         if ending and time.time() > deadline:
-            stream.drop("deadline")
-            log.warning("stream %s chunk %d dropped: past its deadline after the stream ended", stream.stream_id,
-                        raw.seq)
+            stream.drop("deadline", f"chunk {raw.seq}: past its deadline after the stream ended")
             return
         assert self.models is not None
         loop = asyncio.get_running_loop()
@@ -401,9 +449,11 @@ class IngestService(Service):
             latent, scale = await loop.run_in_executor(self._compute, encode, self.models.vae, raw, spec,
                                                        self.settings.ingest.debug_tap_dir)
         except Exception as e:
-            stream.drop("encode_error")
-            log.warning("stream %s chunk %d dropped: encode failed: %s: %s", stream.stream_id, raw.seq,
-                        type(e).__name__, e)
+            stream.drop("encode_error", f"chunk {raw.seq}: {type(e).__name__}: {e}")
+            return
+        assert self.status is not None
+        if not await self.status.reserve(stream, raw.seq, raw.segment):
+            stream.drop("unreserved", f"chunk {raw.seq}: its seq could not be reserved in the stream table first")
             return
         async with stream.publishing:  # a replay in progress goes first; the epoch is the one current at publish
             await stream.publish(stream.chunk(raw, latent, scale, deadline, self.epoch, self.clock_of(stream)))
@@ -448,11 +498,21 @@ class IngestService(Service):
                     STREAM_REPAIRS.inc()
                     log.warning("stream %s %s: %s (new segment from chunk %d)", stream.stream_id, health.state,
                                 health.reason, seq)
+                if health.state != was or health.repair:
+                    self._spawn(self._write_health(stream, health.state, health.reason), f"health-{stream.stream_id}")
                 if health.state != was:
                     STREAM_STATES.labels(state=health.state).inc()
                     if not health.repair:
                         log.info("stream %s %s%s", stream.stream_id, health.state,
                                  f": {health.reason}" if health.reason else "")
+
+    async def _write_health(self, stream: IngestStream, state: str, reason: str) -> None:
+        """The stream's health into its record, for the API (a stream ended meanwhile keeps ``ended``)."""
+        assert self.status is not None
+        try:
+            await self.status.write(stream, state=state, state_reason=reason)
+        except Exception as e:
+            log.warning("stream %s: state %s not written to the stream table: %s", stream.stream_id, state, e)
 
     # -- prompts and live parameters ----------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from prometheus_client import Counter, Histogram
 
 from encoder.motion import MotionNoiseConfig, MotionNoiseController, MotionNoiseState
 from encoder.vae import StreamVAE, StreamVAEState
+from ingest.drops import CHUNKS_DROPPED, DropLog, DropReason, count_drop
 from ingest.liveness import StreamLiveness
 from ingest.pacing import ChunkQueue, RawChunk
 from ingest.replay import ReplayRing
@@ -42,7 +43,6 @@ __all__ = ["CHUNKS_DROPPED", "ChunkSource", "IngestStream", "PromptChange", "mot
 log = logging.getLogger("rheo.ingest")
 
 CHUNKS_PUBLISHED = Counter("rheo_ingest_chunks_published_total", "latent chunks published to the first DiT stage")
-CHUNKS_DROPPED = Counter("rheo_ingest_chunks_dropped_total", "chunks dropped by ingest, by reason", ["reason"])
 CHUNKS_REPLAYED = Counter("rheo_ingest_chunks_replayed_total", "latent chunks republished to rebuild lost KV")
 ENCODE_SECONDS = Histogram("rheo_ingest_encode_seconds", "VAE encode + motion estimate time per chunk",
                            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0))
@@ -64,6 +64,8 @@ class ChunkSource(Protocol):
     """Where a stream's chunks come from (RTMP or the T2V clock)."""
 
     queue: ChunkQueue
+    first: tuple[int, int]
+    """(seq, segment) of the session's first chunk."""
 
     @property
     def segment(self) -> int: ...
@@ -103,6 +105,9 @@ class IngestStream:
     that has begun; ``steps_from``: (first seq, step count) likewise (a change of it begins at a new segment's
     prepare chunk: the DiT's stream state has one slot per step). ``replay`` holds the segment's prepare and sink
     chunks and the last ``ingest.replay_chunks`` published chunks, for rebuilding a lost DiT stage's KV cache.
+    ``prepared``: the segment's prepare chunk was published; until it is, the segment's other chunks cannot run and
+    are dropped (a new segment is cut). ``reserved_seq``/``reserved_segment``: the reservation last written into
+    the stream record: no chunk at or above either is published before a larger one is (``ingest.status``).
     """
 
     spec: StreamSpec
@@ -119,6 +124,9 @@ class IngestStream:
     prompt_keys: list[str] = field(default_factory=list)
     published: int = 0
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    prepared: bool = False
+    reserved_seq: int = 0
+    reserved_segment: int = 0
     # runtime handles while the stream is live here (not part of the movable state)
     source: ChunkSource | None = field(default=None, repr=False)
     window: CreditWindow | None = field(default=None, repr=False)
@@ -127,13 +135,36 @@ class IngestStream:
     """Live chunks and a replay never interleave."""
     liveness: StreamLiveness | None = field(default=None, repr=False)
     """Published chunks against styled output (``ingest.liveness``); set while live here."""
+    drop_log: DropLog = field(init=False, repr=False)
+    """Every drop of this stream is logged through it (rate-limited)."""
+
+    def __post_init__(self) -> None:
+        self.drop_log = DropLog(self.spec.stream_id)
 
     @classmethod
-    def new(cls, spec: StreamSpec, prompt_version: int, replay_chunks: int, replay_head: int = 0) -> IngestStream:
-        """``replay_chunks``: the ring's depth K; ``replay_head``: sink chunks kept after the prepare chunk."""
+    def new(cls, spec: StreamSpec, prompt_version: int, replay_chunks: int, replay_head: int = 0,
+            first: tuple[int, int] = (0, 0)) -> IngestStream:
+        """``replay_chunks``: the ring's depth K; ``replay_head``: sink chunks kept after the prepare chunk;
+        ``first``: (seq, segment) of the session's first chunk."""
+        seq, segment = first
         return cls(spec=spec, vae=StreamVAEState(), motion=motion_controller(spec).new_state(),
                    prompt_version=prompt_version, replay=ReplayRing(replay_chunks, replay_head),
-                   versions=[PromptChange(0, prompt_version)], steps_from=[(0, spec.steps)])
+                   versions=[PromptChange(seq, prompt_version)], steps_from=[(seq, spec.steps)], next_seq=seq,
+                   segment=segment, segment_start=seq)
+
+    def attach(self, source: ChunkSource) -> None:
+        """Take ``source``'s chunks: the drops its queue made before (while the stream went live, already in the
+        metric) become this stream's, later ones are counted and logged as they happen."""
+        self.source = source
+        earlier = source.queue.stats.dropped
+        if earlier:
+            self.dropped["queue_overflow"] += earlier
+            self.drop_log.note("queue_overflow", "while the stream went live", earlier)
+        source.queue.on_drop = lambda reason, raw: self.drop(reason, f"chunk {raw.seq}")
+
+    def reserved(self, seq: int, segment: int) -> bool:
+        """Chunk (``seq``, ``segment``) is below the reservation in the stream record: it may be published."""
+        return seq < self.reserved_seq and segment < self.reserved_segment
 
     @property
     def stream_id(self) -> str:
@@ -160,9 +191,11 @@ class IngestStream:
         del self.steps_from[: begun[-1]]
         return self.steps_from[0][1]
 
-    def drop(self, reason: str) -> None:
-        self.dropped[reason] += 1
-        CHUNKS_DROPPED.labels(reason=reason).inc()
+    def drop(self, reason: DropReason, detail: str = "", n: int = 1) -> None:
+        """Count (metric, this stream) and log (rate-limited) ``n`` dropped chunks; every ingest drop comes here."""
+        count_drop(reason, n)
+        self.dropped[reason] += n
+        self.drop_log.note(reason, detail, n)
 
     # -- live changes -------------------------------------------------------------------------------------------
 
@@ -176,7 +209,7 @@ class IngestStream:
         effective = self.next_seq
         if mode == "cut" and self.source is not None:
             effective = max(effective, self.source.cut())
-        starts_segment = effective == 0 or (self.source is not None and self.source.segment_start == effective)
+        starts_segment = effective == (self.source or self).segment_start
         blend = mode == "blend" and blend_chunks > 1 and not starts_segment
         self.versions.append(PromptChange(effective, version, self.prompt_version if blend else None,
                                           blend_chunks if blend else 1))
@@ -198,22 +231,22 @@ class IngestStream:
     # -- chunks -------------------------------------------------------------------------------------------------
 
     def begin(self, raw: RawChunk) -> bool:
-        """Take chunk ``raw`` from the queue: a new segment's prepare chunk resets the caches; a segment whose
-        prepare chunk was lost (queue overflow) cannot run, so its chunk is dropped and a new segment is cut."""
+        """Take chunk ``raw`` from the queue: a segment's prepare chunk resets the caches; a chunk of a segment whose
+        prepare chunk was not published (dropped anywhere: queue, deadline, encode, bus) cannot run, so it is
+        dropped and a new segment is cut: its prepare chunk brings the stream back."""
         self.next_seq = raw.seq + 1
-        if raw.segment == self.segment:
+        if raw.prepares:
+            self.segment, self.segment_start, self.prepared = raw.segment, raw.seq, False
+            self.vae = StreamVAEState()
+            self.motion = motion_controller(self.spec).new_state()
             return True
-        if raw.seq != raw.segment_start:
-            self.drop("segment_unprepared")
-            if self.source is not None and self.source.segment == raw.segment:
-                self.source.cut()
-            log.warning("stream %s chunk %d dropped: segment %d lost its prepare chunk", self.stream_id, raw.seq,
-                        raw.segment)
-            return False
-        self.segment, self.segment_start = raw.segment, raw.seq  # a cut: the caches start over
-        self.vae = StreamVAEState()
-        self.motion = motion_controller(self.spec).new_state()
-        return True
+        if raw.segment == self.segment and self.prepared:
+            return True
+        if self.source is not None and self.source.segment == raw.segment:
+            self.source.cut()
+        self.drop("segment_unprepared", f"chunk {raw.seq}: segment {raw.segment} lost its prepare chunk; "
+                                        f"a new segment is cut")
+        return False
 
     def encode(self, vae: StreamVAE, raw: RawChunk, spec: StreamSpec,
                tap_dir: str | Path | None = None) -> tuple[torch.Tensor, float]:
@@ -256,21 +289,18 @@ class IngestStream:
         assert self.window is not None
         remaining = chunk.deadline - time.time()
         if remaining <= 0:
-            self.drop("deadline")
-            log.warning("stream %s chunk %d dropped: %.0f ms past its deadline before publishing", self.stream_id,
-                        chunk.seq, -remaining * 1000)
+            self.drop("deadline", f"chunk {chunk.seq}: {-remaining * 1000:.0f} ms past its deadline before publishing")
             return
         try:
             await self.window.publish(chunk, timeout=remaining)
         except CreditTimeout:
-            self.drop("deadline")
-            log.warning("stream %s chunk %d dropped: no credit from the first DiT stage before its deadline",
-                        self.stream_id, chunk.seq)
+            self.drop("deadline", f"chunk {chunk.seq}: no credit from the first DiT stage before its deadline")
             return
         except (PayloadTooLarge, nats.errors.Error) as e:
-            self.drop("publish_error")
-            log.warning("stream %s chunk %d dropped: %s", self.stream_id, chunk.seq, e)
+            self.drop("publish_error", f"chunk {chunk.seq}: {e}")
             return
+        if chunk.segment == self.segment and chunk.seq == self.segment_start:
+            self.prepared = True
         self.last_seq = chunk.seq
         self.published += 1
         if self.liveness is not None:
@@ -293,9 +323,7 @@ class IngestStream:
                 try:
                     await self.window.publish(again, timeout=budget)
                 except (CreditTimeout, PayloadTooLarge, nats.errors.Error) as e:
-                    self.drop("replay_error")
-                    log.warning("stream %s: replay of chunk %d under epoch %d failed: %s", self.stream_id,
-                                chunk.seq, epoch, e)
+                    self.drop("replay_error", f"chunk {chunk.seq} under epoch {epoch}: {e}")
                     continue
                 sent += 1
                 CHUNKS_REPLAYED.inc()
@@ -325,6 +353,8 @@ class IngestStream:
             "prompt_keys": list(self.prompt_keys),
             "published": self.published,
             "dropped": dict(self.dropped),
+            "prepared": self.prepared,
+            "reserved": [self.reserved_seq, self.reserved_segment],
         }
         buf = io.BytesIO()
         torch.save(data, buf)
@@ -345,7 +375,8 @@ class IngestStream:
                    segment=int(d.get("segment", 0)), segment_start=int(d.get("segment_start", 0)),
                    versions=versions, steps_from=[(int(a), int(b)) for a, b in d.get("steps_from", [])],
                    prompt_keys=list(d["prompt_keys"]), published=int(d["published"]),
-                   dropped=collections.Counter(d["dropped"]))
+                   dropped=collections.Counter(d["dropped"]), prepared=bool(d.get("prepared", True)),
+                   reserved_seq=int(d.get("reserved", [0, 0])[0]), reserved_segment=int(d.get("reserved", [0, 0])[1]))
 
 
 def _frame_tensor(data: bytes) -> torch.Tensor:

@@ -33,13 +33,18 @@ class T2VSource:
         self.stream_id, self.clock, self.fps = stream_id, clock, fps
         self.latency_budget_s = latency_budget_s
         self.queue = ChunkQueue(queue_depth)
+        self.first = (0, 0)  # (seq, segment) of the session's first chunk: set by ``start``
         self.seq = 0
         self.segment = 0
         self.segment_start = 0
         self.waits = 0  # times the queue was full and the schedule was re-anchored
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> T2VSource:
+    def start(self, first: tuple[int, int] = (0, 0)) -> T2VSource:
+        """Emit chunks from (seq, segment) ``first`` on: the stream record's reservation, once the stream is live."""
+        self.first = first
+        self.seq, self.segment = first
+        self.segment_start = self.seq
         self._task = asyncio.create_task(self._run(), name=f"t2v-{self.stream_id}")
         return self
 

@@ -3,6 +3,7 @@
 from proto.codec import Limits
 from proto.errors import ProtocolError
 from proto.messages import (
+    ACTIVE_STATES,
     MESSAGE_TYPES,
     SLO,
     Ack,
@@ -16,6 +17,7 @@ from proto.messages import (
     Heartbeat,
     HlsSegmentState,
     HlsState,
+    IngestStatus,
     LatentChunk,
     Message,
     NoiseParams,
@@ -41,6 +43,7 @@ from proto.messages import (
 from proto.subjects import CHANNELS, Buckets, InvalidToken, Subjects, stage_prepared_key
 
 __all__ = [
+    "ACTIVE_STATES",
     "CHANNELS",
     "MESSAGE_TYPES",
     "SLO",
@@ -56,6 +59,7 @@ __all__ = [
     "Heartbeat",
     "HlsSegmentState",
     "HlsState",
+    "IngestStatus",
     "InvalidToken",
     "LatentChunk",
     "Limits",

@@ -349,22 +349,49 @@ class StreamOutput(Message):
     at: float
 
 
-StreamState = Literal["created", "live", "ended"]
+StreamState = Literal["created", "live", "recovering", "degraded", "failed", "ended"]
+"""``created``: no session yet; then, while a session runs, its health (docs/recovery.md, Liveness): ``live``,
+``recovering`` (output stalled, being repaired), ``degraded`` (output flows, most chunks dropped downstream),
+``failed`` (repairs brought nothing back: ``state_reason`` says why); ``ended`` when the session ended."""
+ACTIVE_STATES: frozenset[str] = frozenset({"live", "recovering", "degraded", "failed"})
+"""A session is running (someone serves the stream)."""
+
+
+class IngestStatus(BaseModel):
+    """Ingest's checkpoint of a live stream's session, written into its record every ``ingest.status_interval_s``
+    and on state changes (``ingest/status.py``); the API shows it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    member: str = Field("", description="the ingest instance serving the session")
+    published: int = Field(0, ge=0, description="chunks published in this session")
+    dropped: dict[str, int] = Field(default_factory=dict, description="chunks dropped in this session, by reason "
+                                                                      "(ingest/drops.py DROP_REASONS)")
+    last_seq: int | None = Field(None, ge=0, description="seq of the last chunk published")
+    segment: int = Field(0, ge=0, description="the warm-up segment being encoded")
+    at: float = Field(0.0, description="when this checkpoint was written (unix time)")
 
 
 class StreamRecord(Message):
-    """A stream's row in the stream table (JetStream KV): what it is, its hashed key, where it plays."""
+    """A stream's row in the stream table (JetStream KV): what it is, its hashed key, where it plays; ingest's
+    checkpoint of it and the seq/segment reservation that keeps a stream's chunks monotonic across sessions."""
 
-    SCHEMA_VERSION: ClassVar[int] = 2
-    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+    SCHEMA_VERSION: ClassVar[int] = 4
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2, 3)
 
     spec: StreamSpec
     key_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the stream key; the key is never stored")
     state: StreamState = "created"
+    state_reason: str = Field("", max_length=1024, description="why the state is what it is (recovering, degraded, "
+                                                               "failed)")
     prompt_version: int = Field(0, ge=0)
     created_at: float
     updated_at: float
     egress_url: str = Field("", description="base URL of the egress instance serving this stream's HLS")
+    next_seq: int = Field(0, ge=0, description="seq reservation: every chunk ever published has a lower seq; a new "
+                                               "session starts here")
+    next_segment: int = Field(0, ge=0, description="segment reservation: every chunk ever published has a lower "
+                                                   "segment; a new session starts with this one")
+    ingest: IngestStatus | None = Field(None, description="ingest's checkpoint of the live (or last) session")
 
 
 class HlsSegmentState(BaseModel):
@@ -558,6 +585,7 @@ __all__ = [
     "Heartbeat",
     "HlsSegmentState",
     "HlsState",
+    "IngestStatus",
     "LatentChunk",
     "Message",
     "NoiseParams",

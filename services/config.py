@@ -148,6 +148,10 @@ class IngestSettings(Section):
     stream_linger_s: float = Field(
         10.0, ge=0, description="how long a disconnected stream waits for its publisher to reconnect before it ends"
     )
+    status_interval_s: float = Field(
+        2.0, gt=0, description="how often ingest writes each live stream's checkpoint (and seq reservation) into its "
+        "stream record"
+    )
     window_ack_bytes: int = Field(2_500_000, gt=0, description="acknowledgement window announced to publishers")
     max_model_width: int = Field(
         MAX_MODEL_WIDTH, gt=0, multiple_of=SIZE_MULTIPLE,

@@ -16,9 +16,38 @@ from collections.abc import Callable
 
 import nats.js.errors
 
-from proto import Buckets, StreamRecord, StreamSpec, decode
+from proto import ACTIVE_STATES, Buckets, StreamRecord, StreamSpec, decode
 from proto.subjects import token
 from services.bus import KV, Bus
+
+INGEST_SILENT_CHECKPOINTS = 3
+"""A live session whose ingest missed this many checkpoints (``ingest.status_interval_s`` each) is not live."""
+INGEST_GONE_S = 60.0
+"""… and after this long without one, its ingest is gone and the publisher has not come back."""
+
+
+def ingest_silent(record: StreamRecord, interval_s: float, now: float) -> float | None:
+    """Seconds since the ingest serving the record's session last wrote its checkpoint, when that is longer than
+    it ever should be (it died: nobody else would ever say so); None while it writes, or when no session runs."""
+    status = record.ingest
+    if record.state not in ACTIVE_STATES or status is None or status.at <= 0:
+        return None
+    silent = now - status.at
+    return silent if silent > INGEST_SILENT_CHECKPOINTS * interval_s + 2.0 else None
+
+
+def session_state(record: StreamRecord, interval_s: float, now: float) -> tuple[str, str]:
+    """The state the API shows: the record's, unless the ingest serving the session is silent. The session
+    continues when the publisher reconnects (a T2V stream: when an ingest takes it over)."""
+    silent = ingest_silent(record, interval_s, now)
+    if silent is None:
+        return record.state, record.state_reason
+    member = record.ingest.member if record.ingest is not None else "?"
+    if silent > INGEST_GONE_S:
+        return "failed", (f"no word from ingest {member} for {silent:.0f} s: it is gone and the stream has not been "
+                          "taken up again (a publisher reconnecting resumes it)")
+    return "recovering", (f"no word from ingest {member} for {silent:.0f} s (lost?): the stream continues when "
+                          "its publisher reconnects")
 
 
 class StreamNotFound(KeyError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from typing import Literal
 
 import httpx
@@ -40,7 +41,7 @@ from proto.spec import MAX_FPS, MAX_MODEL_HEIGHT, MAX_MODEL_WIDTH, MAX_STEPS, MA
 from services.bus import KV, Bus
 from services.config import Settings
 from services.controller.policy import admission_key
-from services.streams import StreamNotFound, StreamTable, new_stream_id
+from services.streams import StreamNotFound, StreamTable, new_stream_id, session_state
 
 log = logging.getLogger("rheo.gateway")
 
@@ -74,7 +75,8 @@ class PatchStream(Body):
 
 class StreamInfo(BaseModel):
     id: str
-    state: str
+    state: str = Field(description="created | live | recovering | degraded | failed | ended (docs/recovery.md)")
+    state_reason: str = Field("", description="why: what stalled, what was repaired, what failed")
     spec: dict
     prompt_version: int
     rtmp_url: str
@@ -82,6 +84,9 @@ class StreamInfo(BaseModel):
     llhls_url: str
     admission: str | None = Field(
         None, description="the controller's last admission answer: 'admitted: …' or 'refused: <reason>'")
+    ingest: dict | None = Field(
+        None, description="ingest's checkpoint of the live (or last) session: chunks published, dropped by reason, "
+                          "last seq, segment (updated every ingest.status_interval_s)")
 
 
 class CreatedStream(StreamInfo):
@@ -110,7 +115,10 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
     def info(record: StreamRecord, cls: type[StreamInfo] = StreamInfo, **extra: object) -> StreamInfo:
         sid = record.spec.stream_id
         base = gw.public_url.rstrip("/")
-        return cls(id=sid, state=record.state, spec=record.spec.model_dump(), prompt_version=record.prompt_version,
+        state, reason = session_state(record, settings.ingest.status_interval_s, time.time())
+        return cls(id=sid, state=state, state_reason=reason, spec=record.spec.model_dump(),
+                   prompt_version=record.prompt_version,
+                   ingest=record.ingest.model_dump() if record.ingest is not None else None,
                    rtmp_url=f"{gw.public_rtmp_url.rstrip('/')}/{settings.ingest.rtmp_app}",
                    hls_url=f"{base}/hls/{sid}/playlist.m3u8", llhls_url=f"{base}/hls/{sid}/index.m3u8", **extra)
 

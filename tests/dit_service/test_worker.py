@@ -89,7 +89,8 @@ def test_stale_epoch_late_and_overflowing_chunks_are_dropped_and_counted():
     assert w.add_chunk(chunk_message("a", 0, zs[0], epoch=3, seed=1))
     for c in (1, 2, 3):
         assert w.add_chunk(chunk_message("a", c, zs[c], epoch=3, seed=1))
-    assert w.dropped["queue_full"] == 2  # cap 2: chunk 0 and chunk 1 made room for 2 and 3
+    assert w.dropped["queue_full"] == 1  # cap 2: chunk 1 made room for 3; the prepare chunk 0 is never dropped
+    assert [p.meta.seq for p in w.streams["a"].new] == [0, 2, 3]
     assert not w.add_chunk(chunk_message("a", 3, zs[3], epoch=3, seed=1))
     assert w.dropped["out_of_order"] == 1
     bad = chunk_message("a", 4, zs[4], epoch=3, seed=1)

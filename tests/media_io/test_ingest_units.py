@@ -74,12 +74,16 @@ def test_chunker_uses_the_chunk_clock() -> None:
     assert chunks[1].capture_time == 10.0 + 8 / 16 and chunks[1].deadline == chunks[1].capture_time + 0.5
 
 
-async def test_queue_drops_the_oldest_chunk_when_full() -> None:
-    queue = ChunkQueue(depth=2)
+async def test_queue_drops_the_oldest_chunk_when_full_but_keeps_the_prepare_chunk() -> None:
+    """Chunk 0 prepares its segment (segment_start 0): without it the others cannot run, so the oldest of the
+    others goes; every drop reaches ``on_drop`` with its reason."""
+    dropped: list[tuple[str, int]] = []
+    queue = ChunkQueue(depth=2, on_drop=lambda reason, chunk: dropped.append((reason, chunk.seq)))
     for seq in range(5):
         queue.put(RawChunk("s", seq, np.zeros((1, 1, 1, 3), np.uint8), [0.0], 0.0, 1.0))
     assert queue.stats.dropped == 3 and len(queue) == 2
-    assert [(await queue.get()).seq, (await queue.get()).seq] == [3, 4]
+    assert dropped == [("queue_overflow", 1), ("queue_overflow", 2), ("queue_overflow", 3)]
+    assert [(await queue.get()).seq, (await queue.get()).seq] == [0, 4]
     waiter = asyncio.create_task(queue.get())
     await asyncio.sleep(0.01)
     queue.close()

@@ -273,7 +273,7 @@ async def test_chunks_past_their_deadline_are_dropped_and_counted(ingest: Ingest
     _, spec, key = await new_stream(bus, "a sky", latency_ms=1.0)
     rec = Recorder()
     await rec.attach(bus, spec.stream_id)
-    before = CHUNKS_DROPPED.labels(reason="deadline")._value.get()
+    before = {r: CHUNKS_DROPPED.labels(reason=r)._value.get() for r in ("deadline", "segment_unprepared")}
     busy = threading.Event()
     ingest._compute.submit(busy.wait, 30)  # the model thread is busy: chunks queue up and age
     try:
@@ -285,7 +285,9 @@ async def test_chunks_past_their_deadline_are_dropped_and_counted(ingest: Ingest
         busy.set()
     await eventually(rec.ended, timeout=20)
     assert rec.chunks == [] and [e.kind for e in rec.events] == ["live", "ended"]
-    assert CHUNKS_DROPPED.labels(reason="deadline")._value.get() - before == 5
+    # the prepare chunk missed its deadline: the rest of its segment cannot run without it
+    assert {r: CHUNKS_DROPPED.labels(reason=r)._value.get() - n for r, n in before.items()} == {
+        "deadline": 1, "segment_unprepared": 4}
 
 
 def test_stream_state_round_trips_with_a_bounded_replay_ring() -> None:
