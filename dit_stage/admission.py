@@ -42,9 +42,10 @@ class FirstStage:
             return False
         f, c, h, w = chunk.latent.shape
         st = self.streams.get(chunk.stream_id)
-        if chunk.seq == 0 or st is None:  # a stream's start, or its segment's prepare chunk replayed after a failure
+        if chunk.seq == 0 or st is None or _replayed_prepare(chunk, st):
+            # a stream's start, or its segment's prepare chunk replayed after a failure
             if st is not None:
-                self._free(chunk.stream_id)
+                self._free(chunk.stream_id, reason="stale_epoch")
             st = self._new_stream(chunk.stream_id, len(chunk.timesteps), (h, w), self.epoch)
             st.segment, st.segment_start, st.seed = chunk.segment, chunk.seq, segment_seed(chunk.seed, chunk.segment)
         st = self._segment_for(st, chunk)
@@ -113,7 +114,7 @@ class FirstStage:
         if chunk.rope_start + lat.shape[0] > cfg.rope_max_seq_len:
             return "bad_shape"
         st = self.streams.get(chunk.stream_id)
-        if chunk.seq == 0 or (st is None and chunk.latent_start == 0):
+        if chunk.seq == 0 or (st is None and chunk.latent_start == 0) or _replayed_prepare(chunk, st):
             return ""
         if st is None:
             return "unprepared"  # joined mid-stream: no prepare chunk to build the caches from
@@ -251,3 +252,10 @@ class FirstStage:
             wait += now - head.queued_at
         x = torch.cat(xs)
         return MicroStep(self.epoch, items, x, x, wait / len(items))
+
+
+def _replayed_prepare(chunk: LatentChunk, st: StageStream | None) -> bool:
+    """A replayed prepare chunk of an epoch newer than the stream's state: it rebuilds the stream from scratch,
+    whether or not the failure epoch's recovery has dropped the old state yet (a later segment's prepare chunk
+    has a seq the old state has passed, and must not be refused as out of order)."""
+    return st is not None and chunk.replay and chunk.latent_start == 0 and st.epoch < chunk.epoch

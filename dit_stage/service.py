@@ -52,11 +52,13 @@ from services.config import Settings
 from services.link import LinkListener
 from services.runtime import Background, Service, main, watch_key
 
-__all__ = ["BLOCKMAP_KEY", "DitStageService"]
+__all__ = ["ANNOUNCE_LINK_WAIT_S", "BLOCKMAP_KEY", "DitStageService"]
 
 log = logging.getLogger("rheo.dit_stage")
 
 BLOCKMAP_KEY = "current"
+ANNOUNCE_LINK_WAIT_S = 5.0
+"""How long a stage waits for its link to the next stage before announcing an epoch anyway."""
 
 
 class DitStageService(Service):
@@ -213,12 +215,12 @@ class DitStageService(Service):
                 assert self.inputs is not None
                 await self.inputs.admit(epoch)
             case m.AnnouncePrepared(epoch=epoch):
-                await epochs.announce_prepared(epoch)
+                self._tasks.spawn(self._announce(epoch), "announce")
             case m.SubscribeInputs(first=first):
                 await self._subscribe_inputs(first)
-            case m.ConnectNext(stage_id=stage_id):
+            case m.ConnectNext(stage_id=stage_id, epoch=epoch):
                 assert self.link is not None
-                self.link.follow(stage_id)
+                self.link.follow(stage_id, epoch)
             case m.PrepareSwitch():
                 assert self.endpoints is not None
                 epochs.prepare(action, self.endpoints)
@@ -234,6 +236,15 @@ class DitStageService(Service):
                 await epochs.abort(epoch)
             case m.Idle(block_map=bm):
                 epochs.idle(bm)
+
+    async def _announce(self, epoch: int) -> None:
+        """Announce ``epoch`` once the link to the next stage is up: ingest replays a failure epoch when every
+        stage has, and a replayed item must find a ring that carries it. Bounded: a next stage that never comes
+        is the controller's to replace, and the waiters have their own timeouts."""
+        assert self.link is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.link.ready.wait(), ANNOUNCE_LINK_WAIT_S)
+        await self.epochs.announce_prepared(epoch)
 
     def _on_epoch(self, epoch: int) -> None:
         self.epoch = epoch

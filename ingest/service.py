@@ -66,6 +66,7 @@ from proto.clock import ChunkClock
 from proto.spec import RingConfig
 from services.bus import KV
 from services.config import Settings
+from services.epochs import wait_prepared
 from services.runtime import Service, main, watch_key, watch_keys
 from services.streams import StreamNotFound, StreamTable
 
@@ -78,6 +79,8 @@ LATENT_CREDIT_RESET_S = 5.0
 """No latent credit for this long: the first stage restarted or never came; forget the outstanding bytes (a chunk
 of a slow but live stage just misses its deadline)."""
 
+REPLAY_ACKS = Counter("rheo_ingest_replay_acks_total", "failure epochs waited for before replaying, by how the wait "
+                      "ended (acknowledged, timeout, superseded)", ["result"])
 PROMPT_REQUESTS = Counter("rheo_ingest_prompt_requests_total", "prompt change requests, by result", ["result"])
 
 _DRAIN_WAIT_S = 2.0  # longest a SIGTERM drain waits for queued chunks before cancelling the stream tasks
@@ -189,9 +192,30 @@ class IngestService(Service):
             log.error("block map epoch %d: the stages run ring %s, this ingest clocks chunks by %s: "
                       "configure dit_stage the same for every service", bm.epoch, bm.ring, self.ring)
         if newer and bm.reason == "failure":
+            acked = asyncio.create_task(self._acknowledged(bm), name=f"epoch-{bm.epoch}-ack")  # one for all streams
+            self._background.add(acked)
+            acked.add_done_callback(self._background.discard)
             for stream in list(self.live.values()):
-                self._spawn(stream.replay_under(bm.epoch, functools.partial(self._epoch_of, stream)),
+                self._spawn(stream.replay_under(bm.epoch, functools.partial(self._epoch_of, stream), ready=acked),
                             f"replay-{stream.stream_id}")
+
+    async def _acknowledged(self, bm: BlockMap) -> None:
+        """Replays wait for every stage of the failure map to announce it (``services.epochs``): a replay sent
+        while a stage still reloads or re-subscribes would race its block-map watch. Bounded: then replay anyway."""
+        assert self._blockmaps is not None
+        t0 = time.monotonic()
+        timeout = self.settings.ingest.replay_ack_timeout_s
+        missing = await wait_prepared(self._blockmaps, bm, timeout_s=timeout, still=lambda: self.epoch == bm.epoch)
+        if self.epoch != bm.epoch:
+            REPLAY_ACKS.labels(result="superseded").inc()
+        elif missing:
+            REPLAY_ACKS.labels(result="timeout").inc()
+            log.warning("failure epoch %d: %s did not announce it within %.1f s; replaying anyway", bm.epoch,
+                        ", ".join(missing), timeout)
+        else:
+            REPLAY_ACKS.labels(result="acknowledged").inc()
+            log.info("failure epoch %d acknowledged by every stage after %.2f s; replaying", bm.epoch,
+                     time.monotonic() - t0)
 
     def _epoch_of(self, stream: IngestStream) -> int | None:
         """The epoch a live stream's chunks enter under now; None once it is no longer live here."""
