@@ -98,7 +98,7 @@ class NextLink:
         while True:
             await self.ready.wait()
             if self.closing:
-                self.telemetry.drop("link_changed")
+                self.telemetry.drop("link_closed")
                 return False
             sender = self.sender
             assert sender is not None
@@ -119,7 +119,7 @@ class NextLink:
                     send.cancel()
                     break
             if self.closing or getattr(message, "epoch", self.epoch) < self.epoch:
-                self.telemetry.drop("link_changed")
+                self.telemetry.drop("link_closed" if self.closing else "link_changed")
                 return False
             log.info("stage %s: %s sent again on the link to %s", self.stage_id, type(message).__name__,
                      self.next_stage)

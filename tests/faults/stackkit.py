@@ -28,9 +28,10 @@ def wait(predicate: Callable[[], bool], timeout: float, what: str, poll: float =
     return time.monotonic() - t0
 
 
-def create_stream(stack: LocalStack, size: int, fps: int, steps: int, prompt: str, seed: int) -> dict:
+def create_stream(stack: LocalStack, size: int, fps: int, steps: int, prompt: str, seed: int,
+                  slo_ms: float = 120000) -> dict:
     return stack.api("POST", "/v1/streams", {"prompt": prompt, "width": size, "height": size, "fps": fps,
-                                             "steps": steps, "seed": seed, "slo_latency_ms": 120000})
+                                             "steps": steps, "seed": seed, "slo_latency_ms": slo_ms})
 
 
 def publisher(stack: LocalStack, key: str, fps: int, seconds: float) -> subprocess.Popen:

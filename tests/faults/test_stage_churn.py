@@ -38,11 +38,14 @@ from .stackkit import (
 
 pytestmark = pytest.mark.slow
 
-SIZE, FPS, STEPS, WINDOW, SINK = 64, 8, 2, 4, 2
+SIZE, FPS, STEPS, WINDOW, SINK = 64, 4, 2, 4, 2
+# a latency SLO, not an unbounded backlog: under the kill loop's CPU load two streams would fall further and further
+# behind real time, and "output is back" would measure the backlog, not the recovery
+SLO_MS = 8000
 MISS_S, DEAD_S = 1.0, 4.0
 KILLS = 10
 CONFIG_YAML = f"""
-stream: {{slo_latency_ms: 120000}}
+stream: {{slo_latency_ms: {SLO_MS}}}
 dit_stage: {{kv_window: {WINDOW}, sink: {SINK}, adaptive_threshold: null, max_queued_chunks: 64}}
 ingest: {{replay_chunks: 2, chunk_queue_depth: 64, replay_ack_timeout_s: 20}}
 decoder: {{max_queued_chunks: 64, ended_grace_s: 15}}
@@ -74,7 +77,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 @pytest.fixture(scope="module")
 def streams(stack: LocalStack) -> Iterator[dict[str, str]]:
     """Two live streams for the whole module (publishers run until the module is done)."""
-    created = [create_stream(stack, SIZE, FPS, STEPS, "churn bars", seed) for seed in (3, 4)]
+    created = [create_stream(stack, SIZE, FPS, STEPS, "churn bars", seed, SLO_MS) for seed in (3, 4)]
     pubs = [publisher(stack, c["stream_key"], FPS, seconds=900) for c in created]
     ids = {f"s{i}": c["id"] for i, c in enumerate(created)}
     try:
@@ -129,6 +132,7 @@ def test_a_stage_paused_for_twice_the_miss_budget_is_only_suspected(stack: Local
     assert current_map(stack).epoch == epoch, "a stage paused for less than the dead budget was failed"
 
 
+@pytest.mark.timeout(480)
 def test_a_kill_loop_under_cpu_load_loses_no_stream(stack: LocalStack, streams: dict[str, str]) -> None:
     baseline = max(_latency(stack, sid) for sid in streams.values())
     bound = DEAD_S + 15.0 + 4 * baseline  # detection, reload, acknowledgement, replay, then one chunk's latency
@@ -144,6 +148,7 @@ def test_a_kill_loop_under_cpu_load_loses_no_stream(stack: LocalStack, streams: 
             took = wait(lambda before=before: _shown_after(stack, streams, before), bound + 60,
                         f"both streams back after kill {k + 1} ({victim})")
             recoveries.append(took)
+            print(f"kill {k + 1} ({victim}): both streams back after {took:.1f} s")
             assert took <= bound, (k, victim, took, bound, recoveries)
             # the restarted stage is back in the map before the next kill, and the streams run on that map too
             wait(lambda: len(current_map(stack).stages) == 3, 120, f"{victim} to rejoin", poll=0.5)
