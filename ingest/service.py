@@ -107,6 +107,8 @@ class IngestService(Service):
         self._t2v: dict[str, T2VSource] = {}
         self._watches: list[asyncio.Task[None]] = []
         self._blockmaps: KV | None = None
+        self.failure_epoch = 0
+        """The latest failure epoch seen: the one streams are replayed for."""
         self._background: set[asyncio.Task[None]] = set()
         # Model work (VAE encode, umT5) runs on one thread: the event loop keeps serving RTMP and NATS, and one
         # stream's chunks are encoded strictly in order.
@@ -192,11 +194,12 @@ class IngestService(Service):
             log.error("block map epoch %d: the stages run ring %s, this ingest clocks chunks by %s: "
                       "configure dit_stage the same for every service", bm.epoch, bm.ring, self.ring)
         if newer and bm.reason == "failure":
+            self.failure_epoch = bm.epoch
             acked = asyncio.create_task(self._acknowledged(bm), name=f"epoch-{bm.epoch}-ack")  # one for all streams
             self._background.add(acked)
             acked.add_done_callback(self._background.discard)
             for stream in list(self.live.values()):
-                self._spawn(stream.replay_under(bm.epoch, functools.partial(self._epoch_of, stream), ready=acked),
+                self._spawn(stream.replay_under(bm.epoch, functools.partial(self._replaying, stream), ready=acked),
                             f"replay-{stream.stream_id}")
 
     async def _acknowledged(self, bm: BlockMap) -> None:
@@ -205,8 +208,9 @@ class IngestService(Service):
         assert self._blockmaps is not None
         t0 = time.monotonic()
         timeout = self.settings.ingest.replay_ack_timeout_s
-        missing = await wait_prepared(self._blockmaps, bm, timeout_s=timeout, still=lambda: self.epoch == bm.epoch)
-        if self.epoch != bm.epoch:
+        missing = await wait_prepared(self._blockmaps, bm, timeout_s=timeout,
+                                      still=lambda: self.failure_epoch == bm.epoch)
+        if self.failure_epoch != bm.epoch:
             REPLAY_ACKS.labels(result="superseded").inc()
         elif missing:
             REPLAY_ACKS.labels(result="timeout").inc()
@@ -217,9 +221,12 @@ class IngestService(Service):
             log.info("failure epoch %d acknowledged by every stage after %.2f s; replaying", bm.epoch,
                      time.monotonic() - t0)
 
-    def _epoch_of(self, stream: IngestStream) -> int | None:
-        """The epoch a live stream's chunks enter under now; None once it is no longer live here."""
-        return self.epoch if self.live.get(stream.stream_id) is stream else None
+    def _replaying(self, stream: IngestStream) -> int | None:
+        """The failure epoch a live stream's replay is for; None once it is no longer live here. Only a newer
+        failure epoch (which replays again) supersedes a replay: a join or rebalance right after the failure (a
+        stage falsely failed under load, back a second later) moves the rebuilt KV online, and a replay abandoned
+        for it would leave every stream without state."""
+        return self.failure_epoch if self.live.get(stream.stream_id) is stream else None
 
     # -- admission ----------------------------------------------------------------------------------------------
 

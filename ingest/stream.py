@@ -276,8 +276,8 @@ class IngestStream:
     async def replay_under(self, epoch: int, current: Callable[[], int | None],
                            ready: Awaitable[None] | None = None) -> None:
         """Republish the replay ring under failure epoch ``epoch``, before any further live chunk; stops when
-        ``current()`` (the epoch now, or None once the stream ended) is no longer ``epoch``. ``ready``: the epoch
-        is acknowledged by its stages (live chunks wait behind the replay meanwhile)."""
+        ``current()`` (the latest failure epoch, or None once the stream ended) is no longer ``epoch``. ``ready``:
+        the epoch is acknowledged by its stages (live chunks wait behind the replay meanwhile)."""
         assert self.window is not None
         async with self.publishing:
             if ready is not None:

@@ -3,6 +3,8 @@ live streams: no stream is ever lost (issue #12 item 2).
 
 - A stage paused (SIGSTOP) for 2× the heartbeat miss budget, then resumed: the controller only suspects it (no
   failure epoch), and both streams' styled output continues.
+- The same stage paused past the dead budget: failed, then back at once (a join epoch right behind the failure
+  epoch); both streams continue.
 - A kill loop under CPU load: a stage of the map is SIGKILLed, restarted (as a supervisor would), and the next one
   killed once both streams show styled output again, at least 10 times. A restart seen before the dead budget is a
   failure epoch over the same stages (the new process has no KV); one seen after it is a failure epoch over the
@@ -130,6 +132,24 @@ def test_a_stage_paused_for_twice_the_miss_budget_is_only_suspected(stack: Local
     wait(lambda: metric(stack, "controller", "rheo_controller_suspicions_total", outcome="cleared") > cleared, 10,
          "the controller to have suspected the paused stage")
     assert current_map(stack).epoch == epoch, "a stage paused for less than the dead budget was failed"
+
+
+def test_a_stage_paused_past_the_dead_budget_rejoins_without_losing_a_stream(stack: LocalStack,
+                                                                           streams: dict[str, str]) -> None:
+    """The false failure the issue measured under CPU load: a live stage declared dead, back a moment later. Its
+    failure epoch replays every stream; its join epoch follows at once (possibly before the replay was
+    acknowledged: the replay must still happen) and moves the rebuilt KV back to it."""
+    epoch = current_map(stack).epoch
+    _signal(stack, "dit-1", signal.SIGSTOP)
+    try:
+        wait(lambda: current_map(stack).epoch > epoch, DEAD_S + 30, "the failure epoch", poll=0.5)
+    finally:
+        _signal(stack, "dit-1", signal.SIGCONT)
+    failed = {name: encoded(stack, sid)[-1] for name, sid in streams.items()}
+    wait(lambda: _shown_after(stack, streams, failed, 3), 90, "styled output after the failure epoch")
+    wait(lambda: len(current_map(stack).stages) == 3, 60, "dit-1 to rejoin", poll=0.5)
+    rejoined = {name: encoded(stack, sid)[-1] for name, sid in streams.items()}
+    wait(lambda: _shown_after(stack, streams, rejoined, 3), 90, "styled output after dit-1 rejoined")
 
 
 @pytest.mark.timeout(480)
