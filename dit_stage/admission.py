@@ -22,7 +22,10 @@ from proto.clock import segment_seed
 from proto.spec import MAX_STEPS
 from wan.scheduler import draw_noise
 
-__all__ = ["FirstStage"]
+__all__ = ["PREPARE_LOST_GRACE_S", "FirstStage"]
+
+PREPARE_LOST_GRACE_S = 10.0
+"""A prepare item awaited this long past its deadline is lost, not slow: the stream is dropped (and re-prepared)."""
 
 log = logging.getLogger("rheo.dit_stage.worker")
 
@@ -184,8 +187,23 @@ class FirstStage:
             return "deadline"
         return ""
 
+    def _prepare_lost(self, st: StageStream, now: float) -> bool:
+        """An unprepared stream none of whose prepare items is queued here or still awaited (the last one lost in
+        the ring past its deadline and a grace: a link frame dropped, a stage restarted without a failure epoch).
+        It would never be prepared: its chunks would wait behind nothing and overflow its queue for ever."""
+        if st.prepared or st.stream_id in self.successors or any(st.returns.values()):
+            return False
+        if st.new and st.new[0].meta.latent_start == 0:
+            return False  # the prepare chunk has not started yet
+        return all(deadline + PREPARE_LOST_GRACE_S <= now for deadline in st.in_flight.values())
+
     def _take_first(self) -> MicroStep | None:
         now = self.clock()
+        for sid in [sid for sid, st in self.streams.items() if self._prepare_lost(st, now)]:
+            # dropped: its later chunks are refused `unprepared`, which asks ingest for a new segment (docs/recovery.md)
+            self.dropped["prepare_lost"] += 1
+            self._free(sid, reason="unprepared")
+            log.warning("stream %s: its prepare chunk was lost in the ring; state dropped until a new segment", sid)
         for sid, nxt in list(self.successors.items()):  # a cut's segment starts once the old one is gone
             if sid not in self.streams or self._left_ring(self.streams[sid], now):
                 self.streams[sid] = nxt
