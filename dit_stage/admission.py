@@ -22,7 +22,10 @@ from proto.clock import segment_seed
 from proto.spec import MAX_STEPS
 from wan.scheduler import draw_noise
 
-__all__ = ["FirstStage"]
+__all__ = ["PREPARE_LOST_GRACE_S", "FirstStage"]
+
+PREPARE_LOST_GRACE_S = 10.0
+"""A prepare item awaited this long past its deadline is lost, not slow: the stream is dropped (and re-prepared)."""
 
 log = logging.getLogger("rheo.dit_stage.worker")
 
@@ -42,9 +45,10 @@ class FirstStage:
             return False
         f, c, h, w = chunk.latent.shape
         st = self.streams.get(chunk.stream_id)
-        if chunk.seq == 0 or st is None:  # a stream's start, or its segment's prepare chunk replayed after a failure
+        if chunk.seq == 0 or st is None or _replayed_prepare(chunk, st):
+            # a stream's start, or its segment's prepare chunk replayed after a failure
             if st is not None:
-                self._free(chunk.stream_id)
+                self._free(chunk.stream_id, reason="stale_epoch")
             st = self._new_stream(chunk.stream_id, len(chunk.timesteps), (h, w), self.epoch)
             st.segment, st.segment_start, st.seed = chunk.segment, chunk.seq, segment_seed(chunk.seed, chunk.segment)
         st = self._segment_for(st, chunk)
@@ -114,7 +118,7 @@ class FirstStage:
         if chunk.rope_start + lat.shape[0] > cfg.rope_max_seq_len:
             return "bad_shape"
         st = self.streams.get(chunk.stream_id)
-        if chunk.seq == 0 or (st is None and chunk.latent_start == 0):
+        if chunk.seq == 0 or (st is None and chunk.latent_start == 0) or _replayed_prepare(chunk, st):
             return ""
         if st is None:
             return "unprepared"  # joined mid-stream: no prepare chunk to build the caches from
@@ -184,8 +188,23 @@ class FirstStage:
             return "deadline"
         return ""
 
+    def _prepare_lost(self, st: StageStream, now: float) -> bool:
+        """An unprepared stream none of whose prepare items is queued here or still awaited (the last one lost in
+        the ring past its deadline and a grace: a link frame dropped, a stage restarted without a failure epoch).
+        It would never be prepared: its chunks would wait behind nothing and overflow its queue for ever."""
+        if st.prepared or st.stream_id in self.successors or any(st.returns.values()):
+            return False
+        if st.new and st.new[0].meta.latent_start == 0:
+            return False  # the prepare chunk has not started yet
+        return all(deadline + PREPARE_LOST_GRACE_S <= now for deadline in st.in_flight.values())
+
     def _take_first(self) -> MicroStep | None:
         now = self.clock()
+        for sid in [sid for sid, st in self.streams.items() if self._prepare_lost(st, now)]:
+            # dropped: its later chunks are refused `unprepared`, which asks ingest for a new segment (docs/recovery.md)
+            self.dropped["prepare_lost"] += 1
+            self._free(sid, reason="unprepared")
+            log.warning("stream %s: its prepare chunk was lost in the ring; state dropped until a new segment", sid)
         for sid, nxt in list(self.successors.items()):  # a cut's segment starts once the old one is gone
             if sid not in self.streams or self._left_ring(self.streams[sid], now):
                 self.streams[sid] = nxt
@@ -252,3 +271,10 @@ class FirstStage:
             wait += now - head.queued_at
         x = torch.cat(xs)
         return MicroStep(self.epoch, items, x, x, wait / len(items))
+
+
+def _replayed_prepare(chunk: LatentChunk, st: StageStream | None) -> bool:
+    """A replayed prepare chunk of an epoch newer than the stream's state: it rebuilds the stream from scratch,
+    whether or not the failure epoch's recovery has dropped the old state yet (a later segment's prepare chunk
+    has a seq the old state has passed, and must not be refused as out of order)."""
+    return st is not None and chunk.replay and chunk.latent_start == 0 and st.epoch < chunk.epoch

@@ -26,6 +26,7 @@ from dit_stage.worker import StageWorker
 from proto import BlockMap, stage_prepared_key
 from services.bus import KV
 from services.config import Settings
+from services.epochs import wait_prepared
 from services.runtime import Background, in_daemon_thread
 
 __all__ = ["StageEpochs"]
@@ -56,6 +57,8 @@ class StageEpochs:
         self._loaded: tuple[int, CausalWanDiT] | None = None  # weights a LoadBlocks fetched for its epoch
         self._long: asyncio.Task[None] | None = None  # the load or switch preparation in progress
         self._t0 = 0.0
+        self._announced = 0
+        self._announcing = asyncio.Lock()
 
     def load(self, action: LoadBlocks) -> None:
         if action.hard:
@@ -156,7 +159,7 @@ class StageEpochs:
         log.info("stage %s: epoch %d online after %.2f s", self.stage_id, bm.epoch, time.monotonic() - self._t0)
         sw, self.switch = self.switch, None
         if sw is not None:
-            self.tasks.spawn(sw.close(), "switch-close")
+            self.tasks.spawn(sw.close(self.telemetry), "switch-close")
 
     async def abort(self, epoch: int) -> None:
         """Abandon a pending switch: what it was loading or opening finishes first (no two loads at once)."""
@@ -171,30 +174,25 @@ class StageEpochs:
             self.worker.abort_switch()
         if sw is not None and self.switch is sw:
             self.switch = None
-            await sw.close()
+            await sw.close(self.telemetry)
 
     async def announce_prepared(self, epoch: int) -> None:
-        """Record that this stage can run ``epoch`` (its blocks loaded): the first stage waits for every stage."""
-        try:
-            kv = await self.blockmap()
-            await kv.put(stage_prepared_key(self.stage_id), str(epoch).encode())
-        except Exception as e:  # the first stage then waits for its retry; correctness does not depend on it
-            log.warning("stage %s: could not announce epoch %d as prepared: %s", self.stage_id, epoch, e)
+        """Record that this stage can run ``epoch`` (its blocks loaded, its inputs and link up): the first stage
+        waits for every stage before an online switch, ingest before it replays a failure epoch
+        (``services.epochs``). Never goes back: announcements may finish out of order."""
+        async with self._announcing:
+            if epoch <= self._announced:
+                return
+            try:
+                kv = await self.blockmap()
+                await kv.put(stage_prepared_key(self.stage_id), str(epoch).encode())
+                self._announced = epoch
+            except Exception as e:  # the waiters time out; correctness does not depend on it
+                log.warning("stage %s: could not announce epoch %d as prepared: %s", self.stage_id, epoch, e)
 
     async def await_peers(self, bm: BlockMap) -> None:
         """First stage: wait until every stage of ``bm`` has announced it can run it (or the switch is abandoned)."""
-        kv = await self.blockmap()
-        waiting = [s.stage_id for s in bm.stages]
-        while waiting and self.membership.switching == bm.epoch:
-            entry = await kv.get(stage_prepared_key(waiting[0]))
-            try:
-                ready = entry is not None and int(entry.value.decode()) >= bm.epoch
-            except ValueError:
-                ready = False
-            if ready:
-                waiting.pop(0)
-            else:
-                await asyncio.sleep(0.05)
+        await wait_prepared(await self.blockmap(), bm, still=lambda: self.membership.switching == bm.epoch)
         self.feed(self.membership.peers_prepared(bm.epoch))
 
     def idle(self, bm: BlockMap) -> None:

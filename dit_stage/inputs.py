@@ -39,7 +39,8 @@ Input = LatentChunk | StageItems | RingReturn
 
 class StageInputs:
     def __init__(self, stage_id: str, epochs: StageEpochs, membership: Membership[Input], lookups: StreamLookups,
-                 telemetry: StageTelemetry, streams: set[str], wake: Callable[[], None]) -> None:
+                 telemetry: StageTelemetry, streams: set[str], wake: Callable[[], None],
+                 on_unprepared: Callable[[str], None] = lambda _sid: None) -> None:
         self.stage_id = stage_id
         self.epochs = epochs
         self.membership = membership
@@ -47,6 +48,7 @@ class StageInputs:
         self.telemetry = telemetry
         self.streams = streams  # the service's: a stream counts from its first admitted chunk
         self.wake = wake  # the micro-step loop has something new
+        self.on_unprepared = on_unprepared  # a stream's chunk refused for want of a prepare chunk: ask for one
         self.malformed_link = 0
         self.ignored_prompts = 0
 
@@ -77,9 +79,12 @@ class StageInputs:
                 embedding = await self.lookups.prompt(chunk.stream_id, version)
                 if embedding is not None:
                     worker.add_prompt(chunk.stream_id, version, embedding)
+        unprepared = worker.dropped["unprepared"]
         if worker.add_chunk(chunk):
             self.streams.add(chunk.stream_id)
             self.wake()
+        elif worker.dropped["unprepared"] > unprepared:
+            self.on_unprepared(chunk.stream_id)
 
     async def on_prompt(self, update: PromptUpdate, _raw: object) -> None:
         worker = self.epochs.worker

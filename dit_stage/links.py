@@ -29,7 +29,15 @@ LINK_POLL_S = 0.5
 
 
 class NextLink:
-    """The link to the next stage (the last stage's goes to the first: ring returns)."""
+    """The link to the next stage (the last stage's goes to the first: ring returns).
+
+    A message is handed only to a sender connected to the next stage of the map it runs under: ``follow`` with a
+    new target takes the link down at once, so nothing of a new epoch is queued to a sender about to be replaced
+    (the replayed prepare item of a failure epoch once went to the dead stage's sender and was discarded with it,
+    and its stream was never prepared again). A send caught on a sender that is replaced is sent again on the new
+    one, unless its epoch is older than the link's (stale: counted ``link_changed``). Frames a replaced sender
+    discards unacknowledged are counted ``link_replaced``.
+    """
 
     def __init__(self, stage_id: str, endpoints: KV, max_frame_bytes: int, telemetry: StageTelemetry,
                  on_state: Callable[[bool], None]) -> None:
@@ -39,15 +47,25 @@ class NextLink:
         self.telemetry = telemetry
         self.on_state = on_state  # False while (re)connecting, True once a sender is up
         self.next_stage: str | None = None
+        self.epoch = 0
+        """Messages of an older epoch are stale for the current next stage: not sent again after a re-link."""
         self.sender: LinkSender | None = None
+        self.sender_stage: str | None = None  # the stage ``sender`` is connected to
         self.ready = asyncio.Event()
         self.closing = False
         self._tasks = Background()
         self._follow: asyncio.Task[None] | None = None
 
-    def follow(self, stage_id: str) -> None:
-        """Link to ``stage_id`` from now on (nothing changes when it already is the next stage)."""
+    def follow(self, stage_id: str, epoch: int = 0) -> None:
+        """Link to ``stage_id`` from ``epoch`` on (only the epoch changes when it already is the next stage)."""
+        self.epoch = max(self.epoch, epoch)
         if stage_id != self.next_stage or self._follow is None:
+            if stage_id == self.sender_stage and self.sender is not None:
+                self.ready.set()  # back to the stage the sender still links to (a re-link that never connected)
+                self.on_state(True)
+            else:
+                self.ready.clear()  # from now on a send waits for the new sender
+                self.on_state(False)
             self._restart_follow(stage_id)
 
     def _restart_follow(self, stage_id: str) -> None:
@@ -64,32 +82,47 @@ class NextLink:
     def hand_over(self, stage_id: str, sender: LinkSender) -> None:
         """An online switch re-links at its switch point: ``sender`` (opened at prepare time) replaces the current
         one, which is closed once the old next stage has read what it carries."""
-        old, self.sender = self.sender, sender
+        old, self.sender, self.sender_stage = self.sender, sender, stage_id
         self._restart_follow(stage_id)
+        self.ready.set()
         if old is not None:
-            self._tasks.spawn(_close_when_acknowledged(old), "link-close")
+            self._tasks.spawn(self._close_when_acknowledged(old), "link-close")
+
+    def _replaced(self, sender: LinkSender) -> bool:
+        return self.sender is not sender or self.sender_stage != self.next_stage
 
     async def send(self, message: Message) -> bool:
-        """Send to the next stage; False (dropped) when the next stage changed meanwhile: a send blocked on a
-        dead peer must not hold up the micro-step loop, and what it carried belongs to the old ring."""
-        await self.ready.wait()
-        sender = self.sender
-        assert sender is not None
-        send = asyncio.ensure_future(sender.send(message))
+        """Send to the next stage; False (dropped, counted) when the link closes, the send fails, or the next stage
+        changed and the message is of an older epoch. A send blocked on a dead peer must not hold up the
+        micro-step loop: it gives up when the next stage changes, and goes again to the new one."""
         while True:
-            done, _ = await asyncio.wait({send}, timeout=LINK_POLL_S)
-            if done:
-                try:
-                    send.result()
-                except Exception as e:
-                    self.telemetry.drop("link_error")
-                    log.warning("stage %s: link send failed: %s", self.stage_id, e)
-                    return False
-                return True
-            if self.sender is not sender or self.closing:
-                send.cancel()
-                self.telemetry.drop("link_changed")
+            await self.ready.wait()
+            if self.closing:
+                self.telemetry.drop("link_closed")
                 return False
+            sender = self.sender
+            assert sender is not None
+            send = asyncio.ensure_future(sender.send(message))
+            while True:
+                done, _ = await asyncio.wait({send}, timeout=LINK_POLL_S)
+                if done:
+                    try:
+                        send.result()
+                    except Exception as e:
+                        if self._replaced(sender):
+                            break  # closed under it: the new link takes it
+                        self.telemetry.drop("link_error")
+                        log.warning("stage %s: link send failed: %s", self.stage_id, e)
+                        return False
+                    return True
+                if self._replaced(sender) or self.closing:
+                    send.cancel()
+                    break
+            if self.closing or getattr(message, "epoch", self.epoch) < self.epoch:
+                self.telemetry.drop("link_closed" if self.closing else "link_changed")
+                return False
+            log.info("stage %s: %s sent again on the link to %s", self.stage_id, type(message).__name__,
+                     self.next_stage)
 
     async def send_marker(self, message: Message) -> None:
         """The switch marker goes on the current link whatever happens (the old next stage must read it)."""
@@ -105,13 +138,23 @@ class NextLink:
 
     async def close(self) -> None:
         self.closing = True
+        self.ready.set()  # a send waiting for a sender gives up (counted)
         await self._tasks.cancel()
         if self.sender is not None:
-            await asyncio.to_thread(self.sender.close)
+            self._count(await asyncio.to_thread(self.sender.close), "link_closed")
+
+    def _count(self, discarded: int, reason: str) -> None:
+        if discarded:
+            self.telemetry.drop(reason, discarded)
+
+    async def _close_when_acknowledged(self, sender: LinkSender) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(sender.acknowledged(), 30.0)
+        self._count(await asyncio.to_thread(sender.close), "link_replaced")
 
     async def _on_endpoint(self, value: bytes, _revision: int) -> None:
         endpoint = value.decode(errors="replace")
-        if self.sender is None or self.sender.endpoint != endpoint:
+        if self.sender is None or self.sender.endpoint != endpoint or self.sender_stage != self.next_stage:
             await self._connect(endpoint)
 
     async def _connect(self, endpoint: str) -> None:
@@ -120,6 +163,7 @@ class NextLink:
         except ValueError as e:
             log.warning("stage %s: next stage advertises a bad endpoint: %s", self.stage_id, e)
             return
+        target = self.next_stage
         delay = 0.05
         while True:  # reachable before ready: readiness means the ring can carry an item
             try:
@@ -132,12 +176,12 @@ class NextLink:
         old = self.sender
         self.ready.clear()
         self.on_state(False)
-        if old is not None:
-            await asyncio.to_thread(old.close)
-        self.sender = LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes).start()
+        self.sender, self.sender_stage = LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes).start(), target
+        if old is not None:  # sends caught on it go again on the new sender; what it still holds is counted
+            self._count(await asyncio.to_thread(old.close), "link_replaced")
         self.on_state(True)
         self.ready.set()
-        log.info("stage %s: tensor link to %s (%s)", self.stage_id, self.next_stage, endpoint)
+        log.info("stage %s: tensor link to %s (%s)", self.stage_id, target, endpoint)
 
 
 @dataclass
@@ -186,15 +230,19 @@ class SwitchLinks:
         taken, self.next_sender = (self.next_stage, self.next_sender), None
         return taken
 
-    async def close(self) -> None:
-        """After a completed switch, once the new owners have read the moves; at once after an aborted one."""
+    async def close(self, telemetry: StageTelemetry) -> None:
+        """After a completed switch, once the new owners have read the moves; at once after an aborted one. What
+        the links never got acknowledged is counted (``switch_link_closed``)."""
+        discarded = 0
         if self.aborted and self.next_sender is not None:
-            await asyncio.to_thread(self.next_sender.close)
+            discarded += await asyncio.to_thread(self.next_sender.close)
         for sender in self.senders.values():
             if not self.aborted:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(sender.acknowledged(), 30.0)
-            await asyncio.to_thread(sender.close)
+            discarded += await asyncio.to_thread(sender.close)
+        if discarded:
+            telemetry.drop("switch_link_closed", discarded)
 
     async def _endpoint_of(self, endpoints: KV, stage_id: str) -> str:
         while not self.aborted:
@@ -203,9 +251,3 @@ class SwitchLinks:
                 return entry.value.decode(errors="replace")
             await asyncio.sleep(0.1)
         return ""
-
-
-async def _close_when_acknowledged(sender: LinkSender) -> None:
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(sender.acknowledged(), 30.0)
-    await asyncio.to_thread(sender.close)

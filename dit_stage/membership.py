@@ -101,9 +101,11 @@ class SubscribeInputs:
 
 @dataclass(frozen=True)
 class ConnectNext:
-    """Keep a link to ``stage_id``, the next stage in the ring (a no-op when it already is)."""
+    """Keep a link to ``stage_id``, the next stage in the ring from ``epoch`` on (a no-op when it already is).
+    Comes before ``AdmitInputs``: nothing of the new epoch may be queued to the link it replaces."""
 
     stage_id: str
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -223,8 +225,8 @@ class Membership(Generic[M]):
             p.started = True
             bm = p.block_map
             self.blocks = (*p.block_range, bm.num_blocks)
-            return [JoinRing(bm, p.block_range), AdmitInputs(bm.epoch), SubscribeInputs(first=False),
-                    ConnectNext(self._next_of(bm)), AnnouncePrepared(bm.epoch)]
+            return [JoinRing(bm, p.block_range), SubscribeInputs(first=False), ConnectNext(self._next_of(bm), bm.epoch),
+                    AdmitInputs(bm.epoch), AnnouncePrepared(bm.epoch)]
         assert p.switch is not None
         return [p.switch]
 
@@ -321,8 +323,10 @@ class Membership(Generic[M]):
         if bm.reason == "failure" and bm.epoch > self.recover_floor:
             self.recover_floor = bm.epoch
             actions.append(Recover(bm.epoch))
-        return [*actions, AdmitInputs(bm.epoch), AnnouncePrepared(bm.epoch), SubscribeInputs(self._first(bm)),
-                ConnectNext(self._next_of(bm))]
+        # link and subscriptions first: the held inputs of this epoch (a replay that came first) run at once, and
+        # the announcement tells ingest that this stage can take the replay (docs/recovery.md)
+        return [*actions, SubscribeInputs(self._first(bm)), ConnectNext(self._next_of(bm), bm.epoch),
+                AdmitInputs(bm.epoch), AnnouncePrepared(bm.epoch)]
 
     def _online(self, bm: BlockMap, rng: tuple[int, int]) -> list[Action]:
         old = self.applied

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 
 from nats.aio.subscription import Subscription
 
@@ -40,6 +41,7 @@ from proto import (
     CHANNELS,
     BlockMap,
     Buckets,
+    Error,
     LatentChunk,
     PromptUpdate,
     ProtocolError,
@@ -52,11 +54,17 @@ from services.config import Settings
 from services.link import LinkListener
 from services.runtime import Background, Service, main, watch_key
 
-__all__ = ["BLOCKMAP_KEY", "DitStageService"]
+__all__ = ["ANNOUNCE_LINK_WAIT_S", "BLOCKMAP_KEY", "REPREPARE_ASK_S", "UNPREPARED", "DitStageService"]
 
 log = logging.getLogger("rheo.dit_stage")
 
 BLOCKMAP_KEY = "current"
+ANNOUNCE_LINK_WAIT_S = 5.0
+"""How long a stage waits for its link to the next stage before announcing an epoch anyway."""
+REPREPARE_ASK_S = 2.0
+"""A stream's chunks refused for this long make a re-prepare request (and one more every as long, while it lasts)."""
+UNPREPARED = "unprepared"
+"""``Error.code`` on a stream's error subject: the first stage cannot run the stream until a new segment."""
 
 
 class DitStageService(Service):
@@ -84,6 +92,7 @@ class DitStageService(Service):
         self._actions: asyncio.Queue[list[Action]] = asyncio.Queue()
         self._compute_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._refused: dict[str, tuple[float, float]] = {}  # stream → (first, last) refusal of the current run
 
     @property
     def worker(self) -> StageWorker | None:
@@ -114,7 +123,7 @@ class DitStageService(Service):
         self.compute = compute = ComputeLoop(self.stage_id, self.epochs, self.membership, self._feed, self.link,
                                              self.outputs, self.telemetry, self.streams, self.watchdog)
         self.inputs = StageInputs(self.stage_id, self.epochs, self.membership, lookups, self.telemetry, self.streams,
-                                  compute.wake)
+                                  compute.wake, self._ask_reprepare)
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
         self._tasks.spawn(watch_key(lambda: self._blockmap(reopen=True), BLOCKMAP_KEY, self._on_block_map,
                                     what=f"stage {self.stage_id}: block map"), "blockmap")
@@ -213,12 +222,12 @@ class DitStageService(Service):
                 assert self.inputs is not None
                 await self.inputs.admit(epoch)
             case m.AnnouncePrepared(epoch=epoch):
-                await epochs.announce_prepared(epoch)
+                self._tasks.spawn(self._announce(epoch), "announce")
             case m.SubscribeInputs(first=first):
                 await self._subscribe_inputs(first)
-            case m.ConnectNext(stage_id=stage_id):
+            case m.ConnectNext(stage_id=stage_id, epoch=epoch):
                 assert self.link is not None
-                self.link.follow(stage_id)
+                self.link.follow(stage_id, epoch)
             case m.PrepareSwitch():
                 assert self.endpoints is not None
                 epochs.prepare(action, self.endpoints)
@@ -234,6 +243,38 @@ class DitStageService(Service):
                 await epochs.abort(epoch)
             case m.Idle(block_map=bm):
                 epochs.idle(bm)
+
+    async def _announce(self, epoch: int) -> None:
+        """Announce ``epoch`` once the link to the next stage is up: ingest replays a failure epoch when every
+        stage has, and a replayed item must find a ring that carries it. Bounded: a next stage that never comes
+        is the controller's to replace, and the waiters have their own timeouts."""
+        assert self.link is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.link.ready.wait(), ANNOUNCE_LINK_WAIT_S)
+        await self.epochs.announce_prepared(epoch)
+
+    def _ask_reprepare(self, stream_id: str) -> None:
+        """The first stage refused a chunk of a stream it has no prepared state for (joined mid-stream, its prepare
+        chunk lost): every chunk is dropped until a prepare chunk comes. When that has gone on for
+        ``REPREPARE_ASK_S`` (not a live chunk briefly ahead of a replay's prepare chunk), say so on the stream's
+        error subject, ``Error(code="unprepared")``, again every ``REPREPARE_ASK_S`` while it lasts: ingest starts
+        a new segment (docs/recovery.md)."""
+        now = time.monotonic()
+        first, last = self._refused.get(stream_id, (now, now))
+        if now - last > REPREPARE_ASK_S:
+            first = now  # a new run of refusals
+        if len(self._refused) > 4096:  # bounded: stream ids come from outside
+            self._refused = {k: v for k, v in self._refused.items() if now - v[1] <= REPREPARE_ASK_S}
+        if now - first < REPREPARE_ASK_S or self.bus is None:
+            self._refused[stream_id] = (first, now)
+            return
+        self._refused[stream_id] = (now, now)
+        self.telemetry.reprepare_asked()
+        log.warning("stage %s: stream %s has had no prepared state here for %.1f s; asking for a new segment",
+                    self.stage_id, stream_id, now - first)
+        self._tasks.spawn(self.bus.publish(Subjects.stream_error(stream_id), Error(
+            code=UNPREPARED, message=f"first DiT stage {self.stage_id} has no prepared state for this stream: "
+            "its chunks are dropped until a new segment's prepare chunk", stream_id=stream_id)), "reprepare")
 
     def _on_epoch(self, epoch: int) -> None:
         self.epoch = epoch

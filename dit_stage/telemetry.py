@@ -22,6 +22,8 @@ __all__ = ["DROPPED", "LINK_TIME", "MOVED_BYTES", "StageTelemetry", "Totals", "f
 
 _MS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 DROPPED = Counter("rheo_dit_stage_dropped_total", "items or messages a DiT stage dropped", ["stage", "reason"])
+REPREPARE = Counter("rheo_dit_stage_reprepare_requests_total", "streams the first stage asked a new segment for "
+                    "(their chunks refused for want of a prepare chunk)", ["stage"])
 MICRO_STEPS = Counter("rheo_dit_stage_micro_steps_total", "micro-steps a DiT stage ran", ["stage"])
 COMPUTE = Histogram("rheo_dit_stage_compute_seconds", "compute time of one micro-step", ["stage"], buckets=_MS)
 BLOCK_COMPUTE = Histogram("rheo_dit_stage_block_seconds", "compute time of one block in one micro-step (CUDA events "
@@ -85,6 +87,9 @@ class StageTelemetry:
 
     def drop(self, reason: str, n: int = 1) -> None:
         DROPPED.labels(stage=self.stage_id, reason=reason).inc(n)
+
+    def reprepare_asked(self) -> None:
+        REPREPARE.labels(stage=self.stage_id).inc()
 
     def switched(self, kind: str, epoch: int) -> None:
         """A block-map epoch switch (``hard`` or ``online``) completed here."""

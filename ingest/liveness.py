@@ -104,6 +104,19 @@ class StreamLiveness:
                                          "came out (dropped downstream: see the stages' and decoder's drop counts)")
         return self._set("live", "")
 
+    def stage_lost(self, now: float) -> Health | None:
+        """The first DiT stage says it has no state for this stream (``Error(code="unprepared")``: it joined late,
+        its prepare chunk was lost): repair now, unless a repair is already on its way (unanswered by output, and
+        less than half a stall bound old: the time its prepare chunk needs to get there)."""
+        last = self._repaired_at
+        if last is not None and now - last < self.policy.stall_s / 2 and (
+                self.last_output_at is None or self.last_output_at < last):
+            return None
+        self._waiting_since, self._repaired_at = None, now
+        self.repairs_total += 1
+        return self._set("recovering", "the first DiT stage has no state for this stream (its prepare chunk was "
+                                       "lost): a new warm-up segment", repair=True)
+
     def _repair(self, now: float) -> Health:
         p = self.policy
         quiet = now - (self.last_output_at if self.last_output_at is not None else self.started_at)

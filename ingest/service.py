@@ -43,7 +43,7 @@ from prometheus_client import Counter
 from encoder.prompt import trim_padding
 from ingest.admission import ask_admission, unservable
 from ingest.drops import count_drop
-from ingest.liveness import LivenessPolicy, StreamLiveness, stall_bound_s
+from ingest.liveness import Health, LivenessPolicy, StreamLiveness, stall_bound_s
 from ingest.models import IngestModels, largest_messages, max_prompt_tokens
 from ingest.pacing import RawChunk
 from ingest.replay import sink_chunks, window_chunks
@@ -72,6 +72,7 @@ from proto.clock import ChunkClock
 from proto.spec import RingConfig
 from services.bus import KV
 from services.config import Settings
+from services.epochs import wait_prepared
 from services.runtime import Service, main, watch_key, watch_keys
 from services.streams import StreamNotFound, StreamTable, ingest_silent
 
@@ -88,6 +89,8 @@ STREAM_REPAIRS = Counter("rheo_ingest_stream_repairs_total",
                          "streams whose styled output stalled, repaired with a new warm-up segment")
 STREAM_STATES = Counter("rheo_ingest_stream_states_total", "stream health changes, by the state entered", ["state"])
 LIVENESS_TICK_S = 0.5
+REPLAY_ACKS = Counter("rheo_ingest_replay_acks_total", "failure epochs waited for before replaying, by how the wait "
+                      "ended (acknowledged, timeout, superseded)", ["result"])
 PROMPT_REQUESTS = Counter("rheo_ingest_prompt_requests_total", "prompt change requests, by result", ["result"])
 
 _DRAIN_WAIT_S = 2.0  # longest a SIGTERM drain waits for queued chunks before cancelling the stream tasks
@@ -115,6 +118,8 @@ class IngestService(Service):
         self._t2v: dict[str, T2VSource] = {}
         self._watches: list[asyncio.Task[None]] = []
         self._blockmaps: KV | None = None
+        self.failure_epoch = 0
+        """The latest failure epoch seen: the one streams are replayed for."""
         self._background: set[asyncio.Task[None]] = set()
         # Model work (VAE encode, umT5) runs on one thread: the event loop keeps serving RTMP and NATS, and one
         # stream's chunks are encoded strictly in order.
@@ -203,13 +208,39 @@ class IngestService(Service):
             log.error("block map epoch %d: the stages run ring %s, this ingest clocks chunks by %s: "
                       "configure dit_stage the same for every service", bm.epoch, bm.ring, self.ring)
         if newer and bm.reason == "failure":
+            self.failure_epoch = bm.epoch
+            acked = asyncio.create_task(self._acknowledged(bm), name=f"epoch-{bm.epoch}-ack")  # one for all streams
+            self._background.add(acked)
+            acked.add_done_callback(self._background.discard)
             for stream in list(self.live.values()):
-                self._spawn(stream.replay_under(bm.epoch, functools.partial(self._epoch_of, stream)),
+                self._spawn(stream.replay_under(bm.epoch, functools.partial(self._replaying, stream), ready=acked),
                             f"replay-{stream.stream_id}")
 
-    def _epoch_of(self, stream: IngestStream) -> int | None:
-        """The epoch a live stream's chunks enter under now; None once it is no longer live here."""
-        return self.epoch if self.live.get(stream.stream_id) is stream else None
+    async def _acknowledged(self, bm: BlockMap) -> None:
+        """Replays wait for every stage of the failure map to announce it (``services.epochs``): a replay sent
+        while a stage still reloads or re-subscribes would race its block-map watch. Bounded: then replay anyway."""
+        assert self._blockmaps is not None
+        t0 = time.monotonic()
+        timeout = self.settings.ingest.replay_ack_timeout_s
+        missing = await wait_prepared(self._blockmaps, bm, timeout_s=timeout,
+                                      still=lambda: self.failure_epoch == bm.epoch)
+        if self.failure_epoch != bm.epoch:
+            REPLAY_ACKS.labels(result="superseded").inc()
+        elif missing:
+            REPLAY_ACKS.labels(result="timeout").inc()
+            log.warning("failure epoch %d: %s did not announce it within %.1f s; replaying anyway", bm.epoch,
+                        ", ".join(missing), timeout)
+        else:
+            REPLAY_ACKS.labels(result="acknowledged").inc()
+            log.info("failure epoch %d acknowledged by every stage after %.2f s; replaying", bm.epoch,
+                     time.monotonic() - t0)
+
+    def _replaying(self, stream: IngestStream) -> int | None:
+        """The failure epoch a live stream's replay is for; None once it is no longer live here. Only a newer
+        failure epoch (which replays again) supersedes a replay: a join or rebalance right after the failure (a
+        stage falsely failed under load, back a second later) moves the rebuilt KV online, and a replay abandoned
+        for it would leave every stream without state."""
+        return self.failure_epoch if self.live.get(stream.stream_id) is stream else None
 
     # -- admission ----------------------------------------------------------------------------------------------
 
@@ -353,6 +384,8 @@ class IngestService(Service):
         stream.liveness = StreamLiveness(self.liveness_policy(spec), time.monotonic())
         stream.subs.append(await self.bus.subscribe(
             Subjects.stream_output(sid), lambda m, _raw: self._on_output(stream, m), expected=StreamOutput))
+        stream.subs.append(await self.bus.subscribe(
+            Subjects.stream_error(sid), lambda m, _raw: self._on_error(stream, m), expected=Error))
         await self.bus.publish(Subjects.stream_event(sid), StreamEvent(stream_id=sid, kind="live", at=time.time()))
         await self._announce_prompt(stream, PromptUpdate(stream_id=sid, version=record.prompt_version,
                                                          prompt=spec.prompt))
@@ -482,6 +515,23 @@ class IngestService(Service):
         if stream.liveness is not None and out.stream_id == stream.stream_id:
             stream.liveness.output(out.seq, out.decoded, time.monotonic())
 
+    async def _on_error(self, stream: IngestStream, err: Error) -> None:
+        """The first stage asks for a new segment: it has no state for the stream (docs/recovery.md)."""
+        if err.code != "unprepared" or err.stream_id != stream.stream_id or stream.liveness is None:
+            return
+        health = stream.liveness.stage_lost(time.monotonic())
+        if health is not None:
+            self._repair(stream, health)
+
+    def _repair(self, stream: IngestStream, health: Health) -> None:
+        """A new warm-up segment: its prepare chunk recreates the stream's state on every stage and in the decoder,
+        whatever wedged it; the record says why."""
+        seq = stream.source.cut() if stream.source is not None else stream.next_seq
+        STREAM_REPAIRS.inc()
+        STREAM_STATES.labels(state=health.state).inc()
+        log.warning("stream %s %s: %s (new segment from chunk %d)", stream.stream_id, health.state, health.reason, seq)
+        self._spawn(self._write_health(stream, health.state, health.reason), f"health-{stream.stream_id}")
+
     async def _watch_liveness(self) -> None:
         """Every live stream's output against what it published: a stalled stream gets a new warm-up segment (which
         recreates its state on every stage and in the decoder, whatever wedged it); its state says so."""
@@ -493,18 +543,13 @@ class IngestService(Service):
                     continue
                 was = stream.liveness.state
                 health = stream.liveness.check(now)
-                if health.repair and stream.source is not None:
-                    seq = stream.source.cut()
-                    STREAM_REPAIRS.inc()
-                    log.warning("stream %s %s: %s (new segment from chunk %d)", stream.stream_id, health.state,
-                                health.reason, seq)
-                if health.state != was or health.repair:
-                    self._spawn(self._write_health(stream, health.state, health.reason), f"health-{stream.stream_id}")
-                if health.state != was:
+                if health.repair:
+                    self._repair(stream, health)
+                elif health.state != was:
                     STREAM_STATES.labels(state=health.state).inc()
-                    if not health.repair:
-                        log.info("stream %s %s%s", stream.stream_id, health.state,
-                                 f": {health.reason}" if health.reason else "")
+                    log.info("stream %s %s%s", stream.stream_id, health.state,
+                             f": {health.reason}" if health.reason else "")
+                    self._spawn(self._write_health(stream, health.state, health.reason), f"health-{stream.stream_id}")
 
     async def _write_health(self, stream: IngestStream, state: str, reason: str) -> None:
         """The stream's health into its record, for the API (a stream ended meanwhile keeps ``ended``)."""

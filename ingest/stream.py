@@ -15,7 +15,7 @@ import collections
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -308,11 +308,15 @@ class IngestStream:
         self.replay.add(chunk)
         CHUNKS_PUBLISHED.inc()
 
-    async def replay_under(self, epoch: int, current: Callable[[], int | None]) -> None:
+    async def replay_under(self, epoch: int, current: Callable[[], int | None],
+                           ready: Awaitable[None] | None = None) -> None:
         """Republish the replay ring under failure epoch ``epoch``, before any further live chunk; stops when
-        ``current()`` (the epoch now, or None once the stream ended) is no longer ``epoch``."""
+        ``current()`` (the latest failure epoch, or None once the stream ended) is no longer ``epoch``. ``ready``:
+        the epoch is acknowledged by its stages (live chunks wait behind the replay meanwhile)."""
         assert self.window is not None
         async with self.publishing:
+            if ready is not None:
+                await asyncio.shield(ready)
             chunks = list(self.replay)
             sent = 0
             for chunk in chunks:

@@ -32,15 +32,17 @@ def pattern_frame(i: int, width: int, height: int, fps: float) -> np.ndarray:
     return frame
 
 
-def publish(url: str, width: int = 640, height: int = 360, fps: int = 16, seconds: float = 0.0) -> None:
-    """Publish until ``seconds`` have passed (0: forever) or the server closes the connection."""
+def publish(url: str, width: int = 640, height: int = 360, fps: int = 16, seconds: float = 0.0,
+            first: int = 0) -> int:
+    """Publish frames ``first``… until ``seconds`` of them have gone (0: forever) or the server closes the
+    connection (raises); returns the next frame's index."""
     out = av.open(url, "w", format="flv", timeout=10)
+    i = first
     try:
         stream = out.add_stream("libx264", rate=fps,
                                 options={"preset": "ultrafast", "tune": "zerolatency", "g": str(fps)})
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        t0 = time.monotonic()
-        i = 0
+        t0 = time.monotonic() - first / fps
         while not seconds or i < seconds * fps:
             frame = av.VideoFrame.from_ndarray(pattern_frame(i, width, height, fps), format="rgb24")
             frame.pts = i
@@ -52,6 +54,22 @@ def publish(url: str, width: int = 640, height: int = 360, fps: int = 16, second
             out.mux(packet)
     finally:
         out.close()
+    return i
+
+
+def publish_reconnecting(url: str, width: int, height: int, fps: int, seconds: float) -> None:
+    """``publish``, connecting again after a lost or refused connection, as OBS does (the ingest restarted, or
+    refused the publish for now): 1 s, then up to 5 s apart. The pattern goes on where it was."""
+    i, delay = 0, 1.0
+    while not seconds or i < seconds * fps:
+        try:
+            i = publish(url, width, height, fps, seconds, first=i)
+            return
+        except (av.error.FFmpegError, OSError) as e:
+            print(f"rheo testpattern: {e}; reconnecting in {delay:.0f} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+            i += int(delay * fps)  # the frames that time would have had
+            delay = min(5.0, delay + 1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,10 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="640x360", help="WxH")
     ap.add_argument("--fps", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: run until killed)")
+    ap.add_argument("--reconnect", action="store_true", help="connect again when the connection is lost or "
+                                                              "refused, as OBS does")
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.lower().split("x"))
     try:
-        publish(args.url, w, h, args.fps, args.seconds)
+        if args.reconnect:
+            publish_reconnecting(args.url, w, h, args.fps, args.seconds)
+        else:
+            publish(args.url, w, h, args.fps, args.seconds)
     except (av.error.FFmpegError, OSError) as e:
         print(f"rheo testpattern: {e}", file=sys.stderr)
         return 1

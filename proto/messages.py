@@ -525,7 +525,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (StreamSpec, LatentChunk, FrameChunk, PromptUpdate, Heartbeat, StageStats, BlockMap, Error, Ack,
                 Credit, StreamRecord, EncodedVideo, StreamEvent, StageItems, RingReturn, StagePrompt, EpochSwitch,
-                ShardMove, ShardMoveEnd, HlsState)
+                ShardMove, ShardMoveEnd, HlsState, StreamOutput)
 }
 
 M = TypeVar("M", bound=Message)

@@ -145,6 +145,10 @@ class IngestSettings(Section):
         "refuse", description="when no controller answers admission: refuse the stream (fail closed) or admit it "
         "(a deployment without a controller)"
     )
+    replay_ack_timeout_s: float = Field(
+        15.0, gt=0, description="after a failure epoch, wait this long for every stage of the new map to announce "
+        "it before replaying (then replay anyway, logged)"
+    )
     stream_linger_s: float = Field(
         10.0, ge=0, description="how long a disconnected stream waits for its publisher to reconnect before it ends"
     )
@@ -273,7 +277,13 @@ class ControllerSettings(Section):
     num_blocks: int | None = Field(
         None, ge=1, description="DiT blocks the block map splits (null: the model preset's; set for tiny test models)"
     )
-    heartbeat_miss_s: float = Field(1.5, gt=0, description="a member silent this long is declared dead")
+    heartbeat_miss_s: float = Field(
+        1.5, gt=0, description="a stage silent this long is suspected (logged, counted), not yet failed"
+    )
+    heartbeat_dead_s: float = Field(
+        4.5, gt=0, description="a stage silent this long (at least heartbeat_miss_s) is declared dead and a "
+        "failure epoch replaces it; one that withdrew its endpoint or restarted is failed at once"
+    )
     startup_grace_s: float = Field(
         20.0, gt=0, description="a stage in the map never heard from since this controller began leading is "
         "declared dead after this long"

@@ -18,7 +18,8 @@ A frame longer than ``max_frame_bytes`` cannot be skipped safely (the stream wou
 closed with a logged reason; a frame of valid length that fails to decode is counted and dropped.
 A write into a connection whose peer just died succeeds locally, so the sender keeps every frame until it is
 acknowledged (at most ``max_unacked``); after a reconnect it resends the unacknowledged ones in order and the
-listener drops any (sender id, seq) it already delivered: exactly-once, in order, across reconnects.
+listener drops any (sender id, seq) it already delivered: exactly-once, in order, across reconnects. ``close``
+returns how many frames it discards unacknowledged, so whoever replaces a link counts them.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class LinkStats:
     refused_connections: int = 0
     reconnects: int = 0
     seconds: float = 0.0  # time spent in the socket calls (send or receive)
+    discarded: int = 0  # frames a closed sender never got acknowledged (queued or written): see ``close``
 
 
 @dataclass
@@ -303,6 +305,9 @@ class LinkSender:
         if n > self.max_frame_bytes:
             raise LinkError(f"{n}-byte frame exceeds the link's {self.max_frame_bytes}-byte cap")
         await self._slots.acquire()
+        if self._closed.is_set():  # closed while it waited: the caller still has the message (e.g. to send again)
+            self._slots.release()
+            raise LinkError(f"link to {self.endpoint} closed")
         self._queue.put((parts, None))
         return n
 
@@ -325,7 +330,9 @@ class LinkSender:
             while self._unacked and not self._closed.is_set():
                 self._acked.wait(0.05)
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Stop; returns how many frames are discarded: queued and never written, or written and never
+        acknowledged. A caller replacing a link counts them (nothing a link carried is lost silently)."""
         self._closed.set()
         self._queue.put(None)
         with self._acked:
@@ -333,6 +340,26 @@ class LinkSender:
         self._drop_socket()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        with self._acked:
+            discarded = len(self._unacked)
+            self._unacked.clear()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                continue
+            parts, done = item
+            if done is not None and self._loop is not None:  # a flush waiting on a closed link: release it
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(lambda d=done: d.done() or d.set_result(None))
+            elif parts:
+                discarded += 1
+        self.stats.discarded += discarded
+        if discarded:
+            log.info("tensor link to %s closed with %d unacknowledged frames", self.endpoint, discarded)
+        return discarded
 
     def _drop_socket(self) -> None:
         sock, self._sock = self._sock, None

@@ -270,6 +270,8 @@ def open_demo_stream(stack: LocalStack, prompt: str, weights: bool) -> dict:
 
 
 def start_testpattern(publish_url: str) -> subprocess.Popen[bytes]:
-    """``rheo up --testpattern``'s publisher: the moving test pattern, in real time, in its own process."""
-    return subprocess.Popen([sys.executable, "-m", "ingest.testpattern", publish_url.replace("localhost", "127.0.0.1")])
+    """``rheo up --testpattern``'s publisher: the moving test pattern, in real time, in its own process; it
+    reconnects as OBS does (an ingest restarted by the supervisor)."""
+    return subprocess.Popen([sys.executable, "-m", "ingest.testpattern", publish_url.replace("localhost", "127.0.0.1"),
+                             "--reconnect"])
 

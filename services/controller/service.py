@@ -6,7 +6,8 @@ Subscribes (every instance, so a standby is warm): ``rheo.ctl.heartbeat.*`` (mem
 deposed leader cannot overwrite its successor's map), also published on ``rheo.ctl.blockmap``.
 
 Epochs (docs/controller.md): ``initial`` (first start or a configuration change), ``failure`` (a stage in the map
-went silent for ``heartbeat_miss_s``: the survivors take its blocks), ``join`` (a configured stage outside the
+went silent for ``heartbeat_dead_s``, withdrew its endpoint, or restarted: silent only for ``heartbeat_miss_s``, it
+is merely suspected), ``join`` (a configured stage outside the
 map heartbeats again), ``rebalance`` (the policy found a split with a sustained predicted gain). State lives in KV
 (``rheo-controller``: the leader lock, ``state``, ``admission.<stream>``), so a restarted or new leader resumes
 the same epoch without disturbing running stages.
@@ -58,7 +59,7 @@ from services.controller.policy import (
     stream_need,
 )
 from services.rebalance import offline_reason
-from services.runtime import Service, main
+from services.runtime import Service, main, watch_keys
 from wan.config import WanDiTConfig
 
 log = logging.getLogger("rheo.controller")
@@ -67,6 +68,11 @@ MEMBERS = Gauge("rheo_controller_members", "members heard from within the miss b
 EPOCH = Gauge("rheo_controller_epoch", "block-map epoch the leader published or resumed")
 LEADER = Gauge("rheo_controller_leader", "1 while this controller holds the leader lock")
 EPOCHS = Counter("rheo_controller_epochs_total", "block-map epochs published", ["reason"])
+SUSPECTED = Gauge("rheo_controller_suspected_stages", "stages of the map silent past heartbeat_miss_s, not yet dead")
+SUSPICIONS = Counter("rheo_controller_suspicions_total", "stages suspected, by how the suspicion ended (cleared: it "
+                     "beat again; failed: declared dead)", ["outcome"])
+GONE = Counter("rheo_controller_stages_gone_total", "stages failed at once, without waiting for heartbeat_dead_s "
+               "(withdrawn: drained; restarted: a new process, its KV is gone)", ["how"])
 DECISIONS = Counter("rheo_controller_decisions_total", "rebalance and admission decisions", ["kind", "result"])
 BLOCKMAP_KEY = "current"
 STORE_CHECK_S = 2.0
@@ -125,6 +131,13 @@ class ControllerService(Service):
         self._store_checked = 0.0
         self._admission_sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
+        self.suspected: dict[str, float] = {}
+        """Stages of the map silent past the miss budget → when the suspicion began (not failed yet)."""
+        self._gone: dict[str, str] = {}
+        """Stages positively gone since the last epoch: ``withdrawn`` (endpoint deleted: drained) or ``restarted``
+        (endpoint written again: a new process, without the KV its blocks held)."""
+        self._endpoint_revs: dict[str, int] = {}
+        self._endpoint_watch: asyncio.Task[None] | None = None
 
     def num_blocks(self) -> int:
         return self.cfg.num_blocks or WanDiTConfig.named(self.settings.model.preset).num_layers
@@ -151,14 +164,22 @@ class ControllerService(Service):
         await self.bus.subscribe(CHANNELS["ctl_stats"].wildcard(), self._on_stats, expected=StageStats)
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
         await self.bus.subscribe(CHANNELS["stream_error"].wildcard(), self._on_stream_error, expected=Error)
+        endpoints = await self.bus.kv(Buckets.ENDPOINTS, replicas=replicas)
+
+        async def endpoints_kv() -> KV:
+            return endpoints
+
+        self._endpoint_watch = asyncio.create_task(
+            watch_keys(endpoints_kv, ">", self._on_endpoint, what="controller: stage endpoints"), name="endpoints")
         self._task = asyncio.create_task(self._leadership(), name="leadership")
 
     async def drain(self) -> None:
         """Stop leading and free the lock at once, so a standby takes over without waiting for it to expire."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+        for task in (self._task, self._endpoint_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         if self.lock is not None:
             await self.lock.release()  # a no-op unless this controller holds it
         self._set_leader(False)
@@ -207,6 +228,7 @@ class ControllerService(Service):
         self._admission_sub = await self.bus.subscribe(Subjects.admission(), self._on_admission,
                                                        expected=StreamSpec)
         await self.bus.nc.flush()
+        self._gone.clear()
         self._set_leader(True)  # only now: the map is resumed or written and admission is answered
         self._lead_started = time.monotonic()
         renewed = time.monotonic()
@@ -308,6 +330,19 @@ class ControllerService(Service):
             MEMBERS.labels(role=role).set(sum(1 for m in self.members.values()
                                               if m.role == role and now - m.last_seen <= budget))
 
+    async def _on_endpoint(self, stage_id: str, value: bytes | None, revision: int) -> None:
+        """A stage's tensor-link endpoint: deleted when it drains, written when a process starts. A change after
+        the first one seen means that stage is positively gone (or is a new process): no need to wait for its
+        heartbeats to run out. The watch's replays after a reconnect carry known revisions and change nothing."""
+        prev = self._endpoint_revs.get(stage_id)
+        self._endpoint_revs[stage_id] = revision
+        if prev is None or revision <= prev or not self.leader:
+            return  # a standby that takes over judges by heartbeats
+        how = "withdrawn" if value is None else "restarted"
+        self._gone[stage_id] = how
+        log.warning("stage %s %s its tensor-link endpoint", stage_id, "withdrew" if value is None else
+                    "rewrote (a new process)")
+
     def live_members(self, role: str | None = None) -> list[Member]:
         budget = self.cfg.heartbeat_miss_s
         now = time.monotonic()
@@ -367,28 +402,44 @@ class ControllerService(Service):
         ids = self.stage_ids()
         in_map = [s.stage_id for s in self.block_map.stages]
         budget = self.cfg.heartbeat_miss_s
+        dead = max(self.cfg.heartbeat_dead_s, budget)
         assert self.bus is not None
         since = self.bus.since_reconnect
-        if since is not None and since < budget + self.settings.nats.reconnect_wait_max_s:
+        if since is not None and since < dead + self.settings.nats.reconnect_wait_max_s:
             return  # NATS was away: the silence was ours, and the stages may still be reconnecting
+        for sid in [sid for sid in self._gone if sid not in in_map]:
+            del self._gone[sid]  # outside the map: it joins by heartbeats, like any newcomer
+        for sid in [sid for sid in self.suspected if sid not in in_map]:
+            del self.suspected[sid]
         failed = []
         for sid in in_map:
             m = self.members.get(sid)
-            if m is None:
+            if self._gone.get(sid) == "withdrawn":
+                failed.append(sid)
+            elif m is None:
                 if now - self._lead_started > self.cfg.startup_grace_s:
                     failed.append(sid)
-            elif now - m.last_seen > budget:
+            elif now - m.last_seen > dead:
                 failed.append(sid)
+            else:
+                self._suspect(sid, now - m.last_seen > budget, now)
+        for sid in failed:
+            self._suspect(sid, False, now, failed=True)
+        restarted = [sid for sid in in_map if sid not in failed and self._gone.get(sid) == "restarted"]
         joined = [sid for sid in ids if sid not in in_map and (m := self.members.get(sid)) is not None
                   and now - m.last_seen <= budget and now - m.alive_since >= self.cfg.rejoin_settle_s]
-        if not failed and not joined:
+        if not failed and not joined and not restarted:
             return
         members = [sid for sid in ids if (sid in in_map and sid not in failed) or sid in joined]
         if not members:
             return  # nobody to give the blocks to: keep the map, its stages may come back
         if len(members) > self.block_map.num_blocks:
             return
-        reason: BlockMapReason = "failure" if failed else "join"
+        for sid in (*failed, *restarted):
+            if sid in self._gone:
+                GONE.labels(how=self._gone.pop(sid)).inc()
+        # a restarted stage keeps its place, but the KV it held is gone: a failure epoch rebuilds it by replay
+        reason: BlockMapReason = "failure" if failed or restarted else "join"
         stages = self._split(members)
         if reason == "join":
             probe = BlockMap(epoch=self.block_map.epoch + 1, num_blocks=self.block_map.num_blocks, stages=stages,
@@ -398,9 +449,25 @@ class ControllerService(Service):
                 log.warning("stages %s rejoin but KV cannot move online (%s): announced as a failure epoch", joined,
                             why)
                 reason = "failure"
-        self._record({"kind": reason, "failed": failed, "joined": joined, "map": _pairs(stages), "applied": True})
-        log.warning("stages %s: %s; new epoch over %s", reason, failed or joined, members)
+        self._record({"kind": reason, "failed": failed, "restarted": restarted, "joined": joined,
+                      "map": _pairs(stages), "applied": True})
+        log.warning("stages %s: %s; new epoch over %s", reason, failed or restarted or joined, members)
         await self._publish_map(stages, reason)
+
+    def _suspect(self, sid: str, silent: bool, now: float, *, failed: bool = False) -> None:
+        """Suspected vs dead: a stage silent past ``heartbeat_miss_s`` is only suspected (a loaded node stalls a
+        live stage that long); it fails after ``heartbeat_dead_s``. Logged and counted either way."""
+        since = self.suspected.get(sid)
+        if silent and since is None:
+            self.suspected[sid] = now
+            log.warning("stage %s suspected: no heartbeat for %.1f s (declared dead after %.1f s)", sid,
+                        self.cfg.heartbeat_miss_s, max(self.cfg.heartbeat_dead_s, self.cfg.heartbeat_miss_s))
+        elif not silent and since is not None:
+            del self.suspected[sid]
+            SUSPICIONS.labels(outcome="failed" if failed else "cleared").inc()
+            if not failed:
+                log.info("stage %s beats again after %.1f s of suspicion", sid, now - since)
+        SUSPECTED.set(len(self.suspected))
 
     def _split(self, members: list[str]) -> list[StageAssignment]:
         """Blocks over ``members``: the cost-aware optimum when there is an estimate, else even."""

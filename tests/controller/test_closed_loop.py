@@ -59,7 +59,7 @@ async def test_timed_stages_rebalance_fail_and_rejoin(nats_settings: NatsSetting
     x0_sub = await bus.subscribe(Subjects.stream_x0("loop"), on_x0, expected=LatentChunk, credit=True)
     # three stage processes starting on a loaded 2-core machine may take long to start and stall for over 1.5 s
     settings = controller_settings(nats_settings, rebalance_sustain_s=1.0, rebalance_cooldown_s=2.0,
-                                   heartbeat_miss_s=3.0, startup_grace_s=300.0)
+                                   heartbeat_miss_s=3.0, heartbeat_dead_s=3.0, startup_grace_s=300.0)
     settings.dit_stage.stats_interval_s = 0.25
     svc = await controllers.start(settings)
     await eventually(lambda: svc.block_map is not None)

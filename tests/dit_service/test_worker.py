@@ -209,3 +209,30 @@ def test_prompt_switch_and_cut_equal_stream_batch_runner(stages):
         torch.testing.assert_close(g.latent, as_chunk_latent(w), atol=1e-5, rtol=0)
     assert all((as_chunk_latent(w) - g.latent).abs().max() > 1e-3 for w, g in zip(wrong[cut:], got[cut:], strict=True))
     assert not ring[0].successors and ring[0].streams["a"].segment == 1
+
+
+def test_a_replayed_prepare_chunk_rebuilds_a_later_segment_before_recovery_ran():
+    """The failure epoch's replay may reach the first stage before its recovery has dropped the old state (the
+    micro-step loop applies it between forwards). A later segment's prepare chunk has a seq that state has passed:
+    it must rebuild the stream, not be refused as out of order (the stream would never be prepared again)."""
+    zs = latents(3, 4, (4, 6))
+    ring = workers(1)
+    w = ring[0]
+    w.epoch = 1
+    w.add_prompt("a", 0, prompt(1))
+
+    def seg1(c: int, **kw) -> object:  # the segment a `cut` began at seq 5
+        return chunk_message("a", c, zs[c], seed=1).model_copy(update={"seq": 5 + c, "segment": 1} | kw)
+
+    for c in range(3):
+        assert w.add_chunk(seg1(c, epoch=1))
+    assert w.streams["a"].last_seq == 7
+    w.epoch = 2  # the failure map's hard switch; no recover() yet
+    for c in range(3):
+        assert w.add_chunk(seg1(c, epoch=2, replay=True)), w.dropped
+    assert w.add_chunk(seg1(3, epoch=2))  # the first live chunk after the replay
+    assert w.dropped["out_of_order"] == 0 and w.dropped["stale_epoch"] == 3  # the old state's queued chunks
+    st = w.streams["a"]
+    assert (st.epoch, st.segment, st.segment_start) == (2, 1, 5)
+    got = run_ring(ring)
+    assert [(g.seq, g.epoch) for g in got] == [(8, 2)]  # replayed chunks rebuild the cache, only live ones show

@@ -61,7 +61,7 @@ dit_stage: {{kv_window: {WINDOW}, sink: {SINK}, adaptive_threshold: null, max_qu
 ingest: {{replay_chunks: {REPLAY}, chunk_queue_depth: 64}}
 decoder: {{max_queued_chunks: 64, ended_grace_s: 15}}
 egress: {{ended_grace_s: 15, playlist_segments: 100}}
-controller: {{mode: static, advisory: true, heartbeat_miss_s: {MISS_S}}}
+controller: {{mode: static, advisory: true, heartbeat_miss_s: {MISS_S}, heartbeat_dead_s: {MISS_S}}}
 """
 
 

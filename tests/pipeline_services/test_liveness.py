@@ -114,3 +114,16 @@ def test_the_bound_covers_the_latency_budget_and_a_replay() -> None:
     assert stall_bound_s(1.0, 0.25, 6.0) == 6.0
     assert stall_bound_s(5.0, 0.25, 6.0) == 6.0
     assert stall_bound_s(10.0, 0.5, 6.0) == 12.0
+
+
+def test_a_stage_without_state_for_the_stream_gets_one_repair_per_half_bound() -> None:
+    """The first stage asks for a new segment every 2 s while it refuses the stream's chunks: one repair answers
+    the requests until its prepare chunk can have arrived."""
+    s = _stream()
+    _run(s, 0.0, 5.0, out=True)
+    first = s.stage_lost(5.0)
+    assert first is not None and first.repair and first.state == "recovering" and "prepare chunk" in first.reason
+    assert s.stage_lost(6.0) is None and s.stage_lost(5.0 + STALL / 2 - 0.1) is None
+    assert s.stage_lost(5.0 + STALL / 2 + 0.1) is not None
+    checks = _run(s, 8.0, 12.0, out=True, seq0=40)  # the new segment comes out: live again
+    assert checks[-1][1].state == "live"

@@ -192,3 +192,14 @@ def test_block_map_cover_check() -> None:
                     StageAssignment(stage_id="b", block_start=13, block_end=30)]):
         with pytest.raises(ProtocolError):
             BlockMap(epoch=1, num_blocks=30, stages=stages).validate_cover()
+
+
+def test_every_message_class_is_registered() -> None:
+    """A message class missing from MESSAGE_TYPES is refused by every receiver as 'unknown message type' (the
+    decoder's StreamOutput was, once: ingest's liveness watch would have repaired every healthy stream)."""
+    import proto.messages as messages
+
+    defined = {name for name, obj in vars(messages).items()
+               if isinstance(obj, type) and issubclass(obj, messages.Message) and obj is not messages.Message
+               and obj.__module__ == messages.__name__}
+    assert defined - {"ChunkHeader"} <= set(MESSAGE_TYPES), defined - set(MESSAGE_TYPES)

@@ -208,3 +208,18 @@ async def test_a_sender_closed_once_acknowledged_loses_nothing() -> None:
         consumer.cancel()
         sender.close()
         listener.close()
+
+
+async def test_a_closed_sender_counts_what_it_discards() -> None:
+    listener = LinkListener().start()
+    sender = LinkSender(listener.endpoint, queue_depth=2).start()
+    try:
+        await sender.send(_msg(1))
+        await sender.acknowledged()
+        listener.close()  # the peer dies: nothing more is acknowledged
+        for i in range(2):
+            await asyncio.wait_for(sender.send(_msg(2 + i)), 5)
+        assert await asyncio.to_thread(sender.close) == 2
+        assert sender.stats.discarded == 2
+    finally:
+        listener.close()
