@@ -371,6 +371,7 @@ class IngestService(Service):
         spec = record.spec if not unservable(self.settings, record.spec) and record.spec.t2v == spec.t2v else spec
         stream = IngestStream.new(spec, record.prompt_version, *self.replay_depth(), first=first[0])
         stream.reserved_seq, stream.reserved_segment = record.next_seq, record.next_segment
+        stream.record, stream.table_born = record, await self.table.kv.incarnation()
         stream.attach(source)
         window_bytes = self.settings.nats.credit_window_bytes
         stream.window = await self.bus.credit_window(Subjects.stream_latent(sid), window_bytes,

@@ -85,6 +85,7 @@ class StatusWriter:
         then knows the reservation written."""
         record = await self.table.update(stream.stream_id, lambda r: self.checkpoint(r, stream, **update))
         stream.reserved_seq, stream.reserved_segment = record.next_seq, record.next_segment
+        stream.record = record
         return record
 
     async def reserve(self, stream: IngestStream, seq: int, segment: int) -> bool:
@@ -108,12 +109,28 @@ class StatusWriter:
                 stream.drop_log.flush()
             await asyncio.gather(*(self._periodic(stream) for stream in live))
 
+    async def _restore(self, stream: IngestStream) -> bool:
+        """The record is gone: when the whole table went with it (a lost NATS store: the bucket is a new one), write
+        the record back (and its key, so the publisher can reconnect) and go on; False: it was deleted."""
+        kv = self.table.kv
+        now = await kv.incarnation()
+        if stream.record is None or now == stream.table_born:
+            return False
+        log.warning("stream %s: the stream table lost its record (NATS store lost?): writing it back",
+                    stream.stream_id)
+        await self.table.restore(self.checkpoint(stream.record, stream))
+        stream.table_born = await kv.incarnation()
+        await self.write(stream)
+        return True
+
     async def _periodic(self, stream: IngestStream) -> None:
         sid = stream.stream_id
         try:
-            await self.write(stream)
-        except StreamNotFound:
-            return  # deleted: the stream ends
+            try:
+                await self.write(stream)
+            except StreamNotFound:
+                if not await self._restore(stream):
+                    return  # deleted: the stream ends
         except Exception as e:
             if sid not in self._failing:
                 log.warning("stream %s: status not written to the stream table: %s: %s", sid, type(e).__name__, e)

@@ -32,7 +32,7 @@ from ingest.drops import CHUNKS_DROPPED, DropLog, DropReason, count_drop
 from ingest.liveness import StreamLiveness
 from ingest.pacing import ChunkQueue, RawChunk
 from ingest.replay import ReplayRing
-from proto import LatentChunk, StreamSpec, decode
+from proto import LatentChunk, StreamRecord, StreamSpec, decode
 from proto.clock import ChunkClock
 from proto.spec import chunk_timesteps
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
@@ -135,6 +135,10 @@ class IngestStream:
     """Live chunks and a replay never interleave."""
     liveness: StreamLiveness | None = field(default=None, repr=False)
     """Published chunks against styled output (``ingest.liveness``); set while live here."""
+    record: StreamRecord | None = field(default=None, repr=False)
+    """The stream's record as last written here: written back if a lost NATS store took the table with it."""
+    table_born: object | None = field(default=None, repr=False)
+    """The stream table's incarnation when the record was last written (``KV.incarnation``)."""
     drop_log: DropLog = field(init=False, repr=False)
     """Every drop of this stream is logged through it (rate-limited)."""
 

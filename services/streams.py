@@ -93,6 +93,11 @@ class StreamTable:
         await self.kv.put(self._key_key(record.key_hash), spec.stream_id.encode())
         return record, key
 
+    async def restore(self, record: StreamRecord) -> None:
+        """Write a record (and its key's entry) back after the table was lost with a NATS store."""
+        await self.kv.put(self._record_key(record.spec.stream_id), record)
+        await self.kv.put(self._key_key(record.key_hash), record.spec.stream_id.encode())
+
     async def get(self, stream_id: str) -> StreamRecord:
         record = await self.kv.get_message(self._record_key(stream_id), StreamRecord)
         if record is None:

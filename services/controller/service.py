@@ -280,6 +280,14 @@ class ControllerService(Service):
         if entry is not None and entry.value:
             current = await self._kv.get_message(BLOCKMAP_KEY, BlockMap)
             self._bm_revision = entry.revision
+        else:
+            self._bm_revision = None
+            known = self.block_map or self._seen_map
+            if known is not None:  # a lost NATS store: the map in force goes back, same epoch
+                log.warning("the block map is gone from %s (NATS store lost?): writing epoch %d again",
+                            Buckets.BLOCKMAP, known.epoch)
+                self._bm_revision = await self._kv.create(BLOCKMAP_KEY, known)
+                current = known
         ids = self.stage_ids()
         stored = [s.stage_id for s in current.stages] if current else []
         if current is not None and current.num_blocks == self.num_blocks() and current.ring == self.ring and \

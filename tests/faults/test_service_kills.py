@@ -6,10 +6,12 @@ test_stage_churn.py and test_stack_faults.py, the decoder and egress in test_vie
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 
 import pytest
 
+from services.natsd import NatsServer
 from services.stack import LocalStack, Ports
 
 from .stackkit import create_stream, current_map, decoded, encoded, encoded_at, publisher, shown_at, wait
@@ -96,3 +98,25 @@ def test_a_killed_service_is_restarted_and_no_stream_is_lost(stack: LocalStack, 
         assert current_map(stack).epoch == epoch, "a restarted controller changed the block map"
     others = {name: n for name, n in stack.restarts.items() if name not in ("ingest", "controller", "gateway")}
     assert set(others.values()) == {0}, f"a kill of the {victim} made other services restart: {others}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_lost_nats_store_is_rebuilt_and_no_stream_is_lost(stack: LocalStack, streams: dict[str, str]) -> None:
+    """nats-server comes back on an empty store (a pod without a persistent volume): every bucket is gone. The
+    owners write back what they hold: the controller the block map (same epoch), the stages their endpoints,
+    ingest the records of its live streams; the API works at once, and the streams go on."""
+    bound = _bound(stack, streams)
+    epoch = current_map(stack).epoch
+    before = _last(stack, streams)
+    assert stack.nats is not None
+    port = int(stack.nats.url.rsplit(":", 1)[1])
+    stack.nats.stop()
+    shutil.rmtree(stack.workdir / "nats" / "js")
+    stack.nats = NatsServer(stack.workdir / "nats", port=port).start()
+    created = create_stream(stack, SIZE, FPS, STEPS, "after the loss", 7, SLO_MS)  # the table is created again
+    assert created["state"] == "created"
+    wait(lambda: _styled_after(stack, streams, before), bound, "styled output after the store was lost")
+    wait(lambda: set(_states(stack, streams).values()) == {"live"}, bound, "the live streams' records back")
+    assert current_map(stack).epoch == epoch
+    stack.api("DELETE", f"/v1/streams/{created['id']}")
