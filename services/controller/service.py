@@ -346,6 +346,8 @@ class ControllerService(Service):
         self._endpoint_revs[stage_id] = revision
         if prev is None or revision <= prev or not self.leader:
             return  # a standby that takes over judges by heartbeats
+        if stage_id not in self.members:
+            return  # never heard from since this controller started: a first start (an old entry overwritten)
         how = "withdrawn" if value is None else "restarted"
         self._gone[stage_id] = how
         log.warning("stage %s %s its tensor-link endpoint", stage_id, "withdrew" if value is None else
