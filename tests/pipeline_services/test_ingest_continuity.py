@@ -39,7 +39,7 @@ async def ingest(nats_settings: NatsSettings) -> AsyncIterator[IngestService]:
         nats=nats_settings, telemetry={"metrics_port": 0},
         lifecycle={"http_host": "127.0.0.1", "heartbeat_interval_s": 0.2},
         ingest={"rtmp_host": "127.0.0.1", "rtmp_port": 0, "chunk_queue_depth": DEPTH, "stream_linger_s": 0.3,
-                "status_interval_s": STATUS_S},
+                "status_interval_s": STATUS_S, "admission_without_controller": "admit"},  # no controller here
     )
     async with running(IngestService(settings, member_id="ingest-continuity")) as service:
         yield service
@@ -123,7 +123,7 @@ async def _ready_subprocess(bus: Bus, port: int, nats_url: str) -> subprocess.Po
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RHEO_NATS__URL": nats_url, "RHEO_TELEMETRY__METRICS_PORT": "0",
            "RHEO_LIFECYCLE__HTTP_HOST": "127.0.0.1", "RHEO_LIFECYCLE__HEARTBEAT_INTERVAL_S": "0.2",
            "RHEO_INGEST__RTMP_HOST": "127.0.0.1", "RHEO_INGEST__RTMP_PORT": str(port),
-           "RHEO_INGEST__STATUS_INTERVAL_S": str(STATUS_S)}
+           "RHEO_INGEST__STATUS_INTERVAL_S": str(STATUS_S), "RHEO_INGEST__ADMISSION_WITHOUT_CONTROLLER": "admit"}
     proc = subprocess.Popen([sys.executable, "-m", "ingest.service"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, text=True)
     beats: list[Heartbeat] = []
