@@ -134,6 +134,8 @@ class ControllerService(Service):
         self.suspected: dict[str, float] = {}
         """Stages of the map silent past the miss budget → when the suspicion began (not failed yet)."""
         self._gone: dict[str, str] = {}
+        self._withdrawn: set[str] = set()
+        """Stages whose endpoint is deleted (drained): they join again only as a new process (a new endpoint)."""
         """Stages positively gone since the last epoch: ``withdrawn`` (endpoint deleted: drained) or ``restarted``
         (endpoint written again: a new process, without the KV its blocks held)."""
         self._endpoint_revs: dict[str, int] = {}
@@ -344,10 +346,15 @@ class ControllerService(Service):
         heartbeats to run out. The watch's replays after a reconnect carry known revisions and change nothing."""
         prev = self._endpoint_revs.get(stage_id)
         self._endpoint_revs[stage_id] = revision
+        if value is None and prev is not None and revision > prev:
+            self._withdrawn.add(stage_id)  # seen draining: it does not rejoin on its last heartbeats
+        elif value is not None:
+            self._withdrawn.discard(stage_id)
         if prev is None or revision <= prev or not self.leader:
             return  # a standby that takes over judges by heartbeats
-        if stage_id not in self.members:
-            return  # never heard from since this controller started: a first start (an old entry overwritten)
+        member = self.members.get(stage_id)
+        if member is None or time.monotonic() - member.alive_since < 5 * self.settings.lifecycle.heartbeat_interval_s:
+            return  # not heard from before this write: a first start (an old entry overwritten), not a restart
         how = "withdrawn" if value is None else "restarted"
         self._gone[stage_id] = how
         log.warning("stage %s %s its tensor-link endpoint", stage_id, "withdrew" if value is None else
@@ -437,7 +444,8 @@ class ControllerService(Service):
             self._suspect(sid, False, now, failed=True)
         restarted = [sid for sid in in_map if sid not in failed and self._gone.get(sid) == "restarted"]
         joined = [sid for sid in ids if sid not in in_map and (m := self.members.get(sid)) is not None
-                  and now - m.last_seen <= budget and now - m.alive_since >= self.cfg.rejoin_settle_s]
+                  and now - m.last_seen <= budget and now - m.alive_since >= self.cfg.rejoin_settle_s
+                  and sid not in self._withdrawn]
         if not failed and not joined and not restarted:
             return
         members = [sid for sid in ids if (sid in in_map and sid not in failed) or sid in joined]

@@ -92,3 +92,22 @@ def test_twice_the_capacity_is_refused_and_the_admitted_keep_their_rate(stack: L
             p.terminate()
         for p in pubs:
             p.wait(30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_stream_with_the_api_defaults_is_refused_with_the_reason_on_this_machine(stack: LocalStack) -> None:
+    """512² at a 1 s latency budget: on a CPU a chunk takes seconds to encode, so every chunk would miss its
+    deadline and the stream would show nothing. It is refused at publish, and the API says why."""
+    created = stack.api("POST", "/v1/streams", {"prompt": "the API defaults"})
+    assert (created["spec"]["width"], created["spec"]["height"]) == (512, 512)
+    pub = publisher(stack, created["stream_key"], FPS, seconds=60)
+    try:
+        wait(lambda: _admission(stack, created["id"]) != "", 60, "the admission answer")
+        answer = _admission(stack, created["id"])
+        assert answer.startswith("refused: too slow for its latency SLO"), answer
+        assert "encode" in answer and "slo.max_latency_ms 1000" in answer
+        assert pub.wait(30) != 0  # the publisher was refused
+    finally:
+        pub.terminate()
+        pub.wait(10)

@@ -14,17 +14,13 @@ The two tests share one stack (starting it is most of their cost): the NATS rest
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
-import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import av
 import m3u8
@@ -38,15 +34,13 @@ from ingest.replay import exact_replay_chunks, sink_chunks
 from pipeline.loading import build_tiny_pipeline
 from pipeline.pipeline import PipelineConfig
 from pipeline.state import StreamSpec as PipelineStreamSpec
-from proto import BlockMap, Buckets
 from proto.spec import RingConfig
-from services.bus import Bus
-from services.config import NatsSettings
 from services.natsd import NatsServer
 from services.stack import LocalStack, Ports
 from wan.tiny import make_tiny_vae
 
-ROOT = Path(__file__).resolve().parents[2]
+from .stackkit import create_stream, current_map, decoded, encoded, encoded_at, metric, publisher, shown_at, wait
+
 # A short KV window (sink = the prepare chunk's 2 frames, 2 rolling frames) keeps the exact replay short:
 # B·L·(R − 1) = 2·3·1 = 6 chunks. (Ingest's chunk clock uses the default window for RoPE refresh, which only
 # matters after 50 latent frames; these streams are shorter.)
@@ -92,77 +86,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 # -- helpers -------------------------------------------------------------------------------------------------------
 
 
-def _wait(predicate, timeout: float, what: str, poll: float = 0.1) -> float:
-    """Poll until ``predicate()``; returns the seconds it took."""
-    t0 = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - t0 < timeout, f"timed out after {timeout:.0f}s waiting for {what}"
-        time.sleep(poll)
-    return time.monotonic() - t0
-
-
 def _create(stack: LocalStack, prompt: str, seed: int) -> dict:
-    return stack.api("POST", "/v1/streams", {"prompt": prompt, "width": SIZE, "height": SIZE, "fps": FPS,
-                                             "steps": STEPS, "seed": seed, "slo_latency_ms": 120000})
+    return create_stream(stack, SIZE, FPS, STEPS, prompt, seed)
 
 
 def _publisher(stack: LocalStack, key: str, seconds: float) -> subprocess.Popen:
-    url = f"rtmp://127.0.0.1:{stack.ports.rtmp}/live/{key}"
-    return subprocess.Popen([sys.executable, "-m", "ingest.testpattern", url, "--size", "96x64", "--fps", str(FPS),
-                             "--seconds", str(seconds)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-
-
-def _decoded(stack: LocalStack, sid: str) -> list[int]:
-    """Seqs of the chunks the decoder decoded (its debug tap), in order."""
-    names = (p.name for p in (stack.workdir / "tap-out" / sid).glob("*.npy"))
-    return sorted(int(n[:-4]) for n in names if n[:-4].isdigit())  # not the writer's temporary files
-
-
-def _encoded(stack: LocalStack, sid: str) -> list[int]:
-    """Seqs of the chunks ingest encoded (its debug tap), in order."""
-    return sorted(int(p.stem.removeprefix("chunk_")) for p in (stack.workdir / "tap-in" / sid).glob("chunk_*.npy")
-                  if p.stem.removeprefix("chunk_").isdigit())
-
-
-def _encoded_at(stack: LocalStack, sid: str, seq: int) -> float:
-    return (stack.workdir / "tap-in" / sid / f"chunk_{seq:06d}.npy").stat().st_mtime
-
-
-def _shown_at(stack: LocalStack, sid: str, seq: int) -> float:
-    return (stack.workdir / "tap-out" / sid / f"{seq}.npy").stat().st_mtime
+    return publisher(stack, key, FPS, seconds)
 
 
 def _get(stack: LocalStack, path: str) -> bytes:
     with urllib.request.urlopen(stack.gateway_url + path, timeout=10) as r:
         return r.read()
-
-
-def _metric(stack: LocalStack, proc: str, name: str, **labels: str) -> float:
-    port = next(p.health_port for p in stack.procs if p.name == proc)
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(rf"^{name}(?:\{{(.*)\}})? (\S+)$", line)
-        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
-
-
-def _current_map(stack: LocalStack) -> BlockMap:
-    """The block map the controller keeps in KV."""
-    async def read() -> BlockMap:
-        assert stack.nats is not None
-        bus = await Bus.connect(NatsSettings(url=stack.nats.url), name="test-reader")
-        try:
-            current = await (await bus.kv(Buckets.BLOCKMAP)).get_message("current", BlockMap)
-            assert current is not None
-            return current
-        finally:
-            await bus.close()
-
-    return asyncio.run(read())
 
 
 def _hls_frames(stack: LocalStack, sid: str) -> tuple[list[float], int]:
@@ -202,7 +136,7 @@ def _check_equal_to_reference(stack: LocalStack, sid: str, seed: int, prompt: st
     tap_in = sorted((stack.workdir / "tap-in" / sid).glob("chunk_*.npy"))
     frames_in = np.concatenate([np.load(p) for p in tap_in])
     x0s, ref_frames = _reference_x0(frames_in, seed, prompt)
-    seqs = [s for s in _decoded(stack, sid) if s < len(x0s)]
+    seqs = [s for s in decoded(stack, sid) if s < len(x0s)]
     assert len([s for s in seqs if s > last_before]) >= 4, (seqs, last_before)  # enough output after recovery
     shown = {s: np.load(stack.workdir / "tap-out" / sid / f"{s}.npy") for s in seqs}
     vae = StreamVAE(make_tiny_vae(0))
@@ -233,43 +167,43 @@ def test_a_killed_stage_is_rebuilt_by_replay(stack: LocalStack) -> None:
         ids = {name: c["id"] for name, c in created.items()}
         # past the ring's reach: chunks 2..n−REPLAY are not replayed, so exactness is the replay's doing
         warm = 1 + sink_chunks(SINK) + REPLAY + 2
-        _wait(lambda: all(len(_decoded(stack, sid)) >= warm for sid in ids.values()), 90, f"{warm} chunks each")
+        wait(lambda: all(len(decoded(stack, sid)) >= warm for sid in ids.values()), 90, f"{warm} chunks each")
         dit1 = next(p for p in stack.procs if p.name == "dit-1")
         assert dit1.popen is not None
         os.killpg(dit1.popen.pid, signal.SIGKILL)
         dit1.popen.wait()
-        kill_shown = {name: _decoded(stack, sid)[-1] for name, sid in ids.items()}
+        kill_shown = {name: decoded(stack, sid)[-1] for name, sid in ids.items()}
         killed_at = time.monotonic()
         # the controller declares dit-1 dead after its heartbeat budget; chunks sent to it meanwhile are lost
-        _wait(lambda: _current_map(stack).reason == "failure", 30, "the controller's failure epoch")
+        wait(lambda: current_map(stack).reason == "failure", 30, "the controller's failure epoch")
         assert time.monotonic() - killed_at < MISS_S + 5.0
-        new = _current_map(stack)
+        new = current_map(stack)
         assert [s.stage_id for s in new.stages] == ["dit-0", "dit-2"]
         # every chunk encoded after this point is published after the failure map: live, under the new epoch
-        encoded = {name: _encoded(stack, sid)[-1] for name, sid in ids.items()}
+        encoded = {name: encoded(stack, sid)[-1] for name, sid in ids.items()}
         # styled output returns: chunks of the new epoch are shown
         for name, sid in ids.items():
-            _wait(lambda sid=sid, name=name: len([s for s in _decoded(stack, sid) if s > encoded[name]]) >= 6, 90,
+            wait(lambda sid=sid, name=name: len([s for s in decoded(stack, sid) if s > encoded[name]]) >= 6, 90,
                   f"stream {name} back")
     finally:
         for p in pubs:
             p.terminate()
             p.wait(30)
     for sid in ids.values():
-        _wait(lambda sid=sid: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
-        _wait(lambda sid=sid: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8"), 60, "EXT-X-ENDLIST")
+        wait(lambda sid=sid: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
+        wait(lambda sid=sid: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8"), 60, "EXT-X-ENDLIST")
 
     # ingest replayed each stream's ring: the prepare chunk, the sink chunk and the last REPLAY chunks
-    assert _metric(stack, "ingest", "rheo_ingest_chunks_replayed_total") == 2 * (1 + sink_chunks(SINK) + REPLAY)
+    assert metric(stack, "ingest", "rheo_ingest_chunks_replayed_total") == 2 * (1 + sink_chunks(SINK) + REPLAY)
     # the survivors dropped what the old epoch had in flight, and the decoder covered the gap with repeats
-    assert _metric(stack, "dit-2", "rheo_dit_stage_streams_reset_total") == 2  # kept its blocks, not their KV
-    assert _metric(stack, "decoder", "rheo_decoder_frames_total", kind="repeated") > 0
+    assert metric(stack, "dit-2", "rheo_dit_stage_streams_reset_total") == 2  # kept its blocks, not their KV
+    assert metric(stack, "decoder", "rheo_decoder_frames_total", kind="repeated") > 0
     for name, sid in ids.items():
-        seqs = _decoded(stack, sid)
+        seqs = decoded(stack, sid)
         # within 5 s: the first chunk of the new epoch reaches the viewer at most 5 s later than chunks did before
         # the failure (latency from ingest's encode to the decoder's output; on a CI machine too loaded to keep
         # real time, both include the same backlog)
-        latency = {s: _shown_at(stack, sid, s) - _encoded_at(stack, sid, s) for s in seqs}
+        latency = {s: shown_at(stack, sid, s) - encoded_at(stack, sid, s) for s in seqs}
         before = max(latency[s] for s in seqs if s <= kill_shown[name])
         first_new = min(s for s in seqs if s > encoded[name])
         assert latency[first_new] <= before + 5.0, (first_new, latency)
@@ -283,7 +217,7 @@ def test_a_killed_stage_is_rebuilt_by_replay(stack: LocalStack) -> None:
         assert len(times) >= 4 * len(seqs)
     # equal to the reference (one stream: the single-process reference costs half a minute on a loaded CI node;
     # the other stream's recovery is the same code on the same stages)
-    seqs = _decoded(stack, ids["a"])
+    seqs = decoded(stack, ids["a"])
     missing = sorted(set(range(seqs[-1] + 1)) - set(seqs))
     _check_equal_to_reference(stack, ids["a"], streams["a"][1], streams["a"][0],
                               (missing[0], missing[-1]) if missing else None, encoded["a"])
@@ -294,24 +228,24 @@ def test_a_nats_restart_mid_stream_resumes_within_3_s(stack: LocalStack) -> None
     sid = created["id"]
     pub = _publisher(stack, created["stream_key"], seconds=120)
     try:
-        _wait(lambda: len(_decoded(stack, sid)) >= 4, 90, "4 chunks")
+        wait(lambda: len(decoded(stack, sid)) >= 4, 90, "4 chunks")
         assert stack.nats is not None
         port = int(stack.nats.url.rsplit(":", 1)[1])
         stack.nats.stop()
-        seen = _decoded(stack, sid)[-1]
+        seen = decoded(stack, sid)[-1]
         stack.nats = NatsServer(stack.workdir / "nats", port=port).start()  # same port, same JetStream store
-        resumed = _wait(lambda: _decoded(stack, sid)[-1] > seen + 1, 30, "chunks after the restart")
+        resumed = wait(lambda: decoded(stack, sid)[-1] > seen + 1, 30, "chunks after the restart")
         assert resumed <= 3.0, f"resumed {resumed:.1f}s after nats-server came back"
         # every service (the dead stage aside) reconnected, as its bus logs it
         alive = [p for p in stack.procs if p.name != "dit-1"]
-        _wait(lambda: all("reconnected" in p.log_tail(100_000) for p in alive), 10, "every service to reconnect")
-        _wait(lambda: _decoded(stack, sid)[-1] > seen + 4, 60, "more chunks after the restart")
+        wait(lambda: all("reconnected" in p.log_tail(100_000) for p in alive), 10, "every service to reconnect")
+        wait(lambda: decoded(stack, sid)[-1] > seen + 4, 60, "more chunks after the restart")
     finally:
         pub.terminate()
         pub.wait(30)
     # the stream table (JetStream KV, file storage) survived; the stream ends normally and its playlist closes
-    _wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
-    _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8"), 60, "EXT-X-ENDLIST")
+    wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
+    wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8"), 60, "EXT-X-ENDLIST")
     # the timeline goes on; video messages in flight inside nats-server when it stopped are lost (core NATS keeps
     # nothing), so the egress may skip those frames: a bounded jump, never a stall
     times, _ = _hls_frames(stack, sid)

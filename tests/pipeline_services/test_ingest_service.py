@@ -321,7 +321,7 @@ async def test_sigterm_mid_stream_exits_cleanly(nats_settings: NatsSettings, bus
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RHEO_NATS__URL": nats_settings.url,
            "RHEO_TELEMETRY__METRICS_PORT": "0", "RHEO_LIFECYCLE__HTTP_HOST": "127.0.0.1",
            "RHEO_LIFECYCLE__HEARTBEAT_INTERVAL_S": "0.2", "RHEO_INGEST__RTMP_HOST": "127.0.0.1",
-           "RHEO_INGEST__RTMP_PORT": str(port)}
+           "RHEO_INGEST__RTMP_PORT": str(port), "RHEO_INGEST__ADMISSION_WITHOUT_CONTROLLER": "admit"}
     proc = subprocess.Popen([sys.executable, "-m", "ingest.service"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
