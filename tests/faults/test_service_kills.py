@@ -23,7 +23,7 @@ SLO_MS = 60000  # a loaded 2-core machine must not turn this into a deadline tes
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     work = tmp_path_factory.mktemp("kills")
-    s = LocalStack(work, stages=2, ports=Ports.ephemeral(), extra_env={
+    s = LocalStack(work, stages=1, ports=Ports.ephemeral(), extra_env={
         "RHEO_INGEST__STREAM_LINGER_S": "5",
         "RHEO_INGEST__DEBUG_TAP_DIR": str(work / "tap-in"),
         "RHEO_DECODER__DEBUG_TAP_DIR": str(work / "tap-out"),

@@ -46,6 +46,7 @@ SIZE, FPS, STEPS, WINDOW, SINK = 64, 4, 2, 4, 2
 SLO_MS = 8000
 MISS_S, DEAD_S = 1.0, 4.0
 KILLS = 10
+STAGES = 2  # the fewest that can lose one: every kill is a failure epoch, then a join
 CONFIG_YAML = f"""
 stream: {{slo_latency_ms: {SLO_MS}}}
 dit_stage: {{kv_window: {WINDOW}, sink: {SINK}, adaptive_threshold: null, max_queued_chunks: 64}}
@@ -61,7 +62,7 @@ controller: {{mode: static, advisory: true, heartbeat_miss_s: {MISS_S}, heartbea
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     work = tmp_path_factory.mktemp("churn")
     (work / "rheo.yaml").write_text(CONFIG_YAML)
-    s = LocalStack(work, stages=3, ports=Ports.ephemeral(), extra_env={
+    s = LocalStack(work, stages=STAGES, ports=Ports.ephemeral(), extra_env={
         "RHEO_CONFIG": str(work / "rheo.yaml"),
         "RHEO_INGEST__STREAM_LINGER_S": "1",
         "RHEO_INGEST__DEBUG_TAP_DIR": str(work / "tap-in"),
@@ -139,7 +140,7 @@ def test_a_stage_paused_past_the_dead_budget_rejoins_without_losing_a_stream(sta
         _signal(stack, "dit-1", signal.SIGCONT)
     failed = {name: encoded(stack, sid)[-1] for name, sid in streams.items()}
     wait(lambda: _shown_after(stack, streams, failed, 3), 90, "styled output after the failure epoch")
-    wait(lambda: len(current_map(stack).stages) == 3, 60, "dit-1 to rejoin", poll=0.5)
+    wait(lambda: len(current_map(stack).stages) == STAGES, 60, "dit-1 to rejoin", poll=0.5)
     rejoined = {name: encoded(stack, sid)[-1] for name, sid in streams.items()}
     wait(lambda: _shown_after(stack, streams, rejoined, 3), 90, "styled output after dit-1 rejoined")
 
@@ -162,7 +163,7 @@ def test_a_kill_loop_under_cpu_load_loses_no_stream(stack: LocalStack, streams: 
             print(f"kill {k + 1} ({victim}): both streams back after {took:.1f} s")
             assert took <= bound, (k, victim, took, bound, recoveries)
             # the restarted stage is back in the map before the next kill, and the streams run on that map too
-            wait(lambda: len(current_map(stack).stages) == 3, 120, f"{victim} to rejoin", poll=0.5)
+            wait(lambda: len(current_map(stack).stages) == STAGES, 120, f"{victim} to rejoin", poll=0.5)
             rejoined = {name: encoded(stack, sid)[-1] for name, sid in streams.items()}
             wait(lambda rejoined=rejoined: _shown_after(stack, streams, rejoined), bound + 60,
                  f"both streams after {victim} rejoined")
