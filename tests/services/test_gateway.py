@@ -11,12 +11,12 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
 
-from proto import CHANNELS, Ack, Buckets, Error, PromptUpdate, StreamSpec, Subjects
+from proto import CHANNELS, Ack, Buckets, Error, IngestStatus, PromptUpdate, StreamRecord, StreamSpec, Subjects
 from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.gateway.service import GatewayService
 from services.runtime import ServiceStartError
-from services.streams import StreamTable
+from services.streams import StreamTable, ingest_silent, session_state
 
 TOKEN = "test-token-123"
 
@@ -201,3 +201,21 @@ async def test_hls_is_routed_to_the_streams_egress(nats_settings: NatsSettings, 
     finally:
         server.should_exit = True
         await serving
+
+
+def test_a_session_whose_ingest_went_silent_is_not_shown_live() -> None:
+    """Ingest cannot report its own death: the API derives it from the checkpoint ingest stops writing
+    (every ``ingest.status_interval_s``): recovering after 3 missed checkpoints, failed after a minute."""
+    spec = StreamSpec(stream_id="st-silent", width=64, height=64, fps=16.0, steps=2, prompt="p")
+    record = StreamRecord(spec=spec, key_hash="0" * 64, state="live", created_at=0.0, updated_at=0.0,
+                          ingest=IngestStatus(member="ingest-a", at=1000.0))
+    assert session_state(record, 2.0, 1005.0) == ("live", "")
+    state, reason = session_state(record, 2.0, 1009.0)
+    assert state == "recovering" and "ingest-a" in reason and "reconnects" in reason
+    state, reason = session_state(record, 2.0, 1061.0)
+    assert state == "failed" and "gone" in reason
+    degraded = record.model_copy(update={"state": "degraded", "state_reason": "why"})
+    assert session_state(degraded, 2.0, 1001.0) == ("degraded", "why")  # ingest's own word while it writes
+    ended = record.model_copy(update={"state": "ended"})
+    assert session_state(ended, 2.0, 5000.0) == ("ended", "")  # no session: nothing to judge
+    assert ingest_silent(record, 2.0, 1005.0) is None and ingest_silent(record, 2.0, 1009.0) == 9.0
