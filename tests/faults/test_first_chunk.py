@@ -20,7 +20,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from faults.test_stack_faults import FPS, _create, _decoded, _get, _hls_frames, _publisher, _wait
+from faults.stackkit import decoded as _decoded
+from faults.stackkit import wait as _wait
+from faults.test_stack_faults import FPS, _create, _get, _hls_frames, _publisher
 from ingest.drops import DROP_REASONS
 from services.stack import LocalStack, Ports
 
