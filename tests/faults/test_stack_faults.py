@@ -180,10 +180,10 @@ def test_a_killed_stage_is_rebuilt_by_replay(stack: LocalStack) -> None:
         new = current_map(stack)
         assert [s.stage_id for s in new.stages] == ["dit-0", "dit-2"]
         # every chunk encoded after this point is published after the failure map: live, under the new epoch
-        encoded = {name: encoded(stack, sid)[-1] for name, sid in ids.items()}
+        last_encoded = {name: encoded(stack, sid)[-1] for name, sid in ids.items()}
         # styled output returns: chunks of the new epoch are shown
         for name, sid in ids.items():
-            wait(lambda sid=sid, name=name: len([s for s in decoded(stack, sid) if s > encoded[name]]) >= 6, 90,
+            wait(lambda sid=sid, name=name: len([s for s in decoded(stack, sid) if s > last_encoded[name]]) >= 6, 90,
                   f"stream {name} back")
     finally:
         for p in pubs:
@@ -205,7 +205,7 @@ def test_a_killed_stage_is_rebuilt_by_replay(stack: LocalStack) -> None:
         # real time, both include the same backlog)
         latency = {s: shown_at(stack, sid, s) - encoded_at(stack, sid, s) for s in seqs}
         before = max(latency[s] for s in seqs if s <= kill_shown[name])
-        first_new = min(s for s in seqs if s > encoded[name])
+        first_new = min(s for s in seqs if s > last_encoded[name])
         assert latency[first_new] <= before + 5.0, (first_new, latency)
         # the chunks that died with the stage (if any were in flight) are one gap
         missing = sorted(set(range(seqs[-1] + 1)) - set(seqs))
@@ -220,7 +220,7 @@ def test_a_killed_stage_is_rebuilt_by_replay(stack: LocalStack) -> None:
     seqs = decoded(stack, ids["a"])
     missing = sorted(set(range(seqs[-1] + 1)) - set(seqs))
     _check_equal_to_reference(stack, ids["a"], streams["a"][1], streams["a"][0],
-                              (missing[0], missing[-1]) if missing else None, encoded["a"])
+                              (missing[0], missing[-1]) if missing else None, last_encoded["a"])
 
 
 def test_a_nats_restart_mid_stream_resumes_within_3_s(stack: LocalStack) -> None:
