@@ -137,9 +137,9 @@ class Supervisor:
                 self._exited(p, st, code, now)
             elif now >= st.restart_at:
                 st.restart_at, st.ready_at = None, None
+                p.spawn()  # first: whoever reads the count sees the new process
                 st.restarts += 1
                 st.recent.append(now)
-                p.spawn()
 
     def _running(self, p: Proc, st: _State, now: float) -> None:
         if st.restarts == 0:

@@ -73,15 +73,23 @@ def test_twice_the_capacity_is_refused_and_the_admitted_keep_their_rate(stack: L
             # running, and measured: the next decision sees this stream's cost
             wait(lambda sid=sid: len(decoded(stack, sid)) >= 3, 120, "the admitted stream's output")
         assert refused, f"{MAX_STREAMS} streams admitted: capacity not reached"
-        for i in range(len(admitted) * 2 - 1):  # 2x what it holds, counting the first refusal
+        capacity = len(admitted)
+        late_admitted: list[str] = []
+        for i in range(capacity * 2 - 1):  # 2x what it holds, counting the first refusal
             created = create_stream(stack, SIZE, FPS, STEPS, f"over {i}", 100 + i, 60000)
             pubs.append(publisher(stack, created["stream_key"], FPS, seconds=900))
             wait(lambda sid=created["id"]: _admission(stack, sid) != "", 60, "the admission answer")
-            refused.append(created["id"])
+            answer = _admission(stack, created["id"])
+            (late_admitted if answer.startswith("admitted") else refused).append(created["id"])
         answers = [_admission(stack, sid) for sid in refused]
         assert all(a.startswith("refused: no capacity") or a.startswith("refused: too slow") for a in answers), \
             answers
+        # measured costs move a little: a newcomer may fit again at the boundary, never many
+        assert len(refused) >= 2 * capacity - 1, (capacity, len(refused), len(late_admitted))
         assert all(not decoded(stack, sid) for sid in refused)
+        if late_admitted:
+            wait(lambda: all(len(decoded(stack, sid)) >= 3 for sid in late_admitted), 120, "the late admitted")
+        admitted += late_admitted
         since = time.time()
         time.sleep(20.0)
         rates = {sid: _rate(stack, sid, since) for sid in admitted}
