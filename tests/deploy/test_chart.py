@@ -259,7 +259,7 @@ def test_network_policies_open_only_gateway_and_rtmp(rendered: Rendered) -> None
     metrics = cfg["telemetry"]["metrics_port"]
     open_port = {"gateway": cfg["gateway"]["port"], "ingest": cfg["ingest"]["rtmp_port"]}
     for name, policy in policies.items():
-        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]  # egress: tests/deploy/test_network_policy.py
         for rule in policy["spec"]["ingress"]:
             ports = tuple(p["port"] for p in rule["ports"])
             if "from" not in rule:  # reachable from anywhere
