@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dit_stage.links import SwitchLinks
+from dit_stage.links import SwitchLinks, link_options
 from dit_stage.membership import Action, HardSwitch, JoinRing, LoadBlocks, Membership, PrepareSwitch
 from dit_stage.model import CausalWanDiT
 from dit_stage.stage_model import load_stage_model
@@ -111,7 +111,7 @@ class StageEpochs:
     def prepare(self, action: PrepareSwitch, endpoints: KV) -> None:
         """Epoch e → e+1 with every old owner alive: open the links the switch needs, then register it with the
         worker, which moves the KV at the switch point."""
-        self.switch = SwitchLinks(action.block_map.epoch, self.cfg.link_max_frame_bytes)
+        self.switch = SwitchLinks(action.block_map.epoch, link_options(self.cfg))
         self._t0 = time.monotonic()
         self._long = self.tasks.spawn(self._prepare(action, self.switch, endpoints), "switch-prepare")
 

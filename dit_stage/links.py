@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from dit_stage.telemetry import StageTelemetry
 from proto import Message, ShardMove, ShardMoveEnd
 from services.bus import KV
-from services.link import LinkSender, parse_endpoint
+from services.config import DitStageSettings
+from services.link import LinkOptions, LinkSender, parse_endpoint
 from services.runtime import Background, watch_key
 
 __all__ = ["LINK_POLL_S", "NextLink", "SwitchLinks"]
@@ -26,6 +28,25 @@ log = logging.getLogger("rheo.dit_stage")
 
 LINK_POLL_S = 0.5
 """How often a link send blocked on a dead peer checks whether the next stage changed."""
+
+
+def link_options(cfg: DitStageSettings) -> LinkOptions:
+    """The options of every link of this stage; a stage that listens beyond loopback must have a link key (anyone
+    who reaches an unkeyed link port could feed hidden states into the ring)."""
+    key = cfg.link_key.get_secret_value().encode() if cfg.link_key else None
+    if key is None and not _loopback(cfg.link_host):
+        raise ValueError(f"dit_stage.link_key is required: the tensor link listens on {cfg.link_host}, beyond "
+                          "loopback (set RHEO_DIT_STAGE__LINK_KEY; the chart and `rheo up` generate one)")
+    return LinkOptions(max_frame_bytes=cfg.link_max_frame_bytes, key=key)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class NextLink:
@@ -39,11 +60,11 @@ class NextLink:
     discards unacknowledged are counted ``link_replaced``.
     """
 
-    def __init__(self, stage_id: str, endpoints: KV, max_frame_bytes: int, telemetry: StageTelemetry,
+    def __init__(self, stage_id: str, endpoints: KV, options: LinkOptions, telemetry: StageTelemetry,
                  on_state: Callable[[bool], None]) -> None:
         self.stage_id = stage_id
         self.endpoints = endpoints
-        self.max_frame_bytes = max_frame_bytes
+        self.options = options
         self.telemetry = telemetry
         self.on_state = on_state  # False while (re)connecting, True once a sender is up
         self.next_stage: str | None = None
@@ -176,7 +197,7 @@ class NextLink:
         old = self.sender
         self.ready.clear()
         self.on_state(False)
-        self.sender, self.sender_stage = LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes).start(), target
+        self.sender, self.sender_stage = self.options.sender(endpoint).start(), target
         if old is not None:  # sends caught on it go again on the new sender; what it still holds is counted
             self._count(await asyncio.to_thread(old.close), "link_replaced")
         self.on_state(True)
@@ -189,7 +210,7 @@ class SwitchLinks:
     """The links one online switch opens at prepare time, closed when it ends."""
 
     epoch: int
-    max_frame_bytes: int
+    options: LinkOptions
     senders: dict[str, LinkSender] = field(default_factory=dict)  # new owners of blocks this stage hands over
     next_stage: str | None = None  # the next stage under the new map, when it changes (a stage joins after us)
     next_sender: LinkSender | None = None
@@ -201,12 +222,12 @@ class SwitchLinks:
             endpoint = await self._endpoint_of(endpoints, target)
             if self.aborted:
                 return
-            self.senders[target] = LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes).start()
+            self.senders[target] = self.options.sender(endpoint).start()
         if relink_to is not None:
             endpoint = await self._endpoint_of(endpoints, relink_to)
             if not self.aborted:
                 self.next_stage = relink_to
-                self.next_sender = LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes).start()
+                self.next_sender = self.options.sender(endpoint).start()
 
     async def send_moves(self, stage_id: str, moves: list[ShardMove | ShardMoveEnd],
                          telemetry: StageTelemetry) -> None:

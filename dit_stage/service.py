@@ -31,7 +31,7 @@ from dit_stage import membership as m
 from dit_stage.compute import ComputeLoop
 from dit_stage.epochs import StageEpochs
 from dit_stage.inputs import Input, StageInputs
-from dit_stage.links import NextLink
+from dit_stage.links import NextLink, link_options
 from dit_stage.lookups import StreamLookups
 from dit_stage.membership import Action, Membership
 from dit_stage.outputs import Outputs
@@ -111,12 +111,13 @@ class DitStageService(Service):
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         assert self.bus is not None
-        self.listener = LinkListener(self.cfg.link_host, self.cfg.link_port,
-                                     max_frame_bytes=self.cfg.link_max_frame_bytes).start()
+        options = link_options(self.cfg)
+        self.listener = LinkListener(self.cfg.link_host, self.cfg.link_port, max_frame_bytes=options.max_frame_bytes,
+                                     key=options.key).start()
         self.endpoint = f"{self.cfg.advertise_host}:{self.listener.port}"
         self.endpoints = await self.bus.kv(Buckets.ENDPOINTS, replicas=self.settings.nats.kv_replicas)
         await self.endpoints.put(self.stage_id, self.endpoint.encode())
-        self.link = NextLink(self.stage_id, self.endpoints, self.cfg.link_max_frame_bytes, self.telemetry,
+        self.link = NextLink(self.stage_id, self.endpoints, options, self.telemetry,
                              self._link_state)
         self.outputs = Outputs(self.bus, self.settings.nats.credit_window_bytes, self.telemetry)
         lookups = StreamLookups(self.bus, self.settings)

@@ -244,6 +244,10 @@ class DitStageSettings(Section):
     stats_interval_s: float = Field(2.0, gt=0, description="period of the StageStats this stage publishes")
     tiny_seed: int = Field(0, ge=0, description="weight seed of the tiny random DiT (when model.model_dir is unset)")
     link_max_frame_bytes: int = Field(64 * MiB, gt=0, description="largest tensor-link frame sent or accepted")
+    link_key: SecretStr | None = Field(
+        None, description="shared secret every tensor-link connection proves both ways (HMAC); required unless "
+        "link_host is a loopback address"
+    )
     timed_block_ms: float | None = Field(
         None, ge=0, description="timed stand-in mode for controller and scale tests: each micro-step takes this "
         "many ms per owned block (plus timed_item_ms per item), sleeping after the real model (null: normal mode)"

@@ -11,7 +11,11 @@ on a dedicated thread:
   ``LinkFrame.release()`` when it no longer needs the tensors (e.g. after the copy to the GPU).
 
 Wire, upstream → downstream: ``u64 length, u64 sender id, u64 seq`` (LE) + one rheo frame (``proto.codec``), so
-headers (trace context) ride inside the frame. Downstream → upstream: ``u64 seq`` acknowledging every frame read.
+headers (trace context) ride inside the frame. With a link key (``dit_stage.link_key``; required once a stage listens
+beyond loopback) every connection first proves, both ways, that its peer holds the key: the listener sends
+``RHEOLNK1`` + a 16-byte nonce, the sender answers its own nonce + HMAC-SHA256(key, "S" + both nonces), the
+listener HMAC-SHA256(key, "L" + both nonces). A connection that fails it is closed and counted before any frame
+is read (docs/tensor-link.md). Downstream → upstream: ``u64 seq`` acknowledging every frame read.
 Backpressure is end to end: a consumer that holds every pool buffer stops the reader thread, TCP's window fills,
 the sender thread blocks, and ``LinkSender.send`` waits once ``queue_depth`` frames are queued.
 A frame longer than ``max_frame_bytes`` cannot be skipped safely (the stream would lose sync), so that connection is
@@ -27,7 +31,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
+import hmac
 import logging
+import os
 import queue
 import random
 import socket
@@ -44,6 +51,10 @@ log = logging.getLogger("rheo.link")
 _PREFIX = struct.Struct("<QQQ")  # length, sender id, seq
 _ACK = struct.Struct("<Q")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+_HELLO = b"RHEOLNK1"
+_NONCE = 16
+_MAC = hashlib.sha256().digest_size
+HANDSHAKE_TIMEOUT_S = 5.0
 
 
 class LinkError(RuntimeError):
@@ -103,6 +114,54 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
     return True
 
 
+def _mac(key: bytes, side: bytes, first: bytes, second: bytes) -> bytes:
+    return hmac.new(key, side + first + second, hashlib.sha256).digest()
+
+
+def _recv_bytes(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray(n)
+    return bytes(buf) if _recv_exact(sock, memoryview(buf)) else None
+
+
+def listener_handshake(conn: socket.socket, key: bytes) -> bool | None:
+    """The listener's side of the key proof: True (the peer holds the key), False (it does not), None (it left
+    before answering: a reachability probe or a dead peer, not an attack)."""
+    ours = os.urandom(_NONCE)
+    conn.settimeout(HANDSHAKE_TIMEOUT_S)
+    try:
+        conn.sendall(_HELLO + ours)
+        answer = _recv_bytes(conn, _NONCE + _MAC)
+        if answer is None:
+            return None
+        theirs, mac = answer[:_NONCE], answer[_NONCE:]
+        if not hmac.compare_digest(mac, _mac(key, b"S", ours, theirs)):
+            return False
+        conn.sendall(_mac(key, b"L", theirs, ours))
+    except TimeoutError:
+        return False
+    finally:
+        conn.settimeout(None)
+    return True
+
+
+def sender_handshake(sock: socket.socket, key: bytes, timeout: float = HANDSHAKE_TIMEOUT_S) -> bool:
+    """The sender's side: False when the listener is not a keyed rheo link or does not hold the key."""
+    ours = os.urandom(_NONCE)
+    sock.settimeout(timeout)
+    try:
+        hello = _recv_bytes(sock, len(_HELLO) + _NONCE)
+        if hello is None or not hello.startswith(_HELLO):
+            return False
+        theirs = hello[len(_HELLO):]
+        sock.sendall(ours + _mac(key, b"S", theirs, ours))
+        proof = _recv_bytes(sock, _MAC)
+        return proof is not None and hmac.compare_digest(proof, _mac(key, b"L", ours, theirs))
+    except (TimeoutError, OSError):
+        return False
+    finally:
+        sock.settimeout(None)
+
+
 class LinkListener:
     """The receiving end: accepts upstream connections and yields ``LinkFrame``s on the event loop."""
 
@@ -114,8 +173,10 @@ class LinkListener:
         max_frame_bytes: int = DEFAULT_MAX_FRAME,
         buffers: int = 4,
         limits: Limits | None = None,
+        key: bytes | None = None,
     ) -> None:
         self.host = host
+        self.key = key
         self.port = port
         self.max_frame_bytes = max_frame_bytes
         self.limits = limits or Limits(max_message_bytes=max_frame_bytes, max_tensor_bytes=max_frame_bytes)
@@ -189,6 +250,13 @@ class LinkListener:
 
     def _recv_loop(self, conn: socket.socket, peer: str) -> None:
         try:
+            if self.key is not None:
+                proven = listener_handshake(conn, self.key)
+                if not proven:
+                    if proven is False:
+                        self.stats.refused_connections += 1
+                        log.warning("tensor link from %s: refused, the peer does not hold the link key", peer)
+                    return
             while not self._closed.is_set() and self._recv_one(conn, peer):
                 pass
         except OSError as e:
@@ -255,6 +323,17 @@ class LinkListener:
                 self._pool.put(buf)
 
 
+@dataclass(frozen=True)
+class LinkOptions:
+    """What every link of a stage shares, both ends: the frame cap and the link key."""
+
+    max_frame_bytes: int = DEFAULT_MAX_FRAME
+    key: bytes | None = None
+
+    def sender(self, endpoint: str) -> LinkSender:
+        return LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes, key=self.key)
+
+
 class LinkSender:
     """The sending end: one connection to a downstream listener, written by a dedicated thread."""
 
@@ -268,8 +347,10 @@ class LinkSender:
         connect_timeout_s: float = 2.0,
         backoff_s: float = 0.05,
         backoff_max_s: float = 2.0,
+        key: bytes | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.key = key
         self.host, self.port = parse_endpoint(endpoint)
         self.max_frame_bytes = max_frame_bytes
         self.queue_depth = queue_depth
@@ -381,6 +462,15 @@ class LinkSender:
                 continue
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.key is not None and not sender_handshake(sock, self.key, self.connect_timeout_s):
+                self.stats.refused_connections += 1
+                log.warning("tensor link to %s: the listener did not prove the link key; retrying in %.2fs",
+                            self.endpoint, delay)
+                with contextlib.suppress(OSError):
+                    sock.close()
+                self._closed.wait(delay * random.uniform(0.8, 1.2))
+                delay = min(self.backoff_max_s, delay * 2)
+                continue
             threading.Thread(target=self._ack_loop, args=(sock,), name=f"link-ack-{self.endpoint}",
                              daemon=True).start()
             return sock

@@ -92,6 +92,8 @@ class LocalStack:
     is its own process on the same cores, and one thread each keeps them from oversubscribing the machine (on the
     2-core dev VM, torch's default of one thread per core in each of 6 processes ran the stack 2× slower)."""
     api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    link_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    """The tensor-link key of this stack's stages (they listen on loopback, but a stack is as keyed as a cluster)."""
     strict: bool = False
     """No supervision: any exit after ``start`` is an error (``check_alive`` raises) and nothing restarts."""
     no_restart: set[str] = field(default_factory=set)
@@ -149,6 +151,7 @@ class LocalStack:
                 service = "dit-stage"
                 env["RHEO_DIT_STAGE__STAGE_ID"] = name
                 env["RHEO_DIT_STAGE__LINK_HOST"] = "127.0.0.1"
+                env["RHEO_DIT_STAGE__LINK_KEY"] = self.link_key
                 env["RHEO_DIT_STAGE__LINK_PORT"] = str(
                     self.ports.first_link + int(name[4:]) if self.ports.first_link else free_port())
             procs.append(Proc(name, [sys.executable, "-m", "services.cli", service], env, health,

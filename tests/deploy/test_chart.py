@@ -259,7 +259,7 @@ def test_network_policies_open_only_gateway_and_rtmp(rendered: Rendered) -> None
     metrics = cfg["telemetry"]["metrics_port"]
     open_port = {"gateway": cfg["gateway"]["port"], "ingest": cfg["ingest"]["rtmp_port"]}
     for name, policy in policies.items():
-        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]  # egress: tests/deploy/test_network_policy.py
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]  # egress: tests/deploy/test_network_security.py
         for rule in policy["spec"]["ingress"]:
             ports = tuple(p["port"] for p in rule["ports"])
             if "from" not in rule:  # reachable from anywhere
@@ -345,7 +345,8 @@ def test_existing_secrets_are_used_not_created() -> None:
             for w in r.workloads() for c in containers(w) for e in c["env"] if "valueFrom" in e
             and "secretKeyRef" in e["valueFrom"]}
     assert refs == {("RHEO_NATS__TOKEN", "corp-nats", "token"), ("RHEO_GATEWAY__API_TOKENS", "corp-rheo-api",
-                                                                   "api-tokens")}
+                                                                   "api-tokens"),
+                    ("RHEO_DIT_STAGE__LINK_KEY", "corp-link", "link-key")}
     assert r.config_yaml()["nats"]["url"] == "tls://nats-a.infra:4222,tls://nats-b.infra:4222"
 
 

@@ -24,7 +24,7 @@ LISTENERS = {
     "dit-stage": ("link", "dit_stage.link_port"),
 }
 # Stand-ins for what Kubernetes fills in at run time, shaped like the real thing.
-SECRET_STANDINS = {"api-tokens": json.dumps(["t" * 40]), "password": "p" * 32, "token": "k" * 40}
+SECRET_STANDINS = {"api-tokens": json.dumps(["t" * 40]), "password": "p" * 32, "token": "k" * 40, "link-key": "l" * 48}
 DOWNWARD = {"metadata.name": "dit-3", "status.podIP": "10.1.2.3"}
 
 

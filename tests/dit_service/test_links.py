@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
 import torch
 
 from dit_stage.links import NextLink
 from dit_stage.telemetry import DROPPED, StageTelemetry
 from proto import Buckets, RingReturn
 from services.bus import Bus
-from services.link import LinkListener
+from services.link import LinkListener, LinkOptions
 
 STAGE = "nl-test"
 
@@ -31,7 +32,7 @@ async def test_a_replaced_next_stage_gets_every_message_of_the_new_epoch(bus: Bu
     old = LinkListener().start()
     new = LinkListener().start()
     states: list[bool] = []
-    link = NextLink(STAGE, endpoints, 1 << 20, StageTelemetry(STAGE), states.append)
+    link = NextLink(STAGE, endpoints, LinkOptions(max_frame_bytes=1 << 20), StageTelemetry(STAGE), states.append)
     replaced0, changed0 = _dropped("link_replaced"), _dropped("link_changed")
     try:
         await endpoints.put("nl-old", old.endpoint.encode())
@@ -80,3 +81,13 @@ async def test_a_replaced_next_stage_gets_every_message_of_the_new_epoch(bus: Bu
         for key in ("nl-old", "nl-new"):
             with contextlib.suppress(Exception):
                 await endpoints.delete(key)
+
+
+def test_a_stage_beyond_loopback_needs_a_link_key() -> None:
+    from dit_stage.links import link_options
+    from services.config import DitStageSettings
+
+    with pytest.raises(ValueError, match="link_key is required"):
+        link_options(DitStageSettings())  # listens on 0.0.0.0 by default
+    assert link_options(DitStageSettings(link_host="127.0.0.1")).key is None
+    assert link_options(DitStageSettings(link_key="s3cret")).key == b"s3cret"

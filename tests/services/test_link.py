@@ -223,3 +223,53 @@ async def test_a_closed_sender_counts_what_it_discards() -> None:
         assert sender.stats.discarded == 2
     finally:
         listener.close()
+
+
+async def _wait(cond, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_keyed_link_carries_frames_only_for_holders_of_the_key() -> None:
+    key = b"k" * 32
+    listener = LinkListener(key=key, max_frame_bytes=1 << 20).start()
+    good = LinkSender(listener.endpoint, key=key).start()
+    wrong = LinkSender(listener.endpoint, key=b"x" * 32, backoff_s=0.05).start()
+    try:
+        intruder = _raw_client(listener.endpoint)  # the unkeyed wire: a frame prefix at once, no proof
+        intruder.sendall(struct.pack("<QQQ", 100, 9, 1) + bytes(100))
+        await wrong.send(_msg(99))  # never delivered: the handshake fails before any frame is read
+        for i in range(3):
+            await good.send(_msg(i))
+        for i in range(3):
+            with await listener.recv(timeout=5) as frame:
+                assert frame.message.version == i
+        await _wait(lambda: listener.stats.refused_connections >= 2 and wrong.stats.refused_connections >= 1)
+        with pytest.raises(ConnectionResetError):  # closed with the intruder's frame unread
+            while intruder.recv(64):
+                pass
+        intruder.close()
+        await asyncio.sleep(0.2)
+        assert listener.stats.frames == 3 and listener.stats.malformed == 0
+        with pytest.raises(TimeoutError):
+            await listener.recv(timeout=0.2)
+    finally:
+        good.close()
+        wrong.close()
+        listener.close()
+
+
+async def test_a_sender_with_a_key_refuses_an_unkeyed_listener() -> None:
+    """The key is proven both ways: a stage cannot be made to send hidden states to an impostor."""
+    impostor = LinkListener().start()
+    sender = LinkSender(impostor.endpoint, key=b"k" * 32, connect_timeout_s=0.3, backoff_s=0.05).start()
+    try:
+        await sender.send(_msg(1))
+        await _wait(lambda: sender.stats.refused_connections >= 1)
+        with pytest.raises(TimeoutError):
+            await impostor.recv(timeout=0.3)
+    finally:
+        sender.close()
+        impostor.close()

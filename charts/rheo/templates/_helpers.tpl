@@ -52,6 +52,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-nats-auth" (include "rheo.fullname" .)) .Values.nats.auth.existingSecret -}}
 {{- end -}}
 
+{{- define "rheo.linkSecretName" -}}
+{{- .Values.ditStage.linkKey.existingSecret | default (printf "%s-link" (include "rheo.fullname" .)) }}
+{{- end }}
+
 {{- define "rheo.apiSecretName" -}}
 {{- default (printf "%s-api" (include "rheo.fullname" .)) .Values.api.existingSecret -}}
 {{- end -}}

@@ -156,3 +156,18 @@ def test_the_world_narrows_by_value() -> None:
     assert policies.allowed(pod("controller"), Endpoint("apiserver", None, ip="10.96.0.1"), 443)
     for name in ("gateway", "rtmp"):
         assert narrowed.get("Service", f"{RELEASE}-{name}")["spec"]["loadBalancerSourceRanges"] == ["198.51.100.0/24"]
+
+
+def test_every_stage_proves_a_link_key_from_a_secret() -> None:
+    from deploy.chartkit import containers
+
+    for value_set, values in (("generated", {}), ("existing", {"ditStage": {"linkKey": {"existingSecret": "corp"}}})):
+        rendered = Rendered(values)
+        env = {e["name"]: e for e in next(containers(rendered.get("StatefulSet", "dit")))["env"]}
+        ref = env["RHEO_DIT_STAGE__LINK_KEY"]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] == "link-key", value_set
+        created = [s for s in rendered.kind("Secret") if s["metadata"]["name"] == ref["name"]]
+        if value_set == "existing":
+            assert ref["name"] == "corp" and not created
+        else:
+            assert len(created) == 1 and len(created[0]["data"]["link-key"]) >= 32
