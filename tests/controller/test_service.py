@@ -71,8 +71,10 @@ async def test_leader_takeover_after_kill_and_after_stop(nats_settings: NatsSett
         while not (await holder()).endswith(f"-{proc.pid}"):
             assert proc.poll() is None and time.monotonic() < deadline, "the controller process never led"
             await asyncio.sleep(0.1)
-        await eventually(lambda: True)
-        epoch = (await current_map(bus)).epoch
+        while (first := await current_map(bus)) is None:  # the leader writes its map just after taking the lock
+            assert proc.poll() is None and time.monotonic() < deadline, "the leader never wrote a block map"
+            await asyncio.sleep(0.1)
+        epoch = first.epoch
         b = await controllers.start(settings, "ctl-b")
         for _ in range(2):  # a standby follows the leader's map and the stages' stats: it takes over warm
             for st in stats_for(await current_map(bus), {}):

@@ -84,19 +84,30 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("kind", list(BAD_INPUTS))
-def test_bad_input_gives_one_clear_line_and_no_output(kind, clip, tmp_path):
+def test_bad_input_gives_one_clear_line_and_no_output(kind, clip, tmp_path, capsys, monkeypatch):
+    """One case as a real subprocess; the others call the same ``main`` in-process (each interpreter start costs
+    seconds on the CI machine, and the input checks run before anything heavy is imported)."""
     make, name, message = BAD_INPUTS[kind]
     src = tmp_path / name
     make(clip, src)
     out = tmp_path / "out.mp4"
     before = set(tmp_path.iterdir())
-    r = rheo_run("--input", src, "--output", out, "--prompt", "x", "--preset", "tiny", "--size", "64x64",
-                 cwd=tmp_path)  # fmt: skip
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
+    args = ("--input", src, "--output", out, "--prompt", "x", "--preset", "tiny", "--size", "64x64")
+    if kind == "corrupt":
+        r = rheo_run(*args, cwd=tmp_path)
+        code, stdout, stderr = r.returncode, r.stdout, r.stderr
+    else:
+        from services.cli import main
+
+        for key in [k for k in os.environ if k.startswith("RHEO_")]:
+            monkeypatch.delenv(key)
+        code = main(["run", *map(str, args)])
+        stdout, stderr = capsys.readouterr()
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("rheo run: error: ") and message in lines[0], lines[0]
-    assert "Traceback" not in r.stderr + r.stdout
+    assert "Traceback" not in stderr + stdout
     assert set(tmp_path.iterdir()) == before  # no output, no temp file
 
 
