@@ -123,7 +123,7 @@ class ConnectionGate:
         """``conn`` passed the key check: it leaves the pre-auth pool for a publisher slot."""
         if conn in self.preauth:
             del self.preauth[conn]
-            self.preauth_per_bucket[conn.bucket] -= 1
+            self._drop(self.preauth_per_bucket, conn.bucket)
             RTMP_CONNECTIONS.labels(state="preauth").dec()
         if conn not in self.publishing:
             self.publishing.add(conn)

@@ -295,7 +295,7 @@ class RtmpServer:
             if stream._owner is not session:
                 return
             stream._owner = None
-        stream.end_reason = reason
+        stream.end_reason = reason[:300]
         stream.publishing = False
         loop = asyncio.get_running_loop()
         stream._linger = loop.call_later(self.settings.stream_linger_s, self._end_stream, stream)
@@ -390,8 +390,6 @@ class _Session:
                 kind, reason = "idle_timeout", "idle timeout"
         except asyncio.CancelledError:
             kind, reason = self._abort or ("shutdown", "cancelled")
-        except ssl.SSLError as exc:
-            kind, reason = "tls", f"TLS handshake failed: {exc.reason or exc.__class__.__name__}"
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
             kind, reason = "connection_error", f"connection error: {exc.__class__.__name__}"
         except Exception as exc:  # one connection's bug must not take the server down
@@ -411,11 +409,18 @@ class _Session:
         reader = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         left = max(0.0, self._deadline - time.monotonic())
-        transport, _ = await asyncio.wait_for(
-            loop.connect_accepted_socket(lambda: protocol, self._tls_sock, ssl=self.server.tls.current(),
-                                         ssl_handshake_timeout=left + 1.0),
-            left,
-        )
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.connect_accepted_socket(lambda: protocol, self._tls_sock, ssl=self.server.tls.current(),
+                                             ssl_handshake_timeout=left + 1.0),
+                left,
+            )
+        except TimeoutError:
+            raise
+        except ssl.SSLError as exc:
+            raise _Close("tls", f"TLS handshake failed: {exc.reason or exc.__class__.__name__}") from None
+        except OSError as exc:  # the client gave up on the handshake (e.g. it does not trust the certificate)
+            raise _Close("tls", f"TLS handshake failed: {exc.__class__.__name__}") from None
         self.reader, self.writer = reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
     def _hard_close(self) -> None:

@@ -142,7 +142,7 @@ class IngestSettings(Section):
         32, ge=1, description="concurrent RTMP connections from one address (an IPv6 /64), publishing or not"
     )
     max_preauth_per_ip: int = Field(
-        4, ge=1, description="concurrent connections from one address (an IPv6 /64) not yet past the key check"
+        8, ge=1, description="concurrent connections from one address (an IPv6 /64) not yet past the key check"
     )
     preauth_buffer_bytes: int = Field(
         64 * 1024, ge=4096, description="before the key check: largest message, chunk size and buffered bytes of a "
