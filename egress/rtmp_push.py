@@ -4,7 +4,9 @@ PyAV's flv muxer (into memory) makes the FLV tags — AVC and AAC sequence heade
 the source has no audio (YouTube and Twitch want an audio track) — and a small asyncio RTMP client of ours
 sends them. PyAV's own RTMP output holds the GIL while it blocks on the network, which would stall the event
 loop of every other stream; our client never blocks. While disconnected the newest tags are kept (bounded);
-after a reconnect the sequence headers are resent and video resumes at the next keyframe.
+after a reconnect the sequence headers are resent and video resumes at the next keyframe. An ``rtmps://`` URL
+runs the same client over TLS; the server certificate is always verified (against ``egress.rtmp_push_ca_file``, or
+the system's trusted CAs).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import collections
 import io
 import logging
 import os
+import ssl
 import urllib.parse
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -155,26 +159,38 @@ class PushError(Exception):
     """The RTMP server refused us or broke the protocol."""
 
 
+_DEFAULT_PORTS = {"rtmp": 1935, "rtmps": 443}
+
+
 def split_rtmp_url(url: str) -> tuple[str, int, str, str]:
-    """``rtmp://host[:port]/app/key`` → (host, port, app, key)."""
+    """``rtmp[s]://host[:port]/app/key`` → (host, port, app, key); rtmps defaults to port 443."""
     parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme != "rtmp" or not parsed.hostname:
-        raise ValueError(f"not an rtmp:// URL: {url!r}")
+    if parsed.scheme not in _DEFAULT_PORTS or not parsed.hostname:
+        raise ValueError(f"not an rtmp:// or rtmps:// URL: {url!r}")
     path = parsed.path.lstrip("/")
     app, _, key = path.partition("/")
     if parsed.query:
         key += "?" + parsed.query
     if not app or not key:
         raise ValueError(f"RTMP URL needs /app/key: {url!r}")
-    return parsed.hostname, parsed.port or 1935, app, key
+    return parsed.hostname, parsed.port or _DEFAULT_PORTS[parsed.scheme], app, key
+
+
+def client_tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """Verifying client context: hostname and chain checked, against ``ca_file`` or the system's CAs."""
+    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
 
 
 class RtmpClient:
-    """A minimal publishing RTMP client (simple handshake, AMF0 commands, fmt-0 chunks)."""
+    """A minimal publishing RTMP client (simple handshake, AMF0 commands, fmt-0 chunks), over TLS for rtmps://."""
 
-    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 5.0, ca_file: Path | None = None) -> None:
         self.url = url
         self.host, self.port, self.app, self.key = split_rtmp_url(url)
+        self.scheme = urllib.parse.urlsplit(url).scheme
+        self.tls = client_tls_context(ca_file) if self.scheme == "rtmps" else None
         self.timeout_s = timeout_s
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -185,12 +201,14 @@ class RtmpClient:
 
     async def connect(self) -> None:
         async with asyncio.timeout(self.timeout_s):
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+            self._reader, self._writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self.tls, server_hostname=self.host if self.tls else None
+            )
             self._writer.write(b"\x03" + b"\x00" * 8 + os.urandom(HANDSHAKE_SIZE - 8))
             s0s1s2 = await self._reader.readexactly(1 + 2 * HANDSHAKE_SIZE)
             self._writer.write(s0s1s2[1 : 1 + HANDSHAKE_SIZE])
             self._writer.write(control_message(SET_CHUNK_SIZE, _CHUNK_SIZE))
-            tc_url = f"rtmp://{self.host}:{self.port}/{self.app}"
+            tc_url = f"{self.scheme}://{self.host}:{self.port}/{self.app}"
             info = {"app": self.app, "type": "nonprivate", "flashVer": "FMLE/3.0 (compatible; rheo)", "tcUrl": tc_url}
             self._command(0, "connect", 1, info)
             await self._expect_result(1)
@@ -306,8 +324,11 @@ class RtmpPush:
         backoff_s: float = 0.5,
         backoff_max_s: float = 10.0,
         max_queued_tags: int = 600,
+        ca_file: Path | None = None,
     ) -> None:
         self.url = url
+        self.ca_file = ca_file
+        split_rtmp_url(url)  # a bad URL fails here, not on every reconnect
         self.muxer = FlvTagMuxer(config, silent_audio)
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
         self.stats = PushStats()
@@ -327,6 +348,7 @@ class RtmpPush:
             settings.rtmp_push_silent_audio,
             settings.rtmp_push_backoff_s,
             settings.rtmp_push_backoff_max_s,
+            ca_file=settings.rtmp_push_ca_file,
         )
 
     def push(self, unit: VideoUnit) -> None:
@@ -351,7 +373,7 @@ class RtmpPush:
     async def run(self) -> None:
         delay = self.backoff_s
         while True:
-            client = RtmpClient(self.url)
+            client = RtmpClient(self.url, ca_file=self.ca_file)
             try:
                 await client.connect()
                 client.start_reading()

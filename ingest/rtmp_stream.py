@@ -39,6 +39,8 @@ class Decision:
     shape: StreamShape | None = None
     first: tuple[int, int] = (0, 0)
     """(seq, segment) of a new session's first chunk (the stream record's reservation); a resumed one ignores it."""
+    bad_key: bool = False
+    """Refused because the key (or application) is unknown: counts toward the address's key-guess limit."""
 
 
 @dataclass
@@ -69,6 +71,8 @@ class RtmpStream:
         self.stats = StreamStats()
         self.publishing = False
         self.ended = False
+        self.end_reason = ""
+        """Why its last publisher's connection closed, when not cleanly (shown as the ended record's reason)."""
         self._last_frame: np.ndarray | None = None
         self._lock = threading.Lock()
         self._owner: object | None = None

@@ -4,7 +4,10 @@ One ``RtmpServer`` owns the listening socket and the ``RtmpStream`` objects (``i
 ``_Session`` per TCP connection runs the handshake, the chunk-stream parser and the AMF0 command exchange OBS,
 ffmpeg and GStreamer expect. Video is decoded, paced and chunked in a worker thread, and each chunk lands in the
 stream's bounded ``ChunkQueue``, which the service that wraps this server consumes. Any error in one
-connection closes that connection only, with a logged (and, where the protocol allows, client-visible) reason.
+connection closes that connection only, with a counted, logged (and, where the protocol allows, client-visible)
+reason. Until its stream key is checked a connection is held to a small budget (``ingest.rtmp_limits``): its own
+pool, per-address caps, a deadline, 64 KiB of buffering and only the commands that lead to ``publish``.
+An optional second listener speaks RTMPS (TLS, set up only after the connection is admitted).
 """
 
 from __future__ import annotations
@@ -12,16 +15,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import os
+import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ingest.pacing import RawChunk
+from ingest.rtmp_limits import ConnectionGate, KeyGuessLimiter, RefusalKind, RefusalLog, address_bucket
 from ingest.rtmp_stream import Decision, RtmpStream, StreamShape
+from ingest.rtmp_tls import TlsContexts
 from media import amf0
 from media.chunkstream import (
+    ABORT,
     ACKNOWLEDGEMENT,
     AUDIO,
     COMMAND_AMF0,
@@ -31,6 +40,7 @@ from media.chunkstream import (
     HANDSHAKE_SIZE,
     SET_CHUNK_SIZE,
     SET_PEER_BANDWIDTH,
+    USER_CONTROL,
     VIDEO,
     WINDOW_ACK_SIZE,
     ChunkLimits,
@@ -51,6 +61,13 @@ _MEDIA_STREAM_ID = 1
 _CSID_COMMAND = 3
 _CSID_STATUS = 5
 _PROBE = "closed before the handshake"
+_READ_LIMIT = 1 << 16  # StreamReader buffer: reading pauses at 2x this, so a connection buffers at most 128 KiB
+_PREAUTH_READ = 4096  # read size before the key check (the parser's budget is checked per read)
+_PREAUTH_COMMANDS = frozenset({"connect", "releaseStream", "FCPublish", "createStream", "publish", "_checkbw",
+                               "FCUnpublish", "deleteStream", "closeStream", "play"})
+_PREAUTH_CONTROL = frozenset({SET_CHUNK_SIZE, ABORT, ACKNOWLEDGEMENT, USER_CONTROL, WINDOW_ACK_SIZE,
+                              SET_PEER_BANDWIDTH})
+_MAX_PREAUTH_COMMANDS = 16
 
 
 Authoriser = Callable[[str, str, dict[str, Any]], Awaitable[Decision]]
@@ -67,7 +84,7 @@ class KeyTableAuthoriser:
             return Decision(False, f"unknown application {app!r}")
         stream_id = self.keys.get(stream_key)
         if stream_id is None:
-            return Decision(False, "bad stream key")
+            return Decision(False, "bad stream key", bad_key=True)
         return Decision(True, stream_id=stream_id)
 
 
@@ -82,9 +99,17 @@ class _Unpublished(Exception):
 class Refused(Exception):
     """A publisher is turned away; ``code`` is the NetStream status code the client sees."""
 
-    def __init__(self, reason: str, code: str = "NetStream.Publish.Rejected") -> None:
+    def __init__(self, reason: str, code: str = "NetStream.Publish.Rejected", kind: RefusalKind = "refused") -> None:
         super().__init__(reason)
-        self.reason, self.code = reason, code
+        self.reason, self.code, self.kind = reason, code, kind
+
+
+class _Close(Exception):
+    """Close the connection for a limit (``kind``), without a client-visible status."""
+
+    def __init__(self, kind: RefusalKind, reason: str) -> None:
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
 
 
 @dataclass
@@ -92,7 +117,7 @@ class ServerStats:
     connections: int = 0
     accepted: int = 0
     probes: int = 0  # connections closed before sending a byte
-    refused: collections.Counter = field(default_factory=collections.Counter)
+    refused: collections.Counter = field(default_factory=collections.Counter)  # RefusalKind → count
 
 
 class RtmpServer:
@@ -121,7 +146,18 @@ class RtmpServer:
             max_message_bytes=settings.max_message_bytes,
             max_pending_bytes=settings.max_pending_bytes,
         )
+        budget = settings.preauth_buffer_bytes
+        self.preauth_limits = ChunkLimits(max_chunk_size=budget, max_message_bytes=budget, max_pending_bytes=budget,
+                                          max_chunk_streams=8)
+        self.gate = ConnectionGate(settings)
+        self.keys = KeyGuessLimiter(settings.key_failures_per_ip, settings.key_failure_window_s, settings.key_backoff_s)
+        self.refusal_log = RefusalLog()
+        self.stats.refused = self.refusal_log.counts
+        self.tls = (TlsContexts(settings.tls_cert_file, settings.tls_key_file)
+                    if settings.tls_cert_file and settings.tls_key_file else None)
         self._server: asyncio.Server | None = None
+        self._tls_sock: socket.socket | None = None
+        self._tls_accept: asyncio.Task | None = None
         self._sessions: set[_Session] = set()
         self._tasks: set[asyncio.Task] = set()
 
@@ -130,17 +166,39 @@ class RtmpServer:
         assert self._server is not None, "server not started"
         return self._server.sockets[0].getsockname()[1]
 
+    @property
+    def tls_port(self) -> int:
+        assert self._tls_sock is not None, "no RTMPS listener"
+        return self._tls_sock.getsockname()[1]
+
+    @property
+    def preauth_buffered_bytes(self) -> int:
+        """Bytes the connections not yet past the key check hold in their parsers and read buffers (the budget
+        the pre-auth limits bound)."""
+        return sum(s.buffered_bytes() for s in self._sessions if s.stream is None)
+
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._accept, self.settings.rtmp_host, self.settings.rtmp_port, limit=1 << 16, backlog=1024
-        )
-        log.info("rtmp ingest listening on %s:%d", self.settings.rtmp_host, self.port)
+        s = self.settings
+        self._server = await asyncio.start_server(self._accept, s.rtmp_host, s.rtmp_port, limit=_READ_LIMIT,
+                                                  backlog=1024)
+        log.info("rtmp ingest listening on %s:%d", s.rtmp_host, self.port)
+        if s.rtmps_port is not None and self.tls is not None:
+            self.tls.current()  # a missing or bad certificate fails the start, not the first publisher
+            self._tls_sock = socket.create_server((s.rtmp_host, s.rtmps_port), backlog=1024)
+            self._tls_sock.setblocking(False)
+            self._tls_accept = asyncio.create_task(self._accept_tls(), name="rtmps-accept")
+            log.info("rtmps ingest listening on %s:%d", s.rtmp_host, self.tls_port)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._tls_accept is not None:
+            self._tls_accept.cancel()
+            await asyncio.gather(self._tls_accept, return_exceptions=True)
+        if self._tls_sock is not None:
+            self._tls_sock.close()
         for session in list(self._sessions):
-            session.abort("server shutting down")
+            session.abort("shutdown", "server shutting down")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for stream in list(self.streams.values()):
@@ -148,21 +206,38 @@ class RtmpServer:
         if self._server is not None:
             await self._server.wait_closed()
 
-    def refuse(self, peer: str, reason: str) -> None:
-        """Record and log why a connection was closed."""
-        kind = reason.split(":")[0].split(" (")[0][:60]
-        self.stats.refused[kind] += 1
+    def refuse(self, kind: RefusalKind, peer: str, reason: str) -> None:
+        """Count (metric, ``stats.refused``) and log (rate-limited) why a connection was closed."""
+        self.refusal_log.note(kind, peer, reason)
         self.refusals.append((peer, reason))
-        log.warning("rtmp %s closed: %s", peer, reason)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         host, port = writer.get_extra_info("peername", ("?", 0))[:2]
-        peer = f"{host}:{port}"
-        if len(self._sessions) >= self.settings.max_connections:
-            self.refuse(peer, f"connection cap of {self.settings.max_connections} reached")
-            writer.transport.abort()
+        session = _Session(self, f"{host}:{port}", address_bucket(str(host)), reader, writer)
+        await self._serve(session, writer.transport.abort)
+
+    async def _accept_tls(self) -> None:
+        """The RTMPS accept loop: a connection is admitted (caps, pool) before any TLS work is done for it."""
+        assert self._tls_sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self._tls_sock)
+            except OSError as exc:  # EMFILE and friends: back off rather than spin
+                log.warning("rtmps accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            session = _Session(self, f"{addr[0]}:{addr[1]}", address_bucket(str(addr[0])), tls_sock=conn)
+            task = asyncio.create_task(self._serve(session, conn.close), name="rtmps-session")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, session: _Session, close: Callable[[], None]) -> None:
+        refusal = self.gate.admit(session)
+        if refusal is not None:
+            self.refuse(refusal[0], session.peer, refusal[1])
+            close()
             return
-        session = _Session(self, reader, writer, peer)
         self._sessions.add(session)
         self.stats.connections += 1
         task = asyncio.current_task()
@@ -172,12 +247,19 @@ class RtmpServer:
         try:
             await session.run()
         finally:
+            self.gate.release(session)
             self._sessions.discard(session)
             if task is not None:
                 self._tasks.discard(task)
 
     async def _attach(self, session: _Session, decision: Decision, key: str) -> RtmpStream:
         stream = self.streams.get(decision.stream_id)
+        live = stream is not None and not stream.ended
+        replacing = live and any(s is not session and s.stream is stream for s in self._sessions)
+        if not replacing and not self.gate.has_publisher_room():
+            raise Refused(f"connection cap of {self.settings.max_connections} publishers reached; retry later",
+                          kind="connection_cap")
+        self.gate.promote(session)
         if stream is None or stream.ended:
             stream = RtmpStream(
                 decision.stream_id,
@@ -193,7 +275,7 @@ class RtmpServer:
         else:
             previous = next((s for s in self._sessions if s is not session and s.stream is stream), None)
             if previous is not None:
-                previous.abort("replaced by a new publisher with the same stream key")
+                previous.abort("replaced", "replaced by a new publisher with the same stream key")
             log.info("stream %s resumed by %s", stream.stream_id, session.peer)
         if stream._linger is not None:
             stream._linger.cancel()
@@ -201,16 +283,19 @@ class RtmpServer:
         with stream._lock:
             stream._owner = session
             stream.pacer.resync()
+        stream.end_reason = ""
         stream.publishing = True
         stream.stats.sessions += 1
         self.stats.accepted += 1
         return stream
 
-    def _detach(self, session: _Session, stream: RtmpStream) -> None:
+    def _detach(self, session: _Session, stream: RtmpStream, reason: str = "") -> None:
+        """``session`` stopped publishing ``stream``; ``reason``: why, when it did not end cleanly."""
         with stream._lock:
             if stream._owner is not session:
                 return
             stream._owner = None
+        stream.end_reason = reason[:300]
         stream.publishing = False
         loop = asyncio.get_running_loop()
         stream._linger = loop.call_later(self.settings.stream_linger_s, self._end_stream, stream)
@@ -231,14 +316,16 @@ class RtmpServer:
 
 
 class _Session:
-    """One TCP connection: handshake, then messages until close."""
+    """One TCP connection: (TLS,) handshake, then messages until close. ``stream`` is set once its key passed."""
 
     def __init__(
-        self, server: RtmpServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+        self, server: RtmpServer, peer: str, bucket: str, reader: asyncio.StreamReader | None = None,
+        writer: asyncio.StreamWriter | None = None, tls_sock: socket.socket | None = None,
     ) -> None:
-        self.server, self.reader, self.writer, self.peer = server, reader, writer, peer
+        self.server, self.peer, self.bucket = server, peer, bucket
+        self.reader, self.writer, self._tls_sock = reader, writer, tls_sock
         self.settings = server.settings
-        self.parser = ChunkStreamParser(server.limits)
+        self.parser = ChunkStreamParser(server.preauth_limits)
         self.task: asyncio.Task | None = None
         self.app = ""
         self.connect_info: dict[str, Any] = {}
@@ -246,25 +333,40 @@ class _Session:
         self.decoder = AvcDecoder(self.settings.max_width, self.settings.max_height)
         self.ack_window = 0
         self.last_ack = 0
-        self._abort_reason: str | None = None
+        self._abort: tuple[RefusalKind, str] | None = None
         self._deadline = time.monotonic() + self.settings.handshake_timeout_s
+        self._frame_deadline = math.inf
+        self._commands = 0
 
-    def abort(self, reason: str) -> None:
-        self._abort_reason = reason
+    def abort(self, kind: RefusalKind, reason: str) -> None:
+        self._abort = (kind, reason)
         if self.task is not None:
             self.task.cancel()
 
+    evict = abort  # ConnectionGate closes the pre-auth connection it evicts through this
+
+    def buffered_bytes(self) -> int:
+        """What this connection holds in memory for its peer: the parser's pending bytes and the read buffer."""
+        reader_buffer = len(getattr(self.reader, "_buffer", b""))
+        return self.parser.pending_bytes + reader_buffer
+
     async def run(self) -> None:
+        kind: RefusalKind | None = None
         reason: str | None = None
         try:
-            await asyncio.wait_for(self._handshake(), self.settings.handshake_timeout_s)
+            if self._tls_sock is not None:
+                await self._start_tls()
+            await asyncio.wait_for(self._handshake(), max(0.0, self._deadline - time.monotonic()))
             while True:
                 data = await self._read()
                 if not data:
                     if self.parser.pending_bytes:
+                        kind = "closed_mid_message"
                         reason = f"connection closed mid-message ({self.parser.pending_bytes} bytes pending)"
+                    elif self.stream is not None:
+                        reason = "publisher closed the connection"
                     else:
-                        reason = "publisher closed the connection" if self.stream else "closed before publishing"
+                        kind, reason = "closed_before_publish", "closed before publishing"
                     break
                 await self._on_bytes(data)
         except _Probe:
@@ -272,60 +374,101 @@ class _Session:
         except _Unpublished:
             reason = "publisher unpublished"
         except Refused as exc:
-            reason = exc.reason
+            kind, reason = exc.kind, exc.reason
             await self._send_refusal(exc)
+        except _Close as exc:
+            kind, reason = exc.kind, exc.reason
         except RtmpProtocolError as exc:
-            reason = f"protocol error: {exc}"
+            kind, reason = "protocol", f"protocol error: {exc}"
         except UnsupportedVideo as exc:
-            reason = str(exc)
+            kind, reason = "unsupported_media", str(exc)
             await self._send_refusal(Refused(reason))
         except TimeoutError:
-            reason = "handshake/publish timeout" if self.stream is None else "idle timeout"
+            if self.stream is None:
+                kind, reason = "handshake_timeout", "handshake/publish timeout"
+            else:
+                kind, reason = "idle_timeout", "idle timeout"
         except asyncio.CancelledError:
-            reason = self._abort_reason or "cancelled"
+            kind, reason = self._abort or ("shutdown", "cancelled")
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
-            reason = f"connection error: {exc.__class__.__name__}"
+            kind, reason = "connection_error", f"connection error: {exc.__class__.__name__}"
         except Exception as exc:  # one connection's bug must not take the server down
             log.exception("rtmp %s: unexpected error", self.peer)
-            reason = f"internal error: {exc}"
+            kind, reason = "internal", f"internal error: {exc}"
         finally:
             try:
-                await self._finish(reason or "closed")
+                await self._finish(kind, reason or "closed")
             except Exception:
                 log.exception("rtmp %s: error while closing", self.peer)
-                self.writer.transport.abort()
+                self._hard_close()
 
-    async def _finish(self, reason: str) -> None:
+    async def _start_tls(self) -> None:
+        """RTMPS: TLS over the admitted socket, within the pre-auth deadline."""
+        assert self._tls_sock is not None and self.server.tls is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_READ_LIMIT, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        left = max(0.0, self._deadline - time.monotonic())
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.connect_accepted_socket(lambda: protocol, self._tls_sock, ssl=self.server.tls.current(),
+                                             ssl_handshake_timeout=left + 1.0),
+                left,
+            )
+        except TimeoutError:
+            raise
+        except ssl.SSLError as exc:
+            raise _Close("tls", f"TLS handshake failed: {exc.reason or exc.__class__.__name__}") from None
+        except OSError as exc:  # the client gave up on the handshake (e.g. it does not trust the certificate)
+            raise _Close("tls", f"TLS handshake failed: {exc.__class__.__name__}") from None
+        self.reader, self.writer = reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    def _hard_close(self) -> None:
+        if self.writer is not None:
+            self.writer.transport.abort()
+        elif self._tls_sock is not None:
+            self._tls_sock.close()
+
+    async def _finish(self, kind: RefusalKind | None, reason: str) -> None:
         if reason == _PROBE:  # not an RTMP client at all: count it, no warning
             self.server.stats.probes += 1
             log.debug("rtmp %s: %s", self.peer, reason)
-            self.writer.transport.abort()
+            self._hard_close()
             return
-        clean = reason.startswith(("publisher closed", "publisher unpublished"))
         if self.stream is not None:
             try:  # frames the decoder still holds (B-frame delay) belong to the stream too
                 for chunk in self.stream.process(self.decoder.flush(), self):
                     self.stream.queue.put(chunk)
             except Exception as exc:
                 log.warning("rtmp %s: decoder flush failed: %s", self.peer, exc)
-            self.server._detach(self, self.stream)
-        if clean:
+            self.server._detach(self, self.stream, reason if kind is not None else "")
+        if kind is None:
             log.info("rtmp %s: %s", self.peer, reason)
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
         else:
-            self.server.refuse(self.peer, reason)
-            self.writer.transport.abort()
+            self.server.refuse(kind, self.peer, reason)
+            self._hard_close()
 
     async def _read(self) -> bytes:
+        assert self.reader is not None
+        now = time.monotonic()
         if self.stream is None:
-            timeout = self._deadline - time.monotonic()
+            timeout, size = self._deadline - now, _PREAUTH_READ
+        else:
+            timeout, size = min(self.settings.idle_timeout_s, self._frame_deadline - now), 1 << 16
+        try:
             if timeout <= 0:
                 raise TimeoutError
-        else:
-            timeout = self.settings.idle_timeout_s
-        return await asyncio.wait_for(self.reader.read(1 << 16), timeout)
+            return await asyncio.wait_for(self.reader.read(size), timeout)
+        except TimeoutError:
+            if self.stream is not None and time.monotonic() >= self._frame_deadline:
+                raise _Close("no_frames", f"no video frame for {self.settings.frame_timeout_s:g} s "
+                             "(ingest.frame_timeout_s)") from None
+            raise
 
     async def _handshake(self) -> None:
+        assert self.reader is not None and self.writer is not None
         try:
             c0 = await self.reader.readexactly(1)
         except asyncio.IncompleteReadError:
@@ -341,6 +484,7 @@ class _Session:
             raise RtmpProtocolError(f"truncated handshake ({len(exc.partial)} of {HANDSHAKE_SIZE} bytes)") from None
 
     def _send(self, data: bytes) -> None:
+        assert self.writer is not None
         self.writer.write(data)
 
     def _send_command(self, csid: int, stream_id: int, *values: Any) -> None:
@@ -352,6 +496,7 @@ class _Session:
 
     async def _send_refusal(self, exc: Refused) -> None:
         """Tell the client why, then wait briefly for it to close so the reason is not lost to a reset."""
+        assert self.reader is not None and self.writer is not None
         try:
             self._status("error", exc.code, exc.reason)
             await asyncio.wait_for(self.writer.drain(), 1.0)
@@ -364,8 +509,15 @@ class _Session:
             pass
 
     async def _on_bytes(self, data: bytes) -> None:
-        for msg in self.parser.feed(data):
-            await self._on_message(msg)
+        # Before the key check, parsing pauses after each command: ``publish`` lifts the pre-auth limits, and the
+        # media a client sends right behind it is then parsed under the publishing ones.
+        messages = self.parser.feed(data, None if self.stream is not None else _is_command)
+        while True:
+            for msg in messages:
+                await self._on_message(msg)
+            if not self.parser.paused:
+                break
+            messages = self.parser.feed(b"", None if self.stream is not None else _is_command)
         received = self.parser.bytes_received
         if self.ack_window and received - self.last_ack >= self.ack_window:
             self.last_ack = received
@@ -373,6 +525,9 @@ class _Session:
 
     async def _on_message(self, msg: Message) -> None:
         t = msg.type_id
+        if self.stream is None and t not in _PREAUTH_CONTROL and t not in (COMMAND_AMF0, COMMAND_AMF3):
+            raise _Close("preauth_command", f"message type {t} before publish (only connect, createStream and "
+                         "publish are accepted before the stream key is checked)")
         if t == VIDEO:
             await self._on_video(msg)
         elif t == AUDIO:
@@ -398,6 +553,13 @@ class _Session:
         if not values or not isinstance(values[0], str):
             raise RtmpProtocolError("command without a name")
         name = values[0]
+        if self.stream is None:
+            self._commands += 1
+            if name not in _PREAUTH_COMMANDS:
+                raise _Close("preauth_command", f"command {name[:40]!r} before publish (only connect, createStream "
+                             "and publish are accepted before the stream key is checked)")
+            if self._commands > _MAX_PREAUTH_COMMANDS:
+                raise _Close("preauth_command", f"more than {_MAX_PREAUTH_COMMANDS} commands before publish")
         txn = values[1] if len(values) > 1 and isinstance(values[1], float | int) else 0
         args = values[2:]
         if name == "connect":
@@ -436,10 +598,19 @@ class _Session:
         if self.stream is not None:
             raise RtmpProtocolError("publish twice on one connection")
         key = name.split("?")[0]
+        server = self.server
+        if not server.gate.has_publisher_room():  # checked again at attach; this spares the authoriser's work
+            raise Refused(f"connection cap of {self.settings.max_connections} publishers reached; retry later",
+                          kind="connection_cap")
+        blocked = server.keys.blocked_for(self.bucket)
+        if blocked:
+            raise Refused(f"too many failed stream keys from this address; retry in {math.ceil(blocked)} s",
+                          kind="key_rate_limited")
         if self.app != self.settings.rtmp_app:
-            raise Refused(f"unknown application {self.app!r}", "NetStream.Publish.BadName")
+            server.keys.failed(self.bucket)
+            raise Refused(f"unknown application {self.app[:40]!r}", "NetStream.Publish.BadName", kind="bad_key")
         if not key:
-            raise Refused("empty stream key", "NetStream.Publish.BadName")
+            raise Refused("empty stream key", "NetStream.Publish.BadName", kind="bad_key")
         metadata = {
             "peer": self.peer,
             "tcUrl": self.connect_info.get("tcUrl"),
@@ -452,8 +623,13 @@ class _Session:
             log.exception("authoriser failed for %s", self.peer)
             raise Refused(f"admission unavailable: {exc.__class__.__name__}") from exc
         if not decision.allowed:
-            raise Refused(decision.reason or "refused", "NetStream.Publish.BadName")
+            if decision.bad_key:
+                server.keys.failed(self.bucket)
+            raise Refused(decision.reason or "refused", "NetStream.Publish.BadName",
+                          kind="bad_key" if decision.bad_key else "refused")
         self.stream = await self.server._attach(self, decision, key)
+        self.parser.limits = server.limits
+        self._frame_deadline = time.monotonic() + self.settings.frame_timeout_s
         self._send(user_control(0, _MEDIA_STREAM_ID))
         self._status("status", "NetStream.Publish.Start", f"publishing stream {decision.stream_id}")
         log.info("rtmp %s publishing app=%s stream=%s", self.peer, self.app, decision.stream_id)
@@ -467,13 +643,12 @@ class _Session:
         log.info("rtmp %s onMetaData %s", self.peer, {k: meta[k] for k in list(meta)[:24]})
         problem = metadata_codec_problem(meta)
         if problem:
-            raise Refused(problem)
+            raise Refused(problem, kind="unsupported_media")
         width, height = meta.get("width"), meta.get("height")
         numeric = isinstance(width, float | int) and isinstance(height, float | int)
         if numeric and (width > self.settings.max_width or height > self.settings.max_height):
-            raise Refused(
-                f"video {int(width)}x{int(height)} exceeds the {self.settings.max_width}x{self.settings.max_height} cap"
-            )
+            cap = f"{self.settings.max_width}x{self.settings.max_height}"
+            raise Refused(f"video {int(width)}x{int(height)} exceeds the {cap} cap", kind="unsupported_media")
         if self.stream is not None:
             self.stream.metadata = meta
 
@@ -496,6 +671,7 @@ class _Session:
             return
         if tag.kind is not TagKind.FRAME:
             return
+        self._frame_deadline = time.monotonic() + self.settings.frame_timeout_s
         if tag.composition_ms:
             stream.stats.reordered_frames += 1
         chunks = await asyncio.to_thread(self._decode_and_process, stream, tag, msg.timestamp)
@@ -506,3 +682,7 @@ class _Session:
         frames = self.decoder.decode(tag, dts)
         stream.stats.decode_errors = self.decoder.errors
         return stream.process(frames, self) if frames else []
+
+
+def _is_command(msg: Message) -> bool:
+    return msg.type_id in (COMMAND_AMF0, COMMAND_AMF3)

@@ -255,7 +255,7 @@ class IngestService(Service):
             log.warning("stream table lookup failed: %s", e)
             return Decision(False, f"stream table unavailable ({type(e).__name__}); retry")
         if record is None:
-            return Decision(False, "unknown stream key")
+            return Decision(False, "unknown stream key", bad_key=True)
         spec = record.spec
         if spec.t2v:
             return Decision(False, f"stream {spec.stream_id}: a text-to-video stream takes no input video")
@@ -444,7 +444,9 @@ class IngestService(Service):
         try:
             with contextlib.suppress(StreamNotFound):  # the table first: whoever hears the event reads "ended"
                 assert self.status is not None
-                await self.status.write(stream, state="ended", state_reason="")
+                # an RTMP publisher's unclean close (e.g. no frames for ingest.frame_timeout_s) says why it ended
+                reason = getattr(stream.source, "end_reason", "")
+                await self.status.write(stream, state="ended", state_reason=reason)
             await self.bus.publish(Subjects.stream_event(sid), StreamEvent(stream_id=sid, kind="ended", seq=last,
                                                                            at=time.time()))
             if self._prompts is not None:

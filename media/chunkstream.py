@@ -7,6 +7,7 @@ assembled) bytes and the number of chunk streams.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # Message type ids (RTMP spec §5.4, §7.1).
@@ -73,26 +74,36 @@ class ChunkStreamParser:
         self._buf = bytearray()
         self._streams: dict[int, _ChunkStream] = {}
         self._pending = 0
+        self.paused = False
+        """The last ``feed`` stopped early (its ``stop`` matched) with bytes left unparsed."""
 
     @property
     def pending_bytes(self) -> int:
         """Bytes held for messages not yet complete plus unparsed input."""
         return self._pending + len(self._buf)
 
-    def feed(self, data: bytes) -> list[Message]:
+    def feed(self, data: bytes, stop: Callable[[Message], bool] | None = None) -> list[Message]:
+        """Parse ``data`` (after what is buffered). With ``stop``, parsing pauses after the first message for which
+        it is true (``paused``): the caller may change ``limits`` before the rest is parsed by ``feed(b"")``, e.g.
+        after the command that authenticates the connection."""
         self.bytes_received += len(data)
         self._buf += data
         out: list[Message] = []
         pos = 0
+        self.paused = False
         try:
             while True:
+                before = len(out)
                 step = self._parse_chunk(pos, out)
                 if step == 0:
                     break
                 pos += step
+                if stop is not None and len(out) > before and stop(out[-1]) and len(self._buf) > pos:
+                    self.paused = True
+                    break
         finally:
             del self._buf[:pos]
-        if self.pending_bytes > self.limits.max_pending_bytes:
+        if not self.paused and self.pending_bytes > self.limits.max_pending_bytes:
             raise RtmpProtocolError(
                 f"pending bytes {self.pending_bytes} exceed the cap of {self.limits.max_pending_bytes}"
             )

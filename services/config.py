@@ -125,9 +125,44 @@ class IngestSettings(Section):
     rtmp_host: str = Field("0.0.0.0", description="RTMP listen address")
     rtmp_port: int = Field(1935, ge=0, le=65535, description="RTMP listen port (0: ephemeral)")
     rtmp_app: str = Field("live", description="the only RTMP application name accepted")
-    max_connections: int = Field(256, ge=1, description="concurrent RTMP connections before refusing")
-    handshake_timeout_s: float = Field(5.0, gt=0, description="time allowed for the RTMP handshake + publish")
+    rtmps_port: int | None = Field(
+        None, ge=0, le=65535, description="RTMPS (RTMP over TLS) listen port on rtmp_host (0: ephemeral); null: no "
+        "RTMPS listener. Needs tls_cert_file and tls_key_file"
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain of the RTMPS listener")
+    tls_key_file: Path | None = Field(None, description="PEM private key of the RTMPS listener")
+    max_connections: int = Field(
+        256, ge=1, description="concurrent publishing RTMP connections (past the stream key check) before refusing"
+    )
+    max_preauth_connections: int = Field(
+        64, ge=1, description="concurrent connections not yet past the stream key check (handshake, connect, "
+        "publish); when full, the oldest of the address holding the most is closed for a newcomer"
+    )
+    max_connections_per_ip: int = Field(
+        32, ge=1, description="concurrent RTMP connections from one address (an IPv6 /64), publishing or not"
+    )
+    max_preauth_per_ip: int = Field(
+        8, ge=1, description="concurrent connections from one address (an IPv6 /64) not yet past the key check"
+    )
+    preauth_buffer_bytes: int = Field(
+        64 * 1024, ge=4096, description="before the key check: largest message, chunk size and buffered bytes of a "
+        "connection (only connect/createStream/publish commands are accepted then)"
+    )
+    handshake_timeout_s: float = Field(
+        5.0, gt=0, description="time allowed from accept to the stream key check (TLS, RTMP handshake, publish)"
+    )
     idle_timeout_s: float = Field(10.0, gt=0, description="drop a publisher that sends nothing this long")
+    frame_timeout_s: float = Field(
+        10.0, gt=0, description="close a publishing session that delivers no complete video frame this long "
+        "(a slow drip of bytes included)"
+    )
+    key_failures_per_ip: int = Field(
+        5, ge=1, description="failed stream keys from one address within key_failure_window_s before it is blocked"
+    )
+    key_failure_window_s: float = Field(60.0, gt=0, description="window in which failed stream keys are counted")
+    key_backoff_s: float = Field(
+        60.0, gt=0, description="how long an address that guessed too many stream keys is refused every publish"
+    )
     max_chunk_size: int = Field(65536, ge=128, description="largest RTMP chunk size a client may set")
     max_message_bytes: int = Field(8 * MiB, gt=0, description="largest RTMP message length accepted")
     max_pending_bytes: int = Field(32 * MiB, gt=0, description="largest partially assembled bytes per connection")
@@ -175,6 +210,12 @@ class IngestSettings(Section):
     liveness_max_repairs: int = Field(3, ge=0, description="repairs without output before a stream is reported failed")
     liveness_retry_s: float = Field(30.0, gt=0, description="how often a failed stream is still repaired")
 
+    @model_validator(mode="after")
+    def _rtmps_has_a_certificate(self) -> IngestSettings:
+        if self.rtmps_port is not None and (self.tls_cert_file is None or self.tls_key_file is None):
+            raise ValueError("ingest.rtmps_port needs ingest.tls_cert_file and ingest.tls_key_file")
+        return self
+
 
 class EgressSettings(Section):
     hls_dir: Path = Field(Path("/tmp/rheo-hls"), description="where HLS playlists and segments are written")
@@ -189,6 +230,10 @@ class EgressSettings(Section):
     rtmp_push_backoff_s: float = Field(0.5, gt=0, description="first RTMP push reconnect delay; doubles per failure")
     rtmp_push_backoff_max_s: float = Field(10.0, gt=0, description="upper bound of the RTMP push reconnect delay")
     rtmp_push_silent_audio: bool = Field(True, description="add an AAC silence track to the RTMP push")
+    rtmp_push_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that verifies an rtmps:// push target (null: the system's trusted CAs); "
+        "the server certificate is always verified"
+    )
     encoder_threads: int = Field(1, ge=1, description="libx264 threads per output stream")
     cfr_start_delay_s: float = Field(0.1, ge=0, description="jitter buffer before the CFR pacer starts output")
     http_host: str = Field("0.0.0.0", description="listen address of the egress HLS/LL-HLS HTTP server")

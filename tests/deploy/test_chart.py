@@ -252,18 +252,37 @@ def test_only_the_gateway_and_rtmp_can_be_exposed(rendered: Rendered) -> None:
         assert rtmp["spec"]["ports"][0]["nodePort"] == rendered.merged["ingest"]["service"]["nodePort"]
 
 
+def test_rtmps_listener_mounts_its_certificate_secret() -> None:
+    on = render("existing-secrets")
+    cfg = on.config_yaml()["ingest"]
+    assert (cfg["rtmps_port"], cfg["tls_cert_file"]) == (1937, "/var/run/secrets/rheo/rtmps/tls.crt")
+    pod = on.get("Deployment", f"{RELEASE}-ingest")["spec"]["template"]["spec"]
+    assert {"name": "rtmps-tls", "secret": {"secretName": "corp-rtmps-tls"}} in pod["volumes"]
+    (container,) = pod["containers"]
+    assert {"name": "rtmps", "containerPort": 1937, "protocol": "TCP"} in container["ports"]
+    assert any(m["mountPath"] == "/var/run/secrets/rheo/rtmps" for m in container["volumeMounts"])
+    ports = {p["name"]: p for p in on.get("Service", f"{RELEASE}-rtmp")["spec"]["ports"]}
+    assert ports["rtmps"]["port"] == 443 and ports["rtmps"]["targetPort"] == "rtmps"
+    off = render("default")
+    assert "rtmps" not in {p["name"] for p in off.get("Service", f"{RELEASE}-rtmp")["spec"]["ports"]}
+    assert off.config_yaml()["ingest"].get("tls_cert_file") is None
+    with pytest.raises(Exception, match=r"ingest\.tls\.secretName"):
+        Rendered({"config": {"ingest": {"rtmps_port": 1936}}})
+
+
 def test_network_policies_open_only_gateway_and_rtmp(rendered: Rendered) -> None:
     policies = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in rendered.kind("NetworkPolicy")}
     assert set(policies) == ALL_COMPONENTS
     cfg = rendered.config_yaml()
     metrics = cfg["telemetry"]["metrics_port"]
-    open_port = {"gateway": cfg["gateway"]["port"], "ingest": cfg["ingest"]["rtmp_port"]}
+    rtmps = (cfg["ingest"]["rtmps_port"],) if cfg["ingest"].get("rtmps_port") else ()
+    open_ports = {"gateway": (cfg["gateway"]["port"],), "ingest": (cfg["ingest"]["rtmp_port"], *rtmps)}
     for name, policy in policies.items():
         assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]  # egress: tests/deploy/test_network_security.py
         for rule in policy["spec"]["ingress"]:
             ports = tuple(p["port"] for p in rule["ports"])
             if "from" not in rule:  # reachable from anywhere
-                assert ports == (open_port[name],), (name, rule)
+                assert ports == open_ports[name], (name, rule)
             elif ports == (metrics,):
                 assert rule["from"] == rendered.merged["networkPolicy"]["metricsFrom"]
             else:

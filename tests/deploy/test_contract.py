@@ -122,7 +122,9 @@ def test_ports_match_the_listeners(rendered: Rendered, tmp_path: Path, monkeypat
             assert ports[name] == getattr(getattr(s, section), field), (component(w), key)
             if rendered.values.get("config", {}).get(section, {}).get(field) is None:
                 assert ports[name] == DEFAULTS[key], f"{key}: chart default differs from services/config.py"
-        assert set(ports) == {"metrics"} | ({name_key[0]} if name_key else set())
+        extra = {"rtmps": s.ingest.rtmps_port} if component(w) == "ingest" and s.ingest.rtmps_port else {}
+        assert {n: ports.get(n) for n in extra} == extra
+        assert set(ports) == {"metrics"} | ({name_key[0]} if name_key else set()) | set(extra)
     names = {p["name"] for w in rendered.workloads() for c in containers(w) for p in c["ports"]}
     for svc in rendered.kind("Service"):
         for p in svc["spec"]["ports"]:

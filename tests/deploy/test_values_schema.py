@@ -17,7 +17,8 @@ CONFIG_KEYS = {key for key, _, _ in iter_fields()}
 # Keys the chart sets itself (from other values, the downward API or Secrets): not settable under `config`.
 CHART_OWNED = {"service", "nats.url", "nats.user", "nats.password", "nats.token", "nats.creds_file",
                "nats.nkey_seed_file", "nats.name", "controller.stages", "model.model_dir", "dit_stage.stage_id",
-               "dit_stage.advertise_host", "dit_stage.link_key", "egress.public_url", "gateway.api_tokens"}
+               "dit_stage.advertise_host", "dit_stage.link_key", "egress.public_url", "gateway.api_tokens",
+               "ingest.tls_cert_file", "ingest.tls_key_file"}
 
 
 @pytest.fixture(scope="module")

@@ -112,8 +112,10 @@ class RawRtmp:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, port: int, handshake: bool = True) -> RawRtmp:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def open(cls, port: int, handshake: bool = True, source: str | None = None) -> RawRtmp:
+        """Connect (from loopback address ``source``, e.g. 127.0.0.2: another client address on Linux)."""
+        local = (source, 0) if source else None
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local)
         client = cls(reader, writer)
         if handshake:
             writer.write(b"\x03" + os.urandom(HANDSHAKE_SIZE))
@@ -129,6 +131,15 @@ class RawRtmp:
         self.command(0, "connect", 1, {"app": app, "tcUrl": f"rtmp://127.0.0.1/{app}"})
         self.command(0, "createStream", 2, None)
         self.command(1, "publish", 3, None, key, "live")
+
+    async def read_until(self, fragment: bytes, timeout: float = 5.0) -> bytes:
+        """What the server sent up to and including ``fragment`` (or until it closed / the timeout)."""
+        data = bytearray()
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(timeout):
+                while fragment not in data and (chunk := await self.reader.read(65536)):
+                    data += chunk
+        return bytes(data)
 
     async def read_until_closed(self, timeout: float = 5.0) -> bytes:
         data = bytearray()
@@ -200,6 +211,9 @@ async def ingest_server(
         "chunk_queue_depth": 256,
         "handshake_timeout_s": 5.0,
         "idle_timeout_s": 5.0,
+        # Every test client connects from 127.0.0.1: the per-address caps are raised unless a test is about them.
+        "max_preauth_per_ip": 64,
+        "max_connections_per_ip": 256,
     }
     params.update(overrides)
     collector = Collector(float(params.pop("consumer_delay_s", 0.0)))

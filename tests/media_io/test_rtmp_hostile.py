@@ -142,7 +142,7 @@ async def test_hostile_clients_do_not_disturb_a_good_publisher() -> None:
 
 
 async def test_ten_thousand_connections_opened_and_dropped() -> None:
-    async with ingest_server(KEYS, max_connections=256) as (server, col):
+    async with ingest_server(KEYS, max_preauth_connections=256, max_preauth_per_ip=256) as (server, col):
         port = server.port
 
         async def churn(count: int) -> int:
@@ -168,17 +168,18 @@ async def test_ten_thousand_connections_opened_and_dropped() -> None:
     assert sum(counts) >= 9_900
     assert server.stats.connections >= 9_900
     assert server.stats.probes > 5_000  # connect + close without a byte: counted, logged at debug only
-    assert server.stats.refused["protocol error"] > 2_000  # the partial handshakes
+    assert server.stats.refused["protocol"] > 2_000  # the partial handshakes
     assert any("truncated handshake" in r for _, r in server.refusals)
     assert col.frame_indices("good") == list(range(45))
     assert col.streams["good"].pacer.stats.frames_in == GOOD_FRAMES
 
 
-async def test_connection_cap_refuses_the_extra_connection() -> None:
-    async with ingest_server(KEYS, max_connections=3) as (server, _):
-        held = [await RawRtmp.open(server.port) for _ in range(3)]
-        extra = await RawRtmp.open(server.port, handshake=False)
-        assert await extra.read_until_closed(timeout=3) == b""
+async def test_publisher_cap_refuses_the_extra_publisher() -> None:
+    """``max_connections`` counts publishers (connections past the key check); the next one is told why."""
+    async with ingest_server(KEYS, max_connections=2) as (server, _):
+        held = [await published(server.port, key) for key in ("key-idle", "key-trunc")]
+        extra = await published(server.port, "key-huge")
+        assert b"connection cap of 2 publishers reached" in await extra.read_until_closed(timeout=3)
         for client in held:
             client.close()
-    assert any("connection cap of 3 reached" in r for _, r in server.refusals)
+    assert server.stats.refused["connection_cap"] == 1

@@ -63,7 +63,8 @@ async def ingest(nats_settings: NatsSettings, tmp_path_factory: pytest.TempPathF
         lifecycle={"http_host": "127.0.0.1", "heartbeat_interval_s": 0.2},
         ingest={"rtmp_host": "127.0.0.1", "rtmp_port": 0, "chunk_queue_depth": 32, "stream_linger_s": 0.3,
                 "replay_chunks": 3, "debug_tap_dir": tmp_path_factory.mktemp("tap"),
-                "admission_without_controller": "admit"},  # no controller here
+                "admission_without_controller": "admit",  # no controller here
+                "frame_timeout_s": 3.0},
     )
     async with running(IngestService(settings, member_id="ingest-test")) as service:
         yield service
@@ -202,6 +203,23 @@ async def test_wrong_key_is_refused_with_a_reason(ingest: IngestService, bus: Bu
     assert b"NetStream.Publish.BadName" in answer and b"unknown stream key" in answer
     await eventually(lambda: any("unknown stream key" in r for _, r in ingest.rtmp.refusals))
     assert await table.get(spec.stream_id) == before  # state, revision-visible fields untouched
+    assert ingest.rtmp.stats.refused["bad_key"] >= 1  # counts toward the address's key-guess limit
+
+
+async def test_a_publisher_without_frames_is_closed_and_the_record_says_why(ingest: IngestService, bus: Bus,
+                                                                            eventually) -> None:
+    """Past ``ingest.frame_timeout_s`` without a video frame the session is closed; the ended record says why."""
+    table, spec, key = await new_stream(bus, "a silent cat")
+    rec = Recorder()
+    await rec.attach(bus, spec.stream_id)
+    client = await RawRtmp.open(ingest.rtmp.port)
+    client.connect_and_publish(key)
+    assert b"NetStream.Publish.Start" in await client.read_until(b"NetStream.Publish.Start")
+    await client.read_until_closed(timeout=15)
+    client.close()
+    await eventually(rec.ended, timeout=20)
+    record = await table.get(spec.stream_id)
+    assert record.state == "ended" and "no video frame for 3 s" in record.state_reason
 
 
 @pytest.mark.parametrize("mode", ["blend", "cut"])

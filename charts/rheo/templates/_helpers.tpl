@@ -70,6 +70,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when the RTMPS listener is on (config.ingest.rtmps_port set); it then needs ingest.tls.secretName. */}}
+{{- define "rheo.rtmps" -}}
+{{- if not (kindIs "invalid" (default dict .Values.config.ingest).rtmps_port) -}}
+{{- $_ := required "ingest.tls.secretName (a kubernetes.io/tls Secret) is required when config.ingest.rtmps_port is set" .Values.ingest.tls.secretName -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{- define "rheo.modelDir" -}}
 {{- if .Values.model.subPath -}}
 {{- printf "%s/%s" (trimSuffix "/" .Values.model.mountPath) (trimPrefix "/" .Values.model.subPath) -}}
@@ -91,6 +99,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- $_ := set $cfg "controller" (merge (dict "stages" (int .Values.ditStage.stages)) (default dict $cfg.controller)) -}}
 {{- if ne .Values.model.source "none" -}}
 {{- $_ := set $cfg "model" (merge (dict "model_dir" (include "rheo.modelDir" .)) (default dict $cfg.model)) -}}
+{{- end -}}
+{{- if include "rheo.rtmps" . -}}
+{{- $tls := dict "tls_cert_file" "/var/run/secrets/rheo/rtmps/tls.crt" "tls_key_file" "/var/run/secrets/rheo/rtmps/tls.key" -}}
+{{- $_ := set $cfg "ingest" (merge $tls (default dict $cfg.ingest)) -}}
 {{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
@@ -233,6 +245,9 @@ spec:
           mountPath: {{ $v.model.mountPath }}
           readOnly: true
         {{- end }}
+        {{- with .volumeMounts }}
+        {{- . | nindent 8 }}
+        {{- end }}
   volumes:
     - name: config
       configMap:
@@ -263,6 +278,9 @@ spec:
         reference: {{ required "model.image.reference is required when model.source is image" $v.model.image.reference }}
         pullPolicy: {{ $v.model.image.pullPolicy }}
       {{- end }}
+    {{- end }}
+    {{- with .volumes }}
+    {{- . | nindent 4 }}
     {{- end }}
   {{- with .spec.nodeSelector }}
   nodeSelector:
