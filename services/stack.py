@@ -108,6 +108,7 @@ class LocalStack:
     failure: StackError | None = None
     """Why supervision gave up (a crash loop); ``check_alive`` raises it."""
     _halt: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _playback: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
 
     @property
@@ -237,9 +238,12 @@ class LocalStack:
             return json.loads(r.read() or b"{}")
 
     def playback(self, stream_id: str) -> str:
-        """``/hls/<id>/<token>``: the base path of the stream's playlists and media, signed by the API."""
-        urls = self.api("POST", f"/v1/streams/{stream_id}/playback")
-        return urllib.parse.urlsplit(urls["llhls_url"]).path.rsplit("/", 1)[0]
+        """``/hls/<id>/<token>``: the base path of the stream's playlists and media, signed by the API once (valid
+        ``playback.token_ttl_s``, so also while the gateway restarts)."""
+        if stream_id not in self._playback:
+            urls = self.api("POST", f"/v1/streams/{stream_id}/playback")
+            self._playback[stream_id] = urllib.parse.urlsplit(urls["llhls_url"]).path.rsplit("/", 1)[0]
+        return self._playback[stream_id]
 
     def stop(self, timeout: float = 10.0) -> dict[str, int | None]:
         """End supervision, SIGTERM every service, wait for the drains, kill leftovers; returns each exit code
