@@ -410,7 +410,7 @@ def test_the_up_stack_plays_moving_video_in_chromium(stack: LocalStack) -> None:
     assert not [e for e in errors if e.startswith("FATAL")], errors
 
 
-def test_bad_keys_are_refused_and_the_api_needs_a_token(stack: LocalStack) -> None:
+def test_bad_keys_are_refused_and_the_api_and_playback_need_tokens(stack: LocalStack) -> None:
     url = f"rtmp://127.0.0.1:{stack.ports.rtmp}/live/not-a-key"
     out = subprocess.run([sys.executable, "-m", "ingest.testpattern", url, "--seconds", "1"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -420,6 +420,20 @@ def test_bad_keys_are_refused_and_the_api_needs_a_token(stack: LocalStack) -> No
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 401
     assert json.loads(e.value.read())["detail"].startswith("a valid API token")
+
+    # playback needs the signed URL the API returns: on the gateway and directly on the egress port alike
+    sid = stack.api("POST", "/v1/streams", {"prompt": "p", "width": SIZE, "height": SIZE})["id"]
+    signed = stack.playback(sid)
+    egress = f"http://127.0.0.1:{stack.ports.egress}"
+    for url, code in [(f"{stack.gateway_url}/hls/{sid}/index.m3u8", 401), (f"{egress}/hls/{sid}/index.m3u8", 401),
+                      (f"{egress}/hls/{sid}/1.AAAAAAAAAAAAAAAAAAAAAA/init.mp4", 403),
+                      (f"{egress}{signed}/../../x/index.m3u8".replace("/../..", "/..%2f.."), 400)]:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url, timeout=10)
+        assert e.value.code == code, (url, e.value.read())
+    with pytest.raises(urllib.error.HTTPError) as e:  # signed, not playing yet: the egress does not know it
+        urllib.request.urlopen(f"{egress}{signed}/index.m3u8", timeout=10)
+    assert e.value.code == 404
 
 
 def test_sigterm_mid_stream_stops_everything_and_ends_the_playlist(tmp_path: Path) -> None:
