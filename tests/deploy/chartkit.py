@@ -34,6 +34,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "nats": {"url": "tls://nats-a.infra:4222,tls://nats-b.infra:4222",
                  "auth": {"type": "token", "existingSecret": "corp-nats"}},
         "api": {"existingSecret": "corp-rheo-api"},
+        "playback": {"existingSecret": "corp-rheo-playback"},
         "config": {"gateway": {"port": 8081}, "ingest": {"rtmp_port": 1936}, "egress": {"http_port": 8091},
                    "dit_stage": {"link_port": 7101}, "telemetry": {"metrics_port": 9465}},
         "model": {"source": "hostPath", "hostPath": {"path": "/srv/models"}},

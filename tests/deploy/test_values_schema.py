@@ -17,7 +17,8 @@ CONFIG_KEYS = {key for key, _, _ in iter_fields()}
 # Keys the chart sets itself (from other values, the downward API or Secrets): not settable under `config`.
 CHART_OWNED = {"service", "nats.url", "nats.user", "nats.password", "nats.token", "nats.creds_file",
                "nats.nkey_seed_file", "nats.name", "controller.stages", "model.model_dir", "dit_stage.stage_id",
-               "dit_stage.advertise_host", "egress.public_url", "gateway.api_tokens"}
+               "dit_stage.advertise_host", "egress.public_url", "gateway.api_tokens", "gateway.api_tokens_file",
+               "playback.signing_keys"}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,9 @@ BAD_VALUES = {
     "ClusterIP RTMP service": {"ingest": {"service": {"type": "ClusterIP"}}},
     "unknown weights source": {"model": {"source": "s3"}},
     "short API token": {"api": {"tokens": ["short"]}},
+    "short playback key": {"playback": {"signingKeys": ["short"]}},
+    "plaintext playback key in config": {"config": {"playback": {"signing_keys": ["k" * 40]}}},
+    "CORS origin with a path": {"config": {"gateway": {"cors_origins": ["https://a.example/x"]}}},
     "unknown top-level value": {"replicaz": 2},
 }
 
@@ -106,5 +110,5 @@ def test_schema_and_docs_describe_every_value_in_values_yaml() -> None:
         if path[-2:-1] in {("requests",), ("limits",)}:
             path = path[:-2]
         assert f"`{'.'.join(path)}`" in docs, f"docs/deploy.md does not list the value {'.'.join(path)}"
-    for key in ("image", "nats", "api", "model", "gateway", "ingest", "decoder", "egress", "controller", "ditStage"):
+    for key in ("image", "nats", "api", "playback", "model", "gateway", "ingest", "decoder", "egress", "controller", "ditStage"):
         assert key in VALUES and key in SCHEMA["properties"]

@@ -52,6 +52,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-nats-auth" (include "rheo.fullname" .)) .Values.nats.auth.existingSecret -}}
 {{- end -}}
 
+{{- define "rheo.playbackSecretName" -}}
+{{- default (printf "%s-playback" (include "rheo.fullname" .)) .Values.playback.existingSecret -}}
+{{- end -}}
+
+{{- define "rheo.playbackEnv" -}}
+- name: RHEO_PLAYBACK__SIGNING_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rheo.playbackSecretName" . }}
+      key: signing-keys
+{{- end -}}
+
 {{- define "rheo.apiSecretName" -}}
 {{- default (printf "%s-api" (include "rheo.fullname" .)) .Values.api.existingSecret -}}
 {{- end -}}
@@ -229,6 +241,9 @@ spec:
           mountPath: {{ $v.model.mountPath }}
           readOnly: true
         {{- end }}
+        {{- with .volumeMounts }}
+        {{- . | nindent 8 }}
+        {{- end }}
   volumes:
     - name: config
       configMap:
@@ -243,6 +258,9 @@ spec:
         items:
           - key: nats.creds
             path: nats.creds
+    {{- end }}
+    {{- with .volumes }}
+    {{- . | nindent 4 }}
     {{- end }}
     {{- if and .weights (ne $v.model.source "none") }}
     - name: weights
