@@ -110,5 +110,6 @@ def test_schema_and_docs_describe_every_value_in_values_yaml() -> None:
         if path[-2:-1] in {("requests",), ("limits",)}:
             path = path[:-2]
         assert f"`{'.'.join(path)}`" in docs, f"docs/deploy.md does not list the value {'.'.join(path)}"
-    for key in ("image", "nats", "api", "playback", "model", "gateway", "ingest", "decoder", "egress", "controller", "ditStage"):
+    for key in ("image", "nats", "api", "playback", "model", "gateway", "ingest", "decoder", "egress", "controller",
+                "ditStage"):
         assert key in VALUES and key in SCHEMA["properties"]
