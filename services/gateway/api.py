@@ -97,7 +97,7 @@ class PlaybackUrls(BaseModel):
     hls_url: str
     llhls_url: str
     player_url: str = Field(description="the gateway's hls.js page playing llhls_url")
-    playback_expires_at: float = Field(description="unix time the playback URLs stop working (mint fresh ones with "
+    playback_expires_at: int = Field(description="unix time the playback URLs stop working (mint fresh ones with "
                                                    "POST /v1/streams/{id}/playback)")
 
 
@@ -169,9 +169,8 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
                                 headers={"Retry-After": retry_after(wait)})
 
     def playback(sid: str) -> dict[str, object]:
-        base = gw.public_url.rstrip("/")
-        expires = time.time() + settings.playback.token_ttl_s
-        path = keys.path(sid, settings.playback.token_ttl_s)
+        base, now, ttl = gw.public_url.rstrip("/"), time.time(), settings.playback.token_ttl_s
+        expires, path = int(now + ttl), keys.path(sid, ttl, now)
         return {"hls_url": f"{base}{path}/playlist.m3u8", "llhls_url": f"{base}{path}/index.m3u8",
                 "player_url": f"{base}/player/index.html?src={path}/index.m3u8", "playback_expires_at": expires}
 
