@@ -105,4 +105,3 @@ def make_hls_router(registry: HlsRegistry, keys: PlaybackKeys, prefix: str = "/h
         raise HTTPException(401, NEEDS_TOKEN)
 
     return outer
-
