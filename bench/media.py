@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import shutil
 import sys
 import tempfile
@@ -140,11 +141,13 @@ async def bench_latency(seconds: float) -> None:
     from egress.http import make_hls_router
     from media.llhls import HlsRegistry
     from media.player import make_player_router
+    from services.playback_tokens import PlaybackKeys
 
+    keys = PlaybackKeys.of([secrets.token_urlsafe(32)])
     with tempfile.TemporaryDirectory() as tmp:
         registry = HlsRegistry(Path(tmp))
         app = FastAPI()
-        app.include_router(make_hls_router(registry))
+        app.include_router(make_hls_router(registry, keys))
         app.include_router(make_player_router())
         holder: dict = {}
         source = LiveSource(lambda u: holder["s"].push(u), width=W, height=H, fps=16, preset="veryfast")
@@ -160,7 +163,8 @@ async def bench_latency(seconds: float) -> None:
                               "--disable-component-update", "--autoplay-policy=no-user-gesture-required"],
                     )  # fmt: skip
                     page = await browser.new_page()
-                    await page.goto(f"http://127.0.0.1:{port}/player/index.html?src=/hls/bench/index.m3u8")
+                    src = f"{keys.path('bench', 600)}/index.m3u8"
+                    await page.goto(f"http://127.0.0.1:{port}/player/index.html?src={src}")
                     await page.wait_for_function(
                         "() => { const v = document.getElementById('v'); return v.readyState >= 3 && !v.paused }",
                         timeout=20000,

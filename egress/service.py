@@ -25,6 +25,7 @@ import uvicorn
 from fastapi import FastAPI
 from nats.aio.msg import Msg
 from prometheus_client import Counter
+from starlette.types import ASGIApp
 
 from egress.continuity import ContinuityStore
 from egress.http import make_hls_router
@@ -32,7 +33,9 @@ from egress.rtmp_push import RtmpPush
 from media.h264 import PartLayout, VideoConfig
 from media.llhls import HlsRegistry, LlHlsStream
 from proto import CHANNELS, EncodedVideo, HlsState, StreamEvent, StreamRecord, Subjects
-from services.runtime import Service, listen_socket, main
+from services.httpguard import guard
+from services.playback_tokens import PlaybackKeys
+from services.runtime import Service, ServiceStartError, listen_socket, main
 from services.streams import StreamNotFound, StreamTable
 
 log = logging.getLogger("rheo.egress")
@@ -95,16 +98,21 @@ class EgressService(Service):
         self._http_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.checks["http"] = False
+        try:
+            self.playback_keys = PlaybackKeys.of(self.settings.playback.signing_keys)
+        except ValueError as e:
+            raise ServiceStartError(f"egress: {e} (the gateway's key list: egress serves signed playback only)") from e
 
     def max_send_bytes(self) -> int:
         return _CONTROL_MESSAGE_BYTES
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
-    def hls_app(self) -> FastAPI:
+    def hls_app(self) -> ASGIApp:
+        """The HLS router behind the shared HTTP guard (raw-path checks, no bodies, errors without details)."""
         app = FastAPI(title="rheo egress", docs_url=None, redoc_url=None, openapi_url=None)
-        app.include_router(make_hls_router(self.registry))
-        return app
+        app.include_router(make_hls_router(self.registry, self.playback_keys))
+        return guard(app, max_body_bytes=1024)
 
     async def start(self) -> None:
         assert self.bus is not None

@@ -417,6 +417,17 @@ class HlsState(Message):
     segments: list[HlsSegmentState] = Field(max_length=64, description="the playlist window, oldest first")
 
 
+class ApiToken(Message):
+    """A per-stream API token (``Buckets.STREAMS``, key ``t.<token id>``): it may read and PATCH one stream. The
+    secret is shown once, at minting; only its sha256 is stored."""
+
+    token_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,32}$")
+    stream_id: StreamId
+    secret_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the whole token; never the token")
+    label: str = Field("", max_length=200)
+    created_at: float
+
+
 class Credit(Message):
     """Flow control for bulk subjects: the consumer has taken ``consumed`` bytes in total from this publisher."""
 
@@ -525,7 +536,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (StreamSpec, LatentChunk, FrameChunk, PromptUpdate, Heartbeat, StageStats, BlockMap, Error, Ack,
                 Credit, StreamRecord, EncodedVideo, StreamEvent, StageItems, RingReturn, StagePrompt, EpochSwitch,
-                ShardMove, ShardMoveEnd, HlsState, StreamOutput)
+                ShardMove, ShardMoveEnd, HlsState, StreamOutput, ApiToken)
 }
 
 M = TypeVar("M", bound=Message)
@@ -576,6 +587,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "SLO",
     "Ack",
+    "ApiToken",
     "BlockMap",
     "Credit",
     "EncodedVideo",

@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,6 +122,8 @@ rheo is up.
   publish to     {created['publish_url']}
                  (OBS: Server {created['rtmp_url']}  Stream Key {created['stream_key']})
   watch          {player}
+                 (a signed URL, valid until {time.strftime('%H:%M', time.localtime(created['playback_expires_at']))}; \
+POST /v1/streams/{created['id']}/playback mints a fresh one)
 A service that exits is restarted (with backoff); Ctrl-C stops everything.""", flush=True)
         if args.testpattern:
             pattern = start_testpattern(created["publish_url"])

@@ -373,10 +373,51 @@ class ControllerSettings(Section):
     )
 
 
+class PlaybackSettings(Section):
+    signing_keys: list[SecretStr] = Field(
+        default_factory=list, description="HMAC keys of signed playback URLs (gateway and egress; ≥ 32 characters): "
+        "the first signs, all verify (rotate by prepending)"
+    )
+    token_ttl_s: float = Field(
+        21600.0, gt=0, le=30 * 86400, description="lifetime of the playback URLs the API returns (a viewer's URL "
+        "stops working after it; POST /v1/streams/{id}/playback mints a fresh one)"
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="web origins allowed to fetch playback (CORS) with a valid token "
+        "(empty: same-origin only; '*': any)"
+    )
+
+
 class GatewaySettings(Section):
     host: str = Field("0.0.0.0", description="HTTP listen address")
     port: int = Field(8080, ge=0, le=65535, description="HTTP listen port")
-    api_tokens: list[SecretStr] = Field(default_factory=list, description="bearer tokens accepted by the API")
+    api_tokens: list[SecretStr] = Field(
+        default_factory=list, description="operator bearer tokens accepted by the API (everything)")
+    api_tokens_file: Path | None = Field(
+        None, description="also accept the operator tokens in this file (a JSON list or one per line), re-read "
+        "when it changes (a mounted Secret rotates them without a restart)"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="web origins allowed to call /v1 from a browser (CORS; empty: none)"
+    )
+    max_body_bytes: int = Field(
+        65536, gt=0, description="largest request body accepted (413 before it is read)"
+    )
+    write_rate_per_s: float = Field(
+        1.0, gt=0, description="stream creations and PATCHes per second allowed to one API token (token bucket)"
+    )
+    write_burst: int = Field(10, ge=1, description="… and the burst it may spend at once (beyond: 429)")
+    max_playback_requests_per_client: int = Field(
+        8, ge=1, description="playback requests (blocking reloads included) one client address may have in "
+        "flight through the proxy (beyond: 429)"
+    )
+    client_address_header: str | None = Field(
+        None, description="take the client address for per-client limits from this header (e.g. X-Forwarded-For; "
+        "only behind a proxy that sets it); unset: the connection's peer address"
+    )
+    proxy_max_connections: int = Field(
+        256, ge=1, description="connections the HLS proxy may hold to egress (shared by all viewers)"
+    )
     allow_anonymous: bool = Field(False, description="serve /v1 without a token (local development only)")
     public_url: str = Field("http://localhost:8080", description="base URL viewers reach the gateway at")
     public_rtmp_url: str = Field("rtmp://localhost:1935", description="base RTMP URL streamers publish to")
@@ -404,6 +445,7 @@ class Settings(BaseSettings):
     dit_stage: DitStageSettings = Field(default_factory=DitStageSettings)
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    playback: PlaybackSettings = Field(default_factory=PlaybackSettings)
 
     @classmethod
     def settings_customise_sources(

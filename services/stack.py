@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,6 +95,8 @@ class LocalStack:
     api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     link_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     """The tensor-link key of this stack's stages (they listen on loopback, but a stack is as keyed as a cluster)."""
+    playback_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    """Signs the stack's playback URLs (gateway and egress share it, like a chart's Secret)."""
     strict: bool = False
     """No supervision: any exit after ``start`` is an error (``check_alive`` raises) and nothing restarts."""
     no_restart: set[str] = field(default_factory=set)
@@ -107,6 +110,7 @@ class LocalStack:
     failure: StackError | None = None
     """Why supervision gave up (a crash loop); ``check_alive`` raises it."""
     _halt: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _playback: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
 
     @property
@@ -123,6 +127,7 @@ class LocalStack:
             "RHEO_GATEWAY__HOST": "127.0.0.1",
             "RHEO_GATEWAY__PORT": str(self.ports.gateway),
             "RHEO_GATEWAY__API_TOKENS": json.dumps([self.api_token]),
+            "RHEO_PLAYBACK__SIGNING_KEYS": json.dumps([self.playback_key]),
             "RHEO_GATEWAY__PUBLIC_URL": f"http://localhost:{self.ports.gateway}",
             "RHEO_GATEWAY__PUBLIC_RTMP_URL": f"rtmp://localhost:{self.ports.rtmp}",
             "RHEO_INGEST__RTMP_HOST": "127.0.0.1",
@@ -235,6 +240,14 @@ class LocalStack:
         with urllib.request.urlopen(req, timeout=10) as r:
             return json.loads(r.read() or b"{}")
 
+    def playback(self, stream_id: str) -> str:
+        """``/hls/<id>/<token>``: the base path of the stream's playlists and media, signed by the API once (valid
+        ``playback.token_ttl_s``, so also while the gateway restarts)."""
+        if stream_id not in self._playback:
+            urls = self.api("POST", f"/v1/streams/{stream_id}/playback")
+            self._playback[stream_id] = urllib.parse.urlsplit(urls["llhls_url"]).path.rsplit("/", 1)[0]
+        return self._playback[stream_id]
+
     def stop(self, timeout: float = 10.0) -> dict[str, int | None]:
         """End supervision, SIGTERM every service, wait for the drains, kill leftovers; returns each exit code
         (of the current process: a service restarted once ran again and exits 0 like the others)."""
@@ -263,12 +276,14 @@ class LocalStack:
 
 
 def open_demo_stream(stack: LocalStack, prompt: str, weights: bool) -> dict:
-    """The stream ``rheo up`` opens: the API's answer, plus ``player_path`` (the gateway's hls.js page for it).
+    """The stream ``rheo up`` opens: the API's answer, plus ``player_path`` (the gateway's hls.js page for it, with
+    its signed playlist).
     The tiny random model runs on CPU: a small frame keeps it real-time on a laptop."""
     side = 512 if weights else 128
     created = stack.api("POST", "/v1/streams", {"prompt": prompt, "width": side, "height": side,
                                                 "slo_latency_ms": 1000 if weights else 5000})
-    created["player_path"] = f"/player/index.html?src=/hls/{created['id']}/index.m3u8"
+    parts = urllib.parse.urlsplit(created["player_url"])
+    created["player_path"] = f"{parts.path}?{parts.query}"
     return created
 
 

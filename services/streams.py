@@ -1,8 +1,9 @@
 """The stream table: every stream's record in JetStream KV, shared by the gateway (writes) and ingest (key checks).
 
 Keys of the bucket ``rheo-streams``: ``s.<stream id>`` → ``StreamRecord``; ``k.<sha256 of stream key>`` → stream
-id. Stream keys are 192-bit random tokens, so a plain sha256 is enough to make a leaked table useless; the key
-itself is shown once, at creation, and never stored. Updates are compare-and-set on the record's revision, so two
+id; ``t.<token id>`` → ``ApiToken`` (a per-stream API token, stored hashed like the keys). Stream keys and
+tokens are 192-bit random tokens, so a plain sha256 is enough to make a leaked table useless; the key itself is
+shown once, at creation, and never stored. Updates are compare-and-set on the record's revision, so two
 writers never lose each other's change.
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import nats.js.errors
 
-from proto import ACTIVE_STATES, Buckets, StreamRecord, StreamSpec, decode
+from proto import ACTIVE_STATES, ApiToken, Buckets, StreamRecord, StreamSpec, decode
 from proto.subjects import token
 from services.bus import KV, Bus
 
@@ -64,6 +65,10 @@ def new_stream_id() -> str:
 
 def new_stream_key() -> str:
     return secrets.token_urlsafe(24)
+
+
+STREAM_TOKEN_PREFIX = "rst_"
+"""Per-stream API tokens read ``rst_<token id>.<secret>``: the id finds the stored hash, the secret is checked."""
 
 
 class StreamTable:
@@ -132,6 +137,8 @@ class StreamTable:
 
     async def delete(self, stream_id: str) -> StreamRecord:
         record = await self.get(stream_id)
+        for t in await self.tokens(stream_id):  # a deleted stream's tokens open nothing, not even a successor
+            await self.kv.delete(self._token_key(t.token_id))
         await self.kv.delete(self._key_key(record.key_hash))
         await self.kv.delete(self._record_key(stream_id))
         return record
@@ -147,3 +154,52 @@ class StreamTable:
         except StreamNotFound:
             return None
         return record if hmac.compare_digest(record.key_hash, digest) else None
+
+    # -- per-stream API tokens ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _token_key(token_id: str) -> str:
+        return "t." + token(token_id, "token id")
+
+    async def create_token(self, stream_id: str, label: str = "") -> tuple[ApiToken, str]:
+        """Mint a token that may read and PATCH ``stream_id``; returns it and the secret (the only time seen)."""
+        await self.get(stream_id)
+        token_id = secrets.token_hex(8)
+        presented = f"{STREAM_TOKEN_PREFIX}{token_id}.{secrets.token_urlsafe(24)}"
+        entry = ApiToken(token_id=token_id, stream_id=stream_id, secret_hash=hash_key(presented), label=label,
+                         created_at=time.time())
+        await self.kv.create(self._token_key(token_id), entry)
+        return entry, presented
+
+    async def tokens(self, stream_id: str) -> list[ApiToken]:
+        out = []
+        for k in sorted(await self.kv.keys()):
+            if k.startswith("t."):
+                entry = await self.kv.get_message(k, ApiToken)
+                if entry is not None and entry.stream_id == stream_id:
+                    out.append(entry)
+        return out
+
+    async def revoke_token(self, stream_id: str, token_id: str) -> bool:
+        """Delete one of the stream's tokens; False when it has none with that id."""
+        try:
+            entry = await self.kv.get_message(self._token_key(token_id), ApiToken)
+        except ValueError:
+            return False
+        if entry is None or entry.stream_id != stream_id:
+            return False
+        await self.kv.delete(self._token_key(token_id))
+        return True
+
+    async def lookup_token(self, presented: str) -> ApiToken | None:
+        """The per-stream token a bearer credential is, or None."""
+        if not presented.startswith(STREAM_TOKEN_PREFIX) or "." not in presented:
+            return None
+        token_id = presented[len(STREAM_TOKEN_PREFIX):].split(".", 1)[0]
+        try:
+            entry = await self.kv.get_message(self._token_key(token_id), ApiToken)
+        except ValueError:
+            return None
+        if entry is None or not hmac.compare_digest(entry.secret_hash, hash_key(presented)):
+            return None
+        return entry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from services.bus import Bus
 from services.config import NatsSettings
 from services.natsd import NatsServer
+from support.playback import ENV as PLAYBACK_ENV
+
+os.environ.update({k: v for k, v in PLAYBACK_ENV.items() if k not in os.environ})  # gateway and egress share it
 
 _EXPORTER = InMemorySpanExporter()
 

@@ -5,24 +5,24 @@ the playback URLs; ``GET/PATCH/DELETE /v1/streams/{id}`` read, change live and e
 of the parameters (steps, noise) is sent to ingest as a request; ingest answers with the chunk seq the change
 takes effect at (a steps change starts a new warm-up segment there), which the response reports (``null`` while
 the stream is not live: the change then applies from its first chunk), or refuses it (409, nothing applied).
-``/hls/{id}/...`` forwards playback requests, query included (LL-HLS blocking reloads), to the egress instance
-the stream table names for the stream.
+Callers are operators (everything) or per-stream tokens minted by ``POST /v1/streams/{id}/tokens`` (read, PATCH
+and playback URLs of that one stream; ``services/gateway/auth.py``); creations and PATCHes are rate-limited per
+token. Playback (``/hls/{id}/{token}/...``) and the player page are ``services/gateway/playback.py``.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from typing import Literal
 
 import httpx
 import nats.errors
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Response, status
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from media.player import make_player_router
 from proto import (
     SLO,
     Ack,
@@ -41,6 +41,11 @@ from proto.spec import MAX_FPS, MAX_MODEL_HEIGHT, MAX_MODEL_WIDTH, MAX_STEPS, MA
 from services.bus import KV, Bus
 from services.config import Settings
 from services.controller.policy import admission_key
+from services.gateway.auth import OperatorTokens, Principal, authenticate
+from services.gateway.limits import RateLimiter, retry_after
+from services.gateway.playback import make_playback_router
+from services.httpguard import refused
+from services.playback_tokens import PlaybackKeys
 from services.streams import StreamNotFound, StreamTable, new_stream_id, session_state
 
 log = logging.getLogger("rheo.gateway")
@@ -73,15 +78,36 @@ class PatchStream(Body):
     motion_aware: bool | None = None
 
 
-class StreamInfo(BaseModel):
+class MintToken(Body):
+    label: str = Field("", max_length=200, description="what the token is for (shown when listed)")
+
+
+class StreamTokenInfo(BaseModel):
+    token_id: str
+    stream_id: str
+    label: str
+    created_at: float
+
+
+class MintedToken(StreamTokenInfo):
+    token: str = Field(description="shown once: Authorization: Bearer <token> reads and PATCHes this stream only")
+
+
+class PlaybackUrls(BaseModel):
+    hls_url: str
+    llhls_url: str
+    player_url: str = Field(description="the gateway's hls.js page playing llhls_url")
+    playback_expires_at: int = Field(description="unix time the playback URLs stop working (mint fresh ones with "
+                                                   "POST /v1/streams/{id}/playback)")
+
+
+class StreamInfo(PlaybackUrls):
     id: str
     state: str = Field(description="created | live | recovering | degraded | failed | ended (docs/recovery.md)")
     state_reason: str = Field("", description="why: what stalled, what was repaired, what failed")
     spec: dict
     prompt_version: int
     rtmp_url: str
-    hls_url: str
-    llhls_url: str
     admission: str | None = Field(
         None, description="the controller's last admission answer: 'admitted: …' or 'refused: <reason>'")
     ingest: dict | None = Field(
@@ -101,26 +127,60 @@ class PatchResult(StreamInfo):
 def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.AsyncClient) -> FastAPI:
     gw = settings.gateway
     app = FastAPI(title="rheo gateway", version="1", description="Create streams, change them live, watch them.")
+    if gw.cors_origins:  # none by default: browsers on other origins cannot call the API
+        app.add_middleware(CORSMiddleware, allow_origins=gw.cors_origins, allow_methods=["GET", "POST", "PATCH",
+                           "DELETE"], allow_headers=["Authorization", "Content-Type"])
     bearer = HTTPBearer(auto_error=False)
-    tokens = [t.get_secret_value() for t in gw.api_tokens]
+    operators = OperatorTokens(gw.api_tokens, gw.api_tokens_file)
+    keys = PlaybackKeys.of(settings.playback.signing_keys)
+    writes = RateLimiter(gw.write_rate_per_s, gw.write_burst)
 
-    async def authorised(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    async def caller(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        if not bus.nc.is_connected:  # at once, not after a request timeout per call
+            raise nats.errors.ConnectionReconnectingError
         if gw.allow_anonymous:
-            return
-        presented = creds.credentials if creds else ""
-        if not presented or not any(hmac.compare_digest(presented, t) for t in tokens):
+            return Principal(key="anonymous")
+        found = await authenticate(creds.credentials if creds else "", operators, table)
+        if found is None:
+            refused("unauthorised")
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid API token is required (Authorization: "
                                 "Bearer <token>)", headers={"WWW-Authenticate": "Bearer"})
+        return found
+
+    def forbidden(what: str) -> HTTPException:
+        refused("forbidden")
+        return HTTPException(status.HTTP_403_FORBIDDEN, f"this token may not {what}")
+
+    async def operator(who: Principal = Depends(caller)) -> Principal:
+        if not who.operator:
+            raise forbidden("do this (operator tokens only)")
+        return who
+
+    async def of_stream(stream_id: str, who: Principal = Depends(caller)) -> Principal:
+        if not who.may_use(stream_id):
+            raise forbidden(f"use stream {stream_id!r}")
+        return who
+
+    def limited(who: Principal) -> None:
+        wait = writes.take(who.key)
+        if wait > 0:
+            refused("rate_limited")
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many changes from this token; retry later",
+                                headers={"Retry-After": retry_after(wait)})
+
+    def playback(sid: str) -> dict[str, object]:
+        base, now, ttl = gw.public_url.rstrip("/"), time.time(), settings.playback.token_ttl_s
+        expires, path = int(now + ttl), keys.path(sid, ttl, now)
+        return {"hls_url": f"{base}{path}/playlist.m3u8", "llhls_url": f"{base}{path}/index.m3u8",
+                "player_url": f"{base}/player/index.html?src={path}/index.m3u8", "playback_expires_at": expires}
 
     def info(record: StreamRecord, cls: type[StreamInfo] = StreamInfo, **extra: object) -> StreamInfo:
         sid = record.spec.stream_id
-        base = gw.public_url.rstrip("/")
         state, reason = session_state(record, settings.ingest.status_interval_s, time.time())
         return cls(id=sid, state=state, state_reason=reason, spec=record.spec.model_dump(),
                    prompt_version=record.prompt_version,
                    ingest=record.ingest.model_dump() if record.ingest is not None else None,
-                   rtmp_url=f"{gw.public_rtmp_url.rstrip('/')}/{settings.ingest.rtmp_app}",
-                   hls_url=f"{base}/hls/{sid}/playlist.m3u8", llhls_url=f"{base}/hls/{sid}/index.m3u8", **extra)
+                   rtmp_url=f"{gw.public_rtmp_url.rstrip('/')}/{settings.ingest.rtmp_app}", **playback(sid), **extra)
 
     controller_kv: list[KV] = []
 
@@ -155,10 +215,11 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
     def acked_seq(reply: Message | None) -> int | None:
         return int(reply.ref) if isinstance(reply, Ack) and reply.ref.isdigit() else None
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorised)])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.post("/streams", status_code=status.HTTP_201_CREATED, response_model=CreatedStream)
-    async def create_stream(body: CreateStream) -> StreamInfo:
+    async def create_stream(body: CreateStream, who: Principal = Depends(operator)) -> StreamInfo:
+        limited(who)
         spec = StreamSpec(stream_id=new_stream_id(), width=body.width, height=body.height, fps=body.fps,
                           steps=body.steps, prompt=body.prompt, seed=body.seed,
                           noise=NoiseParams(noise_scale=body.noise_scale, motion_aware=body.motion_aware),
@@ -171,16 +232,17 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
         log.info("stream %s created", spec.stream_id)
         return created
 
-    @v1.get("/streams", response_model=list[StreamInfo])
+    @v1.get("/streams", response_model=list[StreamInfo], dependencies=[Depends(operator)])
     async def list_streams() -> list[StreamInfo]:
         return [info(r) for r in await table.list()]
 
-    @v1.get("/streams/{stream_id}", response_model=StreamInfo)
+    @v1.get("/streams/{stream_id}", response_model=StreamInfo, dependencies=[Depends(of_stream)])
     async def get_stream(stream_id: str) -> StreamInfo:
         return info(await record_or_404(stream_id), admission=await admission_of(stream_id))
 
     @v1.patch("/streams/{stream_id}", response_model=PatchResult)
-    async def patch_stream(stream_id: str, body: PatchStream) -> StreamInfo:
+    async def patch_stream(stream_id: str, body: PatchStream, who: Principal = Depends(of_stream)) -> StreamInfo:
+        limited(who)
         record = await record_or_404(stream_id)
         spec = record.spec
         noise = spec.noise.model_copy(update={k: v for k, v in
@@ -216,7 +278,7 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
             effective = seq if effective is None or seq is None else max(effective, seq)
         return info(record, PatchResult, effective_seq=effective)
 
-    @v1.delete("/streams/{stream_id}", status_code=status.HTTP_204_NO_CONTENT)
+    @v1.delete("/streams/{stream_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[Depends(operator)])
     async def delete_stream(stream_id: str) -> Response:
         await record_or_404(stream_id)
         record = await table.delete(stream_id)
@@ -225,20 +287,34 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
                           Error(code="stream_deleted", message="the stream was deleted", stream_id=ended.stream_id))
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
+    @v1.post("/streams/{stream_id}/playback", response_model=PlaybackUrls, dependencies=[Depends(of_stream)])
+    async def mint_playback(stream_id: str) -> PlaybackUrls:
+        """Fresh signed playback URLs (valid ``playback.token_ttl_s``)."""
+        await record_or_404(stream_id)
+        return PlaybackUrls(**playback(stream_id))  # type: ignore[arg-type]
+
+    @v1.post("/streams/{stream_id}/tokens", status_code=status.HTTP_201_CREATED, response_model=MintedToken,
+             dependencies=[Depends(operator)])
+    async def mint_token(stream_id: str, body: MintToken) -> MintedToken:
+        await record_or_404(stream_id)
+        entry, secret = await table.create_token(stream_id, body.label)
+        log.info("stream %s: token %s minted", stream_id, entry.token_id)
+        return MintedToken(token=secret, **entry.model_dump(include=set(StreamTokenInfo.model_fields)))
+
+    @v1.get("/streams/{stream_id}/tokens", response_model=list[StreamTokenInfo], dependencies=[Depends(operator)])
+    async def list_tokens(stream_id: str) -> list[StreamTokenInfo]:
+        await record_or_404(stream_id)
+        return [StreamTokenInfo(**t.model_dump(include=set(StreamTokenInfo.model_fields)))
+                for t in await table.tokens(stream_id)]
+
+    @v1.delete("/streams/{stream_id}/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT,
+               dependencies=[Depends(operator)])
+    async def revoke_token(stream_id: str, token_id: str) -> Response:
+        if not await table.revoke_token(stream_id, token_id):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"stream {stream_id!r} has no token {token_id!r}")
+        log.info("stream %s: token %s revoked", stream_id, token_id)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+
     app.include_router(v1)
-    app.include_router(make_player_router())  # /player/index.html?src=<playlist>: a minimal hls.js page
-
-    @app.get("/hls/{stream_id}/{path:path}", include_in_schema=False)
-    async def hls(stream_id: str, path: str, request: Request) -> Response:
-        record = await record_or_404(stream_id)
-        if not record.egress_url:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"stream {stream_id} is not playing yet")
-        url = f"{record.egress_url.rstrip('/')}/hls/{stream_id}/{path}"
-        try:
-            upstream = await proxy.get(url, params=request.query_params)
-        except httpx.HTTPError as e:
-            raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"egress unreachable: {type(e).__name__}") from e
-        keep = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "cache-control")}
-        return Response(upstream.content, status_code=upstream.status_code, headers=keep)
-
+    app.include_router(make_playback_router(settings, table, proxy, keys))
     return app

@@ -14,6 +14,9 @@ import httpx
 import uvicorn
 
 from services.gateway.api import make_api
+from services.gateway.auth import OperatorTokens
+from services.httpguard import guard
+from services.playback_tokens import PlaybackKeys
 from services.runtime import Service, ServiceStartError, listen_socket, main
 from services.streams import StreamTable
 
@@ -28,20 +31,26 @@ class GatewayService(Service):
         self._api_task: asyncio.Task[None] | None = None
         self._proxy: httpx.AsyncClient | None = None
         gw = self.settings.gateway
-        if not gw.api_tokens and not gw.allow_anonymous:
+        if not OperatorTokens(gw.api_tokens, gw.api_tokens_file).any() and not gw.allow_anonymous:
             raise ServiceStartError("gateway: no API token configured (gateway.api_tokens, e.g. "
-                                    "RHEO_GATEWAY__API_TOKENS='[\"<token>\"]'); set gateway.allow_anonymous=true "
-                                    "only for local development")
+                                    "RHEO_GATEWAY__API_TOKENS='[\"<token>\"]', or gateway.api_tokens_file); set "
+                                    "gateway.allow_anonymous=true only for local development")
+        try:
+            PlaybackKeys.of(self.settings.playback.signing_keys)
+        except ValueError as e:
+            raise ServiceStartError(f"gateway: {e}, e.g. RHEO_PLAYBACK__SIGNING_KEYS='[\"<32+ random "
+                                    "characters>\"]' (egress needs the same list)") from e
 
     async def start(self) -> None:
         assert self.bus is not None
         gw = self.settings.gateway
         table = await StreamTable.open(self.bus)
-        self._proxy = httpx.AsyncClient(timeout=gw.proxy_timeout_s)
-        app = make_api(self.settings, self.bus, table, self._proxy)
+        self._proxy = httpx.AsyncClient(timeout=gw.proxy_timeout_s, limits=httpx.Limits(
+            max_connections=gw.proxy_max_connections, max_keepalive_connections=min(64, gw.proxy_max_connections)))
+        app = guard(make_api(self.settings, self.bus, table, self._proxy), gw.max_body_bytes)
         sock = listen_socket(gw.host, gw.port, "the gateway API (gateway.port)")
         self.api_port = sock.getsockname()[1]
-        self._api = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self._api = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         self._api.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._api_task = asyncio.create_task(self._api.serve(sockets=[sock]), name="gateway-api")
 

@@ -35,6 +35,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                  "auth": {"type": "token", "existingSecret": "corp-nats"}},
         "api": {"existingSecret": "corp-rheo-api"},
         "ditStage": {"linkKey": {"existingSecret": "corp-link"}},
+        "playback": {"existingSecret": "corp-rheo-playback"},
         "config": {"gateway": {"port": 8081}, "ingest": {"rtmp_port": 1936, "rtmps_port": 1937},
                    "egress": {"http_port": 8091},
                    "dit_stage": {"link_port": 7101}, "telemetry": {"metrics_port": 9465}},

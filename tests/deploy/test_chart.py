@@ -355,6 +355,8 @@ def test_secure_defaults_generate_credentials() -> None:
     assert len(base64.b64decode(nats["data"]["password"])) >= 32
     assert r.config_yaml()["nats"]["user"] == "rheo"
     assert "allow_anonymous" not in r.config_yaml().get("gateway", {})
+    keys = json.loads(base64.b64decode(r.get("Secret", f"{RELEASE}-playback")["data"]["signing-keys"]))
+    assert len(keys) == 1 and len(keys[0]) >= 32  # playback needs signed URLs, with a generated key
 
 
 def test_existing_secrets_are_used_not_created() -> None:
@@ -363,9 +365,12 @@ def test_existing_secrets_are_used_not_created() -> None:
     refs = {(e["name"], e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
             for w in r.workloads() for c in containers(w) for e in c["env"] if "valueFrom" in e
             and "secretKeyRef" in e["valueFrom"]}
-    assert refs == {("RHEO_NATS__TOKEN", "corp-nats", "token"), ("RHEO_GATEWAY__API_TOKENS", "corp-rheo-api",
-                                                                   "api-tokens"),
+    assert refs == {("RHEO_NATS__TOKEN", "corp-nats", "token"),
+                    ("RHEO_PLAYBACK__SIGNING_KEYS", "corp-rheo-playback", "signing-keys"),
                     ("RHEO_DIT_STAGE__LINK_KEY", "corp-link", "link-key")}
+    mounted = {v["secret"]["secretName"] for w in r.workloads() for v in w["spec"]["template"]["spec"]["volumes"]
+               if "secret" in v}
+    assert "corp-rheo-api" in mounted  # the gateway's operator tokens: a file it re-reads (rotation, no restart)
     assert r.config_yaml()["nats"]["url"] == "tls://nats-a.infra:4222,tls://nats-b.infra:4222"
 
 

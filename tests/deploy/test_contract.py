@@ -24,7 +24,8 @@ LISTENERS = {
     "dit-stage": ("link", "dit_stage.link_port"),
 }
 # Stand-ins for what Kubernetes fills in at run time, shaped like the real thing.
-SECRET_STANDINS = {"api-tokens": json.dumps(["t" * 40]), "password": "p" * 32, "token": "k" * 40, "link-key": "l" * 48}
+SECRET_STANDINS = {"api-tokens": json.dumps(["t" * 40]), "password": "p" * 32, "token": "k" * 40,
+                   "signing-keys": json.dumps(["s" * 48]), "link-key": "l" * 48}
 DOWNWARD = {"metadata.name": "dit-3", "status.podIP": "10.1.2.3"}
 
 
@@ -101,8 +102,12 @@ def test_rheo_accepts_the_rendered_config_of_every_container(rendered: Rendered,
             if component(w) == "dit-stage":
                 assert s.dit_stage.stage_id == "dit-3" and s.dit_stage.advertise_host == "10.1.2.3"
             if component(w) == "gateway":
-                assert [t.get_secret_value() for t in s.gateway.api_tokens] == ["t" * 40]
-                assert s.gateway.allow_anonymous is False
+                assert s.gateway.api_tokens == [] and s.gateway.allow_anonymous is False  # the tokens: a mounted file
+                assert str(s.gateway.api_tokens_file) == "/var/run/secrets/rheo/api/api-tokens"
+                assert {"mountPath": "/var/run/secrets/rheo/api", "name": "api-tokens", "readOnly": True} in \
+                    c["volumeMounts"]
+            if component(w) in ("gateway", "egress"):
+                assert [k.get_secret_value() for k in s.playback.signing_keys] == ["s" * 48]
             if component(w) == "egress":
                 assert s.egress.public_url == f"http://10.1.2.3:{s.egress.http_port}"
             auth = rendered.merged["nats"]["auth"]["type"]

@@ -18,7 +18,7 @@ CONFIG_KEYS = {key for key, _, _ in iter_fields()}
 CHART_OWNED = {"service", "nats.url", "nats.user", "nats.password", "nats.token", "nats.creds_file",
                "nats.nkey_seed_file", "nats.name", "controller.stages", "model.model_dir", "dit_stage.stage_id",
                "dit_stage.advertise_host", "dit_stage.link_key", "egress.public_url", "gateway.api_tokens",
-               "ingest.tls_cert_file", "ingest.tls_key_file"}
+               "gateway.api_tokens_file", "playback.signing_keys", "ingest.tls_cert_file", "ingest.tls_key_file"}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,9 @@ BAD_VALUES = {
     "ClusterIP RTMP service": {"ingest": {"service": {"type": "ClusterIP"}}},
     "unknown weights source": {"model": {"source": "s3"}},
     "short API token": {"api": {"tokens": ["short"]}},
+    "short playback key": {"playback": {"signingKeys": ["short"]}},
+    "plaintext playback key in config": {"config": {"playback": {"signing_keys": ["k" * 40]}}},
+    "CORS origin with a path": {"config": {"gateway": {"cors_origins": ["https://a.example/x"]}}},
     "unknown top-level value": {"replicaz": 2},
 }
 
@@ -107,5 +110,6 @@ def test_schema_and_docs_describe_every_value_in_values_yaml() -> None:
         if path[-2:-1] in {("requests",), ("limits",)}:
             path = path[:-2]
         assert f"`{'.'.join(path)}`" in docs, f"docs/deploy.md does not list the value {'.'.join(path)}"
-    for key in ("image", "nats", "api", "model", "gateway", "ingest", "decoder", "egress", "controller", "ditStage"):
+    for key in ("image", "nats", "api", "playback", "model", "gateway", "ingest", "decoder", "egress", "controller",
+                "ditStage"):
         assert key in VALUES and key in SCHEMA["properties"]

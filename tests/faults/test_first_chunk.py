@@ -93,7 +93,7 @@ def test_a_nats_pause_right_after_publish_does_not_lose_the_stream(stack: LocalS
             pub.terminate()
             pub.wait(30)
     _wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
-    _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8"), 60, "EXT-X-ENDLIST")
+    _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"{stack.playback(sid)}/index.m3u8"), 60, "EXT-X-ENDLIST")
     times, segments = _hls_frames(stack, sid)
     assert segments >= 2 and len(times) >= 2 * FPS and times == sorted(times)  # >= 2 s of styled video
     assert abs(1 / FPS - (times[-1] - times[0]) / (len(times) - 1)) < 1e-3  # constant frame rate

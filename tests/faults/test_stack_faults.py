@@ -101,12 +101,12 @@ def _get(stack: LocalStack, path: str) -> bytes:
 
 def _hls_frames(stack: LocalStack, sid: str) -> tuple[list[float], int]:
     """Presentation times (s) of every frame of the stream's HLS output, decoded back, and the segment count."""
-    playlist = m3u8.loads(_get(stack, f"/hls/{sid}/index.m3u8").decode())
+    playlist = m3u8.loads(_get(stack, f"{stack.playback(sid)}/index.m3u8").decode())
     assert playlist.is_endlist and playlist.segments
-    init = _get(stack, f"/hls/{sid}/init.mp4")
+    init = _get(stack, f"{stack.playback(sid)}/init.mp4")
     times: list[float] = []
     for seg in playlist.segments:
-        with av.open(io.BytesIO(init + _get(stack, f"/hls/{sid}/{seg.uri}"))) as container:
+        with av.open(io.BytesIO(init + _get(stack, f"{stack.playback(sid)}/{seg.uri}"))) as container:
             stream = container.streams.video[0]
             times += [float(f.pts * f.time_base) for f in container.decode(stream)]
     return times, len(playlist.segments)
@@ -191,7 +191,7 @@ def test_a_killed_stage_is_rebuilt_by_replay(stack: LocalStack) -> None:
             p.wait(30)
     for sid in ids.values():
         wait(lambda sid=sid: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
-        wait(lambda sid=sid: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8"), 60, "EXT-X-ENDLIST")
+        wait(lambda sid=sid: b"#EXT-X-ENDLIST" in _get(stack, f"{stack.playback(sid)}/index.m3u8"), 60, "EXT-X-ENDLIST")
 
     # ingest replayed each stream's ring: the prepare chunk, the sink chunk and the last REPLAY chunks
     assert metric(stack, "ingest", "rheo_ingest_chunks_replayed_total") == 2 * (1 + sink_chunks(SINK) + REPLAY)
@@ -245,7 +245,7 @@ def test_a_nats_restart_mid_stream_resumes_within_3_s(stack: LocalStack) -> None
         pub.wait(30)
     # the stream table (JetStream KV, file storage) survived; the stream ends normally and its playlist closes
     wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
-    wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8"), 60, "EXT-X-ENDLIST")
+    wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"{stack.playback(sid)}/index.m3u8"), 60, "EXT-X-ENDLIST")
     # the timeline goes on; video messages in flight inside nats-server when it stopped are lost (core NATS keeps
     # nothing), so the egress may skip those frames: a bounded jump, never a stall
     times, _ = _hls_frames(stack, sid)

@@ -42,12 +42,12 @@ def _get(stack: LocalStack, path: str) -> bytes | None:
 
 def _segments(stack: LocalStack, sid: str) -> set[str]:
     """Digests of the segments the stream's playlist lists now, fetched as a viewer does (through the gateway)."""
-    text = _get(stack, f"/hls/{sid}/playlist.m3u8")
+    text = _get(stack, f"{stack.playback(sid)}/playlist.m3u8")
     if text is None:
         return set()
     found = set()
     for seg in m3u8.loads(text.decode()).segments:
-        body = _get(stack, f"/hls/{sid}/{seg.uri}")
+        body = _get(stack, f"{stack.playback(sid)}/{seg.uri}")
         if body:
             found.add(hashlib.sha256(body).hexdigest())
     return found

@@ -85,7 +85,7 @@ class Viewer(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             try:
-                pl = m3u8.loads(_get(self.stack, f"/hls/{self.sid}/index.m3u8").decode())
+                pl = m3u8.loads(_get(self.stack, f"{self.stack.playback(self.sid)}/index.m3u8").decode())
             except Exception:
                 self.failed_loads += 1
             else:
@@ -191,9 +191,9 @@ def test_decoder_and_egress_restarts_keep_the_playlist_monotonic(stack: LocalSta
     for seg in final.segments:
         if seg.discontinuity or not data:
             times += _times(data)
-            data = _get(stack, f"/hls/{sid}/{seg.init_section.uri}")
+            data = _get(stack, f"{stack.playback(sid)}/{seg.init_section.uri}")
             periods += 1
-        data += _get(stack, f"/hls/{sid}/{seg.uri}")
+        data += _get(stack, f"{stack.playback(sid)}/{seg.uri}")
     times += _times(data)
     assert periods == 3 - (final.discontinuity_sequence or 0)  # (the window may have slid past the first period)
     assert times == sorted(times) and len(set(times)) == len(times), "output timestamps went backwards"
@@ -201,7 +201,7 @@ def test_decoder_and_egress_restarts_keep_the_playlist_monotonic(stack: LocalSta
 
 def _playable(stack: LocalStack, sid: str) -> bool:
     try:
-        return b"seg_0.m4s" in _get(stack, f"/hls/{sid}/index.m3u8")
+        return b"seg_0.m4s" in _get(stack, f"{stack.playback(sid)}/index.m3u8")
     except Exception:
         return False
 

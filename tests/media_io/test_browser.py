@@ -15,6 +15,7 @@ from media.llhls import HlsRegistry
 from media.player import HLSJS_DEFAULT, make_player_router
 from media_io.mediakit import LiveSource, serve_app
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, NO_CHROMIUM
+from support.playback import KEYS, signed
 
 pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM),
@@ -28,7 +29,7 @@ async def test_hlsjs_plays_the_live_ll_hls_stream(tmp_path: Path) -> None:
     playwright_api = pytest.importorskip("playwright.async_api", reason="playwright (PyPI) not installed")
     registry = HlsRegistry(tmp_path)
     app = FastAPI()
-    app.include_router(make_hls_router(registry))
+    app.include_router(make_hls_router(registry, KEYS))
     app.include_router(make_player_router())
     holder: dict = {}
     source = LiveSource(lambda unit: holder["stream"].push(unit), width=320, height=240)
@@ -39,7 +40,7 @@ async def test_hlsjs_plays_the_live_ll_hls_stream(tmp_path: Path) -> None:
             async with playwright_api.async_playwright() as pw:
                 browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
                 page = await browser.new_page()
-                await page.goto(f"http://127.0.0.1:{port}/player/index.html?src=/hls/cam/index.m3u8")
+                await page.goto(f"http://127.0.0.1:{port}/player/index.html?src={signed('cam')}/index.m3u8")
                 await page.wait_for_function(
                     "() => { const v = document.getElementById('v'); return v.readyState >= 3 && !v.paused }",
                     timeout=15000,

@@ -18,6 +18,7 @@ from egress.http import make_hls_router
 from media.h264 import CfrPacer, H264Encoder, PartLayout
 from media.llhls import HlsRegistry, LlHlsStream
 from media_io.mediakit import LiveSource, read_barcode, serve_app
+from support.playback import KEYS, signed
 
 
 def test_part_layout_aligns_gop_parts_and_segments() -> None:
@@ -127,7 +128,7 @@ def test_ll_playlist_tags_parse_with_m3u8() -> None:
 async def test_ll_hls_blocking_requests_over_http_and_cfr_through_an_outage(tmp_path: Path) -> None:
     registry = HlsRegistry(tmp_path)
     app = FastAPI()
-    app.include_router(make_hls_router(registry))
+    app.include_router(make_hls_router(registry, KEYS))
     holder: dict = {}
 
     def sink(unit) -> None:
@@ -136,7 +137,7 @@ async def test_ll_hls_blocking_requests_over_http_and_cfr_through_an_outage(tmp_
     source = LiveSource(sink)
     holder["stream"] = stream = registry.open("cam-1", source.encoder.config, source.layout)
     part_s = source.layout.part_seconds
-    async with serve_app(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/hls/cam-1/") as http:
+    async with serve_app(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}{signed('cam-1')}/") as http:
         live = asyncio.create_task(source.run(5.0, outages=((2.0, 3.0),)))  # upstream silent for 1 s
         await asyncio.sleep(1.5)
         blocked = []
@@ -153,7 +154,12 @@ async def test_ll_hls_blocking_requests_over_http_and_cfr_through_an_outage(tmp_
         assert hinted.status_code == 200 and hinted.content == stream.part(msn, part).data
         assert (await http.get("index.m3u8", params={"_HLS_msn": msn + 5})).status_code == 400
         assert (await http.get("index.m3u8", params={"_HLS_part": 1})).status_code == 400
-        assert (await http.get("/hls/nope/index.m3u8")).status_code == 404
+        origin = f"http://127.0.0.1:{port}"  # (a path starting with / is still relative to the client's base URL)
+        assert (await http.get(f"{origin}{signed('nope')}/index.m3u8")).status_code == 404
+        # egress plays nothing unsigned, expired or signed for another stream, whatever the path
+        for path in ("/hls/cam-1/index.m3u8", f"{signed('cam-1', -5)}/index.m3u8",
+                     f"{signed('nope')}/init.mp4".replace("nope", "cam-1"), "/hls/cam-1/x/part_0_0.m4s"):
+            assert (await http.get(origin + path)).status_code in (401, 403), path
         await live
         stream.end()
         final = m3u8.loads((await http.get("index.m3u8")).text)

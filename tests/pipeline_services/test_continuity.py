@@ -33,6 +33,7 @@ from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.runtime import Service
 from services.streams import new_stream_id
+from support.playback import signed
 from support.videokit import latent_chunk, random_latents
 
 torch.set_num_threads(2)
@@ -108,7 +109,7 @@ class DecoderSession:
 async def decode_periods(base_url: str, sid: str, playlist: m3u8.M3U8) -> list[tuple[list[int], list[float]]]:
     """Fetch and decode each period (its EXT-X-MAP init + its segments): (barcodes, presentation times) each."""
     chunks: list[bytes] = []
-    async with httpx.AsyncClient(base_url=f"{base_url}/hls/{sid}/", timeout=10) as http:
+    async with httpx.AsyncClient(base_url=f"{base_url}{signed(sid)}/", timeout=10) as http:
         for seg in playlist.segments:
             if not chunks or seg.discontinuity:
                 chunks.append((await http.get(seg.init_section.uri)).raise_for_status().content)
@@ -123,7 +124,7 @@ async def decode_periods(base_url: str, sid: str, playlist: m3u8.M3U8) -> list[t
 
 async def playlist(base_url: str, sid: str) -> m3u8.M3U8:
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
-        r = await http.get(f"/hls/{sid}/index.m3u8")
+        r = await http.get(f"{signed(sid)}/index.m3u8")
         r.raise_for_status()
         return m3u8.loads(r.text)
 

@@ -25,6 +25,7 @@ from proto import EncodedVideo, StreamEvent, StreamSpec, Subjects
 from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.streams import StreamTable, new_stream_id
+from support.playback import signed
 from support.videokit import (
     feed_chunks,
     latent_chunk,
@@ -220,7 +221,7 @@ async def test_stream_event_ended_closes_the_playlist(stack: Stack, bus: Bus) ->
         deadline = time.monotonic() + 10.0
         # 404 until the egress has taken the first video message (the bus is asynchronous); then the blocking
         # request holds until segment 0 is complete
-        while (r := await http.get(f"/hls/{sid}/index.m3u8", params={"_HLS_msn": 0})).status_code == 404:
+        while (r := await http.get(f"{signed(sid)}/index.m3u8", params={"_HLS_msn": 0})).status_code == 404:
             assert time.monotonic() < deadline, "the egress never registered the stream"
             await asyncio.sleep(0.05)
         assert r.status_code == 200 and "#EXT-X-ENDLIST" not in r.text

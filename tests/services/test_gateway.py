@@ -75,7 +75,8 @@ async def test_create_list_get_delete_and_hashed_keys(nats_settings: NatsSetting
         created = r.json()
         sid, key = created["id"], created["stream_key"]
         assert created["publish_url"].endswith(f"/live/{key}")
-        assert created["llhls_url"] == f"http://viewer.example/hls/{sid}/index.m3u8"
+        assert created["llhls_url"].startswith(f"http://viewer.example/hls/{sid}/")  # + the signed token
+        assert created["llhls_url"].endswith("/index.m3u8") and created["hls_url"].endswith("/playlist.m3u8")
         assert created["spec"]["width"] == 832 and created["spec"]["prompt"] == "a watercolour city"
         await eventually(lambda: any(s.stream_id == sid for s in specs))
 
@@ -186,18 +187,21 @@ async def test_hls_is_routed_to_the_streams_egress(nats_settings: NatsSettings, 
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         async with _gateway(nats_settings, eventually) as (_service, http):
-            sid = (await http.post("/v1/streams", json={"prompt": "p"})).json()["id"]
-            r = await http.get(f"/hls/{sid}/index.m3u8")
+            created = (await http.post("/v1/streams", json={"prompt": "p"})).json()
+            sid, base = created["id"], httpx.URL(created["llhls_url"]).path.rsplit("/", 1)[0]
+            r = await http.get(f"{base}/index.m3u8")
             assert r.status_code == 503 and "not playing" in r.text
             table = StreamTable(await bus.kv(Buckets.STREAMS))
             await table.update(sid, lambda rec: rec.model_copy(update={"egress_url": f"http://127.0.0.1:{port}",
                                                                        "state": "live"}))
-            r = await http.get(f"/hls/{sid}/index.m3u8", params={"_HLS_msn": 4, "_HLS_part": 2},
-                               headers={"Authorization": ""})  # playback needs no API token
+            r = await http.get(f"{base}/index.m3u8", params={"_HLS_msn": 4, "_HLS_part": 2},
+                               headers={"Authorization": ""})  # playback needs no API token: its signed URL
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("application/vnd.apple.mpegurl")
-            assert f"{sid} index.m3u8" in r.text and "'_HLS_msn': '4'" in r.text and "'_HLS_part': '2'" in r.text
-            assert (await http.get("/hls/unknown/index.m3u8")).status_code == 404
+            token = base.rsplit("/", 1)[1]
+            assert f"{sid} {token}/index.m3u8" in r.text and "'_HLS_msn': '4'" in r.text
+            assert "'_HLS_part': '2'" in r.text
+            assert (await http.get(f"/hls/unknown/{token}/index.m3u8")).status_code == 403  # bound to its stream
     finally:
         server.should_exit = True
         await serving

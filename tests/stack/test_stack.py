@@ -131,7 +131,7 @@ def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack, ring: RingConfig | Non
     sid = created["id"]
     _publish(stack, created["stream_key"], seconds=3.0)
     _wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
-    _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8")[1], 90, "EXT-X-ENDLIST")
+    _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"{stack.playback(sid)}/index.m3u8")[1], 90, "EXT-X-ENDLIST")
 
     # what went in (ingest's tap: model-size uint8 frames per chunk) and what came out (decoder's tap)
     tap_in = sorted((stack.workdir / "tap-in" / sid).glob("chunk_*.npy"))
@@ -150,14 +150,14 @@ def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack, ring: RingConfig | Non
     assert np.abs(frames_out[:n] - np.roll(ref[:n], 1, axis=0)).max() > 1e-3  # negative control: order matters
 
     # the viewer's side: the playlist through the gateway, decoded back
-    status, body = _get(stack, f"/hls/{sid}/index.m3u8")
+    status, body = _get(stack, f"{stack.playback(sid)}/index.m3u8")
     assert status == 200
     playlist = m3u8.loads(body.decode())
     assert playlist.is_endlist and playlist.segments
-    _, init = _get(stack, f"/hls/{sid}/init.mp4")
+    _, init = _get(stack, f"{stack.playback(sid)}/init.mp4")
     decoded = 0
     for seg in playlist.segments:
-        _, data = _get(stack, f"/hls/{sid}/{seg.uri}")
+        _, data = _get(stack, f"{stack.playback(sid)}/{seg.uri}")
         with av.open(io.BytesIO(init + data)) as container:
             stream = container.streams.video[0]
             assert (stream.codec_context.width, stream.codec_context.height) == (SIZE, SIZE)
@@ -200,7 +200,7 @@ def _live_change(stack: LocalStack, change: dict, seconds: float = 6.0,
     # comes: it takes effect within steps + 1 chunks of what was encoded by then
     assert isinstance(effective, int) and before <= effective <= after + STEPS + 1, (before, effective, after)
     _wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
-    _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8")[1], 90, "EXT-X-ENDLIST")
+    _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"{stack.playback(sid)}/index.m3u8")[1], 90, "EXT-X-ENDLIST")
     chunks_in, frames_out = _taps(stack, sid)
     assert effective + 3 <= len(chunks_in)
     return sid, effective, chunks_in, frames_out
@@ -291,7 +291,7 @@ def test_live_steps_and_noise_changes_equal_the_single_process_pipeline(stack: L
         publisher.wait(60)
     assert effective == sorted(effective) and len(set(effective)) == 3, effective
     _wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
-    _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"/hls/{sid}/index.m3u8")[1], 90, "EXT-X-ENDLIST")
+    _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"{stack.playback(sid)}/index.m3u8")[1], 90, "EXT-X-ENDLIST")
     chunks_in, frames_out = _taps(stack, sid)
     assert effective[-1] + 3 <= len(chunks_in)
     assert len(chunks_in[effective[0]]) == len(chunks_in[effective[2]]) == 5  # new segments' prepare chunks
@@ -336,14 +336,14 @@ def test_a_t2v_stream_plays_in_hls_and_equals_the_single_process_pipeline(stack:
     _wait(lambda: len(list(tapped.glob("*.npy"))) >= 4, 180, "four T2V chunks decoded")
 
     def segments() -> list:
-        status, body = _get(stack, f"/hls/{sid}/index.m3u8")
+        status, body = _get(stack, f"{stack.playback(sid)}/index.m3u8")
         return m3u8.loads(body.decode()).segments if status == 200 else []
 
     _wait(lambda: len(segments()) >= 2, 60, "two HLS segments")
-    _, init = _get(stack, f"/hls/{sid}/init.mp4")
+    _, init = _get(stack, f"{stack.playback(sid)}/init.mp4")
     decoded = 0
     for seg in segments():
-        _, data = _get(stack, f"/hls/{sid}/{seg.uri}")
+        _, data = _get(stack, f"{stack.playback(sid)}/{seg.uri}")
         with av.open(io.BytesIO(init + data)) as container:
             for frame in container.decode(container.streams.video[0]):
                 assert (frame.width, frame.height) == (SIZE, SIZE)
@@ -410,7 +410,7 @@ def test_the_up_stack_plays_moving_video_in_chromium(stack: LocalStack) -> None:
     assert not [e for e in errors if e.startswith("FATAL")], errors
 
 
-def test_bad_keys_are_refused_and_the_api_needs_a_token(stack: LocalStack) -> None:
+def test_bad_keys_are_refused_and_the_api_and_playback_need_tokens(stack: LocalStack) -> None:
     url = f"rtmp://127.0.0.1:{stack.ports.rtmp}/live/not-a-key"
     out = subprocess.run([sys.executable, "-m", "ingest.testpattern", url, "--seconds", "1"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -420,6 +420,20 @@ def test_bad_keys_are_refused_and_the_api_needs_a_token(stack: LocalStack) -> No
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 401
     assert json.loads(e.value.read())["detail"].startswith("a valid API token")
+
+    # playback needs the signed URL the API returns: on the gateway and directly on the egress port alike
+    sid = stack.api("POST", "/v1/streams", {"prompt": "p", "width": SIZE, "height": SIZE})["id"]
+    signed = stack.playback(sid)
+    egress = f"http://127.0.0.1:{stack.ports.egress}"
+    for url, code in [(f"{stack.gateway_url}/hls/{sid}/index.m3u8", 401), (f"{egress}/hls/{sid}/index.m3u8", 401),
+                      (f"{egress}/hls/{sid}/1.AAAAAAAAAAAAAAAAAAAAAA/init.mp4", 403),
+                      (f"{egress}{signed}/../../x/index.m3u8".replace("/../..", "/..%2f.."), 400)]:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url, timeout=10)
+        assert e.value.code == code, (url, e.value.read())
+    with pytest.raises(urllib.error.HTTPError) as e:  # signed, not playing yet: the egress does not know it
+        urllib.request.urlopen(f"{egress}{signed}/index.m3u8", timeout=10)
+    assert e.value.code == 404
 
 
 def test_sigterm_mid_stream_stops_everything_and_ends_the_playlist(tmp_path: Path) -> None:

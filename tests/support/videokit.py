@@ -19,6 +19,7 @@ from decoder.service import frames_from_decoded
 from encoder.vae import StreamVAE
 from proto import LatentChunk, StreamEvent, Subjects
 from services.bus import Bus
+from support.playback import signed
 
 Z_DIM = 4  # the tiny VAE's latent channels (wan.tiny.TINY_VAE_CONFIG)
 SPATIAL = 8  # the tiny VAE's spatial factor
@@ -80,7 +81,7 @@ async def read_ended_hls(base_url: str, stream_id: str, timeout: float = 20.0) -
     async with httpx.AsyncClient(base_url=base_url, timeout=10.0) as http:
         deadline = time.monotonic() + timeout
         while True:
-            r = await http.get(f"/hls/{stream_id}/index.m3u8")
+            r = await http.get(f"{signed(stream_id)}/index.m3u8")
             if r.status_code == 200 and "#EXT-X-ENDLIST" in r.text:
                 break
             if time.monotonic() > deadline:
@@ -88,9 +89,9 @@ async def read_ended_hls(base_url: str, stream_id: str, timeout: float = 20.0) -
             await asyncio.sleep(0.1)
         playlist = m3u8.loads(r.text)
         assert playlist.media_sequence == 0, "the playlist window no longer holds the whole stream"
-        data = (await http.get(f"/hls/{stream_id}/init.mp4")).content
+        data = (await http.get(f"{signed(stream_id)}/init.mp4")).content
         for seg in playlist.segments:
-            resp = await http.get(f"/hls/{stream_id}/{seg.uri}")
+            resp = await http.get(f"{signed(stream_id)}/{seg.uri}")
             resp.raise_for_status()
             data += resp.content
     frames, times = [], []

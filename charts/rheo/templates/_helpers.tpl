@@ -56,6 +56,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.ditStage.linkKey.existingSecret | default (printf "%s-link" (include "rheo.fullname" .)) }}
 {{- end }}
 
+{{- define "rheo.playbackSecretName" -}}
+{{- default (printf "%s-playback" (include "rheo.fullname" .)) .Values.playback.existingSecret -}}
+{{- end -}}
+
+{{- define "rheo.playbackEnv" -}}
+- name: RHEO_PLAYBACK__SIGNING_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rheo.playbackSecretName" . }}
+      key: signing-keys
+{{- end -}}
+
 {{- define "rheo.apiSecretName" -}}
 {{- default (printf "%s-api" (include "rheo.fullname" .)) .Values.api.existingSecret -}}
 {{- end -}}
@@ -263,6 +275,9 @@ spec:
           - key: nats.creds
             path: nats.creds
     {{- end }}
+    {{- with .volumes }}
+    {{- . | nindent 4 }}
+    {{- end }}
     {{- if and .weights (ne $v.model.source "none") }}
     - name: weights
       {{- if eq $v.model.source "pvc" }}
@@ -278,9 +293,6 @@ spec:
         reference: {{ required "model.image.reference is required when model.source is image" $v.model.image.reference }}
         pullPolicy: {{ $v.model.image.pullPolicy }}
       {{- end }}
-    {{- end }}
-    {{- with .volumes }}
-    {{- . | nindent 4 }}
     {{- end }}
   {{- with .spec.nodeSelector }}
   nodeSelector:
