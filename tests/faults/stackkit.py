@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from proto import BlockMap, Buckets
+from proto import CHANNELS, BlockMap, Buckets
 from services.bus import Bus
 from services.config import NatsSettings
 from services.stack import LocalStack
@@ -88,3 +89,43 @@ def current_map(stack: LocalStack) -> BlockMap:
             await bus.close()
 
     return asyncio.run(read())
+
+
+FLOOD_CHANNELS = ("stream_latent", "stream_x0", "stream_video", "stream_event", "ctl_heartbeat")
+"""What ``flood`` sends on: the data plane of every stage, the decoder, egress, and the controller's inputs."""
+FLOOD_FRAME = b"RH\x01\x00\xff\xff\xff\x7fnot a message, a flood"
+
+
+async def flood_connection(stack: LocalStack) -> Bus:
+    """The flooding client's connection: the one place that says who floods. With bus authorization it is an
+    identity allowed to publish on ``FLOOD_CHANNELS`` (ingest's: a compromised or buggy service)."""
+    assert stack.nats is not None
+    return await Bus.connect(NatsSettings(url=stack.nats.url), name="flood")
+
+
+def flood(stack: LocalStack, n: int) -> collections.Counter[str]:
+    """``n`` malformed frames at full speed, round robin over ``FLOOD_CHANNELS``, each on an id of its own (a new
+    subject per message); returns how many went to each channel."""
+
+    async def run() -> collections.Counter[str]:
+        bus = await flood_connection(stack)
+        sent: collections.Counter[str] = collections.Counter()
+        try:
+            for i in range(n):
+                name = FLOOD_CHANNELS[i % len(FLOOD_CHANNELS)]
+                channel = CHANNELS[name]
+                await bus.nc.publish(channel.subject(**{p: f"flood{i}" for p in channel.params}), FLOOD_FRAME)
+                sent[name] += 1
+            await bus.nc.flush(timeout=120)
+        finally:
+            await bus.close()
+        return sent
+
+    return asyncio.run(run())
+
+
+def metric_lines(stack: LocalStack, proc: str) -> int:
+    """How many samples one service's /metrics holds (its series, counting each counter's ``_created``)."""
+    port = next(p.health_port for p in stack.procs if p.name == proc)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return sum(1 for line in r.read().decode().splitlines() if line and not line.startswith("#"))
