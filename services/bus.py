@@ -39,6 +39,7 @@ from proto import Credit, Limits, Message, ProtocolError, decode
 from services import telemetry
 from services.config import NatsSettings
 from services.dispatch import NATS_PENDING_BYTES, NATS_PENDING_MSGS, Dispatcher, LaneLimits, count_slow_consumer
+from services.droplog import DropLog
 
 log = logging.getLogger("rheo.bus")
 
@@ -363,6 +364,7 @@ class CreditWindow:
         self._changed = asyncio.Event()
         self._inbox = bus.nc.new_inbox()
         self._sub: Subscription | None = None
+        self._drops = DropLog(f"credit inbox of {subject}", noun="message", logger=log)
 
     @property
     def outstanding(self) -> int:
@@ -375,7 +377,8 @@ class CreditWindow:
             try:
                 c = decode(msg.data, Credit, self.bus.limits)
             except ProtocolError as e:
-                log.warning("bad credit message on %s: %s", msg.subject, e)
+                telemetry.BUS_MALFORMED.labels(channel="credit").inc()
+                self._drops.note("malformed", f"{len(msg.data)} bytes: {e}")
                 return
             acked = max(self.acked, self._base + c.consumed)
             if acked > self.acked:
