@@ -171,3 +171,26 @@ async def test_drop_log_writes_a_pending_summary_when_its_interval_is_up(caplog:
     await asyncio.sleep(0.3)  # no further drop: the timer writes the summary
     assert [r.getMessage() for r in caplog.records][1:] == \
         ["bus x: 99 messages dropped (malformed) in the last 0 s (latest: m99)"]
+
+
+async def test_slow_consumer_drops_are_counted(bus: Bus, bus2: Bus, eventually,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-py's own queue in front of the dispatcher overflows only if the loop stops: its drops are counted too."""
+    import services.bus
+
+    monkeypatch.setattr(services.bus, "NATS_PENDING_MSGS", 5)
+    subject = Subjects.stream_spec("slowc")
+    await bus2.subscribe(subject, lambda *_: asyncio.sleep(0))
+    await settle(bus2, bus)
+
+    def slow_consumer() -> float:
+        return REGISTRY.get_sample_value("rheo_bus_dropped_messages_total",
+                                         {"channel": "stream_spec", "reason": "slow_consumer"}) or 0.0
+
+    before, received = slow_consumer(), bus2.stats.received
+    for _ in range(200):
+        await bus.nc.publish(subject, b"x")
+    await bus.nc.flush()
+    time.sleep(0.3)  # the loop stops: everything arrives at once, more than nats-py may queue
+    await eventually(lambda: bus2.stats.received - received + slow_consumer() - before == 200)
+    assert slow_consumer() > before
