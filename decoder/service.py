@@ -144,8 +144,10 @@ class DecoderService(Service):
         self.vae = await loop.run_in_executor(self._model_thread, self._load_vae)
         await loop.run_in_executor(self._model_thread, _warm_up, self.vae, self.work)
         self.checks["vae"] = True
-        await self.bus.subscribe(CHANNELS["stream_x0"].wildcard(), self._on_chunk, expected=LatentChunk, credit=True)
-        await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
+        await self.bus.subscribe(CHANNELS["stream_x0"].wildcard(), self._on_chunk, expected=LatentChunk, credit=True,
+                                 known=self.serves)
+        await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent,
+                                 known=self.serves)
 
     def _load_vae(self) -> StreamVAE:
         from wan.device import resolve_device, resolve_dtype

@@ -125,7 +125,8 @@ class DitStageService(Service):
                                              self.outputs, self.telemetry, self.streams, self.watchdog)
         self.inputs = StageInputs(self.stage_id, self.epochs, self.membership, lookups, self.telemetry, self.streams,
                                   compute.wake, self._ask_reprepare)
-        await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
+        await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent,
+                                 known=self.serves)
         self._tasks.spawn(watch_key(lambda: self._blockmap(reopen=True), BLOCKMAP_KEY, self._on_block_map,
                                     what=f"stage {self.stage_id}: block map"), "blockmap")
         self._tasks.spawn(self._execute(), "blockmap-apply")
@@ -287,9 +288,9 @@ class DitStageService(Service):
         if first and not self._input_subs:
             self._input_subs = [
                 await self.bus.subscribe(CHANNELS["stream_latent"].wildcard(), self.inputs.on_latent,
-                                         expected=LatentChunk, credit=True),
+                                         expected=LatentChunk, credit=True, known=self.serves),
                 await self.bus.subscribe(CHANNELS["stream_prompt"].wildcard(), self.inputs.on_prompt,
-                                         expected=PromptUpdate),
+                                         expected=PromptUpdate, known=self.serves),
             ]
         elif not first and self._input_subs:
             for sub in self._input_subs:

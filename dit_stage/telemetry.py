@@ -7,7 +7,6 @@ publisher never resets what Prometheus also counts (docs/rebalance.md, Telemetry
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -38,7 +37,10 @@ BATCH_ITEMS = Histogram("rheo_dit_stage_batch_items", "items in one micro-step",
                         buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
 BATCH_STREAMS = Histogram("rheo_dit_stage_batch_streams", "streams in one micro-step", ["stage"],
                           buckets=(1, 2, 3, 4, 6, 8, 12, 16))
-KV_BYTES = Gauge("rheo_dit_stage_kv_bytes", "KV-cache bytes a stage holds for a stream", ["stage", "stream"])
+# no stream label: stream ids are not metric labels (bounded series; the per-stream split goes to the controller in
+# StageStats.kv_bytes, over the authenticated bus)
+KV_BYTES = Gauge("rheo_dit_stage_kv_bytes", "KV-cache bytes a stage holds, all its streams together", ["stage"])
+KV_STREAMS = Gauge("rheo_dit_stage_kv_streams", "streams a stage holds KV cache for", ["stage"])
 FREE_MEMORY = Gauge("rheo_dit_stage_free_memory_bytes", "free memory of the stage's device", ["stage"])
 EPOCH = Gauge("rheo_dit_stage_epoch", "block-map epoch the stage runs", ["stage"])
 SWITCHES = Counter("rheo_dit_stage_epoch_switches_total", "block-map epoch switches", ["stage", "kind"])
@@ -83,7 +85,6 @@ class StageTelemetry:
         self.totals = Totals()
         self._last = Totals()
         self._reported: collections.Counter[str] = collections.Counter()
-        self._kv_streams: set[str] = set()
 
     def drop(self, reason: str, n: int = 1) -> None:
         DROPPED.labels(stage=self.stage_id, reason=reason).inc(n)
@@ -168,12 +169,8 @@ class StageTelemetry:
         )
 
     def _export_gauges(self, kv_bytes: dict[str, int], free: int) -> None:
-        for stream_id, n in kv_bytes.items():
-            KV_BYTES.labels(stage=self.stage_id, stream=stream_id).set(n)
-        for gone in self._kv_streams - set(kv_bytes):
-            with contextlib.suppress(KeyError):
-                KV_BYTES.remove(self.stage_id, gone)
-        self._kv_streams = set(kv_bytes)
+        KV_BYTES.labels(stage=self.stage_id).set(sum(kv_bytes.values()))
+        KV_STREAMS.labels(stage=self.stage_id).set(len(kv_bytes))
         FREE_MEMORY.labels(stage=self.stage_id).set(free)
 
 

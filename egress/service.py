@@ -128,8 +128,9 @@ class EgressService(Service):
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="egress-hls")
         self.checks["http"] = True
         await self.bus.subscribe(CHANNELS["stream_video"].wildcard(), self._on_video, expected=EncodedVideo,
-                                 credit=True)
-        await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
+                                 credit=True, known=self.serves)
+        await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent,
+                                 known=self.serves)
         log.info("egress serving HLS at %s/hls/<stream id>/index.m3u8", self.base_url)
 
     async def drain(self) -> None:

@@ -4,20 +4,19 @@ Every chunk ingest does not publish is counted in ``rheo_ingest_chunks_dropped_t
 ``DROP_REASONS``), in its stream's ``IngestStream.dropped`` and so in its stream record, and logged through one
 ``DropLog`` per stream: the first drop of a reason at once, with its detail, then at most one summary line per reason
 every ``interval_s`` ("stream X: 37 chunks dropped (queue_overflow) in the last 10 s"), so a stream dropping every
-chunk cannot flood the log.
+chunk cannot flood the log (``services.droplog.DropLog``, the one rate-limited drop log of every service).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal, get_args
 
 from prometheus_client import Counter
 
-__all__ = ["CHUNKS_DROPPED", "DROP_REASONS", "DropLog", "DropReason", "count_drop"]
+from services.droplog import DropLog
+
+__all__ = ["CHUNKS_DROPPED", "DROP_REASONS", "DropLog", "DropReason", "count_drop", "stream_drop_log"]
 
 log = logging.getLogger("rheo.ingest")
 
@@ -45,45 +44,6 @@ def count_drop(reason: DropReason, n: int = 1) -> None:
     CHUNKS_DROPPED.labels(reason=reason).inc(n)
 
 
-@dataclass
-class _Pending:
-    count: int = 0
-    since: float = 0.0
-    latest: str = ""
-
-
-class DropLog:
-    """Rate-limited drop logging for one stream: the first drop of a reason is logged with its detail; later ones are
-    summed and logged as one line per reason at most every ``interval_s`` (by ``note`` or ``flush``)."""
-
-    def __init__(self, stream_id: str, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.stream_id, self.interval_s, self.clock = stream_id, interval_s, clock
-        self._logged: dict[str, float] = {}  # reason → when its last line was written
-        self._pending: dict[str, _Pending] = {}
-
-    def note(self, reason: str, detail: str, n: int = 1) -> None:
-        now = self.clock()
-        last = self._logged.get(reason)
-        if last is None:
-            self._logged[reason] = now
-            log.warning("stream %s: %s dropped (%s): %s", self.stream_id,
-                        "a chunk" if n == 1 else f"{n} chunks", reason, detail)
-            return
-        pending = self._pending.setdefault(reason, _Pending(since=last))
-        pending.count += n
-        pending.latest = detail
-        if now - last >= self.interval_s:
-            self._summary(reason, now)
-
-    def flush(self, force: bool = False) -> None:
-        """Log the summaries that are due (all of them with ``force``: the stream ends)."""
-        now = self.clock()
-        for reason in list(self._pending):
-            if force or now - self._logged[reason] >= self.interval_s:
-                self._summary(reason, now)
-
-    def _summary(self, reason: str, now: float) -> None:
-        pending = self._pending.pop(reason)
-        self._logged[reason] = now
-        log.warning("stream %s: %d chunks dropped (%s) in the last %.0f s (latest: %s)", self.stream_id,
-                    pending.count, reason, now - pending.since, pending.latest)
+def stream_drop_log(stream_id: str) -> DropLog:
+    """The drop log of one ingest stream ("stream <id>: a chunk dropped (reason): ...")."""
+    return DropLog(f"stream {stream_id}", noun="chunk", logger=log)

@@ -28,7 +28,7 @@ from prometheus_client import Counter, Histogram
 
 from encoder.motion import MotionNoiseConfig, MotionNoiseController, MotionNoiseState
 from encoder.vae import StreamVAE, StreamVAEState
-from ingest.drops import CHUNKS_DROPPED, DropLog, DropReason, count_drop
+from ingest.drops import CHUNKS_DROPPED, DropLog, DropReason, count_drop, stream_drop_log
 from ingest.liveness import StreamLiveness
 from ingest.pacing import ChunkQueue, RawChunk
 from ingest.replay import ReplayRing
@@ -143,7 +143,7 @@ class IngestStream:
     """Every drop of this stream is logged through it (rate-limited)."""
 
     def __post_init__(self) -> None:
-        self.drop_log = DropLog(self.spec.stream_id)
+        self.drop_log = stream_drop_log(self.spec.stream_id)
 
     @classmethod
     def new(cls, spec: StreamSpec, prompt_version: int, replay_chunks: int, replay_head: int = 0,

@@ -3,8 +3,10 @@
 What this adds over nats-py:
 - payload sizes are checked at start (this service's largest message against the server's ``max_payload``) and
   at every publish, failing fast with ``PayloadTooLarge`` instead of a disconnect or a timeout;
-- every message is a ``proto`` message; a malformed one is counted, logged and dropped, and a handler that raises
-  loses only that message (one bad stream never disturbs another);
+- every message is a ``proto`` message; a malformed one is counted, logged (rate-limited) and dropped, and a handler
+  that raises loses only that message;
+- one stream's or one client's traffic cannot stall another stream: a subscription's messages are sorted into
+  bounded per-stream lanes before anything is decoded (``services.dispatch``);
 - the OpenTelemetry context rides in message headers, so a chunk is one trace across services;
 - core NATS has no backpressure, so bulk subjects go through ``CreditWindow`` (consumer-returned byte credits);
 - JetStream KV buckets for shared state (stream table, block map, endpoints) behind ``KV``.
@@ -18,6 +20,7 @@ import logging
 import random
 import ssl
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,6 +38,8 @@ from opentelemetry.trace import SpanKind
 from proto import Credit, Limits, Message, ProtocolError, decode
 from services import telemetry
 from services.config import NatsSettings
+from services.dispatch import NATS_PENDING_BYTES, NATS_PENDING_MSGS, Dispatcher, LaneLimits, count_slow_consumer
+from services.droplog import DropLog
 
 log = logging.getLogger("rheo.bus")
 
@@ -71,6 +76,9 @@ class BusStats:
     received: int = 0
     malformed: int = 0
     handler_errors: int = 0
+    dropped: int = 0
+    """Dropped by the dispatchers before decoding (services/dispatch.py; nats-py's slow-consumer drops only in
+    ``rheo_bus_dropped_messages_total``)."""
 
 
 def _tls_context(s: NatsSettings) -> ssl.SSLContext | None:
@@ -96,12 +104,19 @@ def _backoff_handler(s: NatsSettings) -> Callable[[list[Any], dict[str, Any]], t
 class Bus:
     """One NATS connection of one service."""
 
-    def __init__(self, nc: Client, limits: Limits, max_send_bytes: int) -> None:
+    DRAIN_LANES_S = 2.0
+    LANE_MSGS = 1024
+    """Messages one stream's lane holds (its bytes: two credit windows, ``lane_limits``)."""
+
+    def __init__(self, nc: Client, limits: Limits, max_send_bytes: int, *, credit_window_bytes: int = 32 << 20) -> None:
         self.nc = nc
         self.limits = limits
         self.max_send_bytes = max_send_bytes
         self.stats = BusStats()
         self._js = nc.jetstream()
+        # a bulk publisher has at most one credit window in flight: a stream's lane never fills with honest traffic
+        self.lane_limits = LaneLimits(self.LANE_MSGS, max(2 * credit_window_bytes, 2 * limits.max_message_bytes))
+        self._dispatchers: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
 
     @property
     def since_reconnect(self) -> float | None:
@@ -126,6 +141,9 @@ class Bus:
         max_send = max_send_bytes if max_send_bytes is not None else settings.max_send_bytes
 
         async def on_error(e: Exception) -> None:
+            if isinstance(e, nats.errors.SlowConsumerError):  # counted, never one log line per dropped message
+                count_slow_consumer(e.sub.subject if e.sub is not None else e.subject)
+                return
             log.warning("nats %s: %s: %s", name, type(e).__name__, e)
 
         async def on_disconnect() -> None:
@@ -175,7 +193,7 @@ class Bus:
                 f"at {settings.url} accepts at most {nc.max_payload} (max_payload). Set max_payload to at least "
                 f"{max_send} in the server config (8MB recommended) or lower nats.max_send_bytes."
             )
-        return cls(nc, limits or Limits(), max_send)
+        return cls(nc, limits or Limits(), max_send, credit_window_bytes=settings.credit_window_bytes)
 
     @property
     def max_payload(self) -> int:
@@ -187,8 +205,12 @@ class Bus:
             await self.nc.close()
 
     async def drain(self) -> None:
-        """Finish in-flight messages, then close (SIGTERM path)."""
+        """Finish in-flight messages (also those waiting in the dispatchers' lanes, for up to ``DRAIN_LANES_S``),
+        then close (SIGTERM path)."""
         if not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*(d.idle() for d in list(self._dispatchers))),
+                                       self.DRAIN_LANES_S)
             await self.nc.drain()
 
     # -- publish / subscribe / request ---------------------------------------------------------------------
@@ -229,38 +251,49 @@ class Bus:
         expected: type[M] | None = None,
         queue: str = "",
         credit: bool = False,
+        known: Callable[[str], bool] | None = None,
     ) -> Subscription:
         """Deliver decoded messages to ``handler``; malformed ones are counted and dropped.
 
-        ``credit``: return byte credits to ``CreditWindow`` publishers (bulk subjects).
+        Messages go through a ``Dispatcher`` (services/dispatch.py): per key of the subject's wildcards (a stream
+        or member id) ``known`` by the service its own bounded lane, every other key one shared bounded lane;
+        nothing is decoded before that. ``credit``: return byte credits to ``CreditWindow`` publishers (bulk).
         """
         consumed: dict[str, int] = {}
         unacked: dict[str, int] = {}
+        dispatcher: Dispatcher
 
-        async def on_msg(msg: Msg) -> None:
+        async def process(msg: Msg) -> None:
             self.stats.received += 1
-            ctx = telemetry.extract(msg.headers)
-            with telemetry.tracer().start_as_current_span(
-                "rheo.receive", context=ctx, kind=SpanKind.CONSUMER,
-                attributes={"messaging.destination.name": msg.subject},
-            ):
-                try:
-                    message = decode(msg.data, expected, self.limits)
-                except ProtocolError as e:
-                    self.stats.malformed += 1
-                    telemetry.BUS_MALFORMED.labels(subject=msg.subject).inc()
-                    log.warning("dropped malformed message on %s (%d bytes): %s", msg.subject, len(msg.data), e)
-                else:
+            try:
+                message = decode(msg.data, expected, self.limits)
+            except ProtocolError as e:
+                self.stats.malformed += 1
+                telemetry.BUS_MALFORMED.labels(channel=dispatcher.channel).inc()
+                dispatcher.drops.note("malformed", f"{len(msg.data)} bytes on {msg.subject[:120]}: {e}")
+            else:
+                with telemetry.tracer().start_as_current_span(
+                    "rheo.receive", context=telemetry.extract(msg.headers), kind=SpanKind.CONSUMER,
+                    attributes={"messaging.destination.name": msg.subject},
+                ):
                     try:
                         await handler(message, msg)  # type: ignore[arg-type]
-                    except Exception:
+                    except Exception as e:
                         self.stats.handler_errors += 1
-                        telemetry.BUS_HANDLER_ERRORS.labels(subject=msg.subject).inc()
-                        log.exception("handler for %s failed; message dropped", msg.subject)
+                        telemetry.BUS_HANDLER_ERRORS.labels(channel=dispatcher.channel).inc()
+                        if dispatcher.drops.note("handler_error", f"on {msg.subject[:120]}: {e!r}"):
+                            log.exception("handler for %s failed; message dropped", msg.subject)
             if credit and msg.reply:
-                await self._return_credit(msg, consumed, unacked)
+                with contextlib.suppress(Exception):  # the connection is closing: the publisher times out
+                    await self._return_credit(msg, consumed, unacked)
 
-        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+        dispatcher = Dispatcher(subject, process, known=known, lane=self.lane_limits,
+                                max_message_bytes=self.limits.max_message_bytes, stats=self.stats)
+        sub = await self.nc.subscribe(subject, queue=queue, cb=dispatcher.on_msg,
+                                      pending_msgs_limit=NATS_PENDING_MSGS, pending_bytes_limit=NATS_PENDING_BYTES)
+        dispatcher.sub = sub
+        self._dispatchers.add(dispatcher)
+        return sub
 
     async def _return_credit(self, msg: Msg, consumed: dict[str, int], unacked: dict[str, int]) -> None:
         inbox = msg.reply
@@ -331,6 +364,7 @@ class CreditWindow:
         self._changed = asyncio.Event()
         self._inbox = bus.nc.new_inbox()
         self._sub: Subscription | None = None
+        self._drops = DropLog(f"credit inbox of {subject}", noun="message", logger=log)
 
     @property
     def outstanding(self) -> int:
@@ -343,7 +377,8 @@ class CreditWindow:
             try:
                 c = decode(msg.data, Credit, self.bus.limits)
             except ProtocolError as e:
-                log.warning("bad credit message on %s: %s", msg.subject, e)
+                telemetry.BUS_MALFORMED.labels(channel="credit").inc()
+                self._drops.note("malformed", f"{len(msg.data)} bytes: {e}")
                 return
             acked = max(self.acked, self._base + c.consumed)
             if acked > self.acked:

@@ -92,6 +92,11 @@ class Service:
     async def drain(self) -> None:
         """Finish in-flight work before the process exits."""
 
+    def serves(self, stream_id: str) -> bool:
+        """A stream this service serves: its messages get their own lane on the bus (services/dispatch.py); any
+        other id's share one bounded lane, so a flood on unknown ids cannot stall the streams served."""
+        return stream_id in self.streams
+
     def max_send_bytes(self) -> int:
         """Largest message this service publishes (checked against the server's max_payload at connect)."""
         return self.settings.nats.max_send_bytes

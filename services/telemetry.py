@@ -19,11 +19,17 @@ from prometheus_client import Counter, Histogram
 
 log = logging.getLogger("rheo.telemetry")
 
+# Every label value is chosen by code, never taken from a message or a subject: a subject is reported by its
+# channel (a ``proto.CHANNELS`` name, or "other"), so an attacker's distinct subjects add no series.
 BUS_MALFORMED = Counter(
-    "rheo_bus_malformed_messages_total", "messages dropped because they failed to decode", ["subject"]
+    "rheo_bus_malformed_messages_total", "messages dropped because they failed to decode", ["channel"]
 )
 BUS_HANDLER_ERRORS = Counter(
-    "rheo_bus_handler_errors_total", "messages whose handler raised (message dropped, stream unaffected)", ["subject"]
+    "rheo_bus_handler_errors_total", "messages whose handler raised (message dropped, stream unaffected)", ["channel"]
+)
+BUS_DROPPED = Counter(
+    "rheo_bus_dropped_messages_total", "messages dropped before decoding (services/dispatch.py): oversize, "
+    "bad_subject, lane_full, newcomers_full, unsubscribed, slow_consumer", ["channel", "reason"]
 )
 BUS_PUBLISHED_BYTES = Counter("rheo_bus_published_bytes_total", "payload bytes published", ["channel"])
 BUS_KV_RECREATED = Counter("rheo_bus_kv_recreated_total", "KV buckets found lost (NATS store wiped) and created "

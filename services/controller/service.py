@@ -162,10 +162,17 @@ class ControllerService(Service):
         with contextlib.suppress(Exception):  # a standby's view of the map, for its cost model
             self._seen_map = await self._kv.get_message(BLOCKMAP_KEY, BlockMap)
         await self.bus.subscribe(Subjects.blockmap(), self._on_block_map, expected=BlockMap)
-        await self.bus.subscribe(CHANNELS["ctl_heartbeat"].wildcard(), self._on_heartbeat, expected=Heartbeat)
-        await self.bus.subscribe(CHANNELS["ctl_stats"].wildcard(), self._on_stats, expected=StageStats)
-        await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent)
-        await self.bus.subscribe(CHANNELS["stream_error"].wildcard(), self._on_stream_error, expected=Error)
+        # each its own subscription, each known member or admitted stream its own lane (services/dispatch.py): a
+        # flood on any of them cannot starve heartbeats of known members, and the lock renewal (_lead) is a task
+        # of its own that every lane yields to after each message
+        await self.bus.subscribe(CHANNELS["ctl_heartbeat"].wildcard(), self._on_heartbeat, expected=Heartbeat,
+                                 known=self._is_member)
+        await self.bus.subscribe(CHANNELS["ctl_stats"].wildcard(), self._on_stats, expected=StageStats,
+                                 known=self._is_member)
+        await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent,
+                                 known=self._is_admitted)
+        await self.bus.subscribe(CHANNELS["stream_error"].wildcard(), self._on_stream_error, expected=Error,
+                                 known=self._is_admitted)
         endpoints = await self.bus.kv(Buckets.ENDPOINTS, replicas=replicas)
 
         async def endpoints_kv() -> KV:
@@ -329,6 +336,12 @@ class ControllerService(Service):
         await self._save_state(changed_at=time.time())
 
     # ------------------------------------------------------------------ inputs
+    def _is_member(self, member_id: str) -> bool:
+        return member_id in self.members
+
+    def _is_admitted(self, stream_id: str) -> bool:
+        return stream_id in self.admitted
+
     async def _on_heartbeat(self, hb: Heartbeat, _raw: object) -> None:
         now = time.monotonic()
         budget = self.cfg.heartbeat_miss_s

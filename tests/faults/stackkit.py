@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 
-from proto import BlockMap, Buckets
+from proto import CHANNELS, BlockMap, Buckets
 from services.bus import Bus
 from services.config import NatsSettings
 from services.stack import LocalStack
@@ -88,3 +92,60 @@ def current_map(stack: LocalStack) -> BlockMap:
             await bus.close()
 
     return asyncio.run(read())
+
+
+FLOOD_CHANNELS = ("stream_latent", "stream_x0", "stream_video", "stream_event", "ctl_heartbeat")
+"""What ``flood`` sends on: the data plane of every stage, the decoder, egress, and the controller's inputs."""
+FLOOD_FRAME = b"RH\x01\x00\xff\xff\xff\x7fnot a message, a flood"
+
+
+async def flood_connection(stack: LocalStack) -> Bus:
+    """The flooding client's connection: the one place that says who floods. With bus authorization it is an
+    identity allowed to publish on ``FLOOD_CHANNELS`` (ingest's: a compromised or buggy service)."""
+    assert stack.nats is not None
+    return await Bus.connect(NatsSettings(url=stack.nats.url), name="flood")
+
+
+def flood(stack: LocalStack, n: int) -> collections.Counter[str]:
+    """``n`` malformed frames at full speed, round robin over ``FLOOD_CHANNELS``, each on an id of its own (a new
+    subject per message); returns how many went to each channel.
+
+    Sent from a child process at low CPU priority: a real attacker's CPU is not the stack's, and on this one 2-core
+    machine the publishing loop would otherwise take a core from the services it floods (what they must do with
+    every message they receive, they still do)."""
+    ctx = multiprocessing.get_context("fork")  # the child has the stack object as it is
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_flood_child, args=(stack, n, send), name="flood")
+    child.start()
+    send.close()
+    try:
+        return receive.recv()
+    finally:
+        child.join(60)
+
+
+def _flood_child(stack: LocalStack, n: int, out: Connection) -> None:
+    os.nice(10)
+
+    async def run() -> collections.Counter[str]:
+        bus = await flood_connection(stack)
+        sent: collections.Counter[str] = collections.Counter()
+        try:
+            for i in range(n):
+                name = FLOOD_CHANNELS[i % len(FLOOD_CHANNELS)]
+                channel = CHANNELS[name]
+                await bus.nc.publish(channel.subject(**{p: f"flood{i}" for p in channel.params}), FLOOD_FRAME)
+                sent[name] += 1
+            await bus.nc.flush(timeout=120)
+        finally:
+            await bus.close()
+        return sent
+
+    out.send(asyncio.run(run()))
+
+
+def metric_lines(stack: LocalStack, proc: str) -> int:
+    """How many samples one service's /metrics holds (its series, counting each counter's ``_created``)."""
+    port = next(p.health_port for p in stack.procs if p.name == proc)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return sum(1 for line in r.read().decode().splitlines() if line and not line.startswith("#"))

@@ -9,18 +9,26 @@ drops are counted in ingest's checkpoint in the stream record (``GET /v1/streams
 
 The controller's heartbeat budget is long here: a paused nats-server silences every heartbeat, and what the
 controller makes of that is the failure-epoch suite's business (tests/controller), not this one's.
+
+The same quiet stack (starting it is most of the cost) then takes a flood (issue #13): 100k malformed frames at full
+speed on the data and control subjects of other ids, beside a live stream (``test_a_flood_...``).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import signal
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 
 from faults.stackkit import decoded as _decoded
+from faults.stackkit import flood, metric, metric_lines, shown_at
 from faults.stackkit import wait as _wait
 from faults.test_stack_faults import FPS, _create, _get, _hls_frames, _publisher
 from ingest.drops import DROP_REASONS
@@ -105,3 +113,87 @@ def test_a_nats_pause_right_after_publish_does_not_lose_the_stream(stack: LocalS
     assert ingest["published"] >= len(decoded) and ingest["last_seq"] >= decoded[-1], (ingest, decoded[-10:])
     # the decoder started at a prepare chunk: the session's first, or (if that one was lost) a new segment's
     assert decoded[0] == 0 or ingest["segment"] > 0, (decoded[:5], ingest)
+
+
+FLOOD_N = 100_000
+BASELINE_S, AFTER_S = 6.0, 3.0
+SERVICES = ("controller", "dit-0", "dit-1", "decoder", "egress", "ingest", "gateway")
+# which flood channels each service subscribes to (with wildcards): what it must account for, message by message
+HEARS = {"controller": ("ctl_heartbeat", "stream_event"), "dit-0": ("stream_latent", "stream_event"),
+         "dit-1": ("stream_event",), "decoder": ("stream_x0", "stream_event"),
+         "egress": ("stream_video", "stream_event"), "ingest": (), "gateway": ()}
+
+
+def _bus_drops(stack: LocalStack, proc: str) -> float:
+    return metric(stack, proc, "rheo_bus_malformed_messages_total") + metric(stack, proc,
+                                                                              "rheo_bus_dropped_messages_total")
+
+
+def _log_size(stack: LocalStack, proc: str) -> int:
+    return next(p.log_path for p in stack.procs if p.name == proc).stat().st_size
+
+
+def _log_since(stack: LocalStack, proc: str, offset: int) -> str:
+    with open(next(p.log_path for p in stack.procs if p.name == proc), "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def _max_gap(times: list[float]) -> float:
+    return max((b - a for a, b in itertools.pairwise(times)), default=float("inf"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_flood_of_bad_frames_does_not_stall_a_live_stream(stack: LocalStack) -> None:
+    """The live stream's styled output (chunks decoded) never pauses longer than without the flood + 1 s; the
+    controller keeps its lock; every flood message is counted where it arrived; metric series and log lines stay
+    bounded (no series per subject, one log line per reason and channel per interval)."""
+    created = _create(stack, "bars under a flood", 12)
+    sid = created["id"]
+    pub = _publisher(stack, created["stream_key"], seconds=300)
+    try:
+        _wait(lambda: len(_decoded(stack, sid)) >= 4, 120, "the live stream's styled output")
+        series = {p: metric_lines(stack, p) for p in SERVICES}
+        drops = {p: _bus_drops(stack, p) for p in SERVICES}
+        logs = {p: _log_size(stack, p) for p in SERVICES}
+        assert metric(stack, "controller", "rheo_controller_leader") == 1
+        base_start = time.time()
+        time.sleep(BASELINE_S)
+
+        flood_start = time.time()
+        sent: Counter[str] = Counter()
+        flooding = threading.Thread(target=lambda: sent.update(flood(stack, FLOOD_N)), name="flood")
+        flooding.start()
+        leader: list[float] = []
+        while flooding.is_alive() or time.time() < flood_start + AFTER_S:
+            leader.append(metric(stack, "controller", "rheo_controller_leader"))
+            time.sleep(0.25)
+        flooding.join()
+        flood_end = time.time()
+        time.sleep(AFTER_S)
+        expected = {p: sum(sent[c] for c in HEARS[p]) for p in SERVICES}
+        _wait(lambda: all(_bus_drops(stack, p) - drops[p] >= expected[p] for p in SERVICES), 60,
+              "every flood message counted")
+        end = time.time()
+    finally:
+        pub.terminate()
+        pub.wait(30)
+
+    assert sum(sent.values()) == FLOOD_N
+    times = sorted(t for t in (shown_at(stack, sid, q) for q in _decoded(stack, sid)) if base_start <= t <= end)
+    baseline = _max_gap([t for t in times if t <= flood_start])
+    during = [t for t in times if t >= flood_start]
+    flooded = _max_gap([max(t for t in times if t <= flood_start), *during])
+    report = (f"flood of {FLOOD_N} over {flood_end - flood_start:.1f} s: longest pause of styled output "
+              f"{flooded:.2f} s (baseline {baseline:.2f} s); {len(during)} chunks decoded meanwhile")
+    assert flooded <= baseline + 1.0, report
+    assert all(v == 1 for v in leader), f"the controller lost its lock: {leader}"
+    controller_log = _log_since(stack, "controller", logs["controller"])
+    assert not re.search(r"stepping down| leads$|lock could not be renewed", controller_log, re.M), controller_log
+    for p in SERVICES:  # every message counted once, where it arrived; nothing else dropped meanwhile
+        assert _bus_drops(stack, p) - drops[p] == expected[p], (p, _bus_drops(stack, p) - drops[p], expected[p])
+        grown = metric_lines(stack, p) - series[p]
+        assert grown <= 20, f"{p}: {grown} more metric samples after the flood ({series[p]} before)"
+        warnings = _log_since(stack, p, logs[p]).count(" WARNING ")
+        assert warnings <= 20, f"{p}: {warnings} warning lines during the flood"

@@ -116,7 +116,7 @@ async def test_a_lost_prepare_chunk_costs_one_segment_whichever_way_it_was_lost(
 
 def test_drop_log_is_rate_limited_per_reason(caplog: pytest.LogCaptureFixture) -> None:
     now = [100.0]
-    drops = DropLog("s1", interval_s=10.0, clock=lambda: now[0])
+    drops = DropLog("stream s1", logger=logging.getLogger("rheo.ingest"), interval_s=10.0, clock=lambda: now[0])
     caplog.set_level(logging.WARNING, logger="rheo.ingest")
     drops.note("queue_overflow", "chunk 1")
     for seq in range(2, 39):
