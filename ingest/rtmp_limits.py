@@ -18,6 +18,7 @@ from typing import Literal, Protocol, get_args
 from prometheus_client import Counter, Gauge
 
 from services.config import IngestSettings
+from services.droplog import DropLog
 
 __all__ = [
     "REFUSAL_KINDS",
@@ -197,34 +198,17 @@ class KeyGuessLimiter:
 
 
 class RefusalLog:
-    """Counts every close in ``rheo_ingest_rtmp_refused_total{reason}`` and logs it rate-limited: the first of a
-    kind at once with its detail, later ones as one summary line per kind at most every ``interval_s``, so 300
-    hostile sockets make a few lines, not 300."""
+    """Counts every close in ``rheo_ingest_rtmp_refused_total{reason}`` and logs it rate-limited (``DropLog``: the
+    first of a kind at once with its detail, later ones as one summary line per kind at most every ``interval_s``),
+    so 300 hostile sockets make a few lines, not 300."""
 
     def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval_s, self.clock = interval_s, clock
         self.counts: collections.Counter[str] = collections.Counter()
-        self._logged: dict[str, float] = {}
-        self._pending: dict[str, tuple[int, str]] = {}
+        self._log = DropLog("rtmp", noun="connection", verb="closed", logger=log, interval_s=interval_s, clock=clock)
 
     def note(self, kind: RefusalKind, peer: str, reason: str) -> None:
         if kind not in REFUSAL_KINDS:
             raise ValueError(f"unknown RTMP refusal kind {kind!r}")
         RTMP_REFUSED.labels(reason=kind).inc()
         self.counts[kind] += 1
-        now = self.clock()
-        last = self._logged.get(kind)
-        if last is None or (now - last >= self.interval_s and kind not in self._pending):
-            self._logged[kind] = now
-            log.warning("rtmp %s closed (%s): %s", peer, kind, reason)
-            return
-        count, _ = self._pending.get(kind, (0, ""))
-        self._pending[kind] = (count + 1, f"{peer}: {reason}")
-        if now - last >= self.interval_s:
-            self._summary(kind, now)
-
-    def _summary(self, kind: str, now: float) -> None:
-        count, latest = self._pending.pop(kind)
-        log.warning("rtmp: %d connections closed (%s) in the last %.0f s (latest %s)", count, kind,
-                    now - self._logged[kind], latest)
-        self._logged[kind] = now
+        self._log.note(kind, f"{peer}: {reason}")

@@ -26,11 +26,12 @@ class _Pending:
 
 
 class DropLog:
-    """Rate-limited drop logging for one scope (``scope`` starts every line; ``noun`` names what is dropped)."""
+    """Rate-limited drop logging for one scope (``scope`` starts every line; ``noun`` names what is dropped,
+    ``verb`` what happened to it: RTMP connections are "closed")."""
 
-    def __init__(self, scope: str, *, noun: str = "chunk", logger: logging.Logger | None = None,
+    def __init__(self, scope: str, *, noun: str = "chunk", verb: str = "dropped", logger: logging.Logger | None = None,
                  interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.scope, self.noun, self.interval_s, self.clock = scope, noun, interval_s, clock
+        self.scope, self.noun, self.verb, self.interval_s, self.clock = scope, noun, verb, interval_s, clock
         self.log = logger or logging.getLogger("rheo.drops")
         self._logged: dict[str, float] = {}  # reason → when its last line was written
         self._pending: dict[str, _Pending] = {}
@@ -42,8 +43,8 @@ class DropLog:
         last = self._logged.get(reason)
         if last is None:
             self._logged[reason] = now
-            self.log.warning("%s: %s dropped (%s): %s", self.scope,
-                             f"a {self.noun}" if n == 1 else f"{n} {self.noun}s", reason, detail)
+            self.log.warning("%s: %s %s (%s): %s", self.scope,
+                             f"a {self.noun}" if n == 1 else f"{n} {self.noun}s", self.verb, reason, detail)
             return True
         pending = self._pending.setdefault(reason, _Pending(since=last))
         pending.count += n
@@ -77,5 +78,5 @@ class DropLog:
     def _summary(self, reason: str, now: float) -> None:
         pending = self._pending.pop(reason)
         self._logged[reason] = now
-        self.log.warning("%s: %d %ss dropped (%s) in the last %.0f s (latest: %s)", self.scope,
-                         pending.count, self.noun, reason, now - pending.since, pending.latest)
+        self.log.warning("%s: %d %ss %s (%s) in the last %.0f s (latest: %s)", self.scope,
+                         pending.count, self.noun, self.verb, reason, now - pending.since, pending.latest)
