@@ -181,6 +181,40 @@ class Buckets:
     ALL = (STREAMS, BLOCKMAP, ENDPOINTS, CONTROLLER, PROMPTS, EGRESS)
 
 
+@dataclass(frozen=True)
+class BucketAccess:
+    """Which roles read and which write one KV bucket, as the code does (the source of the bus permissions)."""
+
+    bucket: str
+    writers: tuple[tuple[str, str], ...]
+    """(role, key pattern it may write: ``>`` any key)."""
+    readers: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([r for r, _ in self.writers] + list(self.readers)))
+
+
+BUCKET_ACCESS: dict[str, BucketAccess] = {
+    a.bucket: a
+    for a in (
+        BucketAccess(Buckets.STREAMS, (("gateway", ">"), ("ingest", ">"), ("egress", ">")),
+                     description="gateway creates/patches/deletes; ingest claims and checkpoints; egress records "
+                                 "playlist state"),
+        BucketAccess(Buckets.BLOCKMAP, (("controller", ">"), ("dit-stage", "prepared.*")), ("ingest",),
+                     description="the controller writes the map; a stage only its prepared epoch"),
+        BucketAccess(Buckets.ENDPOINTS, (("dit-stage", ">"),), ("controller",),
+                     description="stages advertise their tensor-link endpoints"),
+        BucketAccess(Buckets.CONTROLLER, (("controller", ">"),), ("gateway",),
+                     description="leader lock, state and admission answers; the gateway reads admissions"),
+        BucketAccess(Buckets.PROMPTS, (("ingest", ">"),), ("dit-stage",),
+                     description="prompt embeddings, looked up by the stages"),
+        BucketAccess(Buckets.EGRESS, (("egress", ">"),), description="HLS continuity state"),
+    )
+}
+
+
 def stage_prepared_key(stage_id: str) -> str:
     """Key in ``Buckets.BLOCKMAP`` where a DiT stage records the newest epoch it is prepared to run (weights of its
     new range loaded): the first stage starts an online rebalance only once every stage has (docs/rebalance.md)."""

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from proto import BlockMap, Buckets
 from services.bus import Bus
-from services.config import NatsSettings
 from services.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +78,7 @@ def current_map(stack: LocalStack) -> BlockMap:
     """The block map the controller keeps in KV."""
     async def read() -> BlockMap:
         assert stack.nats is not None
-        bus = await Bus.connect(NatsSettings(url=stack.nats.url), name="test-reader")
+        bus = await Bus.connect(stack.nats_settings("ingest"), name="test-reader")  # a reader of the map
         try:
             current = await (await bus.kv(Buckets.BLOCKMAP)).get_message("current", BlockMap)
             assert current is not None
