@@ -5,7 +5,8 @@ NATS (charts/rheo/files/nats-permissions.json, written by ``rheo proto permissio
 operator pastes into an external server (``rheo proto nats-config``) all render this. Everything not listed is
 denied by the server. Pure: no I/O.
 
-- A role publishes exactly the channels it is a publisher of and subscribes exactly those it is a subscriber of.
+- A role publishes exactly the channels it is a publisher of (a channel with ``role_param``: only under its own
+  role) and subscribes exactly those it is a subscriber of.
 - Replies (request/reply answers, bulk-channel ``Credit``): a subscriber of a channel that declares ``replies``
   may publish to the inboxes of that channel's publishers (``_INBOX.<publisher role>.>``), nobody else's. Not
   ``allow_responses``: nats-server records the reply grant only after it has queued the message to the
@@ -21,10 +22,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
+from proto.messages import Role
 from proto.subjects import BUCKET_ACCESS, CHANNELS
 
-ROLES: tuple[str, ...] = ("ingest", "dit-stage", "decoder", "egress", "controller", "gateway")
+ROLES: tuple[str, ...] = get_args(Role)
 """Every service identity on the bus (``rheo <role>``)."""
 
 JS_API = "$JS.API"
@@ -99,7 +102,7 @@ def permissions(role: str) -> Permissions:
     """What ``role`` may publish and subscribe to; raises ``UnknownRole``."""
     if role not in ROLES:
         raise UnknownRole(f"unknown bus role {role!r} (one of {', '.join(ROLES)})")
-    publish = [c.wildcard() for c in CHANNELS.values() if role in c.publishers]
+    publish = [c.publishable_by(role) for c in CHANNELS.values() if role in c.publishers]
     subscribe = [c.wildcard() for c in CHANNELS.values() if role in c.subscribers]
     publish += [inbox_prefix(requester) + ".>" for c in CHANNELS.values() if c.replies and role in c.subscribers
                 for requester in c.publishers]

@@ -54,6 +54,9 @@ class Channel:
     """Published through a credit window; the consumer replies with ``Credit`` messages."""
     replies: tuple[type[Message], ...] = ()
     """Messages a subscriber sends back on the request's reply inbox."""
+    role_param: str | None = None
+    """The parameter that names the publisher's role: the bus permissions let a role publish only its own, so a
+    receiver can trust the role in the subject (and refuse a message claiming another)."""
 
     @property
     def params(self) -> list[str]:
@@ -67,6 +70,19 @@ class Channel:
     def wildcard(self) -> str:
         """The subscription subject matching every instance of this channel."""
         return re.sub(r"{\w+}", "*", self.pattern)
+
+    def publishable_by(self, role: str) -> str:
+        """The subjects ``role`` may publish on this channel: the wildcard, with ``role_param`` fixed to it."""
+        fixed = self.pattern.replace("{" + self.role_param + "}", token(role, "role")) if self.role_param else \
+            self.pattern
+        return re.sub(r"{\w+}", "*", fixed)
+
+    def param(self, subject: str, name: str) -> str | None:
+        """The value of parameter ``name`` in a subject of this channel (None: not one of its subjects)."""
+        regex = "^" + re.escape(self.pattern).replace(r"\{", "{").replace(r"\}", "}") + "$"
+        regex = re.sub(r"{(\w+)}", r"(?P<\1>[^.]+)", regex)
+        m = re.match(regex, subject)
+        return m.group(name) if m else None
 
 
 CHANNELS: dict[str, Channel] = {
@@ -98,14 +114,16 @@ CHANNELS: dict[str, Channel] = {
                 "Styled output is flowing: the last chunk the decoder decoded (a few per second at most); the "
                 "liveness watch of the stream's ingest repairs a stream whose output stopped."),
         Channel("stream_error", PREFIX + ".stream.{stream_id}.error", Error,
-                ("ingest", "dit-stage", "decoder", "egress", "controller"), ("gateway", "controller"),
-                "Per-stream failures and refusals, for the API and the controller."),
+                ("ingest", "dit-stage", "decoder", "egress", "controller"), ("gateway", "controller", "ingest"),
+                "Per-stream failures and refusals, for the API, the controller and the stream's ingest."),
         Channel("ctl_blockmap", PREFIX + ".ctl.blockmap", BlockMap,
-                ("controller",), ("dit-stage", "ingest"),
+                ("controller",), ("dit-stage", "ingest", "controller"),
                 "The current DiT block map and its epoch (also kept in the blockmap KV bucket)."),
-        Channel("ctl_heartbeat", PREFIX + ".ctl.heartbeat.{member_id}", Heartbeat,
-                ("ingest", "dit-stage", "decoder", "egress", "gateway"), ("controller",),
-                "Liveness of every member, on a fixed period."),
+        Channel("ctl_heartbeat", PREFIX + ".ctl.heartbeat.{role}.{member_id}", Heartbeat,
+                ("ingest", "dit-stage", "decoder", "egress", "gateway", "controller"), ("controller",),
+                "Liveness of every member, on a fixed period. The subject names the member's role, which only "
+                "that role may publish: the controller refuses a heartbeat whose body claims another.",
+                role_param="role"),
         Channel("ctl_stats", PREFIX + ".ctl.stats.{stage_id}", StageStats,
                 ("dit-stage",), ("controller",),
                 "Per-stage timing and memory, input to rebalancing and admission."),
@@ -156,8 +174,8 @@ class Subjects:
         return CHANNELS["ctl_blockmap"].subject()
 
     @staticmethod
-    def heartbeat(member_id: str) -> str:
-        return CHANNELS["ctl_heartbeat"].subject(member_id=member_id)
+    def heartbeat(role: str, member_id: str) -> str:
+        return CHANNELS["ctl_heartbeat"].subject(role=role, member_id=member_id)
 
     @staticmethod
     def stats(stage_id: str) -> str:

@@ -119,7 +119,7 @@ async def test_forged_x0_refused(as_role) -> None:
 
 async def test_forged_heartbeat_refused(as_role) -> None:
     hb = Heartbeat(member_id="dit-0", role="dit-stage", epoch=1, sent_at=0.0, ready=True)
-    await _forgery_refused(as_role, "controller", "dit-stage", "controller", Subjects.heartbeat("dit-0"), hb)
+    await _forgery_refused(as_role, "decoder", "dit-stage", "controller", Subjects.heartbeat("dit-stage", "dit-0"), hb)
 
 
 async def test_forged_admission_refused_and_legit_request_answered(as_role) -> None:
