@@ -114,8 +114,10 @@ CHANNELS: dict[str, Channel] = {
                 "Styled output is flowing: the last chunk the decoder decoded (a few per second at most); the "
                 "liveness watch of the stream's ingest repairs a stream whose output stopped."),
         Channel("stream_error", PREFIX + ".stream.{stream_id}.error", Error,
-                ("ingest", "dit-stage", "decoder", "egress", "controller"), ("gateway", "controller", "ingest"),
-                "Per-stream failures and refusals, for the API, the controller and the stream's ingest."),
+                ("ingest", "dit-stage", "decoder", "egress", "controller", "gateway"),
+                ("gateway", "controller", "ingest"),
+                "Per-stream failures and refusals (and the API's deletion), for the API, the controller and the "
+                "stream's ingest."),
         Channel("ctl_blockmap", PREFIX + ".ctl.blockmap", BlockMap,
                 ("controller",), ("dit-stage", "ingest", "controller"),
                 "The current DiT block map and its epoch (also kept in the blockmap KV bucket)."),

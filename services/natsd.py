@@ -90,9 +90,14 @@ class NatsServer:
         token: str | None = None,
         identities: dict[str, Identity] | None = None,
         anonymous: bool = False,
+        config: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
-        if not (identities or user or token or anonymous):
+        """``config``: a complete server config used as is (e.g. the chart's, in its tests; host and port still
+        come from here); ``env``: extra environment of the server (variables such a config references)."""
+        if not (identities or user or token or anonymous or config):
             raise ValueError("NatsServer without credentials: pass identities (or user/token), or anonymous=True")
+        self.config, self.env = config, env or {}
         self.identities = identities or {}
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="rheo-nats-"))
@@ -121,7 +126,7 @@ class NatsServer:
     def start(self, timeout: float = 10.0) -> NatsServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "nats.conf"
-        conf.write_text(self._config())
+        conf.write_text(self.config if self.config is not None else self._config())
         conf.chmod(0o600)
         ports_dir = self.workdir / "ports"
         ports_dir.mkdir(exist_ok=True)
@@ -129,7 +134,7 @@ class NatsServer:
         self.proc = subprocess.Popen(
             [find_binary(), "-c", str(conf), "-a", self.host, "-p", str(self.port), "-m", "-1",
              "--ports_file_dir", str(ports_dir)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.env},
         )
         log.close()
         ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
