@@ -111,7 +111,7 @@ async def main() -> None:
     ap.add_argument("--url", help="an existing NATS server (default: start a private one)")
     ap.add_argument("--quick", action="store_true", help="fewer messages (smoke run)")
     args = ap.parse_args()
-    server = None if args.url else NatsServer().start()
+    server = None if args.url else NatsServer(anonymous=True).start()  # a private benchmark server
     url = args.url or server.url
     n = 50 if args.quick else 500
     try:

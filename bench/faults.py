@@ -40,7 +40,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from faults.stackkit import create_stream, decoded, encoded, publisher, shown_at  # noqa: E402
 
 from bench.common import git_commit  # noqa: E402
-from services.natsd import NatsServer  # noqa: E402
 from services.stack import LocalStack, Ports  # noqa: E402
 
 SIZE, FPS, STEPS, MISS_S = 64, 4, 2, 1.5
@@ -76,7 +75,7 @@ def _lost_store(stack: LocalStack) -> None:
     port = int(stack.nats.url.rsplit(":", 1)[1])
     stack.nats.stop()
     shutil.rmtree(stack.workdir / "nats" / "js", ignore_errors=True)
-    stack.nats = NatsServer(stack.workdir / "nats", port=port).start()
+    stack.start_nats(port)
 
 
 SCENARIOS: dict[str, Callable[[LocalStack], None]] = {

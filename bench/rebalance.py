@@ -104,7 +104,7 @@ async def _feed(bus: Bus, stream: Stream, rate: float, epoch, deadline_s: float)
 
 async def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        server = NatsServer(Path(tmp))
+        server = NatsServer(Path(tmp), anonymous=True)
         server.start()
         nats = NatsSettings(url=server.url)
         bus = await Bus.connect(nats, name="bench")

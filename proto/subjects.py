@@ -54,6 +54,9 @@ class Channel:
     """Published through a credit window; the consumer replies with ``Credit`` messages."""
     replies: tuple[type[Message], ...] = ()
     """Messages a subscriber sends back on the request's reply inbox."""
+    role_param: str | None = None
+    """The parameter that names the publisher's role: the bus permissions let a role publish only its own, so a
+    receiver can trust the role in the subject (and refuse a message claiming another)."""
 
     @property
     def params(self) -> list[str]:
@@ -67,6 +70,19 @@ class Channel:
     def wildcard(self) -> str:
         """The subscription subject matching every instance of this channel."""
         return re.sub(r"{\w+}", "*", self.pattern)
+
+    def publishable_by(self, role: str) -> str:
+        """The subjects ``role`` may publish on this channel: the wildcard, with ``role_param`` fixed to it."""
+        fixed = self.pattern.replace("{" + self.role_param + "}", token(role, "role")) if self.role_param else \
+            self.pattern
+        return re.sub(r"{\w+}", "*", fixed)
+
+    def param(self, subject: str, name: str) -> str | None:
+        """The value of parameter ``name`` in a subject of this channel (None: not one of its subjects)."""
+        regex = "^" + re.escape(self.pattern).replace(r"\{", "{").replace(r"\}", "}") + "$"
+        regex = re.sub(r"{(\w+)}", r"(?P<\1>[^.]+)", regex)
+        m = re.match(regex, subject)
+        return m.group(name) if m else None
 
 
 CHANNELS: dict[str, Channel] = {
@@ -98,14 +114,18 @@ CHANNELS: dict[str, Channel] = {
                 "Styled output is flowing: the last chunk the decoder decoded (a few per second at most); the "
                 "liveness watch of the stream's ingest repairs a stream whose output stopped."),
         Channel("stream_error", PREFIX + ".stream.{stream_id}.error", Error,
-                ("ingest", "dit-stage", "decoder", "egress", "controller"), ("gateway", "controller"),
-                "Per-stream failures and refusals, for the API and the controller."),
+                ("ingest", "dit-stage", "decoder", "egress", "controller", "gateway"),
+                ("gateway", "controller", "ingest"),
+                "Per-stream failures and refusals (and the API's deletion), for the API, the controller and the "
+                "stream's ingest."),
         Channel("ctl_blockmap", PREFIX + ".ctl.blockmap", BlockMap,
-                ("controller",), ("dit-stage", "ingest"),
+                ("controller",), ("dit-stage", "ingest", "controller"),
                 "The current DiT block map and its epoch (also kept in the blockmap KV bucket)."),
-        Channel("ctl_heartbeat", PREFIX + ".ctl.heartbeat.{member_id}", Heartbeat,
-                ("ingest", "dit-stage", "decoder", "egress", "gateway"), ("controller",),
-                "Liveness of every member, on a fixed period."),
+        Channel("ctl_heartbeat", PREFIX + ".ctl.heartbeat.{role}.{member_id}", Heartbeat,
+                ("ingest", "dit-stage", "decoder", "egress", "gateway", "controller"), ("controller",),
+                "Liveness of every member, on a fixed period. The subject names the member's role, which only "
+                "that role may publish: the controller refuses a heartbeat whose body claims another.",
+                role_param="role"),
         Channel("ctl_stats", PREFIX + ".ctl.stats.{stage_id}", StageStats,
                 ("dit-stage",), ("controller",),
                 "Per-stage timing and memory, input to rebalancing and admission."),
@@ -156,8 +176,8 @@ class Subjects:
         return CHANNELS["ctl_blockmap"].subject()
 
     @staticmethod
-    def heartbeat(member_id: str) -> str:
-        return CHANNELS["ctl_heartbeat"].subject(member_id=member_id)
+    def heartbeat(role: str, member_id: str) -> str:
+        return CHANNELS["ctl_heartbeat"].subject(role=role, member_id=member_id)
 
     @staticmethod
     def stats(stage_id: str) -> str:
@@ -179,6 +199,40 @@ class Buckets:
     EGRESS = "rheo-egress"  # stream id → HlsState: playlist continuity across egress/decoder restarts
 
     ALL = (STREAMS, BLOCKMAP, ENDPOINTS, CONTROLLER, PROMPTS, EGRESS)
+
+
+@dataclass(frozen=True)
+class BucketAccess:
+    """Which roles read and which write one KV bucket, as the code does (the source of the bus permissions)."""
+
+    bucket: str
+    writers: tuple[tuple[str, str], ...]
+    """(role, key pattern it may write: ``>`` any key)."""
+    readers: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([r for r, _ in self.writers] + list(self.readers)))
+
+
+BUCKET_ACCESS: dict[str, BucketAccess] = {
+    a.bucket: a
+    for a in (
+        BucketAccess(Buckets.STREAMS, (("gateway", ">"), ("ingest", ">"), ("egress", ">")),
+                     description="gateway creates/patches/deletes; ingest claims and checkpoints; egress records "
+                                 "playlist state"),
+        BucketAccess(Buckets.BLOCKMAP, (("controller", ">"), ("dit-stage", "prepared.*")), ("ingest",),
+                     description="the controller writes the map; a stage only its prepared epoch"),
+        BucketAccess(Buckets.ENDPOINTS, (("dit-stage", ">"),), ("controller",),
+                     description="stages advertise their tensor-link endpoints"),
+        BucketAccess(Buckets.CONTROLLER, (("controller", ">"),), ("gateway",),
+                     description="leader lock, state and admission answers; the gateway reads admissions"),
+        BucketAccess(Buckets.PROMPTS, (("ingest", ">"),), ("dit-stage",),
+                     description="prompt embeddings, looked up by the stages"),
+        BucketAccess(Buckets.EGRESS, (("egress", ">"),), description="HLS continuity state"),
+    )
+}
 
 
 def stage_prepared_key(stage_id: str) -> str:

@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue, StopIterSentinel
+from nats.protocol.parser import PERMISSIONS_ERR
 from opentelemetry.trace import SpanKind
 
 from proto import Credit, Limits, Message, ProtocolError, decode
@@ -101,6 +102,31 @@ def _backoff_handler(s: NatsSettings) -> Callable[[list[Any], dict[str, Any]], t
     return pick
 
 
+class _DeniedLog:
+    """Counts the server's permission violations of this connection (``op``: publish/subscribe) and logs them at
+    most once per ``EVERY_S`` with the number left unlogged: a misconfigured service must show, a loop of
+    refusals must not flood the log."""
+
+    EVERY_S = 10.0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._last = -self.EVERY_S
+        self._quiet = 0
+
+    def record(self, text: str) -> None:
+        low = text.lower()
+        op = "publish" if "for publish" in low else "subscribe" if "for subscription" in low else "other"
+        telemetry.BUS_PERMISSION_DENIED.labels(op=op).inc()
+        now = time.monotonic()
+        if now - self._last < self.EVERY_S:
+            self._quiet += 1
+            return
+        more = f" (+{self._quiet} more since the last report)" if self._quiet else ""
+        log.error("nats %s: refused by the server: %s%s", self.name, text, more)
+        self._last, self._quiet = now, 0
+
+
 class Bus:
     """One NATS connection of one service."""
 
@@ -140,9 +166,14 @@ class Bus:
         """Connect (retrying the first connect with backoff) and check payload sizes against the server."""
         max_send = max_send_bytes if max_send_bytes is not None else settings.max_send_bytes
 
+        denied = _DeniedLog(name)
+
         async def on_error(e: Exception) -> None:
             if isinstance(e, nats.errors.SlowConsumerError):  # counted, never one log line per dropped message
                 count_slow_consumer(e.sub.subject if e.sub is not None else e.subject)
+                return
+            if PERMISSIONS_ERR in str(e).lower():
+                denied.record(str(e))
                 return
             log.warning("nats %s: %s: %s", name, type(e).__name__, e)
 
@@ -167,6 +198,7 @@ class Bus:
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             tls=_tls_context(settings),
+            inbox_prefix=settings.inbox_prefix,
         )
         if settings.user:
             options["user"] = settings.user

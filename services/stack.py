@@ -2,7 +2,9 @@
 
 Each service runs as ``python -m services.cli <service>`` with its ports and identity in ``RHEO_*`` variables,
 exactly as in a cluster; logs go to ``<workdir>/logs/<name>.log``. ``start`` returns once every service answers
-``/readyz`` (a service that dies while starting fails it). From then on a supervisor thread restarts any service
+``/readyz`` (a service that dies while starting fails it). The nats-server enforces the bus permissions: each
+service connects with its own role's nkey (a 0600 seed file in ``<workdir>/identities``), nothing anonymous;
+``nats_settings(role)`` connects a test or tool as a role. From then on a supervisor thread restarts any service
 that exits, with backoff, as Kubernetes would (services/supervisor.py); ``check_alive`` raises once it has given
 up on a crash loop (``strict``: on any exit). ``stop`` ends the supervision, sends SIGTERM to all, waits for their
 drain, then kills what is left, so no process outlives the stack.
@@ -26,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.natsd import NatsServer
+from services.config import NatsSettings
+from services.natsd import Identity, NatsServer, make_identities
 from services.supervisor import CrashLoopError, Proc, RestartPolicy, StackError, Supervisor
 
 __all__ = ["CrashLoopError", "LocalStack", "Ports", "Proc", "RestartPolicy", "StackError", "free_port",
@@ -106,6 +109,8 @@ class LocalStack:
     """Where the supervisor's one-line accounts of exits and restarts go."""
     procs: list[Proc] = field(default_factory=list)
     nats: NatsServer | None = None
+    identities: dict[str, Identity] = field(default_factory=dict)
+    """Each bus role's credential (made by ``start``; a restarted nats-server takes the same)."""
     supervisor: Supervisor | None = None
     failure: StackError | None = None
     """Why supervision gave up (a crash loop); ``check_alive`` raises it."""
@@ -117,10 +122,27 @@ class LocalStack:
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.gateway}"
 
+    def nats_settings(self, role: str, **overrides: object) -> NatsSettings:
+        """How a test or tool connects to this stack's NATS acting as ``role`` (with exactly its permissions)."""
+        assert self.nats is not None, "the stack is not started"
+        ident = self.identities[role]
+        return NatsSettings(url=self.nats.url, nkey_seed_file=ident.seed_file,  # type: ignore[arg-type]
+                            inbox_prefix=ident.env()["RHEO_NATS__INBOX_PREFIX"], **overrides)
+
+    def start_nats(self, port: int | None = None) -> NatsServer:
+        """(Re)start the stack's nats-server (same JetStream store and identities); ``port`` defaults to the
+        configured one."""
+        self.identities = self.identities or make_identities(self.workdir / "identities")
+        self.nats = NatsServer(self.workdir / "nats", port=self.ports.nats if port is None else port,
+                               identities=self.identities).start()
+        return self.nats
+
     def _env(self, name: str, health_port: int) -> dict[str, str]:
+        role = "dit-stage" if name.startswith("dit-") else name
         env = {
             **os.environ,
             "RHEO_NATS__URL": self.nats.url if self.nats else "",
+            **self.identities[role].env(),
             "RHEO_TELEMETRY__METRICS_PORT": str(health_port),
             "RHEO_LIFECYCLE__HTTP_HOST": "127.0.0.1",
             "RHEO_CONTROLLER__STAGES": str(self.stages),
@@ -165,7 +187,7 @@ class LocalStack:
 
     def start(self, timeout: float = 180.0) -> None:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        self.nats = NatsServer(self.workdir / "nats", port=self.ports.nats).start()
+        self.start_nats()
         self.procs = self._plan()
         for p in self.procs:
             p.spawn()

@@ -35,6 +35,8 @@ BUS_PUBLISHED_BYTES = Counter("rheo_bus_published_bytes_total", "payload bytes p
 BUS_KV_RECREATED = Counter("rheo_bus_kv_recreated_total", "KV buckets found lost (NATS store wiped) and created "
                            "again", ["bucket"])
 BUS_OVERSIZE = Counter("rheo_bus_oversize_publish_total", "publishes refused for exceeding max_payload")
+BUS_PERMISSION_DENIED = Counter("rheo_bus_permission_denied_total", "publishes/subscriptions of this service the "
+                                "NATS server refused (permissions violation)", ["op"])
 CREDIT_WAIT = Histogram(
     "rheo_bus_credit_wait_seconds", "time a bulk publisher waited for credit",
     buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),

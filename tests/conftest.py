@@ -36,7 +36,7 @@ def span_exporter() -> InMemorySpanExporter:
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """A real nats-server (JetStream, random port, max_payload 8 MB) for the whole session."""
-    server = NatsServer(Path(tmp_path_factory.mktemp("nats")))
+    server = NatsServer(Path(tmp_path_factory.mktemp("nats")), anonymous=True)  # a test fixture, not a deployment
     server.start()
     yield server
     server.stop()

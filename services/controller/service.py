@@ -29,6 +29,7 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter, Gauge
 
@@ -73,6 +74,8 @@ SUSPICIONS = Counter("rheo_controller_suspicions_total", "stages suspected, by h
                      "beat again; failed: declared dead)", ["outcome"])
 GONE = Counter("rheo_controller_stages_gone_total", "stages failed at once, without waiting for heartbeat_dead_s "
                "(withdrawn: drained; restarted: a new process, its KV is gone)", ["how"])
+HEARTBEATS_REFUSED = Counter("rheo_controller_heartbeats_refused_total", "heartbeats whose body claims another "
+                             "role than the subject the bus let its sender publish")
 DECISIONS = Counter("rheo_controller_decisions_total", "rebalance and admission decisions", ["kind", "result"])
 BLOCKMAP_KEY = "current"
 STORE_CHECK_S = 2.0
@@ -111,6 +114,7 @@ class ControllerService(Service):
         self.ring = self.settings.dit_stage.ring()
         """The ring every map this controller writes carries (ingest clocks chunks by it)."""
         self.members: dict[str, Member] = {}
+        self._refused_logged_at = -1e9
         self.block_map: BlockMap | None = None
         self.leader = False
         self.cost = CostModel(self.num_blocks())
@@ -336,13 +340,20 @@ class ControllerService(Service):
         await self._save_state(changed_at=time.time())
 
     # ------------------------------------------------------------------ inputs
-    def _is_member(self, member_id: str) -> bool:
-        return member_id in self.members
+    def _is_member(self, key: str) -> bool:
+        """A heartbeat's lane key is ``<role>.<member id>``, a stats message's the stage id."""
+        return key.rsplit(".", 1)[-1] in self.members
 
     def _is_admitted(self, stream_id: str) -> bool:
         return stream_id in self.admitted
 
-    async def _on_heartbeat(self, hb: Heartbeat, _raw: object) -> None:
+    async def _on_heartbeat(self, hb: Heartbeat, raw: Msg) -> None:
+        if CHANNELS["ctl_heartbeat"].param(raw.subject, "role") != hb.role:  # only its own role may send there
+            HEARTBEATS_REFUSED.inc()
+            if time.monotonic() - self._refused_logged_at > 10.0:  # counted always, logged at most every 10 s
+                self._refused_logged_at = time.monotonic()
+                log.warning("refused a heartbeat of %s claiming role %s on %s", hb.member_id, hb.role, raw.subject)
+            return
         now = time.monotonic()
         budget = self.cfg.heartbeat_miss_s
         old = self.members.get(hb.member_id)

@@ -99,7 +99,7 @@ class Members:
         async def loop() -> None:
             while True:
                 if member_id not in self.paused:
-                    await self.bus.publish(Subjects.heartbeat(member_id), Heartbeat(
+                    await self.bus.publish(Subjects.heartbeat(role, member_id), Heartbeat(
                         member_id=member_id, role=role, epoch=0, sent_at=time.time(), ready=True))
                 await asyncio.sleep(0.1)
 

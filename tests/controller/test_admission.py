@@ -125,7 +125,7 @@ async def test_a_third_stream_is_refused_with_a_reason(nats_settings: NatsSettin
 async def test_without_a_controller_admission_fails_closed(tmp_path) -> None:
     """No controller answers (it is down or restarting): a stream is refused with that reason, unless the deployment
     says it runs without one. A private server: other tests' controllers on the shared one would answer."""
-    server = NatsServer(tmp_path / "nats").start()
+    server = NatsServer(tmp_path / "nats", anonymous=True).start()
     try:
         bus = await Bus.connect(NatsSettings(url=server.url))
         spec = StreamSpec(stream_id=new_stream_id(), width=64, height=64, fps=16.0, steps=2, prompt="p")

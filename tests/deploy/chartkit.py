@@ -31,8 +31,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     "existing-secrets": {
         # Also moves every listener off its default port: the chart must follow the config, not hard-code ports.
-        "nats": {"url": "tls://nats-a.infra:4222,tls://nats-b.infra:4222",
-                 "auth": {"type": "token", "existingSecret": "corp-nats"}},
+        "nats": {"deploy": False, "url": "tls://nats-a.infra:4222,tls://nats-b.infra:4222",
+                 "tls": {"caSecret": "corp-nats-ca"}, "auth": {"type": "creds", "existingSecret": "corp-nats"}},
         "api": {"existingSecret": "corp-rheo-api"},
         "ditStage": {"linkKey": {"existingSecret": "corp-link"}},
         "playback": {"existingSecret": "corp-rheo-playback"},
@@ -42,12 +42,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "model": {"source": "hostPath", "hostPath": {"path": "/srv/models"}},
         "ingest": {"tls": {"secretName": "corp-rtmps-tls"}},  # the RTMPS listener, on
     },
-    "nats-enabled": {
-        "nats": {
-            "enabled": True,
-            "auth": {"type": "creds", "creds": "-----BEGIN NATS USER JWT-----\neyJ0\n------END NATS USER JWT------\n"},
-            "config": {"jetstream": {"enabled": True}, "merge": {"max_payload": "<< 8MB >>"}},
-        },
+    "nats-cert-manager": {
+        "nats": {"tls": {"certManager": {"issuer": "corp-ca", "kind": "ClusterIssuer"}},
+                 "jetstream": {"storageSize": "20Gi", "storageClassName": "fast", "maxFileStore": "16G"}},
         "api": {"tokens": ["0123456789abcdef0123456789abcdef"]},
         "ingest": {"service": {"type": "NodePort", "nodePort": 31935}},
         "gateway": {"service": {"type": "LoadBalancer"}},
@@ -85,7 +82,13 @@ class Rendered:
         return found[0]
 
     def workloads(self) -> list[dict[str, Any]]:
-        return self.kind("Deployment") + self.kind("StatefulSet")
+        """rheo's services (the chart's NATS server aside: ``nats()``)."""
+        return [w for w in self.kind("Deployment") + self.kind("StatefulSet") if component(w) != "nats"]
+
+    def nats(self) -> dict[str, Any] | None:
+        """The chart's own NATS StatefulSet (None with nats.deploy false)."""
+        found = [w for w in self.kind("StatefulSet") if component(w) == "nats"]
+        return found[0] if found else None
 
     def config_yaml(self) -> dict[str, Any]:
         return yaml.safe_load(self.get("ConfigMap", f"{RELEASE}-config")["data"]["config.yaml"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,20 +30,9 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kuberne
 # The Kubernetes versions the chart supports: Chart.yaml kubeVersion's floor and the newest the validator knows.
 OLDEST_K8S = "1.28.0"
 NEWEST_K8S = "1.37.0"
-CRD_KINDS = {"ServiceMonitor"}  # not in the core schemas; checked by hand below
+CRD_KINDS = {"ServiceMonitor", "Certificate"}  # not in the core schemas; checked by hand below
 STATELESS = {"gateway", "egress", "controller"}
 ALL_COMPONENTS = {"gateway", "egress", "controller", "ingest", "decoder", "dit-stage"}
-
-
-@pytest.fixture(scope="module")
-def chart_without_dependency(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the chart without the optional NATS dependency, which cannot be fetched offline."""
-    dest = tmp_path_factory.mktemp("chart") / "rheo"
-    shutil.copytree(CHART, dest)
-    meta = yaml.safe_load((dest / "Chart.yaml").read_text())
-    meta.pop("dependencies")
-    (dest / "Chart.yaml").write_text(yaml.safe_dump(meta))
-    return dest
 
 
 # -- lint -------------------------------------------------------------------------------------------------------
@@ -52,23 +40,19 @@ def chart_without_dependency(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("kube", [OLDEST_K8S, NEWEST_K8S])
 @pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
-def test_lint_strict(chart_without_dependency: Path, value_set: str, kube: str) -> None:
-    result = helm.lint(str(chart_without_dependency), ALL_VALUE_SETS[value_set], strict=True,
+def test_lint_strict(value_set: str, kube: str) -> None:
+    result = helm.lint(str(CHART), ALL_VALUE_SETS[value_set], strict=True,
                        namespace="rheo", kube_version=f"v{kube}")
     problems = [m for m in result["messages"] if m["severity"] >= 2]  # 1 = INFO (e.g. "icon is recommended")
     assert result["errors"] == [] and problems == [], result
 
 
-def test_lint_of_the_real_chart_only_misses_the_optional_nats_dependency() -> None:
-    result = helm.lint(str(CHART), strict=True, kube_version=f"v{NEWEST_K8S}")
-    assert result["errors"] == ["chart directory is missing these dependencies: nats"], result
-    (dep,) = helm.dependency_list(str(CHART))
-    assert dep["name"] == "nats" and dep["repository"] == "https://nats-io.github.io/k8s/helm/charts/"
+def test_chart_is_self_contained() -> None:
+    """No chart dependency: the chart runs and configures its own NATS (templates/nats.yaml)."""
     meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert meta["apiVersion"] == "v2"
-    assert meta["dependencies"][0]["condition"] == "nats.enabled"
+    assert meta["apiVersion"] == "v2" and "dependencies" not in meta
     assert meta["kubeVersion"] == f">={OLDEST_K8S}-0"
-    assert yaml.safe_load((CHART / "values.yaml").read_text())["nats"]["enabled"] is False
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["nats"]["deploy"] is True
 
 
 # -- Kubernetes schemas -----------------------------------------------------------------------------------------
@@ -272,6 +256,7 @@ def test_rtmps_listener_mounts_its_certificate_secret() -> None:
 
 def test_network_policies_open_only_gateway_and_rtmp(rendered: Rendered) -> None:
     policies = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in rendered.kind("NetworkPolicy")}
+    policies.pop("nats", None)  # test_nats.py
     assert set(policies) == ALL_COMPONENTS
     cfg = rendered.config_yaml()
     metrics = cfg["telemetry"]["metrics_port"]
@@ -333,6 +318,8 @@ def test_no_plaintext_secrets_in_config_maps_or_env(rendered: Rendered) -> None:
         text = json.dumps(cm["data"])
         for value in _secret_values(rendered):
             assert value not in text
+        if "config.yaml" not in cm["data"]:
+            continue  # the NATS server's config: test_nats.py
         cfg = yaml.safe_load(cm["data"]["config.yaml"])
         present = {f"{section}.{key}" for section, keys in cfg.items() for key in keys}
         assert not present & secret_keys, present & secret_keys
@@ -352,8 +339,10 @@ def test_secure_defaults_generate_credentials() -> None:
     tokens = json.loads(base64.b64decode(api["data"]["api-tokens"]))
     assert len(tokens) == 1 and len(tokens[0]) >= 32
     nats = r.get("Secret", f"{RELEASE}-nats-auth")
-    assert len(base64.b64decode(nats["data"]["password"])) >= 32
-    assert r.config_yaml()["nats"]["user"] == "rheo"
+    assert set(nats["data"]) == ALL_COMPONENTS  # one password per component
+    assert all(len(base64.b64decode(v)) >= 32 for v in nats["data"].values())
+    assert len(set(nats["data"].values())) == len(ALL_COMPONENTS)
+    assert r.config_yaml()["nats"]["url"] == f"tls://{RELEASE}-nats.rheo.svc:4222"
     assert "allow_anonymous" not in r.config_yaml().get("gateway", {})
     keys = json.loads(base64.b64decode(r.get("Secret", f"{RELEASE}-playback")["data"]["signing-keys"]))
     assert len(keys) == 1 and len(keys[0]) >= 32  # playback needs signed URLs, with a generated key
@@ -365,24 +354,21 @@ def test_existing_secrets_are_used_not_created() -> None:
     refs = {(e["name"], e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
             for w in r.workloads() for c in containers(w) for e in c["env"] if "valueFrom" in e
             and "secretKeyRef" in e["valueFrom"]}
-    assert refs == {("RHEO_NATS__TOKEN", "corp-nats", "token"),
-                    ("RHEO_PLAYBACK__SIGNING_KEYS", "corp-rheo-playback", "signing-keys"),
+    assert refs == {("RHEO_PLAYBACK__SIGNING_KEYS", "corp-rheo-playback", "signing-keys"),
                     ("RHEO_DIT_STAGE__LINK_KEY", "corp-link", "link-key")}
     mounted = {v["secret"]["secretName"] for w in r.workloads() for v in w["spec"]["template"]["spec"]["volumes"]
                if "secret" in v}
     assert "corp-rheo-api" in mounted  # the gateway's operator tokens: a file it re-reads (rotation, no restart)
     assert r.config_yaml()["nats"]["url"] == "tls://nats-a.infra:4222,tls://nats-b.infra:4222"
-
-
-def test_nats_enabled_points_at_the_dependency_and_mounts_creds() -> None:
-    r = render("nats-enabled")
-    cfg = r.config_yaml()
-    assert cfg["nats"]["url"] == f"nats://{RELEASE}-nats.rheo.svc:4222"
-    assert cfg["nats"]["creds_file"] == "/var/run/secrets/rheo/nats/nats.creds"
-    for w in r.workloads():
-        mounts = {m["mountPath"] for c in containers(w) for m in c["volumeMounts"]}
-        assert "/var/run/secrets/rheo/nats" in mounts
-    assert "nats.creds" in r.get("Secret", f"{RELEASE}-nats-auth")["data"]
+    assert r.nats() is None
+    for w in r.workloads():  # each component mounts its own creds, and the CA of the external server
+        spec = w["spec"]["template"]["spec"]
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert vols["nats-creds"]["secret"] == {"secretName": "corp-nats", "items": [
+            {"key": f"{component(w)}.creds", "path": f"{component(w)}.creds"}]}
+        assert vols["nats-ca"]["secret"]["secretName"] == "corp-nats-ca"
+        env = {e["name"]: e.get("value") for e in next(containers(w))["env"]}
+        assert env["RHEO_NATS__CREDS_FILE"] == f"/var/run/secrets/rheo/nats/{component(w)}.creds"
 
 
 def test_weights_volume_by_value() -> None:

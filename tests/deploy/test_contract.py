@@ -11,6 +11,7 @@ import pytest
 import yaml
 from deploy.chartkit import CHART, Rendered, component, containers
 
+from proto.permissions import inbox_prefix, user_name
 from services.cli import SERVICES, build_parser
 from services.config import Settings, iter_fields
 
@@ -24,8 +25,8 @@ LISTENERS = {
     "dit-stage": ("link", "dit_stage.link_port"),
 }
 # Stand-ins for what Kubernetes fills in at run time, shaped like the real thing.
-SECRET_STANDINS = {"api-tokens": json.dumps(["t" * 40]), "password": "p" * 32, "token": "k" * 40,
-                   "signing-keys": json.dumps(["s" * 48]), "link-key": "l" * 48}
+SECRET_STANDINS = {"api-tokens": json.dumps(["t" * 40]), "signing-keys": json.dumps(["s" * 48]), "link-key": "l" * 48,
+                   **{c: "p" * 32 for c in ("gateway", "ingest", "dit-stage", "decoder", "egress", "controller")}}
 DOWNWARD = {"metadata.name": "dit-3", "status.podIP": "10.1.2.3"}
 
 
@@ -111,7 +112,10 @@ def test_rheo_accepts_the_rendered_config_of_every_container(rendered: Rendered,
             if component(w) == "egress":
                 assert s.egress.public_url == f"http://10.1.2.3:{s.egress.http_port}"
             auth = rendered.merged["nats"]["auth"]["type"]
-            assert {"userPassword": s.nats.password, "token": s.nats.token, "creds": s.nats.creds_file}[auth]
+            assert {"userPassword": s.nats.password, "creds": s.nats.creds_file}[auth]
+            assert s.nats.inbox_prefix == inbox_prefix(component(w))  # its role's, the only inboxes it may read
+            if auth == "userPassword":
+                assert s.nats.user == user_name(component(w))
 
 
 def test_ports_match_the_listeners(rendered: Rendered, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,6 +135,8 @@ def test_ports_match_the_listeners(rendered: Rendered, tmp_path: Path, monkeypat
         assert {n: ports.get(n) for n in extra} == extra
         assert set(ports) == {"metrics"} | ({name_key[0]} if name_key else set()) | set(extra)
     names = {p["name"] for w in rendered.workloads() for c in containers(w) for p in c["ports"]}
+    if rendered.nats() is not None:
+        names |= {p["name"] for c in containers(rendered.nats()) for p in c["ports"]}
     for svc in rendered.kind("Service"):
         for p in svc["spec"]["ports"]:
             assert p["targetPort"] in names, (svc["metadata"]["name"], p)

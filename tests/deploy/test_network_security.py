@@ -31,8 +31,13 @@ class Endpoint:
 def _matches(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
     if selector is None:
         return False
-    if set(selector) - {"matchLabels"}:
-        raise NotImplementedError(f"selector {selector}")  # matchExpressions: extend the evaluator first
+    if set(selector) - {"matchLabels", "matchExpressions"}:
+        raise NotImplementedError(f"selector {selector}")
+    for e in selector.get("matchExpressions") or []:
+        if e["operator"] != "In":
+            raise NotImplementedError(f"operator {e['operator']}")  # extend the evaluator first
+        if labels.get(e["key"]) not in e["values"]:
+            return False
     return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
 
 
@@ -88,7 +93,7 @@ INTERNET = Endpoint("internet", None, ip="203.0.113.7")
 TENANT = Endpoint("tenant", "tenant-a", {"app": "anything"})
 PROMETHEUS = Endpoint("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"})
 DNS = Endpoint("coredns", "kube-system", {"k8s-app": "kube-dns"})
-NATS = Endpoint("nats", "infra", {"app.kubernetes.io/name": "nats"})
+EXTERNAL_NATS = Endpoint("nats", "infra", {"app.kubernetes.io/name": "nats"})
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +105,7 @@ def default() -> tuple[Policies, dict[str, Any]]:
 def test_the_selectors_match_the_pods_they_govern() -> None:
     """Negative control for the evaluator: every component is governed by exactly one policy, in both directions."""
     policies = Policies(render("default"))
-    for c in COMPONENTS:
+    for c in (*COMPONENTS, "nats"):
         assert len(policies._selecting(pod(c), "Ingress")) == 1, c
         assert len(policies._selecting(pod(c), "Egress")) == 1, c
     assert not policies._selecting(TENANT, "Ingress")
@@ -128,11 +133,15 @@ def test_pods_reach_only_their_neighbours(default: tuple[Policies, dict[str, Any
     link, http = cfg["dit_stage"]["link_port"], cfg["egress"]["http_port"]
     for c in COMPONENTS:
         assert policies.allowed(pod(c), DNS, 53, "UDP"), c
-        assert policies.allowed(pod(c), NATS, 4222), c
+        assert policies.allowed(pod(c), pod("nats"), 4222), c  # the chart's NATS (nats.deploy)
+        assert not policies.allowed(pod(c), EXTERNAL_NATS, 4222), c
+        assert not policies.allowed(pod("nats"), pod(c), cfg["telemetry"]["metrics_port"]), c
         for other in COMPONENTS:
             assert policies.allowed(pod(c), pod(other), link) == (c == other == "dit-stage"), (c, other)
             assert policies.allowed(pod(c), pod(other), http) == (c == "gateway" and other == "egress"), (c, other)
         assert not policies.allowed(pod(c), TENANT, 8080), c
+    assert not policies.allowed(TENANT, pod("nats"), 4222)  # only this release's components reach the bus
+    assert not policies.allowed(pod("nats"), INTERNET, 443)
     assert policies.allowed(pod("controller"), INTERNET, 443)  # the Kubernetes API (leader Lease)
     assert policies.allowed(pod("egress"), INTERNET, 1935)  # restream
     for c in ("gateway", "ingest", "decoder", "dit-stage"):
@@ -142,6 +151,7 @@ def test_pods_reach_only_their_neighbours(default: tuple[Policies, dict[str, Any
 
 def test_the_world_narrows_by_value() -> None:
     narrowed = Rendered({
+        "nats": {"deploy": False, "url": "tls://10.9.3.4:4222", "tls": {"caSecret": "corp-nats-ca"}},
         "networkPolicy": {"egress": {"nats": [{"ipBlock": {"cidr": "10.9.0.0/16"}}],
                                      "restream": {"to": [], "ports": [1935]},
                                      "kubeApi": {"to": [{"ipBlock": {"cidr": "10.96.0.1/32"}}], "ports": [443]}}},
@@ -149,7 +159,7 @@ def test_the_world_narrows_by_value() -> None:
         "ingest": {"service": {"loadBalancerSourceRanges": ["198.51.100.0/24"]}},
     })
     policies = Policies(narrowed)
-    assert not policies.allowed(pod("ingest"), NATS, 4222)
+    assert not policies.allowed(pod("ingest"), EXTERNAL_NATS, 4222)
     assert policies.allowed(pod("ingest"), Endpoint("nats-vm", None, ip="10.9.3.4"), 4222)
     assert not policies.allowed(pod("egress"), INTERNET, 1935)
     assert not policies.allowed(pod("controller"), INTERNET, 443)

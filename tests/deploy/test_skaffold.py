@@ -61,17 +61,12 @@ def test_every_release_names_an_existing_chart_and_valid_values(profile: str | N
         assert values["ditStage"]["gpus"] == 0 and values["config"]["model"]["preset"] == "tiny"
 
 
-def test_cpu_tiny_runs_nats_as_a_second_release_with_jetstream_8mb_and_auth() -> None:
-    releases = {r["name"]: r for r in _releases("cpu-tiny")}
-    nats = releases["nats"]
-    assert nats["remoteChart"] == "nats" and nats["repo"] == "https://nats-io.github.io/k8s/helm/charts/"
-    sv = nats["setValues"]
-    assert sv["config.jetstream.enabled"] is True
-    assert sv["config.merge.max_payload"] == "<< 8MB >>"
-    assert sv["config.merge.authorization.user"] == releases["rheo"].get("setValues", {}).get("nats.auth.user", "rheo")
-    secret = sv["container.env.RHEO_NATS_PASSWORD.valueFrom.secretKeyRef.name"]
-    assert secret == f"{releases['rheo']['name']}-nats-auth", "NATS reads the password the rheo release generated"
-    assert releases["rheo"]["setValues"]["nats.url"].startswith(f"nats://{nats['name']}.")
+def test_every_profile_uses_the_charts_own_nats() -> None:
+    """One release per profile: the chart runs NATS itself (TLS, per-component users), no second NATS release."""
+    for profile in (None, "cpu-tiny", "gpu"):
+        releases = _releases(profile)
+        assert [r["name"] for r in releases] == ["rheo"], profile
+        assert not any(k.startswith("nats.") for k in releases[0].get("setValues", {})), profile
 
 
 def test_skaffold_json_schema() -> None:

@@ -16,9 +16,10 @@ VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 CONFIG_KEYS = {key for key, _, _ in iter_fields()}
 # Keys the chart sets itself (from other values, the downward API or Secrets): not settable under `config`.
 CHART_OWNED = {"service", "nats.url", "nats.user", "nats.password", "nats.token", "nats.creds_file",
-               "nats.nkey_seed_file", "nats.name", "controller.stages", "model.model_dir", "dit_stage.stage_id",
-               "dit_stage.advertise_host", "dit_stage.link_key", "egress.public_url", "gateway.api_tokens",
-               "gateway.api_tokens_file", "playback.signing_keys", "ingest.tls_cert_file", "ingest.tls_key_file"}
+               "nats.nkey_seed_file", "nats.name", "nats.inbox_prefix", "nats.tls_ca_file",
+               "controller.stages", "model.model_dir", "dit_stage.stage_id", "dit_stage.advertise_host",
+               "dit_stage.link_key", "egress.public_url", "gateway.api_tokens", "gateway.api_tokens_file",
+               "playback.signing_keys", "ingest.tls_cert_file", "ingest.tls_key_file"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,10 @@ BAD_VALUES = {
     "http NATS address": {"nats": {"url": "http://nats:4222"}},
     "NATS address not a URL": {"nats": {"url": "nats server"}},
     "anonymous NATS": {"nats": {"auth": {"type": "none"}}},
+    "NATS allow_anonymous": {"nats": {"allow_anonymous": True}},
+    "NATS no_auth_user": {"nats": {"no_auth_user": "rheo-gateway"}},
+    "one shared NATS token": {"nats": {"auth": {"type": "token"}}},
+    "unknown cert-manager issuer kind": {"nats": {"tls": {"certManager": {"kind": "Vault"}}}},
     "unknown config key": {"config": {"gateway": {"prot": 8080}}},
     "unknown config section": {"config": {"gatway": {"port": 8080}}},
     "chart-owned config key": {"config": {"controller": {"stages": 3}}},

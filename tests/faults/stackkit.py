@@ -17,7 +17,6 @@ from pathlib import Path
 
 from proto import CHANNELS, BlockMap, Buckets
 from services.bus import Bus
-from services.config import NatsSettings
 from services.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +82,7 @@ def current_map(stack: LocalStack) -> BlockMap:
     """The block map the controller keeps in KV."""
     async def read() -> BlockMap:
         assert stack.nats is not None
-        bus = await Bus.connect(NatsSettings(url=stack.nats.url), name="test-reader")
+        bus = await Bus.connect(stack.nats_settings("ingest"), name="test-reader")  # a reader of the map
         try:
             current = await (await bus.kv(Buckets.BLOCKMAP)).get_message("current", BlockMap)
             assert current is not None
@@ -94,16 +93,16 @@ def current_map(stack: LocalStack) -> BlockMap:
     return asyncio.run(read())
 
 
-FLOOD_CHANNELS = ("stream_latent", "stream_x0", "stream_video", "stream_event", "ctl_heartbeat")
-"""What ``flood`` sends on: the data plane of every stage, the decoder, egress, and the controller's inputs."""
+FLOOD_CHANNELS = ("stream_latent", "stream_prompt", "stream_event", "ctl_heartbeat")
+"""What ``flood`` sends on: what the flooding identity (ingest's) may publish — the first stage's data plane, every
+stage's prompts, every service's stream events and the controller's heartbeats. The server refuses it the rest."""
 FLOOD_FRAME = b"RH\x01\x00\xff\xff\xff\x7fnot a message, a flood"
 
 
 async def flood_connection(stack: LocalStack) -> Bus:
     """The flooding client's connection: the one place that says who floods. With bus authorization it is an
     identity allowed to publish on ``FLOOD_CHANNELS`` (ingest's: a compromised or buggy service)."""
-    assert stack.nats is not None
-    return await Bus.connect(NatsSettings(url=stack.nats.url), name="flood")
+    return await Bus.connect(stack.nats_settings("ingest"), name="flood")
 
 
 def flood(stack: LocalStack, n: int) -> collections.Counter[str]:
@@ -134,7 +133,8 @@ def _flood_child(stack: LocalStack, n: int, out: Connection) -> None:
             for i in range(n):
                 name = FLOOD_CHANNELS[i % len(FLOOD_CHANNELS)]
                 channel = CHANNELS[name]
-                await bus.nc.publish(channel.subject(**{p: f"flood{i}" for p in channel.params}), FLOOD_FRAME)
+                params = {p: "ingest" if p == "role" else f"flood{i}" for p in channel.params}
+                await bus.nc.publish(channel.subject(**params), FLOOD_FRAME)
                 sent[name] += 1
             await bus.nc.flush(timeout=120)
         finally:

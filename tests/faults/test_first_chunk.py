@@ -119,9 +119,9 @@ FLOOD_N = 100_000
 BASELINE_S, AFTER_S = 6.0, 3.0
 SERVICES = ("controller", "dit-0", "dit-1", "decoder", "egress", "ingest", "gateway")
 # which flood channels each service subscribes to (with wildcards): what it must account for, message by message
-HEARS = {"controller": ("ctl_heartbeat", "stream_event"), "dit-0": ("stream_latent", "stream_event"),
-         "dit-1": ("stream_event",), "decoder": ("stream_x0", "stream_event"),
-         "egress": ("stream_video", "stream_event"), "ingest": (), "gateway": ()}
+HEARS = {"controller": ("ctl_heartbeat", "stream_event"), "dit-0": ("stream_latent", "stream_prompt", "stream_event"),
+         "dit-1": ("stream_event",), "decoder": ("stream_event",), "egress": ("stream_event",), "ingest": (),
+         "gateway": ()}
 
 
 def _bus_drops(stack: LocalStack, proc: str) -> float:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.natsd import NatsServer
 from services.stack import LocalStack, Ports
 
 from .stackkit import create_stream, current_map, decoded, encoded, encoded_at, publisher, shown_at, wait
@@ -124,7 +123,7 @@ def test_a_lost_nats_store_is_rebuilt_and_no_stream_is_lost(stack: LocalStack, s
     port = int(stack.nats.url.rsplit(":", 1)[1])
     stack.nats.stop()
     shutil.rmtree(stack.workdir / "nats" / "js")
-    stack.nats = NatsServer(stack.workdir / "nats", port=port).start()
+    stack.start_nats(port)
     created = create_stream(stack, SIZE, FPS, STEPS, "after the loss", 7, SLO_MS)  # the table is created again
     assert created["state"] == "created"
     wait(lambda: _styled_after(stack, streams, before), bound, "styled output after the store was lost")

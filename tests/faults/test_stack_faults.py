@@ -35,7 +35,6 @@ from pipeline.loading import build_tiny_pipeline
 from pipeline.pipeline import PipelineConfig
 from pipeline.state import StreamSpec as PipelineStreamSpec
 from proto.spec import RingConfig
-from services.natsd import NatsServer
 from services.stack import LocalStack, Ports
 from wan.tiny import make_tiny_vae
 
@@ -233,7 +232,7 @@ def test_a_nats_restart_mid_stream_resumes_within_3_s(stack: LocalStack) -> None
         port = int(stack.nats.url.rsplit(":", 1)[1])
         stack.nats.stop()
         seen = decoded(stack, sid)[-1]
-        stack.nats = NatsServer(stack.workdir / "nats", port=port).start()  # same port, same JetStream store
+        stack.start_nats(port)  # same port, same JetStream store
         resumed = wait(lambda: decoded(stack, sid)[-1] > seen + 1, 30, "chunks after the restart")
         assert resumed <= 3.0, f"resumed {resumed:.1f}s after nats-server came back"
         # every service (the dead stage aside) reconnected, as its bus logs it

@@ -52,7 +52,9 @@ def test_cli_check_passes() -> None:
 def test_subjects() -> None:
     assert Subjects.stream_latent("cam-1") == "rheo.stream.cam-1.latent"
     assert Subjects.blockmap() == "rheo.ctl.blockmap"
-    assert Subjects.heartbeat("stage-0") == "rheo.ctl.heartbeat.stage-0"
+    assert Subjects.heartbeat("dit-stage", "stage-0") == "rheo.ctl.heartbeat.dit-stage.stage-0"
+    assert CHANNELS["ctl_heartbeat"].param("rheo.ctl.heartbeat.decoder.m-1", "role") == "decoder"
+    assert CHANNELS["ctl_heartbeat"].param("rheo.ctl.blockmap", "role") is None
     assert CHANNELS["stream_latent"].wildcard() == "rheo.stream.*.latent"
     for bad in ["a.b", "*", ">", "", "x" * 65, "a b", "ü"]:
         with pytest.raises(InvalidToken):

@@ -92,7 +92,7 @@ async def test_oversized_publish_fails_fast(bus: Bus) -> None:
 
 
 async def test_service_refuses_to_start_when_its_messages_cannot_fit(tmp_path: Path) -> None:
-    small = await asyncio.to_thread(NatsServer(tmp_path / "small", max_payload=1024 * 1024).start)
+    small = await asyncio.to_thread(NatsServer(tmp_path / "small", max_payload=1024 * 1024, anonymous=True).start)
     try:
         with pytest.raises(PayloadConfigError, match=r"max_payload"):
             await Bus.connect(NatsSettings(url=small.url, max_send_bytes=4 * 1024 * 1024), name="dit-stage")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from proto import Ack, BlockMap, Buckets, Heartbeat, StreamSpec, Subjects
@@ -71,9 +72,14 @@ async def test_block_map_epochs_and_restart(nats_settings: NatsSettings, bus: Bu
 async def test_membership_and_admission(nats_settings: NatsSettings, bus: Bus, eventually) -> None:
     svc, task = await _run(_settings(nats_settings, 2), eventually)
     try:
-        await bus.publish(Subjects.heartbeat("dit-0"),
+        # a heartbeat whose body claims a role its subject (the sender's bus identity) does not: refused, counted
+        await bus.publish(Subjects.heartbeat("decoder", "dit-1"),
+                          Heartbeat(member_id="dit-1", role="dit-stage", epoch=1, sent_at=0.0, ready=True))
+        await bus.publish(Subjects.heartbeat("dit-stage", "dit-0"),
                           Heartbeat(member_id="dit-0", role="dit-stage", epoch=1, sent_at=0.0, ready=True))
         await eventually(lambda: [m.member_id for m in svc.live_members("dit-stage")] == ["dit-0"])
+        assert "dit-1" not in svc.members  # same subscription, in order: the forgery came first
+        assert (REGISTRY.get_sample_value("rheo_controller_heartbeats_refused_total") or 0) >= 1
         ok = await bus.request(Subjects.admission(),
                                StreamSpec(stream_id="s", width=512, height=512, fps=16.0, steps=2, prompt="p"),
                                timeout=10)

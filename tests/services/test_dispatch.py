@@ -158,7 +158,7 @@ async def test_lanes_keep_order_per_key_and_bound_what_they_hold() -> None:
 def test_metric_labels_are_channels_never_subjects() -> None:
     assert channel_of(CHANNELS["stream_latent"].wildcard()) == "stream_latent"
     assert channel_of(Subjects.stream_x0("any-id")) == "stream_x0"
-    assert channel_of(Subjects.heartbeat("m1")) == "ctl_heartbeat"
+    assert channel_of(Subjects.heartbeat("dit-stage", "m1")) == "ctl_heartbeat"
     assert channel_of("_INBOX.abc.def") == "other"
 
 

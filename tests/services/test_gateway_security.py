@@ -194,7 +194,7 @@ async def test_traversal_and_nul_are_refused_before_routing(nats_settings: NatsS
 
 
 async def test_the_bus_gone_answers_503_not_a_traceback(tmp_path: Path, eventually) -> None:
-    own = NatsServer(tmp_path / "nats").start()
+    own = NatsServer(tmp_path / "nats", anonymous=True).start()
     settings = _settings(NatsSettings(url=own.url, initial_connect_attempts=1, connect_timeout_s=1.0))
     try:
         async with _gateway(settings, eventually, check_exit=False) as (_svc, http):

@@ -9,6 +9,7 @@ the gateway ends with ``EXT-X-ENDLIST`` and decodes to the stream's size and rat
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import io
@@ -22,14 +23,19 @@ from pathlib import Path
 
 import av
 import m3u8
+import nats.errors
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from media.player import HLSJS_DEFAULT
 from pipeline.loading import build_tiny_pipeline
 from pipeline.pipeline import PipelineConfig
 from pipeline.state import StreamSpec as PipelineStreamSpec
+from proto import Heartbeat, StreamEvent, StreamSpec, Subjects
 from proto.spec import RingConfig
+from services.bus import Bus, BusError
+from services.config import NatsSettings
 from services.stack import LocalStack, Ports, open_demo_stream, start_testpattern
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, CURRENT_TIME, FRAME_HASH, NO_CHROMIUM, PLAYING
 
@@ -404,6 +410,64 @@ def test_the_up_stack_plays_moving_video_in_chromium(stack: LocalStack) -> None:
     assert t1 - t0 >= 0.5 * (wall1 - wall0), (t0, t1, wall1 - wall0, errors)
     assert frame1 != frame0, "the picture did not change"
     assert not [e for e in errors if e.startswith("FATAL")], errors
+
+
+async def _forge(stack: LocalStack, sid: str) -> int:
+    """The forgeries of issue #13 from identities without the permission; returns the refusals the server sent."""
+    denied = "rheo_bus_permission_denied_total"
+    before = REGISTRY.get_sample_value(denied, {"op": "publish"}) or 0.0
+    assert stack.nats is not None
+    with pytest.raises(BusError):  # nothing anonymous
+        await Bus.connect(NatsSettings(url=stack.nats.url, initial_connect_attempts=1), name="anonymous")
+    egress = await Bus.connect(stack.nats_settings("egress"), name="forger-egress")
+    try:
+        await egress.publish(Subjects.stream_event(sid), StreamEvent(stream_id=sid, kind="ended", at=time.time()))
+        await egress.publish(Subjects.stream_x0("ghost"), b"RH" + b"\x00" * 64)
+        with contextlib.suppress(nats.errors.TimeoutError):
+            await egress.request(Subjects.admission(), StreamSpec(stream_id="ghost", width=64, height=64, fps=8,
+                                                                  steps=1, prompt="p"), timeout=1.0)
+        await egress.publish(Subjects.heartbeat("dit-stage", "dit-1"),
+                             Heartbeat(member_id="dit-1", role="dit-stage", epoch=0, sent_at=time.time(), ready=True))
+        await egress.nc.flush()
+        for _ in range(100):
+            if (REGISTRY.get_sample_value(denied, {"op": "publish"}) or 0.0) - before >= 4:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await egress.close()
+    return int((REGISTRY.get_sample_value(denied, {"op": "publish"}) or 0.0) - before)
+
+
+def test_forged_bus_messages_leave_a_live_stream_untouched(stack: LocalStack) -> None:
+    """A forged ``ended``, a ghost stream's x0, an admission request and a stage's heartbeat, each from a role
+    that may not send it: the server refuses all four, the live stream stays live and its styled output keeps
+    flowing, and no service of the stack was ever refused anything (the derived permissions fit the code)."""
+    created = stack.api("POST", "/v1/streams", {"prompt": "forged", "width": SIZE, "height": SIZE, "fps": FPS,
+                                                "steps": STEPS, "seed": SEED, "slo_latency_ms": 120000})
+    sid = created["id"]
+    pub = subprocess.Popen([sys.executable, "-m", "ingest.testpattern",
+                            f"rtmp://127.0.0.1:{stack.ports.rtmp}/live/{created['stream_key']}", "--size", "96x64",
+                            "--fps", str(FPS), "--seconds", "120"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    out = stack.workdir / "tap-out" / sid
+    shown = lambda: len(list(out.glob("*.npy")))  # noqa: E731
+    try:
+        _wait(lambda: shown() >= 2 and stack.api("GET", f"/v1/streams/{sid}")["state"] == "live", 120,
+              "styled output of the live stream")
+        assert asyncio.run(_forge(stack, sid)) == 4
+        before = shown()
+        _wait(lambda: shown() >= before + 2, 60, "styled output after the forgeries")
+        assert stack.api("GET", f"/v1/streams/{sid}")["state"] == "live"
+    finally:
+        pub.terminate()
+        pub.wait(10)
+    stack.api("DELETE", f"/v1/streams/{sid}")  # the deletion path too must stay within the permissions
+    assert stack.nats is not None and "Publish Violation" in stack.nats.log_tail(200_000)
+    for p in stack.procs:
+        with urllib.request.urlopen(f"http://127.0.0.1:{p.health_port}/metrics", timeout=5) as r:
+            refused = [line for line in r.read().decode().splitlines()
+                       if line.startswith("rheo_bus_permission_denied_total{") and not line.endswith(" 0.0")]
+        assert not refused, (p.name, refused)
 
 
 def test_bad_keys_are_refused_and_the_api_and_playback_need_tokens(stack: LocalStack) -> None:

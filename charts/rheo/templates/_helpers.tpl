@@ -72,11 +72,31 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-api" (include "rheo.fullname" .)) .Values.api.existingSecret -}}
 {{- end -}}
 
+{{- define "rheo.natsServiceName" -}}
+{{- printf "%s-nats" (include "rheo.fullname" .) -}}
+{{- end -}}
+
+{{- define "rheo.natsTlsSecretName" -}}
+{{- printf "%s-nats-tls" (include "rheo.fullname" .) -}}
+{{- end -}}
+
+{{/* The NATS pod's variable holding one component's password: (include "rheo.natsPasswordEnv" "dit-stage") */}}
+{{- define "rheo.natsPasswordEnv" -}}
+{{- printf "RHEO_NATS_PASSWORD_%s" (. | upper | replace "-" "_") -}}
+{{- end -}}
+
+{{/* Where the services find the CA that signs the NATS server certificate (empty: the system CAs). */}}
+{{- define "rheo.natsCaSecret" -}}
+{{- if .Values.nats.deploy -}}
+{{- include "rheo.natsTlsSecretName" . -}}
+{{- else -}}
+{{- .Values.nats.tls.caSecret -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "rheo.natsUrl" -}}
-{{- if .Values.nats.enabled -}}
-{{- /* the NATS chart's fullname: the release name when it contains "nats", else <release>-nats */ -}}
-{{- $svc := ternary .Release.Name (printf "%s-nats" .Release.Name) (contains "nats" .Release.Name) -}}
-{{- printf "nats://%s.%s.svc:4222" $svc .Release.Namespace -}}
+{{- if .Values.nats.deploy -}}
+{{- printf "tls://%s.%s.svc:4222" (include "rheo.natsServiceName" .) .Release.Namespace -}}
 {{- else -}}
 {{- .Values.nats.url -}}
 {{- end -}}
@@ -88,6 +108,35 @@ app.kubernetes.io/component: {{ .component }}
 {{- $_ := required "ingest.tls.secretName (a kubernetes.io/tls Secret) is required when config.ingest.rtmps_port is set" .Values.ingest.tls.secretName -}}
 true
 {{- end -}}
+{{- end -}}
+
+{{/* The chart's nats-server config: JetStream, 8 MB payloads as services/natsd.py, TLS only, one user per
+component with its generated permissions; passwords are environment references, so the config holds no secret.
+Helm's toJson escapes ">" as \u003e, which nats-server's parser refuses. */}}
+{{- define "rheo.natsConf" -}}
+{{- $roles := (.Files.Get "files/nats-permissions.json" | fromJson).roles -}}
+port: 4222
+http_port: 8222
+max_payload: 8388608
+max_pending: 268435456
+server_name: {{ include "rheo.natsServiceName" . | quote }}
+jetstream {
+  store_dir: "/data"
+  max_file_store: {{ .Values.nats.jetstream.maxFileStore | quote }}
+}
+tls {
+  cert_file: "/etc/nats-tls/tls.crt"
+  key_file: "/etc/nats-tls/tls.key"
+  timeout: 2
+}
+authorization {
+  users: [
+{{- range $role := keys $roles | sortAlpha }}
+{{- $r := get $roles $role }}
+    {user: {{ $r.user | quote }}, password: ${{ include "rheo.natsPasswordEnv" $role }}, permissions: {{ toJson $r.permissions | replace "\\u003e" ">" }}}
+{{- end }}
+  ]
+}
 {{- end -}}
 
 {{- define "rheo.modelDir" -}}
@@ -102,10 +151,8 @@ true
 {{- define "rheo.configYaml" -}}
 {{- $cfg := deepCopy .Values.config -}}
 {{- $nats := dict "url" (include "rheo.natsUrl" .) -}}
-{{- if eq .Values.nats.auth.type "userPassword" -}}
-{{- $_ := set $nats "user" .Values.nats.auth.user -}}
-{{- else if eq .Values.nats.auth.type "creds" -}}
-{{- $_ := set $nats "creds_file" "/var/run/secrets/rheo/nats/nats.creds" -}}
+{{- if include "rheo.natsCaSecret" . -}}
+{{- $_ := set $nats "tls_ca_file" "/var/run/secrets/rheo/nats-ca/ca.crt" -}}
 {{- end -}}
 {{- $_ := set $cfg "nats" (merge $nats (default dict $cfg.nats)) -}}
 {{- $_ := set $cfg "controller" (merge (dict "stages" (int .Values.ditStage.stages)) (default dict $cfg.controller)) -}}
@@ -196,18 +243,20 @@ spec:
               fieldPath: status.podIP
         - name: RHEO_NATS__NAME
           value: "$(POD_NAME)"
+        {{- /* the component's own bus identity: its user (or creds) and the only inboxes it may read */}}
+        - name: RHEO_NATS__INBOX_PREFIX
+          value: {{ printf "_INBOX.%s" .component | quote }}
         {{- if eq $v.nats.auth.type "userPassword" }}
+        - name: RHEO_NATS__USER
+          value: {{ printf "rheo-%s" .component | quote }}
         - name: RHEO_NATS__PASSWORD
           valueFrom:
             secretKeyRef:
               name: {{ include "rheo.natsSecretName" $root }}
-              key: password
-        {{- else if eq $v.nats.auth.type "token" }}
-        - name: RHEO_NATS__TOKEN
-          valueFrom:
-            secretKeyRef:
-              name: {{ include "rheo.natsSecretName" $root }}
-              key: token
+              key: {{ .component }}
+        {{- else }}
+        - name: RHEO_NATS__CREDS_FILE
+          value: {{ printf "/var/run/secrets/rheo/nats/%s.creds" .component | quote }}
         {{- end }}
         {{- with .env }}
         {{- . | nindent 8 }}
@@ -252,6 +301,11 @@ spec:
           mountPath: /var/run/secrets/rheo/nats
           readOnly: true
         {{- end }}
+        {{- if include "rheo.natsCaSecret" $root }}
+        - name: nats-ca
+          mountPath: /var/run/secrets/rheo/nats-ca
+          readOnly: true
+        {{- end }}
         {{- if and .weights (ne $v.model.source "none") }}
         - name: weights
           mountPath: {{ $v.model.mountPath }}
@@ -272,8 +326,16 @@ spec:
       secret:
         secretName: {{ include "rheo.natsSecretName" $root }}
         items:
-          - key: nats.creds
-            path: nats.creds
+          - key: {{ printf "%s.creds" .component }}
+            path: {{ printf "%s.creds" .component }}
+    {{- end }}
+    {{- with include "rheo.natsCaSecret" $root }}
+    - name: nats-ca
+      secret:
+        secretName: {{ . }}
+        items:
+          - key: ca.crt
+            path: ca.crt
     {{- end }}
     {{- with .volumes }}
     {{- . | nindent 4 }}
