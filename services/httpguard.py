@@ -1,5 +1,5 @@
 """What every rheo HTTP app (gateway, egress) puts in front of its routes: path and body checks before routing,
-and errors mapped to short JSON answers (docs/security-gateway.md).
+and errors mapped to short JSON answers (docs/security.md).
 
 - ``PathGuard``: a raw path with ``..``/``.`` segments, encoded slashes, backslashes, dots or percent signs
   (double encoding), NUL or control characters is refused (400) before any route sees it: no id check downstream

@@ -5,7 +5,7 @@ A token grants ``/hls/<stream id>/<token>/…`` (the path prefix it is bound to)
 It is a path segment, so every relative URI of a playlist (parts, segments, init, blocking reloads with their
 ``_HLS_msn``/``_HLS_part`` query) resolves under it and carries it without any rewriting. Keys are a list
 (``playback.signing_keys``): the first signs, every one verifies, so a key rotates by prepending the new one and
-removing the old one after the longest TTL (docs/security-gateway.md).
+removing the old one after the longest TTL (docs/security.md).
 """
 
 from __future__ import annotations

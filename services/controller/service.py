@@ -95,6 +95,8 @@ class Member:
     last_seen: float
     alive_since: float
     """Start of the current run of heartbeats (reset after a silence longer than the miss budget)."""
+    first_seen: float
+    """Its first heartbeat to this controller (never reset): a later endpoint write is a restart."""
     work: dict[str, float] = field(default_factory=dict)
     """Its measured model-work costs, unit → ms per megapixel-frame (admission's encode/decode bottlenecks)."""
 
@@ -359,6 +361,7 @@ class ControllerService(Service):
         old = self.members.get(hb.member_id)
         alive_since = old.alive_since if old is not None and now - old.last_seen <= budget else now
         self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.ready, now, alive_since,
+                                            old.first_seen if old is not None else now,
                                             {w.unit: w.ms_per_mpx for w in hb.work})
         for role in {m.role for m in self.members.values()}:
             MEMBERS.labels(role=role).set(sum(1 for m in self.members.values()
@@ -377,8 +380,10 @@ class ControllerService(Service):
         if prev is None or revision <= prev or not self.leader:
             return  # a standby that takes over judges by heartbeats
         member = self.members.get(stage_id)
-        if member is None or time.monotonic() - member.alive_since < 5 * self.settings.lifecycle.heartbeat_interval_s:
+        if member is None or time.monotonic() - member.first_seen < 5 * self.settings.lifecycle.heartbeat_interval_s:
             return  # not heard from before this write: a first start (an old entry overwritten), not a restart
+        # (first_seen, not alive_since: the new process's first heartbeat may be handled before this watch event
+        # and start a new run of heartbeats; the restart was then missed and the ring ran on a stage without state)
         how = "withdrawn" if value is None else "restarted"
         self._gone[stage_id] = how
         log.warning("stage %s %s its tensor-link endpoint", stage_id, "withdrew" if value is None else

@@ -71,13 +71,23 @@ async def test_a_restarted_or_withdrawn_stage_fails_at_once(nats_settings: NatsS
         assert bm.reason == "failure" and ranges(bm) == EVEN  # it keeps its place; the replay rebuilds its KV
         assert svc.decisions[-1]["restarted"] == ["dit-2"]
 
+        # killed and back: the new process's first heartbeat is handled before the watch delivers its endpoint
+        # write (a new run of heartbeats, after a silence past the miss budget): still a restart
+        members.pause("dit-2")
+        await eventually(lambda: "dit-2" in svc.suspected, timeout=10)
+        members.beat("dit-2")
+        await eventually(lambda: "dit-2" not in svc.suspected, timeout=10)
+        await endpoints.put("dit-2", b"127.0.0.1:7502")
+        await eventually(lambda: svc.block_map.epoch == e0 + 2, timeout=10)
+        assert svc.decisions[-1]["restarted"] == ["dit-2"]
+
         members.paused.add("dit-1")  # drained: it stops beating and withdraws its endpoint
         await endpoints.delete("dit-1")
-        await eventually(lambda: svc.block_map.epoch == e0 + 2, timeout=10)
+        await eventually(lambda: svc.block_map.epoch == e0 + 3, timeout=10)
         bm = await current_map(bus)
         assert bm.reason == "failure" and [s.stage_id for s in bm.stages] == ["dit-0", "dit-2"]
         await asyncio.sleep(0.5)
-        assert svc.block_map.epoch == e0 + 2  # each event makes one epoch
+        assert svc.block_map.epoch == e0 + 3  # each event makes one epoch
     finally:
         for s in IDS:
             with contextlib.suppress(Exception):

@@ -1,4 +1,4 @@
-"""The gateway as an attacker on the network meets it (docs/security-gateway.md): signed playback only, scoped and
+"""The gateway as an attacker on the network meets it (docs/security.md): signed playback only, scoped and
 rotatable API tokens, bodies refused before they are read, traversal refused before routing, the bus's absence a
 503, write rate limits, and one client's blocking reloads unable to slow another viewer."""
 
