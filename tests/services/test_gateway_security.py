@@ -199,6 +199,14 @@ async def test_the_bus_gone_answers_503_not_a_traceback(tmp_path: Path, eventual
     try:
         async with _gateway(settings, eventually, check_exit=False) as (_svc, http):
             sid = (await http.post("/v1/streams", json={"prompt": "p"})).json()["id"]
+            # a blip (NATS restarted): the call waits for the reconnect instead of failing
+            port = int(own.url.rsplit(":", 1)[1])
+            own.stop()
+            await eventually(lambda: not _svc.bus.nc.is_connected, 10)
+            own = NatsServer(tmp_path / "nats", port=port, anonymous=True).start()
+            r = await http.get(f"/v1/streams/{sid}")
+            assert r.status_code == 200, r.text
+            # an outage: 503 at once
             own.stop()
             await eventually(lambda: not _svc.bus.nc.is_connected, 10)
             for call in (http.get(f"/v1/streams/{sid}"), http.post("/v1/streams", json={"prompt": "q"}),

@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import io
 import json
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -468,6 +470,18 @@ def test_forged_bus_messages_leave_a_live_stream_untouched(stack: LocalStack) ->
             refused = [line for line in r.read().decode().splitlines()
                        if line.startswith("rheo_bus_permission_denied_total{") and not line.endswith(" 0.0")]
         assert not refused, (p.name, refused)
+
+
+def test_a_stage_link_refuses_a_peer_without_the_key(stack: LocalStack) -> None:
+    """Reaching a stage's link port is not enough (docs/security.md): the stage challenges first and closes a peer
+    that answers with the unkeyed wire instead of the key's proof, before reading a frame."""
+    port = int(next(p for p in stack.procs if p.name == "dit-1").env["RHEO_DIT_STAGE__LINK_PORT"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        assert sock.recv(8) == b"RHEOLNK1"
+        sock.sendall(struct.pack("<QQQ", 64, 1, 1) + bytes(64))  # a frame prefix where the proof belongs
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(4096):
+                pass
 
 
 def test_bad_keys_are_refused_and_the_api_and_playback_need_tokens(stack: LocalStack) -> None:
