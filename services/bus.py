@@ -550,11 +550,15 @@ class KV:
         await self._call(lambda: self.store.delete(key))
 
     async def keys(self) -> list[str]:
+        """Every key holding a message, a deleted key's marker included (callers read each key and skip the
+        absent ones). Read from the stream's per-subject state, not with nats-py's ``keys()``: that one watches,
+        and reports an empty bucket when the server has pushed every entry before the client counted one (seen on
+        a loaded CI machine: a token just minted was not listed)."""
+        prefix = f"$KV.{self.bucket}."
+
         async def keys() -> list[str]:
-            try:
-                return await self.store.keys()
-            except nats.js.errors.NoKeysError:
-                return []
+            info = await self.store._js.stream_info(f"KV_{self.bucket}", subjects_filter=prefix + ">")
+            return sorted(s[len(prefix):] for s in info.state.subjects or {})
 
         return await self._call(keys)
 
