@@ -219,10 +219,19 @@ def test_worker_drops_an_infeasible_chunk_before_compute(policy):
     first.add_prompt("a", 0, prompt(3))
     for c in range(4):
         first.add_chunk(chunk_message("a", c, zs[c], seed=3))
+    steps = []
+    take = first.take
+
+    def record():
+        step = take()
+        steps.append(step)
+        return step
+
+    first.take = record
     assert [g.seq for g in run_ring(ring)] == [0, 1, 2, 3]
-    sig = (1, 4, 6)
-    first.latency.observe(sig, 1, 30.0)
-    first.latency.observe(sig, 1, 30.0)
+    for step in [s for s in steps if s is not None][-2:]:  # what ComputeLoop reports after each forward
+        first.measured(step, 30.0 * len(step.items))
+    assert first.latency.duration((1, 4, 6), 1) == pytest.approx(30.0)
     now = time.time()
     first.add_chunk(chunk_message("a", 4, zs[4], seed=3, deadline=now + 600))
     first.add_chunk(chunk_message("a", 5, zs[5], seed=3, deadline=now + 50))
