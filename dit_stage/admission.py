@@ -15,17 +15,21 @@ import logging
 
 import torch
 
+from dit_stage.batcher import Candidate, select
 from dit_stage.micro_step import MicroStep
-from dit_stage.stage_stream import Pending, StageStream, is_clean, signature
+from dit_stage.stage_stream import Pending, StageStream, is_clean, signature, step_signature
 from proto import LatentChunk, RingItem, RingReturn
 from proto.clock import segment_seed
 from proto.spec import MAX_STEPS
 from wan.scheduler import draw_noise
 
-__all__ = ["PREPARE_LOST_GRACE_S", "FirstStage"]
+__all__ = ["PREPARE_LOST_GRACE_S", "TAKEN_KEPT", "FirstStage"]
 
 PREPARE_LOST_GRACE_S = 10.0
 """A prepare item awaited this long past its deadline is lost, not slow: the stream is dropped (and re-prepared)."""
+
+TAKEN_KEPT = 4096
+"""Items whose take time the first stage keeps to measure their ring round trip (the oldest forgotten first)."""
 
 log = logging.getLogger("rheo.dit_stage.worker")
 
@@ -148,6 +152,9 @@ class FirstStage:
                 self.dropped["unknown_stream"] += 1
                 continue
             st.in_flight.pop((meta.seq, meta.step), None)
+            taken = self._taken.pop((meta.stream_id, meta.seq, meta.step), None)
+            if taken is not None:
+                self.latency.observe_round_trip((meta.frames, *ret.latents.shape[-2:]), taken[1], now - taken[0])
             if meta.segment != st.segment:
                 self.dropped["stale_segment"] += 1
                 continue
@@ -183,8 +190,7 @@ class FirstStage:
         ring): without it the rebuilt caches would miss a frame the reference has."""
         if meta.step == 0 and meta.epoch < self._admit_from:
             return "stale_epoch"  # the block map changed while it was queued
-        if meta.deadline <= now and not meta.replay and not (meta.latent_start == 0 and meta.step > 0) \
-                and not is_clean(meta):
+        if meta.deadline <= now and not _deadline_exempt(meta):
             return "deadline"
         return ""
 
@@ -239,10 +245,19 @@ class FirstStage:
             candidates.extend(clean or mine)  # a clean pass runs before anything later of its stream
         if not candidates:
             return None
-        # one grid per forward: the signature of the oldest item, then the oldest items of that signature
-        candidates.sort(key=lambda c: (c[2].meta.capture_time, c[2].meta.seq, -c[2].meta.step))
-        sig = signature(candidates[0][2])
-        chosen = [c for c in candidates if signature(c[2]) == sig][: self.max_batch_items]
+        # one grid per forward; which items and how many: the batcher's policy (docs/scheduling.md)
+        self.latency.ring_scale = self.model.config.num_layers / len(self.model.block_ids)
+        sel = select(self.batcher, [self._candidate(c[2]) for c in candidates], self.latency, now,
+                     self.max_batch_items)
+        for i in sel.infeasible:  # dropped before it costs compute
+            st, q, head = candidates[i]
+            q.popleft()
+            self.dropped["deadline_infeasible"] += 1
+            log.info("item %s/%d step %d dropped: deadline_infeasible", head.meta.stream_id, head.meta.seq,
+                     head.meta.step)
+        if not sel.take:
+            return None
+        chosen = [candidates[i] for i in sel.take]
         order = {sid: i for i, sid in enumerate(self.streams)}
         chosen.sort(key=lambda c: (order[c[0].stream_id], c[2].meta.prompt_version, c[2].meta.slot))
         items: list[RingItem] = []
@@ -253,6 +268,7 @@ class FirstStage:
             meta = head.meta
             if meta.step < meta.steps - 1 or (meta.step == meta.steps - 1 and self.cache_mode == "self_forcing"):
                 st.in_flight[(meta.seq, meta.step + 1)] = meta.deadline  # its next step, or its clean pass
+                self._taken[(meta.stream_id, meta.seq, meta.step + 1)] = (now, len(chosen))  # its round trip
             if is_clean(meta):
                 frame_start = meta.frame_start  # rewrites the frames its last step wrote
                 if meta.latent_start == 0:
@@ -269,8 +285,26 @@ class FirstStage:
             items.append(meta.model_copy(update={"frame_start": frame_start}))
             xs.append(head.latent)
             wait += now - head.queued_at
+        while len(self._taken) > TAKEN_KEPT:  # returns lost in the ring are never popped
+            del self._taken[next(iter(self._taken))]
         x = torch.cat(xs)
         return MicroStep(self.epoch, items, x, x, wait / len(items))
+
+    def _candidate(self, p: Pending) -> Candidate:
+        """An item as the batcher sees it: its ring traversals left count its Self-Forcing clean pass."""
+        m = p.meta
+        return Candidate(signature(p), m.deadline, m.steps - m.step + (self.cache_mode == "self_forcing"),
+                         (m.capture_time, m.seq, -m.step), _deadline_exempt(m))
+
+    def measured(self, step: MicroStep, seconds: float) -> None:
+        """First stage: a micro-step this worker formed took ``seconds`` (the latency model learns from it)."""
+        if self.is_first and step.items:
+            self.latency.observe(step_signature(step), len(step.items), seconds)
+
+
+def _deadline_exempt(meta: RingItem) -> bool:
+    """An item that runs however late: a begun prepare chunk, a replay, a clean pass (``_refuse_item``)."""
+    return meta.replay or (meta.latent_start == 0 and meta.step > 0) or is_clean(meta)
 
 
 def _replayed_prepare(chunk: LatentChunk, st: StageStream | None) -> bool:

@@ -86,6 +86,7 @@ class ComputeLoop:
                 worker.dropped["compute_error"] += len(step.items)
                 log.exception("stage %s: micro-step of %d items failed; dropped", self.stage_id, len(step.items))
                 continue
+            worker.measured(step, result.compute_s)
             self.telemetry.micro_step(step.queue_wait_s, len({m.stream_id for m in step.items}), result,
                                       worker.is_first)
             for message in result.link:

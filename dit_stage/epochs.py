@@ -86,7 +86,7 @@ class StageEpochs:
         return make_stage_worker(
             self.cfg, model, window=self.cfg.kv_window, sink=self.cfg.sink,
             adaptive_threshold=self.cfg.adaptive_threshold, max_batch_items=self.cfg.max_batch_items,
-            max_queued_chunks=self.cfg.max_queued_chunks,
+            batcher=self.cfg.batcher, max_queued_chunks=self.cfg.max_queued_chunks,
             move_frame_bytes=self.cfg.link_max_frame_bytes // 2,
         )
 
@@ -100,7 +100,9 @@ class StageEpochs:
             if self.worker is not None:  # docs/rebalance.md, Hard switches: the streams' state here is gone
                 log.warning("stage %s: blocks %s → %s under epoch %d (%s: %s); per-stream state is dropped",
                             self.stage_id, self.worker.model.block_range, rng, bm.epoch, bm.reason, action.why)
-            self.worker = self._make_worker(model)
+            old, self.worker = self.worker, self._make_worker(model)
+            if old is not None and old.model.block_range == rng:
+                self.worker.latency = old.latency  # the same blocks: the fitted micro-step times still hold
             self.checks["weights"] = True
             log.info("stage %s: loaded blocks [%d, %d) of %d (epoch %d)", self.stage_id, *rng, bm.num_blocks,
                      bm.epoch)

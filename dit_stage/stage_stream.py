@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from dit_stage.kv_cache import KVCacheShard
+from dit_stage.micro_step import MicroStep
 from dit_stage.state import StreamDiTState
 from proto import RingItem
 
 __all__ = ["PROMPT_VERSIONS_KEPT", "Pending", "StageStream", "is_clean", "kv_tensors", "merge_kv", "signature",
-           "stream_from_layout", "versions_kept", "view_order"]
+           "step_signature", "stream_from_layout", "versions_kept", "view_order"]
 
 PROMPT_VERSIONS_KEPT = 2
 """Prompt versions whose cross-attention K/V a stage keeps per stream at least (the newest ones). A stream keeps
@@ -73,7 +74,13 @@ def view_order(key: int | tuple[int, int, float]) -> tuple[int, float]:
 
 
 def signature(p: Pending) -> tuple[int, int, int]:
+    """The grid an item runs on: items of one signature can share a forward."""
     return (p.meta.frames, *p.latent.shape[-2:])
+
+
+def step_signature(step: MicroStep) -> tuple[int, int, int]:
+    """A formed micro-step's signature (all its items share it)."""
+    return (step.items[0].frames, *step.noisy.shape[-2:])
 
 
 def is_clean(meta: RingItem) -> bool:

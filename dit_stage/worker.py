@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 
 from dit_stage.admission import FirstStage
+from dit_stage.batcher import BatcherPolicy, LatencyModel
 from dit_stage.forward import Forward
 from dit_stage.micro_step import MicroStep, StageOutput, SwitchStep
 from dit_stage.model import CausalWanDiT
@@ -80,6 +81,7 @@ class StageWorker(FirstStage, EpochSwitching):
         sink: int = 3,
         adaptive_threshold: float | None = 0.2,
         max_batch_items: int = 16,
+        batcher: BatcherPolicy = "slo",
         max_queued_chunks: int = 4,
         move_frame_bytes: int = 32 * 1024 * 1024,
         shift: float = 8.0,
@@ -108,6 +110,10 @@ class StageWorker(FirstStage, EpochSwitching):
         self.context_noise = context_noise
         self.window, self.sink, self.adaptive_threshold = window, sink, adaptive_threshold
         self.max_batch_items = max_batch_items
+        self.batcher: BatcherPolicy = batcher
+        """First stage: how micro-steps are formed (``dit_stage/batcher.py``): ``slo`` or ``greedy``."""
+        self.latency = LatencyModel()  # first stage: L(n, signature), fitted from ``measured`` micro-steps
+        self._taken: dict[tuple[str, int, int], tuple[float, int]] = {}  # (stream, seq, step back) → (taken, n)
         self.max_queued_chunks = max_queued_chunks
         self.move_frame_bytes = move_frame_bytes  # a stream's moved KV goes in ShardMoves of at most this size
         self.scheduler = FlowMatchScheduler(shift=shift)

@@ -278,6 +278,11 @@ class DitStageSettings(Section):
     link_port: int = Field(7100, ge=0, le=65535, description="tensor-link listen port (0: ephemeral)")
     advertise_host: str = Field("127.0.0.1", description="host other stages reach this stage's link at (pod IP)")
     max_batch_items: int = Field(16, ge=1, description="largest number of items in one micro-step")
+    batcher: Literal["slo", "greedy"] = Field(
+        "slo", description="first stage's micro-step batcher: slo (earliest deadline first, batch size from a "
+        "latency model fitted online, items that cannot make their deadline dropped before compute) or greedy "
+        "(oldest first, up to max_batch_items)"
+    )
     max_queued_chunks: int = Field(4, ge=1, description="new chunks queued per stream before the oldest is dropped")
     kv_window: int = Field(
         KV_WINDOW, ge=2, description="latent frames one chunk attends to (KV ring size, sinks included)"
