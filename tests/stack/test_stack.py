@@ -133,7 +133,9 @@ def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack, ring: RingConfig | Non
                                                 "height": SIZE, "fps": FPS, "steps": STEPS, "seed": SEED,
                                                 "slo_latency_ms": 120000})
     sid = created["id"]
+    published_from = time.time()
     _publish(stack, created["stream_key"], seconds=3.0)
+    published_to = time.time()
     _wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
     _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"{stack.playback(sid)}/index.m3u8")[1], 90, "EXT-X-ENDLIST")
 
@@ -158,6 +160,10 @@ def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack, ring: RingConfig | Non
     assert status == 200
     playlist = m3u8.loads(body.decode())
     assert playlist.is_endlist and playlist.segments
+    # EXT-X-PROGRAM-DATE-TIME is when the publisher's frames were captured (this host's clock), not when the
+    # decoder output them (seconds later on this CPU): every segment starts with a frame captured while publishing
+    pdts = [seg.program_date_time.timestamp() for seg in playlist.segments]
+    assert all(published_from <= p <= published_to + 0.5 for p in pdts), (published_from, pdts, published_to)
     _, init = _get(stack, f"{stack.playback(sid)}/init.mp4")
     decoded = 0
     for seg in playlist.segments:
