@@ -159,6 +159,10 @@ class IngestSettings(Section):
         10.0, gt=0, description="close a publishing session that delivers no complete video frame this long "
         "(a slow drip of bytes included)"
     )
+    audio_only_grace_s: float = Field(
+        3.0, gt=0, description="refuse a publisher that sends audio but no video message this long after publish "
+        "(rheo restyles video: an audio-only stream would produce nothing)"
+    )
     key_failures_per_ip: int = Field(
         5, ge=1, description="failed stream keys from one address within key_failure_window_s before it is blocked"
     )

@@ -38,8 +38,8 @@ def latent_chunk(stream_id: str, seq: int, latent: torch.Tensor, fps: float = 16
     now = time.time()
     start = 0 if seq == 0 else seq + 1
     return LatentChunk(stream_id=stream_id, seed=0, fps=fps, seq=seq, epoch=0, latent_start=start, rope_start=start,
-                       capture_time=now - capture_lag_s, deadline=now + 30.0, prompt_version=0, noise_scale=0.8, timesteps=[700],
-                       latent=latent)
+                       capture_time=now - capture_lag_s, deadline=now + 30.0, prompt_version=0, noise_scale=0.8,
+                       timesteps=[700], latent=latent)
 
 
 async def feed_chunks(bus: Bus, stream_id: str, latents: list[torch.Tensor], fps: float,
