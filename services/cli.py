@@ -205,6 +205,16 @@ _TINY_WARNING = (
 )
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """One file under two spellings (relative, ``..``, a symlink or a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     """``rheo run``: file → file through the single-process StreamPipeline. Errors: one line, exit code 2."""
     import logging
@@ -218,6 +228,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     if args.seconds is not None and args.seconds <= 0:
         print("rheo run: error: --seconds must be > 0", file=sys.stderr)
+        return 2
+    if args.input is not None and _same_file(args.input, args.output):
+        print(f"rheo run: error: --output {args.output} is the input file: it would be overwritten; write elsewhere",
+              file=sys.stderr)
         return 2
     from pipeline.offline import InputError, VideoInput
 
