@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from proto.spec import SIZE_MULTIPLE
 from services.config import describe, iter_fields, load_settings
+from services.config_errors import ConfigError
 
 if TYPE_CHECKING:
     from services.stack import Ports
@@ -229,6 +230,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.seconds is not None and args.seconds <= 0:
         print("rheo run: error: --seconds must be > 0", file=sys.stderr)
         return 2
+    settings = load_settings()  # a config mistake is one line before anything heavy is imported
     if args.input is not None and _same_file(args.input, args.output):
         print(f"rheo run: error: --output {args.output} is the input file: it would be overwritten; write elsewhere",
               file=sys.stderr)
@@ -257,7 +259,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     expected = (InputError, ModelDirError, PipelineError, CheckpointError, PromptEncoderFilesError, T5WeightsError,
                 VAEWeightsError, FileNotFoundError, PermissionError, IsADirectoryError)  # fmt: skip
-    settings = load_settings()
     model_dir = args.model_dir if args.preset is None else None
     if model_dir is None and args.preset is None:
         model_dir = settings.model.model_dir
@@ -415,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:  # RHEO_* or RHEO_CONFIG is wrong: one line, whatever the subcommand
+        print(f"rheo {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

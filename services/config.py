@@ -33,6 +33,7 @@ from proto.spec import (
     T_REFRESH,
     RingConfig,
 )
+from services.config_errors import ConfigError, explain
 
 MiB = 1024 * 1024
 
@@ -473,8 +474,13 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """The effective settings: overrides > env > ``RHEO_CONFIG`` YAML > defaults."""
-    return Settings(**overrides)
+    """The effective settings: overrides > env > ``RHEO_CONFIG`` YAML > defaults; a mistake in any of them is a
+    ``ConfigError`` whose message is one line naming the key."""
+    try:
+        return Settings(**overrides)
+    except (ValueError, OSError, yaml.YAMLError) as e:  # ValidationError and SettingsError are ValueErrors
+        structured = [key for key, default, _ in iter_fields() if isinstance(default, list | dict)]
+        raise ConfigError(explain(e, structured)) from e
 
 
 def describe(settings: Settings) -> str:
