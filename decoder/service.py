@@ -346,7 +346,8 @@ class DecoderService(Service):
         if tap is not None:
             await asyncio.to_thread(write_debug_tap, tap / st.stream_id / f"{chunk.seq}.npy", float01)
         dropped = st.pacer.stats.dropped
-        st.pacer.push(list(rgb), time.time())
+        # frame i of a chunk was captured i/fps after its first (a join's padding stands in for the missing ones)
+        st.pacer.push(list(rgb), time.time(), [chunk.capture_time + i / chunk.fps for i in range(rgb.shape[0])])
         FRAMES.labels(kind="dropped").inc(st.pacer.stats.dropped - dropped)
 
     async def _report_output(self, st: DecoderStream, chunk: LatentChunk) -> None:
@@ -489,7 +490,7 @@ def _decode_frames(vae: StreamVAE, state: StreamVAEState, latents: torch.Tensor)
 
 
 def _encode(encoder: H264Encoder, paced: list[PacedFrame], final: bool) -> list[VideoUnit]:
-    units = [u for p in paced for u in encoder.encode(p.frame, p.index, p.due)]
+    units = [u for p in paced for u in encoder.encode(p.frame, p.index, p.capture_time)]
     return units + encoder.flush() if final else units
 
 

@@ -48,6 +48,7 @@ RefusalKind = Literal[
     "unsupported_media",  # codec or size the pipeline does not take
     "idle_timeout",  # a publisher sent nothing for ingest.idle_timeout_s
     "no_frames",  # a publisher delivered no video frame for ingest.frame_timeout_s
+    "audio_only",  # a publisher sent audio but no video for ingest.audio_only_grace_s after publish
     "closed_mid_message",
     "closed_before_publish",
     "connection_error",

@@ -336,6 +336,8 @@ class _Session:
         self._abort: tuple[RefusalKind, str] | None = None
         self._deadline = time.monotonic() + self.settings.handshake_timeout_s
         self._frame_deadline = math.inf
+        self._audio_only_deadline = math.inf  # set at publish: audio alone past it is refused
+        self._video_seen = False  # this session's (a resumed stream's stats count the earlier sessions too)
         self._commands = 0
 
     def abort(self, kind: RefusalKind, reason: str) -> None:
@@ -630,6 +632,7 @@ class _Session:
         self.stream = await self.server._attach(self, decision, key)
         self.parser.limits = server.limits
         self._frame_deadline = time.monotonic() + self.settings.frame_timeout_s
+        self._audio_only_deadline = time.monotonic() + self.settings.audio_only_grace_s
         self._send(user_control(0, _MEDIA_STREAM_ID))
         self._status("status", "NetStream.Publish.Start", f"publishing stream {decision.stream_id}")
         log.info("rtmp %s publishing app=%s stream=%s", self.peer, self.app, decision.stream_id)
@@ -656,6 +659,9 @@ class _Session:
         if self.stream is None:
             return
         self.stream.stats.audio_messages += 1
+        if not self._video_seen and time.monotonic() >= self._audio_only_deadline:
+            raise Refused(f"audio only: no video for {self.settings.audio_only_grace_s:g} s after publish; rheo "
+                          "restyles video, publish an H.264 video track", kind="audio_only")
         p = msg.payload
         if len(p) >= 2 and p[0] >> 4 == 10 and p[1] == 0:
             self.stream.audio_config = p[2:]
@@ -664,6 +670,7 @@ class _Session:
         stream = self.stream
         if stream is None:
             raise RtmpProtocolError("video before publish")
+        self._video_seen = True
         stream.stats.video_messages += 1
         tag = parse_video_tag(msg.payload)
         if tag.kind is TagKind.CONFIG:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ class PacedFrame:
     frame: np.ndarray
     repeated: bool
     due: float  # wall time this frame is due
+    capture_time: float  # when its source frame was captured (``due`` where the pusher did not say): the PDT base
 
 
 @dataclass
@@ -126,7 +128,9 @@ class CfrPacer:
 
     Output starts ``start_delay_s`` after the first frame (a small jitter buffer). A missing frame repeats
     the previous one; a buffer above ``max_buffer_frames`` drops its oldest frames (latency stays bounded);
-    if the caller falls more than ``max_catchup_s`` behind, the wall anchor moves instead of bursting.
+    if the caller falls more than ``max_catchup_s`` behind, the wall anchor moves instead of bursting. Each frame
+    keeps the capture time it was pushed with (a repeat: the repeated frame's), so the playlist's
+    ``EXT-X-PROGRAM-DATE-TIME`` is when the picture was captured, not when it left the decoder.
     """
 
     def __init__(
@@ -138,17 +142,19 @@ class CfrPacer:
         self.max_catchup_s = max_catchup_s
         self.stats = CfrStats()
         self.next_index = 0
-        self._buffer: collections.deque[np.ndarray] = collections.deque()
-        self._last: np.ndarray | None = None
+        self._buffer: collections.deque[tuple[np.ndarray, float | None]] = collections.deque()
+        self._last: tuple[np.ndarray, float | None] | None = None
         self._anchor: float | None = None
 
     @classmethod
     def from_settings(cls, fps: float, settings: EgressSettings) -> CfrPacer:
         return cls(fps, start_delay_s=settings.cfr_start_delay_s)
 
-    def push(self, frames: Iterable[np.ndarray], now: float) -> None:
-        for frame in frames:
-            self._buffer.append(frame)
+    def push(self, frames: Iterable[np.ndarray], now: float, capture_times: Iterable[float] | None = None) -> None:
+        """Buffer ``frames`` (arrived at ``now``), each with its capture time where known."""
+        times = itertools.repeat(None) if capture_times is None else capture_times
+        for frame, captured in zip(frames, times, strict=capture_times is not None):
+            self._buffer.append((frame, captured))
         while len(self._buffer) > self.max_buffer_frames:
             self._buffer.popleft()
             self.stats.dropped += 1
@@ -173,7 +179,7 @@ class CfrPacer:
         while self._buffer:
             self._last = self._buffer.popleft()
             due = self.due_time(self.next_index)
-            out.append(PacedFrame(self.next_index, self._last, False, time.time() if due is None else due))
+            out.append(self._paced(False, time.time() if due is None else due))
             self.stats.emitted += 1
             self.next_index += 1
         return out
@@ -191,12 +197,16 @@ class CfrPacer:
             repeated = not self._buffer
             if not repeated:
                 self._last = self._buffer.popleft()
-            assert self._last is not None
-            out.append(PacedFrame(self.next_index, self._last, repeated, self._anchor + self.next_index / self.fps))
+            out.append(self._paced(repeated, self._anchor + self.next_index / self.fps))
             self.stats.emitted += 1
             self.stats.repeated += repeated
             self.next_index += 1
         return out
+
+    def _paced(self, repeated: bool, due: float) -> PacedFrame:
+        assert self._last is not None
+        frame, captured = self._last
+        return PacedFrame(self.next_index, frame, repeated, due, due if captured is None else captured)
 
 
 @dataclass
@@ -286,7 +296,7 @@ async def run_cfr(
                 await asyncio.wait_for(stop.wait(), delay)
             continue
         for paced in pacer.pop_due(time.time()):
-            units = await asyncio.to_thread(encoder.encode, paced.frame, paced.index, paced.due)
+            units = await asyncio.to_thread(encoder.encode, paced.frame, paced.index, paced.capture_time)
             for unit in units:
                 sink(unit)
     for unit in await asyncio.to_thread(encoder.flush):

@@ -7,15 +7,12 @@ import json
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from proto.spec import SIZE_MULTIPLE
+from services import up
 from services.config import describe, iter_fields, load_settings
-
-if TYPE_CHECKING:
-    from services.stack import Ports
+from services.config_errors import ConfigError
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -96,91 +93,6 @@ def _cmd_nats(args: argparse.Namespace) -> int:
     return 0
 
 
-_PORT_FLAGS = {"gateway": ("the gateway", "--gateway-port or --port-offset N"),
-               "rtmp": ("RTMP ingest", "--rtmp-port or --port-offset N"),
-               "egress": ("egress HLS", "--egress-port or --port-offset N"),
-               "nats": ("nats-server", "--nats-port or --port-offset N"),
-               "first_health": ("a service's /healthz and /metrics", "--port-offset N"),
-               "first_link": ("a DiT stage's tensor link", "--port-offset N")}
-"""What each of ``Ports``' fields is for and the ``rheo up`` flag that moves it (health and link ports move with
-the offset only)."""
-
-
-def _up_ports(args: argparse.Namespace) -> Ports:
-    """The defaults moved by ``--port-offset``, then each port flag given."""
-    from services.stack import Ports
-
-    ports = Ports().offset(args.port_offset)
-    for name in ("gateway", "rtmp", "egress", "nats"):
-        given = getattr(args, f"{name}_port")
-        if given is not None:
-            setattr(ports, name, given)
-    return ports
-
-
-def _cmd_up(args: argparse.Namespace) -> int:
-    """``rheo up``: start the stack, keep it running (restarting what crashes) until Ctrl-C/SIGTERM, or exit 1 on a
-    crash loop or a stack that cannot start."""
-    import subprocess
-    import tempfile
-
-    from services.stack import LocalStack, StackError, open_demo_stream, start_testpattern
-
-    ports = _up_ports(args)
-    clashes = ports.in_use(args.stages)
-    if clashes:
-        name, port = clashes[0]
-        what, flags = _PORT_FLAGS[name]
-        print(f"rheo up: port {port} ({what}) is already in use (another rheo up?): move it with {flags}",
-              file=sys.stderr)
-        return 2
-    model_dir = args.model_dir or load_settings().model.model_dir
-    if model_dir is None:
-        print("*" * 78 + "\n*  NO MODEL WEIGHTS CONFIGURED (--model-dir / RHEO_MODEL__MODEL_DIR):\n"
-              "*  running the tiny RANDOM model on CPU. Output is noise-like restyling, for trying\n"
-              "*  the plumbing only. See README 'Model weights' for real StreamDiffusionV2 weights.\n" + "*" * 78,
-              file=sys.stderr, flush=True)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rheo-up-"))
-    stack = LocalStack(workdir, stages=args.stages, ports=ports, model_dir=Path(model_dir) if model_dir else None)
-    pattern: subprocess.Popen[bytes] | None = None
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        print(f"rheo up: starting nats-server and {5 + args.stages} services (logs in {workdir}/logs) ...",
-              flush=True)
-        stack.start()
-        created = open_demo_stream(stack, args.prompt, weights=model_dir is not None)
-        player = f"http://localhost:{ports.gateway}{created['player_path']}"
-        print(f"""
-rheo is up.
-  API            http://localhost:{ports.gateway}/docs   (token: {stack.api_token})
-  publish to     {created['publish_url']}
-                 (OBS: Server {created['rtmp_url']}  Stream Key {created['stream_key']})
-  watch          {player}
-                 (a signed URL, valid until {time.strftime('%H:%M', time.localtime(created['playback_expires_at']))}; \
-POST /v1/streams/{created['id']}/playback mints a fresh one)
-A service that exits is restarted (with backoff); Ctrl-C stops everything.""", flush=True)
-        if args.testpattern:
-            pattern = start_testpattern(created["publish_url"])
-            print("rheo up: publishing a moving test pattern to that stream", flush=True)
-        while not stop.wait(0.5):
-            stack.check_alive()  # raises once the supervisor gives up on a crash loop
-        return 0
-    except StackError as e:
-        print(f"rheo up: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if pattern is not None and pattern.poll() is None:
-            pattern.terminate()
-            pattern.wait(5)
-        codes = stack.stop()
-        bad = {k: v for k, v in codes.items() if v not in (0, None)}
-        restarted = {k: n for k, n in stack.restarts.items() if n}
-        print(f"rheo up: stopped{' (exit codes: ' + str(bad) + ')' if bad else ''}"
-              f"{' (restarts: ' + str(restarted) + ')' if restarted else ''}", flush=True)
-
-
 def _cmd_testpattern(args: argparse.Namespace) -> int:
     from ingest.testpattern import main as testpattern
 
@@ -205,6 +117,16 @@ _TINY_WARNING = (
 )
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """One file under two spellings (relative, ``..``, a symlink or a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     """``rheo run``: file → file through the single-process StreamPipeline. Errors: one line, exit code 2."""
     import logging
@@ -218,6 +140,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     if args.seconds is not None and args.seconds <= 0:
         print("rheo run: error: --seconds must be > 0", file=sys.stderr)
+        return 2
+    settings = load_settings()  # a config mistake is one line before anything heavy is imported
+    if args.input is not None and _same_file(args.input, args.output):
+        print(f"rheo run: error: --output {args.output} is the input file: it would be overwritten; write elsewhere",
+              file=sys.stderr)
         return 2
     from pipeline.offline import InputError, VideoInput
 
@@ -243,7 +170,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     expected = (InputError, ModelDirError, PipelineError, CheckpointError, PromptEncoderFilesError, T5WeightsError,
                 VAEWeightsError, FileNotFoundError, PermissionError, IsADirectoryError)  # fmt: skip
-    settings = load_settings()
     model_dir = args.model_dir if args.preset is None else None
     if model_dir is None and args.preset is None:
         model_dir = settings.model.model_dir
@@ -358,19 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the {name} service (configured by RHEO_* / RHEO_CONFIG)")
         p.set_defaults(func=_cmd_service, service=name)
 
-    p = sub.add_parser("up", help="start the local stack: a private nats-server and every service")
-    p.add_argument("--gateway-port", "--port", type=int, help="gateway (API, player, HLS) port (default 8080)")
-    p.add_argument("--rtmp-port", type=int, help="RTMP ingest port (default 1935)")
-    p.add_argument("--egress-port", type=int, help="egress HLS port (default 8090)")
-    p.add_argument("--nats-port", type=int, help="client port of the private nats-server (default 4222)")
-    p.add_argument("--port-offset", type=int, default=0, metavar="N",
-                   help="add N to every default port, health and link ports included (a second stack on this host)")
-    p.add_argument("--stages", type=int, default=2, help="DiT stages (processes) the blocks are split over")
-    p.add_argument("--model-dir", help="Wan2.1 model folder (else the tiny random model)")
-    p.add_argument("--prompt", default="a watercolour painting, soft brush strokes", help="the demo stream's prompt")
-    p.add_argument("--testpattern", action="store_true", help="publish a moving test pattern to the demo stream")
-    p.add_argument("--workdir", help="where logs and HLS files go (default: a new temporary folder)")
-    p.set_defaults(func=_cmd_up)
+    up.add_parser(sub)
 
     p = sub.add_parser("testpattern", help="publish a moving test pattern over RTMP (rheo testpattern URL ...)")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="URL [--size WxH] [--fps N] [--seconds S]")
@@ -401,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:  # RHEO_* or RHEO_CONFIG is wrong: one line, whatever the subcommand
+        print(f"rheo {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from proto.spec import (
     T_REFRESH,
     RingConfig,
 )
+from services.config_errors import ConfigError, explain
 
 MiB = 1024 * 1024
 
@@ -158,6 +159,10 @@ class IngestSettings(Section):
     frame_timeout_s: float = Field(
         10.0, gt=0, description="close a publishing session that delivers no complete video frame this long "
         "(a slow drip of bytes included)"
+    )
+    audio_only_grace_s: float = Field(
+        3.0, gt=0, description="refuse a publisher that sends audio but no video message this long after publish "
+        "(rheo restyles video: an audio-only stream would produce nothing)"
     )
     key_failures_per_ip: int = Field(
         5, ge=1, description="failed stream keys from one address within key_failure_window_s before it is blocked"
@@ -474,8 +479,13 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """The effective settings: overrides > env > ``RHEO_CONFIG`` YAML > defaults."""
-    return Settings(**overrides)
+    """The effective settings: overrides > env > ``RHEO_CONFIG`` YAML > defaults; a mistake in any of them is a
+    ``ConfigError`` whose message is one line naming the key."""
+    try:
+        return Settings(**overrides)
+    except (ValueError, OSError, yaml.YAMLError) as e:  # ValidationError and SettingsError are ValueErrors
+        structured = [key for key, default, _ in iter_fields() if isinstance(default, list | dict)]
+        raise ConfigError(explain(e, structured)) from e
 
 
 def describe(settings: Settings) -> str:

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -300,8 +301,13 @@ def configure_logging(settings: Settings) -> None:
 def main(service_cls: type[Service], settings: Settings | None = None) -> int:
     """Entry point of ``rheo <service>`` and ``python -m <package>.service``."""
     from services.config import load_settings
+    from services.config_errors import ConfigError
 
-    settings = settings or load_settings(service=service_cls.role)
+    try:
+        settings = settings or load_settings(service=service_cls.role)
+    except ConfigError as e:
+        print(f"rheo {service_cls.role}: {e}", file=sys.stderr)
+        return 2
     configure_logging(settings)
     telemetry.setup_tracing(settings.telemetry.service_name + "-" + service_cls.role,
                             settings.telemetry.otlp_endpoint)

@@ -32,8 +32,20 @@ from services.config import NatsSettings
 from services.natsd import Identity, NatsServer, make_identities
 from services.supervisor import CrashLoopError, Proc, RestartPolicy, StackError, Supervisor
 
-__all__ = ["CrashLoopError", "LocalStack", "Ports", "Proc", "RestartPolicy", "StackError", "free_port",
-           "open_demo_stream", "start_testpattern"]
+__all__ = [
+    "CrashLoopError",
+    "LocalStack",
+    "Ports",
+    "Proc",
+    "RestartPolicy",
+    "StackError",
+    "connect_host",
+    "free_port",
+    "open_demo_stream",
+    "start_testpattern",
+    "url_host",
+    "with_player_path",
+]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -43,7 +55,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the services listen: TIME_WAIT is no clash
         try:
             s.bind((host, port))
@@ -70,14 +82,36 @@ class Ports:
         """Every fixed port moved by ``n`` (a second stack on the same host)."""
         return Ports(**{k: v + n if v > 0 else v for k, v in vars(self).items()})
 
-    def in_use(self, stages: int) -> list[tuple[str, int]]:
-        """``(field, port)`` of each fixed port of a stack with ``stages`` stages that something already holds."""
+    def in_use(self, stages: int, host: str = "127.0.0.1") -> list[tuple[str, int]]:
+        """``(field, port)`` of each fixed port of a stack with ``stages`` stages that something already holds
+        (gateway, RTMP and egress on ``host``, their bind address; the rest on loopback)."""
+        public = {"gateway", "rtmp", "egress"}
         fixed = [("gateway", self.gateway), ("rtmp", self.rtmp), ("egress", self.egress), ("nats", self.nats)]
         if self.first_health:
             fixed += [("first_health", self.first_health + i) for i in range(stages + 5)]
         if self.first_link:
             fixed += [("first_link", self.first_link + i) for i in range(stages)]
-        return [(name, port) for name, port in fixed if port > 0 and port_in_use(port)]
+        return [(name, port) for name, port in fixed
+                if port > 0 and port_in_use(port, host if name in public else "127.0.0.1")]
+
+
+WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def connect_host(host: str) -> str:
+    """Where this host reaches a service bound to ``host``: loopback for a wildcard or loopback bind."""
+    return "127.0.0.1" if host in WILDCARDS or host in ("localhost", "127.0.0.1") else host
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes into a URL (an IPv6 literal in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+USER_SET = ("RHEO_GATEWAY__HOST", "RHEO_INGEST__RTMP_HOST", "RHEO_EGRESS__HTTP_HOST", "RHEO_GATEWAY__PUBLIC_URL",
+            "RHEO_GATEWAY__PUBLIC_RTMP_URL", "RHEO_GATEWAY__API_TOKENS", "RHEO_PLAYBACK__SIGNING_KEYS",
+            "RHEO_DIT_STAGE__LINK_KEY")
+"""Variables the stack sets only where the user did not: their bind addresses, public URLs and secrets win."""
 
 
 def _to_stderr(line: str) -> None:
@@ -90,6 +124,10 @@ class LocalStack:
     stages: int = 2
     ports: Ports = field(default_factory=Ports)
     model_dir: Path | None = None
+    host: str = "127.0.0.1"
+    """Bind address of the gateway, RTMP ingest and egress (``0.0.0.0``: reachable from other machines)."""
+    public_host: str = "localhost"
+    """The host name in the URLs the API hands out (publish, player, playback)."""
     extra_env: dict[str, str] = field(default_factory=dict)
     torch_threads: int | None = 1
     """CPU threads of each service's torch (``OMP_NUM_THREADS``, unless the environment sets it): every service
@@ -120,7 +158,7 @@ class LocalStack:
 
     @property
     def gateway_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.gateway}"
+        return f"http://{url_host(connect_host(self.host))}:{self.ports.gateway}"
 
     def nats_settings(self, role: str, **overrides: object) -> NatsSettings:
         """How a test or tool connects to this stack's NATS acting as ``role`` (with exactly its permissions)."""
@@ -139,6 +177,18 @@ class LocalStack:
 
     def _env(self, name: str, health_port: int) -> dict[str, str]:
         role = "dit-stage" if name.startswith("dit-") else name
+        public = url_host(self.public_host)
+        defaults = {
+            "RHEO_GATEWAY__HOST": self.host,
+            "RHEO_INGEST__RTMP_HOST": self.host,
+            "RHEO_EGRESS__HTTP_HOST": self.host,
+            "RHEO_GATEWAY__PUBLIC_URL": f"http://{public}:{self.ports.gateway}",
+            "RHEO_GATEWAY__PUBLIC_RTMP_URL": f"rtmp://{public}:{self.ports.rtmp}",
+            "RHEO_GATEWAY__API_TOKENS": json.dumps([self.api_token]),
+            "RHEO_PLAYBACK__SIGNING_KEYS": json.dumps([self.playback_key]),
+            "RHEO_DIT_STAGE__LINK_KEY": self.link_key,
+        }
+        assert set(defaults) == set(USER_SET)
         env = {
             **os.environ,
             "RHEO_NATS__URL": self.nats.url if self.nats else "",
@@ -146,17 +196,12 @@ class LocalStack:
             "RHEO_TELEMETRY__METRICS_PORT": str(health_port),
             "RHEO_LIFECYCLE__HTTP_HOST": "127.0.0.1",
             "RHEO_CONTROLLER__STAGES": str(self.stages),
-            "RHEO_GATEWAY__HOST": "127.0.0.1",
             "RHEO_GATEWAY__PORT": str(self.ports.gateway),
-            "RHEO_GATEWAY__API_TOKENS": json.dumps([self.api_token]),
-            "RHEO_PLAYBACK__SIGNING_KEYS": json.dumps([self.playback_key]),
-            "RHEO_GATEWAY__PUBLIC_URL": f"http://localhost:{self.ports.gateway}",
-            "RHEO_GATEWAY__PUBLIC_RTMP_URL": f"rtmp://localhost:{self.ports.rtmp}",
-            "RHEO_INGEST__RTMP_HOST": "127.0.0.1",
+            **{k: v for k, v in defaults.items() if k not in os.environ},
             "RHEO_INGEST__RTMP_PORT": str(self.ports.rtmp),
-            "RHEO_EGRESS__HTTP_HOST": "127.0.0.1",
             "RHEO_EGRESS__HTTP_PORT": str(self.ports.egress),
-            "RHEO_EGRESS__PUBLIC_URL": f"http://127.0.0.1:{self.ports.egress}",
+            # how the gateway reaches egress (this host), not a viewer's URL
+            "RHEO_EGRESS__PUBLIC_URL": f"http://{url_host(connect_host(self.host))}:{self.ports.egress}",
             "RHEO_EGRESS__HLS_DIR": str(self.workdir / "hls"),
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
@@ -178,7 +223,6 @@ class LocalStack:
                 service = "dit-stage"
                 env["RHEO_DIT_STAGE__STAGE_ID"] = name
                 env["RHEO_DIT_STAGE__LINK_HOST"] = "127.0.0.1"
-                env["RHEO_DIT_STAGE__LINK_KEY"] = self.link_key
                 env["RHEO_DIT_STAGE__LINK_PORT"] = str(
                     self.ports.first_link + int(name[4:]) if self.ports.first_link else free_port())
             procs.append(Proc(name, [sys.executable, "-m", "services.cli", service], env, health,
@@ -304,9 +348,13 @@ def open_demo_stream(stack: LocalStack, prompt: str, weights: bool) -> dict:
     side = 512 if weights else 128
     created = stack.api("POST", "/v1/streams", {"prompt": prompt, "width": side, "height": side,
                                                 "slo_latency_ms": 1000 if weights else 5000})
-    parts = urllib.parse.urlsplit(created["player_url"])
-    created["player_path"] = f"{parts.path}?{parts.query}"
-    return created
+    return with_player_path(created)
+
+
+def with_player_path(info: dict) -> dict:
+    """``info`` (the API's answer about a stream) plus ``player_path``: its ``player_url`` without scheme and host."""
+    parts = urllib.parse.urlsplit(info["player_url"])
+    return {**info, "player_path": f"{parts.path}?{parts.query}"}
 
 
 def start_testpattern(publish_url: str) -> subprocess.Popen[bytes]:

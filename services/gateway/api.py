@@ -43,6 +43,7 @@ from services.bus import KV, Bus
 from services.config import Settings
 from services.controller.policy import admission_key
 from services.gateway.auth import OperatorTokens, Principal, authenticate
+from services.gateway.docs import make_docs_router
 from services.gateway.limits import RateLimiter, retry_after
 from services.gateway.playback import make_playback_router
 from services.httpguard import refused
@@ -140,7 +141,8 @@ async def connected(bus: Bus, grace_s: float = BUS_GRACE_S) -> None:
 
 def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.AsyncClient) -> FastAPI:
     gw = settings.gateway
-    app = FastAPI(title="rheo gateway", version="1", description="Create streams, change them live, watch them.")
+    app = FastAPI(title="rheo gateway", version="1", description="Create streams, change them live, watch them.",
+                  docs_url=None, redoc_url=None)  # /docs is ours (services/gateway/docs.py): no CDN
     if gw.cors_origins:  # none by default: browsers on other origins cannot call the API
         app.add_middleware(CORSMiddleware, allow_origins=gw.cors_origins, allow_methods=["GET", "POST", "PATCH",
                            "DELETE"], allow_headers=["Authorization", "Content-Type"])
@@ -330,4 +332,5 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
 
     app.include_router(v1)
     app.include_router(make_playback_router(settings, table, proxy, keys))
+    app.include_router(make_docs_router())
     return app

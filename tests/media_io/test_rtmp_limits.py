@@ -9,7 +9,7 @@ import contextlib
 import time
 from pathlib import Path
 
-from media.chunkstream import COMMAND_AMF0, HANDSHAKE_SIZE, SET_CHUNK_SIZE, control_message
+from media.chunkstream import AUDIO, COMMAND_AMF0, HANDSHAKE_SIZE, SET_CHUNK_SIZE, control_message, encode_message
 from media_io.mediakit import RawRtmp, ingest_server, publish_pyav
 from services.config import IngestSettings
 
@@ -150,6 +150,34 @@ async def test_slow_drip_publishers_are_closed_within_the_frame_floor() -> None:
     assert server.stats.refused["no_frames"] == 1
     assert "no video frame for 2 s" in col.streams["drip"].end_reason
     assert col.frame_indices("good") == list(range(37))
+
+
+async def test_an_audio_only_publisher_is_refused_with_a_reason() -> None:
+    """AAC without any video message: past ``ingest.audio_only_grace_s`` the publisher gets an onStatus error that
+    says why, the refusal is counted as ``audio_only`` and the stream's end reason says it (nothing silent)."""
+    grace = 1.0
+    async with ingest_server(KEYS, audio_only_grace_s=grace) as (server, col):
+        client = await RawRtmp.open(server.port)
+        client.connect_and_publish("key-good")
+        assert b"NetStream.Publish.Start" in await client.read_until(b"NetStream.Publish.Start")
+        t0 = time.monotonic()
+        sent = bytearray()
+        with contextlib.suppress(ConnectionError):
+            for i in range(40):  # 8 s of 5 AAC frames a second, unless refused
+                aac = bytes([0xAF, 0x00 if i == 0 else 0x01]) + (b"\x12\x10" if i == 0 else bytes(32))
+                client.writer.write(encode_message(4, AUDIO, 1, i * 200, aac, 128))
+                await client.writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    got = await asyncio.wait_for(client.reader.read(65536), 0.2)
+                    sent += got
+                    if not got or b"audio only" in sent:
+                        break
+        refused_after = time.monotonic() - t0
+        await col.finished("good")
+    assert b"NetStream.Publish.Rejected" in sent and b"audio only" in sent, bytes(sent[-200:])
+    assert grace - 0.1 <= refused_after < grace + 2.0, refused_after
+    assert server.stats.refused["audio_only"] == 1
+    assert "audio only" in col.streams["good"].end_reason
 
 
 async def test_key_guessing_is_throttled_per_address() -> None:

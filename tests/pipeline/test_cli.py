@@ -118,3 +118,19 @@ def test_output_folder_missing_is_one_line_and_leaves_nothing(clip, tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("rheo run: error:")]
     assert errors == [f"rheo run: error: output folder {tmp_path / 'no'} does not exist"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_equal_to_input_is_refused_before_anything(clip, tmp_path, capsys):
+    """The same file under another spelling or a link is still the input: refused, the input untouched."""
+    from services.cli import main
+
+    src = tmp_path / "in.mp4"
+    src.write_bytes(clip.read_bytes())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.mp4").symlink_to(src)
+    for out in (src, tmp_path / "sub" / ".." / "in.mp4", tmp_path / "link.mp4"):
+        code = main(["run", "--input", str(src), "--output", str(out), "--prompt", "x", "--preset", "tiny"])
+        _, stderr = capsys.readouterr()
+        assert code == 2 and stderr.strip().splitlines() == [
+            f"rheo run: error: --output {out} is the input file: it would be overwritten; write elsewhere"], stderr
+    assert src.read_bytes() == clip.read_bytes()

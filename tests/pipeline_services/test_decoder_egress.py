@@ -153,6 +153,22 @@ async def test_latents_to_llhls_end_to_end(stack: Stack, bus: Bus) -> None:
     assert min(err) > MAX_MATCH_ERROR, err
 
 
+async def test_program_date_time_is_the_capture_time(stack: Stack, bus: Bus) -> None:
+    """Chunks captured 5 s before the decoder gets them (a slow ring): each segment's EXT-X-PROGRAM-DATE-TIME is
+    the capture time of its first frame on the publisher's clock, not the decoder's output time (5 s later)."""
+    lag = 5.0
+    sid = await new_stream(stack, 32, 32)
+    t0 = time.time()
+    await feed_chunks(bus, sid, random_latents(4, 32, 32, seed=3), FPS, capture_lag_s=lag)
+    out = await read_ended_hls(stack.egress.base_url, sid)
+    read_at = time.time()
+    pdts = [seg.program_date_time.timestamp() for seg in out.playlist.segments]
+    # chunk 0 was captured at t0 - lag (±the publish call's delay); frames are 1/fps apart on that clock
+    assert abs(pdts[0] - (t0 - lag)) < 0.5, (pdts[0] - t0)
+    assert all(b > a for a, b in itertools.pairwise(pdts)), pdts
+    assert all(pdt < read_at - lag + 0.5 for pdt in pdts), [read_at - p for p in pdts]
+
+
 async def test_missing_chunk_keeps_constant_frame_rate(stack: Stack, bus: Bus) -> None:
     sid = await new_stream(stack, 32, 32)
     latents = random_latents(7, 32, 32, seed=2)

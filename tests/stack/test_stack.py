@@ -39,6 +39,7 @@ from proto.spec import RingConfig
 from services.bus import Bus, BusError
 from services.config import NatsSettings
 from services.stack import LocalStack, Ports, open_demo_stream, start_testpattern
+from services.up import demo_stream
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, CURRENT_TIME, FRAME_HASH, NO_CHROMIUM, PLAYING
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,7 +134,9 @@ def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack, ring: RingConfig | Non
                                                 "height": SIZE, "fps": FPS, "steps": STEPS, "seed": SEED,
                                                 "slo_latency_ms": 120000})
     sid = created["id"]
+    published_from = time.time()
     _publish(stack, created["stream_key"], seconds=3.0)
+    published_to = time.time()
     _wait(lambda: stack.api("GET", f"/v1/streams/{sid}")["state"] == "ended", 60, "the stream to end")
     _wait(lambda: b"#EXT-X-ENDLIST" in _get(stack, f"{stack.playback(sid)}/index.m3u8")[1], 90, "EXT-X-ENDLIST")
 
@@ -158,6 +161,10 @@ def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack, ring: RingConfig | Non
     assert status == 200
     playlist = m3u8.loads(body.decode())
     assert playlist.is_endlist and playlist.segments
+    # EXT-X-PROGRAM-DATE-TIME is when the publisher's frames were captured (this host's clock), not when the
+    # decoder output them (seconds later on this CPU): every segment starts with a frame captured while publishing
+    pdts = [seg.program_date_time.timestamp() for seg in playlist.segments]
+    assert all(published_from <= p <= published_to + 0.5 for p in pdts), (published_from, pdts, published_to)
     _, init = _get(stack, f"{stack.playback(sid)}/init.mp4")
     decoded = 0
     for seg in playlist.segments:
@@ -438,6 +445,22 @@ async def _forge(stack: LocalStack, sid: str) -> int:
     finally:
         await egress.close()
     return int((REGISTRY.get_sample_value(denied, {"op": "publish"}) or 0.0) - before)
+
+
+def test_rheo_up_reopens_its_demo_stream_with_the_same_key(stack: LocalStack, tmp_path: Path) -> None:
+    """A restarted ``rheo up`` (same state folder) finds its demo stream in the table and hands out the same
+    stream key and OBS settings, with the prompt asked for now; ``--fresh`` (no saved demo) makes a new one."""
+    state: dict = {}
+    first = demo_stream(stack, state, tmp_path, "a first prompt", weights=False)
+    again = demo_stream(stack, json.loads(json.dumps(state)), tmp_path, "a second prompt", weights=False)
+    assert (again["id"], again["stream_key"], again["publish_url"]) == (first["id"], first["stream_key"],
+                                                                      first["publish_url"])
+    assert again["player_path"].startswith("/player/index.html?src=/hls/" + first["id"])
+    assert stack.api("GET", f"/v1/streams/{first['id']}")["spec"]["prompt"] == "a second prompt"
+    other = demo_stream(stack, {}, tmp_path, "a first prompt", weights=False)
+    assert other["id"] != first["id"] and other["stream_key"] != first["stream_key"]
+    for sid in (first["id"], other["id"]):
+        stack.api("DELETE", f"/v1/streams/{sid}")
 
 
 def test_forged_bus_messages_leave_a_live_stream_untouched(stack: LocalStack) -> None:

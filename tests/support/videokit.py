@@ -32,18 +32,21 @@ def random_latents(n_chunks: int, height: int, width: int, seed: int) -> list[to
             for c in range(n_chunks)]
 
 
-def latent_chunk(stream_id: str, seq: int, latent: torch.Tensor, fps: float = 16.0) -> LatentChunk:
+def latent_chunk(stream_id: str, seq: int, latent: torch.Tensor, fps: float = 16.0,
+                 capture_lag_s: float = 0.0) -> LatentChunk:
+    """Chunk ``seq`` as the last stage sends it, captured ``capture_lag_s`` before now."""
     now = time.time()
     start = 0 if seq == 0 else seq + 1
     return LatentChunk(stream_id=stream_id, seed=0, fps=fps, seq=seq, epoch=0, latent_start=start, rope_start=start,
-                       capture_time=now, deadline=now + 30.0, prompt_version=0, noise_scale=0.8, timesteps=[700],
-                       latent=latent)
+                       capture_time=now - capture_lag_s, deadline=now + 30.0, prompt_version=0, noise_scale=0.8,
+                       timesteps=[700], latent=latent)
 
 
 async def feed_chunks(bus: Bus, stream_id: str, latents: list[torch.Tensor], fps: float,
-                      skip: frozenset[int] = frozenset(), end: bool = True, pace: float | None = None) -> None:
+                      skip: frozenset[int] = frozenset(), end: bool = True, pace: float | None = None,
+                      capture_lag_s: float = 0.0) -> None:
     """Publish chunk c at its real-time slot (4 frames apart at ``pace``, default the stream's ``fps``) through a
-    credit window, then the 'ended' event."""
+    credit window, then the 'ended' event; each chunk says it was captured ``capture_lag_s`` before it is sent."""
     window = await bus.credit_window(Subjects.stream_x0(stream_id)).start()
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -51,7 +54,7 @@ async def feed_chunks(bus: Bus, stream_id: str, latents: list[torch.Tensor], fps
         for c, z in enumerate(latents):
             await asyncio.sleep(max(0.0, t0 + c * 4 / (pace or fps) - loop.time()))
             if c not in skip:
-                await window.publish(latent_chunk(stream_id, c, z, fps))
+                await window.publish(latent_chunk(stream_id, c, z, fps, capture_lag_s))
     finally:
         await window.close()
     if end:
