@@ -171,6 +171,7 @@ class IngestService(Service):
         for source in list(self._t2v.values()):
             source.close()
         tasks = list(self._tasks.values())
+        log.info("ingest: RTMP closed; finishing %d streams (at most %.0f s)", len(tasks), _DRAIN_WAIT_S)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=_DRAIN_WAIT_S)
             for t in pending:

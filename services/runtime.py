@@ -44,6 +44,9 @@ log = logging.getLogger("rheo.runtime")
 
 T = TypeVar("T")
 
+BUS_DRAIN_S = 4.0
+"""Longest the bus drain at exit may take (it waits for the dispatchers' lanes, up to ``Bus.DRAIN_LANES_S``)."""
+
 class ServiceStartError(RuntimeError):
     """A service cannot start (port in use, NATS unreachable, weights missing); the message says why."""
 
@@ -187,19 +190,26 @@ class Service:
             await self._stop.wait()
             self._draining = True
             log.info("%s draining", self.member_id)
+            t0 = time.monotonic()
             try:
                 await asyncio.wait_for(self.drain(), self.settings.lifecycle.drain_timeout_s)
             except TimeoutError:
                 log.warning("%s: drain did not finish in %.1fs", self.member_id,
                             self.settings.lifecycle.drain_timeout_s)
+            log.info("%s drained in %.1f s; closing the bus", self.member_id, time.monotonic() - t0)
             return 0
         finally:
             self._stop.set()
             if beats is not None:
                 await beats
             if self.bus is not None:
-                with contextlib.suppress(Exception):
-                    await self.bus.drain()
+                try:  # bounded: nats-py's own drain waits up to 30 s for a stuck callback
+                    await asyncio.wait_for(self.bus.drain(), BUS_DRAIN_S)
+                except Exception as e:
+                    log.warning("%s: the bus did not drain in %.0f s (%s); closing it", self.member_id,
+                                BUS_DRAIN_S, type(e).__name__)
+                    with contextlib.suppress(Exception):
+                        await self.bus.close()
             if self._server is not None:
                 self._server.should_exit = True
             await http
