@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import get_args
 
 from proto.messages import Role
-from proto.subjects import BUCKET_ACCESS, CHANNELS
+from proto.subjects import BUCKET_ACCESS, CHANNELS, kv_subject
 
 ROLES: tuple[str, ...] = get_args(Role)
 """Every service identity on the bus (``rheo <role>``)."""
@@ -94,7 +94,7 @@ def _kv_publish(bucket: str, write_keys: str | None) -> list[str]:
         f"$JS.FC.{stream}.>",
     ]
     if write_keys is not None:
-        subjects.append(f"$KV.{bucket}.{write_keys}")
+        subjects.append(kv_subject(bucket, write_keys))
     return subjects
 
 

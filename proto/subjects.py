@@ -235,6 +235,12 @@ BUCKET_ACCESS: dict[str, BucketAccess] = {
 }
 
 
+def kv_subject(bucket: str, key: str) -> str:
+    """The NATS subject JetStream stores a KV bucket's ``key`` under (``key`` may be a wildcard): what bus
+    permissions grant and what a key listing filters on."""
+    return f"$KV.{bucket}.{key}"
+
+
 def stage_prepared_key(stage_id: str) -> str:
     """Key in ``Buckets.BLOCKMAP`` where a DiT stage records the newest epoch it is prepared to run (weights of its
     new range loaded): the first stage starts an online rebalance only once every stage has (docs/rebalance.md)."""

@@ -37,6 +37,7 @@ from nats.protocol.parser import PERMISSIONS_ERR
 from opentelemetry.trace import SpanKind
 
 from proto import Credit, Limits, Message, ProtocolError, decode
+from proto.subjects import kv_subject
 from services import telemetry
 from services.config import NatsSettings
 from services.dispatch import NATS_PENDING_BYTES, NATS_PENDING_MSGS, Dispatcher, LaneLimits, count_slow_consumer
@@ -554,10 +555,10 @@ class KV:
         absent ones). Read from the stream's per-subject state, not with nats-py's ``keys()``: that one watches,
         and reports an empty bucket when the server has pushed every entry before the client counted one (seen on
         a loaded CI machine: a token just minted was not listed)."""
-        prefix = f"$KV.{self.bucket}."
+        prefix = kv_subject(self.bucket, "")
 
         async def keys() -> list[str]:
-            info = await self.store._js.stream_info(f"KV_{self.bucket}", subjects_filter=prefix + ">")
+            info = await self.store._js.stream_info(f"KV_{self.bucket}", subjects_filter=kv_subject(self.bucket, ">"))
             return sorted(s[len(prefix):] for s in info.state.subjects or {})
 
         return await self._call(keys)
