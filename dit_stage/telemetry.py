@@ -19,6 +19,8 @@ from proto import StageStats
 
 __all__ = ["DROPPED", "LINK_TIME", "MOVED_BYTES", "StageTelemetry", "Totals", "free_memory"]
 
+LATE_REASONS = ("deadline_infeasible", "queue_full")
+"""Drop reasons that mean an item missed its deadline (the autoscaler's fast loop counts them)."""
 _MS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 DROPPED = Counter("rheo_dit_stage_dropped_total", "items or messages a DiT stage dropped", ["stage", "reason"])
 REPREPARE = Counter("rheo_dit_stage_reprepare_requests_total", "streams the first stage asked a new segment for "
@@ -85,6 +87,7 @@ class StageTelemetry:
         self.totals = Totals()
         self._last = Totals()
         self._reported: collections.Counter[str] = collections.Counter()
+        self._late_reported = 0
 
     def drop(self, reason: str, n: int = 1) -> None:
         DROPPED.labels(stage=self.stage_id, reason=reason).inc(n)
@@ -156,6 +159,8 @@ class StageTelemetry:
             return None
         free = free_memory(worker.model.device)
         self._export_gauges(kv_bytes, free)
+        late = sum(worker.dropped.get(r, 0) for r in LATE_REASONS)
+        late_items, self._late_reported = late - self._late_reported, late
         return StageStats(
             stage_id=self.stage_id, epoch=worker.epoch, block_start=a, block_end=b, window_s=interval_s,
             # forwards that ran every owned block: 0 when the window holds no complete measurement (only empty
@@ -165,7 +170,7 @@ class StageTelemetry:
             extra_ms=1000 * d.extra_s / steps,
             queue_wait_ms=1000 * d.queue_wait_s / max(d.items, 1), link_send_ms=1000 * d.link_send_s / steps,
             link_recv_ms=1000 * d.link_recv_s / steps, batch_items=d.items / steps,
-            kv_bytes=kv_bytes, free_memory_bytes=free,
+            kv_bytes=kv_bytes, free_memory_bytes=free, items=d.items, late_items=late_items,
         )
 
     def _export_gauges(self, kv_bytes: dict[str, int], free: int) -> None:

@@ -246,6 +246,9 @@ class StageStats(Message):
     batch_items: float = Field(0.0, description="mean items per micro-step")
     kv_bytes: dict[str, int] = Field(default_factory=dict, description="KV bytes held per stream")
     free_memory_bytes: int = 0
+    items: int = Field(0, ge=0, description="items (stream x step) computed in the window")
+    late_items: int = Field(0, ge=0, description="items dropped in the window for their deadline or a full queue "
+                                                 "(the autoscaler's miss ratio)")
 
 
 class StageAssignment(BaseModel):

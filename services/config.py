@@ -334,6 +334,53 @@ class DitStageSettings(Section):
                           t_refresh=self.t_refresh, cache_mode=self.cache_mode, context_noise=self.context_noise)
 
 
+class AutoscaleSettings(Section):
+    """The controller's autoscaler (services/controller/autoscale.py); the modes avoid YAML's boolean words."""
+
+    mode: Literal["disabled", "advisory", "apply"] = Field(
+        "disabled", description="disabled; advisory: decide and log scale changes without applying them; apply: "
+        "apply them through the Kubernetes API (in-cluster only)"
+    )
+    interval_s: float = Field(15.0, gt=0, description="how often the leader decides")
+    target_utilisation: float = Field(
+        0.75, gt=0, le=1, description="capacity floor: replicas so the measured demand sits at this utilisation"
+    )
+    scale_down_below: float = Field(
+        0.5, gt=0, lt=1, description="remove a replica only after utilisation stayed below this for down_cooldown_s"
+    )
+    miss_ratio_up: float = Field(
+        0.01, ge=0, le=1, description="fast loop: one more replica when more than this share of chunks missed their "
+        "deadline in the last window"
+    )
+    up_cooldown_s: float = Field(60.0, ge=0, description="no scale-up sooner than this after the last one")
+    down_cooldown_s: float = Field(300.0, ge=0, description="low utilisation must hold this long before a scale-down")
+    min_rings: int = Field(1, ge=1, description="fewest rings (DiT pipelines)")
+    max_rings: int = Field(4, ge=1, description="most rings (DiT pipelines)")
+    min_decoders: int = Field(1, ge=1, description="fewest decoders")
+    max_decoders: int = Field(8, ge=1, description="most decoders")
+    min_ingests: int = Field(1, ge=1, description="fewest ingests")
+    max_ingests: int = Field(8, ge=1, description="most ingests")
+    ring_workload: str = Field(
+        "StatefulSet/dit", pattern=r"^(StatefulSet|Deployment)/[a-z0-9.-]+$",
+        description="the workload whose replicas are rings x controller.stages pods"
+    )
+    decoder_workload: str = Field(
+        "Deployment/rheo-decoder", pattern=r"^(StatefulSet|Deployment)/[a-z0-9.-]+$",
+        description="the decoders' workload"
+    )
+    ingest_workload: str = Field(
+        "Deployment/rheo-ingest", pattern=r"^(StatefulSet|Deployment)/[a-z0-9.-]+$",
+        description="the ingests' workload"
+    )
+
+    def bounds(self, pool: str) -> tuple[int, int]:
+        return getattr(self, f"min_{pool}"), getattr(self, f"max_{pool}")
+
+    def workload(self, pool: str) -> str:
+        return getattr(self, {"rings": "ring_workload", "decoders": "decoder_workload",
+                              "ingests": "ingest_workload"}[pool])
+
+
 class ControllerSettings(Section):
     stages: int = Field(2, ge=1, description="DiT stages per pipeline (the block map splits the blocks among them)")
     num_blocks: int | None = Field(
@@ -384,6 +431,7 @@ class ControllerSettings(Section):
     lease_name: str = Field(
         "rheo-controller", description="name of the Kubernetes Lease (in-cluster) for leader election"
     )
+    autoscale: AutoscaleSettings = Field(default_factory=AutoscaleSettings)
 
 
 class PlaybackSettings(Section):

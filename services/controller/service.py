@@ -59,6 +59,7 @@ from services.controller.policy import (
     decide_admission,
     stream_need,
 )
+from services.controller.scaling import Autoscaler, Demand
 from services.rebalance import offline_reason
 from services.runtime import Service, main, watch_keys
 from wan.config import WanDiTConfig
@@ -146,6 +147,8 @@ class ControllerService(Service):
         (endpoint written again: a new process, without the KV its blocks held)."""
         self._endpoint_revs: dict[str, int] = {}
         self._endpoint_watch: asyncio.Task[None] | None = None
+        self.autoscaler: Autoscaler | None = (Autoscaler.from_settings(self.cfg) if self.cfg.autoscale.mode != "disabled"
+                                              else None)
 
     def num_blocks(self) -> int:
         return self.cfg.num_blocks or WanDiTConfig.named(self.settings.model.preset).num_layers
@@ -408,6 +411,8 @@ class ControllerService(Service):
             return
         i = ids.index(stats.stage_id)
         self.cost.observe(stats, bm.epoch, time.monotonic(), first=i == 0, last=i == len(ids) - 1)
+        if self.autoscaler is not None and i == 0:  # items are counted once, where the batcher drops them
+            self.autoscaler.note_stats(stats)
 
     async def _on_event(self, event: StreamEvent, _raw: object) -> None:
         if event.kind == "ended":
@@ -428,6 +433,10 @@ class ControllerService(Service):
         self._refresh_capacity(now)
         if self.cfg.mode == "adaptive":
             await self._rebalance(now)
+        if self.autoscaler is not None:
+            await self.autoscaler.tick(now, list(self.admitted.values()),
+                                       Demand(self.item_ms, self.path_costs(), self.cfg.admission_prior_streams),
+                                       self._drain)
 
     async def _keep_map_stored(self, now: float) -> None:
         """After a lost NATS store the bucket is empty again: write the map in force back, same epoch (to the stages
@@ -626,6 +635,8 @@ class ControllerService(Service):
             reply = Ack(ref=spec.stream_id, detail=f"epoch {self.epoch}; {detail}")
         else:
             reply = Error(code="no_capacity", message=d.reason, stream_id=spec.stream_id)
+            if self.autoscaler is not None:
+                self.autoscaler.note_refused(spec, time.monotonic())
         await self.bus.respond(raw, reply)
         assert self._state_kv is not None
         with contextlib.suppress(nats.errors.Error, TimeoutError):
@@ -633,6 +644,13 @@ class ControllerService(Service):
             await self._save_state()
         if isinstance(reply, Error):
             await self.bus.publish(Subjects.stream_error(spec.stream_id), reply)
+
+
+    async def _drain(self, pool: str, keep: int) -> bool:
+        """May ``pool`` shrink to ``keep`` replicas? A decoder or ingest that goes hands its streams over by the
+        liveness path (a new segment elsewhere); a ring that goes would lose its streams' KV, so rings shrink only
+        when no stream is admitted until placement can move streams off one ring (docs/scheduling.md)."""
+        return pool != "rings" or not self.admitted
 
 
 def _need(stored: object) -> StreamNeed:

@@ -49,6 +49,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "ingest": {"service": {"type": "NodePort", "nodePort": 31935}},
         "gateway": {"service": {"type": "LoadBalancer"}},
         "ditStage": {"stages": 2, "pipelines": 2, "gpus": 0},
+        # the autoscaler applying (RBAC for the scale of exactly its workloads, the token mounted)
+        "config": {"controller": {"autoscale": {"mode": "apply", "max_rings": 3}}},
     },
 }
 # Value sets valid only on newer Kubernetes (image volumes: 1.31+), validated against the newest version only.

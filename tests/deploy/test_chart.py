@@ -125,10 +125,10 @@ def test_every_service_runs_once_per_release(rendered: Rendered) -> None:
     controller = rendered.get("Deployment", f"{RELEASE}-controller")
     if rendered.merged["controller"]["leaderElection"]:  # one leader through the Lease, the others stand by
         assert controller["spec"]["replicas"] == rendered.merged["controller"]["replicas"]
-        (role,) = rendered.kind("Role")
+        role = rendered.get("Role", f"{RELEASE}-controller-lease")  # (the autoscaler's own Role: test_autoscale)
         assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
                                   "verbs": ["get", "create", "update"]}]
-        (binding,) = rendered.kind("RoleBinding")
+        binding = rendered.get("RoleBinding", f"{RELEASE}-controller-lease")
         assert binding["roleRef"]["name"] == role["metadata"]["name"]
         assert binding["subjects"][0]["name"] == controller["spec"]["template"]["spec"]["serviceAccountName"]
     else:

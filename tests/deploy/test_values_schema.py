@@ -19,7 +19,9 @@ CHART_OWNED = {"service", "nats.url", "nats.user", "nats.password", "nats.token"
                "nats.nkey_seed_file", "nats.name", "nats.inbox_prefix", "nats.tls_ca_file",
                "controller.stages", "model.model_dir", "dit_stage.stage_id", "dit_stage.advertise_host",
                "dit_stage.link_key", "egress.public_url", "gateway.api_tokens", "gateway.api_tokens_file",
-               "playback.signing_keys", "ingest.tls_cert_file", "ingest.tls_key_file"}
+               "playback.signing_keys", "ingest.tls_cert_file", "ingest.tls_key_file",
+               "controller.autoscale.ring_workload", "controller.autoscale.decoder_workload",
+               "controller.autoscale.ingest_workload"}
 # Keys the chart never offers: local development only (secure by default).
 DEV_ONLY = {"gateway.allow_anonymous"}
 
@@ -74,9 +76,14 @@ def test_schema_rejects_bad_values(chart: Any, case: str) -> None:
         _validate(chart, BAD_VALUES[case])
 
 
-def _schema_config_keys() -> set[str]:
-    sections = SCHEMA["properties"]["config"]["properties"]
-    return {f"{section}.{key}" for section, node in sections.items() for key in node["properties"]}
+def _schema_config_keys(node: dict[str, Any] | None = None, prefix: str = "") -> set[str]:
+    """Dotted config keys the schema offers (nested sections such as ``controller.autoscale`` included)."""
+    node = node if node is not None else SCHEMA["properties"]["config"]
+    keys: set[str] = set()
+    for key, child in node["properties"].items():
+        nested = child.get("type") == "object" and "properties" in child
+        keys |= _schema_config_keys(child, f"{prefix}{key}.") if nested else {f"{prefix}{key}"}
+    return keys
 
 
 def test_schema_config_keys_are_real_config_keys() -> None:

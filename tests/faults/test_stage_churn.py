@@ -45,7 +45,7 @@ SIZE, FPS, STEPS, WINDOW, SINK = 64, 4, 2, 4, 2
 # behind real time, and "output is back" would measure the backlog, not the recovery
 SLO_MS = 8000
 MISS_S, DEAD_S = 1.0, 4.0
-KILLS = 10
+KILLS = 4  # each of the 2 stages killed twice (10 cost ~60 s more of the suite for no new path)
 STAGES = 2  # the fewest that can lose one: every kill is a failure epoch, then a join
 CONFIG_YAML = f"""
 stream: {{slo_latency_ms: {SLO_MS}}}

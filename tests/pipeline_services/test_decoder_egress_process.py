@@ -30,7 +30,8 @@ async def _terminate(proc: subprocess.Popen, what: str) -> None:
     rc = await asyncio.to_thread(proc.wait, 15)
     took = time.monotonic() - started
     assert rc == 0, f"{what} exited {rc}"
-    assert took < 5.0, f"{what} took {took:.1f}s to exit after SIGTERM"
+    # bounded by the runtime's drain (the bus drain alone may take BUS_DRAIN_S = 4 s) plus a loaded machine's start
+    assert took < 10.0, f"{what} took {took:.1f}s to exit after SIGTERM"
 
 
 async def test_sigterm_mid_stream_drains_and_exits(nats_settings: NatsSettings, bus: Bus, tmp_path: Path) -> None:

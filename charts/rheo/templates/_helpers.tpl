@@ -156,6 +156,8 @@ authorization {
 {{- end -}}
 {{- $_ := set $cfg "nats" (merge $nats (default dict $cfg.nats)) -}}
 {{- $_ := set $cfg "controller" (merge (dict "stages" (int .Values.ditStage.stages)) (default dict $cfg.controller)) -}}
+{{- $workloads := dict "ring_workload" "StatefulSet/dit" "decoder_workload" (printf "Deployment/%s-decoder" (include "rheo.fullname" .)) "ingest_workload" (printf "Deployment/%s-ingest" (include "rheo.fullname" .)) -}}
+{{- $_ := set $cfg.controller "autoscale" (merge $workloads (default dict $cfg.controller.autoscale)) -}}
 {{- if ne .Values.model.source "none" -}}
 {{- $_ := set $cfg "model" (merge (dict "model_dir" (include "rheo.modelDir" .)) (default dict $cfg.model)) -}}
 {{- end -}}
@@ -167,6 +169,12 @@ authorization {
 {{- end -}}
 
 {{/* Ports every service's probes and metrics use. */}}
+{{/* The autoscaler's mode ("disabled" unless config.controller.autoscale.mode says otherwise). */}}
+{{- define "rheo.autoscaleMode" -}}
+{{- $as := default dict (default dict .Values.config.controller).autoscale -}}
+{{- default "disabled" $as.mode -}}
+{{- end -}}
+
 {{- define "rheo.metricsPort" -}}
 {{- int .Values.config.telemetry.metrics_port -}}
 {{- end -}}
