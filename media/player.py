@@ -1,7 +1,8 @@
 """A minimal hls.js preview page (operators' quick look, the browser test and the latency benchmark).
 
-hls.js is not vendored: it is served from a local file (``scripts/fetch-hlsjs.sh`` puts it in
-``.cache/hlsjs``). The page exposes ``window.report`` (hls.js errors, with fatal ones prefixed ``FATAL``) and
+hls.js is not vendored: it is served from a local file (``scripts/fetch-hlsjs.sh``, run by ``make venv``/``make up``
+and the Dockerfile, puts it in ``.cache/hlsjs``); without it the gateway logs ``HLSJS_MISSING`` once at start and the
+pages show it. The page exposes ``window.report`` (hls.js errors, with fatal ones prefixed ``FATAL``) and
 ``window.hls`` (for ``hls.latency``). A fatal network error is retried every second, not fatal: the playlist may not
 exist yet, or its egress is being restarted (docs/supervision.md).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,20 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse, HTMLResponse
 
 HLSJS_DEFAULT = Path(__file__).resolve().parent.parent / ".cache/hlsjs/node_modules/hls.js/dist/hls.min.js"
+"""Where hls.js comes from: the one place (the player page, the console and the tests read it)."""
+HLSJS_URL = "/player/hls.min.js"
+"""Where the gateway serves it (the player page and the console load it from here)."""
+HLSJS_MISSING = "hls.js is not installed: run scripts/fetch-hlsjs.sh"
+"""What the console shows, the gateway logs at start and the 404 says when it is missing."""
+
+
+def check_hlsjs(log: logging.Logger, hlsjs: Path = HLSJS_DEFAULT) -> bool:
+    """Whether hls.js is there; if not, say so once in ``log`` (pages then show ``HLSJS_MISSING``, not a blank)."""
+    if hlsjs.is_file():
+        return True
+    log.warning("%s (looked for %s): the console and /player show this message instead of video", HLSJS_MISSING,
+                hlsjs)
+    return False
 
 SOURCE = re.compile(r"^/hls/[A-Za-z0-9_-]{1,64}/[A-Za-z0-9._-]{1,100}/(index|playlist)\.m3u8$")
 """What the player may play: a signed playlist path of this origin (no scheme, host or query)."""
@@ -29,6 +45,11 @@ SOURCE = re.compile(r"^/hls/[A-Za-z0-9_-]{1,64}/[A-Za-z0-9._-]{1,100}/(index|pla
 PLAYER_SCRIPT = """
 window.report = {errors: []};
 const v = document.getElementById('v');
+if (typeof Hls === 'undefined') {
+  const p = document.createElement('p'); p.style.cssText = 'color:#fff;font:16px sans-serif;padding:1em';
+  p.textContent = '""" + HLSJS_MISSING + """'; v.replaceWith(p);
+  throw new Error(p.textContent);
+}
 const src = new URLSearchParams(location.search).get('src');
 if (!/^\\/hls\\/[A-Za-z0-9_-]{1,64}\\/[A-Za-z0-9._-]{1,100}\\/(index|playlist)\\.m3u8$/.test(src || '')) {
   throw new Error("the player plays only this server's signed /hls/ playlists");
@@ -86,7 +107,7 @@ def make_player_router(hlsjs: Path = HLSJS_DEFAULT, prefix: str = "/player",
     @router.get("/hls.min.js")
     async def script() -> FileResponse:
         if not hlsjs.is_file():
-            raise HTTPException(404, "hls.js not installed (run scripts/fetch-hlsjs.sh)")
+            raise HTTPException(404, HLSJS_MISSING)
         return FileResponse(hlsjs, media_type="application/javascript")
 
     return router

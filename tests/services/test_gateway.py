@@ -56,7 +56,7 @@ async def test_api_needs_a_valid_token(nats_settings: NatsSettings, eventually) 
         assert "/v1/streams" in docs.json()["paths"]
         page = await http.get("/docs", headers={})  # the offline page (services/gateway/docs.py), not Swagger's CDN
         assert page.status_code == 200 and "cdn" not in page.text.lower() and "openapi.json" in page.text
-        assert (await http.get("/")).headers["location"] == "/docs"
+        assert (await http.get("/")).headers["location"] == "/console/"
 
 
 async def test_create_list_get_delete_and_hashed_keys(nats_settings: NatsSettings, bus: Bus, eventually) -> None:
