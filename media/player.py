@@ -42,36 +42,22 @@ def check_hlsjs(log: logging.Logger, hlsjs: Path = HLSJS_DEFAULT) -> bool:
 SOURCE = re.compile(r"^/hls/[A-Za-z0-9_-]{1,64}/[A-Za-z0-9._-]{1,100}/(index|playlist)\.m3u8$")
 """What the player may play: a signed playlist path of this origin (no scheme, host or query)."""
 
+PLAY_JS = Path(__file__).resolve().parent / "play.js"
+"""The playback module (hls.js, retries, latency) the page and the gateway's console share."""
+
 PLAYER_SCRIPT = """
+import {HLSJS_MISSING, hlsjsMissing, play} from './play.js';
 window.report = {errors: []};
 const v = document.getElementById('v');
-if (typeof Hls === 'undefined') {
-  const p = document.createElement('p'); p.style.cssText = 'color:#fff;font:16px sans-serif;padding:1em';
-  p.textContent = '""" + HLSJS_MISSING + """'; v.replaceWith(p);
-  throw new Error(p.textContent);
-}
 const src = new URLSearchParams(location.search).get('src');
-if (!/^\\/hls\\/[A-Za-z0-9_-]{1,64}\\/[A-Za-z0-9._-]{1,100}\\/(index|playlist)\\.m3u8$/.test(src || '')) {
-  throw new Error("the player plays only this server's signed /hls/ playlists");
+if (hlsjsMissing()) {
+  const p = document.createElement('p'); p.style.cssText = 'color:#fff;font:16px sans-serif;padding:1em';
+  p.textContent = HLSJS_MISSING; v.replaceWith(p);
+} else if (!/^\\/hls\\/[A-Za-z0-9_-]{1,64}\\/[A-Za-z0-9._-]{1,100}\\/(index|playlist)\\.m3u8$/.test(src || '')) {
+  window.report.errors.push("FATAL the player plays only this server's signed /hls/ playlists");
+} else {
+  window.hls = play(v, src, e => window.report.errors.push(e)).hls;
 }
-const hls = new Hls({lowLatencyMode: true});
-window.hls = hls;
-let parsed = false;
-hls.on(Hls.Events.ERROR, (e, d) => {
-  if (d.fatal && d.type === Hls.ErrorTypes.NETWORK_ERROR) {
-    // no playlist yet (opened before its first segment), or its server is restarting: keep asking
-    window.report.errors.push((parsed ? 'retrying ' : 'waiting ') + d.details);
-    setTimeout(() => parsed ? hls.startLoad() : hls.loadSource(src), 1000);
-    return;
-  }
-  window.report.errors.push((d.fatal ? 'FATAL ' : '') + d.type + ' ' + d.details);
-});
-hls.on(Hls.Events.MANIFEST_PARSED, () => {
-  parsed = true;
-  v.play().catch(err => window.report.errors.push('play ' + err));
-});
-hls.loadSource(src);
-hls.attachMedia(v);
 """
 
 PLAYER_HTML = f"""<!doctype html>
@@ -79,7 +65,7 @@ PLAYER_HTML = f"""<!doctype html>
 <body style="margin:0;background:#000">
 <video id="v" muted autoplay playsinline style="width:100%"></video>
 <script src="hls.min.js"></script>
-<script>{PLAYER_SCRIPT}</script></body></html>
+<script type="module">{PLAYER_SCRIPT}</script></body></html>
 """
 
 _SCRIPT_HASH = base64.b64encode(hashlib.sha256(PLAYER_SCRIPT.encode()).digest()).decode()
@@ -103,6 +89,10 @@ def make_player_router(hlsjs: Path = HLSJS_DEFAULT, prefix: str = "/player",
             raise HTTPException(400, "src must be a signed playlist path of this server: /hls/<id>/<token>/index.m3u8")
         return HTMLResponse(PLAYER_HTML, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
                                                   "Referrer-Policy": "no-referrer"})
+
+    @router.get("/play.js")
+    async def module() -> FileResponse:
+        return FileResponse(PLAY_JS, media_type="text/javascript")
 
     @router.get("/hls.min.js")
     async def script() -> FileResponse:

@@ -58,8 +58,10 @@ async def test_hlsjs_missing_is_said_once_at_start_and_by_the_script_url(tmp_pat
     app.include_router(make_player_router(hlsjs=missing))
     async with _client(app) as http:
         r = await http.get(HLSJS_URL)
+        module = await http.get("/player/play.js")
     assert r.status_code == 404 and r.json()["detail"] == HLSJS_MISSING
-    assert HLSJS_MISSING in (STATIC / "player.js").read_text()  # what the console shows in place of the video
+    assert module.status_code == 200 and module.headers["content-type"].startswith("text/javascript")
+    assert f"HLSJS_MISSING = '{HLSJS_MISSING}'" in module.text  # what the console and the page show
 
 
 def _out(sid: str, seq: int, decoded: int, at: float) -> StreamOutput:

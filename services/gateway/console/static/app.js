@@ -1,7 +1,7 @@
 // The console's shell: sign-in, the hash router (#/streams, #/new, #/s/<id>) and the hls.js banner.
 import {api, ApiError, setToken, token} from './api.js';
 import {el, field} from './dom.js';
-import {HLSJS_MISSING, hlsjsMissing} from './player.js';
+import {HLSJS_MISSING, hlsjsMissing} from '/player/play.js';
 import {listView} from './list.js';
 import {createView} from './create.js';
 import {streamView} from './stream.js';

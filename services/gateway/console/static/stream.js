@@ -3,7 +3,7 @@
 import {api} from './api.js';
 import {el, every, field, fmt, stateBadge} from './dom.js';
 import {Graph} from './graph.js';
-import {HLSJS_MISSING, hlsjsMissing, play} from './player.js';
+import {HLSJS_MISSING, hlsjsMissing, play} from '/player/play.js';
 import {restreamCard} from './restream.js';
 
 export function streamView(root, id) {

@@ -1,11 +1,13 @@
-// The live LL-HLS preview (hls.js, loaded by index.html from /player/hls.min.js) and its latency readout.
-export const HLSJS_MISSING = 'hls.js is not installed: run scripts/fetch-hlsjs.sh';
+// Live LL-HLS playback with hls.js, shared by the gateway's /player page and its console (served at
+// /player/play.js; hls.js itself at /player/hls.min.js, media.player.HLSJS_DEFAULT).
+export const HLSJS_MISSING = 'hls.js is not installed: run scripts/fetch-hlsjs.sh';  // = media.player.HLSJS_MISSING
 
 export const hlsjsMissing = () => typeof window.Hls === 'undefined';
 
-// Plays src (a signed /hls/… playlist of this origin) in video. latency(): seconds from capture to now of the
-// frame playing (PROGRAM-DATE-TIME is the capture time), null before the first frame. A fatal network error is
-// retried every second: the playlist may not exist before the first segment, or its egress is restarting.
+// Plays src (a signed /hls/… playlist of this origin) in video; onError(text) hears every hls.js error (fatal ones
+// prefixed FATAL). A fatal network error is retried every second: the playlist may not exist before the first
+// segment, or its egress is restarting (docs/supervision.md). latency(): seconds from capture to now of the frame
+// playing (PROGRAM-DATE-TIME is the capture time), null before the first frame.
 export function play(video, src, onError = () => {}) {
   const Hls = window.Hls;
   const hls = new Hls({lowLatencyMode: true});
