@@ -1,10 +1,11 @@
 """A minimal hls.js preview page (operators' quick look, the browser test and the latency benchmark).
 
-hls.js is not vendored: it is served from a local file (``scripts/fetch-hlsjs.sh``, run by ``make venv``/``make up``
+hls.js is not vendored: it is served from a local file (``scripts/fetch-hlsjs.sh``, run by ``make up``/``make test``
 and the Dockerfile, puts it in ``.cache/hlsjs``); without it the gateway logs ``HLSJS_MISSING`` once at start and the
-pages show it. The page exposes ``window.report`` (hls.js errors, with fatal ones prefixed ``FATAL``) and
-``window.hls`` (for ``hls.latency``). A fatal network error is retried every second, not fatal: the playlist may not
-exist yet, or its egress is being restarted (docs/supervision.md).
+pages show it. The playback itself (hls.js setup, retries, latency) is ``play.js``, served at ``/player/play.js``
+and shared with the gateway's console. The page exposes ``window.report`` (hls.js errors, with fatal ones prefixed
+``FATAL``) and ``window.hls`` (for ``hls.latency``). A fatal network error is retried every second, not fatal: the
+playlist may not exist yet, or its egress is being restarted (docs/supervision.md).
 
 It plays only same-origin rheo playlists: ``src`` must be a signed ``/hls/<id>/<token>/(index|playlist).m3u8``
 path (refused with 400 otherwise, and checked again by the page), and a Content-Security-Policy keeps the page from
