@@ -7,9 +7,16 @@
 ARG VARIANT=gpu
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG NODE_IMAGE=node:22-bookworm-slim
 
 # --- the Python interpreter both runtimes use (the venv below links to /usr/local/bin/python3.11) -------------
 FROM ${PYTHON_IMAGE} AS python
+
+# --- hls.js for the gateway's console and /player page: npm, through the same script `make up` runs -----------
+FROM ${NODE_IMAGE} AS hlsjs
+WORKDIR /src
+COPY scripts/fetch-hlsjs.sh ./scripts/
+RUN sh scripts/fetch-hlsjs.sh && test -f .cache/hlsjs/node_modules/hls.js/dist/hls.min.js
 
 # --- builder: a self-contained virtual environment in /opt/rheo -----------------------------------------------
 FROM python AS builder
@@ -38,6 +45,10 @@ COPY decoder ./decoder
 COPY egress ./egress
 COPY pipeline ./pipeline
 RUN pip install . && rheo config --keys > /dev/null
+# where media.player.HLSJS_DEFAULT (the one definition) looks for it in the installed package
+COPY --from=hlsjs /src/.cache/hlsjs/node_modules/hls.js/dist/hls.min.js /tmp/hls.min.js
+RUN cd / && python -c "import shutil; from media.player import HLSJS_DEFAULT as d; \
+    d.parent.mkdir(parents=True, exist_ok=True); shutil.copy('/tmp/hls.min.js', d); print('hls.js at', d)"
 
 # --- runtimes ---------------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime-gpu

@@ -110,9 +110,10 @@ CHANNELS: dict[str, Channel] = {
                 ("ingest", "gateway"), ("dit-stage", "decoder", "egress", "controller", "gateway"),
                 "A stream went live or ended."),
         Channel("stream_output", PREFIX + ".stream.{stream_id}.output", StreamOutput,
-                ("decoder",), ("ingest",),
+                ("decoder",), ("ingest", "gateway"),
                 "Styled output is flowing: the last chunk the decoder decoded (a few per second at most); the "
-                "liveness watch of the stream's ingest repairs a stream whose output stopped."),
+                "liveness watch of the stream's ingest repairs a stream whose output stopped; the gateway's stats "
+                "measure the output rate from it."),
         Channel("stream_error", PREFIX + ".stream.{stream_id}.error", Error,
                 ("ingest", "dit-stage", "decoder", "egress", "controller", "gateway"),
                 ("gateway", "controller", "ingest"),

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Install hls.js (npm) into .cache/hlsjs for the browser playback test; idempotent, never fails the build.
+# Install hls.js (npm) into .cache/hlsjs for the console, the /player page and the browser tests (media.player.HLSJS_DEFAULT);
+# idempotent, never fails the build (the Dockerfile checks the file itself).
 set -u
 VERSION="${HLSJS_VERSION:-1.7.4}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -10,7 +11,7 @@ if [ -f "$TARGET" ] && grep -q "\"version\": \"$VERSION\"" "$DEST/node_modules/h
     exit 0
 fi
 if ! command -v npm >/dev/null 2>&1; then
-    echo "npm not found: hls.js not installed, the browser playback test will be skipped"
+    echo "npm not found: hls.js not installed: the console and /player show no video (run this again with npm), the browser tests skip"
     exit 0
 fi
 mkdir -p "$DEST"
@@ -19,6 +20,6 @@ mkdir -p "$DEST"
 if npm install --prefix "$DEST" "hls.js@$VERSION" --no-audit --no-fund --no-save --silent; then
     echo "hls.js $VERSION installed in $DEST"
 else
-    echo "npm install hls.js@$VERSION failed: the browser playback test will be skipped"
+    echo "npm install hls.js@$VERSION failed: the console and /player show no video, the browser tests skip"
 fi
 exit 0

@@ -233,7 +233,8 @@ def _up(args: argparse.Namespace, workdir: Path) -> int:
         base = f"http://{stack.public_host}:{ports.gateway}"
         print(f"""
 rheo is up.
-  API            {base}/docs   (token: {stack.api_token})
+  console        {base}/console/#/s/{created['id']}   (sign in with the token: {stack.api_token})
+  API            {base}/docs
   publish to     {created['publish_url']}
                  (OBS: Server {created['rtmp_url']}  Stream Key {created['stream_key']})
   watch          {base}{created['player_path']}

@@ -43,9 +43,11 @@ from services.bus import KV, Bus
 from services.config import Settings
 from services.controller.policy import admission_key
 from services.gateway.auth import OperatorTokens, Principal, authenticate
+from services.gateway.console import make_console_router
 from services.gateway.docs import make_docs_router
 from services.gateway.limits import RateLimiter, retry_after
 from services.gateway.playback import make_playback_router
+from services.gateway.stats import OutputWatch, make_stats_router
 from services.httpguard import refused
 from services.playback_tokens import PlaybackKeys
 from services.streams import StreamNotFound, StreamTable, new_stream_id, session_state
@@ -139,7 +141,9 @@ async def connected(bus: Bus, grace_s: float = BUS_GRACE_S) -> None:
         await asyncio.sleep(0.05)
 
 
-def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.AsyncClient) -> FastAPI:
+def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.AsyncClient,
+             outputs: OutputWatch | None = None) -> FastAPI:
+    """The whole HTTP surface; ``outputs`` feeds the stats routes (None: output rates stay unknown)."""
     gw = settings.gateway
     app = FastAPI(title="rheo gateway", version="1", description="Create streams, change them live, watch them.",
                   docs_url=None, redoc_url=None)  # /docs is ours (services/gateway/docs.py): no CDN
@@ -331,6 +335,10 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     app.include_router(v1)
+    app.include_router(make_stats_router(outputs or OutputWatch(), table.list, record_or_404,
+                                         settings.dit_stage.ring(), settings.ingest.status_interval_s,
+                                         operator, of_stream))
     app.include_router(make_playback_router(settings, table, proxy, keys))
     app.include_router(make_docs_router())
+    app.include_router(make_console_router())
     return app

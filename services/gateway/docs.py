@@ -4,8 +4,8 @@ FastAPI's own ``/docs`` loads Swagger UI from a CDN: offline (a laptop, an air-g
 No installed package ships Swagger UI or ReDoc, so ``/docs`` is a small page of the project's own: its inline
 script (allowed by hash in a Content-Security-Policy that forbids every other origin) reads ``/openapi.json`` of
 this origin and lists each endpoint (method, path, summary, parameters, body, answers) and each schema. Without
-JavaScript or without the document it says so instead of staying blank. ``/`` redirects to ``/docs``, whose header
-says where the player is, until the console exists.
+JavaScript or without the document it says so instead of staying blank. ``/`` is the console's
+(``services/gateway/console``), which links here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import base64
 import hashlib
 
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse
 
 DOCS_SCRIPT = r"""
 const out = document.getElementById('api');
@@ -70,8 +70,9 @@ DOCS_HTML = f"""<!doctype html>
 background:#ddd}} .get{{background:#cde}} .post{{background:#cec}} .patch{{background:#eec}}
 .delete{{background:#ecc}} .d{{color:#555;white-space:pre-wrap}} td{{padding:2px 10px 2px 0;vertical-align:top}}
 header{{background:#f4f4f4;padding:.6em 1em}}</style></head>
-<body><header>rheo gateway. Every <code>/v1</code> call needs <code>Authorization: Bearer &lt;token&gt;</code>
-(<code>rheo up</code> prints it). <b>Player</b>: <code>POST /v1/streams</code> (or
+<body><header><a href="/console/">Console</a> · rheo gateway. Every <code>/v1</code> call needs
+<code>Authorization: Bearer &lt;token&gt;</code> (<code>rheo up</code> prints it).
+<b>Player</b>: <code>POST /v1/streams</code> (or
 <code>POST /v1/streams/{{id}}/playback</code>) answers a signed <code>player_url</code>,
 <code>/player/index.html?src=…</code> on this server; <code>rheo up</code> prints the demo stream's.
 Machine-readable: <a href="/openapi.json">/openapi.json</a>.</header>
@@ -90,16 +91,12 @@ DOCS_PATH = "/docs"
 
 
 def make_docs_router() -> APIRouter:
-    """``/docs`` (the offline API reference) and ``/`` (a redirect to it)."""
+    """``/docs``: the offline API reference."""
     router = APIRouter(include_in_schema=False)
 
     @router.get(DOCS_PATH)
     async def docs() -> HTMLResponse:
         return HTMLResponse(DOCS_HTML, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
                                                 "Referrer-Policy": "no-referrer"})
-
-    @router.get("/")
-    async def front() -> RedirectResponse:
-        return RedirectResponse(DOCS_PATH, status_code=307)
 
     return router

@@ -8,13 +8,16 @@ table lives in JetStream KV (``services.streams``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 import httpx
 import uvicorn
 
+from media.player import check_hlsjs
 from services.gateway.api import make_api
 from services.gateway.auth import OperatorTokens
+from services.gateway.stats import OutputWatch
 from services.httpguard import guard
 from services.playback_tokens import PlaybackKeys
 from services.runtime import Service, ServiceStartError, listen_socket, main
@@ -43,11 +46,14 @@ class GatewayService(Service):
 
     async def start(self) -> None:
         assert self.bus is not None
+        check_hlsjs(logging.getLogger("rheo.gateway"))  # the console shows it too: said once here, for operators
         gw = self.settings.gateway
         table = await StreamTable.open(self.bus)
         self._proxy = httpx.AsyncClient(timeout=gw.proxy_timeout_s, limits=httpx.Limits(
             max_connections=gw.proxy_max_connections, max_keepalive_connections=min(64, gw.proxy_max_connections)))
-        app = guard(make_api(self.settings, self.bus, table, self._proxy), gw.max_body_bytes)
+        outputs = OutputWatch()
+        await outputs.start(self.bus)
+        app = guard(make_api(self.settings, self.bus, table, self._proxy, outputs), gw.max_body_bytes)
         sock = listen_socket(gw.host, gw.port, "the gateway API (gateway.port)")
         self.api_port = sock.getsockname()[1]
         self._api = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))

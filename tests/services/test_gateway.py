@@ -56,7 +56,10 @@ async def test_api_needs_a_valid_token(nats_settings: NatsSettings, eventually) 
         assert "/v1/streams" in docs.json()["paths"]
         page = await http.get("/docs", headers={})  # the offline page (services/gateway/docs.py), not Swagger's CDN
         assert page.status_code == 200 and "cdn" not in page.text.lower() and "openapi.json" in page.text
-        assert (await http.get("/")).headers["location"] == "/docs"
+        assert (await http.get("/")).headers["location"] == "/console/"
+        assert (await http.get("/console/", headers={"Authorization": ""})).status_code == 200  # signs in itself
+        assert (await http.get("/v1/stats", headers={"Authorization": ""})).status_code == 401
+        assert isinstance((await http.get("/v1/stats")).json(), list)
 
 
 async def test_create_list_get_delete_and_hashed_keys(nats_settings: NatsSettings, bus: Bus, eventually) -> None:

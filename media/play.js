@@ -1,0 +1,34 @@
+// Live LL-HLS playback with hls.js, shared by the gateway's /player page and its console (served at
+// /player/play.js; hls.js itself at /player/hls.min.js, media.player.HLSJS_DEFAULT).
+export const HLSJS_MISSING = 'hls.js is not installed: run scripts/fetch-hlsjs.sh';  // = media.player.HLSJS_MISSING
+
+export const hlsjsMissing = () => typeof window.Hls === 'undefined';
+
+// Plays src (a signed /hls/… playlist of this origin) in video; onError(text) hears every hls.js error (fatal ones
+// prefixed FATAL). A fatal network error is retried every second: the playlist may not exist before the first
+// segment, or its egress is restarting (docs/supervision.md). latency(): seconds from capture to now of the frame
+// playing (PROGRAM-DATE-TIME is the capture time), null before the first frame.
+export function play(video, src, onError = () => {}) {
+  const Hls = window.Hls;
+  const hls = new Hls({lowLatencyMode: true});
+  let parsed = false, stopped = false;
+  hls.on(Hls.Events.ERROR, (_e, d) => {
+    if (d.fatal && d.type === Hls.ErrorTypes.NETWORK_ERROR) {
+      onError((parsed ? 'retrying ' : 'waiting for the stream: ') + d.details);
+      setTimeout(() => { if (!stopped) { if (parsed) hls.startLoad(); else hls.loadSource(src); } }, 1000);
+      return;
+    }
+    onError((d.fatal ? 'FATAL ' : '') + d.type + ' ' + d.details);
+  });
+  hls.on(Hls.Events.MANIFEST_PARSED, () => {
+    parsed = true;
+    video.play().catch(err => onError('play: ' + err));
+  });
+  hls.loadSource(src);
+  hls.attachMedia(video);
+  return {
+    hls,
+    latency: () => (hls.playingDate ? (Date.now() - hls.playingDate.getTime()) / 1000 : null),
+    stop: () => { stopped = true; hls.destroy(); },
+  };
+}
