@@ -38,6 +38,7 @@ class EgressObserver:
         self._live_at: dict[str, float] = {}  # stream → when it went live, until its first part
         self._rates: dict[str, _Rate] = {}
         self.fps: dict[str, float] = {}  # stream → its last output-FPS sample
+        self.latency_s: dict[str, float] = {}  # stream → its last glass-to-glass sample (for the API, not a label)
 
     def event(self, event: StreamEvent) -> None:
         if event.kind == "live" and len(self._live_at) < _MAX_WAITING:
@@ -57,7 +58,8 @@ class EgressObserver:
             telemetry.TTFF.observe(max(0.0, now - live_at))
         captured = units[0].capture_time if units else None
         if captured is not None:
-            telemetry.GLASS_TO_GLASS.observe(max(0.0, now - captured))
+            latency = self.latency_s[stream_id] = max(0.0, now - captured)
+            telemetry.GLASS_TO_GLASS.observe(latency)
         rate = self._rates.get(stream_id)
         if rate is None:  # the first part's frames came before the window opens
             self._rates[stream_id] = _Rate(now)
@@ -72,6 +74,7 @@ class EgressObserver:
         self._live_at.pop(stream_id, None)
         self._rates.pop(stream_id, None)
         self.fps.pop(stream_id, None)
+        self.latency_s.pop(stream_id, None)
 
     @staticmethod
     def package_span(msg: EncodedVideo, raw: Msg, hls: LlHlsStream) -> Span:
