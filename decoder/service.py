@@ -27,9 +27,11 @@ import torch
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
+from decoder.tracing import OutputTraces
 from encoder.vae import StreamVAE, StreamVAEState
 from media.h264 import CfrPacer, H264Encoder, PacedFrame
 from proto import CHANNELS, EncodedVideo, LatentChunk, StreamEvent, StreamOutput, Subjects, VideoUnit
+from services import telemetry
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
 from services.runtime import Service, ServiceStartError, main, write_debug_tap
 from services.workmeter import WorkMeter
@@ -105,6 +107,7 @@ class DecoderStream:
     task: asyncio.Task[None] | None = None
     decoded: int = 0  # chunks decoded (what the StreamOutput reports count)
     reported_at: float = 0.0  # when the last StreamOutput went out
+    traces: OutputTraces = field(default_factory=OutputTraces)  # decoded chunks' traces, until egress gets them
 
 
 class DecoderService(Service):
@@ -323,11 +326,13 @@ class DecoderService(Service):
             st.vae = self.vae.new_state()          # starts over; its prepare chunk decodes as a stream's first
         joined = st.vae.latents_decoded == 0 and chunk.latent_start != 0
         loop = asyncio.get_running_loop()
+        span = st.traces.start(chunk)
         try:
             # a stuck decode fails /healthz; its time is what admission counts per megapixel-frame
             decode = self.watchdog.watch("vae_decode", _decode_frames, mpx=_output_mpx(self.vae, latents))
             float01, rgb = await loop.run_in_executor(self._model_thread, decode, self.vae, st.vae, latents)
         except Exception as e:
+            st.traces.failed(span, e)
             self._fail(chunk, f"{type(e).__name__}: {e}")
             return
         if st.last_seq >= 0 and not new_segment and chunk.seq > st.last_seq + 1:
@@ -349,6 +354,7 @@ class DecoderService(Service):
         # frame i of a chunk was captured i/fps after its first (a join's padding stands in for the missing ones)
         st.pacer.push(list(rgb), time.time(), [chunk.capture_time + i / chunk.fps for i in range(rgb.shape[0])])
         FRAMES.labels(kind="dropped").inc(st.pacer.stats.dropped - dropped)
+        st.traces.decoded(chunk, span)
 
     async def _report_output(self, st: DecoderStream, chunk: LatentChunk) -> None:
         """Tell the stream's ingest that styled output flows (its liveness watch), at most every
@@ -431,8 +437,10 @@ class DecoderService(Service):
         for i, batch_units in enumerate(batches):
             end = end_of_stream and i == len(batches) - 1
             data = self._message(st, batch_units, end).encode()
+            trace, headers = st.traces.carried(batch_units)
             try:
-                await st.window.publish(data, timeout=self.settings.decoder.publish_timeout_s)
+                with telemetry.in_chunk_trace(trace):  # egress's span continues the chunk's trace
+                    await st.window.publish(data, timeout=self.settings.decoder.publish_timeout_s, headers=headers)
             except CreditTimeout as e:  # (the window forgets credit a gone or restarted consumer never returns)
                 self._unit_dropped("no_credit", len(batch_units), str(e))
                 continue

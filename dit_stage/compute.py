@@ -20,6 +20,7 @@ from dit_stage.membership import Action, Membership
 from dit_stage.micro_step import SwitchStep
 from dit_stage.outputs import Outputs
 from dit_stage.telemetry import StageTelemetry
+from dit_stage.tracing import StepTrace, stage_index
 from dit_stage.worker import StageWorker
 from services.watchdog import Watchdog
 
@@ -79,22 +80,27 @@ class ComputeLoop:
             if isinstance(step, SwitchStep):
                 await self._switch_point(worker, step)
                 continue
+            traced = StepTrace(stage_index(self.epochs.block_map, self.stage_id), step)
             try:
                 result = await asyncio.to_thread(self._forward(worker), step)
-            except Exception:
+            except Exception as e:
+                traced.forwarded(e)
                 # a refused batch (e.g. inconsistent cache counters) loses only its items
                 worker.dropped["compute_error"] += len(step.items)
                 log.exception("stage %s: micro-step of %d items failed; dropped", self.stage_id, len(step.items))
                 continue
+            traced.forwarded()
             worker.measured(step, result.compute_s)
             self.telemetry.micro_step(step.queue_wait_s, len({m.stream_id for m in step.items}), result,
                                       worker.is_first)
             for message in result.link:
                 t0 = time.perf_counter()
-                await self.link.send(message)
+                with traced.sending(message):
+                    await self.link.send(message)
                 self.telemetry.link("send", time.perf_counter() - t0)
             for chunk in result.finished:
                 self.outputs.publish(chunk)
+            traced.done()
             self._sync_streams(worker)
             self.telemetry.sync_drops(worker)
 

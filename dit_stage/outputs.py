@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from dit_stage.telemetry import StageTelemetry
 from proto import LatentChunk, Subjects
+from services import telemetry
 from services.bus import Bus, CreditTimeout, CreditWindow
 
 __all__ = ["OUTPUT_QUEUE", "Outputs"]
@@ -81,10 +82,12 @@ class Outputs:
                 continue
             chunk = out.queue.popleft()
             try:
-                await out.window.publish(chunk, timeout=max(0.05, chunk.deadline - time.time()))
+                with telemetry.in_chunk_trace(chunk.trace):  # the bus's spans and headers continue the chunk's
+                    await out.window.publish(chunk, timeout=max(0.05, chunk.deadline - time.time()))
                 self.telemetry.finished()
             except CreditTimeout:
                 self.telemetry.drop("no_credit")
+                telemetry.deadline_missed("dit")
                 log.warning("x0 %s/%d dropped: the consumer returned no credit in time", chunk.stream_id, chunk.seq)
             except Exception as e:
                 self.telemetry.drop("publish_error")

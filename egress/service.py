@@ -29,6 +29,7 @@ from starlette.types import ASGIApp
 
 from egress.continuity import ContinuityStore
 from egress.http import make_hls_router
+from egress.observe import EgressObserver
 from egress.rtmp_push import RtmpPush
 from media.h264 import PartLayout, VideoConfig
 from media.llhls import HlsRegistry, LlHlsStream
@@ -90,6 +91,7 @@ class EgressService(Service):
         self.registry = HlsRegistry(self.settings.egress.hls_dir)
         self.outputs: dict[str, EgressStream] = {}
         self.stats = EgressStats()
+        self.observer = EgressObserver()  # TTFF, glass-to-glass, output FPS, egress.package spans
         self.hls_port = 0
         self.base_url = ""
         self._table: StreamTable | None = None
@@ -193,6 +195,7 @@ class EgressService(Service):
         out.next_seq = max(out.next_seq, msg.seq + 1)
         self.stats.messages += 1
         MESSAGES.labels(result="ok").inc()
+        span = self.observer.package_span(msg, raw, out.hls)
         for unit in msg.units:
             try:
                 packaged = out.hls.push(unit)
@@ -212,13 +215,17 @@ class EgressService(Service):
                     out.push.push(packaged)  # the output timeline: monotonic across decoder restarts
                 except Exception as e:
                     log.warning("stream %s: access unit pts %d not pushed over RTMP: %s", msg.stream_id, unit.pts, e)
+        span.end()
         if msg.end_of_stream:
             self._end(out)
         elif out.end_timer is not None:
             self._arm_end(out)
 
     async def _on_event(self, event: StreamEvent, raw: Msg) -> None:
-        if raw.subject != Subjects.stream_event(event.stream_id) or event.kind != "ended":
+        if raw.subject != Subjects.stream_event(event.stream_id):
+            return
+        self.observer.event(event)
+        if event.kind != "ended":
             return
         out = self.outputs.get(event.stream_id)
         if out is not None and not out.hls.ended:
@@ -244,6 +251,7 @@ class EgressService(Service):
         layout = PartLayout.from_settings(config.fps, eg)
         hls = self.registry.open(stream_id, config, layout, eg.playlist_segments, resume)
         hls.on_segment = self._save_state
+        self.observer.opened(stream_id, hls)
         if resume is not None:
             self.stats.streams_resumed += 1
             RESTARTS.labels(cause="resumed").inc()
@@ -292,6 +300,7 @@ class EgressService(Service):
         """Drop an ended stream after its retention (playlist, segments and files)."""
         if self.outputs.get(out.stream_id) is out:
             del self.outputs[out.stream_id]
+            self.observer.ended(out.stream_id)
             if self.registry.get(out.stream_id) is out.hls:
                 self.registry.remove(out.stream_id)
             if self._continuity is not None:  # ended for good: a later stream under this id starts afresh

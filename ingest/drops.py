@@ -14,6 +14,7 @@ from typing import Literal, get_args
 
 from prometheus_client import Counter
 
+from services import telemetry
 from services.droplog import DropLog
 
 __all__ = ["CHUNKS_DROPPED", "DROP_REASONS", "DropLog", "DropReason", "count_drop", "stream_drop_log"]
@@ -42,6 +43,8 @@ def count_drop(reason: DropReason, n: int = 1) -> None:
     if reason not in DROP_REASONS:
         raise ValueError(f"unknown drop reason {reason!r}")
     CHUNKS_DROPPED.labels(reason=reason).inc(n)
+    if reason == "deadline":
+        telemetry.deadline_missed("ingest", n)
 
 
 def stream_drop_log(stream_id: str) -> DropLog:

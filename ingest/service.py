@@ -70,6 +70,7 @@ from proto import (
 )
 from proto.clock import ChunkClock
 from proto.spec import RingConfig
+from services import telemetry
 from services.bus import KV
 from services.config import Settings
 from services.epochs import wait_prepared
@@ -480,6 +481,7 @@ class IngestService(Service):
             return
         assert self.models is not None
         loop = asyncio.get_running_loop()
+        span = telemetry.start_chunk_trace("ingest.encode", {"rheo.stream_id": stream.stream_id, "rheo.seq": raw.seq})
         try:
             # a stuck encode fails /healthz; its time is what admission counts per megapixel-frame (T2V: none)
             encode = self.watchdog.watch("vae_encode", stream.encode, mpx=0.0 if spec.t2v else raw.frames.size / 3e6)
@@ -488,12 +490,15 @@ class IngestService(Service):
         except Exception as e:
             stream.drop("encode_error", f"chunk {raw.seq}: {type(e).__name__}: {e}")
             return
+        finally:
+            span.end()  # the root of the chunk's trace (docs/observability.md)
         assert self.status is not None
         if not await self.status.reserve(stream, raw.seq, raw.segment):
             stream.drop("unreserved", f"chunk {raw.seq}: its seq could not be reserved in the stream table first")
             return
         async with stream.publishing:  # a replay in progress goes first; the epoch is the one current at publish
-            await stream.publish(stream.chunk(raw, latent, scale, deadline, self.epoch, self.clock_of(stream)))
+            await stream.publish(stream.chunk(raw, latent, scale, deadline, self.epoch, self.clock_of(stream),
+                                              telemetry.traceparent(span)))
 
     def clock_of(self, stream: IngestStream) -> ChunkClock:
         """The stream's chunk clock on the configured ring (latent and RoPE starts)."""

@@ -35,6 +35,7 @@ from ingest.replay import ReplayRing
 from proto import LatentChunk, StreamRecord, StreamSpec, decode
 from proto.clock import ChunkClock
 from proto.spec import chunk_timesteps
+from services import telemetry
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
 from services.runtime import write_debug_tap
 
@@ -275,7 +276,7 @@ class IngestStream:
         return z[0].transpose(0, 1).contiguous().cpu(), level.scale  # [1, C, F, h, w] → [F, C, h, w]
 
     def chunk(self, raw: RawChunk, latent: torch.Tensor, scale: float, deadline: float, epoch: int,
-              clock: ChunkClock) -> LatentChunk:
+              clock: ChunkClock, trace: str | None = None) -> LatentChunk:
         """The ``LatentChunk`` of ``raw``: clocked in its segment, under its prompt (mid-blend: with the blend's
         source and weight) and step count. T2V chunks run the step list itself (no input to keep)."""
         c = raw.seq - self.segment_start
@@ -286,7 +287,7 @@ class IngestStream:
                            latent_start=clock.latent_start(c), rope_start=clock.rope_start(c),
                            capture_time=raw.frame_times[0], deadline=deadline,
                            prompt_version=version, blend_from=blend_from, blend_alpha=alpha, noise_scale=scale,
-                           timesteps=timesteps, segment=self.segment, latent=latent)
+                           timesteps=timesteps, segment=self.segment, latent=latent, trace=trace)
 
     async def publish(self, chunk: LatentChunk) -> None:
         """Through the credit window, or dropped (counted) once it cannot make its deadline."""
@@ -296,7 +297,8 @@ class IngestStream:
             self.drop("deadline", f"chunk {chunk.seq}: {-remaining * 1000:.0f} ms past its deadline before publishing")
             return
         try:
-            await self.window.publish(chunk, timeout=remaining)
+            with telemetry.in_chunk_trace(chunk.trace):  # the bus's spans and headers continue the chunk's trace
+                await self.window.publish(chunk, timeout=remaining)
         except CreditTimeout:
             self.drop("deadline", f"chunk {chunk.seq}: no credit from the first DiT stage before its deadline")
             return

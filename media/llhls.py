@@ -137,6 +137,7 @@ class LlHlsStream:
         self.ended = False
         self.discontinuity = 0  # the current period's discontinuity sequence number
         self.on_segment: Callable[[LlHlsStream], None] | None = None  # called when a segment closes
+        self.on_part: Callable[[list[VideoUnit]], None] | None = None  # a part is out: the units it carries
         self._sink = _BoxSink()
         self._out: av.container.OutputContainer | None = None
         self._stream: av.video.stream.VideoStream | None = None
@@ -286,6 +287,8 @@ class LlHlsStream:
                 log.warning("stream %s: segment %d does not start with an IDR", self.stream_id, msn)
         seg.parts.append(Part(data, duration, units[0].keyframe))
         self.stats.parts += 1
+        if self.on_part is not None:
+            self.on_part(units)
         if len(seg.parts) >= self.layout.parts_per_segment:
             self._close_segment(seg)
         self._notify()

@@ -155,6 +155,9 @@ class ChunkHeader(BaseModel):
     segment: int = Field(0, ge=0, description="warm-up segment: a `cut` prompt change starts the next one (seq of "
                                               "the stream goes on; its first chunk in a segment is a prepare chunk)")
     replay: bool = Field(False, description="re-sent from ingest's ring to rebuild lost KV: run, never shown")
+    trace: str | None = Field(None, max_length=128, description="W3C traceparent of the chunk's last hop: its next "
+                                                                 "span's parent (one trace per chunk; "
+                                                                 "docs/observability.md)")
 
     @model_validator(mode="after")
     def _blend(self) -> ChunkHeader:

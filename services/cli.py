@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from proto.spec import SIZE_MULTIPLE
-from services import up
+from services import top, up
 from services.config import describe, iter_fields, load_settings
 from services.config_errors import ConfigError
 
@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_cmd_service, service=name)
 
     up.add_parser(sub)
+    top.add_parser(sub)
 
     p = sub.add_parser("testpattern", help="publish a moving test pattern over RTMP (rheo testpattern URL ...)")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="URL [--size WxH] [--fps N] [--seconds S]")

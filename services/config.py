@@ -82,7 +82,10 @@ class ProtoSettings(Section):
 
 class TelemetrySettings(Section):
     service_name: str = Field("rheo", description="OpenTelemetry service.name resource attribute")
-    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint; unset disables export")
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces URL (e.g. http://collector:4318/v1/traces); "
+                                      "unset disables export")
+    trace_sample_ratio: float = Field(1.0, ge=0, le=1, description="share of chunks traced (decided once per chunk "
+                                      "at ingest; every later hop follows)")
     metrics_port: int = Field(
         9464, ge=0, le=65535, description="port of /healthz, /readyz and /metrics (0: ephemeral)"
     )

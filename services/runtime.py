@@ -320,9 +320,11 @@ def main(service_cls: type[Service], settings: Settings | None = None) -> int:
         return 2
     configure_logging(settings)
     telemetry.setup_tracing(settings.telemetry.service_name + "-" + service_cls.role,
-                            settings.telemetry.otlp_endpoint)
+                            settings.telemetry.otlp_endpoint, settings.telemetry.trace_sample_ratio)
     try:
         return asyncio.run(service_cls(settings).run())
     except (ServiceStartError, BusError) as e:
         log.error("%s", e)
         return 2
+    finally:
+        telemetry.shutdown_tracing()  # the batch processor's last spans, bounded (telemetry.EXPORT_DRAIN_S)

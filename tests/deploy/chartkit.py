@@ -28,6 +28,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "config": {"model": {"preset": "1.3b", "device": "cuda"},
                    "telemetry": {"otlp_endpoint": "http://otel-collector.observability:4318/v1/traces"}},
         "serviceMonitor": {"enabled": True},
+        "grafana": {"dashboards": True},
     },
     "existing-secrets": {
         # Also moves every listener off its default port: the chart must follow the config, not hard-code ports.

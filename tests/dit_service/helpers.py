@@ -6,8 +6,10 @@ import time
 
 import torch
 
+from dit_stage.micro_step import MicroStep
 from dit_stage.model import CausalWanDiT, make_tiny_dit
 from dit_stage.stage_model import slice_stage
+from dit_stage.tracing import StepTrace
 from dit_stage.worker import StageWorker
 from oracle.stream_batch import StreamBatchConfig, StreamBatchRunner
 from proto import LatentChunk, RingReturn, StageItems, StagePrompt, decode
@@ -86,7 +88,8 @@ def workers(n: int, config: StreamBatchConfig = CONFIG, **kw) -> list[StageWorke
 
 
 def run_ring(ring: list[StageWorker], max_rounds: int = 10_000) -> list[LatentChunk]:
-    """Drive in-process workers until idle; every link message goes through encode → decode like on the wire."""
+    """Drive in-process workers until idle; every link message goes through encode → decode like on the wire, and
+    every micro-step is traced as the stage service's loop traces it (``StepTrace``)."""
     finished: list[LatentChunk] = []
     for _ in range(max_rounds):
         progressed = False
@@ -95,11 +98,18 @@ def run_ring(ring: list[StageWorker], max_rounds: int = 10_000) -> list[LatentCh
             if step is None:
                 continue
             progressed = True
+            traced = StepTrace(i, step) if isinstance(step, MicroStep) else None
             out = w.compute(step)
+            if traced is not None:
+                traced.forwarded()
             finished.extend(decode(c.encode(), LatentChunk) for c in out.finished)
             nxt = ring[(i + 1) % len(ring)]
             for msg in out.link:
-                wire = decode(msg.encode())
+                if traced is not None:
+                    with traced.sending(msg):
+                        wire = decode(msg.encode())
+                else:
+                    wire = decode(msg.encode())
                 if isinstance(wire, StagePrompt):
                     nxt.add_prompt(wire.stream_id, wire.version, wire.embedding)
                 elif isinstance(wire, StageItems):

@@ -36,11 +36,13 @@ from pipeline.pipeline import PipelineConfig
 from pipeline.state import StreamSpec as PipelineStreamSpec
 from proto import Heartbeat, StreamEvent, StreamSpec, Subjects
 from proto.spec import RingConfig
+from services import top
 from services.bus import Bus, BusError
 from services.config import NatsSettings
 from services.stack import LocalStack, Ports, open_demo_stream, start_testpattern
 from services.up import demo_stream
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, CURRENT_TIME, FRAME_HASH, NO_CHROMIUM, PLAYING
+from support.otlp import OtlpReceiver, ReceivedSpan
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE, FPS, STEPS, SEED = 64, 8, 2, 7
@@ -74,11 +76,26 @@ def _running_stack(work: Path, stages: int, env: dict[str, str] | None = None) -
         assert not any(s.restarts.values()), f"services crashed and were restarted: {s.restarts}"
 
 
+def _chunk_span(span: ReceivedSpan) -> bool:
+    """The spans a chunk's trace can hold (the bus's only on a stream's media subjects, not heartbeats)."""
+    subject = str(span.attributes.get("messaging.destination.name", ""))
+    return not span.name.startswith("rheo.") or subject.endswith((".latent", ".x0", ".video"))
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def otlp() -> Iterator[OtlpReceiver]:
+    """What the module stack's services export over OTLP/HTTP (docs/observability.md)."""
+    receiver = OtlpReceiver(keep=_chunk_span).start()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[LocalStack]:
     """Three stages: every live-change test crosses two link hops and the ring return (1 and 2 stages have
-    their own tests below)."""
-    with _running_stack(tmp_path_factory.mktemp("stack"), stages=3) as s:
+    their own tests below). Traces go to ``otlp``."""
+    env = {"RHEO_TELEMETRY__OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "500"}
+    with _running_stack(tmp_path_factory.mktemp("stack"), stages=3, env=env) as s:
         yield s
 
 
@@ -106,6 +123,69 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 def test_rtmp_to_hls_equals_the_single_process_pipeline(stack: LocalStack) -> None:
     _check_rtmp_to_hls_equals_pipeline(stack)
+
+
+def _metric(stack: LocalStack, proc: str, sample: str) -> float:
+    port = next(p.health_port for p in stack.procs if p.name == proc)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def _chunk_path(spans: list[ReceivedSpan], last: ReceivedSpan) -> list[ReceivedSpan]:
+    """From ``last`` back to its trace's root through the parent links (root first); [] when a link is missing."""
+    by_id = {s.span_id: s for s in spans if s.trace_id == last.trace_id}
+    path = [last]
+    while path[-1].parent_id:
+        parent = by_id.get(path[-1].parent_id)
+        if parent is None:
+            return []
+        path.append(parent)
+    return path[::-1]
+
+
+def test_one_chunk_is_one_trace_through_every_hop_and_the_latency_histograms_fill(
+        stack: LocalStack, otlp: OtlpReceiver) -> None:
+    """A chunk's spans, exported over OTLP by every service: one trace from ``ingest.encode`` (its root) through
+    each stage's forward and link hop and the ring return, the decoder, to the egress part that carries it, each
+    the child of the hop before. Egress's /metrics has time to first frame and glass-to-glass; each stage its
+    chunk time. (Reads what the first test's stream left; publishes one of its own when run alone.)"""
+    def paths() -> list[list[ReceivedSpan]]:
+        spans = otlp.snapshot()
+        return [p for p in (_chunk_path(spans, s) for s in spans if s.name == "egress.package") if p]
+
+    if not paths():
+        stream = stack.api("POST", "/v1/streams", {"prompt": "trace", "width": SIZE, "height": SIZE, "fps": FPS,
+                                                   "steps": STEPS, "seed": SEED, "slo_latency_ms": 120000})
+        _publish(stack, stream["stream_key"], 2)
+    _wait(lambda: bool(paths()), 60, "a chunk's trace from ingest to egress")
+    path = paths()[0]
+    names = [s.name for s in path if not s.name.startswith("rheo.")]  # the bus's own spans sit between services
+    hop = ["dit.stage[0].forward", "link.send", "dit.stage[1].forward", "link.send", "dit.stage[2].forward"]
+    assert names == ["ingest.encode", *[*hop, "link.send"] * (STEPS - 1), *hop, "decoder.decode",
+                     "egress.package"], names
+    services = {s.name: s.service for s in path}
+    assert services["ingest.encode"] == "rheo-ingest" and services["decoder.decode"] == "rheo-decoder"
+    assert services["egress.package"] == "rheo-egress" and services["dit.stage[1].forward"] == "rheo-dit-stage"
+    assert path[0].parent_id == "" and len({s.trace_id for s in path}) == 1
+    seq = path[0].attributes["rheo.seq"]
+    assert all(s.attributes.get("rheo.seq", seq) == seq for s in path)  # one chunk, every hop
+
+    assert _metric(stack, "egress", "rheo_ttff_seconds_count") >= 1
+    assert _metric(stack, "egress", "rheo_glass_to_glass_seconds_count") >= 1
+    for i in range(3):
+        assert _metric(stack, f"dit-{i}", f'rheo_stage_chunk_seconds_count{{stage="{i}"}}') >= 1
+
+    # rheo top reads the same: the stream from the API, each stage (its ring index) from its /metrics
+    metrics = [f"http://127.0.0.1:{p.health_port}/metrics" for p in stack.procs]
+    snap = top.collect(stack.gateway_url, stack.api_token, metrics)
+    assert not snap.errors and path[0].attributes["rheo.stream_id"] in {s["id"] for s in snap.streams}
+    assert sorted((r.stage, r.position) for r in snap.stages.values()) == [("dit-0", "0"), ("dit-1", "1"),
+                                                                           ("dit-2", "2")]
+    assert all(r.micro_steps > 0 and r.chunk_ms for r in snap.stages.values())
+    assert snap.totals["rheo_glass_to_glass_seconds"][1] >= 1
 
 
 def test_self_forcing_and_a_non_default_ring_through_two_stages(tmp_path: Path) -> None:
