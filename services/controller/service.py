@@ -147,8 +147,9 @@ class ControllerService(Service):
         (endpoint written again: a new process, without the KV its blocks held)."""
         self._endpoint_revs: dict[str, int] = {}
         self._endpoint_watch: asyncio.Task[None] | None = None
-        self.autoscaler: Autoscaler | None = (Autoscaler.from_settings(self.cfg) if self.cfg.autoscale.mode != "disabled"
-                                              else None)
+        self.autoscaler: Autoscaler | None = None
+        if self.cfg.autoscale.mode != "disabled":
+            self.autoscaler = Autoscaler.from_settings(self.cfg)
 
     def num_blocks(self) -> int:
         return self.cfg.num_blocks or WanDiTConfig.named(self.settings.model.preset).num_layers

@@ -195,10 +195,7 @@ def test_advisory_mode_makes_the_same_decisions_and_writes_nothing(api: FakeApi)
         demand = Demand(item_ms=25.0, costs=PathCosts(encode_ms_per_mpx=30.0, decode_ms_per_mpx=60.0),
                         prior_streams=4)
 
-        async def go(scaler: Autoscaler = scaler) -> None:
-            await scaler.tick(0.0, needs, demand, None)
-
-        asyncio.run(go())
+        asyncio.run(scaler.tick(0.0, needs, demand, None))
         decided = [(d.pool, d.current, d.desired, d.loop) for d, _ in scaler.history]
         assert decided == [("rings", 1, 3, "capacity"), ("decoders", 1, 2, "capacity")]
         writes = [r for r in api.requests if r[0] != "GET"]

@@ -1,5 +1,5 @@
 """The decoder and egress as real processes (``python -m decoder.service`` / ``egress.service``): SIGTERM mid-stream
-drains (the decoder flushes and sends end_of_stream, the playlist gets EXT-X-ENDLIST) and exits 0 within a bounded time."""
+drains (the decoder flushes and sends end_of_stream, the playlist gets EXT-X-ENDLIST) and exits 0, bounded."""
 
 from __future__ import annotations
 
