@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -39,64 +38,16 @@ from proto.spec import RingConfig
 from services import top
 from services.bus import Bus, BusError
 from services.config import NatsSettings
-from services.stack import LocalStack, Ports, open_demo_stream, start_testpattern
+from services.stack import LocalStack, open_demo_stream, start_testpattern
 from services.up import demo_stream
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, CURRENT_TIME, FRAME_HASH, NO_CHROMIUM, PLAYING
 from support.otlp import OtlpReceiver, ReceivedSpan
+from support.stackkit import running_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE, FPS, STEPS, SEED = 64, 8, 2, 7
 
 
-@contextlib.contextmanager
-def _running_stack(work: Path, stages: int, env: dict[str, str] | None = None) -> Iterator[LocalStack]:
-    s = LocalStack(work, stages=stages, ports=Ports.ephemeral(), extra_env=(env or {}) | {
-        "RHEO_INGEST__STREAM_LINGER_S": "1",
-        "RHEO_INGEST__DEBUG_TAP_DIR": str(work / "tap-in"),
-        "RHEO_DECODER__DEBUG_TAP_DIR": str(work / "tap-out"),
-        "RHEO_LIFECYCLE__HEARTBEAT_INTERVAL_S": "0.2",
-        "RHEO_EGRESS__SEGMENT_SECONDS": "1.0",
-        # equality with the single-process run needs one block map throughout: no rebalancing, and no failure
-        # epoch for a stage the loaded CI machine starves of CPU for a moment (the controller suite tests those);
-        # admission advisory: a loaded CPU runs the tiny model slower than these streams' real time, and measured
-        # capacity would refuse them
-        "RHEO_CONTROLLER__MODE": "static",
-        "RHEO_CONTROLLER__ADVISORY": "true",
-        "RHEO_CONTROLLER__HEARTBEAT_MISS_S": "30",
-        "RHEO_CONTROLLER__STARTUP_GRACE_S": "600",
-    })
-    try:
-        s.start(timeout=300)
-        yield s
-    finally:
-        # the drain itself is bounded and tested (test_sigterm_...); on a loaded 2-core machine, the interpreters'
-        # exit after it has taken over 10 s (the default wait before SIGKILL), so allow more here
-        codes = s.stop(timeout=60)
-        assert all(c == 0 for c in codes.values()), f"services did not exit cleanly: {codes}"
-        assert not any(s.restarts.values()), f"services crashed and were restarted: {s.restarts}"
-
-
-def _chunk_span(span: ReceivedSpan) -> bool:
-    """The spans a chunk's trace can hold (the bus's only on a stream's media subjects, not heartbeats)."""
-    subject = str(span.attributes.get("messaging.destination.name", ""))
-    return not span.name.startswith("rheo.") or subject.endswith((".latent", ".x0", ".video"))
-
-
-@pytest.fixture(scope="module")
-def otlp() -> Iterator[OtlpReceiver]:
-    """What the module stack's services export over OTLP/HTTP (docs/observability.md)."""
-    receiver = OtlpReceiver(keep=_chunk_span).start()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[LocalStack]:
-    """Three stages: every live-change test crosses two link hops and the ring return (1 and 2 stages have
-    their own tests below). Traces go to ``otlp``."""
-    env = {"RHEO_TELEMETRY__OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "500"}
-    with _running_stack(tmp_path_factory.mktemp("stack"), stages=3, env=env) as s:
-        yield s
 
 
 def _publish(stack: LocalStack, key: str, seconds: float) -> None:
@@ -195,7 +146,7 @@ def test_self_forcing_and_a_non_default_ring_through_two_stages(tmp_path: Path) 
     ring = RingConfig(kv_window=5, sink=2, t_refresh=6, cache_mode="self_forcing", context_noise=30.0)
     env = {"RHEO_DIT_STAGE__KV_WINDOW": "5", "RHEO_DIT_STAGE__SINK": "2", "RHEO_DIT_STAGE__T_REFRESH": "6",
            "RHEO_DIT_STAGE__CACHE_MODE": "self_forcing", "RHEO_DIT_STAGE__CONTEXT_NOISE": "30.0"}
-    with _running_stack(tmp_path, stages=2, env=env) as s:
+    with running_stack(tmp_path, stages=2, env=env) as s:
         ref = _check_rtmp_to_hls_equals_pipeline(s, ring)
     plain = build_tiny_pipeline(PipelineConfig(width=SIZE, height=SIZE, steps=STEPS, output="float"))
     sid = plain.open_stream(PipelineStreamSpec(prompt="a test pattern in watercolour", seed=SEED))
@@ -616,7 +567,7 @@ def test_bad_keys_are_refused_and_the_api_and_playback_need_tokens(stack: LocalS
 def test_one_dit_stage_equals_the_pipeline_and_sigterm_stops_everything(tmp_path: Path) -> None:
     """One stage holding every block equals the pipeline too; then SIGTERM mid-stream drains every service within
     the bound and ends the playlist (one stack for both: each stack start costs tens of seconds on CI)."""
-    with _running_stack(tmp_path, stages=1) as s:
+    with running_stack(tmp_path, stages=1) as s:
         _check_rtmp_to_hls_equals_pipeline(s)
         created = s.api("POST", "/v1/streams", {"prompt": "p", "width": SIZE, "height": SIZE, "fps": FPS,
                                                 "steps": 1, "slo_latency_ms": 120000})

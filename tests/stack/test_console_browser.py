@@ -1,5 +1,6 @@
-"""The console in headless Chromium against a real stack (``LocalStack``, tiny model): sign in, create a stream,
-publish to it with the key the page shows, watch it move, change its prompt and see the seq, see it live in the list.
+"""The console in headless Chromium against the package's stack (``LocalStack``, tiny model: conftest.py): sign in,
+create a stream, publish to it with the key the page shows, watch it move, change its prompt and see the seq, see it
+live in the list.
 
 Screenshots of each page go to ``$RHEO_ARTEFACTS`` (default ``.artefacts/console/``).
 """
@@ -11,36 +12,18 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from media.player import HLSJS_DEFAULT, HLSJS_MISSING, HLSJS_URL
-from services.stack import LocalStack, Ports
+from services.stack import LocalStack
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, CURRENT_TIME, FRAME_HASH, NO_CHROMIUM, PLAYING
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTEFACTS = Path(os.environ.get("RHEO_ARTEFACTS") or ROOT / ".artefacts") / "console"
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    s = LocalStack(tmp_path_factory.mktemp("console"), stages=1, ports=Ports.ephemeral(), extra_env={
-        "RHEO_INGEST__STREAM_LINGER_S": "1",
-        "RHEO_INGEST__STATUS_INTERVAL_S": "0.5",
-        "RHEO_CONTROLLER__MODE": "static",
-        "RHEO_CONTROLLER__ADVISORY": "true",  # a loaded CPU runs the tiny model below real time: admit anyway
-        "RHEO_CONTROLLER__HEARTBEAT_MISS_S": "30",
-        "RHEO_CONTROLLER__STARTUP_GRACE_S": "600",
-    })
-    try:
-        s.start(timeout=300)
-        yield s
-    finally:
-        s.stop(timeout=60)
 
 
 def _publish(server: str, key: str) -> subprocess.Popen[bytes]:
