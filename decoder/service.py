@@ -128,7 +128,7 @@ class DecoderService(Service):
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vae-decode")
         # every stream's chunk ready in one loop turn is decoded by one VAE call (encoder/batching.py)
         self._batcher: ChunkBatcher[DecodeJob, DecodedFrames] = ChunkBatcher(
-            self._decode_batch, self._model_thread, self.settings.encoder.batch_window_ms / 1000.0)
+            self._decode_batch, self._model_thread, self.settings.encoder.batch_window_ms / 1000.0, "decode")
         self._closing = False
         self.checks["vae"] = False
         if self.video_message_bytes() < 64 * 1024:

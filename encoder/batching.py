@@ -12,10 +12,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
+
+from prometheus_client import Histogram
 
 J = TypeVar("J")
 R = TypeVar("R")
+
+
+BATCH_JOBS = Histogram("rheo_vae_batch_chunks", "chunks (one per stream) in one batched VAE call", ["op"],
+                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
 
 
 class ChunkBatcher(Generic[J, R]):
@@ -23,10 +29,11 @@ class ChunkBatcher(Generic[J, R]):
     submitted alongside it. ``run`` returns one result or exception per job, in order."""
 
     def __init__(self, run: Callable[[list[J]], Sequence[R | BaseException]], executor: Executor | None,
-                 window_s: float = 0.0) -> None:
+                 window_s: float = 0.0, op: Literal["encode", "decode", "other"] = "other") -> None:
         if window_s < 0:
             raise ValueError("window_s must be >= 0")
         self._run = run
+        self._observe = BATCH_JOBS.labels(op=op).observe
         self._executor = executor
         self.window_s = window_s
         self._pending: list[tuple[J, asyncio.Future[R]]] = []
@@ -59,6 +66,7 @@ class ChunkBatcher(Generic[J, R]):
         loop = asyncio.get_running_loop()
         self.batches += 1
         self.largest = max(self.largest, len(batch))
+        self._observe(len(batch))
         try:
             results: Sequence[R | BaseException] = await loop.run_in_executor(
                 self._executor, self._run, [job for job, _ in batch])

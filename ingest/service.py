@@ -127,7 +127,7 @@ class IngestService(Service):
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-model")
         # every stream's chunk ready in one loop turn is encoded by one VAE call (encoder/batching.py)
         self._encoder: ChunkBatcher[EncodeJob, tuple[torch.Tensor, float]] = ChunkBatcher(
-            self._encode_batch, self._compute, settings.encoder.batch_window_ms / 1000.0)
+            self._encode_batch, self._compute, settings.encoder.batch_window_ms / 1000.0, "encode")
         self.ring: RingConfig = settings.dit_stage.ring()
         """The ring the stages run (the one the controller's block map carries): chunks are clocked by it."""
 
