@@ -58,12 +58,17 @@ def _gather_memory(mems: Sequence[TAEHVDecoderState | None]) -> TAEHVDecoderStat
                                      for i in first.memory}, frames_out=first.frames_out)
 
 
-def _scatter_memory(merged: TAEHVDecoderState | None, sizes: list[int]) -> list[TAEHVDecoderState | None]:
+def _scatter_memory(merged: TAEHVDecoderState | None, before: Sequence[TAEHVDecoderState | None],
+                    sizes: list[int]) -> list[TAEHVDecoderState | None]:
+    """Each stream's rows of the merged memory; its frame count advanced by what this call added (streams of one
+    group may have different counts: only the count's trim-relevant part is equal)."""
     if merged is None:
         return [None] * len(sizes)
+    added = merged.frames_out - (before[0].frames_out if before[0] is not None else 0)
     parts = {i: [p.clone() for p in t.split(sizes)] for i, t in merged.memory.items()}
-    return [TAEHVDecoderState(memory={i: p[k] for i, p in parts.items()}, frames_out=merged.frames_out)
-            for k in range(len(sizes))]
+    return [TAEHVDecoderState(memory={i: p[k] for i, p in parts.items()},
+                              frames_out=(b.frames_out if b is not None else 0) + added)
+            for k, b in enumerate(before)]
 
 
 def _rounds(states: Sequence[StreamVAEState]) -> list[list[int]]:
@@ -130,7 +135,7 @@ def encode_batch(vae: StreamVAE, states: Sequence[StreamVAEState], chunks: Seque
                                 taehv_encoder=_gather_memory([s.taehv_encoder for s in group]))
         out = vae.encode(merged, x)
         caches = _scatter_cache(merged.encoder_cache, sizes)
-        mems = _scatter_memory(merged.taehv_encoder, sizes)
+        mems = _scatter_memory(merged.taehv_encoder, [s.taehv_encoder for s in group], sizes)
         for st, cache, mem in zip(group, caches, mems, strict=True):
             st.encoder_cache, st.taehv_encoder = cache, mem
             st.frames_encoded += x.shape[2]
@@ -157,7 +162,7 @@ def decode_batch(vae: StreamVAE, states: Sequence[StreamVAEState], latents: Sequ
                                 taehv=_gather_memory([s.taehv for s in group]))
         out = vae.decode(merged, z)
         caches = _scatter_cache(merged.decoder_cache, sizes)
-        mems = _scatter_memory(merged.taehv, sizes)
+        mems = _scatter_memory(merged.taehv, [s.taehv for s in group], sizes)
         for st, cache, mem in zip(group, caches, mems, strict=True):
             st.decoder_cache, st.taehv = cache, mem
             st.latents_decoded += z.shape[2]

@@ -112,3 +112,7 @@ def test_taehv_batch_both_ways(tiny_vae, video):
     ed = [sv.decode(s, z[:, :, 2:3]) for s in eager_d]
     for b, e in zip(sv.decode_batch(dstates, [z[:, :, 2:3]] * 2), ed, strict=True):
         torch.testing.assert_close(b, e, rtol=0, atol=ATOL)
+    assert [s.taehv.frames_out for s in dstates] == [s.taehv.frames_out for s in eager_d] == [12, 12]
+    sv.decode(dstates[1], z[:, :, 2:3])  # a stream further on, batched with one behind: each keeps its own count
+    sv.decode_batch(dstates, [z[:, :, :1]] * 2)
+    assert [s.taehv.frames_out for s in dstates] == [16, 20]
