@@ -116,3 +116,12 @@ def test_taehv_batch_both_ways(tiny_vae, video):
     sv.decode(dstates[1], z[:, :, 2:3])  # a stream further on, batched with one behind: each keeps its own count
     sv.decode_batch(dstates, [z[:, :, :1]] * 2)
     assert [s.taehv.frames_out for s in dstates] == [16, 20]
+
+
+def test_compile_is_a_no_op_on_cpu(tiny_vae):
+    """``encoder.compile`` is CUDA-only: on CPU the modules stay as they are (the GPU check: test_gpu_paths.py)."""
+    from encoder.vae_loading import compile_stream_vae
+
+    sv = StreamVAE(tiny_vae)
+    encoder = sv.vae.encoder
+    assert compile_stream_vae(sv) is False and sv.vae.encoder is encoder
