@@ -28,7 +28,9 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter
 
 from decoder.tracing import OutputTraces
+from encoder.batching import ChunkBatcher
 from encoder.vae import StreamVAE, StreamVAEState
+from encoder.vae_loading import StreamVAEConfig, compile_stream_vae, load_stream_vae, tiny_stream_vae
 from media.h264 import CfrPacer, H264Encoder, PacedFrame
 from proto import CHANNELS, EncodedVideo, LatentChunk, StreamEvent, StreamOutput, Subjects, VideoUnit
 from services import telemetry
@@ -37,6 +39,11 @@ from services.runtime import Service, ServiceStartError, main, write_debug_tap
 from services.workmeter import WorkMeter
 
 log = logging.getLogger("rheo.decoder")
+
+DecodeJob = tuple[StreamVAEState, torch.Tensor]
+"""One chunk to decode: the stream's VAE state and its latents ``[1, C, F, h, w]``."""
+DecodedFrames = tuple[np.ndarray, np.ndarray]
+"""``frames_from_decoded``: float32 [T, H, W, 3] in [0, 1] and uint8 RGB."""
 
 CHUNKS = Counter("rheo_decoder_chunks_total", "latent chunks by outcome", ["result"])
 FRAMES = Counter("rheo_decoder_frames_total", "frames decoded, output by the CFR pacer, repeated, dropped, padded "
@@ -122,6 +129,9 @@ class DecoderService(Service):
         self._ended: dict[str, tuple[tuple[int, int], float]] = {}
         self._early_ends: dict[str, tuple[int, float]] = {}  # 'ended' events of streams with no chunk yet
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vae-decode")
+        # every stream's chunk ready in one loop turn is decoded by one VAE call (encoder/batching.py)
+        self._batcher: ChunkBatcher[DecodeJob, DecodedFrames] = ChunkBatcher(
+            self._decode_batch, self._model_thread, self.settings.encoder.batch_window_ms / 1000.0, "decode")
         self._closing = False
         self.checks["vae"] = False
         if self.video_message_bytes() < 64 * 1024:
@@ -159,19 +169,26 @@ class DecoderService(Service):
         device = resolve_device(model.device)
         dtype = resolve_dtype(model.dtype, device)
         torch.set_grad_enabled(False)
+        dec, enc = self.settings.decoder, self.settings.encoder
+        taehv = enc.vae == "taehv" or dec.decoder == "taehv"  # encoder.vae: both ways; decoder.decoder: decode only
+        config = StreamVAEConfig(decoder="taehv" if taehv else "wan", taehv_path=dec.taehv_path or enc.taehv_path)
         if model.model_dir is None:
-            from wan.tiny import make_tiny_vae
-
             log.warning("decoder: no model.model_dir: decoding with the tiny RANDOM VAE (plumbing only)")
-            return StreamVAE(make_tiny_vae(0, dtype).to(device))
-        from encoder.vae_loading import StreamVAEConfig, load_stream_vae
-
-        dec = self.settings.decoder
-        config = StreamVAEConfig(decoder=dec.decoder, taehv_path=dec.taehv_path)
+            return tiny_stream_vae(config, dtype=dtype, device=device)
         try:
-            return load_stream_vae(model.model_dir, config, dtype=dtype, device=device)
+            vae = load_stream_vae(model.model_dir, config, dtype=dtype, device=device)
         except (FileNotFoundError, ValueError) as e:
             raise ServiceStartError(f"decoder: cannot load the VAE from {model.model_dir}: {e}") from e
+        if enc.compile:
+            compile_stream_vae(vae)
+        return vae
+
+    def _decode_batch(self, jobs: list[DecodeJob]) -> list[DecodedFrames | Exception]:
+        """Model thread: one batch; a stuck decode fails /healthz, its time is what admission counts per
+        megapixel-frame."""
+        assert self.vae is not None
+        with self.watchdog.busy("vae_decode", mpx=sum(_output_mpx(self.vae, z) for _, z in jobs)):
+            return _decode_frames(self.vae, jobs)
 
     async def drain(self) -> None:
         """End every stream now: buffered frames are encoded and sent with ``end_of_stream``."""
@@ -325,12 +342,9 @@ class DecoderService(Service):
         if new_segment and st.vae.latents_decoded:  # a new warm-up (a `cut`, an ingest restart): the cache
             st.vae = self.vae.new_state()          # starts over; its prepare chunk decodes as a stream's first
         joined = st.vae.latents_decoded == 0 and chunk.latent_start != 0
-        loop = asyncio.get_running_loop()
         span = st.traces.start(chunk)
-        try:
-            # a stuck decode fails /healthz; its time is what admission counts per megapixel-frame
-            decode = self.watchdog.watch("vae_decode", _decode_frames, mpx=_output_mpx(self.vae, latents))
-            float01, rgb = await loop.run_in_executor(self._model_thread, decode, self.vae, st.vae, latents)
+        try:  # batched with the other streams' ready chunks (_decode_batch: watchdog, work meter)
+            float01, rgb = await self._batcher.submit((st.vae, latents))
         except Exception as e:
             st.traces.failed(span, e)
             self._fail(chunk, f"{type(e).__name__}: {e}")
@@ -493,8 +507,15 @@ def _output_mpx(vae: StreamVAE, latents: torch.Tensor) -> float:
     return 4 * f * h * w * vae.spatial_factor ** 2 / 1e6
 
 
-def _decode_frames(vae: StreamVAE, state: StreamVAEState, latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    return frames_from_decoded(vae.decode(state, latents))
+def _decode_frames(vae: StreamVAE, jobs: list[DecodeJob]) -> list[DecodedFrames | Exception]:
+    """Model thread: every job's frames from one batched decode (a failed job: its own exception)."""
+    out: list[DecodedFrames | Exception] = []
+    for r in vae.decode_batch([st for st, _ in jobs], [z for _, z in jobs]):
+        try:
+            out.append(r if isinstance(r, Exception) else frames_from_decoded(r))
+        except Exception as e:
+            out.append(e)
+    return out
 
 
 def _encode(encoder: H264Encoder, paced: list[PacedFrame], final: bool) -> list[VideoUnit]:

@@ -29,6 +29,7 @@ from proto import (
     StagePrompt,
 )
 from services.link import LinkListener
+from services.link_staging import LinkStaging
 
 __all__ = ["Input", "StageInputs"]
 
@@ -107,8 +108,12 @@ class StageInputs:
                 if worker is None:
                     self.telemetry.drop("no_block_map")
                     continue
+                staging = LinkStaging.for_device(worker.model.device)  # CUDA: straight to the device (else None)
                 if isinstance(msg, StageItems) and not worker.is_first and _consistent(msg):
-                    msg.hidden, msg.noisy = msg.hidden.clone(), msg.noisy.clone()  # the buffer goes back to the pool
+                    if staging is not None:
+                        msg.hidden, msg.noisy = await asyncio.to_thread(staging.to_device, [msg.hidden, msg.noisy])
+                    else:
+                        msg.hidden, msg.noisy = msg.hidden.clone(), msg.noisy.clone()  # the buffer goes back
                     self.take_link(msg)
                 elif isinstance(msg, EpochSwitch) and not worker.is_first:
                     worker.add_items(msg)
@@ -118,7 +123,10 @@ class StageInputs:
                         self.telemetry.moved("in", frame.nbytes)
                     worker.add_shard_move(msg)
                 elif isinstance(msg, RingReturn) and worker.is_first and msg.latents.shape[0] == len(msg.items):
-                    msg.latents = msg.latents.clone()
+                    if staging is not None:  # the first stage keeps returned items on the device
+                        (msg.latents,) = await asyncio.to_thread(staging.to_device, [msg.latents])
+                    else:
+                        msg.latents = msg.latents.clone()
                     self.take_link(msg)
                 elif isinstance(msg, StagePrompt) and not worker.is_first:
                     worker.add_prompt(msg.stream_id, msg.version, msg.embedding)

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from dit_stage.telemetry import StageTelemetry
-from proto import Message, ShardMove, ShardMoveEnd
+from proto import Message, RingReturn, ShardMove, ShardMoveEnd, StageItems
 from services.bus import KV
 from services.config import DitStageSettings
 from services.link import LinkOptions, LinkSender, parse_endpoint
+from services.link_staging import LinkStaging
 from services.runtime import Background, watch_key
 
 __all__ = ["LINK_POLL_S", "NextLink", "SwitchLinks"]
@@ -38,6 +39,20 @@ def link_options(cfg: DitStageSettings) -> LinkOptions:
         raise ValueError(f"dit_stage.link_key is required: the tensor link listens on {cfg.link_host}, beyond "
                           "loopback (set RHEO_DIT_STAGE__LINK_KEY; the chart and `rheo up` generate one)")
     return LinkOptions(max_frame_bytes=cfg.link_max_frame_bytes, key=key)
+
+
+async def stage_for_link(message: Message) -> Message:
+    """Ring traffic still on a CUDA device goes to the host through pinned, reused buffers on the copy stream
+    (services/link_staging.py), waited for off the event loop; anything else (CPU tensors) is sent as it is."""
+    if isinstance(message, StageItems):
+        staging = LinkStaging.for_device(message.hidden.device)
+        if staging is not None:
+            message.hidden, message.noisy = await staging.to_host([message.hidden, message.noisy])
+    elif isinstance(message, RingReturn):
+        staging = LinkStaging.for_device(message.latents.device)
+        if staging is not None:
+            (message.latents,) = await staging.to_host([message.latents])
+    return message
 
 
 def _loopback(host: str) -> bool:
@@ -123,6 +138,7 @@ class NextLink:
                 return False
             sender = self.sender
             assert sender is not None
+            message = await stage_for_link(message)
             send = asyncio.ensure_future(sender.send(message))
             while True:
                 done, _ = await asyncio.wait({send}, timeout=LINK_POLL_S)

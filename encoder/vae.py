@@ -18,7 +18,8 @@ from typing import Any, Literal
 import torch
 from diffusers import AutoencoderKLWan
 
-from encoder.taehv import TAEHVDecoder, TAEHVDecoderState
+from encoder.taehv import TAEHVDecoder, TAEHVDecoderState, TAEHVEncoder
+from encoder.vae_batch import Result, decode_batch, encode_batch
 
 LatentNorm = Literal["reference", "normalized"]
 LATENT_NORMS: tuple[str, ...] = ("reference", "normalized")
@@ -45,6 +46,7 @@ class StreamVAEState:
     frames_encoded: int = 0
     latents_decoded: int = 0
     taehv: TAEHVDecoderState | None = None
+    taehv_encoder: TAEHVDecoderState | None = None
 
     def reset(self) -> None:
         """Start over as a new stream (next encode/decode calls are first calls again)."""
@@ -53,19 +55,21 @@ class StreamVAEState:
         self.frames_encoded = 0
         self.latents_decoded = 0
         self.taehv = None
+        self.taehv_encoder = None
 
     def nbytes(self) -> int:
         """Bytes of tensor memory held by this stream's caches."""
         slots = [*self.encoder_cache, *self.decoder_cache]
         total = sum(s.numel() * s.element_size() for s in slots if isinstance(s, torch.Tensor))
-        return total + (self.taehv.nbytes() if self.taehv is not None else 0)
+        return total + sum(t.nbytes() for t in (self.taehv, self.taehv_encoder) if t is not None)
 
     def to(self, device: torch.device | str) -> StreamVAEState:
         """Move every cached tensor to ``device`` in place (for moving a stream between GPUs)."""
         self.encoder_cache = [s.to(device) if isinstance(s, torch.Tensor) else s for s in self.encoder_cache]
         self.decoder_cache = [s.to(device) if isinstance(s, torch.Tensor) else s for s in self.decoder_cache]
-        if self.taehv is not None:
-            self.taehv.to(device)
+        for t in (self.taehv, self.taehv_encoder):
+            if t is not None:
+                t.to(device)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,17 +79,19 @@ class StreamVAEState:
             "frames_encoded": self.frames_encoded,
             "latents_decoded": self.latents_decoded,
             "taehv": self.taehv.to_dict() if self.taehv is not None else None,
+            "taehv_encoder": self.taehv_encoder.to_dict() if self.taehv_encoder is not None else None,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StreamVAEState:
-        taehv = data.get("taehv")
+        taehv, taehv_enc = data.get("taehv"), data.get("taehv_encoder")
         return cls(
             encoder_cache=list(data["encoder_cache"]),
             decoder_cache=list(data["decoder_cache"]),
             frames_encoded=int(data["frames_encoded"]),
             latents_decoded=int(data["latents_decoded"]),
             taehv=TAEHVDecoderState.from_dict(taehv) if taehv is not None else None,
+            taehv_encoder=TAEHVDecoderState.from_dict(taehv_enc) if taehv_enc is not None else None,
         )
 
 
@@ -108,7 +114,12 @@ class StreamVAE:
       * ``"normalized"`` — encode returns ``(μ − mean) / std``, decode applies ``z·std + mean``.
 
     ``taehv``: when given, decoding uses this TAEHV decoder (latents passed as they are, as SDv2 does)
-    instead of the Wan decoder. Encoding always uses the Wan encoder.
+    instead of the Wan decoder. ``taehv_encoder``: when given, encoding uses it instead of the Wan encoder (its
+    output is TAEHV's normalised space: returned as is under ``"normalized"``, as ``z·std + mean`` (≈ μ) under
+    ``"reference"``). The Wan VAE still gives the sizes (z_dim, factors) and the latent statistics.
+
+    ``encode_batch``/``decode_batch`` run many streams' chunks as one call (stacked along batch, each stream's
+    caches gathered before and scattered after), equal to the per-stream calls (docs/encoder.md).
 
     ``encode_frames_per_pass`` (a multiple of 4) and ``decode_latents_per_pass`` set how many frames/latents go
     through one encoder/decoder pass after the first. 4 and 1 are diffusers' one-shot loops: a whole video in one
@@ -122,6 +133,7 @@ class StreamVAE:
         *,
         latent_norm: LatentNorm = "reference",
         taehv: TAEHVDecoder | None = None,
+        taehv_encoder: TAEHVEncoder | None = None,
         encode_frames_per_pass: int = 4,
         decode_latents_per_pass: int = 1,
     ) -> None:
@@ -140,8 +152,12 @@ class StreamVAE:
             raise ValueError(f"latents_mean/std must have z_dim={cfg.z_dim} entries")
         if taehv is not None and taehv.latent_channels != cfg.z_dim:
             raise ValueError(f"TAEHV decoder has {taehv.latent_channels} latent channels, the VAE z_dim={cfg.z_dim}")
+        if taehv_encoder is not None and taehv_encoder.latent_channels != cfg.z_dim:
+            raise ValueError(f"TAEHV encoder has {taehv_encoder.latent_channels} latent channels, the VAE "
+                             f"z_dim={cfg.z_dim}")
         self.vae = vae.eval()
         self.taehv = taehv.eval() if taehv is not None else None
+        self.taehv_encoder = taehv_encoder.eval() if taehv_encoder is not None else None
         self.latent_norm: LatentNorm = latent_norm
         self.encode_frames_per_pass = encode_frames_per_pass
         self.decode_latents_per_pass = decode_latents_per_pass
@@ -179,6 +195,8 @@ class StreamVAE:
             )
         if not first and (t == 0 or t % tf):
             raise StreamVAEError(f"chunks after the first must have a positive multiple of {tf} frames, got {t}")
+        if self.taehv_encoder is not None:
+            return self._encode_taehv(state, frames)
         passes = _pass_slices(t, first, self.encode_frames_per_pass)
         hidden = [self._encoder_run(state, frames[:, :, a:b]) for a, b in passes]
         # quant_conv is 1×1×1: applied once per chunk, as diffusers applies it once per video.
@@ -196,12 +214,23 @@ class StreamVAE:
         outs = [self._decoder_run(state, x[:, :, a:b]) for a, b in passes]
         return torch.cat(outs, dim=2).clamp(-1.0, 1.0)
 
+    def encode_batch(self, states: list[StreamVAEState], chunks: list[torch.Tensor]) -> list[Result]:
+        """``encode`` for many streams in as few model calls as their caches allow; per item a latent or the
+        exception that stream's chunk raised (encoder/vae_batch.py)."""
+        return encode_batch(self, states, chunks)
+
+    def decode_batch(self, states: list[StreamVAEState], latents: list[torch.Tensor]) -> list[Result]:
+        """``decode`` for many streams in as few model calls as their caches allow (encoder/vae_batch.py)."""
+        return decode_batch(self, states, latents)
+
     # -- single passes (the first-call rules live here) -------------------------------------------------------
 
     @torch.no_grad()
     def encoder_pass(self, state: StreamVAEState, frames: torch.Tensor) -> torch.Tensor:
         """One ``vae.encoder`` pass with the stream's cache: exactly 1 frame the first time, then 4k frames."""
         self._check_pixels(frames)
+        if self.taehv_encoder is not None:
+            raise StreamVAEError("encoder_pass drives the Wan encoder; this StreamVAE encodes with TAEHV")
         return self._to_latent(self._encoder_run(state, frames))
 
     @torch.no_grad()
@@ -263,6 +292,17 @@ class StreamVAE:
         return self.vae.post_quant_conv((z.to(work) * std + mean).to(self.dtype))
 
     # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _encode_taehv(self, state: StreamVAEState, frames: torch.Tensor) -> torch.Tensor:
+        assert self.taehv_encoder is not None
+        if state.taehv_encoder is None:
+            state.taehv_encoder = self.taehv_encoder.new_state()
+        z = self.taehv_encoder.encode(state.taehv_encoder, (frames + 1.0) / 2.0)
+        state.frames_encoded += frames.shape[2]
+        if self.latent_norm == "reference":
+            mean, std, work = self._stats(z)
+            z = (z.to(work) * std + mean).to(z.dtype)
+        return z.to(self.dtype)
 
     def _decode_taehv(self, state: StreamVAEState, latents: torch.Tensor) -> torch.Tensor:
         assert self.taehv is not None

@@ -18,7 +18,7 @@ from diffusers import AutoencoderKLWan
 from pydantic import BaseModel, ConfigDict, Field
 
 from encoder.checkpoints import state_dict_mismatch
-from encoder.taehv import load_taehv_decoder
+from encoder.taehv import load_taehv_decoder, load_taehv_encoder, make_tiny_taehv
 from encoder.vae import LatentNorm, StreamVAE
 
 WAN_VAE_FILE = "Wan2.1_VAE.pth"
@@ -169,6 +169,7 @@ class StreamVAEConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     latent_norm: LatentNorm = "reference"
+    encoder: Literal["wan", "taehv"] = "wan"
     decoder: Literal["wan", "taehv"] = "wan"
     taehv_path: Path | None = Field(None, description=f"TAEHV weights; default <model dir>/{TAEHV_FILE}")
     encode_frames_per_pass: int = Field(4, ge=4, multiple_of=4)
@@ -186,14 +187,52 @@ def load_stream_vae(
     """The Wan VAE from ``model_dir`` (see ``load_wan_vae``), with the TAEHV decoder when the config asks for it."""
     config = config or StreamVAEConfig()
     vae = load_wan_vae(model_dir, config=vae_config, dtype=dtype, device=device)
-    taehv = None
+    taehv = taehv_enc = None
+    path = config.taehv_path or Path(model_dir) / TAEHV_FILE
     if config.decoder == "taehv":
-        path = config.taehv_path or Path(model_dir) / TAEHV_FILE
         taehv = load_taehv_decoder(path, latent_channels=vae.config.z_dim).to(device=device, dtype=dtype)
+    if config.encoder == "taehv":
+        taehv_enc = load_taehv_encoder(path, latent_channels=vae.config.z_dim).to(device=device, dtype=dtype)
     return StreamVAE(
         vae,
         latent_norm=config.latent_norm,
         taehv=taehv,
+        taehv_encoder=taehv_enc,
         encode_frames_per_pass=config.encode_frames_per_pass,
         decode_latents_per_pass=config.decode_latents_per_pass,
     )
+
+
+def tiny_stream_vae(config: StreamVAEConfig | None = None, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> StreamVAE:
+    """The tiny random Stream-VAE every tiny service builds alike (``wan.tiny``'s VAE; the tiny TAEHV when the
+    config asks for it): the plumbing twin of ``load_stream_vae``."""
+    from wan.tiny import make_tiny_vae
+
+    config = config or StreamVAEConfig()
+    vae = make_tiny_vae(seed, dtype).to(device)
+    enc, dec = make_tiny_taehv(vae.config.z_dim, seed, dtype)
+    return StreamVAE(
+        vae,
+        latent_norm=config.latent_norm,
+        taehv=dec.to(device) if config.decoder == "taehv" else None,
+        taehv_encoder=enc.to(device) if config.encoder == "taehv" else None,
+        encode_frames_per_pass=config.encode_frames_per_pass,
+        decode_latents_per_pass=config.decode_latents_per_pass,
+    )
+
+
+def compile_stream_vae(sv: StreamVAE) -> bool:
+    """``encoder.compile``: channels-last and ``torch.compile`` of the VAE's encoder/decoder (and TAEHV) modules,
+    recompiled per input shape. CUDA only (on CPU it would cost minutes of compile for no gain): False when skipped.
+    """
+    if sv.device.type != "cuda":
+        return False
+    for m in (sv.vae.encoder, sv.vae.decoder):
+        m.to(memory_format=torch.channels_last_3d)
+    for m in (sv.taehv, sv.taehv_encoder):  # TAEHV runs block by block (its memory): channels-last only
+        if m is not None:
+            m.to(memory_format=torch.channels_last)
+    sv.vae.encoder = torch.compile(sv.vae.encoder, dynamic=False)
+    sv.vae.decoder = torch.compile(sv.vae.decoder, dynamic=False)
+    return True

@@ -10,7 +10,8 @@ import torch
 
 from encoder.prompt import PromptEncoder
 from encoder.vae import StreamVAE
-from services.config import ModelSettings, Settings
+from encoder.vae_loading import StreamVAEConfig, compile_stream_vae, tiny_stream_vae
+from services.config import EncoderSettings, ModelSettings, Settings
 from services.workmeter import WorkMeter
 from wan.config import WanDiTConfig
 
@@ -32,25 +33,28 @@ class IngestModels:
     description: str
 
     @classmethod
-    def tiny(cls) -> IngestModels:
-        """The tiny random VAE and umT5 of ``wan.tiny`` (seed ``TINY_SEED``), as every tiny service builds."""
-        from wan.tiny import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
+    def tiny(cls, vae: StreamVAEConfig | None = None) -> IngestModels:
+        """The tiny random VAE (TAEHV: the tiny one) and umT5 of seed ``TINY_SEED``, as every tiny service builds."""
+        from wan.tiny import make_tiny_t5, make_tiny_tokenizer
 
         text_len = WanDiTConfig.tiny().text_len
-        return cls(StreamVAE(make_tiny_vae(TINY_SEED)),
+        return cls(tiny_stream_vae(vae, seed=TINY_SEED),
                    PromptEncoder(make_tiny_t5(TINY_SEED), make_tiny_tokenizer(), max_length=text_len),
                    "tiny random model (no weights)")
 
     @classmethod
-    def load(cls, model: ModelSettings) -> IngestModels:
+    def load(cls, model: ModelSettings, encoder: EncoderSettings | None = None) -> IngestModels:
+        vae_config = StreamVAEConfig(encoder=encoder.vae, taehv_path=encoder.taehv_path) if encoder else None
         if model.model_dir is None:
-            return cls.tiny()
+            return cls.tiny(vae_config)
         from encoder.vae_loading import load_stream_vae
         from wan.device import resolve_device, resolve_dtype
 
         device = resolve_device(model.device)
         dtype = resolve_dtype(model.dtype, device)
-        vae = load_stream_vae(model.model_dir, dtype=dtype, device=device)
+        vae = load_stream_vae(model.model_dir, vae_config, dtype=dtype, device=device)
+        if encoder is not None and encoder.compile:
+            compile_stream_vae(vae)
         prompt = PromptEncoder.from_model_dir(model.model_dir, dtype=dtype, device=device,
                                               max_length=WanDiTConfig.named("1.3b").text_len)
         return cls(vae, prompt, f"weights from {model.model_dir}")

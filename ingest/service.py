@@ -40,6 +40,7 @@ import torch
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
+from encoder.batching import ChunkBatcher
 from encoder.prompt import trim_padding
 from ingest.admission import ask_admission, unservable
 from ingest.drops import count_drop
@@ -50,7 +51,7 @@ from ingest.replay import sink_chunks, window_chunks
 from ingest.rtmp_stream import Decision, RtmpStream, StreamShape
 from ingest.server import RtmpServer
 from ingest.status import StatusWriter, reservation_ahead, start_session
-from ingest.stream import CHUNKS_DROPPED, ChunkSource, IngestStream
+from ingest.stream import CHUNKS_DROPPED, ChunkSource, EncodeJob, IngestStream, encode_chunks
 from ingest.t2v import T2VSource
 from proto import (
     ACTIVE_STATES,
@@ -125,6 +126,9 @@ class IngestService(Service):
         # Model work (VAE encode, umT5) runs on one thread: the event loop keeps serving RTMP and NATS, and one
         # stream's chunks are encoded strictly in order.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-model")
+        # every stream's chunk ready in one loop turn is encoded by one VAE call (encoder/batching.py)
+        self._encoder: ChunkBatcher[EncodeJob, tuple[torch.Tensor, float]] = ChunkBatcher(
+            self._encode_batch, self._compute, settings.encoder.batch_window_ms / 1000.0, "encode")
         self.ring: RingConfig = settings.dit_stage.ring()
         """The ring the stages run (the one the controller's block map carries): chunks are clocked by it."""
 
@@ -147,7 +151,8 @@ class IngestService(Service):
         self._blockmaps = await self.bus.kv(Buckets.BLOCKMAP, replicas=self.settings.nats.kv_replicas)
         self._watches.append(asyncio.create_task(watch_key(self._blockmap_kv, "current", self._on_blockmap,
                                                            what="ingest: block map"), name="blockmap-watch"))
-        self.models = await loop.run_in_executor(self._compute, IngestModels.load, self.settings.model)
+        self.models = await loop.run_in_executor(self._compute, IngestModels.load, self.settings.model,
+                                                 self.settings.encoder)
         await loop.run_in_executor(self._compute, self.models.warm_up, self.work)
         if self.settings.model.model_dir is None:
             log.warning("NO MODEL WEIGHTS (model.model_dir unset): ingest runs the tiny RANDOM VAE and umT5")
@@ -479,14 +484,9 @@ class IngestService(Service):
         if ending and time.time() > deadline:
             stream.drop("deadline", f"chunk {raw.seq}: past its deadline after the stream ended")
             return
-        assert self.models is not None
-        loop = asyncio.get_running_loop()
         span = telemetry.start_chunk_trace("ingest.encode", {"rheo.stream_id": stream.stream_id, "rheo.seq": raw.seq})
-        try:
-            # a stuck encode fails /healthz; its time is what admission counts per megapixel-frame (T2V: none)
-            encode = self.watchdog.watch("vae_encode", stream.encode, mpx=0.0 if spec.t2v else raw.frames.size / 3e6)
-            latent, scale = await loop.run_in_executor(self._compute, encode, self.models.vae, raw, spec,
-                                                       self.settings.ingest.debug_tap_dir)
+        try:  # batched with the other streams' ready chunks (_encode_batch: watchdog, work meter)
+            latent, scale = await self._encoder.submit(EncodeJob(stream, raw, spec, self.settings.ingest.debug_tap_dir))
         except Exception as e:
             stream.drop("encode_error", f"chunk {raw.seq}: {type(e).__name__}: {e}")
             return
@@ -499,6 +499,14 @@ class IngestService(Service):
         async with stream.publishing:  # a replay in progress goes first; the epoch is the one current at publish
             await stream.publish(stream.chunk(raw, latent, scale, deadline, self.epoch, self.clock_of(stream),
                                               telemetry.traceparent(span)))
+
+    def _encode_batch(self, jobs: list[EncodeJob]) -> list[tuple[torch.Tensor, float] | Exception]:
+        """Model thread: one batch; a stuck encode fails /healthz, its time is what admission counts per
+        megapixel-frame (T2V: none)."""
+        assert self.models is not None
+        mpx = sum(0.0 if j.spec.t2v else j.raw.frames.size / 3e6 for j in jobs)
+        with self.watchdog.busy("vae_encode", mpx=mpx):
+            return encode_chunks(self.models.vae, jobs)
 
     def clock_of(self, stream: IngestStream) -> ChunkClock:
         """The stream's chunk clock on the configured ring (latent and RoPE starts)."""

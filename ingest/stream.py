@@ -255,25 +255,30 @@ class IngestStream:
 
     def encode(self, vae: StreamVAE, raw: RawChunk, spec: StreamSpec,
                tap_dir: str | Path | None = None) -> tuple[torch.Tensor, float]:
-        """Model thread: the chunk's latent ``[F, C, h, w]`` and noise scale. V2V: motion estimate + Stream-VAE
-        encode, exactly as ``StreamPipeline._next_chunk``; T2V: zeros under noise scale 1 (pure noise). ``spec`` is
-        the one in force when the chunk was taken (``begin``): a live change answered meanwhile reports the next
-        chunk as its effective seq, so it must not reach this one."""
+        """Model thread: the chunk's latent ``[F, C, h, w]`` and noise scale (``encode_chunks`` of this one job)."""
+        result = encode_chunks(vae, [EncodeJob(self, raw, spec, tap_dir)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def encode_input(self, vae: StreamVAE, raw: RawChunk, spec: StreamSpec,
+                     tap_dir: str | Path | None = None) -> tuple[torch.Tensor, float, bool]:
+        """Model thread, before the VAE: (pixels ``[1, 3, T, H, W]``, noise scale, True) for V2V, after the motion
+        estimate, exactly as ``StreamPipeline._next_chunk``; T2V: (zero latent ``[F, C, h, w]``, 1, False), pure
+        noise, nothing to encode. ``spec`` is the one in force when the chunk was taken (``begin``): a live change
+        answered meanwhile reports the next chunk as its effective seq, so it must not reach this one."""
         if spec.t2v:
             frames = spec.clock().latent_frames(raw.seq - self.segment_start)
             f = vae.spatial_factor
-            return torch.zeros(frames, vae.z_dim, spec.height // f, spec.width // f), 1.0
+            return torch.zeros(frames, vae.z_dim, spec.height // f, spec.width // f), 1.0, False
         expected = (len(raw.frame_times), spec.height, spec.width, 3)
         if tuple(raw.frames.shape) != expected or raw.frames.dtype != np.uint8:
             raise ValueError(f"chunk frames are {raw.frames.dtype}{tuple(raw.frames.shape)}, expected uint8{expected}")
         if tap_dir is not None:
             write_debug_tap(Path(tap_dir) / self.stream_id / f"chunk_{raw.seq:06d}.npy", raw.frames)
-        started = time.perf_counter()
         px = to_pixels(raw.frames, vae.device)
         level = motion_controller(spec).update(self.motion, px)
-        z = vae.encode(self.vae, px.to(vae.dtype)).float()
-        ENCODE_SECONDS.observe(time.perf_counter() - started)
-        return z[0].transpose(0, 1).contiguous().cpu(), level.scale  # [1, C, F, h, w] → [F, C, h, w]
+        return px.to(vae.dtype), level.scale, True
 
     def chunk(self, raw: RawChunk, latent: torch.Tensor, scale: float, deadline: float, epoch: int,
               clock: ChunkClock, trace: str | None = None) -> LatentChunk:
@@ -401,3 +406,41 @@ def _cpu_tree(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_cpu_tree(v) for v in obj]
     return obj
+
+
+@dataclass
+class EncodeJob:
+    """One chunk for the model thread: the stream, the raw chunk and the spec it is encoded under."""
+
+    stream: IngestStream
+    raw: RawChunk
+    spec: StreamSpec
+    tap_dir: str | Path | None = None
+
+
+def encode_chunks(vae: StreamVAE, jobs: list[EncodeJob]) -> list[tuple[torch.Tensor, float] | Exception]:
+    """Model thread: every job's latent ``[F, C, h, w]`` and noise scale, or its own exception. The V2V chunks'
+    VAE encode is one ``StreamVAE.encode_batch`` call (each stream's cache exact; encoder/vae_batch.py)."""
+    started = time.perf_counter()
+    results: list[tuple[torch.Tensor, float] | Exception | None] = [None] * len(jobs)
+    pending: list[tuple[int, torch.Tensor, float]] = []
+    for i, job in enumerate(jobs):
+        try:
+            x, scale, needs_vae = job.stream.encode_input(vae, job.raw, job.spec, job.tap_dir)
+        except Exception as e:
+            results[i] = e
+            continue
+        if needs_vae:
+            pending.append((i, x, scale))
+        else:
+            results[i] = (x, scale)
+    if pending:
+        latents = vae.encode_batch([jobs[i].stream.vae for i, _, _ in pending], [x for _, x, _ in pending])
+        share = (time.perf_counter() - started) / len(pending)  # each chunk's share of the batch
+        for (i, _, scale), z in zip(pending, latents, strict=True):
+            if isinstance(z, Exception):
+                results[i] = z
+                continue
+            results[i] = z.float()[0].transpose(0, 1).contiguous().cpu(), scale  # [1, C, F, h, w] → [F, C, h, w]
+            ENCODE_SECONDS.observe(share)
+    return [r if r is not None else RuntimeError("not encoded") for r in results]

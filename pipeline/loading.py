@@ -30,12 +30,18 @@ from dit_stage.loading import (
 )
 from dit_stage.model import make_tiny_dit
 from encoder.prompt import PromptEncoder
-from encoder.vae import StreamVAE
-from encoder.vae_loading import DIFFUSERS_VAE_DIR, TAEHV_FILE, WAN_VAE_FILE, StreamVAEConfig, load_stream_vae
+from encoder.vae_loading import (
+    DIFFUSERS_VAE_DIR,
+    TAEHV_FILE,
+    WAN_VAE_FILE,
+    StreamVAEConfig,
+    load_stream_vae,
+    tiny_stream_vae,
+)
 from pipeline.pipeline import FixedEmbedding, PipelineConfig, StreamPipeline
 from wan.config import WanDiTConfig
 from wan.device import resolve_device, resolve_dtype
-from wan.tiny import make_tiny_t5, make_tiny_tokenizer, make_tiny_vae
+from wan.tiny import make_tiny_t5, make_tiny_tokenizer
 
 __all__ = [
     "FixedEmbedding",
@@ -64,13 +70,14 @@ def build_tiny_pipeline(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     forward: ForwardMode = "auto",
+    vae_config: StreamVAEConfig | None = None,
 ) -> StreamPipeline:
-    """The tiny random preset: tiny DiT + tiny VAE + tiny umT5/tokenizer, deterministic from ``seed``
-    (default size 64×64)."""
+    """The tiny random preset: tiny DiT + tiny VAE (``vae_config``: the tiny TAEHV either way) + tiny
+    umT5/tokenizer, deterministic from ``seed`` (default size 64×64)."""
     config = config or PipelineConfig(width=64, height=64)
     device = torch.device(device)
     dit = make_tiny_dit(seed, num_layers, dtype).to(device)
-    vae = StreamVAE(make_tiny_vae(seed, dtype).to(device))
+    vae = tiny_stream_vae(vae_config, seed=seed, dtype=dtype, device=device)
     text = PromptEncoder(make_tiny_t5(seed).to(device), make_tiny_tokenizer(), max_length=dit.config.text_len)
     return StreamPipeline(dit, vae, text, config, forward=forward,
                           description="tiny random model (preset 'tiny', no weights)")
@@ -101,7 +108,7 @@ def _vae_source(model_dir: Path, vae_config: StreamVAEConfig | None) -> tuple[Pa
     """The VAE inside a model dir (``vae/`` or ``Wan2.1_VAE.pth``), or an error naming both; unlike
     ``resolve_vae_path`` it never takes the model dir itself for a VAE folder."""
     cfg = vae_config or StreamVAEConfig()
-    if cfg.decoder == "taehv" and cfg.taehv_path is None:
+    if "taehv" in (cfg.decoder, cfg.encoder) and cfg.taehv_path is None:
         cfg = cfg.model_copy(update={"taehv_path": model_dir / TAEHV_FILE})
     for candidate in (model_dir / DIFFUSERS_VAE_DIR, model_dir / WAN_VAE_FILE):
         if (candidate / "config.json").is_file() or candidate.is_file():

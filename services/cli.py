@@ -160,7 +160,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         from dit_stage.loading import CheckpointError
         from encoder.prompt import PromptEncoderFilesError, T5WeightsError
-        from encoder.vae_loading import VAEWeightsError
+        from encoder.vae_loading import StreamVAEConfig, VAEWeightsError
         from pipeline.loading import ModelDirError, build_tiny_pipeline, load_pipeline
         from pipeline.offline import run_file, run_t2v
         from pipeline.pipeline import PipelineConfig, PipelineError
@@ -184,18 +184,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ring=settings.dit_stage.ring(),  # the ring the stage services run: `rheo run` equals them
     )
     seed = settings.stream.seed if args.seed is None else args.seed
+    vae = args.vae or settings.encoder.vae  # both ways, as the services with encoder.vae
+    vae_config = StreamVAEConfig(encoder=vae, decoder=vae, taehv_path=settings.encoder.taehv_path)
     progress = not args.quiet
     try:
         if tiny:
             print(_TINY_WARNING, file=sys.stderr)
             torch.manual_seed(0)
             pipeline = build_tiny_pipeline(config, device=resolve_device(args.device),
-                                           forward=settings.dit_stage.forward)
+                                           forward=settings.dit_stage.forward, vae_config=vae_config)
         else:
             checkpoint = args.checkpoint or settings.model.checkpoint
             pipeline = load_pipeline(
                 model_dir, config, checkpoint=checkpoint, device=args.device, dtype=settings.model.dtype,
-                forward=settings.dit_stage.forward,
+                forward=settings.dit_stage.forward, vae_config=vae_config,
             )
         if args.t2v:
             stats = run_t2v(pipeline, args.output, args.prompt, seconds=args.seconds or 2.0, fps=settings.stream.fps,
@@ -305,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t2v", action="store_true", help="no input video: generate from the prompt")
     p.add_argument("--seconds", type=float, help="T2V duration (default 2)")
     p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N")
+    p.add_argument("--vae", choices=["wan", "taehv"], help="VAE for encode and decode (default: encoder.vae)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
     return parser

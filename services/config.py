@@ -116,6 +116,19 @@ class ModelSettings(Section):
     )
 
 
+class EncoderSettings(Section):
+    """The Stream-VAE of ingest (encode) and of the decoder service (decode): which one, batched how."""
+
+    vae: Literal["wan", "taehv"] = Field(
+        "wan", description="VAE both ways: the Wan2.1 VAE, or TAEHV (taew2_1) for encode and decode (fast mode)"
+    )
+    taehv_path: Path | None = Field(None, description="TAEHV (taew2_1) weights; default <model dir>/taew2_1.pth")
+    batch_window_ms: float = Field(
+        0.0, ge=0, le=100, description="how long a VAE batch waits for more streams' chunks (0: only those ready now)"
+    )
+    compile: bool = Field(False, description="torch.compile the VAE per shape, channels-last (CUDA only; opt-in)")
+
+
 class StreamDefaults(Section):
     width: int = Field(512, gt=0, multiple_of=SIZE_MULTIPLE, description="model input width in pixels")
     height: int = Field(512, gt=0, multiple_of=SIZE_MULTIPLE, description="model input height in pixels")
@@ -502,6 +515,7 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     stream: StreamDefaults = Field(default_factory=StreamDefaults)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     egress: EgressSettings = Field(default_factory=EgressSettings)

@@ -129,6 +129,9 @@ class LocalStack:
     public_host: str = "localhost"
     """The host name in the URLs the API hands out (publish, player, playback)."""
     extra_env: dict[str, str] = field(default_factory=dict)
+    device: str | None = None
+    """torch device of every model process (``model.device``; ``cuda``: one-GPU mode, see ``services.up``).
+    None: the configured one (``auto``)."""
     torch_threads: int | None = 1
     """CPU threads of each service's torch (``OMP_NUM_THREADS``, unless the environment sets it): every service
     is its own process on the same cores, and one thread each keeps them from oversubscribing the machine (on the
@@ -210,6 +213,8 @@ class LocalStack:
             env["OMP_NUM_THREADS"] = str(self.torch_threads)
         if self.model_dir is not None:
             env["RHEO_MODEL__MODEL_DIR"] = str(self.model_dir)
+        if self.device is not None:
+            env["RHEO_MODEL__DEVICE"] = self.device
         return env
 
     def _plan(self) -> list[Proc]:

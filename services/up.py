@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from services.config import load_settings
+from services.config import Settings, load_settings
 
 if TYPE_CHECKING:
     from services.stack import LocalStack, Ports
@@ -63,7 +63,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nats-port", type=int, help="client port of the private nats-server (default 4222)")
     p.add_argument("--port-offset", "--port-base", type=int, default=0, metavar="N",
                    help="add N to every default port, health and link ports included (a second stack on this host)")
-    p.add_argument("--stages", type=int, default=2, help="DiT stages (processes) the blocks are split over")
+    p.add_argument("--stages", type=int, help="DiT stages (processes) the blocks are split over (default 2; "
+                                              "--device cuda: 1)")
+    p.add_argument("--device", help="torch device of every model process; cuda or cuda:N: one-GPU mode (one stage "
+                                    "holding every block, ingest and decoder on the same GPU; memory checked first)")
+    p.add_argument("--streams", type=int, help="streams the one-GPU memory check plans for (default "
+                                               "controller.admission_prior_streams)")
     p.add_argument("--model-dir", help="Wan2.1 model folder (else the tiny random model)")
     p.add_argument("--prompt", default="a watercolour painting, soft brush strokes", help="the demo stream's prompt")
     p.add_argument("--testpattern", action="store_true", help="publish a moving test pattern to the demo stream")
@@ -177,6 +182,23 @@ def demo_stream(stack: LocalStack, state: dict, workdir: Path, prompt: str, weig
     return created
 
 
+def one_gpu_problem(device: str, settings: Settings, model_dir: Path | None, streams: int) -> str | None:
+    """``--device cuda[:N]``: None when a CUDA device is there and the one-GPU budget fits its free memory, else
+    the one-line reason (services/gpu_budget.py)."""
+    import torch
+
+    from services.gpu_budget import check_one_gpu, one_gpu_budget
+
+    if not torch.cuda.is_available():
+        return (f"--device {device}: no CUDA device is visible to torch (torch.cuda.is_available() is False); run "
+                "without --device on this machine, or on one with an NVIDIA GPU and a CUDA build of torch")
+    try:
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        return f"--device {device}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return check_one_gpu(one_gpu_budget(settings, model_dir, streams), free, total, device)
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"rheo up: {message}", file=sys.stderr)
     return code
@@ -198,6 +220,16 @@ def _up(args: argparse.Namespace, workdir: Path) -> int:
     from services.stack import LocalStack, StackError, start_testpattern
 
     settings = load_settings()  # a config mistake: one line (services.cli.main) before anything starts
+    model_dir = args.model_dir or settings.model.model_dir
+    if args.device and args.device.startswith("cuda"):
+        problem = one_gpu_problem(args.device, settings, Path(model_dir) if model_dir else None,
+                                  args.streams or settings.controller.admission_prior_streams)
+        if problem:
+            return _fail(problem)
+        if args.stages not in (None, 1):
+            return _fail(f"--device {args.device} is one-GPU mode: one stage holds every block (drop --stages)")
+        args.stages = 1
+    args.stages = args.stages or 2
     host = args.host or os.environ.get("RHEO_GATEWAY__HOST") or "127.0.0.1"
     ports = up_ports(args)
     clashes = ports.in_use(args.stages, host)
@@ -205,7 +237,6 @@ def _up(args: argparse.Namespace, workdir: Path) -> int:
         name, port = clashes[0]
         what, flags = PORT_FLAGS[name]
         return _fail(f"port {port} ({what}) is already in use (another rheo up?): move it with {flags}")
-    model_dir = args.model_dir or settings.model.model_dir
     if model_dir is None:
         print("*" * 78 + "\n*  NO MODEL WEIGHTS CONFIGURED (--model-dir / RHEO_MODEL__MODEL_DIR):\n"
               "*  running the tiny RANDOM model on CPU. Output is noise-like restyling, for trying\n"
@@ -220,7 +251,7 @@ def _up(args: argparse.Namespace, workdir: Path) -> int:
                        or state["api_token"],
                        playback_key=user_secret("RHEO_PLAYBACK__SIGNING_KEYS", settings.playback.signing_keys)
                        or state["playback_key"],
-                       link_key=state["link_key"])
+                       link_key=state["link_key"], device=args.device)
     pattern: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -8,7 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoder.taehv import MemBlock, TAEHVDecoder, TAEHVDecoderError, TGrow, load_taehv_decoder
+from encoder.taehv import (
+    MemBlock,
+    TAEHVDecoder,
+    TAEHVDecoderError,
+    TAEHVEncoder,
+    TGrow,
+    load_taehv_decoder,
+    load_taehv_encoder,
+    make_tiny_taehv,
+)
 from encoder.vae import StreamVAE, StreamVAEError, StreamVAEState
 
 
@@ -124,3 +133,64 @@ def test_load_taew2_1_checkpoint(tmp_path):
         load_taehv_decoder(tmp_path / "broken.pth", latent_channels=4, channels=(32, 16, 8, 8))
     with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
         load_taehv_decoder(tmp_path / "missing.pth")
+
+
+# -- TAEHV encoder ----------------------------------------------------------------------------------------------
+
+
+def test_taehv_encoder_layout_matches_taew2_1():
+    enc = TAEHVEncoder()
+    kinds = {i: type(b).__name__ for i, b in enumerate(enc.encoder)}
+    assert [i for i, k in kinds.items() if k == "TPool"] == [2, 7, 12]
+    assert [enc.encoder[i].stride for i in (2, 7, 12)] == [2, 2, 1]
+    assert [i for i, k in kinds.items() if k == "MemBlock"] == [4, 5, 6, 9, 10, 11, 14, 15, 16]
+    sd = enc.state_dict()
+    assert sd["encoder.0.weight"].shape == (64, 3, 3, 3) and sd["encoder.17.weight"].shape == (16, 64, 3, 3)
+    assert sd["encoder.2.conv.weight"].shape == (64, 128, 1, 1) and "encoder.3.bias" not in sd
+    assert sum(p.numel() for p in enc.parameters()) == 1_470_928  # model.md §4: 1.47 M
+
+
+def test_taehv_encoder_chunked_equals_whole_clip_and_is_causal():
+    enc, _ = make_tiny_taehv(4, seed=1)
+    x = torch.rand(1, 3, 13, 16, 24, generator=torch.Generator().manual_seed(7))
+    whole = enc.encode(enc.new_state(), x)
+    assert whole.shape == (1, 4, 4, 2, 3)  # 1 + 4k frames → 1 + k latents, 8× space
+    state = enc.new_state()
+    parts = [enc.encode(state, x[:, :, a:b]) for a, b in ((0, 5), (5, 9), (9, 13))]
+    torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=1e-6)
+    later = x.clone()
+    later[:, :, 9:] = torch.rand(1, 3, 4, 16, 24)  # a different future leaves the past latents alone
+    changed = enc.encode(enc.new_state(), later)
+    torch.testing.assert_close(changed[:, :, :3], whole[:, :, :3], rtol=0, atol=1e-6)
+    assert (changed[:, :, 3] - whole[:, :, 3]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        enc.encode(enc.new_state(), x[:, :, :4])
+
+
+def test_stream_vae_with_taehv_both_ways(tiny_vae, video, tmp_path):
+    enc, dec = make_tiny_taehv(4, seed=2)
+    sv = StreamVAE(tiny_vae, taehv=dec, taehv_encoder=enc, latent_norm="normalized")
+    x = video(9, seed=8)
+    state = sv.new_state()
+    z = torch.cat([sv.encode(state, x[:, :, :5]), sv.encode(state, x[:, :, 5:9])], 2)
+    assert z.shape == (1, 4, 3, 2, 3) and state.taehv_encoder is not None
+    torch.testing.assert_close(z, enc.encode(enc.new_state(), (x + 1) / 2), rtol=0, atol=1e-6)
+    frames = sv.decode(state, z)
+    assert frames.shape == x.shape and frames.abs().max() <= 1.0  # round trip: shapes and range (random weights)
+    ref = StreamVAE(tiny_vae, taehv_encoder=enc)  # reference space: z·std + mean
+    mean = torch.tensor([0.3, -0.7, 0.1, 1.2]).view(1, 4, 1, 1, 1)
+    std = torch.tensor([1.9, 0.6, 2.4, 1.3]).view(1, 4, 1, 1, 1)
+    torch.testing.assert_close(ref.encode(ref.new_state(), x[:, :, :5]), z[:, :, :2] * std + mean)
+    with pytest.raises(StreamVAEError, match="TAEHV"):
+        sv.encoder_pass(sv.new_state(), x[:, :, :1])
+    moved = StreamVAEState.from_dict(state.to_dict())
+    assert moved.taehv_encoder is not None and moved.taehv_encoder.frames_out == 9
+
+    sd = {**TAEHVEncoder(latent_channels=4).state_dict(), **dec.state_dict()}  # taew2_1: both in one file
+    torch.save(sd, tmp_path / "taew2_1.pth")
+    loaded = load_taehv_encoder(tmp_path / "taew2_1.pth", latent_channels=4)
+    assert loaded.encoder[17].weight.shape == (4, 64, 3, 3)
+    del sd["encoder.17.weight"]
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(TAEHVDecoderError, match=r"encoder\.17\.weight"):
+        load_taehv_encoder(tmp_path / "broken.pth", latent_channels=4)

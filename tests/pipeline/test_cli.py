@@ -134,3 +134,28 @@ def test_output_equal_to_input_is_refused_before_anything(clip, tmp_path, capsys
         assert code == 2 and stderr.strip().splitlines() == [
             f"rheo run: error: --output {out} is the input file: it would be overwritten; write elsewhere"], stderr
     assert src.read_bytes() == clip.read_bytes()
+
+
+def test_rheo_run_vae_taehv_encodes_and_decodes_with_taehv(clip, tmp_path, capsys, monkeypatch):
+    """`--vae taehv`: the tiny TAEHV both ways (in-process: an interpreter start costs seconds here)."""
+    from encoder.taehv import TAEHVDecoder, TAEHVEncoder
+    from services.cli import main
+
+    for key in [k for k in os.environ if k.startswith("RHEO_")]:
+        monkeypatch.delenv(key)
+    calls = {"encode": 0, "decode": 0}
+    for cls, name in ((TAEHVEncoder, "encode"), (TAEHVDecoder, "decode")):
+        real = getattr(cls, name)
+
+        def spy(self, *a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(cls, name, spy)
+    out = tmp_path / "fast.mp4"
+    code = main(["run", "--input", str(clip), "--output", str(out), "--prompt", "x", "--preset", "tiny",
+                 "--size", "64x64", "--vae", "taehv", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    frames, _ = read_clip(out)
+    assert frames.shape == (24, 64, 64, 3)
+    assert calls["encode"] > 0 and calls["decode"] > 0

@@ -97,3 +97,38 @@ def test_host_and_the_users_variables(tmp_path: Path, monkeypatch: pytest.Monkey
     env = stack._env("gateway", 9464)
     assert {k: env[k] for k in mine} == mine
     assert env["RHEO_INGEST__RTMP_HOST"] == "0.0.0.0"  # what the user left alone is the stack's
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU machine's answer")
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["up", "--device", "cuda", "--workdir", str(tmp_path), "--port-offset", "20000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rheo up: --device cuda: no CUDA device is visible"), err
+    assert not (tmp_path / SECRETS).exists()  # refused before anything was made or started
+
+
+def test_one_gpu_budget_names_what_does_not_fit() -> None:
+    from services.config import Settings
+    from services.gpu_budget import GiB, check_one_gpu, one_gpu_budget
+
+    settings = Settings()
+    full = one_gpu_budget(settings, Path("/models/wan"), streams=4)
+    assert {"DiT", "umT5", "KV ×4", "VAE caches ×4"} <= set(full.parts)
+    assert 2.4 * GiB < full.parts["DiT"] < 2.8 * GiB  # 1.3B in bf16
+    assert one_gpu_budget(settings, Path("/m"), 8).total > full.total  # more streams, more memory
+    taehv = Settings(encoder={"vae": "taehv"})
+    assert one_gpu_budget(taehv, Path("/m"), 4).total < full.total
+    assert check_one_gpu(full, free=80 * GiB, total=80 * GiB, device="cuda") is None
+    line = check_one_gpu(full, free=16 * GiB, total=24 * GiB, device="cuda:0")
+    assert line is not None and "\n" not in line
+    assert line.startswith("--device cuda:0: one-GPU mode needs ≈") and "16.0 of 24.0 GiB free" in line
+    assert "lower --streams" in line
+    assert one_gpu_budget(settings, None, 4).total < 3 * GiB  # the tiny model: contexts and small caches
+
+
+def test_local_stack_device_reaches_every_model_process(tmp_path: Path) -> None:
+    ids = make_identities(tmp_path / "ids")
+    on_gpu = LocalStack(tmp_path, stages=1, device="cuda:0", identities=ids)
+    assert {on_gpu._env(n, 9000)["RHEO_MODEL__DEVICE"] for n in ("ingest", "dit-0", "decoder")} == {"cuda:0"}
+    plain = LocalStack(tmp_path, identities=ids)._env("ingest", 9000)
+    assert plain.get("RHEO_MODEL__DEVICE") == os.environ.get("RHEO_MODEL__DEVICE")  # unset: the configured one

@@ -526,6 +526,17 @@ def test_forged_bus_messages_leave_a_live_stream_untouched(stack: LocalStack) ->
         assert not refused, (p.name, refused)
 
 
+def test_ingest_and_decoder_run_their_vae_through_the_batcher(stack: LocalStack) -> None:
+    """The streams above went through one batched VAE call per loop turn (encoder/batching.py) in both processes."""
+    for name, op in (("ingest", "encode"), ("decoder", "decode")):
+        proc = next(p for p in stack.procs if p.name == name)
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.health_port}/metrics", timeout=5) as r:
+            lines = r.read().decode().splitlines()
+        count = [float(line.rsplit(" ", 1)[1]) for line in lines
+                 if line.startswith(f'rheo_vae_batch_chunks_count{{op="{op}"}}')]
+        assert count and count[0] > 0, (name, count)
+
+
 def test_a_stage_link_refuses_a_peer_without_the_key(stack: LocalStack) -> None:
     """Reaching a stage's link port is not enough (docs/security.md): the stage challenges first and closes a peer
     that answers with the unkeyed wire instead of the key's proof, before reading a frame."""
