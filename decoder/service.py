@@ -30,6 +30,7 @@ from prometheus_client import Counter
 from encoder.vae import StreamVAE, StreamVAEState
 from media.h264 import CfrPacer, H264Encoder, PacedFrame
 from proto import CHANNELS, EncodedVideo, LatentChunk, StreamEvent, StreamOutput, Subjects, VideoUnit
+from services.assignments import Assignments
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
 from services.runtime import Service, ServiceStartError, main, write_debug_tap
 from services.workmeter import WorkMeter
@@ -65,6 +66,7 @@ class DecoderStats:
     chunks_decoded: int = 0
     chunks_failed: int = 0
     chunks_dropped: int = 0  # queue overflow, stale/out-of-order, after the stream ended, subject mismatch
+    chunks_unassigned: int = 0  # chunks of streams placed on another decoder (services/assignments.py)
     chunk_gaps: int = 0  # chunks missing between two decoded ones of a segment
     joins: int = 0  # chunks decoded on an empty cache mid-segment (a decoder restart, a lost prepare chunk)
     frames_decoded: int = 0
@@ -119,6 +121,7 @@ class DecoderService(Service):
         self._ended: dict[str, tuple[tuple[int, int], float]] = {}
         self._early_ends: dict[str, tuple[int, float]] = {}  # 'ended' events of streams with no chunk yet
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vae-decode")
+        self.assignments = Assignments("decoder", self.member_id)
         self._closing = False
         self.checks["vae"] = False
         if self.video_message_bytes() < 64 * 1024:
@@ -144,10 +147,12 @@ class DecoderService(Service):
         self.vae = await loop.run_in_executor(self._model_thread, self._load_vae)
         await loop.run_in_executor(self._model_thread, _warm_up, self.vae, self.work)
         self.checks["vae"] = True
+        await self.assignments.start(self.bus)
+        known = self.assignments.known(self.serves)
         await self.bus.subscribe(CHANNELS["stream_x0"].wildcard(), self._on_chunk, expected=LatentChunk, credit=True,
-                                 known=self.serves)
+                                 known=known)
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent,
-                                 known=self.serves)
+                                 known=known)
 
     def _load_vae(self) -> StreamVAE:
         from wan.device import resolve_device, resolve_dtype
@@ -179,6 +184,7 @@ class DecoderService(Service):
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._model_thread.shutdown(wait=False, cancel_futures=True)
+        await self.assignments.stop()
 
     # -- input --------------------------------------------------------------------------------------------
 
@@ -207,6 +213,10 @@ class DecoderService(Service):
     async def _on_chunk(self, chunk: LatentChunk, raw: Msg) -> None:
         if raw.subject != Subjects.stream_x0(chunk.stream_id):
             self._drop("mismatched", chunk, f"stream id does not match the subject {raw.subject}")
+            return
+        if not self.assignments.mine(chunk.stream_id):  # another decoder's (counted, not logged: the normal case)
+            self.stats.chunks_unassigned += 1
+            CHUNKS.labels(result="unassigned").inc()
             return
         st = self.decoding.get(chunk.stream_id)
         if st is None:

@@ -279,6 +279,8 @@ class DecoderSettings(Section):
 
 class DitStageSettings(Section):
     stage_id: str = Field("dit-0", description="this stage's id in the block map (StatefulSet: the pod name)")
+    ring_id: str = Field("0", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the ring (pipeline) this stage "
+                         "belongs to: the controller places streams on rings (docs/scheduling.md, Placement)")
     link_host: str = Field("0.0.0.0", description="tensor-link listen address")
     link_port: int = Field(7100, ge=0, le=65535, description="tensor-link listen port (0: ephemeral)")
     advertise_host: str = Field("127.0.0.1", description="host other stages reach this stage's link at (pod IP)")
