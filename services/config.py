@@ -93,6 +93,9 @@ class TelemetrySettings(Section):
 class LifecycleSettings(Section):
     http_host: str = Field("0.0.0.0", description="listen address of /healthz, /readyz and /metrics")
     heartbeat_interval_s: float = Field(0.5, gt=0, description="period of the heartbeat every member publishes")
+    member_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="this process's member id (null: <role>-<hostname>-<pid>); "
+        "a stable one lets a restarted decoder or egress keep the streams placed on it")
     drain_timeout_s: float = Field(10.0, gt=0, description="longest a SIGTERM drain may take before exiting")
     work_stuck_s: float = Field(
         300.0, gt=0, description="/healthz fails while one unit of work (micro-step, VAE encode/decode) runs longer "

@@ -72,7 +72,8 @@ class Service:
 
     def __init__(self, settings: Settings, member_id: str | None = None) -> None:
         self.settings = settings
-        self.member_id = member_id or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
+        self.member_id = (member_id or settings.lifecycle.member_id
+                          or f"{self.role}-{socket.gethostname()}-{os.getpid()}")
         self.bus: Bus | None = None
         self.checks: dict[str, bool] = {"bus": False, "started": False}
         self.epoch = 0

@@ -63,8 +63,9 @@ class Assigner:
         egresses = [Bin(m.member_id, address=m.address) for m in members if m.role == "egress"]
         return Pool(sorted(rings, key=_member), sorted(decoders, key=_member), sorted(egresses, key=_member))
 
-    def place(self, stream_id: str, need: StreamNeed, pool: Pool, needs: dict[str, StreamNeed]) -> Assignment | str:
-        return place(stream_id, need, pool, self.assignments, needs)
+    def place(self, stream_id: str, need: StreamNeed, pool: Pool, needs: dict[str, StreamNeed], *,
+              force: bool = False) -> Assignment | str:
+        return place(stream_id, need, pool, self.assignments, needs, force=force)
 
     def moves(self, needs: dict[str, StreamNeed], pool: Pool) -> list[Move]:
         out = moves({k: v for k, v in self.assignments.items() if k in needs}, needs, pool)

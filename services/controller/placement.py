@@ -103,11 +103,18 @@ def _choose(kind: Kind, bins: Sequence[Bin], load: Mapping[str, float], count: M
 
 
 def place(stream_id: str, need: StreamNeed, pool: Pool, assignments: Mapping[str, Assignment],
-          needs: Mapping[str, StreamNeed]) -> Assignment | str:
-    """An assignment for ``stream_id`` (its own earlier one not counted: a re-publish), or why there is none.
+          needs: Mapping[str, StreamNeed], *, force: bool = False) -> Assignment | str:
+    """An assignment for ``stream_id``, or why there is none. A stream placed before (a re-publish, or asked again
+    at start after the API's creation) keeps its assignment while every member of it is live; else it is placed
+    anew, its own earlier need not counted.
 
     A kind with no live member at all is left unassigned (``""``: every member of it serves the stream, as
-    without placement); the controller assigns it when one appears (``moves``)."""
+    without placement); the controller assigns it when one appears (``moves``). ``force`` (advisory mode, which
+    admits everything): where no member has room, the one with the most (each stream still has one owner)."""
+    earlier = assignments.get(stream_id)
+    if earlier is not None and all(owner(earlier, k) in {b.member for b in pool.bins(k)} or not pool.bins(k)
+                                   for k in KINDS):
+        return earlier
     chosen: dict[Kind, Bin | None] = {}
     for kind in KINDS:
         bins = pool.bins(kind)
@@ -116,7 +123,7 @@ def place(stream_id: str, need: StreamNeed, pool: Pool, assignments: Mapping[str
             continue
         load, count = _loads(kind, assignments, needs, skip=stream_id)
         n = need_of(kind, need)
-        b = _choose(kind, bins, load, count, n)
+        b = _choose(kind, bins, load, count, n, force=force)
         if b is None:
             most = max(bins, key=lambda x: x.capacity - load.get(x.member, 0.0))
             return (f"no {kind} has room: the stream needs {n:.2f} {UNITS[kind]}, the most any of the "

@@ -655,10 +655,12 @@ class ControllerService(Service):
         d = decide_admission(spec, self.admitted, self.item_ms, headroom=self.cfg.admission_headroom,
                              prior_streams=self.cfg.admission_prior_streams, bottleneck=self.bottleneck,
                              costs=self.path_costs(), decoders_placed=bool(pool.decoders))
-        placed = self.assigner.place(spec.stream_id, stream_need(spec), pool, self.admitted) if d.admit else None
+        applied = not self.cfg.advisory
+        placed: Assignment | str | None = None
+        if d.admit or not applied:  # advisory admits every stream: each still gets one owner of each kind
+            placed = self.assigner.place(spec.stream_id, stream_need(spec), pool, self.admitted, force=not applied)
         if isinstance(placed, str):  # the path has room in sum, but no one member of some kind has
             d = dataclasses.replace(d, admit=False, reason=f"no capacity: {placed}")
-        applied = not self.cfg.advisory
         self._record({"kind": "admission", "stream_id": spec.stream_id, "admit": d.admit, "reason": d.reason,
                       "need": round(d.need_items_per_s, 3), "applied": applied,
                       "placement": placed.model_dump() if isinstance(placed, Assignment) else None})

@@ -59,8 +59,11 @@ def test_refused_with_a_reason_when_no_member_of_a_kind_has_room() -> None:
     assert isinstance(why, str) and why.startswith("no ring has room") and "r0" in why and "items/s" in why
     why = place("s1", StreamNeed(1.0, 20.0), p, {"s0": a}, {"s0": SMALL})
     assert isinstance(why, str) and why.startswith("no decoder has room")
-    # a re-publish of a placed stream does not count against itself
-    assert isinstance(place("s0", SMALL, pool({"r0": 10.0}, {"d0": 1.0}), {"s0": a}, {"s0": SMALL}), Assignment)
+    # a re-publish of a placed stream keeps its assignment while its members live; else it is placed anew,
+    # not counting against itself
+    assert place("s0", SMALL, pool({"r0": 30.0, "r1": 30.0}, {"d0": 10.0, "d1": 10.0}), {"s0": a}, {"s0": SMALL}) is a
+    again = place("s0", SMALL, pool({"r1": 10.0}, {"d0": 1.0}), {"s0": a}, {"s0": SMALL})
+    assert isinstance(again, Assignment) and again.ring_id == "r1" and again.decoder == "d0"
 
 
 def test_a_kind_with_no_live_member_is_left_unassigned_then_assigned_by_moves() -> None:
@@ -140,3 +143,11 @@ def test_a_service_serves_its_assigned_and_unassigned_streams_only() -> None:
     egress = Assignments("egress", "e0")
     egress.on_record("s.a", record("a", Assignment(ring_id="0", decoder="d0", egress="e1")))
     assert not egress.mine("a")
+
+
+def test_forced_placement_takes_the_member_with_the_most_room() -> None:
+    """Advisory mode admits every stream; each still gets exactly one owner of each kind."""
+    p = pool({"r0": 10.0}, {"d0": 1.0, "d1": 2.0})
+    a = place("s0", BIG, p, {}, {}, force=True)
+    assert isinstance(a, Assignment) and (a.ring_id, a.decoder) == ("r0", "d1")
+    assert isinstance(place("s0", BIG, p, {}, {}), str)
