@@ -35,7 +35,8 @@ async def test_placement_refusal_and_a_dead_decoders_streams_move(nats_settings:
             members.beat(e, "egress", address=f"http://{e}:8080")
         svc = await controllers.start(controller_settings(nats_settings, stages=1, heartbeat_miss_s=0.4,
                                                           heartbeat_dead_s=0.8, admission_prior_streams=10))
-        await eventually(lambda: len(svc.placement_pool().decoders) == 2 and len(svc.placement_pool().egresses) == 2)
+        await eventually(lambda: svc.leader and len(svc.placement_pool().decoders) == 2
+                         and len(svc.placement_pool().egresses) == 2)
         for spec in specs[:6]:
             reply = await bus.request(Subjects.admission(), spec, timeout=10)
             assert isinstance(reply, Ack) and "placed on ring 0" in reply.detail, reply
