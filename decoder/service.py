@@ -34,6 +34,7 @@ from encoder.vae_loading import StreamVAEConfig, compile_stream_vae, load_stream
 from media.h264 import CfrPacer, H264Encoder, PacedFrame
 from proto import CHANNELS, EncodedVideo, LatentChunk, StreamEvent, StreamOutput, Subjects, VideoUnit
 from services import telemetry
+from services.assignments import Assignments
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
 from services.runtime import Service, ServiceStartError, main, write_debug_tap
 from services.workmeter import WorkMeter
@@ -74,6 +75,7 @@ class DecoderStats:
     chunks_decoded: int = 0
     chunks_failed: int = 0
     chunks_dropped: int = 0  # queue overflow, stale/out-of-order, after the stream ended, subject mismatch
+    chunks_unassigned: int = 0  # chunks of streams placed on another decoder (services/assignments.py)
     chunk_gaps: int = 0  # chunks missing between two decoded ones of a segment
     joins: int = 0  # chunks decoded on an empty cache mid-segment (a decoder restart, a lost prepare chunk)
     frames_decoded: int = 0
@@ -132,6 +134,7 @@ class DecoderService(Service):
         # every stream's chunk ready in one loop turn is decoded by one VAE call (encoder/batching.py)
         self._batcher: ChunkBatcher[DecodeJob, DecodedFrames] = ChunkBatcher(
             self._decode_batch, self._model_thread, self.settings.encoder.batch_window_ms / 1000.0, "decode")
+        self.assignments = Assignments("decoder", self.member_id)
         self._closing = False
         self.checks["vae"] = False
         if self.video_message_bytes() < 64 * 1024:
@@ -157,10 +160,12 @@ class DecoderService(Service):
         self.vae = await loop.run_in_executor(self._model_thread, self._load_vae)
         await loop.run_in_executor(self._model_thread, _warm_up, self.vae, self.work)
         self.checks["vae"] = True
+        await self.assignments.start(self.bus)
+        known = self.assignments.known(self.serves)
         await self.bus.subscribe(CHANNELS["stream_x0"].wildcard(), self._on_chunk, expected=LatentChunk, credit=True,
-                                 known=self.serves)
+                                 known=known)
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent,
-                                 known=self.serves)
+                                 known=known)
 
     def _load_vae(self) -> StreamVAE:
         from wan.device import resolve_device, resolve_dtype
@@ -199,6 +204,7 @@ class DecoderService(Service):
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._model_thread.shutdown(wait=False, cancel_futures=True)
+        await self.assignments.stop()
 
     # -- input --------------------------------------------------------------------------------------------
 
@@ -227,6 +233,10 @@ class DecoderService(Service):
     async def _on_chunk(self, chunk: LatentChunk, raw: Msg) -> None:
         if raw.subject != Subjects.stream_x0(chunk.stream_id):
             self._drop("mismatched", chunk, f"stream id does not match the subject {raw.subject}")
+            return
+        if not self.assignments.mine(chunk.stream_id):  # another decoder's (counted, not logged: the normal case)
+            self.stats.chunks_unassigned += 1
+            CHUNKS.labels(result="unassigned").inc()
             return
         st = self.decoding.get(chunk.stream_id)
         if st is None:

@@ -72,6 +72,7 @@ class DitStageService(Service):
 
     def __init__(self, settings: Settings, member_id: str | None = None) -> None:
         super().__init__(settings, member_id or settings.dit_stage.stage_id)
+        self.ring_id = settings.dit_stage.ring_id
         self.cfg = settings.dit_stage
         self.stage_id = self.cfg.stage_id
         self.checks.update(weights=False, link=False)

@@ -34,6 +34,7 @@ from egress.rtmp_push import RtmpPush
 from media.h264 import PartLayout, VideoConfig
 from media.llhls import HlsRegistry, LlHlsStream
 from proto import CHANNELS, EncodedVideo, HlsState, StreamEvent, StreamRecord, Subjects
+from services.assignments import Assignments
 from services.httpguard import guard
 from services.playback_tokens import PlaybackKeys
 from services.runtime import Service, ServiceStartError, listen_socket, main
@@ -55,6 +56,7 @@ class EgressStats:
     messages: int = 0
     messages_lost: int = 0  # gaps in EncodedVideo.seq
     messages_dropped: int = 0  # subject mismatch, config mismatch, after the end
+    messages_unassigned: int = 0  # video of streams placed on another egress (services/assignments.py)
     media_restarts: int = 0  # new decoder sessions on a live playlist (each a discontinuity)
     streams_resumed: int = 0  # playlists continued from a previous life's HlsState
     units: int = 0
@@ -99,6 +101,7 @@ class EgressService(Service):
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.assignments = Assignments("egress", self.member_id)
         self.checks["http"] = False
         try:
             self.playback_keys = PlaybackKeys.of(self.settings.playback.signing_keys)
@@ -125,14 +128,17 @@ class EgressService(Service):
         self.hls_port = sock.getsockname()[1]
         host = "127.0.0.1" if eg.http_host in ("", "0.0.0.0", "::") else eg.http_host
         self.base_url = (eg.public_url or f"http://{host}:{self.hls_port}").rstrip("/")
+        self.address = self.base_url  # heartbeats carry it: placement tells the gateway where a stream plays
         self._http = uvicorn.Server(uvicorn.Config(self.hls_app(), log_level="warning", lifespan="off"))
         self._http.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # signals are ours
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="egress-hls")
         self.checks["http"] = True
+        await self.assignments.start(self.bus)
+        known = self.assignments.known(self.serves)
         await self.bus.subscribe(CHANNELS["stream_video"].wildcard(), self._on_video, expected=EncodedVideo,
-                                 credit=True, known=self.serves)
+                                 credit=True, known=known)
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent,
-                                 known=self.serves)
+                                 known=known)
         log.info("egress serving HLS at %s/hls/<stream id>/index.m3u8", self.base_url)
 
     async def drain(self) -> None:
@@ -148,6 +154,7 @@ class EgressService(Service):
                 task.cancel()
         for task in list(self._tasks):
             task.cancel()
+        await self.assignments.stop()
         if self._continuity is not None:  # the state stays: a successor continues these playlists
             await self._continuity.flush()
         if self._http is not None and self._http_task is not None:
@@ -164,6 +171,10 @@ class EgressService(Service):
     async def _on_video(self, msg: EncodedVideo, raw: Msg) -> None:
         if raw.subject != Subjects.stream_video(msg.stream_id):
             self._dropped(msg, "mismatched", f"stream id does not match the subject {raw.subject}")
+            return
+        if not self.assignments.mine(msg.stream_id):  # another egress's (counted, not logged: the normal case)
+            self.stats.messages_unassigned += 1
+            MESSAGES.labels(result="unassigned").inc()
             return
         config = VideoConfig.from_message(msg)
         out = self.outputs.get(msg.stream_id)

@@ -219,8 +219,8 @@ class WorkCost(BaseModel):
 class Heartbeat(Message):
     """Liveness of one member; the controller declares it dead after a miss budget."""
 
-    SCHEMA_VERSION: ClassVar[int] = 2
-    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+    SCHEMA_VERSION: ClassVar[int] = 3
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2)
 
     member_id: str = Field(min_length=1, max_length=128)
     role: Role
@@ -230,6 +230,8 @@ class Heartbeat(Message):
     streams: list[str] = Field(default_factory=list)
     work: list[WorkCost] = Field(default_factory=list, max_length=8,
                                  description="measured cost of its model work (admission counts every bottleneck)")
+    ring_id: str = Field("", max_length=64, description="a DiT stage's ring (pipeline) id (placement)")
+    address: str = Field("", max_length=512, description="an egress's base URL for HLS (the gateway proxies there)")
 
 
 class StageStats(Message):
@@ -377,12 +379,24 @@ class IngestStatus(BaseModel):
     at: float = Field(0.0, description="when this checkpoint was written (unix time)")
 
 
+class Assignment(BaseModel):
+    """Where the controller placed a stream (docs/scheduling.md, Placement): the ring that denoises it, the decoder
+    and the egress that serve it. Each of them processes only the streams assigned to it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    ring_id: str = Field(max_length=64)
+    decoder: str = Field(max_length=128, description="member id of the decoder")
+    egress: str = Field(max_length=128, description="member id of the egress")
+    egress_url: str = Field("", max_length=512, description="that egress's HLS base URL (its heartbeat's address)")
+    version: int = Field(1, ge=1, description="1 at placement, +1 at every move (a member died)")
+
+
 class StreamRecord(Message):
     """A stream's row in the stream table (JetStream KV): what it is, its hashed key, where it plays; ingest's
     checkpoint of it and the seq/segment reservation that keeps a stream's chunks monotonic across sessions."""
 
-    SCHEMA_VERSION: ClassVar[int] = 4
-    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2, 3)
+    SCHEMA_VERSION: ClassVar[int] = 5
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2, 3, 4)
 
     spec: StreamSpec
     key_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the stream key; the key is never stored")
@@ -398,6 +412,8 @@ class StreamRecord(Message):
     next_segment: int = Field(0, ge=0, description="segment reservation: every chunk ever published has a lower "
                                                    "segment; a new session starts with this one")
     ingest: IngestStatus | None = Field(None, description="ingest's checkpoint of the live (or last) session")
+    assignment: Assignment | None = Field(None, description="the controller's placement (None: every decoder and "
+                                                            "egress serves it, as without a controller)")
 
 
 class HlsSegmentState(BaseModel):

@@ -220,9 +220,10 @@ class BucketAccess:
 BUCKET_ACCESS: dict[str, BucketAccess] = {
     a.bucket: a
     for a in (
-        BucketAccess(Buckets.STREAMS, (("gateway", ">"), ("ingest", ">"), ("egress", ">")),
+        BucketAccess(Buckets.STREAMS, (("gateway", ">"), ("ingest", ">"), ("egress", ">"), ("controller", "s.*")),
+                     ("decoder",),
                      description="gateway creates/patches/deletes; ingest claims and checkpoints; egress records "
-                                 "playlist state"),
+                                 "playlist state; the controller records placements; the decoder watches them"),
         BucketAccess(Buckets.BLOCKMAP, (("controller", ">"), ("dit-stage", "prepared.*")), ("ingest",),
                      description="the controller writes the map; a stage only its prepared epoch"),
         BucketAccess(Buckets.ENDPOINTS, (("dit-stage", ">"),), ("controller",),

@@ -96,6 +96,9 @@ class TelemetrySettings(Section):
 class LifecycleSettings(Section):
     http_host: str = Field("0.0.0.0", description="listen address of /healthz, /readyz and /metrics")
     heartbeat_interval_s: float = Field(0.5, gt=0, description="period of the heartbeat every member publishes")
+    member_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="this process's member id (null: <role>-<hostname>-<pid>); "
+        "a stable one lets a restarted decoder or egress keep the streams placed on it")
     drain_timeout_s: float = Field(10.0, gt=0, description="longest a SIGTERM drain may take before exiting")
     work_stuck_s: float = Field(
         300.0, gt=0, description="/healthz fails while one unit of work (micro-step, VAE encode/decode) runs longer "
@@ -295,6 +298,8 @@ class DecoderSettings(Section):
 
 class DitStageSettings(Section):
     stage_id: str = Field("dit-0", description="this stage's id in the block map (StatefulSet: the pod name)")
+    ring_id: str = Field("0", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the ring (pipeline) this stage "
+                         "belongs to: the controller places streams on rings (docs/scheduling.md, Placement)")
     link_host: str = Field("0.0.0.0", description="tensor-link listen address")
     link_port: int = Field(7100, ge=0, le=65535, description="tensor-link listen port (0: ephemeral)")
     advertise_host: str = Field("127.0.0.1", description="host other stages reach this stage's link at (pod IP)")

@@ -72,13 +72,17 @@ class Service:
 
     def __init__(self, settings: Settings, member_id: str | None = None) -> None:
         self.settings = settings
-        self.member_id = member_id or f"{self.role}-{socket.gethostname()}-{os.getpid()}"
+        self.member_id = (member_id or settings.lifecycle.member_id
+                          or f"{self.role}-{socket.gethostname()}-{os.getpid()}")
         self.bus: Bus | None = None
         self.checks: dict[str, bool] = {"bus": False, "started": False}
         self.epoch = 0
         self.streams: set[str] = set()
         self.work = WorkMeter()
         """What this service's model work costs (VAE encode, decode): heartbeats carry it to admission."""
+        self.ring_id = ""
+        """A DiT stage's ring; ``address``: an egress's HLS base URL. Heartbeats carry both to placement."""
+        self.address = ""
         self.http_port = 0
         self._stop = asyncio.Event()
         self._draining = False
@@ -161,7 +165,8 @@ class Service:
         while not self._stop.is_set():
             if self.bus is not None:
                 hb = Heartbeat(member_id=self.member_id, role=self.role, epoch=self.epoch, sent_at=time.time(),
-                               ready=self.ready, streams=sorted(self.streams), work=self.work.report())
+                               ready=self.ready, streams=sorted(self.streams), work=self.work.report(),
+                               ring_id=self.ring_id, address=self.address)
                 try:
                     await self.bus.publish(Subjects.heartbeat(self.role, self.member_id), hb)
                 except Exception as e:  # a missed heartbeat is the controller's signal; never crash on it

@@ -122,6 +122,9 @@ def _to_stderr(line: str) -> None:
 class LocalStack:
     workdir: Path
     stages: int = 2
+    decoders: int = 1
+    egresses: int = 1
+    """Decoder and egress processes (``decoder``, ``decoder-1``, …): the controller places each stream on one."""
     ports: Ports = field(default_factory=Ports)
     model_dir: Path | None = None
     host: str = "127.0.0.1"
@@ -179,7 +182,7 @@ class LocalStack:
         return self.nats
 
     def _env(self, name: str, health_port: int) -> dict[str, str]:
-        role = "dit-stage" if name.startswith("dit-") else name
+        role = "dit-stage" if name.startswith("dit-") else name.split("-")[0]
         public = url_host(self.public_host)
         defaults = {
             "RHEO_GATEWAY__HOST": self.host,
@@ -218,12 +221,20 @@ class LocalStack:
         return env
 
     def _plan(self) -> list[Proc]:
-        names = ["controller", *(f"dit-{i}" for i in range(self.stages)), "decoder", "egress", "ingest", "gateway"]
+        decoders = [_replica("decoder", i) for i in range(self.decoders)]
+        egresses = [_replica("egress", i) for i in range(self.egresses)]
+        names = ["controller", *(f"dit-{i}" for i in range(self.stages)), *decoders, *egresses, "ingest", "gateway"]
         procs = []
         for i, name in enumerate(names):
             health = self.ports.first_health + i if self.ports.first_health else free_port()
             env = self._env(name, health)
-            service = name
+            service = name.split("-")[0]
+            if name in decoders or name in egresses:  # a restart keeps its placed streams (lifecycle.member_id)
+                env["RHEO_LIFECYCLE__MEMBER_ID"] = name
+            if name in egresses[1:]:
+                port = free_port()  # the first egress has the stack's fixed port; more are for tests
+                env["RHEO_EGRESS__HTTP_PORT"] = str(port)
+                env["RHEO_EGRESS__PUBLIC_URL"] = f"http://{url_host(connect_host(self.host))}:{port}"
             if name.startswith("dit-"):
                 service = "dit-stage"
                 env["RHEO_DIT_STAGE__STAGE_ID"] = name
@@ -344,6 +355,10 @@ class LocalStack:
         if self.nats is not None:
             self.nats.stop()
         return codes
+
+
+def _replica(service: str, i: int) -> str:
+    return service if i == 0 else f"{service}-{i}"
 
 
 def open_demo_stream(stack: LocalStack, prompt: str, weights: bool) -> dict:

@@ -119,9 +119,15 @@ class AdmissionDecision:
     capacity_items_per_s: float | None
 
 
+def ring_capacity(item_ms: float | None, headroom: float) -> float:
+    """Ring items per second a ring sustains at ``headroom`` when its slowest stage takes ``item_ms`` per item
+    (``inf``: not measured)."""
+    return headroom * 1000.0 / item_ms if item_ms else math.inf
+
+
 def decide_admission(spec: StreamSpec, admitted: dict[str, StreamNeed], item_ms: float | None, *,
                      headroom: float, prior_streams: int, bottleneck: str = "",
-                     costs: PathCosts | None = None) -> AdmissionDecision:
+                     costs: PathCosts | None = None, decoders_placed: bool = False) -> AdmissionDecision:
     """May ``spec`` start, next to ``admitted``? Every measured bottleneck must hold, at ``headroom``:
 
     - its latency: one chunk through encode, the ring (``steps`` passes) and decode within the stream's SLO
@@ -130,6 +136,9 @@ def decide_admission(spec: StreamSpec, admitted: dict[str, StreamNeed], item_ms:
     - the DiT: ``item_ms`` is the slowest stage's measured ms per item (time per micro-step / items per micro-step);
       None before any stage reported a busy window: then at most ``prior_streams`` streams are admitted.
       Linear-in-items is conservative: a micro-step's fixed cost is spread over more items as batches grow.
+
+    ``decoders_placed``: each stream has its own decoder (placement checks each one's room), so the decode sum
+    over every stream against the slowest decoder is not applied (it holds only while every decoder decodes all).
     """
     others = {k: v for k, v in admitted.items() if k != spec.stream_id}
     mine = stream_need(spec)
@@ -144,7 +153,8 @@ def decide_admission(spec: StreamSpec, admitted: dict[str, StreamNeed], item_ms:
     everyone = [*others.values(), mine]
     for what, ms, mpx in (
             ("VAE encode (ingest)", costs.encode_ms_per_mpx, sum(v.encode_mpx_per_s for v in everyone)),
-            ("VAE decode (decoder)", costs.decode_ms_per_mpx, sum(v.decode_mpx_per_s for v in everyone))):
+            ("VAE decode (decoder)", None if decoders_placed else costs.decode_ms_per_mpx,
+             sum(v.decode_mpx_per_s for v in everyone))):
         if ms is not None and mpx * ms / 1000.0 > headroom:
             return AdmissionDecision(False, f"no capacity: {what} would be {mpx * ms / 10:.0f}% busy with "
                                             f"{len(others) + 1} streams ({mpx:.2f} megapixel-frames/s at {ms:.1f} ms "
@@ -156,7 +166,7 @@ def decide_admission(spec: StreamSpec, admitted: dict[str, StreamNeed], item_ms:
                                       else f"no capacity: {len(others)} streams admitted, and until the stages "
                                            f"report timing at most {prior_streams} are (controller."
                                            f"admission_prior_streams)"), need, None)
-    capacity = headroom * 1000.0 / item_ms
+    capacity = ring_capacity(item_ms, headroom)
     ok = need <= capacity
     detail = (f"{need:.1f} items/s for {len(others) + 1} streams vs {capacity:.1f} sustainable "
               f"({headroom:.0%} of the slowest stage {bottleneck or '?'} at {item_ms:.1f} ms per item)")

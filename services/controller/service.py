@@ -36,6 +36,7 @@ from prometheus_client import Counter, Gauge
 from proto import (
     CHANNELS,
     Ack,
+    Assignment,
     BlockMap,
     Buckets,
     Error,
@@ -48,9 +49,11 @@ from proto import (
 )
 from proto.messages import BlockMapReason
 from services.bus import KV
+from services.controller.assigner import Assigner, MemberView
 from services.controller.costmodel import CostModel
 from services.controller.leader import KubernetesLease, KVLeaderLock, LeaderLock, in_cluster
 from services.controller.partition import PartitionProblem, Split, Stage, best_split, evaluate, even_split
+from services.controller.placement import Pool
 from services.controller.policy import (
     PathCosts,
     RebalancePolicy,
@@ -62,6 +65,7 @@ from services.controller.policy import (
 from services.controller.scaling import Autoscaler, Demand
 from services.rebalance import offline_reason
 from services.runtime import Service, main, watch_keys
+from services.streams import StreamTable
 from wan.config import WanDiTConfig
 
 log = logging.getLogger("rheo.controller")
@@ -100,6 +104,11 @@ class Member:
     """Its first heartbeat to this controller (never reset): a later endpoint write is a restart."""
     work: dict[str, float] = field(default_factory=dict)
     """Its measured model-work costs, unit → ms per megapixel-frame (admission's encode/decode bottlenecks)."""
+    ring_id: str = ""
+    address: str = ""
+
+    def view(self) -> MemberView:
+        return MemberView(self.member_id, self.role, self.ring_id, self.address, self.work.get("vae_decode"))
 
 
 def block_weight_bytes(cfg: WanDiTConfig, dtype_bytes: int) -> int:
@@ -125,6 +134,8 @@ class ControllerService(Service):
                                       self.cfg.rebalance_cooldown_s)
         self.admitted: dict[str, StreamNeed] = {}
         """Admitted streams → what they need of each bottleneck per second."""
+        self.assigner = Assigner(self.cfg.admission_headroom, self.settings.dit_stage.ring_id)
+        """Where each admitted stream runs (docs/scheduling.md, Placement)."""
         self.item_ms: float | None = None
         self.bottleneck = ""
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=512)
@@ -163,6 +174,7 @@ class ControllerService(Service):
         replicas = self.settings.nats.kv_replicas
         self._kv = await self.bus.kv(Buckets.BLOCKMAP, history=8, replicas=replicas)
         self._state_kv = await self.bus.kv(Buckets.CONTROLLER, replicas=replicas)
+        self.assigner.table = await StreamTable.open(self.bus)
         if in_cluster() and KubernetesLease.TOKEN_FILE.is_file():
             self.lock = KubernetesLease(self.cfg.lease_name, self.member_id, self.cfg.lease_ttl_s)
         else:
@@ -272,6 +284,7 @@ class ControllerService(Service):
             self.admitted = {str(k): _need(v) for k, v in state.get("admitted", {}).items()}
             self.item_ms = state.get("item_ms")
             self.bottleneck = state.get("bottleneck", "")
+            self.assigner.load(state.get("assignments"))
             ago = time.time() - float(state.get("last_change_at", 0.0))
             if ago < self.cfg.rebalance_cooldown_s:
                 self.policy.note_change(time.monotonic() - max(ago, 0.0))
@@ -287,6 +300,7 @@ class ControllerService(Service):
                 last = float(json.loads(prev.value).get("last_change_at", 0.0))
         admitted = {k: dataclasses.asdict(v) for k, v in self.admitted.items()}
         state = {"admitted": admitted, "item_ms": self.item_ms, "bottleneck": self.bottleneck,
+                 "assignments": self.assigner.dump(),
                  "last_change_at": changed_at if changed_at is not None else last,
                  "last_decision": self.decisions[-1] if self.decisions else None}
         await self._state_kv.put(STATE_KEY, json.dumps(state).encode())
@@ -366,7 +380,7 @@ class ControllerService(Service):
         alive_since = old.alive_since if old is not None and now - old.last_seen <= budget else now
         self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.ready, now, alive_since,
                                             old.first_seen if old is not None else now,
-                                            {w.unit: w.ms_per_mpx for w in hb.work})
+                                            {w.unit: w.ms_per_mpx for w in hb.work}, hb.ring_id, hb.address)
         for role in {m.role for m in self.members.values()}:
             MEMBERS.labels(role=role).set(sum(1 for m in self.members.values()
                                               if m.role == role and now - m.last_seen <= budget))
@@ -393,8 +407,8 @@ class ControllerService(Service):
         log.warning("stage %s %s its tensor-link endpoint", stage_id, "withdrew" if value is None else
                     "rewrote (a new process)")
 
-    def live_members(self, role: str | None = None) -> list[Member]:
-        budget = self.cfg.heartbeat_miss_s
+    def live_members(self, role: str | None = None, budget: float | None = None) -> list[Member]:
+        budget = self.cfg.heartbeat_miss_s if budget is None else budget
         now = time.monotonic()
         return [m for m in self.members.values()
                 if now - m.last_seen <= budget and (role is None or m.role == role)]
@@ -424,7 +438,8 @@ class ControllerService(Service):
             await self._release(err.stream_id)
 
     async def _release(self, stream_id: str) -> None:
-        if self.admitted.pop(stream_id, None) is not None and self.leader:
+        placed = self.assigner.release(stream_id)
+        if (self.admitted.pop(stream_id, None) is not None or placed) and self.leader:
             await self._save_state()
 
     # ------------------------------------------------------------------ the leader's loop
@@ -434,6 +449,7 @@ class ControllerService(Service):
         self._refresh_capacity(now)
         if self.cfg.mode == "adaptive":
             await self._rebalance(now)
+        await self._move_streams(now)
         if self.autoscaler is not None:
             await self.autoscaler.tick(now, list(self.admitted.values()),
                                        Demand(self.item_ms, self.path_costs(), self.cfg.admission_prior_streams),
@@ -510,6 +526,29 @@ class ControllerService(Service):
                       "map": _pairs(stages), "applied": True})
         log.warning("stages %s: %s; new epoch over %s", reason, failed or restarted or joined, members)
         await self._publish_map(stages, reason)
+
+    def placement_pool(self, budget: float | None = None) -> Pool:
+        """The members a stream may be placed on: heard within ``budget`` (default: the miss budget)."""
+        return self.assigner.pool((m.view() for m in self.live_members(budget=budget) if m.ready), self.item_ms)
+
+    async def _move_streams(self, now: float) -> None:
+        """Streams of a ring, decoder or egress silent for ``heartbeat_dead_s`` move to a live one (also a stream
+        placed while no member of a kind was heard gets one). Not right after taking the lead or a NATS
+        reconnect: silence then is this controller's, not theirs."""
+        assert self.bus is not None
+        dead = max(self.cfg.heartbeat_dead_s, self.cfg.heartbeat_miss_s)
+        since = self.bus.since_reconnect
+        if now - self._lead_started < dead or (since is not None and since < dead + self.settings.nats
+                                               .reconnect_wait_max_s):
+            return
+        moved = self.assigner.moves(self.admitted, self.placement_pool(dead))
+        for m in moved:
+            self.assigner.set(m.stream_id, m.new)
+            self._record({"kind": "move", "stream_id": m.stream_id, "from": m.old.model_dump(),
+                          "to": m.new.model_dump(), "overcommitted": list(m.overcommitted), "applied": True})
+            await self.assigner.record(m.stream_id, m.new)
+        if moved:
+            await self._save_state()
 
     def _suspect(self, sid: str, silent: bool, now: float, *, failed: bool = False) -> None:
         """Suspected vs dead: a stage silent past ``heartbeat_miss_s`` is only suspected (a loaded node stalls a
@@ -622,17 +661,29 @@ class ControllerService(Service):
     async def _on_admission(self, spec: StreamSpec, raw: Any) -> None:
         assert self.bus is not None
         reply: Ack | Error
+        pool = self.placement_pool()
         d = decide_admission(spec, self.admitted, self.item_ms, headroom=self.cfg.admission_headroom,
                              prior_streams=self.cfg.admission_prior_streams, bottleneck=self.bottleneck,
-                             costs=self.path_costs())
+                             costs=self.path_costs(), decoders_placed=bool(pool.decoders))
         applied = not self.cfg.advisory
+        placed: Assignment | str | None = None
+        if d.admit or not applied:  # advisory admits every stream: each still gets one owner of each kind
+            placed = self.assigner.place(spec.stream_id, stream_need(spec), pool, self.admitted, force=not applied)
+        if isinstance(placed, str):  # the path has room in sum, but no one member of some kind has
+            d = dataclasses.replace(d, admit=False, reason=f"no capacity: {placed}")
         self._record({"kind": "admission", "stream_id": spec.stream_id, "admit": d.admit, "reason": d.reason,
-                      "need": round(d.need_items_per_s, 3), "applied": applied})
+                      "need": round(d.need_items_per_s, 3), "applied": applied,
+                      "placement": placed.model_dump() if isinstance(placed, Assignment) else None})
         DECISIONS.labels(kind="admission", result=("admit" if d.admit else "refuse") + ("" if applied else
                                                                                           "_advisory")).inc()
         if d.admit or not applied:
             self.admitted[spec.stream_id] = stream_need(spec)
             detail = d.reason if d.admit else f"advisory: would refuse: {d.reason}"
+            if isinstance(placed, Assignment):  # recorded before the answer: the stream's chunks follow it
+                self.assigner.set(spec.stream_id, placed)
+                await self.assigner.record(spec.stream_id, placed)
+                detail += (f"; placed on ring {placed.ring_id or '-'}, decoder {placed.decoder or '-'}, egress "
+                           f"{placed.egress or '-'}")
             reply = Ack(ref=spec.stream_id, detail=f"epoch {self.epoch}; {detail}")
         else:
             reply = Error(code="no_capacity", message=d.reason, stream_id=spec.stream_id)

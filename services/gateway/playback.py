@@ -14,6 +14,7 @@ import httpx
 from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from media.player import make_player_router
+from proto import StreamRecord
 from services.config import Settings
 from services.gateway.limits import ClientSlots
 from services.httpguard import NEEDS_TOKEN, check_playback, refused
@@ -39,6 +40,14 @@ def cors_headers(request: Request, allowed: list[str]) -> dict[str, str]:
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin in allowed else {}
 
 
+def egress_url(record: StreamRecord) -> str:
+    """Where the stream plays: its assigned egress (placement: the controller moves it when that one dies), else
+    the egress that last recorded serving it (no controller placed it)."""
+    if record.assignment is not None and record.assignment.egress_url:
+        return record.assignment.egress_url
+    return record.egress_url
+
+
 def make_playback_router(settings: Settings, table: StreamTable, proxy: httpx.AsyncClient,
                          keys: PlaybackKeys) -> APIRouter:
     gw = settings.gateway
@@ -59,9 +68,10 @@ def make_playback_router(settings: Settings, table: StreamTable, proxy: httpx.As
                 record = await table.get(stream_id)
             except (StreamNotFound, ValueError):
                 raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stream {stream_id!r}") from None
-            if not record.egress_url:
+            base = egress_url(record)
+            if not base:
                 raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"stream {stream_id} is not playing yet")
-            url = f"{record.egress_url.rstrip('/')}/hls/{stream_id}/{token}/{path}"
+            url = f"{base.rstrip('/')}/hls/{stream_id}/{token}/{path}"
             try:
                 upstream = await proxy.get(url, params=request.query_params)
             except httpx.HTTPError as e:

@@ -91,7 +91,8 @@ class Members:
         self.paused: set[str] = set()
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
-    def beat(self, member_id: str, role: str = "dit-stage") -> None:
+    def beat(self, member_id: str, role: str = "dit-stage", **fields: Any) -> None:
+        """``fields``: more of the ``Heartbeat`` (``work``, ``ring_id``, ``address``)."""
         self.paused.discard(member_id)
         if member_id in self.tasks:
             return
@@ -100,7 +101,7 @@ class Members:
             while True:
                 if member_id not in self.paused:
                     await self.bus.publish(Subjects.heartbeat(role, member_id), Heartbeat(
-                        member_id=member_id, role=role, epoch=0, sent_at=time.time(), ready=True))
+                        member_id=member_id, role=role, epoch=0, sent_at=time.time(), ready=True, **fields))
                 await asyncio.sleep(0.1)
 
         self.tasks[member_id] = asyncio.create_task(loop())
