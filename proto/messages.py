@@ -326,6 +326,26 @@ class EncodedVideo(Message):
     end_of_stream: bool = Field(False, description="the last message of the stream: packagers close their playlists")
 
 
+class AudioUnit(BaseModel):
+    """One AAC access unit (raw, no ADTS header) with the wall-clock capture time of its first sample, on the clock
+    of the video chunks' ``capture_time`` (ingest's pacer anchor), so egress can place it against the styled video."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    capture_time: float
+    data: bytes = Field(max_length=8192)
+
+
+class EncodedAudio(Message):
+    """The publisher's AAC passed through, ingest → egress, batched (~150 ms per message, not one per frame)."""
+
+    stream_id: StreamId
+    seq: int = Field(ge=0, description="per-stream message counter (gaps = lost messages)")
+    config: bytes = Field(max_length=64, description="AAC AudioSpecificConfig (the FLV sequence header's payload)")
+    sample_rate: int = Field(gt=0, le=192000)
+    channels: int = Field(ge=1, le=8)
+    units: list[AudioUnit] = Field(max_length=256)
+
+
 StreamEventKind = Literal["live", "ended"]
 
 
@@ -375,8 +395,8 @@ class StreamRecord(Message):
     """A stream's row in the stream table (JetStream KV): what it is, its hashed key, where it plays; ingest's
     checkpoint of it and the seq/segment reservation that keeps a stream's chunks monotonic across sessions."""
 
-    SCHEMA_VERSION: ClassVar[int] = 4
-    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2, 3)
+    SCHEMA_VERSION: ClassVar[int] = 5
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2, 3, 4)
 
     spec: StreamSpec
     key_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the stream key; the key is never stored")
@@ -392,6 +412,9 @@ class StreamRecord(Message):
     next_segment: int = Field(0, ge=0, description="segment reservation: every chunk ever published has a lower "
                                                    "segment; a new session starts with this one")
     ingest: IngestStatus | None = Field(None, description="ingest's checkpoint of the live (or last) session")
+    restream: list[str] = Field(default_factory=list, max_length=4, description="the stream's own RTMP push "
+                                "destinations (rtmp:// or rtmps://, with their keys: never shown back); empty: "
+                                "egress.rtmp_push_url, if set")
 
 
 class HlsSegmentState(BaseModel):
@@ -535,8 +558,8 @@ class ShardMoveEnd(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (StreamSpec, LatentChunk, FrameChunk, PromptUpdate, Heartbeat, StageStats, BlockMap, Error, Ack,
-                Credit, StreamRecord, EncodedVideo, StreamEvent, StageItems, RingReturn, StagePrompt, EpochSwitch,
-                ShardMove, ShardMoveEnd, HlsState, StreamOutput, ApiToken)
+                Credit, StreamRecord, EncodedVideo, EncodedAudio, StreamEvent, StageItems, RingReturn, StagePrompt,
+                EpochSwitch, ShardMove, ShardMoveEnd, HlsState, StreamOutput, ApiToken)
 }
 
 M = TypeVar("M", bound=Message)
