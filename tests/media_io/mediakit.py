@@ -166,6 +166,7 @@ class Collector:
     def __init__(self, consumer_delay_s: float = 0.0) -> None:
         self.consumer_delay_s = consumer_delay_s  # > 0: a slow downstream
         self.chunks: dict[str, list] = {}
+        self.audio: dict[str, list] = {}  # stream id → the EncodedAudio batches its passthrough made
         self.streams: dict[str, object] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._started: dict[str, asyncio.Event] = {}
@@ -173,6 +174,12 @@ class Collector:
     def on_stream_start(self, stream) -> None:
         self.streams[stream.stream_id] = stream
         self.chunks.setdefault(stream.stream_id, [])
+        batches = self.audio.setdefault(stream.stream_id, [])
+
+        async def keep(msg) -> None:
+            batches.append(msg)
+
+        stream.audio.sink = keep
         self._tasks[stream.stream_id] = asyncio.create_task(self._consume(stream))
         self._event(stream.stream_id).set()
 
