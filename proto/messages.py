@@ -391,6 +391,9 @@ class IngestStatus(BaseModel):
     at: float = Field(0.0, description="when this checkpoint was written (unix time)")
 
 
+MAX_RESTREAM_DESTINATIONS = 4  # per stream (the API's limit, and the record's)
+
+
 class StreamRecord(Message):
     """A stream's row in the stream table (JetStream KV): what it is, its hashed key, where it plays; ingest's
     checkpoint of it and the seq/segment reservation that keeps a stream's chunks monotonic across sessions."""
@@ -412,9 +415,9 @@ class StreamRecord(Message):
     next_segment: int = Field(0, ge=0, description="segment reservation: every chunk ever published has a lower "
                                                    "segment; a new session starts with this one")
     ingest: IngestStatus | None = Field(None, description="ingest's checkpoint of the live (or last) session")
-    restream: list[str] = Field(default_factory=list, max_length=4, description="the stream's own RTMP push "
-                                "destinations (rtmp:// or rtmps://, with their keys: never shown back); empty: "
-                                "egress.rtmp_push_url, if set")
+    restream: list[str] = Field(default_factory=list, max_length=MAX_RESTREAM_DESTINATIONS, description=(
+        "the stream's own RTMP push destinations (rtmp:// or rtmps://, with their keys: never shown back); empty: "
+        "egress.rtmp_push_url, if set"))
 
 
 class HlsSegmentState(BaseModel):
