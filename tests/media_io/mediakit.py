@@ -82,16 +82,17 @@ async def publish_pyav(url: str, frames: int = 45, fps: int = 16, size: str = "3
 FFMPEG = shutil.which("ffmpeg")
 
 
-async def publish_ffmpeg(url: str, frames: int = 45, fps: int = 16, size: str = "320x240") -> PublishResult:
+async def publish_ffmpeg(url: str, frames: int = 45, fps: int = 16, size: str = "320x240",
+                         audio: str = "sine=frequency=440:sample_rate=44100") -> PublishResult:
     """Debian's ffmpeg CLI: barcoded raw frames on stdin → libx264 with its defaults (so B-frames and composition
-    times) + a sine as AAC, to ``url``."""
+    times) + ``audio`` (a lavfi source) as AAC, to ``url``."""
     assert FFMPEG is not None
     width, height = (int(v) for v in size.split("x"))
     raw = b"".join(barcode_frame(i, width, height).tobytes() for i in range(frames))
     return await run_process(
         FFMPEG, "-hide_banner", "-loglevel", "info", "-y",
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", size, "-r", str(fps), "-i", "pipe:0",
-        "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100",
+        "-f", "lavfi", "-i", audio,
         "-shortest", "-c:v", "libx264", "-preset", "veryfast", "-g", str(fps), "-pix_fmt", "yuv420p",
         "-c:a", "aac", "-f", "flv", url,
         stdin=raw,
