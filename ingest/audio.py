@@ -22,11 +22,11 @@ from proto import AudioUnit, EncodedAudio
 
 log = logging.getLogger(__name__)
 
-AUDIO_RESULTS = ("published", "before_video", "not_aac", "no_config", "queue_full", "publish_failed")
+AUDIO_RESULTS = ("published", "before_video", "not_aac", "no_config", "queue_full", "publish_failed", "not_live")
 UNITS = Counter("rheo_ingest_audio_units_total", "publisher AAC frames by outcome", ["result"])
 
 _SOUND_FORMAT_AAC = 10
-_MAX_QUEUED = 32  # batches (≈5 s) waiting for the bus before the oldest is dropped
+_MAX_QUEUED = 32  # batches (≈5 s) waiting for the bus (or for the stream to go live) before the oldest is dropped
 
 
 @dataclass
@@ -41,19 +41,30 @@ def count(stats: AudioStats, result: str, n: int = 1) -> None:
 
 
 class AudioPassthrough:
-    """One stream's AAC: ``feed`` FLV audio payloads; batches go to ``sink`` (set while the stream is live)."""
+    """One stream's AAC: ``feed`` FLV audio payloads; batches go to ``sink`` (set while the stream is live; until
+    then they wait, bounded: going live takes a moment and the video of that moment waits too)."""
 
     def __init__(self, stream_id: str, batch_s: float = 0.15) -> None:
         self.stream_id = stream_id
         self.batch_s = batch_s
         self.config: AacConfig | None = None
         self.stats = AudioStats()
-        self.sink: Callable[[EncodedAudio], Awaitable[object]] | None = None
+        self._sink: Callable[[EncodedAudio], Awaitable[object]] | None = None
         self._batch: list[AudioUnit] = []
         self._seq = 0
         self._queue: asyncio.Queue[EncodedAudio] = asyncio.Queue()
         self._sender: asyncio.Task[None] | None = None
         self._warned = False
+
+    @property
+    def sink(self) -> Callable[[EncodedAudio], Awaitable[object]] | None:
+        return self._sink
+
+    @sink.setter
+    def sink(self, sink: Callable[[EncodedAudio], Awaitable[object]] | None) -> None:
+        self._sink = sink
+        if sink is not None and not self._queue.empty():
+            self._start_sender()
 
     def feed(self, payload: bytes, capture_time: float | None) -> None:
         """One FLV audio tag body; ``capture_time`` None: the video clock is not anchored yet (no frame so far)."""
@@ -88,26 +99,24 @@ class AudioPassthrough:
         units, self._batch = self._batch, []
         if not units or self.config is None:
             return
-        if self.sink is None:
-            count(self.stats, "before_video", len(units))  # not live (yet): nobody to hand it to
-            return
         msg = EncodedAudio(stream_id=self.stream_id, seq=self._seq, config=self.config.asc,
                            sample_rate=self.config.sample_rate, channels=self.config.channels, units=units)
         self._seq += 1
         if self._queue.qsize() >= _MAX_QUEUED:
             count(self.stats, "queue_full", len(self._queue.get_nowait().units))
         self._queue.put_nowait(msg)
+        if self._sink is not None:
+            self._start_sender()
+
+    def _start_sender(self) -> None:
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send(), name=f"audio-{self.stream_id}")
 
     async def _send(self) -> None:
-        while not self._queue.empty():
+        while not self._queue.empty() and self._sink is not None:
             msg = self._queue.get_nowait()
-            sink = self.sink
             try:
-                if sink is None:
-                    raise RuntimeError("the stream is no longer live")
-                await sink(msg)
+                await self._sink(msg)
                 count(self.stats, "published", len(msg.units))
                 self.stats.batches += 1
             except Exception as e:
@@ -120,4 +129,6 @@ class AudioPassthrough:
         if self._sender is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._sender), 2.0)
-        self.sink = None
+        while not self._queue.empty():  # never live, or the bus did not take them in time
+            count(self.stats, "not_live", len(self._queue.get_nowait().units))
+        self._sink = None

@@ -50,3 +50,20 @@ def onset_s(samples: np.ndarray, start: float, rate: int, threshold: float = 0.1
     loud = np.flatnonzero(np.abs(samples) > threshold)
     assert loud.size, "no tone in the audio"
     return start + loud[0] / rate
+
+
+def onsets(samples: np.ndarray, rate: int, threshold: float = 0.1, quiet_s: float = 0.5) -> list[int]:
+    """Sample indices where a beep starts: loud after at least ``quiet_s`` of quiet (a beep cut by the start of
+    ``samples`` is not one)."""
+    loud = np.flatnonzero(np.abs(samples) > threshold)
+    return [int(b) for a, b in zip([-1, *loud[:-1]], loud, strict=True) if b - a > quiet_s * rate]
+
+
+def decode_av(data: bytes) -> tuple[float, float, np.ndarray, int]:
+    """(first video frame's time, first audio sample's time, mono audio, rate) of a muxed file (init + segment)."""
+    import io
+
+    with av.open(io.BytesIO(data)) as container:
+        video_start = float(next(container.decode(video=0)).time)
+    samples, audio_start, rate = decode_audio(data)
+    return video_start, audio_start, samples, rate

@@ -28,6 +28,7 @@ import m3u8
 import nats.errors
 import numpy as np
 import pytest
+from media_io.audiokit import TONE_HZ, decode_av, dominant_hz, onsets
 from prometheus_client import REGISTRY
 
 from media.player import HLSJS_DEFAULT
@@ -85,7 +86,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 def _publish(stack: LocalStack, key: str, seconds: float) -> None:
     url = f"rtmp://127.0.0.1:{stack.ports.rtmp}/live/{key}"
     out = subprocess.run([sys.executable, "-m", "ingest.testpattern", url, "--size", "96x64", "--fps", str(FPS),
-                          "--seconds", str(seconds)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          "--seconds", str(seconds), "--tone", str(TONE_HZ)], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
 
 
@@ -176,7 +178,35 @@ def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack, ring: RingConfig | Non
                 decoded += 1
                 assert frame.width == SIZE
     assert decoded >= len(frames_out)  # CFR output: every decoded frame, plus repeats while chunks were late
+    _check_audio_in_step(stack, sid, playlist)
     return _Reference(frames_in, ref[:n])
+
+
+def _check_audio_in_step(stack: LocalStack, sid: str, playlist: m3u8.M3U8) -> None:
+    """The publisher's beeps (one at the start of every second of its video) play in the HLS output, at the
+    capture times of their video: a beep's output time, mapped to capture time through its segment's PDT (the
+    capture time of the segment's first frame), is a whole number of seconds after the first frame's capture."""
+    first_pdt = playlist.segments[0].program_date_time.timestamp()
+    inits: dict[str, bytes] = {}
+    audio_s = video_s = 0.0
+    placed: list[float] = []
+    heard: list[np.ndarray] = []
+    report: list[tuple] = []
+    for seg in playlist.segments:
+        uri = seg.init_section.uri
+        if uri not in inits:
+            inits[uri] = _get(stack, f"{stack.playback(sid)}/{uri}")[1]
+        data = inits[uri] + _get(stack, f"{stack.playback(sid)}/{seg.uri}")[1]
+        video_start, audio_start, samples, rate = decode_av(data)
+        heard.append(samples)
+        audio_s, video_s = audio_s + len(samples) / rate, video_s + seg.duration
+        captured = seg.program_date_time.timestamp() - video_start  # capture time of output time 0 here
+        placed += [captured + audio_start + n / rate - first_pdt for n in onsets(samples, rate)]
+        report.append((seg.uri, round(video_start, 3), round(audio_start, 3), len(samples), float(abs(samples).max())))
+    assert dominant_hz(np.concatenate(heard), rate) == pytest.approx(TONE_HZ, abs=10), report
+    assert audio_s >= 0.8 * video_s, (audio_s, video_s, report)
+    print("AUDIO", placed, report)
+    assert placed and all(abs(p - round(p)) <= 0.1 for p in placed), (placed, report)
 
 
 def _taps(stack: LocalStack, sid: str) -> tuple[list[np.ndarray], np.ndarray]:
