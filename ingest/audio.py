@@ -22,10 +22,13 @@ from proto import AudioUnit, EncodedAudio
 
 log = logging.getLogger(__name__)
 
-AUDIO_RESULTS = ("published", "before_video", "not_aac", "no_config", "queue_full", "publish_failed", "not_live")
+AUDIO_RESULTS = ("published", "before_video", "not_aac", "no_config", "oversized", "queue_full", "publish_failed",
+                 "not_live")
 UNITS = Counter("rheo_ingest_audio_units_total", "publisher AAC frames by outcome", ["result"])
 
 _SOUND_FORMAT_AAC = 10
+_MAX_FRAME_BYTES = 8192  # an AAC access unit is at most 6144 bits per channel (8 channels: 6 KiB)
+_MAX_BATCH = 64  # frames per batch whatever their timestamps say (a burst of equal timestamps)
 _MAX_QUEUED = 32  # batches (≈5 s) waiting for the bus (or for the stream to go live) before the oldest is dropped
 
 
@@ -90,8 +93,11 @@ class AudioPassthrough:
         if capture_time is None:
             count(self.stats, "before_video")
             return
+        if len(payload) - 2 > _MAX_FRAME_BYTES:
+            count(self.stats, "oversized")
+            return
         self._batch.append(AudioUnit(capture_time=capture_time, data=bytes(payload[2:])))
-        if capture_time - self._batch[0].capture_time >= self.batch_s:
+        if capture_time - self._batch[0].capture_time >= self.batch_s or len(self._batch) >= _MAX_BATCH:
             self.flush()
 
     def flush(self) -> None:

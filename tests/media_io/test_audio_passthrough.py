@@ -112,6 +112,7 @@ async def test_ingest_stamps_flv_aac_and_batches_it() -> None:
     audio.feed(b"\xaf\x00" + asc, None)
     audio.feed(b"\xaf\x01" + frames[0][1], None)  # before the first video frame anchored the clock
     audio.feed(b"\x2f\x01" + frames[0][1], T0)  # MP3
+    audio.feed(b"\xaf\x01" + bytes(9000), T0)  # no AAC frame is that large
     for n, (t, data) in enumerate(frames):
         if n == 20:  # the stream went live: what was batched meanwhile goes first, nothing is lost
             audio.sink = sink
@@ -121,5 +122,5 @@ async def test_ingest_stamps_flv_aac_and_batches_it() -> None:
     assert [u.data for m in sent for u in m.units] == [d for _, d in frames]
     assert sent[0].units[0].capture_time == T0 and sent[0].sample_rate == RATE and sent[0].channels == 2
     assert audio.stats.units == {"published": len(frames), "before_video": 1, "not_aac": 1, "no_config": 1,
-                                 "queue_full": 0, "publish_failed": 0, "not_live": 0}
+                                 "oversized": 1, "queue_full": 0, "publish_failed": 0, "not_live": 0}
     await asyncio.sleep(0)
