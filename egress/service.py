@@ -224,8 +224,14 @@ class EgressService(Service):
         out = self.outputs.get(event.stream_id)
         if out is not None and not out.hls.ended:
             self._arm_end(out)
-        elif out is None and event.stream_id in self.audio:  # audio, but its video never came
-            self.audio.pop(event.stream_id).close()
+        elif out is None and event.stream_id in self.audio:  # its video may still be a latency away
+            asyncio.get_running_loop().call_later(self.settings.egress.ended_retention_s, self._forget_audio,
+                                                  event.stream_id)
+
+    def _forget_audio(self, stream_id: str) -> None:
+        """Audio of a stream whose video never came (counted ``unplayed``)."""
+        if stream_id not in self.outputs and stream_id in self.audio:
+            self.audio.pop(stream_id).close()
 
     async def _on_audio(self, msg: EncodedAudio, raw: Msg) -> None:
         """The publisher's AAC: held until the video of the same capture time is muxed (egress/audio.py)."""
