@@ -69,7 +69,8 @@ async def test_each_stream_is_pushed_to_its_templated_url(nats_settings: NatsSet
 async def test_a_stream_with_audio_is_pushed_to_its_own_destinations_with_its_aac(
         nats_settings: NatsSettings, bus: Bus, tmp_path: Path) -> None:
     """The record's own list replaces the template; a dead destination is retried and counted without disturbing
-    the live one or the HLS output; audio sent ahead of its video reaches HLS and the push as the 1 kHz tone."""
+    the live one or the HLS output, and stops when the list drops it mid-stream; audio sent ahead of its video
+    reaches HLS and the push as the 1 kHz tone."""
     sid = new_stream_id()
     table = await StreamTable.open(bus)
     await table.create(StreamSpec(stream_id=sid, width=64, height=64, fps=FPS, steps=2, prompt="p"))
@@ -105,10 +106,15 @@ async def test_a_stream_with_audio_is_pushed_to_its_own_destinations_with_its_aa
                     stream_id=sid, seq=i, width=64, height=48, fps=FPS, extradata=enc.config.extradata,
                     units=video + (enc.flush() if i == frames - 1 else []), end_of_stream=i == frames - 1))
                 await asyncio.sleep(1 / FPS)
+                if i == frames // 2:  # the list changes while the stream plays
+                    restream = egress.outputs[sid].restream
+                    assert restream is not None and set(restream.pushes) == {own, dead}
+                    dead_push, dead_task = restream.pushes[dead], restream.tasks[dead]
+                    await table.update(sid, lambda r: r.model_copy(update={"restream": [own]}))
             await asyncio.wait_for(collector.finished("own"), 15)
             out = egress.outputs[sid]
-            assert out.restream is not None and set(out.restream.pushes) == {own, dead}
-            assert out.restream.pushes[dead].stats.failures >= 2 and out.restream.pushes[own].stats.failures == 0
+            assert out.restream is not None and set(out.restream.pushes) == {own} and dead_task.cancelled()
+            assert dead_push.stats.failures >= 2 and out.restream.pushes[own].stats.failures == 0
             assert "template" not in collector.streams  # the record's list replaces the template
             received = [u.data for m in collector.audio["own"] for u in m.units]
             assert len(received) >= 2 * RATE / 1024  # ≥ 2 s of the 3 s
