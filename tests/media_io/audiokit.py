@@ -3,6 +3,7 @@ with PyAV, and the checks on decoded audio (dominant frequency, onset time)."""
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import av
@@ -36,6 +37,8 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, float, int]:
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.audio[0]
         frames = list(container.decode(stream))
+    if not frames:  # a segment can hold no audio (a frozen picture: its capture span is empty)
+        return np.zeros(0, np.float32), math.nan, stream.sample_rate
     samples = np.concatenate([f.to_ndarray().reshape(f.to_ndarray().shape[0], -1).mean(axis=0) for f in frames])
     return samples, float(frames[0].time), frames[0].sample_rate
 
@@ -56,7 +59,7 @@ def onsets(samples: np.ndarray, rate: int, threshold: float = 0.1, quiet_s: floa
     """Sample indices where a beep starts: loud after at least ``quiet_s`` of quiet (a beep cut by the start of
     ``samples`` is not one)."""
     loud = np.flatnonzero(np.abs(samples) > threshold)
-    return [int(b) for a, b in zip([-1, *loud[:-1]], loud, strict=True) if b - a > quiet_s * rate]
+    return [int(b) for a, b in zip([-1, *loud[:-1]], loud, strict=False) if b - a > quiet_s * rate]
 
 
 def decode_av(data: bytes) -> tuple[float, float, np.ndarray, int]:
