@@ -2,7 +2,9 @@
 
 PyAV's flv muxer (into memory) makes the FLV tags — AVC and AAC sequence headers, video, and AAC silence when
 the source has no audio (YouTube and Twitch want an audio track) — and a small asyncio RTMP client of ours
-sends them. PyAV's own RTMP output holds the GIL while it blocks on the network, which would stall the event
+sends them. A stream with audio gets the publisher's AAC instead (``push_audio``: FLV AAC tags are written
+here, the PyAV muxer stays video-only so its interleaver never holds video back waiting for audio). PyAV's own
+RTMP output holds the GIL while it blocks on the network, which would stall the event
 loop of every other stream; our client never blocks. While disconnected the newest tags are kept (bounded);
 after a reconnect the sequence headers are resent and video resumes at the next keyframe. An ``rtmps://`` URL
 runs the same client over TLS; the server certificate is always verified (against ``egress.rtmp_push_ca_file``, or
@@ -24,8 +26,10 @@ from pathlib import Path
 
 import av
 import numpy as np
+from prometheus_client import Counter
 
 from media import amf0
+from media.aac import SAMPLES_PER_FRAME, AacConfig
 from media.chunkstream import (
     AUDIO,
     COMMAND_AMF0,
@@ -39,10 +43,14 @@ from media.chunkstream import (
     encode_message,
 )
 from media.h264 import VideoConfig
+from media.rtmp_url import redact_rtmp_url, split_rtmp_url
 from proto import VideoUnit
 from services.config import EgressSettings
 
 log = logging.getLogger(__name__)
+
+PUSH_FAILURES = Counter("rheo_egress_rtmp_push_failures_total", "RTMP push connections failed or lost (each retried "
+                        "with backoff)")
 
 _CHUNK_SIZE = 4096
 _AUDIO_RATE = 44100
@@ -106,13 +114,30 @@ class FlvTagMuxer:
         self._audio: av.audio.stream.AudioStream | None = None
         self._audio_samples = 0
         self._last_pts = -1
+        self._real_audio: AacConfig | None = None  # the source's AAC config, once announced by push_audio
+        self.audio_ignored = 0  # source AAC frames not sent: the push had started with silence
+
+    def push_audio(self, time_s: float, config: AacConfig, frames: list[bytes]) -> list[FlvTag]:
+        """The source's AAC frames starting at output time ``time_s``: FLV AAC tags (with the sequence header when
+        the config is new). A push that started with silence keeps it (one audio track; counted)."""
+        if self._audio is not None:
+            self.audio_ignored += len(frames)
+            return []
+        tags = []
+        if config != self._real_audio:
+            self._real_audio = config
+            tags.append(FlvTag(AUDIO, max(0, round(time_s * 1000)), b"\xaf\x00" + config.asc))
+        for i, frame in enumerate(frames):
+            ms = round((time_s + i * SAMPLES_PER_FRAME / config.sample_rate) * 1000)
+            tags.append(FlvTag(AUDIO, max(0, ms), b"\xaf\x01" + frame))
+        return tags
 
     def _open(self, first: VideoUnit) -> None:
         self._out = av.open(self._sink, "w", format="flv", options={"flvflags": "no_duration_filesize"})
         with av.open(io.BytesIO(self.config.extradata + first.data), format="h264") as template:
             self._video = self._out.add_stream_from_template(template.streams.video[0])
         self._video.time_base = Fraction(1, 1000)
-        if self.silent_audio:
+        if self.silent_audio and self._real_audio is None:
             self._audio = self._out.add_stream("aac", rate=_AUDIO_RATE, layout="stereo")
             self._audio.codec_context.bit_rate = 64000
 
@@ -157,23 +182,6 @@ class FlvTagMuxer:
 
 class PushError(Exception):
     """The RTMP server refused us or broke the protocol."""
-
-
-_DEFAULT_PORTS = {"rtmp": 1935, "rtmps": 443}
-
-
-def split_rtmp_url(url: str) -> tuple[str, int, str, str]:
-    """``rtmp[s]://host[:port]/app/key`` → (host, port, app, key); rtmps defaults to port 443."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in _DEFAULT_PORTS or not parsed.hostname:
-        raise ValueError(f"not an rtmp:// or rtmps:// URL: {url!r}")
-    path = parsed.path.lstrip("/")
-    app, _, key = path.partition("/")
-    if parsed.query:
-        key += "?" + parsed.query
-    if not app or not key:
-        raise ValueError(f"RTMP URL needs /app/key: {url!r}")
-    return parsed.hostname, parsed.port or _DEFAULT_PORTS[parsed.scheme], app, key
 
 
 def client_tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
@@ -355,6 +363,12 @@ class RtmpPush:
         for tag in self.muxer.push(unit):
             self._enqueue(tag)
 
+    def push_audio(self, time_s: float, config: AacConfig, frames: list[bytes]) -> None:
+        """The source's AAC (``LlHlsStream.on_audio``): sent instead of silence when it comes before the first
+        keyframe is muxed."""
+        for tag in self.muxer.push_audio(time_s, config, frames):
+            self._enqueue(tag)
+
     def _enqueue(self, tag: FlvTag) -> None:
         if tag.is_sequence_header:
             self._headers[tag.type_id] = tag
@@ -379,7 +393,7 @@ class RtmpPush:
                 client.start_reading()
                 self.stats.connects += 1
                 delay = self.backoff_s
-                log.info("rtmp push connected to %s", _redact(self.url))
+                log.info("rtmp push connected to %s", redact_rtmp_url(self.url))
                 sent: set[FlvTag] = set()
                 for tag in list(self._headers.values()):
                     await client.send(tag)
@@ -389,8 +403,9 @@ class RtmpPush:
                 return
             except (OSError, PushError, TimeoutError, asyncio.IncompleteReadError, amf0.AmfError) as exc:
                 self.stats.failures += 1
+                PUSH_FAILURES.inc()
                 self.stats.last_error = f"{exc.__class__.__name__}: {exc}"
-                log.warning("rtmp push to %s failed (%s); retrying in %.1fs", _redact(self.url), exc, delay)
+                log.warning("rtmp push to %s failed (%s); retrying in %.1fs", redact_rtmp_url(self.url), exc, delay)
                 await client.close()
             if self._closing and not self._queue:
                 return
@@ -418,7 +433,3 @@ class RtmpPush:
             self._wake.clear()
             await self._wake.wait()
 
-
-def _redact(url: str) -> str:
-    """The URL without its stream key (keys are secrets)."""
-    return url.rsplit("/", 1)[0] + "/***"

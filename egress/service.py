@@ -1,10 +1,12 @@
 """The egress service: encoded video in, HLS / LL-HLS over HTTP and RTMP push out (design §1; docs/media.md).
 
-Subscribes to ``rheo.stream.*.video`` (``EncodedVideo`` from the decoder, credit window) and
-``rheo.stream.*.event``; publishes nothing but heartbeats. Per stream an ``LlHlsStream`` (``HlsRegistry``) fed
-with the access units, and an ``RtmpPush`` when ``egress.rtmp_push_url`` is set. Serves ``make_hls_router`` on
-``egress.http_port`` and records its base URL in the stream's ``StreamRecord`` (``egress_url``) when the stream's
-first video arrives, so the gateway's ``/hls/<id>/...`` proxy finds it.
+Subscribes to ``rheo.stream.*.video`` (``EncodedVideo`` from the decoder, credit window),
+``rheo.stream.*.audio`` (the publisher's AAC from ingest, held in an ``AudioSync`` until its video is muxed) and
+``rheo.stream.*.event``, and watches the stream table for restream destinations; publishes nothing but
+heartbeats. Per stream an ``LlHlsStream`` (``HlsRegistry``) fed with the access units and the audio, and a
+``Restream`` (an ``RtmpPush`` per destination: the record's own list, else ``egress.rtmp_push_url``). Serves
+``make_hls_router`` on ``egress.http_port`` and records its base URL in the stream's ``StreamRecord``
+(``egress_url``) when the stream's first video arrives, so the gateway's ``/hls/<id>/...`` proxy finds it.
 
 A playlist ends (``EXT-X-ENDLIST``) on the decoder's ``end_of_stream``, or, after the stream's ``ended`` event,
 once no video came for ``egress.ended_grace_s``; ended streams stay served for ``egress.ended_retention_s``.
@@ -27,17 +29,20 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter
 from starlette.types import ASGIApp
 
+from egress.audio import AudioSync
 from egress.continuity import ContinuityStore
 from egress.http import make_hls_router
 from egress.observe import EgressObserver
-from egress.rtmp_push import RtmpPush
+from egress.restream import Restream, destinations
 from media.h264 import PartLayout, VideoConfig
 from media.llhls import HlsRegistry, LlHlsStream
-from proto import CHANNELS, EncodedVideo, HlsState, StreamEvent, StreamRecord, Subjects
+from proto import CHANNELS, EncodedAudio, EncodedVideo, HlsState, ProtocolError, StreamEvent, StreamRecord, Subjects
+from proto import decode as decode_message
 from services.assignments import Assignments
+from services.bus import KV
 from services.httpguard import guard
 from services.playback_tokens import PlaybackKeys
-from services.runtime import Service, ServiceStartError, listen_socket, main
+from services.runtime import Service, ServiceStartError, listen_socket, main, watch_keys
 from services.streams import StreamNotFound, StreamTable
 
 log = logging.getLogger("rheo.egress")
@@ -68,21 +73,15 @@ class EgressStats:
 
 @dataclass
 class EgressStream:
-    """Everything egress keeps for one stream: the packager, the RTMP push, the message counter."""
+    """Everything egress keeps for one stream: the packager, the RTMP pushes, the message counter."""
 
     stream_id: str
     config: VideoConfig
     hls: LlHlsStream
-    push: RtmpPush | None = None
-    push_task: asyncio.Task[None] | None = None
+    restream: Restream | None = None
     next_seq: int = 0
     end_timer: asyncio.TimerHandle | None = None  # armed by the 'ended' event, re-armed by every later message
     forget_timer: asyncio.TimerHandle | None = None  # removes the ended stream after its retention
-
-
-def rtmp_push_url(template: str, stream_id: str) -> str:
-    """The push URL of one stream: ``{stream_id}`` in the template is replaced by the stream id."""
-    return template.replace("{stream_id}", stream_id)
 
 
 class EgressService(Service):
@@ -92,6 +91,8 @@ class EgressService(Service):
         super().__init__(*args, **kwargs)
         self.registry = HlsRegistry(self.settings.egress.hls_dir)
         self.outputs: dict[str, EgressStream] = {}
+        self.audio: dict[str, AudioSync] = {}  # from the first audio message (before the video) until forgotten
+        self.restream_lists: dict[str, list[str]] = {}  # stream id → its own destinations (the stream table's)
         self.stats = EgressStats()
         self.observer = EgressObserver()  # TTFF, glass-to-glass, output FPS, egress.package spans
         self.hls_port = 0
@@ -139,6 +140,9 @@ class EgressService(Service):
                                  credit=True, known=known)
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent,
                                  known=known)
+        await self.bus.subscribe(CHANNELS["stream_audio"].wildcard(), self._on_audio, expected=EncodedAudio,
+                                 known=known)
+        self._spawn(watch_keys(self._table_kv, "s.*", self._on_record, what="stream table"), "egress-stream-table")
         log.info("egress serving HLS at %s/hls/<stream id>/index.m3u8", self.base_url)
 
     async def drain(self) -> None:
@@ -147,7 +151,7 @@ class EgressService(Service):
             self._end(out)
             if out.forget_timer is not None:  # files stay on disk for whoever serves them next
                 out.forget_timer.cancel()
-        pushes = [o.push_task for o in self.outputs.values() if o.push_task is not None]
+        pushes = [t for o in self.outputs.values() if o.restream is not None for t in o.restream.tasks.values()]
         if pushes:
             _, pending = await asyncio.wait(pushes, timeout=2.0)
             for task in pending:
@@ -221,11 +225,8 @@ class EgressService(Service):
                 continue
             self.stats.units += 1
             UNITS.labels(result="packaged").inc()
-            if out.push is not None:
-                try:
-                    out.push.push(packaged)  # the output timeline: monotonic across decoder restarts
-                except Exception as e:
-                    log.warning("stream %s: access unit pts %d not pushed over RTMP: %s", msg.stream_id, unit.pts, e)
+            if out.restream is not None:
+                out.restream.push(packaged)  # the output timeline: monotonic across decoder restarts
         span.end()
         if msg.end_of_stream:
             self._end(out)
@@ -241,6 +242,53 @@ class EgressService(Service):
         out = self.outputs.get(event.stream_id)
         if out is not None and not out.hls.ended:
             self._arm_end(out)
+        elif out is None and event.stream_id in self.audio:  # its video may still be a latency away
+            asyncio.get_running_loop().call_later(self.settings.egress.ended_retention_s, self._forget_audio,
+                                                  event.stream_id)
+
+    def _forget_audio(self, stream_id: str) -> None:
+        """Audio of a stream whose video never came (counted ``unplayed``)."""
+        if stream_id not in self.outputs and stream_id in self.audio:
+            self.audio.pop(stream_id).close()
+
+    async def _on_audio(self, msg: EncodedAudio, raw: Msg) -> None:
+        """The publisher's AAC: held until the video of the same capture time is muxed (egress/audio.py)."""
+        if raw.subject != Subjects.stream_audio(msg.stream_id):
+            MESSAGES.labels(result="mismatched").inc()
+            log.warning("audio message for stream %s on %s dropped: mismatched subject", msg.stream_id, raw.subject)
+            return
+        self._audio_sync(msg.stream_id).add(msg)
+
+    def _audio_sync(self, stream_id: str) -> AudioSync:
+        sync = self.audio.get(stream_id)
+        if sync is None:
+            sync = self.audio[stream_id] = AudioSync(stream_id)
+        return sync
+
+    async def _table_kv(self) -> KV:
+        assert self._table is not None
+        return self._table.kv
+
+    async def _on_record(self, key: str, value: bytes | None, _revision: int) -> None:
+        """A stream record changed: its own restream destinations take effect at once (docs/restream.md)."""
+        sid = key.removeprefix("s.")
+        own: list[str] = []
+        if value is not None:
+            assert self._table is not None
+            try:
+                own = decode_message(value, StreamRecord, self._table.kv.limits).restream
+            except ProtocolError as e:
+                log.warning("ignored a malformed stream record %s: %s", key, e)
+                return
+        if own == self.restream_lists.get(sid, []):
+            return
+        if own:
+            self.restream_lists[sid] = own
+        else:
+            self.restream_lists.pop(sid, None)
+        out = self.outputs.get(sid)
+        if out is not None and out.restream is not None and not out.hls.ended:
+            out.restream.sync(destinations(own, self.settings.egress, sid))
 
     def _arm_end(self, out: EgressStream) -> None:
         """End the playlist ``ended_grace_s`` after the last message, unless ``end_of_stream`` comes first (the
@@ -268,10 +316,12 @@ class EgressService(Service):
             RESTARTS.labels(cause="resumed").inc()
             log.info("stream %s: playlist continues at media sequence %d, discontinuity %d (%d segments listed "
                      "again)", stream_id, resume.next_msn, hls.discontinuity, hls.stats.segments_restored)
+        hls.audio = audio = self._audio_sync(stream_id)
         out = EgressStream(stream_id, config, hls)
-        if eg.rtmp_push_url:
-            out.push = RtmpPush.from_settings(config, eg, url=rtmp_push_url(eg.rtmp_push_url, stream_id))
-            out.push_task = self._spawn(out.push.run(), f"rtmp-push-{stream_id}")
+        # a stream whose audio came before its first video is restreamed with it, any other with AAC silence
+        out.restream = Restream(stream_id, config, eg, self._spawn, eg.rtmp_push_silent_audio and audio.config is None)
+        out.restream.sync(destinations(self.restream_lists.get(stream_id, []), eg, stream_id))
+        hls.on_audio = out.restream.push_audio
         self.outputs[stream_id] = out
         self.streams.add(stream_id)
         self.stats.streams_opened += 1
@@ -301,8 +351,8 @@ class EgressService(Service):
         out.hls.end()
         self.stats.streams_ended += 1
         self.streams.discard(out.stream_id)
-        if out.push is not None:
-            self._spawn(out.push.finish(), f"rtmp-finish-{out.stream_id}")
+        if out.restream is not None:
+            out.restream.finish()
         loop = asyncio.get_running_loop()
         out.forget_timer = loop.call_later(self.settings.egress.ended_retention_s, self._forget, out)
         log.info("stream %s: playlist ended", out.stream_id)
@@ -316,6 +366,8 @@ class EgressService(Service):
                 self.registry.remove(out.stream_id)
             if self._continuity is not None:  # ended for good: a later stream under this id starts afresh
                 self._continuity.delete(out.stream_id)
+            if out.hls.audio is not None and self.audio.get(out.stream_id) is out.hls.audio:
+                self.audio.pop(out.stream_id).close()
 
     async def _record_live(self, stream_id: str) -> None:
         """Tell the stream table where this stream plays (the gateway proxies ``/hls/<id>/`` there)."""

@@ -61,6 +61,13 @@ class FramePacer:
         """Wall-clock capture time of an output slot."""
         return self._anchor_wall + (slot - self._slot_base) / self.fps
 
+    def time_of(self, ts: float) -> float | None:
+        """Wall-clock capture time of source timestamp ``ts`` (s) on the current anchor (None before the first
+        frame): what a frame at ``ts`` gets, without the slot rounding; the audio passthrough stamps AAC with it."""
+        if self._origin_ts is None:
+            return None
+        return self._anchor_wall + (ts - self._origin_ts)
+
     def resync(self) -> None:
         """Forget the timestamp origin (a new session): the next frame takes the next slot."""
         self._origin_ts = None

@@ -13,6 +13,7 @@ from typing import Any
 import av
 import numpy as np
 
+from ingest.audio import AudioPassthrough
 from ingest.pacing import Chunker, ChunkQueue, FramePacer, RawChunk
 from media.frames import shape_frame
 from proto.clock import ChunkClock
@@ -67,7 +68,7 @@ class RtmpStream:
         self.pacer = FramePacer(shape.fps)
         self.chunker = Chunker(stream_id, ChunkClock(), latency_budget_s, *first)
         self.metadata: dict[str, Any] = {}
-        self.audio_config: bytes | None = None
+        self.audio = AudioPassthrough(stream_id)
         self.stats = StreamStats()
         self.publishing = False
         self.ended = False
@@ -96,6 +97,17 @@ class RtmpStream:
                 self._last_frame = shape_frame(frame, self.shape.width, self.shape.height)
                 self._emit(self._last_frame, slot.index, out)
         return out
+
+    @property
+    def audio_config(self) -> bytes | None:
+        """The publisher's AAC AudioSpecificConfig, once its sequence header came."""
+        return self.audio.config.asc if self.audio.config is not None else None
+
+    def on_audio(self, payload: bytes, timestamp_ms: int) -> None:
+        """An FLV audio tag: stamped on the video's capture clock (the pacer's anchor) and passed through."""
+        with self._lock:
+            captured = self.pacer.time_of(timestamp_ms / 1000.0)
+        self.audio.feed(payload, captured)
 
     @property
     def segment(self) -> int:

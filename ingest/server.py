@@ -662,9 +662,7 @@ class _Session:
         if not self._video_seen and time.monotonic() >= self._audio_only_deadline:
             raise Refused(f"audio only: no video for {self.settings.audio_only_grace_s:g} s after publish; rheo "
                           "restyles video, publish an H.264 video track", kind="audio_only")
-        p = msg.payload
-        if len(p) >= 2 and p[0] >> 4 == 10 and p[1] == 0:
-            self.stream.audio_config = p[2:]
+        self.stream.on_audio(msg.payload, msg.timestamp)
 
     async def _on_video(self, msg: Message) -> None:
         stream = self.stream

@@ -380,6 +380,9 @@ class IngestService(Service):
         stream.reserved_seq, stream.reserved_segment = record.next_seq, record.next_segment
         stream.record, stream.table_born = record, await self.table.kv.incarnation()
         stream.attach(source)
+        if isinstance(source, RtmpStream):  # the publisher's AAC, passed through to egress (ingest/audio.py)
+            audio_subject, bus = Subjects.stream_audio(sid), self.bus
+            source.audio.sink = lambda m: bus.publish(audio_subject, m)
         window_bytes = self.settings.nats.credit_window_bytes
         stream.window = await self.bus.credit_window(Subjects.stream_latent(sid), window_bytes,
                                                      reset_after_s=LATENT_CREDIT_RESET_S).start()
@@ -435,6 +438,8 @@ class IngestService(Service):
                     del self._t2v[sid]
             elif self.rtmp is not None and self.rtmp.streams.get(sid) is source:
                 self.rtmp._end_stream(source)  # a failed start: stop taking media for it
+            if isinstance(source, RtmpStream):
+                await source.audio.close()
             if stream is not None:
                 await self._end(stream)
 

@@ -32,21 +32,48 @@ def pattern_frame(i: int, width: int, height: int, fps: float) -> np.ndarray:
     return frame
 
 
+AUDIO_RATE = 44100
+BEEP_S = 0.25  # each second of the pattern starts with a beep this long
+
+
+class Beeps:
+    """AAC beeps of ``hz`` at the start of every second of pattern time (an A/V sync marker, like a test card's)."""
+
+    def __init__(self, out: av.container.OutputContainer, hz: float, start_s: float) -> None:
+        self.hz = hz
+        self.stream = out.add_stream("aac", rate=AUDIO_RATE, layout="mono")
+        self.stream.codec_context.bit_rate = 64000
+        self.samples = round(start_s * AUDIO_RATE / 1024) * 1024
+
+    def until(self, t: float) -> list[av.Packet]:
+        """The audio packets of pattern time up to ``t`` (s)."""
+        packets: list[av.Packet] = []
+        while self.samples / AUDIO_RATE < t:
+            ts = (self.samples + np.arange(1024)) / AUDIO_RATE
+            wave = (0.5 * np.sin(2 * np.pi * self.hz * ts) * (ts % 1.0 < BEEP_S)).astype(np.float32)
+            frame = av.AudioFrame.from_ndarray(wave[None, :], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = AUDIO_RATE, self.samples
+            self.samples += 1024
+            packets += self.stream.encode(frame)
+        return packets
+
+
 def publish(url: str, width: int = 640, height: int = 360, fps: int = 16, seconds: float = 0.0,
-            first: int = 0) -> int:
+            first: int = 0, tone_hz: float = 0.0) -> int:
     """Publish frames ``first``… until ``seconds`` of them have gone (0: forever) or the server closes the
-    connection (raises); returns the next frame's index."""
+    connection (raises); returns the next frame's index. ``tone_hz``: with an AAC track of beeps (none: video only)."""
     out = av.open(url, "w", format="flv", timeout=10)
     i = first
     try:
         stream = out.add_stream("libx264", rate=fps,
                                 options={"preset": "ultrafast", "tune": "zerolatency", "g": str(fps)})
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        beeps = Beeps(out, tone_hz, first / fps) if tone_hz else None
         t0 = time.monotonic() - first / fps
         while not seconds or i < seconds * fps:
             frame = av.VideoFrame.from_ndarray(pattern_frame(i, width, height, fps), format="rgb24")
             frame.pts = i
-            for packet in stream.encode(frame):
+            for packet in [*stream.encode(frame), *(beeps.until((i + 1) / fps) if beeps else [])]:
                 out.mux(packet)
             i += 1
             time.sleep(max(0.0, t0 + i / fps - time.monotonic()))
@@ -57,13 +84,13 @@ def publish(url: str, width: int = 640, height: int = 360, fps: int = 16, second
     return i
 
 
-def publish_reconnecting(url: str, width: int, height: int, fps: int, seconds: float) -> None:
+def publish_reconnecting(url: str, width: int, height: int, fps: int, seconds: float, tone_hz: float = 0.0) -> None:
     """``publish``, connecting again after a lost or refused connection, as OBS does (the ingest restarted, or
     refused the publish for now): 1 s, then up to 5 s apart. The pattern goes on where it was."""
     i, delay = 0, 1.0
     while not seconds or i < seconds * fps:
         try:
-            i = publish(url, width, height, fps, seconds, first=i)
+            i = publish(url, width, height, fps, seconds, first=i, tone_hz=tone_hz)
             return
         except (av.error.FFmpegError, OSError) as e:
             print(f"rheo testpattern: {e}; reconnecting in {delay:.0f} s", file=sys.stderr, flush=True)
@@ -80,13 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: run until killed)")
     ap.add_argument("--reconnect", action="store_true", help="connect again when the connection is lost or "
                                                               "refused, as OBS does")
+    ap.add_argument("--tone", type=float, default=0.0, metavar="HZ",
+                    help="add an AAC track: a 0.25 s beep of HZ at the start of every second (0: no audio)")
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.lower().split("x"))
     try:
         if args.reconnect:
-            publish_reconnecting(args.url, w, h, args.fps, args.seconds)
+            publish_reconnecting(args.url, w, h, args.fps, args.seconds, args.tone)
         else:
-            publish(args.url, w, h, args.fps, args.seconds)
+            publish(args.url, w, h, args.fps, args.seconds, tone_hz=args.tone)
     except (av.error.FFmpegError, OSError) as e:
         print(f"rheo testpattern: {e}", file=sys.stderr)
         return 1

@@ -28,9 +28,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import av
 
+from media import aac
 from media.h264 import PartLayout, VideoConfig
 from proto import HlsSegmentState, HlsState, VideoUnit
 
@@ -115,6 +117,20 @@ def _template_stream(config: VideoConfig, first: VideoUnit) -> av.container.Inpu
     return av.open(io.BytesIO(config.extradata + first.data), format="h264")
 
 
+class AudioSource(Protocol):
+    """Where a stream's audio comes from (``egress.audio.AudioSync``): the packager asks it, per part, for the
+    audio of the part's video capture span."""
+
+    config: aac.AacConfig | None
+    first_frame: bytes
+
+    def take(self, start_capture: float, end_capture: float, start_time: float) -> tuple[int, list[bytes]] | None:
+        ...
+
+
+_MOVFLAGS = "cmaf+frag_keyframe+empty_moov+default_base_moof+skip_trailer+frag_discont"
+
+
 class LlHlsStream:
     """Packager and playlist state for one stream id."""
 
@@ -138,6 +154,10 @@ class LlHlsStream:
         self.discontinuity = 0  # the current period's discontinuity sequence number
         self.on_segment: Callable[[LlHlsStream], None] | None = None  # called when a segment closes
         self.on_part: Callable[[list[VideoUnit]], None] | None = None  # a part is out: the units it carries
+        self.audio: AudioSource | None = None  # muxed into every part from the next period with a known config
+        self.on_audio: Callable[[float, aac.AacConfig, list[bytes]], None] | None = None  # (time s, config, frames)
+        self._period_audio: aac.AacConfig | None = None  # the audio track of the open period's init segment
+        self._first: VideoUnit | None = None  # the open period's first unit (the codec template)
         self._sink = _BoxSink()
         self._out: av.container.OutputContainer | None = None
         self._stream: av.video.stream.VideoStream | None = None
@@ -176,6 +196,8 @@ class LlHlsStream:
         if self._last_in is not None and unit.pts <= self._last_in:
             self.stats.non_monotonic_dropped += 1
             return None
+        if self._out is not None and unit.keyframe and self._audio_config() != self._period_audio:
+            self.restart()  # audio appeared (or its config changed): the init segment needs the new track
         if self._out is None:
             if not unit.keyframe:
                 self.stats.dropped_before_keyframe += 1
@@ -193,7 +215,7 @@ class LlHlsStream:
         packet.is_keyframe = unit.keyframe
         packet.stream = self._stream
         self._out.mux(packet)
-        self._collect(next_pts=unit.pts)
+        self._collect(next_pts=unit.pts, next_capture=unit.capture_time)
         self._pending.append(unit)
         return unit
 
@@ -228,51 +250,84 @@ class LlHlsStream:
         """Close the muxer: its last part and the open segment are published as they are."""
         if self._out is not None:
             self._out.close()
-            last = self._pending[-1].pts + 1 if self._pending else None
-            self._collect(next_pts=last)
+            last = self._pending[-1] if self._pending else None
+            self._collect(next_pts=last.pts + 1 if last else None,
+                          next_capture=last.capture_time + 1 / self.layout.fps if last and last.capture_time else None)
         if self.segments and not self.segments[-1].complete and self.segments[-1].parts:
             self._close_segment(self.segments[-1])
         self._out = self._stream = None
         self._pending, self._moof, self._sink = [], None, _BoxSink()
 
+    def _audio_config(self) -> aac.AacConfig | None:
+        return self.audio.config if self.audio is not None and self.audio.first_frame else None
+
     def _open(self, first: VideoUnit) -> None:
         self._offset = self._next_pts - first.pts
+        self._period_audio = self._audio_config()
         part_us = int((self.layout.frames_per_part - 0.5) / self.layout.fps * 1e6)
-        self._out = av.open(
-            self._sink,
-            "w",
-            format="mp4",
-            options={
-                # frag_discont: fragments keep our (offset) timestamps instead of starting over at 0
-                "movflags": "cmaf+frag_keyframe+empty_moov+default_base_moof+skip_trailer+frag_discont",
-                "frag_duration": str(part_us),
-            },
-        )
-        with _template_stream(self.config, first) as template:
-            self._stream = self._out.add_stream_from_template(template.streams.video[0])
-        self._stream.time_base = self.config.time_base
+        # frag_discont: fragments keep our (offset) timestamps instead of starting over at 0
+        self._out = av.open(self._sink, "w", format="mp4", options={"movflags": _MOVFLAGS,
+                                                                    "frag_duration": str(part_us)})
+        self._stream = self._add_video(self._out, first)
+        self._first = first
 
-    def _collect(self, next_pts: int | None) -> None:
-        """Turn boxes the muxer has written into init/parts; ``next_pts`` is the first pts not in them."""
+    def _add_video(self, out: av.container.OutputContainer, first: VideoUnit) -> av.video.stream.VideoStream:
+        with _template_stream(self.config, first) as template:
+            stream = out.add_stream_from_template(template.streams.video[0])
+        stream.time_base = self.config.time_base
+        return stream
+
+    def _muxed_init(self, config: aac.AacConfig) -> bytes:
+        """ftyp+moov with the video (track 1) and the audio track (2): the video muxer itself stays video-only
+        (media/aac.py says why), its fragments fit this init."""
+        sink = _BoxSink()
+        out = av.open(sink, "w", format="mp4", options={"movflags": _MOVFLAGS})
+        assert self.audio is not None and self._first is not None
+        self._add_video(out, self._first)
+        with aac.template(config, self.audio.first_frame) as template:
+            audio = out.add_stream_from_template(template.streams.audio[0])
+        audio.codec_context.extradata = config.asc
+        out.start_encoding()
+        out.close()
+        return b"".join(box for kind, box in sink.boxes if kind in (b"ftyp", b"moov"))
+
+    def _audio_part(self, units: list[VideoUnit], next_capture: float | None) -> bytes:
+        """The audio fragment that goes with a part's video (none without a capture clock or audio)."""
+        config, start = self._period_audio, units[0].capture_time
+        if config is None or self.audio is None or start is None or next_capture is None:
+            return b""
+        taken = self.audio.take(start, next_capture, float(units[0].pts * self.config.time_base))
+        if taken is None:
+            return b""
+        decode_time, frames = taken
+        if self.on_audio is not None:
+            self.on_audio(decode_time / config.sample_rate, config, frames)
+        return aac.fragment(self.stats.parts + 1, decode_time, frames)
+
+    def _collect(self, next_pts: int | None, next_capture: float | None = None) -> None:
+        """Turn boxes the muxer has written into init/parts; ``next_pts`` is the first pts not in them (captured at
+        ``next_capture``)."""
         boxes, self._sink.boxes = self._sink.boxes, []
         header: list[bytes] = []
         for kind, box in boxes:
             if kind in (b"ftyp", b"moov"):
                 header.append(box)
                 if kind == b"moov":
-                    init = self.inits[self.discontinuity] = b"".join(header)
+                    init = b"".join(header) if self._period_audio is None else self._muxed_init(self._period_audio)
+                    self.inits[self.discontinuity] = init
                     self._write_file(init_name(self.discontinuity), init)
                     self._write_file("init.mp4", init)
             elif kind == b"moof":
                 self._moof = box
             elif kind == b"mdat" and self._moof is not None:
-                self._add_part(self._moof + box, next_pts)
+                self._add_part(self._moof + box, next_pts, next_capture)
                 self._moof = None
 
-    def _add_part(self, data: bytes, next_pts: int | None) -> None:
+    def _add_part(self, data: bytes, next_pts: int | None, next_capture: float | None = None) -> None:
         units, self._pending = self._pending, []
         if not units:
             return
+        data += self._audio_part(units, next_capture)
         end_pts = next_pts if next_pts is not None else units[-1].pts + 1
         duration = (end_pts - units[0].pts) / self.layout.fps
         seg = self.segments[-1] if self.segments and not self.segments[-1].complete else None

@@ -173,7 +173,8 @@ class ChunkHeader(BaseModel):
 class LatentChunk(Message, ChunkHeader):
     """One chunk's latents (ingest → first stage; last stage → decoder)."""
 
-    SCHEMA_VERSION: ClassVar[int] = 3
+    SCHEMA_VERSION: ClassVar[int] = 4
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (3,)
 
     latent: Tensor = Field(description="[F, C, H, W] latent frames (T2V: zeros; noise_scale 1 ignores them)")
 
@@ -236,6 +237,9 @@ class Heartbeat(Message):
 
 class StageStats(Message):
     """What one DiT stage measured over its last reporting window."""
+
+    SCHEMA_VERSION: ClassVar[int] = 2
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
 
     stage_id: str = Field(min_length=1, max_length=128)
     epoch: int = Field(ge=0)
@@ -334,6 +338,26 @@ class EncodedVideo(Message):
     end_of_stream: bool = Field(False, description="the last message of the stream: packagers close their playlists")
 
 
+class AudioUnit(BaseModel):
+    """One AAC access unit (raw, no ADTS header) with the wall-clock capture time of its first sample, on the clock
+    of the video chunks' ``capture_time`` (ingest's pacer anchor), so egress can place it against the styled video."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    capture_time: float
+    data: bytes = Field(max_length=8192)
+
+
+class EncodedAudio(Message):
+    """The publisher's AAC passed through, ingest → egress, batched (~150 ms per message, not one per frame)."""
+
+    stream_id: StreamId
+    seq: int = Field(ge=0, description="per-stream message counter (gaps = lost messages)")
+    config: bytes = Field(max_length=64, description="AAC AudioSpecificConfig (the FLV sequence header's payload)")
+    sample_rate: int = Field(gt=0, le=192000)
+    channels: int = Field(ge=1, le=8)
+    units: list[AudioUnit] = Field(max_length=256)
+
+
 StreamEventKind = Literal["live", "ended"]
 
 
@@ -391,6 +415,9 @@ class Assignment(BaseModel):
     version: int = Field(1, ge=1, description="1 at placement, +1 at every move (a member died)")
 
 
+MAX_RESTREAM_DESTINATIONS = 4  # per stream (the API's limit, and the record's)
+
+
 class StreamRecord(Message):
     """A stream's row in the stream table (JetStream KV): what it is, its hashed key, where it plays; ingest's
     checkpoint of it and the seq/segment reservation that keeps a stream's chunks monotonic across sessions."""
@@ -414,6 +441,9 @@ class StreamRecord(Message):
     ingest: IngestStatus | None = Field(None, description="ingest's checkpoint of the live (or last) session")
     assignment: Assignment | None = Field(None, description="the controller's placement (None: every decoder and "
                                                             "egress serves it, as without a controller)")
+    restream: list[str] = Field(default_factory=list, max_length=MAX_RESTREAM_DESTINATIONS, description=(
+        "the stream's own RTMP push destinations (rtmp:// or rtmps://, with their keys: never shown back); empty: "
+        "egress.rtmp_push_url, if set"))
 
 
 class HlsSegmentState(BaseModel):
@@ -474,7 +504,8 @@ class RingItem(ChunkHeader):
 class StageItems(Message):
     """One micro-step handed to the next DiT stage: per-item headers, hidden states and the noisy latents."""
 
-    SCHEMA_VERSION: ClassVar[int] = 3
+    SCHEMA_VERSION: ClassVar[int] = 4
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (3,)
 
     epoch: int = Field(ge=0)
     items: list[RingItem]
@@ -485,7 +516,8 @@ class StageItems(Message):
 class RingReturn(Message):
     """Last stage → first stage: items re-noised to their next step, to run again."""
 
-    SCHEMA_VERSION: ClassVar[int] = 3
+    SCHEMA_VERSION: ClassVar[int] = 4
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (3,)
 
     epoch: int = Field(ge=0)
     items: list[RingItem] = Field(description="the items at their next step (step, slot already advanced)")
@@ -557,8 +589,8 @@ class ShardMoveEnd(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (StreamSpec, LatentChunk, FrameChunk, PromptUpdate, Heartbeat, StageStats, BlockMap, Error, Ack,
-                Credit, StreamRecord, EncodedVideo, StreamEvent, StageItems, RingReturn, StagePrompt, EpochSwitch,
-                ShardMove, ShardMoveEnd, HlsState, StreamOutput, ApiToken)
+                Credit, StreamRecord, EncodedVideo, EncodedAudio, StreamEvent, StageItems, RingReturn, StagePrompt,
+                EpochSwitch, ShardMove, ShardMoveEnd, HlsState, StreamOutput, ApiToken)
 }
 
 M = TypeVar("M", bound=Message)

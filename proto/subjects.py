@@ -14,6 +14,7 @@ from proto.messages import (
     Ack,
     BlockMap,
     Credit,
+    EncodedAudio,
     EncodedVideo,
     Error,
     Heartbeat,
@@ -106,6 +107,10 @@ CHANNELS: dict[str, Channel] = {
         Channel("stream_video", PREFIX + ".stream.{stream_id}.video", EncodedVideo,
                 ("decoder",), ("egress",),
                 "H.264 access units of a stream's output, decoder to egress.", bulk=True, replies=(Credit,)),
+        Channel("stream_audio", PREFIX + ".stream.{stream_id}.audio", EncodedAudio,
+                ("ingest",), ("egress",),
+                "The publisher's AAC, passed through (batched, with capture times on the video chunks' clock); "
+                "egress muxes it in step with the styled video and restreams it."),
         Channel("stream_event", PREFIX + ".stream.{stream_id}.event", StreamEvent,
                 ("ingest", "gateway"), ("dit-stage", "decoder", "egress", "controller", "gateway"),
                 "A stream went live or ended."),
@@ -159,6 +164,10 @@ class Subjects:
     @staticmethod
     def stream_video(stream_id: str) -> str:
         return CHANNELS["stream_video"].subject(stream_id=stream_id)
+
+    @staticmethod
+    def stream_audio(stream_id: str) -> str:
+        return CHANNELS["stream_audio"].subject(stream_id=stream_id)
 
     @staticmethod
     def stream_output(stream_id: str) -> str:

@@ -47,6 +47,7 @@ from services.gateway.console import make_console_router
 from services.gateway.docs import make_docs_router
 from services.gateway.limits import RateLimiter, retry_after
 from services.gateway.playback import make_playback_router
+from services.gateway.restream import make_restream_router
 from services.gateway.stats import OutputWatch, make_stats_router
 from services.httpguard import refused
 from services.playback_tokens import PlaybackKeys
@@ -149,7 +150,7 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
                   docs_url=None, redoc_url=None)  # /docs is ours (services/gateway/docs.py): no CDN
     if gw.cors_origins:  # none by default: browsers on other origins cannot call the API
         app.add_middleware(CORSMiddleware, allow_origins=gw.cors_origins, allow_methods=["GET", "POST", "PATCH",
-                           "DELETE"], allow_headers=["Authorization", "Content-Type"])
+                           "PUT", "DELETE"], allow_headers=["Authorization", "Content-Type"])
     bearer = HTTPBearer(auto_error=False)
     operators = OperatorTokens(gw.api_tokens, gw.api_tokens_file)
     keys = PlaybackKeys.of(settings.playback.signing_keys)
@@ -334,6 +335,7 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
         log.info("stream %s: token %s revoked", stream_id, token_id)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
+    v1.include_router(make_restream_router(table, of_stream, limited, record_or_404))
     app.include_router(v1)
     app.include_router(make_stats_router(outputs or OutputWatch(), table.list, record_or_404,
                                          settings.dit_stage.ring(), settings.ingest.status_interval_s,

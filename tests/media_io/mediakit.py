@@ -82,16 +82,17 @@ async def publish_pyav(url: str, frames: int = 45, fps: int = 16, size: str = "3
 FFMPEG = shutil.which("ffmpeg")
 
 
-async def publish_ffmpeg(url: str, frames: int = 45, fps: int = 16, size: str = "320x240") -> PublishResult:
+async def publish_ffmpeg(url: str, frames: int = 45, fps: int = 16, size: str = "320x240",
+                         audio: str = "sine=frequency=440:sample_rate=44100") -> PublishResult:
     """Debian's ffmpeg CLI: barcoded raw frames on stdin → libx264 with its defaults (so B-frames and composition
-    times) + a sine as AAC, to ``url``."""
+    times) + ``audio`` (a lavfi source) as AAC, to ``url``."""
     assert FFMPEG is not None
     width, height = (int(v) for v in size.split("x"))
     raw = b"".join(barcode_frame(i, width, height).tobytes() for i in range(frames))
     return await run_process(
         FFMPEG, "-hide_banner", "-loglevel", "info", "-y",
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", size, "-r", str(fps), "-i", "pipe:0",
-        "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100",
+        "-f", "lavfi", "-i", audio,
         "-shortest", "-c:v", "libx264", "-preset", "veryfast", "-g", str(fps), "-pix_fmt", "yuv420p",
         "-c:a", "aac", "-f", "flv", url,
         stdin=raw,
@@ -166,6 +167,7 @@ class Collector:
     def __init__(self, consumer_delay_s: float = 0.0) -> None:
         self.consumer_delay_s = consumer_delay_s  # > 0: a slow downstream
         self.chunks: dict[str, list] = {}
+        self.audio: dict[str, list] = {}  # stream id → the EncodedAudio batches its passthrough made
         self.streams: dict[str, object] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._started: dict[str, asyncio.Event] = {}
@@ -173,6 +175,12 @@ class Collector:
     def on_stream_start(self, stream) -> None:
         self.streams[stream.stream_id] = stream
         self.chunks.setdefault(stream.stream_id, [])
+        batches = self.audio.setdefault(stream.stream_id, [])
+
+        async def keep(msg) -> None:
+            batches.append(msg)
+
+        stream.audio.sink = keep
         self._tasks[stream.stream_id] = asyncio.create_task(self._consume(stream))
         self._event(stream.stream_id).set()
 

@@ -1,4 +1,5 @@
-"""hls.js in Debian's Chromium (driven by PyPI playwright, no `playwright install`) plays our live LL-HLS stream."""
+"""hls.js in Debian's Chromium (driven by PyPI playwright, no `playwright install`) plays our live LL-HLS stream,
+with the publisher's audio muxed in (a 1 kHz tone, sent ahead of its video as the pipeline's latency does)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 
+from egress.audio import AudioSync
 from egress.http import make_hls_router
 from media.llhls import HlsRegistry
 from media.player import HLSJS_DEFAULT, make_player_router
+from media_io.audiokit import RATE, aac_tone
 from media_io.mediakit import LiveSource, serve_app
+from proto import AudioUnit, EncodedAudio
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, NO_CHROMIUM
 from support.playback import KEYS, signed
 
@@ -34,6 +38,13 @@ async def test_hlsjs_plays_the_live_ll_hls_stream(tmp_path: Path) -> None:
     holder: dict = {}
     source = LiveSource(lambda unit: holder["stream"].push(unit), width=320, height=240)
     holder["stream"] = registry.open("cam", source.encoder.config, source.layout)
+    holder["stream"].audio = audio = AudioSync("cam")
+    asc, tone = aac_tone(17.0)
+    units, now = [AudioUnit(capture_time=t, data=d) for t, d in tone], time.time()
+    for seq, i in enumerate(range(0, len(units), 256)):  # all of it ahead of the video
+        audio.add(EncodedAudio(stream_id="cam", seq=seq, config=asc, sample_rate=RATE, channels=2,
+                               units=[u.model_copy(update={"capture_time": now + u.capture_time})
+                                      for u in units[i:i + 256]]))
     async with serve_app(app) as port:
         live = asyncio.create_task(source.run(16.0))
         try:
@@ -52,6 +63,8 @@ async def test_hlsjs_plays_the_live_ll_hls_stream(tmp_path: Path) -> None:
                 errors = await page.evaluate("window.report.errors")
                 latency = await page.evaluate("window.hls.latency")
                 part_target = await page.evaluate("window.hls.levels[0].details.partTarget")
+                audio_bytes = await page.evaluate("document.getElementById('v').webkitAudioDecodedByteCount")
+                tracks = await page.evaluate("Object.keys(window.hls.bufferController.tracks || {})")
                 await browser.close()
         finally:
             live.cancel()
@@ -63,3 +76,6 @@ async def test_hlsjs_plays_the_live_ll_hls_stream(tmp_path: Path) -> None:
     # below zero, so the assertion is that it is reported and bounded, not its sign
     assert isinstance(latency, int | float) and math.isfinite(latency) and latency < 5
     assert part_target == pytest.approx(0.1875)
+    print(f"browser: tracks {tracks}, {audio_bytes} audio bytes decoded")
+    assert tracks == ["audiovideo"] and audio_bytes > 0, (tracks, audio_bytes)  # one muxed rendition, heard
+    assert audio.stats.units["muxed"] > 0 and audio.stats.resyncs == 0

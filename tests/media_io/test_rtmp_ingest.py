@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from media import amf0
+from media.aac import AacConfig
 from media.chunkstream import ACKNOWLEDGEMENT, COMMAND_AMF0, WINDOW_ACK_SIZE, ChunkStreamParser, control_message
-from media_io.mediakit import FFMPEG, RawRtmp, ingest_server, publish_ffmpeg, publish_pyav
+from media_io.audiokit import RATE, TONE_HZ, decode_audio, dominant_hz
+from media_io.mediakit import FFMPEG, RawRtmp, ingest_server, publish_ffmpeg, publish_pyav, read_barcode
 from proto.clock import ChunkClock
 
 CLOCK = ChunkClock()
@@ -64,8 +66,11 @@ async def test_frame_rate_is_converted_by_dropping() -> None:
 
 @pytest.mark.skipif(FFMPEG is None, reason="ffmpeg CLI not installed (apt-get install ffmpeg)")
 async def test_ffmpeg_cli_publisher_with_audio_and_b_frames() -> None:
+    """…and its AAC passes through: batched, stamped on the video's capture clock (the tone starting at 1.5 s
+    lands on the capture time of frame 24, the frame of source time 1.5 s)."""
+    tone = r"aevalsrc=if(gte(t\,1.5)\,0.5*sin(2*PI*1000*t)\,0):s=44100"
     async with ingest_server() as (server, col):
-        result = await publish_ffmpeg(f"rtmp://127.0.0.1:{server.port}/live/key-a", 45)
+        result = await publish_ffmpeg(f"rtmp://127.0.0.1:{server.port}/live/key-a", 45, audio=tone)
         assert result.returncode == 0, result.stderr[-2000:]
         chunks = await col.finished("stream-a")
     stream = col.streams["stream-a"]
@@ -75,6 +80,16 @@ async def test_ffmpeg_cli_publisher_with_audio_and_b_frames() -> None:
     assert stream.stats.reordered_frames > 0  # B-frames: pts = dts + composition time was exercised
     assert stream.stats.audio_messages > 0 and stream.audio_config  # audio accepted, kept, not decoded
     assert stream.metadata.get("width") == 320 and stream.metadata.get("audiocodecid") == 10
+    units = [u for m in col.audio["stream-a"] for u in m.units]
+    assert stream.audio.stats.units["published"] == len(units) >= 1.5 * RATE / 1024  # before the 1st frame: counted
+    assert 10 <= len(col.audio["stream-a"]) <= 25  # ≈150 ms batches, not one message per AAC frame
+    config = AacConfig.parse(col.audio["stream-a"][0].config)
+    samples, _, rate = decode_audio(b"".join(config.adts(u.data) for u in units))
+    assert dominant_hz(samples[-8192:], rate) == pytest.approx(TONE_HZ, abs=10)
+    loud = int(np.flatnonzero(np.abs(samples) > 0.1)[0])
+    onset = units[loud // 1024].capture_time + (loud % 1024) / rate
+    marked = next(t for c in chunks for f, t in zip(c.frames, c.frame_times, strict=True) if read_barcode(f) == 24)
+    assert abs(onset - marked) <= 0.05, f"audio stamped {(onset - marked) * 1000:.0f} ms off its video"
 
 
 async def test_three_publishers_with_different_keys_and_two_refused() -> None:

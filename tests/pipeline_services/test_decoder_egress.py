@@ -18,7 +18,8 @@ import pytest_asyncio
 import torch
 
 from decoder.service import DecoderService
-from egress.service import EgressService, rtmp_push_url
+from egress.restream import rtmp_push_url
+from egress.service import EgressService
 from encoder.vae import StreamVAE
 from media.h264 import H264Encoder, PartLayout
 from proto import EncodedVideo, StreamEvent, StreamSpec, Subjects

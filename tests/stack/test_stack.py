@@ -27,6 +27,7 @@ import m3u8
 import nats.errors
 import numpy as np
 import pytest
+from media_io.audiokit import TONE_HZ, decode_av, dominant_hz, onsets
 from prometheus_client import REGISTRY
 
 from media.player import HLSJS_DEFAULT
@@ -53,7 +54,8 @@ SIZE, FPS, STEPS, SEED = 64, 8, 2, 7
 def _publish(stack: LocalStack, key: str, seconds: float) -> None:
     url = f"rtmp://127.0.0.1:{stack.ports.rtmp}/live/{key}"
     out = subprocess.run([sys.executable, "-m", "ingest.testpattern", url, "--size", "96x64", "--fps", str(FPS),
-                          "--seconds", str(seconds)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          "--seconds", str(seconds), "--tone", str(TONE_HZ)], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
 
 
@@ -207,7 +209,40 @@ def _check_rtmp_to_hls_equals_pipeline(stack: LocalStack, ring: RingConfig | Non
                 decoded += 1
                 assert frame.width == SIZE
     assert decoded >= len(frames_out)  # CFR output: every decoded frame, plus repeats while chunks were late
+    _check_audio_in_step(stack, sid, playlist, published_s=3.0)
     return _Reference(frames_in, ref[:n])
+
+
+def _check_audio_in_step(stack: LocalStack, sid: str, playlist: m3u8.M3U8, published_s: float) -> None:
+    """The publisher's beeps (one at the start of every second of its video) play in the HLS output, at the
+    capture times of their video: a beep's output time, mapped to capture time through its segment's PDT (the
+    capture time of the segment's first frame), is a whole number of seconds after the first frame's capture.
+    That mapping holds in a segment whose picture never froze; where the CFR output repeated frames while chunks
+    were late (a loaded machine), the audio follows its video with a gap, or the segment has none: such segments
+    ("frozen": audio shorter than the segment) are heard but not timed."""
+    first_pdt = playlist.segments[0].program_date_time.timestamp()
+    inits: dict[str, bytes] = {}
+    heard: list[np.ndarray] = []
+    captures: list[np.ndarray] = []  # per sample: its capture time, through its segment's PDT
+    clean: list[np.ndarray] = []  # per sample: whether its segment never froze
+    report: list[tuple] = []
+    for seg in playlist.segments:
+        uri = seg.init_section.uri
+        if uri not in inits:
+            inits[uri] = _get(stack, f"{stack.playback(sid)}/{uri}")[1]
+        data = inits[uri] + _get(stack, f"{stack.playback(sid)}/{seg.uri}")[1]
+        video_start, audio_start, samples, rate = decode_av(data)
+        captured = seg.program_date_time.timestamp() - video_start + audio_start  # of the first sample
+        heard.append(samples)
+        captures.append(captured + np.arange(len(samples)) / rate - first_pdt)
+        clean.append(np.full(len(samples), abs(len(samples) / rate - seg.duration) < 0.06))
+        report.append((seg.uri, round(seg.duration, 3), round(video_start, 3), round(audio_start, 3), len(samples)))
+    samples, times, timed = np.concatenate(heard), np.concatenate(captures), np.concatenate(clean)
+    assert len(samples) >= 0.6 * published_s * rate, report
+    assert dominant_hz(samples, rate) == pytest.approx(TONE_HZ, abs=10), report
+    beeps = onsets(samples, rate)
+    placed = [float(times[n]) for n in beeps if timed[n]]
+    assert beeps and all(abs(p - round(p)) <= 0.1 for p in placed), (placed, report)
 
 
 def _taps(stack: LocalStack, sid: str) -> tuple[list[np.ndarray], np.ndarray]:
