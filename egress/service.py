@@ -36,13 +36,11 @@ from egress.observe import EgressObserver
 from egress.restream import Restream, destinations
 from media.h264 import PartLayout, VideoConfig
 from media.llhls import HlsRegistry, LlHlsStream
-from proto import CHANNELS, EncodedAudio, EncodedVideo, HlsState, ProtocolError, StreamEvent, StreamRecord, Subjects
-from proto import decode as decode_message
+from proto import CHANNELS, EncodedAudio, EncodedVideo, HlsState, StreamEvent, StreamRecord, Subjects
 from services.assignments import Assignments
-from services.bus import KV
 from services.httpguard import guard
 from services.playback_tokens import PlaybackKeys
-from services.runtime import Service, ServiceStartError, listen_socket, main, watch_keys
+from services.runtime import Service, ServiceStartError, listen_socket, main
 from services.streams import StreamNotFound, StreamTable
 
 log = logging.getLogger("rheo.egress")
@@ -102,7 +100,7 @@ class EgressService(Service):
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.assignments = Assignments("egress", self.member_id)
+        self.assignments = Assignments("egress", self.member_id, on_record=self._record_changed)
         self.checks["http"] = False
         try:
             self.playback_keys = PlaybackKeys.of(self.settings.playback.signing_keys)
@@ -142,7 +140,6 @@ class EgressService(Service):
                                  known=known)
         await self.bus.subscribe(CHANNELS["stream_audio"].wildcard(), self._on_audio, expected=EncodedAudio,
                                  known=known)
-        self._spawn(watch_keys(self._table_kv, "s.*", self._on_record, what="stream table"), "egress-stream-table")
         log.info("egress serving HLS at %s/hls/<stream id>/index.m3u8", self.base_url)
 
     async def drain(self) -> None:
@@ -265,21 +262,10 @@ class EgressService(Service):
             sync = self.audio[stream_id] = AudioSync(stream_id)
         return sync
 
-    async def _table_kv(self) -> KV:
-        assert self._table is not None
-        return self._table.kv
-
-    async def _on_record(self, key: str, value: bytes | None, _revision: int) -> None:
-        """A stream record changed: its own restream destinations take effect at once (docs/restream.md)."""
-        sid = key.removeprefix("s.")
-        own: list[str] = []
-        if value is not None:
-            assert self._table is not None
-            try:
-                own = decode_message(value, StreamRecord, self._table.kv.limits).restream
-            except ProtocolError as e:
-                log.warning("ignored a malformed stream record %s: %s", key, e)
-                return
+    def _record_changed(self, sid: str, record: StreamRecord | None) -> None:
+        """A stream record changed (the assignments' watch): its own restream destinations take effect at once
+        (docs/restream.md)."""
+        own = record.restream if record is not None else []
         if own == self.restream_lists.get(sid, []):
             return
         if own:

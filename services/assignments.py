@@ -28,9 +28,12 @@ Kind = Literal["decoder", "egress"]
 class Assignments:
     """The owner of each stream for one kind of member, from a watch of ``rheo-streams`` records."""
 
-    def __init__(self, kind: Kind, member_id: str) -> None:
+    def __init__(self, kind: Kind, member_id: str,
+                 on_record: Callable[[str, StreamRecord | None], None] | None = None) -> None:
         self.kind = kind
         self.member_id = member_id
+        self.listener = on_record
+        """Also told every record (None: deleted), so a service needing more of it has no watch of its own."""
         self.owner: dict[str, str] = {}
         """stream id → the member of ``kind`` assigned ("" or absent: none, every member serves it)."""
         self._task: asyncio.Task[None] | None = None
@@ -53,12 +56,16 @@ class Assignments:
         stream_id = key[2:]
         if value is None:
             self.owner.pop(stream_id, None)
+            if self.listener is not None:
+                self.listener(stream_id, None)
             return
         try:
             record = decode(value, StreamRecord)
         except ProtocolError as e:
             log.warning("stream %s: unreadable record ignored: %s", stream_id, e)
             return
+        if self.listener is not None:
+            self.listener(stream_id, record)
         a = record.assignment
         member = "" if a is None else (a.decoder if self.kind == "decoder" else a.egress)
         if self.owner.get(stream_id, "") != member:
