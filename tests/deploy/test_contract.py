@@ -55,9 +55,19 @@ def test_every_container_runs_a_real_rheo_service(rendered: Rendered) -> None:
     assert deployed == set(SERVICES), "every service in services/cli.py SERVICES must be deployed"
 
 
+def _dotted(cfg: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted keys of a rendered config; a nested section (``controller.autoscale``) is walked into."""
+    keys: set[str] = set()
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        walk = isinstance(value, dict) and dotted not in CONFIG_KEYS  # a section, not a dict-valued key
+        keys |= _dotted(value, f"{dotted}.") if walk else {dotted}
+    return keys
+
+
 def test_every_config_key_the_chart_renders_is_real(rendered: Rendered) -> None:
     cfg = rendered.config_yaml()
-    rendered_keys = {f"{section}.{key}" for section, keys in cfg.items() for key in keys}
+    rendered_keys = _dotted(cfg)
     assert rendered_keys <= CONFIG_KEYS, rendered_keys - CONFIG_KEYS
     for w in rendered.workloads():
         for c in containers(w):
