@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,11 @@ HLSJS_DEFAULT = Path(__file__).resolve().parent.parent / ".cache/hlsjs/node_modu
 SOURCE = re.compile(r"^/hls/[A-Za-z0-9_-]{1,64}/[A-Za-z0-9._-]{1,100}/(index|playlist)\.m3u8$")
 """What the player may play: a signed playlist path of this origin (no scheme, host or query)."""
 
+HLSJS_CONFIG = {"lowLatencyMode": True, "maxLiveSyncPlaybackRate": 1.5, "liveSyncOnStallIncrease": 0.1}
+"""hls.js settings of the page: the live-sync target is the playlist's PART-HOLD-BACK (3 part durations), a player
+behind it catches up at up to 1.5× speed (hls.js' default 1 never does), and a stall raises the target by 0.1 s
+rather than hls.js' 1 s, which left it 1.2–1.4 s behind the edge for good after a stall (docs/latency.md)."""
+
 PLAYER_SCRIPT = """
 window.report = {errors: []};
 const v = document.getElementById('v');
@@ -33,7 +39,7 @@ const src = new URLSearchParams(location.search).get('src');
 if (!/^\\/hls\\/[A-Za-z0-9_-]{1,64}\\/[A-Za-z0-9._-]{1,100}\\/(index|playlist)\\.m3u8$/.test(src || '')) {
   throw new Error("the player plays only this server's signed /hls/ playlists");
 }
-const hls = new Hls({lowLatencyMode: true});
+const hls = new Hls(""" + json.dumps(HLSJS_CONFIG) + """);
 window.hls = hls;
 let parsed = false;
 hls.on(Hls.Events.ERROR, (e, d) => {
