@@ -403,7 +403,46 @@ def _ok(row: dict, args: argparse.Namespace) -> bool:
             and row["chunk_p99_s"] <= args.max_p99)
 
 
+def _dry_run(args: argparse.Namespace) -> dict:
+    """``--dry-run`` (the GPU suite's CI run): no stack; the content path alone, offline — marker frames through
+    the pass-through VAE, x264 and an LL-HLS packager, read back from the parts as the viewer reads them."""
+    import numpy as np
+    import torch
+
+    from encoder.passthrough import PassthroughVAE
+    from ingest.stream import to_pixels
+    from ingest.testpattern import pattern_frame, stamp_marker
+    from media.h264 import H264Encoder, PartLayout
+    from media.llhls import LlHlsStream
+    from wan.tiny import make_tiny_vae
+
+    size, fps = args.size, args.fps
+    frames = np.stack([stamp_marker(pattern_frame(i, size, size, fps), i) for i in range(13)])
+    vae = PassthroughVAE(make_tiny_vae(0))
+    enc, dec = vae.new_state(), vae.new_state()
+    out = [vae.decode(dec, vae.encode(enc, to_pixels(c))) for c in (frames[:5], frames[5:9], frames[9:13])]
+    rgb = ((torch.cat(out, dim=2)[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    layout = PartLayout.for_rate(fps, 1.0, 0.1)
+    encoder = H264Encoder(size, size, fps, layout.gop_frames, "ultrafast")
+    units = [u for i, f in enumerate(rgb) for u in encoder.encode(f, i)] + encoder.flush()
+    hls = LlHlsStream("dry", encoder.config, layout)
+    for u in units:
+        hls.push(u)
+    hls.end()
+    markers = []
+    for seg in hls.segments:
+        with av.open(io.BytesIO(hls.inits[seg.discontinuity] + seg.data)) as container:
+            markers += [read_marker(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    expected = [0, 1, 1, 1, 1, 5, 5, 5, 5, 9, 9, 9, 9]  # each 4-frame group shows its first frame
+    return {"bench": "serve", "dry_run": True, "markers_ok": markers == expected, "markers": markers,
+            "commit": git_commit()}
+
+
 async def _main(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        row = _dry_run(args)
+        _emit(row)
+        return 0 if row["markers_ok"] else 1
     with tempfile.TemporaryDirectory(prefix="rheo-serve-") as tmp:
         stack = _stack(args, Path(tmp))
         stack.start(timeout=args.start_timeout)
@@ -457,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--player-settle", type=float, default=3.0, help="seconds of playback before sampling")
     ap.add_argument("--env", action="append", default=[], metavar="RHEO_X=V", help="extra service setting")
     ap.add_argument("--start-timeout", type=float, default=300.0)
+    ap.add_argument("--dry-run", action="store_true", help="no stack: the marker path offline (VAE, x264, LL-HLS)")
     return asyncio.run(_main(ap.parse_args(argv)))
 
 
