@@ -139,6 +139,7 @@ class Viewer(threading.Thread):
         self.base = stack.gateway_url + stack.playback(sid)
         self.times, self.stop_event = times, stop
         self.inits: dict[str, bytes] = {}
+        self.prefetched: dict[str, tuple[bytes, float]] = {}  # the preload hint's part: (data, when it came)
 
     def _get(self, path: str, timeout: float = 10.0) -> bytes:
         with urllib.request.urlopen(f"{self.base}/{path}", timeout=timeout) as r:
@@ -164,18 +165,21 @@ class Viewer(threading.Thread):
                 self._take(seg, p.uri, seen, segment_bytes, decoded)
             if hint and not self.stop_event.is_set():
                 uri = f"part_{hint.group(1)}_{hint.group(2)}.m4s"
-                if uri not in seen:
-                    with contextlib.suppress(OSError):
-                        self._get(uri, timeout=5.0)  # blocks until the part exists (then the playlist lists it)
+                if uri not in seen and uri not in self.prefetched:
+                    with contextlib.suppress(OSError):  # blocks until the part exists: that is when it is available
+                        self.prefetched[uri] = (self._get(uri, timeout=5.0), time.time())
 
     def _take(self, seg, uri: str, seen: set[str], segment_bytes: dict[int, bytes],
               decoded: dict[int, int]) -> None:
         msn, _ = (int(v) for v in uri[5:-4].split("_"))
-        try:
-            data = self._get(uri)
-        except OSError:
-            return
-        available = time.time()
+        if uri in self.prefetched:
+            data, available = self.prefetched.pop(uri)
+        else:
+            try:
+                data = self._get(uri)
+            except OSError:
+                return
+            available = time.time()
         seen.add(uri)
         init_uri = seg.init_section.uri if seg.init_section else "init.mp4"
         if init_uri not in self.inits:
@@ -392,6 +396,8 @@ def _stack(args: argparse.Namespace, work: Path) -> LocalStack:
     env = {"RHEO_MODEL__PASSTHROUGH": "1" if args.passthrough else "0", "RHEO_MODEL__DEVICE": args.device,
            "RHEO_MODEL__PRESET": args.model, "RHEO_INGEST__STREAM_LINGER_S": "1",
            "RHEO_CONTROLLER__ADVISORY": "true", "RHEO_CONTROLLER__MODE": "static"}
+    if args.model_dir is not None:
+        env["RHEO_MODEL__MODEL_DIR"] = str(args.model_dir)
     env |= dict(kv.split("=", 1) for kv in args.env)
     return LocalStack(work, stages=args.stages, ports=Ports.ephemeral(), extra_env=env,
                       torch_threads=args.threads)
@@ -439,6 +445,11 @@ def _dry_run(args: argparse.Namespace) -> dict:
 
 
 async def _main(args: argparse.Namespace) -> int:
+    if args.model != "tiny" and args.model_dir is None:
+        _emit({"bench": "serve", "model": args.model, "device": args.device, "skipped": (
+            "the stack's services build random weights for the tiny preset only (dit_stage/stage_model.py): "
+            "--model 1.3b/14b needs --model-dir with Wan2.1 weights"), "commit": git_commit()})
+        return 0
     if args.dry_run:
         row = _dry_run(args)
         _emit(row)
@@ -474,7 +485,9 @@ async def _main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--model", default="tiny", choices=["tiny", "1.3b", "14b"], help="DiT preset (random weights)")
+    ap.add_argument("--model", default="tiny", choices=["tiny", "1.3b", "14b"],
+                    help="DiT size: tiny (random weights) or, with --model-dir, the weights' 1.3b/14b")
+    ap.add_argument("--model-dir", type=Path, default=None, help="Wan2.1 weights (needed beyond the tiny model)")
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--size", type=int, default=128, help="model frame side (a multiple of 64: the marker cells)")
     ap.add_argument("--fps", type=int, default=8)
