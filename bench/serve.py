@@ -22,9 +22,9 @@ Hops (medians over the steady chunks; docs/latency.md), from the publisher's cap
 chunk's first frame → its last frame captured: inherent), ``ingest`` (→ latent published: RTMP, decode, pacing,
 chunk queue, ``ingest_encode`` from ingest's encode histogram, the rest ``ingest_wait``), ``dit`` (latent
 published → x0 published; each stage's mean micro-step compute in ``dit_stages``), ``decode`` (x0 → the chunk's
-first H.264 unit on the bus: VAE decode + CFR pacing + x264), ``package`` (unit → the part holding it at the
-gateway), ``player`` (hls.latency measured, else PART-HOLD-BACK). ``stamp_offset``: how much later than the
-real capture the wire's ``capture_time`` says (ingest's pacer anchor).
+first H.264 unit on the bus: VAE decode + CFR pacing + x264), ``package`` (a frame's H.264 unit on the bus →
+its marker first seen in a part at the gateway), ``player`` (hls.latency measured, else PART-HOLD-BACK).
+``stamp_offset``: how much later than the real capture the wire's ``capture_time`` says (ingest's pacer anchor).
 
     python bench/serve.py                                   # CPU, tiny, 1 stream at 128², 8 fps
     python bench/serve.py --streams 4
@@ -140,6 +140,7 @@ class Viewer(threading.Thread):
         self.times, self.stop_event = times, stop
         self.inits: dict[str, bytes] = {}
         self.prefetched: dict[str, tuple[bytes, float]] = {}  # the preload hint's part: (data, when it came)
+        self.decoder: av.codec.context.CodecContext | None = None
 
     def _get(self, path: str, timeout: float = 10.0) -> bytes:
         with urllib.request.urlopen(f"{self.base}/{path}", timeout=timeout) as r:
@@ -147,8 +148,6 @@ class Viewer(threading.Thread):
 
     def run(self) -> None:
         seen: set[str] = set()
-        segment_bytes: dict[int, bytes] = {}
-        decoded: dict[int, int] = {}
         while not self.stop_event.is_set():
             try:
                 text = self._get("index.m3u8").decode()
@@ -162,16 +161,30 @@ class Viewer(threading.Thread):
             todo = [(seg, p) for seg in pl.segments for p in seg.parts
                     if p.uri not in seen]
             for seg, p in todo:
-                self._take(seg, p.uri, seen, segment_bytes, decoded)
-            if hint and not self.stop_event.is_set():
-                uri = f"part_{hint.group(1)}_{hint.group(2)}.m4s"
-                if uri not in seen and uri not in self.prefetched:
-                    with contextlib.suppress(OSError):  # blocks until the part exists: that is when it is available
-                        self.prefetched[uri] = (self._get(uri, timeout=5.0), time.time())
+                self._take(self._init_of(seg), p.uri, seen)
+            if not hint or self.stop_event.is_set():
+                continue
+            # then part after part as hls.js does: a blocking request for the next one (its name is known: the
+            # next index, or the next segment's first part), the playlist again only when that fails
+            per_segment = max((len(seg.parts) for seg in pl.segments if seg.uri), default=0)
+            init = self._init_of(pl.segments[-1]) if pl.segments else "init.mp4"
+            msn, index = int(hint.group(1)), int(hint.group(2))
+            while not self.stop_event.is_set():
+                uri = f"part_{msn}_{index}.m4s"
+                try:  # blocks until the part exists: that is when it is available
+                    self.prefetched[uri] = (self._get(uri, timeout=5.0), time.time())
+                except OSError:
+                    break
+                self._take(init, uri, seen)
+                if not per_segment:
+                    break
+                msn, index = (msn, index + 1) if index + 1 < per_segment else (msn + 1, 0)
 
-    def _take(self, seg, uri: str, seen: set[str], segment_bytes: dict[int, bytes],
-              decoded: dict[int, int]) -> None:
-        msn, _ = (int(v) for v in uri[5:-4].split("_"))
+    @staticmethod
+    def _init_of(seg) -> str:
+        return seg.init_section.uri if seg.init_section else "init.mp4"
+
+    def _take(self, init_uri: str, uri: str, seen: set[str]) -> None:
         if uri in self.prefetched:
             data, available = self.prefetched.pop(uri)
         else:
@@ -181,23 +194,27 @@ class Viewer(threading.Thread):
                 return
             available = time.time()
         seen.add(uri)
-        init_uri = seg.init_section.uri if seg.init_section else "init.mp4"
         if init_uri not in self.inits:
             self.inits[init_uri] = self._get(init_uri)
-        segment_bytes[msn] = segment_bytes.get(msn, b"") + data  # parts of a segment decode only in order
+            self.decoder = None  # a new period: new parameter sets
         markers: list[int] = []
-        try:
-            with av.open(io.BytesIO(self.inits[init_uri] + segment_bytes[msn])) as container:
-                frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+        try:  # demux the part alone (init + moof/mdat); decode its packets with the stream's one decoder
+            with av.open(io.BytesIO(self.inits[init_uri] + data)) as container:
+                stream = container.streams.video[0]
+                if self.decoder is None:
+                    self.decoder = av.CodecContext.create("h264", "r")
+                    self.decoder.extradata = stream.codec_context.extradata
+                    self.decoder.thread_count = 1  # frame threads would hold frames back
+                for packet in container.demux(stream):
+                    if packet.size == 0:  # the demuxer's end-of-file packet would drain the decoder for good
+                        continue
+                    for frame in self.decoder.decode(packet):
+                        m = read_marker(frame.to_ndarray(format="rgb24"))
+                        if m is not None:
+                            markers.append(m)
         except av.error.FFmpegError:
-            frames = []
-        for frame in frames[decoded.get(msn, 0):]:
-            m = read_marker(frame)
-            if m is not None:
-                markers.append(m)
-        decoded[msn] = len(frames)
-        pdt = seg.program_date_time.timestamp() if seg.program_date_time else math.nan
-        self.times.parts.append((available, markers, pdt))
+            self.decoder = None
+        self.times.parts.append((available, markers, math.nan))
 
 
 PLAYING = "() => { const v = document.getElementById('v'); return v.readyState >= 3 && !v.paused }"
@@ -273,7 +290,6 @@ def _hops(t: StreamTimes, fps: float, skip: int) -> dict[str, list[float]]:
     hops: dict[str, list[float]] = {k: [] for k in ("gather", "ingest", "stamp_offset", "dit", "decode",
                                                     "package", "chunk")}
     units = sorted(t.units)
-    part_times = sorted((pdt, avail) for avail, _, pdt in t.parts if not math.isnan(pdt))
     for seq, (wire_capture, published, frames) in sorted(t.latent.items()):
         if seq < skip or t.t0 is None:
             continue
@@ -291,11 +307,20 @@ def _hops(t: StreamTimes, fps: float, skip: int) -> dict[str, list[float]]:
             continue
         hops["decode"].append(unit[1] - done)
         hops["chunk"].append(unit[1] - ready)
-        # the part holding the unit: the first part at the gateway after the unit, of a segment begun by then
-        part = next((avail for pdt, avail in sorted(part_times, key=lambda x: x[1])
-                     if pdt <= wire_capture + 1e-3 and avail >= unit[1]), None)
-        if part is not None:
-            hops["package"].append(part - unit[1])
+    # package, by content: frame k's marker first seen at the gateway − the arrival of frame k's H.264 unit (the
+    # unit whose capture_time is k's on the wire clock: the real one + the stamp offset)
+    offset = statistics.median(hops["stamp_offset"]) if hops["stamp_offset"] else 0.0
+    first_seen: dict[int, float] = {}
+    for available, markers, _ in t.parts:
+        for m in markers:
+            first_seen.setdefault(m, available)
+    for m, available in first_seen.items():
+        if t.t0 is None or m < 4 * skip:
+            continue
+        wire = t.t0 + m / fps + offset
+        unit = min(units, key=lambda u: abs(u[0] - wire), default=None)
+        if unit is not None and abs(unit[0] - wire) < 0.5 / fps:
+            hops["package"].append(available - unit[1])
     return hops
 
 
