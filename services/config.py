@@ -232,7 +232,7 @@ class IngestSettings(Section):
 class EgressSettings(Section):
     hls_dir: Path = Field(Path("/tmp/rheo-hls"), description="where HLS playlists and segments are written")
     segment_seconds: float = Field(1.0, gt=0, description="HLS segment duration")
-    part_seconds: float = Field(0.06, gt=0, description="LL-HLS part duration (whole frames, at least one)")
+    part_seconds: float = Field(0.1, gt=0, description="LL-HLS part duration (whole frames, at least one)")
     playlist_segments: int = Field(6, ge=2, description="segments kept in the rolling playlist")
     x264_preset: str = Field("veryfast", description="libx264 preset for the output")
     bitrate_kbps: int = Field(2500, gt=0, description="target output video bitrate")
