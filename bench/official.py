@@ -8,9 +8,11 @@ umT5 is replaced by one fixed random ``[1, 512, 4096]`` embedding, as our bench 
 stream of ``--warmup-chunks`` chunks) and chunk count (``--frames``: the 5-frame prepare chunk, then 4-frame
 chunks); ``steady_fps`` = output frames after the first output / their wall time, as ``pipeline_local`` reports.
 
-Without ``OFFICIAL_DIR`` (or without CUDA, which the official code needs) it prints one line
-``{"bench": "official", "skipped": "..."}``. ``--rheo-jsonl`` adds ``ratio`` lines: rheo / official FPS for the
-same (size, steps) from ``bench/pipeline_local.py`` rows in that file.
+Without ``OFFICIAL_DIR``, without the official code's own imports (``OFFICIAL_DEPS``) or without CUDA it prints one
+line ``{"bench": "official", "skipped": "..."}``. Not yet run on a GPU: the patches follow the official code as of
+2026-12-03 (c5a0f20); a failure prints ``{"error": ...}`` for that configuration and the suite goes on.
+``--rheo-jsonl`` adds ``ratio`` lines: rheo / official FPS for the same (size, steps) from
+``bench/pipeline_local.py`` rows in that file.
 
     OFFICIAL_DIR=.cache/official python bench/official.py --size 512x512 --steps 2
 """
@@ -32,6 +34,9 @@ from bench.common import git_commit  # noqa: E402
 CONFIG_1_3B = {"model_type": "t2v", "dim": 1536, "ffn_dim": 8960, "num_heads": 12, "num_layers": 30,
                "in_dim": 16, "out_dim": 16, "text_len": 512, "text_dim": 4096}
 """Wan2.1-T2V-1.3B's DiT (its config.json)."""
+OFFICIAL_DEPS = ("einops", "omegaconf", "torchvision", "ftfy")
+"""What the official modules import beyond rheo's own dependencies (checked against its streamv2v.inference on
+2026-12-03); a GPU machine without network needs them installed beforehand."""
 TIMESTEPS = {1: [700, 0], 2: [700, 500, 0], 3: [700, 500, 400, 0], 4: [700, 500, 400, 200, 0]}
 """The official configs' denoising_step_list for 1–4 steps (configs/wan_causal_dmd_v2v*.yaml; 0 ends it)."""
 
@@ -141,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     if official is None or not (official / "streamv2v" / "inference.py").is_file():
         _emit({"bench": "official", "skipped": "official code not found (set OFFICIAL_DIR to a fetched copy of "
                                                "github.com/chenfengxu714/StreamDiffusionV2)"})
+        return 0
+    import importlib.util
+
+    missing = [m for m in OFFICIAL_DEPS if importlib.util.find_spec(m) is None]
+    if missing:
+        _emit({"bench": "official", "skipped": f"the official code's imports are missing: {', '.join(missing)} "
+                                               f"(pip install {' '.join(missing)})"})
         return 0
     import torch
 
