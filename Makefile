@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) bench/pipeline_local.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/rebalance.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

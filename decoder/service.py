@@ -168,6 +168,14 @@ class DecoderService(Service):
                                  known=known)
 
     def _load_vae(self) -> StreamVAE:
+        vae = self._load_model_vae()
+        if self.settings.model.passthrough:  # measurement mode: frames pass unchanged (encoder/passthrough.py)
+            from encoder.passthrough import PassthroughVAE
+
+            return PassthroughVAE(vae.vae)
+        return vae
+
+    def _load_model_vae(self) -> StreamVAE:
         from wan.device import resolve_device, resolve_dtype
 
         model = self.settings.model

@@ -84,7 +84,8 @@ class StageEpochs:
         """The one place a stage's worker is built (a hard switch, or joining a running ring); the timed stand-in
         when ``dit_stage.timed_block_ms`` is set."""
         return make_stage_worker(
-            self.cfg, model, window=self.cfg.kv_window, sink=self.cfg.sink,
+            self.cfg, model, passthrough=self.settings.model.passthrough, window=self.cfg.kv_window,
+            sink=self.cfg.sink,
             adaptive_threshold=self.cfg.adaptive_threshold, max_batch_items=self.cfg.max_batch_items,
             batcher=self.cfg.batcher, max_queued_chunks=self.cfg.max_queued_chunks,
             move_frame_bytes=self.cfg.link_max_frame_bytes // 2,

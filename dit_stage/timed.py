@@ -56,12 +56,18 @@ class TimedStageWorker(StageWorker):
         return out
 
 
-def make_stage_worker(cfg: DitStageSettings, model: CausalWanDiT, **kwargs: Any) -> StageWorker:
-    """The stage's worker: the timed stand-in when ``dit_stage.timed_block_ms`` is set, else the normal one; its
-    forward in the ``dit_stage.forward`` mode."""
+def make_stage_worker(cfg: DitStageSettings, model: CausalWanDiT, passthrough: bool = False,
+                      **kwargs: Any) -> StageWorker:
+    """The stage's worker: the pass-through one in the measurement mode (``model.passthrough``), the timed
+    stand-in when ``dit_stage.timed_block_ms`` is set, else the normal one; its forward in the
+    ``dit_stage.forward`` mode."""
     kwargs.setdefault("forward", make_forward(model, cfg.forward))
     kwargs.setdefault("cache_mode", cfg.cache_mode)
     kwargs.setdefault("context_noise", cfg.context_noise)
+    if passthrough:
+        from dit_stage.passthrough import PassthroughStageWorker
+
+        return PassthroughStageWorker(model, **kwargs)
     if cfg.timed_block_ms is None:
         return StageWorker(model, **kwargs)
     return TimedStageWorker(model, block_ms=cfg.timed_block_ms, item_ms=cfg.timed_item_ms, slowdown=cfg.slowdown,

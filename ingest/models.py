@@ -46,7 +46,7 @@ class IngestModels:
     def load(cls, model: ModelSettings, encoder: EncoderSettings | None = None) -> IngestModels:
         vae_config = StreamVAEConfig(encoder=encoder.vae, taehv_path=encoder.taehv_path) if encoder else None
         if model.model_dir is None:
-            return cls.tiny(vae_config)
+            return cls.tiny(vae_config).passing_through() if model.passthrough else cls.tiny(vae_config)
         from encoder.vae_loading import load_stream_vae
         from wan.device import resolve_device, resolve_dtype
 
@@ -57,7 +57,14 @@ class IngestModels:
             compile_stream_vae(vae)
         prompt = PromptEncoder.from_model_dir(model.model_dir, dtype=dtype, device=device,
                                               max_length=WanDiTConfig.named("1.3b").text_len)
-        return cls(vae, prompt, f"weights from {model.model_dir}")
+        loaded = cls(vae, prompt, f"weights from {model.model_dir}")
+        return loaded.passing_through() if model.passthrough else loaded
+
+    def passing_through(self) -> IngestModels:
+        """The measurement mode's models (``model.passthrough``): the pass-through VAE in place of this one."""
+        from encoder.passthrough import PassthroughVAE
+
+        return IngestModels(PassthroughVAE(self.vae.vae), self.prompt, self.description + ", pass-through VAE")
 
     def warm_up(self, meter: WorkMeter | None = None, size: int = 64) -> None:
         """Run each model once (first calls pay for kernel selection and allocation; chunk 0 must not); the last

@@ -6,6 +6,7 @@ Runs in its own process: PyAV holds the GIL during RTMP network I/O, so it must 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -58,10 +59,40 @@ class Beeps:
         return packets
 
 
+MARKER_BITS = 16
+"""Frame-number marker (``--marker``): the top two rows of ``width // 8``-pixel cells, 8 bits per row, MSB first,
+white = 1, black = 0; cells are multiples of the VAE's 8-pixel blocks, so the pass-through mode keeps them."""
+
+
+def stamp_marker(frame: np.ndarray, i: int) -> np.ndarray:
+    """``frame`` with frame number ``i`` (mod 2^16) stamped as the marker (in place)."""
+    cell = frame.shape[1] // 8
+    for b in range(MARKER_BITS):
+        r, c = divmod(b, 8)
+        frame[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = 235 if (i >> (MARKER_BITS - 1 - b)) & 1 else 16
+    return frame
+
+
+def read_marker(frame: np.ndarray) -> int | None:
+    """The frame number ``stamp_marker`` put in an RGB frame, or None where a cell is neither black nor white."""
+    cell = frame.shape[1] // 8
+    value = 0
+    for b in range(MARKER_BITS):
+        r, c = divmod(b, 8)
+        m = cell // 4  # the cell's centre: H.264 blurs its edges
+        luma = float(frame[r * cell + m:(r + 1) * cell - m, c * cell + m:(c + 1) * cell - m].mean())
+        if 80 < luma < 170:
+            return None
+        value = (value << 1) | (luma >= 170)
+    return value
+
+
 def publish(url: str, width: int = 640, height: int = 360, fps: int = 16, seconds: float = 0.0,
-            first: int = 0, tone_hz: float = 0.0) -> int:
+            first: int = 0, tone_hz: float = 0.0, marker: bool = False) -> int:
     """Publish frames ``first``… until ``seconds`` of them have gone (0: forever) or the server closes the
-    connection (raises); returns the next frame's index. ``tone_hz``: with an AAC track of beeps (none: video only)."""
+    connection (raises); returns the next frame's index. ``tone_hz``: with an AAC track of beeps (none: video only).
+    ``marker``: stamp each frame's number and print ``{"t0": wall-clock time of frame 0}`` on stdout, so a reader
+    knows when any frame was captured."""
     out = av.open(url, "w", format="flv", timeout=10)
     i = first
     try:
@@ -70,8 +101,11 @@ def publish(url: str, width: int = 640, height: int = 360, fps: int = 16, second
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         beeps = Beeps(out, tone_hz, first / fps) if tone_hz else None
         t0 = time.monotonic() - first / fps
+        if marker:
+            print(json.dumps({"t0": time.time() - first / fps}), flush=True)
         while not seconds or i < seconds * fps:
-            frame = av.VideoFrame.from_ndarray(pattern_frame(i, width, height, fps), format="rgb24")
+            image = pattern_frame(i, width, height, fps)
+            frame = av.VideoFrame.from_ndarray(stamp_marker(image, i) if marker else image, format="rgb24")
             frame.pts = i
             for packet in [*stream.encode(frame), *(beeps.until((i + 1) / fps) if beeps else [])]:
                 out.mux(packet)
@@ -84,13 +118,14 @@ def publish(url: str, width: int = 640, height: int = 360, fps: int = 16, second
     return i
 
 
-def publish_reconnecting(url: str, width: int, height: int, fps: int, seconds: float, tone_hz: float = 0.0) -> None:
+def publish_reconnecting(url: str, width: int, height: int, fps: int, seconds: float, tone_hz: float = 0.0,
+                         marker: bool = False) -> None:
     """``publish``, connecting again after a lost or refused connection, as OBS does (the ingest restarted, or
     refused the publish for now): 1 s, then up to 5 s apart. The pattern goes on where it was."""
     i, delay = 0, 1.0
     while not seconds or i < seconds * fps:
         try:
-            i = publish(url, width, height, fps, seconds, first=i, tone_hz=tone_hz)
+            i = publish(url, width, height, fps, seconds, first=i, tone_hz=tone_hz, marker=marker)
             return
         except (av.error.FFmpegError, OSError) as e:
             print(f"rheo testpattern: {e}; reconnecting in {delay:.0f} s", file=sys.stderr, flush=True)
@@ -109,13 +144,15 @@ def main(argv: list[str] | None = None) -> int:
                                                               "refused, as OBS does")
     ap.add_argument("--tone", type=float, default=0.0, metavar="HZ",
                     help="add an AAC track: a 0.25 s beep of HZ at the start of every second (0: no audio)")
+    ap.add_argument("--marker", action="store_true", help="stamp each frame's number (bench/serve.py reads it back "
+                                                           "for glass-to-glass latency); prints frame 0's time")
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.lower().split("x"))
     try:
         if args.reconnect:
-            publish_reconnecting(args.url, w, h, args.fps, args.seconds, args.tone)
+            publish_reconnecting(args.url, w, h, args.fps, args.seconds, args.tone, args.marker)
         else:
-            publish(args.url, w, h, args.fps, args.seconds, tone_hz=args.tone)
+            publish(args.url, w, h, args.fps, args.seconds, tone_hz=args.tone, marker=args.marker)
     except (av.error.FFmpegError, OSError) as e:
         print(f"rheo testpattern: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -121,12 +122,16 @@ class CfrStats:
     repeated: int = 0
     dropped: int = 0
     catchups: int = 0
+    pulled: int = 0  # frames' worth the anchor moved earlier to empty a standing buffer
 
 
 class CfrPacer:
     """Irregular frame arrivals in, one frame per 1/fps of wall time out, with monotonic indices.
 
-    Output starts ``start_delay_s`` after the first frame (a small jitter buffer). A missing frame repeats
+    Output starts ``start_delay_s`` after the first frame (a small jitter buffer). A buffer that stands above
+    that allowance when chunks arrive (the fewest frames still waiting at each of ``standing_pushes`` pushes in a
+    row: queueing left by a slow start, not jitter) is emptied by moving the anchor earlier: those frames go out
+    now, with their indices, and every later frame as much earlier (docs/latency.md). A missing frame repeats
     the previous one; a buffer above ``max_buffer_frames`` drops its oldest frames (latency stays bounded);
     if the caller falls more than ``max_catchup_s`` behind, the wall anchor moves instead of bursting. Each frame
     keeps the capture time it was pushed with (a repeat: the repeated frame's), so the playlist's
@@ -134,7 +139,8 @@ class CfrPacer:
     """
 
     def __init__(
-        self, fps: float, start_delay_s: float = 0.0, max_buffer_frames: int = 16, max_catchup_s: float = 1.0
+        self, fps: float, start_delay_s: float = 0.0, max_buffer_frames: int = 16, max_catchup_s: float = 1.0,
+        standing_pushes: int = 4,
     ) -> None:
         self.fps = fps
         self.start_delay_s = start_delay_s
@@ -142,6 +148,8 @@ class CfrPacer:
         self.max_catchup_s = max_catchup_s
         self.stats = CfrStats()
         self.next_index = 0
+        self._allowance = math.ceil(start_delay_s * fps - 1e-9)
+        self._standing: collections.deque[int] = collections.deque(maxlen=max(1, standing_pushes))
         self._buffer: collections.deque[tuple[np.ndarray, float | None]] = collections.deque()
         self._last: tuple[np.ndarray, float | None] | None = None
         self._anchor: float | None = None
@@ -153,8 +161,16 @@ class CfrPacer:
     def push(self, frames: Iterable[np.ndarray], now: float, capture_times: Iterable[float] | None = None) -> None:
         """Buffer ``frames`` (arrived at ``now``), each with its capture time where known."""
         times = itertools.repeat(None) if capture_times is None else capture_times
+        waiting = len(self._buffer)
         for frame, captured in zip(frames, times, strict=capture_times is not None):
             self._buffer.append((frame, captured))
+        if self._anchor is not None:
+            self._standing.append(waiting)
+            excess = min(self._standing) - self._allowance
+            if len(self._standing) == self._standing.maxlen and excess > 0:
+                self._anchor -= excess / self.fps
+                self.stats.pulled += excess
+                self._standing.clear()
         while len(self._buffer) > self.max_buffer_frames:
             self._buffer.popleft()
             self.stats.dropped += 1

@@ -8,9 +8,14 @@ export const hlsjsMissing = () => typeof window.Hls === 'undefined';
 // prefixed FATAL). A fatal network error is retried every second: the playlist may not exist before the first
 // segment, or its egress is restarting (docs/supervision.md). latency(): seconds from capture to now of the frame
 // playing (PROGRAM-DATE-TIME is the capture time), null before the first frame.
+// The live-sync target is the playlist's PART-HOLD-BACK (3 part durations); a player behind it catches up at up to
+// 1.5x speed (hls.js' default 1 never does), and a stall raises the target by 0.1 s rather than hls.js' 1 s, which
+// left it 1.2-1.4 s behind the edge for good after one stall on a loaded machine (docs/latency.md).
+export const HLSJS_CONFIG = {lowLatencyMode: true, maxLiveSyncPlaybackRate: 1.5, liveSyncOnStallIncrease: 0.1};
+
 export function play(video, src, onError = () => {}) {
   const Hls = window.Hls;
-  const hls = new Hls({lowLatencyMode: true});
+  const hls = new Hls(HLSJS_CONFIG);
   let parsed = false, stopped = false;
   hls.on(Hls.Events.ERROR, (_e, d) => {
     if (d.fatal && d.type === Hls.ErrorTypes.NETWORK_ERROR) {

@@ -117,6 +117,10 @@ class ModelSettings(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype (auto: bf16 on CUDA, fp32 on CPU)"
     )
+    passthrough: bool = Field(
+        False, description="measurement mode (bench/serve.py): block-average VAE and a DiT whose output is its "
+                           "input, so frames reach HLS unchanged; the DiT blocks still run"
+    )
 
 
 class EncoderSettings(Section):
@@ -247,7 +251,7 @@ class IngestSettings(Section):
 class EgressSettings(Section):
     hls_dir: Path = Field(Path("/tmp/rheo-hls"), description="where HLS playlists and segments are written")
     segment_seconds: float = Field(1.0, gt=0, description="HLS segment duration")
-    part_seconds: float = Field(0.2, gt=0, description="LL-HLS part duration")
+    part_seconds: float = Field(0.1, gt=0, description="LL-HLS part duration (whole frames, at least one)")
     playlist_segments: int = Field(6, ge=2, description="segments kept in the rolling playlist")
     x264_preset: str = Field("veryfast", description="libx264 preset for the output")
     bitrate_kbps: int = Field(2500, gt=0, description="target output video bitrate")

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The prepared GPU suite (issue #14): one command, at most 8 minutes on one GPU machine, every step time-boxed.
+#
+#   bench/gpu-suite.sh [--dry-run] [--out FILE]
+#
+# Steps: the GPU tests (tests/dit/test_gpu.py and every tests/**/test_*gpu*.py), bench/dit.py (1.3B, 512² and
+# 480×832, 1/2/4 steps), bench/pipeline_local.py (1.3B + full VAE), bench/serve.py (the served path: 1 stream, the
+# streams-per-GPU search at 16 FPS, 14B at 1 step if the GPU has the memory; the served 1.3B/14B need Wan2.1
+# weights in MODEL_DIR / MODEL_DIR_14B, else the tiny model runs on the GPU), bench/official.py (the official
+# StreamDiffusionV2 code side by side when OFFICIAL_DIR names a fetched copy; ratio lines rheo / official).
+# Every result is one JSON line appended to FILE (default bench-results/gpu-suite-<utc>.jsonl) with "step" added;
+# a step that printed none (crashed, timed out) gets {"step", "error", "rc"}; a summary line ends the run
+# (exit status 1 when any step failed).
+# --dry-run: the same steps on CPU with the tiny model and minimal sizes (seconds; CI runs it:
+# tests/bench/test_gpu_suite.py). Set PYTHON to choose the interpreter (default: python3).
+set -u
+cd "$(dirname "$0")/.."
+DRY=0
+OUT=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --out) OUT="$2"; shift ;;
+        *) echo "usage: $0 [--dry-run] [--out FILE]" >&2; exit 2 ;;
+    esac
+    shift
+done
+PY="${PYTHON:-python3}"
+OUT="${OUT:-bench-results/gpu-suite-$(date -u +%Y%m%dT%H%M%SZ).jsonl}"
+mkdir -p "$(dirname "$OUT")"
+: > "$OUT.log"
+export PYTHONPATH="${PYTHONPATH:-$PWD}"
+START=$(date +%s)
+
+# step NAME SECONDS CMD...: run CMD under `timeout`; its JSON lines go to $OUT with "step" added.
+step() {
+    local name="$1" limit="$2"
+    shift 2
+    echo "== $name (≤ ${limit}s): $*" >&2
+    local t0 rc lines
+    t0=$(date +%s)
+    lines=$(timeout --kill-after=10 "$limit" "$@" 2>>"$OUT.log")
+    rc=$?
+    STEP="$name" RC="$rc" SECS="$(( $(date +%s) - t0 ))" "$PY" -c '
+import json, os, sys
+name, rc, secs = os.environ["STEP"], int(os.environ["RC"]), int(os.environ["SECS"])
+rows = [json.loads(l) for l in sys.stdin.read().splitlines() if l.startswith("{")]
+for r in rows:
+    print(json.dumps({"step": name, **r}))
+if not rows:
+    why = "timed out" if rc in (124, 137) else "no result line"
+    print(json.dumps({"step": name, "error": why, "rc": rc, "seconds": secs}))
+' <<<"$lines" | tee -a "$OUT"
+}
+
+# pytest as one JSON line (its summary and exit code)
+pytest_json() {
+    local out rc
+    out=$("$PY" -m pytest -q -p no:cacheprovider "$@" 2>&1)
+    rc=$?
+    SUMMARY="$(tail -n 1 <<<"$out")" RC="$rc" "$PY" -c '
+import json, os
+rc = int(os.environ["RC"])
+row = {"bench": "gpu_tests", "rc": rc, "summary": os.environ["SUMMARY"]}
+print(json.dumps(row | ({} if rc in (0, 5) else {"error": "tests failed"})))'
+}
+
+export -f pytest_json
+export PY
+GPU_TESTS=$(find tests -name 'test_*gpu*.py' ! -name 'test_gpu_suite.py' | sort | tr '\n' ' ')
+if [ "$DRY" = 1 ]; then  # nothing to measure on CPU: the steps run side by side (half the time on 2 cores)
+    step gpu_tests 120 bash -c 'pytest_json "$@"' _ $GPU_TESTS &
+    step dit 120 "$PY" bench/dit.py --device cpu --models tiny --steps 1 --streams 1 --iters 1 --warmup 1 &
+    step pipeline_local 120 "$PY" bench/pipeline_local.py --device cpu --preset tiny --size 64x64 --steps 1 \
+        --streams 1 --frames 13 --threads 1 &
+    step serve 60 "$PY" bench/serve.py --dry-run &
+    step official 60 "$PY" bench/official.py &
+    wait
+else
+    step gpu_tests 60 bash -c 'pytest_json "$@"' _ $GPU_TESTS
+    step dit 80 "$PY" bench/dit.py --device cuda --models 1.3b --res 512x512,480x832 --steps 1,2,4 --streams 1
+    step pipeline_local 60 "$PY" bench/pipeline_local.py --device cuda --preset 1.3b --size 512x512,832x480 \
+        --steps 1,2 --streams 1,2
+    # the stack builds random weights for the tiny preset only: 1.3B/14B served need MODEL_DIR (Wan2.1 weights)
+    if [ -n "${MODEL_DIR:-}" ]; then SERVED=(--model 1.3b --model-dir "$MODEL_DIR"); else SERVED=(--model tiny); fi
+    step serve 70 "$PY" bench/serve.py --device cuda "${SERVED[@]}" --size 512 --fps 16 --steps 2 --streams 1 \
+        --seconds 8 --slo-ms 1000
+    step serve_search 90 "$PY" bench/serve.py --device cuda "${SERVED[@]}" --size 512 --fps 16 --steps 2 --search \
+        --seconds 6 --slo-ms 1000 --max-streams 16
+    FREE_MIB=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+    if [ -n "${MODEL_DIR:-}" ] && [ "${FREE_MIB:-0}" -gt 60000 ]; then
+        step serve_14b 60 "$PY" bench/serve.py --device cuda --model 14b --model-dir "${MODEL_DIR_14B:-$MODEL_DIR}" \
+            --size 512 --fps 16 --steps 1 --streams 1 --stages 1 --seconds 6 --slo-ms 2000
+    else
+        echo "{\"step\": \"serve_14b\", \"skipped\": \"needs MODEL_DIR(_14B) and > 60000 MiB free (${FREE_MIB:-?})\"}" \
+            | tee -a "$OUT"
+    fi
+    step official 60 "$PY" bench/official.py --size 512x512,832x480 --steps 2,1 --rheo-jsonl "$OUT"
+fi
+
+SUMMARY=$(SECS=$(( $(date +%s) - START )) DRY="$DRY" "$PY" -c '
+import json, os, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+steps = {}
+for r in rows:
+    s = steps.setdefault(r.get("step", "?"), {"lines": 0, "errors": 0})
+    s["lines"] += 1
+    s["errors"] += "error" in r
+print(json.dumps({"step": "summary", "dry_run": os.environ["DRY"] == "1", "seconds": int(os.environ["SECS"]),
+                  "steps": steps, "failed": sorted(k for k, v in steps.items() if v["errors"])}))
+' "$OUT")
+echo "$SUMMARY" | tee -a "$OUT"
+echo "results: $OUT (stderr of the steps: $OUT.log)" >&2
+case "$SUMMARY" in *'"failed": []'*) exit 0 ;; *) exit 1 ;; esac
