@@ -327,8 +327,10 @@ class Simulation:
         self._at(self.now + self.cfg.interval_s, self._tick)
         w = self.cfg.interval_s
         self.refused_recent = {k: v for k, v in self.refused_recent.items() if self.now - v[0] <= w}
-        slowest = max((r.item_ms() or 0.0 for r in self.rings.values() if not r.gone), default=0.0)
-        demand = Demand(slowest or None, PathCosts(self.cal.encode_ms_per_mpx, self.cal.decode_ms_per_mpx),
+        recent = [x for r in self.rings.values() if not r.gone for x in r.recent]
+        items = sum(n for n, _ in recent)  # the pool's measured ms per item (one ring: the controller's item_ms)
+        item_ms = 1000.0 * sum(s for _, s in recent) / items if items else None
+        demand = Demand(item_ms, PathCosts(self.cal.encode_ms_per_mpx, self.cal.decode_ms_per_mpx),
                         self.cfg.prior_streams)
         per_pool = pool_demand(demand, [s.need for s in self.streams.values()],
                                [n for _, n in self.refused_recent.values()])
