@@ -126,6 +126,7 @@ class Simulation:
         self.items = self.late_items = 0
         self.gpu_seconds = 0.0
         self.pool_seconds = {pool: 0.0 for pool in POOLS}
+        self.busy_seconds = {pool: 0.0 for pool in POOLS}  # GPU time spent computing
         self.timeline: list[dict[str, float]] = []
         self._win = {"ok": 0, "done": 0}
         self._last_t = 0.0
@@ -232,7 +233,9 @@ class Simulation:
             return
         ing = min((s for s in self.ingests.values() if not s.gone and s.ready_at <= self.now),
                   key=lambda s: s.free_at)
-        ing.free_at = max(self.now, ing.free_at) + self.cal.encode_ms_per_mpx * mpx / 1000.0
+        cost = self.cal.encode_ms_per_mpx * mpx / 1000.0
+        ing.free_at = max(self.now, ing.free_at) + cost
+        self.busy_seconds["ingests"] += cost
         self._at(ing.free_at, self._to_ring, ch)
 
     def _decode_s(self, ch: _Chunk) -> float:
@@ -263,6 +266,7 @@ class Simulation:
             sig = take[0].stream.sig
             dur = self.cal.dit_s(sig, len(take)) * float(self.rng.lognormal(0.0, self.cfg.noise))
             ring.busy = True
+            self.busy_seconds["rings"] += dur
             self._at(self.now + dur, self._ring_done, ring, take, sig, dur)
 
     def _ring_done(self, ring: _Ring, take: list[_Chunk], sig: Sig, dur: float) -> None:
@@ -280,6 +284,7 @@ class Simulation:
             if dec is None or dec.gone:
                 dec = next(d for d in self.decoders.values() if not d.gone)
             dec.free_at = max(self.now, dec.free_at) + self._decode_s(ch)
+            self.busy_seconds["decoders"] += self._decode_s(ch)
             self._at(dec.free_at, self._done, ch)
         if ring.gone and not ring.queue:
             return

@@ -27,6 +27,7 @@ def summary(sim: Simulation, scenario: str, calibration: str) -> dict[str, objec
             "gpu_hours": round(sim.gpu_seconds / 3600, 3), "gpus_mean": round(sim.gpu_seconds / sim.horizon, 2),
             "gpus_peak": max((p["gpus"] for p in sim.timeline), default=0),
             "gpus_mean_by_pool": {k: round(v / sim.horizon, 2) for k, v in sim.pool_seconds.items() if v},
+            "busy_by_pool": {k: round(sim.busy_seconds[k] / v, 3) for k, v in sim.pool_seconds.items() if v},
             "moves": c["moves"],
             "scale_ups": c["scale_ups"], "scale_downs": c["scale_downs"], "commit": git_commit()}
 
