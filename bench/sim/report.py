@@ -40,14 +40,14 @@ def plot(sims: list[Simulation], path: Path, title: str) -> None:
     t_max = max(s.horizon for s in sims)
     g_max = max(max((p["gpus"] for p in s.timeline), default=1) for s in sims) or 1
     panels = [("GPUs", 20, 260, lambda p: p["gpus"] / g_max, f"0..{g_max}"),
-              ("chunks on time", 300, 520, lambda p: (p["attainment"] - 0.5) / 0.5, "50%..100%")]
+              ("chunks on time per 30 s", 300, 520, lambda p: (p["attainment"] - 0.9) / 0.1, "90%..100%, clipped")]
     draw.text((pad, 4), title, fill="black")
     for name, top, bottom, y_of, scale in panels:
         draw.rectangle((pad, top, w - 10, bottom), outline="black")
         draw.text((pad + 4, top + 2), f"{name} ({scale})", fill="black")
-        for sim in sims:
+        for sim in reversed(sims):  # the first policy (rheo's) drawn last, on top
             pts = [(pad + (w - 10 - pad) * p["t"] / t_max,
-                    bottom - (bottom - top) * min(max(y_of(p), 0.0), 1.0))
+                    bottom - 8 - (bottom - top - 24) * min(max(y_of(p), 0.0), 1.0))
                    for p in sim.timeline if not (isinstance(p["attainment"], float) and math.isnan(y_of(p)))]
             if len(pts) > 1:
                 draw.line(pts, fill=COLOURS.get(sim.policy.name, (0, 0, 0)), width=2)
