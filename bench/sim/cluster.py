@@ -197,15 +197,20 @@ class Simulation:
         if isinstance(placed, str):
             return placed
         if self.policy.admission:
+            # The controller has one ring, so one call checks the path and the ring. With many: the path (latency,
+            # the ingest pool's encode) over every admitted stream, then the DiT over the chosen ring's streams.
             ring = self.rings[placed.ring_id]
-            on_ring = {sid: self.streams[sid].need for sid, a in self.assignments.items() if a.ring_id == ring.member}
             n_ingests = max(1, sum(1 for s in self.ingests.values() if not s.gone and s.ready_at <= self.now))
             costs = PathCosts(encode_ms_per_mpx=self.cal.encode_ms_per_mpx / n_ingests,  # a pool behind one queue
                               decode_ms_per_mpx=self.cal.decode_ms_per_mpx, ring_ms=ring.step_ms())
-            d = decide_admission(st.spec, on_ring, ring.item_ms(), headroom=self.cfg.headroom,
-                                 prior_streams=self.cfg.prior_streams, costs=costs, decoders_placed=True)
-            if not d.admit:
-                return d.reason
+            path = decide_admission(st.spec, needs, None, headroom=self.cfg.headroom, prior_streams=len(needs) + 1,
+                                    costs=costs, decoders_placed=True)
+            on_ring = {sid: needs[sid] for sid, a in self.assignments.items() if a.ring_id == ring.member}
+            dit = decide_admission(st.spec, on_ring, ring.item_ms(), headroom=self.cfg.headroom,
+                                   prior_streams=self.cfg.prior_streams)
+            for d in (path, dit):
+                if not d.admit:
+                    return d.reason
         self.assignments[st.sid] = placed
         return None
 
