@@ -3,9 +3,7 @@
 The pacer places each source frame on the target-fps slot grid by its source timestamp, anchored to the wall
 clock at the first frame: frames that land on an already-filled slot are dropped, empty slots in between are
 filled by repeating the previous frame. Source timestamps, not arrival times, place frames, so network bursts
-do not cause drops. The anchor is the smallest delay seen: a frame arriving before its anchored time pulls it
-earlier (a first frame held up while the session was set up would otherwise make every capture time late).
-A timestamp jump (reconnect, encoder reset) or frames arriving more than ``max_drift_s``
+do not cause drops. A timestamp jump (reconnect, encoder reset) or frames arriving more than ``max_drift_s``
 later than their anchored capture time (a stall) re-anchor the grid without dropping or duplicating anything;
 capture times stay monotonic. A publisher sending faster than real time is not slowed here: the bounded chunk
 queue drops the oldest chunks instead, so latency stays bounded, but never a prepare chunk while a later chunk could
@@ -92,21 +90,10 @@ class FramePacer:
             return Slot(slot, 0, False)
         repeats = slot - self.next_slot if self.stats.frames_out else 0
         slot = self.next_slot + repeats
-        self._pull_anchor(slot, now)
         self.stats.duplicated += repeats
         self.stats.frames_out += repeats + 1
         self.next_slot = slot + 1
         return Slot(slot, repeats, True)
-
-    def _pull_anchor(self, slot: int, now: float) -> None:
-        """A frame that arrives before its anchored capture time shows that the anchor came late (the first frame
-        waited in the socket while the session was set up, and the backlog behind it arrived in a burst): the
-        anchor moves earlier, to the smallest delay seen, by at most one frame time per frame so that capture
-        times never go backwards. Without this every capture time, deadline and PDT of the session stays late by
-        the first frame's wait (docs/latency.md)."""
-        early = self.capture_time(slot) - now
-        if early > 0:
-            self._anchor_wall -= min(early, 1.0 / self.fps) if self.stats.frames_out else early
 
     def _anchor(self, ts: float, now: float) -> None:
         # Capture times never go backwards, even when the old anchor ran ahead of the wall clock.
