@@ -5,7 +5,10 @@ gaps or repeats) and packaged by exactly one egress (the one its assignment name
 table); then the decoder serving most streams is SIGKILLed and left down: its streams move to the other one and
 their playlists go on through the gateway.
 
-Two rings are not run here: the controller keeps one block map (docs/scheduling.md, Placement: what is not there).
+The same stack (one stage holding every block) also equals the single-process pipeline, and at the end a SIGTERM
+mid-stream drains every service within the bound and ends the playlist: one stack for all three, each stack start
+costs tens of seconds on CI. Two rings are not run here: the controller keeps one block map (docs/scheduling.md,
+Placement: what is not there).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import collections
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +33,7 @@ from proto import CHANNELS, EncodedVideo, decode
 from services.bus import Bus
 from services.stack import LocalStack, Ports
 from services.streams import StreamTable
+from support.hls_equality import ROOT, check_rtmp_to_hls_equals_pipeline, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +45,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     work = tmp_path_factory.mktemp("rings")
     s = LocalStack(work, stages=1, decoders=2, egresses=2, ports=Ports.ephemeral(), no_restart={"decoder", "decoder-1"},
                    extra_env={
+                       "RHEO_INGEST__STREAM_LINGER_S": "1",
+                       "RHEO_INGEST__DEBUG_TAP_DIR": str(work / "tap-in"),
+                       "RHEO_DECODER__DEBUG_TAP_DIR": str(work / "tap-out"),
                        "RHEO_LIFECYCLE__HEARTBEAT_INTERVAL_S": "0.2",
                        "RHEO_EGRESS__SEGMENT_SECONDS": "1.0",
                        # one stage: no failure epoch can change its map; admission advisory (a loaded CPU is slower
@@ -77,6 +86,11 @@ async def _until(predicate, timeout: float, what: str) -> None:
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.25)
+
+
+def test_one_dit_stage_equals_the_single_process_pipeline(stack: LocalStack) -> None:
+    """One stage holding every block (and two decoders: the stream's own does the work) equals the pipeline."""
+    check_rtmp_to_hls_equals_pipeline(stack)
 
 
 async def test_each_stream_runs_on_one_decoder_and_egress_and_a_dead_decoders_streams_move(
@@ -145,3 +159,26 @@ async def test_each_stream_runs_on_one_decoder_and_egress_and_a_dead_decoders_st
                 stack.api("DELETE", f"/v1/streams/{sid}")
         await bus.close()
 
+
+def test_sigterm_mid_stream_stops_everything(stack: LocalStack) -> None:
+    """SIGTERM mid-stream (the last test here: it stops the module's stack) drains every service within the bound
+    and ends the playlist."""
+    created = stack.api("POST", "/v1/streams", {"prompt": "p", "width": SIZE, "height": SIZE, "fps": FPS,
+                                                "steps": 1, "slo_latency_ms": 120000})
+    sid = created["id"]
+    url = f"rtmp://127.0.0.1:{stack.ports.rtmp}/live/{created['stream_key']}"
+    publisher = subprocess.Popen([sys.executable, "-m", "ingest.testpattern", url, "--size", "64x64",
+                                  "--fps", str(FPS), "--seconds", "60"], cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        playlist = stack.workdir / "hls" / sid / "playlist.m3u8"
+        wait_for(lambda: playlist.is_file() and "#EXTINF" in playlist.read_text(), 90, "the first segment")
+        t0 = time.monotonic()
+        codes = stack.stop()
+        elapsed = time.monotonic() - t0
+    finally:
+        publisher.kill()
+        publisher.wait()
+    assert all(c == 0 for name, c in codes.items() if not name.startswith("decoder")), codes  # one was killed
+    assert elapsed < 5 + 2, f"stopping took {elapsed:.1f}s"  # 5 s per the issue, plus nats-server's stop
+    assert "#EXT-X-ENDLIST" in playlist.read_text()
