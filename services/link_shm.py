@@ -124,6 +124,7 @@ class _Segment:
             raise
         os.close(fd)
         self.named = True
+        self.keep: Any = None  # what must outlive the frame until the receiver releases it (CUDA IPC exports)
 
     @property
     def busy(self) -> bool:
@@ -137,6 +138,7 @@ class _Segment:
 
     def close(self) -> None:
         self.unlink()
+        self.keep = None
         with contextlib.suppress(BufferError, ValueError):
             self.map.close()
 
@@ -153,9 +155,9 @@ class SegmentPool:
         self.reuses = 0
         self.retired = 0
 
-    def put(self, parts: list[Any], nbytes: int) -> bytes | None:
-        """Write a frame's parts into a free segment; returns its descriptor, or None when no segment could be
-        reserved (the caller sends the frame inline)."""
+    def put(self, parts: list[Any], nbytes: int, keep: Any = None) -> bytes | None:
+        """Write a frame's parts into a free segment, holding ``keep`` until the receiver releases it; returns the
+        descriptor, or None when no segment could be reserved (the caller sends the frame inline)."""
         free = [s for s in self._segments if s.size >= nbytes and not s.busy]
         if free:
             seg = min(free, key=lambda s: s.size)
@@ -181,6 +183,7 @@ class SegmentPool:
             view[0] = 1  # busy until the receiver releases the frame
         finally:
             view.release()
+        seg.keep = keep
         return DESCRIPTOR.pack(seg.name.encode(), nbytes)
 
     def _retire(self, seg: _Segment) -> None:
