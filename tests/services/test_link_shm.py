@@ -4,8 +4,10 @@ reused only after release, and nothing left in /dev/shm after a close or a crash
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -157,3 +159,43 @@ def test_the_host_token_is_private_to_this_uid() -> None:
     path = os.path.join(link_shm.SHM_DIR, f"rheo-link-host-{os.getuid()}")
     link_shm.host_token()
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+_CRASHING_SENDER = """
+import asyncio, sys, torch
+from proto import PromptUpdate
+from services.link import LinkSender
+
+async def main() -> None:
+    sender = LinkSender(sys.argv[1]).start()
+    for i in range(6):
+        await sender.send(PromptUpdate(stream_id="s", version=i, prompt="p", embedding=torch.zeros(1024)))
+    await sender.flush()
+    print(sender.segments.tag, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_sender_process_leaves_nothing_in_dev_shm() -> None:
+    listener = LinkListener(buffers=1).start()
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _CRASHING_SENDER, listener.endpoint,
+                                                stdout=asyncio.subprocess.PIPE)
+    try:
+        first = await listener.recv(timeout=30)  # held: the frames behind it stay unmapped, their names in /dev/shm
+        assert proc.stdout is not None
+        tag = int((await asyncio.wait_for(proc.stdout.readline(), 30)).decode())
+        assert _ours(tag), "nothing named before the crash: the check below would prove nothing"
+        proc.kill()
+        await proc.wait()
+        first.release()
+        with contextlib.suppress(TimeoutError):
+            while True:
+                (await listener.recv(timeout=0.5)).release()
+        await _until(lambda: _ours(tag) == [])
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        listener.close()
