@@ -311,7 +311,6 @@ class LinkListener:
         delivered = False
         release_segment: Any = None
         try:
-            view: memoryview | None
             message: Message | None = None
             headers: dict[str, str] = {}
             error = ""
@@ -325,7 +324,10 @@ class LinkListener:
                     view, release_segment = maps.frame(descriptor)
                     n = view.nbytes
                 except (ValueError, OSError) as e:
-                    view, error = None, f"shared-memory segment: {e}"
+                    # not a lost frame: its sender retired the segment (it reconnected, and resends the frame on
+                    # the new connection) or is hostile; either way this connection is done, unacknowledged
+                    log.warning("tensor link from %s: cannot map a shared-memory frame (%s); closing", peer, e)
+                    return False
             else:
                 if len(buf) < n:
                     # a new buffer, not a resize: tensors of earlier frames may still view the old one
@@ -334,11 +336,10 @@ class LinkListener:
                 if not _recv_exact(conn, view):
                     return False
             dt = time.perf_counter() - t0
-            if view is not None:
-                try:
-                    message, headers = decode_with_headers(view, None, self.limits)
-                except ProtocolError as e:
-                    error = str(e)
+            try:
+                message, headers = decode_with_headers(view, None, self.limits)
+            except ProtocolError as e:
+                error = str(e)
             # check-and-deliver is atomic: an old connection still draining and the new one carrying resends
             # must not interleave their deliveries
             with self._lock:

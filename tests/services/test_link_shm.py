@@ -199,3 +199,28 @@ async def test_a_killed_sender_process_leaves_nothing_in_dev_shm() -> None:
             proc.kill()
             await proc.wait()
         listener.close()
+
+
+async def test_a_sender_side_break_loses_no_frame_whose_segment_was_retired() -> None:
+    """The old connection still holds descriptors of segments the reconnected sender retired: it must not mark
+    them delivered (the resends on the new connection would be dropped as duplicates)."""
+    listener, sender = await _pair(buffers=1)
+    try:
+        for i in range(4):
+            await sender.send(_msg(i))
+        await sender.flush()
+        first = await listener.recv(timeout=5)  # held: frames 1-3 wait in the old connection, unmapped
+        old_tag = sender.segments.tag
+        sender._drop_socket()  # a break seen by the sender only: the next send reconnects, resends 1-3 in new
+        await sender.send(_msg(4))  # segments, then sends 4
+        await _until(lambda: sender.segments.tag != old_tag)
+        first.release()
+        versions = [first.message.version]
+        for _ in range(4):
+            with await listener.recv(timeout=5) as frame:
+                versions.append(frame.message.version)
+                assert torch.equal(frame.message.embedding, _msg(frame.message.version).embedding)
+        assert versions == [0, 1, 2, 3, 4] and listener.stats.malformed == 0
+    finally:
+        sender.close()
+        listener.close()
