@@ -568,7 +568,7 @@ class LinkSender:
             sock.sendall(link_shm.CHOICE.pack(tag))
         except OSError:
             return False
-        self.path = "shm" if shm else "tcp"
+        self.path = "shm" if tag else "tcp"
         link_shm.LINK_PATH.labels(self.path).inc()
         return True
 

@@ -17,12 +17,15 @@ descriptor (segment name + length) inside the authenticated connection. The rece
 * **Nothing left in /dev/shm.** The receiver unlinks a segment's name as soon as it mapped it (the memory lives
   while either side maps it); the sender unlinks whatever is still named when it closes or reconnects. After a
   reconnect the sender retires every segment (the old receiver may hold views on one, or be dead) and
-  resends the unacknowledged frames from their tensors, so a crash of either side leaks nothing.
+  resends the unacknowledged frames from their tensors; when a connection ends, the receiver unlinks what its
+  sender named and never sent. Both ends killed at once: each connection's sender holds an ``flock`` on a lock
+  file, and ``sweep`` (run at every new shared-memory connection) unlinks the segments of locks nobody holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import re
@@ -41,6 +44,7 @@ _MAGIC = b"RHEOSHM1"
 CHOICE = struct.Struct("<Q")  # the sender's answer: its connection tag, 0 for TCP
 DESCRIPTOR = struct.Struct("<48sQ")  # segment name, frame length
 _NAME = re.compile(r"rheo-lnk-([0-9a-f]{16})-[0-9a-f]{12}")
+_LOCK = re.compile(r"rheo-lnkl-([0-9a-f]{16})")  # a connection's owner lock: flock'ed while its sender lives
 _OFF = bytes(16)
 
 LINK_PATH = Counter("rheo_link_path_total", "tensor-link connections by the path their frames take (shm: POSIX "
@@ -108,6 +112,59 @@ def _prefix(tag: int) -> str:
     return f"rheo-lnk-{tag:016x}-"
 
 
+def _lock_path(shm_dir: str, tag: int) -> str:
+    return os.path.join(shm_dir, f"rheo-lnkl-{tag:016x}")
+
+
+def _unlink_tag(shm_dir: str, tag: int, names: list[str]) -> int:
+    n = 0
+    for name in names:
+        if name.startswith(_prefix(tag)) and _NAME.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(shm_dir, name))
+                n += 1
+    return n
+
+
+def sweep(shm_dir: str = SHM_DIR) -> int:
+    """Unlink the segments of senders that died with their receivers (SIGKILL of both ends: nobody else would).
+    A live sender holds an ``flock`` on its connection's lock file, which the kernel drops when the process dies
+    (whatever its PID namespace); a lock we can take, or segments without a lock file, are leftovers. Returns how
+    many segments it unlinked."""
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return 0
+    unlinked = 0
+    tags = {int(m.group(1), 16) for n in names if (m := _NAME.fullmatch(n))}
+    for name in names:
+        m = _LOCK.fullmatch(name)
+        if m is None:
+            continue
+        tag = int(m.group(1), 16)
+        tags.discard(tag)
+        try:
+            fd = os.open(os.path.join(shm_dir, name), os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_uid != os.getuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its sender lives
+            unlinked += _unlink_tag(shm_dir, tag, names)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(shm_dir, name))
+        finally:
+            os.close(fd)
+    for tag in tags:  # segments whose lock is gone: their sender closed (or was cleaned) mid-way
+        if not os.path.exists(_lock_path(shm_dir, tag)):
+            unlinked += _unlink_tag(shm_dir, tag, names)
+    return unlinked
+
+
 class _Segment:
     def __init__(self, size: int, tag: int, shm_dir: str) -> None:
         self.name = f"{_prefix(tag)}{secrets.token_hex(6)}"
@@ -151,6 +208,7 @@ class SegmentPool:
         self.shm_dir = shm_dir
         self._segments: list[_Segment] = []
         self.tag = 0  # the current connection's (``new_connection``)
+        self._lock_fd: int | None = None
         self.allocations = 0
         self.reuses = 0
         self.retired = 0
@@ -197,11 +255,25 @@ class SegmentPool:
         are never written again: its mapping, if any, lives on until it lets go)."""
         for seg in list(self._segments):
             self._retire(seg)
+        if self._lock_fd is not None:  # after the segments: a segment never outlives its lock unswept
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_lock_path(self.shm_dir, self.tag))
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def new_connection(self, shared: bool) -> int:
         """Retire every segment and start a connection; returns its tag (0: this connection sends inline)."""
         self.close()
-        self.tag = new_tag() if shared else 0
+        self.tag = 0
+        if shared:
+            sweep(self.shm_dir)
+            tag = new_tag()
+            try:
+                fd = os.open(_lock_path(self.shm_dir, tag), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except OSError:
+                return 0  # no /dev/shm to write: inline
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_fd, self.tag = fd, tag
         return self.tag
 
     @property

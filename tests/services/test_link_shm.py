@@ -224,3 +224,38 @@ async def test_a_sender_side_break_loses_no_frame_whose_segment_was_retired() ->
     finally:
         sender.close()
         listener.close()
+
+
+_DYING_POOL = """
+import sys, time
+from services.link_shm import SegmentPool
+pool = SegmentPool()
+tag = pool.new_connection(True)
+for _ in range(2):
+    pool.put([b"x" * 100], 100)
+print(tag, flush=True)
+time.sleep(3600)
+"""
+
+
+async def test_segments_of_a_sender_killed_with_its_receiver_are_swept() -> None:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _DYING_POOL, stdout=asyncio.subprocess.PIPE)
+    live = SegmentPool()
+    try:
+        assert proc.stdout is not None
+        tag = int((await asyncio.wait_for(proc.stdout.readline(), 30)).decode())
+        assert len(_ours(tag)) == 2
+        link_shm.sweep()
+        assert len(_ours(tag)) == 2  # its sender lives: nothing of it is touched
+        proc.kill()
+        await proc.wait()
+        live.new_connection(True)  # a new connection sweeps
+        live.put([b"y"], 1)
+        assert _ours(tag) == [] and not os.path.exists(os.path.join(link_shm.SHM_DIR, f"rheo-lnkl-{tag:016x}"))
+        assert len(_ours(live.tag)) == 1
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        live.close()
+    assert _ours(live.tag) == []
