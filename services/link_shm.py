@@ -24,6 +24,7 @@ descriptor (segment name + length) inside the authenticated connection. The rece
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import mmap
@@ -33,6 +34,7 @@ import secrets
 import stat
 import struct
 import threading
+import weakref
 from typing import Any
 
 from prometheus_client import Counter
@@ -209,6 +211,7 @@ class SegmentPool:
         self._segments: list[_Segment] = []
         self.tag = 0  # the current connection's (``new_connection``)
         self._lock_fd: int | None = None
+        _POOLS.add(self)  # a sender never closed still unlinks its names when the process exits
         self.allocations = 0
         self.reuses = 0
         self.retired = 0
@@ -279,6 +282,16 @@ class SegmentPool:
     @property
     def names(self) -> list[str]:
         return [s.name for s in self._segments]
+
+
+_POOLS: weakref.WeakSet[SegmentPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in list(_POOLS):
+        with contextlib.suppress(Exception):
+            pool.close()
 
 
 class SegmentMaps:
