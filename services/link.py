@@ -13,11 +13,12 @@ on a dedicated thread:
 Wire, upstream → downstream: ``u64 length, u64 sender id, u64 seq`` (LE) + one rheo frame (``proto.codec``), so
 headers (trace context) ride inside the frame. With a link key (``dit_stage.link_key``; required once a stage listens
 beyond loopback) every connection first proves, both ways, that its peer holds the key: the listener sends
-``RHEOLNK1`` + a 16-byte nonce, the sender answers its own nonce + HMAC-SHA256(key, "S" + both nonces), the
-listener HMAC-SHA256(key, "L" + both nonces). A connection that fails it is closed and counted before any frame
-is read (docs/tensor-link.md). Downstream → upstream: after the key proof, the listener's hello (its host token and
-uid, ``services/link_shm.py``), then ``u64 seq`` acknowledging every frame read. A sender on the same host (same
-token and uid) puts frames in shared memory and writes only a descriptor (the length's top bit set).
+``RHEOLNK2`` + a 16-byte nonce, the sender answers its own nonce + HMAC-SHA256(key, "S" + both nonces), the
+listener HMAC-SHA256(key, "L" + both nonces) (``2``: the wire since the hello below). A connection that fails it
+is closed and counted before any frame is read (docs/tensor-link.md). Downstream → upstream: after the key proof,
+the listener's hello (its host token and uid, ``services/link_shm.py``), then ``u64 seq`` acknowledging every frame
+read. Upstream, after the hello: a u64 connection tag (0: TCP). A sender on the same host (same token and uid) puts
+frames in shared memory and writes only a descriptor (the length's top bit set).
 Backpressure is end to end: a consumer that holds every pool buffer stops the reader thread, TCP's window fills,
 the sender thread blocks, and ``LinkSender.send`` waits once ``queue_depth`` frames are queued.
 A frame longer than ``max_frame_bytes`` cannot be skipped safely (the stream would lose sync), so that connection is
@@ -55,7 +56,7 @@ _PREFIX = struct.Struct("<QQQ")  # length, sender id, seq
 _ACK = struct.Struct("<Q")
 _SHM_FLAG = 1 << 63  # in the length: the frame is in shared memory, the payload is its descriptor (link_shm)
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
-_HELLO = b"RHEOLNK1"
+_HELLO = b"RHEOLNK2"
 _NONCE = 16
 _MAC = hashlib.sha256().digest_size
 HANDSHAKE_TIMEOUT_S = 5.0
