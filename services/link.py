@@ -75,7 +75,7 @@ class LinkStats:
     reconnects: int = 0
     seconds: float = 0.0  # time spent in the socket calls (send or receive)
     discarded: int = 0  # frames a closed sender never got acknowledged (queued or written): see ``close``
-    shm_frames: int = 0  # frames that went through shared memory (services/link_shm.py)
+    shm_frames: int = 0  # frames through shared memory (services/link_shm.py; a sender counts resends too)
 
 
 @dataclass
