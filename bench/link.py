@@ -1,6 +1,7 @@
 """Tensor-link hop cost on loopback: one-way latency and throughput of hidden-state-sized frames.
 
-Prints one JSON line per case: 0.2, 3, 4.8 and 16 MB frames, then throughput.
+Prints one JSON line per case and path: 0.2, 3, 4.8 and 16 MB frames, then throughput; each over TCP and over the
+same-host shared-memory path (``--path``; services/link_shm.py).
 Target (design): 4.8 MB one-way p50 <= 5 ms (NATS: ~15 ms, see bench/bus.py).
 """
 
@@ -27,8 +28,8 @@ def _frame(nbytes: int) -> PromptUpdate:
 
 
 
-async def one_way(nbytes: int, count: int, rate_hz: float) -> dict:
-    listener = LinkListener().start()
+async def one_way(nbytes: int, count: int, rate_hz: float, shm: bool) -> dict:
+    listener = LinkListener(shared_memory=shm).start()
     sender = LinkSender(listener.endpoint).start()
     msg = _frame(nbytes)
     lat: list[float] = []
@@ -49,13 +50,14 @@ async def one_way(nbytes: int, count: int, rate_hz: float) -> dict:
     await asyncio.wait_for(consumer, 30)
     sender.close()
     listener.close()
-    return {"bench": "link", "case": "one_way", "payload_bytes": nbytes, "count": count, "rate_hz": rate_hz,
+    return {"bench": "link", "case": "one_way", "path": sender.path, "payload_bytes": nbytes, "count": count,
+            "rate_hz": rate_hz,
             "p50_ms": round(statistics.median(lat), 3), "p99_ms": round(percentile(lat, 99), 3),
             "max_ms": round(max(lat), 3)}
 
 
-async def throughput(nbytes: int, seconds: float) -> dict:
-    listener = LinkListener().start()
+async def throughput(nbytes: int, seconds: float, shm: bool) -> dict:
+    listener = LinkListener(shared_memory=shm).start()
     sender = LinkSender(listener.endpoint).start()
     msg = _frame(nbytes)
     got = 0
@@ -80,7 +82,8 @@ async def throughput(nbytes: int, seconds: float) -> dict:
     await consumer
     sender.close()
     listener.close()
-    return {"bench": "link", "case": "throughput", "payload_bytes": nbytes, "frames_per_s": round(got / dt, 1),
+    return {"bench": "link", "case": "throughput", "path": sender.path, "payload_bytes": nbytes,
+            "frames_per_s": round(got / dt, 1),
             "mb_per_s": round(got * nbytes / dt / 1e6, 1)}
 
 
@@ -88,15 +91,18 @@ async def throughput(nbytes: int, seconds: float) -> dict:
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer frames (smoke run)")
+    ap.add_argument("--path", choices=["tcp", "shm", "both"], default="both", help="link path(s) to measure")
     args = ap.parse_args()
     n = 30 if args.quick else 200
-    cases = [
-        await one_way(200 * 1024, n, 100.0),
-        await one_way(3 * 1024 * 1024, n, 20.0),
-        await one_way(int(4.8 * 1024 * 1024), n, 20.0),
-        await one_way(16 * 1024 * 1024, max(10, n // 4), 10.0),
-        await throughput(int(4.8 * 1024 * 1024), 1.0 if args.quick else 3.0),
-    ]
+    cases = []
+    for shm in {"tcp": [False], "shm": [True], "both": [False, True]}[args.path]:
+        cases += [
+            await one_way(200 * 1024, n, 100.0, shm),
+            await one_way(3 * 1024 * 1024, n, 20.0, shm),
+            await one_way(int(4.8 * 1024 * 1024), n, 20.0, shm),
+            await one_way(16 * 1024 * 1024, max(10, n // 4), 10.0, shm),
+            await throughput(int(4.8 * 1024 * 1024), 1.0 if args.quick else 3.0, shm),
+        ]
     for c in cases:
         c["commit"] = git_commit()
         print(json.dumps(c), flush=True)

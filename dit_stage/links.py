@@ -38,7 +38,8 @@ def link_options(cfg: DitStageSettings) -> LinkOptions:
     if key is None and not _loopback(cfg.link_host):
         raise ValueError(f"dit_stage.link_key is required: the tensor link listens on {cfg.link_host}, beyond "
                           "loopback (set RHEO_DIT_STAGE__LINK_KEY; the chart and `rheo up` generate one)")
-    return LinkOptions(max_frame_bytes=cfg.link_max_frame_bytes, key=key)
+    return LinkOptions(max_frame_bytes=cfg.link_max_frame_bytes, key=key,
+                       shared_memory=cfg.link_shared_memory == "auto")
 
 
 async def stage_for_link(message: Message) -> Message:

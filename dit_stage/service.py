@@ -113,8 +113,7 @@ class DitStageService(Service):
     async def start(self) -> None:
         assert self.bus is not None
         options = link_options(self.cfg)
-        self.listener = LinkListener(self.cfg.link_host, self.cfg.link_port, max_frame_bytes=options.max_frame_bytes,
-                                     key=options.key).start()
+        self.listener = options.listener(self.cfg.link_host, self.cfg.link_port).start()
         self.endpoint = f"{self.cfg.advertise_host}:{self.listener.port}"
         self.endpoints = await self.bus.kv(Buckets.ENDPOINTS, replicas=self.settings.nats.kv_replicas)
         await self.endpoints.put(self.stage_id, self.endpoint.encode())

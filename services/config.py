@@ -331,6 +331,10 @@ class DitStageSettings(Section):
         None, description="shared secret every tensor-link connection proves both ways (HMAC); required unless "
         "link_host is a loopback address"
     )
+    link_shared_memory: Literal["auto", "off"] = Field(
+        "auto", description="auto: a tensor link to a stage on the same host (same /dev/shm and uid) carries frames "
+        "in POSIX shared memory, only a descriptor on the socket; off: always TCP"
+    )
     timed_block_ms: float | None = Field(
         None, ge=0, description="timed stand-in mode for controller and scale tests: each micro-step takes this "
         "many ms per owned block (plus timed_item_ms per item), sleeping after the real model (null: normal mode)"

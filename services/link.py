@@ -13,9 +13,12 @@ on a dedicated thread:
 Wire, upstream → downstream: ``u64 length, u64 sender id, u64 seq`` (LE) + one rheo frame (``proto.codec``), so
 headers (trace context) ride inside the frame. With a link key (``dit_stage.link_key``; required once a stage listens
 beyond loopback) every connection first proves, both ways, that its peer holds the key: the listener sends
-``RHEOLNK1`` + a 16-byte nonce, the sender answers its own nonce + HMAC-SHA256(key, "S" + both nonces), the
-listener HMAC-SHA256(key, "L" + both nonces). A connection that fails it is closed and counted before any frame
-is read (docs/tensor-link.md). Downstream → upstream: ``u64 seq`` acknowledging every frame read.
+``RHEOLNK2`` + a 16-byte nonce, the sender answers its own nonce + HMAC-SHA256(key, "S" + both nonces), the
+listener HMAC-SHA256(key, "L" + both nonces) (``2``: the wire since the hello below). A connection that fails it
+is closed and counted before any frame is read (docs/tensor-link.md). Downstream → upstream: after the key proof,
+the listener's hello (its host token and uid, ``services/link_shm.py``), then ``u64 seq`` acknowledging every frame
+read. Upstream, after the hello: a u64 connection tag (0: TCP). A sender on the same host (same token and uid) puts
+frames in shared memory and writes only a descriptor (the length's top bit set).
 Backpressure is end to end: a consumer that holds every pool buffer stops the reader thread, TCP's window fills,
 the sender thread blocks, and ``LinkSender.send`` waits once ``queue_depth`` frames are queued.
 A frame longer than ``max_frame_bytes`` cannot be skipped safely (the stream would lose sync), so that connection is
@@ -45,13 +48,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proto import Limits, Message, ProtocolError, decode_with_headers
+from services import link_shm
 
 log = logging.getLogger("rheo.link")
 
 _PREFIX = struct.Struct("<QQQ")  # length, sender id, seq
 _ACK = struct.Struct("<Q")
+_SHM_FLAG = 1 << 63  # in the length: the frame is in shared memory, the payload is its descriptor (link_shm)
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
-_HELLO = b"RHEOLNK1"
+_HELLO = b"RHEOLNK2"
 _NONCE = 16
 _MAC = hashlib.sha256().digest_size
 HANDSHAKE_TIMEOUT_S = 5.0
@@ -70,6 +75,7 @@ class LinkStats:
     reconnects: int = 0
     seconds: float = 0.0  # time spent in the socket calls (send or receive)
     discarded: int = 0  # frames a closed sender never got acknowledged (queued or written): see ``close``
+    shm_frames: int = 0  # frames through shared memory (services/link_shm.py; a sender counts resends too)
 
 
 @dataclass
@@ -174,9 +180,11 @@ class LinkListener:
         buffers: int = 4,
         limits: Limits | None = None,
         key: bytes | None = None,
+        shared_memory: bool = True,
     ) -> None:
         self.host = host
         self.key = key
+        self.shared_memory = shared_memory
         self.port = port
         self.max_frame_bytes = max_frame_bytes
         self.limits = limits or Limits(max_message_bytes=max_frame_bytes, max_tensor_bytes=max_frame_bytes)
@@ -249,6 +257,7 @@ class LinkListener:
                              daemon=True).start()
 
     def _recv_loop(self, conn: socket.socket, peer: str) -> None:
+        maps: link_shm.SegmentMaps | None = None
         try:
             if self.key is not None:
                 proven = listener_handshake(conn, self.key)
@@ -257,7 +266,18 @@ class LinkListener:
                         self.stats.refused_connections += 1
                         log.warning("tensor link from %s: refused, the peer does not hold the link key", peer)
                     return
-            while not self._closed.is_set() and self._recv_one(conn, peer):
+            conn.sendall(link_shm.hello(self.shared_memory))
+            choice = _recv_bytes(conn, link_shm.CHOICE.size)
+            if choice is None:
+                return
+            (tag,) = link_shm.CHOICE.unpack(choice)
+            if tag:
+                if not self.shared_memory:
+                    self.stats.refused_connections += 1
+                    log.warning("tensor link from %s: refused, shared memory asked but not offered", peer)
+                    return
+                maps = link_shm.SegmentMaps(self.max_frame_bytes, tag)
+            while not self._closed.is_set() and self._recv_one(conn, peer, maps):
                 pass
         except OSError as e:
             if not self._closed.is_set():
@@ -265,17 +285,24 @@ class LinkListener:
         except Exception:
             log.exception("tensor link from %s: reader failed; connection closed", peer)
         finally:
+            if maps is not None:
+                maps.release_all()
             with self._lock:
                 self._conns.discard(conn)
             with contextlib.suppress(OSError):
                 conn.close()
 
-    def _recv_one(self, conn: socket.socket, peer: str) -> bool:
+    def _recv_one(self, conn: socket.socket, peer: str, maps: link_shm.SegmentMaps | None = None) -> bool:
         """Read, acknowledge and deliver one frame; False when the connection is done."""
         prefix = bytearray(_PREFIX.size)
         if not _recv_exact(conn, memoryview(prefix)):
             return False
         n, sender_id, seq = _PREFIX.unpack(prefix)
+        shared, n = bool(n & _SHM_FLAG), n & ~_SHM_FLAG
+        if shared and (maps is None or n != link_shm.DESCRIPTOR.size):
+            self.stats.refused_connections += 1
+            log.warning("tensor link from %s: a shared-memory frame this listener did not offer; closing", peer)
+            return False
         if n > self.max_frame_bytes:
             self.stats.refused_connections += 1
             log.warning("tensor link from %s: frame of %d bytes exceeds the %d-byte cap; closing the connection",
@@ -283,18 +310,33 @@ class LinkListener:
             return False
         buf = self._pool.get()  # blocks while the consumer holds every buffer: backpressure
         delivered = False
+        release_segment: Any = None
         try:
-            if len(buf) < n:
-                # a new buffer, not a resize: tensors of earlier frames may still view the old one
-                buf = bytearray(max(n, 2 * len(buf)))
-            view = memoryview(buf)[:n]
-            t0 = time.perf_counter()
-            if not _recv_exact(conn, view):
-                return False
-            dt = time.perf_counter() - t0
             message: Message | None = None
             headers: dict[str, str] = {}
             error = ""
+            t0 = time.perf_counter()
+            if shared:  # the frame is in the sender's segment: map it, no socket copy
+                assert maps is not None
+                descriptor = bytearray(n)
+                if not _recv_exact(conn, memoryview(descriptor)):
+                    return False
+                try:
+                    view, release_segment = maps.frame(descriptor)
+                    n = view.nbytes
+                except (ValueError, OSError) as e:
+                    # not a lost frame: its sender retired the segment (it reconnected, and resends the frame on
+                    # the new connection) or is hostile; either way this connection is done, unacknowledged
+                    log.warning("tensor link from %s: cannot map a shared-memory frame (%s); closing", peer, e)
+                    return False
+            else:
+                if len(buf) < n:
+                    # a new buffer, not a resize: tensors of earlier frames may still view the old one
+                    buf = bytearray(max(n, 2 * len(buf)))
+                view = memoryview(buf)[:n]
+                if not _recv_exact(conn, view):
+                    return False
+            dt = time.perf_counter() - t0
             try:
                 message, headers = decode_with_headers(view, None, self.limits)
             except ProtocolError as e:
@@ -309,10 +351,11 @@ class LinkListener:
                         log.warning("tensor link from %s: dropped malformed frame (%d bytes): %s", peer, n, error)
                     else:
                         self.stats.frames += 1
+                        self.stats.shm_frames += shared
                         self.stats.bytes += n
                         self.stats.seconds += dt
                         frame = LinkFrame(message, headers, n, dt, peer,
-                                          _release=lambda b=buf: self._pool.put(b))
+                                          _release=lambda b=buf, r=release_segment: self._release(b, r))
                         assert self._loop is not None and self._frames is not None
                         self._loop.call_soon_threadsafe(self._frames.put_nowait, frame)
                         delivered = True
@@ -320,18 +363,30 @@ class LinkListener:
             return True
         finally:
             if not delivered:
-                self._pool.put(buf)
+                self._release(buf, release_segment)
+
+    def _release(self, buf: bytearray, release_segment: Any) -> None:
+        if release_segment is not None:
+            release_segment()  # the sender may write that segment again
+        self._pool.put(buf)
 
 
 @dataclass(frozen=True)
 class LinkOptions:
-    """What every link of a stage shares, both ends: the frame cap and the link key."""
+    """What every link of a stage shares, both ends: the frame cap, the link key, and whether a peer on the same
+    host may get frames through shared memory (``dit_stage.link_shared_memory``)."""
 
     max_frame_bytes: int = DEFAULT_MAX_FRAME
     key: bytes | None = None
+    shared_memory: bool = True
 
     def sender(self, endpoint: str) -> LinkSender:
-        return LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes, key=self.key)
+        return LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes, key=self.key,
+                          shared_memory=self.shared_memory)
+
+    def listener(self, host: str = "127.0.0.1", port: int = 0) -> LinkListener:
+        return LinkListener(host, port, max_frame_bytes=self.max_frame_bytes, key=self.key,
+                            shared_memory=self.shared_memory)
 
 
 class LinkSender:
@@ -348,9 +403,13 @@ class LinkSender:
         backoff_s: float = 0.05,
         backoff_max_s: float = 2.0,
         key: bytes | None = None,
+        shared_memory: bool = True,
     ) -> None:
         self.endpoint = endpoint
         self.key = key
+        self.shared_memory = shared_memory
+        self.path: str | None = None  # the current connection's: "shm" or "tcp"
+        self._segments = link_shm.SegmentPool(max_segments=max_unacked + queue_depth + 2)
         self.host, self.port = parse_endpoint(endpoint)
         self.max_frame_bytes = max_frame_bytes
         self.queue_depth = queue_depth
@@ -369,6 +428,11 @@ class LinkSender:
         self._sock: socket.socket | None = None
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def segments(self) -> link_shm.SegmentPool:
+        """The shared-memory segments of the current connection (read-only use: tests, stats)."""
+        return self._segments
 
     def start(self) -> LinkSender:
         self._loop = asyncio.get_running_loop()
@@ -421,6 +485,7 @@ class LinkSender:
         self._drop_socket()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._segments.close()
         with self._acked:
             discarded = len(self._unacked)
             self._unacked.clear()
@@ -471,10 +536,42 @@ class LinkSender:
                 self._closed.wait(delay * random.uniform(0.8, 1.2))
                 delay = min(self.backoff_max_s, delay * 2)
                 continue
+            if not self._choose_path(sock):
+                with contextlib.suppress(OSError):
+                    sock.close()
+                self._closed.wait(delay * random.uniform(0.8, 1.2))
+                delay = min(self.backoff_max_s, delay * 2)
+                continue
             threading.Thread(target=self._ack_loop, args=(sock,), name=f"link-ack-{self.endpoint}",
                              daemon=True).start()
             return sock
         return None
+
+    def _choose_path(self, sock: socket.socket) -> bool:
+        """Read the listener's hello and pick this connection's path; False when it sent none (not a rheo link,
+        or it died). Every segment of an earlier connection is retired (link_shm)."""
+        sock.settimeout(self.connect_timeout_s)
+        try:
+            peer = _recv_bytes(sock, link_shm.HELLO.size)
+            shm = peer is not None and link_shm.same_host(peer, self.shared_memory)
+        except (OSError, ValueError):
+            peer = None
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)
+        if peer is None:
+            log.warning("tensor link to %s: the listener sent no hello; retrying", self.endpoint)
+            return False
+        # every segment of an earlier connection is retired: a new one maps afresh (the old receiver unlinked the
+        # names it mapped)
+        tag = self._segments.new_connection(shm)
+        try:
+            sock.sendall(link_shm.CHOICE.pack(tag))
+        except OSError:
+            return False
+        self.path = "shm" if tag else "tcp"
+        link_shm.LINK_PATH.labels(self.path).inc()
+        return True
 
     def _ack_loop(self, sock: socket.socket) -> None:
         ack = bytearray(_ACK.size)
@@ -522,7 +619,7 @@ class LinkSender:
             frame = self._framed(self._seq, parts)
             if self._write(frame):
                 self.stats.frames += 1
-                self.stats.bytes += _PREFIX.unpack(frame[0])[0]
+                self.stats.bytes += sum(memoryview(p).nbytes for p in parts)
             self._loop.call_soon_threadsafe(self._slots.release)
 
     def _reconnect(self) -> None:
@@ -555,7 +652,14 @@ class LinkSender:
         return False
 
     def _framed(self, seq: int, parts: list[Any]) -> list[Any]:
-        return [_PREFIX.pack(sum(memoryview(p).nbytes for p in parts), self.sender_id, seq), *parts]
+        """The bytes to write for one frame: inline, or (same host) a descriptor of the segment it was put in."""
+        n = sum(memoryview(p).nbytes for p in parts)
+        if self.path == "shm":
+            descriptor = self._segments.put(parts, n)
+            if descriptor is not None:
+                self.stats.shm_frames += 1
+                return [_PREFIX.pack(len(descriptor) | _SHM_FLAG, self.sender_id, seq), descriptor]
+        return [_PREFIX.pack(n, self.sender_id, seq), *parts]
 
     @staticmethod
     def _sendall(sock: socket.socket, parts: list[Any]) -> None:

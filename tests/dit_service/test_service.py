@@ -53,13 +53,13 @@ STAGE_SETTINGS = {
 }
 
 
-def _settings(nats_settings: NatsSettings, stage_id: str) -> Settings:
+def _settings(nats_settings: NatsSettings, stage_id: str, **stage: object) -> Settings:
     return Settings(
         nats=nats_settings,
         telemetry={"metrics_port": 0},
         lifecycle={"http_host": "127.0.0.1", "heartbeat_interval_s": 0.2, "drain_timeout_s": 5},
         model={"device": "cpu", "dtype": "float32"},
-        dit_stage=STAGE_SETTINGS | {"stage_id": stage_id},
+        dit_stage=STAGE_SETTINGS | {"stage_id": stage_id} | stage,
     )
 
 
@@ -120,10 +120,10 @@ class _Collector:
 class _Stages:
     """N in-process stage services, each with its own bus connection and link."""
 
-    def __init__(self, nats_settings: NatsSettings, n: int) -> None:
+    def __init__(self, nats_settings: NatsSettings, n: int, **stage: object) -> None:
         tag = next(_ids)
         self.ids = [f"t{tag}-dit-{i}" for i in range(n)]
-        self.services = [DitStageService(_settings(nats_settings, s)) for s in self.ids]
+        self.services = [DitStageService(_settings(nats_settings, s, **stage)) for s in self.ids]
         self.tasks: list[asyncio.Task[int]] = []
 
     async def __aenter__(self) -> _Stages:
@@ -158,15 +158,16 @@ async def _feed(bus: Bus, stream_id: str, zs: list[torch.Tensor], emb: torch.Ten
         await bus.publish(Subjects.stream_latent(stream_id), chunk_message(stream_id, c, z, **kw))
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
-async def test_stages_equal_the_single_process_reference(nats_settings, bus, eventually, shared_state, n):
+@pytest.mark.parametrize(("n", "link_path"), [(1, "shm"), (2, "shm"), (3, "shm"), (3, "tcp")])
+async def test_stages_equal_the_single_process_reference(nats_settings, bus, eventually, shared_state, n, link_path):
+    """Through either link path (same host: shared memory unless dit_stage.link_shared_memory is off)."""
     stream = f"eq{n}-{next(_ids)}"
     zs = latents(8, 7, (4, 6))
     want = reference({stream: (21, prompt(2), zs)})[stream]
     out = _Collector()
     await out.start(bus, [stream])
     await _open_stream(bus, shared_state, stream, 21, (4, 6))
-    async with _Stages(nats_settings, n) as stages:
+    async with _Stages(nats_settings, n, link_shared_memory="auto" if link_path == "shm" else "off") as stages:
         if n == 1:  # no block map yet: up, but not ready, and saying why
             await eventually(lambda: stages.services[0].http_port != 0 and stages.services[0].checks["bus"])
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stages.services[0].http_port}") as http:
@@ -177,6 +178,10 @@ async def test_stages_equal_the_single_process_reference(nats_settings, bus, eve
         assert [s.worker.model.block_range for s in stages.services] == SPLITS[n]
         await _feed(bus, stream, zs, prompt(2), seed=21)
         await eventually(lambda: out.seqs(stream) == list(range(len(zs))), timeout=30)
+        assert {s.link.sender.path for s in stages.services if s.link.sender is not None} == {link_path}
+        assert sum(s.listener.stats.shm_frames for s in stages.services) == (0 if link_path == "tcp" else
+                                                                              sum(s.listener.stats.frames
+                                                                                  for s in stages.services))
     got = out.chunks[stream]
     for w, g in zip(want, got, strict=False):
         _close(g, w)

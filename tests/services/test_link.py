@@ -11,6 +11,7 @@ import torch
 
 from proto import PromptUpdate, StreamSpec
 from services.link import LinkError, LinkListener, LinkSender
+from services.link_shm import HELLO
 
 
 def _msg(i: int, n: int = 1024) -> PromptUpdate:
@@ -64,7 +65,9 @@ async def test_received_tensors_live_in_pool_buffers_that_are_reused() -> None:
 
 
 async def test_a_slow_consumer_bounds_what_is_in_flight() -> None:
-    listener, sender = await _pair(buffers=2)
+    # the TCP path: socket buffers take part in the bound (through shared memory, max_unacked is the bound:
+    # tests/services/test_link_shm.py)
+    listener, sender = await _pair(buffers=2, shared_memory=False)
     big = _msg(0, 2 * 1024 * 1024)  # 8 MiB frames: socket buffers hold only a few
     sent = 0
 
@@ -114,9 +117,9 @@ async def test_hostile_peers_only_lose_their_own_connection() -> None:
     listener, sender = await _pair(max_frame_bytes=1 << 20)
     try:
         huge = _raw_client(listener.endpoint)
-        huge.sendall(struct.pack("<QQQ", 2**40, 7, 1))  # a 1 TiB frame: refused, connection closed
+        huge.sendall(struct.pack("<QQQQ", 0, 2**40, 7, 1))  # TCP, then a 1 TiB frame: refused, closed
         garbage = _raw_client(listener.endpoint)
-        garbage.sendall(struct.pack("<QQQ", 100, 9, 1) + bytes(range(100)))  # right length, not a frame: dropped
+        garbage.sendall(struct.pack("<QQQQ", 0, 100, 9, 1) + bytes(range(100)))  # right length, not a frame: dropped
         garbage.sendall(struct.pack("<QQQ", 10, 9, 2) + b"0123")  # then a truncated frame and a hang-up
         garbage.close()
         for i in range(5):
@@ -129,7 +132,10 @@ async def test_hostile_peers_only_lose_their_own_connection() -> None:
         await asyncio.sleep(0.2)
         assert listener.stats.refused_connections == 1
         assert listener.stats.malformed == 1
-        assert huge.recv(1) == b""  # the listener closed the hostile connection
+        got = b""
+        while chunk := huge.recv(4096):
+            got += chunk
+        assert len(got) == HELLO.size  # the listener's hello, then it closed the hostile connection
         huge.close()
     finally:
         sender.close()

@@ -511,7 +511,7 @@ def test_a_stage_link_refuses_a_peer_without_the_key(stack: LocalStack) -> None:
     that answers with the unkeyed wire instead of the key's proof, before reading a frame."""
     port = int(next(p for p in stack.procs if p.name == "dit-1").env["RHEO_DIT_STAGE__LINK_PORT"])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        assert sock.recv(8) == b"RHEOLNK1"
+        assert sock.recv(8) == b"RHEOLNK2"
         sock.sendall(struct.pack("<QQQ", 64, 1, 1) + bytes(64))  # a frame prefix where the proof belongs
         with contextlib.suppress(ConnectionResetError):
             while sock.recv(4096):
