@@ -339,11 +339,13 @@ class Membership(Generic[M]):
         return [LoadBlocks(bm.epoch, rng, bm.num_blocks, hard=False)] if load else [switch]
 
     def _in(self, bm: BlockMap) -> bool:
-        return any(s.stage_id == self.stage_id for s in bm.stages)
+        return bm.position(self.stage_id) >= 0
 
     def _first(self, bm: BlockMap) -> bool:
-        return bm.stages[0].stage_id == self.stage_id
+        return bm.position(self.stage_id) == 0
 
     def _next_of(self, bm: BlockMap) -> str:
-        ids = [s.stage_id for s in bm.stages]
-        return ids[(ids.index(self.stage_id) + 1) % len(ids)]
+        i = bm.position(self.stage_id)
+        if i < 0:
+            raise ValueError(f"{self.stage_id} is not in block map epoch {bm.epoch}")
+        return bm.stages[(i + 1) % len(bm.stages)].stage_id

@@ -23,9 +23,7 @@ __all__ = ["StepTrace", "stage_index"]
 
 def stage_index(block_map: BlockMap | None, stage_id: str) -> int:
     """This stage's position in the ring (0: first); -1 while it runs no map."""
-    if block_map is None:
-        return -1
-    return next((i for i, s in enumerate(block_map.stages) if s.stage_id == stage_id), -1)
+    return -1 if block_map is None else block_map.position(stage_id)
 
 
 class StepTrace:

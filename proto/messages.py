@@ -287,6 +287,10 @@ class BlockMap(Message):
     ring: RingConfig = Field(default_factory=RingConfig, description="KV window, sinks and RoPE refresh of every "
                              "stream (the controller's dit_stage settings)")
 
+    def position(self, stage_id: str) -> int:
+        """The stage's place in the ring (0: first), -1 when the map does not hold it."""
+        return next((i for i, s in enumerate(self.stages) if s.stage_id == stage_id), -1)
+
     def validate_cover(self) -> None:
         """Raise unless the stages cover [0, num_blocks) contiguously, in order."""
         pos = 0

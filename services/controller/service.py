@@ -421,11 +421,10 @@ class ControllerService(Service):
         bm = self.block_map if self.leader else self._seen_map
         if bm is None:
             return
-        ids = [s.stage_id for s in bm.stages]
-        if stats.stage_id not in ids:
+        i = bm.position(stats.stage_id)
+        if i < 0:
             return
-        i = ids.index(stats.stage_id)
-        self.cost.observe(stats, bm.epoch, time.monotonic(), first=i == 0, last=i == len(ids) - 1)
+        self.cost.observe(stats, bm.epoch, time.monotonic(), first=i == 0, last=i == len(bm.stages) - 1)
         if self.autoscaler is not None and i == 0:  # items are counted once, where the batcher drops them
             self.autoscaler.note_stats(stats)
 
