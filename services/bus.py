@@ -579,9 +579,10 @@ class KV:
         watcher = await self.store.watch(keys, include_history=include_history)
         try:
             while True:
-                try:
-                    e = await watcher.updates(timeout=self.LOST_CHECK_S)
-                except nats.errors.TimeoutError:
+                try:  # not updates(timeout=): its asyncio.wait_for can swallow a cancel on 3.11, and the watch lives on
+                    async with asyncio.timeout(self.LOST_CHECK_S):
+                        e = await watcher.updates(timeout=None)
+                except TimeoutError:
                     now = await self.incarnation()
                     if now != born:
                         if now is None:

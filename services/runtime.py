@@ -235,11 +235,18 @@ class Background:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def cancel(self) -> None:
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def cancel(self, again_s: float = 0.5) -> None:
+        """Cancel every task and await them all. A task still running ``again_s`` later is cancelled again: on
+        Python 3.11 ``asyncio.wait_for`` (in our code and in nats-py's) swallows a cancel that arrives as its
+        future completes, and such a task would otherwise hold a SIGTERM drain until its timeout."""
+        pending = set(self._tasks)
+        while pending:
+            for t in pending:
+                t.cancel()
+            done, pending = await asyncio.wait(pending, timeout=again_s)
+            for t in done:  # retrieved, so that a task's own failure is not reported as "never retrieved"
+                if not t.cancelled():
+                    t.exception()
 
 
 async def watch_keys(open_kv: Callable[[], Awaitable[KV]], keys: str,

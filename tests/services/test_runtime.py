@@ -163,3 +163,30 @@ async def test_healthz_fails_naming_a_stuck_unit_or_a_lagging_loop(nats_settings
         assert (await http.get("/healthz")).status_code == 200
     service.stop()
     assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_background_cancel_outlives_a_swallowed_cancel() -> None:
+    """A task that swallows one cancel (Python 3.11's wait_for does, when its future completes as the cancel
+    arrives) is cancelled again: closing ends in well under a second, not at the drain timeout."""
+    from services.runtime import Background
+
+    swallowed = asyncio.Event()
+
+    async def swallow_once() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()
+        await asyncio.sleep(3600)
+
+    async def fails() -> None:
+        raise RuntimeError("its own failure")
+
+    tasks = Background()
+    stubborn = tasks.spawn(swallow_once(), "stubborn")
+    tasks.spawn(fails(), "fails")
+    await asyncio.sleep(0)
+    t0 = time.monotonic()
+    await tasks.cancel(again_s=0.05)
+    assert swallowed.is_set() and stubborn.cancelled()
+    assert time.monotonic() - t0 < 2.0
