@@ -32,33 +32,17 @@ from faults.stackkit import flood, metric, metric_lines, shown_at
 from faults.stackkit import wait as _wait
 from faults.test_stack_faults import FPS, _create, _get, _hls_frames, _publisher
 from ingest.drops import DROP_REASONS
-from services.stack import LocalStack, Ports
+from services.stack import LocalStack
+from support.stackkit import running_stack
 
 PAUSE_S = 2.5
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    work = tmp_path_factory.mktemp("first-chunk")
-    s = LocalStack(work, stages=2, ports=Ports.ephemeral(), extra_env={
-        "RHEO_INGEST__STREAM_LINGER_S": "1",
-        "RHEO_INGEST__STATUS_INTERVAL_S": "0.5",
-        "RHEO_INGEST__DEBUG_TAP_DIR": str(work / "tap-in"),
-        "RHEO_DECODER__DEBUG_TAP_DIR": str(work / "tap-out"),
-        "RHEO_LIFECYCLE__HEARTBEAT_INTERVAL_S": "0.2",
-        "RHEO_EGRESS__SEGMENT_SECONDS": "1.0",
-        "RHEO_CONTROLLER__MODE": "static",
-        "RHEO_CONTROLLER__ADVISORY": "true",
-        "RHEO_CONTROLLER__HEARTBEAT_MISS_S": "30",
-        "RHEO_CONTROLLER__STARTUP_GRACE_S": "600",
-        "OMP_NUM_THREADS": "1",
-    })
-    try:
-        s.start(timeout=300)
+    with running_stack(tmp_path_factory.mktemp("first-chunk"), stages=2,
+                       env={"RHEO_INGEST__STATUS_INTERVAL_S": "0.5"}) as s:
         yield s
-    finally:
-        codes = s.stop(timeout=60)
-        assert all(c == 0 for c in codes.values()), f"services did not exit cleanly: {codes}"
 
 
 @pytest.mark.slow

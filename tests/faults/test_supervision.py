@@ -20,8 +20,9 @@ import m3u8
 import pytest
 
 from media.player import HLSJS_DEFAULT
-from services.stack import LocalStack, Ports, open_demo_stream, start_testpattern
+from services.stack import LocalStack, open_demo_stream, start_testpattern
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, CURRENT_TIME, PLAYING
+from support.stackkit import running_stack
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> float:
@@ -62,22 +63,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack
         lines.append(line)
         print(line, flush=True)
 
-    s = LocalStack(work, stages=1, ports=Ports.ephemeral(), report=report, extra_env={
-        "RHEO_INGEST__STREAM_LINGER_S": "1",
-        "RHEO_LIFECYCLE__HEARTBEAT_INTERVAL_S": "0.2",
-        "RHEO_EGRESS__SEGMENT_SECONDS": "1.0",
-        # one block map throughout, and admission that does not refuse the demo on a loaded CI machine
-        "RHEO_CONTROLLER__MODE": "static",
-        "RHEO_CONTROLLER__ADVISORY": "true",
-        "RHEO_CONTROLLER__HEARTBEAT_MISS_S": "30",
-        "RHEO_CONTROLLER__STARTUP_GRACE_S": "600",
-    })
-    try:
-        s.start(timeout=300)
+    with running_stack(work, stages=1, report=report, restarts_expected=True, taps=False) as s:
         yield s, lines
-    finally:
-        codes = s.stop(timeout=60)
-        assert all(c == 0 for c in codes.values()), f"services did not exit cleanly: {codes}"
 
 
 def _plays(page, seconds: float = 4.0) -> None:
