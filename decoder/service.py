@@ -398,7 +398,8 @@ class DecoderService(Service):
         assert self.bus is not None
         try:
             await self.bus.publish(Subjects.stream_output(st.stream_id), StreamOutput(
-                stream_id=st.stream_id, seq=chunk.seq, segment=chunk.segment, decoded=st.decoded, at=time.time()))
+                stream_id=st.stream_id, seq=chunk.seq, segment=chunk.segment, decoded=st.decoded, late=st.traces.late,
+                at=time.time()))
         except Exception as e:  # the watch sees the next one; decoding goes on
             log.warning("stream %s: output report not sent: %s", st.stream_id, e)
 

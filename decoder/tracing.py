@@ -27,6 +27,7 @@ class OutputTraces:
 
     def __init__(self) -> None:
         self._waiting: collections.OrderedDict[int, tuple[int, str]] = collections.OrderedDict()
+        self.late = 0  # chunks of the stream decoded after their deadline (its StreamOutput reports them)
 
     @staticmethod
     def start(chunk: LatentChunk) -> Span:
@@ -42,6 +43,7 @@ class OutputTraces:
         """The chunk's frames are in the pacer: its span ends, its first frame is watched for."""
         span.end()
         if time.time() > chunk.deadline:
+            self.late += 1
             telemetry.deadline_missed("decoder")
         parent = telemetry.traceparent(span)
         if parent is None:

@@ -56,6 +56,7 @@ class FirstStage:
             st = self._new_stream(chunk.stream_id, len(chunk.timesteps), (h, w), self.epoch)
             st.segment, st.segment_start, st.seed = chunk.segment, chunk.seq, segment_seed(chunk.seed, chunk.segment)
         st = self._segment_for(st, chunk)
+        st.seed = segment_seed(chunk.seed, chunk.segment)  # a live seed change: its noise from this chunk on
         st.last_seq = chunk.seq
         st.draining = False
         meta = RingItem(**(chunk.header() | {"epoch": self.epoch, "timesteps": list(chunk.timesteps)}), step=0,

@@ -52,7 +52,7 @@ class StageStream:
     segment: int = 0
     segment_start: int = 0  # seq of the segment's prepare chunk: noise draws count chunks from it
     # first stage only
-    seed: int = 0  # the segment's seed (``segment_seed``)
+    seed: int = 0  # the segment's seed (``segment_seed``) of the last chunk admitted (a live change: from it on)
     new: collections.deque[Pending] = field(default_factory=collections.deque)
     returns: dict[int, collections.deque[Pending]] = field(default_factory=dict)
     slot_next: list[int] = field(default_factory=list)  # next cache frame per slot

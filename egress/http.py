@@ -9,6 +9,8 @@ The playlists' URIs are relative, so they resolve under the token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
 from media.llhls import HlsRegistry, LlHlsStream
@@ -21,9 +23,14 @@ _NO_CACHE = {"Cache-Control": "no-cache"}
 _IMMUTABLE = {"Cache-Control": "max-age=60"}
 
 
-def make_hls_router(registry: HlsRegistry, keys: PlaybackKeys, prefix: str = "/hls") -> APIRouter:
+def make_hls_router(registry: HlsRegistry, keys: PlaybackKeys, prefix: str = "/hls",
+                    on_view: Callable[[str, str], None] | None = None) -> APIRouter:
+    """``on_view(stream_id, token)``: every request with a valid token for a stream served here (viewers)."""
+
     async def signed(stream_id: str, token: str) -> None:
         check_playback(keys, stream_id, token)
+        if on_view is not None and registry.get(stream_id) is not None:
+            on_view(stream_id, token)
 
     router = APIRouter(prefix=prefix + "/{stream_id}/{token}", dependencies=[Depends(signed)])
 

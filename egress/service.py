@@ -2,8 +2,9 @@
 
 Subscribes to ``rheo.stream.*.video`` (``EncodedVideo`` from the decoder, credit window),
 ``rheo.stream.*.audio`` (the publisher's AAC from ingest, held in an ``AudioSync`` until its video is muxed) and
-``rheo.stream.*.event``, and watches the stream table for restream destinations; publishes nothing but
-heartbeats. Per stream an ``LlHlsStream`` (``HlsRegistry``) fed with the access units and the audio, and a
+``rheo.stream.*.event``, and watches the stream table for restream destinations; publishes heartbeats and, about
+once a second, each served stream's ``StreamStatus`` (``rheo.stream.<id>.status``: output FPS, latency, viewers;
+``egress/observe.py``). Per stream an ``LlHlsStream`` (``HlsRegistry``) fed with the access units and the audio, and a
 ``Restream`` (an ``RtmpPush`` per destination: the record's own list, else ``egress.rtmp_push_url``). Serves
 ``make_hls_router`` on ``egress.http_port`` and records its base URL in the stream's ``StreamRecord``
 (``egress_url``) when the stream's first video arrives, so the gateway's ``/hls/<id>/...`` proxy finds it.
@@ -92,7 +93,7 @@ class EgressService(Service):
         self.audio: dict[str, AudioSync] = {}  # from the first audio message (before the video) until forgotten
         self.restream_lists: dict[str, list[str]] = {}  # stream id → its own destinations (the stream table's)
         self.stats = EgressStats()
-        self.observer = EgressObserver()  # TTFF, glass-to-glass, output FPS, egress.package spans
+        self.observer = EgressObserver(self.settings.egress.viewer_window_s)  # TTFF, latency, FPS, viewers, spans
         self.hls_port = 0
         self.base_url = ""
         self._table: StreamTable | None = None
@@ -115,7 +116,7 @@ class EgressService(Service):
     def hls_app(self) -> ASGIApp:
         """The HLS router behind the shared HTTP guard (raw-path checks, no bodies, errors without details)."""
         app = FastAPI(title="rheo egress", docs_url=None, redoc_url=None, openapi_url=None)
-        app.include_router(make_hls_router(self.registry, self.playback_keys))
+        app.include_router(make_hls_router(self.registry, self.playback_keys, on_view=self.observer.viewers.seen))
         return guard(app, max_body_bytes=1024)
 
     async def start(self) -> None:
@@ -140,6 +141,8 @@ class EgressService(Service):
                                  known=known)
         await self.bus.subscribe(CHANNELS["stream_audio"].wildcard(), self._on_audio, expected=EncodedAudio,
                                  known=known)
+        self._spawn(self.observer.report(self.bus, lambda: ((o.stream_id, o.hls.ended) for o in self.outputs.values())),
+                    "egress-status")
         log.info("egress serving HLS at %s/hls/<stream id>/index.m3u8", self.base_url)
 
     async def drain(self) -> None:

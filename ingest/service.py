@@ -658,7 +658,8 @@ class IngestService(Service):
     async def _on_spec(self, stream: IngestStream, spec: StreamSpec, msg: Msg) -> None:
         """A live parameter change (from the gateway): answered with the chunk seq it takes effect at.
 
-        The noise scale (motion controller s_init) applies from the next chunk encoded; a new step count starts
+        The noise scale (motion controller s_init) and the seed apply from the next chunk encoded (the seed: the
+        DiT's noise draws of that chunk on, ``dit_stage/admission.py``); a new step count starts
         a new warm-up segment (``IngestStream.accept_spec``). Size, rate and mode are fixed for the session; the
         prompt changes through its own request (versions). A spec published without a reply (the gateway's
         announcement of a new stream) is not a request."""
@@ -678,10 +679,10 @@ class IngestService(Service):
             await self.bus.respond(msg, Error(code="bad_spec", stream_id=sid, message=problem))
             return
         effective = stream.accept_spec(new)
-        log.info("stream %s: %d steps, noise scale %g from chunk %d", sid, new.steps, new.noise.noise_scale,
-                 effective)
+        log.info("stream %s: %d steps, noise scale %g, seed %d from chunk %d", sid, new.steps,
+                 new.noise.noise_scale, new.seed, effective)
         await self.bus.respond(msg, Ack(ref=str(effective), detail=f"{new.steps} steps, noise scale "
-                                                                   f"{new.noise.noise_scale:g}"))
+                                                                   f"{new.noise.noise_scale:g}, seed {new.seed}"))
 
 
 if __name__ == "__main__":

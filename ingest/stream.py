@@ -104,7 +104,8 @@ class IngestStream:
     ``segment``/``segment_start``: the warm-up segment being encoded and the seq of its prepare chunk (latent and
     RoPE positions count from it). ``versions``: the accepted prompt changes in order; a chunk takes the last one
     that has begun; ``steps_from``: (first seq, step count) likewise (a change of it begins at a new segment's
-    prepare chunk: the DiT's stream state has one slot per step). ``replay`` holds the segment's prepare and sink
+    prepare chunk: the DiT's stream state has one slot per step); ``seeds_from``: (first seq, seed) likewise (a
+    new noise seed from the next chunk, same segment). ``replay`` holds the segment's prepare and sink
     chunks and the last ``ingest.replay_chunks`` published chunks, for rebuilding a lost DiT stage's KV cache.
     ``prepared``: the segment's prepare chunk was published; until it is, the segment's other chunks cannot run and
     are dropped (a new segment is cut). ``reserved_seq``/``reserved_segment``: the reservation last written into
@@ -122,6 +123,7 @@ class IngestStream:
     segment_start: int = 0
     versions: list[PromptChange] = field(default_factory=list)
     steps_from: list[tuple[int, int]] = field(default_factory=list)
+    seeds_from: list[tuple[int, int]] = field(default_factory=list)
     prompt_keys: list[str] = field(default_factory=list)
     published: int = 0
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -154,7 +156,8 @@ class IngestStream:
         seq, segment = first
         return cls(spec=spec, vae=StreamVAEState(), motion=motion_controller(spec).new_state(),
                    prompt_version=prompt_version, replay=ReplayRing(replay_chunks, replay_head),
-                   versions=[PromptChange(seq, prompt_version)], steps_from=[(seq, spec.steps)], next_seq=seq,
+                   versions=[PromptChange(seq, prompt_version)], steps_from=[(seq, spec.steps)],
+                   seeds_from=[(seq, spec.seed)], next_seq=seq,
                    segment=segment, segment_start=seq)
 
     def attach(self, source: ChunkSource) -> None:
@@ -190,11 +193,11 @@ class IngestStream:
 
     def steps_of(self, seq: int) -> int:
         """The denoising steps of chunk ``seq``: those of the last step change that has begun by it."""
-        begun = [i for i, (start, _) in enumerate(self.steps_from) if start <= seq]
-        if not begun:
-            return self.spec.steps
-        del self.steps_from[: begun[-1]]
-        return self.steps_from[0][1]
+        return _in_force(self.steps_from, seq, self.spec.steps)
+
+    def seed_of(self, seq: int) -> int:
+        """The noise seed of chunk ``seq``: that of the last seed change that has begun by it."""
+        return _in_force(self.seeds_from, seq, self.spec.seed)
 
     def drop(self, reason: DropReason, detail: str = "", n: int = 1) -> None:
         """Count (metric, this stream) and log (rate-limited) ``n`` dropped chunks; every ingest drop comes here."""
@@ -223,13 +226,15 @@ class IngestStream:
         return effective
 
     def accept_spec(self, new: StreamSpec) -> int:
-        """Apply live parameters; returns the seq of the first chunk they apply to. The noise scale applies from
-        the next chunk encoded; a new step count starts a new warm-up segment (as a `cut`)."""
+        """Apply live parameters; returns the seq of the first chunk they apply to. The noise scale and the seed
+        apply from the next chunk encoded; a new step count starts a new warm-up segment (as a `cut`)."""
         effective = self.next_seq
         if new.steps != self.spec.steps:  # the spec holds the count last accepted (chunks may not have it yet)
             if self.source is not None:
                 effective = max(effective, self.source.cut())
             self.steps_from.append((effective, new.steps))
+        if new.seed != self.spec.seed:
+            self.seeds_from.append((effective, new.seed))
         self.spec = new
         return effective
 
@@ -288,7 +293,8 @@ class IngestStream:
         version, blend_from, alpha = self.prompt_of(raw.seq)
         steps = self.steps_of(raw.seq)
         timesteps = chunk_timesteps(steps, None if self.spec.t2v else scale)
-        return LatentChunk(stream_id=self.stream_id, seed=self.spec.seed, fps=self.spec.fps, seq=raw.seq, epoch=epoch,
+        return LatentChunk(stream_id=self.stream_id, seed=self.seed_of(raw.seq), fps=self.spec.fps, seq=raw.seq,
+                           epoch=epoch,
                            latent_start=clock.latent_start(c), rope_start=clock.rope_start(c),
                            capture_time=raw.frame_times[0], deadline=deadline,
                            prompt_version=version, blend_from=blend_from, blend_alpha=alpha, noise_scale=scale,
@@ -365,6 +371,7 @@ class IngestStream:
             "versions": [[v.start, v.version, -1 if v.blend_from is None else v.blend_from, v.chunks]
                          for v in self.versions],
             "steps_from": [list(v) for v in self.steps_from],
+            "seeds_from": [list(v) for v in self.seeds_from],
             "prompt_keys": list(self.prompt_keys),
             "published": self.published,
             "dropped": dict(self.dropped),
@@ -389,9 +396,20 @@ class IngestStream:
                    next_seq=int(d["next_seq"]), last_seq=d["last_seq"], replay=replay,
                    segment=int(d.get("segment", 0)), segment_start=int(d.get("segment_start", 0)),
                    versions=versions, steps_from=[(int(a), int(b)) for a, b in d.get("steps_from", [])],
+                   seeds_from=[(int(a), int(b)) for a, b in d.get("seeds_from", [])],
                    prompt_keys=list(d["prompt_keys"]), published=int(d["published"]),
                    dropped=collections.Counter(d["dropped"]), prepared=bool(d.get("prepared", True)),
                    reserved_seq=int(d.get("reserved", [0, 0])[0]), reserved_segment=int(d.get("reserved", [0, 0])[1]))
+
+
+def _in_force(changes: list[tuple[int, int]], seq: int, default: int) -> int:
+    """The value of the last (first seq, value) change that has begun by ``seq`` (``default`` before any). Changes
+    before it can never apply again (seqs only grow), so they are dropped."""
+    begun = [i for i, (start, _) in enumerate(changes) if start <= seq]
+    if not begun:
+        return default
+    del changes[: begun[-1]]
+    return changes[0][1]
 
 
 def _frame_tensor(data: bytes) -> torch.Tensor:

@@ -250,11 +250,15 @@ class StreamPipeline:
             self._new_segment(st)
         self._use_prompt(st, target)
 
-    def set_params(self, stream_id: str, *, steps: int | None = None, noise_scale: float | None = None) -> None:
+    def set_params(self, stream_id: str, *, steps: int | None = None, noise_scale: float | None = None,
+                   seed: int | None = None) -> None:
         """Change a stream's live parameters, as a ``PATCH`` does in the services: the noise scale (the motion
-        controller's s_init) applies from the next chunk; a new step count finishes the chunks in the slots and
-        starts a new warm-up segment (the ring has one KV slot per step)."""
+        controller's s_init) and the seed (every noise draw of the chunks entering from now on; the chunks carry
+        it, the ring's stream state follows) apply from the next chunk; a new step count finishes the chunks in
+        the slots and starts a new warm-up segment (the ring has one KV slot per step)."""
         st = self._stream(stream_id)
+        if seed is not None and not 0 <= seed < 2**63:
+            raise PipelineError(f"seed must be in [0, 2**63), got {seed}")
         if steps is not None:
             try:
                 chunk_timesteps(steps, st.noise_scale)
@@ -264,6 +268,8 @@ class StreamPipeline:
             if not 0 < noise_scale <= 1:
                 raise PipelineError(f"noise_scale must be in (0, 1], got {noise_scale}")
             st.noise_scale = noise_scale
+        if seed is not None:
+            st.seed = seed
         if steps is not None and steps != st.steps:
             if st.next_chunk > 0:
                 self._new_segment(st)

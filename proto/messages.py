@@ -378,11 +378,36 @@ class StreamOutput(Message):
     """The decoder turned chunk ``seq`` of a stream into frames: styled output is flowing. At most a few per second
     per stream (the latest seq); ingest's liveness watch compares it with what it published (docs/recovery.md)."""
 
+    SCHEMA_VERSION: ClassVar[int] = 2
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+
     stream_id: StreamId
     seq: int = Field(ge=0, description="the last chunk decoded")
     segment: int = Field(0, ge=0, description="its warm-up segment")
     decoded: int = Field(ge=0, description="chunks of this stream decoded by this decoder so far")
+    late: int = Field(0, ge=0, description="of those, decoded after their deadline (still shown): the decoder's "
+                                           "deadline misses of this stream")
     at: float
+
+
+class StreamStatus(Message):
+    """What egress sees of one stream's output, once per ``STATUS_INTERVAL_S`` while it serves the stream: the one
+    definition of its output FPS, glass-to-glass latency and viewer count (docs/observability.md). The gateway
+    answers ``/v1/streams`` from the last one; Prometheus gets the same numbers without a stream label."""
+
+    stream_id: StreamId
+    at: float
+    output_fps: float | None = Field(None, ge=0, description="frames per second made available to viewers over the "
+                                                             "last FPS window (null: not measured yet)")
+    latency_p50_s: float | None = Field(None, ge=0, description="median glass-to-glass latency (a part's first "
+                                                                "frame's capture → the part available) over the "
+                                                                "latency window (null: no part in it)")
+    latency_samples: int = Field(0, ge=0, description="parts the median is taken over")
+    viewers: int = Field(0, ge=0, description="distinct playback sessions (signed playback tokens) that fetched a "
+                                              "playlist or part within the viewer window")
+    viewers_capped: bool = Field(False, description="more sessions than egress tracks per stream: viewers is a "
+                                                    "lower bound")
+    ended: bool = Field(False, description="the stream's playlist has ended (still served for a while)")
 
 
 StreamState = Literal["created", "live", "recovering", "degraded", "failed", "ended"]
@@ -594,7 +619,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (StreamSpec, LatentChunk, FrameChunk, PromptUpdate, Heartbeat, StageStats, BlockMap, Error, Ack,
                 Credit, StreamRecord, EncodedVideo, EncodedAudio, StreamEvent, StageItems, RingReturn, StagePrompt,
-                EpochSwitch, ShardMove, ShardMoveEnd, HlsState, StreamOutput, ApiToken)
+                EpochSwitch, ShardMove, ShardMoveEnd, HlsState, StreamOutput, StreamStatus, ApiToken)
 }
 
 M = TypeVar("M", bound=Message)

@@ -25,6 +25,7 @@ from proto.messages import (
     StreamEvent,
     StreamOutput,
     StreamSpec,
+    StreamStatus,
 )
 
 PREFIX = "rheo"
@@ -116,9 +117,13 @@ CHANNELS: dict[str, Channel] = {
                 "A stream went live or ended."),
         Channel("stream_output", PREFIX + ".stream.{stream_id}.output", StreamOutput,
                 ("decoder",), ("ingest", "gateway"),
-                "Styled output is flowing: the last chunk the decoder decoded (a few per second at most); the "
-                "liveness watch of the stream's ingest repairs a stream whose output stopped; the gateway's stats "
-                "measure the output rate from it."),
+                "Styled output is flowing: the last chunk the decoder decoded and its late ones (a few per second "
+                "at most); the liveness watch of the stream's ingest repairs a stream whose output stopped; the "
+                "gateway's stats show the last decoded seq and the late count."),
+        Channel("stream_status", PREFIX + ".stream.{stream_id}.status", StreamStatus,
+                ("egress",), ("gateway",),
+                "What egress sees of a stream's output, about once a second while it serves it: output FPS, "
+                "median glass-to-glass latency, viewers (the API's and `rheo top`'s per-stream numbers)."),
         Channel("stream_error", PREFIX + ".stream.{stream_id}.error", Error,
                 ("ingest", "dit-stage", "decoder", "egress", "controller", "gateway"),
                 ("gateway", "controller", "ingest"),
@@ -172,6 +177,10 @@ class Subjects:
     @staticmethod
     def stream_output(stream_id: str) -> str:
         return CHANNELS["stream_output"].subject(stream_id=stream_id)
+
+    @staticmethod
+    def stream_status(stream_id: str) -> str:
+        return CHANNELS["stream_status"].subject(stream_id=stream_id)
 
     @staticmethod
     def stream_event(stream_id: str) -> str:

@@ -280,6 +280,10 @@ class EgressSettings(Section):
     ended_retention_s: float = Field(
         300.0, ge=0, description="how long an ended stream's playlist and segments stay served before removal"
     )
+    viewer_window_s: float = Field(
+        10.0, gt=0, description="a playback session counts as a viewer of its stream for this long after its last "
+        "playlist or media request"
+    )
 
 
 class DecoderSettings(Section):

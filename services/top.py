@@ -2,7 +2,8 @@
 (docs/observability.md).
 
 Streams come from the gateway API (``GET /v1/streams``, an operator token: ``--token``, ``RHEO_API_TOKEN``, or the
-``rheo up`` state folder's ``secrets.json``); per-stream measurements the API does not carry show as "–". Stages and
+``rheo up`` state folder's ``secrets.json``) with each stream's ``stats`` (output FPS, median glass-to-glass
+latency, viewers: measured by egress; drops and deadline misses); a number not measured yet shows as "–". Stages and
 the stack-wide latency numbers come from the services' ``/metrics`` (``--metrics URL``, repeatable; for a local stack
 the ``rheo up`` health ports are probed). ``--once`` prints one table and exits.
 """
@@ -167,18 +168,19 @@ def _num(v: object, fmt: str = "{:.1f}") -> str:
 
 def render(snap: Snapshot) -> Group:
     streams = Table(title="streams", title_justify="left", expand=False)
-    for col in ("id", "state", "fps", "latency ms", "viewers", "published", "dropped", "why"):
-        streams.add_column(col, justify="right" if col in ("fps", "latency ms", "viewers", "published",
-                                                           "dropped") else "left")
+    numeric = ("fps", "latency ms", "viewers", "published", "dropped", "late")
+    for col in ("id", "state", *numeric, "why"):
+        streams.add_column(col, justify="right" if col in numeric else "left")
     for s in snap.streams:
-        ingest = s.get("ingest") or {}
-        fps = s.get("output_fps")
+        stats = s.get("stats") or {}
+        fps = stats.get("output_fps")
         streams.add_row(
             s.get("id", "?"), s.get("state", "?"),
             _num(fps) if fps is not None else f"({_num((s.get('spec') or {}).get('fps'), '{:g}')})",
-            _num(s.get("latency_ms"), "{:.0f}"), _num(s.get("viewers"), "{:d}"),
-            str(ingest.get("published", "–")), str(sum((ingest.get("dropped") or {}).values())),
-            (s.get("state_reason") or "")[:60])
+            _num(stats.get("latency_ms"), "{:.0f}"),
+            _num(stats.get("viewers"), "{:d}") + ("+" if stats.get("viewers_capped") else ""),
+            _num(stats.get("published"), "{:d}"), _num(stats.get("dropped_total"), "{:d}"),
+            _num(stats.get("deadline_misses"), "{:d}"), (s.get("state_reason") or "")[:60])
     stages = Table(title="DiT stages", title_justify="left", expand=False)
     for col in ("stage", "#", "blocks", "epoch", "micro-steps", "busy %", "queue wait ms", "chunk ms", "KV streams"):
         stages.add_column(col, justify="left" if col in ("stage", "#", "blocks") else "right")
@@ -191,7 +193,7 @@ def render(snap: Snapshot) -> Group:
     means = {k: (v[0] / v[1] if v[1] else None) for k, v in snap.totals.items()}
     parts.append(Text(f"time to first frame (mean) {_num(means.get('rheo_ttff_seconds'), '{:.2f}')} s · "
                       f"glass-to-glass (mean) {_num(means.get('rheo_glass_to_glass_seconds'), '{:.2f}')} s · "
-                      "fps in brackets: the stream's target (the API gives no measured rate)"))
+                      "fps in brackets: the stream's target (no output measured yet) · late: deadline misses"))
     parts.extend(Text(f"! {e}", style="yellow") for e in snap.errors)
     return Group(*parts)
 

@@ -2,7 +2,7 @@
 
 ``POST /v1/streams`` creates a stream and returns, once, its stream key with the RTMP URL to publish to and
 the playback URLs; ``GET/PATCH/DELETE /v1/streams/{id}`` read, change live and end it. A PATCH of the prompt or
-of the parameters (steps, noise) is sent to ingest as a request; ingest answers with the chunk seq the change
+of the parameters (steps, noise, seed) is sent to ingest as a request; ingest answers with the chunk seq the change
 takes effect at (a steps change starts a new warm-up segment there), which the response reports (``null`` while
 the stream is not live: the change then applies from its first chunk), or refuses it (409, nothing applied).
 Callers are operators (everything) or per-stream tokens minted by ``POST /v1/streams/{id}/tokens`` (read, PATCH
@@ -48,7 +48,7 @@ from services.gateway.docs import make_docs_router
 from services.gateway.limits import RateLimiter, retry_after
 from services.gateway.playback import make_playback_router
 from services.gateway.restream import make_restream_router
-from services.gateway.stats import OutputWatch, make_stats_router
+from services.gateway.stats import StreamStats, StreamWatch, make_stats_router, stream_stats
 from services.httpguard import refused
 from services.playback_tokens import PlaybackKeys
 from services.streams import StreamNotFound, StreamTable, new_stream_id, session_state
@@ -81,6 +81,7 @@ class PatchStream(Body):
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     noise_scale: float | None = Field(None, gt=0, le=1)
     motion_aware: bool | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63, description="a new noise seed from the next chunk (no new warm-up)")
 
 
 class MintToken(Body):
@@ -118,6 +119,7 @@ class StreamInfo(PlaybackUrls):
     ingest: dict | None = Field(
         None, description="ingest's checkpoint of the live (or last) session: chunks published, dropped by reason, "
                           "last seq, segment (updated every ingest.status_interval_s)")
+    stats: StreamStats = Field(description="the stream's live numbers (as GET /v1/streams/{id}/stats)")
 
 
 class CreatedStream(StreamInfo):
@@ -143,8 +145,8 @@ async def connected(bus: Bus, grace_s: float = BUS_GRACE_S) -> None:
 
 
 def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.AsyncClient,
-             outputs: OutputWatch | None = None) -> FastAPI:
-    """The whole HTTP surface; ``outputs`` feeds the stats routes (None: output rates stay unknown)."""
+             watch: StreamWatch | None = None) -> FastAPI:
+    """The whole HTTP surface; ``watch`` feeds the streams' numbers (None: they stay unknown)."""
     gw = settings.gateway
     app = FastAPI(title="rheo gateway", version="1", description="Create streams, change them live, watch them.",
                   docs_url=None, redoc_url=None)  # /docs is ours (services/gateway/docs.py): no CDN
@@ -155,6 +157,7 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
     operators = OperatorTokens(gw.api_tokens, gw.api_tokens_file)
     keys = PlaybackKeys.of(settings.playback.signing_keys)
     writes = RateLimiter(gw.write_rate_per_s, gw.write_burst)
+    watch = watch or StreamWatch()
 
     async def caller(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
         await connected(bus)
@@ -196,8 +199,10 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
 
     def info(record: StreamRecord, cls: type[StreamInfo] = StreamInfo, **extra: object) -> StreamInfo:
         sid = record.spec.stream_id
-        state, reason = session_state(record, settings.ingest.status_interval_s, time.time())
+        now = time.time()
+        state, reason = session_state(record, settings.ingest.status_interval_s, now)
         return cls(id=sid, state=state, state_reason=reason, spec=record.spec.model_dump(),
+                   stats=stream_stats(record, watch, settings.ingest.status_interval_s, now),
                    prompt_version=record.prompt_version,
                    ingest=record.ingest.model_dump() if record.ingest is not None else None,
                    rtmp_url=f"{gw.public_rtmp_url.rstrip('/')}/{settings.ingest.rtmp_app}", **playback(sid), **extra)
@@ -269,8 +274,9 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
                                               {"noise_scale": body.noise_scale,
                                                "motion_aware": body.motion_aware}.items() if v is not None})
         new_spec = spec.model_copy(update={"prompt": body.prompt or spec.prompt, "noise": noise,
-                                           "steps": body.steps or spec.steps})
-        params_changed = (new_spec.steps, new_spec.noise) != (spec.steps, spec.noise)
+                                           "steps": body.steps or spec.steps,
+                                           "seed": spec.seed if body.seed is None else body.seed})
+        params_changed = (new_spec.steps, new_spec.noise, new_spec.seed) != (spec.steps, spec.noise, spec.seed)
         version = record.prompt_version + (1 if body.prompt is not None else 0)
         record = await table.update(stream_id, lambda r: r.model_copy(
             update={"spec": new_spec, "prompt_version": version}))
@@ -285,7 +291,7 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
         if params_changed:  # before the prompt: a refusal applies nothing
             reply = await ask_ingest(Subjects.stream_spec(stream_id), new_spec)
             if isinstance(reply, Error):
-                await put_back({"steps": spec.steps, "noise": spec.noise, "prompt": spec.prompt},
+                await put_back({"steps": spec.steps, "noise": spec.noise, "seed": spec.seed, "prompt": spec.prompt},
                                f"ingest refused the change: {reply.message}")
             effective = acked_seq(reply)
         if body.prompt is not None:
@@ -337,8 +343,7 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
 
     v1.include_router(make_restream_router(table, of_stream, limited, record_or_404))
     app.include_router(v1)
-    app.include_router(make_stats_router(outputs or OutputWatch(), table.list, record_or_404,
-                                         settings.dit_stage.ring(), settings.ingest.status_interval_s,
+    app.include_router(make_stats_router(watch, table.list, record_or_404, settings.ingest.status_interval_s,
                                          operator, of_stream))
     app.include_router(make_playback_router(settings, table, proxy, keys))
     app.include_router(make_docs_router())

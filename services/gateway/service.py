@@ -17,7 +17,7 @@ import uvicorn
 from media.player import check_hlsjs
 from services.gateway.api import make_api
 from services.gateway.auth import OperatorTokens
-from services.gateway.stats import OutputWatch
+from services.gateway.stats import StreamWatch
 from services.httpguard import guard
 from services.playback_tokens import PlaybackKeys
 from services.runtime import Service, ServiceStartError, listen_socket, main
@@ -51,9 +51,9 @@ class GatewayService(Service):
         table = await StreamTable.open(self.bus)
         self._proxy = httpx.AsyncClient(timeout=gw.proxy_timeout_s, limits=httpx.Limits(
             max_connections=gw.proxy_max_connections, max_keepalive_connections=min(64, gw.proxy_max_connections)))
-        outputs = OutputWatch()
-        await outputs.start(self.bus)
-        app = guard(make_api(self.settings, self.bus, table, self._proxy, outputs), gw.max_body_bytes)
+        watch = StreamWatch()
+        await watch.start(self.bus)
+        app = guard(make_api(self.settings, self.bus, table, self._proxy, watch), gw.max_body_bytes)
         sock = listen_socket(gw.host, gw.port, "the gateway API (gateway.port)")
         self.api_port = sock.getsockname()[1]
         self._api = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))

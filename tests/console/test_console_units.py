@@ -1,4 +1,4 @@
-"""The console's routes, assets and CSP, the hls.js-missing message, and the stats' output watch (in-process)."""
+"""The console's routes, assets and CSP, the hls.js-missing message, and the stats' watch (in-process)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import httpx
 from fastapi import FastAPI
 
 from media.player import HLSJS_MISSING, HLSJS_URL, check_hlsjs, make_player_router
-from proto import IngestStatus, StreamOutput, StreamRecord, StreamSpec
-from proto.spec import RingConfig
+from proto import IngestStatus, StreamOutput, StreamRecord, StreamSpec, StreamStatus
 from services.gateway.console import CSP, STATIC, make_console_router
-from services.gateway.stats import STALE_S, OutputWatch, stream_stats
+from services.gateway.stats import STALE_S, StreamWatch, stream_stats
 
 IMPORT = re.compile(r"""from\s+['"]\./([\w-]+\.js)['"]""")
 
@@ -64,32 +63,35 @@ async def test_hlsjs_missing_is_said_once_at_start_and_by_the_script_url(tmp_pat
     assert f"HLSJS_MISSING = '{HLSJS_MISSING}'" in module.text  # what the console and the page show
 
 
-def _out(sid: str, seq: int, decoded: int, at: float) -> StreamOutput:
-    return StreamOutput(stream_id=sid, seq=seq, decoded=decoded, at=at)
+def _out(sid: str, seq: int, decoded: int, at: float, late: int = 0) -> StreamOutput:
+    return StreamOutput(stream_id=sid, seq=seq, decoded=decoded, late=late, at=at)
 
 
-def test_output_watch_measures_the_styled_rate_and_stays_bounded() -> None:
-    watch = OutputWatch(max_streams=2)
-    assert watch.chunk_rate("st-a", 100.0) is None
-    for i in range(5):  # 2 chunks a second, reported every 0.5 s
-        watch.note(_out("st-a", 10 + i, i, 100.0 + i * 0.5))
-    assert watch.chunk_rate("st-a", 102.0) == 2.0
-    assert watch.chunk_rate("st-a", 102.0 + STALE_S + 1) is None  # output stopped: unknown, not the old rate
-    watch.note(_out("st-a", 15, 0, 102.5))  # another decoder took it over: its count starts again
-    assert watch.chunk_rate("st-a", 102.5) is None and watch.last("st-a").seq == 15
-    watch.note(_out("st-b", 1, 1, 103.0))
-    watch.note(_out("st-c", 1, 1, 103.0))
-    assert watch.last("st-a") is None and watch.last("st-c") is not None  # the oldest forgotten first
+def test_stream_watch_keeps_the_last_reports_and_stays_bounded() -> None:
+    watch = StreamWatch(max_streams=2)
+    watch.outputs.note(_out("st-a", 10, 1, 100.0))
+    watch.outputs.note(_out("st-a", 11, 2, 100.5))
+    assert watch.last_output("st-a").seq == 11
+    watch.statuses.note(StreamStatus(stream_id="st-a", at=100.0, output_fps=16.0, viewers=2))
+    assert watch.statuses.fresh("st-a", 100.0 + STALE_S).viewers == 2
+    assert watch.statuses.fresh("st-a", 100.0 + STALE_S + 1) is None  # no report: unknown, not the old numbers
+    watch.outputs.note(_out("st-b", 1, 1, 103.0))
+    watch.outputs.note(_out("st-c", 1, 1, 103.0))
+    assert watch.last_output("st-a") is None and watch.last_output("st-c") is not None  # the oldest forgotten
 
 
-def test_stream_stats_from_the_record_and_the_watch() -> None:
+def test_stream_stats_from_the_record_and_the_reports() -> None:
     spec = StreamSpec(stream_id="st-a", width=64, height=64, fps=16.0, steps=2, prompt="p", seed=5)
     record = StreamRecord(spec=spec, key_hash="0" * 64, state="live", created_at=1.0, updated_at=1.0,
-                          prompt_version=3, ingest=IngestStatus(published=40, dropped={"stale": 2, "credit": 1},
+                          prompt_version=3, ingest=IngestStatus(published=40, dropped={"deadline": 2, "credit": 1},
                                                                 last_seq=39, at=100.0))
-    watch = OutputWatch()
-    watch.note(_out("st-a", 30, 10, 99.0))
-    watch.note(_out("st-a", 34, 14, 100.0))
-    s = stream_stats(record, watch, RingConfig(), interval_s=1.0, now=100.2)
-    assert (s.state, s.output_chunks_per_s, s.output_fps) == ("live", 4.0, 16.0)  # V2V: 4 frames a chunk
+    watch = StreamWatch()
+    s = stream_stats(record, watch, interval_s=1.0, now=100.2)
+    assert (s.output_fps, s.latency_ms, s.viewers) == (None, None, None)  # nothing reported yet
+    watch.outputs.note(_out("st-a", 34, 14, 100.0, late=4))
+    watch.statuses.note(StreamStatus(stream_id="st-a", at=100.0, output_fps=15.9, latency_p50_s=1.2345,
+                                     latency_samples=30, viewers=2))
+    s = stream_stats(record, watch, interval_s=1.0, now=100.2)
+    assert (s.state, s.output_fps, s.latency_ms, s.viewers) == ("live", 15.9, 1234.5, 2)
+    assert (s.late_chunks, s.deadline_misses) == (4, 2 + 4)  # ingest's deadline drops + the decoder's late ones
     assert (s.chunks_in_flight, s.last_output_seq, s.dropped_total, s.prompt_version) == (5, 34, 3, 3)

@@ -253,3 +253,27 @@ def test_live_steps_and_noise_changes_as_a_patch_makes_them():
     plain = base.push(base.open_stream(StreamSpec("a red cat", seed=3)), FRAMES)
     np.testing.assert_array_equal(first, plain[: len(first)])
     assert np.abs(rest - plain[len(first) : len(first) + len(rest)]).max() > 1e-3  # from the next chunk on
+
+
+def test_a_live_seed_change_draws_the_next_chunks_noise_from_the_new_seed() -> None:
+    """``set_params(seed=)`` keeps the segment (no new warm-up, KV kept): the chunks before are the old seed's, the
+    next ones draw their noise from the new one; before the first chunk it equals a stream opened with it."""
+    pipe = tiny_pipeline(output="float")
+    sid = pipe.open_stream(StreamSpec("a red cat", seed=3))
+    first = pipe.push(sid, FRAMES[:13])
+    pipe.set_params(sid, seed=11)
+    rest = pipe.push(sid, FRAMES[13:])
+    assert pipe.stream_state(sid).segment == 0 and pipe.stream_state(sid).seed == 11
+    assert pipe.ring.first.streams[sid].seed == 11  # the ring's stream state follows (its input noise draws)
+    base = tiny_pipeline(output="float")
+    plain = base.push(base.open_stream(StreamSpec("a red cat", seed=3)), FRAMES)
+    np.testing.assert_array_equal(first, plain[: len(first)])
+    assert np.abs(rest - plain[len(first) : len(first) + len(rest)]).max() > 1e-3
+    at_start = tiny_pipeline(output="float")
+    early = at_start.open_stream(StreamSpec("a red cat", seed=3))
+    at_start.set_params(early, seed=11)
+    other = tiny_pipeline(output="float")
+    np.testing.assert_array_equal(at_start.push(early, FRAMES),
+                                  other.push(other.open_stream(StreamSpec("a red cat", seed=11)), FRAMES))
+    with pytest.raises(PipelineError, match="seed"):
+        pipe.set_params(sid, seed=-1)

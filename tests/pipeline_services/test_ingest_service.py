@@ -321,14 +321,17 @@ def test_stream_state_round_trips_with_a_bounded_replay_ring() -> None:
                                         timesteps=chunk_timesteps(2, 0.8), latent=torch.randn(1, 4, 8, 8)))
     state.next_seq, state.last_seq = 7, 6
     state.steps_from.append((9, 3))  # a steps change from the segment starting at chunk 9
+    assert state.accept_spec(spec.model_copy(update={"seed": 42})) == 7  # a seed change: from the next chunk
     state.drop("deadline")
     back = IngestStream.from_bytes(state.to_bytes())
     # the prepare chunk and the sink chunk, then the last 3
     assert [c.seq for c in back.replay] == [0, 1, 4, 5, 6] and back.replay.depth == 3
     assert all(torch.equal(a.latent, b.latent) for a, b in zip(state.replay, back.replay, strict=True))
-    assert back.spec == spec and (back.prompt_version, back.next_seq, back.last_seq) == (2, 7, 6)
+    assert back.spec == spec.model_copy(update={"seed": 42})
+    assert (back.prompt_version, back.next_seq, back.last_seq) == (2, 7, 6)
     assert back.dropped == {"deadline": 1} and back.vae.frames_encoded == 5
     assert back.steps_from == [(0, 2), (9, 3)] and (back.steps_of(8), back.steps_of(9)) == (2, 3)
+    assert back.seeds_from == [(0, 0), (7, 42)] and (back.seed_of(6), back.seed_of(7)) == (0, 42)
     # the restored VAE cache continues the stream exactly like the original
     more = torch.rand(1, 3, 4, SIZE, SIZE) * 2 - 1
     assert torch.equal(vae.encode(state.vae, more), vae.encode(back.vae, more))

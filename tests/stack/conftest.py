@@ -24,6 +24,7 @@ def otlp() -> Iterator[OtlpReceiver]:
 def stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver) -> Iterator[LocalStack]:
     """Three stages: every live-change test crosses two link hops and the ring return (1 and 2 stages have
     their own tests in test_stack.py). Traces go to ``otlp``."""
-    env = {"RHEO_TELEMETRY__OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "500"}
+    env = {"RHEO_TELEMETRY__OTLP_ENDPOINT": otlp.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "500",
+           "RHEO_EGRESS__VIEWER_WINDOW_S": "3"}  # the console test's viewers lapse in seconds
     with running_stack(tmp_path_factory.mktemp("stack"), stages=3, env=env) as s:
         yield s

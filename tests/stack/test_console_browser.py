@@ -1,6 +1,7 @@
 """The console in headless Chromium against the package's stack (``LocalStack``, tiny model: conftest.py): sign in,
-create a stream, publish to it with the key the page shows, watch it move, change its prompt and see the seq, see it
-live in the list.
+create a stream, publish to it with the key the page shows, watch it move, change its prompt, noise and seed and see
+the seq, see it live in the list with its FPS, latency and viewers; then the API counts two playback clients as two
+viewers, and none once their window lapsed.
 
 Screenshots of each page go to ``$RHEO_ARTEFACTS`` (default ``.artefacts/console/``).
 """
@@ -12,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import pytest
 from media.player import HLSJS_DEFAULT, HLSJS_MISSING, HLSJS_URL
 from services.stack import LocalStack
 from support.browser import CHROMIUM, CHROMIUM_FLAGS, CURRENT_TIME, FRAME_HASH, NO_CHROMIUM, PLAYING
+from support.hls_equality import http_get, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTEFACTS = Path(os.environ.get("RHEO_ARTEFACTS") or ROOT / ".artefacts") / "console"
@@ -90,10 +93,12 @@ def test_console_create_publish_watch_steer_and_list(stack: LocalStack) -> None:
             page.wait_for_selector("#changes li[data-seq]:not([data-seq=''])", timeout=20000)
             seq = int(page.get_attribute("#changes li", "data-seq"))
             assert f"took effect at seq {seq}" in page.inner_text("#changes")
-            page.fill("#noise", "0.7")  # a live parameter: its seq is reported the same way
+            page.fill("#noise", "0.7")  # live parameters: their seq is reported the same way
+            page.fill("#seed", "9")
             page.click("#apply-params")
             page.wait_for_selector("#changes li:nth-child(2)[data-seq]:not([data-seq=''])", timeout=20000)
-            assert "noise 0.7: took effect at seq" in page.inner_text("#changes li:first-child")
+            assert "noise 0.7, seed 9: took effect at seq" in page.inner_text("#changes li:first-child")
+            assert stack.api("GET", f"/v1/streams/{sid}")["spec"]["seed"] == 9
             time.sleep(max(0.0, 3.0 - (time.monotonic() - wall0)))
             t1, frame1, wall1 = page.evaluate(CURRENT_TIME), page.evaluate(FRAME_HASH), time.monotonic()
             page.wait_for_function("() => !/–/.test(document.querySelector('#facts dd:nth-of-type(2)').textContent)",
@@ -102,7 +107,12 @@ def test_console_create_publish_watch_steer_and_list(stack: LocalStack) -> None:
 
             page.click("text=Streams")
             page.wait_for_selector(f"#streams tr[data-id='{sid}'] [data-state='live']", timeout=20000)
+            row = f"#streams tr[data-id='{sid}']"
+            page.wait_for_function(f"""() => /^\\d+\\.\\d$/.test(document.querySelector("{row} .fps").textContent)
+                && /^\\d+\\.\\d\\d s$/.test(document.querySelector("{row} .latency").textContent)
+                && /^\\d+$/.test(document.querySelector("{row} .viewers").textContent)""", timeout=20000)
             page.screenshot(path=ARTEFACTS / "4-list.png")
+            _check_stats_and_viewers(stack, sid)
         finally:
             browser.close()
             if publisher is not None:
@@ -111,3 +121,33 @@ def test_console_create_publish_watch_steer_and_list(stack: LocalStack) -> None:
     assert t1 - t0 >= 0.5 * (wall1 - wall0), (t0, t1, wall1 - wall0)
     assert frame1 != frame0, "the picture did not change"
     assert not errors, errors
+
+
+def _check_stats_and_viewers(stack: LocalStack, sid: str) -> None:
+    """The live stream's numbers in the API are sane; two playback sessions fetching its playlist are two viewers
+    (the page's own player, stopped when it left the stream page, lapses first), none after the viewer window
+    (``egress.viewer_window_s``: 3 s on this stack)."""
+    stats = stack.api("GET", f"/v1/streams/{sid}")["stats"]
+    assert 0 < stats["output_fps"] <= 8 * 1.5 and 0 < stats["latency_ms"] < 60000, stats
+    listed = next(s for s in stack.api("GET", "/v1/streams") if s["id"] == sid)
+    assert listed["stats"]["viewers"] is not None and stack.api("GET", f"/v1/streams/{sid}/stats")["id"] == sid
+
+    def viewers() -> int:
+        return stack.api("GET", f"/v1/streams/{sid}/stats")["viewers"]
+
+    wait_for(lambda: viewers() == 0, 20, "the page's playback session to lapse")
+
+    def mint() -> str:
+        url = stack.api("POST", f"/v1/streams/{sid}/playback")["llhls_url"]
+        return urllib.parse.urlsplit(url).path.rsplit("/", 1)[0]
+
+    tokens = [mint()]  # a token carries its expiry second: two minted within one second are one session
+    wait_for(lambda: tokens.append(mint()) or tokens[-1] != tokens[0], 5, "a second playback token")
+    first, second = tokens[0], tokens[-1]
+
+    def two_clients_fetch() -> bool:
+        assert all(http_get(stack, f"{base}/playlist.m3u8")[0] == 200 for base in (first, second))
+        return viewers() == 2
+
+    wait_for(two_clients_fetch, 20, "two viewers")
+    wait_for(lambda: viewers() == 0, 20, "no viewers once the window lapsed")

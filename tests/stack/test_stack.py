@@ -278,10 +278,11 @@ def test_live_cut_restarts_the_warm_up_as_the_single_process_pipeline_does(stack
 
 
 def test_live_steps_and_noise_changes_equal_the_single_process_pipeline(stack: LocalStack) -> None:
-    """PATCH ``steps`` 2 → 3, then ``noise_scale`` 0.8 → 0.6, then ``steps`` 3 → 1 on one live stream (a steps change
-    used to freeze the stream: every later chunk a bad_shape drop at the first stage while the API said live).
-    Each reports the seq it takes effect at; the decoder's frames equal ``StreamPipeline`` on the same input
-    chunks with ``set_params`` applied before those seqs, and differ from the unchanged stream after the first."""
+    """PATCH ``steps`` 2 → 3, then ``noise_scale`` 0.8 → 0.6 with a new ``seed`` (same segment: its noise from that
+    chunk on), then ``steps`` 3 → 1 on one live stream (a steps change used to freeze the stream: every later chunk
+    a bad_shape drop at the first stage while the API said live). Each reports the seq it takes effect at; the
+    decoder's frames equal ``StreamPipeline`` on the same input chunks with ``set_params`` applied before those seqs,
+    and differ from the unchanged stream after the first."""
     created = stack.api("POST", "/v1/streams", {"prompt": "first", "width": SIZE, "height": SIZE, "fps": FPS,
                                                 "steps": STEPS, "seed": SEED, "slo_latency_ms": 120000})
     sid = created["id"]
@@ -289,7 +290,7 @@ def test_live_steps_and_noise_changes_equal_the_single_process_pipeline(stack: L
     publisher = subprocess.Popen([sys.executable, "-m", "ingest.testpattern", url, "--size", "64x64", "--fps",
                                   str(FPS), "--seconds", "10"], cwd=ROOT)
     tapped = stack.workdir / "tap-in" / sid
-    changes = [{"steps": 3}, {"noise_scale": 0.6}, {"steps": 1}]
+    changes = [{"steps": 3}, {"noise_scale": 0.6, "seed": SEED + 7}, {"steps": 1}]  # a new seed, no new segment
     effective: list[int] = []
     try:
         for change in changes:

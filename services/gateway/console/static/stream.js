@@ -1,4 +1,4 @@
-// One stream: live preview with latency, prompt and parameter changes (and the seq they took effect at),
+// One stream: live preview with latency, prompt and parameter changes (steps, noise, seed: and the seq they took effect at),
 // live graphs, restream destinations.
 import {api} from './api.js';
 import {el, every, field, fmt, stateBadge} from './dom.js';
@@ -30,7 +30,7 @@ export function streamView(root, id) {
   const blend = el('input', {id: 'blend-chunks', type: 'number', value: 4, min: 0, max: 64});
   const steps = el('input', {id: 'steps', type: 'number', min: 1, max: 4});
   const noise = el('input', {id: 'noise', type: 'number', min: 0.01, max: 1, step: 0.01});
-  const seed = el('input', {id: 'seed', type: 'number', readonly: true, title: 'set when the stream is created'});
+  const seed = el('input', {id: 'seed', type: 'number', min: 0, step: 1, title: 'a new noise seed from the next chunk'});
   const changes = el('ul', {class: 'log', id: 'changes'});
   const error = el('p', {class: 'error', id: 'patch-error'});
 
@@ -51,7 +51,8 @@ export function streamView(root, id) {
   };
   const applyParams = ev => {
     ev.preventDefault();
-    patch({steps: Number(steps.value), noise_scale: Number(noise.value)}, `steps ${steps.value}, noise ${noise.value}`);
+    patch({steps: Number(steps.value), noise_scale: Number(noise.value), seed: Number(seed.value)},
+          `steps ${steps.value}, noise ${noise.value}, seed ${seed.value}`);
   };
 
   root.append(el('div', {class: 'stream'},
@@ -105,6 +106,8 @@ export function streamView(root, id) {
     graphs.drops.push(lastDrops === null ? 0 : Math.max(0, s.dropped_total - lastDrops) / 2);
     lastDrops = s.dropped_total;
     const rows = [['target fps', fmt(s.target_fps, 1)], ['output fps', fmt(s.output_fps, 1)],
+      ['latency (egress, median)', s.latency_ms === null ? '–' : `${fmt(s.latency_ms / 1000, 2)} s`],
+      ['viewers', fmt(s.viewers, 0) + (s.viewers_capped ? '+' : '')], ['deadline misses', fmt(s.deadline_misses, 0)],
       ['last output seq', fmt(s.last_output_seq, 0)], ['chunks in flight', fmt(s.chunks_in_flight, 0)],
       ['published', fmt(s.published, 0)], ['dropped', `${s.dropped_total}` +
         (s.dropped_total ? ' (' + Object.entries(s.dropped).map(([k, v]) => `${k} ${v}`).join(', ') + ')' : '')],
