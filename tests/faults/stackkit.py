@@ -15,7 +15,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from proto import CHANNELS, BlockMap, Buckets
+from proto import CHANNELS, BlockMap, Buckets, blockmap_key
 from services.bus import Bus
 from services.stack import LocalStack
 
@@ -84,7 +84,7 @@ def current_map(stack: LocalStack) -> BlockMap:
         assert stack.nats is not None
         bus = await Bus.connect(stack.nats_settings("ingest"), name="test-reader")  # a reader of the map
         try:
-            current = await (await bus.kv(Buckets.BLOCKMAP)).get_message("current", BlockMap)
+            current = await (await bus.kv(Buckets.BLOCKMAP)).get_message(blockmap_key("0"), BlockMap)
             assert current is not None
             return current
         finally:

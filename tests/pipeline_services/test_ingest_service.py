@@ -41,6 +41,7 @@ from proto import (
     StreamEvent,
     StreamSpec,
     Subjects,
+    blockmap_key,
 )
 from proto.clock import ChunkClock
 from proto.spec import chunk_timesteps
@@ -153,7 +154,7 @@ async def test_rtmp_clip_becomes_latent_chunks(ingest: IngestService, bus: Bus, 
     assert [c.seq for c in rec.chunks] == [0, 1, 2, 3, 4]
     assert rec.events[-1].seq == 4
     assert (await table.get(sid)).state == "ended"
-    blockmap = await (await bus.kv(Buckets.BLOCKMAP)).get_message("current", BlockMap)
+    blockmap = await (await bus.kv(Buckets.BLOCKMAP)).get_message(blockmap_key("0"), BlockMap)
     epoch = blockmap.epoch if blockmap is not None else 0
 
     clock = ChunkClock()

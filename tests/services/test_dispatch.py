@@ -41,7 +41,7 @@ def _flood(settings: NatsSettings, done: threading.Event) -> None:
         try:
             good = _chunk("x", 0).encode()
             for i in range(N_BAD):
-                await bus.nc.publish(f"rheo.stream.bad{i}.latent", b"RH\x01\x00\xff\xff\xff\x7fnot a message")
+                await bus.nc.publish(f"rheo.stream.bad{i}.latent.0", b"RH\x01\x00\xff\xff\xff\x7fnot a message")
                 if i < N_SLOW:
                     await bus.nc.publish(Subjects.stream_latent(f"slow{i}"), good)
             await bus.nc.flush()
