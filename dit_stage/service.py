@@ -3,7 +3,8 @@
 What it subscribes to and publishes (docs/dit-ring.md, Files, names the modules beside it):
 
 - its ring's block map (``rheo-blockmap``, key ``blockmap.<ring>``: one map per ring) is watched and fed to
-  ``Membership`` (``membership.py``); its actions run here, in order, most of them through ``StageEpochs`` (``epochs.py``: loads, switches, joins,
+  ``Membership`` (``membership.py``); its actions run here, in order, most of them through ``StageEpochs``
+  (``epochs.py``: loads, switches, joins,
   ``prepared.<stage id>`` in the same bucket);
 - its tensor-link listener is advertised in ``rheo-endpoints`` (key = stage id) and read by ``StageInputs``
   (``inputs.py``); ``NextLink`` (``links.py``) goes to the next stage in the map, the last stage's to the first;
