@@ -20,8 +20,9 @@ _ORDINAL = re.compile(r"^dit-(\d+)$")
 
 
 def ring_stage_ids(ring_id: str, stages: int) -> list[str]:
-    """The stage ids of ring ``ring_id``, in ring order (a non-numeric ring has none by this rule)."""
-    if not ring_id.isdigit():
+    """The stage ids of ring ``ring_id``, in ring order (a ring id that is not a plain number, ``"01"`` included,
+    has none by this rule: it is not a ring the controller keeps a map for)."""
+    if not ring_id.isdigit() or str(int(ring_id)) != ring_id:
         return []
     base = int(ring_id) * stages
     return [f"dit-{base + i}" for i in range(stages)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 
 from proto import SLO, Ack, BlockMap, Buckets, StreamSpec, Subjects, blockmap_key
+from proto.rings import resolve_ring, ring_of_stage, ring_stage_ids
 from services.bus import Bus
 from services.config import NatsSettings
 from services.streams import StreamTable, new_stream_id
@@ -73,3 +74,13 @@ async def test_a_map_per_ring_spread_drain_and_a_lost_rings_streams_move(
         for spec in specs:
             with contextlib.suppress(Exception):
                 await table.delete(spec.stream_id)
+
+
+def test_ring_names_are_one_rule() -> None:
+    """Ring r's stages are dit-<r·stages> …: what the chart's StatefulSet ordinals and LocalStack name; a stage
+    finds its ring from its ordinal (``auto``), and only plain numbers are rings."""
+    assert ring_stage_ids("0", 2) == ["dit-0", "dit-1"] and ring_stage_ids("1", 2) == ["dit-2", "dit-3"]
+    assert [ring_of_stage(f"dit-{k}", 2) for k in range(5)] == ["0", "0", "1", "1", "2"]
+    assert ring_stage_ids("01", 2) == ring_stage_ids("x", 2) == []
+    assert resolve_ring("auto", "dit-3", 2) == "1" and resolve_ring("7", "dit-3", 2) == "7"
+    assert resolve_ring("auto", "stage-a", 2) == "0"  # not an ordinal name: the default ring
