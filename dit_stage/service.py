@@ -2,12 +2,13 @@
 
 What it subscribes to and publishes (docs/dit-ring.md, Files, names the modules beside it):
 
-- the block map (``rheo-blockmap``, key ``current``) is watched and fed to ``Membership`` (``membership.py``); its
-  actions run here, in order, most of them through ``StageEpochs`` (``epochs.py``: loads, switches, joins,
+- its ring's block map (``rheo-blockmap``, key ``blockmap.<ring>``: one map per ring) is watched and fed to
+  ``Membership`` (``membership.py``); its actions run here, in order, most of them through ``StageEpochs``
+  (``epochs.py``: loads, switches, joins,
   ``prepared.<stage id>`` in the same bucket);
 - its tensor-link listener is advertised in ``rheo-endpoints`` (key = stage id) and read by ``StageInputs``
   (``inputs.py``); ``NextLink`` (``links.py``) goes to the next stage in the map, the last stage's to the first;
-- the first stage subscribes to latent chunks (credit window) and prompt updates carrying an embedding; every
+- the first stage subscribes to its ring's latent chunks (credit window) and prompt updates carrying an embedding; every
   stage listens for stream events to free a stream's state when it ends;
 - the last stage publishes finished x0 chunks through ``Outputs`` (``outputs.py``); every stage publishes
   ``StageStats`` and Prometheus metrics (``telemetry.py``).
@@ -47,18 +48,19 @@ from proto import (
     ProtocolError,
     StreamEvent,
     Subjects,
+    blockmap_key,
     decode,
 )
+from proto.rings import resolve_ring
 from services.bus import KV
 from services.config import Settings
 from services.link import LinkListener
 from services.runtime import Background, Service, main, watch_key
 
-__all__ = ["ANNOUNCE_LINK_WAIT_S", "BLOCKMAP_KEY", "REPREPARE_ASK_S", "UNPREPARED", "DitStageService"]
+__all__ = ["ANNOUNCE_LINK_WAIT_S", "REPREPARE_ASK_S", "UNPREPARED", "DitStageService"]
 
 log = logging.getLogger("rheo.dit_stage")
 
-BLOCKMAP_KEY = "current"
 ANNOUNCE_LINK_WAIT_S = 5.0
 """How long a stage waits for its link to the next stage before announcing an epoch anyway."""
 REPREPARE_ASK_S = 2.0
@@ -72,9 +74,10 @@ class DitStageService(Service):
 
     def __init__(self, settings: Settings, member_id: str | None = None) -> None:
         super().__init__(settings, member_id or settings.dit_stage.stage_id)
-        self.ring_id = settings.dit_stage.ring_id
         self.cfg = settings.dit_stage
         self.stage_id = self.cfg.stage_id
+        self.ring_id = resolve_ring(self.cfg.ring_id, self.stage_id, settings.controller.stages)
+        """This stage's ring (heartbeats say it; only that ring's map and latent chunks reach it)."""
         self.checks.update(weights=False, link=False)
         self.membership: Membership[Input] = Membership(self.stage_id)
         self.telemetry = StageTelemetry(self.stage_id)
@@ -127,8 +130,9 @@ class DitStageService(Service):
                                   compute.wake, self._ask_reprepare)
         await self.bus.subscribe(CHANNELS["stream_event"].wildcard(), self._on_event, expected=StreamEvent,
                                  known=self.serves)
-        self._tasks.spawn(watch_key(lambda: self._blockmap(reopen=True), BLOCKMAP_KEY, self._on_block_map,
-                                    what=f"stage {self.stage_id}: block map"), "blockmap")
+        self._tasks.spawn(watch_key(lambda: self._blockmap(reopen=True), blockmap_key(self.ring_id),
+                                    self._on_block_map, what=f"stage {self.stage_id}: ring {self.ring_id}'s block map"),
+                          "blockmap")
         self._tasks.spawn(self._execute(), "blockmap-apply")
         self._tasks.spawn(self.inputs.receive(self.listener), "link-recv")
         self._tasks.spawn(self._stats(), "stats")
@@ -182,6 +186,8 @@ class DitStageService(Service):
         try:
             bm = decode(value, BlockMap)
             bm.validate_cover()
+            if bm.ring_id != self.ring_id:
+                raise ValueError(f"a map of ring {bm.ring_id} under ring {self.ring_id}'s key")
         except (ProtocolError, ValueError) as e:
             self.telemetry.drop("bad_blockmap")
             log.warning("block map revision %d refused: %s", revision, e)
@@ -282,12 +288,12 @@ class DitStageService(Service):
         self.epoch = epoch
 
     async def _subscribe_inputs(self, first: bool) -> None:
-        """Only the first stage takes latent chunks and prompts (a second consumer would return credit the
-        first stage has not earned)."""
+        """Only the first stage takes latent chunks (of its ring's streams: ingest publishes each stream's into the
+        ring it is placed on) and prompts (a second consumer would return credit the first stage has not earned)."""
         assert self.bus is not None and self.inputs is not None
         if first and not self._input_subs:
             self._input_subs = [
-                await self.bus.subscribe(CHANNELS["stream_latent"].wildcard(), self.inputs.on_latent,
+                await self.bus.subscribe(Subjects.ring_latents(self.ring_id), self.inputs.on_latent,
                                          expected=LatentChunk, credit=True, known=self.serves),
                 await self.bus.subscribe(CHANNELS["stream_prompt"].wildcard(), self.inputs.on_prompt,
                                          expected=PromptUpdate, known=self.serves),

@@ -48,6 +48,7 @@ from ingest.liveness import Health, LivenessPolicy, StreamLiveness, stall_bound_
 from ingest.models import IngestModels, largest_messages, max_prompt_tokens
 from ingest.pacing import RawChunk
 from ingest.replay import sink_chunks, window_chunks
+from ingest.rings import RingEpochs, ring_of
 from ingest.rtmp_stream import Decision, RtmpStream, StreamShape
 from ingest.server import RtmpServer
 from ingest.status import StatusWriter, reservation_ahead, start_session
@@ -55,6 +56,7 @@ from ingest.stream import CHUNKS_DROPPED, ChunkSource, EncodeJob, IngestStream, 
 from ingest.t2v import T2VSource
 from proto import (
     ACTIVE_STATES,
+    BLOCKMAP_KEYS,
     Ack,
     BlockMap,
     Buckets,
@@ -72,10 +74,10 @@ from proto import (
 from proto.clock import ChunkClock
 from proto.spec import RingConfig
 from services import telemetry
-from services.bus import KV
+from services.bus import KV, CreditWindow
 from services.config import Settings
 from services.epochs import wait_prepared
-from services.runtime import Service, main, watch_key, watch_keys
+from services.runtime import Service, main, watch_keys
 from services.streams import StreamNotFound, StreamTable, ingest_silent
 
 __all__ = ["CHUNKS_DROPPED", "IngestModels", "IngestService", "IngestStream", "largest_messages",
@@ -93,6 +95,8 @@ STREAM_STATES = Counter("rheo_ingest_stream_states_total", "stream health change
 LIVENESS_TICK_S = 0.5
 REPLAY_ACKS = Counter("rheo_ingest_replay_acks_total", "failure epochs waited for before replaying, by how the wait "
                       "ended (acknowledged, timeout, superseded)", ["result"])
+RING_MOVES = Counter("rheo_ingest_ring_moves_total", "live streams that followed a new ring assignment (a new segment "
+                     "there)")
 PROMPT_REQUESTS = Counter("rheo_ingest_prompt_requests_total", "prompt change requests, by result", ["result"])
 
 _DRAIN_WAIT_S = 2.0  # longest a SIGTERM drain waits for queued chunks before cancelling the stream tasks
@@ -120,8 +124,8 @@ class IngestService(Service):
         self._t2v: dict[str, T2VSource] = {}
         self._watches: list[asyncio.Task[None]] = []
         self._blockmaps: KV | None = None
-        self.failure_epoch = 0
-        """The latest failure epoch seen: the one streams are replayed for."""
+        self.rings = RingEpochs()
+        """Each ring's epoch and latest failure epoch (ingest/rings.py): chunks enter their stream's ring."""
         self._background: set[asyncio.Task[None]] = set()
         # Model work (VAE encode, umT5) runs on one thread: the event loop keeps serving RTMP and NATS, and one
         # stream's chunks are encoded strictly in order.
@@ -149,8 +153,8 @@ class IngestService(Service):
         self._watches.append(asyncio.create_task(self.status.run(self.live.values), name="stream-status"))
         self._prompts = await self.bus.kv(Buckets.PROMPTS, replicas=self.settings.nats.kv_replicas)
         self._blockmaps = await self.bus.kv(Buckets.BLOCKMAP, replicas=self.settings.nats.kv_replicas)
-        self._watches.append(asyncio.create_task(watch_key(self._blockmap_kv, "current", self._on_blockmap,
-                                                           what="ingest: block map"), name="blockmap-watch"))
+        self._watches.append(asyncio.create_task(watch_keys(self._blockmap_kv, BLOCKMAP_KEYS, self._on_blockmap,
+                                                            what="ingest: block maps"), name="blockmap-watch"))
         self.models = await loop.run_in_executor(self._compute, IngestModels.load, self.settings.model,
                                                  self.settings.encoder)
         await loop.run_in_executor(self._compute, self.models.warm_up, self.work)
@@ -201,25 +205,26 @@ class IngestService(Service):
         assert self.table is not None
         return self.table.kv
 
-    async def _on_blockmap(self, value: bytes, _revision: int) -> None:
-        """Track the current block-map epoch: every chunk enters the DiT under the epoch current at publish."""
+    async def _on_blockmap(self, _key: str, value: bytes | None, _revision: int) -> None:
+        """Track each ring's block-map epoch: every chunk enters its ring under the epoch current at publish."""
         assert self._blockmaps is not None
+        if value is None:
+            return
         try:
             bm = decode(value, BlockMap, self._blockmaps.limits)
         except ProtocolError as e:
             log.warning("ignored a malformed block map in %s: %s", Buckets.BLOCKMAP, e)
             return
-        newer = bm.epoch > self.epoch
-        self.epoch = bm.epoch
+        newer, failure = self.rings.on_map(bm)
+        self.epoch = self.rings.latest()
         if newer and bm.ring != self.ring:
             log.error("block map epoch %d: the stages run ring %s, this ingest clocks chunks by %s: "
                       "configure dit_stage the same for every service", bm.epoch, bm.ring, self.ring)
-        if newer and bm.reason == "failure":
-            self.failure_epoch = bm.epoch
+        if failure:
             acked = asyncio.create_task(self._acknowledged(bm), name=f"epoch-{bm.epoch}-ack")  # one for all streams
             self._background.add(acked)
             acked.add_done_callback(self._background.discard)
-            for stream in list(self.live.values()):
+            for stream in [s for s in self.live.values() if s.ring_id == bm.ring_id]:  # that ring's streams
                 self._spawn(stream.replay_under(bm.epoch, functools.partial(self._replaying, stream), ready=acked),
                             f"replay-{stream.stream_id}")
 
@@ -230,8 +235,8 @@ class IngestService(Service):
         t0 = time.monotonic()
         timeout = self.settings.ingest.replay_ack_timeout_s
         missing = await wait_prepared(self._blockmaps, bm, timeout_s=timeout,
-                                      still=lambda: self.failure_epoch == bm.epoch)
-        if self.failure_epoch != bm.epoch:
+                                      still=lambda: self.rings.failure(bm.ring_id) == bm.epoch)
+        if self.rings.failure(bm.ring_id) != bm.epoch:
             REPLAY_ACKS.labels(result="superseded").inc()
         elif missing:
             REPLAY_ACKS.labels(result="timeout").inc()
@@ -247,7 +252,7 @@ class IngestService(Service):
         failure epoch (which replays again) supersedes a replay: a join or rebalance right after the failure (a
         stage falsely failed under load, back a second later) moves the rebuilt KV online, and a replay abandoned
         for it would leave every stream without state."""
-        return self.failure_epoch if self.live.get(stream.stream_id) is stream else None
+        return self.rings.failure(stream.ring_id) if self.live.get(stream.stream_id) is stream else None
 
     # -- admission ----------------------------------------------------------------------------------------------
 
@@ -335,6 +340,9 @@ class IngestService(Service):
         except ProtocolError as e:
             log.warning("ignored a malformed stream record %s: %s", key, e)
             return
+        live = self.live.get(sid)
+        if live is not None and ring_of(record) != live.ring_id:
+            self._spawn(self._follow_ring(live, ring_of(record)), f"ring-{sid}")
         spec = record.spec
         if not spec.t2v or sid in self._t2v or self._served_elsewhere(record) or self._draining:
             return
@@ -346,6 +354,24 @@ class IngestService(Service):
                            spec.slo.max_latency_ms / 1000.0)
         self._t2v[sid] = source
         self._start(source, spec, t2v=True)
+
+    async def _latent_window(self, sid: str, ring_id: str) -> CreditWindow:
+        return await self.bus.credit_window(Subjects.stream_latent(sid, ring_id),  # type: ignore[union-attr]
+                                            self.settings.nats.credit_window_bytes,
+                                            reset_after_s=LATENT_CREDIT_RESET_S).start()
+
+    async def _follow_ring(self, stream: IngestStream, ring_id: str) -> None:
+        """The controller moved the stream to another ring (its ring was lost or drains): its chunks go there from
+        now, starting with a new warm-up segment (the old ring's state of it cannot move; ingest/rings.py)."""
+        async with stream.publishing:  # between two chunks: none is half-published into the old ring
+            if stream.ring_id == ring_id or self.live.get(stream.stream_id) is not stream:
+                return
+            old, stream.window = stream.window, await self._latent_window(stream.stream_id, ring_id)
+            moved_from, stream.ring_id = stream.ring_id, ring_id
+        if old is not None:
+            await old.close()
+        RING_MOVES.inc()
+        self._repair(stream, Health("recovering", f"moved from ring {moved_from} to ring {ring_id}", repair=True))
 
     def _served_elsewhere(self, record: StreamRecord) -> bool:
         """A session runs and its ingest still writes its checkpoint (a crashed ingest's T2V stream is taken over:
@@ -383,9 +409,8 @@ class IngestService(Service):
         if isinstance(source, RtmpStream):  # the publisher's AAC, passed through to egress (ingest/audio.py)
             audio_subject, bus = Subjects.stream_audio(sid), self.bus
             source.audio.sink = lambda m: bus.publish(audio_subject, m)
-        window_bytes = self.settings.nats.credit_window_bytes
-        stream.window = await self.bus.credit_window(Subjects.stream_latent(sid), window_bytes,
-                                                     reset_after_s=LATENT_CREDIT_RESET_S).start()
+        stream.ring_id = ring_of(record)
+        stream.window = await self._latent_window(sid, stream.ring_id)
         self.live[sid] = stream
         self.streams.add(sid)
         stream.subs.append(await self.bus.subscribe(
@@ -502,7 +527,8 @@ class IngestService(Service):
             stream.drop("unreserved", f"chunk {raw.seq}: its seq could not be reserved in the stream table first")
             return
         async with stream.publishing:  # a replay in progress goes first; the epoch is the one current at publish
-            await stream.publish(stream.chunk(raw, latent, scale, deadline, self.epoch, self.clock_of(stream),
+            await stream.publish(stream.chunk(raw, latent, scale, deadline, self.rings.epoch(stream.ring_id),
+                                              self.clock_of(stream),
                                               telemetry.traceparent(span)))
 
     def _encode_batch(self, jobs: list[EncodeJob]) -> list[tuple[torch.Tensor, float] | Exception]:

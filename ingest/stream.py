@@ -32,7 +32,7 @@ from ingest.drops import CHUNKS_DROPPED, DropLog, DropReason, count_drop, stream
 from ingest.liveness import StreamLiveness
 from ingest.pacing import ChunkQueue, RawChunk
 from ingest.replay import ReplayRing
-from proto import LatentChunk, StreamRecord, StreamSpec, decode
+from proto import DEFAULT_RING, LatentChunk, StreamRecord, StreamSpec, decode
 from proto.clock import ChunkClock
 from proto.spec import chunk_timesteps
 from services import telemetry
@@ -132,6 +132,8 @@ class IngestStream:
     reserved_segment: int = 0
     # runtime handles while the stream is live here (not part of the movable state)
     source: ChunkSource | None = field(default=None, repr=False)
+    ring_id: str = DEFAULT_RING
+    """The ring its chunks go into (its placement's: ingest/rings.py)."""
     window: CreditWindow | None = field(default=None, repr=False)
     subs: list[Subscription] = field(default_factory=list, repr=False)
     publishing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)

@@ -45,11 +45,14 @@ from proto.messages import (
     decode,
     decode_with_headers,
 )
-from proto.subjects import CHANNELS, Buckets, InvalidToken, Subjects, stage_prepared_key
+from proto.rings import DEFAULT_RING, ring_stage_ids
+from proto.subjects import BLOCKMAP_KEYS, CHANNELS, Buckets, InvalidToken, Subjects, blockmap_key, stage_prepared_key
 
 __all__ = [
     "ACTIVE_STATES",
+    "BLOCKMAP_KEYS",
     "CHANNELS",
+    "DEFAULT_RING",
     "MESSAGE_TYPES",
     "SLO",
     "Ack",
@@ -93,7 +96,9 @@ __all__ = [
     "Subjects",
     "VideoUnit",
     "WorkCost",
+    "blockmap_key",
     "decode",
     "decode_with_headers",
+    "ring_stage_ids",
     "stage_prepared_key",
 ]

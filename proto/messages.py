@@ -276,12 +276,14 @@ the others keep every stream's KV (moved between stages where blocks moved)."""
 class BlockMap(Message):
     """Which stage runs which contiguous block range, under an epoch, and the ring every stream runs on."""
 
-    SCHEMA_VERSION: ClassVar[int] = 3
-    READS_VERSIONS: ClassVar[tuple[int, ...]] = (2,)
+    SCHEMA_VERSION: ClassVar[int] = 4
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (2, 3)
 
     epoch: int = Field(ge=0)
     num_blocks: int = Field(ge=1)
     stages: list[StageAssignment]
+    ring_id: str = Field("0", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the ring (pipeline) this map is of: "
+                         "one map per ring, each under its own epochs (docs/scheduling.md, Many rings)")
     created_at: float = 0.0
     reason: BlockMapReason = "initial"
     ring: RingConfig = Field(default_factory=RingConfig, description="KV window, sinks and RoPE refresh of every "

@@ -27,6 +27,7 @@ from proto.messages import (
     StreamSpec,
     StreamStatus,
 )
+from proto.rings import DEFAULT_RING
 
 PREFIX = "rheo"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -69,9 +70,14 @@ class Channel:
             raise TypeError(f"channel {self.name} takes {self.params}, got {sorted(params)}")
         return self.pattern.format(**{k: token(v, k) for k, v in params.items()})
 
-    def wildcard(self) -> str:
-        """The subscription subject matching every instance of this channel."""
-        return re.sub(r"{\w+}", "*", self.pattern)
+    def wildcard(self, **fixed: str) -> str:
+        """The subscription subject matching every instance of this channel (``fixed``: those parameters set)."""
+        pattern = self.pattern
+        for k, v in fixed.items():
+            if k not in self.params:
+                raise TypeError(f"channel {self.name} has no parameter {k}")
+            pattern = pattern.replace("{" + k + "}", token(v, k))
+        return re.sub(r"{\w+}", "*", pattern)
 
     def publishable_by(self, role: str) -> str:
         """The subjects ``role`` may publish on this channel: the wildcard, with ``role_param`` fixed to it."""
@@ -95,9 +101,10 @@ CHANNELS: dict[str, Channel] = {
                 "A stream's specification, on creation and on every parameter change. A change is a request: "
                 "the ingest serving the live stream answers Ack(ref=seq it takes effect at) or Error.",
                 replies=(Ack, Error)),
-        Channel("stream_latent", PREFIX + ".stream.{stream_id}.latent", LatentChunk,
+        Channel("stream_latent", PREFIX + ".stream.{stream_id}.latent.{ring_id}", LatentChunk,
                 ("ingest",), ("dit-stage",),
-                "Encoded latent chunks of a stream, ingest to the first DiT stage.", bulk=True, replies=(Credit,)),
+                "Encoded latent chunks of a stream, ingest to the first DiT stage of the ring the stream is placed "
+                "on (each first stage subscribes to its own ring's only).", bulk=True, replies=(Credit,)),
         Channel("stream_x0", PREFIX + ".stream.{stream_id}.x0", LatentChunk,
                 ("dit-stage",), ("decoder",),
                 "Finished (denoised) latent chunks, last DiT stage to the decoder.", bulk=True, replies=(Credit,)),
@@ -155,8 +162,13 @@ class Subjects:
         return CHANNELS["stream_spec"].subject(stream_id=stream_id)
 
     @staticmethod
-    def stream_latent(stream_id: str) -> str:
-        return CHANNELS["stream_latent"].subject(stream_id=stream_id)
+    def stream_latent(stream_id: str, ring_id: str = DEFAULT_RING) -> str:
+        return CHANNELS["stream_latent"].subject(stream_id=stream_id, ring_id=ring_id)
+
+    @staticmethod
+    def ring_latents(ring_id: str) -> str:
+        """Every stream's latent chunks into ring ``ring_id`` (its first stage's subscription)."""
+        return CHANNELS["stream_latent"].wildcard(ring_id=ring_id)
 
     @staticmethod
     def stream_x0(stream_id: str) -> str:
@@ -259,6 +271,15 @@ def kv_subject(bucket: str, key: str) -> str:
     """The NATS subject JetStream stores a KV bucket's ``key`` under (``key`` may be a wildcard): what bus
     permissions grant and what a key listing filters on."""
     return f"$KV.{bucket}.{key}"
+
+
+BLOCKMAP_KEYS = "blockmap.*"
+"""Every ring's block map in ``Buckets.BLOCKMAP`` (what ingest watches)."""
+
+
+def blockmap_key(ring_id: str) -> str:
+    """Key in ``Buckets.BLOCKMAP`` of ring ``ring_id``'s block map (one map per ring, written by the controller)."""
+    return f"blockmap.{token(ring_id, 'ring id')}"
 
 
 def stage_prepared_key(stage_id: str) -> str:

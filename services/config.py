@@ -307,7 +307,8 @@ class DecoderSettings(Section):
 class DitStageSettings(Section):
     stage_id: str = Field("dit-0", description="this stage's id in the block map (StatefulSet: the pod name)")
     ring_id: str = Field("0", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="the ring (pipeline) this stage "
-                         "belongs to: the controller places streams on rings (docs/scheduling.md, Placement)")
+                         "belongs to: the controller places streams on rings (docs/scheduling.md, Placement); auto: "
+                         "from the stage id's ordinal, dit-<k> is in ring k div controller.stages (the chart's)")
     link_host: str = Field("0.0.0.0", description="tensor-link listen address")
     link_port: int = Field(7100, ge=0, le=65535, description="tensor-link listen port (0: ephemeral)")
     advertise_host: str = Field("127.0.0.1", description="host other stages reach this stage's link at (pod IP)")
@@ -416,6 +417,8 @@ class AutoscaleSettings(Section):
 
 class ControllerSettings(Section):
     stages: int = Field(2, ge=1, description="DiT stages per pipeline (the block map splits the blocks among them)")
+    rings: int = Field(1, ge=1, description="rings (DiT pipelines) the controller keeps a block map for from the "
+                       "start (ring r: stages dit-<r*stages> ...); a stage heartbeating another ring adds it")
     num_blocks: int | None = Field(
         None, ge=1, description="DiT blocks the block map splits (null: the model preset's; set for tiny test models)"
     )

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proto.rings import ring_stage_ids
 from services.config import NatsSettings
 from services.natsd import Identity, NatsServer, make_identities
 from services.supervisor import CrashLoopError, Proc, RestartPolicy, StackError, Supervisor
@@ -122,6 +123,10 @@ def _to_stderr(line: str) -> None:
 class LocalStack:
     workdir: Path
     stages: int = 2
+    """DiT stages per ring."""
+    rings: int = 1
+    """Rings of ``stages`` stages each: ring r runs ``dit-<r·stages>`` … (proto/rings.py); the controller keeps a
+    block map per ring and places each stream on one."""
     decoders: int = 1
     egresses: int = 1
     """Decoder and egress processes (``decoder``, ``decoder-1``, …): the controller places each stream on one."""
@@ -202,6 +207,7 @@ class LocalStack:
             "RHEO_TELEMETRY__METRICS_PORT": str(health_port),
             "RHEO_LIFECYCLE__HTTP_HOST": "127.0.0.1",
             "RHEO_CONTROLLER__STAGES": str(self.stages),
+            "RHEO_CONTROLLER__RINGS": str(self.rings),
             "RHEO_GATEWAY__PORT": str(self.ports.gateway),
             **{k: v for k, v in defaults.items() if k not in os.environ},
             "RHEO_INGEST__RTMP_PORT": str(self.ports.rtmp),
@@ -223,7 +229,8 @@ class LocalStack:
     def _plan(self) -> list[Proc]:
         decoders = [_replica("decoder", i) for i in range(self.decoders)]
         egresses = [_replica("egress", i) for i in range(self.egresses)]
-        names = ["controller", *(f"dit-{i}" for i in range(self.stages)), *decoders, *egresses, "ingest", "gateway"]
+        stages = [sid for r in range(self.rings) for sid in ring_stage_ids(str(r), self.stages)]
+        names = ["controller", *stages, *decoders, *egresses, "ingest", "gateway"]
         procs = []
         for i, name in enumerate(names):
             health = self.ports.first_health + i if self.ports.first_health else free_port()
@@ -238,6 +245,7 @@ class LocalStack:
             if name.startswith("dit-"):
                 service = "dit-stage"
                 env["RHEO_DIT_STAGE__STAGE_ID"] = name
+                env["RHEO_DIT_STAGE__RING_ID"] = str(stages.index(name) // self.stages)
                 env["RHEO_DIT_STAGE__LINK_HOST"] = "127.0.0.1"
                 env["RHEO_DIT_STAGE__LINK_PORT"] = str(
                     self.ports.first_link + int(name[4:]) if self.ports.first_link else free_port())

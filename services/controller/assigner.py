@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,19 +45,18 @@ class MemberView:
 class Assigner:
     """Assignments of the admitted streams (stream id → where it runs), kept by the leader and in its state."""
 
-    def __init__(self, headroom: float, own_ring: str) -> None:
+    def __init__(self, headroom: float) -> None:
         self.headroom = headroom
-        self.own_ring = own_ring
-        """The ring this controller keeps a block map for: the only ring streams can be placed on today."""
         self.assignments: dict[str, Assignment] = {}
         self.table: StreamTable | None = None
 
-    def pool(self, members: Iterable[MemberView], item_ms: float | None) -> Pool:
-        """Bins of the given (live) members: the controller's ring (capacity from the measured ``item_ms``, the
-        same figure admission uses), decoders by their measured VAE decode cost, egresses unbounded."""
+    def pool(self, members: Iterable[MemberView], item_ms: Mapping[str, float | None]) -> Pool:
+        """Bins of the given (live) members: each ring with a block map (``item_ms``: ring → its slowest stage's
+        measured ms per item, the figure admission uses) and a live stage, decoders by their measured VAE decode
+        cost, egresses unbounded."""
         members = list(members)
-        rings = [Bin(self.own_ring, ring_capacity(item_ms, self.headroom))] \
-            if any(m.role == "dit-stage" and m.ring_id in ("", self.own_ring) for m in members) else []
+        live = {m.ring_id for m in members if m.role == "dit-stage"}
+        rings = [Bin(r, ring_capacity(ms, self.headroom)) for r, ms in item_ms.items() if r in live]
         decoders = [Bin(m.member_id, self.headroom * 1000.0 / m.decode_ms_per_mpx
                         if m.decode_ms_per_mpx else math.inf) for m in members if m.role == "decoder"]
         egresses = [Bin(m.member_id, address=m.address) for m in members if m.role == "egress"]

@@ -127,7 +127,8 @@ def ring_capacity(item_ms: float | None, headroom: float) -> float:
 
 def decide_admission(spec: StreamSpec, admitted: dict[str, StreamNeed], item_ms: float | None, *,
                      headroom: float, prior_streams: int, bottleneck: str = "",
-                     costs: PathCosts | None = None, decoders_placed: bool = False) -> AdmissionDecision:
+                     costs: PathCosts | None = None, decoders_placed: bool = False,
+                     rings: int = 1) -> AdmissionDecision:
     """May ``spec`` start, next to ``admitted``? Every measured bottleneck must hold, at ``headroom``:
 
     - its latency: one chunk through encode, the ring (``steps`` passes) and decode within the stream's SLO
@@ -139,6 +140,8 @@ def decide_admission(spec: StreamSpec, admitted: dict[str, StreamNeed], item_ms:
 
     ``decoders_placed``: each stream has its own decoder (placement checks each one's room), so the decode sum
     over every stream against the slowest decoder is not applied (it holds only while every decoder decodes all).
+    ``rings``: rings streams are placed over (each its own ``item_ms``-bounded bin; placement checks each one's
+    room): the DiT sum and the prior are per ring, times ``rings``, with ``item_ms`` the slowest ring's.
     """
     others = {k: v for k, v in admitted.items() if k != spec.stream_id}
     mine = stream_need(spec)
@@ -161,15 +164,18 @@ def decide_admission(spec: StreamSpec, admitted: dict[str, StreamNeed], item_ms:
                                             f"each; limit {headroom:.0%})", need, None)
     if item_ms is None or item_ms <= 0:
         n = len(others) + 1
-        ok = n <= prior_streams
-        return AdmissionDecision(ok, (f"{n} streams within the prior of {prior_streams} (no stage timing yet)" if ok
+        prior = prior_streams * max(rings, 1)
+        ok = n <= prior
+        per = "" if rings <= 1 else f" ({prior_streams} per ring × {rings} rings)"
+        return AdmissionDecision(ok, (f"{n} streams within the prior of {prior}{per} (no stage timing yet)" if ok
                                       else f"no capacity: {len(others)} streams admitted, and until the stages "
-                                           f"report timing at most {prior_streams} are (controller."
+                                           f"report timing at most {prior}{per} are (controller."
                                            f"admission_prior_streams)"), need, None)
-    capacity = ring_capacity(item_ms, headroom)
+    capacity = ring_capacity(item_ms, headroom) * max(rings, 1)
     ok = need <= capacity
     detail = (f"{need:.1f} items/s for {len(others) + 1} streams vs {capacity:.1f} sustainable "
-              f"({headroom:.0%} of the slowest stage {bottleneck or '?'} at {item_ms:.1f} ms per item)")
+              f"({headroom:.0%} of the slowest stage {bottleneck or '?'} at {item_ms:.1f} ms per item"
+              f"{f', × {rings} rings' if rings > 1 else ''})")
     return AdmissionDecision(ok, detail if ok else f"no capacity: {detail}", need, capacity)
 
 

@@ -2,13 +2,14 @@
 
 Subscribes (every instance, so a standby is warm): ``rheo.ctl.heartbeat.*`` (membership), ``rheo.ctl.stats.*``
 (the cost model), stream events and errors (admitted streams ending). The leader alone also answers
-``rheo.ctl.admission`` and writes the block map: ``rheo-blockmap`` KV key ``current`` (revision-checked, so a
-deposed leader cannot overwrite its successor's map), also published on ``rheo.ctl.blockmap``.
+``rheo.ctl.admission`` and writes one block map per ring (``RingState``, services/controller/rings.py):
+``rheo-blockmap`` KV key ``blockmap.<ring>`` (revision-checked, so a deposed leader cannot overwrite its successor's
+map), also published on ``rheo.ctl.blockmap``. Rings come from ``controller.rings`` and from stage heartbeats.
 
-Epochs (docs/controller.md): ``initial`` (first start or a configuration change), ``failure`` (a stage in the map
-went silent for ``heartbeat_dead_s``, withdrew its endpoint, or restarted: silent only for ``heartbeat_miss_s``, it
-is merely suspected), ``join`` (a configured stage outside the
-map heartbeats again), ``rebalance`` (the policy found a split with a sustained predicted gain). State lives in KV
+Epochs (docs/controller.md), each ring its own: ``initial`` (first start or a configuration change), ``failure``
+(a stage in the map went silent for ``heartbeat_dead_s``, withdrew its endpoint, or restarted: silent only for
+``heartbeat_miss_s``, it is merely suspected), ``join`` (a configured stage of the ring outside its map heartbeats
+again), ``rebalance`` (the policy found a split with a sustained predicted gain). State lives in KV
 (``rheo-controller``: the leader lock, ``state``, ``admission.<stream>``), so a restarted or new leader resumes
 the same epoch without disturbing running stages.
 """
@@ -46,14 +47,16 @@ from proto import (
     StreamEvent,
     StreamSpec,
     Subjects,
+    ring_stage_ids,
 )
 from proto.messages import BlockMapReason
+from proto.subjects import BLOCKMAP_KEYS
 from services.bus import KV
 from services.controller.assigner import Assigner, MemberView
 from services.controller.costmodel import CostModel
 from services.controller.leader import KubernetesLease, KVLeaderLock, LeaderLock, in_cluster
 from services.controller.partition import PartitionProblem, Split, Stage, best_split, evaluate, even_split
-from services.controller.placement import Pool
+from services.controller.placement import Move, Pool
 from services.controller.policy import (
     PathCosts,
     RebalancePolicy,
@@ -62,6 +65,7 @@ from services.controller.policy import (
     decide_admission,
     stream_need,
 )
+from services.controller.rings import RingState
 from services.controller.scaling import Autoscaler, Demand
 from services.rebalance import offline_reason
 from services.runtime import Service, main, watch_keys
@@ -71,7 +75,7 @@ from wan.config import WanDiTConfig
 log = logging.getLogger("rheo.controller")
 
 MEMBERS = Gauge("rheo_controller_members", "members heard from within the miss budget", ["role"])
-EPOCH = Gauge("rheo_controller_epoch", "block-map epoch the leader published or resumed")
+EPOCH = Gauge("rheo_controller_epoch", "block-map epoch the leader published or resumed, per ring", ["ring"])
 LEADER = Gauge("rheo_controller_leader", "1 while this controller holds the leader lock")
 EPOCHS = Counter("rheo_controller_epochs_total", "block-map epochs published", ["reason"])
 SUSPECTED = Gauge("rheo_controller_suspected_stages", "stages of the map silent past heartbeat_miss_s, not yet dead")
@@ -82,7 +86,6 @@ GONE = Counter("rheo_controller_stages_gone_total", "stages failed at once, with
 HEARTBEATS_REFUSED = Counter("rheo_controller_heartbeats_refused_total", "heartbeats whose body claims another "
                              "role than the subject the bus let its sender publish")
 DECISIONS = Counter("rheo_controller_decisions_total", "rebalance and admission decisions", ["kind", "result"])
-BLOCKMAP_KEY = "current"
 STORE_CHECK_S = 2.0
 """How often the leader checks that the block map is still stored (a lost NATS store empties the bucket)."""
 STATE_KEY = "state"
@@ -124,33 +127,29 @@ class ControllerService(Service):
         super().__init__(*args, **kwargs)
         self.cfg = self.settings.controller
         self.ring = self.settings.dit_stage.ring()
-        """The ring every map this controller writes carries (ingest clocks chunks by it)."""
+        """The KV window, sinks and RoPE refresh every map this controller writes carries (ingest clocks chunks by
+        it): the same for every ring."""
         self.members: dict[str, Member] = {}
         self._refused_logged_at = -1e9
-        self.block_map: BlockMap | None = None
         self.leader = False
-        self.cost = CostModel(self.num_blocks())
-        self.policy = RebalancePolicy(self.cfg.rebalance_gain_threshold, self.cfg.rebalance_sustain_s,
-                                      self.cfg.rebalance_cooldown_s)
+        self.default_ring = self.settings.dit_stage.ring_id if self.settings.dit_stage.ring_id.isdigit() else "0"
+        """The ring the single-ring accessors (``block_map``, ``cost``, ``item_ms``…) read."""
+        self.rings: dict[str, RingState] = {}
+        """Every ring known: configured (``controller.rings``) or heard from (a stage's heartbeat)."""
+        for r in range(self.cfg.rings):
+            self._ring(str(r))
+        self._ring(self.default_ring)
         self.admitted: dict[str, StreamNeed] = {}
         """Admitted streams → what they need of each bottleneck per second."""
-        self.assigner = Assigner(self.cfg.admission_headroom, self.settings.dit_stage.ring_id)
+        self.assigner = Assigner(self.cfg.admission_headroom)
         """Where each admitted stream runs (docs/scheduling.md, Placement)."""
-        self.item_ms: float | None = None
-        self.bottleneck = ""
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=512)
         self.lock: LeaderLock | None = None
         self._kv: KV | None = None
         self._state_kv: KV | None = None
-        self._bm_revision: int | None = None
-        self._seen_map: BlockMap | None = None
-        """The latest map published by whoever leads (a standby keeps its cost model warm with it)."""
         self._lead_started = 0.0
-        self._store_checked = 0.0
         self._admission_sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
-        self.suspected: dict[str, float] = {}
-        """Stages of the map silent past the miss budget → when the suspicion began (not failed yet)."""
         self._gone: dict[str, str] = {}
         self._withdrawn: set[str] = set()
         """Stages whose endpoint is deleted (drained): they join again only as a new process (a new endpoint)."""
@@ -165,8 +164,59 @@ class ControllerService(Service):
     def num_blocks(self) -> int:
         return self.cfg.num_blocks or WanDiTConfig.named(self.settings.model.preset).num_layers
 
-    def stage_ids(self) -> list[str]:
-        return [f"dit-{i}" for i in range(self.cfg.stages)]
+    def stage_ids(self, ring_id: str | None = None) -> list[str]:
+        """The configured stages of a ring (default: ``default_ring``), in ring order (proto/rings.py)."""
+        return ring_stage_ids(ring_id or self.default_ring, self.cfg.stages)
+
+    def _ring(self, ring_id: str) -> RingState:
+        """The ring's state, made on first mention (a ring id that names no stages by the rule is not a ring)."""
+        ring = self.rings.get(ring_id)
+        if ring is None:
+            policy = RebalancePolicy(self.cfg.rebalance_gain_threshold, self.cfg.rebalance_sustain_s,
+                                     self.cfg.rebalance_cooldown_s)
+            ring = self.rings[ring_id] = RingState.new(ring_id, self.cfg.stages, self.num_blocks(), policy)
+        return ring
+
+    def ring_of(self, stage_id: str) -> RingState | None:
+        return next((r for r in self.rings.values() if r.holds(stage_id)), None)
+
+    # the default ring's state, under the names a single-ring controller had (tests, bench/rebalance.py)
+    @property
+    def block_map(self) -> BlockMap | None:
+        return self.rings[self.default_ring].block_map
+
+    @block_map.setter
+    def block_map(self, bm: BlockMap | None) -> None:
+        self.rings[self.default_ring].block_map = bm
+
+    @property
+    def cost(self) -> CostModel:
+        return self.rings[self.default_ring].cost
+
+    @property
+    def policy(self) -> RebalancePolicy:
+        return self.rings[self.default_ring].policy
+
+    @property
+    def suspected(self) -> dict[str, float]:
+        return self.rings[self.default_ring].suspected
+
+    @property
+    def item_ms(self) -> float | None:
+        """The slowest ring's ms per item (admission's DiT capacity per ring; None: a ring not measured yet)."""
+        measured = [r.item_ms for r in self._serving_rings()]
+        return None if not measured or None in measured else max(m for m in measured if m is not None)
+
+    @property
+    def bottleneck(self) -> str:
+        rings = [r for r in self._serving_rings() if r.item_ms is not None]
+        return max(rings, key=lambda r: r.item_ms or 0.0).bottleneck if rings else ""
+
+    def _serving_rings(self) -> list[RingState]:
+        """Rings with a map and a live stage (the ones streams can be placed on)."""
+        live = {m.ring_id for m in self.live_members("dit-stage")}
+        rings = [r for r in self.rings.values() if r.block_map is not None and r.ring_id in live]
+        return rings or [self.rings[self.default_ring]]
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -181,8 +231,10 @@ class ControllerService(Service):
             if in_cluster():
                 log.warning("in a cluster without a service-account token: leader election uses the KV lock")
             self.lock = KVLeaderLock(self._state_kv, self.member_id, self.cfg.lease_ttl_s)
-        with contextlib.suppress(Exception):  # a standby's view of the map, for its cost model
-            self._seen_map = await self._kv.get_message(BLOCKMAP_KEY, BlockMap)
+        with contextlib.suppress(Exception):  # a standby's view of the maps, for its cost models
+            for key in await self._kv.keys():
+                if key.startswith(BLOCKMAP_KEYS[:-1]) and (bm := await self._kv.get_message(key, BlockMap)):
+                    await self._on_block_map(bm, None)
         await self.bus.subscribe(Subjects.blockmap(), self._on_block_map, expected=BlockMap)
         # each its own subscription, each known member or admitted stream its own lane (services/dispatch.py): a
         # flood on any of them cannot starve heartbeats of known members, and the lock renewal (_lead) is a task
@@ -252,10 +304,8 @@ class ControllerService(Service):
     async def _lead(self) -> None:
         assert self.bus is not None and self.lock is not None
         await self._load_state()
-        self.block_map = await self._ensure_block_map()
-        self.epoch = self.block_map.epoch
-        EPOCH.set(self.epoch)
-        await self.bus.publish(Subjects.blockmap(), self.block_map)
+        for ring in list(self.rings.values()):
+            await self._ensure_block_map(ring)
         self._admission_sub = await self.bus.subscribe(Subjects.admission(), self._on_admission,
                                                        expected=StreamSpec)
         await self.bus.nc.flush()
@@ -282,12 +332,17 @@ class ControllerService(Service):
         try:
             state = json.loads(entry.value)
             self.admitted = {str(k): _need(v) for k, v in state.get("admitted", {}).items()}
-            self.item_ms = state.get("item_ms")
-            self.bottleneck = state.get("bottleneck", "")
+            capacity = state.get("rings") or {self.default_ring: {"item_ms": state.get("item_ms"),
+                                                                  "bottleneck": state.get("bottleneck", "")}}
+            for rid, c in capacity.items():
+                if ring_stage_ids(str(rid), self.cfg.stages):
+                    ring = self._ring(str(rid))
+                    ring.item_ms, ring.bottleneck = c.get("item_ms"), c.get("bottleneck", "")
             self.assigner.load(state.get("assignments"))
             ago = time.time() - float(state.get("last_change_at", 0.0))
             if ago < self.cfg.rebalance_cooldown_s:
-                self.policy.note_change(time.monotonic() - max(ago, 0.0))
+                for ring in self.rings.values():
+                    ring.policy.note_change(time.monotonic() - max(ago, 0.0))
         except (ValueError, TypeError, AttributeError) as e:
             log.warning("ignored unreadable controller state: %s", e)
 
@@ -299,63 +354,74 @@ class ControllerService(Service):
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 last = float(json.loads(prev.value).get("last_change_at", 0.0))
         admitted = {k: dataclasses.asdict(v) for k, v in self.admitted.items()}
-        state = {"admitted": admitted, "item_ms": self.item_ms, "bottleneck": self.bottleneck,
+        state = {"admitted": admitted,
+                 "rings": {r.ring_id: {"item_ms": r.item_ms, "bottleneck": r.bottleneck} for r in self.rings.values()},
                  "assignments": self.assigner.dump(),
                  "last_change_at": changed_at if changed_at is not None else last,
                  "last_decision": self.decisions[-1] if self.decisions else None}
         await self._state_kv.put(STATE_KEY, json.dumps(state).encode())
 
-    async def _ensure_block_map(self) -> BlockMap:
-        """Keep the stored map when it still fits the configuration (a restart, a new leader); else a new epoch."""
-        assert self._kv is not None
-        entry = await self._kv.get(BLOCKMAP_KEY)
+    async def _ensure_block_map(self, ring: RingState) -> BlockMap:
+        """Keep the ring's stored map when it still fits the configuration (a restart, a new leader); else a new
+        epoch. Either way it is published (a stage or ingest that missed the KV write hears it)."""
+        assert self._kv is not None and self.bus is not None
+        entry = await self._kv.get(ring.key)
         current = None
         if entry is not None and entry.value:
-            current = await self._kv.get_message(BLOCKMAP_KEY, BlockMap)
-            self._bm_revision = entry.revision
+            current = await self._kv.get_message(ring.key, BlockMap)
+            ring.revision = entry.revision
         else:
-            self._bm_revision = None
-            known = self.block_map or self._seen_map
+            ring.revision = None
+            known = ring.block_map or ring.seen_map
             if known is not None:  # a lost NATS store: the map in force goes back, same epoch
-                log.warning("the block map is gone from %s (NATS store lost?): writing epoch %d again",
-                            Buckets.BLOCKMAP, known.epoch)
-                self._bm_revision = await self._kv.create(BLOCKMAP_KEY, known)
+                log.warning("ring %s: the block map is gone from %s (NATS store lost?): writing epoch %d again",
+                            ring.ring_id, Buckets.BLOCKMAP, known.epoch)
+                ring.revision = await self._kv.create(ring.key, known)
                 current = known
-        ids = self.stage_ids()
+        ids = ring.stage_ids
         stored = [s.stage_id for s in current.stages] if current else []
         if current is not None and current.num_blocks == self.num_blocks() and current.ring == self.ring and \
-                stored and all(s in ids for s in stored) and stored == sorted(stored, key=ids.index):
-            log.info("resuming block map epoch %d (%s)", current.epoch, _ranges(current))
-            return current
-        new = BlockMap(epoch=(current.epoch + 1) if current else 1, num_blocks=self.num_blocks(),
-                       stages=even_split(self.num_blocks(), ids), created_at=time.time(), reason="initial",
-                       ring=self.ring)
-        await self._write_map(new)
-        return new
+                current.ring_id == ring.ring_id and stored and all(s in ids for s in stored) and \
+                stored == sorted(stored, key=ids.index):
+            log.info("ring %s: resuming block map epoch %d (%s)", ring.ring_id, current.epoch, _ranges(current))
+            ring.block_map = current
+        else:
+            new = BlockMap(epoch=(current.epoch + 1) if current else 1, num_blocks=self.num_blocks(),
+                           stages=even_split(self.num_blocks(), ids), created_at=time.time(), reason="initial",
+                           ring=self.ring, ring_id=ring.ring_id)
+            await self._write_map(ring, new)
+            ring.block_map = new
+        self._note_epoch(ring)
+        await self.bus.publish(Subjects.blockmap(), ring.block_map)
+        return ring.block_map
 
-    async def _write_map(self, new: BlockMap) -> None:
+    def _note_epoch(self, ring: RingState) -> None:
+        assert ring.block_map is not None
+        EPOCH.labels(ring=ring.ring_id).set(ring.block_map.epoch)
+        self.epoch = max((r.block_map.epoch for r in self.rings.values() if r.block_map is not None), default=0)
+
+    async def _write_map(self, ring: RingState, new: BlockMap) -> None:
         assert self._kv is not None
         new.validate_cover()
         try:
-            if self._bm_revision is None:
-                self._bm_revision = await self._kv.create(BLOCKMAP_KEY, new)
+            if ring.revision is None:
+                ring.revision = await self._kv.create(ring.key, new)
             else:
-                self._bm_revision = await self._kv.update(BLOCKMAP_KEY, new, last=self._bm_revision)
+                ring.revision = await self._kv.update(ring.key, new, last=ring.revision)
         except nats.js.errors.KeyWrongLastSequenceError as e:
-            raise LostLeadership(f"the block map changed under this controller (epoch {new.epoch} not written)") \
-                from e
+            raise LostLeadership(f"ring {ring.ring_id}'s block map changed under this controller (epoch "
+                                 f"{new.epoch} not written)") from e
         EPOCHS.labels(reason=new.reason).inc()
-        EPOCH.set(new.epoch)
-        log.info("block map epoch %d (%s): %s", new.epoch, new.reason, _ranges(new))
+        log.info("ring %s: block map epoch %d (%s): %s", ring.ring_id, new.epoch, new.reason, _ranges(new))
 
-    async def _publish_map(self, stages: list[StageAssignment], reason: BlockMapReason) -> None:
-        assert self.bus is not None and self.block_map is not None
-        new = BlockMap(epoch=self.block_map.epoch + 1, num_blocks=self.block_map.num_blocks, stages=stages,
-                       created_at=time.time(), reason=reason, ring=self.ring)
-        await self._write_map(new)
-        self.block_map = new
-        self.epoch = new.epoch
-        self.policy.note_change(time.monotonic())
+    async def _publish_map(self, ring: RingState, stages: list[StageAssignment], reason: BlockMapReason) -> None:
+        assert self.bus is not None and ring.block_map is not None
+        new = BlockMap(epoch=ring.block_map.epoch + 1, num_blocks=ring.block_map.num_blocks, stages=stages,
+                       created_at=time.time(), reason=reason, ring=self.ring, ring_id=ring.ring_id)
+        await self._write_map(ring, new)
+        ring.block_map = new
+        self._note_epoch(ring)
+        ring.policy.note_change(time.monotonic())
         await self.bus.publish(Subjects.blockmap(), new)
         await self._save_state(changed_at=time.time())
 
@@ -378,9 +444,16 @@ class ControllerService(Service):
         budget = self.cfg.heartbeat_miss_s
         old = self.members.get(hb.member_id)
         alive_since = old.alive_since if old is not None and now - old.last_seen <= budget else now
+        ring_id = hb.ring_id
+        if hb.role == "dit-stage":  # its ring: as it says (a stage of the old format says none: by its id)
+            known = self.ring_of(hb.member_id)
+            ring_id = ring_id or (known.ring_id if known is not None else self.default_ring)
+            if ring_id not in self.rings and ring_stage_ids(ring_id, self.cfg.stages):
+                log.info("ring %s discovered (stage %s heartbeats it)", ring_id, hb.member_id)
+                self._ring(ring_id)  # the leader writes its map on its next tick
         self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.ready, now, alive_since,
                                             old.first_seen if old is not None else now,
-                                            {w.unit: w.ms_per_mpx for w in hb.work}, hb.ring_id, hb.address)
+                                            {w.unit: w.ms_per_mpx for w in hb.work}, ring_id, hb.address)
         for role in {m.role for m in self.members.values()}:
             MEMBERS.labels(role=role).set(sum(1 for m in self.members.values()
                                               if m.role == role and now - m.last_seen <= budget))
@@ -414,17 +487,21 @@ class ControllerService(Service):
                 if now - m.last_seen <= budget and (role is None or m.role == role)]
 
     async def _on_block_map(self, bm: BlockMap, _raw: object) -> None:
-        if self._seen_map is None or bm.epoch >= self._seen_map.epoch:
-            self._seen_map = bm
+        if not ring_stage_ids(bm.ring_id, self.cfg.stages):
+            return
+        ring = self._ring(bm.ring_id)
+        if ring.seen_map is None or bm.epoch >= ring.seen_map.epoch:
+            ring.seen_map = bm
 
     async def _on_stats(self, stats: StageStats, _raw: object) -> None:
-        bm = self.block_map if self.leader else self._seen_map
-        if bm is None:
+        ring = self.ring_of(stats.stage_id)
+        bm = ring.current(self.leader) if ring is not None else None
+        if ring is None or bm is None:
             return
         i = bm.position(stats.stage_id)
         if i < 0:
             return
-        self.cost.observe(stats, bm.epoch, time.monotonic(), first=i == 0, last=i == len(bm.stages) - 1)
+        ring.cost.observe(stats, bm.epoch, time.monotonic(), first=i == 0, last=i == len(bm.stages) - 1)
         if self.autoscaler is not None and i == 0:  # items are counted once, where the batcher drops them
             self.autoscaler.note_stats(stats)
 
@@ -443,35 +520,38 @@ class ControllerService(Service):
 
     # ------------------------------------------------------------------ the leader's loop
     async def _tick(self, now: float) -> None:
-        await self._keep_map_stored(now)
-        await self._membership(now)
-        self._refresh_capacity(now)
-        if self.cfg.mode == "adaptive":
-            await self._rebalance(now)
+        for ring in list(self.rings.values()):
+            if ring.block_map is None:  # a ring discovered since: its first map
+                await self._ensure_block_map(ring)
+            await self._keep_map_stored(ring, now)
+            await self._membership(ring, now)
+            self._refresh_capacity(ring)
+            if self.cfg.mode == "adaptive":
+                await self._rebalance(ring, now)
         await self._move_streams(now)
         if self.autoscaler is not None:
             await self.autoscaler.tick(now, list(self.admitted.values()),
                                        Demand(self.item_ms, self.path_costs(), self.cfg.admission_prior_streams),
                                        self._drain)
 
-    async def _keep_map_stored(self, now: float) -> None:
+    async def _keep_map_stored(self, ring: RingState, now: float) -> None:
         """After a lost NATS store the bucket is empty again: write the map in force back, same epoch (to the stages
         it is the map they run), so whoever watches it or starts now finds it."""
-        if now - self._store_checked < STORE_CHECK_S:
+        if now - ring.store_checked < STORE_CHECK_S:
             return
-        self._store_checked = now
-        assert self._kv is not None and self.block_map is not None
-        entry = await self._kv.get(BLOCKMAP_KEY)
+        ring.store_checked = now
+        assert self._kv is not None and ring.block_map is not None
+        entry = await self._kv.get(ring.key)
         if entry is None or not entry.value:
-            log.warning("the block map is gone from %s (NATS store lost?): writing epoch %d again", Buckets.BLOCKMAP,
-                        self.block_map.epoch)
-            self._bm_revision = await self._kv.create(BLOCKMAP_KEY, self.block_map)
+            log.warning("ring %s: the block map is gone from %s (NATS store lost?): writing epoch %d again",
+                        ring.ring_id, Buckets.BLOCKMAP, ring.block_map.epoch)
+            ring.revision = await self._kv.create(ring.key, ring.block_map)
 
-    async def _membership(self, now: float) -> None:
-        """Failure and join epochs (always applied: they keep the ring whole)."""
-        assert self.block_map is not None
-        ids = self.stage_ids()
-        in_map = [s.stage_id for s in self.block_map.stages]
+    async def _membership(self, ring: RingState, now: float) -> None:
+        """Failure and join epochs of one ring (always applied: they keep the ring whole)."""
+        assert ring.block_map is not None
+        ids = ring.stage_ids
+        in_map = [s.stage_id for s in ring.block_map.stages]
         budget = self.cfg.heartbeat_miss_s
         dead = max(self.cfg.heartbeat_dead_s, budget)
         assert self.bus is not None
@@ -480,8 +560,8 @@ class ControllerService(Service):
             return  # NATS was away: the silence was ours, and the stages may still be reconnecting
         for sid in [sid for sid in self._gone if sid not in in_map]:
             del self._gone[sid]  # outside the map: it joins by heartbeats, like any newcomer
-        for sid in [sid for sid in self.suspected if sid not in in_map]:
-            del self.suspected[sid]
+        for sid in [sid for sid in ring.suspected if sid not in in_map]:
+            del ring.suspected[sid]
         failed = []
         for sid in in_map:
             m = self.members.get(sid)
@@ -493,9 +573,9 @@ class ControllerService(Service):
             elif now - m.last_seen > dead:
                 failed.append(sid)
             else:
-                self._suspect(sid, now - m.last_seen > budget, now)
+                self._suspect(ring, sid, now - m.last_seen > budget, now)
         for sid in failed:
-            self._suspect(sid, False, now, failed=True)
+            self._suspect(ring, sid, False, now, failed=True)
         restarted = [sid for sid in in_map if sid not in failed and self._gone.get(sid) == "restarted"]
         joined = [sid for sid in ids if sid not in in_map and (m := self.members.get(sid)) is not None
                   and now - m.last_seen <= budget and now - m.alive_since >= self.cfg.rejoin_settle_s
@@ -505,30 +585,32 @@ class ControllerService(Service):
         members = [sid for sid in ids if (sid in in_map and sid not in failed) or sid in joined]
         if not members:
             return  # nobody to give the blocks to: keep the map, its stages may come back
-        if len(members) > self.block_map.num_blocks:
+        if len(members) > ring.block_map.num_blocks:
             return
         for sid in (*failed, *restarted):
             if sid in self._gone:
                 GONE.labels(how=self._gone.pop(sid)).inc()
         # a restarted stage keeps its place, but the KV it held is gone: a failure epoch rebuilds it by replay
         reason: BlockMapReason = "failure" if failed or restarted else "join"
-        stages = self._split(members)
+        stages = self._split(ring, members)
         if reason == "join":
-            probe = BlockMap(epoch=self.block_map.epoch + 1, num_blocks=self.block_map.num_blocks, stages=stages,
-                             reason="join", ring=self.ring)
-            why = offline_reason(self.block_map, probe)
+            probe = BlockMap(epoch=ring.block_map.epoch + 1, num_blocks=ring.block_map.num_blocks, stages=stages,
+                             reason="join", ring=self.ring, ring_id=ring.ring_id)
+            why = offline_reason(ring.block_map, probe)
             if why:  # e.g. the first stage comes back: no KV can move, so streams are rebuilt by replay
                 log.warning("stages %s rejoin but KV cannot move online (%s): announced as a failure epoch", joined,
                             why)
                 reason = "failure"
-        self._record({"kind": reason, "failed": failed, "restarted": restarted, "joined": joined,
+        self._record({"kind": reason, "ring": ring.ring_id, "failed": failed, "restarted": restarted, "joined": joined,
                       "map": _pairs(stages), "applied": True})
-        log.warning("stages %s: %s; new epoch over %s", reason, failed or restarted or joined, members)
-        await self._publish_map(stages, reason)
+        log.warning("ring %s: stages %s: %s; new epoch over %s", ring.ring_id, reason, failed or restarted or joined,
+                    members)
+        await self._publish_map(ring, stages, reason)
 
     def placement_pool(self, budget: float | None = None) -> Pool:
         """The members a stream may be placed on: heard within ``budget`` (default: the miss budget)."""
-        return self.assigner.pool((m.view() for m in self.live_members(budget=budget) if m.ready), self.item_ms)
+        return self.assigner.pool((m.view() for m in self.live_members(budget=budget) if m.ready),
+                                  {r.ring_id: r.item_ms for r in self.rings.values() if r.block_map is not None})
 
     async def _move_streams(self, now: float) -> None:
         """Streams of a ring, decoder or egress silent for ``heartbeat_dead_s`` move to a live one (also a stream
@@ -542,54 +624,61 @@ class ControllerService(Service):
             return
         moved = self.assigner.moves(self.admitted, self.placement_pool(dead))
         for m in moved:
-            self.assigner.set(m.stream_id, m.new)
-            self._record({"kind": "move", "stream_id": m.stream_id, "from": m.old.model_dump(),
-                          "to": m.new.model_dump(), "overcommitted": list(m.overcommitted), "applied": True})
-            await self.assigner.record(m.stream_id, m.new)
+            await self._apply_move(m, why="dead")
         if moved:
             await self._save_state()
 
-    def _suspect(self, sid: str, silent: bool, now: float, *, failed: bool = False) -> None:
+    async def _apply_move(self, m: Move, why: str) -> None:
+        """A stream's new assignment, recorded (its ingest, decoder and egress follow the record)."""
+        self.assigner.set(m.stream_id, m.new)
+        self._record({"kind": "move", "why": why, "stream_id": m.stream_id, "from": m.old.model_dump(),
+                      "to": m.new.model_dump(), "overcommitted": list(m.overcommitted), "applied": True})
+        await self.assigner.record(m.stream_id, m.new)
+
+    def _suspect(self, ring: RingState, sid: str, silent: bool, now: float, *, failed: bool = False) -> None:
         """Suspected vs dead: a stage silent past ``heartbeat_miss_s`` is only suspected (a loaded node stalls a
         live stage that long); it fails after ``heartbeat_dead_s``. Logged and counted either way."""
-        since = self.suspected.get(sid)
+        since = ring.suspected.get(sid)
         if silent and since is None:
-            self.suspected[sid] = now
+            ring.suspected[sid] = now
             log.warning("stage %s suspected: no heartbeat for %.1f s (declared dead after %.1f s)", sid,
                         self.cfg.heartbeat_miss_s, max(self.cfg.heartbeat_dead_s, self.cfg.heartbeat_miss_s))
         elif not silent and since is not None:
-            del self.suspected[sid]
+            del ring.suspected[sid]
             SUSPICIONS.labels(outcome="failed" if failed else "cleared").inc()
             if not failed:
                 log.info("stage %s beats again after %.1f s of suspicion", sid, now - since)
-        SUSPECTED.set(len(self.suspected))
+        SUSPECTED.set(sum(len(r.suspected) for r in self.rings.values()))
 
-    def _split(self, members: list[str]) -> list[StageAssignment]:
+    def _split(self, ring: RingState, members: list[str]) -> list[StageAssignment]:
         """Blocks over ``members``: the cost-aware optimum when there is an estimate, else even."""
-        assert self.block_map is not None
+        assert ring.block_map is not None
         if self.cfg.mode == "adaptive":
-            problem = self._problem(members)
+            problem = self._problem(members, ring)
             if problem is not None:
-                split = best_split(problem, _current(self.block_map))
+                split = best_split(problem, _current(ring.block_map))
                 if split is not None:
                     return split.assignments(members)
                 log.error("no split of %d blocks over %s fits their memory; splitting evenly",
-                          self.block_map.num_blocks, members)
-        return even_split(self.block_map.num_blocks, members)
+                          ring.block_map.num_blocks, members)
+        return even_split(ring.block_map.num_blocks, members)
 
-    def _problem(self, members: list[str]) -> PartitionProblem | None:
-        assert self.block_map is not None
-        est = self.cost.estimate(self.block_map.epoch)
+    def _problem(self, members: list[str], ring: RingState | None = None) -> PartitionProblem | None:
+        ring = ring or self.rings[self.default_ring]
+        bm = ring.block_map or ring.seen_map
+        if bm is None:
+            return None
+        est = ring.cost.estimate(bm.epoch)
         if est is None:
             return None
         dtype = self.settings.model.dtype
         weights = block_weight_bytes(WanDiTConfig.named(self.settings.model.preset), 4 if dtype == "float32" else 2)
-        reports = [r for r in self.cost.reports.values() if r.epoch == self.block_map.epoch]
+        reports = [r for r in ring.cost.reports.values() if r.epoch == bm.epoch]
         kv_per_block = max((r.kv_bytes / (r.block_end - r.block_start) for r in reports), default=0.0)
         per_block = weights + kv_per_block
         stages = []
         for sid in members:
-            r = self.cost.reports.get(sid)
+            r = ring.cost.reports.get(sid)
             memory = math.inf
             if r is not None and r.free_memory_bytes > 0:
                 memory = (r.free_memory_bytes + (r.block_end - r.block_start) * per_block) \
@@ -605,50 +694,52 @@ class ControllerService(Service):
             return max(costs) if costs else None
 
         ring_ms = None
-        if self.block_map is not None:
-            reports = [self.cost.reports.get(s.stage_id) for s in self.block_map.stages]
-            if all(r is not None and r.epoch == self.block_map.epoch for r in reports):
-                ring_ms = sum(r.step_ms for r in reports if r is not None)
+        for ring in self._serving_rings():  # the slowest ring's step: any stream may be placed on it
+            bm = ring.block_map
+            reports = [ring.cost.reports.get(s.stage_id) for s in bm.stages] if bm is not None else []
+            if bm is not None and all(r is not None and r.epoch == bm.epoch for r in reports):
+                ms = sum(r.step_ms for r in reports if r is not None)
+                ring_ms = ms if ring_ms is None else max(ring_ms, ms)
         return PathCosts(slowest("ingest", "vae_encode"), slowest("decoder", "vae_decode"), ring_ms)
 
-    def _refresh_capacity(self, now: float) -> None:
-        """The slowest stage's measured ms per item, once every stage of the map reported in this epoch."""
-        assert self.block_map is not None
-        ids = [s.stage_id for s in self.block_map.stages]
-        reports = [self.cost.reports.get(s) for s in ids]
-        if not all(r is not None and r.epoch == self.block_map.epoch for r in reports):
+    def _refresh_capacity(self, ring: RingState) -> None:
+        """The ring's slowest stage's measured ms per item, once every stage of its map reported in this epoch."""
+        assert ring.block_map is not None
+        ids = [s.stage_id for s in ring.block_map.stages]
+        reports = [ring.cost.reports.get(s) for s in ids]
+        if not all(r is not None and r.epoch == ring.block_map.epoch for r in reports):
             return
         per_item = {r.stage_id: r.step_ms / max(r.batch_items, 1.0) for r in reports if r is not None}
-        self.bottleneck = max(per_item, key=per_item.__getitem__)
-        self.item_ms = per_item[self.bottleneck]
+        ring.bottleneck = max(per_item, key=per_item.__getitem__)
+        ring.item_ms = per_item[ring.bottleneck]
 
-    async def _rebalance(self, now: float) -> None:
-        assert self.block_map is not None
-        bm = self.block_map
+    async def _rebalance(self, ring: RingState, now: float) -> None:
+        assert ring.block_map is not None
+        bm = ring.block_map
         ids = [s.stage_id for s in bm.stages]
         max_age = 2.5 * self.settings.dit_stage.stats_interval_s
         now_split: Split | None = None
         best: Split | None = None
-        if self.cost.fresh(ids, bm.epoch, now, max_age):
-            problem = self._problem(ids)
+        if ring.cost.fresh(ids, bm.epoch, now, max_age):
+            problem = self._problem(ids, ring)
             if problem is not None:
                 now_split = evaluate(problem, [(s.block_start, s.block_end) for s in bm.stages])
                 best = best_split(problem, _current(bm))
-        verdict = self.policy.decide(now_split.bottleneck_ms if now_split else None,
+        verdict = ring.policy.decide(now_split.bottleneck_ms if now_split else None,
                                      best.bottleneck_ms if best else None, now)
         if verdict.verdict != "act":
             return
         assert now_split is not None and best is not None
         stages = best.assignments(ids)
         applied = not self.cfg.advisory
-        self._record({"kind": "rebalance", "epoch": bm.epoch, "gain": round(verdict.gain, 4),
+        self._record({"kind": "rebalance", "ring": ring.ring_id, "epoch": bm.epoch, "gain": round(verdict.gain, 4),
                       "now_ms": round(now_split.bottleneck_ms, 3), "best_ms": round(best.bottleneck_ms, 3),
                       "map": _pairs(stages), "applied": applied})
         DECISIONS.labels(kind="rebalance", result="applied" if applied else "advisory").inc()
         if applied:
-            await self._publish_map(stages, "rebalance")
+            await self._publish_map(ring, stages, "rebalance")
         else:
-            self.policy.note_change(now)  # what an applied change would have done: no decision per tick
+            ring.policy.note_change(now)  # what an applied change would have done: no decision per tick
             await self._save_state()
 
     def _record(self, decision: dict[str, Any]) -> None:
@@ -663,7 +754,8 @@ class ControllerService(Service):
         pool = self.placement_pool()
         d = decide_admission(spec, self.admitted, self.item_ms, headroom=self.cfg.admission_headroom,
                              prior_streams=self.cfg.admission_prior_streams, bottleneck=self.bottleneck,
-                             costs=self.path_costs(), decoders_placed=bool(pool.decoders))
+                             costs=self.path_costs(), decoders_placed=bool(pool.decoders),
+                             rings=max(len(pool.rings), 1))
         applied = not self.cfg.advisory
         placed: Assignment | str | None = None
         if d.admit or not applied:  # advisory admits every stream: each still gets one owner of each kind
@@ -699,9 +791,23 @@ class ControllerService(Service):
 
     async def _drain(self, pool: str, keep: int) -> bool:
         """May ``pool`` shrink to ``keep`` replicas? A decoder or ingest that goes hands its streams over by the
-        liveness path (a new segment elsewhere); a ring that goes would lose its streams' KV, so rings shrink only
-        when no stream is admitted until placement can move streams off one ring (docs/scheduling.md)."""
-        return pool != "rings" or not self.admitted
+        liveness path (a new segment elsewhere). Rings shrink from the top (the StatefulSet removes the highest
+        ordinals): the rings from ``keep`` up are drained first, their streams moved to the rings that stay (a new
+        segment there, docs/scheduling.md, Many rings); the shrink goes ahead once none is left on them."""
+        if pool != "rings":
+            return True
+        going = {r for r in self.rings if r.isdigit() and int(r) >= keep}
+        on_going = [sid for sid, a in self.assigner.assignments.items() if a.ring_id in going and sid in self.admitted]
+        if not on_going:
+            return True
+        staying = self.placement_pool()
+        staying = dataclasses.replace(staying, rings=[b for b in staying.rings if b.member not in going])
+        if not staying.rings:
+            return False  # nowhere to move them: wait (as before, until no stream is admitted there)
+        for m in self.assigner.moves(self.admitted, staying):  # (a dead member's streams move too, as they would)
+            await self._apply_move(m, why="drain")
+        await self._save_state()
+        return False
 
 
 def _need(stored: object) -> StreamNeed:

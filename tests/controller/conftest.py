@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from proto import BlockMap, Buckets, Heartbeat, StageStats, Subjects
+from proto import BLOCKMAP_KEYS, BlockMap, Buckets, Heartbeat, StageStats, Subjects, blockmap_key
 from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.controller.service import ControllerService
@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[2]
 async def _wipe(bus: Bus) -> None:
     blockmap = await bus.kv(Buckets.BLOCKMAP, history=8)
     ctl = await bus.kv(Buckets.CONTROLLER)
-    with contextlib.suppress(Exception):
-        await blockmap.delete("current")
+    for key in {blockmap_key("0"), *await blockmap.keys()}:  # every ring's map
+        if key.startswith(BLOCKMAP_KEYS[:-1]):
+            with contextlib.suppress(Exception):
+                await blockmap.delete(key)
     for key in await ctl.keys():
         with contextlib.suppress(Exception):
             await ctl.delete(key)
@@ -129,7 +131,7 @@ def stats_for(bm: BlockMap, slow: dict[str, float], *, block_ms: float = 10.0, i
 
 
 async def current_map(bus: Bus) -> BlockMap | None:
-    return await (await bus.kv(Buckets.BLOCKMAP, history=8)).get_message("current", BlockMap)
+    return await (await bus.kv(Buckets.BLOCKMAP, history=8)).get_message(blockmap_key("0"), BlockMap)
 
 
 def ranges(bm: BlockMap | None) -> list[tuple[str, int, int]]:

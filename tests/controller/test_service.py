@@ -9,7 +9,7 @@ import json
 import signal
 import time
 
-from proto import Ack, Buckets, StreamSpec, Subjects
+from proto import Ack, Buckets, StreamSpec, Subjects, blockmap_key
 from services.bus import Bus
 from services.config import NatsSettings
 
@@ -40,12 +40,12 @@ async def test_failure_join_and_restart_epochs(nats_settings: NatsSettings, bus:
     assert detected <= settings.controller.heartbeat_dead_s + 2.0, detected  # ~ dead budget + 1 s (loaded CI)
 
     await controllers.stop(svc)  # a restarted controller resumes the failure epoch: nothing changed
-    rev = (await (await bus.kv(Buckets.BLOCKMAP, history=8)).get("current")).revision
+    rev = (await (await bus.kv(Buckets.BLOCKMAP, history=8)).get(blockmap_key("0"))).revision
     svc = await controllers.start(settings)
     await eventually(lambda: svc.block_map is not None)
     await asyncio.sleep(0.5)
     assert svc.block_map.epoch == e0 + 1
-    assert (await (await bus.kv(Buckets.BLOCKMAP, history=8)).get("current")).revision == rev
+    assert (await (await bus.kv(Buckets.BLOCKMAP, history=8)).get(blockmap_key("0"))).revision == rev
 
     members.beat("dit-1")  # it comes back: a join epoch includes it again, in configured order
     await eventually(lambda: svc.block_map.epoch == e0 + 2, timeout=15)
@@ -184,6 +184,6 @@ async def test_advisory_mode_decides_the_same_without_applying(nats_settings: Na
         await asyncio.sleep(0.3)
         assert svc.block_map.epoch == (e0 if advisory else e0 + 1)
         await controllers.stop(svc)
-        await (await bus.kv(Buckets.BLOCKMAP, history=8)).delete("current")
+        await (await bus.kv(Buckets.BLOCKMAP, history=8)).delete(blockmap_key("0"))
         await (await bus.kv(Buckets.CONTROLLER)).delete("state")
     assert decisions[True] == decisions[False]

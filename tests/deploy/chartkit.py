@@ -49,7 +49,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "api": {"tokens": ["0123456789abcdef0123456789abcdef"]},
         "ingest": {"service": {"type": "NodePort", "nodePort": 31935}},
         "gateway": {"service": {"type": "LoadBalancer"}},
-        "ditStage": {"stages": 2, "pipelines": 2, "gpus": 0},
+        "ditStage": {"stages": 2, "rings": 2, "gpus": 0},
         # the autoscaler applying (RBAC for the scale of exactly its workloads, the token mounted)
         "config": {"controller": {"autoscale": {"mode": "apply", "max_rings": 3}}},
     },

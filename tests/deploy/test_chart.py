@@ -25,6 +25,8 @@ from deploy.chartkit import (
     render,
 )
 
+from proto.rings import resolve_ring, ring_stage_ids
+
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
 
 # The Kubernetes versions the chart supports: Chart.yaml kubeVersion's floor and the newest the validator knows.
@@ -285,7 +287,7 @@ def test_network_policies_open_only_gateway_and_rtmp(rendered: Rendered) -> None
 def test_stages_are_a_statefulset_named_like_the_block_map(rendered: Rendered) -> None:
     values = rendered.merged["ditStage"]
     sts = rendered.get("StatefulSet", "dit")
-    assert sts["spec"]["replicas"] == values["stages"] * values["pipelines"]
+    assert sts["spec"]["replicas"] == values["stages"] * values["rings"]
     headless = rendered.get("Service", sts["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None"
     env = {e["name"]: e for e in next(containers(sts))["env"]}
@@ -294,6 +296,13 @@ def test_stages_are_a_statefulset_named_like_the_block_map(rendered: Rendered) -
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert env["RHEO_DIT_STAGE__ADVERTISE_HOST"]["value"] == "$(POD_IP)"
     assert rendered.config_yaml()["controller"]["stages"] == values["stages"]
+    # one StatefulSet is every ring: each pod finds its ring from its ordinal, the controller keeps a map per ring
+    assert env["RHEO_DIT_STAGE__RING_ID"]["value"] == "auto"
+    assert rendered.config_yaml()["controller"]["rings"] == values["rings"]
+    pods = [f"dit-{k}" for k in range(sts["spec"]["replicas"])]
+    rings = {r: ring_stage_ids(r, values["stages"]) for r in map(str, range(values["rings"]))}
+    assert sorted(sid for ids in rings.values() for sid in ids) == sorted(pods)
+    assert all(resolve_ring("auto", sid, values["stages"]) == r for r, ids in rings.items() for sid in ids)
 
 
 # -- secrets ----------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import time
 
 from prometheus_client import generate_latest
 
-from dit_stage.service import BLOCKMAP_KEY, DitStageService
-from proto import CHANNELS, BlockMap, Buckets, PromptUpdate, StageAssignment, StageStats, Subjects
+from dit_stage.service import DitStageService
+from proto import CHANNELS, BlockMap, Buckets, PromptUpdate, StageAssignment, StageStats, Subjects, blockmap_key
 
 from .helpers import chunk_message, latents, prompt, reference
 from .test_service import _close, _Collector, _ids, _open_stream, _Stages
@@ -48,7 +48,7 @@ async def test_online_rebalance_across_live_stages_keeps_every_chunk_and_its_val
     async with _Stages(nats_settings, 3) as stages:
         for s, (seed, _, zs) in streams.items():
             await _open_stream(bus, shared_state, s, seed, tuple(zs[0].shape[-2:]))
-        await kv.put(BLOCKMAP_KEY, _map(stages.ids, 0))
+        await kv.put(blockmap_key("0"), _map(stages.ids, 0))
         await eventually(lambda: stages.ready, timeout=30)
         for s, (_, ctx, _) in streams.items():
             await bus.publish(Subjects.stream_prompt(s), PromptUpdate(stream_id=s, version=0, prompt="p",
@@ -57,7 +57,7 @@ async def test_online_rebalance_across_live_stages_keeps_every_chunk_and_its_val
         for c in range(CHUNKS):
             if c in MAP_AT:  # the controller rebalances while both streams run
                 epoch = MAP_AT[c]
-                await kv.put(BLOCKMAP_KEY, _map(stages.ids, epoch))
+                await kv.put(blockmap_key("0"), _map(stages.ids, epoch))
             for s, (seed, _, zs) in streams.items():  # stamped with the epoch "ingest" has seen
                 await bus.publish(Subjects.stream_latent(s), chunk_message(s, c, zs[c], epoch=epoch, seed=seed))
             await asyncio.sleep(0.15)
@@ -123,7 +123,7 @@ async def test_stages_join_a_running_ring_online(nats_settings, bus, eventually,
 
             for s, (seed, _, zs) in streams.items():
                 await _open_stream(bus, shared_state, s, seed, tuple(zs[0].shape[-2:]))
-            await kv.put(BLOCKMAP_KEY, join_map(0))
+            await kv.put(blockmap_key("0"), join_map(0))
             await eventually(lambda: stages.ready and x.endpoint and y.endpoint, timeout=30)
             for s, (_, ctx, _) in streams.items():
                 await bus.publish(Subjects.stream_prompt(s), PromptUpdate(stream_id=s, version=0, prompt="p",
@@ -132,7 +132,7 @@ async def test_stages_join_a_running_ring_online(nats_settings, bus, eventually,
             for c in range(CHUNKS):
                 if c in JOIN_AT:
                     epoch = JOIN_AT[c]
-                    await kv.put(BLOCKMAP_KEY, join_map(epoch))
+                    await kv.put(blockmap_key("0"), join_map(epoch))
                 for s, (seed, _, zs) in streams.items():
                     await bus.publish(Subjects.stream_latent(s), chunk_message(s, c, zs[c], epoch=epoch,
                                                                               seed=seed))

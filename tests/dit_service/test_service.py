@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from dit_stage.service import BLOCKMAP_KEY, DitStageService
+from dit_stage.service import DitStageService
 from proto import (
     CHANNELS,
     BlockMap,
@@ -30,6 +30,7 @@ from proto import (
     StreamEvent,
     StreamSpec,
     Subjects,
+    blockmap_key,
 )
 from services.bus import Bus
 from services.config import NatsSettings, Settings
@@ -72,7 +73,7 @@ def _block_map(stage_ids: list[str], epoch: int = 0) -> BlockMap:
 
 async def _write_block_map(bus: Bus, bm: BlockMap) -> None:
     kv = await bus.kv(Buckets.BLOCKMAP)
-    await kv.put(BLOCKMAP_KEY, bm)
+    await kv.put(blockmap_key("0"), bm)
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ async def shared_state(bus: Bus) -> AsyncIterator[list[str]]:
         with contextlib.suppress(Exception):
             await prompts.delete(f"{s}.0")
     with contextlib.suppress(Exception):
-        await (await bus.kv(Buckets.BLOCKMAP)).delete(BLOCKMAP_KEY)
+        await (await bus.kv(Buckets.BLOCKMAP)).delete(blockmap_key("0"))
 
 
 async def _open_stream(bus: Bus, shared: list[str], stream_id: str, seed: int, hw: tuple[int, int]) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from proto import CHANNELS, BlockMap, Buckets
+from proto import CHANNELS, DEFAULT_RING, BlockMap, Buckets, blockmap_key
 from services.bus import Bus
 from services.stack import LocalStack
 
@@ -84,7 +84,7 @@ def current_map(stack: LocalStack) -> BlockMap:
         assert stack.nats is not None
         bus = await Bus.connect(stack.nats_settings("ingest"), name="test-reader")  # a reader of the map
         try:
-            current = await (await bus.kv(Buckets.BLOCKMAP)).get_message("current", BlockMap)
+            current = await (await bus.kv(Buckets.BLOCKMAP)).get_message(blockmap_key("0"), BlockMap)
             assert current is not None
             return current
         finally:
@@ -133,7 +133,8 @@ def _flood_child(stack: LocalStack, n: int, out: Connection) -> None:
             for i in range(n):
                 name = FLOOD_CHANNELS[i % len(FLOOD_CHANNELS)]
                 channel = CHANNELS[name]
-                params = {p: "ingest" if p == "role" else f"flood{i}" for p in channel.params}
+                # a new stream per message, into the stack's one ring (ring 0: its first stage hears it)
+                params = {p: {"role": "ingest", "ring_id": DEFAULT_RING}.get(p, f"flood{i}") for p in channel.params}
                 await bus.nc.publish(channel.subject(**params), FLOOD_FRAME)
                 sent[name] += 1
             await bus.nc.flush(timeout=120)

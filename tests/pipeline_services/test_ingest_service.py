@@ -32,15 +32,18 @@ from proto import (
     CHANNELS,
     SLO,
     Ack,
+    Assignment,
     BlockMap,
     Buckets,
     Error,
     Heartbeat,
     LatentChunk,
     PromptUpdate,
+    StageAssignment,
     StreamEvent,
     StreamSpec,
     Subjects,
+    blockmap_key,
 )
 from proto.clock import ChunkClock
 from proto.spec import chunk_timesteps
@@ -78,7 +81,7 @@ class Recorder:
         self.events: list[StreamEvent] = []
         self.prompts: list[PromptUpdate] = []
 
-    async def attach(self, bus: Bus, sid: str) -> None:
+    async def attach(self, bus: Bus, sid: str, ring_id: str = "0") -> None:
         async def on_chunk(m: LatentChunk, _raw) -> None:
             self.chunks.append(m)
 
@@ -88,7 +91,7 @@ class Recorder:
         async def on_prompt(m: PromptUpdate, _raw) -> None:
             self.prompts.append(m)
 
-        await bus.subscribe(Subjects.stream_latent(sid), on_chunk, expected=LatentChunk, credit=True)
+        await bus.subscribe(Subjects.stream_latent(sid, ring_id), on_chunk, expected=LatentChunk, credit=True)
         await bus.subscribe(Subjects.stream_event(sid), on_event, expected=StreamEvent)
         await bus.subscribe(Subjects.stream_prompt(sid), on_prompt, expected=PromptUpdate)
         await bus.nc.flush()
@@ -153,7 +156,7 @@ async def test_rtmp_clip_becomes_latent_chunks(ingest: IngestService, bus: Bus, 
     assert [c.seq for c in rec.chunks] == [0, 1, 2, 3, 4]
     assert rec.events[-1].seq == 4
     assert (await table.get(sid)).state == "ended"
-    blockmap = await (await bus.kv(Buckets.BLOCKMAP)).get_message("current", BlockMap)
+    blockmap = await (await bus.kv(Buckets.BLOCKMAP)).get_message(blockmap_key("0"), BlockMap)
     epoch = blockmap.epoch if blockmap is not None else 0
 
     clock = ChunkClock()
@@ -467,6 +470,49 @@ async def test_a_t2v_stream_runs_from_the_table_with_a_blend_until_deleted(inges
     assert stamps[:effective] == [(0, None, 1.0)] * effective
     assert stamps[effective:effective + 4] == [(1, 0, 0.25), (1, 0, 0.5), (1, 0, 0.75), (1, None, 1.0)]
     assert all(s == (1, None, 1.0) for s in stamps[effective + 4:])
+
+
+async def test_a_stream_follows_its_ring(ingest: IngestService, bus: Bus, eventually) -> None:
+    """Chunks go into the ring the stream is placed on, clocked by that ring's epoch; moved to another ring (its
+    ring lost), the stream's chunks go there from a new warm-up segment (its prepare chunk first), none twice."""
+    blockmaps = await bus.kv(Buckets.BLOCKMAP)
+    await blockmaps.put(blockmap_key("1"), BlockMap(epoch=7, num_blocks=2, ring_id="1", stages=[
+        StageAssignment(stage_id="dit-1", block_start=0, block_end=2)]))
+    table = await StreamTable.open(bus)
+    spec = StreamSpec(stream_id=new_stream_id(), width=SIZE, height=SIZE, fps=16.0, steps=2, prompt="a cat",
+                      t2v=True, t2v_frames=2, slo=SLO(max_latency_ms=LATENCY_MS))
+    sid = spec.stream_id
+    ring0, ring1 = Recorder(), Recorder()
+    await ring0.attach(bus, sid)
+    await ring1.attach(bus, sid, "1")
+    try:
+        await table.create(spec)
+        _CREATED.append((table, sid))
+        await eventually(lambda: len(ring0.chunks) >= 2 and ingest.rings.epoch("1") == 7, timeout=20)
+        assert not ring1.chunks
+        moved_to = Assignment(ring_id="1", decoder="", egress="", version=2)
+        await table.update(sid, lambda r: r.model_copy(update={"assignment": moved_to}))
+        await eventually(lambda: len(ring1.chunks) >= 2, timeout=20)
+        moved = len(ring0.chunks)
+        await asyncio.sleep(0.5)
+        assert len(ring0.chunks) == moved  # nothing into the old ring any more
+        first = ring1.chunks[0]
+        assert first.latent_start == 0 and first.segment > ring0.chunks[0].segment  # a new warm-up segment
+        assert all(c.epoch == 7 for c in ring1.chunks)
+        seqs = [c.seq for c in ring0.chunks + ring1.chunks]
+        assert seqs == sorted(set(seqs))  # each chunk into one ring, once
+        reason = [""]
+
+        async def said() -> bool:
+            reason[0] = (await table.get(sid)).state_reason
+            return "moved from ring 0 to ring 1" in reason[0]
+
+        deadline = time.monotonic() + 10
+        while not await said():  # the record says why the stream recovers
+            assert time.monotonic() < deadline, reason
+            await asyncio.sleep(0.05)
+    finally:
+        await blockmaps.delete(blockmap_key("1"))
 
 
 def test_a_blend_is_stamped_per_chunk_and_survives_a_move() -> None:

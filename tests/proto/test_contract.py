@@ -12,7 +12,7 @@ import pytest
 from pydantic import Field, create_model
 
 import proto.messages as messages
-from proto import CHANNELS, MESSAGE_TYPES, InvalidToken, Subjects
+from proto import CHANNELS, MESSAGE_TYPES, InvalidToken, Subjects, blockmap_key
 from proto.asyncapi import build_document, load_committed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,15 +50,20 @@ def test_cli_check_passes() -> None:
 
 
 def test_subjects() -> None:
-    assert Subjects.stream_latent("cam-1") == "rheo.stream.cam-1.latent"
+    assert Subjects.stream_latent("cam-1") == "rheo.stream.cam-1.latent.0"  # the default ring
+    assert Subjects.stream_latent("cam-1", "2") == "rheo.stream.cam-1.latent.2"
+    assert Subjects.ring_latents("2") == "rheo.stream.*.latent.2"  # a first stage takes its own ring's only
+    assert blockmap_key("2") == "blockmap.2" and blockmap_key("0") != blockmap_key("1")
     assert Subjects.blockmap() == "rheo.ctl.blockmap"
     assert Subjects.heartbeat("dit-stage", "stage-0") == "rheo.ctl.heartbeat.dit-stage.stage-0"
     assert CHANNELS["ctl_heartbeat"].param("rheo.ctl.heartbeat.decoder.m-1", "role") == "decoder"
     assert CHANNELS["ctl_heartbeat"].param("rheo.ctl.blockmap", "role") is None
-    assert CHANNELS["stream_latent"].wildcard() == "rheo.stream.*.latent"
+    assert CHANNELS["stream_latent"].wildcard() == "rheo.stream.*.latent.*"
     for bad in ["a.b", "*", ">", "", "x" * 65, "a b", "ü"]:
         with pytest.raises(InvalidToken):
             Subjects.stream_latent(bad)
+        with pytest.raises(InvalidToken):
+            Subjects.stream_latent("cam-1", bad)
 
 
 def test_no_subject_strings_outside_proto() -> None:

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from proto import Ack, BlockMap, Buckets, Heartbeat, StreamSpec, Subjects
+from proto import Ack, BlockMap, Buckets, Heartbeat, StreamSpec, Subjects, blockmap_key
 from proto.spec import RingConfig
 from services.bus import Bus
 from services.config import NatsSettings, Settings
@@ -41,9 +41,9 @@ async def _run(settings: Settings, eventually) -> tuple[ControllerService, async
 
 async def test_block_map_epochs_and_restart(nats_settings: NatsSettings, bus: Bus, eventually) -> None:
     kv = await bus.kv(Buckets.BLOCKMAP, history=8)
-    await kv.delete("current")
+    await kv.delete(blockmap_key("0"))
     svc, task = await _run(_settings(nats_settings, 3), eventually)
-    stored = await kv.get_message("current", BlockMap)
+    stored = await kv.get_message(blockmap_key("0"), BlockMap)
     assert [(s.stage_id, s.block_start, s.block_end) for s in stored.stages] == \
         [("dit-0", 0, 1), ("dit-1", 1, 2), ("dit-2", 2, 3)]
     assert stored.ring == RingConfig()  # the configured ring (defaults here) travels in the map
@@ -52,18 +52,18 @@ async def test_block_map_epochs_and_restart(nats_settings: NatsSettings, bus: Bu
     assert await task == 0
 
     svc, task = await _run(_settings(nats_settings, 3), eventually)  # same config: resume, same epoch
-    assert (await kv.get_message("current", BlockMap)).epoch == first_epoch
+    assert (await kv.get_message(blockmap_key("0"), BlockMap)).epoch == first_epoch
     svc.stop()
     await task
 
     svc, task = await _run(_settings(nats_settings, 1), eventually)  # new config: next epoch
-    stored = await kv.get_message("current", BlockMap)
+    stored = await kv.get_message(blockmap_key("0"), BlockMap)
     assert stored.epoch == first_epoch + 1 and len(stored.stages) == 1
     svc.stop()
     await task
 
     svc, task = await _run(_settings(nats_settings, 1, kv_window=8, t_refresh=40), eventually)  # a new ring
-    stored = await kv.get_message("current", BlockMap)
+    stored = await kv.get_message(blockmap_key("0"), BlockMap)
     assert stored.epoch == first_epoch + 2 and (stored.ring.kv_window, stored.ring.t_refresh) == (8, 40)
     svc.stop()
     await task

@@ -155,7 +155,7 @@ authorization {
 {{- $_ := set $nats "tls_ca_file" "/var/run/secrets/rheo/nats-ca/ca.crt" -}}
 {{- end -}}
 {{- $_ := set $cfg "nats" (merge $nats (default dict $cfg.nats)) -}}
-{{- $_ := set $cfg "controller" (merge (dict "stages" (int .Values.ditStage.stages)) (default dict $cfg.controller)) -}}
+{{- $_ := set $cfg "controller" (merge (dict "stages" (int .Values.ditStage.stages) "rings" (int .Values.ditStage.rings)) (default dict $cfg.controller)) -}}
 {{- $workloads := dict "ring_workload" "StatefulSet/dit" "decoder_workload" (printf "Deployment/%s-decoder" (include "rheo.fullname" .)) "ingest_workload" (printf "Deployment/%s-ingest" (include "rheo.fullname" .)) -}}
 {{- $_ := set $cfg.controller "autoscale" (merge $workloads (default dict $cfg.controller.autoscale)) -}}
 {{- if ne .Values.model.source "none" -}}
