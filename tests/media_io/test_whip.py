@@ -1,0 +1,69 @@
+"""WHIP ingest in-process (ingest/whip.py): aiortc publishes a moving picture over real sockets (HTTP, ICE, DTLS,
+SRTP) to a real RtmpServer's streams; the chunks come out of the same queue RTMP feeds. A bad key, a bad offer and a
+key of another stream are refused with counted reasons; DELETE of the Location ends the session."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from ingest.whip import WhipServer
+from media_io.mediakit import ingest_server
+from support import whip
+
+
+async def _until(predicate, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+async def test_whip_publishes_chunks_refuses_bad_keys_and_offers_and_delete_ends_it() -> None:
+    keys = {"key-a": "stream-a", "key-b": "stream-b"}
+    async with ingest_server(keys, width=64, height=64, fps=8, whip_port=0) as (server, collector):
+        w = WhipServer(server)
+        await w.start()
+        base = f"http://127.0.0.1:{w.port}/whip"
+        try:
+            async with httpx.AsyncClient(timeout=20) as client:
+                # refusals before any session exists, each counted with its reason
+                bad = await whip.offer()
+                r = await whip.publish(client, f"{base}/stream-a", "wrong", bad)
+                assert r.status_code == 401 and "bad stream key" in r.text and r.headers["www-authenticate"]
+                r = await whip.publish(client, f"{base}/stream-a", "key-b", bad)  # a key of another stream
+                assert r.status_code == 401
+                await bad.close()
+                r = await client.post(f"{base}/stream-a", content=b"v=0\r\nnot an offer",
+                                      headers={"Content-Type": "application/sdp", "Authorization": "Bearer key-a"})
+                assert r.status_code == 400 and "bad offer" in r.text
+                r = await client.post(f"{base}/stream-a", content=b"{}",
+                                      headers={"Content-Type": "application/json", "Authorization": "Bearer key-a"})
+                assert r.status_code == 415
+                assert server.stats.refused["bad_key"] == 2 and server.stats.refused["protocol"] == 1
+                assert not collector.streams and not server._sessions
+
+                pc = await whip.offer(audio=True)
+                r = await whip.publish(client, f"{base}/stream-a", "key-a", pc)
+                assert r.status_code == 201, r.text
+                assert r.headers["content-type"].startswith("application/sdp")
+                location = r.headers["location"]
+                assert location.startswith("/whip/stream-a/")
+                await _until(lambda: len(collector.chunks.get("stream-a", [])) >= 3)
+                chunks = collector.chunks["stream-a"]
+                assert chunks[0].frames.shape[1:] == (64, 64, 3)
+                assert not (chunks[-1].frames[0] == chunks[0].frames[0]).all(), "the picture does not move"
+                stream = server.streams["stream-a"]
+                assert stream.publishing and stream.stats.frames_decoded > 0
+                await _until(lambda: stream.audio.stats.units["not_aac"] > 0)  # Opus: dropped, counted
+
+                r = await client.delete(f"http://127.0.0.1:{w.port}{location}", headers={"Authorization": "Bearer x"})
+                assert r.status_code == 401
+                r = await client.delete(f"http://127.0.0.1:{w.port}{location}",
+                                        headers={"Authorization": "Bearer key-a"})
+                assert r.status_code == 200
+                assert not stream.publishing and not w.sessions and not server._sessions
+                assert server.stats.refused.total() == 3  # a clean end is not a refusal
+                await pc.close()
+        finally:
+            await w.close()
