@@ -168,7 +168,7 @@ class IngestService(Service):
         if self.settings.ingest.whip_port is not None:  # WebRTC publishers: the same streams (docs/whip.md)
             from ingest.whip import WhipServer  # aiortc loads only where WHIP is on
 
-            self.whip = WhipServer(self.rtmp)
+            self.whip = WhipServer(self.rtmp, self.settings.lifecycle.http_host)
             await self.whip.start()
         self.checks["rtmp"] = True
         self._watches.append(asyncio.create_task(watch_keys(self._table_kv, "s.*", self._on_record,

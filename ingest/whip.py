@@ -138,10 +138,11 @@ class WhipSession:
 
 
 class WhipServer:
-    """The WHIP HTTP listener (``ingest.whip_port`` on ``ingest.rtmp_host``); its sessions live in ``rtmp``."""
+    """The WHIP HTTP listener (``ingest.whip_port`` on ``host``: the gateway calls it, as it reads /metrics); its
+    sessions are publishers of ``rtmp``, beside its RTMP connections."""
 
-    def __init__(self, rtmp: RtmpServer) -> None:
-        self.rtmp = rtmp
+    def __init__(self, rtmp: RtmpServer, host: str = "127.0.0.1") -> None:
+        self.rtmp, self.host = rtmp, host
         self.settings = rtmp.settings
         self.sessions: dict[str, WhipSession] = {}
         self.port = 0
@@ -151,12 +152,12 @@ class WhipServer:
     async def start(self) -> None:
         s = self.settings
         assert s.whip_port is not None
-        sock = listen_socket(s.rtmp_host, s.whip_port, "the WHIP listener (ingest.whip_port)")
+        sock = listen_socket(self.host, s.whip_port, "the WHIP listener (ingest.whip_port)")
         self.port = sock.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(self.app(), log_level="warning", lifespan="off"))
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="whip-http")
-        log.info("whip ingest listening on %s:%d", s.rtmp_host, self.port)
+        log.info("whip ingest listening on %s:%d", self.host, self.port)
 
     async def close(self) -> None:
         for session in list(self.sessions.values()):
@@ -178,6 +179,9 @@ class WhipServer:
     async def offer(self, stream_id: str, request: Request) -> Response:
         """An SDP offer: the key checked as RTMP's ``publish`` is, then the answer (ICE gathered)."""
         peer = f"{request.client.host}:{request.client.port}" if request.client else "?:0"
+        header = self.settings.whip_client_header
+        if header and request.headers.get(header):  # behind the gateway: the publisher, not the gateway
+            peer = f"{request.headers[header].split(',')[0].strip()[:64]}:0"
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != SDP:
             raise HTTPException(415, f"the offer must be {SDP}", headers={"Accept-Post": SDP})
         budget = self.settings.preauth_buffer_bytes

@@ -219,8 +219,13 @@ class IngestSettings(Section):
         10.0, ge=0, description="how long a disconnected stream waits for its publisher to reconnect before it ends"
     )
     whip_port: int | None = Field(
-        None, ge=0, le=65535, description="WHIP (WebRTC publish, RFC 9725) HTTP listen port on rtmp_host, which the "
-        "gateway's /v1/streams/{id}/whip forwards to (0: ephemeral); null: no WHIP (docs/whip.md)"
+        None, ge=0, le=65535, description="WHIP (WebRTC publish, RFC 9725) HTTP listen port on "
+        "lifecycle.http_host, which the gateway's /v1/streams/{id}/whip forwards to (0: ephemeral); null: no WHIP "
+        "(docs/whip.md)"
+    )
+    whip_client_header: str | None = Field(
+        None, description="take a WHIP publisher's address (per-address caps, key-guess backoff) from this header: "
+        "X-Forwarded-For where only the gateway reaches ingest.whip_port; unset: the connection's peer"
     )
     whip_ice_servers: list[str] = Field(
         default_factory=list, description="STUN/TURN URLs of WHIP sessions (e.g. stun:stun.example.org:3478); empty: "

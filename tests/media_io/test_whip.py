@@ -67,3 +67,54 @@ async def test_whip_publishes_chunks_refuses_bad_keys_and_offers_and_delete_ends
                 await pc.close()
         finally:
             await w.close()
+
+
+async def test_gateway_forwards_whip_same_origin_and_names_the_client() -> None:
+    """/v1/streams/{id}/whip → ingest: the answer and a Location on the gateway's path; DELETE through it ends the
+    session; ingest counts key failures against the client the gateway names, not against the gateway."""
+    from fastapi import FastAPI
+
+    from media_io.mediakit import serve_app
+    from services.config import Settings
+    from services.gateway.whip import make_whip_router
+
+    async with ingest_server({"key-a": "stream-a"}, width=64, height=64, fps=8, whip_port=0,
+                             whip_client_header="X-Forwarded-For", key_failures_per_ip=2) as (server, collector):
+        w = WhipServer(server)
+        await w.start()
+        app = FastAPI()
+        async with httpx.AsyncClient(timeout=20) as proxy:
+            off = FastAPI()
+            off.include_router(make_whip_router(Settings(), proxy))
+            settings = Settings(gateway={"whip_url": f"http://127.0.0.1:{w.port}",
+                                         "client_address_header": "X-Real-Client"})
+            app.include_router(make_whip_router(settings, proxy))
+            try:
+                async with serve_app(app) as port, serve_app(off) as off_port, httpx.AsyncClient(timeout=20) as c:
+                    base = f"http://127.0.0.1:{port}/v1/streams"
+                    r = await c.post(f"http://127.0.0.1:{off_port}/v1/streams/stream-a/whip", content=b"v=0",
+                                     headers={"Content-Type": "application/sdp"})
+                    assert r.status_code == 503 and "gateway.whip_url" in r.text
+                    pc = await whip.offer()
+                    for client in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):  # two failures block 10.0.0.1 only
+                        c.headers["X-Real-Client"] = client
+                        r = await whip.publish(c, f"{base}/stream-a/whip", "wrong", pc)
+                        assert r.status_code == 401, r.text
+                    r = await whip.publish(c, f"{base}/stream-a/whip", "wrong", pc)
+                    assert r.status_code == 401 and server.stats.refused["key_rate_limited"] == 0
+                    c.headers["X-Real-Client"] = "10.0.0.1"
+                    r = await whip.publish(c, f"{base}/stream-a/whip", "key-a", pc)
+                    assert r.status_code == 429 and server.stats.refused["key_rate_limited"] == 1
+                    c.headers["X-Real-Client"] = "10.0.0.3"
+                    r = await whip.publish(c, f"{base}/stream-a/whip", "key-a", pc)
+                    assert r.status_code == 201, r.text
+                    location = r.headers["location"]
+                    assert location.startswith("/v1/streams/stream-a/whip/")
+                    await _until(lambda: len(collector.chunks.get("stream-a", [])) >= 1)
+                    r = await c.delete(f"http://127.0.0.1:{port}{location}", headers={"Authorization": "Bearer key-a"})
+                    assert r.status_code == 200 and not server.streams["stream-a"].publishing
+                    r = await c.delete(f"{base}/stream-a/whip/..%2f..%2fx", headers={"Authorization": "Bearer key-a"})
+                    assert r.status_code == 404
+                    await pc.close()
+            finally:
+                await w.close()
