@@ -103,6 +103,9 @@ class WhipSession:
         kind: RefusalKind | None = None
         reason = "publisher closed the connection"
         try:
+            if self._end is not None:  # replaced or shut down while its offer was answered
+                kind, reason = self._end
+                return
             while True:
                 try:
                     async with asyncio.timeout(timeout):
@@ -111,6 +114,11 @@ class WhipSession:
                     kind, reason = "no_frames", f"no video frame for {timeout:g} s (ingest.frame_timeout_s)"
                     break
                 stream.stats.video_messages += 1
+                s = self.server.settings
+                if frame.width > s.max_width or frame.height > s.max_height:
+                    kind, reason = "unsupported_media", (f"video {frame.width}x{frame.height} exceeds the "
+                                                         f"{s.max_width}x{s.max_height} cap")
+                    break
                 await stream.hand_off(lambda f=frame: [f], self)
         except MediaStreamError:
             pass  # the track ended: the peer connection closed
@@ -196,11 +204,23 @@ class WhipServer:
         if not self.rtmp.enter(session):
             await session.pc.close()
             raise HTTPException(429, "too many connections from this address", headers={"Retry-After": "5"})
+        answered = False
+        kind: RefusalKind = "connection_error"
+        reason = "the publisher went away during the offer"
         try:
-            return await self._negotiate(session, stream_id, sdp, _bearer(request))
+            response = await self._negotiate(session, stream_id, sdp, _bearer(request))
+            answered = True
+            return response
         except HTTPException as exc:
-            await session.close(_kind_of(exc), str(exc.detail))
+            kind, reason = _kind_of(exc), str(exc.detail)
             raise
+        except Exception as exc:  # aiortc's own surprises with a hostile offer: this offer fails, nothing else
+            log.exception("whip %s: offer failed", peer)
+            kind, reason = "internal", f"internal error: {exc}"[:300]
+            raise HTTPException(500, "the offer could not be answered") from exc
+        finally:
+            if not answered:
+                await asyncio.shield(session.close(kind, reason))
 
     async def _negotiate(self, session: WhipSession, stream_id: str, sdp: str, key: str) -> Response:
         if not sdp.startswith("v=0") or "\nm=video" not in sdp:
