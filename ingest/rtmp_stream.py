@@ -17,6 +17,7 @@ import numpy as np
 
 from ingest.audio import AudioPassthrough
 from ingest.pacing import Chunker, ChunkQueue, FramePacer, RawChunk
+from ingest.rtmp_limits import RefusalKind
 from media.frames import shape_frame
 from proto.clock import ChunkClock
 
@@ -55,9 +56,9 @@ class Publisher(Protocol):
     bucket: str
     stream: RtmpStream | None
 
-    def abort(self, kind: Any, reason: str) -> None: ...
+    def abort(self, kind: RefusalKind, reason: str) -> None: ...
 
-    def evict(self, kind: Any, reason: str) -> None: ...
+    def evict(self, kind: RefusalKind, reason: str) -> None: ...
 
     def buffered_bytes(self) -> int: ...
 

@@ -118,3 +118,36 @@ async def test_gateway_forwards_whip_same_origin_and_names_the_client() -> None:
                     await pc.close()
             finally:
                 await w.close()
+
+
+async def test_a_whip_publisher_replaces_an_rtmp_one_with_the_same_key() -> None:
+    """One publisher definition: a WHIP session with the key of a live RTMP stream takes it over (the RTMP
+    connection is closed, counted as ``replaced``) and the stream goes on, one stream, its numbering continued."""
+    from media_io.mediakit import publish_pyav
+
+    async with ingest_server({"key-a": "stream-a"}, width=64, height=64, fps=8, whip_port=0) as (server, collector):
+        w = WhipServer(server)
+        await w.start()
+        rtmp = asyncio.create_task(publish_pyav(f"rtmp://127.0.0.1:{server.port}/live/key-a", 400, 16, "64x64",
+                                                "--realtime"))
+        try:
+            await _until(lambda: len(collector.chunks.get("stream-a", [])) >= 1)
+            stream = server.streams["stream-a"]
+            pc = await whip.offer()
+            async with httpx.AsyncClient(timeout=20) as client:
+                r = await whip.publish(client, f"http://127.0.0.1:{w.port}/whip/stream-a", "key-a", pc)
+                assert r.status_code == 201, r.text
+                await _until(lambda: server.stats.refused["replaced"] == 1)
+                before = len(collector.chunks["stream-a"])
+                await _until(lambda: len(collector.chunks["stream-a"]) >= before + 2)
+                assert server.streams["stream-a"] is stream and stream.stats.sessions == 2
+                seqs = [c.seq for c in collector.chunks["stream-a"]]
+                assert seqs == sorted(set(seqs))
+                await client.delete(f"http://127.0.0.1:{w.port}{r.headers['location']}",
+                                    headers={"Authorization": "Bearer key-a"})
+            await pc.close()
+            async with asyncio.timeout(30):
+                result = await rtmp  # the replaced publisher's connection was closed under it
+            assert '"ok": false' in result.stdout, result
+        finally:
+            await w.close()

@@ -44,7 +44,7 @@ def test_console_goes_live_from_the_browser_camera(stack: LocalStack) -> None:
             page.wait_for_function(PLAYING, timeout=60000)  # the styled stream, through egress, in the preview
             frame0 = page.evaluate(FRAME_HASH)
             page.wait_for_function(f"h => ({FRAME_HASH})() !== h", arg=frame0, timeout=20000)  # it moves
-            page.screenshot(path=ARTEFACTS / "5-golive.png")
+            page.screenshot(path=ARTEFACTS / "5-golive.png", full_page=True)
             info = stack.api("GET", f"/v1/streams/{sid}")
             assert info["state"] == "live" and (info["ingest"] or {}).get("published", 0) > 0, info
             page.click("#golive-stop")
