@@ -46,13 +46,19 @@ class WhipSession:
         self.id = secrets.token_urlsafe(16)
         self.key = ""
         self.stream: RtmpStream | None = None
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in ice_servers]))
+        self.ice_servers = ice_servers
+        self.pc: RTCPeerConnection | None = None
+        """Made once the key passed: before, a request costs no DTLS certificate and no socket."""
         self.video: MediaStreamTrack | None = None
         self.task: asyncio.Task[None] | None = None
         self._audio: asyncio.Task[None] | None = None
         self._end: tuple[RefusalKind | None, str] | None = None
+
+    def connect(self) -> RTCPeerConnection:
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in self.ice_servers]))
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
+        return self.pc
 
     def abort(self, kind: RefusalKind, reason: str) -> None:
         self._end = self._end or (kind, reason)
@@ -77,7 +83,7 @@ class WhipSession:
             self._audio = asyncio.create_task(self._drop_audio(track), name=f"whip-audio-{self.id}")
 
     def _on_state(self) -> None:
-        if self.pc.connectionState == "failed":
+        if self.pc is not None and self.pc.connectionState == "failed":
             self.abort("connection_error", "WebRTC connection failed (ICE or DTLS)")
 
     async def _drop_audio(self, track: MediaStreamTrack) -> None:
@@ -134,8 +140,9 @@ class WhipSession:
         """Release everything the session holds; count the reason unless it ended cleanly."""
         if self._audio is not None:
             self._audio.cancel()
-        with contextlib.suppress(Exception):
-            await self.pc.close()
+        if self.pc is not None:
+            with contextlib.suppress(Exception):
+                await self.pc.close()
         if self.stream is not None:
             self.server.detach(self, self.stream, reason if kind is not None else "")
         self.server.leave(self)
@@ -202,7 +209,6 @@ class WhipServer:
         sdp = body.decode("utf-8", "replace")
         session = WhipSession(self.rtmp, peer, self.settings.whip_ice_servers)
         if not self.rtmp.enter(session):
-            await session.pc.close()
             raise HTTPException(429, "too many connections from this address", headers={"Retry-After": "5"})
         answered = False
         kind: RefusalKind = "connection_error"
@@ -236,20 +242,21 @@ class WhipServer:
             headers = {"WWW-Authenticate": "Bearer"} if exc.kind == "bad_key" else {}
             raise _Refusal(_HTTP_OF.get(exc.kind, 403), exc.kind, exc.reason, headers) from None
         session.key = key
+        pc = session.connect()
         try:
-            await session.pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+            await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
             if session.video is None:
                 raise ValueError("no video track (VP8 or H.264) in the offer")
-            await session.pc.setLocalDescription(await session.pc.createAnswer())
+            await pc.setLocalDescription(await pc.createAnswer())
         except (ValueError, AttributeError, KeyError, IndexError) as exc:
             raise _Refusal(400, "protocol", f"bad offer: {exc}"[:300]) from None
-        if not _has_video_codec(session.pc.localDescription.sdp):
+        if not _has_video_codec(pc.localDescription.sdp):
             raise _Refusal(400, "unsupported_media", "bad offer: no video codec in common (VP8 or H.264)")
         self.sessions[session.id] = session
         session.task = asyncio.create_task(self._run(session), name=f"whip-{session.id}")
         self.rtmp.adopt(session.task)
         log.info("whip %s publishing stream=%s (session %s)", session.peer, stream_id, session.id)
-        return Response(session.pc.localDescription.sdp, status_code=201, media_type=SDP,
+        return Response(pc.localDescription.sdp, status_code=201, media_type=SDP,
                         headers={"Location": f"/whip/{stream_id}/{session.id}", "ETag": f'"{session.id}"'})
 
     async def _run(self, session: WhipSession) -> None:

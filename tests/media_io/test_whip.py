@@ -13,7 +13,7 @@ from media_io.mediakit import ingest_server
 from support import whip
 
 
-async def _until(predicate, timeout: float = 20.0) -> None:
+async def _until(predicate, timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.05)
@@ -42,6 +42,12 @@ async def test_whip_publishes_chunks_refuses_bad_keys_and_offers_and_delete_ends
                 assert r.status_code == 415
                 assert server.stats.refused["bad_key"] == 2 and server.stats.refused["protocol"] == 1
                 assert not collector.streams and not server._sessions
+                # past the key check, an offer aiortc cannot take: 400, and the session is released
+                r = await client.post(f"{base}/stream-a", content=b"v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n",
+                                      headers={"Content-Type": "application/sdp", "Authorization": "Bearer key-a"})
+                assert r.status_code == 400 and "bad offer" in r.text, r.text
+                assert not server.streams["stream-a"].publishing and not server._sessions
+                assert server.stats.refused["protocol"] == 2
 
                 pc = await whip.offer(audio=True)
                 r = await whip.publish(client, f"{base}/stream-a", "key-a", pc)
@@ -63,7 +69,7 @@ async def test_whip_publishes_chunks_refuses_bad_keys_and_offers_and_delete_ends
                                         headers={"Authorization": "Bearer key-a"})
                 assert r.status_code == 200
                 assert not stream.publishing and not w.sessions and not server._sessions
-                assert server.stats.refused.total() == 3  # a clean end is not a refusal
+                assert server.stats.refused.total() == 4  # a clean end is not a refusal
                 await pc.close()
         finally:
             await w.close()
