@@ -506,7 +506,8 @@ class _Session:
         try:
             if timeout <= 0:
                 raise TimeoutError
-            return await asyncio.wait_for(self.reader.read(size), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel (abort: replaced)
+                return await self.reader.read(size)
         except TimeoutError:
             if self.stream is not None and time.monotonic() >= self._frame_deadline:
                 raise _Close("no_frames", f"no video frame for {self.settings.frame_timeout_s:g} s "
