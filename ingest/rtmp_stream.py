@@ -1,5 +1,6 @@
-"""The RTMP side of one stream: what the authoriser decides for a publisher, and the ``RtmpStream`` (pacer, chunker,
-chunk queue) that outlives its connections. ``ingest.server`` feeds it decoded frames; the service takes its chunks.
+"""The publisher side of one stream: what the authoriser decides for a publisher, what a publisher is
+(``Publisher``: an RTMP connection, a WHIP session), and the ``RtmpStream`` (pacer, chunker, chunk queue) that
+outlives its publishers. Publishers hand it decoded frames (``RtmpStream.hand_off``); the service takes its chunks.
 """
 
 from __future__ import annotations
@@ -7,18 +8,20 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import av
 import numpy as np
 
 from ingest.audio import AudioPassthrough
 from ingest.pacing import Chunker, ChunkQueue, FramePacer, RawChunk
+from ingest.rtmp_limits import RefusalKind
 from media.frames import shape_frame
 from proto.clock import ChunkClock
 
-__all__ = ["Decision", "RtmpStream", "StreamShape", "StreamStats"]
+__all__ = ["Decision", "Publisher", "RtmpStream", "StreamShape", "StreamStats"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,22 @@ class Decision:
     """(seq, segment) of a new session's first chunk (the stream record's reservation); a resumed one ignores it."""
     bad_key: bool = False
     """Refused because the key (or application) is unknown: counts toward the address's key-guess limit."""
+
+
+class Publisher(Protocol):
+    """One publisher of a stream (an RTMP connection, a WHIP session): what ``RtmpServer`` needs to count it
+    against the caps (``bucket``), to close it with a counted reason (``abort``/``evict``: replaced, shutdown)
+    and to know what it publishes (``stream``, set once its key passed)."""
+
+    peer: str
+    bucket: str
+    stream: RtmpStream | None
+
+    def abort(self, kind: RefusalKind, reason: str) -> None: ...
+
+    def evict(self, kind: RefusalKind, reason: str) -> None: ...
+
+    def buffered_bytes(self) -> int: ...
 
 
 @dataclass
@@ -97,6 +116,13 @@ class RtmpStream:
                 self._last_frame = shape_frame(frame, self.shape.width, self.shape.height)
                 self._emit(self._last_frame, slot.index, out)
         return out
+
+    async def hand_off(self, frames_of: Callable[[], list[av.VideoFrame]], owner: object) -> None:
+        """The one way a publisher's frames reach the stream: ``frames_of`` (decode, if the publisher has to) and
+        ``process`` run in a worker thread, the chunks are queued on the loop (the queue is not thread-safe)."""
+        chunks = await asyncio.to_thread(lambda: self.process(frames_of(), owner))
+        for chunk in chunks:
+            self.queue.put(chunk)
 
     @property
     def audio_config(self) -> bytes | None:

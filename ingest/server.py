@@ -24,9 +24,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingest.pacing import RawChunk
+import av
+
 from ingest.rtmp_limits import ConnectionGate, KeyGuessLimiter, RefusalKind, RefusalLog, address_bucket
-from ingest.rtmp_stream import Decision, RtmpStream, StreamShape
+from ingest.rtmp_stream import Decision, Publisher, RtmpStream, StreamShape
 from ingest.rtmp_tls import TlsContexts
 from media import amf0
 from media.chunkstream import (
@@ -158,7 +159,8 @@ class RtmpServer:
         self._server: asyncio.Server | None = None
         self._tls_sock: socket.socket | None = None
         self._tls_accept: asyncio.Task | None = None
-        self._sessions: set[_Session] = set()
+        self._sessions: set[Publisher] = set()
+        """Every connection (RTMP) and WHIP session, before and after its key check."""
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -228,31 +230,73 @@ class RtmpServer:
                 await asyncio.sleep(0.1)
                 continue
             session = _Session(self, f"{addr[0]}:{addr[1]}", address_bucket(str(addr[0])), tls_sock=conn)
-            task = asyncio.create_task(self._serve(session, conn.close), name="rtmps-session")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.adopt(asyncio.create_task(self._serve(session, conn.close), name="rtmps-session"))
 
-    async def _serve(self, session: _Session, close: Callable[[], None]) -> None:
+    def enter(self, session: Publisher) -> bool:
+        """Count a new publisher connection or session in (per-address caps, the pre-auth pool); False: refused,
+        and counted. Every ``enter`` is paired with one ``leave``."""
         refusal = self.gate.admit(session)
         if refusal is not None:
             self.refuse(refusal[0], session.peer, refusal[1])
-            close()
-            return
+            return False
         self._sessions.add(session)
         self.stats.connections += 1
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-            session.task = task
+        return True
+
+    def leave(self, session: Publisher) -> None:
+        self.gate.release(session)
+        self._sessions.discard(session)
+
+    def adopt(self, task: asyncio.Task) -> None:
+        """A publisher's task: ``close`` waits for it (after aborting its publisher)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, session: _Session, close: Callable[[], None]) -> None:
+        if not self.enter(session):
+            close()
+            return
+        session.task = asyncio.current_task()
+        if session.task is not None:
+            self.adopt(session.task)
         try:
             await session.run()
         finally:
-            self.gate.release(session)
-            self._sessions.discard(session)
-            if task is not None:
-                self._tasks.discard(task)
+            self.leave(session)
 
-    async def _attach(self, session: _Session, decision: Decision, key: str) -> RtmpStream:
+    async def admit_publisher(self, session: Publisher, app: str, key: str, metadata: dict[str, Any],
+                              stream_id: str | None = None) -> RtmpStream:
+        """The one key check every publisher passes (an RTMP ``publish``, a WHIP offer): the publisher cap, the
+        address's key-guess backoff, the application, the authoriser; then ``session`` owns the stream (a new one,
+        or the lingering one it resumes, replacing its previous publisher). ``stream_id``: the stream the
+        publisher named (WHIP's URL), which the key must open. Raises ``Refused`` (the caller counts it)."""
+        if not self.gate.has_publisher_room():  # checked again at attach; this spares the authoriser's work
+            raise Refused(f"connection cap of {self.settings.max_connections} publishers reached; retry later",
+                          kind="connection_cap")
+        blocked = self.keys.blocked_for(session.bucket)
+        if blocked:
+            raise Refused(f"too many failed stream keys from this address; retry in {math.ceil(blocked)} s",
+                          kind="key_rate_limited")
+        if app != self.settings.rtmp_app:
+            self.keys.failed(session.bucket)
+            raise Refused(f"unknown application {app[:40]!r}", "NetStream.Publish.BadName", kind="bad_key")
+        if not key:
+            raise Refused("empty stream key", "NetStream.Publish.BadName", kind="bad_key")
+        try:
+            decision = await self.authoriser(app, key, metadata)
+        except Exception as exc:
+            log.exception("authoriser failed for %s", session.peer)
+            raise Refused(f"admission unavailable: {exc.__class__.__name__}") from exc
+        if decision.allowed and stream_id is not None and decision.stream_id != stream_id:
+            decision = Decision(False, "bad stream key", bad_key=True)  # a key of another stream: no hint which
+        if not decision.allowed:
+            if decision.bad_key:
+                self.keys.failed(session.bucket)
+            raise Refused(decision.reason or "refused", "NetStream.Publish.BadName",
+                          kind="bad_key" if decision.bad_key else "refused")
+        return await self._attach(session, decision, key)
+
+    async def _attach(self, session: Publisher, decision: Decision, key: str) -> RtmpStream:
         stream = self.streams.get(decision.stream_id)
         live = stream is not None and not stream.ended
         replacing = live and any(s is not session and s.stream is stream for s in self._sessions)
@@ -289,7 +333,7 @@ class RtmpServer:
         self.stats.accepted += 1
         return stream
 
-    def _detach(self, session: _Session, stream: RtmpStream, reason: str = "") -> None:
+    def detach(self, session: Publisher, stream: RtmpStream, reason: str = "") -> None:
         """``session`` stopped publishing ``stream``; ``reason``: why, when it did not end cleanly."""
         with stream._lock:
             if stream._owner is not session:
@@ -443,7 +487,7 @@ class _Session:
                     self.stream.queue.put(chunk)
             except Exception as exc:
                 log.warning("rtmp %s: decoder flush failed: %s", self.peer, exc)
-            self.server._detach(self, self.stream, reason if kind is not None else "")
+            self.server.detach(self, self.stream, reason if kind is not None else "")
         if kind is None:
             log.info("rtmp %s: %s", self.peer, reason)
             if self.writer is not None:
@@ -462,7 +506,8 @@ class _Session:
         try:
             if timeout <= 0:
                 raise TimeoutError
-            return await asyncio.wait_for(self.reader.read(size), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancel (abort: replaced)
+                return await self.reader.read(size)
         except TimeoutError:
             if self.stream is not None and time.monotonic() >= self._frame_deadline:
                 raise _Close("no_frames", f"no video frame for {self.settings.frame_timeout_s:g} s "
@@ -599,43 +644,19 @@ class _Session:
     async def _on_publish(self, name: str) -> None:
         if self.stream is not None:
             raise RtmpProtocolError("publish twice on one connection")
-        key = name.split("?")[0]
-        server = self.server
-        if not server.gate.has_publisher_room():  # checked again at attach; this spares the authoriser's work
-            raise Refused(f"connection cap of {self.settings.max_connections} publishers reached; retry later",
-                          kind="connection_cap")
-        blocked = server.keys.blocked_for(self.bucket)
-        if blocked:
-            raise Refused(f"too many failed stream keys from this address; retry in {math.ceil(blocked)} s",
-                          kind="key_rate_limited")
-        if self.app != self.settings.rtmp_app:
-            server.keys.failed(self.bucket)
-            raise Refused(f"unknown application {self.app[:40]!r}", "NetStream.Publish.BadName", kind="bad_key")
-        if not key:
-            raise Refused("empty stream key", "NetStream.Publish.BadName", kind="bad_key")
         metadata = {
             "peer": self.peer,
             "tcUrl": self.connect_info.get("tcUrl"),
             "flashVer": self.connect_info.get("flashVer"),
             "connect": self.connect_info,
         }
-        try:
-            decision = await self.server.authoriser(self.app, key, metadata)
-        except Exception as exc:
-            log.exception("authoriser failed for %s", self.peer)
-            raise Refused(f"admission unavailable: {exc.__class__.__name__}") from exc
-        if not decision.allowed:
-            if decision.bad_key:
-                server.keys.failed(self.bucket)
-            raise Refused(decision.reason or "refused", "NetStream.Publish.BadName",
-                          kind="bad_key" if decision.bad_key else "refused")
-        self.stream = await self.server._attach(self, decision, key)
-        self.parser.limits = server.limits
+        self.stream = await self.server.admit_publisher(self, self.app, name.split("?")[0], metadata)
+        self.parser.limits = self.server.limits
         self._frame_deadline = time.monotonic() + self.settings.frame_timeout_s
         self._audio_only_deadline = time.monotonic() + self.settings.audio_only_grace_s
         self._send(user_control(0, _MEDIA_STREAM_ID))
-        self._status("status", "NetStream.Publish.Start", f"publishing stream {decision.stream_id}")
-        log.info("rtmp %s publishing app=%s stream=%s", self.peer, self.app, decision.stream_id)
+        self._status("status", "NetStream.Publish.Start", f"publishing stream {self.stream.stream_id}")
+        log.info("rtmp %s publishing app=%s stream=%s", self.peer, self.app, self.stream.stream_id)
 
     def _on_data(self, values: list[Any]) -> None:
         if values and values[0] == "@setDataFrame":
@@ -679,14 +700,12 @@ class _Session:
         self._frame_deadline = time.monotonic() + self.settings.frame_timeout_s
         if tag.composition_ms:
             stream.stats.reordered_frames += 1
-        chunks = await asyncio.to_thread(self._decode_and_process, stream, tag, msg.timestamp)
-        for chunk in chunks:
-            stream.queue.put(chunk)
+        await stream.hand_off(lambda: self._decode(stream, tag, msg.timestamp), self)
 
-    def _decode_and_process(self, stream: RtmpStream, tag: Any, dts: int) -> list[RawChunk]:
+    def _decode(self, stream: RtmpStream, tag: Any, dts: int) -> list[av.VideoFrame]:
         frames = self.decoder.decode(tag, dts)
         stream.stats.decode_errors = self.decoder.errors
-        return stream.process(frames, self) if frames else []
+        return frames
 
 
 def _is_command(msg: Message) -> bool:

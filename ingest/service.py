@@ -34,7 +34,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from nats.aio.msg import Msg
@@ -80,6 +80,9 @@ from services.epochs import wait_prepared
 from services.runtime import Service, main, watch_keys
 from services.streams import StreamNotFound, StreamTable, ingest_silent
 
+if TYPE_CHECKING:
+    from ingest.whip import WhipServer
+
 __all__ = ["CHUNKS_DROPPED", "IngestModels", "IngestService", "IngestStream", "largest_messages",
            "max_prompt_tokens"]
 
@@ -114,6 +117,7 @@ class IngestService(Service):
         super().__init__(settings, member_id)
         self.models: IngestModels | None = None
         self.rtmp: RtmpServer | None = None
+        self.whip: WhipServer | None = None
         self.table: StreamTable | None = None
         self.status: StatusWriter | None = None
         self.live: dict[str, IngestStream] = {}
@@ -165,6 +169,11 @@ class IngestService(Service):
         self.rtmp = RtmpServer(self.settings.ingest, self.authorise, latency_budget_s=slo,
                                on_stream_start=self._on_rtmp_start, on_stream_end=self._on_rtmp_end)
         await self.rtmp.start()
+        if self.settings.ingest.whip_port is not None:  # WebRTC publishers: the same streams (docs/whip.md)
+            from ingest.whip import WhipServer  # aiortc loads only where WHIP is on
+
+            self.whip = WhipServer(self.rtmp, self.settings.lifecycle.http_host)
+            await self.whip.start()
         self.checks["rtmp"] = True
         self._watches.append(asyncio.create_task(watch_keys(self._table_kv, "s.*", self._on_record,
                                                             what="ingest: stream table"), name="t2v-watch"))
@@ -176,6 +185,8 @@ class IngestService(Service):
         for t in self._watches:  # first: a T2V stream ending here must not start again here
             t.cancel()
         await asyncio.gather(*self._watches, return_exceptions=True)
+        if self.whip is not None:
+            await self.whip.close()
         if self.rtmp is not None:
             await self.rtmp.close()  # ends every RTMP stream: their queues close, their tasks finish and clean up
         for source in list(self._t2v.values()):

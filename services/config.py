@@ -218,6 +218,19 @@ class IngestSettings(Section):
     stream_linger_s: float = Field(
         10.0, ge=0, description="how long a disconnected stream waits for its publisher to reconnect before it ends"
     )
+    whip_port: int | None = Field(
+        None, ge=0, le=65535, description="WHIP (WebRTC publish, RFC 9725) HTTP listen port on "
+        "lifecycle.http_host, which the gateway's /v1/streams/{id}/whip forwards to (0: ephemeral); null: no WHIP "
+        "(docs/whip.md)"
+    )
+    whip_client_header: str | None = Field(
+        None, description="take a WHIP publisher's address (per-address caps, key-guess backoff) from this header: "
+        "X-Forwarded-For where only the gateway reaches ingest.whip_port; unset: the connection's peer"
+    )
+    whip_ice_servers: list[str] = Field(
+        default_factory=list, description="STUN/TURN URLs of WHIP sessions (e.g. stun:stun.example.org:3478); empty: "
+        "host candidates only (loopback/LAN publishers)"
+    )
     status_interval_s: float = Field(
         2.0, gt=0, description="how often ingest writes each live stream's checkpoint (and seq reservation) into its "
         "stream record"
@@ -496,6 +509,10 @@ class GatewaySettings(Section):
     )
     cors_origins: list[str] = Field(
         default_factory=list, description="web origins allowed to call /v1 from a browser (CORS; empty: none)"
+    )
+    whip_url: str = Field(
+        "", description="base URL of the ingest's WHIP listener (ingest.whip_port) that /v1/streams/{id}/whip "
+        "forwards to, e.g. http://rheo-ingest-whip:8088; empty: browser publishing is off"
     )
     max_body_bytes: int = Field(
         65536, gt=0, description="largest request body accepted (413 before it is read)"

@@ -30,7 +30,7 @@ from services.playback_tokens import PlaybackKeys
 log = logging.getLogger("rheo.http")
 
 REFUSAL_REASONS = ("bad_path", "body_too_large", "unauthorised", "forbidden", "playback_token", "rate_limited",
-                   "client_busy", "bad_player_source", "bus_unavailable", "internal_error")
+                   "client_busy", "bad_player_source", "bus_unavailable", "internal_error", "whip_unavailable")
 REFUSALS = Counter("rheo_http_refusals_total", "HTTP requests refused, by reason", ["reason"])
 for _r in REFUSAL_REASONS:
     REFUSALS.labels(_r)

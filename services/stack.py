@@ -231,6 +231,7 @@ class LocalStack:
         egresses = [_replica("egress", i) for i in range(self.egresses)]
         stages = [sid for r in range(self.rings) for sid in ring_stage_ids(str(r), self.stages)]
         names = ["controller", *stages, *decoders, *egresses, "ingest", "gateway"]
+        whip = free_port()  # ingest's WHIP listener, on loopback: browsers publish through the gateway
         procs = []
         for i, name in enumerate(names):
             health = self.ports.first_health + i if self.ports.first_health else free_port()
@@ -242,6 +243,10 @@ class LocalStack:
                 port = free_port()  # the first egress has the stack's fixed port; more are for tests
                 env["RHEO_EGRESS__HTTP_PORT"] = str(port)
                 env["RHEO_EGRESS__PUBLIC_URL"] = f"http://{url_host(connect_host(self.host))}:{port}"
+            if name == "ingest":
+                env.update(RHEO_INGEST__WHIP_PORT=str(whip), RHEO_INGEST__WHIP_CLIENT_HEADER="X-Forwarded-For")
+            if name == "gateway":
+                env["RHEO_GATEWAY__WHIP_URL"] = f"http://127.0.0.1:{whip}"
             if name.startswith("dit-"):
                 service = "dit-stage"
                 env["RHEO_DIT_STAGE__STAGE_ID"] = name

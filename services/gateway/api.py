@@ -49,6 +49,7 @@ from services.gateway.limits import RateLimiter, retry_after
 from services.gateway.playback import make_playback_router
 from services.gateway.restream import make_restream_router
 from services.gateway.stats import StreamStats, StreamWatch, make_stats_router, stream_stats
+from services.gateway.whip import make_whip_router
 from services.httpguard import refused
 from services.playback_tokens import PlaybackKeys
 from services.streams import StreamNotFound, StreamTable, new_stream_id, session_state
@@ -346,6 +347,7 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
     app.include_router(make_stats_router(watch, table.list, record_or_404, settings.ingest.status_interval_s,
                                          operator, of_stream))
     app.include_router(make_playback_router(settings, table, proxy, keys))
+    app.include_router(make_whip_router(settings, proxy))  # browser publishing (docs/whip.md)
     app.include_router(make_docs_router())
     app.include_router(make_console_router())
     return app

@@ -1,6 +1,7 @@
 // Create a stream, then show once what OBS (or ffmpeg) needs: the server URL and the stream key.
 import {api} from './api.js';
 import {copyable, el, field} from './dom.js';
+import {rememberKey} from './golive.js';
 
 const number = (id, value, attrs = {}) => el('input', {id, name: id, type: 'number', value, ...attrs});
 
@@ -26,6 +27,7 @@ export function createView(root) {
     try {
       const s = await api('POST', '/v1/streams', body);
       form.hidden = true;
+      rememberKey(s.id, s.stream_key);  // the page's "Go live from this browser" publishes with it
       result.replaceChildren(obsSettings(s));
     } catch (e) {
       error.textContent = 'Not created: ' + e.message;

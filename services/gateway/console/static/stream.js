@@ -1,13 +1,15 @@
 // One stream: live preview with latency, prompt and parameter changes (steps, noise, seed: and the seq they took effect at),
-// live graphs, restream destinations.
+// live graphs, restream destinations, going live from the browser.
 import {api} from './api.js';
 import {el, every, field, fmt, stateBadge} from './dom.js';
 import {Graph} from './graph.js';
 import {HLSJS_MISSING, hlsjsMissing, play} from '/player/play.js';
 import {restreamCard} from './restream.js';
+import {goLiveCard} from './golive.js';
 
 export function streamView(root, id) {
   const stops = [];
+  const goLive = goLiveCard(id);  // camera or screen → WHIP (golive.js)
   const video = el('video', {id: 'v', muted: true, autoplay: true, playsinline: true});
   video.muted = true;
   const latency = el('span', {class: 'overlay', id: 'latency', text: 'latency –'});
@@ -67,9 +69,8 @@ export function streamView(root, id) {
          el('div', {class: 'grid'}, field('Steps', steps), field('Noise scale', noise), field('Seed', seed)),
          el('button', {id: 'apply-params', type: 'submit', text: 'Apply'}), error, changes),
       el('div', {class: 'card'}, el('h2', {text: 'Numbers'}), facts),
-      restreamCard(id),
-      el('div', {class: 'card planned'}, el('h2', {text: 'Go live from the browser'}),
-         el('p', {text: 'Camera or screen capture from this page: a later step. Publish with OBS or ffmpeg for now.'})))));
+      restreamCard(id), goLive.card)));
+  stops.push(goLive.stop);
 
   // the preview: signed URLs minted for this page (same origin: the path only), renewed before they expire
   let player = null;
