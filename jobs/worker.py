@@ -111,12 +111,13 @@ class JobWorker:
                 await asyncio.sleep(1.0)
 
     async def _claim_next(self) -> JobRecord | None:
-        now = time.time()
-        for record in await self.table.list():
-            if record.state == "running" and now - record.updated_at > self.cfg.stale_after_s:
+        records = await self.table.list()
+        for record in records:
+            if record.state == "running" and self._stale(record):
                 await self._finish(record.job_id, "failed", "worker_lost",
-                                   f"its worker ({record.worker}) stopped reporting for {self.cfg.stale_after_s:g}s")
-        for record in await self.table.list():
+                                   f"its worker ({record.worker}) stopped reporting for {self.cfg.stale_after_s:g}s",
+                                   only_if=self._stale)
+        for record in records:
             if record.state != "queued":
                 continue
 
@@ -197,13 +198,17 @@ class JobWorker:
             if now.cancel_requested and not self._progress.cancel:
                 self._progress.cancel = "cancelled"
 
-    async def _finish(self, job_id: str, state: str, outcome: str, reason: str, **fields: object) -> None:
+    def _stale(self, record: JobRecord) -> bool:
+        return record.state == "running" and time.time() - record.updated_at > self.cfg.stale_after_s
+
+    async def _finish(self, job_id: str, state: str, outcome: str, reason: str,
+                      only_if: Callable[[JobRecord], bool] | None = None, **fields: object) -> None:
         def end(r: JobRecord) -> JobRecord | None:
-            if r.finished:
+            if r.finished or (only_if is not None and not only_if(r)):  # checked on the record as it is now
                 return None
             extra = dict(fields)
             if state == "done":  # the counts as they came out
-                chunks = r.chunks_total or chunks_of(r.frames_done, *self.clock)
+                chunks = r.chunks_total or chunks_of(int(extra["frames_done"]), *self.clock)  # type: ignore[call-overload]
                 extra.update(frames_total=extra["frames_done"], chunks_done=chunks, chunks_total=chunks)
             return r.model_copy(update={"state": state, "reason": reason, "finished_at": time.time(), **extra})
         with contextlib.suppress(JobNotFound):  # deleted meanwhile: nothing to record

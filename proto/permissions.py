@@ -93,6 +93,8 @@ def _kv_publish(bucket: str, write_keys: str | None, object_store: bool = False)
         f"{JS_API}.CONSUMER.DELETE.{stream}.>",
         f"$JS.FC.{stream}.>",
     ]
+    if object_store:  # nats-py's object get subscribes by subject alone: it looks the stream up by name first
+        subjects.append(f"{JS_API}.STREAM.NAMES")
     if write_keys is not None and object_store:
         subjects += [f"$O.{bucket}.>", f"{JS_API}.STREAM.PURGE.{stream}"]
     elif write_keys is not None:

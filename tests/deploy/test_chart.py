@@ -32,7 +32,7 @@ OLDEST_K8S = "1.28.0"
 NEWEST_K8S = "1.37.0"
 CRD_KINDS = {"ServiceMonitor", "Certificate"}  # not in the core schemas; checked by hand below
 STATELESS = {"gateway", "egress", "controller"}
-ALL_COMPONENTS = {"gateway", "egress", "controller", "ingest", "decoder", "dit-stage"}
+ALL_COMPONENTS = {"gateway", "egress", "controller", "ingest", "decoder", "dit-stage", "jobs"}
 
 
 # -- lint -------------------------------------------------------------------------------------------------------
@@ -147,7 +147,8 @@ def test_leader_election_can_be_turned_off() -> None:
 def test_gpus_only_where_asked_and_never_on_stateless_services(rendered: Rendered) -> None:
     values = rendered.merged
     want = {"dit-stage": values["ditStage"]["gpus"], "ingest": values["ingest"]["gpus"],
-            "decoder": values["decoder"]["gpus"], "gateway": 0, "egress": 0, "controller": 0}
+            "decoder": values["decoder"]["gpus"], "jobs": values["jobs"]["gpus"], "gateway": 0, "egress": 0,
+            "controller": 0}
     for w in rendered.workloads():
         for c in containers(w):
             res = c.get("resources", {})

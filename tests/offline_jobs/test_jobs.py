@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import io
 import json
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import httpx
 import pytest
 
 from jobs.service import JobsService
+from jobs.table import JobTable, new_job_id
+from proto import JobParams, JobRecord
+from services.bus import Bus
 from services.config import NatsSettings, Settings
 from services.gateway.service import GatewayService
 from support.pipekit import write_audio_only, write_clip
@@ -177,3 +181,17 @@ async def test_cancel_a_running_and_a_queued_job(nats_settings: NatsSettings, ev
         assert events[-1]["state"] == "cancelled" and events[-1]["frames_done"] < events[-1]["frames_total"]
         assert (await _state(http, queued["id"]))["state"] == "cancelled"  # never ran
         assert (await _state(http, queued["id"]))["started_at"] == 0
+
+
+
+async def test_a_job_whose_worker_died_fails_with_that_reason(nats_settings: NatsSettings, bus: Bus,
+                                                              eventually) -> None:
+    """A record left ``running`` by a killed worker (no report for ``stale_after_s``) does not stay running."""
+    table = await JobTable.open(bus)
+    job_id, old = new_job_id(), time.time() - 3600
+    await table.create(JobRecord(job_id=job_id, state="running", worker="jobs-gone-1", created_at=old, updated_at=old,
+                                 params=JobParams(prompt="x", width=SIZE, height=SIZE, steps=1, noise_scale=0.8,
+                                                  seed=0, t2v=True, seconds=1.0)))
+    async with _jobs_api(nats_settings, eventually) as http:
+        events = await _events(http, job_id)
+        assert events[-1]["state"] == "failed" and "jobs-gone-1" in events[-1]["reason"], events[-1]
