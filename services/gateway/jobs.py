@@ -128,7 +128,7 @@ def make_jobs_router(settings: Settings, bus: Bus, operator: Callable[..., Await
             with tempfile.TemporaryDirectory(prefix="rheo-upload-") as tmp:
                 path = Path(tmp) / "input"
                 size = await _save(file, path)
-                frames = _check_video(path, file.filename or "upload")
+                frames = await asyncio.to_thread(_check_video, path, file.filename or "upload")
                 await jobs.put_file(input_name(job_id), path)
             name = (file.filename or "upload")[:200]
         else:
