@@ -22,6 +22,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
+from prometheus_client import Counter
 from pydantic import BaseModel, Field, ValidationError
 
 from jobs.table import JobNotFound, JobTable, chunks_of, input_name, new_job_id, queue_positions, result_name
@@ -36,6 +37,17 @@ log = logging.getLogger("rheo.gateway")
 JOBS_PATH = "/v1/jobs"
 """Where uploads arrive: the body limit there is ``jobs.max_upload_bytes`` (``services.httpguard.guard``)."""
 UPLOAD_CHUNK = 1 << 20
+
+SUBMITTED = Counter("rheo_jobs_submitted_total", "POST /v1/jobs answers: queued, or refused by reason (over the size "
+                    "limit: rheo_http_refusals_total{reason=body_too_large})", ["outcome"])
+OUTCOMES = ("queued", "bad_input", "bad_params")
+for _o in OUTCOMES:
+    SUBMITTED.labels(_o)
+
+
+def _refuse(outcome: str, detail: str) -> HTTPException:
+    SUBMITTED.labels(outcome).inc()
+    return HTTPException(status.HTTP_400_BAD_REQUEST, detail)
 
 
 class JobInfo(BaseModel):
@@ -113,13 +125,13 @@ def make_jobs_router(settings: Settings, bus: Bus, operator: Callable[..., Await
         limited(who)
         t2v = file is None or not file.filename
         if t2v and not 0 < seconds <= cfg.max_seconds:
-            raise HTTPException(400, f"seconds must be in (0, {cfg.max_seconds:g}] (jobs.max_seconds)")
+            raise _refuse("bad_params", f"seconds must be in (0, {cfg.max_seconds:g}] (jobs.max_seconds)")
         try:
             params = JobParams(prompt=prompt, width=width, height=height, steps=steps, noise_scale=noise_scale,
                                seed=seed, t2v=t2v, seconds=seconds if t2v else 0.0)
         except ValidationError as e:
             err = e.errors(include_url=False, include_input=False)[0]
-            raise HTTPException(400, f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+            raise _refuse("bad_params", f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
         job_id, now = new_job_id(), time.time()
         jobs = await table()
         frames, size, name = 0, 0, ""
@@ -136,6 +148,7 @@ def make_jobs_router(settings: Settings, bus: Bus, operator: Callable[..., Await
         record = JobRecord(job_id=job_id, params=params, input_name=name, input_bytes=size, frames_total=frames,
                            chunks_total=_chunks(frames, settings) if not t2v else 0, created_at=now, updated_at=now)
         await jobs.create(record)
+        SUBMITTED.labels("queued").inc()
         log.info("job %s queued (%s)", job_id, "T2V" if t2v else f"{size} bytes")
         return job_info(record, await position(record))
 
@@ -214,7 +227,7 @@ async def _save(file: UploadFile, path: Path) -> int:
             out.write(chunk)
             size += len(chunk)
     if size == 0:
-        raise HTTPException(400, "the uploaded file is empty")
+        raise _refuse("bad_input", "the uploaded file is empty")
     return size
 
 
@@ -225,7 +238,7 @@ def _check_video(path: Path, name: str) -> int:
     try:
         video = VideoInput(path)
     except InputError as e:
-        raise HTTPException(400, str(e).replace(str(path), repr(name)).splitlines()[0]) from None
+        raise _refuse("bad_input", str(e).replace(str(path), repr(name)).splitlines()[0]) from None
     try:
         return video.frames_hint or 0
     finally:

@@ -21,6 +21,7 @@ from jobs.table import JobTable, new_job_id
 from proto import JobParams, JobRecord
 from services.bus import Bus
 from services.config import NatsSettings, Settings
+from services.gateway.jobs import SUBMITTED
 from services.gateway.service import GatewayService
 from support.pipekit import write_audio_only, write_clip
 
@@ -92,6 +93,7 @@ async def test_bad_uploads_are_refused_before_queueing(nats_settings: NatsSettin
     audio = write_audio_only(tmp_path / "tone.m4a")
     async with _jobs_api(nats_settings, eventually) as http:
         before = len((await http.get("/v1/jobs")).json())
+        refused = SUBMITTED.labels("bad_input")._value.get()
         cases = {"notes.txt": (b"not a video\n" * 40, "not a video"),
                  "tone.m4a": (audio.read_bytes(), "audio-only"),
                  "empty.mp4": (b"", "empty")}
@@ -99,6 +101,7 @@ async def test_bad_uploads_are_refused_before_queueing(nats_settings: NatsSettin
             r = await http.post("/v1/jobs", data=_form(), files={"file": (name, data)})
             assert r.status_code == 400 and why in r.json()["detail"], (name, r.text)
             assert str(tmp_path) not in r.text and "/tmp" not in r.text  # the server's temp path is not shown
+        assert SUBMITTED.labels("bad_input")._value.get() == refused + len(cases)  # each refusal counted
         head, answer = await _declare_upload(http, MAX_UPLOAD + 1)  # refused on the headers: no byte is read
         assert head.startswith(b"HTTP/1.1 413") and b"jobs.max_upload_bytes" in answer, head + answer
         r = await http.post("/v1/jobs", data=_form(width=65), files={"file": ("c.mp4", b"x")})

@@ -7,6 +7,7 @@ Screenshots go to ``$RHEO_ARTEFACTS`` (default ``.artefacts/console/``), beside 
 from __future__ import annotations
 
 import os
+import urllib.request
 from fractions import Fraction
 from pathlib import Path
 
@@ -74,3 +75,9 @@ def test_console_job_upload_progress_preview_and_download(stack: LocalStack, tmp
         assert Fraction(stream.average_rate) == FPS
     assert len(frames) == FRAMES and (frames[0].width, frames[0].height) == (SIZE, SIZE)
     assert not errors, errors
+    for p in stack.procs:  # the job's whole path stayed within the gateway's and the worker's bus permissions
+        if p.name in ("gateway", "jobs"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{p.health_port}/metrics", timeout=5) as r:
+                refused = [line for line in r.read().decode().splitlines()
+                           if line.startswith("rheo_bus_permission_denied_total{") and not line.endswith(" 0.0")]
+            assert not refused, (p.name, refused)
