@@ -27,7 +27,6 @@ from pydantic import BaseModel, Field, ValidationError
 
 from jobs.table import JobNotFound, JobTable, chunks_of, input_name, new_job_id, queue_positions, result_name
 from proto import JobParams, JobRecord
-from proto.spec import MAX_STEPS
 from services.bus import Bus
 from services.config import Settings
 from services.gateway.auth import Principal
@@ -112,16 +111,18 @@ def make_jobs_router(settings: Settings, bus: Bus, operator: Callable[..., Await
 
     @router.post("/jobs", status_code=status.HTTP_201_CREATED, response_model=JobInfo)
     async def create_job(
-        prompt: Annotated[str, Form(min_length=1, max_length=2000)],
+        prompt: Annotated[str, Form()] = "",
         file: Annotated[UploadFile | None, File(description="the video to restyle (none: text to video)")] = None,
         width: Annotated[int, Form()] = 128,
         height: Annotated[int, Form()] = 128,
-        steps: Annotated[int, Form(ge=1, le=MAX_STEPS)] = 2,
+        steps: Annotated[int, Form()] = 2,
         noise_scale: Annotated[float, Form()] = 0.8,
         seed: Annotated[int, Form()] = 0,
         seconds: Annotated[float, Form(description="text to video: seconds to generate")] = 2.0,
         who: Principal = Depends(operator),
     ) -> JobInfo:
+        """Queue a job; every parameter is checked by ``JobParams`` (400 with the field), the file as ``rheo run``
+        checks its input (400 with the reason)."""
         limited(who)
         t2v = file is None or not file.filename
         if t2v and not 0 < seconds <= cfg.max_seconds:

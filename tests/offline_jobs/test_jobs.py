@@ -104,8 +104,10 @@ async def test_bad_uploads_are_refused_before_queueing(nats_settings: NatsSettin
         assert SUBMITTED.labels("bad_input")._value.get() == refused + len(cases)  # each refusal counted
         head, answer = await _declare_upload(http, MAX_UPLOAD + 1)  # refused on the headers: no byte is read
         assert head.startswith(b"HTTP/1.1 413") and b"jobs.max_upload_bytes" in answer, head + answer
-        r = await http.post("/v1/jobs", data=_form(width=65), files={"file": ("c.mp4", b"x")})
-        assert r.status_code == 400 and "width" in r.json()["detail"]
+        for bad, what in (({"width": 65}, "width"), ({"steps": 9}, "steps"), ({"prompt": ""}, "prompt"),
+                          ({"seconds": 0}, "seconds")):
+            r = await http.post("/v1/jobs", data=_form(**bad))
+            assert r.status_code == 400 and what in r.json()["detail"], (bad, r.text)
         assert (await http.post("/v1/jobs", data=_form(), headers={"Authorization": ""})).status_code == 401
         assert len((await http.get("/v1/jobs")).json()) == before  # nothing was queued
 
