@@ -105,8 +105,9 @@ class JobWorker:
     async def _watch(self) -> None:
         while True:
             try:
-                async for _ in self.table.watch():
-                    self._wake.set()
+                async for record in self.table.watch():
+                    if record is not None and record.state == "queued":  # not on every progress report
+                        self._wake.set()
             except (BucketLost, nats.errors.Error, TimeoutError):
                 await asyncio.sleep(1.0)
 

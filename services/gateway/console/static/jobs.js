@@ -105,7 +105,8 @@ export function jobsView(root, openId) {
     const jobs = await api('GET', '/v1/jobs');
     rows.replaceChildren(...jobs.map(j => el('tr', {'data-id': j.id},
       el('td', {}, el('a', {href: '#/jobs/' + j.id, text: j.id})),
-      el('td', {}, stateBadge(j.state), el('div', {class: 'reason', text: j.reason || ''})),
+      el('td', {}, stateBadge(j.state), el('div', {class: 'reason',
+        text: j.state === 'queued' ? `position ${j.queue_position} in the queue` : j.reason || ''})),
       el('td', {class: 'prompt', title: j.params.prompt, text: j.params.prompt}),
       el('td', {text: j.params.t2v ? `T2V ${j.params.seconds} s` : j.input_name}),
       el('td', {class: 'num', text: fmt(100 * j.progress, 0) + ' %'}))));
