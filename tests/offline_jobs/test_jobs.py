@@ -41,7 +41,7 @@ def _settings(nats_settings: NatsSettings) -> Settings:
 
 @contextlib.asynccontextmanager
 async def _jobs_api(nats_settings: NatsSettings, eventually):
-    """The gateway and one jobs worker, in this process."""
+    """The gateway and one jobs worker, in this process (both stopped, as by SIGTERM, on leaving)."""
     gateway, worker = GatewayService(_settings(nats_settings)), JobsService(_settings(nats_settings))
     tasks = [asyncio.create_task(gateway.run()), asyncio.create_task(worker.run())]
     await eventually(lambda: gateway.api_port != 0 and gateway.ready and worker.ready)
@@ -80,6 +80,16 @@ async def _declare_upload(http: httpx.AsyncClient, size: int) -> tuple[bytes, by
     writer.close()
     head, _, body = answer.partition(b"\r\n\r\n")
     return head, body
+
+
+async def _until_running(http: httpx.AsyncClient, job_id: str, into: dict) -> None:
+    """Poll until the job runs and has written frames (``into``: its state then)."""
+    for _ in range(600):
+        into.update(await _state(http, job_id))
+        if into["state"] == "running" and into["frames_done"] > 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not start: {into}")
 
 
 async def _state(http: httpx.AsyncClient, job_id: str) -> dict:
@@ -167,16 +177,7 @@ async def test_cancel_a_running_and_a_queued_job(nats_settings: NatsSettings, ev
         queued = (await http.post("/v1/jobs", data=_form(seconds=1))).json()
         assert long["params"]["t2v"] and queued["state"] == "queued"
         running: dict = {}
-
-        async def started() -> None:
-            running.update(await _state(http, long["id"]))
-
-        for _ in range(600):
-            await started()
-            if running["state"] == "running" and running["frames_done"] > 0:
-                break
-            await asyncio.sleep(0.05)
-        assert running["state"] == "running", running
+        await _until_running(http, long["id"], running)
         assert (await _state(http, queued["id"]))["queue_position"] == 0  # next in line, behind the running one
         r = await http.delete(f"/v1/jobs/{queued['id']}")
         assert r.status_code == 200 and r.json()["state"] == "cancelled"
@@ -200,3 +201,14 @@ async def test_a_job_whose_worker_died_fails_with_that_reason(nats_settings: Nat
     async with _jobs_api(nats_settings, eventually) as http:
         events = await _events(http, job_id)
         assert events[-1]["state"] == "failed" and "jobs-gone-1" in events[-1]["reason"], events[-1]
+
+
+async def test_a_stopping_worker_puts_its_job_back_in_the_queue(nats_settings: NatsSettings, bus: Bus,
+                                                                eventually) -> None:
+    """SIGTERM (``stop``) mid-job: the job is queued again for another worker, not lost and not left running."""
+    async with _jobs_api(nats_settings, eventually) as http:
+        job = (await http.post("/v1/jobs", data=_form(seconds=60))).json()
+        await _until_running(http, job["id"], {})
+    record, _ = await (await JobTable.open(bus)).get(job["id"])  # the worker has drained (and exited 0)
+    assert record.state == "queued" and record.reason.startswith("requeued") and record.frames_done == 0, record
+    await (await JobTable.open(bus)).delete(job["id"])  # the next test's worker must not run it
