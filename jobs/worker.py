@@ -87,12 +87,13 @@ class JobWorker:
             while not self._stop.is_set():
                 try:
                     record = await self._claim_next()
-                except (nats.errors.Error, TimeoutError) as e:
+                    if record is not None:
+                        await self._run(record)
+                        continue
+                except (nats.errors.Error, TimeoutError) as e:  # the bus is back within a poll; so is the worker
                     log.warning("jobs: the table did not answer (%s); retrying", type(e).__name__)
-                    record = None
-                if record is not None:
-                    await self._run(record)
-                    continue
+                except Exception:  # never a silently dead loop behind a healthy-looking service
+                    log.exception("jobs: unexpected error; retrying")
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.cfg.stale_after_s / 4):
                         await self._wake.wait()
@@ -109,6 +110,9 @@ class JobWorker:
                     if record is not None and record.state == "queued":  # not on every progress report
                         self._wake.set()
             except (BucketLost, nats.errors.Error, TimeoutError):
+                await asyncio.sleep(1.0)
+            except Exception:  # the poll still runs; the watch starts again
+                log.exception("jobs: the table watch failed; watching again")
                 await asyncio.sleep(1.0)
 
     async def _claim_next(self) -> JobRecord | None:
