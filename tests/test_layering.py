@@ -25,6 +25,7 @@ SERVICES = (
     "pipeline",
     "services.controller",
     "services.gateway",
+    "jobs",
 )
 STAGE_INTERNALS = ("dit_stage", "pipeline")
 
