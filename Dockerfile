@@ -44,6 +44,7 @@ COPY dit_stage ./dit_stage
 COPY decoder ./decoder
 COPY egress ./egress
 COPY pipeline ./pipeline
+COPY jobs ./jobs
 RUN pip install . && rheo config --keys > /dev/null
 # where media.player.HLSJS_DEFAULT (the one definition) looks for it in the installed package
 COPY --from=hlsjs /src/.cache/hlsjs/node_modules/hls.js/dist/hls.min.js /tmp/hls.min.js

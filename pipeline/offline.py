@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -19,20 +19,17 @@ from typing import TYPE_CHECKING, Any
 import av
 import numpy as np
 
-from media.frames import shape_frame
+from media.video_file import DEFAULT_FPS, InputError, VideoInput
 
 if TYPE_CHECKING:  # the model side is imported only when a run starts, so input errors come back fast
-    from pipeline.pipeline import StreamPipeline
+    from pipeline.pipeline import PipelineConfig, StreamPipeline
+    from services.config import Settings
 
-__all__ = ["InputError", "Mp4Writer", "RunStats", "VideoInput", "run_file", "run_t2v"]
+__all__ = ["DEFAULT_FPS", "InputError", "Mp4Writer", "RunStats", "VideoInput", "build_pipeline", "run_file",
+           "run_t2v"]
 
-DEFAULT_FPS = 16.0
-# Formats FFmpeg "reads" that no one means as video (it renders text files as ANSI art).
-_NOT_VIDEO_FORMATS = {"tty": "a text file"}
-
-
-class InputError(ValueError):
-    """An input that cannot be turned into frames (missing, empty, corrupt, audio-only, unsupported)."""
+OnFrames = Callable[[int], None]
+"""Called with the output frames written so far, after each write; raising stops the run (no output kept)."""
 
 
 @dataclass(frozen=True)
@@ -45,56 +42,6 @@ class RunStats:
     """Time from the first input frame read to the first output frame produced."""
     seconds: float
     output_fps: float
-
-
-class VideoInput:
-    """The first video stream of a file PyAV can read, decoded frame by frame, shaped to the model size."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise InputError(f"input {self.path} does not exist")
-        if not self.path.is_file():
-            raise InputError(f"input {self.path} is not a file")
-        if self.path.stat().st_size == 0:
-            raise InputError(f"input {self.path} is empty (0 bytes)")
-        try:
-            self._container = av.open(str(self.path))
-        except av.error.FFmpegError as err:
-            why = _why(err)
-            msg = f"cannot read {self.path}: not a video PyAV can read (corrupt or unsupported: {why})"
-            raise InputError(msg) from None
-        kind = _NOT_VIDEO_FORMATS.get(self._container.format.name)
-        if kind is not None:
-            self._container.close()
-            raise InputError(f"input {self.path} is {kind}, not a video (unsupported input)")
-        streams = self._container.streams
-        if not streams.video:
-            kinds = sorted({s.type for s in streams}) or ["nothing"]
-            self._container.close()
-            what = "audio-only" if kinds == ["audio"] else "no video"
-            raise InputError(f"input {self.path} has no video stream ({what}; it holds: {', '.join(kinds)})")
-        self._stream = streams.video[0]
-        if self._stream.codec_context is None or not self._stream.codec_context.name:
-            self._container.close()
-            raise InputError(f"input {self.path}: its video codec is not supported by this FFmpeg build")
-        rate = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
-        self.fps = Fraction(rate) if rate else Fraction(DEFAULT_FPS)
-        if not 0 < self.fps <= 240:
-            self.fps = Fraction(DEFAULT_FPS)
-        self.frames_hint = int(self._stream.frames or 0) or None
-
-    def frames(self, width: int, height: int) -> Iterator[np.ndarray]:
-        try:
-            for frame in self._container.decode(self._stream):
-                yield shape_frame(frame, width, height)
-        except av.error.FFmpegError as err:
-            raise InputError(f"cannot decode {self.path}: corrupt video data ({_why(err)})") from None
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self._container.close()
 
 
 class Mp4Writer:
@@ -131,10 +78,6 @@ class Mp4Writer:
         self.temp.unlink(missing_ok=True)
 
 
-def _why(err: Exception) -> str:
-    return getattr(err, "strerror", None) or str(err).splitlines()[0]
-
-
 def _progress(total: int | None, enabled: bool, unit: str = "frame"):
     from tqdm import tqdm
 
@@ -144,8 +87,8 @@ def _progress(total: int | None, enabled: bool, unit: str = "frame"):
 class _Sink:
     """Pipeline output into the MP4 and the progress bar; remembers when the first frame came (TTFF)."""
 
-    def __init__(self, writer: Mp4Writer, bar: Any) -> None:
-        self.writer, self.bar = writer, bar
+    def __init__(self, writer: Mp4Writer, bar: Any, on_frames: OnFrames | None = None) -> None:
+        self.writer, self.bar, self.on_frames = writer, bar, on_frames
         self.first: float | None = None
 
     def emit(self, frames: np.ndarray | None) -> None:
@@ -154,6 +97,29 @@ class _Sink:
         self.first = self.first or time.perf_counter()
         self.writer.write(frames)
         self.bar.update(len(frames))
+        if self.on_frames is not None:
+            self.on_frames(self.writer.frames)
+
+
+def build_pipeline(settings: Settings, config: PipelineConfig, *, model_dir: str | Path | None,
+                   checkpoint: str | Path | None = None, device: str = "auto", vae: str | None = None
+                   ) -> StreamPipeline:
+    """The offline pipeline ``rheo run`` and the jobs workers run: the tiny random model without ``model_dir``
+    (seeded: the same every time), else the weights in it."""
+    import torch
+
+    from encoder.vae_loading import StreamVAEConfig
+    from pipeline.loading import build_tiny_pipeline, load_pipeline
+    from wan.device import resolve_device
+
+    vae = vae or settings.encoder.vae  # both ways, as the services with encoder.vae
+    vae_config = StreamVAEConfig(encoder=vae, decoder=vae, taehv_path=settings.encoder.taehv_path)
+    if model_dir is None:
+        torch.manual_seed(0)
+        return build_tiny_pipeline(config, device=resolve_device(device), forward=settings.dit_stage.forward,
+                                   vae_config=vae_config)
+    return load_pipeline(model_dir, config, checkpoint=checkpoint or settings.model.checkpoint, device=device,
+                         dtype=settings.model.dtype, forward=settings.dit_stage.forward, vae_config=vae_config)
 
 
 def run_file(
@@ -164,6 +130,7 @@ def run_file(
     *,
     seed: int = 0,
     progress: bool = True,
+    on_frames: OnFrames | None = None,
 ) -> RunStats:
     """Restyle ``input_path`` (a path, or a ``VideoInput`` already opened) into ``output_path``."""
     from pipeline.state import StreamSpec
@@ -179,7 +146,7 @@ def run_file(
     try:
         writer = Mp4Writer(output_path, cfg.width, cfg.height, video.fps)
         with _progress(video.frames_hint, progress) as bar:
-            sink = _Sink(writer, bar)
+            sink = _Sink(writer, bar, on_frames)
             for rgb in video.frames(cfg.width, cfg.height):
                 frames_in += 1
                 sink.emit(pipeline.push(sid, rgb[None]))
@@ -209,6 +176,7 @@ def run_t2v(
     fps: float = DEFAULT_FPS,
     seed: int = 0,
     progress: bool = True,
+    on_frames: OnFrames | None = None,
 ) -> RunStats:
     """Generate ``seconds`` of video from ``prompt`` alone (T2V)."""
     from pipeline.state import StreamSpec
@@ -222,7 +190,7 @@ def run_t2v(
     try:
         writer = Mp4Writer(output_path, cfg.width, cfg.height, Fraction(fps).limit_denominator(1001))
         with _progress(total, progress) as bar:
-            sink = _Sink(writer, bar)
+            sink = _Sink(writer, bar, on_frames)
             pipeline.request(sid, total)
             while pipeline.ready():
                 sink.emit(pipeline.step_all().get(sid))

@@ -2,6 +2,7 @@
 
 from proto.codec import Limits
 from proto.errors import ProtocolError
+from proto.jobs import JobParams, JobRecord  # imported here: registers JobRecord
 from proto.messages import (
     ACTIVE_STATES,
     MESSAGE_TYPES,
@@ -73,6 +74,8 @@ __all__ = [
     "HlsState",
     "IngestStatus",
     "InvalidToken",
+    "JobParams",
+    "JobRecord",
     "LatentChunk",
     "Limits",
     "Message",

@@ -68,7 +68,7 @@ def build_document() -> dict[str, Any]:
                 "reserved byte, u32 body length, a msgpack body {t: type, v: schema version, d: fields"
                 "[, h: headers]}, then tensor bytes at 64-byte aligned offsets referenced by msgpack extension 1 "
                 "[dtype, shape, offset, nbytes]. Trace context travels in NATS headers (W3C traceparent). "
-                f"JetStream KV buckets: {', '.join(Buckets.ALL)}."
+                f"JetStream KV buckets (and the job files' object store): {', '.join(Buckets.ALL)}."
             ),
         },
         "defaultContentType": "application/x-rheo-frame",

@@ -205,7 +205,7 @@ class PromptUpdate(Message):
     embedding: Tensor | None = Field(None, description="[L, D] umT5 embedding, when already encoded")
 
 
-Role = Literal["ingest", "dit-stage", "decoder", "egress", "controller", "gateway"]
+Role = Literal["ingest", "dit-stage", "decoder", "egress", "controller", "gateway", "jobs"]
 
 
 class WorkCost(BaseModel):

@@ -77,10 +77,10 @@ def allows(patterns: tuple[str, ...] | list[str], subject: str) -> bool:
     return any(subject_matches(p, subject) for p in patterns)
 
 
-def _kv_publish(bucket: str, write_keys: str | None) -> list[str]:
-    """JetStream API subjects nats-py's KV uses (bind, create on loss, get, watch/keys, stop), and the keys it
-    may write (``None``: read only)."""
-    stream = f"KV_{bucket}"
+def _kv_publish(bucket: str, write_keys: str | None, object_store: bool = False) -> list[str]:
+    """JetStream API subjects nats-py's KV (or object store) uses (bind, create on loss, get, watch/keys, stop),
+    and the keys it may write (``None``: read only; an object store's writers also purge replaced chunks)."""
+    stream = f"OBJ_{bucket}" if object_store else f"KV_{bucket}"
     subjects = [
         f"{JS_API}.STREAM.INFO.{stream}",
         f"{JS_API}.STREAM.CREATE.{stream}",
@@ -93,7 +93,11 @@ def _kv_publish(bucket: str, write_keys: str | None) -> list[str]:
         f"{JS_API}.CONSUMER.DELETE.{stream}.>",
         f"$JS.FC.{stream}.>",
     ]
-    if write_keys is not None:
+    if object_store:  # nats-py's object get subscribes by subject alone: it looks the stream up by name first
+        subjects.append(f"{JS_API}.STREAM.NAMES")
+    if write_keys is not None and object_store:
+        subjects += [f"$O.{bucket}.>", f"{JS_API}.STREAM.PURGE.{stream}"]
+    elif write_keys is not None:
         subjects.append(kv_subject(bucket, write_keys))
     return subjects
 
@@ -110,7 +114,7 @@ def permissions(role: str) -> Permissions:
         if role not in access.roles:
             continue
         writes = dict(access.writers).get(role)
-        publish += _kv_publish(access.bucket, writes)
+        publish += _kv_publish(access.bucket, writes, access.object_store)
     subscribe.append(inbox_prefix(role) + ".>")
     return Permissions(role, tuple(dict.fromkeys(publish)), tuple(dict.fromkeys(subscribe)))
 

@@ -140,7 +140,7 @@ CHANNELS: dict[str, Channel] = {
                 ("controller",), ("dit-stage", "ingest", "controller"),
                 "The current DiT block map and its epoch (also kept in the blockmap KV bucket)."),
         Channel("ctl_heartbeat", PREFIX + ".ctl.heartbeat.{role}.{member_id}", Heartbeat,
-                ("ingest", "dit-stage", "decoder", "egress", "gateway", "controller"), ("controller",),
+                ("ingest", "dit-stage", "decoder", "egress", "gateway", "controller", "jobs"), ("controller",),
                 "Liveness of every member, on a fixed period. The subject names the member's role, which only "
                 "that role may publish: the controller refuses a heartbeat whose body claims another.",
                 role_param="role"),
@@ -228,8 +228,10 @@ class Buckets:
     CONTROLLER = "rheo-controller"
     PROMPTS = "rheo-prompts"
     EGRESS = "rheo-egress"  # stream id → HlsState: playlist continuity across egress/decoder restarts
+    JOBS = "rheo-jobs"  # job id → JobRecord (proto/jobs.py)
+    JOB_FILES = "rheo-job-files"  # an object store, not KV: each job's uploaded input and MP4 result
 
-    ALL = (STREAMS, BLOCKMAP, ENDPOINTS, CONTROLLER, PROMPTS, EGRESS)
+    ALL = (STREAMS, BLOCKMAP, ENDPOINTS, CONTROLLER, PROMPTS, EGRESS, JOBS, JOB_FILES)
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,8 @@ class BucketAccess:
     """(role, key pattern it may write: ``>`` any key)."""
     readers: tuple[str, ...] = ()
     description: str = ""
+    object_store: bool = False
+    """A JetStream object store, not a KV bucket (writers write any object: the key pattern is ``>``)."""
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -263,6 +267,10 @@ BUCKET_ACCESS: dict[str, BucketAccess] = {
         BucketAccess(Buckets.PROMPTS, (("ingest", ">"),), ("dit-stage",),
                      description="prompt embeddings, looked up by the stages"),
         BucketAccess(Buckets.EGRESS, (("egress", ">"),), description="HLS continuity state"),
+        BucketAccess(Buckets.JOBS, (("gateway", ">"), ("jobs", ">")),
+                     description="offline jobs: the gateway queues and cancels, workers claim and report"),
+        BucketAccess(Buckets.JOB_FILES, (("gateway", ">"), ("jobs", ">")), object_store=True,
+                     description="job inputs (the gateway stores uploads) and results (workers store MP4s)"),
     )
 }
 

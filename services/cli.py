@@ -156,15 +156,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"rheo run: error: {err}".splitlines()[0], file=sys.stderr)
         return 2
     try:
-        import torch
-
         from dit_stage.loading import CheckpointError
         from encoder.prompt import PromptEncoderFilesError, T5WeightsError
-        from encoder.vae_loading import StreamVAEConfig, VAEWeightsError
-        from pipeline.loading import ModelDirError, build_tiny_pipeline, load_pipeline
-        from pipeline.offline import run_file, run_t2v
+        from encoder.vae_loading import VAEWeightsError
+        from pipeline.loading import ModelDirError
+        from pipeline.offline import build_pipeline, run_file, run_t2v
         from pipeline.pipeline import PipelineConfig, PipelineError
-        from wan.device import resolve_device
     except ImportError as err:
         print(f"rheo run: error: missing dependency: {err}", file=sys.stderr)
         return 2
@@ -184,21 +181,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ring=settings.dit_stage.ring(),  # the ring the stage services run: `rheo run` equals them
     )
     seed = settings.stream.seed if args.seed is None else args.seed
-    vae = args.vae or settings.encoder.vae  # both ways, as the services with encoder.vae
-    vae_config = StreamVAEConfig(encoder=vae, decoder=vae, taehv_path=settings.encoder.taehv_path)
     progress = not args.quiet
     try:
         if tiny:
             print(_TINY_WARNING, file=sys.stderr)
-            torch.manual_seed(0)
-            pipeline = build_tiny_pipeline(config, device=resolve_device(args.device),
-                                           forward=settings.dit_stage.forward, vae_config=vae_config)
-        else:
-            checkpoint = args.checkpoint or settings.model.checkpoint
-            pipeline = load_pipeline(
-                model_dir, config, checkpoint=checkpoint, device=args.device, dtype=settings.model.dtype,
-                forward=settings.dit_stage.forward, vae_config=vae_config,
-            )
+        pipeline = build_pipeline(settings, config, model_dir=model_dir, checkpoint=args.checkpoint,
+                                  device=args.device, vae=args.vae)
         if args.t2v:
             stats = run_t2v(pipeline, args.output, args.prompt, seconds=args.seconds or 2.0, fps=settings.stream.fps,
                             seed=seed, progress=progress)  # fmt: skip
@@ -231,6 +219,7 @@ SERVICES: dict[str, tuple[str, str]] = {
     "egress": ("egress.service", "EgressService"),
     "controller": ("services.controller.service", "ControllerService"),
     "gateway": ("services.gateway.service", "GatewayService"),
+    "jobs": ("jobs.service", "JobsService"),
 }
 """``rheo <name>`` runs the service class; each is also ``python -m <module>``."""
 

@@ -539,6 +539,17 @@ class GatewaySettings(Section):
     proxy_timeout_s: float = Field(10.0, gt=0, description="upstream timeout when proxying HLS from egress")
 
 
+class JobsSettings(Section):
+    """Offline jobs (``POST /v1/jobs``, the ``jobs`` workers; docs/jobs.md)."""
+
+    max_upload_bytes: int = Field(
+        256 * MiB, gt=0, description="largest video POST /v1/jobs accepts (413 before it is read)")
+    max_seconds: float = Field(60.0, gt=0, description="longest T2V job, in seconds of output")
+    progress_interval_s: float = Field(0.5, gt=0, description="how often a worker records a running job's progress")
+    stale_after_s: float = Field(
+        60.0, gt=0, description="a running job whose worker has not reported for this long fails (worker lost)")
+
+
 class Settings(BaseSettings):
     """Everything a rheo process can be told."""
 
@@ -561,6 +572,7 @@ class Settings(BaseSettings):
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     playback: PlaybackSettings = Field(default_factory=PlaybackSettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
 
     @classmethod
     def settings_customise_sources(

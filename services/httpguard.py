@@ -5,7 +5,7 @@ and errors mapped to short JSON answers (docs/security.md).
   (double encoding), NUL or control characters is refused (400) before any route sees it: no id check downstream
   can be fooled by a decoded ``/``.
 - ``BodyLimit``: a declared ``Content-Length`` over the limit is refused (413) without reading a byte; a chunked
-  body is counted as it streams and refused once it passes the limit.
+  body is counted as it streams and refused once it passes the limit. A path may have its own limit (uploads).
 - ``install_error_handlers``: NATS timeouts, no responders and a closed connection answer 503 with a reason; any
   other exception answers 500 ``internal error`` (logged with its traceback, never sent).
 Every refusal is counted in ``rheo_http_refusals_total{reason}`` (a fixed set of reasons).
@@ -103,18 +103,22 @@ class _TooLarge(Exception):
 class BodyLimit:
     """413 for bodies over ``max_bytes``: by ``Content-Length`` at once, or counted while a chunked body streams."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, paths: dict[str, tuple[int, str]] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.paths = paths or {}
+        """Exact path → (its limit, the setting that sets it: named in the 413)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes, setting = self.paths.get(scope["path"], (self.max_bytes, ""))
+        too_large = f"request body over {max_bytes} bytes" + (f" ({setting})" if setting else "")
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
             refused("body_too_large")
-            await _send_json(send, 413, f"request body over {self.max_bytes} bytes")
+            await _send_json(send, 413, too_large)
             return
         seen = 0
         started = refusing = False
@@ -124,12 +128,12 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > max_bytes:
                     if not refusing:
                         refused("body_too_large")
                     if not started:  # the app's own answer to the aborted read (a 400) is dropped below
                         refusing = started = True
-                        await _send_json(send, 413, f"request body over {self.max_bytes} bytes")
+                        await _send_json(send, 413, too_large)
                     raise _TooLarge
             return message
 
@@ -167,7 +171,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal)
 
 
-def guard(app: FastAPI, max_body_bytes: int) -> Any:
-    """The app wrapped as served: path check outermost, then the body limit."""
+def guard(app: FastAPI, max_body_bytes: int, paths: dict[str, tuple[int, str]] | None = None) -> Any:
+    """The app wrapped as served: path check outermost, then the body limit (``paths``: per-path limits)."""
     install_error_handlers(app)
-    return PathGuard(BodyLimit(app, max_body_bytes))
+    return PathGuard(BodyLimit(app, max_body_bytes, paths))

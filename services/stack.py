@@ -89,12 +89,15 @@ class Ports:
         public = {"gateway", "rtmp", "egress"}
         fixed = [("gateway", self.gateway), ("rtmp", self.rtmp), ("egress", self.egress), ("nats", self.nats)]
         if self.first_health:
-            fixed += [("first_health", self.first_health + i) for i in range(stages + 5)]
+            fixed += [("first_health", self.first_health + i) for i in range(stages + SINGLE_SERVICES)]
         if self.first_link:
             fixed += [("first_link", self.first_link + i) for i in range(stages)]
         return [(name, port) for name, port in fixed
                 if port > 0 and port_in_use(port, host if name in public else "127.0.0.1")]
 
+
+SINGLE_SERVICES = 6
+"""Processes of a stack besides its stages: controller, decoder, egress, ingest, gateway, one jobs worker."""
 
 WILDCARDS = ("", "0.0.0.0", "::")
 
@@ -130,6 +133,8 @@ class LocalStack:
     decoders: int = 1
     egresses: int = 1
     """Decoder and egress processes (``decoder``, ``decoder-1``, …): the controller places each stream on one."""
+    jobs: int = 1
+    """Offline-job workers (``jobs``, ``jobs-1``, …; docs/jobs.md): each runs one job at a time."""
     ports: Ports = field(default_factory=Ports)
     model_dir: Path | None = None
     host: str = "127.0.0.1"
@@ -230,7 +235,8 @@ class LocalStack:
         decoders = [_replica("decoder", i) for i in range(self.decoders)]
         egresses = [_replica("egress", i) for i in range(self.egresses)]
         stages = [sid for r in range(self.rings) for sid in ring_stage_ids(str(r), self.stages)]
-        names = ["controller", *stages, *decoders, *egresses, "ingest", "gateway"]
+        workers = [_replica("jobs", i) for i in range(self.jobs)]
+        names = ["controller", *stages, *decoders, *egresses, "ingest", "gateway", *workers]
         whip = free_port()  # ingest's WHIP listener, on loopback: browsers publish through the gateway
         procs = []
         for i, name in enumerate(names):

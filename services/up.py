@@ -217,7 +217,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace, workdir: Path) -> int:
-    from services.stack import LocalStack, StackError, start_testpattern
+    from services.stack import SINGLE_SERVICES, LocalStack, StackError, start_testpattern
 
     settings = load_settings()  # a config mistake: one line (services.cli.main) before anything starts
     model_dir = args.model_dir or settings.model.model_dir
@@ -257,8 +257,8 @@ def _up(args: argparse.Namespace, workdir: Path) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        print(f"rheo up: starting nats-server and {5 + args.stages} services (state and logs in {workdir}) ...",
-              flush=True)
+        print(f"rheo up: starting nats-server and {SINGLE_SERVICES + args.stages} services (state and logs in "
+              f"{workdir}) ...", flush=True)
         stack.start()
         created = demo_stream(stack, state, workdir, args.prompt, weights=model_dir is not None)
         base = f"http://{stack.public_host}:{ports.gateway}"
@@ -266,6 +266,7 @@ def _up(args: argparse.Namespace, workdir: Path) -> int:
 rheo is up.
   console        {base}/console/#/s/{created['id']}   (sign in with the token: {stack.api_token})
   API            {base}/docs
+  offline jobs   {base}/console/#/jobs   (upload a video or a prompt: an MP4 back; POST /v1/jobs)
   publish to     {created['publish_url']}
                  (OBS: Server {created['rtmp_url']}  Stream Key {created['stream_key']})
   watch          {base}{created['player_path']}

@@ -25,6 +25,7 @@ SERVICES = (
     "pipeline",
     "services.controller",
     "services.gateway",
+    "jobs",
 )
 STAGE_INTERNALS = ("dit_stage", "pipeline")
 
@@ -39,6 +40,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "services.controller": STAGE_INTERNALS,
     "services.gateway": ("ingest", "egress", "decoder", *STAGE_INTERNALS),
     "pipeline": ("ingest", "egress", "decoder"),
+    "jobs": ("ingest", "egress", "decoder", "dit_stage"),  # runs the offline engine (pipeline), nothing live
 }
 
 # (importing file, imported module) pairs allowed despite RULES, each with the reason it cannot go. None today.

@@ -45,6 +45,7 @@ from services.controller.policy import admission_key
 from services.gateway.auth import OperatorTokens, Principal, authenticate
 from services.gateway.console import make_console_router
 from services.gateway.docs import make_docs_router
+from services.gateway.jobs import make_jobs_router
 from services.gateway.limits import RateLimiter, retry_after
 from services.gateway.playback import make_playback_router
 from services.gateway.restream import make_restream_router
@@ -343,6 +344,7 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     v1.include_router(make_restream_router(table, of_stream, limited, record_or_404))
+    v1.include_router(make_jobs_router(settings, bus, operator, limited))
     app.include_router(v1)
     app.include_router(make_stats_router(watch, table.list, record_or_404, settings.ingest.status_interval_s,
                                          operator, of_stream))

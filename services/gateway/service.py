@@ -17,6 +17,7 @@ import uvicorn
 from media.player import check_hlsjs
 from services.gateway.api import make_api
 from services.gateway.auth import OperatorTokens
+from services.gateway.jobs import JOBS_PATH
 from services.gateway.stats import StreamWatch
 from services.httpguard import guard
 from services.playback_tokens import PlaybackKeys
@@ -53,7 +54,8 @@ class GatewayService(Service):
             max_connections=gw.proxy_max_connections, max_keepalive_connections=min(64, gw.proxy_max_connections)))
         watch = StreamWatch()
         await watch.start(self.bus)
-        app = guard(make_api(self.settings, self.bus, table, self._proxy, watch), gw.max_body_bytes)
+        app = guard(make_api(self.settings, self.bus, table, self._proxy, watch), gw.max_body_bytes,
+                    {JOBS_PATH: (self.settings.jobs.max_upload_bytes, "jobs.max_upload_bytes")})
         sock = listen_socket(gw.host, gw.port, "the gateway API (gateway.port)")
         self.api_port = sock.getsockname()[1]
         self._api = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))

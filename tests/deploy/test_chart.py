@@ -34,7 +34,7 @@ OLDEST_K8S = "1.28.0"
 NEWEST_K8S = "1.37.0"
 CRD_KINDS = {"ServiceMonitor", "Certificate"}  # not in the core schemas; checked by hand below
 STATELESS = {"gateway", "egress", "controller"}
-ALL_COMPONENTS = {"gateway", "egress", "controller", "ingest", "decoder", "dit-stage"}
+ALL_COMPONENTS = {"gateway", "egress", "controller", "ingest", "decoder", "dit-stage", "jobs"}
 
 
 # -- lint -------------------------------------------------------------------------------------------------------
@@ -146,10 +146,24 @@ def test_leader_election_can_be_turned_off() -> None:
     assert rendered.kind("Role") == [] and rendered.kind("RoleBinding") == []
 
 
+def test_jobs_workers_are_sized_by_their_values() -> None:
+    """docs/jobs.md: the jobs Deployment runs ``rheo jobs`` with its own NATS user, replicas, GPUs and resources."""
+    rendered = Rendered({"jobs": {"replicas": 3, "gpus": 1, "resources": {"requests": {"cpu": "2", "memory": "4Gi"},
+                                                                          "limits": {"memory": "16Gi"}}}})
+    jobs = rendered.get("Deployment", f"{RELEASE}-jobs")
+    assert jobs["spec"]["replicas"] == 3
+    (c,) = containers(jobs)
+    assert c["args"] == ["jobs"] and c["resources"]["requests"]["cpu"] == "2"
+    assert c["resources"]["limits"] == {"memory": "16Gi", "nvidia.com/gpu": 1}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["RHEO_NATS__INBOX_PREFIX"] == "_INBOX.jobs"
+
+
 def test_gpus_only_where_asked_and_never_on_stateless_services(rendered: Rendered) -> None:
     values = rendered.merged
     want = {"dit-stage": values["ditStage"]["gpus"], "ingest": values["ingest"]["gpus"],
-            "decoder": values["decoder"]["gpus"], "gateway": 0, "egress": 0, "controller": 0}
+            "decoder": values["decoder"]["gpus"], "jobs": values["jobs"]["gpus"], "gateway": 0, "egress": 0,
+            "controller": 0}
     for w in rendered.workloads():
         for c in containers(w):
             res = c.get("resources", {})

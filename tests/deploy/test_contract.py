@@ -11,7 +11,7 @@ import pytest
 import yaml
 from deploy.chartkit import CHART, Rendered, component, containers
 
-from proto.permissions import inbox_prefix, user_name
+from proto.permissions import ROLES, inbox_prefix, user_name
 from services.cli import SERVICES, build_parser
 from services.config import Settings, iter_fields
 
@@ -26,7 +26,7 @@ LISTENERS = {
 }
 # Stand-ins for what Kubernetes fills in at run time, shaped like the real thing.
 SECRET_STANDINS = {"api-tokens": json.dumps(["t" * 40]), "signing-keys": json.dumps(["s" * 48]), "link-key": "l" * 48,
-                   **{c: "p" * 32 for c in ("gateway", "ingest", "dit-stage", "decoder", "egress", "controller")}}
+                   **{c: "p" * 32 for c in ROLES}}  # one NATS password per bus role
 DOWNWARD = {"metadata.name": "dit-3", "status.podIP": "10.1.2.3"}
 
 

@@ -9,10 +9,9 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-import numpy as np
 import pytest
 
-from support.pipekit import read_clip
+from support.pipekit import read_clip, write_audio_only
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,20 +58,10 @@ def _truncated(src: Path, dst: Path) -> None:
     dst.write_bytes(data[: len(data) // 2])  # the moov box (at the end) is gone: a corrupt MP4
 
 
-def _audio_only(dst: Path) -> None:
-    with av.open(str(dst), "w") as c:
-        s = c.add_stream("aac", rate=44100)
-        for i in range(20):
-            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            f.sample_rate, f.pts = 44100, i * 1024
-            c.mux(s.encode(f))
-        c.mux(s.encode(None))
-
-
 BAD_INPUTS = {
     "corrupt": (lambda clip, p: _truncated(clip, p), "in.mp4", "corrupt or unsupported"),
     "empty": (lambda clip, p: p.write_bytes(b""), "in.mp4", "is empty"),
-    "audio-only": (lambda clip, p: _audio_only(p), "in.m4a", "audio-only"),
+    "audio-only": (lambda clip, p: write_audio_only(p), "in.m4a", "audio-only"),
     "unsupported-text": (lambda clip, p: p.write_text("not a video\n" * 40), "in.txt", "a text file, not a video"),
     "unsupported-subtitles": (
         lambda clip, p: p.write_text("1\n00:00:01,000 --> 00:00:02,000\nhello\n"),

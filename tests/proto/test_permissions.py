@@ -73,18 +73,21 @@ def test_replies_only_to_whom_a_role_serves() -> None:
 def test_kv_access_as_declared() -> None:
     assert set(BUCKET_ACCESS) == set(Buckets.ALL)
     for access in BUCKET_ACCESS.values():
+        stream = f"OBJ_{access.bucket}" if access.object_store else f"KV_{access.bucket}"
+        key = f"$O.{access.bucket}.C.anychunk" if access.object_store else f"$KV.{access.bucket}.anykey"
         for role in ROLES:
             p = permissions(role)
             uses = role in access.roles
-            assert allows(p.publish, f"$JS.API.STREAM.INFO.KV_{access.bucket}") == uses
-            assert allows(p.publish, f"$JS.API.CONSUMER.CREATE.KV_{access.bucket}.c1.$KV.{access.bucket}.>") == uses
+            assert allows(p.publish, f"$JS.API.STREAM.INFO.{stream}") == uses
+            assert allows(p.publish, f"$JS.API.CONSUMER.CREATE.{stream}.c1.{key}") == uses
             writes = dict(access.writers).get(role)
             if writes == ">":
-                assert allows(p.publish, f"$KV.{access.bucket}.anykey")
+                assert allows(p.publish, key)
             elif writes is None:
-                assert not allows(p.publish, f"$KV.{access.bucket}.anykey"), (role, access.bucket)
-            assert not allows(p.publish, f"$JS.API.STREAM.DELETE.KV_{access.bucket}")
-            assert not allows(p.publish, f"$JS.API.STREAM.PURGE.KV_{access.bucket}")
+                assert not allows(p.publish, key), (role, access.bucket)
+            assert not allows(p.publish, f"$JS.API.STREAM.DELETE.{stream}")
+            # an object store's writers purge the chunks of a replaced or deleted object; KV never purges
+            assert allows(p.publish, f"$JS.API.STREAM.PURGE.{stream}") == (access.object_store and writes is not None)
     stage = permissions("dit-stage").publish
     assert allows(stage, f"$KV.{Buckets.BLOCKMAP}.{stage_prepared_key('dit-0')}")
     assert not allows(stage, f"$KV.{Buckets.BLOCKMAP}.current")  # only the controller writes the map

@@ -45,6 +45,18 @@ def write_clip(path: Path, frames: int = 24, fps: int = 12, width: int = 96, hei
     return path
 
 
+def write_audio_only(path: Path) -> Path:
+    """An AAC-only file (no video stream): refused by every input check."""
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=44100)
+        for i in range(20):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            f.sample_rate, f.pts = 44100, i * 1024
+            c.mux(s.encode(f))
+        c.mux(s.encode(None))
+    return path
+
+
 def read_clip(path: Path) -> tuple[np.ndarray, Fraction]:
     """All frames (rgb24) and the average frame rate of a video file."""
     with av.open(str(path)) as c:

@@ -1,10 +1,11 @@
-// The console's shell: sign-in, the hash router (#/streams, #/new, #/s/<id>) and the hls.js banner.
+// The console's shell: sign-in, the hash router (#/streams, #/new, #/s/<id>, #/jobs[/<id>]) and the hls.js banner.
 import {api, ApiError, setToken, token} from './api.js';
 import {el, field} from './dom.js';
 import {HLSJS_MISSING, hlsjsMissing} from '/player/play.js';
 import {listView} from './list.js';
 import {createView} from './create.js';
 import {streamView} from './stream.js';
+import {jobsView} from './jobs.js';
 
 const view = document.getElementById('view');
 let cleanup = () => {};
@@ -43,7 +44,9 @@ function route() {
   const hash = location.hash || '#/streams';
   if (!signedIn) { cleanup = signinView(view); return; }
   const m = hash.match(/^#\/s\/([A-Za-z0-9_-]{1,64})$/);
+  const job = hash.match(/^#\/jobs(?:\/([A-Za-z0-9_-]{1,64}))?$/);
   if (m) cleanup = streamView(view, m[1]);
+  else if (job) cleanup = jobsView(view, job[1]);
   else if (hash === '#/new') cleanup = createView(view);
   else if (hash === '#/signin') { location.hash = '#/streams'; cleanup = () => {}; }
   else cleanup = listView(view);
