@@ -335,6 +335,11 @@ class DitStageSettings(Section):
         "auto", description="auto: a tensor link to a stage on the same host (same /dev/shm and uid) carries frames "
         "in POSIX shared memory, only a descriptor on the socket; off: always TCP"
     )
+    link_cuda_ipc: Literal["auto", "off"] = Field(
+        "auto", description="auto: a tensor link to a stage on the same host and the same CUDA device (GPU UUIDs "
+        "compared in the link handshake; needs link_shared_memory auto) hands hidden states over as CUDA IPC "
+        "handles, with no host copy; off: such a link uses shared memory"
+    )
     timed_block_ms: float | None = Field(
         None, ge=0, description="timed stand-in mode for controller and scale tests: each micro-step takes this "
         "many ms per owned block (plus timed_item_ms per item), sleeping after the real model (null: normal mode)"
