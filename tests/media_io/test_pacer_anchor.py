@@ -21,8 +21,9 @@ FPS = 8
 WAIT_S = 0.35
 """The session's first-frame wait (the stack's is 0.2–0.4 s); shorter than the first chunk's 5 frames at 8 fps, so
 the burst behind the first frame shows all of it."""
-BOUND_S = 0.1
-"""Wire − real capture after the correction: the transport delay (RTMP, decode) on a loaded 2-core machine."""
+BOUND_S = 0.2
+"""Wire − real capture after the correction: the transport delay (RTMP, decode; 0.08 s measured on a loaded 2-core
+machine), well under the uncorrected WAIT_S + transport (0.53 s measured)."""
 
 
 async def test_wire_capture_times_are_the_publishers_after_a_first_frame_wait(monkeypatch: pytest.MonkeyPatch) -> None:
