@@ -12,6 +12,7 @@ from encoder.prompt import trim_padding
 from encoder.random_prompt import RandomPromptEncoder
 from ingest.models import IngestModels, largest_messages
 from services.config import ModelSettings, Settings
+from services.gpu_budget import one_gpu_budget
 from services.runtime import ServiceStartError
 from wan.config import WanDiTConfig
 
@@ -51,6 +52,8 @@ def test_a_real_preset_needs_weights_or_the_explicit_opt_in() -> None:
     assert last.config == WanDiTConfig.named("1.3b") and list(last.blocks) == ["29"] and last.head is not None
     _same(last.blocks["29"], random_dit(WanDiTConfig.named("1.3b"), (29, 30), seed=0).blocks["29"])
     assert largest_messages(opted) > largest_messages(Settings())  # ingest sizes its messages for the real VAE
+    budget = one_gpu_budget(opted, None, 1).parts  # the one-GPU check counts the real VAE, no umT5
+    assert budget["VAE ×2"] > 0 and budget["umT5"] == 0 and budget["DiT"] > 2e9
 
 
 def test_the_random_prompt_encoder_has_umt5s_shape_and_padding() -> None:
