@@ -370,6 +370,9 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
     for i in range(args.stages):
         n = delta(f"dit-{i}", "rheo_dit_stage_compute_seconds_count")
         stage_s[f"dit-{i}"] = round(delta(f"dit-{i}", "rheo_dit_stage_compute_seconds_sum") / n, 4) if n else None
+    # the ring's link connections by path (cuda: two stages on one GPU, CUDA IPC; docs/tensor-link.md)
+    link_paths = {path: int(sum(_metric(after.get(f"dit-{i}", {}), f'rheo_link_path_total{{path="{path}"}}')
+                                for i in range(args.stages))) for path in ("cuda", "shm", "tcp")}
     misses = delta("ingest", 'rheo_ingest_chunks_dropped_total{reason="deadline"}') + delta(
         "decoder", 'rheo_decoder_chunks_total{result="late"}')
 
@@ -415,7 +418,8 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
             "g2g_player_s": round(g2g_p50 + behind, 4) if g2g_p50 is not None and behind is not None else None,
             "player_latency_s": _median(player_latency), "player_latency_p99_s": _pct(player_latency, 99),
             "player_measured": bool(player_latency),
-            "deadline_misses": int(misses), "gpu_mem_mib": gpu, "hops": hops, "commit": git_commit()}
+            "deadline_misses": int(misses), "gpu_mem_mib": gpu, "link_paths": link_paths, "hops": hops,
+            "commit": git_commit()}
 
 
 def _stack(args: argparse.Namespace, work: Path) -> LocalStack:
