@@ -5,8 +5,9 @@
 #
 # Steps: the GPU tests (tests/dit/test_gpu.py and every tests/**/test_*gpu*.py), bench/dit.py (1.3B, 512² and
 # 480×832, 1/2/4 steps), bench/pipeline_local.py (1.3B + full VAE), bench/serve.py (the served path: 1 stream, the
-# streams-per-GPU search at 16 FPS, 14B at 1 step if the GPU has the memory; the served 1.3B/14B need Wan2.1
-# weights in MODEL_DIR / MODEL_DIR_14B, else the tiny model runs on the GPU), bench/official.py (the official
+# streams-per-GPU search at 16 FPS, 14B at 1 step if the GPU has the memory; the served 1.3B/14B use Wan2.1
+# weights from MODEL_DIR / MODEL_DIR_14B when set, else random weights at the real sizes: model.random_weights,
+# real timings, noise output; the measurement mode keeps the content markers), bench/official.py (the official
 # StreamDiffusionV2 code side by side when OFFICIAL_DIR names a fetched copy; ratio lines rheo / official).
 # Every result is one JSON line appended to FILE (default bench-results/gpu-suite-<utc>.jsonl) with "step" added;
 # a step that printed none (crashed, timed out) gets {"step", "error", "rc"}; a summary line ends the run
@@ -81,18 +82,21 @@ else
     step dit 80 "$PY" bench/dit.py --device cuda --models 1.3b --res 512x512,480x832 --steps 1,2,4 --streams 1
     step pipeline_local 60 "$PY" bench/pipeline_local.py --device cuda --preset 1.3b --size 512x512,832x480 \
         --steps 1,2 --streams 1,2
-    # the stack builds random weights for the tiny preset only: 1.3B/14B served need MODEL_DIR (Wan2.1 weights)
-    if [ -n "${MODEL_DIR:-}" ]; then SERVED=(--model 1.3b --model-dir "$MODEL_DIR"); else SERVED=(--model tiny); fi
+    # Wan2.1 weights when MODEL_DIR names them, else random weights at the real sizes (model.random_weights)
+    SERVED=(--model 1.3b --random-weights)
+    SERVED_14B=(--random-weights)
+    if [ -n "${MODEL_DIR:-}" ]; then SERVED=(--model 1.3b --model-dir "$MODEL_DIR"); fi
+    if [ -n "${MODEL_DIR_14B:-${MODEL_DIR:-}}" ]; then SERVED_14B=(--model-dir "${MODEL_DIR_14B:-$MODEL_DIR}"); fi
     step serve 70 "$PY" bench/serve.py --device cuda "${SERVED[@]}" --size 512 --fps 16 --steps 2 --streams 1 \
         --seconds 8 --slo-ms 1000
     step serve_search 90 "$PY" bench/serve.py --device cuda "${SERVED[@]}" --size 512 --fps 16 --steps 2 --search \
         --seconds 6 --slo-ms 1000 --max-streams 16
     FREE_MIB=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits 2>/dev/null | head -n 1)
-    if [ -n "${MODEL_DIR:-}" ] && [ "${FREE_MIB:-0}" -gt 60000 ]; then
-        step serve_14b 60 "$PY" bench/serve.py --device cuda --model 14b --model-dir "${MODEL_DIR_14B:-$MODEL_DIR}" \
+    if [ "${FREE_MIB:-0}" -gt 60000 ]; then
+        step serve_14b 60 "$PY" bench/serve.py --device cuda --model 14b "${SERVED_14B[@]}" \
             --size 512 --fps 16 --steps 1 --streams 1 --stages 1 --seconds 6 --slo-ms 2000
     else
-        echo "{\"step\": \"serve_14b\", \"skipped\": \"needs MODEL_DIR(_14B) and > 60000 MiB free (${FREE_MIB:-?})\"}" \
+        echo "{\"step\": \"serve_14b\", \"skipped\": \"needs > 60000 MiB free (${FREE_MIB:-?})\"}" \
             | tee -a "$OUT"
     fi
     step official 60 "$PY" bench/official.py --size 512x512,832x480 --steps 2,1 --rheo-jsonl "$OUT"

@@ -370,6 +370,9 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
     for i in range(args.stages):
         n = delta(f"dit-{i}", "rheo_dit_stage_compute_seconds_count")
         stage_s[f"dit-{i}"] = round(delta(f"dit-{i}", "rheo_dit_stage_compute_seconds_sum") / n, 4) if n else None
+    # the ring's link connections by path (cuda: two stages on one GPU, CUDA IPC; docs/tensor-link.md)
+    link_paths = {path: int(sum(_metric(after.get(f"dit-{i}", {}), f'rheo_link_path_total{{path="{path}"}}')
+                                for i in range(args.stages))) for path in ("cuda", "shm", "tcp")}
     misses = delta("ingest", 'rheo_ingest_chunks_dropped_total{reason="deadline"}') + delta(
         "decoder", 'rheo_decoder_chunks_total{result="late"}')
 
@@ -405,7 +408,8 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
                 all_hops.get("gather", []), ingest, strict=False)]),
             "stamp_offset": _median(all_hops.get("stamp_offset", []))}
     g2g_p50 = _pct(g2g, 50)
-    return {"bench": "serve", "streams": streams, "device": args.device, "model": args.model, "size": args.size,
+    return {"bench": "serve", "streams": streams, "device": args.device, "model": args.model,
+            "weights": _weights(args), "size": args.size,
             "fps_target": args.fps, "steps": args.steps, "stages": args.stages, "seconds": args.seconds,
             "ttff_s": _median(ttffs), "fps": round(min(fps_each), 2) if fps_each else None,
             "fps_each": [round(f, 2) for f in fps_each], "aggregate_fps": round(sum(fps_each), 2),
@@ -414,7 +418,8 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
             "g2g_player_s": round(g2g_p50 + behind, 4) if g2g_p50 is not None and behind is not None else None,
             "player_latency_s": _median(player_latency), "player_latency_p99_s": _pct(player_latency, 99),
             "player_measured": bool(player_latency),
-            "deadline_misses": int(misses), "gpu_mem_mib": gpu, "hops": hops, "commit": git_commit()}
+            "deadline_misses": int(misses), "gpu_mem_mib": gpu, "link_paths": link_paths, "hops": hops,
+            "commit": git_commit()}
 
 
 def _stack(args: argparse.Namespace, work: Path) -> LocalStack:
@@ -423,9 +428,16 @@ def _stack(args: argparse.Namespace, work: Path) -> LocalStack:
            "RHEO_CONTROLLER__ADVISORY": "true", "RHEO_CONTROLLER__MODE": "static"}
     if args.model_dir is not None:
         env["RHEO_MODEL__MODEL_DIR"] = str(args.model_dir)
+    elif args.random_weights:
+        env["RHEO_MODEL__RANDOM_WEIGHTS"] = "true"
     env |= dict(kv.split("=", 1) for kv in args.env)
     return LocalStack(work, stages=args.stages, ports=Ports.ephemeral(), extra_env=env,
                       torch_threads=args.threads)
+
+
+def _weights(args: argparse.Namespace) -> str:
+    """What the served model runs on: a weights dir, or random weights (tiny, or a real preset opted in)."""
+    return str(args.model_dir) if args.model_dir is not None else "random"
 
 
 def _ok(row: dict, args: argparse.Namespace) -> bool:
@@ -470,10 +482,10 @@ def _dry_run(args: argparse.Namespace) -> dict:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    if args.model != "tiny" and args.model_dir is None:
+    if args.model != "tiny" and args.model_dir is None and not args.random_weights:
         _emit({"bench": "serve", "model": args.model, "device": args.device, "skipped": (
-            "the stack's services build random weights for the tiny preset only (dit_stage/stage_model.py): "
-            "--model 1.3b/14b needs --model-dir with Wan2.1 weights"), "commit": git_commit()})
+            "--model 1.3b/14b needs --model-dir with Wan2.1 weights, or --random-weights (model.random_weights: "
+            "real sizes and timings, noise output)"), "commit": git_commit()})
         return 0
     if args.dry_run:
         row = _dry_run(args)
@@ -513,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tiny", choices=["tiny", "1.3b", "14b"],
                     help="DiT size: tiny (random weights) or, with --model-dir, the weights' 1.3b/14b")
     ap.add_argument("--model-dir", type=Path, default=None, help="Wan2.1 weights (needed beyond the tiny model)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="without --model-dir: serve 1.3b/14b on random weights (model.random_weights)")
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--size", type=int, default=128, help="model frame side (a multiple of 64: the marker cells)")
     ap.add_argument("--fps", type=int, default=8)

@@ -30,12 +30,19 @@ from prometheus_client import Counter
 from decoder.tracing import OutputTraces
 from encoder.batching import ChunkBatcher
 from encoder.vae import StreamVAE, StreamVAEState
-from encoder.vae_loading import StreamVAEConfig, compile_stream_vae, load_stream_vae, tiny_stream_vae
+from encoder.vae_loading import (
+    StreamVAEConfig,
+    compile_stream_vae,
+    load_stream_vae,
+    random_stream_vae,
+    tiny_stream_vae,
+)
 from media.h264 import CfrPacer, H264Encoder, PacedFrame
 from proto import CHANNELS, EncodedVideo, LatentChunk, StreamEvent, StreamOutput, Subjects, VideoUnit
 from services import telemetry
 from services.assignments import Assignments
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
+from services.model_source import model_source
 from services.runtime import Service, ServiceStartError, main, write_debug_tap
 from services.workmeter import WorkMeter
 
@@ -185,9 +192,16 @@ class DecoderService(Service):
         dec, enc = self.settings.decoder, self.settings.encoder
         taehv = enc.vae == "taehv" or dec.decoder == "taehv"  # encoder.vae: both ways; decoder.decoder: decode only
         config = StreamVAEConfig(decoder="taehv" if taehv else "wan", taehv_path=dec.taehv_path or enc.taehv_path)
-        if model.model_dir is None:
+        source = model_source(model, "decoder")
+        if source == "tiny":
             log.warning("decoder: no model.model_dir: decoding with the tiny RANDOM VAE (plumbing only)")
             return tiny_stream_vae(config, dtype=dtype, device=device)
+        if source == "random":
+            vae = random_stream_vae(config, dtype=dtype, device=device)  # ingest builds the same one
+            if enc.compile:
+                compile_stream_vae(vae)
+            return vae
+        assert model.model_dir is not None
         try:
             vae = load_stream_vae(model.model_dir, config, dtype=dtype, device=device)
         except (FileNotFoundError, ValueError) as e:

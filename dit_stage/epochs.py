@@ -114,7 +114,7 @@ class StageEpochs:
     def prepare(self, action: PrepareSwitch, endpoints: KV) -> None:
         """Epoch e → e+1 with every old owner alive: open the links the switch needs, then register it with the
         worker, which moves the KV at the switch point."""
-        self.switch = SwitchLinks(action.block_map.epoch, link_options(self.cfg))
+        self.switch = SwitchLinks(action.block_map.epoch, link_options(self.cfg, self.settings.model.device))
         self._t0 = time.monotonic()
         self._long = self.tasks.spawn(self._prepare(action, self.switch, endpoints), "switch-prepare")
 

@@ -154,7 +154,12 @@ class StageInputs:
 
 
 def _to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: t.to(device, copy=True) for k, t in tensors.items()}
+    """Copies, complete on return: the frame (its buffer, or the sender's memory on a CUDA IPC link) is released
+    right after."""
+    out = {k: t.to(device, copy=True) for k, t in tensors.items()}
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return out
 
 
 def _consistent(msg: StageItems) -> bool:

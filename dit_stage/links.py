@@ -20,8 +20,10 @@ from proto import Message, RingReturn, ShardMove, ShardMoveEnd, StageItems
 from services.bus import KV
 from services.config import DitStageSettings
 from services.link import LinkOptions, LinkSender, parse_endpoint
+from services.link_cuda import CudaIpc
 from services.link_staging import LinkStaging
 from services.runtime import Background, watch_key
+from wan.device import resolve_device
 
 __all__ = ["LINK_POLL_S", "NextLink", "SwitchLinks"]
 
@@ -31,20 +33,25 @@ LINK_POLL_S = 0.5
 """How often a link send blocked on a dead peer checks whether the next stage changed."""
 
 
-def link_options(cfg: DitStageSettings) -> LinkOptions:
+def link_options(cfg: DitStageSettings, model_device: str = "cpu") -> LinkOptions:
     """The options of every link of this stage; a stage that listens beyond loopback must have a link key (anyone
-    who reaches an unkeyed link port could feed hidden states into the ring)."""
+    who reaches an unkeyed link port could feed hidden states into the ring). A stage on a CUDA device offers CUDA
+    IPC to a peer on the same GPU unless ``link_cuda_ipc`` is off (``model_device``: ``model.device``)."""
     key = cfg.link_key.get_secret_value().encode() if cfg.link_key else None
     if key is None and not _loopback(cfg.link_host):
         raise ValueError(f"dit_stage.link_key is required: the tensor link listens on {cfg.link_host}, beyond "
                           "loopback (set RHEO_DIT_STAGE__LINK_KEY; the chart and `rheo up` generate one)")
+    device = CudaIpc.for_device(resolve_device(model_device)) if cfg.link_cuda_ipc == "auto" else None
     return LinkOptions(max_frame_bytes=cfg.link_max_frame_bytes, key=key,
-                       shared_memory=cfg.link_shared_memory == "auto")
+                       shared_memory=cfg.link_shared_memory == "auto", device=device)
 
 
-async def stage_for_link(message: Message) -> Message:
+async def stage_for_link(message: Message, on_device: bool = False) -> Message:
     """Ring traffic still on a CUDA device goes to the host through pinned, reused buffers on the copy stream
-    (services/link_staging.py), waited for off the event loop; anything else (CPU tensors) is sent as it is."""
+    (services/link_staging.py), waited for off the event loop; anything else (CPU tensors) is sent as it is. On a
+    CUDA IPC connection (``on_device``: the next stage is on this GPU) nothing is staged: the tensors go as handles."""
+    if on_device:
+        return message
     if isinstance(message, StageItems):
         staging = LinkStaging.for_device(message.hidden.device)
         if staging is not None:
@@ -139,7 +146,7 @@ class NextLink:
                 return False
             sender = self.sender
             assert sender is not None
-            message = await stage_for_link(message)
+            message = await stage_for_link(message, sender.on_device)
             send = asyncio.ensure_future(sender.send(message))
             while True:
                 done, _ = await asyncio.wait({send}, timeout=LINK_POLL_S)

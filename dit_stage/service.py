@@ -115,7 +115,7 @@ class DitStageService(Service):
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         assert self.bus is not None
-        options = link_options(self.cfg)
+        options = link_options(self.cfg, self.settings.model.device)
         self.listener = options.listener(self.cfg.link_host, self.cfg.link_port).start()
         self.endpoint = f"{self.cfg.advertise_host}:{self.listener.port}"
         self.endpoints = await self.bus.kv(Buckets.ENDPOINTS, replicas=self.settings.nats.kv_replicas)

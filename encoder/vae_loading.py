@@ -222,6 +222,30 @@ def tiny_stream_vae(config: StreamVAEConfig | None = None, *, seed: int = 0, dty
     )
 
 
+def random_stream_vae(config: StreamVAEConfig | None = None, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> StreamVAE:
+    """The Wan2.1 VAE (and full-size TAEHV, when the config asks for it) on random weights of ``seed``: the VAE of
+    ``model.random_weights`` (services/model_source.py), the same in every process that builds it (global RNG
+    untouched). Real sizes and timings, noise output."""
+    from encoder.taehv import TAEHVDecoder, TAEHVEncoder
+
+    config = config or StreamVAEConfig()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan().eval()  # diffusers' defaults: the Wan2.1 VAE
+        z = vae.config.z_dim
+        enc = TAEHVEncoder(latent_channels=z) if config.encoder == "taehv" else None
+        dec = TAEHVDecoder(latent_channels=z) if config.decoder == "taehv" else None
+    return StreamVAE(
+        vae.to(device=device, dtype=dtype),
+        latent_norm=config.latent_norm,
+        taehv=dec.to(device=device, dtype=dtype).eval() if dec is not None else None,
+        taehv_encoder=enc.to(device=device, dtype=dtype).eval() if enc is not None else None,
+        encode_frames_per_pass=config.encode_frames_per_pass,
+        decode_latents_per_pass=config.decode_latents_per_pass,
+    )
+
+
 def compile_stream_vae(sv: StreamVAE) -> bool:
     """``encoder.compile``: channels-last and ``torch.compile`` of the VAE's encoder/decoder (and TAEHV) modules,
     recompiled per input shape. CUDA only (on CPU it would cost minutes of compile for no gain): False when skipped.

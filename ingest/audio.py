@@ -58,6 +58,7 @@ class AudioPassthrough:
         self._queue: asyncio.Queue[EncodedAudio] = asyncio.Queue()
         self._sender: asyncio.Task[None] | None = None
         self._warned = False
+        self._shift = 0.0  # the video anchor correction already applied to what is stamped
 
     @property
     def sink(self) -> Callable[[EncodedAudio], Awaitable[object]] | None:
@@ -69,8 +70,13 @@ class AudioPassthrough:
         if sink is not None and not self._queue.empty():
             self._start_sender()
 
-    def feed(self, payload: bytes, capture_time: float | None) -> None:
-        """One FLV audio tag body; ``capture_time`` None: the video clock is not anchored yet (no frame so far)."""
+    def feed(self, payload: bytes, capture_time: float | None, anchor_shift: float = 0.0) -> None:
+        """One FLV audio tag body; ``capture_time`` None: the video clock is not anchored yet (no frame so far).
+        ``anchor_shift``: the video pacer's one anchor correction so far (``FramePacer.correction_s``); frames
+        stamped before it and not yet published move with it."""
+        if anchor_shift != self._shift:
+            self._move(anchor_shift - self._shift)
+            self._shift = anchor_shift
         if len(payload) < 2:
             return
         if payload[0] >> 4 != _SOUND_FORMAT_AAC:
@@ -99,6 +105,13 @@ class AudioPassthrough:
         self._batch.append(AudioUnit(capture_time=capture_time, data=bytes(payload[2:])))
         if capture_time - self._batch[0].capture_time >= self.batch_s or len(self._batch) >= _MAX_BATCH:
             self.flush()
+
+    def _move(self, seconds: float) -> None:
+        self._batch = [u.model_copy(update={"capture_time": u.capture_time + seconds}) for u in self._batch]
+        waiting = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        for msg in waiting:
+            units = [u.model_copy(update={"capture_time": u.capture_time + seconds}) for u in msg.units]
+            self._queue.put_nowait(msg.model_copy(update={"units": units}))
 
     def flush(self) -> None:
         """Send the partial batch (a batch is complete after ``batch_s``; the stream's end sends the rest)."""

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import torch
 
 from encoder.prompt import PromptEncoder
+from encoder.random_prompt import RandomPromptEncoder
 from encoder.vae import StreamVAE
-from encoder.vae_loading import StreamVAEConfig, compile_stream_vae, tiny_stream_vae
+from encoder.vae_loading import StreamVAEConfig, compile_stream_vae, random_stream_vae, tiny_stream_vae
 from services.config import EncoderSettings, ModelSettings, Settings
+from services.model_source import model_source
 from services.workmeter import WorkMeter
 from wan.config import WanDiTConfig
 
@@ -29,7 +31,7 @@ class IngestModels:
     """What ingest runs: the Stream-VAE (encoder side) and the prompt encoder."""
 
     vae: StreamVAE
-    prompt: PromptEncoder
+    prompt: PromptEncoder | RandomPromptEncoder
     description: str
 
     @classmethod
@@ -45,19 +47,28 @@ class IngestModels:
     @classmethod
     def load(cls, model: ModelSettings, encoder: EncoderSettings | None = None) -> IngestModels:
         vae_config = StreamVAEConfig(encoder=encoder.vae, taehv_path=encoder.taehv_path) if encoder else None
-        if model.model_dir is None:
+        source = model_source(model, "ingest")
+        if source == "tiny":
             return cls.tiny(vae_config).passing_through() if model.passthrough else cls.tiny(vae_config)
         from encoder.vae_loading import load_stream_vae
         from wan.device import resolve_device, resolve_dtype
 
         device = resolve_device(model.device)
         dtype = resolve_dtype(model.dtype, device)
-        vae = load_stream_vae(model.model_dir, vae_config, dtype=dtype, device=device)
+        text_len = WanDiTConfig.named("1.3b").text_len
+        if source == "random":
+            vae = random_stream_vae(vae_config, dtype=dtype, device=device)  # the decoder builds the same one
+            prompt: PromptEncoder | RandomPromptEncoder = RandomPromptEncoder(
+                4096, text_len, TINY_SEED, dtype=dtype, device=device)
+            description = f"RANDOM weights at preset {model.preset} (model.random_weights)"
+        else:
+            assert model.model_dir is not None
+            vae = load_stream_vae(model.model_dir, vae_config, dtype=dtype, device=device)
+            prompt = PromptEncoder.from_model_dir(model.model_dir, dtype=dtype, device=device, max_length=text_len)
+            description = f"weights from {model.model_dir}"
         if encoder is not None and encoder.compile:
             compile_stream_vae(vae)
-        prompt = PromptEncoder.from_model_dir(model.model_dir, dtype=dtype, device=device,
-                                              max_length=WanDiTConfig.named("1.3b").text_len)
-        loaded = cls(vae, prompt, f"weights from {model.model_dir}")
+        loaded = cls(vae, prompt, description)
         return loaded.passing_through() if model.passthrough else loaded
 
     def passing_through(self) -> IngestModels:
@@ -84,14 +95,14 @@ def _model_sizes(settings: Settings) -> tuple[int, int, int, int, int]:
     from wan.tiny import TINY_T5_CONFIG, TINY_VAE_CONFIG
 
     model = settings.model
-    if model.model_dir is None:
+    if model.model_dir is None and (model.preset == "tiny" or not model.random_weights):
         z_dim, spatial = TINY_VAE_CONFIG["z_dim"], 2 ** (len(TINY_VAE_CONFIG["dim_mult"]) - 1)
         return z_dim, spatial, WanDiTConfig.tiny().text_len, TINY_T5_CONFIG["d_model"], 4
     from wan.device import resolve_device, resolve_dtype
 
     dtype = resolve_dtype(model.dtype, resolve_device(model.device))
     text_bytes = torch.empty((), dtype=dtype).element_size()
-    return 16, 8, WanDiTConfig.named("1.3b").text_len, 4096, text_bytes  # the Wan2.1 VAE, umT5-XXL
+    return 16, 8, WanDiTConfig.named("1.3b").text_len, 4096, text_bytes  # the Wan2.1 VAE, umT5-XXL (or random)
 
 
 def max_prompt_tokens(settings: Settings) -> int:

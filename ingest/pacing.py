@@ -5,7 +5,14 @@ clock at the first frame: frames that land on an already-filled slot are dropped
 filled by repeating the previous frame. Source timestamps, not arrival times, place frames, so network bursts
 do not cause drops. A timestamp jump (reconnect, encoder reset) or frames arriving more than ``max_drift_s``
 later than their anchored capture time (a stall) re-anchor the grid without dropping or duplicating anything;
-capture times stay monotonic. A publisher sending faster than real time is not slowed here: the bounded chunk
+capture times stay monotonic. The first anchor is late: the session's first frame waited in the socket while the
+session went live (0.2–0.4 s), and the frames behind it arrive in a burst, each earlier than its anchored capture
+time. ``settle`` corrects the anchor once, by the most negative lag seen (arrival − anchored capture time), when
+the stream's first chunk is cut (``RtmpStream``): every capture time of the stream moves by the same amount, so
+they stay uniform (the decoder stamps frames at ``capture_time + i / fps``) and nothing published goes backwards.
+Afterwards a frame's capture time is at most its arrival, and late by at most the transport delay plus what of
+the wait the first chunk's frames did not show (docs/latency.md). A publisher sending faster than real time is
+not slowed here: the bounded chunk
 queue drops the oldest chunks instead, so latency stays bounded, but never a prepare chunk while a later chunk could
 go instead: without it the rest of its warm-up segment cannot run.
 """
@@ -56,6 +63,10 @@ class FramePacer:
         self._origin_ts: float | None = None
         self._slot_base = 0
         self._anchor_wall = 0.0
+        self._min_lag: float | None = None  # least arrival − anchored capture time, until ``settle``
+        self.settled = False
+        self.correction_s = 0.0
+        """What ``settle`` moved the anchor by (≤ 0)."""
 
     def capture_time(self, slot: int) -> float:
         """Wall-clock capture time of an output slot."""
@@ -71,6 +82,16 @@ class FramePacer:
     def resync(self) -> None:
         """Forget the timestamp origin (a new session): the next frame takes the next slot."""
         self._origin_ts = None
+
+    def settle(self) -> float:
+        """Once: move the anchor earlier by the most negative lag seen so far (module docstring); returns the shift
+        (≤ 0, seconds), which the caller applies to capture times it already handed out."""
+        if self.settled:
+            return 0.0
+        self.settled = True
+        self.correction_s = min(0.0, self._min_lag or 0.0)
+        self._anchor_wall += self.correction_s
+        return self.correction_s
 
     def place(self, ts: float, now: float) -> Slot:
         self.stats.frames_in += 1
@@ -93,6 +114,9 @@ class FramePacer:
         self.stats.duplicated += repeats
         self.stats.frames_out += repeats + 1
         self.next_slot = slot + 1
+        if not self.settled:
+            lag = now - self.capture_time(slot)
+            self._min_lag = lag if self._min_lag is None else min(self._min_lag, lag)
         return Slot(slot, repeats, True)
 
     def _anchor(self, ts: float, now: float) -> None:
@@ -151,6 +175,14 @@ class Chunker:
             self.segment += 1
             self.segment_start = self.seq
         return self.seq
+
+    def completes_chunk(self) -> bool:
+        """The next ``push`` cuts a chunk."""
+        return len(self._frames) + 1 >= self.clock.input_frames(self.seq - self.segment_start)
+
+    def shift(self, seconds: float) -> None:
+        """Move the capture times of the frames gathered so far (the pacer's one anchor correction)."""
+        self._times = [t + seconds for t in self._times]
 
     def push(self, frame: np.ndarray, capture_time: float) -> RawChunk | None:
         self._frames.append(frame)

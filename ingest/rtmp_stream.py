@@ -133,7 +133,8 @@ class RtmpStream:
         """An FLV audio tag: stamped on the video's capture clock (the pacer's anchor) and passed through."""
         with self._lock:
             captured = self.pacer.time_of(timestamp_ms / 1000.0)
-        self.audio.feed(payload, captured)
+            correction = self.pacer.correction_s
+        self.audio.feed(payload, captured, correction)
 
     @property
     def segment(self) -> int:
@@ -153,6 +154,8 @@ class RtmpStream:
     def _emit(self, frame: np.ndarray | None, slot: int, out: list[RawChunk]) -> None:
         if frame is None:
             return
+        if not self.pacer.settled and self.chunker.completes_chunk():  # the stream's first chunk: correct once
+            self.chunker.shift(self.pacer.settle())
         chunk = self.chunker.push(frame, self.pacer.capture_time(slot))
         if chunk is not None:
             out.append(chunk)

@@ -16,7 +16,9 @@ the body), so it does not depend on the body's own length. The raw bytes live af
 extension, because msgpack-python hands extension data to its hook as a fresh ``bytes`` copy.
 Keeping them outside lets the decoder return ``torch.frombuffer`` views on the received buffer itself: a 4 MiB
 prompt embedding is never copied.
-The same framing serves NATS payloads and the tensor link between DiT stages.
+The same framing serves NATS payloads and the tensor link between DiT stages. Only the tensor link between two
+stages on one GPU (``services/link_cuda.py``) may carry a device tensor as a ``DEVICE_EXT`` extension instead: a
+map of IPC fields naming memory the peer maps, no bytes at all; a decoder not given an opener refuses it.
 
 Every way a frame can be wrong raises ``ProtocolError`` and nothing else.
 """
@@ -38,6 +40,7 @@ from proto.errors import ProtocolError
 MAGIC = b"RH"
 FRAME_FORMAT = 1
 TENSOR_EXT = 1
+DEVICE_EXT = 2
 ALIGN = 64
 _HEADER = struct.Struct("<2sBBI")
 
@@ -95,8 +98,16 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def encode_parts(body: dict[str, Any], *, default: Callable[[Any], Any] | None = None) -> list[memoryview | bytes]:
-    """Encode a body into frame parts (header+body, padding, tensor views) for scatter-gather sends."""
+DeviceShare = Callable[[torch.Tensor], "dict[str, Any] | None"]
+"""A tensor's IPC fields for a peer on the same device, or None: this tensor goes as bytes."""
+DeviceOpen = Callable[[dict[str, Any]], torch.Tensor]
+"""IPC fields → the tensor they name (raises on fields it will not map)."""
+
+
+def encode_parts(body: dict[str, Any], *, default: Callable[[Any], Any] | None = None,
+                 device: DeviceShare | None = None) -> list[memoryview | bytes]:
+    """Encode a body into frame parts (header+body, padding, tensor views) for scatter-gather sends; ``device``
+    (same-GPU tensor link only) turns the tensors it shares into IPC fields."""
     tensors: list[memoryview] = []
     offsets: list[int] = []  # relative to the data region
     cursor = 0
@@ -104,6 +115,9 @@ def encode_parts(body: dict[str, Any], *, default: Callable[[Any], Any] | None =
     def _default(obj: Any) -> Any:
         nonlocal cursor
         if isinstance(obj, torch.Tensor):
+            shared = device(obj) if device is not None else None
+            if shared is not None:
+                return msgpack.ExtType(DEVICE_EXT, msgpack.packb(shared, use_bin_type=True))
             raw = tensor_bytes(obj)
             tensors.append(raw)
             offsets.append(cursor)
@@ -134,8 +148,10 @@ def encode_frame(body: dict[str, Any], *, default: Callable[[Any], Any] | None =
     return b"".join(encode_parts(body, default=default))
 
 
-def decode_frame(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """Decode one frame into its body, with tensors as zero-copy views on ``buf``.
+def decode_frame(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS,
+                 device: DeviceOpen | None = None) -> Any:
+    """Decode one frame into its body, with tensors as zero-copy views on ``buf`` (device tensors mapped by
+    ``device``, when given: anything else refuses them).
 
     Tensors decoded from an immutable ``bytes`` buffer are read-only views: copy before writing in place.
     """
@@ -159,6 +175,8 @@ def decode_frame(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_L
     data_start = _align(body_end)
 
     def ext_hook(code: int, data: bytes) -> torch.Tensor:
+        if code == DEVICE_EXT and device is not None:
+            return _device_tensor(data, device)
         if code != TENSOR_EXT:
             raise ProtocolError(f"unknown msgpack extension type {code}")
         try:
@@ -186,6 +204,18 @@ def decode_frame(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_L
     except (ValueError, TypeError, OverflowError, KeyError, UnicodeDecodeError, RecursionError,
             msgpack.UnpackException) as e:
         raise ProtocolError(f"malformed body: {type(e).__name__}: {e}") from e
+
+
+def _device_tensor(data: bytes, device: DeviceOpen) -> torch.Tensor:
+    try:
+        fields = msgpack.unpackb(data, raw=False, max_array_len=64, max_map_len=32)
+        if not isinstance(fields, dict):
+            raise ProtocolError("device tensor fields are not a map")
+        return device(fields)
+    except ProtocolError:
+        raise
+    except Exception as e:
+        raise ProtocolError(f"device tensor not mapped: {type(e).__name__}: {e}") from e
 
 
 def _tensor_view(

@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema, model_validator
 
-from proto.codec import DEFAULT_LIMITS, DTYPE_NAMES, Limits, decode_frame, encode_frame, encode_parts
+from proto.codec import (
+    DEFAULT_LIMITS,
+    DTYPE_NAMES,
+    DeviceOpen,
+    DeviceShare,
+    Limits,
+    decode_frame,
+    encode_frame,
+    encode_parts,
+)
 from proto.errors import ProtocolError
 from proto.spec import MAX_FPS, MAX_STEPS, MAX_T2V_FRAMES, SIZE_MULTIPLE, RingConfig, chunk_timesteps
 
@@ -63,9 +72,10 @@ class Message(BaseModel):
         """One frame. ``headers`` (e.g. trace context) ride inside the frame, for transports without headers."""
         return encode_frame(self.body(headers))
 
-    def encode_parts(self, headers: dict[str, str] | None = None) -> list[memoryview | bytes]:
-        """Frame parts for a scatter-gather send (the tensor link), no join copy."""
-        return encode_parts(self.body(headers))
+    def encode_parts(self, headers: dict[str, str] | None = None,
+                     device: DeviceShare | None = None) -> list[memoryview | bytes]:
+        """Frame parts for a scatter-gather send (the tensor link), no join copy; ``device``: proto.codec."""
+        return encode_parts(self.body(headers), device=device)
 
 
 def _fields(model: BaseModel) -> dict[str, Any]:
@@ -634,9 +644,9 @@ def decode(buf: bytes | bytearray | memoryview, expected: type[M] | None = None,
 
 
 def decode_with_headers(buf: bytes | bytearray | memoryview, expected: type[M] | None = None,
-                        limits: Limits = DEFAULT_LIMITS) -> tuple[M, dict[str, str]]:
+                        limits: Limits = DEFAULT_LIMITS, device: DeviceOpen | None = None) -> tuple[M, dict[str, str]]:
     """Decode a frame into its message and the headers carried inside the frame (empty when none)."""
-    body = decode_frame(buf, limits)
+    body = decode_frame(buf, limits, device)
     if not isinstance(body, dict) or not ({"t", "v", "d"} <= set(body) <= {"t", "v", "d", "h"}):
         raise ProtocolError("frame body is not a {t, v, d[, h]} message envelope")
     headers = body.get("h", {})

@@ -113,6 +113,10 @@ class ModelSettings(Section):
     )
     checkpoint: Path | None = Field(None, description="causal DiT checkpoint (SDv2/CausVid/Self-Forcing) file")
     preset: Literal["tiny", "1.3b", "14b"] = Field("tiny", description="DiT size when no weights configure it")
+    random_weights: bool = Field(
+        False, description="serve a 1.3b/14b preset without model_dir on RANDOM weights (benchmarks: real timings, "
+        "noise output); refused unless set, logged loudly"
+    )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="compute dtype (auto: bf16 on CUDA, fp32 on CPU)"
@@ -343,7 +347,8 @@ class DitStageSettings(Section):
         T_REFRESH, ge=1, description="RoPE start frame at which chunk positions are reset (null disables the refresh)"
     )
     stats_interval_s: float = Field(2.0, gt=0, description="period of the StageStats this stage publishes")
-    tiny_seed: int = Field(0, ge=0, description="weight seed of the tiny random DiT (when model.model_dir is unset)")
+    tiny_seed: int = Field(0, ge=0, description="weight seed of the random DiT (tiny, or model.random_weights) when "
+                           "model.model_dir is unset")
     link_max_frame_bytes: int = Field(64 * MiB, gt=0, description="largest tensor-link frame sent or accepted")
     link_key: SecretStr | None = Field(
         None, description="shared secret every tensor-link connection proves both ways (HMAC); required unless "
@@ -352,6 +357,11 @@ class DitStageSettings(Section):
     link_shared_memory: Literal["auto", "off"] = Field(
         "auto", description="auto: a tensor link to a stage on the same host (same /dev/shm and uid) carries frames "
         "in POSIX shared memory, only a descriptor on the socket; off: always TCP"
+    )
+    link_cuda_ipc: Literal["auto", "off"] = Field(
+        "auto", description="auto: a tensor link to a stage on the same host and the same CUDA device (GPU UUIDs "
+        "compared in the link handshake; needs link_shared_memory auto) hands hidden states over as CUDA IPC "
+        "handles, with no host copy; off: such a link uses shared memory"
     )
     timed_block_ms: float | None = Field(
         None, ge=0, description="timed stand-in mode for controller and scale tests: each micro-step takes this "

@@ -51,6 +51,8 @@ def one_gpu_budget(settings: Settings, model_dir: Path | None, streams: int) -> 
     """What one GPU holds in one-GPU mode for ``streams`` streams at the configured size and steps."""
     weights = model_dir is not None
     preset = settings.model.preset if settings.model.preset != "tiny" or not weights else "1.3b"
+    # model.random_weights at a real preset: the real VAE's size, a random embedding in place of umT5
+    real_vae = weights or (settings.model.random_weights and preset != "tiny")
     cfg = WanDiTConfig.named(preset)
     elem = 4 if settings.model.dtype == "float32" else 2
     s = settings.stream
@@ -58,13 +60,13 @@ def one_gpu_budget(settings: Settings, model_dir: Path | None, streams: int) -> 
     tokens = cfg.tokens_per_frame(s.height // 8, s.width // 8)
     ring = settings.dit_stage
     kv = cfg.num_layers * 2 * s.steps * ring.kv_window * tokens * cfg.dim * elem
-    scale = pixels * elem / 2 * (1.0 if weights else 8 / 96)  # the tiny VAE: base_dim 8 instead of 96
+    scale = pixels * elem / 2 * (1.0 if real_vae else 8 / 96)  # the tiny VAE: base_dim 8 instead of 96
     taehv = settings.encoder.vae == "taehv"
     enc_cache = TAEHV_CACHE_512 if taehv else VAE_ENC_CACHE_512
     dec_cache = TAEHV_CACHE_512 if taehv or settings.decoder.decoder == "taehv" else VAE_DEC_CACHE_512
     parts = {
         "DiT": dit_params(cfg) * elem,
-        "VAE ×2": 2 * WAN_VAE_PARAMS * elem if weights else 0,  # ingest's and the decoder's
+        "VAE ×2": 2 * WAN_VAE_PARAMS * elem if real_vae else 0,  # ingest's and the decoder's
         "umT5": UMT5_XXL_PARAMS * elem if weights else 0,
         f"KV ×{streams}": streams * kv,
         f"VAE caches ×{streams}": int(streams * (enc_cache + dec_cache) * scale),

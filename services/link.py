@@ -17,8 +17,10 @@ beyond loopback) every connection first proves, both ways, that its peer holds t
 listener HMAC-SHA256(key, "L" + both nonces) (``2``: the wire since the hello below). A connection that fails it
 is closed and counted before any frame is read (docs/tensor-link.md). Downstream → upstream: after the key proof,
 the listener's hello (its host token and uid, ``services/link_shm.py``), then ``u64 seq`` acknowledging every frame
-read. Upstream, after the hello: a u64 connection tag (0: TCP). A sender on the same host (same token and uid) puts
-frames in shared memory and writes only a descriptor (the length's top bit set).
+read. Upstream, after the hello: a u64 connection tag (0: TCP) and a u64 path flag (1: CUDA IPC). A sender on the
+same host (same token and uid) puts frames in shared memory and writes only a descriptor (the length's top bit
+set); on the same GPU too (same device id in the hello), the frames' device tensors are IPC handles, not bytes
+(``services/link_cuda.py``; the path rule is ``link_shm.choose_path``).
 Backpressure is end to end: a consumer that holds every pool buffer stops the reader thread, TCP's window fills,
 the sender thread blocks, and ``LinkSender.send`` waits once ``queue_depth`` frames are queued.
 A frame longer than ``max_frame_bytes`` cannot be skipped safely (the stream would lose sync), so that connection is
@@ -45,10 +47,13 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proto import Limits, Message, ProtocolError, decode_with_headers
 from services import link_shm
+
+if TYPE_CHECKING:
+    from services.link_cuda import DeviceIpc
 
 log = logging.getLogger("rheo.link")
 
@@ -76,6 +81,8 @@ class LinkStats:
     seconds: float = 0.0  # time spent in the socket calls (send or receive)
     discarded: int = 0  # frames a closed sender never got acknowledged (queued or written): see ``close``
     shm_frames: int = 0  # frames through shared memory (services/link_shm.py; a sender counts resends too)
+    device_frames: int = 0  # of those, frames whose device tensors went as CUDA IPC handles (no bytes copied)
+    reencoded: int = 0  # device frames a sender turned into bytes: the connection changed path, or no segment
 
 
 @dataclass
@@ -181,10 +188,12 @@ class LinkListener:
         limits: Limits | None = None,
         key: bytes | None = None,
         shared_memory: bool = True,
+        device: DeviceIpc | None = None,
     ) -> None:
         self.host = host
         self.key = key
         self.shared_memory = shared_memory
+        self.device = device  # offered to a sender on the same GPU (shared memory must be on too)
         self.port = port
         self.max_frame_bytes = max_frame_bytes
         self.limits = limits or Limits(max_message_bytes=max_frame_bytes, max_tensor_bytes=max_frame_bytes)
@@ -266,18 +275,19 @@ class LinkListener:
                         self.stats.refused_connections += 1
                         log.warning("tensor link from %s: refused, the peer does not hold the link key", peer)
                     return
-            conn.sendall(link_shm.hello(self.shared_memory))
+            conn.sendall(link_shm.hello(self.shared_memory, device=self.device.id if self.device else None))
             choice = _recv_bytes(conn, link_shm.CHOICE.size)
             if choice is None:
                 return
-            (tag,) = link_shm.CHOICE.unpack(choice)
+            tag, on_device = link_shm.CHOICE.unpack(choice)
+            if (tag or on_device) and (not self.shared_memory or (on_device and (self.device is None or not tag))):
+                self.stats.refused_connections += 1
+                log.warning("tensor link from %s: refused, a path this listener did not offer", peer)
+                return
             if tag:
-                if not self.shared_memory:
-                    self.stats.refused_connections += 1
-                    log.warning("tensor link from %s: refused, shared memory asked but not offered", peer)
-                    return
                 maps = link_shm.SegmentMaps(self.max_frame_bytes, tag)
-            while not self._closed.is_set() and self._recv_one(conn, peer, maps):
+            device_open = self.device.open if on_device and self.device is not None else None
+            while not self._closed.is_set() and self._recv_one(conn, peer, maps, device_open):
                 pass
         except OSError as e:
             if not self._closed.is_set():
@@ -292,8 +302,10 @@ class LinkListener:
             with contextlib.suppress(OSError):
                 conn.close()
 
-    def _recv_one(self, conn: socket.socket, peer: str, maps: link_shm.SegmentMaps | None = None) -> bool:
-        """Read, acknowledge and deliver one frame; False when the connection is done."""
+    def _recv_one(self, conn: socket.socket, peer: str, maps: link_shm.SegmentMaps | None = None,
+                  device_open: Any = None) -> bool:
+        """Read, acknowledge and deliver one frame (device tensors mapped by ``device_open``, on a CUDA IPC
+        connection); False when the connection is done."""
         prefix = bytearray(_PREFIX.size)
         if not _recv_exact(conn, memoryview(prefix)):
             return False
@@ -338,7 +350,7 @@ class LinkListener:
                     return False
             dt = time.perf_counter() - t0
             try:
-                message, headers = decode_with_headers(view, None, self.limits)
+                message, headers = decode_with_headers(view, None, self.limits, device_open)
             except ProtocolError as e:
                 error = str(e)
             # check-and-deliver is atomic: an old connection still draining and the new one carrying resends
@@ -373,20 +385,43 @@ class LinkListener:
 
 @dataclass(frozen=True)
 class LinkOptions:
-    """What every link of a stage shares, both ends: the frame cap, the link key, and whether a peer on the same
-    host may get frames through shared memory (``dit_stage.link_shared_memory``)."""
+    """What every link of a stage shares, both ends: the frame cap, the link key, whether a peer on the same
+    host may get frames through shared memory (``dit_stage.link_shared_memory``), and the stage's device for CUDA
+    IPC with a peer on the same GPU (``dit_stage.link_cuda_ipc``; None: no device path)."""
 
     max_frame_bytes: int = DEFAULT_MAX_FRAME
     key: bytes | None = None
     shared_memory: bool = True
+    device: DeviceIpc | None = None
 
     def sender(self, endpoint: str) -> LinkSender:
         return LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes, key=self.key,
-                          shared_memory=self.shared_memory)
+                          shared_memory=self.shared_memory, device=self.device)
 
     def listener(self, host: str = "127.0.0.1", port: int = 0) -> LinkListener:
         return LinkListener(host, port, max_frame_bytes=self.max_frame_bytes, key=self.key,
-                            shared_memory=self.shared_memory)
+                            shared_memory=self.shared_memory, device=self.device)
+
+
+@dataclass
+class _Outgoing:
+    """One queued frame: its parts, and for a frame encoded with device handles (``keep``: the exported tensors,
+    held until released) the message, to encode again as bytes should the connection's path change."""
+
+    parts: list[Any]
+    keep: list[Any] = field(default_factory=list)
+    message: Message | None = None
+    headers: dict[str, str] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(memoryview(p).nbytes for p in self.parts)
+
+    def as_bytes(self) -> None:
+        """Encode again with the tensors' bytes (a blocking device→host copy, on the send thread)."""
+        assert self.message is not None
+        self.parts = self.message.encode_parts(self.headers)
+        self.keep, self.message = [], None
 
 
 class LinkSender:
@@ -404,11 +439,13 @@ class LinkSender:
         backoff_max_s: float = 2.0,
         key: bytes | None = None,
         shared_memory: bool = True,
+        device: DeviceIpc | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.key = key
         self.shared_memory = shared_memory
-        self.path: str | None = None  # the current connection's: "shm" or "tcp"
+        self.device = device
+        self.path: str | None = None  # the current connection's: link_shm.PATHS
         self._segments = link_shm.SegmentPool(max_segments=max_unacked + queue_depth + 2)
         self.host, self.port = parse_endpoint(endpoint)
         self.max_frame_bytes = max_frame_bytes
@@ -419,8 +456,8 @@ class LinkSender:
         self.stats = LinkStats()
         self.sender_id = random.getrandbits(63) | 1
         self._seq = 0
-        self._queue: queue.Queue[tuple[list[Any], asyncio.Future[None] | None] | None] = queue.Queue()
-        self._unacked: collections.deque[tuple[int, list[Any]]] = collections.deque()
+        self._queue: queue.Queue[tuple[_Outgoing | None, asyncio.Future[None] | None] | None] = queue.Queue()
+        self._unacked: collections.deque[tuple[int, _Outgoing]] = collections.deque()
         self._acked = threading.Condition()
         self._broken = threading.Event()
         self._slots: asyncio.Semaphore | None = None
@@ -441,26 +478,48 @@ class LinkSender:
         self._thread.start()
         return self
 
+    @property
+    def on_device(self) -> bool:
+        """The current connection hands device tensors over as CUDA IPC handles: send them as they are (no host
+        staging)."""
+        return self.path == "cuda"
+
     async def send(self, message: Message, headers: dict[str, str] | None = None) -> int:
-        """Queue a message (waits while ``queue_depth`` frames are queued); returns the frame size."""
+        """Queue a message (waits while ``queue_depth`` frames are queued); returns the frame size. On a CUDA IPC
+        connection its device tensors are exported here, on the thread whose stream produced them (the export
+        records the event the peer waits on)."""
         if self._slots is None or self._closed.is_set():
             raise LinkError(f"link to {self.endpoint} is not running")
-        parts = message.encode_parts(headers)
-        n = sum(memoryview(p).nbytes for p in parts)
+        out = _Outgoing([])
+        if self.on_device and self.device is not None:
+            device = self.device
+
+            def share(t: Any) -> dict[str, Any] | None:
+                fields = device.share(t)
+                if fields is not None:
+                    out.keep.append(t)
+                return fields
+
+            out.parts = message.encode_parts(headers, device=share)
+            if out.keep:
+                out.message, out.headers = message, headers
+        else:
+            out.parts = message.encode_parts(headers)
+        n = out.nbytes
         if n > self.max_frame_bytes:
             raise LinkError(f"{n}-byte frame exceeds the link's {self.max_frame_bytes}-byte cap")
         await self._slots.acquire()
         if self._closed.is_set():  # closed while it waited: the caller still has the message (e.g. to send again)
             self._slots.release()
             raise LinkError(f"link to {self.endpoint} closed")
-        self._queue.put((parts, None))
+        self._queue.put((out, None))
         return n
 
     async def flush(self) -> None:
         """Wait until everything queued so far has been written to the socket."""
         assert self._loop is not None
         done: asyncio.Future[None] = self._loop.create_future()
-        self._queue.put(([], done))
+        self._queue.put((None, done))
         await done
 
     async def acknowledged(self) -> None:
@@ -496,11 +555,11 @@ class LinkSender:
                 break
             if item is None:
                 continue
-            parts, done = item
+            out, done = item
             if done is not None and self._loop is not None:  # a flush waiting on a closed link: release it
                 with contextlib.suppress(RuntimeError):
                     self._loop.call_soon_threadsafe(lambda d=done: d.done() or d.set_result(None))
-            elif parts:
+            elif out is not None:
                 discarded += 1
         self.stats.discarded += discarded
         if discarded:
@@ -551,9 +610,11 @@ class LinkSender:
         """Read the listener's hello and pick this connection's path; False when it sent none (not a rheo link,
         or it died). Every segment of an earlier connection is retired (link_shm)."""
         sock.settimeout(self.connect_timeout_s)
+        path = "tcp"
         try:
             peer = _recv_bytes(sock, link_shm.HELLO.size)
-            shm = peer is not None and link_shm.same_host(peer, self.shared_memory)
+            if peer is not None:
+                path = link_shm.choose_path(peer, self.shared_memory, self.device.id if self.device else None)
         except (OSError, ValueError):
             peer = None
         finally:
@@ -564,12 +625,13 @@ class LinkSender:
             return False
         # every segment of an earlier connection is retired: a new one maps afresh (the old receiver unlinked the
         # names it mapped)
-        tag = self._segments.new_connection(shm)
+        tag = self._segments.new_connection(path != "tcp")
+        path = path if tag else "tcp"  # no /dev/shm to write after all
         try:
-            sock.sendall(link_shm.CHOICE.pack(tag))
+            sock.sendall(link_shm.CHOICE.pack(tag, path == "cuda"))
         except OSError:
             return False
-        self.path = "shm" if tag else "tcp"
+        self.path = path
         link_shm.LINK_PATH.labels(self.path).inc()
         return True
 
@@ -600,9 +662,9 @@ class LinkSender:
                 continue
             if item is None:
                 return
-            parts, done = item
-            if done is not None:
-                self._loop.call_soon_threadsafe(lambda d=done: d.done() or d.set_result(None))
+            out, done = item
+            if done is not None or out is None:
+                self._loop.call_soon_threadsafe(lambda d=done: d is None or d.done() or d.set_result(None))
                 continue
             with self._acked:
                 while len(self._unacked) >= self.max_unacked and not self._closed.is_set():
@@ -615,11 +677,11 @@ class LinkSender:
                     else:
                         self._acked.wait(0.05)
                 self._seq += 1
-                self._unacked.append((self._seq, parts))
-            frame = self._framed(self._seq, parts)
+                self._unacked.append((self._seq, out))
+            frame = self._framed(self._seq, out)
             if self._write(frame):
                 self.stats.frames += 1
-                self.stats.bytes += sum(memoryview(p).nbytes for p in parts)
+                self.stats.bytes += out.nbytes
             self._loop.call_soon_threadsafe(self._slots.release)
 
     def _reconnect(self) -> None:
@@ -637,7 +699,7 @@ class LinkSender:
                 if self._sock is None:
                     return False
                 with self._acked:  # the current frame is already the last unacknowledged one
-                    frames = [self._framed(seq, parts) for seq, parts in self._unacked]
+                    frames = [self._framed(seq, out) for seq, out in self._unacked]
             try:
                 t0 = time.perf_counter()
                 for f in frames:
@@ -651,15 +713,23 @@ class LinkSender:
                 self._drop_socket()
         return False
 
-    def _framed(self, seq: int, parts: list[Any]) -> list[Any]:
-        """The bytes to write for one frame: inline, or (same host) a descriptor of the segment it was put in."""
-        n = sum(memoryview(p).nbytes for p in parts)
-        if self.path == "shm":
-            descriptor = self._segments.put(parts, n)
+    def _framed(self, seq: int, out: _Outgoing) -> list[Any]:
+        """The bytes to write for one frame: inline, or (same host) a descriptor of the segment it was put in. A
+        frame of device handles goes only on a CUDA IPC connection, in a segment (which holds the tensors until the
+        peer releases the frame); anywhere else it is encoded again with its bytes (counted ``reencoded``)."""
+        if out.keep and self.path != "cuda":
+            out.as_bytes()
+            self.stats.reencoded += 1
+        if self.path in ("shm", "cuda"):
+            descriptor = self._segments.put(out.parts, out.nbytes, keep=out.keep or None)
             if descriptor is not None:
                 self.stats.shm_frames += 1
+                self.stats.device_frames += bool(out.keep)
                 return [_PREFIX.pack(len(descriptor) | _SHM_FLAG, self.sender_id, seq), descriptor]
-        return [_PREFIX.pack(n, self.sender_id, seq), *parts]
+            if out.keep:  # handles cannot go inline (nothing would hold the tensors until released)
+                out.as_bytes()
+                self.stats.reencoded += 1
+        return [_PREFIX.pack(out.nbytes, self.sender_id, seq), *out.parts]
 
     @staticmethod
     def _sendall(sock: socket.socket, parts: list[Any]) -> None:

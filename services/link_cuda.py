@@ -6,12 +6,14 @@ msgpack-safe fields, never a pickle from the peer), the receiver maps it (``open
 decides it from the peer's GPU UUID. The release rule is the shared-memory path's: the sender keeps the exported
 tensors with the frame's segment (``SegmentPool.put(..., keep=...)``) until the receiver released the frame, so
 the sender's allocator never hands that memory out while the peer reads it (torch's IPC ref counter also holds
-it). Not wired into frames yet (docs/tensor-link.md, Same GPU).
+it). ``CudaIpc`` is what the link uses (``services/link.py``: a ``DeviceIpc``; docs/tensor-link.md, Same GPU): the
+codec's ``DEVICE_EXT`` carries ``share``'s fields, the path is chosen by ``link_shm.choose_path``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from typing import Any, Protocol
 
 import torch
 
@@ -61,3 +63,50 @@ def open_shared(f: dict[str, Any]) -> torch.Tensor:
         f["event_handle"] or None, f["event_sync"])
     out = torch.empty(0, dtype=DTYPES[f["dtype"]], device=torch.device("cuda", f["device"]))
     return out.set_(storage, f["offset"], f["shape"], f["stride"])
+
+
+class DeviceIpc(Protocol):
+    """What the tensor link needs of a device to hand tensors over without bytes (``CudaIpc``; a CPU fake in the
+    tests): an id two processes compare, and the export/map pair the codec calls."""
+
+    id: bytes  # 16 bytes; equal ids: the same physical device
+
+    def share(self, t: torch.Tensor) -> dict[str, Any] | None:
+        """``t``'s IPC fields, or None when it is not on this device (it then goes as bytes)."""
+        ...
+
+    def open(self, fields: dict[str, Any]) -> torch.Tensor:
+        """The tensor a peer shared (raises on fields it will not map)."""
+        ...
+
+
+_FIELDS = {"dtype": str, "shape": list, "stride": list, "offset": int, "device": int, "handle": bytes,
+           "size_bytes": int, "offset_bytes": int, "rc_handle": bytes, "rc_offset": int, "event_handle": bytes,
+           "event_sync": bool}
+
+
+class CudaIpc:
+    """One CUDA device of this process as a ``DeviceIpc``: ids from the GPU UUID (the ordinal differs between
+    processes with other ``CUDA_VISIBLE_DEVICES``, so a mapped tensor takes this process's ordinal)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        uuid = device_uuid(self.index)
+        assert uuid is not None
+        self.id = hashlib.blake2b(uuid.encode(), digest_size=16).digest()
+
+    @classmethod
+    def for_device(cls, device: torch.device | str) -> CudaIpc | None:
+        """The device's IPC when it is a CUDA device here, else None (CPU: the link has no device path)."""
+        device = torch.device(device)
+        return cls(device) if device.type == "cuda" and available() else None
+
+    def share(self, t: torch.Tensor) -> dict[str, Any] | None:
+        if t.device.type != "cuda" or t.device.index != self.index or t.dtype not in DTYPE_NAMES or t.numel() == 0:
+            return None
+        return share(t)
+
+    def open(self, fields: dict[str, Any]) -> torch.Tensor:
+        if set(fields) != set(_FIELDS) or not all(isinstance(fields[k], t) for k, t in _FIELDS.items()):
+            raise ValueError("not CUDA IPC tensor fields")
+        return open_shared(fields | {"device": self.index})

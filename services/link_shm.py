@@ -41,16 +41,18 @@ from prometheus_client import Counter
 
 SHM_DIR = "/dev/shm"
 HEADER = 64  # busy byte, then padding: the frame starts 64-byte aligned
-HELLO = struct.Struct("<8s16sQ")  # magic, host token (zeros: shared memory off), uid
-_MAGIC = b"RHEOSHM1"
-CHOICE = struct.Struct("<Q")  # the sender's answer: its connection tag, 0 for TCP
+HELLO = struct.Struct("<8s16sQ16s")  # magic, host token (zeros: shared memory off), uid, device id (zeros: none)
+_MAGIC = b"RHEOSHM2"
+CHOICE = struct.Struct("<QQ")  # the sender's answer: its connection tag (0: TCP), and 1 when frames carry CUDA IPC
+PATHS = ("cuda", "shm", "tcp")
 DESCRIPTOR = struct.Struct("<48sQ")  # segment name, frame length
 _NAME = re.compile(r"rheo-lnk-([0-9a-f]{16})-[0-9a-f]{12}")
 _LOCK = re.compile(r"rheo-lnkl-([0-9a-f]{16})")  # a connection's owner lock: flock'ed while its sender lives
 _OFF = bytes(16)
 
-LINK_PATH = Counter("rheo_link_path_total", "tensor-link connections by the path their frames take (shm: POSIX "
-                    "shared memory on the same host; tcp: bytes on the socket)", ["path"])
+LINK_PATH = Counter("rheo_link_path_total", "tensor-link connections by the path their frames take (cuda: CUDA IPC "
+                    "handles, same GPU; shm: POSIX shared memory on the same host; tcp: bytes on the socket)",
+                    ["path"])
 LINK_SHM_INLINE = Counter("rheo_link_shm_inline_frames_total", "frames of a shared-memory connection sent inline "
                           "over TCP because no segment could be reserved (a full /dev/shm)")
 
@@ -81,28 +83,38 @@ def host_token(shm_dir: str = SHM_DIR) -> bytes:
         return _token
 
 
-def hello(enabled: bool, token: bytes | None = None) -> bytes:
-    """What a listener says after the key handshake: its token (zeros when it takes no shared memory) and uid."""
+def hello(enabled: bool, token: bytes | None = None, device: bytes | None = None) -> bytes:
+    """What a listener says after the key handshake: its token (zeros when it takes no shared memory), its uid and
+    its device id (``services/link_cuda.py``; zeros when it takes no CUDA IPC)."""
+    dev = (device or _OFF) if enabled else _OFF
     if not enabled:
-        return HELLO.pack(_MAGIC, _OFF, os.getuid())
+        return HELLO.pack(_MAGIC, _OFF, os.getuid(), dev)
     try:
         tok = token if token is not None else host_token()
     except OSError:  # no usable /dev/shm here: TCP only
         tok = _OFF
-    return HELLO.pack(_MAGIC, tok, os.getuid())
+    return HELLO.pack(_MAGIC, tok, os.getuid(), dev)
 
 
-def same_host(peer_hello: bytes, enabled: bool) -> bool:
-    """Whether a sender (with ``enabled``) may use shared memory with the listener that sent ``peer_hello``."""
-    magic, token, uid = HELLO.unpack(peer_hello)
+def choose_path(peer_hello: bytes, enabled: bool, device: bytes | None = None) -> str:
+    """The one rule for a connection's path (``PATHS``), decided by the sender from the listener's hello: ``cuda``
+    when both share this host (same token and uid) and the same CUDA device (same device id; ``device`` is ours,
+    None without one or with ``link_cuda_ipc: off``), ``shm`` when they share only the host, else ``tcp``. The
+    CUDA path rides on the shared-memory one (a frame's segment holds its exported tensors until released), so
+    ``enabled`` (shared memory) off on either end means TCP."""
+    magic, token, uid, peer_device = HELLO.unpack(peer_hello)
     if magic != _MAGIC:
         raise ValueError("not a rheo link hello")
     if not enabled or token == _OFF or uid != os.getuid():
-        return False
+        return "tcp"
     try:
-        return secrets.compare_digest(token, host_token())
+        if not secrets.compare_digest(token, host_token()):
+            return "tcp"
     except OSError:
-        return False
+        return "tcp"
+    if device and peer_device != _OFF and secrets.compare_digest(device.ljust(16, b"\0")[:16], peer_device):
+        return "cuda"
+    return "shm"
 
 
 def new_tag() -> int:

@@ -1,14 +1,19 @@
-"""The same-GPU link building block (services/link_cuda.py): a device tensor mapped by another process through
-CUDA IPC fields (no pickle) is bitwise the sender's, and the sender's segment keeps it until released."""
+"""The same-GPU link (services/link_cuda.py): a device tensor mapped by another process through CUDA IPC fields (no
+pickle) is bitwise the sender's, and the sender's segment keeps it until released; two link ends on one GPU choose
+the CUDA path in the handshake and deliver device tensors with no host copy. (CPU twin:
+tests/services/test_link_device.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 
 import pytest
 import torch
 
+from proto import PromptUpdate
 from services import link_cuda
+from services.link import LinkSender
 from services.link_shm import SegmentPool, leftover_segments
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -46,3 +51,49 @@ def test_a_peer_process_maps_the_tensor_bitwise_and_the_segment_keeps_it() -> No
     assert proc.exitcode == 0
     assert not [n for n in leftover_segments() if n.startswith(f"rheo-lnk-{pool.tag:016x}-")]
 
+
+
+def _listener(conn) -> None:  # the next stage: a process of its own on the same GPU
+    from services.link import LinkListener
+
+    async def main() -> None:
+        listener = LinkListener(device=link_cuda.CudaIpc.for_device("cuda")).start()
+        conn.send(listener.endpoint)
+        for _ in range(2):
+            with await listener.recv(timeout=30) as frame:
+                t = frame.message.embedding
+                conn.send((t.device.type, t.clone().cpu()))  # consumed (copied) before the release
+        conn.send(listener.stats.shm_frames)
+        listener.close()
+
+    asyncio.run(main())
+
+
+def test_a_link_between_two_processes_on_one_gpu_sends_device_tensors_as_handles() -> None:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_listener, args=(child,))
+    proc.start()
+
+    async def send() -> tuple[LinkSender, torch.Tensor]:
+        sender = LinkSender(parent.recv(), device=link_cuda.CudaIpc.for_device("cuda")).start()
+        first = torch.arange(1024, device="cuda", dtype=torch.float32)
+        await sender.send(PromptUpdate(stream_id="s", version=1, prompt="p", embedding=first))
+        await sender.acknowledged()
+        assert sender.path == "cuda" and sender.on_device
+        second = torch.randn(4096, device="cuda") * 3  # produced on the compute stream, asynchronously
+        await sender.send(PromptUpdate(stream_id="s", version=2, prompt="p", embedding=second))
+        await sender.acknowledged()
+        return sender, second.cpu()
+
+    sender, want = asyncio.run(send())
+    try:
+        (_, first), (where, second) = parent.recv(), parent.recv()
+        assert parent.recv() == 2
+        assert torch.equal(first, torch.arange(1024, dtype=torch.float32))
+        assert where == "cuda" and torch.equal(second, want)
+        assert sender.stats.device_frames >= 1 and sender.stats.reencoded == 0
+    finally:
+        sender.close()
+        proc.join(30)
+    assert proc.exitcode == 0

@@ -82,3 +82,17 @@ def test_one_gpu_budget_of_the_tiny_stack_fits() -> None:
     assert one_gpu_problem("cuda", Settings(), None, 1) is None
     big = one_gpu_problem("cuda", Settings(), __import__("pathlib").Path("/models"), 10_000)
     assert big is not None and "one-GPU mode needs" in big
+
+
+def test_random_weights_on_cuda_agree_between_stages() -> None:
+    """``model.random_weights`` on a GPU: two stages drawing an overlapping block get it bit for bit (CUDA
+    generators, per-block seeds; the CPU twin is tests/dit/test_random_weights.py)."""
+    from dit_stage.random_weights import random_dit
+    from wan.config import WanDiTConfig
+
+    cfg = WanDiTConfig.named("1.3b")
+    a = random_dit(cfg, (0, 2), dtype=torch.bfloat16, device="cuda")
+    b = random_dit(cfg, (1, 3), dtype=torch.bfloat16, device="cuda")
+    sa, sb = a.blocks["1"].state_dict(), b.blocks["1"].state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(a.blocks["0"].ffn[0].weight, a.blocks["1"].ffn[0].weight)

@@ -117,9 +117,10 @@ async def test_hostile_peers_only_lose_their_own_connection() -> None:
     listener, sender = await _pair(max_frame_bytes=1 << 20)
     try:
         huge = _raw_client(listener.endpoint)
-        huge.sendall(struct.pack("<QQQQ", 0, 2**40, 7, 1))  # TCP, then a 1 TiB frame: refused, closed
+        huge.sendall(struct.pack("<QQQQQ", 0, 0, 2**40, 7, 1))  # TCP, then a 1 TiB frame: refused, closed
         garbage = _raw_client(listener.endpoint)
-        garbage.sendall(struct.pack("<QQQQ", 0, 100, 9, 1) + bytes(range(100)))  # right length, not a frame: dropped
+        # right length, not a frame: dropped
+        garbage.sendall(struct.pack("<QQQQQ", 0, 0, 100, 9, 1) + bytes(range(100)))
         garbage.sendall(struct.pack("<QQQ", 10, 9, 2) + b"0123")  # then a truncated frame and a hang-up
         garbage.close()
         for i in range(5):

@@ -75,13 +75,13 @@ async def test_same_host_frames_go_through_shared_memory_bitwise_equal_to_tcp() 
 async def test_another_host_another_uid_or_off_keeps_tcp(monkeypatch: pytest.MonkeyPatch, differs: str) -> None:
     real = link_shm.hello
 
-    def peer_hello(enabled: bool) -> bytes:
-        magic, token, uid = HELLO.unpack(real(enabled))
+    def peer_hello(enabled: bool, **kw) -> bytes:
+        magic, token, uid, device = HELLO.unpack(real(enabled, **kw))
         if differs == "host":
             token = bytes(reversed(token))  # another /dev/shm: another token
         elif differs == "uid":
             uid += 1
-        return HELLO.pack(magic, token, uid)
+        return HELLO.pack(magic, token, uid, device)
 
     monkeypatch.setattr(link_shm, "hello", peer_hello)
     listener = LinkListener().start()
@@ -144,7 +144,7 @@ async def test_a_sender_that_crashes_leaves_nothing_in_dev_shm() -> None:
         sock = socket.create_connection(parse_endpoint(listener.endpoint))
         assert len(sock.recv(HELLO.size, socket.MSG_WAITALL)) == HELLO.size
         tag = pool.new_connection(True)
-        sock.sendall(CHOICE.pack(tag))
+        sock.sendall(CHOICE.pack(tag, 0))
         parts = _msg(0).encode_parts()
         assert pool.put(parts, sum(memoryview(p).nbytes for p in parts)) is not None
         assert len(_ours(tag)) == 1
