@@ -15,7 +15,9 @@ from services.cli import main
 
 TOKEN = "op-token-123"
 STREAMS = [{"id": "cam-1", "state": "live", "state_reason": "", "spec": {"fps": 8.0},
-            "ingest": {"published": 41, "dropped": {"deadline": 2, "queue_overflow": 1}}}]
+            "ingest": {"published": 41, "dropped": {"deadline": 2, "queue_overflow": 1}},
+            "stats": {"output_fps": 7.9, "latency_ms": 850.0, "viewers": 2, "published": 41,
+                      "dropped": {"deadline": 2, "queue_overflow": 1}, "dropped_total": 3, "deadline_misses": 2}}]
 
 
 def _stage_metrics() -> bytes:
@@ -65,7 +67,8 @@ def test_top_once_prints_streams_and_stages(server: str, tmp_path: Path, capsys,
     assert main(["top", "--once", "--url", server, "--workdir", str(tmp_path), "--metrics", f"{server}/metrics"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if "cam-1" in line)
-    assert "live" in row and "(8)" in row and "41" in row and " 3 " in row  # target fps, published, dropped
+    assert "live" in row and "41" in row and " 3 " in row  # published, dropped
+    assert "7.9" in row and "850" in row and " 2 " in row  # output fps, latency, viewers (from the stream's stats)
     stage = next(line for line in out.splitlines() if "dit-1" in line)
     assert "2–4" in stage and " 3 " in stage and "12" in stage  # blocks 2..3, epoch, micro-steps
     assert "250.0" in out and "glass-to-glass (mean) 1.50 s" in out
