@@ -10,6 +10,7 @@ fits the newcomer's latency SLO.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,8 +18,8 @@ from proto import StreamSpec
 from proto.clock import ChunkClock
 
 __all__ = [
-    "AdmissionDecision", "PathCosts", "RebalancePolicy", "RebalanceVerdict", "StreamNeed", "admission_key",
-    "decide_admission", "stream_items_per_s", "stream_need",
+    "ADMISSION_QUEUE_KEY", "AdmissionDecision", "Fit", "PathCosts", "RebalancePolicy", "RebalanceVerdict", "StreamNeed",
+    "admission_key", "batch_reached", "decide_admission", "ring_item_ms", "stream_items_per_s", "stream_need",
 ]
 
 Verdict = Literal["hold", "pending", "cooldown", "act"]
@@ -78,6 +79,8 @@ class StreamNeed:
     """Model-size megapixel-frames per second the decoder decodes (and ingest encodes, V2V)."""
     t2v: bool = False
     """Nothing to encode."""
+    steps: int = 1
+    """Denoising steps: items of the stream one micro-step can hold (one per step slot)."""
 
     @property
     def encode_mpx_per_s(self) -> float:
@@ -85,7 +88,35 @@ class StreamNeed:
 
 
 def stream_need(spec: StreamSpec) -> StreamNeed:
-    return StreamNeed(stream_items_per_s(spec), spec.width * spec.height / 1e6 * spec.fps, spec.t2v)
+    return StreamNeed(stream_items_per_s(spec), spec.width * spec.height / 1e6 * spec.fps, spec.t2v, spec.steps)
+
+
+def batch_reached(needs: Iterable[StreamNeed], max_items: int) -> int:
+    """The largest micro-step these streams' items form at the first stage: one item per (stream, step slot) at
+    the heads of its queues, at most ``dit_stage.max_batch_items`` (a saturated ring runs batches of this size)."""
+    return max(1, min(max_items, sum(n.steps for n in needs)))
+
+
+Fit = tuple[float, float, int]
+"""A stage's fitted micro-step time of one grid: a ms + b ms per item, and its items measured (``LatencyFit``)."""
+
+
+def ring_item_ms(stages: Sequence[Sequence[Fit]], needs: Iterable[StreamNeed], max_items: int) -> float | None:
+    """A ring's ms per item for these streams: L(n)/n at the batch n they reach (``batch_reached``), L(n) = a + b·n
+    the stages' fitted micro-step times (``StageStats.latency_fits``: the batcher's ``LatencyModel``). Grids do not
+    share a forward: each grid g, a share s_g of a stage's items, forms micro-steps of n_g = s_g·Σ steps items (at
+    most ``max_items``) at L_g(n_g); the price is the items' mean of L_g(n_g)/n_g, at the slowest stage (it paces
+    the ring). None without a fit (the caller falls back
+    to the measured ms per item)."""
+    items = batch_reached(needs, 1 << 30)  # one item per (stream, step slot)
+    prices = []
+    for fits in stages:
+        total = sum(k for _, _, k in fits)
+        if total <= 0:
+            continue
+        per = [(k / total, max(1.0, min(max_items, k / total * items))) for _, _, k in fits]
+        prices.append(sum(share * (a + b * ng) / ng for (a, b, _), (share, ng) in zip(fits, per, strict=True)))
+    return max(prices) if prices else None
 
 
 @dataclass(frozen=True)
@@ -171,6 +202,10 @@ def decide_admission(spec: StreamSpec, admitted: dict[str, StreamNeed], item_ms:
     detail = (f"{need:.1f} items/s for {len(others) + 1} streams vs {capacity:.1f} sustainable "
               f"({headroom:.0%} of the slowest stage {bottleneck or '?'} at {item_ms:.1f} ms per item)")
     return AdmissionDecision(ok, detail if ok else f"no capacity: {detail}", need, capacity)
+
+
+ADMISSION_QUEUE_KEY = "admission_queue"
+"""The ``rheo-controller`` key of the admission queue: stream → its position, of how many, and why it waits."""
 
 
 def admission_key(stream_id: str) -> str:

@@ -24,6 +24,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,17 +50,22 @@ from proto import (
 )
 from proto.messages import BlockMapReason
 from services.bus import KV
+from services.controller.admission_queue import AdmissionQueue
 from services.controller.assigner import Assigner, MemberView
 from services.controller.costmodel import CostModel
 from services.controller.leader import KubernetesLease, KVLeaderLock, LeaderLock, in_cluster
 from services.controller.partition import PartitionProblem, Split, Stage, best_split, evaluate, even_split
 from services.controller.placement import Pool
 from services.controller.policy import (
+    ADMISSION_QUEUE_KEY,
+    Fit,
     PathCosts,
     RebalancePolicy,
     StreamNeed,
     admission_key,
+    batch_reached,
     decide_admission,
+    ring_item_ms,
     stream_need,
 )
 from services.controller.scaling import Autoscaler, Demand
@@ -82,6 +88,9 @@ GONE = Counter("rheo_controller_stages_gone_total", "stages failed at once, with
 HEARTBEATS_REFUSED = Counter("rheo_controller_heartbeats_refused_total", "heartbeats whose body claims another "
                              "role than the subject the bus let its sender publish")
 DECISIONS = Counter("rheo_controller_decisions_total", "rebalance and admission decisions", ["kind", "result"])
+QUEUE = Counter("rheo_controller_admission_queue_total", "admission queue outcomes of an ask or a tick (queued: "
+                "waiting; admit: admitted; refuse: refused, at once or after the longest wait; abandoned: its "
+                "publisher left)", ["outcome"])
 BLOCKMAP_KEY = "current"
 STORE_CHECK_S = 2.0
 """How often the leader checks that the block map is still stored (a lost NATS store empties the bucket)."""
@@ -138,6 +147,8 @@ class ControllerService(Service):
         """Where each admitted stream runs (docs/scheduling.md, Placement)."""
         self.item_ms: float | None = None
         self.bottleneck = ""
+        self.ring_fits: tuple[tuple[Fit, ...], ...] = ()
+        """Each stage's fitted micro-step times per grid, once every stage of the map reported one (else none)."""
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=512)
         self.lock: LeaderLock | None = None
         self._kv: KV | None = None
@@ -159,6 +170,9 @@ class ControllerService(Service):
         self._endpoint_revs: dict[str, int] = {}
         self._endpoint_watch: asyncio.Task[None] | None = None
         self.autoscaler: Autoscaler | None = None
+        self.queue = AdmissionQueue(self.cfg.admission_queue_max_wait_s, self.cfg.admission_queue_max_streams) \
+            if self.cfg.admission_queue else None
+        self._queue_published: dict[str, str] | None = None
         if self.cfg.autoscale.mode != "disabled":
             self.autoscaler = Autoscaler.from_settings(self.cfg)
 
@@ -437,6 +451,8 @@ class ControllerService(Service):
             await self._release(err.stream_id)
 
     async def _release(self, stream_id: str) -> None:
+        if self.queue is not None:
+            self.queue.remove(stream_id)
         placed = self.assigner.release(stream_id)
         if (self.admitted.pop(stream_id, None) is not None or placed) and self.leader:
             await self._save_state()
@@ -449,9 +465,12 @@ class ControllerService(Service):
         if self.cfg.mode == "adaptive":
             await self._rebalance(now)
         await self._move_streams(now)
+        if self.queue is not None:
+            await self._expire_queue(now)
         if self.autoscaler is not None:
             await self.autoscaler.tick(now, list(self.admitted.values()),
-                                       Demand(self.item_ms, self.path_costs(), self.cfg.admission_prior_streams),
+                                       Demand(self.ring_price(self.admitted.values()), self.path_costs(),
+                                              self.cfg.admission_prior_streams),
                                        self._drain)
 
     async def _keep_map_stored(self, now: float) -> None:
@@ -526,9 +545,11 @@ class ControllerService(Service):
         log.warning("stages %s: %s; new epoch over %s", reason, failed or restarted or joined, members)
         await self._publish_map(stages, reason)
 
-    def placement_pool(self, budget: float | None = None) -> Pool:
-        """The members a stream may be placed on: heard within ``budget`` (default: the miss budget)."""
-        return self.assigner.pool((m.view() for m in self.live_members(budget=budget) if m.ready), self.item_ms)
+    def placement_pool(self, budget: float | None = None, item_ms: float | None = None) -> Pool:
+        """The members a stream may be placed on: heard within ``budget`` (default: the miss budget); rings priced
+        at ``item_ms`` (default: the admitted streams' ``ring_price``)."""
+        return self.assigner.pool((m.view() for m in self.live_members(budget=budget) if m.ready),
+                                  self.ring_price(self.admitted.values()) if item_ms is None else item_ms)
 
     async def _move_streams(self, now: float) -> None:
         """Streams of a ring, decoder or egress silent for ``heartbeat_dead_s`` move to a live one (also a stream
@@ -621,6 +642,14 @@ class ControllerService(Service):
         per_item = {r.stage_id: r.step_ms / max(r.batch_items, 1.0) for r in reports if r is not None}
         self.bottleneck = max(per_item, key=per_item.__getitem__)
         self.item_ms = per_item[self.bottleneck]
+        fits = [r.fits for r in reports if r is not None]
+        self.ring_fits = tuple(fits) if all(fits) else ()
+
+    def ring_price(self, needs: Iterable[StreamNeed]) -> float | None:
+        """The ring's ms per item for these streams: L(n)/n at the batch they reach, from the stages' fitted
+        latency model (``policy.ring_item_ms``); before every stage reported a fit, the measured ms per item."""
+        fitted = ring_item_ms(self.ring_fits, needs, self.settings.dit_stage.max_batch_items)
+        return self.item_ms if fitted is None else fitted
 
     async def _rebalance(self, now: float) -> None:
         assert self.block_map is not None
@@ -660,9 +689,13 @@ class ControllerService(Service):
     async def _on_admission(self, spec: StreamSpec, raw: Any) -> None:
         assert self.bus is not None
         reply: Ack | Error
-        pool = self.placement_pool()
-        d = decide_admission(spec, self.admitted, self.item_ms, headroom=self.cfg.admission_headroom,
-                             prior_streams=self.cfg.admission_prior_streams, bottleneck=self.bottleneck,
+        ring = [*(v for k, v in self.admitted.items() if k != spec.stream_id), stream_need(spec)]
+        item_ms = self.ring_price(ring)
+        pool = self.placement_pool(item_ms=item_ms)
+        bottleneck = f"{self.bottleneck}; fitted a + b·n at n = " \
+            f"{batch_reached(ring, self.settings.dit_stage.max_batch_items)}" if self.ring_fits else self.bottleneck
+        d = decide_admission(spec, self.admitted, item_ms, headroom=self.cfg.admission_headroom,
+                             prior_streams=self.cfg.admission_prior_streams, bottleneck=bottleneck,
                              costs=self.path_costs(), decoders_placed=bool(pool.decoders))
         applied = not self.cfg.advisory
         placed: Assignment | str | None = None
@@ -670,11 +703,18 @@ class ControllerService(Service):
             placed = self.assigner.place(spec.stream_id, stream_need(spec), pool, self.admitted, force=not applied)
         if isinstance(placed, str):  # the path has room in sum, but no one member of some kind has
             d = dataclasses.replace(d, admit=False, reason=f"no capacity: {placed}")
+        queued = False
+        if self.queue is not None and applied:  # first come, first served (docs/scheduling.md)
+            v = self.queue.verdict(spec.stream_id, d.admit, d.reason, time.monotonic())
+            QUEUE.labels(outcome=v.state).inc()
+            if v.state != "admit":
+                d = dataclasses.replace(d, admit=False, reason=v.message)
+                queued = v.state == "queued"
         self._record({"kind": "admission", "stream_id": spec.stream_id, "admit": d.admit, "reason": d.reason,
                       "need": round(d.need_items_per_s, 3), "applied": applied,
                       "placement": placed.model_dump() if isinstance(placed, Assignment) else None})
-        DECISIONS.labels(kind="admission", result=("admit" if d.admit else "refuse") + ("" if applied else
-                                                                                          "_advisory")).inc()
+        DECISIONS.labels(kind="admission", result=("admit" if d.admit else "queued" if queued else "refuse")
+                         + ("" if applied else "_advisory")).inc()
         if d.admit or not applied:
             self.admitted[spec.stream_id] = stream_need(spec)
             detail = d.reason if d.admit else f"advisory: would refuse: {d.reason}"
@@ -685,7 +725,7 @@ class ControllerService(Service):
                            f"{placed.egress or '-'}")
             reply = Ack(ref=spec.stream_id, detail=f"epoch {self.epoch}; {detail}")
         else:
-            reply = Error(code="no_capacity", message=d.reason, stream_id=spec.stream_id)
+            reply = Error(code="queued" if queued else "no_capacity", message=d.reason, stream_id=spec.stream_id)
             if self.autoscaler is not None:
                 self.autoscaler.note_refused(spec, time.monotonic())
         await self.bus.respond(raw, reply)
@@ -693,8 +733,34 @@ class ControllerService(Service):
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await self._state_kv.put(admission_key(spec.stream_id), reply)
             await self._save_state()
-        if isinstance(reply, Error):
+        if isinstance(reply, Error) and not queued:
             await self.bus.publish(Subjects.stream_error(spec.stream_id), reply)
+        if self.queue is not None:
+            await self._publish_queue()
+
+    async def _expire_queue(self, now: float) -> None:
+        """Drop the queued streams whose publisher left (their refusal kept for the API)."""
+        assert self.queue is not None and self.bus is not None and self._state_kv is not None
+        for sid, message in self.queue.expire(now):
+            QUEUE.labels(outcome="abandoned").inc()
+            log.info("stream %s: %s", sid, message)
+            refusal = Error(code="no_capacity", message=message, stream_id=sid)
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._state_kv.put(admission_key(sid), refusal)
+                await self.bus.publish(Subjects.stream_error(sid), refusal)
+        await self._publish_queue()
+
+    async def _publish_queue(self) -> None:
+        """The waiting streams and their places (``ADMISSION_QUEUE_KEY``: the API's stream list shows them)."""
+        assert self.queue is not None and self._state_kv is not None
+        waiting = {sid: i for i, sid in enumerate(self.queue.waiting, 1)}
+        if waiting == self._queue_published:
+            return
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self._state_kv.put(ADMISSION_QUEUE_KEY, json.dumps(
+                {sid: {"position": i, "of": len(waiting), "reason": self.queue.waiting[sid].reason}
+                 for sid, i in waiting.items()}).encode())
+            self._queue_published = waiting
 
 
     async def _drain(self, pool: str, keep: int) -> bool:
@@ -708,7 +774,7 @@ def _need(stored: object) -> StreamNeed:
     """An admitted stream's need as saved in the controller's state (a bare number: items/s, from before)."""
     if isinstance(stored, dict):
         return StreamNeed(float(stored.get("items_per_s", 0.0)), float(stored.get("decode_mpx_per_s", 0.0)),
-                          bool(stored.get("t2v", False)))
+                          bool(stored.get("t2v", False)), int(stored.get("steps", 1)))
     return StreamNeed(float(stored))  # type: ignore[arg-type]
 
 
