@@ -774,7 +774,8 @@ def _need(stored: object) -> StreamNeed:
     """An admitted stream's need as saved in the controller's state (a bare number: items/s, from before)."""
     if isinstance(stored, dict):
         return StreamNeed(float(stored.get("items_per_s", 0.0)), float(stored.get("decode_mpx_per_s", 0.0)),
-                          bool(stored.get("t2v", False)), int(stored.get("steps", 1)))
+                          bool(stored.get("t2v", False)), int(stored.get("steps", 1)),
+                          float(stored.get("slo_ms", math.inf)))
     return StreamNeed(float(stored))  # type: ignore[arg-type]
 
 

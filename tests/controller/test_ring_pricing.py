@@ -46,6 +46,18 @@ def test_the_price_is_the_fitted_micro_step_per_item_at_the_batch_the_streams_re
     assert ring_item_ms([], needs, 16) is None  # no fit: the caller keeps the measured price
 
 
+def test_the_batch_priced_at_keeps_the_streams_latency():
+    """Four 4-step streams with a 400 ms SLO: their traversals may take half of it, 50 ms each, so the ring is
+    priced at the largest batch whose traversal fits (30 + 3·6 = 48 ms: 6 items), not the 16 their slots allow; a
+    two-stage ring's traversal passes both stages (3 items: 2·(30 + 3·3) = 78 > 50, 2 items: 72 > 50, so 1)."""
+    tight = [stream_need(_spec(i, steps=4).model_copy(update={"slo": SLO(target_fps=16.0, max_latency_ms=400)}))
+             for i in range(4)]
+    assert ring_item_ms([[(A, B, 100)]], tight, 16) == pytest.approx((A + 6 * B) / 6)
+    assert ring_item_ms([[(A, B, 100)], [(A, B, 100)]], tight, 16) == pytest.approx(A + B)
+    loose = [stream_need(_spec(i, steps=4)) for i in range(4)]  # 60 s SLO: the slots bound it
+    assert ring_item_ms([[(A, B, 100)]], loose, 16) == pytest.approx((A + 16 * B) / 16)
+
+
 def test_fitted_pricing_admits_what_the_ring_batches_and_measured_pricing_refuses():
     """Measured at one stream's batch of 2 items, a ring looks like (A + 2B)/2 = 18 ms per item: 0.9 · 1000 / 18 =
     50 items/s, room for 6 streams of 8 items/s. Priced at the batch eight or more such streams reach (the cap of
