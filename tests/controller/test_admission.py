@@ -160,8 +160,9 @@ async def test_a_queued_stream_waits_its_turn_and_one_that_waits_too_long_is_ref
                 info = (await http.get(f"/v1/streams/{sid}")).json()
                 return info["state"], info["state_reason"]
 
-            async def queued() -> bool:
-                return (await state(third))[0] == "queued"
+            async def queued() -> bool:  # in its status and in the list (the queue's own key, written just after)
+                listed = {s["id"]: s for s in (await http.get("/v1/streams")).json()}
+                return (await state(third))[0] == "queued" and listed[third]["state"] == "queued"
 
             deadline = time.monotonic() + 10
             while not await queued():
