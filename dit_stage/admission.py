@@ -298,8 +298,9 @@ class FirstStage:
                          (m.capture_time, m.seq, -m.step), _deadline_exempt(m))
 
     def measured(self, step: MicroStep, seconds: float) -> None:
-        """First stage: a micro-step this worker formed took ``seconds`` (the latency model learns from it)."""
-        if self.is_first and step.items:
+        """A micro-step took ``seconds`` here: the latency model learns from it (the first stage's selects
+        micro-steps; every stage's fit goes into its StageStats, which the controller prices its ring with)."""
+        if step.items:
             self.latency.observe(step_signature(step), len(step.items), seconds)
 
 

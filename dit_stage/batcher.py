@@ -80,6 +80,14 @@ class LatencyModel:
         """(a, b) of the fit, or None before ``MIN_SAMPLES`` measurements."""
         return self._fits.get(sig)
 
+    def fits(self, limit: int = 8) -> list[tuple[Hashable, float, float, int]]:
+        """(signature, a, b, items in its window) of every fitted signature, the most measured first (at most
+        ``limit``): what a stage reports in its ``StageStats`` for the controller to price its ring with (the items
+        say the mix of grids; docs/scheduling.md)."""
+        fitted = [(sig, fit) for sig, fit in self._fits.items() if fit is not None]
+        fitted.sort(key=lambda x: -len(self._points[x[0]]))
+        return [(sig, a, b, sum(n for n, _ in self._points[sig])) for sig, (a, b) in fitted[:limit]]
+
     def duration(self, sig: Hashable, n: int) -> float | None:
         fit = self._fits.get(sig)
         return None if fit is None else fit[0] + fit[1] * n

@@ -15,7 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from dit_stage.micro_step import StageOutput
 from dit_stage.worker import StageWorker
-from proto import StageStats
+from proto import LatencyFit, StageStats
 
 __all__ = ["DROPPED", "LINK_TIME", "MOVED_BYTES", "StageTelemetry", "Totals", "free_memory"]
 
@@ -171,6 +171,8 @@ class StageTelemetry:
             queue_wait_ms=1000 * d.queue_wait_s / max(d.items, 1), link_send_ms=1000 * d.link_send_s / steps,
             link_recv_ms=1000 * d.link_recv_s / steps, batch_items=d.items / steps,
             kv_bytes=kv_bytes, free_memory_bytes=free, items=d.items, late_items=late_items,
+            latency_fits=[LatencyFit(grid=list(sig), a_ms=1000 * a, b_ms=1000 * b, items=n)  # type: ignore[arg-type]
+                          for sig, a, b, n in worker.latency.fits()],
         )
 
     def _export_gauges(self, kv_bytes: dict[str, int], free: int) -> None:

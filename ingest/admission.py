@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import nats.errors
 
@@ -10,6 +12,7 @@ from ingest.models import latent_chunk_bytes
 from proto import Error, ProtocolError, StreamSpec, Subjects
 from services.bus import Bus
 from services.config import Settings
+from services.controller.admission_queue import QUEUE_POLL_S
 
 __all__ = ["ask_admission", "unservable"]
 
@@ -30,9 +33,24 @@ def unservable(settings: Settings, spec: StreamSpec) -> str:
     return ""
 
 
-async def ask_admission(bus: Bus | None, spec: StreamSpec, timeout: float, without_controller: str = "refuse") -> str:
+async def ask_admission(bus: Bus | None, spec: StreamSpec, timeout: float, without_controller: str = "refuse",
+                        queued_wait_s: float = 0.0) -> str:
     """The controller's refusal reason, or "" when the stream may start. No controller answering: refused, unless
-    ``ingest.admission_without_controller`` is ``admit``."""
+    ``ingest.admission_without_controller`` is ``admit``. Queued (``controller.admission_queue``): asks again every
+    ``QUEUE_POLL_S`` (the controller keeps its place while it asks) for at most ``queued_wait_s``, then answers the
+    last reason (0: a queued answer is a refusal)."""
+    end = time.monotonic() + queued_wait_s
+    while True:
+        reply = await _ask(bus, spec, timeout, without_controller)
+        if not isinstance(reply, Error):
+            return reply
+        if reply.code != "queued" or time.monotonic() + QUEUE_POLL_S > end:
+            return reply.message
+        log.info("stream %s: %s", spec.stream_id, reply.message)
+        await asyncio.sleep(QUEUE_POLL_S)
+
+
+async def _ask(bus: Bus | None, spec: StreamSpec, timeout: float, without_controller: str) -> str | Error:
     assert bus is not None
     try:
         reply = await bus.request(Subjects.admission(), spec, timeout=timeout)
@@ -48,4 +66,4 @@ async def ask_admission(bus: Bus | None, spec: StreamSpec, timeout: float, witho
         return f"cannot reach the controller ({type(e).__name__}); retry"
     except ProtocolError as e:
         return f"malformed admission answer ({e}); retry"
-    return reply.message if isinstance(reply, Error) else ""
+    return reply if isinstance(reply, Error) else ""

@@ -317,11 +317,13 @@ class IngestService(Service):
         await self.table.update(sid, reserve)
         return first[0]
 
-    async def _refusal(self, spec: StreamSpec) -> str:
-        """Why ``spec`` cannot start here ("" when it can): its size, its prompt, or the controller's answer."""
+    async def _refusal(self, spec: StreamSpec, wait_queued: bool = True) -> str:
+        """Why ``spec`` cannot start here ("" when it can): its size, its prompt, or the controller's answer (an RTMP
+        publish waits while the controller queues it; a T2V start does not: docs/scheduling.md)."""
+        wait = self.settings.controller.admission_queue_max_wait_s + 5 if wait_queued else 0.0
         return (unservable(self.settings, spec) or self._prompt_problem(spec.prompt)
                 or await ask_admission(self.bus, spec, self.settings.ingest.admission_timeout_s,
-                                       self.settings.ingest.admission_without_controller))
+                                       self.settings.ingest.admission_without_controller, wait))
 
     # -- streams ------------------------------------------------------------------------------------------------
 
@@ -357,7 +359,7 @@ class IngestService(Service):
         spec = record.spec
         if not spec.t2v or sid in self._t2v or self._served_elsewhere(record) or self._draining:
             return
-        problem = await self._refusal(spec)
+        problem = await self._refusal(spec, wait_queued=False)
         if problem:
             log.warning("stream %s (text-to-video) cannot start here: %s", sid, problem)
             return

@@ -245,11 +245,21 @@ class Heartbeat(Message):
     address: str = Field("", max_length=512, description="an egress's base URL for HLS (the gateway proxies there)")
 
 
+class LatencyFit(BaseModel):
+    """A stage's fitted micro-step time for one grid: a + b·n ms for n items (``dit_stage.batcher.LatencyModel``)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    grid: list[int] = Field(max_length=3, description="latent frames, height, width of the items")
+    a_ms: float = Field(ge=0, description="fixed ms of a micro-step")
+    b_ms: float = Field(ge=0, description="ms per item")
+    items: int = Field(0, ge=0, description="items of this grid among the micro-steps fitted (the mix of grids)")
+
+
 class StageStats(Message):
     """What one DiT stage measured over its last reporting window."""
 
-    SCHEMA_VERSION: ClassVar[int] = 2
-    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+    SCHEMA_VERSION: ClassVar[int] = 3
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2)
 
     stage_id: str = Field(min_length=1, max_length=128)
     epoch: int = Field(ge=0)
@@ -268,6 +278,9 @@ class StageStats(Message):
     items: int = Field(0, ge=0, description="items (stream x step) computed in the window")
     late_items: int = Field(0, ge=0, description="items dropped in the window for their deadline or a full queue "
                                                  "(the autoscaler's miss ratio)")
+    latency_fits: list[LatencyFit] = Field(default_factory=list, max_length=8, description="the stage's fitted "
+                                           "micro-step times, most measured grid first (the controller prices its "
+                                           "ring with them)")
 
 
 class StageAssignment(BaseModel):
@@ -693,6 +706,7 @@ __all__ = [
     "HlsSegmentState",
     "HlsState",
     "IngestStatus",
+    "LatencyFit",
     "LatentChunk",
     "Message",
     "NoiseParams",

@@ -484,6 +484,16 @@ class ControllerSettings(Section):
     admission_headroom: float = Field(
         0.9, gt=0, le=1, description="fraction of the measured pipeline capacity admission may fill"
     )
+    admission_queue: bool = Field(
+        False, description="a stream refused for capacity waits (queued, first come first served) up to "
+                           "admission_queue_max_wait_s for room instead of being refused at once"
+    )
+    admission_queue_max_wait_s: float = Field(
+        60.0, gt=0, le=3600, description="longest a queued stream waits before it is refused (with the reason)"
+    )
+    admission_queue_max_streams: int = Field(
+        32, ge=1, le=1024, description="streams the admission queue holds; beyond it a stream is refused"
+    )
     lease_ttl_s: float = Field(
         5.0, gt=0, description="a leader that has not renewed its lock for this long is replaced by a standby"
     )

@@ -23,7 +23,14 @@ from dit_stage.batcher import BatcherPolicy, Candidate, LatencyModel, select
 from proto import SLO, Assignment, StreamSpec
 from services.controller.autoscale import POOLS, PoolScaler, PoolSignals, ScaleLimits
 from services.controller.placement import Bin, Pool, moves, place
-from services.controller.policy import PathCosts, StreamNeed, decide_admission, ring_capacity, stream_need
+from services.controller.policy import (
+    PathCosts,
+    StreamNeed,
+    decide_admission,
+    ring_capacity,
+    ring_item_ms,
+    stream_need,
+)
 from services.controller.scaling import Demand, pool_demand
 
 __all__ = ["POLICIES", "Policy", "SimConfig", "Simulation"]
@@ -102,6 +109,15 @@ class _Ring:
 
     def step_ms(self) -> float | None:
         return 1000.0 * sum(s for _, s in self.recent) / len(self.recent) if self.recent else None
+
+    def fits_ms(self) -> list[tuple[float, float, int]]:
+        """Its fitted micro-step times (a ms, b ms, items) per grid, as a stage's StageStats report them."""
+        return [(1000.0 * a, 1000.0 * b, k) for _, a, b, k in self.model.fits()]
+
+    def price(self, needs: list[StreamNeed], max_items: int) -> float | None:
+        """Its ms per item for these streams, as the controller prices a ring (``ring_item_ms``, else measured)."""
+        fitted = ring_item_ms([self.fits_ms()], needs, max_items)
+        return self.item_ms() if fitted is None else fitted
 
 
 class Simulation:
@@ -206,7 +222,8 @@ class Simulation:
             path = decide_admission(st.spec, needs, None, headroom=self.cfg.headroom, prior_streams=len(needs) + 1,
                                     costs=costs, decoders_placed=True)
             on_ring = {sid: needs[sid] for sid, a in self.assignments.items() if a.ring_id == ring.member}
-            dit = decide_admission(st.spec, on_ring, ring.item_ms(), headroom=self.cfg.headroom,
+            dit = decide_admission(st.spec, on_ring, ring.price([*on_ring.values(), st.need], self.policy.max_items),
+                                   headroom=self.cfg.headroom,
                                    prior_streams=self.cfg.prior_streams)
             for d in (path, dit):
                 if not d.admit:
@@ -217,7 +234,11 @@ class Simulation:
     def _pool(self) -> Pool:
         live = [r for r in self.rings.values() if not r.gone and r.ready_at <= self.now]
         decs = [d for d in self.decoders.values() if not d.gone and d.ready_at <= self.now]
-        return Pool(rings=[Bin(r.member, ring_capacity(r.item_ms(), self.cfg.headroom)) for r in live],
+        needs = {sid: s.need for sid, s in self.streams.items()}
+        on = {r.member: [needs[sid] for sid, a in self.assignments.items() if a.ring_id == r.member and sid in needs]
+              for r in live}
+        return Pool(rings=[Bin(r.member, ring_capacity(r.price(on[r.member], self.policy.max_items),
+                                                       self.cfg.headroom)) for r in live],
                     decoders=[Bin(d.member, self.cfg.headroom * 1000.0 / self.cal.decode_ms_per_mpx) for d in decs])
 
     def _capture(self, st: _Stream, seq: int) -> None:
@@ -340,6 +361,9 @@ class Simulation:
         recent = [x for r in self.rings.values() if not r.gone for x in r.recent]
         items = sum(n for n, _ in recent)  # the pool's measured ms per item (one ring: the controller's item_ms)
         item_ms = 1000.0 * sum(s for _, s in recent) / items if items else None
+        fits = [r.fits_ms() for r in self.rings.values() if not r.gone and r.fits_ms()]  # … or its fitted price
+        fitted = ring_item_ms(fits, [s.need for s in self.streams.values()], self.policy.max_items)
+        item_ms = item_ms if fitted is None else fitted
         demand = Demand(item_ms, PathCosts(self.cal.encode_ms_per_mpx, self.cal.decode_ms_per_mpx),
                         self.cfg.prior_streams)
         per_pool = pool_demand(demand, [s.need for s in self.streams.values()],

@@ -55,6 +55,8 @@ class StageReport:
     extra_ms: float
     kv_bytes: int
     free_memory_bytes: int
+    fits: tuple[tuple[float, float, int], ...] = ()
+    """The stage's fitted micro-step times (a ms, b ms, items), one per grid it ran (``StageStats.latency_fits``)."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ class CostModel:
         else:
             batch = stats.batch_items
         self.reports[sid] = StageReport(sid, epoch, stats.block_start, stats.block_end, now, step_ms, batch,
-                                        stats.extra_ms, sum(stats.kv_bytes.values()), stats.free_memory_bytes)
+                                        stats.extra_ms, sum(stats.kv_bytes.values()), stats.free_memory_bytes,
+                                        tuple((f.a_ms, f.b_ms, f.items) for f in stats.latency_fits))
         return True
 
     def fresh(self, stage_ids: list[str], epoch: int, now: float, max_age_s: float) -> bool:

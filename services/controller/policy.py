@@ -10,6 +10,7 @@ fits the newcomer's latency SLO.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,8 +18,20 @@ from proto import StreamSpec
 from proto.clock import ChunkClock
 
 __all__ = [
-    "AdmissionDecision", "PathCosts", "RebalancePolicy", "RebalanceVerdict", "StreamNeed", "admission_key",
-    "decide_admission", "stream_items_per_s", "stream_need",
+    "ADMISSION_QUEUE_KEY",
+    "LATENCY_SHARE",
+    "AdmissionDecision",
+    "Fit",
+    "PathCosts",
+    "RebalancePolicy",
+    "RebalanceVerdict",
+    "StreamNeed",
+    "admission_key",
+    "batch_reached",
+    "decide_admission",
+    "ring_item_ms",
+    "stream_items_per_s",
+    "stream_need",
 ]
 
 Verdict = Literal["hold", "pending", "cooldown", "act"]
@@ -78,6 +91,10 @@ class StreamNeed:
     """Model-size megapixel-frames per second the decoder decodes (and ingest encodes, V2V)."""
     t2v: bool = False
     """Nothing to encode."""
+    steps: int = 1
+    """Denoising steps: items of the stream one micro-step can hold (one per step slot)."""
+    slo_ms: float = math.inf
+    """Its latency SLO (``slo.max_latency_ms``): bounds the batch its ring may be priced at."""
 
     @property
     def encode_mpx_per_s(self) -> float:
@@ -85,7 +102,50 @@ class StreamNeed:
 
 
 def stream_need(spec: StreamSpec) -> StreamNeed:
-    return StreamNeed(stream_items_per_s(spec), spec.width * spec.height / 1e6 * spec.fps, spec.t2v)
+    return StreamNeed(stream_items_per_s(spec), spec.width * spec.height / 1e6 * spec.fps, spec.t2v, spec.steps,
+                      spec.slo.max_latency_ms)
+
+
+def batch_reached(needs: Iterable[StreamNeed], max_items: int) -> int:
+    """The largest micro-step these streams' items form at the first stage: one item per (stream, step slot) at
+    the heads of its queues, at most ``dit_stage.max_batch_items`` (a saturated ring runs batches of this size)."""
+    return max(1, min(max_items, sum(n.steps for n in needs)))
+
+
+Fit = tuple[float, float, int]
+"""A stage's fitted micro-step time of one grid: a ms + b ms per item, and its items measured (``LatencyFit``)."""
+
+
+LATENCY_SHARE = 0.5
+"""Of a stream's latency SLO, what its ring traversals may take at the batch it is priced at (the rest: queueing,
+the VAE, the links)."""
+
+
+def ring_item_ms(stages: Sequence[Sequence[Fit]], needs: Iterable[StreamNeed], max_items: int) -> float | None:
+    """A ring's ms per item for these streams: L(n)/n at the batch n they reach, L(n) = a + b·n the stages' fitted
+    micro-step times (``StageStats.latency_fits``: the batcher's ``LatencyModel``). Grids do not share a forward:
+    a grid with a share s_g of a stage's items forms micro-steps of n_g = min(s_g·Σ steps, max_items, x) items; x,
+    the largest batch whose traversal T(x) = Σ over stages and grids of L(n_g) lets every stream's ``steps``
+    traversals fit ``LATENCY_SHARE`` of its SLO (the knee keeps deadlines by running smaller batches). The price is
+    the items' mean of L_g(n_g)/n_g at the slowest stage. None without a fit (the caller falls back to the measured
+    ms per item). docs/scheduling.md, "Ring pricing"."""
+    needs = list(needs)
+    stages = [fits for fits in stages if sum(k for _, _, k in fits) > 0]
+    if not stages:
+        return None
+    items = batch_reached(needs, 1 << 30)  # one item per (stream, step slot)
+    budget = min((LATENCY_SHARE * n.slo_ms / n.steps for n in needs), default=math.inf)
+
+    def sizes(fits: Sequence[Fit], x: int) -> list[tuple[float, float]]:
+        total = sum(k for _, _, k in fits)
+        return [(k / total, max(1.0, min(max_items, x, k / total * items))) for _, _, k in fits]
+
+    def traversal(x: int) -> float:
+        return sum(a + b * ng for fits in stages for (a, b, _), (_, ng) in zip(fits, sizes(fits, x), strict=True))
+
+    x = next((x for x in range(max_items, 1, -1) if traversal(x) <= budget), 1)
+    return max(sum(share * (a + b * ng) / ng for (a, b, _), (share, ng) in zip(fits, sizes(fits, x), strict=True))
+               for fits in stages)
 
 
 @dataclass(frozen=True)
@@ -177,6 +237,10 @@ def decide_admission(spec: StreamSpec, admitted: dict[str, StreamNeed], item_ms:
               f"({headroom:.0%} of the slowest stage {bottleneck or '?'} at {item_ms:.1f} ms per item"
               f"{f', × {rings} rings' if rings > 1 else ''})")
     return AdmissionDecision(ok, detail if ok else f"no capacity: {detail}", need, capacity)
+
+
+ADMISSION_QUEUE_KEY = "admission_queue"
+"""The ``rheo-controller`` key of the admission queue: stream → its position, of how many, and why it waits."""
 
 
 def admission_key(stream_id: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from proto import BlockMap, blockmap_key, ring_stage_ids
 from services.controller.costmodel import CostModel
-from services.controller.policy import RebalancePolicy
+from services.controller.policy import Fit, RebalancePolicy
 
 __all__ = ["RingState"]
 
@@ -37,6 +37,8 @@ class RingState:
     item_ms: float | None = None
     """The slowest stage's measured ms per item in the current epoch (None: not every stage reported)."""
     bottleneck: str = ""
+    fits: tuple[tuple[Fit, ...], ...] = ()
+    """Each stage's fitted micro-step times per grid, once every stage of the map reported one (else none)."""
     store_checked: float = 0.0
 
     @classmethod

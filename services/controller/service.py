@@ -25,6 +25,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,17 +53,21 @@ from proto import (
 from proto.messages import BlockMapReason
 from proto.subjects import BLOCKMAP_KEYS
 from services.bus import KV
+from services.controller.admission_queue import AdmissionQueue
 from services.controller.assigner import Assigner, MemberView
 from services.controller.costmodel import CostModel
 from services.controller.leader import KubernetesLease, KVLeaderLock, LeaderLock, in_cluster
 from services.controller.partition import PartitionProblem, Split, Stage, best_split, evaluate, even_split
 from services.controller.placement import Move, Pool
 from services.controller.policy import (
+    ADMISSION_QUEUE_KEY,
     PathCosts,
     RebalancePolicy,
     StreamNeed,
     admission_key,
+    batch_reached,
     decide_admission,
+    ring_item_ms,
     stream_need,
 )
 from services.controller.rings import RingState
@@ -86,6 +91,9 @@ GONE = Counter("rheo_controller_stages_gone_total", "stages failed at once, with
 HEARTBEATS_REFUSED = Counter("rheo_controller_heartbeats_refused_total", "heartbeats whose body claims another "
                              "role than the subject the bus let its sender publish")
 DECISIONS = Counter("rheo_controller_decisions_total", "rebalance and admission decisions", ["kind", "result"])
+QUEUE = Counter("rheo_controller_admission_queue_total", "admission queue outcomes of an ask or a tick (queued: "
+                "waiting; admit: admitted; refuse: refused, at once or after the longest wait; abandoned: its "
+                "publisher left)", ["outcome"])
 STORE_CHECK_S = 2.0
 """How often the leader checks that the block map is still stored (a lost NATS store empties the bucket)."""
 STATE_KEY = "state"
@@ -158,6 +166,9 @@ class ControllerService(Service):
         self._endpoint_revs: dict[str, int] = {}
         self._endpoint_watch: asyncio.Task[None] | None = None
         self.autoscaler: Autoscaler | None = None
+        self.queue = AdmissionQueue(self.cfg.admission_queue_max_wait_s, self.cfg.admission_queue_max_streams) \
+            if self.cfg.admission_queue else None
+        self._queue_published: dict[str, str] | None = None
         if self.cfg.autoscale.mode != "disabled":
             self.autoscaler = Autoscaler.from_settings(self.cfg)
 
@@ -514,6 +525,8 @@ class ControllerService(Service):
             await self._release(err.stream_id)
 
     async def _release(self, stream_id: str) -> None:
+        if self.queue is not None:
+            self.queue.remove(stream_id)
         placed = self.assigner.release(stream_id)
         if (self.admitted.pop(stream_id, None) is not None or placed) and self.leader:
             await self._save_state()
@@ -529,9 +542,12 @@ class ControllerService(Service):
             if self.cfg.mode == "adaptive":
                 await self._rebalance(ring, now)
         await self._move_streams(now)
+        if self.queue is not None:
+            await self._expire_queue(now)
         if self.autoscaler is not None:
             await self.autoscaler.tick(now, list(self.admitted.values()),
-                                       Demand(self.item_ms, self.path_costs(), self.cfg.admission_prior_streams),
+                                       Demand(self.ring_price(self.admitted.values()), self.path_costs(),
+                                              self.cfg.admission_prior_streams),
                                        self._drain)
 
     async def _keep_map_stored(self, ring: RingState, now: float) -> None:
@@ -607,10 +623,18 @@ class ControllerService(Service):
                     members)
         await self._publish_map(ring, stages, reason)
 
-    def placement_pool(self, budget: float | None = None) -> Pool:
-        """The members a stream may be placed on: heard within ``budget`` (default: the miss budget)."""
+    def placement_pool(self, budget: float | None = None, newcomer: StreamNeed | None = None) -> Pool:
+        """The members a stream may be placed on: heard within ``budget`` (default: the miss budget); each ring
+        priced (``ring_price``) at the streams placed on it, and ``newcomer`` (a stream asking for admission)."""
         return self.assigner.pool((m.view() for m in self.live_members(budget=budget) if m.ready),
-                                  {r.ring_id: r.item_ms for r in self.rings.values() if r.block_map is not None})
+                                  {r.ring_id: self.ring_price(self._ring_needs(r.ring_id, newcomer), r)
+                                   for r in self.rings.values() if r.block_map is not None})
+
+    def _ring_needs(self, ring_id: str, newcomer: StreamNeed | None = None) -> list[StreamNeed]:
+        """The needs of the admitted streams placed on ``ring_id`` (and ``newcomer``'s)."""
+        on_ring = [self.admitted[sid] for sid, a in self.assigner.assignments.items()
+                   if a.ring_id == ring_id and sid in self.admitted]
+        return on_ring + ([newcomer] if newcomer is not None else [])
 
     async def _move_streams(self, now: float) -> None:
         """Streams of a ring, decoder or egress silent for ``heartbeat_dead_s`` move to a live one (also a stream
@@ -712,6 +736,19 @@ class ControllerService(Service):
         per_item = {r.stage_id: r.step_ms / max(r.batch_items, 1.0) for r in reports if r is not None}
         ring.bottleneck = max(per_item, key=per_item.__getitem__)
         ring.item_ms = per_item[ring.bottleneck]
+        fits = [r.fits for r in reports if r is not None]
+        ring.fits = tuple(fits) if all(fits) else ()
+
+    def ring_price(self, needs: Iterable[StreamNeed], ring: RingState | None = None) -> float | None:
+        """A ring's ms per item for these streams: L(n)/n at the batch they reach, from its stages' fitted latency
+        model (``policy.ring_item_ms``); before every stage reported a fit, the measured ms per item. No ring: the
+        slowest serving ring's price (admission's per-ring DiT check, the autoscaler's demand)."""
+        needs = list(needs)
+        if ring is None:
+            prices = [self.ring_price(needs, r) for r in self._serving_rings()]
+            return None if not prices or None in prices else max(p for p in prices if p is not None)
+        fitted = ring_item_ms(ring.fits, needs, self.settings.dit_stage.max_batch_items)
+        return ring.item_ms if fitted is None else fitted
 
     async def _rebalance(self, ring: RingState, now: float) -> None:
         assert ring.block_map is not None
@@ -751,9 +788,15 @@ class ControllerService(Service):
     async def _on_admission(self, spec: StreamSpec, raw: Any) -> None:
         assert self.bus is not None
         reply: Ack | Error
-        pool = self.placement_pool()
-        d = decide_admission(spec, self.admitted, self.item_ms, headroom=self.cfg.admission_headroom,
-                             prior_streams=self.cfg.admission_prior_streams, bottleneck=self.bottleneck,
+        need = stream_need(spec)
+        pool = self.placement_pool(newcomer=need)
+        ring = [*(v for k, v in self.admitted.items() if k != spec.stream_id), need]
+        item_ms = self.ring_price(ring)
+        fitted = all(r.fits for r in self._serving_rings())
+        bottleneck = f"{self.bottleneck}; fitted a + b·n at n = " \
+            f"{batch_reached(ring, self.settings.dit_stage.max_batch_items)}" if fitted else self.bottleneck
+        d = decide_admission(spec, self.admitted, item_ms, headroom=self.cfg.admission_headroom,
+                             prior_streams=self.cfg.admission_prior_streams, bottleneck=bottleneck,
                              costs=self.path_costs(), decoders_placed=bool(pool.decoders),
                              rings=max(len(pool.rings), 1))
         applied = not self.cfg.advisory
@@ -762,11 +805,18 @@ class ControllerService(Service):
             placed = self.assigner.place(spec.stream_id, stream_need(spec), pool, self.admitted, force=not applied)
         if isinstance(placed, str):  # the path has room in sum, but no one member of some kind has
             d = dataclasses.replace(d, admit=False, reason=f"no capacity: {placed}")
+        queued = False
+        if self.queue is not None and applied:  # first come, first served (docs/scheduling.md)
+            v = self.queue.verdict(spec.stream_id, d.admit, d.reason, time.monotonic())
+            QUEUE.labels(outcome=v.state).inc()
+            if v.state != "admit":
+                d = dataclasses.replace(d, admit=False, reason=v.message)
+                queued = v.state == "queued"
         self._record({"kind": "admission", "stream_id": spec.stream_id, "admit": d.admit, "reason": d.reason,
                       "need": round(d.need_items_per_s, 3), "applied": applied,
                       "placement": placed.model_dump() if isinstance(placed, Assignment) else None})
-        DECISIONS.labels(kind="admission", result=("admit" if d.admit else "refuse") + ("" if applied else
-                                                                                          "_advisory")).inc()
+        DECISIONS.labels(kind="admission", result=("admit" if d.admit else "queued" if queued else "refuse")
+                         + ("" if applied else "_advisory")).inc()
         if d.admit or not applied:
             self.admitted[spec.stream_id] = stream_need(spec)
             detail = d.reason if d.admit else f"advisory: would refuse: {d.reason}"
@@ -777,7 +827,7 @@ class ControllerService(Service):
                            f"{placed.egress or '-'}")
             reply = Ack(ref=spec.stream_id, detail=f"epoch {self.epoch}; {detail}")
         else:
-            reply = Error(code="no_capacity", message=d.reason, stream_id=spec.stream_id)
+            reply = Error(code="queued" if queued else "no_capacity", message=d.reason, stream_id=spec.stream_id)
             if self.autoscaler is not None:
                 self.autoscaler.note_refused(spec, time.monotonic())
         await self.bus.respond(raw, reply)
@@ -785,8 +835,34 @@ class ControllerService(Service):
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await self._state_kv.put(admission_key(spec.stream_id), reply)
             await self._save_state()
-        if isinstance(reply, Error):
+        if isinstance(reply, Error) and not queued:
             await self.bus.publish(Subjects.stream_error(spec.stream_id), reply)
+        if self.queue is not None:
+            await self._publish_queue()
+
+    async def _expire_queue(self, now: float) -> None:
+        """Drop the queued streams whose publisher left (their refusal kept for the API)."""
+        assert self.queue is not None and self.bus is not None and self._state_kv is not None
+        for sid, message in self.queue.expire(now):
+            QUEUE.labels(outcome="abandoned").inc()
+            log.info("stream %s: %s", sid, message)
+            refusal = Error(code="no_capacity", message=message, stream_id=sid)
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self._state_kv.put(admission_key(sid), refusal)
+                await self.bus.publish(Subjects.stream_error(sid), refusal)
+        await self._publish_queue()
+
+    async def _publish_queue(self) -> None:
+        """The waiting streams and their places (``ADMISSION_QUEUE_KEY``: the API's stream list shows them)."""
+        assert self.queue is not None and self._state_kv is not None
+        waiting = {sid: i for i, sid in enumerate(self.queue.waiting, 1)}
+        if waiting == self._queue_published:
+            return
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self._state_kv.put(ADMISSION_QUEUE_KEY, json.dumps(
+                {sid: {"position": i, "of": len(waiting), "reason": self.queue.waiting[sid].reason}
+                 for sid, i in waiting.items()}).encode())
+            self._queue_published = waiting
 
 
     async def _drain(self, pool: str, keep: int) -> bool:
@@ -814,7 +890,8 @@ def _need(stored: object) -> StreamNeed:
     """An admitted stream's need as saved in the controller's state (a bare number: items/s, from before)."""
     if isinstance(stored, dict):
         return StreamNeed(float(stored.get("items_per_s", 0.0)), float(stored.get("decode_mpx_per_s", 0.0)),
-                          bool(stored.get("t2v", False)))
+                          bool(stored.get("t2v", False)), int(stored.get("steps", 1)),
+                          float(stored.get("slo_ms", math.inf)))
     return StreamNeed(float(stored))  # type: ignore[arg-type]
 
 

@@ -13,6 +13,7 @@ token. Playback (``/hls/{id}/{token}/...``) and the player page are ``services/g
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Literal
@@ -25,6 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from proto import (
+    ACTIVE_STATES,
     SLO,
     Ack,
     Buckets,
@@ -41,7 +43,7 @@ from proto import decode as decode_message
 from proto.spec import MAX_FPS, MAX_MODEL_HEIGHT, MAX_MODEL_WIDTH, MAX_STEPS, MAX_T2V_FRAMES, SIZE_MULTIPLE
 from services.bus import KV, Bus
 from services.config import Settings
-from services.controller.policy import admission_key
+from services.controller.policy import ADMISSION_QUEUE_KEY, admission_key
 from services.gateway.auth import OperatorTokens, Principal, authenticate
 from services.gateway.console import make_console_router
 from services.gateway.docs import make_docs_router
@@ -111,13 +113,15 @@ class PlaybackUrls(BaseModel):
 
 class StreamInfo(PlaybackUrls):
     id: str
-    state: str = Field(description="created | live | recovering | degraded | failed | ended (docs/recovery.md)")
+    state: str = Field(description="created | queued | live | recovering | degraded | failed | ended "
+                                   "(docs/recovery.md; queued: docs/scheduling.md)")
     state_reason: str = Field("", description="why: what stalled, what was repaired, what failed")
     spec: dict
     prompt_version: int
     rtmp_url: str
     admission: str | None = Field(
-        None, description="the controller's last admission answer: 'admitted: …' or 'refused: <reason>'")
+        None, description="the controller's last admission answer: 'admitted: …', 'refused: <reason>' or "
+                          "'queued: position p of n, …' (state queued: controller.admission_queue)")
     ingest: dict | None = Field(
         None, description="ingest's checkpoint of the live (or last) session: chunks published, dropped by reason, "
                           "last seq, segment (updated every ingest.status_interval_s)")
@@ -203,6 +207,9 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
         sid = record.spec.stream_id
         now = time.time()
         state, reason = session_state(record, settings.ingest.status_interval_s, now)
+        queued = extra.get("admission")
+        if isinstance(queued, str) and queued.startswith("queued:") and state not in ACTIVE_STATES:
+            state, reason = "queued", queued  # waiting in the controller's admission queue
         return cls(id=sid, state=state, state_reason=reason, spec=record.spec.model_dump(),
                    stats=stream_stats(record, watch, settings.ingest.status_interval_s, now),
                    prompt_version=record.prompt_version,
@@ -222,8 +229,20 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
             log.warning("admission record of %s unreadable: %s", stream_id, e)
             return None
         if isinstance(answer, Error):
-            return f"refused: {answer.message}"
+            return answer.message if answer.code == "queued" else f"refused: {answer.message}"
         return f"admitted: {answer.detail}" if isinstance(answer, Ack) else None
+
+    async def admission_queue() -> dict[str, str]:
+        """Streams waiting in the controller's admission queue → their 'queued: …' line (one read for a list)."""
+        try:
+            if not controller_kv:
+                controller_kv.append(await bus.kv(Buckets.CONTROLLER, replicas=settings.nats.kv_replicas))
+            entry = await controller_kv[0].get(ADMISSION_QUEUE_KEY)
+            waiting = json.loads(entry.value) if entry is not None and entry.value else {}
+            return {sid: f"queued: position {w['position']} of {w['of']}: {w['reason']}" for sid, w in waiting.items()}
+        except (ValueError, KeyError, TypeError, AttributeError, nats.errors.Error, TimeoutError) as e:
+            log.warning("admission queue unreadable: %s", e)
+            return {}
 
     async def record_or_404(stream_id: str) -> StreamRecord:
         try:
@@ -261,7 +280,8 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
 
     @v1.get("/streams", response_model=list[StreamInfo], dependencies=[Depends(operator)])
     async def list_streams() -> list[StreamInfo]:
-        return [info(r) for r in await table.list()]
+        waiting = await admission_queue()
+        return [info(r, admission=waiting.get(r.spec.stream_id)) for r in await table.list()]
 
     @v1.get("/streams/{stream_id}", response_model=StreamInfo, dependencies=[Depends(of_stream)])
     async def get_stream(stream_id: str) -> StreamInfo:

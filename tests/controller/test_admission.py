@@ -136,3 +136,53 @@ async def test_without_a_controller_admission_fails_closed(tmp_path) -> None:
             await bus.close()
     finally:
         server.stop()
+
+
+async def test_a_queued_stream_waits_its_turn_and_one_that_waits_too_long_is_refused(
+        nats_settings: NatsSettings, bus: Bus, controllers: Controllers, eventually) -> None:
+    """``controller.admission_queue``: with room for two, a third stream's ingest waits (state ``queued`` with its
+    position in the API's status and list) and starts once the first ends; a fourth, with nothing freeing, is
+    refused with the reason after ``admission_queue_max_wait_s``."""
+    table, streams = await _streams(bus, 4)
+    settings = controller_settings(nats_settings, admission_queue=True, admission_queue_max_wait_s=3.0)
+    app = make_api(Settings(nats=nats_settings, gateway={"allow_anonymous": True}), bus, table, httpx.AsyncClient())
+    try:
+        svc = await controllers.start(settings)
+        async with _telemetry(bus, svc), httpx.AsyncClient(transport=httpx.ASGITransport(app),
+                                                           base_url="http://gw") as http:
+            await eventually(lambda: svc.item_ms is not None, timeout=15)
+            for spec, _ in streams[:2]:
+                assert await ask_admission(bus, spec, 5.0, queued_wait_s=10.0) == ""
+            third = streams[2][0].stream_id
+            waiting = asyncio.create_task(ask_admission(bus, streams[2][0], 5.0, queued_wait_s=10.0))
+
+            async def state(sid: str) -> tuple[str, str]:
+                info = (await http.get(f"/v1/streams/{sid}")).json()
+                return info["state"], info["state_reason"]
+
+            async def queued() -> bool:  # in its status and in the list (the queue's own key, written just after)
+                listed = {s["id"]: s for s in (await http.get("/v1/streams")).json()}
+                return (await state(third))[0] == "queued" and listed[third]["state"] == "queued"
+
+            deadline = time.monotonic() + 10
+            while not await queued():
+                assert time.monotonic() < deadline and not waiting.done()
+                await asyncio.sleep(0.1)
+            assert (await state(third))[1].startswith("queued: position 1 of 1"), await state(third)
+            listed = {s["id"]: s for s in (await http.get("/v1/streams")).json()}
+            assert listed[third]["state"] == "queued" and "position 1 of 1" in listed[third]["state_reason"]
+            await bus.publish(Subjects.stream_event(streams[0][0].stream_id), StreamEvent(
+                stream_id=streams[0][0].stream_id, kind="ended", at=time.time()))
+            assert await asyncio.wait_for(waiting, 10) == ""  # admitted when the first stream's share freed
+            assert (await state(third))[0] != "queued"
+            t0 = time.monotonic()
+            refused = await ask_admission(bus, streams[3][0], 5.0, queued_wait_s=10.0)
+            assert refused.startswith("no capacity after waiting 3 s in the admission queue: no capacity"), refused
+            assert 3.0 <= time.monotonic() - t0 < 8.0
+            assert (await state(streams[3][0].stream_id))[0] != "queued"
+            info = (await http.get(f"/v1/streams/{streams[3][0].stream_id}")).json()
+            assert info["admission"].startswith("refused: no capacity after waiting"), info
+    finally:
+        for spec, _ in streams:
+            with contextlib.suppress(Exception):
+                await table.delete(spec.stream_id)
