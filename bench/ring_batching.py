@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dit_stage.service import BLOCKMAP_KEY, DitStageService  # noqa: E402
-from proto import BlockMap, Buckets, LatentChunk, PromptUpdate, StageAssignment, Subjects  # noqa: E402
+from dit_stage.service import DitStageService  # noqa: E402
+from proto import BlockMap, Buckets, LatentChunk, PromptUpdate, StageAssignment, Subjects, blockmap_key  # noqa: E402
 from proto.clock import ChunkClock  # noqa: E402
 from proto.spec import chunk_timesteps  # noqa: E402
 from services.bus import Bus  # noqa: E402
@@ -158,8 +158,10 @@ async def run_ring(nats: NatsSettings, batcher: str, plans: list[StreamPlan], *,
     runs = [StreamRun(f"rb{tag}-{p.cls}-{i}", p) for i, p in enumerate(plans)]
     try:
         kv = await bus.kv(Buckets.BLOCKMAP)
-        await kv.put(BLOCKMAP_KEY, BlockMap(epoch=0, num_blocks=layers, created_at=time.time(), stages=[
-            StageAssignment(stage_id=s, block_start=i * per, block_end=(i + 1) * per) for i, s in enumerate(ids)]))
+        await kv.put(blockmap_key("0"), BlockMap(
+            ring_id="0", epoch=0, num_blocks=layers, created_at=time.time(),
+            stages=[StageAssignment(stage_id=s, block_start=i * per, block_end=(i + 1) * per)
+                    for i, s in enumerate(ids)]))
         for r in runs:
             async def on_x0(chunk: LatentChunk, _raw: object, r: StreamRun = r) -> None:
                 r.out.setdefault(chunk.seq, time.time())
@@ -192,7 +194,7 @@ async def run_ring(nats: NatsSettings, batcher: str, plans: list[StreamPlan], *,
             s.stop()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
         with contextlib.suppress(Exception):
-            await (await bus.kv(Buckets.BLOCKMAP)).delete(BLOCKMAP_KEY)
+            await (await bus.kv(Buckets.BLOCKMAP)).delete(blockmap_key("0"))
         await bus.close()
     out = []
     for r in runs:
