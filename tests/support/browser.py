@@ -14,7 +14,8 @@ CHROMIUM_FLAGS = [
 ]
 NO_CHROMIUM = "chromium not installed (apt-get install chromium)"
 
-PLAYING = "() => { const v = document.getElementById('v'); return v.readyState >= 3 && !v.paused }"
+# a page may render its <video> after the wait begins (the console draws a view on its hash change)
+PLAYING = "() => { const v = document.getElementById('v'); return v !== null && v.readyState >= 3 && !v.paused }"
 CURRENT_TIME = "document.getElementById('v').currentTime"
 FRAME_HASH = """() => {
   const v = document.getElementById('v'), c = document.createElement('canvas');
