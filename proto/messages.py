@@ -316,6 +316,10 @@ class BlockMap(Message):
         """The stage's place in the ring (0: first), -1 when the map does not hold it."""
         return next((i for i, s in enumerate(self.stages) if s.stage_id == stage_id), -1)
 
+    def ranges(self) -> dict[str, tuple[int, int]]:
+        """Each stage's [block_start, block_end), in ring order."""
+        return {s.stage_id: (s.block_start, s.block_end) for s in self.stages}
+
     def validate_cover(self) -> None:
         """Raise unless the stages cover [0, num_blocks) contiguously, in order."""
         pos = 0

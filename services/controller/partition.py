@@ -13,10 +13,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from proto import StageAssignment
+from wan.config import WanDiTConfig
 
-__all__ = ["PartitionProblem", "Split", "Stage", "best_split", "evaluate", "even_split", "stage_ms"]
+__all__ = ["PartitionProblem", "Split", "Stage", "best_split", "block_weight_bytes", "evaluate", "even_split",
+           "stage_ms"]
 
 _REL_TOL = 1e-9
+
+
+def block_weight_bytes(cfg: WanDiTConfig, dtype_bytes: int) -> int:
+    """Weights of one DiT block: self- and cross-attention (q, k, v, o), the FFN, norms and modulation (the memory
+    a stage needs per block it takes, beside that block's KV)."""
+    d = cfg.dim
+    return dtype_bytes * (8 * (d * d + d) + 2 * d * cfg.ffn_dim + d + cfg.ffn_dim + 6 * d + 4 * d)
 
 
 def even_split(num_blocks: int, stage_ids: list[str]) -> list[StageAssignment]:

@@ -57,7 +57,7 @@ from services.controller.admission_queue import AdmissionQueue
 from services.controller.assigner import Assigner, MemberView
 from services.controller.costmodel import CostModel
 from services.controller.leader import KubernetesLease, KVLeaderLock, LeaderLock, in_cluster
-from services.controller.partition import PartitionProblem, Split, Stage, best_split, evaluate, even_split
+from services.controller.partition import PartitionProblem, Split, best_split, block_weight_bytes, evaluate, even_split
 from services.controller.placement import Move, Pool
 from services.controller.policy import (
     ADMISSION_QUEUE_KEY,
@@ -120,12 +120,6 @@ class Member:
 
     def view(self) -> MemberView:
         return MemberView(self.member_id, self.role, self.ring_id, self.address, self.work.get("vae_decode"))
-
-
-def block_weight_bytes(cfg: WanDiTConfig, dtype_bytes: int) -> int:
-    """Weights of one DiT block: self- and cross-attention (q, k, v, o), the FFN, norms and modulation."""
-    d = cfg.dim
-    return dtype_bytes * (8 * (d * d + d) + 2 * d * cfg.ffn_dim + d + cfg.ffn_dim + 6 * d + 4 * d)
 
 
 class ControllerService(Service):
@@ -538,7 +532,7 @@ class ControllerService(Service):
                 await self._ensure_block_map(ring)
             await self._keep_map_stored(ring, now)
             await self._membership(ring, now)
-            self._refresh_capacity(ring)
+            ring.refresh_capacity()
             if self.cfg.mode == "adaptive":
                 await self._rebalance(ring, now)
         await self._move_streams(now)
@@ -675,40 +669,13 @@ class ControllerService(Service):
         SUSPECTED.set(sum(len(r.suspected) for r in self.rings.values()))
 
     def _split(self, ring: RingState, members: list[str]) -> list[StageAssignment]:
-        """Blocks over ``members``: the cost-aware optimum when there is an estimate, else even."""
-        assert ring.block_map is not None
-        if self.cfg.mode == "adaptive":
-            problem = self._problem(members, ring)
-            if problem is not None:
-                split = best_split(problem, _current(ring.block_map))
-                if split is not None:
-                    return split.assignments(members)
-                log.error("no split of %d blocks over %s fits their memory; splitting evenly",
-                          ring.block_map.num_blocks, members)
-        return even_split(ring.block_map.num_blocks, members)
+        """Blocks over ``members``: the cost-aware optimum when there is an estimate (adaptive mode), else even."""
+        return ring.split(members, self._problem(members, ring) if self.cfg.mode == "adaptive" else None)
 
     def _problem(self, members: list[str], ring: RingState | None = None) -> PartitionProblem | None:
-        ring = ring or self.rings[self.default_ring]
-        bm = ring.block_map or ring.seen_map
-        if bm is None:
-            return None
-        est = ring.cost.estimate(bm.epoch)
-        if est is None:
-            return None
-        dtype = self.settings.model.dtype
-        weights = block_weight_bytes(WanDiTConfig.named(self.settings.model.preset), 4 if dtype == "float32" else 2)
-        reports = [r for r in ring.cost.reports.values() if r.epoch == bm.epoch]
-        kv_per_block = max((r.kv_bytes / (r.block_end - r.block_start) for r in reports), default=0.0)
-        per_block = weights + kv_per_block
-        stages = []
-        for sid in members:
-            r = ring.cost.reports.get(sid)
-            memory = math.inf
-            if r is not None and r.free_memory_bytes > 0:
-                memory = (r.free_memory_bytes + (r.block_end - r.block_start) * per_block) \
-                    * (1 - self.cfg.memory_headroom)
-            stages.append(Stage(sid, est.speed.get(sid, 1.0), memory))
-        return PartitionProblem(est.block_ms, stages, est.first_extra_ms, est.last_extra_ms, per_block)
+        dtype_bytes = 4 if self.settings.model.dtype == "float32" else 2
+        weights = block_weight_bytes(WanDiTConfig.named(self.settings.model.preset), dtype_bytes)
+        return (ring or self.rings[self.default_ring]).problem(members, weights, self.cfg.memory_headroom)
 
     def path_costs(self) -> PathCosts:
         """The measured encode and decode costs (the slowest live member of each) and one step through the ring."""
@@ -725,19 +692,6 @@ class ControllerService(Service):
                 ms = sum(r.step_ms for r in reports if r is not None)
                 ring_ms = ms if ring_ms is None else max(ring_ms, ms)
         return PathCosts(slowest("ingest", "vae_encode"), slowest("decoder", "vae_decode"), ring_ms)
-
-    def _refresh_capacity(self, ring: RingState) -> None:
-        """The ring's slowest stage's measured ms per item, once every stage of its map reported in this epoch."""
-        assert ring.block_map is not None
-        ids = [s.stage_id for s in ring.block_map.stages]
-        reports = [ring.cost.reports.get(s) for s in ids]
-        if not all(r is not None and r.epoch == ring.block_map.epoch for r in reports):
-            return
-        per_item = {r.stage_id: r.step_ms / max(r.batch_items, 1.0) for r in reports if r is not None}
-        ring.bottleneck = max(per_item, key=per_item.__getitem__)
-        ring.item_ms = per_item[ring.bottleneck]
-        fits = [r.fits for r in reports if r is not None]
-        ring.fits = tuple(fits) if all(fits) else ()
 
     def ring_price(self, needs: Iterable[StreamNeed], ring: RingState | None = None) -> float | None:
         """A ring's ms per item for these streams: L(n)/n at the batch they reach, from its stages' fitted latency
@@ -760,8 +714,8 @@ class ControllerService(Service):
         if ring.cost.fresh(ids, bm.epoch, now, max_age):
             problem = self._problem(ids, ring)
             if problem is not None:
-                now_split = evaluate(problem, [(s.block_start, s.block_end) for s in bm.stages])
-                best = best_split(problem, _current(bm))
+                now_split = evaluate(problem, list(bm.ranges().values()))
+                best = best_split(problem, bm.ranges())
         verdict = ring.policy.decide(now_split.bottleneck_ms if now_split else None,
                                      best.bottleneck_ms if best else None, now)
         if verdict.verdict != "act":
@@ -895,10 +849,6 @@ def _need(stored: object) -> StreamNeed:
     return StreamNeed(float(stored))  # type: ignore[arg-type]
 
 
-def _current(bm: BlockMap) -> dict[str, tuple[int, int]]:
-    return {s.stage_id: (s.block_start, s.block_end) for s in bm.stages}
-
-
 def _pairs(stages: list[StageAssignment]) -> list[list[Any]]:
     return [[s.stage_id, s.block_start, s.block_end] for s in stages]
 
@@ -907,7 +857,7 @@ def _ranges(bm: BlockMap) -> str:
     return ", ".join(f"{s.stage_id}=[{s.block_start},{s.block_end})" for s in bm.stages)
 
 
-__all__ = ["ControllerService", "LostLeadership", "Member", "block_weight_bytes"]
+__all__ = ["ControllerService", "LostLeadership", "Member"]
 
 if __name__ == "__main__":
     sys.exit(main(ControllerService))

@@ -188,8 +188,8 @@ def test_the_controller_builds_memory_limits_from_stage_stats() -> None:
     the stats (a CPU stage reports 0 free bytes: unknown, unlimited)."""
     from proto import BlockMap
     from services.config import Settings
-    from services.controller.partition import even_split
-    from services.controller.service import ControllerService, block_weight_bytes
+    from services.controller.partition import block_weight_bytes, even_split
+    from services.controller.service import ControllerService
     from wan.config import WanDiTConfig
 
     svc = ControllerService(Settings(controller={"stages": 2, "num_blocks": 30}, model={"preset": "1.3b"}))
