@@ -57,7 +57,8 @@ if (hlsjsMissing()) {
 } else if (!/^\\/hls\\/[A-Za-z0-9_-]{1,64}\\/[A-Za-z0-9._-]{1,100}\\/(index|playlist)\\.m3u8$/.test(src || '')) {
   window.report.errors.push("FATAL the player plays only this server's signed /hls/ playlists");
 } else {
-  window.hls = play(v, src, e => window.report.errors.push(e)).hls;
+  window.player = play(v, src, e => window.report.errors.push(e));
+  window.hls = window.player.hls;
 }
 """
 

@@ -1,5 +1,6 @@
 """hls.js in Debian's Chromium (driven by PyPI playwright, no `playwright install`) plays our live LL-HLS stream,
-with the publisher's audio muxed in (a 1 kHz tone, sent ahead of its video as the pipeline's latency does)."""
+with the publisher's audio muxed in (a 1 kHz tone, sent ahead of its video as the pipeline's latency does), and set
+back behind its live target it catches up again."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ async def test_hlsjs_plays_the_live_ll_hls_stream(tmp_path: Path) -> None:
                 part_target = await page.evaluate("window.hls.levels[0].details.partTarget")
                 audio_bytes = await page.evaluate("document.getElementById('v').webkitAudioDecodedByteCount")
                 tracks = await page.evaluate("Object.keys(window.hls.bufferController.tracks || {})")
+                caught_up = await _falls_behind_and_catches_up(page)
                 await browser.close()
         finally:
             live.cancel()
@@ -78,4 +80,20 @@ async def test_hlsjs_plays_the_live_ll_hls_stream(tmp_path: Path) -> None:
     assert part_target == pytest.approx(0.1875)
     print(f"browser: tracks {tracks}, {audio_bytes} audio bytes decoded")
     assert tracks == ["audiovideo"] and audio_bytes > 0, (tracks, audio_bytes)  # one muxed rendition, heard
+    print(f"browser: set back {BEHIND_S} s, caught up: {caught_up}")
     assert audio.stats.units["muxed"] > 0 and audio.stats.resyncs == 0
+
+
+BEHIND_S = 0.45
+"""Less than hls.js' own catch-up needs (more than 1 s buffered ahead), more than media/play.js' CATCH_UP_S."""
+
+
+async def _falls_behind_and_catches_up(page) -> dict:
+    """The player set back inside its buffer (as a start at a GOP behind its target leaves it) jumps forward once
+    it has been behind for a while (media/play.js ``catchUp``) and plays near its target again."""
+    jumps = await page.evaluate("window.player.jumps")
+    await page.evaluate(f"document.getElementById('v').currentTime -= {BEHIND_S}")
+    await page.wait_for_function(f"() => window.player.jumps > {jumps}", timeout=10000)
+    await page.wait_for_function("() => window.hls.latency - window.hls.targetLatency < 0.35", timeout=10000)
+    return await page.evaluate("({jumps: window.player.jumps, latency: window.hls.latency, "
+                               "target: window.hls.targetLatency})")
