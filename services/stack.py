@@ -49,7 +49,31 @@ __all__ = [
 ]
 
 
+_LISTEN_PORTS = (10000, 32767)
+"""Where ``free_port`` picks: below Linux's ephemeral range (``ip_local_port_range``, 32768–60999 by default), from
+which the kernel also takes the local port of every outbound connection. A port found free there by binding to 0
+can be taken by one of the stack's own NATS connections before its service binds it (a stage's link port was, in
+CI: "Address already in use"); below the range only another listener can take it."""
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, outside the ephemeral range where the platform says what that range is."""
+    low, high = _LISTEN_PORTS
+    with contextlib.suppress(OSError, ValueError):
+        low_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        high = min(high, low_ephemeral - 1)
+        for _ in range(200 if high - low > 1000 else 0):
+            port = secrets.randbelow(high - low + 1) + low
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
