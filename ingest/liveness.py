@@ -112,10 +112,15 @@ class StreamLiveness:
         if last is not None and now - last < self.policy.stall_s / 2 and (
                 self.last_output_at is None or self.last_output_at < last):
             return None
+        return self.repaired(now, "the first DiT stage has no state for this stream (its prepare chunk was lost): a "
+                                  "new warm-up segment")
+
+    def repaired(self, now: float, reason: str) -> Health:
+        """A repair decided outside this machine (the stage lost the stream, the stream moved to another ring):
+        recovering until output answers it, then live again like any repair."""
         self._waiting_since, self._repaired_at = None, now
         self.repairs_total += 1
-        return self._set("recovering", "the first DiT stage has no state for this stream (its prepare chunk was "
-                                       "lost): a new warm-up segment", repair=True)
+        return self._set("recovering", reason, repair=True)
 
     def _repair(self, now: float) -> Health:
         p = self.policy

@@ -384,7 +384,9 @@ class IngestService(Service):
         if old is not None:
             await old.close()
         RING_MOVES.inc()
-        self._repair(stream, Health("recovering", f"moved from ring {moved_from} to ring {ring_id}", repair=True))
+        why = f"moved from ring {moved_from} to ring {ring_id}"
+        self._repair(stream, stream.liveness.repaired(time.monotonic(), why) if stream.liveness is not None
+                     else Health("recovering", why, repair=True))
 
     def _served_elsewhere(self, record: StreamRecord) -> bool:
         """A session runs and its ingest still writes its checkpoint (a crashed ingest's T2V stream is taken over:

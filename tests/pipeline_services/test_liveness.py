@@ -127,3 +127,17 @@ def test_a_stage_without_state_for_the_stream_gets_one_repair_per_half_bound() -
     assert s.stage_lost(5.0 + STALL / 2 + 0.1) is not None
     checks = _run(s, 8.0, 12.0, out=True, seq0=40)  # the new segment comes out: live again
     assert checks[-1][1].state == "live"
+
+
+def test_a_repair_decided_elsewhere_is_recovering_until_its_output_then_live() -> None:
+    """A live stream moved to another ring: recovering until the new segment's output answers the move, then live
+    again. The state machine knows it (not only the record): ingest writes a state when the machine's changes, so a
+    move the machine did not see left a live stream's record at recovering for good (tests/stack/test_rings.py)."""
+    s = _stream()
+    _run(s, 0.0, 5.0, out=True)
+    assert s.check(5.0).state == "live"
+    moved = s.repaired(5.0, "moved from ring 1 to ring 0")
+    assert moved.repair and moved.state == "recovering" and s.state == "recovering"
+    assert s.check(5.5).state == "recovering" and not s.check(5.5).repair
+    checks = _run(s, 5.5, 9.0, out=True, seq0=40)
+    assert checks[0][1].state == "recovering" and checks[-1][1].state == "live"
