@@ -31,7 +31,7 @@ from services.controller.policy import (
     ring_item_ms,
     stream_need,
 )
-from services.controller.scaling import Demand, pool_demand
+from services.controller.scaling import Demand, pool_demand, ring_work
 
 __all__ = ["POLICIES", "Policy", "SimConfig", "Simulation"]
 
@@ -207,7 +207,7 @@ class Simulation:
 
     def _admit(self, st: _Stream) -> str | None:
         """None: admitted and placed; else the refusal reason (the controller's own two calls)."""
-        pool = self._pool()
+        pool = self._pool(st.need)
         needs = {sid: s.need for sid, s in self.streams.items()}
         placed = place(st.sid, st.need, pool, self.assignments, needs, force=not self.policy.admission)
         if isinstance(placed, str):
@@ -231,14 +231,19 @@ class Simulation:
         self.assignments[st.sid] = placed
         return None
 
-    def _pool(self) -> Pool:
+    def _pool(self, newcomer: StreamNeed | None = None) -> Pool:
+        """The live members, each ring priced at its streams and ``newcomer`` as the controller prices them."""
         live = [r for r in self.rings.values() if not r.gone and r.ready_at <= self.now]
         decs = [d for d in self.decoders.values() if not d.gone and d.ready_at <= self.now]
         needs = {sid: s.need for sid, s in self.streams.items()}
         on = {r.member: [needs[sid] for sid, a in self.assignments.items() if a.ring_id == r.member and sid in needs]
               for r in live}
-        return Pool(rings=[Bin(r.member, ring_capacity(r.price(on[r.member], self.policy.max_items),
-                                                       self.cfg.headroom)) for r in live],
+
+        def capacity(r: _Ring, streams: list[StreamNeed]) -> float:
+            return ring_capacity(r.price(streams, self.policy.max_items), self.cfg.headroom)
+
+        return Pool(rings=[Bin(r.member, capacity(r, on[r.member] + [newcomer]), capacity(r, on[r.member]))
+                           if newcomer is not None else Bin(r.member, capacity(r, on[r.member])) for r in live],
                     decoders=[Bin(d.member, self.cfg.headroom * 1000.0 / self.cal.decode_ms_per_mpx) for d in decs])
 
     def _capture(self, st: _Stream, seq: int) -> None:
@@ -364,8 +369,15 @@ class Simulation:
         fits = [r.fits_ms() for r in self.rings.values() if not r.gone and r.fits_ms()]  # … or its fitted price
         fitted = ring_item_ms(fits, [s.need for s in self.streams.values()], self.policy.max_items)
         item_ms = item_ms if fitted is None else fitted
+        live = [r for r in self.rings.values() if not r.gone and r.ready_at <= self.now]
+        on = {r.member: [s.need for sid, s in self.streams.items()
+                         if sid in self.assignments and self.assignments[sid].ring_id == r.member] for r in live}
+        rest = [s.need for sid, s in self.streams.items()
+                if sid not in self.assignments or self.assignments[sid].ring_id not in on]
+        placed = ring_work([*((on[r.member], r.price(on[r.member], self.policy.max_items)) for r in live),
+                            (rest, item_ms)])
         demand = Demand(item_ms, PathCosts(self.cal.encode_ms_per_mpx, self.cal.decode_ms_per_mpx),
-                        self.cfg.prior_streams)
+                        self.cfg.prior_streams, placed)
         per_pool = pool_demand(demand, [s.need for s in self.streams.values()],
                                [n for _, n in self.refused_recent.values()])
         done = self.items + self.late_items

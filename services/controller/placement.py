@@ -4,11 +4,13 @@ Each kind of member is a bin with a capacity in the unit of its bottleneck (``UN
 a ring in DiT items per second, a decoder in megapixel-frames per second of VAE decode (both at the admission
 headroom), an egress in streams (it only packages; unmeasured = unbounded). A stream's need per kind is its
 ``StreamNeed`` (services/controller/policy.py). ``place`` is best-fit bin-packing: of the bins the stream fits in,
-the one left with the least room, so whole members stay free (for another stream's large need, or to scale in);
-unmeasured bins come after measured ones and among themselves the one with the fewest streams (spread until
-measured). ``moves`` re-places the streams of members that are gone, largest needs first (first-fit decreasing);
-a stream that fits nowhere still moves to the live member with the most room (overcommitted: degraded beats lost).
-docs/scheduling.md (Placement) states the rules.
+the one left with the least room, so whole members stay free (for another stream's large need, or to scale in). A
+ring's capacity depends on its streams (the batch they reach, the latency the tightest allows), so among rings the
+stream goes where it raises the utilisation least: tight streams join tight ones, a grid joins its own, and loose
+streams batch large together (best fit breaks ties). Unmeasured bins come after measured ones and among themselves
+the one with the fewest streams (spread until measured). ``moves`` re-places the streams of members that are gone,
+largest needs first (first-fit decreasing); a stream that fits nowhere still moves to the live member with the most
+room (overcommitted: degraded beats lost). docs/scheduling.md (Placement) states the rules.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ class Bin:
 
     member: str
     capacity: float = math.inf
-    """In ``UNITS[kind]``, already scaled by the headroom; ``inf``: not measured yet."""
+    """In ``UNITS[kind]``, already scaled by the headroom; ``inf``: not measured yet. A ring's with the stream being
+    placed on it (its price falls or rises with the batch its streams reach)."""
+    capacity_now: float | None = None
+    """A ring's capacity at the streams on it now, without the one being placed (None: the same as ``capacity``);
+    placement then takes the ring whose utilisation the stream raises least."""
     address: str = ""
     """An egress's HLS base URL (the gateway proxies playback there)."""
 
@@ -94,9 +100,17 @@ def _choose(kind: Kind, bins: Sequence[Bin], load: Mapping[str, float], count: M
     def room(b: Bin) -> float:
         return b.capacity - load.get(b.member, 0.0)
 
+    def grows(b: Bin) -> float:
+        """How much the stream raises the bin's utilisation (0 where its capacity does not depend on it)."""
+        if b.capacity_now is None or math.isinf(b.capacity):
+            return 0.0
+        now = load.get(b.member, 0.0)
+        return round((now + need) / b.capacity - now / b.capacity_now, 6)
+
     fits = [b for b in bins if need <= room(b) + 1e-9]
     if fits:
-        return min(fits, key=lambda b: (room(b) - need, count.get(b.member, 0), b.member))
+        return min(fits, key=lambda b: (math.isinf(b.capacity), grows(b), room(b) - need, count.get(b.member, 0),
+                                        b.member))
     if force and bins:
         return max(bins, key=lambda b: (room(b) / max(b.capacity, 1e-9), -count.get(b.member, 0), b.member))
     return None

@@ -1,13 +1,14 @@
 """The leader's autoscaling loop: measured demand per pool → ``PoolScaler`` decisions → ``KubeScaler``.
 
 Demand comes from what admission already knows: the admitted streams' needs (``StreamNeed``) priced by the
-measured costs (the slowest stage's ms per item for a ring, ``PathCosts`` for encode and decode), plus the backlog
+measured costs (each ring's price at the streams placed on it, ``PathCosts`` for encode and decode), plus the backlog
 of streams refused for capacity in the last window (each counted once, however often its publisher retries).
 The fast loop's miss ratio is the share of items the stages dropped for their deadline (``StageStats.late_items``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from proto import StageStats, StreamSpec
@@ -16,7 +17,7 @@ from services.controller.autoscale import POOLS, Pool, PoolScaler, PoolSignals, 
 from services.controller.kube_scale import Drain, KubeScaler, Result, ScaleTarget
 from services.controller.policy import PathCosts, StreamNeed, stream_need
 
-__all__ = ["Autoscaler", "Demand", "pool_demand"]
+__all__ = ["Autoscaler", "Demand", "pool_demand", "ring_work"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class Demand:
     item_ms: float | None
     costs: PathCosts
     prior_streams: int
+    rings_placed: float | None = None
+    """The admitted streams' ring work as placed (``ring_work``), replacing ``item_ms`` for them: each ring runs the
+    batch its own streams reach, so one price over all streams (the slowest ring at their sum) misjudges many rings
+    (None: not priced yet; the refused backlog is priced at ``item_ms`` either way)."""
 
     def of(self, pool: Pool, needs: list[StreamNeed]) -> float:
         if pool == "rings":
@@ -40,7 +45,23 @@ class Demand:
 def pool_demand(demand: Demand, admitted: list[StreamNeed], refused: list[StreamNeed]) -> dict[Pool, tuple[float,
                                                                                                           float]]:
     """(demand, backlog) of every pool."""
-    return {pool: (demand.of(pool, admitted), demand.of(pool, refused)) for pool in POOLS}
+    out = {pool: (demand.of(pool, admitted), demand.of(pool, refused)) for pool in POOLS}
+    if demand.rings_placed is not None:
+        out["rings"] = (demand.rings_placed, out["rings"][1])
+    return out
+
+
+def ring_work(placed: Iterable[tuple[Sequence[StreamNeed], float | None]]) -> float | None:
+    """Replica units of ring work as the streams are placed: for each ring (its streams, its ms per item at them),
+    their items per second × that price (None: a ring holding streams has no price yet)."""
+    total = 0.0
+    for needs, item_ms in placed:
+        if not needs:
+            continue
+        if item_ms is None:
+            return None
+        total += sum(n.items_per_s for n in needs) * item_ms / 1000.0
+    return total
 
 
 def limits(cfg: AutoscaleSettings, pool: Pool) -> ScaleLimits:

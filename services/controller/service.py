@@ -71,7 +71,7 @@ from services.controller.policy import (
     stream_need,
 )
 from services.controller.rings import RingState
-from services.controller.scaling import Autoscaler, Demand
+from services.controller.scaling import Autoscaler, Demand, ring_work
 from services.rebalance import offline_reason
 from services.runtime import Service, main, watch_keys
 from services.streams import StreamTable
@@ -539,9 +539,10 @@ class ControllerService(Service):
         if self.queue is not None:
             await self._expire_queue(now)
         if self.autoscaler is not None:
+            pooled = self.ring_price(self.admitted.values())
             await self.autoscaler.tick(now, list(self.admitted.values()),
-                                       Demand(self.ring_price(self.admitted.values()), self.path_costs(),
-                                              self.cfg.admission_prior_streams),
+                                       Demand(pooled, self.path_costs(), self.cfg.admission_prior_streams,
+                                              ring_work(self._placed_rings(pooled))),
                                        self._drain)
 
     async def _keep_map_stored(self, ring: RingState, now: float) -> None:
@@ -623,6 +624,15 @@ class ControllerService(Service):
         return self.assigner.pool((m.view() for m in self.live_members(budget=budget) if m.ready),
                                   {r.ring_id: self.ring_price(self._ring_needs(r.ring_id, newcomer), r)
                                    for r in self.rings.values() if r.block_map is not None})
+
+    def _placed_rings(self, pooled: float | None) -> list[tuple[list[StreamNeed], float | None]]:
+        """Each serving ring's streams with its price at them; the streams on no serving ring at ``pooled``."""
+        serving = self._serving_rings()
+        on = {r.ring_id for r in serving}
+        rest = [n for sid, n in self.admitted.items()
+                if sid not in self.assigner.assignments or self.assigner.assignments[sid].ring_id not in on]
+        placed = [(needs, self.ring_price(needs, r)) for r in serving for needs in [self._ring_needs(r.ring_id)]]
+        return [*placed, (rest, pooled)]
 
     def _ring_needs(self, ring_id: str, newcomer: StreamNeed | None = None) -> list[StreamNeed]:
         """The needs of the admitted streams placed on ``ring_id`` (and ``newcomer``'s)."""

@@ -7,7 +7,7 @@ import random
 
 from proto import Assignment
 from services.controller.placement import KINDS, Bin, Pool, moves, need_of, place
-from services.controller.policy import StreamNeed
+from services.controller.policy import StreamNeed, ring_capacity, ring_item_ms
 
 SMALL = StreamNeed(items_per_s=10.0, decode_mpx_per_s=1.0)
 BIG = StreamNeed(items_per_s=40.0, decode_mpx_per_s=4.0)
@@ -151,3 +151,28 @@ def test_forced_placement_takes_the_member_with_the_most_room() -> None:
     a = place("s0", BIG, p, {}, {}, force=True)
     assert isinstance(a, Assignment) and (a.ring_id, a.decoder) == ("r0", "d1")
     assert isinstance(place("s0", BIG, p, {}, {}), str)
+
+
+def test_a_stream_joins_the_ring_its_price_rises_least_on():
+    """A ring's capacity depends on its streams: a 500 ms, 4-step stream bounds its ring's batch (each of its
+    traversals must fit 62.5 ms), a 2 s, 1-step stream does not (ten of them batch 10). A newcomer goes where it
+    raises the utilisation least: tight with tight, loose with loose. Plain best fit (capacity only) sends the
+    tight one onto the loose ring, whose capacity it cuts the most, and the loose one onto the tight ring."""
+    fits = [[(40.0, 5.0, 100)]]  # a + b·n ms per micro-step, one grid: a tight stream bounds the batch at 4
+    tight = StreamNeed(items_per_s=16.0, steps=4, slo_ms=500.0)
+    loose = StreamNeed(items_per_s=4.0, steps=1, slo_ms=2000.0)
+    on = {"rt": [tight, tight], "rl": [loose] * 10}
+    assignments = {f"{r}-{i}": Assignment(ring_id=r, decoder="", egress="")
+                   for r, ns in on.items() for i in range(len(ns))}
+    needs = {f"{r}-{i}": n for r, ns in on.items() for i, n in enumerate(ns)}
+
+    def ring_pool(newcomer: StreamNeed, *, marginal: bool) -> Pool:
+        def capacity(streams: list[StreamNeed]) -> float:
+            return ring_capacity(ring_item_ms(fits, streams, 16), 0.9)
+        return Pool([Bin(r, capacity([*ns, newcomer]), capacity(ns) if marginal else None) for r, ns in on.items()])
+
+    for newcomer, home, other in ((tight, "rt", "rl"), (loose, "rl", "rt")):
+        a = place("new", newcomer, ring_pool(newcomer, marginal=True), assignments, needs)
+        assert isinstance(a, Assignment) and a.ring_id == home
+        b = place("new", newcomer, ring_pool(newcomer, marginal=False), assignments, needs)  # negative control
+        assert isinstance(b, Assignment) and b.ring_id == other

@@ -4,6 +4,8 @@ the batch n its streams reach, L the stages' fitted a + b·n (the batcher's ``La
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from dit_service.helpers import CONFIG, chunk_message, latents, prompt, run_ring, stage_models
 
@@ -21,7 +23,7 @@ from services.controller.policy import (
     ring_item_ms,
     stream_need,
 )
-from services.controller.scaling import Demand
+from services.controller.scaling import Demand, pool_demand, ring_work
 
 A, B = 30.0, 3.0  # ms: the timed ring of bench/ring_batching.py
 
@@ -79,6 +81,23 @@ def test_fitted_pricing_admits_what_the_ring_batches_and_measured_pricing_refuse
     # the autoscaler's demand uses the same price: 23 streams are 0.9 of a ring, not 3.3
     assert Demand(ring_item_ms([[(A, B, 100)]], list(admitted.values()), 16), PathCosts(), 4).of(
         "rings", list(admitted.values())) == pytest.approx(23 * 8 * (A + 16 * B) / 16 / 1000)
+
+
+def test_the_autoscaler_prices_each_ring_at_its_own_streams():
+    """With many rings each runs the batch its own streams reach, bounded by its own tightest stream. One price over
+    every stream (the batch of their sum, bounded by the tightest of all) would bill the loose ring as if it
+    held the tight streams (batches of 4): here 0.84 rings of work are billed 1.08. A ring holding streams with
+    no price yet: not priced."""
+    fits = [[(40.0, 5.0, 100)]]
+    tight = [StreamNeed(items_per_s=16.0, steps=4, slo_ms=500.0)] * 2
+    loose = [StreamNeed(items_per_s=4.0, steps=1, slo_ms=2000.0)] * 10
+    placed = ring_work([(tight, ring_item_ms(fits, tight, 16)), (loose, ring_item_ms(fits, loose, 16)), ([], None)])
+    assert placed == pytest.approx((32 * (40 + 4 * 5) / 4 + 40 * (40 + 10 * 5) / 10) / 1000)  # 0.48 + 0.36
+    pooled = Demand(ring_item_ms(fits, tight + loose, 16), PathCosts(), 4)
+    assert pool_demand(pooled, tight + loose, [])["rings"][0] == pytest.approx(72 * (40 + 4 * 5) / 4 / 1000)
+    as_placed = dataclasses.replace(pooled, rings_placed=placed)
+    assert pool_demand(as_placed, tight + loose, tight)["rings"] == pytest.approx((placed, 32 * 15 / 1000))
+    assert ring_work([(tight, None)]) is None
 
 
 def test_a_stage_reports_its_fit_and_the_controller_keeps_it():

@@ -54,6 +54,8 @@ async def test_a_map_per_ring_spread_drain_and_a_lost_rings_streams_move(
 
         await admit(specs[:4])  # unmeasured rings: spread by count
         assert sorted([await ring_of(s.stream_id) for s in specs[:4]]) == ["0", "0", "1", "1"]
+        # the autoscaler bills each ring its own streams (none left over): not yet priced, so the pooled price
+        assert [len(needs) for needs, _ in svc._placed_rings(None)] == [2, 2, 0]
         epochs = {r: svc.rings[r].block_map.epoch for r in ("0", "1")}
 
         # scale-down to one ring: ring 1 is drained first (its streams move to ring 0), then it may go
