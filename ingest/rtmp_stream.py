@@ -129,10 +129,11 @@ class RtmpStream:
         """The publisher's AAC AudioSpecificConfig, once its sequence header came."""
         return self.audio.config.asc if self.audio.config is not None else None
 
-    def on_audio(self, payload: bytes, timestamp_ms: int) -> None:
-        """An FLV audio tag: stamped on the video's capture clock (the pacer's anchor) and passed through."""
+    def on_audio(self, payload: bytes, timestamp_ms: float | None) -> None:
+        """An FLV audio tag: stamped on the video's capture clock (the pacer's anchor) and passed through.
+        ``timestamp_ms``: on the video's source clock (RTMP's own; WHIP's once aligned, None before)."""
         with self._lock:
-            captured = self.pacer.time_of(timestamp_ms / 1000.0)
+            captured = None if timestamp_ms is None else self.pacer.time_of(timestamp_ms / 1000.0)
             correction = self.pacer.correction_s
         self.audio.feed(payload, captured, correction)
 

@@ -6,7 +6,18 @@
 connection is (``ingest.rtmp_stream.Publisher``): it enters the same caps, passes the same key check
 (``RtmpServer.admit_publisher``), hands its decoded video frames to the same stream (``RtmpStream.hand_off``: pacer,
 chunker, queue, encode) and ends with a counted reason (``rheo_ingest_rtmp_refused_total{reason}``). aiortc
-decodes VP8/H.264; Opus audio is received and dropped, counted as ``not_aac`` (the audio channel carries AAC).
+decodes VP8/H.264 and Opus; the audio is re-encoded as AAC (``ingest.opus_to_aac``) and enters the same passthrough
+as an RTMP publisher's (``RtmpStream.on_audio``), its timestamps moved onto the video's source clock.
+
+A/V alignment. Each track's RTP timestamps count from that track's first packet (aiortc's ``TimestampMapper``), so
+the two clocks share no origin; RTCP sender reports would give it, but aiortc does not expose them. Instead each
+track's origin is the earliest its timestamp 0 arrives, the least over every frame so far (``_AvAlignment``), after
+taking off what the receive path holds a frame for: aiortc hands a video frame on when the next frame's first
+packet arrives (so a frame's receipt dates the next frame's timestamp) and an Opus frame when the fourth frame after
+it arrives, and that packet left the sender once its own 20 ms were captured (5 frame durations). What remains:
+the video's encode and decode times (audio early by them, typically 5-30 ms with a browser) and Opus's 6.5 ms
+encoder lookahead (audio late by it). Measured on loopback, aiortc publishing small VP8 frames: +6 ms
+(``tests/media_io/test_whip.py``, bound asserted 50 ms: egress keeps a track continuous within 50 ms).
 """
 
 from __future__ import annotations
@@ -19,12 +30,14 @@ import secrets
 import time
 from typing import Any
 
+import av
 import uvicorn
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from fastapi import FastAPI, HTTPException, Request, Response
 
 from ingest.audio import count as count_audio
+from ingest.opus_to_aac import OpusToAac
 from ingest.rtmp_limits import RefusalKind, address_bucket
 from ingest.rtmp_stream import RtmpStream
 from ingest.server import Refused, RtmpServer
@@ -33,6 +46,7 @@ from services.runtime import listen_socket
 log = logging.getLogger(__name__)
 
 SDP = "application/sdp"
+_AUDIO_HELD_FRAMES = 5  # an Opus frame's packetization (1) + aiortc's audio jitter buffer (prefetch=4)
 _HTTP_OF: dict[str, int] = {"bad_key": 401, "key_rate_limited": 429, "connection_cap": 503, "ip_cap": 429,
                             "preauth_ip_cap": 429, "preauth_evicted": 503}
 """HTTP status of a refusal kind (any other: 403)."""
@@ -52,6 +66,7 @@ class WhipSession:
         self.video: MediaStreamTrack | None = None
         self.task: asyncio.Task[None] | None = None
         self._audio: asyncio.Task[None] | None = None
+        self._clocks = _AvAlignment()
         self._end: tuple[RefusalKind | None, str] | None = None
 
     def connect(self) -> RTCPeerConnection:
@@ -80,26 +95,40 @@ class WhipSession:
         if track.kind == "video" and self.video is None:
             self.video = track
         elif track.kind == "audio" and self._audio is None:
-            self._audio = asyncio.create_task(self._drop_audio(track), name=f"whip-audio-{self.id}")
+            self._audio = asyncio.create_task(self._pass_audio(track), name=f"whip-audio-{self.id}")
 
     def _on_state(self) -> None:
         if self.pc is not None and self.pc.connectionState == "failed":
             self.abort("connection_error", "WebRTC connection failed (ICE or DTLS)")
 
-    async def _drop_audio(self, track: MediaStreamTrack) -> None:
-        """Opus is not passed through: each frame is received (aiortc's queue is unbounded) and counted."""
+    async def _pass_audio(self, track: MediaStreamTrack) -> None:
+        """Every Opus frame (aiortc's queue is unbounded) → AAC → the stream's passthrough, on the video's clock."""
+        codec = OpusToAac()
         warned = False
         with contextlib.suppress(MediaStreamError):
             while True:
-                await track.recv()
+                frame = await track.recv()
+                self._clocks.audio(float(frame.pts * frame.time_base), frame.samples / frame.sample_rate)
                 if self.stream is None:
                     continue
                 self.stream.stats.audio_messages += 1
-                count_audio(self.stream.audio.stats, "not_aac")
-                if not warned:
-                    warned = True
-                    log.info("whip %s: Opus audio is dropped (counted not_aac): the audio channel carries AAC",
-                             self.stream.stream_id)
+                try:
+                    payloads = codec.encode(frame)
+                except (av.FFmpegError, ValueError) as exc:
+                    count_audio(self.stream.audio.stats, "transcode_failed")
+                    if not warned:
+                        warned = True
+                        log.warning("whip %s: Opus frame not transcoded to AAC: %s", self.stream.stream_id, exc)
+                else:
+                    self._stamp(payloads)
+        self._stamp(codec.flush())  # the track ended: its last partial AAC frame
+
+    def _stamp(self, payloads: list[tuple[bytes, float]]) -> None:
+        if self.stream is None:
+            return
+        for payload, source_s in payloads:
+            video_s = self._clocks.on_video_clock(source_s)
+            self.stream.on_audio(payload, None if video_s is None else video_s * 1000.0)
 
     async def run(self) -> None:
         """Frames until the publisher ends, goes quiet for ``frame_timeout_s``, is replaced or the server shuts."""
@@ -119,6 +148,7 @@ class WhipSession:
                 except TimeoutError:
                     kind, reason = "no_frames", f"no video frame for {timeout:g} s (ingest.frame_timeout_s)"
                     break
+                self._clocks.video(float(frame.pts * frame.time_base))
                 stream.stats.video_messages += 1
                 s = self.server.settings
                 if frame.width > s.max_width or frame.height > s.max_height:
@@ -278,6 +308,35 @@ class WhipServer:
             await asyncio.wait({session.task}, timeout=5.0)
         log.debug("whip session %s ended in %.3f s", session_id, time.monotonic() - started)
         return Response(status_code=200)
+
+
+class _AvAlignment:
+    """Puts the audio track's timestamps on the video's (module docstring, "A/V alignment"): each track's origin
+    is the least of (receipt − source time of the frame the receipt dates), on the monotonic clock."""
+
+    def __init__(self) -> None:
+        self._video: float | None = None
+        self._audio: float | None = None
+        self._received: float | None = None  # receipt of the last video frame: when the next frame's packet came
+
+    def video(self, ts: float) -> None:
+        now = time.monotonic()
+        if self._received is not None:
+            self._video = _least(self._video, self._received - ts)
+        self._received = now
+
+    def audio(self, ts: float, duration: float) -> None:
+        self._audio = _least(self._audio, time.monotonic() - ts - _AUDIO_HELD_FRAMES * duration)
+
+    def on_video_clock(self, audio_s: float) -> float | None:
+        """The video source time of audio source time ``audio_s`` (None until both origins are known)."""
+        if self._video is None or self._audio is None:
+            return None
+        return audio_s + self._audio - self._video
+
+
+def _least(old: float | None, new: float) -> float:
+    return new if old is None else min(old, new)
 
 
 class _Refusal(HTTPException):

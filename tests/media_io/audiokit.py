@@ -1,5 +1,6 @@
 """Synthetic AAC for the audio tests: a 1 kHz tone (optionally silent before an onset, the sync marker) encoded
-with PyAV, and the checks on decoded audio (dominant frequency, onset time)."""
+with PyAV, an LL-HLS rendition of barcoded frames with audio in step (egress's parts), and the checks on decoded
+audio (dominant frequency, onset time, offset from a marked frame)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from fractions import Fraction
 
 import av
 import numpy as np
+
+from media_io.mediakit import read_barcode
+from proto import EncodedAudio
 
 RATE = 44100
 TONE_HZ = 1000.0
@@ -70,3 +74,35 @@ def decode_av(data: bytes) -> tuple[float, float, np.ndarray, int]:
         video_start = float(next(container.decode(video=0)).time)
     samples, audio_start, rate = decode_audio(data)
     return video_start, audio_start, samples, rate
+
+
+def mux_hls(frames: list[tuple[np.ndarray, float]], batches: list[EncodedAudio], fps: int):
+    """(init + segments, the ``AudioSync``) of an LL-HLS rendition of ``frames`` (RGB, capture time) with the
+    audio of ``batches`` placed by egress's sync rule (docs/media.md "Audio")."""
+    from egress.audio import AudioSync
+    from media.h264 import H264Encoder, PartLayout
+    from media.llhls import LlHlsStream
+
+    sync = AudioSync(batches[0].stream_id)
+    for msg in batches:
+        sync.add(msg)
+    layout = PartLayout.for_rate(fps, 1.0, 0.2)
+    height, width = frames[0][0].shape[:2]
+    enc = H264Encoder(width, height, fps, layout.gop_frames, "ultrafast", 300)
+    hls = LlHlsStream(batches[0].stream_id, enc.config, layout, None, 10)
+    hls.audio = sync
+    for i, (rgb, capture_time) in enumerate(frames):
+        for unit in enc.encode(rgb, i, capture_time):
+            hls.push(unit)
+    hls.end()
+    return hls.inits[0] + b"".join(s.data for s in hls.segments), sync
+
+
+def tone_offset_s(data: bytes, mark: int) -> float:
+    """Onset of the tone in a muxed file minus the output time of the first frame showing barcode ``mark``."""
+    import io
+
+    samples, start, rate = decode_audio(data)
+    with av.open(io.BytesIO(data)) as c:
+        marked = next(float(f.time) for f in c.decode(video=0) if read_barcode(f.to_ndarray(format="rgb24")) == mark)
+    return onset_s(samples, start, rate) - marked

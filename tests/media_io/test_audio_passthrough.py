@@ -13,8 +13,8 @@ from ingest.audio import AudioPassthrough
 from media.aac import AacConfig
 from media.h264 import H264Encoder, PartLayout
 from media.llhls import LlHlsStream
-from media_io.audiokit import RATE, TONE_HZ, aac_tone, decode_audio, dominant_hz, onset_s
-from media_io.mediakit import barcode_frame, read_barcode
+from media_io.audiokit import RATE, TONE_HZ, aac_tone, decode_audio, dominant_hz, mux_hls, tone_offset_s
+from media_io.mediakit import barcode_frame
 from proto import AudioUnit, EncodedAudio
 
 T0 = 1_700_000_000.0  # capture clock of the test (wall-clock seconds)
@@ -40,26 +40,11 @@ def test_audio_is_muxed_into_the_parts_in_step_with_the_video() -> None:
     """Audio arrives long before its video (the pipeline's latency); each part takes the audio of its video's
     capture span: the decoded HLS has a 1 kHz track whose onset matches the marked frame."""
     asc, frames = aac_tone(6.0, onset_s=MARK / FPS)
-    sync = AudioSync("s")
-    for msg in _batches(asc, frames):
-        sync.add(msg)
-    layout = PartLayout.for_rate(FPS, 1.0, 0.2)
-    enc = H264Encoder(160, 120, FPS, layout.gop_frames, "ultrafast", 300)
-    hls = LlHlsStream("s", enc.config, layout, None, 10)
-    hls.audio = sync
-    for i in range(FPS * 5):
-        for unit in enc.encode(barcode_frame(i, 160, 120), i, T0 + i / FPS):
-            hls.push(unit)
-    hls.end()
-    data = hls.inits[0] + b"".join(s.data for s in hls.segments)
-    samples, start, rate = decode_audio(data)
+    data, sync = mux_hls([(barcode_frame(i, 160, 120), T0 + i / FPS) for i in range(FPS * 5)], _batches(asc, frames),
+                         FPS)
+    samples, _, rate = decode_audio(data)
     assert rate == RATE and dominant_hz(samples[int(3 * rate):], rate) == pytest.approx(TONE_HZ, abs=5)
-    import io
-
-    import av
-    with av.open(io.BytesIO(data)) as c:
-        marked = [float(f.time) for f in c.decode(video=0) if read_barcode(f.to_ndarray(format="rgb24")) == MARK]
-    offset = onset_s(samples, start, rate) - marked[0]
+    offset = tone_offset_s(data, MARK)
     assert abs(offset) <= 0.05, f"audio is {offset * 1000:.0f} ms off the video"
     muxed = sync.stats.units["muxed"]
     assert muxed >= 5 * RATE / 1024 - 3 and sync.stats.resyncs == 0
@@ -122,5 +107,6 @@ async def test_ingest_stamps_flv_aac_and_batches_it() -> None:
     assert [u.data for m in sent for u in m.units] == [d for _, d in frames]
     assert sent[0].units[0].capture_time == T0 and sent[0].sample_rate == RATE and sent[0].channels == 2
     assert audio.stats.units == {"published": len(frames), "before_video": 1, "not_aac": 1, "no_config": 1,
-                                 "oversized": 1, "queue_full": 0, "publish_failed": 0, "not_live": 0}
+                                 "oversized": 1, "queue_full": 0, "publish_failed": 0, "not_live": 0,
+                                 "transcode_failed": 0}
     await asyncio.sleep(0)

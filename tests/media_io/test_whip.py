@@ -1,15 +1,20 @@
 """WHIP ingest in-process (ingest/whip.py): aiortc publishes a moving picture over real sockets (HTTP, ICE, DTLS,
-SRTP) to a real RtmpServer's streams; the chunks come out of the same queue RTMP feeds. A bad key, a bad offer and a
-key of another stream are refused with counted reasons; DELETE of the Location ends the session."""
+SRTP) to a real RtmpServer's streams; the chunks come out of the same queue RTMP feeds, its Opus as AAC in step with
+the video. A bad key, a bad offer and a key of another stream are refused with counted reasons; DELETE of the
+Location ends the session."""
 
 from __future__ import annotations
 
 import asyncio
 
 import httpx
+import numpy as np
+import pytest
 
 from ingest.whip import WhipServer
-from media_io.mediakit import ingest_server
+from media.aac import SAMPLES_PER_FRAME, AacConfig
+from media_io.audiokit import TONE_HZ, decode_audio, dominant_hz, mux_hls, tone_offset_s
+from media_io.mediakit import barcode_frame, ingest_server, read_barcode
 from support import whip
 
 
@@ -61,7 +66,7 @@ async def test_whip_publishes_chunks_refuses_bad_keys_and_offers_and_delete_ends
                 assert not (chunks[-1].frames[0] == chunks[0].frames[0]).all(), "the picture does not move"
                 stream = server.streams["stream-a"]
                 assert stream.publishing and stream.stats.frames_decoded > 0
-                await _until(lambda: stream.audio.stats.units["not_aac"] > 0)  # Opus: dropped, counted
+                await _until(lambda: stream.audio.stats.units["published"] > 0)  # Opus → AAC, passed through
 
                 r = await client.delete(f"http://127.0.0.1:{w.port}{location}", headers={"Authorization": "Bearer x"})
                 assert r.status_code == 401
@@ -73,6 +78,47 @@ async def test_whip_publishes_chunks_refuses_bad_keys_and_offers_and_delete_ends
                 await pc.close()
         finally:
             await w.close()
+
+
+async def test_whip_audio_is_heard_in_step_with_the_video() -> None:
+    """The publisher's tone (Opus) starts with barcode frame ``MARK``: as AAC it is stamped within 50 ms of that
+    frame's capture time at ingest, and muxed within 50 ms of it in the LL-HLS parts; before it, silence."""
+    fps, mark = 16, 24  # the tone starts at 1.5 s
+    async with ingest_server(fps=fps, whip_port=0) as (server, collector):
+        w = WhipServer(server)
+        await w.start()
+        clock = whip.Clock()
+        pc = await whip.offer(whip.Tone(mark / fps, clock), whip.Pictures(lambda n: barcode_frame(n, 160, 120), fps,
+                                                                              clock))
+        try:
+            async with httpx.AsyncClient(timeout=20) as client:
+                r = await whip.publish(client, f"http://127.0.0.1:{w.port}/whip/stream-a", "key-a", pc)
+                assert r.status_code == 201, r.text
+                await _until(lambda: any(read_barcode(f) >= mark + fps for c in collector.chunks.get("stream-a", [])
+                                         for f in c.frames))
+                await client.delete(f"http://127.0.0.1:{w.port}{r.headers['location']}",
+                                    headers={"Authorization": "Bearer key-a"})
+            chunks = await collector.finished("stream-a")
+        finally:
+            await pc.close()
+            await w.close()
+    stream, batches = collector.streams["stream-a"], collector.audio["stream-a"]
+    units = [u for m in batches for u in m.units]
+    assert AacConfig.parse(batches[0].config).sample_rate == 48000
+    assert stream.audio.stats.units["published"] == len(units) and stream.audio.stats.units["transcode_failed"] == 0
+    samples, _, rate = decode_audio(b"".join(AacConfig.parse(batches[0].config).adts(u.data) for u in units))
+    loud = int(np.flatnonzero(np.abs(samples) > 0.1)[0])
+    assert loud >= 0.5 * rate, "no silence before the tone"  # negative control: the onset is not the audio's start
+    assert dominant_hz(samples[loud + 2048:], rate) == pytest.approx(TONE_HZ, abs=5)
+    onset = units[loud // SAMPLES_PER_FRAME].capture_time + (loud % SAMPLES_PER_FRAME) / rate
+    frames = [(f, t) for c in chunks for f, t in zip(c.frames, c.frame_times, strict=True)]
+    marked = next(t for f, t in frames if read_barcode(f) == mark)
+    print(f"WHIP audio onset - marked frame's capture time at ingest: {(onset - marked) * 1000:+.1f} ms")
+    assert abs(onset - marked) <= 0.05, f"audio stamped {(onset - marked) * 1000:.0f} ms off its video"
+    data, sync = mux_hls(frames, batches, fps)
+    offset = tone_offset_s(data, mark)
+    print(f"WHIP audio onset - marked frame's time in LL-HLS: {offset * 1000:+.1f} ms")
+    assert abs(offset) <= 0.05 and sync.stats.units["muxed"] > 0, f"audio is {offset * 1000:.0f} ms off the video"
 
 
 async def test_gateway_forwards_whip_same_origin_and_names_the_client() -> None:

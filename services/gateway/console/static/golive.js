@@ -30,7 +30,7 @@ export function goLiveCard(id) {
   const start = el('button', {id: 'golive-start', type: 'button', text: 'Go live'});
   const stop = el('button', {id: 'golive-stop', type: 'button', class: 'secondary', text: 'Stop', disabled: true});
   const status = el('p', {id: 'golive-status', class: 'muted', 'data-state': 'idle',
-                          text: 'Publish this browser\'s camera or screen to the stream (audio is not passed on).'});
+                          text: 'Publish this browser\'s camera (with its microphone) or screen (without sound) to the stream.'});
   const preview = el('video', {id: 'golive-preview', muted: true, autoplay: true, playsinline: true});
   preview.muted = true;
   let pc = null, media = null, session = null, bearer = '';
