@@ -1,6 +1,7 @@
 """Going live from the console's stream page (golive.js → gateway → ingest/whip.py) in headless Chromium with its
-fake camera, on the package's stack (conftest.py): the page's own preview of the styled stream plays and moves,
-and Stop ends the WHIP session. Screenshot: ``$RHEO_ARTEFACTS/console/5-golive.png``."""
+fake camera and microphone, on the package's stack (conftest.py): the page's own preview of the styled stream plays
+and moves, with the microphone's audio, and Stop ends the WHIP session.
+Screenshot: ``$RHEO_ARTEFACTS/console/5-golive.png``."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def test_console_goes_live_from_the_browser_camera(stack: LocalStack) -> None:
             page.wait_for_function(PLAYING, timeout=60000)  # the styled stream, through egress, in the preview
             frame0 = page.evaluate(FRAME_HASH)
             page.wait_for_function(f"h => ({FRAME_HASH})() !== h", arg=frame0, timeout=20000)  # it moves
+            # the fake microphone's Opus, transcoded to AAC at ingest, is decoded by the preview
+            page.wait_for_function("() => document.getElementById('v').webkitAudioDecodedByteCount > 0",
+                                   timeout=20000)
             page.screenshot(path=ARTEFACTS / "5-golive.png", full_page=True)
             info = stack.api("GET", f"/v1/streams/{sid}")
             assert info["state"] == "live" and (info["ingest"] or {}).get("published", 0) > 0, info
