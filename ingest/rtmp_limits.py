@@ -53,6 +53,8 @@ RefusalKind = Literal[
     "closed_before_publish",
     "connection_error",
     "replaced",  # a new publisher with the same key took over
+    "key_revoked",  # the stream's key was rotated: the key this publisher authenticated with opens nothing now
+    "stream_deleted",  # the stream was deleted while published
     "shutdown",
     "internal",
 ]

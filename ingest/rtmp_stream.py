@@ -45,12 +45,15 @@ class Decision:
     """(seq, segment) of a new session's first chunk (the stream record's reservation); a resumed one ignores it."""
     bad_key: bool = False
     """Refused because the key (or application) is unknown: counts toward the address's key-guess limit."""
+    key_hash: str = ""
+    """The stream table's hash of the key that passed (``services.streams.hash_key``): while the table holds
+    another, the publisher is ended (``RtmpServer.revoke``)."""
 
 
 class Publisher(Protocol):
     """One publisher of a stream (an RTMP connection, a WHIP session): what ``RtmpServer`` needs to count it
-    against the caps (``bucket``), to close it with a counted reason (``abort``/``evict``: replaced, shutdown)
-    and to know what it publishes (``stream``, set once its key passed)."""
+    against the caps (``bucket``), to close it with a counted reason (``abort``/``evict``: replaced, key revoked,
+    shutdown) and to know what it publishes (``stream``, set once its key passed)."""
 
     peer: str
     bucket: str
@@ -78,10 +81,12 @@ class RtmpStream:
     reconnecting with the same key resumes it. ``first``: (seq, segment) of its first chunk."""
 
     def __init__(
-        self, stream_id: str, stream_key: str, shape: StreamShape, queue_depth: int, latency_budget_s: float,
+        self, stream_id: str, key_hash: str, shape: StreamShape, queue_depth: int, latency_budget_s: float,
         first: tuple[int, int] = (0, 0),
     ) -> None:
-        self.stream_id, self.stream_key, self.shape = stream_id, stream_key, shape
+        self.stream_id, self.shape = stream_id, shape
+        self.key_hash = key_hash
+        """``Decision.key_hash`` of its current (or last) publisher: the key it authenticated with, hashed."""
         self.first = first
         self.queue = ChunkQueue(queue_depth)
         self.pacer = FramePacer(shape.fps)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import logging
 import math
 import os
@@ -307,7 +308,7 @@ class RtmpServer:
         if stream is None or stream.ended:
             stream = RtmpStream(
                 decision.stream_id,
-                key,
+                decision.key_hash,
                 decision.shape or self.default_shape,
                 self.settings.chunk_queue_depth,
                 self.latency_budget_s,
@@ -328,6 +329,7 @@ class RtmpServer:
             stream._owner = session
             stream.pacer.resync()
         stream.end_reason = ""
+        stream.key_hash = decision.key_hash  # a resumed stream: the key its new publisher holds
         stream.publishing = True
         stream.stats.sessions += 1
         self.stats.accepted += 1
@@ -343,6 +345,30 @@ class RtmpServer:
         stream.publishing = False
         loop = asyncio.get_running_loop()
         stream._linger = loop.call_later(self.settings.stream_linger_s, self._end_stream, stream)
+
+    def revoke(self, stream_id: str, key_hash: str | None) -> RefusalKind | None:
+        """The stream table now holds ``key_hash`` for ``stream_id`` (None: the stream was deleted): a publisher that
+        authenticated with another key is closed, counted as ``key_revoked`` (it may come back with the new key and
+        resume the lingering stream) or ``stream_deleted``. Returns that reason; None when no publisher was ended."""
+        publisher = self.revoked(stream_id, key_hash)
+        if publisher is None:
+            return None
+        if key_hash is None:
+            kind: RefusalKind = "stream_deleted"
+            publisher.abort(kind, "the stream was deleted")
+        else:
+            kind = "key_revoked"
+            publisher.abort(kind, "the stream key was rotated: publish again with the new key")
+        return kind
+
+    def revoked(self, stream_id: str, key_hash: str | None) -> Publisher | None:
+        """The publisher of ``stream_id`` whose key is no longer the one the table holds (``key_hash``), if any."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.ended or stream._owner is None:
+            return None
+        if key_hash is not None and hmac.compare_digest(stream.key_hash, key_hash):
+            return None
+        return next((s for s in self._sessions if s is stream._owner), None)
 
     def _end_stream(self, stream: RtmpStream) -> None:
         if stream.ended:

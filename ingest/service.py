@@ -8,7 +8,8 @@ ends. This module is what the service listens to and what it publishes:
 
 - in: RTMP ``publish`` (authorised against the stream table, ``services.streams``; a refusal reaches the client
   as the ``onStatus`` description); the stream table itself, watched for T2V streams (no publisher: a T2V record
-  not live elsewhere starts here, its deletion ends it); ``rheo.stream.<id>.prompt`` and ``.spec`` requests from
+  not live elsewhere starts here, its deletion ends it) and for publishers whose key no longer opens their stream
+  (rotated or deleted: ``RtmpServer.revoke`` ends them); ``rheo.stream.<id>.prompt`` and ``.spec`` requests from
   the gateway; the block map (epoch, failure replays).
 - ``rheo.stream.<id>.latent``: one ``LatentChunk`` per chunk, through a ``CreditWindow``: the *clean* latent
   (``[F, C, h, w]``, fp32), the motion-adapted noise scale and the timesteps, exactly as ``StreamPipeline`` hands
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import logging
 import os
 import sys
@@ -108,6 +110,10 @@ _PROMPT_KEYS_KEPT = 3  # the version in force, a blend's source, and the one chu
 
 class _Claimed(Exception):
     """A T2V stream is already live (served by another ingest)."""
+
+
+class _KeyRotated(Exception):
+    """The key a publisher presented was rotated away while its publish was being admitted."""
 
 
 class IngestService(Service):
@@ -286,19 +292,23 @@ class IngestService(Service):
         if problem:
             return Decision(False, f"stream {spec.stream_id}: {problem}")
         try:
-            first = await self._new_session(spec)
+            first = await self._new_session(spec, record.key_hash)
+        except _KeyRotated:
+            return Decision(False, "unknown stream key", bad_key=True)
         except Exception as e:
             log.warning("stream %s: seq reservation failed: %s", spec.stream_id, e)
             return Decision(False, f"stream table unavailable ({type(e).__name__}); retry")
         self._specs[spec.stream_id] = spec
         return Decision(True, stream_id=spec.stream_id, shape=StreamShape(spec.width, spec.height, spec.fps),
-                        first=first)
+                        first=first, key_hash=record.key_hash)
 
-    async def _new_session(self, spec: StreamSpec) -> tuple[int, int]:
+    async def _new_session(self, spec: StreamSpec, key_hash: str) -> tuple[int, int]:
         """Reserve the (seq, segment) a new RTMP session of ``spec``'s stream starts at, above everything any
         earlier session published (``ingest.status``). A publisher resuming a lingering session keeps its numbering
         (the reservation just goes unused); one coming back after its session ended here waits for that session to
-        finish its queue first, so the reservation it reads is final."""
+        finish its queue first, so the reservation it reads is final. The reservation also checks that the record
+        still holds ``key_hash``: a rotation while the publish was admitted must not let the old key in after the
+        table watch already looked for its publisher."""
         assert self.table is not None and self.rtmp is not None
         sid = spec.stream_id
         lingering = self.rtmp.streams.get(sid)
@@ -309,6 +319,8 @@ class IngestService(Service):
         first: list[tuple[int, int]] = []
 
         def reserve(r: StreamRecord) -> StreamRecord:
+            if not hmac.compare_digest(r.key_hash, key_hash):
+                raise _KeyRotated(sid)
             first.clear()
             r, start = start_session(r, ahead)
             first.append(start)
@@ -339,7 +351,8 @@ class IngestService(Service):
         log.info("stream %s: publisher gone for good (%d chunks queued to finish)", rtmp.stream_id, len(rtmp.queue))
 
     async def _on_record(self, key: str, value: bytes | None, _revision: int) -> None:
-        """The stream table changed: a T2V stream not live anywhere starts here; a deleted one ends."""
+        """The stream table changed: a T2V stream not live anywhere starts here; a deleted one ends; a publisher
+        whose key no longer opens its stream ends."""
         assert self.table is not None
         sid = key.removeprefix("s.")
         if value is None:
@@ -347,12 +360,14 @@ class IngestService(Service):
             if source is not None:
                 log.info("stream %s was deleted; ending it", sid)
                 source.close()
+            await self._revoke(sid, None)
             return
         try:
             record = decode(value, StreamRecord, self.table.kv.limits)
         except ProtocolError as e:
             log.warning("ignored a malformed stream record %s: %s", key, e)
             return
+        await self._revoke(sid, record.key_hash)
         live = self.live.get(sid)
         if live is not None and ring_of(record) != live.ring_id:
             self._spawn(self._follow_ring(live, ring_of(record)), f"ring-{sid}")
@@ -367,6 +382,20 @@ class IngestService(Service):
                            spec.slo.max_latency_ms / 1000.0)
         self._t2v[sid] = source
         self._start(source, spec, t2v=True)
+
+    async def _revoke(self, sid: str, key_hash: str | None) -> None:
+        """End the stream's publisher when ``key_hash`` (the record's; None: deleted) is not its key's. The watch may
+        run behind (a T2V start waits for admission): a mismatch is confirmed against the table as it is now, so a
+        rotation seen late never ends the publisher that already came back with the new key."""
+        assert self.rtmp is not None and self.table is not None
+        if key_hash is not None and self.rtmp.revoked(sid, key_hash) is not None:
+            try:
+                key_hash = (await self.table.get(sid)).key_hash
+            except StreamNotFound:
+                key_hash = None
+        kind = self.rtmp.revoke(sid, key_hash)
+        if kind is not None:
+            log.info("stream %s: publisher ended (%s)", sid, kind)
 
     async def _latent_window(self, sid: str, ring_id: str) -> CreditWindow:
         return await self.bus.credit_window(Subjects.stream_latent(sid, ring_id),  # type: ignore[union-attr]

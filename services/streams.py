@@ -3,8 +3,8 @@
 Keys of the bucket ``rheo-streams``: ``s.<stream id>`` → ``StreamRecord``; ``k.<sha256 of stream key>`` → stream
 id; ``t.<token id>`` → ``ApiToken`` (a per-stream API token, stored hashed like the keys). Stream keys and
 tokens are 192-bit random tokens, so a plain sha256 is enough to make a leaked table useless; the key itself is
-shown once, at creation, and never stored. Updates are compare-and-set on the record's revision, so two
-writers never lose each other's change.
+shown once, at creation or rotation (``rotate_key``), and never stored. Updates are compare-and-set on the record's
+revision, so two writers never lose each other's change.
 """
 
 from __future__ import annotations
@@ -142,6 +142,29 @@ class StreamTable:
         await self.kv.delete(self._key_key(record.key_hash))
         await self.kv.delete(self._record_key(stream_id))
         return record
+
+    async def rotate_key(self, stream_id: str) -> tuple[StreamRecord, str]:
+        """A new stream key for the stream (the old one stops opening it); returns the record and the key, seen
+        only now. The new index entry is written first (it opens nothing until the record carries its hash), the
+        record's hash is then swapped by compare-and-set (from then on ``lookup_key`` refuses the old key, whose
+        entry still names the stream, and accepts the new one), and the replaced entry is deleted last."""
+        await self.get(stream_id)  # an unknown (or malformed) id leaves no index entry behind
+        key = new_stream_key()
+        digest = hash_key(key)
+        replaced: list[str] = []
+
+        def swap(r: StreamRecord) -> StreamRecord:
+            replaced[:] = [r.key_hash]
+            return r.model_copy(update={"key_hash": digest})
+
+        await self.kv.put(self._key_key(digest), stream_id.encode())
+        try:
+            record = await self.update(stream_id, swap)
+        except StreamNotFound:
+            await self.kv.delete(self._key_key(digest))
+            raise
+        await self.kv.delete(self._key_key(replaced[0]))
+        return record, key
 
     async def lookup_key(self, stream_key: str) -> StreamRecord | None:
         """The stream a presented key opens, or None (what the ingest authoriser asks)."""

@@ -1,13 +1,14 @@
 """The control API (``/v1``) and HLS routing of the gateway.
 
 ``POST /v1/streams`` creates a stream and returns, once, its stream key with the RTMP URL to publish to and
-the playback URLs; ``GET/PATCH/DELETE /v1/streams/{id}`` read, change live and end it. A PATCH of the prompt or
-of the parameters (steps, noise, seed) is sent to ingest as a request; ingest answers with the chunk seq the change
-takes effect at (a steps change starts a new warm-up segment there), which the response reports (``null`` while
-the stream is not live: the change then applies from its first chunk), or refuses it (409, nothing applied).
-Callers are operators (everything) or per-stream tokens minted by ``POST /v1/streams/{id}/tokens`` (read, PATCH
-and playback URLs of that one stream; ``services/gateway/auth.py``); creations and PATCHes are rate-limited per
-token. Playback (``/hls/{id}/{token}/...``) and the player page are ``services/gateway/playback.py``.
+the playback URLs (``POST /v1/streams/{id}/key`` replaces the key, shown once again); ``GET/PATCH/DELETE
+/v1/streams/{id}`` read, change live and end it. A PATCH of the prompt or of the parameters (steps, noise, seed)
+is sent to ingest as a request; ingest answers with the chunk seq the change takes effect at (a steps change starts
+a new warm-up segment there), which the response reports (``null`` while the stream is not live: the change then
+applies from its first chunk), or refuses it (409, nothing applied). Callers are operators (everything) or
+per-stream tokens minted by ``POST /v1/streams/{id}/tokens`` (read, PATCH and playback URLs of that one stream;
+``services/gateway/auth.py``); creations, key rotations and PATCHes are rate-limited per token.
+Playback (``/hls/{id}/{token}/...``) and the player page are ``services/gateway/playback.py``.
 """
 
 from __future__ import annotations
@@ -216,6 +217,11 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
                    ingest=record.ingest.model_dump() if record.ingest is not None else None,
                    rtmp_url=f"{gw.public_rtmp_url.rstrip('/')}/{settings.ingest.rtmp_app}", **playback(sid), **extra)
 
+    def with_key(record: StreamRecord, key: str) -> StreamInfo:
+        """The stream with its stream key and publish URL: the one answer that ever shows the key."""
+        return info(record, CreatedStream, stream_key=key,
+                    publish_url=f"{gw.public_rtmp_url.rstrip('/')}/{settings.ingest.rtmp_app}/{key}")
+
     controller_kv: list[KV] = []
 
     async def admission_of(stream_id: str) -> str | None:
@@ -273,10 +279,8 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
                           t2v_frames=body.t2v_frames)
         record, key = await table.create(spec)
         await bus.publish(Subjects.stream_spec(spec.stream_id), spec)
-        created = info(record, CreatedStream, stream_key=key,
-                       publish_url=f"{gw.public_rtmp_url.rstrip('/')}/{settings.ingest.rtmp_app}/{key}")
         log.info("stream %s created", spec.stream_id)
-        return created
+        return with_key(record, key)
 
     @v1.get("/streams", response_model=list[StreamInfo], dependencies=[Depends(operator)])
     async def list_streams() -> list[StreamInfo]:
@@ -334,6 +338,18 @@ def make_api(settings: Settings, bus: Bus, table: StreamTable, proxy: httpx.Asyn
         await bus.publish(Subjects.stream_error(stream_id),
                           Error(code="stream_deleted", message="the stream was deleted", stream_id=ended.stream_id))
         return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+    @v1.post("/streams/{stream_id}/key", response_model=CreatedStream)
+    async def rotate_key(stream_id: str, who: Principal = Depends(operator)) -> StreamInfo:
+        """A new stream key, shown once: the old one stops opening the stream at once, and ingest ends a publisher
+        still using it (it may come back with the new key). Operators only: whoever holds the key publishes."""
+        limited(who)
+        try:
+            record, key = await table.rotate_key(stream_id)
+        except (StreamNotFound, ValueError):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no stream {stream_id!r}") from None
+        log.info("stream %s: stream key rotated", stream_id)
+        return with_key(record, key)
 
     @v1.post("/streams/{stream_id}/playback", response_model=PlaybackUrls, dependencies=[Depends(of_stream)])
     async def mint_playback(stream_id: str) -> PlaybackUrls:

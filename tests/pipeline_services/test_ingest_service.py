@@ -225,6 +225,71 @@ async def test_a_publisher_without_frames_is_closed_and_the_record_says_why(inge
     assert record.state == "ended" and "no video frame for 3 s" in record.state_reason
 
 
+async def _live_publisher(ingest: IngestService, bus: Bus, sid: str, key: str,
+                          eventually) -> tuple[Recorder, asyncio.Task]:
+    """A PyAV publisher of ``sid`` (25 s of frames, in real time) whose chunks already flow."""
+    rec = Recorder()
+    await rec.attach(bus, sid)
+    publisher = asyncio.create_task(publish_pyav(f"rtmp://127.0.0.1:{ingest.rtmp.port}/live/{key}", 400, 16, "64x64",
+                                                 "--realtime"))
+    await eventually(lambda: len(rec.chunks) >= 1, timeout=30)
+    return rec, publisher
+
+
+async def test_a_rotated_key_ends_its_publisher_who_comes_back_with_the_new_one(ingest: IngestService, bus: Bus,
+                                                                               eventually) -> None:
+    """Rotating the key a live publisher authenticated with closes it at once, counted ``key_revoked``; the ended
+    record says why. The old key is then refused, the new one publishes. Negative control: an unrelated change of
+    the record (a prompt update) ends nothing."""
+    table, spec, key = await new_stream(bus, "a leaked key")
+    sid, refused = spec.stream_id, ingest.rtmp.stats.refused
+    revoked = refused["key_revoked"]
+    rec, publisher = await _live_publisher(ingest, bus, sid, key, eventually)
+    try:
+        await table.update(sid, lambda r: r.model_copy(update={
+            "spec": r.spec.model_copy(update={"prompt": "another prompt"}), "prompt_version": r.prompt_version + 1}))
+        await asyncio.sleep(1.0)  # the table watch sees a change within milliseconds
+        assert not publisher.done() and ingest.rtmp.streams[sid].publishing and refused["key_revoked"] == revoked
+
+        _, new = await table.rotate_key(sid)
+        await eventually(lambda: refused["key_revoked"] == revoked + 1, timeout=10)
+        async with asyncio.timeout(30):
+            result = await publisher  # its connection was closed under it
+        assert '"ok": false' in result.stdout, result
+    finally:
+        publisher.cancel()
+    await eventually(rec.ended, timeout=20)
+    record = await table.get(sid)
+    assert record.state == "ended" and "stream key was rotated" in record.state_reason
+
+    client = await RawRtmp.open(ingest.rtmp.port)
+    client.connect_and_publish(key)
+    answer = await client.read_until_closed()
+    client.close()
+    assert b"unknown stream key" in answer
+    result = await publish_pyav(f"rtmp://127.0.0.1:{ingest.rtmp.port}/live/{new}", 21, 16, "64x64", "--realtime")
+    assert result.report.get("ok"), result.report
+    await eventually(lambda: [e.kind for e in rec.events] == ["live", "ended", "live", "ended"], timeout=20)
+    assert refused["key_revoked"] == revoked + 1
+
+
+async def test_deleting_a_stream_ends_its_publisher(ingest: IngestService, bus: Bus, eventually) -> None:
+    """A live publisher of a deleted stream is closed at once, counted ``stream_deleted``, and the stream ends."""
+    table, spec, key = await new_stream(bus, "a stream about to go")
+    deleted = ingest.rtmp.stats.refused["stream_deleted"]
+    rec, publisher = await _live_publisher(ingest, bus, spec.stream_id, key, eventually)
+    try:
+        await table.delete(spec.stream_id)
+        await eventually(lambda: ingest.rtmp.stats.refused["stream_deleted"] == deleted + 1, timeout=10)
+        async with asyncio.timeout(30):
+            result = await publisher
+        assert '"ok": false' in result.stdout, result
+    finally:
+        publisher.cancel()
+    await eventually(rec.ended, timeout=20)
+    assert spec.stream_id not in ingest.live
+
+
 @pytest.mark.parametrize("mode", ["blend", "cut"])
 async def test_prompt_request_is_acked_with_the_next_seq(ingest: IngestService, bus: Bus, eventually,
                                                          mode: str) -> None:
@@ -434,7 +499,8 @@ async def test_a_t2v_stream_runs_from_the_table_with_a_blend_until_deleted(inges
                                                                            eventually) -> None:
     """A T2V record has no publisher: ingest starts it from the stream table and emits noise-only chunks (zeros,
     noise scale 1, the step list) on its chunk clock at the spec's rate, exactly spaced by their output frames.
-    A `blend` over 4 chunks stamps the next 3 with (new version, old version, j/4); deleting the record ends it."""
+    A `blend` over 4 chunks stamps the next 3 with (new version, old version, j/4); a key rotation changes nothing;
+    deleting the record ends it."""
     table = await StreamTable.open(bus)
     spec = StreamSpec(stream_id=new_stream_id(), width=SIZE, height=SIZE, fps=16.0, steps=2, prompt="a cat",
                       t2v=True, t2v_frames=2, slo=SLO(max_latency_ms=LATENCY_MS))
@@ -445,6 +511,7 @@ async def test_a_t2v_stream_runs_from_the_table_with_a_blend_until_deleted(inges
     _CREATED.append((table, sid))
     await eventually(lambda: len(rec.chunks) >= 2, timeout=20)
     assert (await table.get(sid)).state == "live"
+    await table.rotate_key(sid)  # no publisher: a new key changes nothing for it (one session, no gap below)
     reply = await bus.request(Subjects.stream_prompt(sid), PromptUpdate(stream_id=sid, version=1, prompt="a dog",
                                                                         mode="blend", blend_chunks=4), timeout=5)
     assert isinstance(reply, Ack) and reply.ref.isdigit(), reply

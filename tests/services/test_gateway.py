@@ -106,6 +106,29 @@ async def test_create_list_get_delete_and_hashed_keys(nats_settings: NatsSetting
         assert (await http.get("/v1/streams/a.b")).status_code == 404
 
 
+async def test_an_operator_rotates_a_streams_key(nats_settings: NatsSettings, bus: Bus, eventually) -> None:
+    """``POST /v1/streams/{id}/key``: a new key, shown once with its publish URL; the old key opens nothing, the
+    stream keeps its id and settings. A per-stream token may not (tests/services/test_gateway_security.py)."""
+    async with _gateway(nats_settings, eventually) as (_service, http):
+        created = (await http.post("/v1/streams", json={"prompt": "a key that leaked"})).json()
+        sid, old = created["id"], created["stream_key"]
+        r = await http.post(f"/v1/streams/{sid}/key")
+        assert r.status_code == 200, r.text
+        rotated = r.json()
+        new = rotated["stream_key"]
+        assert new != old and rotated["id"] == sid and rotated["publish_url"].endswith(f"/live/{new}")
+        assert rotated["spec"] == created["spec"] and rotated["rtmp_url"] == created["rtmp_url"]
+        table = StreamTable(await bus.kv(Buckets.STREAMS))
+        assert await table.lookup_key(old) is None
+        assert (await table.lookup_key(new)).spec.stream_id == sid
+        got = (await http.get(f"/v1/streams/{sid}")).json()
+        assert "stream_key" not in got and got["state"] == "created"
+        assert (await http.post("/v1/streams/st-000000000000/key")).status_code == 404
+        assert (await http.post("/v1/streams/a.b/key")).status_code == 404
+        assert (await http.delete(f"/v1/streams/{sid}")).status_code == 204
+        assert (await http.post(f"/v1/streams/{sid}/key")).status_code == 404
+
+
 async def test_bad_requests_are_refused_clearly(nats_settings: NatsSettings, eventually) -> None:
     async with _gateway(nats_settings, eventually) as (_service, http):
         before = len((await http.get("/v1/streams")).json())

@@ -247,6 +247,7 @@ async def test_a_stream_token_reads_and_patches_its_stream_only(nats_settings: N
                                    ("POST", f"/v1/streams/{theirs}/playback", None),
                                    ("POST", "/v1/streams", {"prompt": "new"}), ("GET", "/v1/streams", None),
                                    ("DELETE", f"/v1/streams/{mine}", None),
+                                   ("POST", f"/v1/streams/{mine}/key", None),  # whoever holds the key publishes
                                    ("POST", f"/v1/streams/{mine}/tokens", {}),
                                    ("GET", f"/v1/streams/{mine}/tokens", None)]:
             r = await http.request(method, path, json=body, headers=scoped)
@@ -285,10 +286,11 @@ async def test_writes_are_rate_limited_per_token(nats_settings: NatsSettings, ev
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         sid = (await http.get("/v1/streams")).json()[0]["id"]
         assert (await http.patch(f"/v1/streams/{sid}", json={"prompt": "x"})).status_code == 429  # the same bucket
+        assert (await http.post(f"/v1/streams/{sid}/key")).status_code == 429
         assert (await http.get(f"/v1/streams/{sid}")).status_code == 200  # reads are not limited
         r = await http.post("/v1/streams", json={"prompt": "q"}, headers={"Authorization": f"Bearer {other}"})
         assert r.status_code == 201  # another token has its own bucket
-        assert _refusals("rate_limited") - before == 2
+        assert _refusals("rate_limited") - before == 3
 
 
 async def test_one_clients_blocking_reloads_do_not_slow_another_viewer(nats_settings: NatsSettings, bus: Bus,

@@ -1,7 +1,7 @@
 // Create a stream, then show once what OBS (or ffmpeg) needs: the server URL and the stream key.
 import {api} from './api.js';
-import {copyable, el, field} from './dom.js';
-import {rememberKey} from './golive.js';
+import {el, field} from './dom.js';
+import {publishSettings, rememberKey} from './golive.js';
 
 const number = (id, value, attrs = {}) => el('input', {id, name: id, type: 'number', value, ...attrs});
 
@@ -46,17 +46,12 @@ export function createView(root) {
 }
 
 function obsSettings(s) {
-  const ffmpeg = `ffmpeg -re -i input.mp4 -c:v libx264 -preset veryfast -tune zerolatency -g ${Math.round(s.spec.fps)} ` +
-    `-c:a aac -f flv ${s.publish_url}`;
   const t2v = s.spec.t2v;
   return el('div', {class: 'card', 'data-id': s.id},
     el('h1', {text: `Stream ${s.id} created`}),
     t2v ? el('p', {text: 'Text to video: nothing to publish, it starts by itself.'})
       : el('p', {}, 'Publish to it from OBS (Settings → Stream → Service: Custom) or ffmpeg. ',
             el('strong', {text: 'The stream key is shown only now: copy it.'})),
-    t2v ? null : el('div', {},
-      el('label', {text: 'Server'}), copyable('obs-server', s.rtmp_url),
-      el('label', {text: 'Stream key'}), copyable('obs-key', s.stream_key),
-      el('label', {text: 'ffmpeg (one line)'}), el('code', {class: 'cmd', id: 'obs-ffmpeg', text: ffmpeg})),
+    t2v ? null : publishSettings(s),
     el('p', {}, el('a', {id: 'open-stream', href: '#/s/' + s.id, text: 'Open the stream page →'})));
 }

@@ -1,10 +1,21 @@
 // Go live from this browser: camera or screen → WHIP (POST /v1/streams/{id}/whip, same origin; docs/whip.md) →
-// the same stream an RTMP publisher feeds. The bearer is the stream key: the one created in this tab is
-// remembered (memory only), any other is typed in.
-import {el, field} from './dom.js';
+// the same stream an RTMP publisher feeds. The bearer is the stream key: the one created or replaced in this tab is
+// remembered (memory only), any other is typed in. "New stream key" replaces a leaked one (POST /v1/streams/{id}/key).
+import {api} from './api.js';
+import {copyable, el, field} from './dom.js';
 
 const keys = new Map();
 export const rememberKey = (id, key) => { if (key) keys.set(id, key); };
+
+// What OBS (or ffmpeg) needs, from an answer that carries the stream key (creation, a new key): shown only then.
+export function publishSettings(s) {
+  const ffmpeg = `ffmpeg -re -i input.mp4 -c:v libx264 -preset veryfast -tune zerolatency -g ${Math.round(s.spec.fps)} ` +
+    `-c:a aac -f flv ${s.publish_url}`;
+  return el('div', {},
+    el('label', {text: 'Server'}), copyable('obs-server', s.rtmp_url),
+    el('label', {text: 'Stream key'}), copyable('obs-key', s.stream_key),
+    el('label', {text: 'ffmpeg (one line)'}), el('code', {class: 'cmd', id: 'obs-ffmpeg', text: ffmpeg}));
+}
 
 // ICE gathering done (WHIP without trickle: every candidate travels in the offer); host candidates take ms.
 function gathered(pc) {
@@ -82,8 +93,24 @@ export function goLiveCard(id) {
     }
   });
   stop.addEventListener('click', () => end('Stopped.'));
+  // a new stream key (operators): the old one stops at once, and whoever publishes with it is disconnected
+  const rotate = el('button', {id: 'golive-rotate', type: 'button', class: 'secondary', text: 'New stream key'});
+  const rotated = el('div', {id: 'golive-rotated'});
+  rotate.addEventListener('click', async () => {
+    if (!confirm('Replace the stream key? The current key stops working at once; whoever publishes with it ' +
+                 'is disconnected and must use the new one.')) return;
+    try {
+      const s = await api('POST', `/v1/streams/${id}/key`);
+      rememberKey(id, s.stream_key);
+      key.value = s.stream_key;
+      rotated.replaceChildren(el('p', {}, el('strong', {text: 'The new stream key is shown only now: copy it.'})),
+                              publishSettings(s));
+    } catch (e) {
+      rotated.replaceChildren(el('p', {class: 'error', text: 'No new key: ' + e.message}));
+    }
+  });
   const card = el('div', {class: 'card', id: 'golive'}, el('h2', {text: 'Go live from this browser'}),
     el('div', {class: 'grid'}, field('Source', source), field('Stream key', key)),
-    el('div', {class: 'row'}, start, stop), status, el('div', {class: 'video golive'}, preview));
+    el('div', {class: 'row'}, start, stop, rotate), status, rotated, el('div', {class: 'video golive'}, preview));
   return {card, stop: () => end()};
 }
