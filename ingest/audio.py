@@ -5,7 +5,8 @@ its RTMP timestamp maps to on the stream's pacer anchor (the clock of the video 
 places the samples against the styled video by that time (docs/media.md "Audio"). Frames are batched per
 ``batch_s`` of audio into one ``EncodedAudio`` (not one NATS message per 21 ms frame). Every frame not published
 is counted with its reason (``rheo_ingest_audio_units_total{result}``). A WHIP publisher's Opus arrives here as AAC
-(``ingest.opus_to_aac``; a frame that fails to transcode is counted ``transcode_failed`` there).
+(``ingest.opus_to_aac``; an Opus frame that fails to transcode is counted ``transcode_failed``, one repeating
+audio already encoded ``duplicate``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from proto import AudioUnit, EncodedAudio
 log = logging.getLogger(__name__)
 
 AUDIO_RESULTS = ("published", "before_video", "not_aac", "no_config", "oversized", "queue_full", "publish_failed",
-                 "not_live", "transcode_failed")
+                 "not_live", "transcode_failed", "duplicate")
 UNITS = Counter("rheo_ingest_audio_units_total", "publisher AAC frames by outcome", ["result"])
 
 _SOUND_FORMAT_AAC = 10

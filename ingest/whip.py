@@ -112,6 +112,7 @@ class WhipSession:
                 if self.stream is None:
                     continue
                 self.stream.stats.audio_messages += 1
+                duplicates = codec.dropped
                 try:
                     payloads = codec.encode(frame)
                 except (av.FFmpegError, ValueError) as exc:
@@ -120,6 +121,8 @@ class WhipSession:
                         warned = True
                         log.warning("whip %s: Opus frame not transcoded to AAC: %s", self.stream.stream_id, exc)
                 else:
+                    if codec.dropped > duplicates:
+                        count_audio(self.stream.audio.stats, "duplicate")
                     self._stamp(payloads)
         self._stamp(codec.flush())  # the track ended: its last partial AAC frame
 

@@ -233,11 +233,8 @@ class Simulation:
 
     def _pool(self, newcomer: StreamNeed | None = None) -> Pool:
         """The live members, each ring priced at its streams and ``newcomer`` as the controller prices them."""
-        live = [r for r in self.rings.values() if not r.gone and r.ready_at <= self.now]
+        live, on, _ = self._on_rings()
         decs = [d for d in self.decoders.values() if not d.gone and d.ready_at <= self.now]
-        needs = {sid: s.need for sid, s in self.streams.items()}
-        on = {r.member: [needs[sid] for sid, a in self.assignments.items() if a.ring_id == r.member and sid in needs]
-              for r in live}
 
         def capacity(r: _Ring, streams: list[StreamNeed]) -> float:
             return ring_capacity(r.price(streams, self.policy.max_items), self.cfg.headroom)
@@ -245,6 +242,16 @@ class Simulation:
         return Pool(rings=[Bin(r.member, capacity(r, on[r.member] + [newcomer]), capacity(r, on[r.member]))
                            if newcomer is not None else Bin(r.member, capacity(r, on[r.member])) for r in live],
                     decoders=[Bin(d.member, self.cfg.headroom * 1000.0 / self.cal.decode_ms_per_mpx) for d in decs])
+
+    def _on_rings(self) -> tuple[list[_Ring], dict[str, list[StreamNeed]], list[StreamNeed]]:
+        """The live rings, each one's streams, and the streams on no live ring (the controller's ``_placed_rings``)."""
+        live = [r for r in self.rings.values() if not r.gone and r.ready_at <= self.now]
+        on: dict[str, list[StreamNeed]] = {r.member: [] for r in live}
+        rest: list[StreamNeed] = []
+        for sid, st in self.streams.items():
+            a = self.assignments.get(sid)
+            (on[a.ring_id] if a is not None and a.ring_id in on else rest).append(st.need)
+        return live, on, rest
 
     def _capture(self, st: _Stream, seq: int) -> None:
         if self.now >= st.end:
@@ -369,11 +376,7 @@ class Simulation:
         fits = [r.fits_ms() for r in self.rings.values() if not r.gone and r.fits_ms()]  # … or its fitted price
         fitted = ring_item_ms(fits, [s.need for s in self.streams.values()], self.policy.max_items)
         item_ms = item_ms if fitted is None else fitted
-        live = [r for r in self.rings.values() if not r.gone and r.ready_at <= self.now]
-        on = {r.member: [s.need for sid, s in self.streams.items()
-                         if sid in self.assignments and self.assignments[sid].ring_id == r.member] for r in live}
-        rest = [s.need for sid, s in self.streams.items()
-                if sid not in self.assignments or self.assignments[sid].ring_id not in on]
+        live, on, rest = self._on_rings()
         placed = ring_work([*((on[r.member], r.price(on[r.member], self.policy.max_items)) for r in live),
                             (rest, item_ms)])
         demand = Demand(item_ms, PathCosts(self.cal.encode_ms_per_mpx, self.cal.decode_ms_per_mpx),

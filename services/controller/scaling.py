@@ -36,7 +36,7 @@ class Demand:
         if pool == "rings":
             if self.item_ms is None:  # before any timing: the admission prior is one ring's worth of streams
                 return len(needs) / max(self.prior_streams, 1)
-            return sum(n.items_per_s for n in needs) * self.item_ms / 1000.0
+            return _ring_units(needs, self.item_ms)
         ms = self.costs.decode_ms_per_mpx if pool == "decoders" else self.costs.encode_ms_per_mpx
         mpx = sum(n.decode_mpx_per_s if pool == "decoders" else n.encode_mpx_per_s for n in needs)
         return mpx * (ms or 0.0) / 1000.0
@@ -60,8 +60,13 @@ def ring_work(placed: Iterable[tuple[Sequence[StreamNeed], float | None]]) -> fl
             continue
         if item_ms is None:
             return None
-        total += sum(n.items_per_s for n in needs) * item_ms / 1000.0
+        total += _ring_units(needs, item_ms)
     return total
+
+
+def _ring_units(needs: Iterable[StreamNeed], item_ms: float) -> float:
+    """Fully busy rings these streams' items keep at ``item_ms`` per item."""
+    return sum(n.items_per_s for n in needs) * item_ms / 1000.0
 
 
 def limits(cfg: AutoscaleSettings, pool: Pool) -> ScaleLimits:

@@ -108,5 +108,5 @@ async def test_ingest_stamps_flv_aac_and_batches_it() -> None:
     assert sent[0].units[0].capture_time == T0 and sent[0].sample_rate == RATE and sent[0].channels == 2
     assert audio.stats.units == {"published": len(frames), "before_video": 1, "not_aac": 1, "no_config": 1,
                                  "oversized": 1, "queue_full": 0, "publish_failed": 0, "not_live": 0,
-                                 "transcode_failed": 0}
+                                 "transcode_failed": 0, "duplicate": 0}
     await asyncio.sleep(0)

@@ -4,13 +4,17 @@ the source time it was sent, across a lost packet and a jump; silence stays sile
 
 from __future__ import annotations
 
+import asyncio
 from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
+from aiortc.mediastreams import MediaStreamError
 
 from ingest.opus_to_aac import RATE, OpusToAac
+from ingest.rtmp_stream import RtmpStream, StreamShape
+from ingest.whip import WhipSession
 from media.aac import SAMPLES_PER_FRAME, AacConfig
 from media_io.audiokit import TONE_HZ, decode_audio, dominant_hz
 
@@ -84,3 +88,38 @@ def test_a_long_jump_starts_a_new_timeline_and_a_duplicate_is_dropped() -> None:
     jump = next(i for i in range(1, len(times)) if times[i] - times[i - 1] > 1)
     assert times[jump] * RATE == pytest.approx(ORIGIN + 200 * OPUS - SAMPLES_PER_FRAME)  # priming again
     assert (jump - 1) * SAMPLES_PER_FRAME >= 20 * OPUS  # the first timeline's tail was flushed, not lost
+
+
+class _Track:
+    """An aiortc audio track that yields ``frames`` and then ends."""
+
+    def __init__(self, frames: list[av.AudioFrame]) -> None:
+        self.frames = frames
+
+    async def recv(self) -> av.AudioFrame:
+        if not self.frames:
+            raise MediaStreamError
+        return self.frames.pop(0)
+
+
+def test_the_whip_audio_pump_counts_every_frame_it_does_not_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``WhipSession``'s audio task: a duplicate frame and one the encoder refuses are counted (``duplicate``,
+    ``transcode_failed``) and the rest reaches the stream's passthrough; before the video clock is known, AAC
+    units wait as ``before_video`` (as an RTMP publisher's do)."""
+    frames = opus_frames(20, onset_s=None)
+    frames.insert(10, opus_frames(1, onset_s=None, first=9)[0])  # a repeated packet
+    encode = OpusToAac.encode
+
+    def refuse_the_fifth(self: OpusToAac, frame: av.AudioFrame) -> list[tuple[bytes, float]]:
+        if frame.pts == ORIGIN + 5 * OPUS:
+            raise ValueError("not audio")
+        return encode(self, frame)
+
+    monkeypatch.setattr(OpusToAac, "encode", refuse_the_fifth)
+    session = WhipSession(None, "127.0.0.1:5000", [])  # type: ignore[arg-type]  # the pump needs its stream only
+    session.stream = RtmpStream("s1", "0" * 64, StreamShape(64, 64, 8.0), 4, 1.0)
+    asyncio.run(session._pass_audio(_Track(frames)))  # type: ignore[arg-type]
+    units = session.stream.audio.stats.units
+    assert units["duplicate"] == 1 and units["transcode_failed"] == 1
+    assert session.stream.stats.audio_messages == 21
+    assert units["before_video"] > 0 and units["published"] == 0  # no video frame yet: not on its clock
