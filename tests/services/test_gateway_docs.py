@@ -64,7 +64,9 @@ async def test_docs_render_offline_in_chromium() -> None:
 
         await page.route("**/*", offline)
         await page.goto(f"http://127.0.0.1:{port}/docs")
-        await page.wait_for_function("window.docsReady === true", timeout=15000)
+        # a function, not an expression: Playwright evals an expression again on every poll, which this page's CSP
+        # (no 'unsafe-eval') refuses once the first check has found docsReady still unset
+        await page.wait_for_function("() => window.docsReady === true", timeout=15000)
         text = await page.inner_text("body")
         await browser.close()
     assert not foreign and not errors, (foreign, errors)
