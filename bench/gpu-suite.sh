@@ -14,6 +14,8 @@
 # (exit status 1 when any step failed).
 # --dry-run: the same steps on CPU with the tiny model and minimal sizes (seconds; CI runs it:
 # tests/bench/test_gpu_suite.py). Set PYTHON to choose the interpreter (default: python3).
+# On a bare lent GPU machine the served path's packages are missing: bench/gpu-wheels.sh prepares them here
+# (its header has the one device command).
 set -u
 cd "$(dirname "$0")/.."
 DRY=0
@@ -31,6 +33,7 @@ OUT="${OUT:-bench-results/gpu-suite-$(date -u +%Y%m%dT%H%M%SZ).jsonl}"
 mkdir -p "$(dirname "$OUT")"
 : > "$OUT.log"
 export PYTHONPATH="${PYTHONPATH:-$PWD}"
+export PYTHONUNBUFFERED=1  # a step cut off by its time box keeps the result lines it printed
 START=$(date +%s)
 
 # step NAME SECONDS CMD...: run CMD under `timeout`; its JSON lines go to $OUT with "step" added.
@@ -59,10 +62,13 @@ pytest_json() {
     local out rc
     out=$("$PY" -m pytest -q -p no:cacheprovider "$@" 2>&1)
     rc=$?
-    SUMMARY="$(tail -n 1 <<<"$out")" RC="$rc" "$PY" -c '
-import json, os
-rc = int(os.environ["RC"])
-row = {"bench": "gpu_tests", "rc": rc, "summary": os.environ["SUMMARY"]}
+    echo "$out" >&2  # into the suite's log: the failures' tracebacks
+    OUTPUT="$out" RC="$rc" "$PY" -c '
+import json, os, re
+rc, lines = int(os.environ["RC"]), os.environ["OUTPUT"].splitlines()
+final = [l for l in lines if re.search(r" in [0-9.]+s", l)]  # pytest ends on "N passed, M failed in Xs"
+row = {"bench": "gpu_tests", "rc": rc, "summary": (final or lines or [""])[-1].strip("= "),
+       "failed": [l.split()[1] for l in lines if l.startswith("FAILED ")]}
 print(json.dumps(row | ({} if rc in (0, 5) else {"error": "tests failed"})))'
 }
 
@@ -78,28 +84,32 @@ if [ "$DRY" = 1 ]; then  # nothing to measure on CPU: the steps run side by side
     step official 60 "$PY" bench/official.py &
     wait
 else
-    step gpu_tests 60 bash -c 'pytest_json "$@"' _ $GPU_TESTS
-    step dit 80 "$PY" bench/dit.py --device cuda --models 1.3b --res 512x512,480x832 --steps 1,2,4 --streams 1
-    step pipeline_local 60 "$PY" bench/pipeline_local.py --device cuda --preset 1.3b --size 512x512,832x480 \
-        --steps 1,2 --streams 1,2
-    # Wan2.1 weights when MODEL_DIR names them, else random weights at the real sizes (model.random_weights)
+    step gpu_tests 50 bash -c 'pytest_json "$@"' _ $GPU_TESTS
+    step dit 60 "$PY" bench/dit.py --device cuda --models 1.3b --res 512x512,480x832 --steps 1,2,4 --streams 1
+    step pipeline_local 70 "$PY" bench/pipeline_local.py --device cuda --preset 1.3b --size 512x512,832x480 \
+        --steps 2 --streams 1
+    # Wan2.1 weights when MODEL_DIR names them, else random weights at the real sizes (model.random_weights).
+    # --start-timeout inside each time box: a stack that does not come up prints every service's log tail; a
+    # warm-up stream takes the stages' CUDA-graph captures; CUDA graphs without torch.compile (bench/dit.py's mode),
+    # so that no compile time can eat a time box.
+    GRAPH=(--env RHEO_DIT_STAGE__FORWARD=graph)
     SERVED=(--model 1.3b --random-weights)
     SERVED_14B=(--random-weights)
     if [ -n "${MODEL_DIR:-}" ]; then SERVED=(--model 1.3b --model-dir "$MODEL_DIR"); fi
     if [ -n "${MODEL_DIR_14B:-${MODEL_DIR:-}}" ]; then SERVED_14B=(--model-dir "${MODEL_DIR_14B:-$MODEL_DIR}"); fi
-    step serve 70 "$PY" bench/serve.py --device cuda "${SERVED[@]}" --size 512 --fps 16 --steps 2 --streams 1 \
-        --seconds 8 --slo-ms 1000
-    step serve_search 90 "$PY" bench/serve.py --device cuda "${SERVED[@]}" --size 512 --fps 16 --steps 2 --search \
-        --seconds 6 --slo-ms 1000 --max-streams 16
+    step serve 110 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 --steps 2 \
+        --streams 1 --seconds 8 --slo-ms 1000 --start-timeout 50 --warmup 30
+    step serve_search 100 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 \
+        --steps 2 --search --seconds 6 --slo-ms 1000 --max-streams 8 --start-timeout 45 --warmup 20
     FREE_MIB=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits 2>/dev/null | head -n 1)
     if [ "${FREE_MIB:-0}" -gt 60000 ]; then
-        step serve_14b 60 "$PY" bench/serve.py --device cuda --model 14b "${SERVED_14B[@]}" \
-            --size 512 --fps 16 --steps 1 --streams 1 --stages 1 --seconds 6 --slo-ms 2000
+        step serve_14b 55 "$PY" bench/serve.py --device cuda --model 14b "${SERVED_14B[@]}" "${GRAPH[@]}" \
+            --size 512 --fps 16 --steps 1 --streams 1 --stages 1 --seconds 6 --slo-ms 2000 --start-timeout 40
     else
         echo "{\"step\": \"serve_14b\", \"skipped\": \"needs > 60000 MiB free (${FREE_MIB:-?})\"}" \
             | tee -a "$OUT"
     fi
-    step official 60 "$PY" bench/official.py --size 512x512,832x480 --steps 2,1 --rheo-jsonl "$OUT"
+    step official 40 "$PY" bench/official.py --size 512x512 --steps 2 --rheo-jsonl "$OUT"
 fi
 
 SUMMARY=$(SECS=$(( $(date +%s) - START )) DRY="$DRY" "$PY" -c '

@@ -71,6 +71,8 @@ def _random_weights() -> None:
         return {"prompt_embeds": embedding.to(self.anchor.device, torch.bfloat16).expand(len(text_prompts), -1, -1)}
 
     CausalWanModel.from_pretrained = classmethod(random_dit)
+    # the causal wrapper's base __init__ loads the bidirectional WanModel first, then replaces it: a placeholder
+    wrapper.WanModel.from_pretrained = classmethod(lambda cls, *_a, **_k: torch.nn.Identity())
     wrapper._video_vae = random_vae
     wrapper.WanTextEncoder.__init__ = text_init
     wrapper.WanTextEncoder.forward = text_forward

@@ -14,7 +14,8 @@ requests, as hls.js does) and decodes it. One JSON line per result:
   clock; the pass-through VAE shows each 4-frame group's first, oldest frame: the group's longest latency),
   ``g2g_player_s`` (edge + how far hls.js plays behind the edge: ``--player`` measures it in headless Chromium,
   ``player_latency_s``; else the playlist's PART-HOLD-BACK, its target), ``deadline_misses`` (chunks
-  dropped for their deadline anywhere), ``gpu_mem_mib`` (cuda), and ``hops``: every hop's median share.
+  dropped for their deadline anywhere), ``gpu_mem_mib`` (cuda), ``hops``: every hop's median share, and with
+  ``--warmup`` ``warmup_s``: a throwaway stream's first chunk out (the stages' CUDA-graph captures, compile).
 * ``search`` (``--search``): the largest stream count whose streams all keep ``--target-fps`` with
   ``chunk_p99_s`` ≤ ``--max-p99``.
 
@@ -29,6 +30,9 @@ its marker first seen in a part at the gateway), ``player`` (hls.latency measure
     python bench/serve.py                                   # CPU, tiny, 1 stream at 128², 8 fps
     python bench/serve.py --streams 4
     python bench/serve.py --device cuda --model 1.3b --size 512 --fps 16 --search
+
+Progress goes to stderr; cut off by SIGTERM (the GPU suite's time box), it stops its stack and prints each
+service's log tail.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import io
 import json
 import math
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -324,28 +329,57 @@ def _hops(t: StreamTimes, fps: float, skip: int) -> dict[str, list[float]]:
     return hops
 
 
+def _create(stack: LocalStack, args: argparse.Namespace) -> dict:
+    return stack.api("POST", "/v1/streams", {"prompt": PROMPT, "width": args.size, "height": args.size,
+                                             "fps": args.fps, "steps": args.steps, "seed": 7,
+                                             "slo_latency_ms": args.slo_ms})
+
+
+def _publisher(stack: LocalStack, args: argparse.Namespace, created: dict, seconds: float) -> subprocess.Popen:
+    """The marker test pattern published to ``created``'s stream; prints frame 0's capture time first."""
+    url = f"rtmp://127.0.0.1:{stack.ports.rtmp}/live/{created['stream_key']}"
+    return subprocess.Popen([sys.executable, "-m", "ingest.testpattern", url, "--size", f"{args.size}x{args.size}",
+                             "--fps", str(args.fps), "--seconds", str(seconds), "--marker"],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+async def _warm_up(stack: LocalStack, args: argparse.Namespace) -> dict:
+    """One throwaway stream until its first finished chunk: on CUDA a stage's first forwards capture CUDA graphs
+    (and compile, ``dit_stage.forward`` auto), which a measured stream should not pay for. Its time is reported."""
+    observer = Observer(stack)
+    await observer.start()
+    created = _create(stack, args)
+    started = time.monotonic()
+    publisher = _publisher(stack, args, created, args.warmup)
+    try:
+        while not observer.of(created["id"]).x0 and publisher.poll() is None:
+            await asyncio.sleep(0.1)
+    finally:
+        publisher.terminate()
+        publisher.wait()
+        stack.api("DELETE", f"/v1/streams/{created['id']}")
+        await observer.close()
+    done = bool(observer.of(created["id"]).x0)
+    took = round(time.monotonic() - started, 2)
+    _progress(f"warm-up stream: first chunk out after {took} s" if done else f"warm-up stream: no chunk in {took} s")
+    return {"warmup_s": took if done else None}
+
+
 async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) -> dict:
     """Open ``streams`` streams, publish for ``--seconds``, return the ``serve`` row."""
     observer = Observer(stack)
     await observer.start()
     stop = threading.Event()
-    created = [stack.api("POST", "/v1/streams", {"prompt": PROMPT, "width": args.size, "height": args.size,
-                                                 "fps": args.fps, "steps": args.steps, "seed": 7,
-                                                 "slo_latency_ms": args.slo_ms}) for _ in range(streams)]
+    created = [_create(stack, args) for _ in range(streams)]
     viewers = [Viewer(stack, c["id"], observer.of(c["id"]), stop) for c in created]
     for v in viewers:
         v.start()
     before = {p.name: _scrape(p.health_port) for p in stack.procs}
-    publishers = []
-    for c in created:
-        url = f"rtmp://127.0.0.1:{stack.ports.rtmp}/live/{c['stream_key']}"
-        publishers.append(subprocess.Popen(
-            [sys.executable, "-m", "ingest.testpattern", url, "--size", f"{args.size}x{args.size}", "--fps",
-             str(args.fps), "--seconds", str(args.seconds), "--marker"], stdout=subprocess.PIPE, text=True,
-            cwd=ROOT))
+    publishers = [_publisher(stack, args, c, args.seconds) for c in created]
     for c, p in zip(created, publishers, strict=True):
         assert p.stdout is not None
         observer.of(c["id"]).t0 = json.loads(p.stdout.readline())["t0"]
+    _progress(f"{streams} stream(s) publishing for {args.seconds:g} s")
     watching = threading.Event()
     player = asyncio.create_task(_watch(stack.gateway_url + with_player_path(created[0])["player_path"],
                                         args.player_settle, watching)) if args.player else None
@@ -355,6 +389,9 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
     player_latency = await player if player is not None else []
     await asyncio.sleep(args.tail)  # the last chunks through the pipeline
     stop.set()
+    seen = [observer.of(c["id"]) for c in created]
+    _progress(f"published; chunks seen: latent {sum(len(t.latent) for t in seen)}, x0 {sum(len(t.x0) for t in seen)}, "
+              f"H.264 units {sum(len(t.units) for t in seen)}, parts {sum(len(t.parts) for t in seen)}")
     after = {p.name: _scrape(p.health_port) for p in stack.procs}
     gpu = _gpu_mem_mib() if args.device == "cuda" else None
     await observer.close()
@@ -493,10 +530,12 @@ async def _main(args: argparse.Namespace) -> int:
         return 0 if row["markers_ok"] else 1
     with tempfile.TemporaryDirectory(prefix="rheo-serve-") as tmp:
         stack = _stack(args, Path(tmp))
-        stack.start(timeout=args.start_timeout)
         try:
+            _progress(f"starting the stack: {args.stages} stages, {args.model} on {args.device}")
+            stack.start(timeout=args.start_timeout, progress=True)
+            warm = await _warm_up(stack, args) if args.warmup > 0 else {}
             if not args.search:
-                _emit(await _measure(stack, args, args.streams))
+                _emit(await _measure(stack, args, args.streams) | warm)
                 return 0
             best, n, bad = 0, 1, None
             while bad is None or bad - best > 1:
@@ -513,10 +552,24 @@ async def _main(args: argparse.Namespace) -> int:
                     break
             _emit({"bench": "serve_search", "device": args.device, "model": args.model, "size": args.size,
                    "fps_target": args.target_fps or args.fps, "max_p99_s": args.max_p99, "streams": best,
-                   "commit": git_commit()})
+                   "commit": git_commit()} | warm)
+        except BaseException as e:  # a failed start, a SIGTERM from the suite's time box: what each service said
+            _progress(f"serve: {type(e).__name__}: {e}".splitlines()[0])
+            for p in stack.procs:
+                _progress(f"--- {p.name} (last lines of its log)\n{p.log_tail(1500)}")
+            raise
         finally:
-            stack.stop()
+            stack.stop(timeout=5.0)  # the services run in sessions of their own: a kill of this process leaves them
     return 0
+
+
+def _progress(line: str) -> None:
+    """Where a run is, on stderr: the GPU suite keeps it in its log when a step is cut off."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through _main's finally: the stack is stopped, not orphaned
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -548,7 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--player-settle", type=float, default=3.0, help="seconds of playback before sampling")
     ap.add_argument("--env", action="append", default=[], metavar="RHEO_X=V", help="extra service setting")
     ap.add_argument("--start-timeout", type=float, default=300.0)
+    ap.add_argument("--warmup", type=float, default=0.0, help="seconds at most of a throwaway stream first, until "
+                    "its first chunk is out (CUDA graphs, compile); reported as warmup_s (0: none)")
     ap.add_argument("--dry-run", action="store_true", help="no stack: the marker path offline (VAE, x264, LL-HLS)")
+    signal.signal(signal.SIGTERM, _terminated)
     return asyncio.run(_main(ap.parse_args(argv)))
 
 

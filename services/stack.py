@@ -288,17 +288,25 @@ class LocalStack:
                               self.workdir / "logs" / f"{name}.log"))
         return procs
 
-    def start(self, timeout: float = 180.0) -> None:
+    def start(self, timeout: float = 180.0, progress: bool = False) -> None:
+        """Spawn every service and wait until each answers ``/readyz``; ``progress`` reports each one's time."""
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.start_nats()
         self.procs = self._plan()
         for p in self.procs:
             p.spawn()
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         pending = list(self.procs)
         while pending:
             self._check_exits()
-            pending = [p for p in pending if not p.ready()]
+            still = []
+            for p in pending:
+                if not p.ready():
+                    still.append(p)
+                elif progress:
+                    self.report(f"{p.name} ready after {time.monotonic() - started:.1f} s")
+            pending = still
             if time.monotonic() > deadline:
                 names = ", ".join(p.name for p in pending)
                 raise StackError(f"not ready after {timeout:.0f}s: {names}\n{pending[0].log_tail()}")

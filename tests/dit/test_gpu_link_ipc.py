@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _peer(fields: dict, conn) -> None:  # a separate process, as the next stage is
     t = link_cuda.open_shared(fields)
-    conn.send((link_cuda.device_uuid(), t.cpu()))
+    conn.send((link_cuda.device_uuid(), t.cpu().numpy()))
     t.add_(1)  # the receiver may use the tensor in place until it releases it
     torch.cuda.synchronize()
     conn.send("done")
@@ -40,6 +40,7 @@ def test_a_peer_process_maps_the_tensor_bitwise_and_the_segment_keeps_it() -> No
     proc.start()
     try:
         uuid, got = parent.recv()
+        got = torch.from_numpy(got)
         assert parent.recv() == "done"
         assert link_cuda.same_device(uuid)
         assert torch.equal(got, want)
@@ -62,7 +63,9 @@ def _listener(conn) -> None:  # the next stage: a process of its own on the same
         for _ in range(2):
             with await listener.recv(timeout=30) as frame:
                 t = frame.message.embedding
-                conn.send((t.device.type, t.clone().cpu()))  # consumed (copied) before the release
+                # consumed (copied) before the release; numpy pickles by value, where a torch CPU tensor would be
+                # shared by a descriptor this process must outlive
+                conn.send((t.device.type, t.cpu().numpy()))
         conn.send(listener.stats.shm_frames)
         listener.close()
 
@@ -89,6 +92,7 @@ def test_a_link_between_two_processes_on_one_gpu_sends_device_tensors_as_handles
     sender, want = asyncio.run(send())
     try:
         (_, first), (where, second) = parent.recv(), parent.recv()
+        first, second = torch.from_numpy(first), torch.from_numpy(second)
         assert parent.recv() == 2
         assert torch.equal(first, torch.arange(1024, dtype=torch.float32))
         assert where == "cuda" and torch.equal(second, want)
