@@ -34,8 +34,9 @@ def main() -> None:
         try:
             out = av.open(args.url, "w", format="flv", timeout=10)
             opts = {"preset": "ultrafast", "tune": "zerolatency", "g": str(args.fps)}
-            if args.codec == "libx265":
-                opts = {"preset": "ultrafast", "x265-params": "log-level=error"}
+            if args.codec == "libx265":  # zerolatency: a packet per frame (no lookahead holding all 16 back to
+                # the flush, after which a refusal can arrive too late for this publisher to see it)
+                opts = {"preset": "ultrafast", "tune": "zerolatency", "x265-params": "log-level=error"}
             st = out.add_stream(args.codec, rate=args.fps, options=opts)
             st.width, st.height, st.pix_fmt = width, height, "yuv420p"
             t0 = time.monotonic()
