@@ -5,6 +5,10 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && chmod +x /tmp/site/bin/* &&
 #   PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH OFFICIAL_DIR=$PWD/.cache/official bench/gpu-suite.sh
 #
+# .cache/official (ignored, never committed): the official code without its media, from the tool `fetch`'s copy G
+# of chenfengxu714/StreamDiffusionV2: git --git-dir=G archive HEAD $(git --git-dir=G ls-tree -r --name-only HEAD |
+# grep -vE '^(assets|examples|demo)/') | tar -x -C .cache/official  (≈ 0.6 MB).
+#
 # The GPU image already holds torch, numpy, transformers, huggingface-hub, safetensors, msgpack, prometheus-client,
 # httpx, pytest and hypothesis (docs: the device's package list); this adds what rheo's served path imports beyond
 # them, at the versions of this checkout's .venv, for CPython 3.12 on x86-64 (≈ 55 MB: the device's tree limit is
