@@ -1,7 +1,9 @@
-"""What every benchmark shares: percentiles and the commit a result was measured at."""
+"""What every benchmark shares: percentiles, the commit a result was measured at, and stopping its stack when
+its time box ends."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 
 
@@ -18,3 +20,14 @@ def git_commit() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``timeout``, the GPU suite's time box) raises ``SystemExit(143)``, so the bench's ``finally`` stops
+    its ``LocalStack``: the services run in process sessions of their own, and a bench killed outright would leave
+    them running (on the GPU) beside whatever runs next."""
+
+    def terminated(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)

@@ -39,7 +39,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from faults.stackkit import create_stream, decoded, encoded, publisher, shown_at  # noqa: E402
 
-from bench.common import git_commit  # noqa: E402
+from bench.common import git_commit, stop_on_sigterm  # noqa: E402
 from services.stack import LocalStack, Ports  # noqa: E402
 
 SIZE, FPS, STEPS, MISS_S = 64, 4, 2, 1.5
@@ -119,6 +119,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", choices=list(SCENARIOS), help="scenarios to run (default: all)")
     ap.add_argument("--bound", type=float, default=120.0, help="seconds before a stream counts as lost for good")
     args = ap.parse_args()
+    stop_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="rheo-faults-"))
     stack = LocalStack(work, stages=3, ports=Ports.ephemeral(), report=lambda line: None, extra_env={
         "RHEO_INGEST__DEBUG_TAP_DIR": str(work / "tap-in"),

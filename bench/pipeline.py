@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import git_commit  # noqa: E402
+from bench.common import git_commit, stop_on_sigterm  # noqa: E402
 from ingest.testpattern import pattern_frame  # noqa: E402
 from pipeline.loading import build_tiny_pipeline  # noqa: E402
 from pipeline.pipeline import PipelineConfig, StreamPipeline  # noqa: E402
@@ -108,9 +108,9 @@ def run_distributed(work: Path, stages: int, size: int, steps: int, fps: int, se
     env = {"RHEO_DECODER__DEBUG_TAP_DIR": str(work / "tap-out"), "RHEO_INGEST__STREAM_LINGER_S": "1"}
     stack = LocalStack(work, stages=stages, ports=Ports.ephemeral(), extra_env=env, torch_threads=threads)
     t0 = time.perf_counter()
-    stack.start(timeout=300)
-    start_s = time.perf_counter() - t0
     try:
+        stack.start(timeout=300)
+        start_s = time.perf_counter() - t0
         created = stack.api("POST", "/v1/streams", {"prompt": "a test pattern in watercolour", "width": size,
                                                     "height": size, "fps": fps, "steps": steps, "seed": SEED,
                                                     "slo_latency_ms": 600000})
@@ -158,6 +158,7 @@ def main() -> None:
     p.add_argument("--service-threads", type=int, default=1,
                    help="torch threads of every service process (LocalStack's default: 1; 0: torch's, one per core)")
     args = p.parse_args()
+    stop_on_sigterm()
 
     torch.set_num_threads(args.threads)
     common = {"bench": "pipeline", "preset": "tiny", "device": "cpu", "size": f"{args.size}x{args.size}",

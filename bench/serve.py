@@ -44,7 +44,6 @@ import io
 import json
 import math
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -61,7 +60,7 @@ import m3u8
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import git_commit, percentile  # noqa: E402
+from bench.common import git_commit, percentile, stop_on_sigterm  # noqa: E402
 from ingest.testpattern import read_marker  # noqa: E402
 from proto import EncodedVideo, LatentChunk, decode  # noqa: E402
 from proto.subjects import CHANNELS  # noqa: E402
@@ -568,10 +567,6 @@ def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _terminated(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through _main's finally: the stack is stopped, not orphaned
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -604,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=0.0, help="seconds at most of a throwaway stream first, until "
                     "its first chunk is out (CUDA graphs, compile); reported as warmup_s (0: none)")
     ap.add_argument("--dry-run", action="store_true", help="no stack: the marker path offline (VAE, x264, LL-HLS)")
-    signal.signal(signal.SIGTERM, _terminated)
+    stop_on_sigterm()
     return asyncio.run(_main(ap.parse_args(argv)))
 
 
