@@ -79,7 +79,7 @@ from services import telemetry
 from services.bus import KV, CreditWindow
 from services.config import Settings
 from services.epochs import wait_prepared
-from services.runtime import Service, main, watch_keys
+from services.runtime import Service, ServiceStartError, main, watch_keys
 from services.streams import StreamNotFound, StreamTable, ingest_silent
 
 if TYPE_CHECKING:
@@ -176,7 +176,11 @@ class IngestService(Service):
                                on_stream_start=self._on_rtmp_start, on_stream_end=self._on_rtmp_end)
         await self.rtmp.start()
         if self.settings.ingest.whip_port is not None:  # WebRTC publishers: the same streams (docs/whip.md)
-            from ingest.whip import WhipServer  # aiortc loads only where WHIP is on
+            try:
+                from ingest.whip import WhipServer  # aiortc loads only where WHIP is on
+            except ImportError as e:
+                raise ServiceStartError(f"ingest.whip_port is set, but WHIP cannot load: {e} (install aiortc, or "
+                                        "unset ingest.whip_port to take RTMP publishers only)") from e
 
             self.whip = WhipServer(self.rtmp, self.settings.lifecycle.http_host)
             await self.whip.start()

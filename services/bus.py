@@ -144,6 +144,8 @@ class Bus:
         # a bulk publisher has at most one credit window in flight: a stream's lane never fills with honest traffic
         self.lane_limits = LaneLimits(self.LANE_MSGS, max(2 * credit_window_bytes, 2 * limits.max_message_bytes))
         self._dispatchers: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+        self.lost = asyncio.Event()
+        """Set when NATS closed the connection for good without this service asking (logged with the reason)."""
 
     @property
     def since_reconnect(self) -> float | None:
@@ -186,6 +188,17 @@ class Bus:
             nc._rheo_reconnected_at = time.monotonic()  # type: ignore[attr-defined]
             log.info("nats %s: reconnected", name)
 
+        async def on_closed() -> None:
+            # nats-py closes for good, without reconnecting, on any -ERR of the server but a permissions one (a
+            # maximum payload or control line violation, an authorization failure on reconnect): say why, and let
+            # the service end (Bus.lost) instead of running on deaf
+            if not (getattr(nc, "_rheo_closing", False) or nc.is_draining):
+                log.error("nats %s: the connection was closed (%s); it will not reconnect", name,
+                          nc.last_error or "no error given")
+                lost.set()
+
+        lost = asyncio.Event()
+
         options: dict[str, Any] = dict(
             servers=[u.strip() for u in settings.url.split(",") if u.strip()],
             name=settings.name or name,
@@ -198,6 +211,7 @@ class Bus:
             error_cb=on_error,
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
+            closed_cb=on_closed,
             tls=_tls_context(settings),
             inbox_prefix=settings.inbox_prefix,
         )
@@ -215,18 +229,22 @@ class Bus:
         try:
             await nc.connect(**options)
         except (TimeoutError, nats.errors.Error, OSError) as e:
+            nc._rheo_closing = True  # type: ignore[attr-defined]
             with contextlib.suppress(Exception):
                 await nc.close()  # stop nats-py's background reconnect tasks
             raise BusError(f"cannot connect to NATS at {settings.url}: {type(e).__name__}: {e}") from e
         nc.options["max_reconnect_attempts"] = settings.max_reconnect_attempts
         if nc.max_payload < max_send:
+            nc._rheo_closing = True  # type: ignore[attr-defined]
             await nc.close()
             raise PayloadConfigError(
                 f"{name} may publish messages of up to {max_send} bytes (nats.max_send_bytes), but the NATS server "
                 f"at {settings.url} accepts at most {nc.max_payload} (max_payload). Set max_payload to at least "
                 f"{max_send} in the server config (8MB recommended) or lower nats.max_send_bytes."
             )
-        return cls(nc, limits or Limits(), max_send, credit_window_bytes=settings.credit_window_bytes)
+        bus = cls(nc, limits or Limits(), max_send, credit_window_bytes=settings.credit_window_bytes)
+        bus.lost = lost
+        return bus
 
     @property
     def max_payload(self) -> int:
@@ -234,13 +252,14 @@ class Bus:
 
     async def close(self) -> None:
         if not self.nc.is_closed:
-            self.nc._rheo_closing = True  # type: ignore[attr-defined]  # silences the disconnect log
+            self.nc._rheo_closing = True  # type: ignore[attr-defined]  # silences the disconnect and close logs
             await self.nc.close()
 
     async def drain(self) -> None:
         """Finish in-flight messages (also those waiting in the dispatchers' lanes, for up to ``DRAIN_LANES_S``),
         then close (SIGTERM path)."""
         if not self.nc.is_closed:
+            self.nc._rheo_closing = True  # type: ignore[attr-defined]
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.gather(*(d.idle() for d in list(self._dispatchers))),
                                        self.DRAIN_LANES_S)

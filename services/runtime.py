@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import nats.errors
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, Response
@@ -119,6 +120,14 @@ class Service:
         """Begin a clean shutdown (what SIGTERM does)."""
         self._stop.set()
 
+    async def _stop_when_bus_lost(self, bus: Bus) -> None:
+        """A connection NATS closed for good (services/bus.py: ``Bus.lost``) is a dead service: not ready, and it
+        ends with exit status 1 for its supervisor to start it again, rather than running on deaf."""
+        await bus.lost.wait()
+        self.checks["bus"] = False
+        log.error("%s: lost its NATS connection for good; stopping (exit status 1)", self.member_id)
+        self.stop()
+
     def http_app(self) -> FastAPI:
         app = FastAPI(title=f"rheo {self.role}", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -183,12 +192,18 @@ class Service:
         http = asyncio.create_task(self._serve_http(self._listen()), name="http")
         lag_probe = asyncio.create_task(self.watchdog.run_lag_probe(), name="loop-lag")
         beats: asyncio.Task[None] | None = None
+        lost: asyncio.Task[None] | None = None
         try:
             self.bus = await Bus.connect(self.settings.nats, name=self.member_id,
                                          limits=Limits.from_settings(self.settings.proto),
                                          max_send_bytes=self.max_send_bytes())
             self.checks["bus"] = True
-            await self.start()
+            lost = asyncio.create_task(self._stop_when_bus_lost(self.bus), name="bus-lost")
+            try:
+                await self.start()
+            except Exception as e:  # said now: the cleanup below waits on this service's tasks
+                log.error("%s failed to start: %s: %s", self.member_id, type(e).__name__, e)
+                raise
             self.checks["started"] = True  # subscriptions exist: only now may anyone count on this service
             beats = asyncio.create_task(self._heartbeats(), name="heartbeats")
             log.info("%s ready (health on :%d)", self.member_id, self.http_port)
@@ -202,9 +217,11 @@ class Service:
                 log.warning("%s: drain did not finish in %.1fs", self.member_id,
                             self.settings.lifecycle.drain_timeout_s)
             log.info("%s drained in %.1f s; closing the bus", self.member_id, time.monotonic() - t0)
-            return 0
+            return 1 if self.bus.lost.is_set() else 0
         finally:
             self._stop.set()
+            if lost is not None:
+                lost.cancel()
             if beats is not None:
                 await beats
             if self.bus is not None:
@@ -254,8 +271,9 @@ async def watch_keys(open_kv: Callable[[], Awaitable[KV]], keys: str,
                      retry_s: float = 0.5) -> None:
     """Call ``on_entry(key, value, revision)`` for the current value of every key matching ``keys`` and every later
     change (``value`` None: deleted), forever: a failed watch (a NATS hiccup) is logged and opened again after
-    ``retry_s`` (the current values come again; callers treat them as idempotent). The one KV-watch loop of every
-    service: the block map (stages, ingest), the stream table (ingest's T2V streams)."""
+    ``retry_s`` (the current values come again; callers treat them as idempotent), until the connection is closed
+    for good (a drain, or ``Bus.lost``: the runtime stops the service) or the task is cancelled. The one KV-watch
+    loop of every service: the block map (stages, ingest), the stream table (ingest's T2V streams)."""
     while True:
         try:
             kv = await open_kv()
@@ -264,8 +282,19 @@ async def watch_keys(open_kv: Callable[[], Awaitable[KV]], keys: str,
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            if _cancelling():  # nats-py's wait_for can turn our cancel into its own error: the cancel wins
+                raise asyncio.CancelledError from e
+            if isinstance(e, nats.errors.ConnectionClosedError):  # closed for good: nothing to retry on
+                log.warning("%s watch ended: the NATS connection is closed", what)
+                return
             log.warning("%s watch failed (%s); retrying", what, e)
         await asyncio.sleep(retry_s)
+
+
+def _cancelling() -> bool:
+    """Whether the running task has a cancel pending (one that something below it swallowed)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def watch_key(open_kv: Callable[[], Awaitable[KV]], key: str, on_value: Callable[[bytes, int], Awaitable[None]],

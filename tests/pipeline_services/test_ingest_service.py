@@ -597,3 +597,21 @@ def test_a_blend_is_stamped_per_chunk_and_survives_a_move() -> None:
                                                          (2, None, 1.0), (2, None, 1.0)]
     stream.next_seq = 9
     assert stream.accept_prompt(3, "s", "blend", 1) == 9 and stream.prompt_of(9) == (3, None, 1.0)
+
+
+def test_whip_on_without_aiortc_exits_at_once_saying_why(nats_settings: NatsSettings, tmp_path: Path) -> None:
+    """ingest.whip_port set where aiortc cannot load (the first GPU machine's packages): ingest must exit with the
+    reason, not hang with its KV watches retrying on a drained connection while its supervisor waits for ready."""
+    shim = tmp_path / "shim" / "aiortc"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise ImportError("No module named \'aiortc\' (this test hides it)")\n')
+    env = {**os.environ, "PYTHONPATH": f"{shim.parent}:{ROOT}", "RHEO_NATS__URL": nats_settings.url,
+           "RHEO_TELEMETRY__METRICS_PORT": "0", "RHEO_LIFECYCLE__HTTP_HOST": "127.0.0.1",
+           "RHEO_INGEST__RTMP_HOST": "127.0.0.1", "RHEO_INGEST__RTMP_PORT": str(free_port()),
+           "RHEO_INGEST__WHIP_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-m", "ingest.service"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "ingest.whip_port is set, but WHIP cannot load" in out and "this test hides it" in out
+    assert "watch failed" not in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -274,3 +275,45 @@ async def test_a_lost_bucket_is_created_again_and_its_watches_reopen(bus: Bus, b
         KV.LOST_CHECK_S = 2.0
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
+
+
+async def test_a_kv_watch_ends_on_its_cancel_even_where_the_cancel_was_swallowed_below_it() -> None:
+    """On Python 3.11 ``asyncio.wait_for`` (nats-py's) can swallow a cancel and raise its own error instead: the
+    watch loop must still end, else a service whose start failed never exits (asyncio.run waits on its tasks; the
+    first GPU run of the served path hung this way, logging a failed watch twice a second)."""
+    opened = asyncio.Event()
+
+    async def swallowing_open() -> KV:
+        opened.set()
+        with contextlib.suppress(asyncio.CancelledError):  # what a swallowing wait_for does: the cancel
+            await asyncio.sleep(60)                          # becomes another error
+        raise RuntimeError("timed out")
+
+    async def on_entry(_key: str, _value: bytes | None, _revision: int) -> None:
+        raise AssertionError("no entry expected")
+
+    watch = asyncio.create_task(watch_keys(swallowing_open, ">", on_entry, what="test", retry_s=0.01))
+    await asyncio.wait_for(opened.wait(), 5)
+    watch.cancel()
+    done, _ = await asyncio.wait({watch}, timeout=5)
+    assert watch in done and watch.cancelled()
+
+
+async def test_a_kv_watch_on_a_closed_connection_ends_instead_of_retrying(nats_settings, caplog) -> None:
+    """A connection closed for good (a drain, or one NATS closed) has nothing to retry on; the negative control is
+    the retry of an ordinary failure (``test_a_lost_bucket_is_created_again_and_its_watches_reopen``)."""
+    closed = await Bus.connect(nats_settings, name="closed")
+    kv = await closed.kv("rheo-test-closed")
+    await closed.close()
+    calls = 0
+
+    async def open_kv() -> KV:
+        nonlocal calls
+        calls += 1
+        return kv
+
+    async def on_entry(_key: str, _value: bytes | None, _revision: int) -> None:
+        raise AssertionError("no entry expected")
+
+    await asyncio.wait_for(watch_keys(open_kv, ">", on_entry, what="test", retry_s=0.01), 5)
+    assert calls == 1 and "the NATS connection is closed" in caplog.text

@@ -91,6 +91,32 @@ async def test_sigterm_drains_in_flight_work_then_exits(nats_settings: NatsSetti
         assert "Traceback" not in out, out
 
 
+async def test_a_connection_nats_closes_for_good_ends_the_service_with_its_reason(
+        nats_settings: NatsSettings, eventually, caplog: pytest.LogCaptureFixture) -> None:
+    """nats-py never reconnects after a server -ERR other than a permissions one: the server's own close of the
+    connection. Such a service was deaf (every KV watch failing) while it kept saying nothing useful; it must end
+    with exit status 1 and the server's reason in its log, so that its supervisor starts it again."""
+    service = EchoService(_settings(nats_settings), member_id="echo-lost")
+    task = asyncio.create_task(service.run())
+    await eventually(lambda: service.http_port != 0 and service.ready)
+    assert service.bus is not None
+    service.bus.nc._transport.write(b"PUB " + b"x" * 5000 + b" 0\r\n\r\n")  # over the 4 KB control line
+    assert await asyncio.wait_for(task, 15) == 1
+    assert "maximum control line exceeded" in caplog.text.lower() and "will not reconnect" in caplog.text
+    assert not service.ready
+
+
+async def test_a_service_stopped_on_purpose_logs_no_lost_connection(
+        nats_settings: NatsSettings, eventually, caplog: pytest.LogCaptureFixture) -> None:
+    """The negative control: a drain closes the connection too, and is no loss."""
+    service = EchoService(_settings(nats_settings), member_id="echo-stop")
+    task = asyncio.create_task(service.run())
+    await eventually(lambda: service.http_port != 0 and service.ready)
+    service.stop()
+    assert await asyncio.wait_for(task, 15) == 0
+    assert "will not reconnect" not in caplog.text
+
+
 def test_http_port_clash_is_a_clear_failure(nats_settings: NatsSettings) -> None:
     import socket
 
