@@ -84,6 +84,7 @@ def run(official: Path, width: int, height: int, steps: int, frames: int, warmup
 
     sys.path.insert(0, str(official))
     os.chdir(official)  # its loaders resolve paths against the project root
+    torch.set_grad_enabled(False)  # as its main() does: else every chunk's activations stay alive in the KV cache
     _random_weights()
     from streamv2v.inference import SingleGPUInferencePipeline
 

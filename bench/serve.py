@@ -468,7 +468,7 @@ def _stack(args: argparse.Namespace, work: Path) -> LocalStack:
         env["RHEO_MODEL__RANDOM_WEIGHTS"] = "true"
     env |= dict(kv.split("=", 1) for kv in args.env)
     return LocalStack(work, stages=args.stages, ports=Ports.ephemeral(), extra_env=env,
-                      torch_threads=args.threads)
+                      torch_threads=args.threads, whip=False)  # RTMP publishers only: no aiortc needed
 
 
 def _weights(args: argparse.Namespace) -> str:
@@ -528,7 +528,9 @@ async def _main(args: argparse.Namespace) -> int:
         _emit(row)
         return 0 if row["markers_ok"] else 1
     with tempfile.TemporaryDirectory(prefix="rheo-serve-") as tmp:
-        stack = _stack(args, Path(tmp))
+        work = Path(tmp) if args.logs is None else args.logs
+        work.mkdir(parents=True, exist_ok=True)
+        stack = _stack(args, work)
         try:
             _progress(f"starting the stack: {args.stages} stages, {args.model} on {args.device}")
             stack.start(timeout=args.start_timeout, progress=True)
@@ -598,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start-timeout", type=float, default=300.0)
     ap.add_argument("--warmup", type=float, default=0.0, help="seconds at most of a throwaway stream first, until "
                     "its first chunk is out (CUDA graphs, compile); reported as warmup_s (0: none)")
+    ap.add_argument("--logs", type=Path, default=None, help="keep the stack's folder (every service's whole log) "
+                    "here instead of a temporary one")
     ap.add_argument("--dry-run", action="store_true", help="no stack: the marker path offline (VAE, x264, LL-HLS)")
     stop_on_sigterm()
     return asyncio.run(_main(ap.parse_args(argv)))

@@ -178,6 +178,9 @@ class LocalStack:
     """The tensor-link key of this stack's stages (they listen on loopback, but a stack is as keyed as a cluster)."""
     playback_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     """Signs the stack's playback URLs (gateway and egress share it, like a chart's Secret)."""
+    whip: bool = True
+    """WebRTC publish (ingest's WHIP listener behind the gateway; needs aiortc). Off for what publishes over RTMP
+    only, on a machine that may lack aiortc (``bench/serve.py`` on a bare GPU machine)."""
     strict: bool = False
     """No supervision: any exit after ``start`` is an error (``check_alive`` raises) and nothing restarts."""
     no_restart: set[str] = field(default_factory=set)
@@ -273,9 +276,9 @@ class LocalStack:
                 port = free_port()  # the first egress has the stack's fixed port; more are for tests
                 env["RHEO_EGRESS__HTTP_PORT"] = str(port)
                 env["RHEO_EGRESS__PUBLIC_URL"] = f"http://{url_host(connect_host(self.host))}:{port}"
-            if name == "ingest":
+            if name == "ingest" and self.whip:
                 env.update(RHEO_INGEST__WHIP_PORT=str(whip), RHEO_INGEST__WHIP_CLIENT_HEADER="X-Forwarded-For")
-            if name == "gateway":
+            if name == "gateway" and self.whip:
                 env["RHEO_GATEWAY__WHIP_URL"] = f"http://127.0.0.1:{whip}"
             if name.startswith("dit-"):
                 service = "dit-stage"

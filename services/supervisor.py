@@ -11,6 +11,7 @@ waits for a process to come up, so a slow restart does not delay noticing anothe
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -42,12 +43,26 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
 
     def log_tail(self, n: int = 3000) -> str:
-        """The last ``n`` bytes of its log (which grows across restarts: never read whole)."""
+        """About the last ``n`` bytes of its log (which grows across restarts: never read whole), a line repeated
+        over and over (a retry loop) shown once with its count, so that what came before it still shows."""
         if not self.log_path.is_file():
             return ""
         with open(self.log_path, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - n))
-            return f.read().decode(errors="replace")
+            f.seek(max(0, f.seek(0, 2) - max(16 * n, 1 << 18)))  # a retry loop of minutes, collapsed below
+            lines = f.read().decode(errors="replace").splitlines()
+        out: list[str] = []
+        repeats = 0
+        for line in lines:
+            if out and _without_time(line) == _without_time(out[-1]):
+                repeats += 1
+                continue
+            if repeats:
+                out.append(f"    (the line above {repeats} more times)")
+            out.append(line)
+            repeats = 0
+        if repeats:
+            out.append(f"    (the line above {repeats} more times)")
+        return "\n".join(out)[-n:]
 
     def spawn(self) -> None:
         """Start (or start again) the process; its output is appended to its log file."""
@@ -57,6 +72,14 @@ class Proc:
 
     def ready(self) -> bool:
         return http_ready(self.health_port)
+
+
+_LOG_TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+ ")
+
+
+def _without_time(line: str) -> str:
+    """A log line without its leading timestamp (``configure_logging``'s format)."""
+    return _LOG_TIME.sub("", line, count=1)
 
 
 def http_ready(port: int) -> bool:

@@ -214,3 +214,19 @@ def test_one_poll_never_waits_for_a_restart(tmp_path: Path) -> None:
     sup.poll(now=time.monotonic() + 31)
     assert sup.restarts == {"slow": 1}
     slow.popen.wait()
+
+
+def test_a_log_tail_shows_a_retry_loop_once_and_what_came_before_it(tmp_path: Path) -> None:
+    """A service stuck in a retry loop logs one line twice a second: the tail must still show the line that says
+    why (the first GPU run of the served path showed 1500 bytes of the same retry warning and nothing else)."""
+    log = tmp_path / "ingest.log"
+    retry = "WARNING rheo.runtime: ingest: block maps watch failed (nats: connection closed); retrying"
+    log.write_text("2026-12-04 14:53:30,001 INFO rheo.ingest: loading\n"
+                   "2026-12-04 14:53:31,002 ERROR rheo.bus: nats ingest: the connection was closed (the reason)\n"
+                   + "".join(f"2026-12-04 14:{53 + (32 + i // 2) // 60}:{(32 + i // 2) % 60:02d},{i % 2 * 500:03d} "
+                             f"{retry}\n" for i in range(400)))
+    tail = Proc("ingest", [], {}, 0, log).log_tail(1500)
+    assert "the connection was closed (the reason)" in tail
+    assert tail.count(retry) == 1 and "(the line above 399 more times)" in tail
+    raw = log.read_bytes()[-1500:].decode()
+    assert "the reason" not in raw  # the negative control: the last 1500 bytes alone lose it
