@@ -4,11 +4,13 @@
 #   bench/gpu-suite.sh [--dry-run] [--out FILE]
 #
 # Steps: the GPU tests (tests/dit/test_gpu.py and every tests/**/test_*gpu*.py), bench/dit.py (1.3B, 512² and
-# 480×832, 1/2/4 steps), bench/pipeline_local.py (1.3B + full VAE), bench/serve.py (the served path: 1 stream, the
+# 480×832, 1/2/4 steps), bench/pipeline_local.py (1.3B + full Wan VAE at 512² 2 steps and 832×480 1 step, the
+# side-by-side configurations; TAEHV both ways at 512² 2 steps), bench/serve.py (the served path: 1 stream, the
 # streams-per-GPU search at 16 FPS, 14B at 1 step if the GPU has the memory; the served 1.3B/14B use Wan2.1
 # weights from MODEL_DIR / MODEL_DIR_14B when set, else random weights at the real sizes: model.random_weights,
 # real timings, noise output; the measurement mode keeps the content markers), bench/official.py (the official
-# StreamDiffusionV2 code side by side when OFFICIAL_DIR names a fetched copy; ratio lines rheo / official).
+# StreamDiffusionV2 code side by side when OFFICIAL_DIR names a fetched copy, the same two configurations; ratio
+# lines rheo / official).
 # Every result is one JSON line appended to FILE (default bench-results/gpu-suite-<utc>.jsonl) with "step" added;
 # a step that printed none (crashed, timed out) gets {"step", "error", "rc"}; a summary line ends the run
 # (exit status 1 when any step failed).
@@ -74,7 +76,8 @@ print(json.dumps(row | ({} if rc in (0, 5) else {"error": "tests failed"})))'
 
 export -f pytest_json
 export PY
-GPU_TESTS=$(find tests -name 'test_*gpu*.py' ! -name 'test_gpu_suite.py' | sort | tr '\n' ' ')
+# the CUDA tests (tests/deploy's one-GPU chart profile is a CPU test, and its conftest needs helm-python-sdk)
+GPU_TESTS=$(find tests -name 'test_*gpu*.py' ! -name 'test_gpu_suite.py' ! -path 'tests/deploy/*' | sort | tr '\n' ' ')
 if [ "$DRY" = 1 ]; then  # nothing to measure on CPU: the steps run side by side (half the time on 2 cores)
     step gpu_tests 120 bash -c 'pytest_json "$@"' _ $GPU_TESTS &
     step dit 120 "$PY" bench/dit.py --device cpu --models tiny --steps 1 --streams 1 --iters 1 --warmup 1 &
@@ -84,10 +87,14 @@ if [ "$DRY" = 1 ]; then  # nothing to measure on CPU: the steps run side by side
     step official 60 "$PY" bench/official.py &
     wait
 else
-    step gpu_tests 50 bash -c 'pytest_json "$@"' _ $GPU_TESTS
-    step dit 60 "$PY" bench/dit.py --device cuda --models 1.3b --res 512x512,480x832 --steps 1,2,4 --streams 1
-    step pipeline_local 70 "$PY" bench/pipeline_local.py --device cuda --preset 1.3b --size 512x512,832x480 \
-        --steps 2 --streams 1
+    step gpu_tests 40 bash -c 'pytest_json "$@"' _ $GPU_TESTS
+    step dit 40 "$PY" bench/dit.py --device cuda --models 1.3b --res 512x512,480x832 --steps 1,2,4 --streams 1
+    # the two side-by-side configurations, then the fast mode (TAEHV both ways); CUDA graphs without compile, so
+    # that a shape's compile cannot eat a time box (each run builds and captures its own)
+    PL=("$PY" bench/pipeline_local.py --device cuda --preset 1.3b --streams 1 --forward graph)
+    step pipeline_local 35 "${PL[@]}" --size 512x512 --steps 2
+    step pipeline_local 30 "${PL[@]}" --size 832x480 --steps 1
+    step pipeline_local 30 "${PL[@]}" --size 512x512 --steps 2 --vae taehv
     # Wan2.1 weights when MODEL_DIR names them, else random weights at the real sizes (model.random_weights).
     # --start-timeout inside each time box: a stack that does not come up prints every service's log tail; a
     # warm-up stream takes the stages' CUDA-graph captures; CUDA graphs without torch.compile (bench/dit.py's mode),
@@ -97,19 +104,23 @@ else
     SERVED_14B=(--random-weights)
     if [ -n "${MODEL_DIR:-}" ]; then SERVED=(--model 1.3b --model-dir "$MODEL_DIR"); fi
     if [ -n "${MODEL_DIR_14B:-${MODEL_DIR:-}}" ]; then SERVED_14B=(--model-dir "${MODEL_DIR_14B:-$MODEL_DIR}"); fi
-    step serve 110 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 --steps 2 \
+    step serve 100 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 --steps 2 \
         --streams 1 --seconds 8 --slo-ms 1000 --start-timeout 50 --warmup 30
-    step serve_search 100 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 \
-        --steps 2 --search --seconds 6 --slo-ms 1000 --max-streams 8 --start-timeout 45 --warmup 20
+    step serve_search 80 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 \
+        --steps 2 --search --seconds 5 --slo-ms 1000 --max-streams 8 --start-timeout 40 --warmup 20
     FREE_MIB=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits 2>/dev/null | head -n 1)
     if [ "${FREE_MIB:-0}" -gt 60000 ]; then
-        step serve_14b 55 "$PY" bench/serve.py --device cuda --model 14b "${SERVED_14B[@]}" "${GRAPH[@]}" \
-            --size 512 --fps 16 --steps 1 --streams 1 --stages 1 --seconds 6 --slo-ms 2000 --start-timeout 40
+        step serve_14b 45 "$PY" bench/serve.py --device cuda --model 14b "${SERVED_14B[@]}" "${GRAPH[@]}" \
+            --size 512 --fps 16 --steps 1 --streams 1 --stages 1 --seconds 5 --slo-ms 2000 --start-timeout 32
     else
         echo "{\"step\": \"serve_14b\", \"skipped\": \"needs > 60000 MiB free (${FREE_MIB:-?})\"}" \
             | tee -a "$OUT"
     fi
-    step official 40 "$PY" bench/official.py --size 512x512 --steps 2 --rheo-jsonl "$OUT"
+    # the official code on the same GPU, the two configurations of the pipeline_local rows above: ratio lines
+    OFF=("$PY" bench/official.py --rheo-jsonl "$OUT" --frames 41 --warmup-chunks 4)
+    step official 40 "${OFF[@]}" --size 512x512 --steps 2
+    step official 40 "${OFF[@]}" --size 832x480 --steps 1
+
 fi
 
 SUMMARY=$(SECS=$(( $(date +%s) - START )) DRY="$DRY" "$PY" -c '

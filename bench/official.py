@@ -123,9 +123,9 @@ def run(official: Path, width: int, height: int, steps: int, frames: int, warmup
 
 def ratios(path: Path, official_rows: list[dict]) -> list[dict]:
     """rheo / official steady FPS for each official row with a ``bench/pipeline_local.py`` row of the same
-    size and steps (1 stream) in ``path``."""
+    size and steps (1 stream, the Wan VAE as the official code runs it) in ``path``."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
-    rheo = [r for r in rows if r.get("bench") == "pipeline_local"]
+    rheo = [r for r in rows if r.get("bench") == "pipeline_local" and r.get("vae", "wan") == "wan"]
     out = []
     for off in official_rows:
         for r in rheo:

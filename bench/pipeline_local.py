@@ -52,23 +52,24 @@ def _frames(n: int, height: int, width: int, seed: int) -> np.ndarray:
     return out
 
 
-def build(preset: str, config: PipelineConfig, device: torch.device, dtype: torch.dtype, forward: str):
-    """(pipeline, note): the tiny preset, or real 1.3B/14B DiT shapes + the full Wan2.1 VAE with random weights."""
+def build(preset: str, config: PipelineConfig, device: torch.device, dtype: torch.dtype, forward: str,
+          vae_kind: str = "wan", vae_compile: bool = False):
+    """(pipeline, note): the tiny preset, or real 1.3B/14B DiT shapes + the full-size VAE of ``vae_kind`` (the Wan2.1
+    VAE, or TAEHV both ways: the fast mode) with random weights, as ``model.random_weights`` serves them."""
     if preset == "tiny":
         from pipeline.loading import build_tiny_pipeline
 
         return build_tiny_pipeline(config, device=device, dtype=dtype, forward=forward), "tiny umT5 + tokenizer"
-    from diffusers import AutoencoderKLWan
-
-    from encoder.vae import StreamVAE
+    from encoder.vae_loading import StreamVAEConfig, compile_stream_vae, random_stream_vae
 
     cfg = WanDiTConfig.named(preset)
     with torch.device("meta"):
         dit = CausalWanDiT(cfg)
     dit = dit.to(dtype).to_empty(device=device)  # never materialise fp32 weights
     init_weights_(dit, std=0.02, generator=torch.Generator(device=device).manual_seed(0))
-    torch.manual_seed(0)
-    vae = StreamVAE(AutoencoderKLWan().to(device=device, dtype=dtype))  # diffusers' defaults = the Wan2.1 VAE
+    vae = random_stream_vae(StreamVAEConfig(encoder=vae_kind, decoder=vae_kind), dtype=dtype, device=device)
+    if vae_compile:
+        compile_stream_vae(vae)
     text = FixedEmbedding(cfg.text_len, cfg.text_dim)
     note = "umT5 skipped: one fixed random [1, 512, 4096] embedding for every prompt"
     return StreamPipeline(dit.eval(), vae, text, config, forward=forward), note
@@ -129,6 +130,9 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA)")
     p.add_argument("--forward", default="auto", choices=["auto", "eager", "graph", "compile"],
                    help="the DiT Forward's mode (auto: graph + compile on CUDA, eager on CPU)")
+    p.add_argument("--vae", default="wan", choices=["wan", "taehv"],
+                   help="the VAE both ways beyond the tiny preset: Wan2.1, or TAEHV (the fast mode)")
+    p.add_argument("--vae-compile", action="store_true", help="torch.compile the VAE (encoder.compile; CUDA only)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = p.parse_args()
 
@@ -144,7 +148,8 @@ def main() -> None:
         w, h = (int(v) for v in size.split("x"))
         for steps in steps_list:
             t0 = time.perf_counter()
-            pipe, note = build(preset, PipelineConfig(width=w, height=h, steps=steps), device, dtype, args.forward)
+            pipe, note = build(preset, PipelineConfig(width=w, height=h, steps=steps), device, dtype, args.forward,
+                               args.vae, args.vae_compile)
             load_s = time.perf_counter() - t0
             run_streams(pipe, 1, 21, seed=1000)  # warm-up: graph capture, autotuning, allocator
             for streams in [int(s) for s in args.streams.split(",")]:
@@ -154,7 +159,8 @@ def main() -> None:
                 _emit({
                     "bench": "pipeline_local", "preset": preset, "device": gpu or "cpu", "dtype": str(dtype)[6:],
                     "size": size, "steps": steps, "streams": streams, "frames_per_stream": frames,
-                    "forward": args.forward, **row, "build_s": round(load_s, 2),
+                    "forward": args.forward, "vae": "tiny" if preset == "tiny" else args.vae,
+                    "vae_compile": args.vae_compile and device.type == "cuda", **row, "build_s": round(load_s, 2),
                     "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if gpu else None,
                     "text_encoder": note,
                 })  # fmt: skip

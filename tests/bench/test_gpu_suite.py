@@ -31,3 +31,21 @@ def test_the_gpu_suite_dry_run_prints_a_result_for_every_step(tmp_path: Path) ->
     assert by_step["gpu_tests"]["rc"] in (0, 5)  # passed, or all skipped without CUDA (pytest's 5: none collected)
     assert by_step["serve"]["markers_ok"]  # the content path of the glass-to-glass measurement holds
     assert by_step["official"]["skipped"].startswith("official code not found")
+
+
+def test_ratio_lines_pair_the_official_rows_with_rheo_rows_of_the_same_configuration_and_vae(tmp_path: Path) -> None:
+    """rheo / official at the same size and steps, against rheo's Wan-VAE row (the VAE the official code runs): the
+    fast-mode (TAEHV) row of the same configuration is not a side-by-side of the same work."""
+    sys.path.insert(0, str(ROOT))
+    from bench.official import ratios
+
+    rows = [{"bench": "pipeline_local", "size": "512x512", "steps": 2, "streams": 1, "vae": "wan", "steady_fps": 30.0},
+            {"bench": "pipeline_local", "size": "512x512", "steps": 2, "streams": 1, "vae": "taehv",
+             "steady_fps": 90.0},
+            {"bench": "pipeline_local", "size": "832x480", "steps": 2, "streams": 1, "vae": "wan", "steady_fps": 9.0}]
+    path = tmp_path / "suite.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    official = [{"bench": "official", "size": "512x512", "steps": 2, "steady_fps": 15.0},
+                {"bench": "official", "size": "832x480", "steps": 1, "steady_fps": 10.0}]
+    (line,) = ratios(path, official)
+    assert (line["size"], line["steps"], line["rheo_fps"], line["ratio"]) == ("512x512", 2, 30.0, 2.0)

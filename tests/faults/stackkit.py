@@ -78,19 +78,24 @@ def metric(stack: LocalStack, proc: str, name: str, **labels: str) -> float:
     return total
 
 
-def current_map(stack: LocalStack) -> BlockMap:
-    """The block map the controller keeps in KV."""
-    async def read() -> BlockMap:
+def stored_map(stack: LocalStack) -> BlockMap | None:
+    """The block map the controller keeps in KV (None: not there)."""
+    async def read() -> BlockMap | None:
         assert stack.nats is not None
         bus = await Bus.connect(stack.nats_settings("ingest"), name="test-reader")  # a reader of the map
         try:
-            current = await (await bus.kv(Buckets.BLOCKMAP)).get_message(blockmap_key("0"), BlockMap)
-            assert current is not None
-            return current
+            return await (await bus.kv(Buckets.BLOCKMAP)).get_message(blockmap_key("0"), BlockMap)
         finally:
             await bus.close()
 
     return asyncio.run(read())
+
+
+def current_map(stack: LocalStack) -> BlockMap:
+    """The block map the controller keeps in KV, which must be there."""
+    current = stored_map(stack)
+    assert current is not None
+    return current
 
 
 FLOOD_CHANNELS = ("stream_latent", "stream_prompt", "stream_event", "ctl_heartbeat")

@@ -15,7 +15,7 @@ import pytest
 
 from services.stack import LocalStack, Ports
 
-from .stackkit import create_stream, current_map, decoded, encoded, encoded_at, publisher, shown_at, wait
+from .stackkit import create_stream, current_map, decoded, encoded, encoded_at, publisher, shown_at, stored_map, wait
 
 SIZE, FPS, STEPS = 64, 4, 2
 SLO_MS = 60000  # a loaded 2-core machine must not turn this into a deadline test
@@ -128,5 +128,7 @@ def test_a_lost_nats_store_is_rebuilt_and_no_stream_is_lost(stack: LocalStack, s
     assert created["state"] == "created"
     wait(lambda: _styled_after(stack, streams, before), bound, "styled output after the store was lost")
     wait(lambda: set(_states(stack, streams).values()) == {"live"}, bound, "the live streams' records back")
+    # the controller writes the map back once it leads again (its lock went with the store): after the records
+    wait(lambda: stored_map(stack) is not None, bound, "the block map back")
     assert current_map(stack).epoch == epoch
     stack.api("DELETE", f"/v1/streams/{created['id']}")
