@@ -178,6 +178,9 @@ class LocalStack:
     """The tensor-link key of this stack's stages (they listen on loopback, but a stack is as keyed as a cluster)."""
     playback_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     """Signs the stack's playback URLs (gateway and egress share it, like a chart's Secret)."""
+    fork: bool = True
+    """Fork the services from one process that has imported torch, diffusers and the rest once
+    (services/forkserver.py), rather than start eight interpreters that each import them."""
     whip: bool = True
     """WebRTC publish (ingest's WHIP listener behind the gateway; needs aiortc). Off for what publishes over RTMP
     only, on a machine that may lack aiortc (``bench/serve.py`` on a bare GPU machine)."""
@@ -288,7 +291,7 @@ class LocalStack:
                 env["RHEO_DIT_STAGE__LINK_PORT"] = str(
                     self.ports.first_link + int(name[4:]) if self.ports.first_link else free_port())
             procs.append(Proc(name, [sys.executable, "-m", "services.cli", service], env, health,
-                              self.workdir / "logs" / f"{name}.log"))
+                              self.workdir / "logs" / f"{name}.log", fork=self.fork))
         return procs
 
     def start(self, timeout: float = 180.0, progress: bool = False) -> None:

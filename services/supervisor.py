@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.forkserver import ForkedService, can_fork, fork_service
+
 
 class StackError(RuntimeError):
     """The stack could not start or keep running; the message names the service and shows its log tail."""
@@ -40,7 +42,9 @@ class Proc:
     env: dict[str, str]
     health_port: int
     log_path: Path
-    popen: subprocess.Popen[bytes] | None = None
+    popen: subprocess.Popen[bytes] | ForkedService | None = None
+    fork: bool = False
+    """Fork a ``rheo`` service from the preloaded fork server instead of starting a new interpreter."""
 
     def log_tail(self, n: int = 3000) -> str:
         """About the last ``n`` bytes of its log (which grows across restarts: never read whole), a line repeated
@@ -65,7 +69,11 @@ class Proc:
         return "\n".join(out)[-n:]
 
     def spawn(self) -> None:
-        """Start (or start again) the process; its output is appended to its log file."""
+        """Start (or start again) the process; its output is appended to its log file. A ``rheo`` service is forked
+        from the preloaded fork server when ``fork`` is set (services/forkserver.py: its imports paid once)."""
+        if self.fork and can_fork(self.argv):
+            self.popen = fork_service(self.argv, self.env, str(self.log_path))
+            return
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.popen = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True)

@@ -28,17 +28,23 @@ threading.Thread(target=read, daemon=True).start()
 coming_up.wait(120)
 bench.send_signal(signal.SIGTERM)  # the stack is coming up: cut it off there, as the suite's timeout does
 bench.wait(60)
-time.sleep(0.5)
+def orphans():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                found.append((int(pid), open(f"/proc/{pid}/cmdline").read().replace("\0", " ")))
+        except OSError:
+            continue
+    return found
+deadline = time.monotonic() + 10  # what exits by itself once the bench is gone (the fork server: ~1 s) is no orphan
+while orphans() and time.monotonic() < deadline:
+    time.sleep(0.1)
 left = []
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        continue
-    fields = stat.rsplit(")", 1)[1].split()
-    if int(fields[1]) == os.getpid() and fields[0] != "Z":
-        left.append(open(f"/proc/{pid}/cmdline").read().replace("\0", " "))
-        os.kill(int(pid), signal.SIGKILL)
+for pid, cmdline in orphans():
+    left.append(cmdline)
+    os.kill(pid, signal.SIGKILL)
 while True:  # reap whatever was left
     try:
         os.waitpid(-1, 0)
