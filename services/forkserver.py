@@ -9,9 +9,9 @@ would. ``ForkedService`` answers ``pid``, ``poll()``, ``returncode`` and ``wait(
 (exit codes included: negative for a signal), so the supervisor cannot tell the difference.
 
 The children are daemonic: when the process that owns the stack exits without stopping it, multiprocessing ends
-them (SIGTERM) instead of leaving them running. Nothing here initialises CUDA or starts a thread before the fork
-(torch's own pools start lazily), and torch's thread count, fixed by ``OMP_NUM_THREADS`` when libgomp loads in the
-server, is set again from the service's environment in the child.
+them (SIGTERM) instead of leaving them running. Nothing here starts a thread before the fork (torch's own pools
+start lazily); a machine with an NVIDIA driver forks only CPU services (``can_fork``). Torch's thread count, fixed
+by ``OMP_NUM_THREADS`` when libgomp loads in the server, is set again from the service's environment in the child.
 """
 
 from __future__ import annotations
@@ -39,10 +39,14 @@ def _context() -> ForkServerContext:
     return _CTX
 
 
-def can_fork(argv: list[str]) -> bool:
-    """Whether ``argv`` is a ``rheo`` service this module can fork: ``[python, -m, services.cli, ...]``."""
-    return (sys.platform == "linux" and len(argv) >= 4 and argv[0] == sys.executable and argv[1:3] == ["-m",
-            "services.cli"])
+def can_fork(argv: list[str], env: dict[str, str]) -> bool:
+    """Whether ``argv`` is a ``rheo`` service this module forks: ``[python, -m, services.cli, ...]`` on Linux, and
+    not one that may use a GPU. CUDA is not fork-safe once initialised, and a preloaded library may initialise it at
+    import (``torch.cuda.is_available()``), so where an NVIDIA driver is present only a service held to
+    ``model.device: cpu`` is forked; the others start as fresh interpreters."""
+    if sys.platform != "linux" or len(argv) < 4 or argv[0] != sys.executable or argv[1:3] != ["-m", "services.cli"]:
+        return False
+    return env.get("RHEO_MODEL__DEVICE") == "cpu" or not os.path.exists("/dev/nvidiactl")
 
 
 def _run(args: list[str], env: dict[str, str], log_path: str) -> None:

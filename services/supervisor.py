@@ -71,7 +71,7 @@ class Proc:
     def spawn(self) -> None:
         """Start (or start again) the process; its output is appended to its log file. A ``rheo`` service is forked
         from the preloaded fork server when ``fork`` is set (services/forkserver.py: its imports paid once)."""
-        if self.fork and can_fork(self.argv):
+        if self.fork and can_fork(self.argv, self.env):
             self.popen = fork_service(self.argv, self.env, str(self.log_path))
             return
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor

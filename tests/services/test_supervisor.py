@@ -232,15 +232,21 @@ def test_a_log_tail_shows_a_retry_loop_once_and_what_came_before_it(tmp_path: Pa
     assert "the reason" not in raw  # the negative control: the last 1500 bytes alone lose it
 
 
-def test_a_forked_service_runs_with_its_own_environment_log_and_exit_code(tmp_path: Path) -> None:
+def test_a_forked_service_runs_with_its_own_environment_log_and_exit_code(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """services/forkserver.py: the child takes the service's environment (not the parent's), writes to the
     service's log and exits with what ``rheo <service>`` returns, as a ``Popen`` child would."""
     from services.forkserver import can_fork, fork_service
 
     argv = [sys.executable, "-m", "services.cli", "dit-stage"]
-    assert can_fork(argv) and not can_fork([sys.executable, "-c", "pass"])
+    env = {"PATH": os.environ.get("PATH", ""), "RHEO_DIT_STAGE__KV_WINDOW": "not-a-number",
+           "RHEO_MODEL__DEVICE": "cpu"}
+    assert can_fork(argv, env) and not can_fork([sys.executable, "-c", "pass"], env)
+    with monkeypatch.context() as m:  # an NVIDIA driver present: only a service held to the CPU is forked
+        exists = os.path.exists
+        m.setattr(os.path, "exists", lambda path: path == "/dev/nvidiactl" or exists(path))
+        assert can_fork(argv, env) and not can_fork(argv, {**env, "RHEO_MODEL__DEVICE": "auto"})
     log = tmp_path / "dit-stage.log"
-    env = {"PATH": os.environ.get("PATH", ""), "RHEO_DIT_STAGE__KV_WINDOW": "not-a-number"}
     child = fork_service(argv, env, str(log))
     assert child.wait(60) == 2 and child.returncode == 2 and child.poll() == 2
     assert "RHEO_DIT_STAGE__KV_WINDOW" in log.read_text()  # set in the child's environment only
