@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -63,10 +64,15 @@ async def bus2(nats_settings: NatsSettings) -> AsyncIterator[Bus]:
 
 
 async def wait_for(predicate, timeout: float = 20.0, interval: float = 0.01) -> None:
-    """Poll until ``predicate()`` is true (raises ``TimeoutError``)."""
+    """Poll until ``predicate()`` is true (raises ``TimeoutError``); an ``async`` predicate is awaited."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not predicate():
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
         if loop.time() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(interval)

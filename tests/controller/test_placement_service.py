@@ -4,7 +4,6 @@ table before answering, refuses a stream no decoder has room for, and moves a de
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 from proto import SLO, Ack, Error, StreamSpec, Subjects, WorkCost
@@ -59,13 +58,13 @@ async def test_placement_refusal_and_a_dead_decoders_streams_move(nats_settings:
 
         await eventually(lambda: all(a.decoder == "dec-b" for a in svc.assigner.assignments.values()), timeout=15)
         # the controller decides in memory, then writes each move into the table: wait for the last write
-        for _ in range(150):
-            now = {sid: (await table.get(sid)).assignment for sid in placed}
-            if all(a is not None and a.decoder == "dec-b" for a in now.values()):
-                break
-            await asyncio.sleep(0.1)
+        async def written() -> bool:
+            now = [(await table.get(sid)).assignment for sid in placed]
+            return all(a is not None and a.decoder == "dec-b" for a in now)
+
+        await eventually(written, timeout=15, interval=0.1)
         for sid, before in placed.items():
-            after = now[sid]
+            after = (await table.get(sid)).assignment
             assert after is not None and before is not None and after.egress == before.egress
             assert after.version == before.version + (1 if sid in on["dec-a"] else 0)
         moves = [d for d in svc.decisions if d["kind"] == "move"]
