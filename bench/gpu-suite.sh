@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU suite (issue #14): one command, at most 8 minutes on one GPU machine, every step time-boxed.
 #
-#   bench/gpu-suite.sh [--dry-run] [--out FILE]
+#   bench/gpu-suite.sh [--dry-run] [--out FILE] [--only STEP,STEP...]
 #
 # Steps: the GPU tests (tests/dit/test_gpu.py and every tests/**/test_*gpu*.py), bench/dit.py (1.3B, 512² and
 # 480×832, 1/2/4 steps), bench/pipeline_local.py (1.3B + full Wan VAE at 512² 2 steps and 832×480 1 step, the
@@ -14,6 +14,8 @@
 # Every result is one JSON line appended to FILE (default bench-results/gpu-suite-<utc>.jsonl) with "step" added;
 # a step that printed none (crashed, timed out) gets {"step", "error", "rc"}; a summary line ends the run
 # (exit status 1 when any step failed).
+# --only: just these steps (names as in the result lines), e.g. the served ones alone for a short device call.
+# SERVE_LOGS=DIR keeps every service's whole log of each served step in DIR/<step> (bench/serve.py --logs).
 # --dry-run: the same steps on CPU with the tiny model and minimal sizes (seconds; CI runs it:
 # tests/bench/test_gpu_suite.py). Set PYTHON to choose the interpreter (default: python3).
 # On a bare lent GPU machine the served path's packages are missing: bench/gpu-wheels.sh prepares them here
@@ -22,11 +24,13 @@ set -u
 cd "$(dirname "$0")/.."
 DRY=0
 OUT=""
+ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
         --out) OUT="$2"; shift ;;
-        *) echo "usage: $0 [--dry-run] [--out FILE]" >&2; exit 2 ;;
+        --only) ONLY=",$2,"; shift ;;
+        *) echo "usage: $0 [--dry-run] [--out FILE] [--only STEP,STEP...]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -38,10 +42,14 @@ export PYTHONPATH="${PYTHONPATH:-$PWD}"
 export PYTHONUNBUFFERED=1  # a step cut off by its time box keeps the result lines it printed
 START=$(date +%s)
 
+wanted() { case "$ONLY" in "" | *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
 # step NAME SECONDS CMD...: run CMD under `timeout`; its JSON lines go to $OUT with "step" added.
 step() {
     local name="$1" limit="$2"
     shift 2
+    wanted "$name" || return 0
+    case "$name" in serve*) [ -n "${SERVE_LOGS:-}" ] && set -- "$@" --logs "$SERVE_LOGS/$name" ;; esac
     echo "== $name (≤ ${limit}s): $*" >&2
     local t0 rc lines
     t0=$(date +%s)
@@ -112,7 +120,7 @@ else
     if [ "${FREE_MIB:-0}" -gt 60000 ]; then
         step serve_14b 45 "$PY" bench/serve.py --device cuda --model 14b "${SERVED_14B[@]}" "${GRAPH[@]}" \
             --size 512 --fps 16 --steps 1 --streams 1 --stages 1 --seconds 5 --slo-ms 2000 --start-timeout 32
-    else
+    elif wanted serve_14b; then
         echo "{\"step\": \"serve_14b\", \"skipped\": \"needs > 60000 MiB free (${FREE_MIB:-?})\"}" \
             | tee -a "$OUT"
     fi
