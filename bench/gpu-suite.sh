@@ -5,12 +5,12 @@
 #
 # Steps: the GPU tests (tests/dit/test_gpu.py and every tests/**/test_*gpu*.py), bench/dit.py (1.3B, 512² and
 # 480×832, 1/2/4 steps), bench/pipeline_local.py (1.3B + full Wan VAE at 512² 2 steps and 832×480 1 step, the
-# side-by-side configurations; TAEHV both ways at 512² 2 steps), bench/serve.py (the served path: 1 stream, the
-# streams-per-GPU search at 16 FPS, 14B at 1 step if the GPU has the memory; the served 1.3B/14B use Wan2.1
-# weights from MODEL_DIR / MODEL_DIR_14B when set, else random weights at the real sizes: model.random_weights,
-# real timings, noise output; the measurement mode keeps the content markers), bench/official.py (the official
-# StreamDiffusionV2 code side by side when OFFICIAL_DIR names a fetched copy, the same two configurations; ratio
-# lines rheo / official).
+# side-by-side configurations; TAEHV both ways at 512² 2 steps), bench/serve.py (the served path in the one-GPU
+# deployment: 1 stream and the streams-per-GPU search at 16 FPS; the two-stage ring on the same GPU, 1 stream;
+# 14B at 1 step if the GPU has the memory; the served 1.3B/14B use Wan2.1 weights from MODEL_DIR / MODEL_DIR_14B
+# when set, else random weights at the real sizes: model.random_weights, real timings, noise output; the
+# measurement mode keeps the content markers), bench/official.py (the official StreamDiffusionV2 code side by
+# side when OFFICIAL_DIR names a fetched copy, the same two configurations; ratio lines rheo / official).
 # Every result is one JSON line appended to FILE (default bench-results/gpu-suite-<utc>.jsonl) with "step" added;
 # a step that printed none (crashed, timed out) gets {"step", "error", "rc"}; a summary line ends the run
 # (exit status 1 when any step failed).
@@ -70,9 +70,9 @@ if not rows:
 # pytest as one JSON line (its summary and exit code)
 pytest_json() {
     local out rc
-    out=$("$PY" -m pytest -q -p no:cacheprovider "$@" 2>&1)
+    # -v into the suite's log as it goes (a time box that cuts pytest off leaves which tests ran, and how long)
+    out=$("$PY" -m pytest -v -p no:cacheprovider --durations=0 "$@" 2>&1 | tee /dev/stderr; exit "${PIPESTATUS[0]}")
     rc=$?
-    echo "$out" >&2  # into the suite's log: the failures' tracebacks
     OUTPUT="$out" RC="$rc" "$PY" -c '
 import json, os, re
 rc, lines = int(os.environ["RC"]), os.environ["OUTPUT"].splitlines()
@@ -95,7 +95,7 @@ if [ "$DRY" = 1 ]; then  # nothing to measure on CPU: the steps run side by side
     step official 60 "$PY" bench/official.py &
     wait
 else
-    step gpu_tests 40 bash -c 'pytest_json "$@"' _ $GPU_TESTS
+    step gpu_tests 70 bash -c 'pytest_json "$@"' _ $GPU_TESTS
     step dit 40 "$PY" bench/dit.py --device cuda --models 1.3b --res 512x512,480x832 --steps 1,2,4 --streams 1
     # the two side-by-side configurations, then the fast mode (TAEHV both ways); CUDA graphs without compile, so
     # that a shape's compile cannot eat a time box (each run builds and captures its own)
@@ -104,18 +104,23 @@ else
     step pipeline_local 30 "${PL[@]}" --size 832x480 --steps 1
     step pipeline_local 30 "${PL[@]}" --size 512x512 --steps 2 --vae taehv
     # Wan2.1 weights when MODEL_DIR names them, else random weights at the real sizes (model.random_weights).
+    # The one-GPU deployment (one stage holding every block: `rheo up --device cuda`) for the per-GPU figures, and
+    # the two-stage ring on the same GPU (its tensor link on the CUDA path) for one stream.
     # --start-timeout inside each time box: a stack that does not come up prints every service's log tail; a
-    # warm-up stream takes the stages' CUDA-graph captures; CUDA graphs without torch.compile (bench/dit.py's mode),
-    # so that no compile time can eat a time box.
+    # warm-up stream takes the first kernels and allocations (each stream's CUDA graphs are its own: captured the
+    # second time a batch signature is seen); CUDA graphs without torch.compile (bench/dit.py's mode), so that no
+    # compile time can eat a time box.
     GRAPH=(--env RHEO_DIT_STAGE__FORWARD=graph)
     SERVED=(--model 1.3b --random-weights)
     SERVED_14B=(--random-weights)
     if [ -n "${MODEL_DIR:-}" ]; then SERVED=(--model 1.3b --model-dir "$MODEL_DIR"); fi
     if [ -n "${MODEL_DIR_14B:-${MODEL_DIR:-}}" ]; then SERVED_14B=(--model-dir "${MODEL_DIR_14B:-$MODEL_DIR}"); fi
-    step serve 100 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 --steps 2 \
-        --streams 1 --seconds 8 --slo-ms 1000 --start-timeout 50 --warmup 30
-    step serve_search 80 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 \
-        --steps 2 --search --seconds 5 --slo-ms 1000 --max-streams 8 --start-timeout 40 --warmup 20
+    step serve 60 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 --steps 2 \
+        --stages 1 --streams 1 --seconds 8 --slo-ms 1000 --start-timeout 35 --warmup 10
+    step serve_ring 50 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 \
+        --steps 2 --stages 2 --streams 1 --seconds 5 --slo-ms 1000 --start-timeout 35 --warmup 10
+    step serve_search 90 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 \
+        --steps 2 --stages 1 --search --seconds 5 --slo-ms 1000 --max-streams 8 --start-timeout 35 --warmup 10
     FREE_MIB=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits 2>/dev/null | head -n 1)
     if [ "${FREE_MIB:-0}" -gt 60000 ]; then
         step serve_14b 45 "$PY" bench/serve.py --device cuda --model 14b "${SERVED_14B[@]}" "${GRAPH[@]}" \

@@ -531,6 +531,7 @@ async def _main(args: argparse.Namespace) -> int:
         work = Path(tmp) if args.logs is None else args.logs
         work.mkdir(parents=True, exist_ok=True)
         stack = _stack(args, work)
+        best, warm, tried = 0, {}, False
         try:
             _progress(f"starting the stack: {args.stages} stages, {args.model} on {args.device}")
             stack.start(timeout=args.start_timeout, progress=True)
@@ -538,8 +539,9 @@ async def _main(args: argparse.Namespace) -> int:
             if not args.search:
                 _emit(await _measure(stack, args, args.streams) | warm)
                 return 0
-            best, n, bad = 0, 1, None
+            n, bad = 1, None
             while bad is None or bad - best > 1:
+                tried = True
                 row = await _measure(stack, args, n)
                 row["search_ok"] = _ok(row, args)
                 _emit(row)
@@ -551,17 +553,23 @@ async def _main(args: argparse.Namespace) -> int:
                     n = (best + bad) // 2
                 if n == best or n > args.max_streams:
                     break
-            _emit({"bench": "serve_search", "device": args.device, "model": args.model, "size": args.size,
-                   "fps_target": args.target_fps or args.fps, "max_p99_s": args.max_p99, "streams": best,
-                   "commit": git_commit()} | warm)
+            _emit(_search_row(args, best) | warm)
         except BaseException as e:  # a failed start, a SIGTERM from the suite's time box: what each service said
             _progress(f"serve: {type(e).__name__}: {e}".splitlines()[0])
+            if args.search and tried:  # cut off mid-search: what it had found so far, said to be a lower bound
+                _emit(_search_row(args, best) | warm | {"cut_off": True})
             for p in stack.procs:
                 _progress(f"--- {p.name} (last lines of its log)\n{p.log_tail(1500)}")
             raise
         finally:
             stack.stop(timeout=5.0)  # the services run in sessions of their own: a kill of this process leaves them
     return 0
+
+
+def _search_row(args: argparse.Namespace, best: int) -> dict:
+    return {"bench": "serve_search", "device": args.device, "model": args.model, "size": args.size,
+            "fps_target": args.target_fps or args.fps, "max_p99_s": args.max_p99, "streams": best,
+            "commit": git_commit()}
 
 
 def _progress(line: str) -> None:

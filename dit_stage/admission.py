@@ -186,8 +186,8 @@ class FirstStage:
             st.draining = True
 
     def _refuse_item(self, meta: RingItem, now: float) -> str:
-        """Why a queued item must not enter the next micro-step (empty: it may). A prepare chunk that has begun
-        always completes: without it the stream has no caches; so does a replayed chunk (bounded by ingest's
+        """Why a queued item must not enter the next micro-step (empty: it may). A prepare chunk always
+        completes: without it the stream has no caches; so does a replayed chunk (bounded by ingest's
         ring): without it the rebuilt caches would miss a frame the reference has."""
         if meta.step == 0 and meta.epoch < self._admit_from:
             return "stale_epoch"  # the block map changed while it was queued
@@ -297,16 +297,20 @@ class FirstStage:
         return Candidate(signature(p), m.deadline, m.steps - m.step + (self.cache_mode == "self_forcing"),
                          (m.capture_time, m.seq, -m.step), _deadline_exempt(m))
 
-    def measured(self, step: MicroStep, seconds: float) -> None:
+    def measured(self, step: MicroStep, seconds: float, warmup: bool = False) -> None:
         """A micro-step took ``seconds`` here: the latency model learns from it (the first stage's selects
-        micro-steps; every stage's fit goes into its StageStats, which the controller prices its ring with)."""
-        if step.items:
+        micro-steps; every stage's fit goes into its StageStats, which the controller prices its ring with). Not
+        from a ``warmup`` step (a CUDA-graph capture, seconds long): it would price every later step as infeasible,
+        and items dropped as infeasible never bring the measurements that would correct it."""
+        if step.items and not warmup:
             self.latency.observe(step_signature(step), len(step.items), seconds)
 
 
 def _deadline_exempt(meta: RingItem) -> bool:
-    """An item that runs however late: a begun prepare chunk, a replay, a clean pass (``_refuse_item``)."""
-    return meta.replay or (meta.latent_start == 0 and meta.step > 0) or is_clean(meta)
+    """An item that runs however late: a segment's prepare chunk (without it every later chunk of the segment is
+    refused until ingest starts a new one, seconds later: losing one late chunk costs less), a replay, a clean pass
+    (``_refuse_item``)."""
+    return meta.replay or meta.latent_start == 0 or is_clean(meta)
 
 
 def _replayed_prepare(chunk: LatentChunk, st: StageStream | None) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import math
+import statistics
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -37,7 +38,7 @@ class Candidate:
     deadline: float  # the chunk's deadline (the clock of ``now``)
     traversals: int = 1  # ring traversals the item still needs, this one included
     age: tuple[float, ...] = ()  # greedy's order: older first (capture time, seq, −step)
-    exempt: bool = False  # runs however late (a begun prepare chunk, a replay, a clean pass): never infeasible
+    exempt: bool = False  # runs however late (a prepare chunk, a replay, a clean pass): never infeasible
 
 
 @dataclass
@@ -51,15 +52,17 @@ class Selection:
 class LatencyModel:
     """L(n, signature): a first-stage micro-step's duration, least squares of a + b·n over the last ``window``
     measured micro-steps of that signature; plus the rest of a ring traversal (the other stages and the links),
-    an average of measured round trips minus L, with the prior ``(ring_scale − 1)·L`` (stages of similar cost)."""
+    the median of the last ``hop_window`` measured round trips minus L, with the prior ``(ring_scale − 1)·L``
+    (stages of similar cost). A median, not a mean: a trip during which a later stage captured a CUDA graph takes
+    seconds, and a mean would price the next trips infeasible, whose drops then bring no trips to correct it."""
 
-    def __init__(self, window: int = 64, ring_scale: float = 1.0, hop_alpha: float = 0.2) -> None:
+    def __init__(self, window: int = 64, ring_scale: float = 1.0, hop_window: int = 9) -> None:
         self.window = window
         self.ring_scale = ring_scale  # the ring's blocks / this stage's blocks (the worker keeps it current)
-        self.hop_alpha = hop_alpha
+        self.hop_window = hop_window
         self._points: dict[Hashable, collections.deque[tuple[int, float]]] = {}
         self._fits: dict[Hashable, tuple[float, float] | None] = {}
-        self._hop: dict[Hashable, float] = {}
+        self._hops: dict[Hashable, collections.deque[float]] = {}
 
     def observe(self, sig: Hashable, n: int, seconds: float) -> None:
         """A micro-step of ``n`` items of ``sig`` took ``seconds`` at this stage."""
@@ -72,9 +75,7 @@ class LatencyModel:
         d = self.duration(sig, n)
         if d is None:
             return
-        extra = max(0.0, seconds - d)
-        old = self._hop.get(sig)
-        self._hop[sig] = extra if old is None else old + self.hop_alpha * (extra - old)
+        self._hops.setdefault(sig, collections.deque(maxlen=self.hop_window)).append(max(0.0, seconds - d))
 
     def coefficients(self, sig: Hashable) -> tuple[float, float] | None:
         """(a, b) of the fit, or None before ``MIN_SAMPLES`` measurements."""
@@ -97,8 +98,8 @@ class LatencyModel:
         d = self.duration(sig, n)
         if d is None:
             return None
-        hop = self._hop.get(sig)
-        return d + (hop if hop is not None else max(0.0, self.ring_scale - 1.0) * d)
+        hops = self._hops.get(sig)
+        return d + (statistics.median(hops) if hops else max(0.0, self.ring_scale - 1.0) * d)
 
 
 def _fit(pts: Sequence[tuple[int, float]]) -> tuple[float, float] | None:

@@ -90,7 +90,7 @@ class ComputeLoop:
                 log.exception("stage %s: micro-step of %d items failed; dropped", self.stage_id, len(step.items))
                 continue
             traced.forwarded()
-            worker.measured(step, result.compute_s)
+            worker.measured(step, result.compute_s, result.warmup)
             self.telemetry.micro_step(step.queue_wait_s, len({m.stream_id for m in step.items}), result,
                                       worker.is_first)
             for message in result.link:

@@ -8,12 +8,14 @@ so that the fast path is the one the stage pods run.
 Modes:
 
 * ``eager``: ``CausalWanDiT.run`` as is.
-* ``graph``: ``run`` is captured once per batch *signature* (item layout, shapes, the stream states' storage) and
-  replayed: the host then only validates the items, updates the ring counters and copies a handful of numbers into
-  the graph's static inputs. Replaying is exactly the eager computation (same kernels, same inputs). Capture needs
-  an eager warm-up; it runs the real step, so the first call of a signature is eager and its result is returned.
-  That warm-up and the capture see the same ring writes, which are idempotent (a frame already in the ring is
-  overwritten in place), so nothing is applied twice. The last ``max_graphs`` signatures are kept (LRU).
+* ``graph``: ``run`` is captured once per batch *signature* (item layout, shapes, the stream states' storage), the
+  second time that signature is seen, and replayed (a signature seen once, as when several streams meet in one
+  micro-step by chance, runs eagerly rather than paying a capture, a second or more at 1.3B). A replay leaves the
+  host only validating the items, updating the ring counters and copying a handful of numbers into the graph's
+  static inputs. Replaying is exactly the eager computation (same kernels, same inputs). Capture needs an eager
+  warm-up; it runs the real step, so the capturing call is eager and its result is returned. That warm-up and the
+  capture see the same ring writes, which are idempotent (a frame already in the ring is overwritten in place), so
+  nothing is applied twice. The last ``max_graphs`` signatures are kept (LRU).
 * ``compile``: ``graph`` over ``compile_pieces()`` (torch.compile of the attention-free block pieces; it compiles
   the model's pieces in place, so the model's own calls use them too).
 * ``auto``: ``compile`` on CUDA, else ``eager``.
@@ -62,12 +64,14 @@ class Forward:
     over the owned blocks (per-block timing is not available; Wan blocks are identical, so the controller's
     per-block costs stay right but for the small embed/head share)."""
 
-    def __init__(self, model: CausalWanDiT, mode: ForwardMode = "eager", max_graphs: int = 16) -> None:
+    def __init__(self, model: CausalWanDiT, mode: ForwardMode = "eager", max_graphs: int = 16,
+                 capture_after: int = 2) -> None:
         if mode not in MODES:
             raise ValueError(f"forward mode {mode!r} is not one of {', '.join(MODES)}")
         self.model = model
         self.requested: ForwardMode = mode
         self.max_graphs = max_graphs
+        self.capture_after = capture_after  # sightings of a signature before it is captured
         cuda = model.device.type == "cuda"
         self.mode: ForwardMode = "eager" if not cuda else ("compile" if mode == "auto" else mode)
         if mode != "eager" and not cuda:
@@ -75,10 +79,12 @@ class Forward:
         if self.mode == "compile" and "_compiled" not in model.__dict__:
             model.compile_pieces()
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._seen: OrderedDict[tuple, int] = OrderedDict()  # sightings of signatures not captured yet
+        self.captures = 0  # graphs captured so far: a call that captured took warm-up time, not a step's cost
 
     def follow(self, model: CausalWanDiT) -> Forward:
         """This Forward for ``model`` (the same mode): itself, or a new one when the model changed (epoch switch)."""
-        return self if model is self.model else Forward(model, self.requested, self.max_graphs)
+        return self if model is self.model else Forward(model, self.requested, self.max_graphs, self.capture_after)
 
     @torch.no_grad()
     def __call__(
@@ -113,7 +119,13 @@ class Forward:
         )
         entry = self._graphs.get(key)
         if entry is None:
-            return self._capture(key, x, batch, noisy, items)
+            seen = self._seen.pop(key, 0) + 1
+            if seen >= self.capture_after:
+                return self._capture(key, x, batch, noisy, items)
+            self._seen[key] = seen
+            while len(self._seen) > 16 * self.max_graphs:
+                self._seen.popitem(last=False)
+            return self.model.run(x, batch, noisy)
         self._graphs.move_to_end(key)
         entry.x.copy_(x, non_blocking=True)
         if noisy is not None and entry.noisy is not None:
@@ -138,6 +150,7 @@ class Forward:
             out = model.run(static_x, batch, static_noisy)  # recorded only: repeats the idempotent writes
         states = list({id(it.state): it.state for it in items}.values())
         self._graphs[key] = _Captured(graph, static_x, static_noisy, batch, out, states)
+        self.captures += 1
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return result
@@ -145,6 +158,7 @@ class Forward:
     def clear(self) -> None:
         """Drop every captured graph (and the storage it pins)."""
         self._graphs.clear()
+        self._seen.clear()
 
 
 def make_forward(model: CausalWanDiT, mode: ForwardMode = "auto") -> Forward:

@@ -26,6 +26,9 @@ DROPPED = Counter("rheo_dit_stage_dropped_total", "items or messages a DiT stage
 REPREPARE = Counter("rheo_dit_stage_reprepare_requests_total", "streams the first stage asked a new segment for "
                     "(their chunks refused for want of a prepare chunk)", ["stage"])
 MICRO_STEPS = Counter("rheo_dit_stage_micro_steps_total", "micro-steps a DiT stage ran", ["stage"])
+WARMUP_STEPS = Counter("rheo_dit_stage_warmup_steps_total", "micro-steps that captured a CUDA graph first (left out "
+                       "of the compute, block and batch figures: their time is the capture's)", ["stage"])
+WARMUP_SECONDS = Counter("rheo_dit_stage_warmup_seconds_total", "time of the warm-up micro-steps", ["stage"])
 COMPUTE = Histogram("rheo_dit_stage_compute_seconds", "compute time of one micro-step", ["stage"], buckets=_MS)
 BLOCK_COMPUTE = Histogram("rheo_dit_stage_block_seconds", "compute time of one block in one micro-step (CUDA events "
                           "on GPU, wall clock on CPU)", ["stage", "block"], buckets=_MS)
@@ -117,12 +120,17 @@ class StageTelemetry:
         LINK_TIME.labels(stage=self.stage_id, direction=direction).observe(seconds)
 
     def micro_step(self, queue_wait_s: float, streams: int, result: StageOutput, first: bool) -> None:
+        stage = self.stage_id
+        if result.warmup:
+            WARMUP_STEPS.labels(stage=stage).inc()
+            WARMUP_SECONDS.labels(stage=stage).inc(result.compute_s)
+            REPLAYED.labels(stage=stage).inc(result.replayed)
+            return
         t = self.totals
         t.micro_steps += 1
         t.items += result.items
         t.compute_s += result.compute_s
         t.queue_wait_s += queue_wait_s * result.items
-        stage = self.stage_id
         MICRO_STEPS.labels(stage=stage).inc()
         COMPUTE.labels(stage=stage).observe(result.compute_s)
         BATCH_ITEMS.labels(stage=stage).observe(result.items)

@@ -50,6 +50,22 @@ def test_cuda_graph_replay_equals_eager():
         torch.testing.assert_close(t, got_state.shard.state_dict()[key], atol=1e-5, rtol=0)
 
 
+def test_a_signature_is_captured_the_second_time_it_is_seen():
+    """A batch seen once (streams meeting in one micro-step by chance) runs eagerly; the second sighting captures,
+    the third replays."""
+    model = random_model(num_layers=2, seed=3, dtype=torch.float32).cuda()
+    fwd = make_forward(model, "graph")
+    state = model.new_state("s", 1, LATENT_HW, window=5, sink=2, adaptive_threshold=None)
+    model.set_prompt(state, context(dtype=torch.float32).to(model.device, model.dtype))
+    grid = model.grid_of(1, *LATENT_HW)
+    x = torch.randn(1, 4, 1, *LATENT_HW).cuda()
+    captures = []
+    for _ in range(3):  # the same frame each time: a re-run of the slot's latest chunk, one signature
+        fwd(x, [SlotItem(state, 0, 0, 0, 500.0)], grid, noisy=x, sigmas=[0.5])
+        captures.append(fwd.captures)
+    assert captures == [0, 1, 1]
+
+
 def test_compiled_pieces_match_eager():
     eager = random_model(num_layers=2, seed=3, dtype=torch.float32).cuda()
     want, _ = _steps(eager, eager, 0, adaptive=None)

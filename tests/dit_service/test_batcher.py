@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from dit_stage.batcher import Candidate, LatencyModel, select
+from dit_stage.forward import Forward
+from dit_stage.micro_step import MicroStep
 
 from .helpers import chunk_message, latents, prompt, run_ring, workers
 
@@ -249,3 +251,91 @@ def test_worker_drops_an_infeasible_chunk_before_compute(policy):
         assert all(seq != 5 for seq, _ in computed)
     else:
         assert got == [4, 5] and not first.dropped["deadline_infeasible"]
+
+
+def test_a_slow_round_trip_does_not_move_the_rest_of_the_ring():
+    """A trip during which a later stage captured a CUDA graph (seconds) leaves T(n) where the others put it."""
+    model = known_model()
+    for _ in range(5):
+        model.observe_round_trip("s", 4, true_duration(4) + 0.1)
+    model.observe_round_trip("s", 4, true_duration(4) + 3.0)
+    assert model.traversal("s", 4) == pytest.approx(true_duration(4) + 0.1, rel=1e-3)
+
+
+class _CapturingForward(Forward):
+    """An eager forward that says it captured a graph on its first call per batch shape, as graph mode does."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self._seen: set[tuple] = set()
+
+    def __call__(self, x, items, grid, *args, **kw):
+        key = (tuple(x.shape), grid)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.captures += 1
+        return super().__call__(x, items, grid, *args, **kw)
+
+
+def test_a_warm_up_micro_step_does_not_price_the_next_ones():
+    """A micro-step whose forward captured a graph reports ``warmup`` and teaches the latency model nothing; the
+    steps after it (replays) do. Negative control: measured as ordinary steps, the captures' 300 s price a
+    chunk due in 50 s with two trips left infeasible."""
+    zs = latents(5, 4, (4, 6))
+    ring = workers(2)
+    first = ring[0]
+    first.forward = _CapturingForward(first.model)
+    first.add_prompt("a", 0, prompt(3))
+    for c in range(4):
+        first.add_chunk(chunk_message("a", c, zs[c], seed=3))
+    outputs: list[tuple[MicroStep, bool]] = []
+    compute = first.compute
+
+    def spy(step):
+        out = compute(step)
+        outputs.append((step, out.warmup))
+        return out
+
+    first.compute = spy
+    assert [g.seq for g in run_ring(ring)] == [0, 1, 2, 3]
+    assert [w for _, w in outputs][:1] == [True] and not all(w for _, w in outputs)
+    sig = (1, 4, 6)  # the grid of every micro-step here
+    for step, warmup in outputs:  # what ComputeLoop reports after each forward: a capture took 300 s
+        first.measured(step, 300.0 if warmup else 0.01 * len(step.items), warmup)
+    assert first.latency.duration(sig, 1) == pytest.approx(0.01)
+    control = LatencyModel(ring_scale=first.latency.ring_scale)
+    for step, warmup in outputs:
+        control.observe(sig, len(step.items), 300.0 if warmup else 0.01 * len(step.items))
+    now = time.time()
+    assert select("slo", [Candidate(sig, now + 50, 2)], control, now, MAX_ITEMS).infeasible == [0]
+    assert select("slo", [Candidate(sig, now + 50, 2)], first.latency, now, MAX_ITEMS).infeasible == []
+
+
+def test_a_prepare_chunk_runs_however_late():
+    """The first stage's model says a micro-step takes 30 s: a new stream's prepare chunk due in 50 s with two
+    trips left still runs (without it every later chunk of its segment would be refused until a new segment); the
+    same stream's next chunk, as late, is dropped as infeasible."""
+    zs = latents(5, 4, (4, 6))
+    ring = workers(2)
+    first = ring[0]
+    first.add_prompt("a", 0, prompt(3))
+    first.add_prompt("b", 0, prompt(4))
+    for c in range(2):
+        first.add_chunk(chunk_message("a", c, zs[c], seed=3))
+    steps = []
+    take = first.take
+
+    def record():
+        step = take()
+        steps.append(step)
+        return step
+
+    first.take = record
+    assert [g.seq for g in run_ring(ring)] == [0, 1]
+    for step in [s for s in steps if s is not None][-2:]:
+        first.measured(step, 30.0 * len(step.items))
+    now = time.time()
+    first.add_chunk(chunk_message("b", 0, zs[2], seed=4, deadline=now + 50))
+    first.add_chunk(chunk_message("b", 1, zs[3], seed=4, deadline=now + 50))
+    got = [(g.stream_id, g.seq) for g in run_ring(ring)]
+    assert got == [("b", 0)] and first.dropped["deadline_infeasible"] == 1
