@@ -15,7 +15,10 @@ Modes:
   static inputs. Replaying is exactly the eager computation (same kernels, same inputs). Capture needs an eager
   warm-up; it runs the real step, so the capturing call is eager and its result is returned. That warm-up and the
   capture see the same ring writes, which are idempotent (a frame already in the ring is overwritten in place), so
-  nothing is applied twice. The last ``max_graphs`` signatures are kept (LRU).
+  nothing is applied twice. The last ``max_graphs`` signatures are kept (LRU). The stage service captures in a
+  worker thread while its event loop goes on with CUDA work (pinned copies of arriving chunks, noise draws), so
+  capture errors are thread-local: another thread's call no longer invalidates the capture. A capture that fails
+  anyway costs only its graph: the step's eager result stands, and that signature runs eagerly from then on.
 * ``compile``: ``graph`` over ``compile_pieces()`` (torch.compile of the attention-free block pieces; it compiles
   the model's pieces in place, so the model's own calls use them too).
 * ``auto``: ``compile`` on CUDA, else ``eager``.
@@ -80,6 +83,7 @@ class Forward:
             model.compile_pieces()
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._seen: OrderedDict[tuple, int] = OrderedDict()  # sightings of signatures not captured yet
+        self._uncapturable: set[tuple] = set()  # signatures whose capture failed: eager for good
         self.captures = 0  # graphs captured so far: a call that captured took warm-up time, not a step's cost
 
     def follow(self, model: CausalWanDiT) -> Forward:
@@ -118,6 +122,8 @@ class Forward:
             None if noisy is None else (tuple(noisy.shape), noisy.dtype),
         )
         entry = self._graphs.get(key)
+        if entry is None and key in self._uncapturable:
+            return self.model.run(x, batch, noisy)
         if entry is None:
             seen = self._seen.pop(key, 0) + 1
             if seen >= self.capture_after:
@@ -146,11 +152,18 @@ class Forward:
             result = model.run(static_x, batch, static_noisy)  # the real step, eagerly
         torch.cuda.current_stream(model.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = model.run(static_x, batch, static_noisy)  # recorded only: repeats the idempotent writes
+        self.captures += 1
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = model.run(static_x, batch, static_noisy)  # recorded only: repeats the idempotent writes
+        except RuntimeError as e:  # (torch.AcceleratorError is one) nothing ran during the capture: result stands
+            if len(self._uncapturable) < 16 * self.max_graphs:
+                self._uncapturable.add(key)
+            log.warning("CUDA-graph capture failed (%s); this batch signature runs eagerly from now on",
+                        str(e).splitlines()[0])
+            return result
         states = list({id(it.state): it.state for it in items}.values())
         self._graphs[key] = _Captured(graph, static_x, static_noisy, batch, out, states)
-        self.captures += 1
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return result
@@ -159,6 +172,7 @@ class Forward:
         """Drop every captured graph (and the storage it pins)."""
         self._graphs.clear()
         self._seen.clear()
+        self._uncapturable.clear()
 
 
 def make_forward(model: CausalWanDiT, mode: ForwardMode = "auto") -> Forward:

@@ -7,6 +7,7 @@ The functions take no fixtures so they can also be run directly on a lent GPU ma
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -64,6 +65,27 @@ def test_a_signature_is_captured_the_second_time_it_is_seen():
         fwd(x, [SlotItem(state, 0, 0, 0, 500.0)], grid, noisy=x, sigmas=[0.5])
         captures.append(fwd.captures)
     assert captures == [0, 1, 1]
+
+
+def test_capture_survives_cuda_work_on_another_thread():
+    """The stage service captures in a worker thread while its event loop pins and copies arriving chunks: with
+    global capture errors such a copy invalidated the capture (seen on the H200)."""
+    model = random_model(num_layers=2, seed=3, dtype=torch.float32).cuda()
+    fwd = make_forward(model, "graph")
+    stop = threading.Event()
+
+    def arriving_chunks() -> None:
+        while not stop.is_set():
+            torch.randn(4, 64).pin_memory().to("cuda", non_blocking=True)
+
+    other = threading.Thread(target=arriving_chunks)
+    other.start()
+    try:
+        _steps(fwd, model, 0)
+    finally:
+        stop.set()
+        other.join()
+    assert fwd.captures > 0 and not fwd._uncapturable
 
 
 def test_compiled_pieces_match_eager():
