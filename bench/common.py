@@ -3,6 +3,7 @@ its time box ends."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 
@@ -14,7 +15,10 @@ def percentile(xs: list[float], p: float) -> float:
 
 
 def git_commit() -> str:
-    """Short hash of HEAD (``unknown`` outside a checkout), stamped on every result line."""
+    """Short hash of HEAD (``unknown`` outside a checkout), stamped on every result line; ``RHEO_COMMIT`` when set
+    (a copy of the tree whose git metadata is not its own: a lent GPU machine's checkout reported a stale HEAD)."""
+    if os.environ.get("RHEO_COMMIT"):
+        return os.environ["RHEO_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()

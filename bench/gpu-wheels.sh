@@ -3,7 +3,8 @@
 #
 #   bench/gpu-wheels.sh            # then, on the device (one command, .whl and .cache/official carried):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && chmod +x /tmp/site/bin/* &&
-#   PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH OFFICIAL_DIR=$PWD/.cache/official bench/gpu-suite.sh
+#   PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH OFFICIAL_DIR=$PWD/.cache/official RHEO_COMMIT=<short hash>
+#   bench/gpu-suite.sh          (RHEO_COMMIT: the lent machine's copy of the tree reports a stale git HEAD)
 #
 # .cache/official (ignored, never committed): the official code without its media, from the tool `fetch`'s copy G
 # of chenfengxu714/StreamDiffusionV2: git --git-dir=G archive HEAD $(git --git-dir=G ls-tree -r --name-only HEAD |

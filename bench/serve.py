@@ -406,9 +406,10 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
     for i in range(args.stages):
         n = delta(f"dit-{i}", "rheo_dit_stage_compute_seconds_count")
         stage_s[f"dit-{i}"] = round(delta(f"dit-{i}", "rheo_dit_stage_compute_seconds_sum") / n, 4) if n else None
-    # the ring's link connections by path (cuda: two stages on one GPU, CUDA IPC; docs/tensor-link.md)
+    # the ring's link connections by path (cuda: two stages on one GPU, CUDA IPC; local: one stage returning items
+    # to itself in process; docs/tensor-link.md)
     link_paths = {path: int(sum(_metric(after.get(f"dit-{i}", {}), f'rheo_link_path_total{{path="{path}"}}')
-                                for i in range(args.stages))) for path in ("cuda", "shm", "tcp")}
+                                for i in range(args.stages))) for path in ("cuda", "shm", "tcp", "local")}
     misses = delta("ingest", 'rheo_ingest_chunks_dropped_total{reason="deadline"}') + delta(
         "decoder", 'rheo_decoder_chunks_total{result="late"}')
 

@@ -122,7 +122,7 @@ class StageEpochs:
         worker, epoch = self.worker, action.block_map.epoch
         assert worker is not None
         try:
-            await sw.open(endpoints, action.send, action.relink_to)
+            await sw.open(endpoints, action.send, action.relink_to, self.stage_id)
         except Exception:
             log.exception("stage %s: links for epoch %d not opened", self.stage_id, epoch)
             self.feed(self.membership.failed(epoch))

@@ -8,9 +8,8 @@ so that the fast path is the one the stage pods run.
 Modes:
 
 * ``eager``: ``CausalWanDiT.run`` as is.
-* ``graph``: ``run`` is captured once per batch *signature* (item layout, shapes, the stream states' storage), the
-  second time that signature is seen, and replayed (a signature seen once, as when several streams meet in one
-  micro-step by chance, runs eagerly rather than paying a capture, a second or more at 1.3B). A replay leaves the
+* ``graph``: ``run`` is captured once per batch *signature* (item layout, shapes, the stream states' storage) and
+  replayed; when to capture is ``CapturePolicy``'s (the second sighting, within a time budget). A replay leaves the
   host only validating the items, updating the ring counters and copying a handful of numbers into the graph's
   static inputs. Replaying is exactly the eager computation (same kernels, same inputs). Capture needs an eager
   warm-up; it runs the real step, so the capturing call is eager and its result is returned. That warm-up and the
@@ -28,9 +27,11 @@ Graphs and compiled pieces are CUDA-only here: off CUDA every mode runs eagerly,
 
 from __future__ import annotations
 
+import collections
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -42,7 +43,7 @@ from dit_stage.timing import BlockTimer
 if TYPE_CHECKING:
     from dit_stage.model import BatchInputs, CausalWanDiT
 
-__all__ = ["MODES", "Forward", "ForwardMode", "make_forward"]
+__all__ = ["MODES", "CapturePolicy", "Forward", "ForwardMode", "make_forward"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,55 @@ class _Captured:
     keep: list  # the stream states whose storage the graph reads and writes
 
 
+class CapturePolicy:
+    """When graph mode captures a batch signature: the ``after``-th time it is seen, and only while captures have
+    taken at most ``budget`` of the last ``window_s`` seconds; a signature whose capture failed never again.
+
+    Why not at once: several streams batch in ever new compositions (the signature names the streams' states), a
+    composition seen once may never recur, and a capture stalls every stream for a few eager steps (an eager run,
+    the recording, the instantiation). Why a budget: past it, a new signature runs eagerly, which costs one eager
+    step; a capture storm would cost every stream its deadline. Pure bookkeeping (a clock, no torch): tested on CPU."""
+
+    def __init__(self, after: int = 2, budget: float = 0.1, window_s: float = 20.0,
+                 clock: Callable[[], float] = time.monotonic, remember: int = 256) -> None:
+        self.after, self.budget, self.window_s, self.clock, self.remember = after, budget, window_s, clock, remember
+        self._seen: OrderedDict[tuple, int] = OrderedDict()  # sightings of signatures not captured yet
+        self._failed: set[tuple] = set()
+        self._spent: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds) of captures
+        self.deferred = 0  # captures put off by the budget
+
+    def sighted(self, key: tuple) -> bool:
+        """``key`` is about to run without a graph: whether to capture it now."""
+        if key in self._failed:
+            return False
+        seen = self._seen.pop(key, 0) + 1
+        if seen >= self.after and self._within_budget():
+            return True
+        self._seen[key] = seen
+        while len(self._seen) > self.remember:
+            self._seen.popitem(last=False)
+        if seen >= self.after:
+            self.deferred += 1
+        return False
+
+    def spent(self, seconds: float) -> None:
+        self._spent.append((self.clock(), seconds))
+
+    def failed(self, key: tuple) -> None:
+        if len(self._failed) < self.remember:
+            self._failed.add(key)
+
+    def clear(self) -> None:
+        self._seen.clear()
+        self._failed.clear()
+
+    def _within_budget(self) -> bool:
+        now = self.clock()
+        while self._spent and self._spent[0][0] < now - self.window_s:
+            self._spent.popleft()
+        return sum(s for _, s in self._spent) < self.budget * self.window_s
+
+
 class Forward:
     """``forward(x, items, grid, noisy, sigmas, timer)`` over one model (the arguments of ``CausalWanDiT.forward``).
 
@@ -68,13 +118,13 @@ class Forward:
     per-block costs stay right but for the small embed/head share)."""
 
     def __init__(self, model: CausalWanDiT, mode: ForwardMode = "eager", max_graphs: int = 16,
-                 capture_after: int = 2) -> None:
+                 policy: CapturePolicy | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"forward mode {mode!r} is not one of {', '.join(MODES)}")
         self.model = model
         self.requested: ForwardMode = mode
         self.max_graphs = max_graphs
-        self.capture_after = capture_after  # sightings of a signature before it is captured
+        self.policy = policy if policy is not None else CapturePolicy()
         cuda = model.device.type == "cuda"
         self.mode: ForwardMode = "eager" if not cuda else ("compile" if mode == "auto" else mode)
         if mode != "eager" and not cuda:
@@ -82,13 +132,11 @@ class Forward:
         if self.mode == "compile" and "_compiled" not in model.__dict__:
             model.compile_pieces()
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
-        self._seen: OrderedDict[tuple, int] = OrderedDict()  # sightings of signatures not captured yet
-        self._uncapturable: set[tuple] = set()  # signatures whose capture failed: eager for good
         self.captures = 0  # graphs captured so far: a call that captured took warm-up time, not a step's cost
 
     def follow(self, model: CausalWanDiT) -> Forward:
         """This Forward for ``model`` (the same mode): itself, or a new one when the model changed (epoch switch)."""
-        return self if model is self.model else Forward(model, self.requested, self.max_graphs, self.capture_after)
+        return self if model is self.model else Forward(model, self.requested, self.max_graphs, self.policy)
 
     @torch.no_grad()
     def __call__(
@@ -122,16 +170,14 @@ class Forward:
             None if noisy is None else (tuple(noisy.shape), noisy.dtype),
         )
         entry = self._graphs.get(key)
-        if entry is None and key in self._uncapturable:
-            return self.model.run(x, batch, noisy)
         if entry is None:
-            seen = self._seen.pop(key, 0) + 1
-            if seen >= self.capture_after:
+            if not self.policy.sighted(key):
+                return self.model.run(x, batch, noisy)
+            t0 = time.perf_counter()
+            try:
                 return self._capture(key, x, batch, noisy, items)
-            self._seen[key] = seen
-            while len(self._seen) > 16 * self.max_graphs:
-                self._seen.popitem(last=False)
-            return self.model.run(x, batch, noisy)
+            finally:
+                self.policy.spent(time.perf_counter() - t0)
         self._graphs.move_to_end(key)
         entry.x.copy_(x, non_blocking=True)
         if noisy is not None and entry.noisy is not None:
@@ -157,8 +203,7 @@ class Forward:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = model.run(static_x, batch, static_noisy)  # recorded only: repeats the idempotent writes
         except RuntimeError as e:  # (torch.AcceleratorError is one) nothing ran during the capture: result stands
-            if len(self._uncapturable) < 16 * self.max_graphs:
-                self._uncapturable.add(key)
+            self.policy.failed(key)
             log.warning("CUDA-graph capture failed (%s); this batch signature runs eagerly from now on",
                         str(e).splitlines()[0])
             return result
@@ -171,8 +216,7 @@ class Forward:
     def clear(self) -> None:
         """Drop every captured graph (and the storage it pins)."""
         self._graphs.clear()
-        self._seen.clear()
-        self._uncapturable.clear()
+        self.policy.clear()
 
 
 def make_forward(model: CausalWanDiT, mode: ForwardMode = "auto") -> Forward:

@@ -108,11 +108,12 @@ class StageInputs:
                 if worker is None:
                     self.telemetry.drop("no_block_map")
                     continue
-                staging = LinkStaging.for_device(worker.model.device)  # CUDA: straight to the device (else None)
+                # CUDA: straight to the device (else None); a frame from this process holds its own tensors
+                staging = None if frame.local else LinkStaging.for_device(worker.model.device)
                 if isinstance(msg, StageItems) and not worker.is_first and _consistent(msg):
                     if staging is not None:
                         msg.hidden, msg.noisy = await asyncio.to_thread(staging.to_device, [msg.hidden, msg.noisy])
-                    else:
+                    elif not frame.local:
                         msg.hidden, msg.noisy = msg.hidden.clone(), msg.noisy.clone()  # the buffer goes back
                     self.take_link(msg)
                 elif isinstance(msg, EpochSwitch) and not worker.is_first:
@@ -125,7 +126,7 @@ class StageInputs:
                 elif isinstance(msg, RingReturn) and worker.is_first and msg.latents.shape[0] == len(msg.items):
                     if staging is not None:  # the first stage keeps returned items on the device
                         (msg.latents,) = await asyncio.to_thread(staging.to_device, [msg.latents])
-                    else:
+                    elif not frame.local:
                         msg.latents = msg.latents.clone()
                     self.take_link(msg)
                 elif isinstance(msg, StagePrompt) and not worker.is_first:

@@ -19,7 +19,7 @@ from dit_stage.telemetry import StageTelemetry
 from proto import Message, RingReturn, ShardMove, ShardMoveEnd, StageItems
 from services.bus import KV
 from services.config import DitStageSettings
-from services.link import LinkOptions, LinkSender, parse_endpoint
+from services.link import LinkOptions, Sender, parse_endpoint
 from services.link_cuda import CudaIpc
 from services.link_staging import LinkStaging
 from services.runtime import Background, watch_key
@@ -93,7 +93,7 @@ class NextLink:
         self.next_stage: str | None = None
         self.epoch = 0
         """Messages of an older epoch are stale for the current next stage: not sent again after a re-link."""
-        self.sender: LinkSender | None = None
+        self.sender: Sender | None = None
         self.sender_stage: str | None = None  # the stage ``sender`` is connected to
         self.ready = asyncio.Event()
         self.closing = False
@@ -123,7 +123,7 @@ class NextLink:
         self._follow = self._tasks.spawn(
             watch_key(kv, stage_id, self._on_endpoint, what=f"stage {self.stage_id}: endpoint"), "link-connect")
 
-    def hand_over(self, stage_id: str, sender: LinkSender) -> None:
+    def hand_over(self, stage_id: str, sender: Sender) -> None:
         """An online switch re-links at its switch point: ``sender`` (opened at prepare time) replaces the current
         one, which is closed once the old next stage has read what it carries."""
         old, self.sender, self.sender_stage = self.sender, sender, stage_id
@@ -132,7 +132,7 @@ class NextLink:
         if old is not None:
             self._tasks.spawn(self._close_when_acknowledged(old), "link-close")
 
-    def _replaced(self, sender: LinkSender) -> bool:
+    def _replaced(self, sender: Sender) -> bool:
         return self.sender is not sender or self.sender_stage != self.next_stage
 
     async def send(self, message: Message) -> bool:
@@ -192,7 +192,7 @@ class NextLink:
         if discarded:
             self.telemetry.drop(reason, discarded)
 
-    async def _close_when_acknowledged(self, sender: LinkSender) -> None:
+    async def _close_when_acknowledged(self, sender: Sender) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(sender.acknowledged(), 30.0)
         self._count(await asyncio.to_thread(sender.close), "link_replaced")
@@ -221,7 +221,8 @@ class NextLink:
         old = self.sender
         self.ready.clear()
         self.on_state(False)
-        self.sender, self.sender_stage = self.options.sender(endpoint).start(), target
+        self.sender = self.options.sender(endpoint, own=target == self.stage_id).start()
+        self.sender_stage = target
         if old is not None:  # sends caught on it go again on the new sender; what it still holds is counted
             self._count(await asyncio.to_thread(old.close), "link_replaced")
         self.on_state(True)
@@ -235,13 +236,14 @@ class SwitchLinks:
 
     epoch: int
     options: LinkOptions
-    senders: dict[str, LinkSender] = field(default_factory=dict)  # new owners of blocks this stage hands over
+    senders: dict[str, Sender] = field(default_factory=dict)  # new owners of blocks this stage hands over
     next_stage: str | None = None  # the next stage under the new map, when it changes (a stage joins after us)
-    next_sender: LinkSender | None = None
+    next_sender: Sender | None = None
     aborted: bool = False
 
-    async def open(self, endpoints: KV, targets: Iterable[str], relink_to: str | None) -> None:
-        """Open a link to every target (and to ``relink_to``); stops early once the switch is aborted."""
+    async def open(self, endpoints: KV, targets: Iterable[str], relink_to: str | None, stage_id: str) -> None:
+        """Open a link to every target (and to ``relink_to``, which is ``stage_id``, this stage, when the ring
+        shrinks to it); stops early once the switch is aborted."""
         for target in targets:
             endpoint = await self._endpoint_of(endpoints, target)
             if self.aborted:
@@ -251,7 +253,7 @@ class SwitchLinks:
             endpoint = await self._endpoint_of(endpoints, relink_to)
             if not self.aborted:
                 self.next_stage = relink_to
-                self.next_sender = self.options.sender(endpoint).start()
+                self.next_sender = self.options.sender(endpoint, own=relink_to == stage_id).start()
 
     async def send_moves(self, stage_id: str, moves: list[ShardMove | ShardMoveEnd],
                          telemetry: StageTelemetry) -> None:
@@ -268,7 +270,7 @@ class SwitchLinks:
             if isinstance(move, ShardMove):
                 telemetry.moved("out", n)
 
-    def take_next(self) -> tuple[str, LinkSender] | None:
+    def take_next(self) -> tuple[str, Sender] | None:
         """The new next stage and its link, handed to ``NextLink`` at the switch point (once)."""
         if self.next_stage is None or self.next_sender is None:
             return None

@@ -47,10 +47,11 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from proto import Limits, Message, ProtocolError, decode_with_headers
 from services import link_shm
+from services.link_local import LocalSender
 
 if TYPE_CHECKING:
     from services.link_cuda import DeviceIpc
@@ -95,6 +96,7 @@ class LinkFrame:
     recv_seconds: float
     peer: str
     _release: Any = field(repr=False, default=None)
+    local: bool = False  # handed over in this process (``link_local``): the message's own tensors, not a buffer's
 
     def release(self) -> None:
         if self._release is not None:
@@ -178,6 +180,8 @@ def sender_handshake(sock: socket.socket, key: bytes, timeout: float = HANDSHAKE
 class LinkListener:
     """The receiving end: accepts upstream connections and yields ``LinkFrame``s on the event loop."""
 
+    _running: ClassVar[dict[int, LinkListener]] = {}  # this process's started listeners, by port (``in_process``)
+
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -221,7 +225,20 @@ class LinkListener:
         self.port = sock.getsockname()[1]
         self._sock = sock
         threading.Thread(target=self._accept_loop, name=f"link-accept-{self.port}", daemon=True).start()
+        LinkListener._running[self.port] = self
         return self
+
+    @classmethod
+    def in_process(cls, endpoint: str) -> LinkListener | None:
+        """This process's running listener on ``endpoint``'s port (the caller knows the endpoint is its own)."""
+        return cls._running.get(parse_endpoint(endpoint)[1])
+
+    def deliver(self, message: Message, headers: dict[str, str]) -> None:
+        """A message from this process (``link_local.LocalSender``), queued after the frames already received."""
+        if self._frames is None:
+            raise LinkError("listener not started")
+        self.stats.frames += 1
+        self._frames.put_nowait(LinkFrame(message, headers, 0, 0.0, "this process", local=True))
 
     async def recv(self, timeout: float | None = None) -> LinkFrame:
         if self._frames is None:
@@ -239,6 +256,8 @@ class LinkListener:
 
     def close(self) -> None:
         self._closed.set()
+        if LinkListener._running.get(self.port) is self:
+            del LinkListener._running[self.port]
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept (close alone does not)
@@ -394,9 +413,15 @@ class LinkOptions:
     shared_memory: bool = True
     device: DeviceIpc | None = None
 
-    def sender(self, endpoint: str) -> LinkSender:
+    def sender(self, endpoint: str, own: bool = False) -> Sender:
+        """``own``: the listener is this process's (a one-stage ring returns items to itself): the in-process path
+        (``services/link_local.py``), or, should that listener not be found here, a socket without the CUDA IPC
+        path, which cannot map a process's own allocations."""
+        local = LinkListener.in_process(endpoint) if own else None
+        if local is not None:
+            return LocalSender(local, endpoint)
         return LinkSender(endpoint, max_frame_bytes=self.max_frame_bytes, key=self.key,
-                          shared_memory=self.shared_memory, device=self.device)
+                          shared_memory=self.shared_memory, device=None if own else self.device)
 
     def listener(self, host: str = "127.0.0.1", port: int = 0) -> LinkListener:
         return LinkListener(host, port, max_frame_bytes=self.max_frame_bytes, key=self.key,
@@ -743,3 +768,7 @@ class LinkSender:
                 else:
                     views[0] = views[0][sent:]
                     sent = 0
+
+
+Sender = LinkSender | LocalSender
+"""What ``LinkOptions.sender`` returns: a socket's sender, or the in-process one (``services/link_local.py``)."""

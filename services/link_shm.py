@@ -51,7 +51,8 @@ _LOCK = re.compile(r"rheo-lnkl-([0-9a-f]{16})")  # a connection's owner lock: fl
 _OFF = bytes(16)
 
 LINK_PATH = Counter("rheo_link_path_total", "tensor-link connections by the path their frames take (cuda: CUDA IPC "
-                    "handles, same GPU; shm: POSIX shared memory on the same host; tcp: bytes on the socket)",
+                    "handles, same GPU; shm: POSIX shared memory on the same host; tcp: bytes on the socket; "
+                    "local: a link to this process, services/link_local.py)",
                     ["path"])
 LINK_SHM_INLINE = Counter("rheo_link_shm_inline_frames_total", "frames of a shared-memory connection sent inline "
                           "over TCP because no segment could be reserved (a full /dev/shm)")

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from dit_stage.forward import Forward, make_forward
+from dit_stage.forward import CapturePolicy, Forward, make_forward
 from dit_stage.state import SlotItem
 from dit_stage.timing import BlockTimer
 
@@ -67,3 +67,40 @@ def test_eager_timer_marks_every_block_and_graph_marks_spread_over_blocks():
     times = spread.collect()
     assert sorted(times.blocks) == model.block_ids and times.extra == 0.0
     assert len(set(times.blocks.values())) == 1
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_signature_is_captured_on_its_second_sighting_and_never_after_a_failure():
+    policy = CapturePolicy(after=2, clock=_Clock())
+    assert [policy.sighted(("a",)) for _ in range(2)] == [False, True]
+    assert policy.sighted(("b",)) is False  # a composition seen once runs eagerly
+    policy.failed(("c",))
+    assert [policy.sighted(("c",)) for _ in range(3)] == [False, False, False]
+
+
+def test_captures_past_the_time_budget_wait_until_the_window_has_room():
+    """Streams batching in ever new compositions must not stall every stream with capture after capture: past 10 %
+    of the last 20 s spent capturing, a new signature runs eagerly (counted ``deferred``) until old captures age
+    out of the window. Negative control: without a budget every second sighting captures."""
+    clock = _Clock()
+    policy = CapturePolicy(after=2, budget=0.1, window_s=20.0, clock=clock)
+    unlimited = CapturePolicy(after=2, budget=float("inf"), clock=clock)
+    captured, free = [], []
+    for i in range(6):  # six new compositions, each seen twice, each capture taking 0.8 s
+        for p, out in ((policy, captured), (unlimited, free)):
+            p.sighted((i,))
+            if p.sighted((i,)):
+                p.spent(0.8)
+                out.append(i)
+        clock.t += 0.5
+    assert captured == [0, 1, 2] and free == list(range(6))  # 3 × 0.8 s ≥ 2 s: the budget is spent
+    assert policy.deferred == 3
+    clock.t += 20.0
+    assert policy.sighted((3,))  # its earlier sightings counted: it captures once the window has room

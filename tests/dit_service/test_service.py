@@ -159,9 +159,10 @@ async def _feed(bus: Bus, stream_id: str, zs: list[torch.Tensor], emb: torch.Ten
         await bus.publish(Subjects.stream_latent(stream_id), chunk_message(stream_id, c, z, **kw))
 
 
-@pytest.mark.parametrize(("n", "link_path"), [(1, "shm"), (2, "shm"), (3, "shm"), (3, "tcp")])
+@pytest.mark.parametrize(("n", "link_path"), [(1, "local"), (2, "shm"), (3, "shm"), (3, "tcp")])
 async def test_stages_equal_the_single_process_reference(nats_settings, bus, eventually, shared_state, n, link_path):
-    """Through either link path (same host: shared memory unless dit_stage.link_shared_memory is off)."""
+    """Through either link path (same host: shared memory unless dit_stage.link_shared_memory is off); one stage
+    returns its items to itself in process (services/link_local.py)."""
     stream = f"eq{n}-{next(_ids)}"
     zs = latents(8, 7, (4, 6))
     want = reference({stream: (21, prompt(2), zs)})[stream]
@@ -180,7 +181,7 @@ async def test_stages_equal_the_single_process_reference(nats_settings, bus, eve
         await _feed(bus, stream, zs, prompt(2), seed=21)
         await eventually(lambda: out.seqs(stream) == list(range(len(zs))), timeout=30)
         assert {s.link.sender.path for s in stages.services if s.link.sender is not None} == {link_path}
-        assert sum(s.listener.stats.shm_frames for s in stages.services) == (0 if link_path == "tcp" else
+        assert sum(s.listener.stats.shm_frames for s in stages.services) == (0 if link_path in ("tcp", "local") else
                                                                               sum(s.listener.stats.frames
                                                                                   for s in stages.services))
     got = out.chunks[stream]

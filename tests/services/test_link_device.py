@@ -15,7 +15,7 @@ import torch
 
 from proto import PromptUpdate, ProtocolError, decode_with_headers
 from services import link_shm
-from services.link import LinkListener, LinkSender, _Outgoing, parse_endpoint
+from services.link import LinkListener, LinkOptions, LinkSender, _Outgoing, parse_endpoint
 from services.link_shm import CHOICE, HELLO, choose_path
 
 GPU_A, GPU_B = b"A" * 16, b"B" * 16
@@ -142,4 +142,29 @@ async def test_handles_are_refused_where_the_device_path_was_not_offered() -> No
         assert listener.stats.refused_connections == 1
         sock.close()
     finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(("own", "registered", "want"), [(False, True, "cuda"), (True, True, "local"),
+                                                         (True, False, "shm")])
+async def test_a_link_to_this_process_hands_the_message_over_in_process(own: bool, registered: bool,
+                                                                        want: str) -> None:
+    """A one-stage ring returns its items to itself over its own listener: the message object itself, no copy
+    (CUDA IPC cannot map a process's own allocations: ``invalid device context`` on an H200). Should the listener not
+    be found in this process, the socket without the device path."""
+    options = LinkOptions(device=FakeIpc(GPU_A))
+    listener = options.listener().start()
+    if not registered:
+        del LinkListener._running[listener.port]
+    sender = options.sender(listener.endpoint, own=own).start()
+    try:
+        for i in range(2):  # the first frame may go before the path is known
+            m = _msg(i)
+            await sender.send(m)
+            with await listener.recv(timeout=5) as frame:
+                assert torch.equal(frame.message.embedding, m.embedding)
+                assert (frame.message is m) == (want == "local") == frame.local
+        assert sender.path == want
+    finally:
+        sender.close()
         listener.close()
