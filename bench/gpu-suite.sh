@@ -7,7 +7,8 @@
 # Steps: the GPU tests (tests/dit/test_gpu.py and every tests/**/test_*gpu*.py), bench/dit.py (1.3B, 512² and
 # 480×832, 1/2/4 steps), bench/pipeline_local.py (1.3B + full Wan VAE at 512² 2 steps and 832×480 1 step, the
 # side-by-side configurations; TAEHV both ways at 512² 2 steps), bench/serve.py (the served path in the one-GPU
-# deployment: 1 stream and the streams-per-GPU search at 16 FPS; the two-stage ring on the same GPU, 1 stream;
+# deployment: 1 stream, and the streams-per-GPU search at 16 FPS in the fast mode (TAEHV); the two-stage ring on
+# the same GPU, 1 stream;
 # 14B at 1 step if the GPU has the memory; the served 1.3B/14B use Wan2.1 weights from MODEL_DIR / MODEL_DIR_14B
 # when set, else random weights at the real sizes: model.random_weights, real timings, noise output; the
 # measurement mode keeps the content markers), bench/official.py (the official StreamDiffusionV2 code side by
@@ -124,8 +125,11 @@ else
         --stages 1 --streams 1 --seconds 8 --slo-ms 1000 --start-timeout 35 --warmup 10
     step serve_ring 40 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 \
         --steps 2 --stages 2 --streams 1 --seconds 5 --slo-ms 1000 --start-timeout 30
-    step serve_search 80 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 \
-        --steps 2 --stages 1 --search --seconds 5 --slo-ms 1000 --max-streams 8 --start-timeout 35 --warmup 10
+    # the streams-per-GPU search in the fast mode (TAEHV both ways): with the eager Wan VAE (≈ 120 ms a chunk) one
+    # GPU holds about one 16 FPS stream at 512², which `serve` above measures
+    step serve_search_fast 80 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" \
+        --env RHEO_ENCODER__VAE=taehv --size 512 --fps 16 --steps 2 --stages 1 --search --seconds 5 --slo-ms 1000 \
+        --max-streams 8 --start-timeout 35 --warmup 10
     FREE_MIB=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits 2>/dev/null | head -n 1)
     if [ "${FREE_MIB:-0}" -gt 60000 ]; then
         step serve_14b 45 "$PY" bench/serve.py --device cuda --model 14b "${SERVED_14B[@]}" "${GRAPH[@]}" \

@@ -1,11 +1,12 @@
 """The served path measured: the real services (LocalStack), RTMP in from the marker test pattern, LL-HLS out.
 
 One stack (nats-server, controller, ``--stages`` DiT stage processes on the tensor link, decoder, egress, ingest,
-gateway) in the measurement mode ``model.passthrough`` (every block runs, but frames pass unchanged: see
-``dit_stage/passthrough.py``), ``--streams`` publishers (``python -m ingest.testpattern --marker``), and in this
-process: a bus observer per role (latent chunks, finished x0 chunks, H.264 units: the hop times the wire carries)
-and a viewer per stream that fetches every LL-HLS part through the gateway as soon as it exists (blocking part
-requests, as hls.js does) and decodes it. One JSON line per result:
+gateway) in the measurement mode ``model.passthrough`` (every block and VAE pass runs, but frames pass unchanged:
+see ``dit_stage/passthrough.py``, ``encoder/passthrough.py``; ``--codec-only`` leaves the VAE's work out),
+``--streams`` publishers (``python -m ingest.testpattern --marker``), and in this process: a bus observer per role
+(latent chunks, finished x0 chunks, H.264 units: the hop times the wire carries) and a viewer per stream that
+fetches every LL-HLS part through the gateway as soon as it exists (blocking part requests, as hls.js does) and
+decodes it. One JSON line per result:
 
 * ``serve`` (per stream count): ``ttff_s`` (publisher's first frame → first part at the gateway), ``fps`` per
   stream (finished chunks × frames per chunk / s, steady window) and ``aggregate_fps``, ``chunk_p50_s`` /
@@ -446,7 +447,9 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
             "stamp_offset": _median(all_hops.get("stamp_offset", []))}
     g2g_p50 = _pct(g2g, 50)
     return {"bench": "serve", "streams": streams, "device": args.device, "model": args.model,
-            "weights": _weights(args), "size": args.size,
+            "weights": _weights(args), "vae": _settings_env(args).get("RHEO_ENCODER__VAE", "wan"),
+            "passthrough": args.passthrough, "vae_runs": not (args.passthrough and args.codec_only),
+            "size": args.size,
             "fps_target": args.fps, "steps": args.steps, "stages": args.stages, "seconds": args.seconds,
             "ttff_s": _median(ttffs), "fps": round(min(fps_each), 2) if fps_each else None,
             "fps_each": [round(f, 2) for f in fps_each], "aggregate_fps": round(sum(fps_each), 2),
@@ -461,15 +464,21 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
 
 def _stack(args: argparse.Namespace, work: Path) -> LocalStack:
     env = {"RHEO_MODEL__PASSTHROUGH": "1" if args.passthrough else "0", "RHEO_MODEL__DEVICE": args.device,
+           "RHEO_MODEL__PASSTHROUGH_RUNS_VAE": "0" if args.codec_only else "1",
            "RHEO_MODEL__PRESET": args.model, "RHEO_INGEST__STREAM_LINGER_S": "1",
            "RHEO_CONTROLLER__ADVISORY": "true", "RHEO_CONTROLLER__MODE": "static"}
     if args.model_dir is not None:
         env["RHEO_MODEL__MODEL_DIR"] = str(args.model_dir)
     elif args.random_weights:
         env["RHEO_MODEL__RANDOM_WEIGHTS"] = "true"
-    env |= dict(kv.split("=", 1) for kv in args.env)
+    env |= _settings_env(args)
     return LocalStack(work, stages=args.stages, ports=Ports.ephemeral(), extra_env=env,
                       torch_threads=args.threads, whip=False)  # RTMP publishers only: no aiortc needed
+
+
+def _settings_env(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--env RHEO_X=V`` service settings."""
+    return dict(kv.split("=", 1) for kv in args.env)
 
 
 def _weights(args: argparse.Namespace) -> str:
@@ -600,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-fps", type=float, default=0.0, help="search target per stream (default --fps)")
     ap.add_argument("--max-p99", type=float, default=0.5)
     ap.add_argument("--max-streams", type=int, default=32)
+    ap.add_argument("--codec-only", action="store_true", help="the measurement mode without the VAE's work (its "
+                    "block-average codec alone: the plumbing's own latency; model.passthrough_runs_vae off)")
     ap.add_argument("--no-passthrough", dest="passthrough", action="store_false",
                     help="run the model's own output (no glass-to-glass: markers do not survive)")
     ap.add_argument("--player", action="store_true", help="watch stream 0 with the gateway's hls.js page in "

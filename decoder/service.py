@@ -179,7 +179,7 @@ class DecoderService(Service):
         if self.settings.model.passthrough:  # measurement mode: frames pass unchanged (encoder/passthrough.py)
             from encoder.passthrough import PassthroughVAE
 
-            return PassthroughVAE(vae.vae)
+            return PassthroughVAE.around(vae) if self.settings.model.passthrough_runs_vae else PassthroughVAE(vae.vae)
         return vae
 
     def _load_model_vae(self) -> StreamVAE:

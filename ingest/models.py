@@ -49,7 +49,8 @@ class IngestModels:
         vae_config = StreamVAEConfig(encoder=encoder.vae, taehv_path=encoder.taehv_path) if encoder else None
         source = model_source(model, "ingest")
         if source == "tiny":
-            return cls.tiny(vae_config).passing_through() if model.passthrough else cls.tiny(vae_config)
+            tiny = cls.tiny(vae_config)
+            return tiny.passing_through(model.passthrough_runs_vae) if model.passthrough else tiny
         from encoder.vae_loading import load_stream_vae
         from wan.device import resolve_device, resolve_dtype
 
@@ -69,13 +70,15 @@ class IngestModels:
         if encoder is not None and encoder.compile:
             compile_stream_vae(vae)
         loaded = cls(vae, prompt, description)
-        return loaded.passing_through() if model.passthrough else loaded
+        return loaded.passing_through(model.passthrough_runs_vae) if model.passthrough else loaded
 
-    def passing_through(self) -> IngestModels:
-        """The measurement mode's models (``model.passthrough``): the pass-through VAE in place of this one."""
+    def passing_through(self, runs_vae: bool) -> IngestModels:
+        """The measurement mode's models (``model.passthrough``): the pass-through codec in place of this VAE, which
+        still runs unless ``runs_vae`` is off (``model.passthrough_runs_vae``)."""
         from encoder.passthrough import PassthroughVAE
 
-        return IngestModels(PassthroughVAE(self.vae.vae), self.prompt, self.description + ", pass-through VAE")
+        vae = PassthroughVAE.around(self.vae) if runs_vae else PassthroughVAE(self.vae.vae)
+        return IngestModels(vae, self.prompt, self.description + ", pass-through VAE")
 
     def warm_up(self, meter: WorkMeter | None = None, size: int = 64) -> None:
         """Run each model once (first calls pay for kernel selection and allocation; chunk 0 must not); the last

@@ -107,8 +107,16 @@ class JobTable:
             if entry.value is None:
                 yield None
                 continue
-            with contextlib.suppress(ProtocolError):
-                yield decode(entry.value, JobRecord, self.kv.limits)
+            record = self.record(entry.value)
+            if record is not None:
+                yield record
+
+    def record(self, value: bytes) -> JobRecord | None:
+        """A stored value as its record (None: unreadable, skipped as ``list`` skips it)."""
+        try:
+            return decode(value, JobRecord, self.kv.limits)
+        except ProtocolError:
+            return None
 
     async def delete(self, job_id: str) -> None:
         """The record and its files."""

@@ -27,9 +27,9 @@ from jobs.table import JobNotFound, JobTable, chunks_of, input_name, result_name
 from media.video_file import InputError
 from proto import JobRecord
 from proto.jobs import JobParams
-from services.bus import BucketLost
+from services.bus import KV
 from services.config import Settings
-from services.runtime import in_daemon_thread
+from services.runtime import in_daemon_thread, watch_keys
 
 log = logging.getLogger("rheo.jobs")
 
@@ -104,16 +104,17 @@ class JobWorker:
                 await watcher
 
     async def _watch(self) -> None:
-        while True:
-            try:
-                async for record in self.table.watch():
-                    if record is not None and record.state == "queued":  # not on every progress report
-                        self._wake.set()
-            except (BucketLost, nats.errors.Error, TimeoutError):
-                await asyncio.sleep(1.0)
-            except Exception:  # the poll still runs; the watch starts again
-                log.exception("jobs: the table watch failed; watching again")
-                await asyncio.sleep(1.0)
+        """Wake the claim loop when a job is queued (its poll runs anyway: a lost watch only delays a claim)."""
+
+        async def table() -> KV:
+            return self.table.kv
+
+        async def on_entry(_key: str, value: bytes | None, _revision: int) -> None:
+            record = self.table.record(value) if value is not None else None
+            if record is not None and record.state == "queued":  # not on every progress report
+                self._wake.set()
+
+        await watch_keys(table, ">", on_entry, what="jobs: the job table", retry_s=1.0)
 
     async def _claim_next(self) -> JobRecord | None:
         records = await self.table.list()

@@ -122,8 +122,12 @@ class ModelSettings(Section):
         "auto", description="compute dtype (auto: bf16 on CUDA, fp32 on CPU)"
     )
     passthrough: bool = Field(
-        False, description="measurement mode (bench/serve.py): block-average VAE and a DiT whose output is its "
-                           "input, so frames reach HLS unchanged; the DiT blocks still run"
+        False, description="measurement mode (bench/serve.py): a block-average VAE codec and a DiT whose output is "
+                           "its input, so frames reach HLS unchanged; the DiT blocks still run"
+    )
+    passthrough_runs_vae: bool = Field(
+        True, description="in the measurement mode, the real VAE still runs (its output dropped for the codec's), "
+                          "so the timings pay for it; off: the codec alone (the plumbing's own latency)"
     )
 
 
