@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from dit_stage.batcher import Candidate, LatencyModel, select
 from dit_stage.forward import Forward
 from dit_stage.micro_step import MicroStep
+from dit_stage.worker import StageWorker
 
 from .helpers import chunk_message, latents, prompt, run_ring, workers
 
@@ -211,15 +213,13 @@ def test_knee_shrinks_the_batch_for_an_urgent_waiting_item():
     assert len(select("greedy", [*loose, tight], model, now, MAX_ITEMS).take) == MAX_ITEMS
 
 
-@pytest.mark.parametrize("policy", ["slo", "greedy"])
-def test_worker_drops_an_infeasible_chunk_before_compute(policy):
-    """Once the first stage's model says a micro-step takes 30 s, a chunk due in 50 s with 2 ring trips left cannot
-    make it: dropped at selection (``deadline_infeasible``), never computed; greedy runs it anyway."""
-    zs = latents(5, 6, (4, 6))
+def _priced_at_30_s(policy: str, zs: list[torch.Tensor], n: int) -> list[StageWorker]:
+    """A two-stage ring that ran stream "a"'s first ``n`` chunks, then its first stage's model fed 30 s per item
+    for the last two micro-steps (what ComputeLoop reports after each forward)."""
     ring = workers(2, batcher=policy)
     first = ring[0]
     first.add_prompt("a", 0, prompt(3))
-    for c in range(4):
+    for c in range(n):
         first.add_chunk(chunk_message("a", c, zs[c], seed=3))
     steps = []
     take = first.take
@@ -230,9 +230,20 @@ def test_worker_drops_an_infeasible_chunk_before_compute(policy):
         return step
 
     first.take = record
-    assert [g.seq for g in run_ring(ring)] == [0, 1, 2, 3]
-    for step in [s for s in steps if s is not None][-2:]:  # what ComputeLoop reports after each forward
+    assert [g.seq for g in run_ring(ring)] == list(range(n))
+    first.take = take
+    for step in [s for s in steps if s is not None][-2:]:
         first.measured(step, 30.0 * len(step.items))
+    return ring
+
+
+@pytest.mark.parametrize("policy", ["slo", "greedy"])
+def test_worker_drops_an_infeasible_chunk_before_compute(policy):
+    """Once the first stage's model says a micro-step takes 30 s, a chunk due in 50 s with 2 ring trips left cannot
+    make it: dropped at selection (``deadline_infeasible``), never computed; greedy runs it anyway."""
+    zs = latents(5, 6, (4, 6))
+    ring = _priced_at_30_s(policy, zs, 4)
+    first = ring[0]
     assert first.latency.duration((1, 4, 6), 1) == pytest.approx(30.0)
     now = time.time()
     first.add_chunk(chunk_message("a", 4, zs[4], seed=3, deadline=now + 600))
@@ -316,24 +327,9 @@ def test_a_prepare_chunk_runs_however_late():
     trips left still runs (without it every later chunk of its segment would be refused until a new segment); the
     same stream's next chunk, as late, is dropped as infeasible."""
     zs = latents(5, 4, (4, 6))
-    ring = workers(2)
+    ring = _priced_at_30_s("slo", zs, 2)
     first = ring[0]
-    first.add_prompt("a", 0, prompt(3))
     first.add_prompt("b", 0, prompt(4))
-    for c in range(2):
-        first.add_chunk(chunk_message("a", c, zs[c], seed=3))
-    steps = []
-    take = first.take
-
-    def record():
-        step = take()
-        steps.append(step)
-        return step
-
-    first.take = record
-    assert [g.seq for g in run_ring(ring)] == [0, 1]
-    for step in [s for s in steps if s is not None][-2:]:
-        first.measured(step, 30.0 * len(step.items))
     now = time.time()
     first.add_chunk(chunk_message("b", 0, zs[2], seed=4, deadline=now + 50))
     first.add_chunk(chunk_message("b", 1, zs[3], seed=4, deadline=now + 50))
