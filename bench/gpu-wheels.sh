@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The wheels a bare GPU machine needs for bench/gpu-suite.sh, downloaded here into the ignored folder .whl/.
 #
-#   bench/gpu-wheels.sh            # then, on the device (one command, .whl and .cache/official carried):
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && chmod +x /tmp/site/bin/* &&
-#   PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH OFFICIAL_DIR=$PWD/.cache/official RHEO_COMMIT=<short hash>
-#   bench/gpu-suite.sh          (RHEO_COMMIT: the lent machine's copy of the tree reports a stale git HEAD)
+#   bench/gpu-wheels.sh            # then, on the device (one command, .whl and .cache/official carried, ≈ 590 s):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
+#   .whl/*.whl; chmod +x /tmp/site/bin/*; export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+#   OFFICIAL_DIR=$PWD/.cache/official RHEO_COMMIT=<short hash>; SERVE_LOGS=/tmp/sl timeout 565 bash
+#   bench/gpu-suite.sh --out $OUT/gpu-suite.jsonl > $OUT/suite.log 2>&1; tar czf $OUT/serve-logs.tgz -C /tmp sl
+#   (RHEO_COMMIT: the lent machine's copy of the tree reports a stale git HEAD; $OUT comes back with 4 files;
+#   `--only serve,serve_ring` for a short second call after a fix)
 #
 # .cache/official (ignored, never committed): the official code without its media, from the tool `fetch`'s copy G
 # of chenfengxu714/StreamDiffusionV2: git --git-dir=G archive HEAD $(git --git-dir=G ls-tree -r --name-only HEAD |
