@@ -37,6 +37,10 @@ while [ $# -gt 0 ]; do
     shift
 done
 PY="${PYTHON:-python3}"
+STEPS="gpu_tests dit pipeline_local serve serve_ring serve_search_fast serve_14b official"
+for name in ${ONLY//,/ }; do  # a misspelt step would run nothing and pass
+    case " $STEPS " in *" $name "*) ;; *) echo "$0: --only: no step '$name' (steps: $STEPS)" >&2; exit 2 ;; esac
+done
 OUT="${OUT:-bench-results/gpu-suite-$(date -u +%Y%m%dT%H%M%SZ).jsonl}"
 mkdir -p "$(dirname "$OUT")"
 : > "$OUT.log"

@@ -67,6 +67,7 @@ from ingest.testpattern import read_marker  # noqa: E402
 from proto import EncodedVideo, LatentChunk, decode  # noqa: E402
 from proto.subjects import CHANNELS  # noqa: E402
 from services.bus import Bus  # noqa: E402
+from services.config import EncoderSettings  # noqa: E402
 from services.stack import LocalStack, Ports, with_player_path  # noqa: E402
 
 PROMPT = "a test pattern in watercolour"
@@ -431,8 +432,8 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
         if t.parts and t.t0 is not None:
             first_part = min(a for a, _, _ in t.parts)
             ttffs.append(first_part - t.t0)
-            first_chunk = t.latent[0][2] if 0 in t.latent else 5  # frames 0…4: the first chunk's last at 4/fps
-            ttff_work.append(first_part - t.t0 - (first_chunk - 1) / args.fps)
+            if 0 in t.latent:  # the first chunk's frame count, as the wire says it (its last frame: count − 1)
+                ttff_work.append(first_part - t.t0 - (t.latent[0][2] - 1) / args.fps)
         first_seen: dict[int, float] = {}
         for available, markers, _ in t.parts:
             for m in markers:
@@ -451,7 +452,7 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
             "stamp_offset": _median(all_hops.get("stamp_offset", []))}
     g2g_p50 = _pct(g2g, 50)
     return {"bench": "serve", "streams": streams, "device": args.device, "model": args.model,
-            "weights": _weights(args), "vae": _settings_env(args).get("RHEO_ENCODER__VAE", "wan"),
+            "weights": _weights(args), "vae": _settings_env(args).get("RHEO_ENCODER__VAE", EncoderSettings().vae),
             "passthrough": args.passthrough, "vae_runs": not (args.passthrough and args.codec_only),
             "size": args.size,
             "fps_target": args.fps, "steps": args.steps, "stages": args.stages, "seconds": args.seconds,
@@ -629,7 +630,10 @@ def main(argv: list[str] | None = None) -> int:
                     "here instead of a temporary one")
     ap.add_argument("--dry-run", action="store_true", help="no stack: the marker path offline (VAE, x264, LL-HLS)")
     stop_on_sigterm()
-    return asyncio.run(_main(ap.parse_args(argv)))
+    args = ap.parse_args(argv)
+    if args.codec_only and not args.passthrough:
+        ap.error("--codec-only is a choice of the measurement mode: not with --no-passthrough")
+    return asyncio.run(_main(args))
 
 
 if __name__ == "__main__":

@@ -49,3 +49,24 @@ def test_ratio_lines_pair_the_official_rows_with_rheo_rows_of_the_same_configura
                 {"bench": "official", "size": "832x480", "steps": 1, "steady_fps": 10.0}]
     (line,) = ratios(path, official)
     assert (line["size"], line["steps"], line["rheo_fps"], line["ratio"]) == ("512x512", 2, 30.0, 2.0)
+
+
+def test_only_runs_the_named_steps_and_refuses_a_misspelt_one(tmp_path: Path) -> None:
+    """``--only`` (a short device call's subset): the named step alone; a name that is no step is an error that
+    lists the steps, not a run of nothing that passes."""
+    out = tmp_path / "suite.jsonl"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    env.pop("OFFICIAL_DIR", None)
+    suite = ["bash", str(ROOT / "bench" / "gpu-suite.sh"), "--dry-run", "--out", str(out), "--only"]
+    run = subprocess.run([*suite, "official"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert [json.loads(line)["step"] for line in out.read_text().splitlines()] == ["official", "summary"]
+    bad = subprocess.run([*suite, "serve,servee"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no step 'servee'" in bad.stderr and "serve_ring" in bad.stderr
+
+
+def test_serve_refuses_codec_only_outside_the_measurement_mode() -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--codec-only", "--no-passthrough"],
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 2 and "--codec-only is a choice of the measurement mode" in run.stderr
