@@ -629,10 +629,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logs", type=Path, default=None, help="keep the stack's folder (every service's whole log) "
                     "here instead of a temporary one")
     ap.add_argument("--dry-run", action="store_true", help="no stack: the marker path offline (VAE, x264, LL-HLS)")
-    stop_on_sigterm()
     args = ap.parse_args(argv)
     if args.codec_only and not args.passthrough:
         ap.error("--codec-only is a choice of the measurement mode: not with --no-passthrough")
+    stop_on_sigterm()
     return asyncio.run(_main(args))
 
 

@@ -65,8 +65,10 @@ def test_only_runs_the_named_steps_and_refuses_a_misspelt_one(tmp_path: Path) ->
     assert bad.returncode == 2 and "no step 'servee'" in bad.stderr and "serve_ring" in bad.stderr
 
 
-def test_serve_refuses_codec_only_outside_the_measurement_mode() -> None:
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--codec-only", "--no-passthrough"],
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                         timeout=60)
-    assert run.returncode == 2 and "--codec-only is a choice of the measurement mode" in run.stderr
+def test_serve_refuses_codec_only_outside_the_measurement_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.serve import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--codec-only", "--no-passthrough"])
+    assert exit_.value.code == 2 and "--codec-only is a choice of the measurement mode" in capsys.readouterr().err
