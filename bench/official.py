@@ -132,7 +132,8 @@ def ratios(path: Path, official_rows: list[dict]) -> list[dict]:
             if (r.get("size") == off["size"] and r.get("steps") == off["steps"] and r.get("streams", 1) == 1
                     and r.get("steady_fps") and off.get("steady_fps")):
                 out.append({"bench": "official_ratio", "size": off["size"], "steps": off["steps"],
-                            "rheo_fps": r["steady_fps"], "official_fps": off["steady_fps"],
+                            "rheo_fps": r["steady_fps"], "rheo_vae_compile": r.get("vae_compile", False),
+                            "official_fps": off["steady_fps"],
                             "ratio": round(r["steady_fps"] / off["steady_fps"], 3), "commit": git_commit()})
     return out
 

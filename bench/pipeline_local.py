@@ -10,6 +10,9 @@ first (CUDA graphs are captured, kernels autotuned), so the numbers are a warm p
 * ``steady_fps``: the same after the first output frame (no prepare, no stream-batch warm-up).
 * ``ttff_s``: first frame fed → first output frame (offline: the 5 prepare frames are all there at once; a live
   stream adds their capture time, 5/fps).
+* ``vae_compile_max_diff`` (with ``--vae-compile`` on CUDA): the largest difference between the compiled VAE and an
+  eager copy over a prepare chunk and the next chunk, encoded and decoded (``vae_agreement``), so a compiled row
+  carries its own exactness check.
 
     python bench/pipeline_local.py                                # CPU: the tiny preset
     python bench/pipeline_local.py --device cuda --preset 1.3b    # 1.3B DiT + full-size Wan VAE, random weights
@@ -21,6 +24,7 @@ fixed random [1, 512, 4096] embedding; the DiT's cross-attention K/V are compute
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -32,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_stage.model import CausalWanDiT, init_weights_
+from encoder.vae import StreamVAE
 from pipeline.pipeline import FixedEmbedding, PipelineConfig, StreamPipeline
 from pipeline.state import StreamSpec
 from wan.config import WanDiTConfig
@@ -54,12 +59,13 @@ def _frames(n: int, height: int, width: int, seed: int) -> np.ndarray:
 
 def build(preset: str, config: PipelineConfig, device: torch.device, dtype: torch.dtype, forward: str,
           vae_kind: str = "wan", vae_compile: bool = False):
-    """(pipeline, note): the tiny preset, or real 1.3B/14B DiT shapes + the full-size VAE of ``vae_kind`` (the Wan2.1
-    VAE, or TAEHV both ways: the fast mode) with random weights, as ``model.random_weights`` serves them."""
+    """(pipeline, note, eager VAE): the tiny preset, or real 1.3B/14B DiT shapes + the full-size VAE of ``vae_kind``
+    (the Wan2.1 VAE, or TAEHV both ways: the fast mode) with random weights, as ``model.random_weights`` serves them;
+    the eager VAE is an uncompiled copy when ``vae_compile`` compiled the pipeline's (else None)."""
     if preset == "tiny":
         from pipeline.loading import build_tiny_pipeline
 
-        return build_tiny_pipeline(config, device=device, dtype=dtype, forward=forward), "tiny umT5 + tokenizer"
+        return build_tiny_pipeline(config, device=device, dtype=dtype, forward=forward), "tiny umT5 + tokenizer", None
     from encoder.vae_loading import StreamVAEConfig, compile_stream_vae, random_stream_vae
 
     cfg = WanDiTConfig.named(preset)
@@ -68,11 +74,28 @@ def build(preset: str, config: PipelineConfig, device: torch.device, dtype: torc
     dit = dit.to(dtype).to_empty(device=device)  # never materialise fp32 weights
     init_weights_(dit, std=0.02, generator=torch.Generator(device=device).manual_seed(0))
     vae = random_stream_vae(StreamVAEConfig(encoder=vae_kind, decoder=vae_kind), dtype=dtype, device=device)
-    if vae_compile:
+    eager = None
+    if vae_compile and device.type == "cuda":
+        eager = copy.deepcopy(vae)  # before compiling: torch.compile wraps the modules, sharing their weights
         compile_stream_vae(vae)
     text = FixedEmbedding(cfg.text_len, cfg.text_dim)
     note = "umT5 skipped: one fixed random [1, 512, 4096] embedding for every prompt"
-    return StreamPipeline(dit.eval(), vae, text, config, forward=forward), note
+    return StreamPipeline(dit.eval(), vae, text, config, forward=forward), note, eager
+
+
+@torch.no_grad()
+def vae_agreement(vae: StreamVAE, reference: StreamVAE, height: int, width: int, seed: int = 7) -> float:
+    """The largest absolute difference between two Stream-VAEs on one new stream: a prepare chunk (5 frames) and the
+    next chunk (4), each encoded and the latents decoded, every output compared (latents and pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(1, 3, 9, height, width, generator=g) * 2 - 1).to(vae.device, vae.dtype)
+    a, b = vae.new_state(), reference.new_state()
+    worst = 0.0
+    for lo, hi in ((0, 5), (5, 9)):
+        za, zb = vae.encode(a, x[:, :, lo:hi]), reference.encode(b, x[:, :, lo:hi])
+        pa, pb = vae.decode(a, za), reference.decode(b, za)
+        worst = max(worst, (za - zb).abs().max().item(), (pa - pb).abs().max().item())
+    return worst
 
 
 def _sync(device: torch.device) -> None:
@@ -148,10 +171,14 @@ def main() -> None:
         w, h = (int(v) for v in size.split("x"))
         for steps in steps_list:
             t0 = time.perf_counter()
-            pipe, note = build(preset, PipelineConfig(width=w, height=h, steps=steps), device, dtype, args.forward,
-                               args.vae, args.vae_compile)
+            config = PipelineConfig(width=w, height=h, steps=steps)
+            pipe, note, eager_vae = build(preset, config, device, dtype, args.forward, args.vae, args.vae_compile)
             load_s = time.perf_counter() - t0
             run_streams(pipe, 1, 21, seed=1000)  # warm-up: graph capture, autotuning, allocator
+            agreement = {}
+            if eager_vae is not None:
+                agreement = {"vae_compile_max_diff": vae_agreement(pipe.vae, eager_vae, h, w)}
+                del eager_vae
             for streams in [int(s) for s in args.streams.split(",")]:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -160,7 +187,8 @@ def main() -> None:
                     "bench": "pipeline_local", "preset": preset, "device": gpu or "cpu", "dtype": str(dtype)[6:],
                     "size": size, "steps": steps, "streams": streams, "frames_per_stream": frames,
                     "forward": args.forward, "vae": "tiny" if preset == "tiny" else args.vae,
-                    "vae_compile": args.vae_compile and device.type == "cuda", **row, "build_s": round(load_s, 2),
+                    "vae_compile": args.vae_compile and device.type == "cuda", **agreement, **row,
+                    "build_s": round(load_s, 2),
                     "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if gpu else None,
                     "text_encoder": note,
                 })  # fmt: skip

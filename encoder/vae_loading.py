@@ -246,17 +246,27 @@ def random_stream_vae(config: StreamVAEConfig | None = None, *, seed: int = 0, d
     )
 
 
+def channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """Every 5-D parameter (Conv3d weights) channels-last-3d, every 4-D one (Conv2d weights, the 3-D norms' gains)
+    channels-last, in place. ``Module.to(memory_format=channels_last_3d)`` cannot do it: it converts 4-D tensors too
+    and raises on them, and the Wan VAE has both ranks."""
+    for p in module.parameters():
+        if p.dim() == 5:
+            p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+        elif p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
 def compile_stream_vae(sv: StreamVAE) -> bool:
     """``encoder.compile``: channels-last and ``torch.compile`` of the VAE's encoder/decoder (and TAEHV) modules,
     recompiled per input shape. CUDA only (on CPU it would cost minutes of compile for no gain): False when skipped.
     """
     if sv.device.type != "cuda":
         return False
-    for m in (sv.vae.encoder, sv.vae.decoder):
-        m.to(memory_format=torch.channels_last_3d)
-    for m in (sv.taehv, sv.taehv_encoder):  # TAEHV runs block by block (its memory): channels-last only
-        if m is not None:
-            m.to(memory_format=torch.channels_last)
+    for m in (sv.vae.encoder, sv.vae.decoder, sv.taehv, sv.taehv_encoder):
+        if m is not None:  # TAEHV runs block by block (its memory): channels-last only
+            channels_last(m)
     sv.vae.encoder = torch.compile(sv.vae.encoder, dynamic=False)
     sv.vae.decoder = torch.compile(sv.vae.decoder, dynamic=False)
     return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from encoder.taehv import TAEHVDecoder, TAEHVEncoder
@@ -125,3 +126,24 @@ def test_compile_is_a_no_op_on_cpu(tiny_vae):
     sv = StreamVAE(tiny_vae)
     encoder = sv.vae.encoder
     assert compile_stream_vae(sv) is False and sv.vae.encoder is encoder
+
+
+def test_channels_last_keeps_every_result_and_module_to_cannot_do_it(tiny_vae, video):
+    """``encoder.compile``'s memory-format step, on CPU: the Wan VAE has 5-D and 4-D parameters, so
+    ``Module.to(memory_format=channels_last_3d)`` raises on it (how the compiled VAE failed on the H200); the
+    per-rank conversion runs, changes the layouts, and encodes and decodes as the contiguous VAE does."""
+    from encoder.vae_loading import channels_last
+
+    with pytest.raises(RuntimeError, match="rank 5"):
+        copy.deepcopy(tiny_vae.encoder).to(memory_format=torch.channels_last_3d)
+    sv, ref = StreamVAE(copy.deepcopy(tiny_vae)), StreamVAE(tiny_vae)
+    channels_last(sv.vae.encoder)
+    channels_last(sv.vae.decoder)
+    conv = next(p for p in sv.vae.encoder.parameters() if p.dim() == 5)
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    x = video(9, seed=4, height=16, width=16)
+    s, r = sv.new_state(), ref.new_state()
+    for a, b in ((0, 5), (5, 9)):
+        z = sv.encode(s, x[:, :, a:b])
+        torch.testing.assert_close(z, ref.encode(r, x[:, :, a:b]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(sv.decode(s, z), ref.decode(r, z), rtol=0, atol=1e-5)
