@@ -17,8 +17,9 @@
 # a step that printed none (crashed, timed out) gets {"step", "error", "rc"}; a summary line ends the run
 # (exit status 1 when any step failed).
 # --only: just these steps (names as in the result lines), e.g. the served ones alone for a short device call.
-# vae_compile (the Wan VAE under torch.compile, bench/pipeline_local.py --vae-compile, with its exactness against an
-# eager copy in the row) runs only when --only names it: its compile would take the whole run past 8 minutes.
+# The torch.compile steps run only when --only names them (their compiles would take the whole run past 8 minutes):
+# compile_tests (the GPU tests marked slow: compiled DiT pieces and compiled VAE against eager) and vae_compile
+# (bench/pipeline_local.py --vae-compile at 512², 2 steps; the row carries its exactness against an eager copy).
 # SERVE_LOGS=DIR keeps every service's whole log of each served step in DIR/<step> (bench/serve.py --logs).
 # --dry-run: the same steps on CPU with the tiny model and minimal sizes (seconds; CI runs it:
 # tests/bench/test_gpu_suite.py). Set PYTHON to choose the interpreter (default: python3).
@@ -39,8 +40,8 @@ while [ $# -gt 0 ]; do
     shift
 done
 PY="${PYTHON:-python3}"
-STEPS="gpu_tests dit pipeline_local serve serve_ring serve_search_fast serve_14b official vae_compile"
-OPT_IN="vae_compile"  # run only when --only names them: they would take the whole run past 8 minutes
+STEPS="gpu_tests dit pipeline_local serve serve_ring serve_search_fast serve_14b official compile_tests vae_compile"
+OPT_IN="compile_tests vae_compile"  # run only when --only names them: they would take the whole run past 8 minutes
 for name in ${ONLY//,/ }; do  # a misspelt step would run nothing and pass
     case " $STEPS " in *" $name "*) ;; *) echo "$0: --only: no step '$name' (steps: $STEPS)" >&2; exit 2 ;; esac
 done
@@ -112,11 +113,12 @@ if [ "$DRY" = 1 ]; then  # nothing to measure on CPU: the steps run side by side
         --streams 1 --frames 13 --threads 1 &
     step serve 60 "$PY" bench/serve.py --dry-run &
     step official 60 "$PY" bench/official.py &
+    step compile_tests 60 bash -c 'pytest_json "$@"' _ -m slow $GPU_TESTS &
     step vae_compile 60 "$PY" bench/pipeline_local.py --device cpu --preset tiny --size 64x64 --steps 1 \
         --streams 1 --frames 9 --threads 1 --vae-compile &
     wait
 else
-    # the slow ones (the compiled VAE's) are left to the vae_compile step, whose row carries the same check
+    # the slow ones (torch.compile's) are the opt-in compile_tests step's
     step gpu_tests 60 bash -c 'pytest_json "$@"' _ -m "not slow" $GPU_TESTS
     step dit 40 "$PY" bench/dit.py --device cuda --models 1.3b --res 512x512,480x832 --steps 1,2,4 --streams 1
     # the two side-by-side configurations, then the fast mode (TAEHV both ways); CUDA graphs without compile, so
@@ -158,8 +160,8 @@ else
     OFF=("$PY" bench/official.py --rheo-jsonl "$OUT" --frames 41 --warmup-chunks 4)
     step official 40 "${OFF[@]}" --size 512x512 --steps 2
     step official 50 "${OFF[@]}" --size 832x480 --steps 1
-    # opt-in (--only vae_compile, a second short call): the Wan VAE compiled (encoder.compile) at 512², 2 steps; its
-    # row carries vae_compile_max_diff against an eager copy. Compiling the VAE's shapes takes a minute or more
+    # opt-in (--only compile_tests,vae_compile: a second short call): compiling takes a minute or more per model
+    GPU_TEST_TIMEOUT=100 step compile_tests 150 bash -c 'pytest_json "$@"' _ -m slow $GPU_TESTS
     step vae_compile 120 "${PL[@]}" --size 512x512 --steps 2 --vae-compile
 
 fi

@@ -52,19 +52,20 @@ def test_ratio_lines_pair_the_official_rows_with_rheo_rows_of_the_same_configura
 
 
 def test_only_runs_the_named_steps_and_refuses_a_misspelt_one(tmp_path: Path) -> None:
-    """``--only`` (a short device call's subset): the named steps alone, the opt-in ``vae_compile`` too (the whole
-    run leaves it out: the first test); a name that is no step is an error that lists the steps, not a run of
+    """``--only`` (a short device call's subset): the named steps alone, the opt-in torch.compile steps too (the
+    whole run leaves them out: the first test); a name that is no step is an error that lists the steps, not a run of
     nothing that passes."""
     out = tmp_path / "suite.jsonl"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
     env.pop("OFFICIAL_DIR", None)
     suite = ["bash", str(ROOT / "bench" / "gpu-suite.sh"), "--dry-run", "--out", str(out), "--only"]
-    run = subprocess.run([*suite, "official,vae_compile"], cwd=ROOT, env=env, capture_output=True, text=True,
+    run = subprocess.run([*suite, "official,compile_tests,vae_compile"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["step"] for r in rows[:-1]) == ["official", "vae_compile"] and rows[-1]["step"] == "summary"
-    assert next(r for r in rows if r["step"] == "vae_compile")["bench"] == "pipeline_local"
+    by_step = {r["step"]: r for r in rows[:-1]}
+    assert sorted(by_step) == ["compile_tests", "official", "vae_compile"] and rows[-1]["step"] == "summary"
+    assert by_step["vae_compile"]["bench"] == "pipeline_local" and by_step["compile_tests"]["rc"] in (0, 5)
     bad = subprocess.run([*suite, "serve,servee"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no step 'servee'" in bad.stderr and "serve_ring" in bad.stderr
 

@@ -88,6 +88,7 @@ def test_capture_survives_cuda_work_on_another_thread():
     assert fwd.captures > 0 and not fwd.policy._failed
 
 
+@pytest.mark.slow  # minutes of torch.compile: bench/gpu-suite.sh runs it in its opt-in compile_tests step
 def test_compiled_pieces_match_eager():
     eager = random_model(num_layers=2, seed=3, dtype=torch.float32).cuda()
     want, _ = _steps(eager, eager, 0, adaptive=None)
