@@ -1,19 +1,18 @@
 """AAC passthrough helpers: the AudioSpecificConfig, ADTS framing (PyAV templates) and fMP4 audio fragments.
 
-The LL-HLS packager (``media.llhls``) cuts parts with PyAV's mp4 muxer on video alone: a second stream in that
-muxer would make libavformat's interleaver hold video packets back until audio arrives, and let audio trigger
-fragment cuts, so part boundaries would no longer follow the video frames. Audio therefore goes into each part as
-its own small ``moof+mdat`` (track 2 of the muxed init segment), written here: AAC needs only sample sizes and
-durations.
+The LL-HLS packager (``media.llhls``) writes each part's fragments itself (``media.fmp4``): the video's, then the
+audio's own small ``moof+mdat`` (track 2 of the init segment) of the AAC frames captured over the part's span;
+AAC needs only sample sizes and durations.
 """
 
 from __future__ import annotations
 
 import io
-import struct
 from dataclasses import dataclass
 
 import av
+
+from media import fmp4
 
 AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 SAMPLES_PER_FRAME = 1024  # AAC-LC access unit
@@ -60,24 +59,6 @@ def template(config: AacConfig, frame: bytes) -> av.container.InputContainer:
     return av.open(io.BytesIO(config.adts(frame) * 2), format="aac")
 
 
-def _box(kind: bytes, *payload: bytes) -> bytes:
-    body = b"".join(payload)
-    return struct.pack(">I", 8 + len(body)) + kind + body
-
-
-def _full(kind: bytes, version: int, flags: int, *payload: bytes) -> bytes:
-    return _box(kind, struct.pack(">I", (version << 24) | flags), *payload)
-
-
 def fragment(sequence: int, decode_time: int, frames: list[bytes], track_id: int = AUDIO_TRACK_ID) -> bytes:
     """One ``moof+mdat`` of AAC access units starting at ``decode_time`` (in samples, the track's timescale)."""
-    entries = b"".join(struct.pack(">II", SAMPLES_PER_FRAME, len(f)) for f in frames)
-
-    def moof(data_offset: int) -> bytes:
-        trun = _full(b"trun", 0, 0x000301, struct.pack(">Ii", len(frames), data_offset), entries)
-        traf = _box(b"traf", _full(b"tfhd", 0, 0x020000, struct.pack(">I", track_id)),
-                    _full(b"tfdt", 1, 0, struct.pack(">Q", decode_time)), trun)
-        return _box(b"moof", _full(b"mfhd", 0, 0, struct.pack(">I", sequence)), traf)
-
-    size = len(moof(0))
-    return moof(size + 8) + _box(b"mdat", *frames)
+    return fmp4.fragment(sequence, track_id, decode_time, [fmp4.Sample(f, SAMPLES_PER_FRAME) for f in frames])

@@ -1,8 +1,9 @@
-"""Our LL-HLS packager: PyAV's mp4 muxer in CMAF mode cut into parts, parts grouped into segments.
+"""Our LL-HLS packager: fMP4 parts written as their last frame is encoded, parts grouped into segments.
 
-Encoded access units go into one fragmented-mp4 muxer per stream whose output is a Python sink: ``ftyp+moov``
-becomes ``init.mp4`` and every ``moof+mdat`` (one per ``frag_duration``) becomes an LL-HLS part. A segment is
-closed when it holds ``parts_per_segment`` parts — never when the next IDR arrives, so the preload hint always
+Each period's ``init.mp4`` (``ftyp+moov``) comes from PyAV's mp4 muxer in CMAF mode; each part is one ``moof+mdat``
+that ``media.fmp4`` writes the moment the part's last access unit is pushed (``frames_per_part`` units, or fewer
+before an IDR), every sample one frame long: a muxer would hold it until the next frame (media/fmp4.py). A segment
+is closed when it holds ``parts_per_segment`` parts — never when the next IDR arrives, so the preload hint always
 names a part that will exist. Two playlists come from the same state: the LL-HLS one (EXT-X-PART,
 PRELOAD-HINT, CAN-BLOCK-RELOAD; served by ``egress.http``) and a plain rolling HLS one written to disk next to
 the segment files. All methods must be called from the event loop thread that serves the playlists.
@@ -32,7 +33,7 @@ from typing import Protocol
 
 import av
 
-from media import aac
+from media import aac, fmp4
 from media.h264 import PartLayout, VideoConfig
 from proto import HlsSegmentState, HlsState, VideoUnit
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 PART_LIST_SEGMENTS = 3  # segments whose parts the LL playlist lists (spec: at least the last 3 target durations)
 KEEP_EXTRA_SEGMENTS = 2  # segments kept past the playlist window for clients that just loaded an older playlist
 JUMP_SEGMENTS = 2  # a keyframe whose pts jumps ahead by more than this many segments restarts the media
+VIDEO_TRACK_ID = 1  # the init segment's video track (audio, when there is any, is aac.AUDIO_TRACK_ID)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class PackagerStats:
     dropped_before_keyframe: int = 0
     misaligned_segments: int = 0
     restarts: int = 0  # media restarts (new periods, each a discontinuity once it has a segment)
+    gaps_closed: int = 0  # units missing inside a period: the output timeline closed up behind them
     segments_restored: int = 0  # segments of a previous life listed again after a resume
 
 
@@ -157,12 +160,9 @@ class LlHlsStream:
         self.audio: AudioSource | None = None  # muxed into every part from the next period with a known config
         self.on_audio: Callable[[float, aac.AacConfig, list[bytes]], None] | None = None  # (time s, config, frames)
         self._period_audio: aac.AacConfig | None = None  # the audio track of the open period's init segment
-        self._first: VideoUnit | None = None  # the open period's first unit (the codec template)
-        self._sink = _BoxSink()
-        self._out: av.container.OutputContainer | None = None
-        self._stream: av.video.stream.VideoStream | None = None
-        self._pending: list[VideoUnit] = []  # muxed (output pts), not yet in a part
-        self._moof: bytes | None = None
+        self._first: VideoUnit | None = None  # the open period's first unit (the codec template); None: closed
+        self._frame_ticks = 0  # one frame in the open period's video timescale
+        self._pending: list[VideoUnit] = []  # pushed (output pts), not yet in a part
         self._last_in: int | None = None  # input pts of the last unit muxed in this period
         self._offset = 0  # output pts = input pts + offset (set when a period opens)
         self._next_pts = 0  # output pts after the last one written: where the next period starts
@@ -196,27 +196,28 @@ class LlHlsStream:
         if self._last_in is not None and unit.pts <= self._last_in:
             self.stats.non_monotonic_dropped += 1
             return None
-        if self._out is not None and unit.keyframe and self._audio_config() != self._period_audio:
+        if self._first is not None and unit.keyframe and self._audio_config() != self._period_audio:
             self.restart()  # audio appeared (or its config changed): the init segment needs the new track
-        if self._out is None:
+        if self._first is None:
             if not unit.keyframe:
                 self.stats.dropped_before_keyframe += 1
                 return None
             self._open(unit)
-        assert self._out is not None and self._stream is not None
+        elif self._last_in is not None and unit.pts > self._last_in + 1:
+            # units missing (lost on the way): the timeline closes up, since every sample already out is one frame
+            # long; the PDTs and the audio follow the capture times
+            self._offset -= unit.pts - self._last_in - 1
+            self.stats.gaps_closed += 1
         self._last_in = unit.pts
         if self._offset:
             unit = unit.model_copy(update={"pts": unit.pts + self._offset})
         self._next_pts = unit.pts + 1
         self.stats.units += 1
-        packet = av.Packet(unit.data)
-        packet.pts = packet.dts = unit.pts
-        packet.time_base = self.config.time_base
-        packet.is_keyframe = unit.keyframe
-        packet.stream = self._stream
-        self._out.mux(packet)
-        self._collect(next_pts=unit.pts, next_capture=unit.capture_time)
+        if unit.keyframe and self._pending:
+            self._emit_part()  # a part never spans an IDR
         self._pending.append(unit)
+        if len(self._pending) >= self.layout.frames_per_part:
+            self._emit_part()
         return unit
 
     def end(self) -> None:
@@ -247,46 +248,42 @@ class LlHlsStream:
         self._notify()
 
     def _finish_period(self) -> None:
-        """Close the muxer: its last part and the open segment are published as they are."""
-        if self._out is not None:
-            self._out.close()
-            last = self._pending[-1] if self._pending else None
-            self._collect(next_pts=last.pts + 1 if last else None,
-                          next_capture=last.capture_time + 1 / self.layout.fps if last and last.capture_time else None)
+        """End the open period: its last (short) part and the open segment are published as they are."""
+        if self._pending:
+            self._emit_part()
         if self.segments and not self.segments[-1].complete and self.segments[-1].parts:
             self._close_segment(self.segments[-1])
-        self._out = self._stream = None
-        self._pending, self._moof, self._sink = [], None, _BoxSink()
+        self._first = None
 
     def _audio_config(self) -> aac.AacConfig | None:
         return self.audio.config if self.audio is not None and self.audio.first_frame else None
 
     def _open(self, first: VideoUnit) -> None:
+        """A new period from this IDR on: its init segment, and where its timestamps start."""
         self._offset = self._next_pts - first.pts
         self._period_audio = self._audio_config()
-        part_us = int((self.layout.frames_per_part - 0.5) / self.layout.fps * 1e6)
-        # frag_discont: fragments keep our (offset) timestamps instead of starting over at 0
-        self._out = av.open(self._sink, "w", format="mp4", options={"movflags": _MOVFLAGS,
-                                                                    "frag_duration": str(part_us)})
-        self._stream = self._add_video(self._out, first)
         self._first = first
+        init = self._init_segment(first, self._period_audio)
+        ticks = fmp4.timescale(init, VIDEO_TRACK_ID) * self.config.time_base
+        if ticks.denominator != 1:
+            raise ValueError(f"a frame is not a whole number of ticks of the muxer's timescale ({ticks})")
+        self._frame_ticks = int(ticks)
+        self.inits[self.discontinuity] = init
+        self._write_file(init_name(self.discontinuity), init)
+        self._write_file("init.mp4", init)
 
-    def _add_video(self, out: av.container.OutputContainer, first: VideoUnit) -> av.video.stream.VideoStream:
-        with _template_stream(self.config, first) as template:
-            stream = out.add_stream_from_template(template.streams.video[0])
-        stream.time_base = self.config.time_base
-        return stream
-
-    def _muxed_init(self, config: aac.AacConfig) -> bytes:
-        """ftyp+moov with the video (track 1) and the audio track (2): the video muxer itself stays video-only
-        (media/aac.py says why), its fragments fit this init."""
+    def _init_segment(self, first: VideoUnit, audio: aac.AacConfig | None) -> bytes:
+        """ftyp+moov from PyAV's mp4 muxer: the video (track 1) and, with ``audio``, the AAC track (2)."""
         sink = _BoxSink()
         out = av.open(sink, "w", format="mp4", options={"movflags": _MOVFLAGS})
-        assert self.audio is not None and self._first is not None
-        self._add_video(out, self._first)
-        with aac.template(config, self.audio.first_frame) as template:
-            audio = out.add_stream_from_template(template.streams.audio[0])
-        audio.codec_context.extradata = config.asc
+        with _template_stream(self.config, first) as template:
+            video = out.add_stream_from_template(template.streams.video[0])
+        video.time_base = self.config.time_base
+        if audio is not None:
+            assert self.audio is not None
+            with aac.template(audio, self.audio.first_frame) as template:
+                track = out.add_stream_from_template(template.streams.audio[0])
+            track.codec_context.extradata = audio.asc
         out.start_encoding()
         out.close()
         return b"".join(box for kind, box in sink.boxes if kind in (b"ftyp", b"moov"))
@@ -304,32 +301,15 @@ class LlHlsStream:
             self.on_audio(decode_time / config.sample_rate, config, frames)
         return aac.fragment(self.stats.parts + 1, decode_time, frames)
 
-    def _collect(self, next_pts: int | None, next_capture: float | None = None) -> None:
-        """Turn boxes the muxer has written into init/parts; ``next_pts`` is the first pts not in them (captured at
-        ``next_capture``)."""
-        boxes, self._sink.boxes = self._sink.boxes, []
-        header: list[bytes] = []
-        for kind, box in boxes:
-            if kind in (b"ftyp", b"moov"):
-                header.append(box)
-                if kind == b"moov":
-                    init = b"".join(header) if self._period_audio is None else self._muxed_init(self._period_audio)
-                    self.inits[self.discontinuity] = init
-                    self._write_file(init_name(self.discontinuity), init)
-                    self._write_file("init.mp4", init)
-            elif kind == b"moof":
-                self._moof = box
-            elif kind == b"mdat" and self._moof is not None:
-                self._add_part(self._moof + box, next_pts, next_capture)
-                self._moof = None
-
-    def _add_part(self, data: bytes, next_pts: int | None, next_capture: float | None = None) -> None:
+    def _emit_part(self) -> None:
+        """The pending units as one part, now: each sample is one frame long, so nothing waits for the next."""
         units, self._pending = self._pending, []
-        if not units:
-            return
-        data += self._audio_part(units, next_capture)
-        end_pts = next_pts if next_pts is not None else units[-1].pts + 1
-        duration = (end_pts - units[0].pts) / self.layout.fps
+        samples = [fmp4.Sample(fmp4.nal_units(u.data), self._frame_ticks,
+                               fmp4.KEY_FLAGS if u.keyframe else fmp4.NON_KEY_FLAGS) for u in units]
+        data = fmp4.fragment(self.stats.parts + 1, VIDEO_TRACK_ID, units[0].pts * self._frame_ticks, samples)
+        last = units[-1].capture_time
+        data += self._audio_part(units, last + 1 / self.layout.fps if last is not None else None)
+        duration = len(units) / self.layout.fps
         seg = self.segments[-1] if self.segments and not self.segments[-1].complete else None
         if seg is None:
             msn = self.segments[-1].msn + 1 if self.segments else self._first_msn

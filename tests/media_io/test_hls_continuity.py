@@ -100,12 +100,13 @@ def test_discontinuity_sequence_counts_the_tags_that_slid_out() -> None:
         if period:
             stream.restart()
         feed(stream, enc := encoder(), range(30))  # 2 segments per period
-    pl = m3u8.loads(stream.plain_playlist())  # complete: segments 2, 3 (period 1), 4 (period 2); 5 is open
-    assert pl.media_sequence == 2 and pl.discontinuity_sequence == 1
-    assert [s.discontinuity for s in pl.segments] == [False, False, True]
-    feed(stream, enc, range(30, 60), pts0=30)  # segments 5 and 6 close: 2 and 3 slide out with period 1
+    # a segment closes with its last frame: 0..5 are complete, the window is 3 (period 1), 4 and 5 (period 2)
     pl = m3u8.loads(stream.plain_playlist())
-    assert pl.media_sequence == 4 and pl.discontinuity_sequence == 2 and not any(s.discontinuity for s in pl.segments)
+    assert pl.media_sequence == 3 and pl.discontinuity_sequence == 1
+    assert [s.discontinuity for s in pl.segments] == [False, True, False]
+    feed(stream, enc, range(30, 60), pts0=30)  # segments 6 and 7 close: 3 and 4 slide out, and period 1 with 3
+    pl = m3u8.loads(stream.plain_playlist())
+    assert pl.media_sequence == 5 and pl.discontinuity_sequence == 2 and not any(s.discontinuity for s in pl.segments)
     assert set(stream.inits) == {1, 2}  # period 0's init is no longer needed (segments 0, 1 are gone)
 
 
