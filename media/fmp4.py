@@ -9,7 +9,7 @@ each fragment the moment its last sample is encoded. PyAV's mp4 muxer still writ
 Boxes (ISO/IEC 14496-12): ``moof`` = ``mfhd`` (sequence number) + ``traf`` = ``tfhd`` (track, default-base-is-moof)
 + ``tfdt`` (base media decode time, version 1) + ``trun`` (data offset, per sample: duration, size, and for video
 the sync flags); then one ``mdat`` with the samples. H.264 samples are length-prefixed NAL units (``avc1``), which
-``nal_units`` makes of the encoder's Annex B.
+``avc_sample`` makes of the encoder's Annex B.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["KEY_FLAGS", "NON_KEY_FLAGS", "Sample", "box", "fragment", "full_box", "nal_units", "timescale"]
+from media.h264 import nal_units
+
+__all__ = ["KEY_FLAGS", "NON_KEY_FLAGS", "Sample", "avc_sample", "box", "fragment", "full_box", "timescale"]
 
 KEY_FLAGS = 0x02000000  # sample_depends_on = 2: a sync sample (IDR)
 NON_KEY_FLAGS = 0x01010000  # depends on others, is_non_sync_sample
@@ -64,23 +66,11 @@ def fragment(sequence: int, track_id: int, decode_time: int, samples: Sequence[S
     return moof(size + 8) + box(b"mdat", *(s.data for s in samples))
 
 
-def nal_units(annex_b: bytes) -> bytes:
+def avc_sample(annex_b: bytes) -> bytes:
     """An Annex B access unit (start codes) as an ``avc1`` sample: each NAL unit behind its 4-byte length."""
-    out, i, n = [], 0, len(annex_b)
-    starts: list[tuple[int, int]] = []  # (start code position, payload position)
-    while True:
-        j = annex_b.find(b"\x00\x00\x01", i)
-        if j < 0:
-            break
-        starts.append((j - 1 if j > 0 and annex_b[j - 1] == 0 else j, j + 3))
-        i = j + 3
-    if not starts or starts[0][0] != 0:
+    if not annex_b.startswith((b"\x00\x00\x01", b"\x00\x00\x00\x01")):
         raise ValueError("not an Annex B access unit (no start code at its beginning)")
-    for k, (_, payload) in enumerate(starts):
-        end = starts[k + 1][0] if k + 1 < len(starts) else n
-        nal = annex_b[payload:end]
-        out.append(struct.pack(">I", len(nal)) + nal)
-    return b"".join(out)
+    return b"".join(struct.pack(">I", len(nal)) + nal for nal in nal_units(annex_b))
 
 
 def timescale(init: bytes, track_id: int) -> int:

@@ -90,7 +90,8 @@ class VideoConfig:
         return codec_string(self.extradata)
 
 
-def _nal_units(annexb: bytes) -> list[bytes]:
+def nal_units(annexb: bytes) -> list[bytes]:
+    """The NAL units of an Annex B byte string (start codes and trailing zero bytes removed)."""
     out = []
     for part in annexb.split(b"\x00\x00\x01"):
         part = part.rstrip(b"\x00")
@@ -101,7 +102,7 @@ def _nal_units(annexb: bytes) -> list[bytes]:
 
 def codec_string(extradata: bytes) -> str:
     """RFC 6381 ``avc1.PPCCLL`` from the SPS, for playlists and MSE."""
-    for nal in _nal_units(extradata):
+    for nal in nal_units(extradata):
         if nal[0] & 0x1F == 7 and len(nal) >= 4:
             return f"avc1.{nal[1]:02x}{nal[2]:02x}{nal[3]:02x}"
     return "avc1.42e01e"

@@ -304,7 +304,7 @@ class LlHlsStream:
     def _emit_part(self) -> None:
         """The pending units as one part, now: each sample is one frame long, so nothing waits for the next."""
         units, self._pending = self._pending, []
-        samples = [fmp4.Sample(fmp4.nal_units(u.data), self._frame_ticks,
+        samples = [fmp4.Sample(fmp4.avc_sample(u.data), self._frame_ticks,
                                fmp4.KEY_FLAGS if u.keyframe else fmp4.NON_KEY_FLAGS) for u in units]
         data = fmp4.fragment(self.stats.parts + 1, VIDEO_TRACK_ID, units[0].pts * self._frame_ticks, samples)
         last = units[-1].capture_time

@@ -120,6 +120,6 @@ def test_a_lost_unit_closes_up_the_timeline_and_is_counted() -> None:
 def test_annex_b_becomes_length_prefixed_and_other_input_is_refused() -> None:
     sps, pps, idr = b"\x67\x42\x00\x0a", b"\x68\xce\x3c\x80", b"\x65\x88\x84\x00\x33"
     annex_b = b"\x00\x00\x00\x01" + sps + b"\x00\x00\x01" + pps + b"\x00\x00\x00\x01" + idr
-    assert fmp4.nal_units(annex_b) == b"".join(struct.pack(">I", len(n)) + n for n in (sps, pps, idr))
+    assert fmp4.avc_sample(annex_b) == b"".join(struct.pack(">I", len(n)) + n for n in (sps, pps, idr))
     with pytest.raises(ValueError, match="Annex B"):
-        fmp4.nal_units(struct.pack(">I", len(idr)) + idr)  # already length-prefixed
+        fmp4.avc_sample(struct.pack(">I", len(idr)) + idr)  # already length-prefixed
