@@ -50,6 +50,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     s = LocalStack(work, stages=1, ports=Ports.ephemeral(), extra_env={
         "RHEO_CONFIG": str(work / "rheo.yaml"),
         "RHEO_LIFECYCLE__HEARTBEAT_INTERVAL_S": "0.2",
+        "RHEO_INGEST__STREAM_LINGER_S": "1",  # the publisher's end ends the stream (no reconnect is tested here)
         "RHEO_EGRESS__SEGMENT_SECONDS": "1.0",
         "OMP_NUM_THREADS": "1",
     })
