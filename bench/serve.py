@@ -16,7 +16,8 @@ decodes it. One JSON line per result:
   clock; the pass-through VAE shows each 4-frame group's first, oldest frame: the group's longest latency),
   ``g2g_player_s`` (edge + how far hls.js plays behind the edge: ``--player`` measures it in headless Chromium,
   ``player_latency_s``; else the playlist's PART-HOLD-BACK, its target), ``deadline_misses`` (chunks
-  dropped for their deadline anywhere), ``gpu_mem_mib`` (cuda), ``hops``: every hop's median share, and with
+  dropped for their deadline anywhere), ``frames_repeated`` (the decoder's CFR output held a frame: a stutter a
+  viewer sees), ``gpu_mem_mib`` (cuda), ``hops``: every hop's median share, and with
   ``--warmup`` ``warmup_s``: a throwaway stream's first chunk out (the stages' CUDA-graph captures, compile).
 * ``search`` (``--search``): the largest stream count whose streams all keep ``--target-fps`` with
   ``chunk_p99_s`` ≤ ``--max-p99``.
@@ -415,6 +416,7 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
                                 for i in range(args.stages))) for path in ("cuda", "shm", "tcp", "local")}
     misses = delta("ingest", 'rheo_ingest_chunks_dropped_total{reason="deadline"}') + delta(
         "decoder", 'rheo_decoder_chunks_total{result="late"}')
+    repeated = delta("decoder", 'rheo_decoder_frames_total{kind="repeated"}')
 
     all_hops: dict[str, list[float]] = {}
     fps_each, ttffs, ttff_work, g2g = [], [], [], []
@@ -464,7 +466,8 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
             "g2g_player_s": round(g2g_p50 + behind, 4) if g2g_p50 is not None and behind is not None else None,
             "player_latency_s": _median(player_latency), "player_latency_p99_s": _pct(player_latency, 99),
             "player_measured": bool(player_latency),
-            "deadline_misses": int(misses), "gpu_mem_mib": gpu, "link_paths": link_paths, "hops": hops,
+            "deadline_misses": int(misses), "frames_repeated": int(repeated), "gpu_mem_mib": gpu,
+            "link_paths": link_paths, "hops": hops,
             "commit": git_commit()}
 
 

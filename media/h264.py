@@ -13,7 +13,6 @@ import asyncio
 import collections
 import contextlib
 import itertools
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -123,19 +122,20 @@ class CfrStats:
     repeated: int = 0
     dropped: int = 0
     catchups: int = 0
-    pulled: int = 0  # frames' worth the anchor moved earlier to empty a standing buffer
+    pulled_s: float = 0.0  # seconds the anchor moved earlier to empty a standing buffer
 
 
 class CfrPacer:
     """Irregular frame arrivals in, one frame per 1/fps of wall time out, with monotonic indices.
 
-    Output starts ``start_delay_s`` after the first frame (a small jitter buffer). A buffer that stands above
-    that allowance when chunks arrive (the fewest frames still waiting at each of ``standing_pushes`` pushes in a
-    row: queueing left by a slow start, not jitter) is emptied by moving the anchor earlier: those frames go out
-    now, with their indices, and every later frame as much earlier (docs/latency.md). A missing frame repeats
-    the previous one; a buffer above ``max_buffer_frames`` drops its oldest frames (latency stays bounded);
-    if the caller falls more than ``max_catchup_s`` behind, the wall anchor moves instead of bursting. Each frame
-    keeps the capture time it was pushed with (a repeat: the repeated frame's), so the playlist's
+    Output starts ``start_delay_s`` after the first frame (a small jitter buffer). Each arriving chunk's first
+    frame then waits until its slot: when the shortest of those waits over ``standing_pushes`` pushes in a row is
+    longer than ``start_delay_s`` (queueing left by a slow start, not jitter), the anchor moves earlier by the
+    difference, so a chunk's first frame waits the jitter allowance and no more: measured in seconds, not whole
+    frames (a whole-frame rule left up to a frame more standing). Frames keep their indices (docs/latency.md). A
+    missing frame repeats the previous one; a buffer above ``max_buffer_frames`` drops its oldest frames (latency
+    stays bounded); if the caller falls more than ``max_catchup_s`` behind, the wall anchor moves instead of
+    bursting. Each frame keeps the capture time it was pushed with (a repeat: the repeated frame's), so the playlist's
     ``EXT-X-PROGRAM-DATE-TIME`` is when the picture was captured, not when it left the decoder.
     """
 
@@ -149,8 +149,7 @@ class CfrPacer:
         self.max_catchup_s = max_catchup_s
         self.stats = CfrStats()
         self.next_index = 0
-        self._allowance = math.ceil(start_delay_s * fps - 1e-9)
-        self._standing: collections.deque[int] = collections.deque(maxlen=max(1, standing_pushes))
+        self._waits: collections.deque[float] = collections.deque(maxlen=max(1, standing_pushes))
         self._buffer: collections.deque[tuple[np.ndarray, float | None]] = collections.deque()
         self._last: tuple[np.ndarray, float | None] | None = None
         self._anchor: float | None = None
@@ -162,16 +161,16 @@ class CfrPacer:
     def push(self, frames: Iterable[np.ndarray], now: float, capture_times: Iterable[float] | None = None) -> None:
         """Buffer ``frames`` (arrived at ``now``), each with its capture time where known."""
         times = itertools.repeat(None) if capture_times is None else capture_times
-        waiting = len(self._buffer)
+        first = self.next_index + len(self._buffer)  # the slot of the first frame pushed now
         for frame, captured in zip(frames, times, strict=capture_times is not None):
             self._buffer.append((frame, captured))
         if self._anchor is not None:
-            self._standing.append(waiting)
-            excess = min(self._standing) - self._allowance
-            if len(self._standing) == self._standing.maxlen and excess > 0:
-                self._anchor -= excess / self.fps
-                self.stats.pulled += excess
-                self._standing.clear()
+            self._waits.append(self._anchor + first / self.fps - now)
+            excess = min(self._waits) - self.start_delay_s
+            if len(self._waits) == self._waits.maxlen and excess > 1e-6:
+                self._anchor -= excess
+                self.stats.pulled_s += excess
+                self._waits = collections.deque((w - excess for w in self._waits), maxlen=self._waits.maxlen)
         while len(self._buffer) > self.max_buffer_frames:
             self._buffer.popleft()
             self.stats.dropped += 1
