@@ -59,8 +59,8 @@ def test_only_runs_the_named_steps_and_refuses_a_misspelt_one(tmp_path: Path) ->
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
     env.pop("OFFICIAL_DIR", None)
     suite = ["bash", str(ROOT / "bench" / "gpu-suite.sh"), "--dry-run", "--out", str(out), "--only"]
-    run = subprocess.run([*suite, "official,compile_tests,vae_compile"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run([*suite, "official,compile_tests,vae_compile"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     by_step = {r["step"]: r for r in rows[:-1]}
