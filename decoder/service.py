@@ -39,6 +39,7 @@ from encoder.vae_loading import (
 )
 from media.h264 import CfrPacer, H264Encoder, PacedFrame
 from proto import CHANNELS, EncodedVideo, LatentChunk, StreamEvent, StreamOutput, Subjects, VideoUnit
+from proto.clock import ChunkClock
 from services import telemetry
 from services.assignments import Assignments
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
@@ -307,7 +308,8 @@ class DecoderService(Service):
         h, w = (int(v) for v in chunk.latent.shape[2:])
         sf = self.vae.spatial_factor
         eg = self.settings.egress
-        pacer = CfrPacer.from_settings(fps, eg)
+        # a steady chunk's frames: the prepare chunk's extra frame starts the output that much sooner (CfrPacer)
+        pacer = CfrPacer.from_settings(fps, eg, self.vae.temporal_factor * ChunkClock().latent_frames_per_chunk)
         encoder = H264Encoder.from_settings(w * sf, h * sf, fps, eg)
         window_bytes = self.settings.nats.credit_window_bytes
         window = await self.bus.credit_window(Subjects.stream_video(sid), window_bytes).start()

@@ -128,7 +128,10 @@ class CfrStats:
 class CfrPacer:
     """Irregular frame arrivals in, one frame per 1/fps of wall time out, with monotonic indices.
 
-    Output starts ``start_delay_s`` after the first frame (a small jitter buffer). Each arriving chunk's first
+    Output starts ``start_delay_s`` after the first frame (a small jitter buffer), less what a longer first chunk
+    already covers: with ``chunk_frames`` (a steady chunk's frames) given, a first push of more frames than that
+    (the prepare chunk: 1 + 4) keeps the next chunk's first frame waiting as long with an earlier start, so the
+    start moves earlier by the surplus (never before the arrival). Each arriving chunk's first
     frame then waits until its slot: when the shortest of those waits over ``standing_pushes`` pushes in a row is
     longer than ``start_delay_s`` (queueing left by a slow start, not jitter), the anchor moves earlier by the
     difference, so a chunk's first frame waits the jitter allowance and no more: measured in seconds, not whole
@@ -141,10 +144,11 @@ class CfrPacer:
 
     def __init__(
         self, fps: float, start_delay_s: float = 0.0, max_buffer_frames: int = 16, max_catchup_s: float = 1.0,
-        standing_pushes: int = 4,
+        standing_pushes: int = 4, chunk_frames: int | None = None,
     ) -> None:
         self.fps = fps
         self.start_delay_s = start_delay_s
+        self.chunk_frames = chunk_frames
         self.max_buffer_frames = max_buffer_frames
         self.max_catchup_s = max_catchup_s
         self.stats = CfrStats()
@@ -155,8 +159,8 @@ class CfrPacer:
         self._anchor: float | None = None
 
     @classmethod
-    def from_settings(cls, fps: float, settings: EgressSettings) -> CfrPacer:
-        return cls(fps, start_delay_s=settings.cfr_start_delay_s)
+    def from_settings(cls, fps: float, settings: EgressSettings, chunk_frames: int | None = None) -> CfrPacer:
+        return cls(fps, start_delay_s=settings.cfr_start_delay_s, chunk_frames=chunk_frames)
 
     def push(self, frames: Iterable[np.ndarray], now: float, capture_times: Iterable[float] | None = None) -> None:
         """Buffer ``frames`` (arrived at ``now``), each with its capture time where known."""
@@ -175,7 +179,8 @@ class CfrPacer:
             self._buffer.popleft()
             self.stats.dropped += 1
         if self._anchor is None and self._buffer:
-            self._anchor = now + self.start_delay_s
+            surplus = 0 if self.chunk_frames is None else max(0, len(self._buffer) - self.chunk_frames)
+            self._anchor = now + max(0.0, self.start_delay_s - surplus / self.fps)
 
     def due_time(self, index: int) -> float | None:
         return None if self._anchor is None else self._anchor + index / self.fps

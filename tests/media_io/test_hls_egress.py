@@ -75,6 +75,21 @@ def test_cfr_pacer_empties_a_standing_buffer() -> None:
     assert waits[-4:] == pytest.approx([0.1] * 4, abs=1e-9) and pacer.stats.pulled_s > 0  # the allowance stands
 
 
+@pytest.mark.parametrize("fps", [16, 8])
+def test_a_longer_first_chunk_starts_the_output_sooner_with_the_same_allowance(fps: int) -> None:
+    """The prepare chunk (5 frames, steady chunks 4): the output starts the surplus frame earlier (never before the
+    arrival), and the next chunk, on time 4 frames later, still waits at least the 0.1 s allowance; without
+    ``chunk_frames`` the start is the whole allowance after the arrival."""
+    frames = [np.zeros((1, 1, 3), np.uint8)] * 5
+    plain, sized = CfrPacer(fps, start_delay_s=0.1), CfrPacer(fps, start_delay_s=0.1, chunk_frames=4)
+    for pacer in (plain, sized):
+        pacer.push(frames, now=10.0)
+    assert plain.due_time(0) == pytest.approx(10.1)
+    assert sized.due_time(0) == pytest.approx(10.0 + max(0.0, 0.1 - 1 / fps))
+    sized.push(frames[:4], now=10.0 + 4 / fps)
+    assert sized.due_time(5) - (10.0 + 4 / fps) >= 0.1 - 1e-9
+
+
 def test_encoder_fixed_gop_no_b_frames() -> None:
     layout = PartLayout.for_rate(16, 1.0, 0.2)
     enc = H264Encoder(160, 120, 16, layout.gop_frames, "ultrafast", 300)
