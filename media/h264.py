@@ -129,17 +129,18 @@ class CfrPacer:
     """Irregular frame arrivals in, one frame per 1/fps of wall time out, with monotonic indices.
 
     Output starts ``start_delay_s`` after the first frame (a small jitter buffer), less what a longer first chunk
-    already covers: with ``chunk_frames`` (a steady chunk's frames) given, a first push of more frames than that
-    (the prepare chunk: 1 + 4) keeps the next chunk's first frame waiting as long with an earlier start, so the
-    start moves earlier by the surplus (never before the arrival). Each arriving chunk's first
-    frame then waits until its slot: when the shortest of those waits over ``standing_pushes`` pushes in a row is
-    longer than ``start_delay_s`` (queueing left by a slow start, not jitter), the anchor moves earlier by the
-    difference, so a chunk's first frame waits the jitter allowance and no more: measured in seconds, not whole
-    frames (a whole-frame rule left up to a frame more standing). Frames keep their indices (docs/latency.md). A
-    missing frame repeats the previous one; a buffer above ``max_buffer_frames`` drops its oldest frames (latency
+    already covers: given ``chunk_frames`` (a steady chunk's frames), a first push of more (the prepare chunk, 1 +
+    4) starts the output the surplus earlier, never before the arrival, and the next chunk still waits as long.
+
+    Each arriving chunk's first frame waits until its slot. When the shortest of those waits over
+    ``standing_pushes`` pushes in a row is longer than ``start_delay_s`` (queueing left by a slow start, not
+    jitter), the anchor moves earlier by the difference, in seconds (a whole-frame rule left up to a frame more
+    standing); frames keep their indices (docs/latency.md).
+
+    A missing frame repeats the previous one; a buffer above ``max_buffer_frames`` drops its oldest frames (latency
     stays bounded); if the caller falls more than ``max_catchup_s`` behind, the wall anchor moves instead of
-    bursting. Each frame keeps the capture time it was pushed with (a repeat: the repeated frame's), so the playlist's
-    ``EXT-X-PROGRAM-DATE-TIME`` is when the picture was captured, not when it left the decoder.
+    bursting. Each frame keeps the capture time it was pushed with (a repeat: the repeated frame's), so the
+    playlist's ``EXT-X-PROGRAM-DATE-TIME`` is when the picture was captured, not when it left the decoder.
     """
 
     def __init__(
