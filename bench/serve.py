@@ -16,8 +16,8 @@ decodes it. One JSON line per result:
   clock; the pass-through VAE shows each 4-frame group's first, oldest frame: the group's longest latency),
   ``g2g_player_s`` (edge + how far hls.js plays behind the edge: ``--player`` measures it in headless Chromium,
   ``player_latency_s``; else the playlist's PART-HOLD-BACK, its target), ``deadline_misses`` (chunks
-  dropped for their deadline anywhere), ``frames_repeated`` (the decoder's CFR output held a frame: a stutter a
-  viewer sees), ``gpu_mem_mib`` (cuda), ``hops``: every hop's median share, and with
+  dropped for their deadline anywhere), ``frames_repeated`` (the decoder's CFR output held a frame while the
+  publishers ran: a stutter a viewer sees), ``gpu_mem_mib`` (cuda), ``hops``: every hop's median share, and with
   ``--warmup`` ``warmup_s``: a throwaway stream's first chunk out (the stages' CUDA-graph captures, compile).
 * ``search`` (``--search``): the largest stream count whose streams all keep ``--target-fps`` with
   ``chunk_p99_s`` ≤ ``--max-p99``.
@@ -388,6 +388,8 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
                                         args.player_settle, watching)) if args.player else None
     while any(p.poll() is None for p in publishers):
         await asyncio.sleep(0.1)
+    # the decoder's repeats while the publishers ran (after them, every stream holds its last frame until it ends)
+    published = {p.name: _scrape(p.health_port) for p in stack.procs if p.name == "decoder"}
     watching.set()
     player_latency = await player if player is not None else []
     await asyncio.sleep(args.tail)  # the last chunks through the pipeline
@@ -416,7 +418,8 @@ async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) ->
                                 for i in range(args.stages))) for path in ("cuda", "shm", "tcp", "local")}
     misses = delta("ingest", 'rheo_ingest_chunks_dropped_total{reason="deadline"}') + delta(
         "decoder", 'rheo_decoder_chunks_total{result="late"}')
-    repeated = delta("decoder", 'rheo_decoder_frames_total{kind="repeated"}')
+    repeated = _metric(published.get("decoder", {}), 'rheo_decoder_frames_total{kind="repeated"}') - _metric(
+        before.get("decoder", {}), 'rheo_decoder_frames_total{kind="repeated"}')
 
     all_hops: dict[str, list[float]] = {}
     fps_each, ttffs, ttff_work, g2g = [], [], [], []
