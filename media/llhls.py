@@ -162,7 +162,7 @@ class LlHlsStream:
         self._period_audio: aac.AacConfig | None = None  # the audio track of the open period's init segment
         self._first: VideoUnit | None = None  # the open period's first unit (the codec template); None: closed
         self._frame_ticks = 0  # one frame in the open period's video timescale
-        self._pending: list[VideoUnit] = []  # pushed (output pts), not yet in a part
+        self._pending: list[tuple[VideoUnit, bytes]] = []  # pushed (output pts) with its sample, not yet in a part
         self._last_in: int | None = None  # input pts of the last unit muxed in this period
         self._offset = 0  # output pts = input pts + offset (set when a period opens)
         self._next_pts = 0  # output pts after the last one written: where the next period starts
@@ -186,10 +186,12 @@ class LlHlsStream:
     # -- input ---------------------------------------------------------------------------------------------
 
     def push(self, unit: VideoUnit) -> VideoUnit | None:
-        """Mux one access unit; completes parts and segments as the muxer emits fragments. Returns the unit on the
-        stream's output timeline (its pts continues across restarts), None when it was dropped (counted)."""
+        """Package one access unit; completes a part with its last frame, and segments. Returns the unit on the
+        stream's output timeline (its pts continues across restarts), None when it was dropped (counted); raises
+        ValueError, changing nothing, for data that is no Annex B access unit."""
         if self.ended:
             raise RuntimeError(f"stream {self.stream_id} has ended")
+        sample = fmp4.avc_sample(unit.data)  # a unit that is no access unit is refused here, before any state moves
         if self._last_in is not None and unit.keyframe and (
                 unit.pts <= self._last_in or unit.pts - self._last_in > JUMP_SEGMENTS * self.layout.gop_frames):
             self.restart()  # an IDR whose timestamps went back or jumped: a new encoder, a new period
@@ -215,7 +217,7 @@ class LlHlsStream:
         self.stats.units += 1
         if unit.keyframe and self._pending:
             self._emit_part()  # a part never spans an IDR
-        self._pending.append(unit)
+        self._pending.append((unit, sample))
         if len(self._pending) >= self.layout.frames_per_part:
             self._emit_part()
         return unit
@@ -303,9 +305,10 @@ class LlHlsStream:
 
     def _emit_part(self) -> None:
         """The pending units as one part, now: each sample is one frame long, so nothing waits for the next."""
-        units, self._pending = self._pending, []
-        samples = [fmp4.Sample(fmp4.avc_sample(u.data), self._frame_ticks,
-                               fmp4.KEY_FLAGS if u.keyframe else fmp4.NON_KEY_FLAGS) for u in units]
+        pending, self._pending = self._pending, []
+        units = [u for u, _ in pending]
+        samples = [fmp4.Sample(data, self._frame_ticks, fmp4.KEY_FLAGS if u.keyframe else fmp4.NON_KEY_FLAGS)
+                   for u, data in pending]
         data = fmp4.fragment(self.stats.parts + 1, VIDEO_TRACK_ID, units[0].pts * self._frame_ticks, samples)
         last = units[-1].capture_time
         data += self._audio_part(units, last + 1 / self.layout.fps if last is not None else None)

@@ -117,6 +117,24 @@ def test_a_lost_unit_closes_up_the_timeline_and_is_counted() -> None:
     assert times == list(range(len(units) - 1))
 
 
+def test_a_unit_that_is_no_access_unit_is_refused_alone() -> None:
+    """Refused at push, before any state moves: the part it would have joined comes out with the units around it
+    (the egress counts the refusal: ``units_failed``)."""
+    enc, units = _units(12)
+    stream = LlHlsStream("s", enc.config, LAYOUT, None)
+    for unit in units[:3]:
+        stream.push(unit)
+    with pytest.raises(ValueError, match="Annex B"):
+        stream.push(units[3].model_copy(update={"data": b"\x65garbage"}))
+    for unit in units[4:]:
+        stream.push(unit)
+    stream.end()
+    parts = b"".join(p.data for seg in stream.segments for p in seg.parts)
+    with av.open(io.BytesIO(stream.inits[0] + parts)) as c:
+        assert len(list(c.decode(video=0))) == len(units) - 1
+    assert stream.stats.units == len(units) - 1 and stream.stats.gaps_closed == 1
+
+
 def test_annex_b_becomes_length_prefixed_and_other_input_is_refused() -> None:
     sps, pps, idr = b"\x67\x42\x00\x0a", b"\x68\xce\x3c\x80", b"\x65\x88\x84\x00\x33"
     annex_b = b"\x00\x00\x00\x01" + sps + b"\x00\x00\x01" + pps + b"\x00\x00\x00\x01" + idr
