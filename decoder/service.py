@@ -308,8 +308,11 @@ class DecoderService(Service):
         h, w = (int(v) for v in chunk.latent.shape[2:])
         sf = self.vae.spatial_factor
         eg = self.settings.egress
-        # a steady chunk's frames: the prepare chunk's extra frame starts the output that much sooner (CfrPacer)
-        pacer = CfrPacer.from_settings(fps, eg, self.vae.temporal_factor * ChunkClock().latent_frames_per_chunk)
+        # a video stream's steady chunk: its prepare chunk's extra frame starts the output that much sooner
+        # (CfrPacer); a T2V chunk (noise_scale 1) is generated a whole chunk of frames after the one before it, so
+        # there is no surplus to count on
+        steady = ChunkClock.v2v().output_frames(1) if chunk.noise_scale < 1 else None
+        pacer = CfrPacer.from_settings(fps, eg, steady)
         encoder = H264Encoder.from_settings(w * sf, h * sf, fps, eg)
         window_bytes = self.settings.nats.credit_window_bytes
         window = await self.bus.credit_window(Subjects.stream_video(sid), window_bytes).start()
