@@ -45,7 +45,7 @@ from services.assignments import Assignments
 from services.bus import CreditTimeout, CreditWindow, PayloadTooLarge
 from services.model_source import model_source
 from services.runtime import Service, ServiceStartError, main, write_debug_tap
-from services.workmeter import WorkMeter
+from services.workmeter import WorkMeter, seed_size
 
 log = logging.getLogger("rheo.decoder")
 
@@ -166,7 +166,8 @@ class DecoderService(Service):
         assert self.bus is not None
         loop = asyncio.get_running_loop()
         self.vae = await loop.run_in_executor(self._model_thread, self._load_vae)
-        await loop.run_in_executor(self._model_thread, _warm_up, self.vae, self.work)
+        stream = self.settings.stream
+        await loop.run_in_executor(self._model_thread, _warm_up, self.vae, self.work, (stream.height, stream.width))
         self.checks["vae"] = True
         await self.assignments.start(self.bus)
         known = self.assignments.known(self.serves)
@@ -527,10 +528,11 @@ def _remember(table: dict[str, tuple[_T, float]], stream_id: str, seq: _T) -> No
     table[stream_id] = (seq, now)
 
 
-def _warm_up(vae: StreamVAE, meter: WorkMeter) -> None:
+def _warm_up(vae: StreamVAE, meter: WorkMeter, stream_size: tuple[int, int]) -> None:
     """Throwaway decodes (a first and steady chunks), so a stream's first chunk does not pay for lazy init; the
-    last is the first measurement of what a decode costs here."""
-    latents = torch.zeros(1, vae.z_dim, 2, 8, 8, device=vae.device, dtype=vae.dtype)
+    last is the first measurement of what a decode costs here, at ``seed_size`` of the default stream size."""
+    h, w = (max(1, n // vae.spatial_factor) for n in seed_size(vae.device.type, stream_size))
+    latents = torch.zeros(1, vae.z_dim, 2, h, w, device=vae.device, dtype=vae.dtype)
     state = vae.new_state()
     vae.decode(state, latents)
     vae.decode(state, latents[:, :, :1])  # a steady chunk's first call pays for its kernels

@@ -19,7 +19,8 @@ Modes:
   capture errors are thread-local: another thread's call no longer invalidates the capture. A capture that fails
   anyway costs only its graph: the step's eager result stands, and that signature runs eagerly from then on.
 * ``compile``: ``graph`` over ``compile_pieces()`` (torch.compile of the attention-free block pieces; it compiles
-  the model's pieces in place, so the model's own calls use them too).
+  the model's pieces in place, so the model's own calls use them too). A call with input shapes not seen before
+  compiles inside it, so like a capture it counts in ``warmups``.
 * ``auto``: ``compile`` on CUDA, else ``eager``.
 
 Graphs and compiled pieces are CUDA-only here: off CUDA every mode runs eagerly, and the Forward says so once.
@@ -28,6 +29,7 @@ Graphs and compiled pieces are CUDA-only here: off CUDA every mode runs eagerly,
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -132,7 +134,8 @@ class Forward:
         if self.mode == "compile" and "_compiled" not in model.__dict__:
             model.compile_pieces()
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
-        self.captures = 0  # graphs captured so far: a call that captured took warm-up time, not a step's cost
+        self._compiled_shapes: set[tuple] = set()
+        self.warmups = 0  # calls that paid a one-off cost (a capture, a compile): warm-up time, not a step's cost
 
     def follow(self, model: CausalWanDiT) -> Forward:
         """This Forward for ``model`` (the same mode): itself, or a new one when the model changed (epoch switch)."""
@@ -151,14 +154,17 @@ class Forward:
         model = self.model
         model.check_input(x, len(items), grid)
         batch = model.prepare_batch(items, grid, sigmas)
-        if timer is not None:
-            timer.start()  # the device work only, as in eager per-block marks
-        if self.mode == "eager":
-            return model.run(x, batch, noisy, timer)
-        out = self._replay(x, batch, noisy, items)
-        if timer is not None:
-            timer.mark_blocks(model.block_ids)
-        return out
+        # the model's GPU current in this (worker) thread: a capture's stream, a replay and the timer's events are
+        # made on the current device, which is cuda:0 in a fresh thread whatever device the model is on
+        with torch.cuda.device(model.device) if model.device.type == "cuda" else contextlib.nullcontext():
+            if timer is not None:
+                timer.start()  # the device work only, as in eager per-block marks
+            if self.mode == "eager":
+                return model.run(x, batch, noisy, timer)
+            out = self._replay(x, batch, noisy, items)
+            if timer is not None:
+                timer.mark_blocks(model.block_ids)
+            return out
 
     def _replay(
         self, x: torch.Tensor, batch: BatchInputs, noisy: torch.Tensor | None, items: Sequence[SlotItem]
@@ -169,9 +175,12 @@ class Forward:
             x.dtype,
             None if noisy is None else (tuple(noisy.shape), noisy.dtype),
         )
+        compiles = self._first_of_shapes(key[1:])
         entry = self._graphs.get(key)
         if entry is None:
-            if not self.policy.sighted(key):
+            capture = self.policy.sighted(key)
+            self.warmups += capture or compiles
+            if not capture:
                 return self.model.run(x, batch, noisy)
             t0 = time.perf_counter()
             try:
@@ -198,7 +207,6 @@ class Forward:
             result = model.run(static_x, batch, static_noisy)  # the real step, eagerly
         torch.cuda.current_stream(model.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        self.captures += 1
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = model.run(static_x, batch, static_noisy)  # recorded only: repeats the idempotent writes
@@ -212,6 +220,15 @@ class Forward:
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return result
+
+    def _first_of_shapes(self, shapes: tuple) -> bool:
+        """Whether compile mode sees these input shapes for the first time: torch.compile then (re)compiles the
+        pieces inside the call (sizes 0 and 1 are specialised even with ``dynamic``), seconds that a latency model
+        must not learn as the cost of a step."""
+        if self.mode != "compile" or shapes in self._compiled_shapes:
+            return False
+        self._compiled_shapes.add(shapes)
+        return True
 
     def clear(self) -> None:
         """Drop every captured graph (and the storage it pins)."""

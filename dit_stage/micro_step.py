@@ -42,6 +42,6 @@ class StageOutput:
     moves: list[ShardMove | ShardMoveEnd] = field(default_factory=list)
     items: int = 0
     compute_s: float = 0.0
-    warmup: bool = False  # the forward captured a graph first: compute_s is not what this step costs
+    warmup: bool = False  # the forward captured a graph or compiled first: compute_s is not what this step costs
     times: BlockTimes | None = None
     replayed: int = 0  # replayed chunks finished (last stage): they rebuilt KV, nothing to publish

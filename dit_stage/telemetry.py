@@ -26,8 +26,9 @@ DROPPED = Counter("rheo_dit_stage_dropped_total", "items or messages a DiT stage
 REPREPARE = Counter("rheo_dit_stage_reprepare_requests_total", "streams the first stage asked a new segment for "
                     "(their chunks refused for want of a prepare chunk)", ["stage"])
 MICRO_STEPS = Counter("rheo_dit_stage_micro_steps_total", "micro-steps a DiT stage ran", ["stage"])
-WARMUP_STEPS = Counter("rheo_dit_stage_warmup_steps_total", "micro-steps that captured a CUDA graph first (left out "
-                       "of the compute, block and batch figures: their time is the capture's)", ["stage"])
+WARMUP_STEPS = Counter("rheo_dit_stage_warmup_steps_total", "micro-steps that captured a CUDA graph or compiled "
+                       "first (left out of the compute, block and batch figures: their time is a one-off cost)",
+                       ["stage"])
 WARMUP_SECONDS = Counter("rheo_dit_stage_warmup_seconds_total", "time of the warm-up micro-steps", ["stage"])
 COMPUTE = Histogram("rheo_dit_stage_compute_seconds", "compute time of one micro-step", ["stage"], buckets=_MS)
 BLOCK_COMPUTE = Histogram("rheo_dit_stage_block_seconds", "compute time of one block in one micro-step (CUDA events "

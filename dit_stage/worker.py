@@ -340,9 +340,9 @@ class StageWorker(FirstStage, EpochSwitching):
         sigmas = [self.scheduler.sigma(self._timestep(m)) for m in items] if self.is_last else None
         timer = BlockTimer(dev)
         self.forward = self.forward.follow(self.model)  # an epoch switch may have changed the model
-        captures = self.forward.captures
+        warmups = self.forward.warmups
         y = self.forward(x, slot_items, grid, noisy if self.is_last else None, sigmas, timer)
-        out.warmup = self.forward.captures != captures
+        out.warmup = self.forward.warmups != warmups
         for meta, it in zip(items, slot_items, strict=True):
             if meta.latent_start == 0 and meta.step == meta.steps - (self.cache_mode == "sdv2"):
                 it.state.shard.replicate_slot(0)  # prepare done (its clean pass too): every slot starts from it

@@ -14,7 +14,7 @@ from encoder.vae import StreamVAE
 from encoder.vae_loading import StreamVAEConfig, compile_stream_vae, random_stream_vae, tiny_stream_vae
 from services.config import EncoderSettings, ModelSettings, Settings
 from services.model_source import model_source
-from services.workmeter import WorkMeter
+from services.workmeter import SMALL_SEED, WorkMeter, seed_size
 from wan.config import WanDiTConfig
 
 __all__ = ["TINY_SEED", "IngestModels", "largest_messages", "latent_chunk_bytes", "max_prompt_tokens"]
@@ -80,14 +80,16 @@ class IngestModels:
         vae = PassthroughVAE.around(self.vae) if runs_vae else PassthroughVAE(self.vae.vae)
         return IngestModels(vae, self.prompt, self.description + ", pass-through VAE")
 
-    def warm_up(self, meter: WorkMeter | None = None, size: int = 64) -> None:
+    def warm_up(self, meter: WorkMeter | None = None, stream_size: tuple[int, int] = SMALL_SEED) -> None:
         """Run each model once (first calls pay for kernel selection and allocation; chunk 0 must not); the last
-        encode, a steady chunk, is the first measurement of what an encode costs here (``meter``)."""
-        frames = torch.zeros(1, 3, 5, size, size, device=self.vae.device, dtype=self.vae.dtype)
+        encode, a steady chunk, is the first measurement of what an encode costs here (``meter``), at
+        ``seed_size`` of the default stream size."""
+        h, w = seed_size(self.vae.device.type, stream_size)
+        frames = torch.zeros(1, 3, 5, h, w, device=self.vae.device, dtype=self.vae.dtype)
         state = self.vae.new_state()
         self.vae.encode(state, frames)
         self.vae.encode(state, frames[:, :, :4])  # a steady chunk's first call pays for its kernels
-        with meter.measure("vae_encode", 4 * size * size / 1e6) if meter else contextlib.nullcontext():
+        with meter.measure("vae_encode", 4 * h * w / 1e6) if meter else contextlib.nullcontext():
             self.vae.encode(state, frames[:, :, :4]).cpu()  # (the copy waits for an asynchronous device)
         self.prompt.encode("warm up")
         self.prompt.clear_cache()

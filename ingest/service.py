@@ -167,7 +167,8 @@ class IngestService(Service):
                                                             what="ingest: block maps"), name="blockmap-watch"))
         self.models = await loop.run_in_executor(self._compute, IngestModels.load, self.settings.model,
                                                  self.settings.encoder)
-        await loop.run_in_executor(self._compute, self.models.warm_up, self.work)
+        stream = self.settings.stream
+        await loop.run_in_executor(self._compute, self.models.warm_up, self.work, (stream.height, stream.width))
         if self.settings.model.model_dir is None:
             log.warning("NO MODEL WEIGHTS (model.model_dir unset): ingest runs the tiny RANDOM VAE and umT5")
         self.checks["models"] = True

@@ -5,7 +5,8 @@ around a VAE encode of a chunk, say (services/watchdog.py), or ``measure`` here.
 an EWMA of those calls, seeded by the service's warm-up (so the first stream is judged by a real measurement of
 this machine, not a guess). Heartbeats carry it to the controller (``Heartbeat.work``), which admits a stream only
 while every bottleneck holds (services/controller/policy.py). Costs scale with pixels to first order: a VAE's work
-is per pixel; per-call overhead makes small frames look dearer, which errs on the safe side.
+is per pixel; per-call overhead makes small frames look dearer, so the seed is measured at a size where it does not
+(``seed_size``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,18 @@ from collections.abc import Iterator
 
 from proto import WorkCost
 
-__all__ = ["WorkMeter"]
+__all__ = ["WorkMeter", "seed_size"]
+
+SMALL_SEED = (64, 64)
+
+
+def seed_size(device_type: str, stream_size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the warm-up call that seeds a VAE's cost: the default stream size on an accelerator,
+    where a small call is nearly all launch overhead (a 64² Wan VAE encode on a GPU costs about what a 512² one
+    does, so per megapixel it would price a 512² stream many times too dear, admission would refuse it, and a
+    refused stream never brings the measurement that corrects it); 64² on a CPU, whose cost is per pixel (and where
+    a 512² warm-up of even the tiny VAE takes seconds)."""
+    return stream_size if device_type != "cpu" else SMALL_SEED
 
 
 class WorkMeter:

@@ -104,3 +104,26 @@ def test_captures_past_the_time_budget_wait_until_the_window_has_room():
     assert policy.deferred == 3
     clock.t += 20.0
     assert policy.sighted((3,))  # its earlier sightings counted: it captures once the window has room
+
+
+def test_a_call_that_compiles_for_new_input_shapes_is_a_warm_up():
+    """In compile mode the first call with new input shapes compiles inside it (seconds on a GPU): ``warmups``
+    counts it, so the stage leaves its time out of the latency model, as it does a capture's. Bookkeeping only:
+    the mode is set after construction and captures are never due, so the calls run eagerly on CPU. Negative
+    control: eager mode counts no warm-up for the same calls."""
+    model = random_model(2)
+    warmups: dict[str, list[int]] = {}
+    for mode in ("compile", "eager"):
+        fwd = Forward(model, policy=CapturePolicy(after=10**9))
+        fwd.mode = mode  # type: ignore[assignment]
+        counts = []
+        for _ in range(3):  # a batch of 2 items three times: compiled once
+            _chunks(fwd, model, n=1)
+            counts.append(fwd.warmups)
+        state = model.new_state("t", 1, LATENT_HW, window=4, sink=1)
+        model.set_prompt(state, context(3))
+        x = torch.zeros(1, 4, 1, *LATENT_HW, dtype=torch.float64)
+        fwd(x, [SlotItem(state, 0, 0, 0, 500.0)], model.grid_of(1, *LATENT_HW), noisy=x, sigmas=[0.5])
+        counts.append(fwd.warmups)  # one item: new shapes, compiled again
+        warmups[mode] = counts
+    assert warmups == {"compile": [1, 1, 1, 2], "eager": [0, 0, 0, 0]}

@@ -284,7 +284,7 @@ class _CapturingForward(Forward):
         key = (tuple(x.shape), grid)
         if key not in self._seen:
             self._seen.add(key)
-            self.captures += 1
+            self.warmups += 1
         return super().__call__(x, items, grid, *args, **kw)
 
 
