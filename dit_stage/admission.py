@@ -86,7 +86,7 @@ class FirstStage:
             self.dropped["segment_superseded"] += len(nxt.new)
         steps = len(chunk.timesteps)  # a segment may change the step count (ingest starts one to do so)
         nxt = StageStream(chunk.stream_id, steps, st.latent_hw, self.model.new_state(
-            chunk.stream_id, steps, st.latent_hw, self.window, self.sink, self.adaptive_threshold),
+            chunk.stream_id, steps, st.latent_hw, self.window, self.sink, self.adaptive_threshold, pool=self.storage),
             slot_next=[0] * steps, segment=chunk.segment, segment_start=chunk.seq,
             seed=segment_seed(chunk.seed, chunk.segment))
         self.successors[chunk.stream_id] = nxt

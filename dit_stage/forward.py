@@ -60,7 +60,7 @@ class _Captured:
     noisy: torch.Tensor | None
     batch: BatchInputs
     out: torch.Tensor
-    keep: list  # the stream states whose storage the graph reads and writes
+    keep: list  # the stream states whose storage the graph reads and writes (alive: the key's ids stay theirs)
 
 
 class CapturePolicy:

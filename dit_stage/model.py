@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from dit_stage.kv_cache import KVCacheShard, WritePlan
 from dit_stage.rope import RopeTable, apply_rope
 from dit_stage.state import SlotItem, StreamDiTState
 from dit_stage.timing import BlockTimer
+
+if TYPE_CHECKING:
+    from dit_stage.state_pool import StatePool
 from wan.config import WanDiTConfig
 from wan.device import host_tensor
 
@@ -99,13 +103,14 @@ class BatchInputs:
     sigmas: torch.Tensor | None  # [N] float64, last stage only
 
     def signature(self) -> tuple:
-        """Everything that shapes the device work: equal signatures replay the same CUDA graph."""
+        """Everything that shapes the device work: equal signatures replay the same CUDA graph. A state is named by
+        its storage, not the object: a new stream on an ended one's storage (``StatePool``) replays its graphs."""
         return (
             self.grid,
             tuple(self.t.shape),
             self.sigmas is not None,
             tuple(
-                (id(g.state), g.start, g.stop, g.plan.signature(), g.state.shard.tensor_ids(), g.state.cross_ids())
+                (g.start, g.stop, g.plan.signature(), g.state.shard.tensor_ids(), g.state.cross_ids())
                 for g in self.groups
             ),
         )
@@ -199,26 +204,31 @@ class CausalWanDiT(nn.Module):
         sink: int,
         adaptive_threshold: float | None = None,
         cache_dtype: torch.dtype | None = None,
+        pool: StatePool | None = None,
     ) -> StreamDiTState:
-        """Empty per-stream state for this stage's blocks: a KV shard over ``num_slots`` slots."""
+        """Empty per-stream state for this stage's blocks: a KV shard over ``num_slots`` slots (an ended stream's
+        from ``pool``, reset, when it has one of this layout)."""
         cfg = self.config
-        shard = KVCacheShard(
-            blocks=self.block_ids,
-            num_slots=num_slots,
-            window=window,
-            sink=sink,
-            tokens_per_frame=cfg.tokens_per_frame(*latent_hw),
-            num_heads=cfg.num_heads,
-            head_dim=cfg.head_dim,
-            dtype=cache_dtype or self.dtype,
-            device=self.device,
-            adaptive_threshold=adaptive_threshold,
-        )
-        return StreamDiTState(stream_id=stream_id, shard=shard)
+        layout = {
+            "blocks": self.block_ids,
+            "num_slots": num_slots,
+            "window": window,
+            "sink": sink,
+            "tokens_per_frame": cfg.tokens_per_frame(*latent_hw),
+            "num_heads": cfg.num_heads,
+            "head_dim": cfg.head_dim,
+            "dtype": cache_dtype or self.dtype,
+            "device": self.device,
+            "adaptive_threshold": adaptive_threshold,
+        }
+        shard = pool.shard(KVCacheShard(**layout, _empty=True)) if pool is not None else None
+        return StreamDiTState(stream_id=stream_id, shard=shard if shard is not None else KVCacheShard(**layout))
 
     @torch.no_grad()
-    def set_prompt(self, state: StreamDiTState, context: torch.Tensor, version: int = 0) -> None:
-        """Compute this stage's cross-attention K/V for a prompt embedding [1, ≤text_len, text_dim] once."""
+    def set_prompt(self, state: StreamDiTState, context: torch.Tensor, version: int = 0,
+                   pool: StatePool | None = None) -> None:
+        """Compute this stage's cross-attention K/V for a prompt embedding [1, ≤text_len, text_dim] once (into an
+        ended stream's storage from ``pool`` when ``state`` has none yet)."""
         cfg = self.config
         if context.dim() == 2:
             context = context[None]
@@ -233,6 +243,10 @@ class CausalWanDiT(nn.Module):
             ca = self.blocks[str(i)].cross_attn
             k = ca.norm_k(ca.k(ctx)).unflatten(2, (h, -1))
             v = ca.v(ctx).unflatten(2, (h, -1))
+            if pool is not None and not state.cross_k:  # (first block) as they come out, so shapes and dtypes match
+                pooled = pool.cross(self.block_ids, tuple(k.shape), k.dtype, k.device)
+                if pooled is not None:
+                    state.cross_k, state.cross_v = pooled
             if i in state.cross_k and state.cross_k[i].shape == k.shape:  # in place: captured graphs stay valid
                 state.cross_k[i].copy_(k)
                 state.cross_v[i].copy_(v)

@@ -67,6 +67,7 @@ class EpochSwitching:
             if self.streams:
                 raise ValueError("a joining stage starts without streams")
             self.model = change.model
+            self.storage.clear()  # shards of the old block range
             self._epoch = change.epoch
             change.switched = True
 
@@ -123,6 +124,7 @@ class EpochSwitching:
         if change.relink:
             self.forwarded.clear()  # the new next stage has none of the prompt embeddings
         self.model = change.model
+        self.storage.clear()  # shards of the old block range
         self._epoch = change.epoch  # items that entered under the previous epoch stay valid: their KV moves along
         change.switched = True
         if not was_last:  # on the old link: the old successor's last micro-step of the old epoch comes before it

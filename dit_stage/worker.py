@@ -47,6 +47,7 @@ from dit_stage.stage_stream import (
     view_order,
 )
 from dit_stage.state import SlotItem, StreamDiTState
+from dit_stage.state_pool import StatePool
 from dit_stage.switching import EpochChange, EpochSwitching
 from dit_stage.timing import BlockTimer
 from proto import (
@@ -100,6 +101,8 @@ class StageWorker(FirstStage, EpochSwitching):
         process engine uses it: one forward per chunk, B items each (stream-batch's throughput), and the
         grouping of the oracle runner. Results do not depend on it beyond GEMM rounding."""
         self.forward = forward if forward is not None else Forward(model)
+        self.storage = StatePool(enabled=model.device.type == "cuda")
+        """Ended streams' KV and cross K/V storage for new streams, whose graphs then replay at once (on CUDA)."""
         if cache_mode not in ("sdv2", "self_forcing"):
             raise ValueError(f"unknown cache mode {cache_mode!r}")
         self.cache_mode = cache_mode
@@ -259,10 +262,14 @@ class StageWorker(FirstStage, EpochSwitching):
         self.streams[sid] = st
 
     def end_stream(self, stream_id: str) -> None:
-        """Free everything this stage holds for a stream (its items still in flight will be dropped)."""
+        """Free everything this stage holds for a stream (its items still in flight will be dropped); its storage
+        goes to ``storage`` (called between forwards: nothing else holds it)."""
+        ended = [s for s in (self.streams.get(stream_id), self.successors.get(stream_id)) if s is not None]
         if stream_id in self.streams:
             self._free(stream_id)
         self.successors.pop(stream_id, None)
+        for st in ended:
+            self.storage.retire([st.shard_state, *st.views.values(), *st.blends.values()])
         self.prompts.pop(stream_id, None)
         self.forwarded = {k for k in self.forwarded if k[0] != stream_id}
 
@@ -274,7 +281,8 @@ class StageWorker(FirstStage, EpochSwitching):
             self.dropped[reason] += dropped
 
     def _new_stream(self, stream_id: str, steps: int, latent_hw: tuple[int, int], epoch: int) -> StageStream:
-        state = self.model.new_state(stream_id, steps, latent_hw, self.window, self.sink, self.adaptive_threshold)
+        state = self.model.new_state(stream_id, steps, latent_hw, self.window, self.sink, self.adaptive_threshold,
+                                     pool=self.storage)
         st = StageStream(stream_id, steps, latent_hw, state, slot_next=[0] * steps, epoch=epoch)
         self.streams[stream_id] = st
         return st
@@ -425,7 +433,7 @@ class StageWorker(FirstStage, EpochSwitching):
                             meta.seq, meta.prompt_version, meta.blend_from)
                 return None
             view = StreamDiTState(meta.stream_id, st.shard_state.shard)
-            self.model.set_prompt(view, emb, meta.prompt_version)
+            self.model.set_prompt(view, emb, meta.prompt_version, pool=self.storage)
             views[key] = view
             for old in sorted(views, key=view_order)[:-versions_kept(st)]:
                 del views[old]

@@ -154,3 +154,36 @@ def test_stage_worker_auto_forward_equals_eager():
     assert [g.seq for g in got] == [w.seq for w in want] == list(range(6))
     for w, g in zip(want, got, strict=True):
         torch.testing.assert_close(g.latent, w.latent, atol=1e-4, rtol=0)
+
+
+def test_a_stream_after_an_ended_one_replays_its_graphs():
+    """Graph mode in a two-stage ring of StageWorkers: stream b, opened after stream a ended, runs on a's storage
+    (``StatePool``, on by default on CUDA), so it captures fewer graphs than a did (a's replay for b: the same batch
+    signatures), and its chunks equal an eager ring's for b alone."""
+    from dit_stage.worker import StageWorker
+    from tests.dit_service.helpers import chunk_message, latents, prompt, run_ring, stage_models
+
+    def ring(mode: str) -> list:
+        models = [m.cuda() for m in stage_models(2)]
+        return [StageWorker(m, window=5, sink=2, adaptive_threshold=None, max_queued_chunks=64,
+                            forward=make_forward(m, mode)) for m in models]
+
+    def run(workers: list, sid: str, seed: int) -> list:
+        workers[0].add_prompt(sid, 0, prompt(seed))
+        for c, z in enumerate(latents(seed, 6, (4, 6))):
+            assert workers[0].add_chunk(chunk_message(sid, c, z, seed=seed))
+        return run_ring(workers)
+
+    graphs = ring("graph")
+    assert all(w.storage.enabled for w in graphs)
+    run(graphs, "a", 3)
+    after_a = [w.forward.warmups for w in graphs]
+    for w in graphs:
+        w.end_stream("a")
+    got = run(graphs, "b", 7)
+    want = run(ring("eager"), "b", 7)
+    assert all(w.storage.reused == 1 for w in graphs)
+    assert all(w.forward.warmups - a < a for w, a in zip(graphs, after_a, strict=True)), after_a
+    assert [g.seq for g in got] == [w.seq for w in want] == list(range(6))
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g.latent, w.latent, atol=1e-4, rtol=0)

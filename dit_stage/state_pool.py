@@ -1,0 +1,95 @@
+"""Ended streams' device storage, handed to new streams of the same layout, so their CUDA graphs replay at once.
+
+A CUDA graph bakes in the addresses of the stream states it reads and writes (``BatchInputs.signature`` names the
+KV shard's and the cross-attention K/V's tensors). A stream on new storage therefore captures its graphs again
+(about a second each at 1.3B, rationed by ``CapturePolicy``) and runs eagerly meanwhile; a stream on the storage
+of one that ended replays that stream's graphs from its first micro-step. Each stream, each cut to a new segment
+used to pay for its captures.
+
+Only storage nothing else holds is taken in: a stream that ended, between forwards (``StageWorker.end_stream``).
+A reused shard is ``reset`` to exactly a new one's contents (tested against a new one, tests/dit_service); cross
+K/V are overwritten whole by ``set_prompt``. Off CUDA the pool is off: there are no graphs to keep, and on the CPU an
+exported stream's tensors are the state's own (``.cpu()`` does not copy), which reuse would overwrite.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import torch
+
+from dit_stage.kv_cache import KVCacheShard
+from dit_stage.state import StreamDiTState
+
+__all__ = ["StatePool"]
+
+CrossKV = tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]
+
+
+class StatePool:
+    """Retired KV shards by layout and cross-attention K/V by (blocks, shape), at most ``limit`` of each kind per
+    key (the rest are freed): a stage keeps the storage of as many streams as it recently ran, no more."""
+
+    def __init__(self, enabled: bool = True, limit: int = 8) -> None:
+        self.enabled = enabled
+        self.limit = limit
+        self._shards: dict[tuple, list[KVCacheShard]] = {}
+        self._cross: dict[tuple, list[CrossKV]] = {}
+        self._lock = threading.Lock()  # taken from the event loop (admission), given back between forwards
+        self.reused = 0  # shards handed out again (a stream that could replay its predecessor's graphs)
+
+    @staticmethod
+    def shard_key(shard: KVCacheShard) -> tuple:
+        layout = dict(shard.meta())
+        del layout["frames_end"]
+        return (str(shard.device), *((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(layout.items())))
+
+    @staticmethod
+    def cross_key(cross_k: dict[int, torch.Tensor]) -> tuple:
+        return tuple((b, tuple(t.shape), t.dtype, str(t.device)) for b, t in sorted(cross_k.items()))
+
+    def shard(self, layout: KVCacheShard) -> KVCacheShard | None:
+        """A retired shard of ``layout``'s (an unallocated shard), reset to a new one's contents; else None."""
+        if not self.enabled:
+            return None
+        with self._lock:
+            pooled = self._shards.get(self.shard_key(layout))
+            shard = pooled.pop() if pooled else None
+        if shard is not None:
+            shard.reset()
+            self.reused += 1
+        return shard
+
+    def cross(self, blocks: Iterable[int], shape: tuple[int, ...], dtype: torch.dtype,
+              device: torch.device) -> CrossKV | None:
+        """Retired cross K/V dicts for ``blocks`` of ``shape``, to be overwritten whole; else None."""
+        if not self.enabled:
+            return None
+        key = tuple((b, shape, dtype, str(device)) for b in sorted(blocks))
+        with self._lock:
+            pooled = self._cross.get(key)
+            return pooled.pop() if pooled else None
+
+    def retire(self, states: Iterable[StreamDiTState]) -> None:
+        """Take in the storage of an ended stream's states (its shard, shared by its views, once)."""
+        if not self.enabled:
+            return
+        with self._lock:
+            shards: dict[int, KVCacheShard] = {}
+            for state in states:
+                shards[id(state.shard)] = state.shard
+                if state.cross_k:
+                    self._keep(self._cross, self.cross_key(state.cross_k), (state.cross_k, state.cross_v))
+            for shard in shards.values():
+                self._keep(self._shards, self.shard_key(shard), shard)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._shards.clear()
+            self._cross.clear()
+
+    def _keep(self, table: dict, key: tuple, value: object) -> None:
+        pooled = table.setdefault(key, [])
+        if len(pooled) < self.limit:
+            pooled.append(value)

@@ -1,0 +1,96 @@
+"""A new stream on an ended stream's storage (``StatePool``): exactly a fresh stream's results, and the same batch
+signatures as the stream before it, so on CUDA it replays that stream's graphs instead of capturing its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit_stage.forward import Forward
+from dit_stage.kv_cache import KVCacheShard
+from dit_stage.state_pool import StatePool
+
+from .helpers import as_chunk_latent, chunk_message, latents, prompt, reference, run_ring, workers
+
+CHUNKS = 5
+
+
+class _SignatureForward(Forward):
+    """The eager forward, noting each call's batch signature (what graph mode keys its graphs by)."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.signatures: list[tuple] = []
+
+    def __call__(self, x, items, grid, noisy=None, sigmas=None, timer=None):
+        self.signatures.append(self.model.prepare_batch(items, grid, sigmas).signature())
+        return super().__call__(x, items, grid, noisy, sigmas, timer)
+
+
+def _ring(pooled: bool):
+    ring = workers(2)
+    for w in ring:
+        w.storage = StatePool(enabled=pooled)  # on CUDA by default; forced here, on the CPU
+        w.forward = _SignatureForward(w.model)
+    return ring
+
+
+def _run(ring, sid: str, seed: int, zs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+    for w in ring:
+        w.forward.signatures.clear()
+    ring[0].add_prompt(sid, 0, prompt(seed))
+    for c, z in enumerate(zs):
+        assert ring[0].add_chunk(chunk_message(sid, c, z, seed=seed))
+    got = run_ring(ring)
+    assert [g.seq for g in got] == list(range(CHUNKS))
+    return [g.latent for g in got], [list(w.forward.signatures) for w in ring]
+
+
+def _second_stream(ring) -> tuple[list[torch.Tensor], list[list[tuple]], list[list[tuple]]]:
+    """Stream "a" runs and ends; stream "b" (other input, prompt and seed) runs after it."""
+    _, first = _run(ring, "a", 3, latents(1, CHUNKS, (4, 6)))
+    for w in ring:
+        w.end_stream("a")
+    got, second = _run(ring, "b", 7, latents(2, CHUNKS, (4, 6)))
+    return got, first, second
+
+
+def test_a_stream_on_an_ended_streams_storage_equals_a_fresh_one_and_keys_its_graphs_alike():
+    """Stream b, run after stream a ended, on a's shards and cross K/V: its chunks equal the single-process
+    reference bit for bit, and every stage's batch signatures are a's, in order. Negative control: without the
+    pool b's signatures share none of a's (each stream captured its own graphs)."""
+    ring = _ring(pooled=True)
+    got, first, second = _second_stream(ring)
+    want = reference({"b": (7, prompt(7), latents(2, CHUNKS, (4, 6)))})["b"]
+    for w, g in zip(want, got, strict=False):
+        assert torch.equal(as_chunk_latent(w), g)
+    assert all(w.storage.reused == 1 for w in ring)
+    assert second == first
+
+    _, first, second = _second_stream(_ring(pooled=False))
+    assert all(not set(a) & set(b) for a, b in zip(first, second, strict=True))
+
+
+def test_a_reused_shard_is_reset_to_a_fresh_ones_contents(monkeypatch):
+    """Negative control of the equality above: a shard reused with only its counters reset (stream a's keys,
+    values and frame positions left in its tensors) changes stream b's chunks."""
+
+    def counters_only(self: KVCacheShard) -> None:
+        self.frames_end = [0] * self.num_slots
+
+    monkeypatch.setattr(KVCacheShard, "reset", counters_only)
+    got, _, _ = _second_stream(_ring(pooled=True))
+    want = reference({"b": (7, prompt(7), latents(2, CHUNKS, (4, 6)))})["b"]
+    assert any(not torch.equal(as_chunk_latent(w), g) for w, g in zip(want, got, strict=False))
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_the_pool_keeps_at_most_its_limit_per_layout(limit):
+    """Two ended streams' shards offered, ``limit`` kept: the next two new states get that many back."""
+    ring = workers(1)
+    pool = ring[0].storage = StatePool(limit=limit)
+    states = [ring[0].model.new_state(s, 2, (4, 6), 5, 2) for s in "xy"]
+    pool.retire(states)
+    taken = [ring[0].model.new_state("z", 2, (4, 6), 5, 2, pool=pool) for _ in range(2)]
+    reused = [t.shard for t in taken if any(t.shard is s.shard for s in states)]
+    assert len(reused) == limit and pool.reused == limit
