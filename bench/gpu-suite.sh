@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU suite (issue #14): one command, about 7 minutes on one GPU machine (435 s on an H200 in session
-# 12), every step time-boxed (the boxes add up to 495 s).
+# 12), every step time-boxed (the boxes add up to 505 s).
 #
 #   bench/gpu-suite.sh [--dry-run] [--out FILE] [--only STEP,STEP...]
 #
@@ -131,23 +131,25 @@ else
     # The one-GPU deployment (one stage holding every block: `rheo up --device cuda`) for the per-GPU figures, and
     # the two-stage ring on the same GPU (its tensor link on the CUDA path) for one stream.
     # --start-timeout inside each time box: a stack that does not come up prints every service's log tail; a
-    # warm-up stream takes the first kernels and allocations (each stream's CUDA graphs are its own: captured the
-    # second time a batch signature is seen); CUDA graphs without torch.compile (bench/dit.py's mode), so that no
-    # compile time can eat a time box.
-    GRAPH=(--env RHEO_DIT_STAGE__FORWARD=graph)
+    # warm-up stream of 6 chunks takes the first kernels and allocations and captures the steady CUDA graphs (a
+    # batch signature is captured the second time it is seen; half the time may go to captures while it runs),
+    # which the measured stream replays on the warm-up stream's storage (StatePool); CUDA graphs without
+    # torch.compile (bench/dit.py's mode), so that no compile time can eat a time box.
+    GRAPH=(--env RHEO_DIT_STAGE__FORWARD=graph --env RHEO_DIT_STAGE__CAPTURE_BUDGET=0.5)
+    WARM=(--warmup 15 --warmup-chunks 6)
     SERVED=(--model 1.3b --random-weights)
     SERVED_14B=(--random-weights)
     if [ -n "${MODEL_DIR:-}" ]; then SERVED=(--model 1.3b --model-dir "$MODEL_DIR"); fi
     if [ -n "${MODEL_DIR_14B:-${MODEL_DIR:-}}" ]; then SERVED_14B=(--model-dir "${MODEL_DIR_14B:-$MODEL_DIR}"); fi
-    step serve 50 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 --steps 2 \
-        --stages 1 --streams 1 --seconds 8 --slo-ms 1000 --start-timeout 35 --warmup 10
+    step serve 55 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 --steps 2 \
+        --stages 1 --streams 1 --seconds 8 --slo-ms 1000 --start-timeout 35 "${WARM[@]}"
     step serve_ring 40 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" --size 512 --fps 16 \
         --steps 2 --stages 2 --streams 1 --seconds 5 --slo-ms 1000 --start-timeout 30
     # the streams-per-GPU search in the fast mode (TAEHV both ways): with the eager Wan VAE (≈ 120 ms a chunk) one
     # GPU holds about one 16 FPS stream at 512², which `serve` above measures
-    step serve_search_fast 80 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" \
+    step serve_search_fast 85 "$PY" bench/serve.py --device cuda "${SERVED[@]}" "${GRAPH[@]}" \
         --env RHEO_ENCODER__VAE=taehv --size 512 --fps 16 --steps 2 --stages 1 --search --seconds 5 --slo-ms 1000 \
-        --max-streams 8 --start-timeout 35 --warmup 10
+        --max-streams 8 --start-timeout 35 "${WARM[@]}"
     FREE_MIB=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits 2>/dev/null | head -n 1)
     if [ "${FREE_MIB:-0}" -gt 60000 ]; then
         step serve_14b 45 "$PY" bench/serve.py --device cuda --model 14b "${SERVED_14B[@]}" "${GRAPH[@]}" \

@@ -18,7 +18,8 @@ decodes it. One JSON line per result:
   ``player_latency_s``; else the playlist's PART-HOLD-BACK, its target), ``deadline_misses`` (chunks
   dropped for their deadline anywhere), ``frames_repeated`` (the decoder's CFR output held a frame while the
   publishers ran: a stutter a viewer sees), ``gpu_mem_mib`` (cuda), ``hops``: every hop's median share, and with
-  ``--warmup`` ``warmup_s``: a throwaway stream's first chunk out (the stages' CUDA-graph captures, compile).
+  ``--warmup`` ``warmup_s``: a throwaway stream's first ``--warmup-chunks`` chunks out (the stages' CUDA-graph
+  captures, compile; ``warmup_chunks``: how many came out).
 * ``search`` (``--search``): the largest stream count whose streams all keep ``--target-fps`` with
   ``chunk_p99_s`` ≤ ``--max-p99``.
 
@@ -347,25 +348,26 @@ def _publisher(stack: LocalStack, args: argparse.Namespace, created: dict, secon
 
 
 async def _warm_up(stack: LocalStack, args: argparse.Namespace) -> dict:
-    """One throwaway stream until its first finished chunk: on CUDA a stage's first forwards capture CUDA graphs
-    (and compile, ``dit_stage.forward`` auto), which a measured stream should not pay for. Its time is reported."""
+    """One throwaway stream until ``--warmup-chunks`` finished chunks: on CUDA a stage's first forwards capture CUDA
+    graphs (and compile, ``dit_stage.forward`` auto), which a measured stream should not pay for; the stream's
+    storage, and with it its graphs, passes to the next stream (``StatePool``). Its time is reported."""
     observer = Observer(stack)
     await observer.start()
     created = _create(stack, args)
     started = time.monotonic()
     publisher = _publisher(stack, args, created, args.warmup)
     try:
-        while not observer.of(created["id"]).x0 and publisher.poll() is None:
+        while len(observer.of(created["id"]).x0) < args.warmup_chunks and publisher.poll() is None:
             await asyncio.sleep(0.1)
     finally:
         publisher.terminate()
         publisher.wait()
         stack.api("DELETE", f"/v1/streams/{created['id']}")
         await observer.close()
-    done = bool(observer.of(created["id"]).x0)
+    out = len(observer.of(created["id"]).x0)
     took = round(time.monotonic() - started, 2)
-    _progress(f"warm-up stream: first chunk out after {took} s" if done else f"warm-up stream: no chunk in {took} s")
-    return {"warmup_s": took if done else None}
+    _progress(f"warm-up stream: {out} chunk(s) out in {took} s")
+    return {"warmup_s": took if out >= args.warmup_chunks else None, "warmup_chunks": out}
 
 
 async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) -> dict:
@@ -631,7 +633,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--env", action="append", default=[], metavar="RHEO_X=V", help="extra service setting")
     ap.add_argument("--start-timeout", type=float, default=300.0)
     ap.add_argument("--warmup", type=float, default=0.0, help="seconds at most of a throwaway stream first, until "
-                    "its first chunk is out (CUDA graphs, compile); reported as warmup_s (0: none)")
+                    "--warmup-chunks of it are out (CUDA graphs, compile); reported as warmup_s (0: none)")
+    ap.add_argument("--warmup-chunks", type=int, default=1, help="finished chunks that end the warm-up stream (more "
+                    "than one: its steady batch signatures seen twice, so captured)")
     ap.add_argument("--logs", type=Path, default=None, help="keep the stack's folder (every service's whole log) "
                     "here instead of a temporary one")
     ap.add_argument("--dry-run", action="store_true", help="no stack: the marker path offline (VAE, x264, LL-HLS)")

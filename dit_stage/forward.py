@@ -236,6 +236,7 @@ class Forward:
         self.policy.clear()
 
 
-def make_forward(model: CausalWanDiT, mode: ForwardMode = "auto") -> Forward:
-    """The forward a caller should use for ``model``: ``auto`` is graph+compile on CUDA, eager elsewhere."""
-    return Forward(model, mode)
+def make_forward(model: CausalWanDiT, mode: ForwardMode = "auto", capture_budget: float = 0.1) -> Forward:
+    """The forward a caller should use for ``model``: ``auto`` is graph+compile on CUDA, eager elsewhere;
+    ``capture_budget``: ``CapturePolicy``'s share of time for captures."""
+    return Forward(model, mode, policy=CapturePolicy(budget=capture_budget))

@@ -61,7 +61,7 @@ def make_stage_worker(cfg: DitStageSettings, model: CausalWanDiT, passthrough: b
     """The stage's worker: the pass-through one in the measurement mode (``model.passthrough``), the timed
     stand-in when ``dit_stage.timed_block_ms`` is set, else the normal one; its forward in the
     ``dit_stage.forward`` mode."""
-    kwargs.setdefault("forward", make_forward(model, cfg.forward))
+    kwargs.setdefault("forward", make_forward(model, cfg.forward, cfg.capture_budget))
     kwargs.setdefault("cache_mode", cfg.cache_mode)
     kwargs.setdefault("context_noise", cfg.context_noise)
     if passthrough:
