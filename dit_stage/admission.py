@@ -214,8 +214,11 @@ class FirstStage:
             log.warning("stream %s: its prepare chunk was lost in the ring; state dropped until a new segment", sid)
         for sid, nxt in list(self.successors.items()):  # a cut's segment starts once the old one is gone
             if sid not in self.streams or self._left_ring(self.streams[sid], now):
+                old = self.streams.get(sid)
                 self.streams[sid] = nxt
                 del self.successors[sid]
+                if old is not None:
+                    self._retire(old)  # between forwards: it has left the ring
         candidates: list[tuple[StageStream, collections.deque[Pending], Pending]] = []
         for st in self.streams.values():
             if not self._may_run(st, now):

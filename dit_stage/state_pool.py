@@ -3,10 +3,13 @@
 A CUDA graph bakes in the addresses of the stream states it reads and writes (``BatchInputs.signature`` names the
 KV shard's and the cross-attention K/V's tensors). A stream on new storage therefore captures its graphs again
 (about a second each at 1.3B, rationed by ``CapturePolicy``) and runs eagerly meanwhile; a stream on the storage
-of one that ended replays that stream's graphs from its first micro-step. Each stream, each cut to a new segment
-used to pay for its captures.
+of one that ended replays that stream's graphs from its first micro-step. Each stream, and each cut to a new
+segment (a prompt change's default mode), used to pay for its captures. A cut's segment starts while the old one
+still runs, so segments alternate between two storages, each replaying the graphs of the segment before last.
 
-Only storage nothing else holds is taken in: a stream that ended, between forwards (``StageWorker.end_stream``).
+Only storage nothing else holds is taken in (``StageWorker._retire``): a stream that ended, a segment that has left
+the ring (first stage), both between forwards; an old segment on a later stage after the forward that started the
+new one.
 A reused shard is ``reset`` to exactly a new one's contents (tested against a new one, tests/dit_service); cross
 K/V are overwritten whole by ``set_prompt``. Off CUDA the pool is off: there are no graphs to keep, and on the CPU an
 exported stream's tensors are the state's own (``.cpu()`` does not copy), which reuse would overwrite.

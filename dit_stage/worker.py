@@ -102,7 +102,9 @@ class StageWorker(FirstStage, EpochSwitching):
         grouping of the oracle runner. Results do not depend on it beyond GEMM rounding."""
         self.forward = forward if forward is not None else Forward(model)
         self.storage = StatePool(enabled=model.device.type == "cuda")
-        """Ended streams' KV and cross K/V storage for new streams, whose graphs then replay at once (on CUDA)."""
+        """Ended streams' and segments' KV and cross K/V storage for new ones, whose graphs then replay at once (on
+        CUDA). Given back between forwards only (``_retire``): nothing else holds it then."""
+        self._retiring: list[StageStream] = []
         if cache_mode not in ("sdv2", "self_forcing"):
             raise ValueError(f"unknown cache mode {cache_mode!r}")
         self.cache_mode = cache_mode
@@ -268,10 +270,19 @@ class StageWorker(FirstStage, EpochSwitching):
         if stream_id in self.streams:
             self._free(stream_id)
         self.successors.pop(stream_id, None)
-        for st in ended:
-            self.storage.retire([st.shard_state, *st.views.values(), *st.blends.values()])
+        self._retire(*ended)
         self.prompts.pop(stream_id, None)
         self.forwarded = {k for k in self.forwarded if k[0] != stream_id}
+
+    def _retire(self, *ended: StageStream, deferred: bool = False) -> None:
+        """Give the storage of ended streams or segments to ``storage``, with any put off before: at once between
+        forwards; ``deferred`` inside ``compute``, until the next micro-step begins (after the forward that may
+        still read it)."""
+        self._retiring.extend(ended)
+        if not deferred:
+            for st in self._retiring:
+                self.storage.retire([st.shard_state, *st.views.values(), *st.blends.values()])
+            self._retiring.clear()
 
     def _free(self, stream_id: str, reason: str = "stream_ended") -> None:
         st = self.streams.pop(stream_id)
@@ -322,6 +333,7 @@ class StageWorker(FirstStage, EpochSwitching):
         """Run a micro-step through this stage's blocks; returns what goes on (link) and what finished."""
         if isinstance(step, SwitchStep):
             return self._switch_out(step)
+        self._retire()  # the last forward is done: what it retired is free now
         t0 = time.perf_counter()
         keep: list[int] = []
         slot_items: list[SlotItem] = []
@@ -416,6 +428,7 @@ class StageWorker(FirstStage, EpochSwitching):
         if not self.is_first and meta.latent_start == 0 and meta.step == 0:  # a stream's or a segment's start
             if st is not None:
                 self._free(meta.stream_id)
+                self._retire(st, deferred=True)
             st = self._new_stream(meta.stream_id, meta.steps, (noisy.shape[-2], noisy.shape[-1]), meta.epoch)
             st.segment, st.segment_start = meta.segment, meta.seq
         if st is None:

@@ -94,3 +94,35 @@ def test_the_pool_keeps_at_most_its_limit_per_layout(limit):
     taken = [ring[0].model.new_state("z", 2, (4, 6), 5, 2, pool=pool) for _ in range(2)]
     reused = [t.shard for t in taken if any(t.shard is s.shard for s in states)]
     assert len(reused) == limit and pool.reused == limit
+
+
+def _segments(pooled: bool, n: int = 3, chunks: int = 4) -> tuple[list[torch.Tensor], list[list[list[tuple]]]]:
+    """Stream "a" cut into ``n`` segments, each run until it has left the ring: the chunks, and per segment each
+    stage's batch signatures."""
+    ring = _ring(pooled)
+    ring[0].add_prompt("a", 0, prompt(5))
+    out, signatures = [], []
+    for k in range(n):
+        for w in ring:
+            w.forward.signatures.clear()
+        for j, z in enumerate(latents(10 + k, chunks, (4, 6))):
+            msg = chunk_message("a", j, z, seed=5).model_copy(update={"seq": k * chunks + j, "segment": k})
+            assert ring[0].add_chunk(msg)
+        got = run_ring(ring)
+        assert [(g.seq, g.segment) for g in got] == [(k * chunks + j, k) for j in range(chunks)]
+        out += [g.latent for g in got]
+        signatures.append([list(w.forward.signatures) for w in ring])
+    return out, signatures
+
+
+def test_segments_alternate_between_two_storages_and_replay_each_others_graphs():
+    """A `cut` starts a new segment while the old one may still run, so its state is new; the old one's storage is
+    retired once it has left the ring (first stage) or after the forward that starts the new one (the others).
+    So segments alternate between two storages: segment 2 runs on segment 0's, with segment 0's signatures at every
+    stage, and every chunk equals the ring's without the pool. Negative control: without the pool segment 2 shares
+    no signature with segment 0."""
+    want, plain = _segments(pooled=False)
+    got, pooled = _segments(pooled=True)
+    assert all(torch.equal(w, g) for w, g in zip(want, got, strict=True))
+    assert pooled[2] == pooled[0] and pooled[1] != pooled[0]
+    assert all(not set(a) & set(b) for a, b in zip(plain[0], plain[2], strict=True))
