@@ -135,8 +135,8 @@ else
     # batch signature is captured the second time it is seen; half the time may go to captures while it runs),
     # which the measured stream replays on the warm-up stream's storage (StatePool); CUDA graphs without
     # torch.compile (bench/dit.py's mode), so that no compile time can eat a time box.
-    GRAPH=(--env RHEO_DIT_STAGE__FORWARD=graph --env RHEO_DIT_STAGE__CAPTURE_BUDGET=0.5)
-    WARM=(--warmup 15 --warmup-chunks 6)
+    GRAPH=(--env RHEO_DIT_STAGE__FORWARD=graph)
+    WARM=(--warmup 15 --warmup-chunks 6 --env RHEO_DIT_STAGE__CAPTURE_BUDGET=0.5)
     SERVED=(--model 1.3b --random-weights)
     SERVED_14B=(--random-weights)
     if [ -n "${MODEL_DIR:-}" ]; then SERVED=(--model 1.3b --model-dir "$MODEL_DIR"); fi

@@ -9,7 +9,8 @@ Modes:
 
 * ``eager``: ``CausalWanDiT.run`` as is.
 * ``graph``: ``run`` is captured once per batch *signature* (item layout, shapes, the stream states' storage) and
-  replayed; when to capture is ``CapturePolicy``'s (the second sighting, within a time budget). A replay leaves the
+  replayed; when to capture is ``CapturePolicy``'s (the second sighting, within a time budget, a failed one not
+  again for two minutes). A replay leaves the
   host only validating the items, updating the ring counters and copying a handful of numbers into the graph's
   static inputs. Replaying is exactly the eager computation (same kernels, same inputs). Capture needs an eager
   warm-up; it runs the real step, so the capturing call is eager and its result is returned. That warm-up and the
@@ -17,7 +18,7 @@ Modes:
   nothing is applied twice. The last ``max_graphs`` signatures are kept (LRU). The stage service captures in a
   worker thread while its event loop goes on with CUDA work (pinned copies of arriving chunks, noise draws), so
   capture errors are thread-local: another thread's call no longer invalidates the capture. A capture that fails
-  anyway costs only its graph: the step's eager result stands, and that signature runs eagerly from then on.
+  anyway costs only its graph: the step's eager result stands, and that signature runs eagerly for a while.
 * ``compile``: ``graph`` over ``compile_pieces()`` (torch.compile of the attention-free block pieces; it compiles
   the model's pieces in place, so the model's own calls use them too). A call with input shapes not seen before
   compiles inside it, so like a capture it counts in ``warmups``.
@@ -65,7 +66,9 @@ class _Captured:
 
 class CapturePolicy:
     """When graph mode captures a batch signature: the ``after``-th time it is seen, and only while captures have
-    taken at most ``budget`` of the last ``window_s`` seconds; a signature whose capture failed never again.
+    taken at most ``budget`` of the last ``window_s`` seconds; a signature whose capture failed not again for
+    ``retry_s`` (the failure may have been passing, out of memory say, and pooled state storage outlives streams,
+    so its signature recurs).
 
     Why not at once: several streams batch in ever new compositions (the signature names the streams' states), a
     composition seen once may never recur, and a capture stalls every stream for a few eager steps (an eager run,
@@ -73,17 +76,21 @@ class CapturePolicy:
     step; a capture storm would cost every stream its deadline. Pure bookkeeping (a clock, no torch): tested on CPU."""
 
     def __init__(self, after: int = 2, budget: float = 0.1, window_s: float = 20.0,
-                 clock: Callable[[], float] = time.monotonic, remember: int = 256) -> None:
+                 clock: Callable[[], float] = time.monotonic, remember: int = 256, retry_s: float = 120.0) -> None:
         self.after, self.budget, self.window_s, self.clock, self.remember = after, budget, window_s, clock, remember
+        self.retry_s = retry_s
         self._seen: OrderedDict[tuple, int] = OrderedDict()  # sightings of signatures not captured yet
-        self._failed: set[tuple] = set()
+        self._failed: dict[tuple, float] = {}  # signature → when its capture failed
         self._spent: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds) of captures
         self.deferred = 0  # captures put off by the budget
 
     def sighted(self, key: tuple) -> bool:
         """``key`` is about to run without a graph: whether to capture it now."""
-        if key in self._failed:
-            return False
+        failed = self._failed.get(key)
+        if failed is not None:
+            if self.clock() - failed < self.retry_s:
+                return False
+            del self._failed[key]
         seen = self._seen.pop(key, 0) + 1
         if seen >= self.after and self._within_budget():
             return True
@@ -99,7 +106,7 @@ class CapturePolicy:
 
     def failed(self, key: tuple) -> None:
         if len(self._failed) < self.remember:
-            self._failed.add(key)
+            self._failed[key] = self.clock()
 
     def clear(self) -> None:
         self._seen.clear()
@@ -175,7 +182,7 @@ class Forward:
             x.dtype,
             None if noisy is None else (tuple(noisy.shape), noisy.dtype),
         )
-        compiles = self._first_of_shapes(key[1:])
+        compiles = self._first_of_shapes(_compiled_shapes(key))
         entry = self._graphs.get(key)
         if entry is None:
             capture = self.policy.sighted(key)
@@ -212,8 +219,8 @@ class Forward:
                 out = model.run(static_x, batch, static_noisy)  # recorded only: repeats the idempotent writes
         except RuntimeError as e:  # (torch.AcceleratorError is one) nothing ran during the capture: result stands
             self.policy.failed(key)
-            log.warning("CUDA-graph capture failed (%s); this batch signature runs eagerly from now on",
-                        str(e).splitlines()[0])
+            log.warning("CUDA-graph capture failed (%s); this batch signature runs eagerly for %.0f s",
+                        str(e).splitlines()[0], self.policy.retry_s)
             return result
         states = list({id(it.state): it.state for it in items}.values())
         self._graphs[key] = _Captured(graph, static_x, static_noisy, batch, out, states)
@@ -234,6 +241,17 @@ class Forward:
         """Drop every captured graph (and the storage it pins)."""
         self._graphs.clear()
         self.policy.clear()
+
+
+def _compiled_shapes(key: tuple) -> tuple:
+    """What a compile specialises on in a replay key: shapes and dtypes, with the batch size only as 1 or more (the
+    pieces compile ``dynamic``, and sizes 0 and 1 are specialised)."""
+    _, x_shape, dtype, noisy = key
+
+    def batch(shape: tuple) -> tuple:
+        return (min(shape[0], 2), *shape[1:])
+
+    return batch(x_shape), dtype, None if noisy is None else (batch(noisy[0]), noisy[1])
 
 
 def make_forward(model: CausalWanDiT, mode: ForwardMode = "auto", capture_budget: float = 0.1) -> Forward:

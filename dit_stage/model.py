@@ -221,8 +221,10 @@ class CausalWanDiT(nn.Module):
             "device": self.device,
             "adaptive_threshold": adaptive_threshold,
         }
-        shard = pool.shard(KVCacheShard(**layout, _empty=True)) if pool is not None else None
-        return StreamDiTState(stream_id=stream_id, shard=shard if shard is not None else KVCacheShard(**layout))
+        if pool is None:
+            return StreamDiTState(stream_id=stream_id, shard=KVCacheShard(**layout))
+        shard = pool.shard(KVCacheShard(**layout, _empty=True))
+        return StreamDiTState(stream_id=stream_id, shard=shard or pool.allocate(lambda: KVCacheShard(**layout)))
 
     @torch.no_grad()
     def set_prompt(self, state: StreamDiTState, context: torch.Tensor, version: int = 0,

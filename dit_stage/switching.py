@@ -68,6 +68,7 @@ class EpochSwitching:
                 raise ValueError("a joining stage starts without streams")
             self.model = change.model
             self.storage.clear()  # shards of the old block range
+            self._retiring.clear()
             self._epoch = change.epoch
             change.switched = True
 
@@ -124,7 +125,8 @@ class EpochSwitching:
         if change.relink:
             self.forwarded.clear()  # the new next stage has none of the prompt embeddings
         self.model = change.model
-        self.storage.clear()  # shards of the old block range
+        self.storage.clear()  # shards of the old block range (no forward in flight: nothing retiring is in use)
+        self._retiring.clear()
         self._epoch = change.epoch  # items that entered under the previous epoch stay valid: their KV moves along
         change.switched = True
         if not was_last:  # on the old link: the old successor's last micro-step of the old epoch comes before it

@@ -46,6 +46,8 @@ BATCH_STREAMS = Histogram("rheo_dit_stage_batch_streams", "streams in one micro-
 # no stream label: stream ids are not metric labels (bounded series; the per-stream split goes to the controller in
 # StageStats.kv_bytes, over the authenticated bus)
 KV_BYTES = Gauge("rheo_dit_stage_kv_bytes", "KV-cache bytes a stage holds, all its streams together", ["stage"])
+POOLED_BYTES = Gauge("rheo_dit_stage_pooled_state_bytes", "ended streams' state storage a stage keeps for new ones "
+                     "(StatePool: their CUDA graphs replay)", ["stage"])
 KV_STREAMS = Gauge("rheo_dit_stage_kv_streams", "streams a stage holds KV cache for", ["stage"])
 FREE_MEMORY = Gauge("rheo_dit_stage_free_memory_bytes", "free memory of the stage's device", ["stage"])
 EPOCH = Gauge("rheo_dit_stage_epoch", "block-map epoch the stage runs", ["stage"])
@@ -168,6 +170,7 @@ class StageTelemetry:
             return None
         free = free_memory(worker.model.device)
         self._export_gauges(kv_bytes, free)
+        POOLED_BYTES.labels(stage=self.stage_id).set(worker.storage.nbytes())
         late = sum(worker.dropped.get(r, 0) for r in LATE_REASONS)
         late_items, self._late_reported = late - self._late_reported, late
         return StageStats(

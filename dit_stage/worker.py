@@ -101,9 +101,9 @@ class StageWorker(FirstStage, EpochSwitching):
         process engine uses it: one forward per chunk, B items each (stream-batch's throughput), and the
         grouping of the oracle runner. Results do not depend on it beyond GEMM rounding."""
         self.forward = forward if forward is not None else Forward(model)
-        self.storage = StatePool(enabled=model.device.type == "cuda")
-        """Ended streams' and segments' KV and cross K/V storage for new ones, whose graphs then replay at once (on
-        CUDA). Given back between forwards only (``_retire``): nothing else holds it then."""
+        self.storage = StatePool(enabled=self.forward.mode != "eager")
+        """Ended streams' and segments' KV and cross K/V storage for new ones, whose graphs then replay at once (CUDA
+        graph modes only). Given back between forwards only (``_retire``): nothing else holds it then."""
         self._retiring: list[StageStream] = []
         if cache_mode not in ("sdv2", "self_forcing"):
             raise ValueError(f"unknown cache mode {cache_mode!r}")

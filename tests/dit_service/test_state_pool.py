@@ -85,15 +85,39 @@ def test_a_reused_shard_is_reset_to_a_fresh_ones_contents(monkeypatch):
 
 
 @pytest.mark.parametrize("limit", [0, 1])
-def test_the_pool_keeps_at_most_its_limit_per_layout(limit):
-    """Two ended streams' shards offered, ``limit`` kept: the next two new states get that many back."""
-    ring = workers(1)
-    pool = ring[0].storage = StatePool(limit=limit)
-    states = [ring[0].model.new_state(s, 2, (4, 6), 5, 2) for s in "xy"]
-    pool.retire(states)
-    taken = [ring[0].model.new_state("z", 2, (4, 6), 5, 2, pool=pool) for _ in range(2)]
-    reused = [t.shard for t in taken if any(t.shard is s.shard for s in states)]
-    assert len(reused) == limit and pool.reused == limit
+def test_the_pool_keeps_its_limit_over_all_layouts_newest_first(limit):
+    """Three ended streams' shards offered (two of one layout, the newest of another), ``limit`` kept, the newest:
+    a stage holds a few recent streams' storage, whatever their sizes."""
+    model = workers(1)[0].model
+    pool = StatePool(limit=limit)
+    old = [model.new_state(s, 2, (4, 6), 5, 2) for s in "xy"]
+    other = model.new_state("w", 2, (6, 6), 5, 2)
+    pool.retire(old)
+    pool.retire([other])
+    again = [model.new_state("z", 2, hw, 5, 2, pool=pool).shard for hw in ((4, 6), (6, 6))]
+    assert [a is s.shard for a, s in zip(again, (old[1], other), strict=True)] == [False, limit == 1]
+    assert pool.reused == limit and pool.nbytes() == 0
+
+
+def test_out_of_device_memory_frees_the_pool_and_tries_again():
+    """An allocation that runs out of memory while storage is pooled is made again after the pool is freed; with
+    nothing pooled, the error stands (control)."""
+    model = workers(1)[0].model
+    pool = StatePool()
+    pool.retire([model.new_state("x", 2, (4, 6), 5, 2)])
+    assert pool.nbytes() > 0
+    calls = []
+
+    def make(fail: int) -> str:
+        calls.append(pool.nbytes())
+        if len(calls) <= fail:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return "made"
+
+    assert pool.allocate(lambda: make(1)) == "made" and calls == [calls[0], 0] and calls[0] > 0
+    calls.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        pool.allocate(lambda: make(1))  # nothing pooled any more
 
 
 def _segments(pooled: bool, n: int = 3, chunks: int = 4) -> tuple[list[torch.Tensor], list[list[list[tuple]]]]:
