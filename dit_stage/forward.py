@@ -9,16 +9,15 @@ Modes:
 
 * ``eager``: ``CausalWanDiT.run`` as is.
 * ``graph``: ``run`` is captured once per batch *signature* (item layout, shapes, the stream states' storage) and
-  replayed; when to capture is ``CapturePolicy``'s (the second sighting, within a time budget, a failed one not
-  again for two minutes). A replay leaves the
-  host only validating the items, updating the ring counters and copying a handful of numbers into the graph's
-  static inputs. Replaying is exactly the eager computation (same kernels, same inputs). Capture needs an eager
-  warm-up; it runs the real step, so the capturing call is eager and its result is returned. That warm-up and the
-  capture see the same ring writes, which are idempotent (a frame already in the ring is overwritten in place), so
-  nothing is applied twice. The last ``max_graphs`` signatures are kept (LRU). The stage service captures in a
-  worker thread while its event loop goes on with CUDA work (pinned copies of arriving chunks, noise draws), so
-  capture errors are thread-local: another thread's call no longer invalidates the capture. A capture that fails
-  anyway costs only its graph: the step's eager result stands, and that signature runs eagerly for a while.
+  replayed; when to capture is ``CapturePolicy``'s (the second sighting, within a time budget, a failed one not again
+  for two minutes). A replay leaves the host only validating the items, updating the ring counters and copying a
+  handful of numbers into the graph's static inputs. Replaying is exactly the eager computation (same kernels, same
+  inputs). Capture needs an eager warm-up; it runs the real step, so the capturing call is eager and its result is
+  returned. That warm-up and the capture see the same ring writes, which are idempotent (a frame already in the ring
+  is overwritten in place), so nothing is applied twice. The last ``max_graphs`` signatures are kept (LRU). The stage
+  service captures in a worker thread while its event loop goes on with CUDA work (pinned copies of arriving chunks,
+  noise draws), so capture errors are thread-local: another thread's call no longer invalidates the capture. A capture
+  that fails anyway costs only its graph: the step's eager result stands, and that signature runs eagerly for a while.
 * ``compile``: ``graph`` over ``compile_pieces()`` (torch.compile of the attention-free block pieces; it compiles
   the model's pieces in place, so the model's own calls use them too). A call with input shapes not seen before
   compiles inside it, so like a capture it counts in ``warmups``.

@@ -29,11 +29,11 @@ from dit_stage.kv_cache import KVCacheShard, WritePlan
 from dit_stage.rope import RopeTable, apply_rope
 from dit_stage.state import SlotItem, StreamDiTState
 from dit_stage.timing import BlockTimer
+from wan.config import WanDiTConfig
+from wan.device import host_tensor
 
 if TYPE_CHECKING:
     from dit_stage.state_pool import StatePool
-from wan.config import WanDiTConfig
-from wan.device import host_tensor
 
 __all__ = ["BatchInputs", "CausalWanDiT", "WanBlock"]
 
