@@ -367,7 +367,25 @@ async def _warm_up(stack: LocalStack, args: argparse.Namespace) -> dict:
     out = len(observer.of(created["id"]).x0)
     took = round(time.monotonic() - started, 2)
     _progress(f"warm-up stream: {out} chunk(s) out in {took} s")
+    await _stages_hold_no_stream(stack, 10.0)
     return {"warmup_s": took if out >= args.warmup_chunks else None, "warmup_chunks": out}
+
+
+async def _stages_hold_no_stream(stack: LocalStack, timeout: float) -> None:
+    """Wait (at most ``timeout``) until every DiT stage has let the warm-up stream go, so its storage, and with it its
+    CUDA graphs, is there for the measured stream (``StatePool``). The stages report the streams they hold with
+    their stats, every ``dit_stage.stats_interval_s`` (2 s): a window has to pass before the gauge can say."""
+    started = time.monotonic()
+    stages = [p for p in stack.procs if p.name.startswith("dit-")]
+    await asyncio.sleep(2.5)
+    while time.monotonic() < started + timeout:
+        held = [[v for k, v in _scrape(p.health_port).items() if k.startswith("rheo_dit_stage_kv_streams")]
+                for p in stages]
+        if all(h and sum(h) == 0 for h in held):  # (not reported yet: not known to be let go)
+            _progress(f"the stages let the warm-up stream go after {time.monotonic() - started:.1f} s")
+            return
+        await asyncio.sleep(0.2)
+    _progress(f"the stages still held the warm-up stream after {timeout} s")
 
 
 async def _measure(stack: LocalStack, args: argparse.Namespace, streams: int) -> dict:
