@@ -22,8 +22,10 @@ from dit_stage.stage_model import load_stage_model
 from dit_stage.switching import EpochChange
 from dit_stage.telemetry import StageTelemetry
 from dit_stage.timed import make_stage_worker
+from dit_stage.warm_up import warm_up_stage
 from dit_stage.worker import StageWorker
 from proto import BlockMap, stage_prepared_key
+from proto.spec import latent_hw
 from services.bus import KV
 from services.config import Settings
 from services.epochs import wait_prepared
@@ -55,6 +57,7 @@ class StageEpochs:
         self.block_map: BlockMap | None = None  # the map this stage runs
         self.switch: SwitchLinks | None = None
         self._loaded: tuple[int, CausalWanDiT] | None = None  # weights a LoadBlocks fetched for its epoch
+        self._warmed: StageWorker | None = None  # a worker over those weights that ran a warm-up stream
         self._long: asyncio.Task[None] | None = None  # the load or switch preparation in progress
         self._t0 = 0.0
         self._announced = 0
@@ -68,16 +71,37 @@ class StageEpochs:
     async def _load(self, action: LoadBlocks) -> None:
         try:
             model = await in_daemon_thread(load_stage_model, self.settings, action.block_range, action.num_blocks)
+            warmed = await in_daemon_thread(self._warm_up, model)
         except Exception:
             log.exception("stage %s: blocks %s of epoch %d not loaded", self.stage_id, action.block_range,
                           action.epoch)
             self.feed(self.membership.failed(action.epoch))
             return
-        self._loaded = (action.epoch, model)
+        self._loaded, self._warmed = (action.epoch, model), warmed
         self.feed(self.membership.loaded(action.epoch))
+
+    def _warm_up(self, model: CausalWanDiT) -> StageWorker | None:
+        """A worker over ``model`` that ran a throwaway stream of the default stream size (``dit_stage/warm_up.py``:
+        compiles and CUDA graphs before the first stream), when this stage holds every block and its forward has
+        such one-off costs; else None. A failed warm-up only costs the first stream its wait."""
+        worker = self._make_worker(model)
+        if worker.forward.mode == "eager":
+            return None
+        s, t0 = self.settings.stream, time.monotonic()
+        try:
+            ran = warm_up_stage(worker, latent_hw(s.height, s.width), s.steps, self.cfg.ring().clock(), s.noise_scale)
+        except Exception:
+            log.exception("stage %s: the warm-up stream failed; the first stream pays for compiles and captures",
+                          self.stage_id)
+            return None
+        if ran:
+            log.info("stage %s: warm-up stream in %.1f s (%d one-off forwards: compiles, captures)", self.stage_id,
+                     time.monotonic() - t0, worker.forward.warmups)
+        return worker if ran else None
 
     def _take_model(self, epoch: int) -> CausalWanDiT | None:
         loaded, self._loaded = self._loaded, None
+        self._warmed = None
         return loaded[1] if loaded is not None and loaded[0] == epoch else None
 
     def _make_worker(self, model: CausalWanDiT) -> StageWorker:
@@ -96,12 +120,14 @@ class StageEpochs:
         if self.worker is not None:
             self.worker.abort_switch()
         if action.reload:
+            warmed = self._warmed
             model = self._take_model(bm.epoch)
             assert model is not None
             if self.worker is not None:  # docs/rebalance.md, Hard switches: the streams' state here is gone
                 log.warning("stage %s: blocks %s → %s under epoch %d (%s: %s); per-stream state is dropped",
                             self.stage_id, self.worker.model.block_range, rng, bm.epoch, bm.reason, action.why)
-            old, self.worker = self.worker, self._make_worker(model)
+            fresh = warmed if warmed is not None and warmed.model is model else self._make_worker(model)
+            old, self.worker = self.worker, fresh
             if old is not None and old.model.block_range == rng:
                 self.worker.latency = old.latency  # the same blocks: the fitted micro-step times still hold
             self.checks["weights"] = True
@@ -172,7 +198,7 @@ class StageEpochs:
             sw.aborted = True
         if self._long is not None:
             await asyncio.gather(self._long, return_exceptions=True)
-        self._loaded = None
+        self._loaded = self._warmed = None
         if self.worker is not None:
             self.worker.abort_switch()
         if sw is not None and self.switch is sw:

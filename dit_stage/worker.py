@@ -274,6 +274,11 @@ class StageWorker(FirstStage, EpochSwitching):
         self.prompts.pop(stream_id, None)
         self.forwarded = {k for k in self.forwarded if k[0] != stream_id}
 
+    def forget_timing(self) -> None:
+        """Forget every measured micro-step and round trip (those of a warm-up stream, ``dit_stage/warm_up.py``)."""
+        self.latency = LatencyModel()
+        self._taken.clear()
+
     def _retire(self, *ended: StageStream, deferred: bool = False) -> None:
         """Give the storage of ended streams or segments to ``storage``, with any put off before: at once between
         forwards; ``deferred`` inside ``compute``, until the next micro-step begins (after the forward that may

@@ -33,9 +33,12 @@ __all__ = [
     "RingConfig",
     "chunk_timesteps",
     "first_timestep",
+    "latent_hw",
 ]
 
-SIZE_MULTIPLE = 16
+VAE_SPATIAL_FACTOR = 8
+"""Pixels per latent cell along each side: the Wan2.1 VAE's (and TAEHV's) spatial downsampling."""
+SIZE_MULTIPLE = 2 * VAE_SPATIAL_FACTOR
 """Model width and height are multiples of this: VAE spatial factor 8 × DiT patch 2."""
 MAX_MODEL_WIDTH = 1920
 MAX_MODEL_HEIGHT = 1088
@@ -64,6 +67,11 @@ def first_timestep(noise_scale: float) -> int:
     The one definition: the stream-batch runner, the motion controller and ingest's chunk headers all use it.
     """
     return int(1000 * noise_scale) - 100
+
+
+def latent_hw(height: int, width: int) -> tuple[int, int]:
+    """The latent grid (h, w) of a frame of ``height`` × ``width`` model pixels."""
+    return height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR
 
 
 def chunk_timesteps(steps: int, noise_scale: float | None) -> list[int]:

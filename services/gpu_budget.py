@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from proto.spec import latent_hw
 from services.config import Settings
 from wan.config import WanDiTConfig
 
@@ -57,7 +58,7 @@ def one_gpu_budget(settings: Settings, model_dir: Path | None, streams: int) -> 
     elem = 4 if settings.model.dtype == "float32" else 2
     s = settings.stream
     pixels = s.width * s.height / (512 * 512)
-    tokens = cfg.tokens_per_frame(s.height // 8, s.width // 8)
+    tokens = cfg.tokens_per_frame(*latent_hw(s.height, s.width))
     ring = settings.dit_stage
     kv = cfg.num_layers * 2 * s.steps * ring.kv_window * tokens * cfg.dim * elem
     scale = pixels * elem / 2 * (1.0 if real_vae else 8 / 96)  # the tiny VAE: base_dim 8 instead of 96

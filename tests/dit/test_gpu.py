@@ -187,3 +187,33 @@ def test_a_stream_after_an_ended_one_replays_its_graphs():
     assert [g.seq for g in got] == [w.seq for w in want] == list(range(6))
     for w, g in zip(want, got, strict=True):
         torch.testing.assert_close(g.latent, w.latent, atol=1e-4, rtol=0)
+
+
+def test_a_warmed_up_stage_serves_its_first_stream_on_captured_graphs():
+    """``warm_up_stage`` on a one-stage ring in graph mode: the first real stream (chunks one by one, as live)
+    captures fewer graphs than the warm-up did and equals an eager stage's stream."""
+    from dit_stage.warm_up import warm_up_stage
+    from dit_stage.worker import StageWorker
+    from tests.dit_service.helpers import CONFIG, NOISE_SCALE, chunk_message, latents, prompt, run_ring, stage_models
+
+    def stage(mode: str) -> StageWorker:
+        (model,) = [m.cuda() for m in stage_models(1)]
+        return StageWorker(model, window=CONFIG.kv_window, sink=CONFIG.sink, adaptive_threshold=None,
+                           max_queued_chunks=64, forward=make_forward(model, mode))
+
+    def live(worker: StageWorker) -> list:
+        worker.add_prompt("b", 0, prompt(7))
+        out = []
+        for c, z in enumerate(latents(2, 6, (4, 6))):
+            assert worker.add_chunk(chunk_message("b", c, z, seed=7))
+            out += run_ring([worker])
+        return out
+
+    warmed = stage("graph")
+    assert warm_up_stage(warmed, (4, 6), CONFIG.steps, CONFIG.clock(), NOISE_SCALE)
+    during_warm_up = warmed.forward.warmups
+    got, want = live(warmed), live(stage("eager"))
+    assert during_warm_up > 0 and warmed.forward.warmups - during_warm_up < during_warm_up
+    assert [g.seq for g in got] == [w.seq for w in want] == list(range(6))
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g.latent, w.latent, atol=1e-4, rtol=0)

@@ -150,3 +150,4 @@ def test_segments_alternate_between_two_storages_and_replay_each_others_graphs()
     assert all(torch.equal(w, g) for w, g in zip(want, got, strict=True))
     assert pooled[2] == pooled[0] and pooled[1] != pooled[0]
     assert all(not set(a) & set(b) for a, b in zip(plain[0], plain[2], strict=True))
+
