@@ -153,6 +153,7 @@ else
     FREE_MIB=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits 2>/dev/null | head -n 1)
     if [ "${FREE_MIB:-0}" -gt 60000 ]; then
         step serve_14b 45 "$PY" bench/serve.py --device cuda --model 14b "${SERVED_14B[@]}" "${GRAPH[@]}" \
+            --env RHEO_DIT_STAGE__WARM_UP_CHUNKS=0 \
             --size 512 --fps 16 --steps 1 --streams 1 --stages 1 --seconds 5 --slo-ms 2000 --start-timeout 32
     elif wanted serve_14b; then
         echo "{\"step\": \"serve_14b\", \"skipped\": \"needs > 60000 MiB free (${FREE_MIB:-?})\"}" \

@@ -85,11 +85,12 @@ class StageEpochs:
         compiles and CUDA graphs before the first stream), when this stage holds every block and its forward has
         such one-off costs; else None. A failed warm-up only costs the first stream its wait."""
         worker = self._make_worker(model)
-        if worker.forward.mode == "eager":
+        if worker.forward.mode == "eager" or self.cfg.warm_up_chunks == 0:
             return None
         s, t0 = self.settings.stream, time.monotonic()
         try:
-            ran = warm_up_stage(worker, latent_hw(s.height, s.width), s.steps, self.cfg.ring().clock(), s.noise_scale)
+            ran = warm_up_stage(worker, latent_hw(s.height, s.width), s.steps, self.cfg.ring().clock(), s.noise_scale,
+                                self.cfg.warm_up_chunks)
         except Exception:
             log.exception("stage %s: the warm-up stream failed; the first stream pays for compiles and captures",
                           self.stage_id)

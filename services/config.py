@@ -383,6 +383,10 @@ class DitStageSettings(Section):
         "auto", description="DiT forward: eager, graph (CUDA-graph replay), compile (graph + torch.compile) or auto "
         "(compile on CUDA, else eager)"
     )
+    warm_up_chunks: int = Field(
+        6, ge=0, le=64, description="chunks of the throwaway stream a stage holding every block runs before it "
+        "serves, when its forward compiles or captures (the first stream then waits for neither; 0: none)"
+    )
     capture_budget: float = Field(
         0.1, ge=0, le=1, description="graph, compile: the share of the last 20 s a stage may spend capturing CUDA "
         "graphs (each about a second at 1.3B, every stream waiting); past it a new batch signature runs eagerly"

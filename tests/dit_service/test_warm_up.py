@@ -49,8 +49,8 @@ def test_a_warmed_up_stage_serves_its_first_stream_on_the_warm_up_streams_graphs
 def test_the_stage_service_warms_up_a_whole_model_stage_whose_forward_has_one_off_costs(monkeypatch):
     """``StageEpochs`` builds the worker it will serve with and runs the warm-up stream at the default stream size
     and steps when its forward is not eager (on CUDA); the stage then serves with that worker. Here a graph-mode
-    forward whose captures are never due stands in for CUDA. Control: an eager forward (every forward on a CPU)
-    runs no warm-up."""
+    forward whose captures are never due stands in for CUDA. Controls: an eager forward (every forward on a CPU),
+    or ``dit_stage.warm_up_chunks`` 0, runs no warm-up."""
     settings = Settings(stream={"width": 64, "height": 48, "steps": 2})
     epochs = StageEpochs(settings, "dit-0", None, lambda actions: None, None, None, {}, lambda epoch: None,
                          None)  # type: ignore[arg-type]
@@ -63,6 +63,9 @@ def test_the_stage_service_warms_up_a_whole_model_stage_whose_forward_has_one_of
         return fwd
 
     monkeypatch.setattr(timed, "make_forward", graph_forward)
+    off = Settings(stream={"width": 64, "height": 48, "steps": 2}, dit_stage={"warm_up_chunks": 0})
+    assert StageEpochs(off, "dit-0", None, lambda actions: None, None, None, {}, lambda epoch: None,
+                       None)._warm_up(model) is None  # type: ignore[arg-type]
     warmed = epochs._warm_up(model)
     assert warmed is not None and warmed.model is model and not warmed.streams
     assert warmed.storage.enabled and warmed.storage.nbytes() > 0
