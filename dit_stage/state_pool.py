@@ -8,12 +8,11 @@ segment (a prompt change's default mode), used to pay for its captures. A cut's 
 still runs, so segments alternate between two storages, each replaying the graphs of the segment before last.
 
 Only storage nothing else holds is taken in (``StageWorker._retire``): a stream that ended, a segment that has left
-the ring (first stage), both between forwards; an old segment on a later stage after the forward that started the
-new one.
-A reused shard is ``reset`` to exactly a new one's contents (tested against a new one, tests/dit_service); cross
-K/V are overwritten whole by ``set_prompt``. The pool is on in the graph modes only, so on CUDA only: otherwise
-there are no graphs to keep, and on the CPU an exported stream's tensors are the state's own (``.cpu()`` does not
-copy), which reuse would overwrite.
+the ring (first stage), both between forwards; an old segment on a later stage after the forward that started the new
+one. A reused shard is ``reset`` to exactly a new one's contents (tested against a new one, tests/dit_service); cross
+K/V are overwritten whole by ``set_prompt``. The pool is on in the graph modes only, so on CUDA only: otherwise there
+are no graphs to keep, and on the CPU an exported stream's tensors are the state's own (``.cpu()`` does not copy),
+which reuse would overwrite.
 """
 
 from __future__ import annotations
