@@ -30,7 +30,7 @@ class _SignatureForward(Forward):
 def _ring(pooled: bool):
     ring = workers(2)
     for w in ring:
-        w.storage = StatePool(enabled=pooled)  # on CUDA by default; forced here, on the CPU
+        w.storage = StatePool(enabled=pooled)  # on in the graph modes (CUDA); forced here, on the CPU
         w.forward = _SignatureForward(w.model)
     return ring
 
