@@ -69,7 +69,7 @@ from ingest.testpattern import read_marker  # noqa: E402
 from proto import EncodedVideo, LatentChunk, decode  # noqa: E402
 from proto.subjects import CHANNELS  # noqa: E402
 from services.bus import Bus  # noqa: E402
-from services.config import EncoderSettings  # noqa: E402
+from services.config import DitStageSettings, EncoderSettings  # noqa: E402
 from services.stack import LocalStack, Ports, with_player_path  # noqa: E402
 
 PROMPT = "a test pattern in watercolour"
@@ -367,17 +367,18 @@ async def _warm_up(stack: LocalStack, args: argparse.Namespace) -> dict:
     out = len(observer.of(created["id"]).x0)
     took = round(time.monotonic() - started, 2)
     _progress(f"warm-up stream: {out} chunk(s) out in {took} s")
-    await _stages_hold_no_stream(stack, 10.0)
+    await _stages_hold_no_stream(stack, args, 10.0)
     return {"warmup_s": took if out >= args.warmup_chunks else None, "warmup_chunks": out}
 
 
-async def _stages_hold_no_stream(stack: LocalStack, timeout: float) -> None:
+async def _stages_hold_no_stream(stack: LocalStack, args: argparse.Namespace, timeout: float) -> None:
     """Wait (at most ``timeout``) until every DiT stage has let the warm-up stream go, so its storage, and with it its
     CUDA graphs, is there for the measured stream (``StatePool``). The stages report the streams they hold with
-    their stats, every ``dit_stage.stats_interval_s`` (2 s): a window has to pass before the gauge can say."""
+    their stats, every ``dit_stage.stats_interval_s``: a window has to pass before the gauge can say."""
     started = time.monotonic()
     stages = [p for p in stack.procs if p.name.startswith("dit-")]
-    await asyncio.sleep(2.5)
+    interval = _settings_env(args).get("RHEO_DIT_STAGE__STATS_INTERVAL_S", DitStageSettings().stats_interval_s)
+    await asyncio.sleep(float(interval) + 0.5)
     while time.monotonic() < started + timeout:
         held = [[v for k, v in _scrape(p.health_port).items() if k.startswith("rheo_dit_stage_kv_streams")]
                 for p in stages]

@@ -78,6 +78,9 @@ CONFIG_MISTAKES = {
     "bad env value": ({"RHEO_GATEWAY__PORT": "99999"}, "",
                       "config error: RHEO_GATEWAY__PORT='99999': should be less than or equal to 65535"),
     "unknown env key": ({"RHEO_STREAM__STEPZ": "2"}, "", "config error: RHEO_STREAM__STEPZ='2': unknown key"),
+    "capture budget past all the time": ({"RHEO_DIT_STAGE__CAPTURE_BUDGET": "2"}, "",
+                                         "config error: RHEO_DIT_STAGE__CAPTURE_BUDGET='2': should be less than or "
+                                         "equal to 1"),
     "env list not JSON": ({"RHEO_GATEWAY__API_TOKENS": "abc"}, "",
                           "config error: RHEO_GATEWAY__API_TOKENS='abc': not JSON"),
     "missing file": ({"RHEO_CONFIG": "{yaml}.missing"}, "", "config error: RHEO_CONFIG names"),
