@@ -25,7 +25,7 @@ def _settings(nats_settings: NatsSettings, **gateway) -> Settings:
     return Settings(nats=nats_settings, telemetry={"metrics_port": 0},
                     lifecycle={"http_host": "127.0.0.1", "heartbeat_interval_s": 0.2},
                     gateway={"host": "127.0.0.1", "port": 0, "api_tokens": [TOKEN],
-                             "public_url": "http://viewer.example", "prompt_ack_timeout_s": 0.5, **gateway})
+                             "public_url": "http://viewer.example", "prompt_ack_timeout_s": 5.0, **gateway})
 
 
 @contextlib.asynccontextmanager
